@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    smarthost_node::cli::main()
+}

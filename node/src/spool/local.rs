@@ -1,0 +1,1 @@
+//! The embedded local spool: a crash-safe journal in one directory.
