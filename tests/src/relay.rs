@@ -1,0 +1,180 @@
+//! Starts the real `smarthost` binary on a free loopback port with its own
+//! spool directory, and stops it the way an operator or a crash would.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use smarthost_node::spool::local::LocalSpool;
+use smarthost_node::spool::{Spool, SpoolOptionsDefault};
+use smarthost_proto::envelope::MessageRecord;
+
+use crate::smarthost_bin;
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub struct Relay {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub smtp: SocketAddr,
+    pub config: PathBuf,
+    pub spool: PathBuf,
+    log: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Relay {
+    /// Starts a relay whose `[smtp]` section holds `listen` plus
+    /// `smtp_lines`, followed by the other `sections` (TOML text).
+    pub fn start(smtp_lines: &str, sections: &str) -> Relay {
+        Self::start_with_env(smtp_lines, sections, &[])
+    }
+
+    pub fn start_with_env(smtp_lines: &str, sections: &str, env: &[(&str, &str)]) -> Relay {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let spool = dir.path().join("spool");
+        let config = dir.path().join("smarthost.toml");
+        let text = format!(
+            "[node]\nhostname = \"relay.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\n{smtp_lines}\n\n\
+             [queue]\npath = {spool:?}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{sections}\n",
+            spool = spool.display().to_string()
+        );
+        std::fs::write(&config, text).expect("write config");
+        let mut relay = Relay {
+            child: None,
+            log: dir.path().join("smarthost.log"),
+            dir,
+            smtp,
+            config,
+            spool,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        relay.launch();
+        relay
+    }
+
+    /// Starts the process (again) on the same configuration and spool.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "relay already running");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(smarthost_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start smarthost");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits (at most 30 s) until the SMTP port answers.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("smarthost exited with {status} at start:\n{}", self.log());
+            }
+            if TcpStream::connect_timeout(&self.smtp, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("smarthost did not listen within 30 s:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("relay running").id()
+    }
+
+    /// SIGKILL: a crash, nothing is flushed.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (at most `limit`) for the process to exit.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("relay running");
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("smarthost did not stop within {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The records in the spool; the relay must be stopped (the spool is
+    /// locked while a relay runs).
+    pub fn spool_records(&self) -> Vec<MessageRecord> {
+        assert!(self.child.is_none(), "stop the relay before reading its spool");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let spool = LocalSpool::open(&self.spool, SpoolOptionsDefault::default())
+                .expect("open the spool");
+            spool.list().await.expect("list the spool")
+        })
+    }
+
+    /// The body of one spooled message (relay stopped).
+    pub fn spool_body(&self, id: &smarthost_proto::envelope::MessageId) -> Vec<u8> {
+        assert!(self.child.is_none(), "stop the relay before reading its spool");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let spool = LocalSpool::open(&self.spool, SpoolOptionsDefault::default())
+                .expect("open the spool");
+            spool.read_body(id).await.expect("read a body")
+        })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- smarthost log ---\n{}", self.log());
+        }
+    }
+}
