@@ -1,10 +1,12 @@
 //! The smarthost data plane.
 //!
 //! - [`config`]: the one typed configuration, loaded and validated once.
+//! - [`auth`]: argon2 password hashes and the SMTP AUTH user table.
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
 //! - [`cli`]: the `smarthost` command line.
 //! - [`server`]: starts the actors of a node.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod server;
