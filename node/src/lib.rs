@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the one typed configuration, loaded and validated once.
 //! - [`auth`]: argon2 password hashes and the SMTP AUTH user table.
+//! - [`telemetry`]: logs to standard error, text or JSON.
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
 //! - [`cli`]: the `smarthost` command line.
 //! - [`server`]: starts the actors of a node.
@@ -11,3 +12,4 @@ pub mod cli;
 pub mod config;
 pub mod server;
 pub mod spool;
+pub mod telemetry;
