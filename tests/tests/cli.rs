@@ -273,3 +273,31 @@ fn the_example_configuration_passes() {
     );
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
 }
+
+/// The complete example at the end of the configuration reference passes too.
+#[test]
+fn the_documented_example_passes() {
+    let reference = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+    )
+    .unwrap();
+    let (_, example) = reference
+        .rsplit_once("## A complete example")
+        .expect("the reference ends with a complete example");
+    let toml = example
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|block| block.split("```").next())
+        .expect("a toml block");
+    let dir = Dir::new();
+    let path = dir.file("smarthost.toml", toml);
+    let (cert, key) = dir.tls_files();
+    let output = smarthost(
+        &["check-config", path.to_str().unwrap()],
+        &[
+            ("SMARTHOST__SMTP__TLS__CERT", cert.to_str().unwrap()),
+            ("SMARTHOST__SMTP__TLS__KEY", key.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+}
