@@ -76,7 +76,6 @@ fn run(path: Option<&Path>) -> ExitCode {
     match crate::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("smarthost stopped: {e}");
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }

@@ -1,4 +1,7 @@
-//! Logs: `tracing` events written to standard error, as text or JSON lines.
+//! Logs: `tracing` events written to standard error, as text (coloured on a
+//! terminal) or JSON lines.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -6,8 +9,8 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global log subscriber.
 ///
-/// The filter is `log.level` unless `RUST_LOG` is set, which overrides it for
-/// a debugging session without editing the configuration. When a subscriber
+/// The filter is `log.level` unless `RUST_LOG` is set, which overrides it
+/// while debugging without editing the configuration. When a subscriber
 /// is already installed (in tests, for one) it is kept.
 pub fn init(log: &LogConfig) {
     let mut rejected = None;
@@ -20,6 +23,7 @@ pub fn init(log: &LogConfig) {
     };
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter);
     let installed = match log.format {
         LogFormat::Text => builder.try_init(),
