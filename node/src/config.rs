@@ -3,8 +3,8 @@
 //! A TOML file, overridden by `SMARTHOST__SECTION__KEY` environment variables.
 //! Durations are written `"30s"`, `"5m"`; sizes `"10MB"`.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -74,8 +74,7 @@ pub struct SmtpUser {
     pub password_hash: String,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QueueBackend {
     #[default]
     Local,
@@ -96,8 +95,7 @@ pub struct QueueConfig {
     pub delay_notification: Duration,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TlsPolicy {
     #[default]
     Opportunistic,
@@ -115,8 +113,7 @@ pub struct DeliveryConfig {
     pub tls: TlsPolicy,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DomainKind {
     #[default]
     Remote,
@@ -157,8 +154,7 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogFormat {
     #[default]
     Text,
@@ -172,6 +168,30 @@ pub struct LogConfig {
     /// A `tracing` filter such as `info` or `smarthost=debug`.
     pub level: String,
 }
+
+/// Deserializes a unit enum from one of its names (in any case), with an
+/// error that lists the names allowed.
+macro_rules! named_values {
+    ($ty:ident { $($name:literal => $variant:ident),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                match text.to_ascii_lowercase().as_str() {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(serde::de::Error::custom(format!(
+                        "unknown value {text:?}; expected one of {}",
+                        [$(concat!("\"", $name, "\"")),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+named_values!(QueueBackend { "local" => Local, "redis" => Redis });
+named_values!(TlsPolicy { "opportunistic" => Opportunistic, "required" => Required, "disabled" => Disabled });
+named_values!(DomainKind { "remote" => Remote, "local" => Local });
+named_values!(LogFormat { "text" => Text, "json" => Json });
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -256,6 +276,586 @@ impl Default for LogConfig {
     }
 }
 
+/// Why a configuration could not be loaded or is not usable.
+///
+/// Every message names the key it is about (`smtp.max_message_size: …`), so
+/// that an operator can find the line to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{origin}: {message}")]
+    Syntax { origin: String, message: String },
+    /// A key holds a value of the wrong type or form, or is not known.
+    #[error("{key}: {message}")]
+    Value { key: String, message: String },
+    /// The values parse but do not make a working configuration.
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    /// One line per problem, each starting with the key it is about.
+    pub fn messages(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(errors) => errors.clone(),
+            other => vec![other.to_string()],
+        }
+    }
+
+    fn from_source(err: config::ConfigError, origin: &str) -> Self {
+        match err {
+            config::ConfigError::FileParse { cause, .. } => ConfigError::Syntax {
+                origin: origin.to_string(),
+                message: cause.to_string(),
+            },
+            other => {
+                let (key, message) = key_and_message(other);
+                ConfigError::Value {
+                    key: key.clone(),
+                    message,
+                }
+                .with_unknown_field_named(key)
+            }
+        }
+    }
+
+    /// Turns serde's "unknown field `x`, expected one of …" into an error on
+    /// the unknown key itself, naming its section and the keys it allows.
+    fn with_unknown_field_named(self, section: String) -> Self {
+        let ConfigError::Value { message, .. } = &self else {
+            return self;
+        };
+        let Some(rest) = message.strip_prefix("unknown field `") else {
+            return self;
+        };
+        let Some((name, allowed)) = rest.split_once('`') else {
+            return self;
+        };
+        let allowed: Vec<&str> = allowed.split('`').skip(1).step_by(2).collect();
+        let allowed = if allowed.is_empty() {
+            "none".to_string()
+        } else {
+            allowed.join(", ")
+        };
+        if section.is_empty() {
+            ConfigError::Value {
+                key: name.to_string(),
+                message: format!("unknown section; the sections are {allowed}"),
+            }
+        } else {
+            let table = match section.rsplit_once('[') {
+                Some((array, _)) => format!("[[{array}]]"),
+                None => format!("[{section}]"),
+            };
+            ConfigError::Value {
+                key: format!("{section}.{name}"),
+                message: format!("unknown key in {table}; the keys there are {allowed}"),
+            }
+        }
+    }
+}
+
+/// The key path and the bare message of an error from the `config` crate.
+fn key_and_message(err: config::ConfigError) -> (String, String) {
+    match err {
+        config::ConfigError::At { error, key, .. } => {
+            let (inner_key, message) = key_and_message(*error);
+            (tidy_key(&key.unwrap_or(inner_key)), message)
+        }
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => (
+            tidy_key(&key.unwrap_or_default()),
+            format!("expected {expected}, found {unexpected}"),
+        ),
+        config::ConfigError::NotFound(key) => (tidy_key(&key), "missing required key".to_string()),
+        other => (String::new(), other.to_string()),
+    }
+}
+
+/// `domains[0]name` (how the `config` crate joins an index and a field) to
+/// `domains[0].name`.
+fn tidy_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 2);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && c != '.' && c != '[' {
+            out.push('.');
+        }
+        after_index = c == ']';
+        out.push(c);
+    }
+    out
+}
+
+/// Keys whose environment value is a comma-separated list.
+const ENV_LIST_KEYS: &[&str] = &[
+    "smtp.listen",
+    "smtp.relay_networks",
+    "queue.retry_intervals",
+];
+
+/// The `SMARTHOST__SECTION__KEY` environment source.
+fn environment() -> config::Environment {
+    ENV_LIST_KEYS.iter().fold(
+        config::Environment::with_prefix("SMARTHOST")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .try_parsing(true),
+        |env, key| env.with_list_parse_key(key),
+    )
+}
+
+impl Config {
+    /// Loads the configuration: the defaults, then the TOML file when one is
+    /// given, then `SMARTHOST__SECTION__KEY` environment variables
+    /// (`SMARTHOST__SMTP__MAX_RECIPIENTS=5`; lists are comma-separated).
+    ///
+    /// This parses; [`Config::validate`] checks that the values work
+    /// together. [`Config::load_validated`] does both.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(path, environment())
+    }
+
+    /// [`Config::load`] followed by [`Config::validate`].
+    pub fn load_validated(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = Self::load(path)?;
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+
+    fn load_from(path: Option<&Path>, env: config::Environment) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        let origin = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                builder =
+                    builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+                path.display().to_string()
+            }
+            None => "the environment".to_string(),
+        };
+        let merged = builder
+            .add_source(env)
+            .build()
+            .map_err(|e| ConfigError::from_source(e, &origin))?;
+        merged
+            .try_deserialize()
+            .map_err(|e| ConfigError::from_source(e, &origin))
+    }
+
+    /// Checks that the values make a working configuration. Returns every
+    /// problem found, not only the first, each naming its key.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errors = Errors::default();
+        self.validate_node(&mut errors);
+        self.validate_smtp(&mut errors);
+        self.validate_queue(&mut errors);
+        self.validate_delivery(&mut errors);
+        self.validate_domains(&mut errors);
+        if let Some(copy_to) = &self.bounce.copy_to {
+            if let Err(e) = check_address(copy_to) {
+                errors.add("bounce.copy_to", e);
+            }
+        }
+        if self.smtp.listen.contains(&self.admin.listen) {
+            errors.add(
+                "admin.listen",
+                format!("{} is also in smtp.listen", self.admin.listen),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            errors.add(
+                "log.level",
+                format!(
+                    "`{}` is not a filter such as \"info\" or \"smarthost=debug\": {e}",
+                    self.log.level
+                ),
+            );
+        }
+        errors.into_result()
+    }
+
+    fn validate_node(&self, errors: &mut Errors) {
+        if self.node.id.trim().is_empty() {
+            errors.add("node.id", "must not be empty");
+        }
+        let hostname = &self.node.hostname;
+        if hostname.trim().is_empty() {
+            errors.add("node.hostname", "must not be empty");
+        } else if hostname
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            errors.add(
+                "node.hostname",
+                format!("{hostname:?} contains spaces or control characters"),
+            );
+        }
+    }
+
+    fn validate_smtp(&self, errors: &mut Errors) {
+        let smtp = &self.smtp;
+        if smtp.listen.is_empty() {
+            errors.add(
+                "smtp.listen",
+                "needs at least one address such as \"0.0.0.0:2525\"",
+            );
+        }
+        for (i, addr) in smtp.listen.iter().enumerate() {
+            if smtp.listen[..i].contains(addr) {
+                errors.add("smtp.listen", format!("{addr} is listed twice"));
+            }
+        }
+        errors.positive("smtp.max_connections", smtp.max_connections as u64);
+        errors.positive(
+            "smtp.max_connections_per_ip",
+            smtp.max_connections_per_ip as u64,
+        );
+        errors.positive("smtp.max_recipients", smtp.max_recipients as u64);
+        errors.positive("smtp.max_hop_count", smtp.max_hop_count as u64);
+        errors.positive("smtp.max_message_size", smtp.max_message_size);
+        errors.positive("smtp.max_session_size", smtp.max_session_size);
+        if smtp.connection_timeout.is_zero() {
+            errors.add("smtp.connection_timeout", "must be longer than 0s");
+        }
+        if smtp.max_message_size > smtp.max_session_size {
+            errors.add(
+                "smtp.max_message_size",
+                format!(
+                    "{} bytes is larger than smtp.max_session_size ({} bytes)",
+                    smtp.max_message_size, smtp.max_session_size
+                ),
+            );
+        }
+        match &smtp.tls {
+            Some(tls) => {
+                if let Err(e) = check_certificates(&tls.cert) {
+                    errors.add("smtp.tls.cert", e);
+                }
+                if let Err(e) = check_private_key(&tls.key) {
+                    errors.add("smtp.tls.key", e);
+                }
+            }
+            None if smtp.require_tls => {
+                errors.add("smtp.require_tls", "needs [smtp.tls] with cert and key");
+            }
+            None if !smtp.users.is_empty() && !smtp.allow_plaintext_auth => errors.add(
+                "smtp.users",
+                "AUTH is only offered after STARTTLS: add [smtp.tls], \
+                 or set smtp.allow_plaintext_auth = true",
+            ),
+            None => {}
+        }
+        for (i, user) in smtp.users.iter().enumerate() {
+            let key = format!("smtp.users[{i}]");
+            if user.name.is_empty() {
+                errors.add(format!("{key}.name"), "must not be empty");
+            } else if smtp.users[..i].iter().any(|u| u.name == user.name) {
+                errors.add(
+                    format!("{key}.name"),
+                    format!("user {:?} is listed twice", user.name),
+                );
+            }
+            if let Err(e) = crate::auth::check_password_hash(&user.password_hash) {
+                errors.add(format!("{key}.password_hash"), e);
+            }
+        }
+    }
+
+    fn validate_queue(&self, errors: &mut Errors) {
+        let queue = &self.queue;
+        if queue.backend == QueueBackend::Redis {
+            errors.add(
+                "queue.backend",
+                "\"redis\" is not available in this release; only \"local\" works",
+            );
+        }
+        if queue.path.as_os_str().is_empty() {
+            errors.add("queue.path", "must not be empty");
+        }
+        if queue.retry_intervals.is_empty() {
+            errors.add(
+                "queue.retry_intervals",
+                "needs at least one interval such as \"15m\"",
+            );
+        }
+        for (i, interval) in queue.retry_intervals.iter().enumerate() {
+            if interval.is_zero() {
+                errors.add(
+                    format!("queue.retry_intervals[{i}]"),
+                    "must be longer than 0s",
+                );
+            }
+        }
+        if queue.max_lifetime.is_zero() {
+            errors.add("queue.max_lifetime", "must be longer than 0s");
+        }
+    }
+
+    fn validate_delivery(&self, errors: &mut Errors) {
+        let delivery = &self.delivery;
+        if let Some(smart_host) = &delivery.smart_host {
+            if let Err(e) = parse_smart_host(smart_host) {
+                errors.add("delivery.smart_host", e);
+            }
+        }
+        errors.positive("delivery.max_connections", delivery.max_connections as u64);
+        errors.positive(
+            "delivery.max_connections_per_domain",
+            delivery.max_connections_per_domain as u64,
+        );
+        errors.positive(
+            "delivery.max_messages_per_connection",
+            delivery.max_messages_per_connection as u64,
+        );
+    }
+
+    fn validate_domains(&self, errors: &mut Errors) {
+        let mut seen: Vec<String> = Vec::new();
+        for (i, domain) in self.domains.iter().enumerate() {
+            let key = format!("domains[{i}]");
+            match check_domain_name(&domain.name) {
+                Ok(ascii) if seen.contains(&ascii) => errors.add(
+                    format!("{key}.name"),
+                    format!("domain {:?} is listed twice", domain.name),
+                ),
+                Ok(ascii) => seen.push(ascii),
+                Err(e) => errors.add(format!("{key}.name"), e),
+            }
+            match (domain.kind, &domain.drop_dir) {
+                (DomainKind::Local, None) => errors.add(
+                    format!("{key}.drop_dir"),
+                    format!("domain {:?} has kind = \"local\" and needs a drop_dir", domain.name),
+                ),
+                (DomainKind::Local, Some(dir)) if dir.as_os_str().is_empty() => {
+                    errors.add(format!("{key}.drop_dir"), "must not be empty")
+                }
+                (DomainKind::Remote, Some(_)) => errors.add(
+                    format!("{key}.drop_dir"),
+                    format!(
+                        "domain {:?} has kind = \"remote\"; drop_dir only applies to kind = \"local\"",
+                        domain.name
+                    ),
+                ),
+                _ => {}
+            }
+            if let Some(smart_host) = &domain.smart_host {
+                if let Err(e) = parse_smart_host(smart_host) {
+                    errors.add(format!("{key}.smart_host"), e);
+                }
+            }
+            if domain.max_connections == Some(0) {
+                errors.add(format!("{key}.max_connections"), "must be greater than 0");
+            }
+            if let Some(rate) = &domain.rate {
+                if let Err(e) = parse_rate(rate) {
+                    errors.add(format!("{key}.rate"), e);
+                }
+            }
+            if let Some(auth) = &domain.auth {
+                if auth.user.is_empty() {
+                    errors.add(format!("{key}.auth.user"), "must not be empty");
+                }
+                if domain.tls.unwrap_or(self.delivery.tls) == TlsPolicy::Disabled {
+                    errors.add(
+                        format!("{key}.auth"),
+                        "needs TLS: with tls = \"disabled\" the password would travel in clear",
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Validation problems, each as `key: message`.
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn add(&mut self, key: impl std::fmt::Display, message: impl std::fmt::Display) {
+        self.0.push(format!("{key}: {message}"));
+    }
+
+    fn positive(&mut self, key: &str, value: u64) {
+        if value == 0 {
+            self.add(key, "must be greater than 0");
+        }
+    }
+
+    fn into_result(self) -> Result<(), Vec<String>> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0)
+        }
+    }
+}
+
+/// Parses a rate such as `"50/s"`, `"300/m"` or `"1000/h"` into a count and
+/// the period it is allowed in.
+pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+    let invalid = || format!("`{text}` is not a rate such as \"50/s\" (N/s, N/m or N/h)");
+    let (count, unit) = text.trim().split_once('/').ok_or_else(invalid)?;
+    let count: u32 = count.trim().parse().map_err(|_| invalid())?;
+    let period = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(invalid()),
+    };
+    if count == 0 {
+        return Err(format!("`{text}`: the count must be greater than 0"));
+    }
+    Ok((count, period))
+}
+
+/// Where an upstream smart host is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmartHost {
+    pub host: SmartHostName,
+    /// 25 when not given.
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SmartHostName {
+    /// A host name, looked up in DNS (IDNA A-labels, lower case).
+    Name(String),
+    /// An address literal: `[192.0.2.1]`, `[2001:db8::1]`, or a bare IPv4
+    /// address. No DNS lookup.
+    Ip(IpAddr),
+}
+
+/// Parses `host`, `host:port`, `[ip]` or `[ip]:port`.
+pub fn parse_smart_host(text: &str) -> Result<SmartHost, String> {
+    let text = text.trim();
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (literal, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("`{text}`: missing `]` after the address literal"))?;
+        let literal = literal.strip_prefix("IPv6:").unwrap_or(literal);
+        let ip: IpAddr = literal
+            .parse()
+            .map_err(|_| format!("`{text}`: `{literal}` is not an IP address"))?;
+        let port =
+            match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(|| {
+                    format!("`{text}`: expected `:port` after the address literal")
+                })?),
+            };
+        (SmartHostName::Ip(ip), port)
+    } else {
+        if text.matches(':').count() > 1 {
+            return Err(format!(
+                "`{text}`: put an IPv6 address in brackets, as in \"[2001:db8::1]:25\""
+            ));
+        }
+        let (host, port) = match text.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        };
+        let host = match host.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) => SmartHostName::Ip(IpAddr::V4(ip)),
+            Err(_) => {
+                SmartHostName::Name(check_domain_name(host).map_err(|e| format!("`{text}`: {e}"))?)
+            }
+        };
+        (host, port)
+    };
+    let port = match port {
+        None => 25,
+        Some(port) => match port.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => return Err(format!("`{text}`: `{port}` is not a port number (1-65535)")),
+        },
+    };
+    Ok(SmartHost { host, port })
+}
+
+/// Checks a domain name and returns its routing form: IDNA A-labels, lower
+/// case.
+pub fn check_domain_name(name: &str) -> Result<String, String> {
+    let invalid = |why: &str| format!("{name:?} is not a valid domain name: {why}");
+    if name.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    let ascii = idna::domain_to_ascii(name).map_err(|_| invalid("IDNA conversion failed"))?;
+    if ascii.len() > 253 {
+        return Err(invalid("longer than 253 characters"));
+    }
+    for label in ascii.split('.') {
+        if label.is_empty() {
+            return Err(invalid("empty label"));
+        }
+        if label.len() > 63 {
+            return Err(invalid("a label is longer than 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(invalid("only letters, digits, '-' and '.' are allowed"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(invalid("a label starts or ends with '-'"));
+        }
+    }
+    Ok(ascii)
+}
+
+fn check_address(address: &str) -> Result<(), String> {
+    match address.rsplit_once('@') {
+        Some((local, domain)) if !local.is_empty() => check_domain_name(domain).map(|_| ()),
+        _ => Err(format!(
+            "{address:?} is not a mail address such as \"postmaster@example.com\""
+        )),
+    }
+}
+
+fn check_certificates(path: &Path) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let where_ = path.display();
+    std::fs::File::open(path).map_err(|e| format!("cannot read {where_}: {e}"))?;
+    let mut count = 0;
+    for cert in
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("cannot read {where_}: {e}"))?
+    {
+        cert.map_err(|e| format!("{where_}: not a PEM certificate: {e}"))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(format!("{where_} holds no PEM certificate"));
+    }
+    Ok(())
+}
+
+fn check_private_key(path: &Path) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::PrivateKeyDer;
+    let where_ = path.display();
+    std::fs::File::open(path).map_err(|e| format!("cannot read {where_}: {e}"))?;
+    PrivateKeyDer::from_pem_file(path)
+        .map(|_| ())
+        .map_err(|e| format!("{where_} holds no PEM private key: {e}"))
+}
+
 /// Human forms of durations (`"30s"`, `"5m"`, `"2d"`) and sizes (`"10MB"`).
 pub mod human {
     /// Parses `"10MB"`, `"512KiB"`, `"1GB"` or a plain number of bytes.
@@ -293,22 +893,50 @@ pub mod human {
             .map_err(|e| format!("`{text}` is not a duration such as \"30s\" or \"5m\": {e}"))
     }
 
-    /// A size given as a string or a plain number of bytes.
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum SizeOrNumber {
-        Number(u64),
-        Text(String),
-    }
-
+    /// A size given as a string (`"10MB"`) or a plain number of bytes.
+    ///
+    /// A visitor rather than an untagged enum, so that the reason a text is
+    /// not a size reaches the error message (and with it the key's name).
+    /// Numbers arrive as any integer type, or as a float from environment
+    /// variables such as `1e6`.
     pub mod size {
-        use serde::{de::Error, Deserialize, Deserializer};
+        use serde::de::{Deserializer, Error, Visitor};
+        use std::fmt;
+
+        struct SizeVisitor;
+
+        impl Visitor<'_> for SizeVisitor {
+            type Value = u64;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as \"10MB\" or a number of bytes")
+            }
+
+            fn visit_u64<E: Error>(self, n: u64) -> Result<u64, E> {
+                Ok(n)
+            }
+
+            fn visit_i64<E: Error>(self, n: i64) -> Result<u64, E> {
+                u64::try_from(n).map_err(|_| E::custom(format!("size {n} is negative")))
+            }
+
+            fn visit_f64<E: Error>(self, n: f64) -> Result<u64, E> {
+                if n >= 0.0 && n.fract() == 0.0 && n <= u64::MAX as f64 {
+                    Ok(n as u64)
+                } else {
+                    Err(E::custom(format!(
+                        "size {n} is not a whole number of bytes"
+                    )))
+                }
+            }
+
+            fn visit_str<E: Error>(self, text: &str) -> Result<u64, E> {
+                super::parse_size(text).map_err(E::custom)
+            }
+        }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-            match super::SizeOrNumber::deserialize(d)? {
-                super::SizeOrNumber::Number(n) => Ok(n),
-                super::SizeOrNumber::Text(t) => super::parse_size(&t).map_err(D::Error::custom),
-            }
+            d.deserialize_any(SizeVisitor)
         }
     }
 
@@ -331,6 +959,347 @@ pub mod human {
                 .iter()
                 .map(|t| super::parse_duration(t).map_err(D::Error::custom))
                 .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    /// Loads `toml` with `env` as the only environment variables.
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(toml.as_bytes()).unwrap();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_from(Some(file.path()), environment().source(Some(env)))
+    }
+
+    fn load_err(toml: &str, env: &[(&str, &str)]) -> String {
+        load(toml, env).unwrap_err().to_string()
+    }
+
+    fn invalid(toml: &str) -> Vec<String> {
+        load(toml, &[]).unwrap().validate().unwrap_err()
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults_and_they_validate() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.smtp.max_message_size, 10_000_000);
+        assert_eq!(config.smtp.listen, SmtpConfig::default().listen);
+        assert_eq!(config.queue.retry_intervals.len(), 4);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn sizes_are_text_or_numbers_from_file_and_environment() {
+        let size =
+            |toml: &str, env: &[(&str, &str)]| load(toml, env).unwrap().smtp.max_message_size;
+        assert_eq!(size("[smtp]\nmax_message_size = \"10MB\"", &[]), 10_000_000);
+        assert_eq!(size("[smtp]\nmax_message_size = 10000000", &[]), 10_000_000);
+        assert_eq!(size("[smtp]\nmax_message_size = \"1MiB\"", &[]), 1 << 20);
+        assert_eq!(
+            size("", &[("SMARTHOST__SMTP__MAX_MESSAGE_SIZE", "1MB")]),
+            1_000_000
+        );
+        assert_eq!(
+            size("", &[("SMARTHOST__SMTP__MAX_MESSAGE_SIZE", "2500")]),
+            2500
+        );
+    }
+
+    #[test]
+    fn a_bad_size_names_its_key() {
+        let err = load_err("[smtp]\nmax_message_size = \"10XB\"", &[]);
+        assert!(
+            err.starts_with("smtp.max_message_size: unknown size unit `xb`"),
+            "{err}"
+        );
+        let err = load_err("", &[("SMARTHOST__SMTP__MAX_SESSION_SIZE", "lots")]);
+        assert!(err.starts_with("smtp.max_session_size: "), "{err}");
+        let err = load_err("[smtp]\nmax_message_size = -1", &[]);
+        assert!(err.starts_with("smtp.max_message_size: "), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_including_keys_with_underscores() {
+        let config = load(
+            "[smtp]\nmax_recipients = 100\n[queue]\npath = \"/var/spool/smarthost\"",
+            &[
+                ("SMARTHOST__SMTP__MAX_RECIPIENTS", "5"),
+                ("SMARTHOST__QUEUE__PATH", "/x"),
+                ("SMARTHOST__SMTP__REQUIRE_TLS", "true"),
+                ("SMARTHOST__SMTP__CONNECTION_TIMEOUT", "2m"),
+                ("SMARTHOST__NODE__HOSTNAME", "relay.example.com"),
+                ("SMARTHOST__LOG__FORMAT", "json"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.smtp.max_recipients, 5);
+        assert_eq!(config.queue.path, PathBuf::from("/x"));
+        assert!(config.smtp.require_tls);
+        assert_eq!(config.smtp.connection_timeout, Duration::from_secs(120));
+        assert_eq!(config.node.hostname, "relay.example.com");
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn environment_lists_are_comma_separated() {
+        let config = load(
+            "",
+            &[
+                ("SMARTHOST__SMTP__LISTEN", "127.0.0.1:2525,127.0.0.1:2526"),
+                ("SMARTHOST__SMTP__RELAY_NETWORKS", "10.0.0.0/8"),
+                ("SMARTHOST__QUEUE__RETRY_INTERVALS", "1m,5m"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.smtp.listen.len(), 2);
+        assert_eq!(config.smtp.listen[1].port(), 2526);
+        assert_eq!(
+            config.smtp.relay_networks,
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            config.queue.retry_intervals,
+            vec![Duration::from_secs(60), Duration::from_secs(300)]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_their_section_and_the_allowed_keys() {
+        let err = load_err("[smtp]\nmax_recipient = 5", &[]);
+        assert!(
+            err.starts_with("smtp.max_recipient: unknown key in [smtp]"),
+            "{err}"
+        );
+        assert!(err.contains("max_recipients"), "{err}");
+        let err = load_err("[smpt]\nlisten = []", &[]);
+        assert!(err.starts_with("smpt: unknown section"), "{err}");
+        assert!(err.contains("smtp"), "{err}");
+        let err = load_err("[[domains]]\nname = \"a.example\"\nrates = \"1/s\"", &[]);
+        assert!(
+            err.starts_with("domains[0].rates: unknown key in [[domains]]"),
+            "{err}"
+        );
+        let err = load_err("", &[("SMARTHOST__QUEUE__PATHS", "/x")]);
+        assert!(
+            err.starts_with("queue.paths: unknown key in [queue]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_their_key() {
+        let err = load_err("[queue]\nmax_lifetime = \"two days\"", &[]);
+        assert!(err.starts_with("queue.max_lifetime: "), "{err}");
+        let err = load_err("[queue]\nbackend = \"postgres\"", &[]);
+        assert!(err.starts_with("queue.backend: "), "{err}");
+        assert!(err.contains("redis"), "{err}");
+        let err = load_err("[[domains]]\nkind = \"local\"", &[]);
+        assert!(err.starts_with("domains[0].name: missing"), "{err}");
+        let err = load_err("[smtp]\nlisten = [\"nowhere\"]", &[]);
+        assert!(err.starts_with("smtp.listen"), "{err}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_the_file() {
+        let err = load("[smtp\n", &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem_with_its_key() {
+        let errors = invalid(
+            r#"
+            [node]
+            hostname = ""
+            [smtp]
+            listen = []
+            max_recipients = 0
+            max_message_size = "60MB"
+            max_session_size = "50MB"
+            [queue]
+            backend = "redis"
+            retry_intervals = []
+            [delivery]
+            smart_host = "[not-an-ip]:25"
+            [[domains]]
+            name = "example.org"
+            kind = "local"
+            [[domains]]
+            name = "Example.org"
+            rate = "fast"
+            smart_host = "mx.example.net:99999"
+            "#,
+        );
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "node.hostname",
+                "smtp.listen",
+                "smtp.max_recipients",
+                "smtp.max_message_size",
+                "queue.backend",
+                "queue.retry_intervals",
+                "delivery.smart_host",
+                "domains[0].drop_dir",
+                "domains[1].name",
+                "domains[1].smart_host",
+                "domains[1].rate",
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[4].contains("only \"local\" works"), "{}", errors[4]);
+    }
+
+    #[test]
+    fn tls_files_and_user_hashes_are_checked() {
+        let errors = invalid(
+            r#"
+            [smtp.tls]
+            cert = "/nonexistent/cert.pem"
+            key = "/nonexistent/key.pem"
+            [[smtp.users]]
+            name = "app"
+            password_hash = "secret"
+            [[smtp.users]]
+            name = "app"
+            password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Tt0Yl1xFw1v0BA6fyKUsI0VR5Ko9ZtVN4Nh2Ajm9b1Q"
+            "#,
+        );
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "smtp.tls.cert",
+                "smtp.tls.key",
+                "smtp.users[0].password_hash",
+                "smtp.users[1].name",
+            ],
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn users_without_tls_need_plaintext_auth_allowed() {
+        let users = "[[smtp.users]]\nname = \"app\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Tt0Yl1xFw1v0BA6fyKUsI0VR5Ko9ZtVN4Nh2Ajm9b1Q\"\n";
+        let errors = invalid(users);
+        assert!(
+            errors[0].starts_with("smtp.users: AUTH is only offered after STARTTLS"),
+            "{errors:?}"
+        );
+        let config = load(
+            &format!("[smtp]\nallow_plaintext_auth = true\n{users}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("50/s"), Ok((50, Duration::from_secs(1))));
+        assert_eq!(parse_rate("300/m"), Ok((300, Duration::from_secs(60))));
+        assert_eq!(
+            parse_rate(" 1000 / h "),
+            Ok((1000, Duration::from_secs(3600)))
+        );
+        for bad in ["", "50", "50/d", "x/s", "-1/s", "0/s", "50/"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn smart_hosts() {
+        let ok = |text: &str| parse_smart_host(text).unwrap();
+        let name = |n: &str| SmartHostName::Name(n.to_string());
+        let ip = |a: &str| SmartHostName::Ip(a.parse().unwrap());
+        assert_eq!(
+            ok("mx.example.net"),
+            SmartHost {
+                host: name("mx.example.net"),
+                port: 25
+            }
+        );
+        assert_eq!(
+            ok("MX.Example.net:587"),
+            SmartHost {
+                host: name("mx.example.net"),
+                port: 587
+            }
+        );
+        assert_eq!(
+            ok("[127.0.0.1]:2600"),
+            SmartHost {
+                host: ip("127.0.0.1"),
+                port: 2600
+            }
+        );
+        assert_eq!(
+            ok("[2001:db8::1]"),
+            SmartHost {
+                host: ip("2001:db8::1"),
+                port: 25
+            }
+        );
+        assert_eq!(
+            ok("[IPv6:2001:db8::1]:26"),
+            SmartHost {
+                host: ip("2001:db8::1"),
+                port: 26
+            }
+        );
+        assert_eq!(
+            ok("192.0.2.7:25"),
+            SmartHost {
+                host: ip("192.0.2.7"),
+                port: 25
+            }
+        );
+        for bad in [
+            "",
+            "host:",
+            "host:0",
+            "host:x",
+            "[127.0.0.1",
+            "[x]:25",
+            "2001:db8::1",
+            "bad_name:25",
+            "[::1]25",
+        ] {
+            assert!(parse_smart_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn domain_names() {
+        assert_eq!(check_domain_name("Example.ORG").unwrap(), "example.org");
+        assert_eq!(
+            check_domain_name("bücher.example").unwrap(),
+            "xn--bcher-kva.example"
+        );
+        for bad in [
+            "",
+            "a..b",
+            "-a.example",
+            "a_b.example",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(check_domain_name(bad).is_err(), "{bad}");
         }
     }
 }

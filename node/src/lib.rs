@@ -1,11 +1,15 @@
 //! The smarthost data plane.
 //!
 //! - [`config`]: the one typed configuration, loaded and validated once.
+//! - [`auth`]: argon2 password hashes and the SMTP AUTH user table.
+//! - [`telemetry`]: logs to standard error, text or JSON.
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
 //! - [`cli`]: the `smarthost` command line.
 //! - [`server`]: starts the actors of a node.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod server;
 pub mod spool;
+pub mod telemetry;

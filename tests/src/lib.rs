@@ -1,2 +1,30 @@
 //! Helpers for the black-box tests in `tests/tests/`: start the real
 //! `smarthost` binary on free loopback ports and talk to it over sockets.
+
+use std::path::PathBuf;
+
+/// The `smarthost` binary under test: `$SMARTHOST_BIN` when set, otherwise
+/// the one built next to the test binary (tests run from
+/// `target/<profile>/deps/`, the binary lives in `target/<profile>/`).
+///
+/// Panics when it does not exist: build it first with `cargo build --bins`.
+pub fn smarthost_bin() -> PathBuf {
+    let path = match std::env::var_os("SMARTHOST_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let exe = std::env::current_exe().expect("the path of the test binary");
+            let mut dir = exe.parent().expect("the test binary has a directory");
+            if dir.ends_with("deps") {
+                dir = dir.parent().expect("deps has a parent directory");
+            }
+            dir.join(format!("smarthost{}", std::env::consts::EXE_SUFFIX))
+        }
+    };
+    assert!(
+        path.is_file(),
+        "the smarthost binary is not at {}: build it first with `cargo build --bins` \
+         (or point SMARTHOST_BIN at it)",
+        path.display()
+    );
+    path
+}
