@@ -30,6 +30,9 @@ pub struct NodeConfig {
     pub id: String,
     /// The name in the greeting, EHLO and `Received:`; defaults to the host name.
     pub hostname: String,
+    /// How long open SMTP sessions may take to finish after SIGTERM.
+    #[serde(with = "human::duration")]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -206,6 +209,7 @@ impl Default for NodeConfig {
         NodeConfig {
             id: host_name(),
             hostname: host_name(),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

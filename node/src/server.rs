@@ -6,7 +6,6 @@
 
 use std::error::Error;
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix::prelude::*;
 use smarthost_proto::session::SessionConfig;
@@ -20,9 +19,6 @@ use crate::session::SessionEnv;
 use crate::spool::local::LocalSpool;
 use crate::spool::Spool;
 use crate::tls;
-
-/// How long open sessions may take to finish after SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub fn run(config: Config) -> Result<(), Box<dyn Error>> {
     actix::System::new().block_on(serve(config))
@@ -51,7 +47,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
     listener.send(StopAccepting).await?;
     let (drained, is_drained) = oneshot::channel();
     listener.send(WaitDrained(drained)).await?;
-    if tokio::time::timeout(SHUTDOWN_GRACE, is_drained).await.is_err() {
+    if tokio::time::timeout(config.node.shutdown_grace, is_drained).await.is_err() {
         let open = listener.send(OpenSessions).await.unwrap_or(0);
         tracing::warn!(open_sessions = open, "grace period over, closing open sessions");
     }
