@@ -10,5 +10,6 @@
 //!   `bincode` encoding, shared by every spool.
 
 pub mod address;
+pub mod command;
 pub mod envelope;
 pub mod reply;
