@@ -11,5 +11,6 @@
 
 pub mod address;
 pub mod command;
+pub mod data;
 pub mod envelope;
 pub mod reply;
