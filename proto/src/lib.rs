@@ -14,3 +14,4 @@ pub mod command;
 pub mod data;
 pub mod envelope;
 pub mod reply;
+pub mod session;
