@@ -156,7 +156,10 @@ impl Session {
 
     /// `220 <hostname> ESMTP smarthost`.
     pub fn greeting(&self) -> Reply {
-        Reply::plain(220, vec![format!("{} ESMTP smarthost", self.config.hostname)])
+        Reply::plain(
+            220,
+            vec![format!("{} ESMTP smarthost", self.config.hostname)],
+        )
     }
 
     /// `421 4.4.2`, for the shell to write before it drops an idle client.
@@ -301,11 +304,12 @@ impl Session {
 
     /// The shell's verdict on the credentials of [`Action::Authenticate`].
     pub fn auth_result(&mut self, ok: bool) -> Reply {
-        if !matches!(self.state, State::AwaitAuth(_)) {
-            return bad_sequence("No authentication in progress");
-        }
-        let State::AwaitAuth(user) = std::mem::replace(&mut self.state, State::Command) else {
-            unreachable!("checked just above");
+        let user = match std::mem::replace(&mut self.state, State::Command) {
+            State::AwaitAuth(user) => user,
+            other => {
+                self.state = other;
+                return bad_sequence("No authentication in progress");
+            }
         };
         if ok {
             self.auth_user = Some(user);
@@ -355,7 +359,9 @@ impl Session {
         };
         let exempt = matches!(
             verb,
-            None | Some(Verb::Ehlo | Verb::Helo | Verb::StartTls | Verb::Noop | Verb::Rset | Verb::Quit)
+            None | Some(
+                Verb::Ehlo | Verb::Helo | Verb::StartTls | Verb::Noop | Verb::Rset | Verb::Quit
+            )
         );
         if self.config.require_tls && !self.tls && !exempt {
             return self.answer(reply(530, 5, 7, 0, "Must issue a STARTTLS command first"));
@@ -440,10 +446,25 @@ impl Session {
             return reply(552, 5, 3, 4, "Session size limit exceeded");
         }
         if params.body == Some(BodyType::BinaryMime) {
-            return reply(555, 5, 5, 4, "BODY=BINARYMIME needs CHUNKING, which is not offered");
+            return reply(
+                555,
+                5,
+                5,
+                4,
+                "BODY=BINARYMIME needs CHUNKING, which is not offered",
+            );
         }
-        if params.size.is_some_and(|s| s > self.config.max_message_size) {
-            return reply(552, 5, 3, 4, "Message size exceeds fixed maximum message size");
+        if params
+            .size
+            .is_some_and(|s| s > self.config.max_message_size)
+        {
+            return reply(
+                552,
+                5,
+                3,
+                4,
+                "Message size exceeds fixed maximum message size",
+            );
         }
         if sender.as_ref().is_some_and(|(_, utf8)| *utf8) && !params.smtputf8 {
             return reply(553, 5, 6, 7, "Address needs SMTPUTF8");
@@ -537,7 +558,9 @@ impl Session {
             Err(DataError::BareLineEnding) => {
                 return self.answer(reply(554, 5, 6, 0, "Bare CR or LF in message data"))
             }
-            Err(DataError::LineTooLong) => return self.answer(reply(500, 5, 5, 2, "Line too long")),
+            Err(DataError::LineTooLong) => {
+                return self.answer(reply(500, 5, 5, 2, "Line too long"))
+            }
             Err(DataError::TooBig) => {
                 return self.answer(reply(
                     552,
@@ -612,23 +635,23 @@ impl Session {
     }
 
     /// Decodes one SASL response line; `*` cancels the exchange.
-    fn sasl_decode(&mut self, line: &[u8]) -> Result<Vec<u8>, Action> {
+    fn sasl_decode(line: &[u8]) -> Result<Vec<u8>, Reply> {
         let line = line.trim_ascii();
         if line == b"*" {
-            return Err(self.answer(reply(501, 5, 0, 0, "Authentication cancelled")));
+            return Err(reply(501, 5, 0, 0, "Authentication cancelled"));
         }
         if line.is_empty() || line == b"=" {
             return Ok(Vec::new());
         }
         BASE64
             .decode(line)
-            .map_err(|_| self.answer(reply(501, 5, 5, 2, "Invalid base64 data")))
+            .map_err(|_| reply(501, 5, 5, 2, "Invalid base64 data"))
     }
 
     fn auth_plain_response(&mut self, line: &[u8]) -> Action {
-        let decoded = match self.sasl_decode(line) {
+        let decoded = match Self::sasl_decode(line) {
             Ok(d) => d,
-            Err(action) => return action,
+            Err(r) => return self.answer(r),
         };
         let parts: Vec<&[u8]> = decoded.split(|b| *b == 0).collect();
         let (authzid, user, pass) = match parts.as_slice() {
@@ -650,9 +673,9 @@ impl Session {
     }
 
     fn auth_login_user(&mut self, line: &[u8]) -> Action {
-        let decoded = match self.sasl_decode(line) {
+        let decoded = match Self::sasl_decode(line) {
             Ok(d) => d,
-            Err(action) => return action,
+            Err(r) => return self.answer(r),
         };
         match String::from_utf8(decoded) {
             Ok(user) if !user.is_empty() => {
@@ -664,9 +687,9 @@ impl Session {
     }
 
     fn auth_login_pass(&mut self, user: String, line: &[u8]) -> Action {
-        let decoded = match self.sasl_decode(line) {
+        let decoded = match Self::sasl_decode(line) {
             Ok(d) => d,
-            Err(action) => return action,
+            Err(r) => return self.answer(r),
         };
         match String::from_utf8(decoded) {
             Ok(pass) => self.authenticate(user, pass),
@@ -684,7 +707,9 @@ fn command_error_reply(e: &CommandError) -> Reply {
     match e {
         CommandError::UnknownVerb => reply(500, 5, 5, 1, "Command unrecognized"),
         CommandError::Syntax(_) => reply(501, 5, 5, 4, "Syntax error in parameters or arguments"),
-        CommandError::BadSender(err) => reply(501, 5, 1, 7, format!("Bad sender address syntax: {err}")),
+        CommandError::BadSender(err) => {
+            reply(501, 5, 1, 7, format!("Bad sender address syntax: {err}"))
+        }
         CommandError::BadRecipient(err) => {
             reply(501, 5, 1, 3, format!("Bad recipient address syntax: {err}"))
         }
@@ -694,3 +719,6 @@ fn command_error_reply(e: &CommandError) -> Reply {
         CommandError::Param(_, err) => reply(501, 5, 5, 4, err.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests;
