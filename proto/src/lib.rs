@@ -13,5 +13,6 @@ pub mod address;
 pub mod command;
 pub mod data;
 pub mod envelope;
+pub mod received;
 pub mod reply;
 pub mod session;
