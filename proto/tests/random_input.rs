@@ -138,7 +138,7 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..30),
         answers in prop::collection::vec(any::<bool>(), 1..8),
     ) {
-        let whole = drive(config(false), &[input.clone()], &answers);
+        let whole = drive(config(false), std::slice::from_ref(&input), &answers);
         let bytes: Vec<Vec<u8>> = input.iter().map(|b| vec![*b]).collect();
         prop_assert_eq!(&whole, &drive(config(false), &bytes, &answers));
         prop_assert_eq!(&whole, &drive(config(false), &fragments(&input, &cuts), &answers));
