@@ -287,7 +287,9 @@ impl Session {
         }
     }
 
-    /// The TLS handshake is done: start over as RFC 3207 requires.
+    /// The TLS handshake is done: start over as RFC 3207 requires (no
+    /// HELO, no login, no transaction, nothing buffered). A listener with
+    /// implicit TLS calls it once before the first input.
     pub fn tls_established(&mut self) {
         if self.is_closed() {
             return;
