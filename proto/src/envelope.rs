@@ -23,7 +23,11 @@ pub struct MessageId(pub String);
 
 impl MessageId {
     pub fn new(unix_millis: u64, random: u64) -> Self {
-        MessageId(format!("{:012x}{:016x}", unix_millis & 0xffff_ffff_ffff, random))
+        MessageId(format!(
+            "{:012x}{:016x}",
+            unix_millis & 0xffff_ffff_ffff,
+            random
+        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -256,7 +260,10 @@ mod tests {
             .iter()
             .map(|d| (d.domain.as_str(), d.recipients.clone()))
             .collect();
-        assert_eq!(summary, vec![("example.org", vec![0, 2]), ("example.net", vec![1])]);
+        assert_eq!(
+            summary,
+            vec![("example.org", vec![0, 2]), ("example.net", vec![1])]
+        );
         assert!(r.deliveries.iter().all(|d| d.next_attempt_ms == 1000));
     }
 
@@ -277,7 +284,10 @@ mod tests {
             decode::<MessageRecord>(&bytes),
             Err(RecordError::UnknownVersion(99))
         ));
-        assert!(matches!(decode::<MessageRecord>(&[]), Err(RecordError::Empty)));
+        assert!(matches!(
+            decode::<MessageRecord>(&[]),
+            Err(RecordError::Empty)
+        ));
         assert!(decode::<MessageRecord>(&[RECORD_VERSION, 0xff, 0xff]).is_err());
         let mut long = encode(&record());
         long.push(0);

@@ -88,7 +88,14 @@ mod tests {
 
     #[test]
     fn multi_line_uses_dashes_until_the_last() {
-        let r = Reply::plain(250, vec!["relay.example".into(), "PIPELINING".into(), "SIZE 100".into()]);
+        let r = Reply::plain(
+            250,
+            vec![
+                "relay.example".into(),
+                "PIPELINING".into(),
+                "SIZE 100".into(),
+            ],
+        );
         assert_eq!(
             r.to_wire(),
             b"250-relay.example\r\n250-PIPELINING\r\n250 SIZE 100\r\n".to_vec()

@@ -1,0 +1,340 @@
+//! The DATA phase: an incremental reader for the dot-terminated message.
+//!
+//! Only `<CRLF>.<CRLF>` ends the data. Any bare CR or bare LF marks the
+//! message bad but never ends it: other servers disagree on where such
+//! variants end a message, and that disagreement is what SMTP smuggling
+//! exploits. The reader goes on to the real end and the message is refused
+//! there, so both sides stay in step.
+
+/// Longest line allowed in the message, CRLF included (RFC 5321 4.5.3.1.6).
+pub const MAX_DATA_LINE: usize = 1000;
+
+/// Why a message that reached its end is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DataError {
+    #[error("bare CR or LF in message data")]
+    BareLineEnding,
+    #[error("line longer than {MAX_DATA_LINE} octets")]
+    LineTooLong,
+    #[error("message larger than the size limit")]
+    TooBig,
+}
+
+/// How far one call to [`DataReader::feed`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes taken from the input; the rest belongs to the commands after.
+    pub consumed: usize,
+    /// `<CRLF>.<CRLF>` was seen.
+    pub done: bool,
+}
+
+/// A message read to its end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedData {
+    /// Unstuffed, CRLF line endings, without the final `.CRLF`.
+    pub body: Vec<u8>,
+    /// `Received:` fields in the header section, for loop detection.
+    pub received_headers: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// At the start of a line (right after CRLF, or at the very start).
+    LineStart,
+    InLine,
+    /// A CR that may start a CRLF.
+    Cr,
+    /// A line that began with a dot.
+    Dot,
+    /// `.CR` at the start of a line: one LF away from the end.
+    DotCr,
+    Done,
+}
+
+const RECEIVED: &[u8] = b"received:";
+
+/// Reads the message after `354`, in fragments of any size.
+#[derive(Debug)]
+pub struct DataReader {
+    state: State,
+    body: Vec<u8>,
+    max_size: u64,
+    /// Octets of the unstuffed message, including those not kept.
+    size: u64,
+    line_len: usize,
+    /// The first bytes of the current line, to spot `Received:`.
+    prefix: [u8; RECEIVED.len()],
+    in_headers: bool,
+    received: usize,
+    bare_line_ending: bool,
+    line_too_long: bool,
+}
+
+impl DataReader {
+    /// A reader that keeps at most `max_size` octets of message.
+    pub fn new(max_size: u64) -> Self {
+        DataReader {
+            state: State::LineStart,
+            body: Vec::new(),
+            max_size,
+            size: 0,
+            line_len: 0,
+            prefix: [0; RECEIVED.len()],
+            in_headers: true,
+            received: 0,
+            bare_line_ending: false,
+            line_too_long: false,
+        }
+    }
+
+    /// Takes bytes up to and including the terminating `.CRLF`.
+    pub fn feed(&mut self, input: &[u8]) -> Progress {
+        for (i, &b) in input.iter().enumerate() {
+            if self.state == State::Done {
+                return Progress {
+                    consumed: i,
+                    done: true,
+                };
+            }
+            self.step(b);
+        }
+        Progress {
+            consumed: input.len(),
+            done: self.state == State::Done,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Octets of message received so far, stored or not.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The message, or why it must be refused. Call once [`Self::is_done`].
+    pub fn finish(self) -> Result<ReceivedData, DataError> {
+        if self.bare_line_ending {
+            Err(DataError::BareLineEnding)
+        } else if self.line_too_long {
+            Err(DataError::LineTooLong)
+        } else if self.size > self.max_size {
+            Err(DataError::TooBig)
+        } else {
+            Ok(ReceivedData {
+                body: self.body,
+                received_headers: self.received,
+            })
+        }
+    }
+
+    fn step(&mut self, b: u8) {
+        self.line_len += 1;
+        if self.line_len > MAX_DATA_LINE {
+            self.line_too_long = true;
+        }
+        if self.line_len <= self.prefix.len() {
+            self.prefix[self.line_len - 1] = b;
+        }
+        self.state = match (self.state, b) {
+            (State::LineStart, b'.') => State::Dot,
+            (State::LineStart | State::InLine, b'\r') => State::Cr,
+            (State::LineStart | State::InLine, b'\n') => self.bare(b"\n"),
+            (State::LineStart | State::InLine, _) => self.keep(&[b]),
+            (State::Cr, b'\n') => {
+                self.keep(b"\r\n");
+                self.end_of_line();
+                State::LineStart
+            }
+            (State::Cr, b'\r') => {
+                self.bare(b"\r");
+                State::Cr
+            }
+            (State::Cr, _) => {
+                self.bare(b"\r");
+                self.keep(&[b])
+            }
+            // A stuffed dot: `..` at the start of a line stands for `.`.
+            (State::Dot, b'.') => self.keep(b"."),
+            (State::Dot, b'\r') => State::DotCr,
+            (State::Dot, b'\n') => self.bare(b".\n"),
+            // A lone leading dot before text is dropped (RFC 5321 4.5.2).
+            (State::Dot, _) => self.keep(&[b]),
+            (State::DotCr, b'\n') => State::Done,
+            (State::DotCr, b'\r') => {
+                self.bare(b".\r");
+                State::Cr
+            }
+            (State::DotCr, _) => {
+                self.bare(b".\r");
+                self.keep(&[b])
+            }
+            (State::Done, _) => State::Done,
+        };
+    }
+
+    /// Records a bare CR or LF; the line goes on (a bare LF is no line end).
+    fn bare(&mut self, bytes: &[u8]) -> State {
+        self.bare_line_ending = true;
+        self.keep(bytes)
+    }
+
+    fn keep(&mut self, bytes: &[u8]) -> State {
+        for &b in bytes {
+            self.size += 1;
+            if self.size <= self.max_size {
+                self.body.push(b);
+            }
+        }
+        State::InLine
+    }
+
+    fn end_of_line(&mut self) {
+        if self.in_headers {
+            if self.line_len == 2 {
+                self.in_headers = false;
+            } else if self.line_len > RECEIVED.len() && self.prefix.eq_ignore_ascii_case(RECEIVED) {
+                self.received += 1;
+            }
+        }
+        self.line_len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `chunk` bytes; returns the reader and how
+    /// many bytes it took in all.
+    fn run(input: &[u8], chunk: usize, max: u64) -> (DataReader, usize) {
+        let mut r = DataReader::new(max);
+        let mut used = 0;
+        for piece in input.chunks(chunk.max(1)) {
+            let p = r.feed(piece);
+            used += p.consumed;
+            if p.done {
+                break;
+            }
+            assert_eq!(p.consumed, piece.len());
+        }
+        (r, used)
+    }
+
+    const CHUNKS: &[usize] = &[1, 2, 3, 5, 7, 64, 100_000];
+
+    #[test]
+    fn ends_only_at_crlf_dot_crlf() {
+        // (input, bytes consumed when done or None, body)
+        let table: &[(&[u8], Option<usize>, &[u8])] = &[
+            (b".\r\n", Some(3), b""),
+            (b".\r\nNEXT", Some(3), b""),
+            (b"a\r\n.\r\n", Some(6), b"a\r\n"),
+            (
+                b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n",
+                Some(23),
+                b"Subject: x\r\n\r\nbody\r\n",
+            ),
+            (b"..\r\n.\r\n", Some(7), b".\r\n"),
+            (b"...x\r\n.\r\n", Some(9), b"..x\r\n"),
+            (b".x\r\n.\r\n", Some(7), b"x\r\n"),
+            (b"a\r\n..\r\n.\r\n", Some(10), b"a\r\n.\r\n"),
+            (b"a\r\n", None, b""),
+            (b"a\r\n.", None, b""),
+            (b"a\r\n.\r", None, b""),
+            (b"a.\r\n", None, b""),
+            (b"a\r\n .\r\n", None, b""),
+        ];
+        for &chunk in CHUNKS {
+            for &(input, done_at, body) in table {
+                let (r, used) = run(input, chunk, 1 << 20);
+                match done_at {
+                    Some(n) => {
+                        assert!(r.is_done(), "{input:?} by {chunk}");
+                        assert_eq!(used, n, "{input:?} by {chunk}");
+                        let data = r.finish().unwrap();
+                        assert_eq!(data.body, body, "{input:?} by {chunk}");
+                    }
+                    None => assert!(!r.is_done(), "{input:?} by {chunk}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn smuggling_variants_never_end_data_and_taint_the_message() {
+        let variants: &[&[u8]] = &[
+            b"a\n.\nb",
+            b"a\n.\r\nb",
+            b"a\r.\rb",
+            b"a\r.\r\nb",
+            b"a\r\n.\nb",
+            b"a\r\n.\rb",
+            b"a\r\n.\r.\r\nb",
+            b"\n.\r\nb",
+            b".\nb",
+            b".\rb",
+            b"a\rb",
+            b"a\nb",
+            b"a\r\r\nb",
+        ];
+        for &chunk in CHUNKS {
+            for &v in variants {
+                let (r, _) = run(v, chunk, 1 << 20);
+                assert!(!r.is_done(), "{v:?} ended data (chunks of {chunk})");
+                // The real end still ends it, and the message is refused.
+                let mut full = v.to_vec();
+                full.extend_from_slice(b"\r\n.\r\nMAIL FROM:<>\r\n");
+                let (r, used) = run(&full, chunk, 1 << 20);
+                assert!(r.is_done(), "{v:?} by {chunk}");
+                assert_eq!(used, v.len() + 5, "{v:?} by {chunk}");
+                assert_eq!(r.finish(), Err(DataError::BareLineEnding), "{v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn long_lines_are_refused_at_the_end() {
+        let mut ok = vec![b'x'; MAX_DATA_LINE - 2];
+        ok.extend_from_slice(b"\r\n.\r\n");
+        assert!(run(&ok, 7, 1 << 20).0.finish().is_ok());
+        let mut long = vec![b'x'; MAX_DATA_LINE - 1];
+        long.extend_from_slice(b"\r\n.\r\n");
+        for &chunk in CHUNKS {
+            let (r, _) = run(&long, chunk, 1 << 20);
+            assert!(r.is_done());
+            assert_eq!(r.finish(), Err(DataError::LineTooLong));
+        }
+    }
+
+    #[test]
+    fn oversize_messages_are_read_to_the_end_but_not_kept() {
+        let mut input = Vec::new();
+        for _ in 0..100 {
+            input.extend_from_slice(b"0123456789\r\n");
+        }
+        input.extend_from_slice(b".\r\n");
+        for &chunk in CHUNKS {
+            let (r, used) = run(&input, chunk, 100);
+            assert!(r.is_done());
+            assert_eq!(used, input.len());
+            assert_eq!(r.size(), 1200);
+            assert!(r.body.len() <= 100);
+            assert_eq!(r.finish(), Err(DataError::TooBig));
+        }
+        // Exactly at the limit is fine.
+        let (r, _) = run(b"12345678\r\n.\r\n", 1, 10);
+        assert_eq!(r.finish().unwrap().body, b"12345678\r\n");
+    }
+
+    #[test]
+    fn received_fields_are_counted_in_the_header_section_only() {
+        let input = b"Received: from a\r\n\tby b\r\nRECEIVED:x\r\nX-Received: no\r\nreceived:\r\nReceived : old\r\n\r\nReceived: in the body\r\n.\r\n";
+        for &chunk in CHUNKS {
+            let (r, _) = run(input, chunk, 1 << 20);
+            assert_eq!(r.finish().unwrap().received_headers, 3);
+        }
+    }
+}

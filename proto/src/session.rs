@@ -1,0 +1,726 @@
+//! The SMTP server session as a state machine, apart from the socket.
+//!
+//! The shell (the node crate) owns the connection: it writes
+//! [`Session::greeting`], then pushes what it reads with
+//! [`Session::push_input`] and carries out every [`Action`] that
+//! [`Session::next_action`] hands back until it returns `None`. Work that
+//! needs the outside world (TLS, password checks, durable storage) is asked
+//! for with an action and answered with [`Session::tls_established`],
+//! [`Session::auth_result`] or [`Session::message_stored`]; until then the
+//! session waits and keeps pipelined input buffered.
+//!
+//! Memory stays bounded as long as the shell drains `next_action` after
+//! each push: command lines are cut at [`MAX_COMMAND_LINE`] octets and a
+//! message body at `max_message_size`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+
+use crate::address::{Mailbox, Path};
+use crate::command::{self, Command, CommandError, ParamError, Verb};
+use crate::data::{DataError, DataReader};
+use crate::envelope::{BodyType, Envelope, MessageId, Recipient};
+use crate::reply::{EnhancedStatus, Reply};
+
+/// Longest command line kept, CRLF included; longer lines get `500 5.5.2`.
+pub const MAX_COMMAND_LINE: usize = 1000;
+/// Error replies after which the session gives up on the client.
+pub const MAX_ERRORS: u32 = 20;
+
+/// What the node decided for this listener, shared by its sessions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub max_message_size: u64,
+    pub max_session_size: u64,
+    pub max_recipients: usize,
+    pub max_hop_count: usize,
+    pub require_tls: bool,
+    /// STARTTLS may be offered.
+    pub tls_available: bool,
+    /// Users are configured.
+    pub auth_available: bool,
+    /// AUTH allowed without TLS.
+    pub allow_plaintext_auth: bool,
+    /// Routing form (lowercase A-labels).
+    pub local_domains: Vec<String>,
+}
+
+/// The client at the other end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub ip: IpAddr,
+    /// The client may relay to any domain without authenticating.
+    pub relay_allowed: bool,
+}
+
+/// What the shell must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write it.
+    Reply(Reply),
+    /// Write it, then close the connection.
+    Close(Reply),
+    /// Write this 220, then do the TLS handshake, then call
+    /// [`Session::tls_established`].
+    StartTls(Reply),
+    /// Verify the credentials, then call [`Session::auth_result`].
+    Authenticate { username: String, password: String },
+    /// Store the message durably, then call [`Session::message_stored`].
+    Message(IncomingMessage),
+}
+
+/// A message read to its end and accepted so far, waiting to be stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncomingMessage {
+    pub envelope: Envelope,
+    pub helo: String,
+    pub auth_user: Option<String>,
+    pub tls: bool,
+    /// As received: unstuffed, CRLF line endings, no trace header added.
+    pub data: Vec<u8>,
+}
+
+/// Why the shell could not store a message (answered with `451 4.3.0`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreFailure {
+    Unavailable,
+}
+
+#[derive(Debug)]
+enum State {
+    Command,
+    /// `AUTH PLAIN` sent without an initial response: the next line is it.
+    AuthPlain,
+    AuthLoginUser,
+    AuthLoginPass(String),
+    AwaitAuth(String),
+    Data(Box<DataReader>),
+    AwaitStore,
+    AwaitTls,
+    Closed,
+}
+
+/// One SMTP server session.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SessionConfig>,
+    peer: PeerInfo,
+    state: State,
+    /// Pipelined input not yet handled: complete lines, then at most one
+    /// partial line of up to [`MAX_COMMAND_LINE`] octets.
+    input: Vec<u8>,
+    /// Octets after the last LF in `input`.
+    tail_len: usize,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: bool,
+    auth_user: Option<String>,
+    transaction: Option<Envelope>,
+    session_bytes: u64,
+    errors: u32,
+}
+
+fn status(class: u8, subject: u16, detail: u16) -> EnhancedStatus {
+    EnhancedStatus(class, subject, detail)
+}
+
+fn reply(code: u16, class: u8, subject: u16, detail: u16, text: impl Into<String>) -> Reply {
+    Reply::new(code, status(class, subject, detail), text)
+}
+
+fn bad_sequence(text: &str) -> Reply {
+    reply(503, 5, 5, 1, text)
+}
+
+impl Session {
+    pub fn new(config: Arc<SessionConfig>, peer: PeerInfo) -> Session {
+        Session {
+            config,
+            peer,
+            state: State::Command,
+            input: Vec::new(),
+            tail_len: 0,
+            helo: None,
+            esmtp: false,
+            tls: false,
+            auth_user: None,
+            transaction: None,
+            session_bytes: 0,
+            errors: 0,
+        }
+    }
+
+    /// `220 <hostname> ESMTP smarthost`.
+    pub fn greeting(&self) -> Reply {
+        Reply::plain(
+            220,
+            vec![format!("{} ESMTP smarthost", self.config.hostname)],
+        )
+    }
+
+    /// `421 4.4.2`, for the shell to write before it drops an idle client.
+    pub fn timeout_reply(&self) -> Reply {
+        reply(
+            421,
+            4,
+            4,
+            2,
+            format!("{} Error: timeout exceeded", self.config.hostname),
+        )
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Octets of input held right now (tests use it to check the bound).
+    pub fn buffered_len(&self) -> usize {
+        self.input.len()
+    }
+
+    /// Takes bytes read from the client. In DATA they go straight to the
+    /// message reader; otherwise they wait, cut to line length, for
+    /// [`Self::next_action`].
+    pub fn push_input(&mut self, mut bytes: &[u8]) {
+        match &mut self.state {
+            // Plaintext after STARTTLS is dropped, never executed.
+            State::Closed | State::AwaitTls => return,
+            State::Data(reader) if !reader.is_done() => {
+                if !self.input.is_empty() {
+                    let p = reader.feed(&self.input);
+                    self.input.drain(..p.consumed);
+                    if self.input.is_empty() {
+                        self.tail_len = 0;
+                    }
+                }
+                if !reader.is_done() {
+                    let p = reader.feed(bytes);
+                    bytes = &bytes[p.consumed..];
+                }
+            }
+            _ => {}
+        }
+        self.buffer(bytes);
+    }
+
+    /// Appends to `input`, keeping at most `MAX_COMMAND_LINE` octets of any
+    /// line: past that the last kept octet is overwritten, so a CR before
+    /// the LF survives and the line still reads as too long.
+    fn buffer(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let (segment, lf) = match bytes.iter().position(|b| *b == b'\n') {
+                Some(i) => (&bytes[..i], true),
+                None => (bytes, false),
+            };
+            let room = MAX_COMMAND_LINE.saturating_sub(self.tail_len);
+            if segment.len() <= room {
+                self.input.extend_from_slice(segment);
+                self.tail_len += segment.len();
+            } else {
+                self.input.extend_from_slice(&segment[..room]);
+                self.tail_len += room;
+                if let (Some(last), Some(&b)) = (self.input.last_mut(), segment.last()) {
+                    *last = b;
+                }
+            }
+            bytes = &bytes[segment.len()..];
+            if lf {
+                self.input.push(b'\n');
+                self.tail_len = 0;
+                bytes = &bytes[1..];
+            }
+        }
+    }
+
+    /// Removes and returns the next complete line, without its LF.
+    fn take_line(&mut self) -> Option<Vec<u8>> {
+        let lf = self.input.iter().position(|b| *b == b'\n')?;
+        let mut line: Vec<u8> = self.input.drain(..=lf).collect();
+        line.pop();
+        if self.input.is_empty() {
+            self.tail_len = 0;
+        }
+        Some(line)
+    }
+
+    /// The next thing to do, or `None` when more input (or an answer from
+    /// the shell) is needed.
+    pub fn next_action(&mut self) -> Option<Action> {
+        match &mut self.state {
+            State::Closed | State::AwaitTls | State::AwaitAuth(_) | State::AwaitStore => {
+                return None
+            }
+            State::Data(reader) => {
+                if !reader.is_done() {
+                    let p = reader.feed(&self.input);
+                    self.input.drain(..p.consumed);
+                    if self.input.is_empty() {
+                        self.tail_len = 0;
+                    }
+                    if !p.done {
+                        return None;
+                    }
+                }
+                return Some(self.end_of_data());
+            }
+            _ => {}
+        }
+        if self.errors >= MAX_ERRORS {
+            return Some(self.close(reply(421, 4, 7, 0, "Too many errors")));
+        }
+        let line = self.take_line()?;
+        if line.len() >= MAX_COMMAND_LINE {
+            // Also ends an AUTH exchange that was waiting for this line.
+            self.state = State::Command;
+            return Some(self.answer(reply(500, 5, 5, 2, "Line too long")));
+        }
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::AuthPlain => Some(self.auth_plain_response(line)),
+            State::AuthLoginUser => Some(self.auth_login_user(line)),
+            State::AuthLoginPass(user) => Some(self.auth_login_pass(user, line)),
+            _ => Some(self.command(line)),
+        }
+    }
+
+    /// The TLS handshake is done: start over as RFC 3207 requires (no
+    /// HELO, no login, no transaction, nothing buffered). A listener with
+    /// implicit TLS calls it once before the first input.
+    pub fn tls_established(&mut self) {
+        if self.is_closed() {
+            return;
+        }
+        self.state = State::Command;
+        self.input.clear();
+        self.tail_len = 0;
+        self.helo = None;
+        self.esmtp = false;
+        self.auth_user = None;
+        self.transaction = None;
+        self.tls = true;
+    }
+
+    /// The shell's verdict on the credentials of [`Action::Authenticate`].
+    pub fn auth_result(&mut self, ok: bool) -> Reply {
+        let user = match std::mem::replace(&mut self.state, State::Command) {
+            State::AwaitAuth(user) => user,
+            other => {
+                self.state = other;
+                return bad_sequence("No authentication in progress");
+            }
+        };
+        if ok {
+            self.auth_user = Some(user);
+            reply(235, 2, 7, 0, "Authentication successful")
+        } else {
+            self.errors += 1;
+            reply(535, 5, 7, 8, "Authentication credentials invalid")
+        }
+    }
+
+    /// The shell's answer to [`Action::Message`]; ends the transaction.
+    pub fn message_stored(&mut self, result: Result<MessageId, StoreFailure>) -> Reply {
+        if !matches!(self.state, State::AwaitStore) {
+            return bad_sequence("No message waiting to be stored");
+        }
+        self.state = State::Command;
+        self.transaction = None;
+        match result {
+            Ok(id) => reply(250, 2, 0, 0, format!("Ok: queued as {id}")),
+            Err(StoreFailure::Unavailable) => {
+                self.errors += 1;
+                reply(451, 4, 3, 0, "Temporary failure, please try again later")
+            }
+        }
+    }
+
+    fn close(&mut self, r: Reply) -> Action {
+        self.state = State::Closed;
+        self.input.clear();
+        self.tail_len = 0;
+        Action::Close(r)
+    }
+
+    /// Every reply to a command goes through here so errors are counted.
+    fn answer(&mut self, r: Reply) -> Action {
+        if r.code >= 400 {
+            self.errors += 1;
+        }
+        Action::Reply(r)
+    }
+
+    fn command(&mut self, line: &[u8]) -> Action {
+        let parsed = command::parse(line);
+        let verb = match &parsed {
+            Ok(c) => Some(c.verb()),
+            Err(e) => e.verb(),
+        };
+        let exempt = matches!(
+            verb,
+            None | Some(
+                Verb::Ehlo | Verb::Helo | Verb::StartTls | Verb::Noop | Verb::Rset | Verb::Quit
+            )
+        );
+        if self.config.require_tls && !self.tls && !exempt {
+            return self.answer(reply(530, 5, 7, 0, "Must issue a STARTTLS command first"));
+        }
+        let cmd = match parsed {
+            Ok(cmd) => cmd,
+            Err(e) => return self.answer(command_error_reply(&e)),
+        };
+        match cmd {
+            Command::Helo(name) => self.hello(name, false),
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Mail { sender, params } => {
+                let r = self.mail(sender.map(|s| (s.mailbox, s.smtputf8)), params);
+                self.answer(r)
+            }
+            Command::Rcpt { recipient, params } => {
+                let r = self.rcpt(recipient, params);
+                self.answer(r)
+            }
+            Command::Data => self.data(),
+            Command::Rset => {
+                self.transaction = None;
+                self.answer(reply(250, 2, 0, 0, "Ok"))
+            }
+            Command::Noop => self.answer(reply(250, 2, 0, 0, "Ok")),
+            Command::Help => self.answer(reply(214, 2, 0, 0, "See RFC 5321")),
+            Command::Vrfy(_) => self.answer(reply(
+                252,
+                2,
+                5,
+                0,
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn(_) => self.answer(reply(502, 5, 5, 1, "EXPN not available")),
+            Command::Quit => self.close(reply(221, 2, 0, 0, "Bye")),
+            Command::StartTls => self.starttls(),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(&mechanism, initial_response.as_deref()),
+        }
+    }
+
+    fn hello(&mut self, name: String, esmtp: bool) -> Action {
+        self.transaction = None;
+        self.helo = Some(name);
+        self.esmtp = esmtp;
+        let host = self.config.hostname.clone();
+        if !esmtp {
+            return self.answer(reply(250, 2, 0, 0, host));
+        }
+        let mut lines = vec![
+            host,
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_size),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "DSN".to_string(),
+        ];
+        if self.config.tls_available && !self.tls {
+            lines.push("STARTTLS".to_string());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        Action::Reply(Reply::plain(250, lines))
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.config.auth_available && (self.tls || self.config.allow_plaintext_auth)
+    }
+
+    fn mail(&mut self, sender: Option<(Mailbox, bool)>, params: command::MailParams) -> Reply {
+        if self.helo.is_none() {
+            return bad_sequence("Send HELO/EHLO first");
+        }
+        if self.transaction.is_some() {
+            return bad_sequence("Nested MAIL command");
+        }
+        if self.session_bytes > self.config.max_session_size {
+            return reply(552, 5, 3, 4, "Session size limit exceeded");
+        }
+        if params.body == Some(BodyType::BinaryMime) {
+            return reply(
+                555,
+                5,
+                5,
+                4,
+                "BODY=BINARYMIME needs CHUNKING, which is not offered",
+            );
+        }
+        if params
+            .size
+            .is_some_and(|s| s > self.config.max_message_size)
+        {
+            return reply(
+                552,
+                5,
+                3,
+                4,
+                "Message size exceeds fixed maximum message size",
+            );
+        }
+        if sender.as_ref().is_some_and(|(_, utf8)| *utf8) && !params.smtputf8 {
+            return reply(553, 5, 6, 7, "Address needs SMTPUTF8");
+        }
+        self.transaction = Some(Envelope {
+            sender: sender.map(|(m, _)| m),
+            recipients: Vec::new(),
+            body: params.body.unwrap_or_default(),
+            smtputf8: params.smtputf8,
+            ret: params.ret,
+            envid: params.envid,
+        });
+        reply(250, 2, 1, 0, "Ok")
+    }
+
+    fn rcpt(&mut self, path: Path, params: command::RcptParams) -> Reply {
+        let Some(envelope) = &self.transaction else {
+            return bad_sequence("Need MAIL command first");
+        };
+        let (address, smtputf8, check_relay) = match path {
+            Path::Postmaster => {
+                let postmaster = Mailbox {
+                    local_part: "postmaster".to_string(),
+                    domain: self.config.hostname.to_ascii_lowercase(),
+                };
+                (postmaster, false, false)
+            }
+            Path::Mailbox(p) => (p.mailbox, p.smtputf8, true),
+            Path::Null => return reply(501, 5, 1, 3, "Bad recipient address syntax"),
+        };
+        if smtputf8 && !envelope.smtputf8 {
+            return reply(553, 5, 6, 7, "Address needs SMTPUTF8");
+        }
+        if envelope.recipients.len() >= self.config.max_recipients {
+            return reply(452, 4, 5, 3, "Too many recipients");
+        }
+        if check_relay && !self.may_relay_to(&address) {
+            return reply(550, 5, 7, 1, "Relaying denied");
+        }
+        if let Some(envelope) = &mut self.transaction {
+            envelope.recipients.push(Recipient {
+                address,
+                notify: params.notify,
+                orcpt: params.orcpt,
+            });
+        }
+        reply(250, 2, 1, 5, "Ok")
+    }
+
+    /// Local domains take mail from anyone; everything else needs a trusted
+    /// peer or a login. The old relay tricks through a local domain
+    /// (`user%remote@local`, `remote!user@local`, `"user@remote"@local`)
+    /// count as relaying; a source route was already cut down to its final
+    /// mailbox, so it is judged by where it really goes.
+    fn may_relay_to(&self, mailbox: &Mailbox) -> bool {
+        if self.peer.relay_allowed || self.auth_user.is_some() {
+            return true;
+        }
+        let local = self
+            .config
+            .local_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(&mailbox.domain));
+        local && !mailbox.local_part.contains(['%', '!', '@'])
+    }
+
+    fn data(&mut self) -> Action {
+        match &self.transaction {
+            None => self.answer(bad_sequence("Need MAIL command first")),
+            Some(e) if e.recipients.is_empty() => {
+                self.answer(reply(554, 5, 5, 1, "No valid recipients"))
+            }
+            Some(_) => {
+                self.state = State::Data(Box::new(DataReader::new(self.config.max_message_size)));
+                Action::Reply(Reply::plain(
+                    354,
+                    vec!["End data with <CR><LF>.<CR><LF>".to_string()],
+                ))
+            }
+        }
+    }
+
+    fn end_of_data(&mut self) -> Action {
+        let State::Data(reader) = std::mem::replace(&mut self.state, State::Command) else {
+            unreachable!("end_of_data is only called in the DATA state");
+        };
+        let envelope = self.transaction.take().unwrap_or_default();
+        self.session_bytes = self.session_bytes.saturating_add(reader.size());
+        let data = match reader.finish() {
+            Ok(data) => data,
+            Err(DataError::BareLineEnding) => {
+                return self.answer(reply(554, 5, 6, 0, "Bare CR or LF in message data"))
+            }
+            Err(DataError::LineTooLong) => {
+                return self.answer(reply(500, 5, 5, 2, "Line too long"))
+            }
+            Err(DataError::TooBig) => {
+                return self.answer(reply(
+                    552,
+                    5,
+                    3,
+                    4,
+                    "Message size exceeds fixed maximum message size",
+                ))
+            }
+        };
+        if data.received_headers > self.config.max_hop_count {
+            return self.answer(reply(554, 5, 4, 6, "Too many hops (mail loop?)"));
+        }
+        if self.session_bytes > self.config.max_session_size {
+            return self.answer(reply(552, 5, 3, 4, "Session size limit exceeded"));
+        }
+        self.state = State::AwaitStore;
+        Action::Message(IncomingMessage {
+            envelope,
+            helo: self.helo.clone().unwrap_or_default(),
+            auth_user: self.auth_user.clone(),
+            tls: self.tls,
+            data: data.body,
+        })
+    }
+
+    fn starttls(&mut self) -> Action {
+        if self.tls {
+            return self.answer(bad_sequence("TLS already active"));
+        }
+        if !self.config.tls_available {
+            return self.answer(reply(454, 4, 7, 0, "TLS not available"));
+        }
+        self.state = State::AwaitTls;
+        self.input.clear();
+        self.tail_len = 0;
+        Action::StartTls(reply(220, 2, 0, 0, "Ready to start TLS"))
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<&str>) -> Action {
+        if self.auth_user.is_some() {
+            return self.answer(bad_sequence("Already authenticated"));
+        }
+        if !self.config.auth_available || !self.esmtp {
+            return self.answer(bad_sequence("AUTH not available"));
+        }
+        if !self.auth_offered() {
+            return self.answer(reply(
+                538,
+                5,
+                7,
+                11,
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        if self.transaction.is_some() {
+            return self.answer(bad_sequence("AUTH not allowed during a mail transaction"));
+        }
+        match (mechanism, initial) {
+            ("PLAIN", Some(ir)) => self.auth_plain_response(ir.as_bytes()),
+            ("PLAIN", None) => {
+                self.state = State::AuthPlain;
+                Action::Reply(Reply::plain(334, vec![String::new()]))
+            }
+            ("LOGIN", Some(ir)) => self.auth_login_user(ir.as_bytes()),
+            ("LOGIN", None) => {
+                self.state = State::AuthLoginUser;
+                Action::Reply(Reply::plain(334, vec!["VXNlcm5hbWU6".to_string()]))
+            }
+            _ => self.answer(reply(504, 5, 5, 4, "Unrecognized authentication mechanism")),
+        }
+    }
+
+    /// Decodes one SASL response line; `*` cancels the exchange.
+    fn sasl_decode(line: &[u8]) -> Result<Vec<u8>, Reply> {
+        let line = line.trim_ascii();
+        if line == b"*" {
+            return Err(reply(501, 5, 0, 0, "Authentication cancelled"));
+        }
+        if line.is_empty() || line == b"=" {
+            return Ok(Vec::new());
+        }
+        BASE64
+            .decode(line)
+            .map_err(|_| reply(501, 5, 5, 2, "Invalid base64 data"))
+    }
+
+    fn auth_plain_response(&mut self, line: &[u8]) -> Action {
+        let decoded = match Self::sasl_decode(line) {
+            Ok(d) => d,
+            Err(r) => return self.answer(r),
+        };
+        let parts: Vec<&[u8]> = decoded.split(|b| *b == 0).collect();
+        let (authzid, user, pass) = match parts.as_slice() {
+            [z, u, p] => match (
+                std::str::from_utf8(z),
+                std::str::from_utf8(u),
+                std::str::from_utf8(p),
+            ) {
+                (Ok(z), Ok(u), Ok(p)) if !u.is_empty() => (z, u, p),
+                _ => return self.answer(reply(501, 5, 5, 2, "Malformed PLAIN response")),
+            },
+            _ => return self.answer(reply(501, 5, 5, 2, "Malformed PLAIN response")),
+        };
+        // Acting for someone else is not supported.
+        if !authzid.is_empty() && authzid != user {
+            return self.answer(reply(535, 5, 7, 8, "Authentication credentials invalid"));
+        }
+        self.authenticate(user.to_string(), pass.to_string())
+    }
+
+    fn auth_login_user(&mut self, line: &[u8]) -> Action {
+        let decoded = match Self::sasl_decode(line) {
+            Ok(d) => d,
+            Err(r) => return self.answer(r),
+        };
+        match String::from_utf8(decoded) {
+            Ok(user) if !user.is_empty() => {
+                self.state = State::AuthLoginPass(user);
+                Action::Reply(Reply::plain(334, vec!["UGFzc3dvcmQ6".to_string()]))
+            }
+            _ => self.answer(reply(501, 5, 5, 2, "Malformed LOGIN response")),
+        }
+    }
+
+    fn auth_login_pass(&mut self, user: String, line: &[u8]) -> Action {
+        let decoded = match Self::sasl_decode(line) {
+            Ok(d) => d,
+            Err(r) => return self.answer(r),
+        };
+        match String::from_utf8(decoded) {
+            Ok(pass) => self.authenticate(user, pass),
+            Err(_) => self.answer(reply(501, 5, 5, 2, "Malformed LOGIN response")),
+        }
+    }
+
+    fn authenticate(&mut self, username: String, password: String) -> Action {
+        self.state = State::AwaitAuth(username.clone());
+        Action::Authenticate { username, password }
+    }
+}
+
+fn command_error_reply(e: &CommandError) -> Reply {
+    match e {
+        CommandError::UnknownVerb => reply(500, 5, 5, 1, "Command unrecognized"),
+        CommandError::Syntax(_) => reply(501, 5, 5, 4, "Syntax error in parameters or arguments"),
+        CommandError::BadSender(err) => {
+            reply(501, 5, 1, 7, format!("Bad sender address syntax: {err}"))
+        }
+        CommandError::BadRecipient(err) => {
+            reply(501, 5, 1, 3, format!("Bad recipient address syntax: {err}"))
+        }
+        CommandError::Param(_, ParamError::Unknown(name)) => {
+            reply(555, 5, 5, 4, format!("Unsupported parameter {name}"))
+        }
+        CommandError::Param(_, err) => reply(501, 5, 5, 4, err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
