@@ -177,6 +177,24 @@ impl Session {
         matches!(self.state, State::Closed)
     }
 
+    /// `true` between transactions with nothing pending: the moment a
+    /// shutting-down node may close the session without cutting a message.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Command) && self.transaction.is_none() && self.input.is_empty()
+    }
+
+    /// `421 4.3.2`, for the shell to write when the node shuts down.
+    pub fn shutdown_reply(&mut self) -> Reply {
+        self.state = State::Closed;
+        reply(
+            421,
+            4,
+            3,
+            2,
+            format!("{} Service shutting down, try again later", self.config.hostname),
+        )
+    }
+
     /// Octets of input held right now (tests use it to check the bound).
     pub fn buffered_len(&self) -> usize {
         self.input.len()

@@ -829,3 +829,22 @@ fn a_large_message_in_one_push_is_not_buffered() {
     assert!(matches!(s.next_action(), Some(Action::Reply(r)) if code(&r) == "552 5.3.4"));
     assert!(matches!(s.next_action(), Some(Action::Reply(r)) if code(&r) == "250 2.0.0"));
 }
+
+#[test]
+fn idle_only_between_transactions_and_shutdown_closes() {
+    let mut s = Session::new(Arc::new(config()), trusted());
+    let (mut out, mut messages) = (Vec::new(), Vec::new());
+    assert!(s.is_idle());
+    s.push_input(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n");
+    drain(&mut s, &mut out, &mut messages);
+    assert!(!s.is_idle(), "a transaction is open");
+    s.push_input(b"RCPT TO:<b@example.net>\r\nDATA\r\nSubject: x\r\n");
+    drain(&mut s, &mut out, &mut messages);
+    assert!(!s.is_idle(), "inside DATA");
+    s.push_input(b"\r\nbody\r\n.\r\n");
+    drain(&mut s, &mut out, &mut messages);
+    assert_eq!(messages.len(), 1);
+    assert!(s.is_idle());
+    assert_eq!(code(&s.shutdown_reply()), "421 4.3.2");
+    assert!(s.is_closed());
+}
