@@ -4,12 +4,14 @@
 //! - [`auth`]: argon2 password hashes and the SMTP AUTH user table.
 //! - [`telemetry`]: logs to standard error, text or JSON.
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
+//! - [`queue`]: the `Queue` actor, which batches enqueues into group commits.
 //! - [`cli`]: the `smarthost` command line.
 //! - [`server`]: starts the actors of a node.
 
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod queue;
 pub mod server;
 pub mod spool;
 pub mod telemetry;

@@ -1,1 +1,1197 @@
 //! The embedded local spool: a crash-safe journal in one directory.
+//!
+//! The directory holds numbered segment files (`00000000000000000001.journal`,
+//! …) and a `LOCK` file that one process holds with an advisory lock. Every
+//! change is appended to the newest ("active") segment as one frame:
+//!
+//! ```text
+//! [u32 LE payload length][u32 LE crc32 of payload][payload]
+//! ```
+//!
+//! where the payload is a versioned [`envelope::encode`] of a [`JournalEntry`]:
+//! a new message with its body, a new record for a message, or a removal.
+//! A batch of new messages is written with one `write` and made durable with
+//! one `fdatasync` (group commit).
+//!
+//! `open` replays the segments in order into an in-memory index of the live
+//! messages (record and where its body is); bodies stay on disk. A torn tail
+//! of the last segment (a crash in the middle of a write) is cut off;
+//! damage anywhere else stops `open` with [`SpoolError::Corrupt`].
+//!
+//! Segments rotate at [`LocalSpoolOptions::segment_size`]. A removal only
+//! hides a message if the segments that hold its earlier entries are still
+//! read before it, so a segment is deleted when it holds nothing live *and*
+//! every older segment its removals shadow is already gone. Old segments with
+//! little live data are compacted: their live messages are written again into
+//! the active segment, after which the old file is deleted. Both happen at
+//! `open` and when the active segment rotates.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use smarthost_proto::envelope::{self, MessageId, MessageRecord};
+
+use super::{NewMessage, Spool, SpoolError};
+
+/// Bytes in front of every payload: its length and its crc32.
+const FRAME_HEADER: u64 = 8;
+const SEGMENT_SUFFIX: &str = ".journal";
+const LOCK_FILE: &str = "LOCK";
+
+/// How a [`LocalSpool`] lays out its journal.
+#[derive(Clone, Debug)]
+pub struct LocalSpoolOptions {
+    /// A new segment is started before a write would take the active one
+    /// past this size. A single batch larger than this gets a segment of its
+    /// own.
+    pub segment_size: u64,
+    /// An old segment whose live data is less than this fraction of its
+    /// size is compacted.
+    pub compact_below: f64,
+}
+
+impl Default for LocalSpoolOptions {
+    fn default() -> Self {
+        LocalSpoolOptions {
+            segment_size: 64 * 1024 * 1024,
+            compact_below: 0.25,
+        }
+    }
+}
+
+/// One change in the journal.
+#[derive(Debug, Serialize, Deserialize)]
+enum JournalEntry {
+    /// A new message. The body is the last field, so its bytes are the tail
+    /// of the encoded payload and can be read back without decoding.
+    Message {
+        record: MessageRecord,
+        #[serde(with = "body_bytes")]
+        body: Vec<u8>,
+    },
+    /// The current record of a stored message.
+    Update { record: MessageRecord },
+    /// The message is gone.
+    Remove { id: MessageId },
+}
+
+/// Serialises a body as one byte string rather than a sequence of `u8`s.
+mod body_bytes {
+    use std::fmt;
+
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(body: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(body)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_byte_buf(BodyVisitor)
+    }
+
+    struct BodyVisitor;
+
+    impl<'de> Visitor<'de> for BodyVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("message body bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut body = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(byte) = seq.next_element()? {
+                body.push(byte);
+            }
+            Ok(body)
+        }
+    }
+}
+
+/// Appends one frame for `entry` to `buf` and returns the frame's length.
+fn push_frame(buf: &mut Vec<u8>, entry: &JournalEntry) -> Result<u64, SpoolError> {
+    let payload = envelope::encode(entry);
+    let len = u32::try_from(payload.len()).map_err(|_| {
+        SpoolError::Unavailable(format!(
+            "journal entry of {} bytes is too large",
+            payload.len()
+        ))
+    })?;
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    buf.extend_from_slice(&payload);
+    Ok(FRAME_HEADER + payload.len() as u64)
+}
+
+/// Where one frame lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    /// The whole frame, header included.
+    len: u64,
+}
+
+/// What the index knows of one live message.
+#[derive(Debug)]
+struct Live {
+    record: MessageRecord,
+    /// The `Message` frame that holds the body.
+    body: Loc,
+    body_len: u64,
+    /// The `Update` frame with the current record, if it is not `body`'s.
+    latest: Option<Loc>,
+    /// Every existing segment holding an entry of this message: a removal
+    /// must outlive them all.
+    segments: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    len: u64,
+    /// Bytes of frames that the index still points at.
+    live: u64,
+    /// Older segments whose entries this segment's removals hide.
+    shadows: BTreeSet<u64>,
+}
+
+fn segment_name(number: u64) -> String {
+    format!("{number:020}{SEGMENT_SUFFIX}")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn io_error(what: impl std::fmt::Display, err: io::Error) -> SpoolError {
+    SpoolError::Unavailable(format!("{what}: {err}"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(format_args!("syncing directory {}", dir.display()), e))
+}
+
+/// The journal and its index; one writer at a time.
+#[derive(Debug)]
+struct State {
+    dir: PathBuf,
+    options: LocalSpoolOptions,
+    segments: BTreeMap<u64, Segment>,
+    active: u64,
+    /// A failed write left bytes past the end of the active segment that
+    /// could not be cut off yet; the next write does it first.
+    dirty_tail: bool,
+    messages: HashMap<MessageId, Live>,
+}
+
+fn add_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
+    if let Some(s) = segments.get_mut(&loc.segment) {
+        s.live += loc.len;
+    }
+}
+
+fn drop_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
+    if let Some(s) = segments.get_mut(&loc.segment) {
+        s.live -= loc.len;
+    }
+}
+
+impl State {
+    fn path(&self, segment: u64) -> PathBuf {
+        self.dir.join(segment_name(segment))
+    }
+
+    fn active_segment(&mut self) -> &mut Segment {
+        self.segments
+            .get_mut(&self.active)
+            .expect("the active segment is always open")
+    }
+
+    /// Records a new message (or a new copy of one) written at `body`.
+    fn insert_message(&mut self, record: MessageRecord, body: Loc, body_len: u64) {
+        let mut segments = vec![body.segment];
+        if let Some(old) = self.messages.remove(&record.id) {
+            drop_live(&mut self.segments, old.body);
+            if let Some(latest) = old.latest {
+                drop_live(&mut self.segments, latest);
+            }
+            segments = old.segments;
+            if !segments.contains(&body.segment) {
+                segments.push(body.segment);
+            }
+        }
+        add_live(&mut self.segments, body);
+        self.messages.insert(
+            record.id.clone(),
+            Live {
+                record,
+                body,
+                body_len,
+                latest: None,
+                segments,
+            },
+        );
+    }
+
+    /// Records a new record written at `at`; false if the message is unknown.
+    fn update_record(&mut self, record: MessageRecord, at: Loc) -> bool {
+        let Some(live) = self.messages.get_mut(&record.id) else {
+            return false;
+        };
+        if let Some(old) = live.latest.replace(at) {
+            drop_live(&mut self.segments, old);
+        }
+        add_live(&mut self.segments, at);
+        if !live.segments.contains(&at.segment) {
+            live.segments.push(at.segment);
+        }
+        live.record = record;
+        true
+    }
+
+    /// Forgets a message removed by an entry in `segment`; false if unknown.
+    fn forget(&mut self, id: &MessageId, segment: u64) -> bool {
+        let Some(live) = self.messages.remove(id) else {
+            return false;
+        };
+        drop_live(&mut self.segments, live.body);
+        if let Some(latest) = live.latest {
+            drop_live(&mut self.segments, latest);
+        }
+        if let Some(s) = self.segments.get_mut(&segment) {
+            s.shadows
+                .extend(live.segments.into_iter().filter(|&n| n != segment));
+        }
+        true
+    }
+
+    /// Writes `buf` at the end of the active segment and waits until it is
+    /// durable. Returns the offset it was written at. On failure the
+    /// segment is cut back to where it ended.
+    fn append(&mut self, buf: &[u8]) -> Result<u64, SpoolError> {
+        self.clean_tail()?;
+        let path = self.path(self.active);
+        let segment = self.active_segment();
+        let start = segment.len;
+        let written = segment
+            .file
+            .write_all_at(buf, start)
+            .and_then(|()| segment.file.sync_data());
+        if let Err(err) = written {
+            let file = segment.file.clone();
+            if let Err(cut) = file.set_len(start).and_then(|()| file.sync_data()) {
+                tracing::warn!(segment = %path.display(), offset = start, error = %cut,
+                    "could not cut back a failed journal write; retrying before the next one");
+                self.dirty_tail = true;
+            }
+            return Err(io_error(format_args!("writing {}", path.display()), err));
+        }
+        segment.len += buf.len() as u64;
+        Ok(start)
+    }
+
+    /// Cuts off what a failed write left behind, if anything.
+    fn clean_tail(&mut self) -> Result<(), SpoolError> {
+        if !self.dirty_tail {
+            return Ok(());
+        }
+        let path = self.path(self.active);
+        let segment = self.active_segment();
+        segment
+            .file
+            .set_len(segment.len)
+            .and_then(|()| segment.file.sync_data())
+            .map_err(|e| io_error(format_args!("truncating {}", path.display()), e))?;
+        self.dirty_tail = false;
+        Ok(())
+    }
+
+    /// Starts a new segment if `incoming` bytes would overfill the active
+    /// one. Returns whether it did.
+    fn rotate_if_full(&mut self, incoming: u64) -> Result<bool, SpoolError> {
+        let len = self.active_segment().len;
+        if len == 0 || len + incoming <= self.options.segment_size {
+            return Ok(false);
+        }
+        self.clean_tail()?;
+        let next = self.active + 1;
+        let path = self.path(next);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io_error(format_args!("creating {}", path.display()), e))?;
+        if let Err(err) = sync_dir(&self.dir) {
+            // Nothing was written to it yet; leave the old segment active.
+            let _ = fs::remove_file(&path);
+            return Err(err);
+        }
+        self.segments.insert(
+            next,
+            Segment {
+                file: Arc::new(file),
+                len: 0,
+                live: 0,
+                shadows: BTreeSet::new(),
+            },
+        );
+        self.active = next;
+        tracing::debug!(segment = %path.display(), "started a new journal segment");
+        Ok(true)
+    }
+
+    /// Compacts sparse old segments and deletes dead ones. Failures are
+    /// logged: the journal stays correct, it only keeps more on disk.
+    fn maintain(&mut self) {
+        if let Err(err) = self.compact() {
+            tracing::warn!(error = %err, "journal compaction failed");
+        }
+        if let Err(err) = self.collect_garbage() {
+            tracing::warn!(error = %err, "deleting dead journal segments failed");
+        }
+    }
+
+    /// Writes the live messages of sparse old segments again into the
+    /// active one, oldest segment first.
+    fn compact(&mut self) -> Result<(), SpoolError> {
+        let ratio = self.options.compact_below;
+        let candidates: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|&(&n, s)| {
+                n != self.active && s.live > 0 && (s.live as f64) < s.len as f64 * ratio
+            })
+            .map(|(&n, _)| n)
+            .collect();
+        for segment in candidates {
+            if self.active_segment().len >= self.options.segment_size {
+                break;
+            }
+            let ids: Vec<MessageId> = self
+                .messages
+                .iter()
+                .filter(|(_, l)| {
+                    l.body.segment == segment || l.latest.map(|x| x.segment) == Some(segment)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut buf = Vec::new();
+            let mut placed = Vec::with_capacity(ids.len());
+            for id in ids {
+                let live = &self.messages[&id];
+                let file = self.segments[&live.body.segment].file.clone();
+                let body = read_body_at(&file, live.body, live.body_len)?;
+                let record = live.record.clone();
+                let offset = buf.len() as u64;
+                let len = push_frame(&mut buf, &JournalEntry::Message { record, body })?;
+                placed.push((id, offset, len, live.body_len));
+            }
+            let start = self.append(&buf)?;
+            let count = placed.len();
+            for (id, offset, len, body_len) in placed {
+                let record = self.messages[&id].record.clone();
+                let at = Loc {
+                    segment: self.active,
+                    offset: start + offset,
+                    len,
+                };
+                self.insert_message(record, at, body_len);
+            }
+            tracing::info!(segment = %self.path(segment).display(), messages = count,
+                "compacted journal segment");
+        }
+        Ok(())
+    }
+
+    /// Deletes every old segment that holds nothing live and whose removals
+    /// no longer hide anything. A deletion is made durable before the
+    /// segments it unblocks are deleted.
+    fn collect_garbage(&mut self) -> Result<(), SpoolError> {
+        loop {
+            let dead: Vec<u64> = self
+                .segments
+                .iter()
+                .filter(|&(&n, s)| {
+                    n != self.active
+                        && s.live == 0
+                        && s.shadows.iter().all(|o| !self.segments.contains_key(o))
+                })
+                .map(|(&n, _)| n)
+                .collect();
+            if dead.is_empty() {
+                return Ok(());
+            }
+            for n in dead {
+                let path = self.path(n);
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error(format_args!("deleting {}", path.display()), e)),
+                }
+                self.segments.remove(&n);
+                tracing::debug!(segment = %path.display(), "deleted dead journal segment");
+            }
+            sync_dir(&self.dir)?;
+        }
+    }
+
+    /// Reads one segment into the index. A bad frame in the last segment
+    /// is a torn tail and is cut off; anywhere else it is an error.
+    fn replay(&mut self, number: u64, last: bool) -> Result<(), SpoolError> {
+        let path = self.path(number);
+        let file = self.segments[&number].file.clone();
+        let file_len = file
+            .metadata()
+            .map_err(|e| io_error(format_args!("reading {}", path.display()), e))?
+            .len();
+        let mut reader = BufReader::with_capacity(1 << 20, &*file);
+        let mut pos = 0;
+        while pos < file_len {
+            let payload = match read_frame(&mut reader, file_len - pos) {
+                Ok(payload) => payload,
+                Err(FrameError::Io(e)) => {
+                    return Err(io_error(format_args!("reading {}", path.display()), e))
+                }
+                Err(FrameError::Bad(reason)) if last => {
+                    tracing::warn!(segment = %path.display(), offset = pos,
+                        dropped_bytes = file_len - pos, %reason,
+                        "cutting off a torn journal tail");
+                    file.set_len(pos)
+                        .and_then(|()| file.sync_all())
+                        .map_err(|e| io_error(format_args!("truncating {}", path.display()), e))?;
+                    break;
+                }
+                Err(FrameError::Bad(reason)) => {
+                    return Err(SpoolError::Corrupt(format!(
+                        "{} at offset {pos}: {reason}",
+                        path.display()
+                    )))
+                }
+            };
+            let loc = Loc {
+                segment: number,
+                offset: pos,
+                len: FRAME_HEADER + payload.len() as u64,
+            };
+            // The checksum matched, so an entry that does not decode was
+            // written that way (by a newer release?): never cut it off.
+            let entry: JournalEntry = envelope::decode(&payload).map_err(|e| {
+                SpoolError::Corrupt(format!("{} at offset {pos}: {e}", path.display()))
+            })?;
+            match entry {
+                JournalEntry::Message { record, body } => {
+                    if !payload.ends_with(&body) {
+                        return Err(SpoolError::Corrupt(format!(
+                            "{} at offset {pos}: body is not at the end of its entry",
+                            path.display()
+                        )));
+                    }
+                    self.insert_message(record, loc, body.len() as u64);
+                }
+                JournalEntry::Update { record } => {
+                    // Unknown: the message was compacted into a later segment.
+                    self.update_record(record, loc);
+                }
+                JournalEntry::Remove { id } => {
+                    self.forget(&id, number);
+                }
+            }
+            pos += loc.len;
+        }
+        self.segments
+            .get_mut(&number)
+            .expect("segment being replayed is open")
+            .len = pos;
+        Ok(())
+    }
+}
+
+enum FrameError {
+    Io(io::Error),
+    /// Short, oversized or with the wrong checksum.
+    Bad(String),
+}
+
+/// Reads one frame's payload; `remaining` is what is left of the file.
+fn read_frame(reader: &mut impl Read, remaining: u64) -> Result<Vec<u8>, FrameError> {
+    if remaining < FRAME_HEADER {
+        return Err(FrameError::Bad(format!(
+            "{remaining} bytes, less than a frame header"
+        )));
+    }
+    let mut header = [0u8; FRAME_HEADER as usize];
+    reader.read_exact(&mut header).map_err(FrameError::Io)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if u64::from(len) > remaining - FRAME_HEADER {
+        return Err(FrameError::Bad(format!(
+            "entry of {len} bytes but only {} left",
+            remaining - FRAME_HEADER
+        )));
+    }
+    let mut payload = vec![0u8; len as usize];
+    reader.read_exact(&mut payload).map_err(FrameError::Io)?;
+    if crc32fast::hash(&payload) != crc {
+        return Err(FrameError::Bad("checksum mismatch".into()));
+    }
+    Ok(payload)
+}
+
+/// Reads the frame at `loc`, checks it, and returns its last `body_len`
+/// bytes: the body.
+fn read_body_at(file: &File, loc: Loc, body_len: u64) -> Result<Vec<u8>, SpoolError> {
+    let mut frame = vec![0u8; loc.len as usize];
+    file.read_exact_at(&mut frame, loc.offset)
+        .map_err(|e| io_error("reading a message body", e))?;
+    let len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
+    let payload = &frame[FRAME_HEADER as usize..];
+    if u64::from(len) != loc.len - FRAME_HEADER || crc32fast::hash(payload) != crc {
+        return Err(SpoolError::Corrupt(format!(
+            "message body in segment {} at offset {} fails its checksum",
+            loc.segment, loc.offset
+        )));
+    }
+    Ok(frame.split_off(frame.len() - body_len as usize))
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Mutex<State>,
+    /// Held (and locked) for as long as the spool is open.
+    _lock: File,
+}
+
+impl Inner {
+    fn state(&self) -> Result<MutexGuard<'_, State>, SpoolError> {
+        self.state
+            .lock()
+            .map_err(|_| SpoolError::Unavailable("spool state poisoned by an earlier panic".into()))
+    }
+}
+
+/// The embedded spool: see the module documentation.
+#[derive(Clone, Debug)]
+pub struct LocalSpool {
+    inner: Arc<Inner>,
+}
+
+impl LocalSpool {
+    /// Opens (creating if needed) the spool in `path`, replays its journal
+    /// and takes the directory's lock. Blocking: call it at startup or
+    /// from `spawn_blocking`.
+    pub fn open(path: &Path, options: LocalSpoolOptions) -> Result<LocalSpool, SpoolError> {
+        fs::create_dir_all(path)
+            .map_err(|e| io_error(format_args!("creating {}", path.display()), e))?;
+        let lock_path = path.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| io_error(format_args!("opening {}", lock_path.display()), e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::Unavailable(format!(
+                    "spool {} is in use by another process",
+                    path.display()
+                )))
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(io_error(format_args!("locking {}", lock_path.display()), e))
+            }
+        }
+
+        let mut numbers = Vec::new();
+        let entries = fs::read_dir(path)
+            .map_err(|e| io_error(format_args!("listing {}", path.display()), e))?;
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| io_error(format_args!("listing {}", path.display()), e))?;
+            if let Some(n) = entry.file_name().to_str().and_then(parse_segment_name) {
+                numbers.push(n);
+            }
+        }
+        numbers.sort_unstable();
+
+        let mut state = State {
+            dir: path.to_path_buf(),
+            options,
+            segments: BTreeMap::new(),
+            active: 0,
+            dirty_tail: false,
+            messages: HashMap::new(),
+        };
+        for &n in &numbers {
+            let segment_path = state.path(n);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&segment_path)
+                .map_err(|e| io_error(format_args!("opening {}", segment_path.display()), e))?;
+            state.segments.insert(
+                n,
+                Segment {
+                    file: Arc::new(file),
+                    len: 0,
+                    live: 0,
+                    shadows: BTreeSet::new(),
+                },
+            );
+        }
+        for (i, &n) in numbers.iter().enumerate() {
+            state.replay(n, i + 1 == numbers.len())?;
+        }
+        match numbers.last() {
+            Some(&last) => state.active = last,
+            None => {
+                // Start the first segment; rotation from a full empty one
+                // never happens, so make it by hand.
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(state.path(1))
+                    .map_err(|e| {
+                        io_error(format_args!("creating {}", state.path(1).display()), e)
+                    })?;
+                sync_dir(path)?;
+                state.segments.insert(
+                    1,
+                    Segment {
+                        file: Arc::new(file),
+                        len: 0,
+                        live: 0,
+                        shadows: BTreeSet::new(),
+                    },
+                );
+                state.active = 1;
+            }
+        }
+        state.maintain();
+        tracing::info!(spool = %path.display(), messages = state.messages.len(),
+            segments = state.segments.len(), "opened local spool");
+        Ok(LocalSpool {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, SpoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, SpoolError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| SpoolError::Unavailable(format!("spool task failed: {e}")))?
+    }
+
+    /// Appends one entry about an existing message, then applies it.
+    async fn append_entry(&self, id: MessageId, entry: JournalEntry) -> Result<(), SpoolError> {
+        self.blocking(move |inner| {
+            let mut buf = Vec::new();
+            let len = push_frame(&mut buf, &entry)?;
+            let mut state = inner.state()?;
+            if !state.messages.contains_key(&id) {
+                return Err(SpoolError::NotFound(id));
+            }
+            let rotated = state.rotate_if_full(len)?;
+            let offset = state.append(&buf)?;
+            let at = Loc {
+                segment: state.active,
+                offset,
+                len,
+            };
+            match entry {
+                JournalEntry::Update { record } => {
+                    state.update_record(record, at);
+                }
+                JournalEntry::Remove { id } => {
+                    let segment = state.active;
+                    state.forget(&id, segment);
+                }
+                JournalEntry::Message { .. } => unreachable!("new messages go through store"),
+            }
+            if rotated {
+                state.maintain();
+            } else if let Err(err) = state.collect_garbage() {
+                tracing::warn!(error = %err, "deleting dead journal segments failed");
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Spool for LocalSpool {
+    async fn store(&self, batch: Vec<NewMessage>) -> Result<(), SpoolError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |inner| {
+            // Encode before taking the lock so concurrent stores overlap.
+            let mut buf = Vec::new();
+            let mut placed = Vec::with_capacity(batch.len());
+            for message in batch {
+                let body_len = message.body.len() as u64;
+                let entry = JournalEntry::Message {
+                    record: message.record,
+                    body: message.body,
+                };
+                let offset = buf.len() as u64;
+                let len = push_frame(&mut buf, &entry)?;
+                let JournalEntry::Message { record, .. } = entry else {
+                    unreachable!("built above")
+                };
+                placed.push((record, offset, len, body_len));
+            }
+            let mut state = inner.state()?;
+            let rotated = state.rotate_if_full(buf.len() as u64)?;
+            let start = state.append(&buf)?;
+            let segment = state.active;
+            for (record, offset, len, body_len) in placed {
+                let at = Loc {
+                    segment,
+                    offset: start + offset,
+                    len,
+                };
+                state.insert_message(record, at, body_len);
+            }
+            if rotated {
+                state.maintain();
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update(&self, record: MessageRecord) -> Result<(), SpoolError> {
+        let id = record.id.clone();
+        self.append_entry(id, JournalEntry::Update { record }).await
+    }
+
+    async fn remove(&self, id: &MessageId) -> Result<(), SpoolError> {
+        let entry = JournalEntry::Remove { id: id.clone() };
+        self.append_entry(id.clone(), entry).await
+    }
+
+    async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {
+        self.blocking(|inner| {
+            let state = inner.state()?;
+            let mut records: Vec<MessageRecord> =
+                state.messages.values().map(|l| l.record.clone()).collect();
+            records.sort_by(|a, b| (a.received_ms, &a.id).cmp(&(b.received_ms, &b.id)));
+            Ok(records)
+        })
+        .await
+    }
+
+    async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
+        let id = id.clone();
+        self.blocking(move |inner| {
+            let (file, loc, body_len) = {
+                let state = inner.state()?;
+                let live = state
+                    .messages
+                    .get(&id)
+                    .ok_or_else(|| SpoolError::NotFound(id.clone()))?;
+                let file = state.segments[&live.body.segment].file.clone();
+                (file, live.body, live.body_len)
+            };
+            // The file handle stays readable even if compaction deletes
+            // the segment meanwhile, and frames are never rewritten.
+            read_body_at(&file, loc, body_len)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::process::Command;
+
+    use super::*;
+    use crate::spool::suite::{self, id, message};
+
+    fn options(segment_size: u64) -> LocalSpoolOptions {
+        LocalSpoolOptions {
+            segment_size,
+            ..LocalSpoolOptions::default()
+        }
+    }
+
+    fn open(dir: &Path, options: &LocalSpoolOptions) -> LocalSpool {
+        LocalSpool::open(dir, options.clone()).expect("open the spool")
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_str().unwrap().ends_with(SEGMENT_SUFFIX))
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn ids(records: &[MessageRecord]) -> Vec<MessageId> {
+        records.iter().map(|r| r.id.clone()).collect()
+    }
+
+    async fn suite_on(options: LocalSpoolOptions) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        suite::run(|| {
+            let path = path.clone();
+            let options = options.clone();
+            async move { Arc::new(LocalSpool::open(&path, options).expect("open")) as Arc<dyn Spool> }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_spool_suite() {
+        suite_on(LocalSpoolOptions::default()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_spool_suite_with_tiny_segments() {
+        // Rotation, compaction and deletion happen all the time here.
+        suite_on(LocalSpoolOptions {
+            segment_size: 16 * 1024,
+            compact_below: 0.5,
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_off_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(1 << 20);
+        let spool = open(dir.path(), &opts);
+        for n in 0..3 {
+            spool.store(vec![message(n, 500)]).await.unwrap();
+        }
+        drop(spool);
+        let segment = segment_files(dir.path()).pop().unwrap();
+        let good_len = fs::metadata(&segment).unwrap().len();
+
+        // A crash in the middle of writing a fourth entry.
+        let mut frame = Vec::new();
+        let m = message(3, 500);
+        push_frame(
+            &mut frame,
+            &JournalEntry::Message {
+                record: m.record,
+                body: m.body,
+            },
+        )
+        .unwrap();
+        let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
+        file.write_all(&frame[..frame.len() / 2]).unwrap();
+        drop(file);
+
+        let spool = open(dir.path(), &opts);
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(0), id(1), id(2)]);
+        assert_eq!(fs::metadata(&segment).unwrap().len(), good_len);
+        spool.store(vec![message(4, 500)]).await.unwrap();
+        drop(spool);
+
+        // Garbage shorter than a header is a torn tail too.
+        let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
+        file.write_all(&[0xff; 5]).unwrap();
+        drop(file);
+        let spool = open(dir.path(), &opts);
+        assert_eq!(
+            ids(&spool.list().await.unwrap()),
+            vec![id(0), id(1), id(2), id(4)]
+        );
+        assert_eq!(spool.read_body(&id(4)).await.unwrap(), message(4, 500).body);
+    }
+
+    #[tokio::test]
+    async fn a_checksum_mismatch_at_the_tail_drops_only_that_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(1 << 20);
+        let spool = open(dir.path(), &opts);
+        spool.store(vec![message(0, 500)]).await.unwrap();
+        spool.store(vec![message(1, 500)]).await.unwrap();
+        drop(spool);
+        let segment = segment_files(dir.path()).pop().unwrap();
+        let len = fs::metadata(&segment).unwrap().len();
+        let file = OpenOptions::new().write(true).open(&segment).unwrap();
+        file.write_all_at(b"X", len - 1).unwrap();
+        drop(file);
+
+        let spool = open(dir.path(), &opts);
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(0)]);
+    }
+
+    #[tokio::test]
+    async fn corruption_before_the_last_segment_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(4096);
+        let spool = open(dir.path(), &opts);
+        for n in 0..6 {
+            spool.store(vec![message(n, 1500)]).await.unwrap();
+        }
+        drop(spool);
+        let files = segment_files(dir.path());
+        assert!(files.len() >= 3, "expected several segments, got {files:?}");
+        let file = OpenOptions::new().write(true).open(&files[0]).unwrap();
+        file.write_all_at(b"X", 100).unwrap();
+        drop(file);
+
+        match LocalSpool::open(dir.path(), opts) {
+            Err(SpoolError::Corrupt(why)) => assert!(why.contains("checksum"), "{why}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn dead_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(8 * 1024);
+        let spool = open(dir.path(), &opts);
+        for n in 0..20 {
+            spool.store(vec![message(n, 2000)]).await.unwrap();
+        }
+        assert!(segment_files(dir.path()).len() >= 5);
+        for n in 0..19 {
+            spool.remove(&id(n)).await.unwrap();
+        }
+        let left = segment_files(dir.path());
+        assert!(left.len() <= 2, "dead segments left behind: {left:?}");
+        assert_eq!(
+            spool.read_body(&id(19)).await.unwrap(),
+            message(19, 2000).body
+        );
+        drop(spool);
+
+        let spool = open(dir.path(), &opts);
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(19)]);
+    }
+
+    #[tokio::test]
+    async fn removals_outlive_the_segments_they_hide() {
+        // Message 0 lives in the first segment next to message 1; its
+        // removal sits in a later segment with nothing live. That later
+        // segment must stay until the first one is gone, or 0 comes back.
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LocalSpoolOptions {
+            segment_size: 4096,
+            compact_below: 0.0,
+        };
+        let spool = open(dir.path(), &opts);
+        spool
+            .store(vec![message(0, 1000), message(1, 1000)])
+            .await
+            .unwrap();
+        spool.store(vec![message(2, 3000)]).await.unwrap();
+        spool.remove(&id(0)).await.unwrap();
+        spool.store(vec![message(3, 3000)]).await.unwrap();
+        spool.remove(&id(2)).await.unwrap();
+        spool.store(vec![message(4, 3000)]).await.unwrap();
+        drop(spool);
+
+        let spool = open(dir.path(), &opts);
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(1), id(3), id(4)]);
+        spool.remove(&id(1)).await.unwrap();
+        spool.remove(&id(3)).await.unwrap();
+        drop(spool);
+        let spool = open(dir.path(), &opts);
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(4)]);
+        assert_eq!(segment_files(dir.path()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_live_messages_and_frees_the_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LocalSpoolOptions {
+            segment_size: 8 * 1024,
+            compact_below: 0.5,
+        };
+        let spool = open(dir.path(), &opts);
+        for n in 0..3 {
+            spool.store(vec![message(n, 2500)]).await.unwrap();
+        }
+        let first = segment_files(dir.path())[0].clone();
+        // One of three left in the first segment; updated, so its latest
+        // record is elsewhere.
+        spool.remove(&id(0)).await.unwrap();
+        spool.remove(&id(1)).await.unwrap();
+        let mut record = message(2, 2500).record;
+        record.deliveries[0].attempts = 3;
+        spool.update(record.clone()).await.unwrap();
+        // Fill up until the active segment rotates.
+        for n in 10..16 {
+            spool.store(vec![message(n, 2500)]).await.unwrap();
+        }
+        assert!(
+            !first.exists(),
+            "sparse segment {first:?} was not compacted"
+        );
+        assert_eq!(
+            spool.read_body(&id(2)).await.unwrap(),
+            message(2, 2500).body
+        );
+        drop(spool);
+
+        let spool = open(dir.path(), &opts);
+        let list = spool.list().await.unwrap();
+        assert_eq!(list[0], record);
+        assert_eq!(
+            ids(&list),
+            [2, 10, 11, 12, 13, 14, 15]
+                .into_iter()
+                .map(id)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            spool.read_body(&id(2)).await.unwrap(),
+            message(2, 2500).body
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LocalSpoolOptions::default();
+        let spool = open(dir.path(), &opts);
+        match LocalSpool::open(dir.path(), opts.clone()) {
+            Err(SpoolError::Unavailable(why)) => assert!(why.contains("in use"), "{why}"),
+            other => panic!("expected the second open to be refused, got {other:?}"),
+        }
+        drop(spool);
+        open(dir.path(), &opts);
+    }
+
+    /// A tmpfs mounted for one test, unmounted when dropped.
+    struct Tmpfs {
+        dir: tempfile::TempDir,
+    }
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status();
+            match status {
+                Ok(s) if s.success() => Tmpfs { dir },
+                other => panic!(
+                    "this test fills a small tmpfs and must be able to mount one (run as root): \
+                     mount -t tmpfs failed: {other:?}"
+                ),
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_write_and_keeps_what_was_stored() {
+        let fs = Tmpfs::mount("256k");
+        let path = fs.dir.path().join("spool");
+        let filler = fs.dir.path().join("filler");
+        fs::write(&filler, vec![0u8; 64 * 1024]).unwrap();
+        let spare = fs.dir.path().join("spare");
+        fs::write(&spare, vec![0u8; 12 * 1024]).unwrap();
+        let opts = LocalSpoolOptions::default();
+        let spool = open(&path, &opts);
+
+        let segment = segment_files(&path).pop().unwrap();
+        let len = || fs::metadata(&segment).unwrap().len();
+        let mut stored = Vec::new();
+        let mut good_len = len();
+        let error = loop {
+            let n = stored.len() as u64;
+            match spool.store(vec![message(n, 4000)]).await {
+                Ok(()) => stored.push(n),
+                Err(e) => break e,
+            }
+            good_len = len();
+            assert!(n < 1000, "the tmpfs never filled up");
+        };
+        assert!(matches!(error, SpoolError::Unavailable(_)), "{error:?}");
+        assert!(stored.len() >= 10, "only {} stored", stored.len());
+        assert_eq!(len(), good_len, "the failed write was not cut back");
+        // A batch fails as a whole, after writing part of itself.
+        fs::remove_file(&spare).unwrap();
+        let batch: Vec<_> = (500..510).map(|n| message(n, 4000)).collect();
+        assert!(spool.store(batch).await.is_err());
+        assert_eq!(len(), good_len, "the failed batch was not cut back");
+        assert_eq!(
+            ids(&spool.list().await.unwrap()),
+            stored.iter().copied().map(id).collect::<Vec<_>>()
+        );
+        for &n in &stored {
+            assert_eq!(
+                spool.read_body(&id(n)).await.unwrap(),
+                message(n, 4000).body
+            );
+        }
+
+        // Space comes back; the spool goes on where it stopped.
+        fs::remove_file(&filler).unwrap();
+        spool
+            .store(vec![message(900, 4000)])
+            .await
+            .expect("store once space is back");
+        stored.push(900);
+        drop(spool);
+
+        let spool = open(&path, &opts);
+        let list = spool.list().await.unwrap();
+        assert_eq!(
+            ids(&list),
+            stored.iter().copied().map(id).collect::<Vec<_>>()
+        );
+        for &n in &stored {
+            assert_eq!(
+                spool.read_body(&id(n)).await.unwrap(),
+                message(n, 4000).body
+            );
+        }
+    }
+}

@@ -8,6 +8,10 @@ use async_trait::async_trait;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 
 pub mod local;
+#[cfg(test)]
+pub mod suite;
+
+pub use local::{LocalSpool, LocalSpoolOptions};
 
 /// A message to store: its record and its body (headers and content, as
 /// received, with our `Received:` line in front).

@@ -1,0 +1,206 @@
+//! The test body every [`Spool`] implementation must pass.
+//!
+//! [`run`] takes a factory that opens the implementation on the same,
+//! initially empty storage each time it is called; the suite drops its
+//! handle before calling it again to check that a reopened spool sees
+//! everything that was acknowledged.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use smarthost_proto::address::Mailbox;
+use smarthost_proto::envelope::{
+    ClientInfo, DeliveryState, Envelope, MessageId, MessageRecord, Recipient,
+};
+
+use super::{NewMessage, Spool, SpoolError};
+
+const BASE_MS: u64 = 1_700_000_000_000;
+
+fn rcpt(local: &str, domain: &str) -> Recipient {
+    Recipient {
+        address: Mailbox {
+            local_part: local.into(),
+            domain: domain.into(),
+        },
+        notify: None,
+        orcpt: None,
+    }
+}
+
+/// The id of test message `n`.
+pub fn id(n: u64) -> MessageId {
+    MessageId::new(BASE_MS + n, n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// Test message `n`, received at `BASE_MS + n`, with a body of about
+/// `body_len` bytes that names it.
+pub fn message(n: u64, body_len: usize) -> NewMessage {
+    let mut body = format!("Subject: message {n}\r\n\r\n").into_bytes();
+    body.extend(
+        (0..body_len.saturating_sub(body.len())).map(|i| b'a' + ((i as u64 + n) % 26) as u8),
+    );
+    let domains = ["example.org", "example.net", "example.com"];
+    let envelope = Envelope {
+        sender: Some(Mailbox {
+            local_part: "app".into(),
+            domain: "sender.example".into(),
+        }),
+        recipients: vec![
+            rcpt("a", domains[(n % 3) as usize]),
+            rcpt("b", domains[((n + 1) % 3) as usize]),
+        ],
+        ..Envelope::default()
+    };
+    let client = ClientInfo {
+        ip: "192.0.2.1".parse().expect("literal address"),
+        helo: "app.sender.example".into(),
+        auth_user: None,
+        tls: false,
+    };
+    let record = MessageRecord::new(id(n), BASE_MS + n, body.len() as u64, client, envelope);
+    NewMessage { record, body }
+}
+
+/// Everything a spool holds: records by id and their bodies.
+async fn snapshot(spool: &dyn Spool) -> BTreeMap<MessageId, (MessageRecord, Vec<u8>)> {
+    let mut all = BTreeMap::new();
+    for record in spool.list().await.expect("list") {
+        let body = spool
+            .read_body(&record.id)
+            .await
+            .expect("read_body of a listed message");
+        all.insert(record.id.clone(), (record, body));
+    }
+    all
+}
+
+async fn listed(spool: &dyn Spool, n: u64) -> Option<MessageRecord> {
+    spool
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|r| r.id == id(n))
+}
+
+/// Runs the whole contract against the spool that `open` returns.
+pub async fn run<F, Fut>(mut open: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Arc<dyn Spool>>,
+{
+    let spool = open().await;
+    assert!(
+        spool.list().await.expect("list").is_empty(),
+        "the suite needs an empty spool"
+    );
+
+    // Store, list and read back one message.
+    let first = message(1, 3000);
+    spool.store(vec![first.clone()]).await.expect("store one");
+    assert_eq!(spool.list().await.unwrap(), vec![first.record.clone()]);
+    assert_eq!(spool.read_body(&id(1)).await.unwrap(), first.body);
+
+    // A batch of many, including an empty body.
+    let batch: Vec<NewMessage> = (1000..1300)
+        .map(|n| message(n, (n as usize % 5) * 900))
+        .collect();
+    spool.store(batch.clone()).await.expect("store a batch");
+    for m in &batch {
+        assert_eq!(spool.read_body(&m.record.id).await.unwrap(), m.body);
+        assert_eq!(
+            listed(&*spool, m.record.received_ms - BASE_MS)
+                .await
+                .as_ref(),
+            Some(&m.record)
+        );
+    }
+    assert_eq!(spool.list().await.unwrap().len(), 301);
+
+    // An empty batch is a no-op.
+    spool.store(Vec::new()).await.expect("store nothing");
+
+    // Update replaces the record and keeps the body.
+    let mut updated = first.record.clone();
+    updated.deliveries[0].state = DeliveryState::Deferred;
+    updated.deliveries[0].attempts = 1;
+    updated.deliveries[0].next_attempt_ms += 900_000;
+    updated.deliveries.pop();
+    spool.update(updated.clone()).await.expect("update");
+    assert_eq!(listed(&*spool, 1).await, Some(updated.clone()));
+    assert_eq!(spool.read_body(&id(1)).await.unwrap(), first.body);
+
+    // Remove, and what is gone is NotFound.
+    spool.remove(&id(1)).await.expect("remove");
+    assert_eq!(listed(&*spool, 1).await, None);
+    assert!(matches!(spool.read_body(&id(1)).await, Err(SpoolError::NotFound(i)) if i == id(1)));
+    assert!(matches!(
+        spool.remove(&id(1)).await,
+        Err(SpoolError::NotFound(_))
+    ));
+    assert!(matches!(
+        spool.update(updated).await,
+        Err(SpoolError::NotFound(_))
+    ));
+    assert!(matches!(
+        spool.read_body(&id(999_999)).await,
+        Err(SpoolError::NotFound(_))
+    ));
+    for n in (1000..1300).step_by(2) {
+        spool.remove(&id(n)).await.expect("remove from the batch");
+    }
+
+    // Oldest first, whatever order they were stored in.
+    let mut shuffled: Vec<NewMessage> = (2000..2050).rev().map(|n| message(n, 100)).collect();
+    shuffled.swap(3, 40);
+    spool.store(shuffled).await.expect("store out of order");
+    let list = spool.list().await.unwrap();
+    assert!(
+        list.windows(2)
+            .all(|w| (w[0].received_ms, &w[0].id) <= (w[1].received_ms, &w[1].id)),
+        "list is oldest first"
+    );
+    assert_eq!(list.len(), 150 + 50);
+
+    // 200 concurrent stores all land.
+    let tasks: Vec<_> = (3000..3200)
+        .map(|n| {
+            let spool = spool.clone();
+            tokio::spawn(async move { spool.store(vec![message(n, 2048)]).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("store task").expect("concurrent store");
+    }
+    for n in 3000..3200 {
+        assert_eq!(
+            spool.read_body(&id(n)).await.unwrap(),
+            message(n, 2048).body
+        );
+    }
+
+    // A reopened spool sees exactly what was acknowledged.
+    let before = snapshot(&*spool).await;
+    assert_eq!(before.len(), 150 + 50 + 200);
+    drop(spool);
+    let spool = open().await;
+    let after = snapshot(&*spool).await;
+    assert_eq!(after.len(), before.len());
+    assert!(
+        after == before,
+        "reopened spool differs from what was stored"
+    );
+    assert_eq!(
+        spool.list().await.unwrap(),
+        before.values().map(|(r, _)| r.clone()).collect::<Vec<_>>()
+    );
+
+    // And it keeps working.
+    spool
+        .store(vec![message(4000, 10)])
+        .await
+        .expect("store after reopen");
+    spool.remove(&id(4000)).await.expect("remove after reopen");
+}
