@@ -5,13 +5,19 @@
 //! - [`telemetry`]: logs to standard error, text or JSON.
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
 //! - [`queue`]: the `Queue` actor, which batches enqueues into group commits.
+//! - [`listener`]: the Listener actor: accepts connections under the limits.
+//! - [`session`]: the I/O shell of one SMTP session around `proto::session`.
+//! - [`tls`]: the STARTTLS server configuration.
 //! - [`cli`]: the `smarthost` command line.
 //! - [`server`]: starts the actors of a node.
 
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod listener;
 pub mod queue;
 pub mod server;
+pub mod session;
 pub mod spool;
 pub mod telemetry;
+pub mod tls;

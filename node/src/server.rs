@@ -16,8 +16,7 @@ use crate::config::{Config, DomainKind};
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Queue, Recover};
 use crate::session::SessionEnv;
-use crate::spool::local::LocalSpool;
-use crate::spool::Spool;
+use crate::spool::{LocalSpool, LocalSpoolOptions, Spool};
 use crate::tls;
 
 pub fn run(config: Config) -> Result<(), Box<dyn Error>> {
@@ -25,7 +24,11 @@ pub fn run(config: Config) -> Result<(), Box<dyn Error>> {
 }
 
 async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
-    let spool: Arc<dyn Spool> = Arc::new(LocalSpool::open(&config.queue.path, Default::default())?);
+    let path = config.queue.path.clone();
+    let spool =
+        tokio::task::spawn_blocking(move || LocalSpool::open(&path, LocalSpoolOptions::default()))
+            .await??;
+    let spool: Arc<dyn Spool> = Arc::new(spool);
     let queue = Queue::new(spool).start();
     let recovered = queue.send(Recover).await??;
     tracing::info!(
@@ -36,7 +39,10 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
 
     let listener = Listener::bind(
         &config.smtp.listen,
-        ConnectionLimits::new(config.smtp.max_connections, config.smtp.max_connections_per_ip),
+        ConnectionLimits::new(
+            config.smtp.max_connections,
+            config.smtp.max_connections_per_ip,
+        ),
         Arc::new(session_env(&config, queue.recipient())?),
     )
     .await?
@@ -47,9 +53,15 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
     listener.send(StopAccepting).await?;
     let (drained, is_drained) = oneshot::channel();
     listener.send(WaitDrained(drained)).await?;
-    if tokio::time::timeout(config.node.shutdown_grace, is_drained).await.is_err() {
+    if tokio::time::timeout(config.node.shutdown_grace, is_drained)
+        .await
+        .is_err()
+    {
         let open = listener.send(OpenSessions).await.unwrap_or(0);
-        tracing::warn!(open_sessions = open, "grace period over, closing open sessions");
+        tracing::warn!(
+            open_sessions = open,
+            "grace period over, closing open sessions"
+        );
     }
     tracing::info!("stopped");
     Ok(())

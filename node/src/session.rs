@@ -13,7 +13,9 @@ use actix::Recipient;
 use ipnet::IpNet;
 use smarthost_proto::envelope::{ClientInfo, MessageId, MessageRecord};
 use smarthost_proto::received;
-use smarthost_proto::session::{Action, IncomingMessage, PeerInfo, Session, SessionConfig, StoreFailure};
+use smarthost_proto::session::{
+    Action, IncomingMessage, PeerInfo, Session, SessionConfig, StoreFailure,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;

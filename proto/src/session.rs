@@ -191,7 +191,10 @@ impl Session {
             4,
             3,
             2,
-            format!("{} Service shutting down, try again later", self.config.hostname),
+            format!(
+                "{} Service shutting down, try again later",
+                self.config.hostname
+            ),
         )
     }
 

@@ -3,6 +3,10 @@
 
 use std::path::PathBuf;
 
+pub mod ca;
+pub mod relay;
+pub mod smtp;
+
 /// The `smarthost` binary under test: `$SMARTHOST_BIN` when set, otherwise
 /// the one built next to the test binary (tests run from
 /// `target/<profile>/deps/`, the binary lives in `target/<profile>/`).

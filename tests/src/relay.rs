@@ -2,13 +2,13 @@
 //! spool directory, and stops it the way an operator or a crash would.
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use smarthost_node::spool::local::LocalSpool;
-use smarthost_node::spool::{Spool, SpoolOptionsDefault};
+use smarthost_node::spool::{LocalSpool, LocalSpoolOptions, Spool};
 use smarthost_proto::envelope::MessageRecord;
 
 use crate::smarthost_bin;
@@ -49,13 +49,19 @@ impl Relay {
             spool = spool.display().to_string()
         );
         std::fs::write(&config, text).expect("write config");
+        // The environment overrides the file, as it does for the relay.
+        let spool_in_use = env
+            .iter()
+            .find(|(k, _)| *k == "SMARTHOST__QUEUE__PATH")
+            .map(|(_, v)| PathBuf::from(v))
+            .unwrap_or_else(|| spool.clone());
         let mut relay = Relay {
             child: None,
             log: dir.path().join("smarthost.log"),
             dir,
             smtp,
             config,
-            spool,
+            spool: spool_in_use,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -94,7 +100,15 @@ impl Relay {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("smarthost exited with {status} at start:\n{}", self.log());
             }
-            if TcpStream::connect_timeout(&self.smtp, Duration::from_millis(200)).is_ok() {
+            if let Ok(mut probe) =
+                TcpStream::connect_timeout(&self.smtp, Duration::from_millis(200))
+            {
+                // Say goodbye properly and wait for the close, so the probe
+                // no longer counts against connection limits in the test.
+                let _ = probe.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = probe.write_all(b"QUIT\r\n");
+                let _ = probe.read_to_end(&mut Vec::new());
+                std::thread::sleep(Duration::from_millis(100));
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -143,13 +157,16 @@ impl Relay {
     /// The records in the spool; the relay must be stopped (the spool is
     /// locked while a relay runs).
     pub fn spool_records(&self) -> Vec<MessageRecord> {
-        assert!(self.child.is_none(), "stop the relay before reading its spool");
+        assert!(
+            self.child.is_none(),
+            "stop the relay before reading its spool"
+        );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
-            let spool = LocalSpool::open(&self.spool, SpoolOptionsDefault::default())
+            let spool = LocalSpool::open(&self.spool, LocalSpoolOptions::default())
                 .expect("open the spool");
             spool.list().await.expect("list the spool")
         })
@@ -157,13 +174,16 @@ impl Relay {
 
     /// The body of one spooled message (relay stopped).
     pub fn spool_body(&self, id: &smarthost_proto::envelope::MessageId) -> Vec<u8> {
-        assert!(self.child.is_none(), "stop the relay before reading its spool");
+        assert!(
+            self.child.is_none(),
+            "stop the relay before reading its spool"
+        );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
-            let spool = LocalSpool::open(&self.spool, SpoolOptionsDefault::default())
+            let spool = LocalSpool::open(&self.spool, LocalSpoolOptions::default())
                 .expect("open the spool");
             spool.read_body(id).await.expect("read a body")
         })

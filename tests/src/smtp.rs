@@ -93,7 +93,9 @@ impl Client {
             }
             let line = line.trim_end_matches(['\r', '\n']).to_string();
             assert!(line.len() >= 3, "short reply line {line:?}");
-            let code: u16 = line[..3].parse().unwrap_or_else(|_| panic!("bad reply {line:?}"));
+            let code: u16 = line[..3]
+                .parse()
+                .unwrap_or_else(|_| panic!("bad reply {line:?}"));
             let more = line.as_bytes().get(3) == Some(&b'-');
             lines.push((code, line.get(4..).unwrap_or("").to_string()));
             if !more {
@@ -102,7 +104,11 @@ impl Client {
         }
         Some(Reply {
             code: lines[0].0,
-            text: lines.into_iter().map(|(_, t)| t).collect::<Vec<_>>().join("\n"),
+            text: lines
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect::<Vec<_>>()
+                .join("\n"),
         })
     }
 
@@ -158,7 +164,8 @@ impl Client {
 
 /// A 2 KB test message body with CRLF line endings (ends with CRLF).
 pub fn message_of_size(subject: &str, size: usize) -> String {
-    let mut text = format!("From: app@example.com\r\nTo: user@example.org\r\nSubject: {subject}\r\n\r\n");
+    let mut text =
+        format!("From: app@example.com\r\nTo: user@example.org\r\nSubject: {subject}\r\n\r\n");
     let line = "The quick brown fox jumps over the lazy dog 0123456789.\r\n";
     while text.len() + line.len() <= size {
         text.push_str(line);

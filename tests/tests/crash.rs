@@ -34,7 +34,9 @@ fn every_acknowledged_message_survives_sigkill() {
                         break;
                     }
                     // Any failure here is the crash: stop this client.
-                    let Some(reply) = send_one(&mut c, &body) else { break };
+                    let Some(reply) = send_one(&mut c, &body) else {
+                        break;
+                    };
                     acknowledged.lock().unwrap().insert(queued_id(&reply));
                 }
             })
@@ -52,11 +54,23 @@ fn every_acknowledged_message_survives_sigkill() {
         worker.join().unwrap();
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
-    assert!(acknowledged.len() >= 100, "only {} messages before the crash", acknowledged.len());
+    assert!(
+        acknowledged.len() >= 100,
+        "only {} messages before the crash",
+        acknowledged.len()
+    );
 
-    let spooled: BTreeSet<String> = relay.spool_records().iter().map(|r| r.id.to_string()).collect();
+    let spooled: BTreeSet<String> = relay
+        .spool_records()
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
     let lost: Vec<_> = acknowledged.difference(&spooled).collect();
-    assert!(lost.is_empty(), "{} acknowledged messages lost: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost: {lost:?}",
+        lost.len()
+    );
 
     // The restarted relay recovers the same spool and reports it.
     relay.launch();
@@ -67,7 +81,11 @@ fn every_acknowledged_message_survives_sigkill() {
         "restart must report {} spooled messages:\n{log}",
         spooled.len()
     );
-    let after: BTreeSet<String> = relay.spool_records().iter().map(|r| r.id.to_string()).collect();
+    let after: BTreeSet<String> = relay
+        .spool_records()
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
     assert_eq!(after, spooled);
     for record in relay.spool_records().iter().take(5) {
         assert_eq!(relay.spool_body(&record.id).len() as u64, record.size);

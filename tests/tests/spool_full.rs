@@ -21,7 +21,10 @@ impl Drop for Tmpfs<'_> {
 fn a_full_spool_answers_451_and_loses_nothing() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    assert!(root, "this test mounts a tmpfs and must run as root (as CI does)");
+    assert!(
+        root,
+        "this test mounts a tmpfs and must run as root (as CI does)"
+    );
 
     let relay_dir = tempfile::tempdir().unwrap();
     let spool = relay_dir.path().join("small");
@@ -31,7 +34,11 @@ fn a_full_spool_answers_451_and_loses_nothing() {
         .arg(&spool)
         .status()
         .expect("run mount");
-    assert!(status.success(), "cannot mount a tmpfs on {}", spool.display());
+    assert!(
+        status.success(),
+        "cannot mount a tmpfs on {}",
+        spool.display()
+    );
     let _mounted = Tmpfs(&spool);
 
     let mut relay = Relay::start_with_env(
@@ -54,11 +61,19 @@ fn a_full_spool_answers_451_and_loses_nothing() {
         }
     }
     let refused = refused.expect("a 1 MB spool must fill up within 30 messages of 100 KB");
-    assert_eq!((refused.code, refused.status()), (451, Some("4.3.0")), "{refused:?}");
+    assert_eq!(
+        (refused.code, refused.status()),
+        (451, Some("4.3.0")),
+        "{refused:?}"
+    );
     assert!(accepted.len() >= 5, "only {} messages fit", accepted.len());
     // The session and the relay go on.
     c.expect("NOOP", 250);
-    let small = c.send_message("app@example.com", &["user@example.org"], "Subject: small\r\n\r\nhi\r\n");
+    let small = c.send_message(
+        "app@example.com",
+        &["user@example.org"],
+        "Subject: small\r\n\r\nhi\r\n",
+    );
     if small.code == 250 {
         accepted.push(queued_id(&small));
     } else {
@@ -67,9 +82,21 @@ fn a_full_spool_answers_451_and_loses_nothing() {
     c.expect("QUIT", 221);
     relay.terminate(Duration::from_secs(20));
 
-    let spooled: Vec<String> = relay.spool_records().iter().map(|r| r.id.to_string()).collect();
+    let spooled: Vec<String> = relay
+        .spool_records()
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
     for id in &accepted {
-        assert!(spooled.contains(id), "accepted message {id} lost");
+        assert!(
+            spooled.contains(id),
+            "accepted message {id} lost; accepted {accepted:?}, spooled {spooled:?}\n{}",
+            relay.log()
+        );
     }
-    assert_eq!(spooled.len(), accepted.len(), "refused messages must not be spooled");
+    assert_eq!(
+        spooled.len(),
+        accepted.len(),
+        "refused messages must not be spooled"
+    );
 }
