@@ -188,12 +188,15 @@ proptest! {
     fn address_parser_never_panics(text in "\\PC{0,100}", shaped in "<[@\"\\\\.:,a-z0-9\u{fc}\\[\\]IPv6]{0,60}>") {
         let _ = address::parse_path(&text);
         if let Ok((address::Path::Mailbox(m), _)) = address::parse_path(&shaped) {
-            // What Display writes parses back to the same mailbox.
+            // What Display writes parses back to the same mailbox. (Only
+            // the mailbox: a U-label domain is written as its A-label, so
+            // the reparsed path may no longer need SMTPUTF8.)
             let again = address::parse_forward_path(&format!("<{}>", m.mailbox)).unwrap();
-            prop_assert_eq!(again, address::Path::Mailbox(address::PathMailbox {
-                source_route: false,
-                ..m
-            }));
+            let address::Path::Mailbox(again) = again else {
+                panic!("a mailbox came back as {again:?}");
+            };
+            prop_assert_eq!(&again.mailbox, &m.mailbox);
+            prop_assert!(!again.source_route);
         }
     }
 }
