@@ -130,11 +130,23 @@ impl Relay {
 
     /// SIGTERM, then wait (at most `limit`) for the process to exit.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("relay running");
+        self.send_sigterm();
+        self.wait_exit(limit)
+    }
+
+    /// Asks the relay to shut down, as an operator or Kubernetes would.
+    pub fn send_sigterm(&self) {
+        let pid = self.pid() as i32;
         // SAFETY: kill(2) with a pid we own and a valid signal number.
         unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
+            libc::kill(pid, libc::SIGTERM);
         }
+    }
+
+    /// Waits (at most `limit`) for the process to exit; kills it and
+    /// panics if it does not.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("relay running");
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
