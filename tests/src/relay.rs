@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use smarthost_node::spool::{LocalSpool, LocalSpoolOptions, Spool};
-use smarthost_proto::envelope::MessageRecord;
+use smarthost_proto::envelope::{MessageId, MessageRecord};
 
 use crate::smarthost_bin;
 
@@ -169,23 +169,19 @@ impl Relay {
     /// The records in the spool; the relay must be stopped (the spool is
     /// locked while a relay runs).
     pub fn spool_records(&self) -> Vec<MessageRecord> {
-        assert!(
-            self.child.is_none(),
-            "stop the relay before reading its spool"
-        );
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let spool = LocalSpool::open(&self.spool, LocalSpoolOptions::default())
-                .expect("open the spool");
-            spool.list().await.expect("list the spool")
-        })
+        self.with_spool(|spool| async move { spool.list().await.expect("list the spool") })
     }
 
     /// The body of one spooled message (relay stopped).
-    pub fn spool_body(&self, id: &smarthost_proto::envelope::MessageId) -> Vec<u8> {
+    pub fn spool_body(&self, id: &MessageId) -> Vec<u8> {
+        let id = id.clone();
+        self.with_spool(|spool| async move { spool.read_body(&id).await.expect("read a body") })
+    }
+
+    fn with_spool<T, F: std::future::Future<Output = T>>(
+        &self,
+        f: impl FnOnce(LocalSpool) -> F,
+    ) -> T {
         assert!(
             self.child.is_none(),
             "stop the relay before reading its spool"
@@ -194,11 +190,9 @@ impl Relay {
             .enable_all()
             .build()
             .unwrap();
-        runtime.block_on(async {
-            let spool = LocalSpool::open(&self.spool, LocalSpoolOptions::default())
-                .expect("open the spool");
-            spool.read_body(id).await.expect("read a body")
-        })
+        let spool =
+            LocalSpool::open(&self.spool, LocalSpoolOptions::default()).expect("open the spool");
+        runtime.block_on(f(spool))
     }
 }
 
