@@ -12,7 +12,7 @@ use smarthost_proto::session::SessionConfig;
 use tokio::sync::oneshot;
 
 use crate::auth::UserDb;
-use crate::config::{Config, DomainKind};
+use crate::config::{check_domain_name, Config, DomainKind};
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Queue, Recover};
 use crate::session::SessionEnv;
@@ -77,7 +77,8 @@ fn session_env(
         .domains
         .iter()
         .filter(|d| d.kind == DomainKind::Local)
-        .map(|d| d.name.to_ascii_lowercase())
+        // Validated at load; the routing form is lower case with A-labels.
+        .map(|d| check_domain_name(&d.name).unwrap_or_else(|_| d.name.to_ascii_lowercase()))
         .collect();
     let session = SessionConfig {
         hostname: config.node.hostname.clone(),

@@ -9,7 +9,8 @@ use smarthost_tests::relay::Relay;
 use smarthost_tests::smtp::{message_of_size, queued_id, Client};
 
 const LOCAL_DOMAIN: &str =
-    "[[domains]]\nname = \"local.test\"\nkind = \"local\"\ndrop_dir = \"/tmp/smarthost-drop\"\n";
+    "[[domains]]\nname = \"local.test\"\nkind = \"local\"\ndrop_dir = \"/tmp/smarthost-drop\"\n\
+    [[domains]]\nname = \"bücher.test\"\nkind = \"local\"\ndrop_dir = \"/tmp/smarthost-drop\"\n";
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
@@ -153,6 +154,11 @@ fn relaying_needs_a_relay_network_but_local_domains_take_mail_from_anyone() {
     );
     assert_eq!(
         c.expect("RCPT TO:<user@LOCAL.test>", 250).status(),
+        Some("2.1.5")
+    );
+    // An IDNA domain configured in Unicode matches its A-label form.
+    assert_eq!(
+        c.expect("RCPT TO:<user@xn--bcher-kva.test>", 250).status(),
         Some("2.1.5")
     );
 
