@@ -114,6 +114,25 @@ pub struct DeliveryConfig {
     pub max_connections_per_domain: usize,
     pub max_messages_per_connection: usize,
     pub tls: TlsPolicy,
+    /// Extra trust roots (PEM) for verifying servers, besides the system's.
+    pub tls_ca_file: Option<PathBuf>,
+    /// DNS servers for MX lookups (`ip:port`); empty: the system's resolv.conf.
+    pub dns_servers: Vec<SocketAddr>,
+    /// The port of MX hosts (25; another port only for tests and odd networks).
+    pub mx_port: u16,
+    #[serde(with = "human::duration")]
+    pub connect_timeout: Duration,
+    /// Waiting for the 220 greeting (RFC 5321 4.5.3.2: 5 minutes).
+    #[serde(with = "human::duration")]
+    pub greeting_timeout: Duration,
+    /// Waiting for the reply to EHLO, MAIL, RCPT, DATA, STARTTLS, AUTH (5 minutes).
+    #[serde(with = "human::duration")]
+    pub command_timeout: Duration,
+    /// Sending the message and waiting for the reply to the final dot (10 minutes).
+    #[serde(with = "human::duration")]
+    pub data_timeout: Duration,
+    /// The delivery log: one JSON line per attempt and recipient.
+    pub log_file: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -259,6 +278,14 @@ impl Default for DeliveryConfig {
             max_connections_per_domain: 100,
             max_messages_per_connection: 20,
             tls: TlsPolicy::Opportunistic,
+            tls_ca_file: None,
+            dns_servers: Vec::new(),
+            mx_port: 25,
+            connect_timeout: Duration::from_secs(30),
+            greeting_timeout: Duration::from_secs(300),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            log_file: PathBuf::from("./delivery.log"),
         }
     }
 }
@@ -407,6 +434,7 @@ const ENV_LIST_KEYS: &[&str] = &[
     "smtp.listen",
     "smtp.relay_networks",
     "queue.retry_intervals",
+    "delivery.dns_servers",
 ];
 
 /// The `SMARTHOST__SECTION__KEY` environment source.
@@ -627,6 +655,25 @@ impl Config {
             "delivery.max_messages_per_connection",
             delivery.max_messages_per_connection as u64,
         );
+        if let Some(ca) = &delivery.tls_ca_file {
+            if let Err(e) = std::fs::metadata(ca) {
+                errors.add(
+                    "delivery.tls_ca_file",
+                    format!("cannot read {}: {e}", ca.display()),
+                );
+            }
+        }
+        errors.positive("delivery.mx_port", delivery.mx_port as u64);
+        for (key, timeout) in [
+            ("delivery.connect_timeout", delivery.connect_timeout),
+            ("delivery.greeting_timeout", delivery.greeting_timeout),
+            ("delivery.command_timeout", delivery.command_timeout),
+            ("delivery.data_timeout", delivery.data_timeout),
+        ] {
+            if timeout.is_zero() {
+                errors.add(key, "must be longer than 0s");
+            }
+        }
     }
 
     fn validate_domains(&self, errors: &mut Errors) {

@@ -118,6 +118,10 @@ pub struct Delivery {
     pub state: DeliveryState,
     pub attempts: u32,
     pub next_attempt_ms: u64,
+    /// The last temporary failure, for the delay and expiry reports.
+    pub last_error: Option<String>,
+    /// The one `Action: delayed` report has been sent.
+    pub delay_notified: bool,
 }
 
 /// The spool's record of one message, without its body.
@@ -167,6 +171,8 @@ pub fn split_deliveries(envelope: &Envelope, now_ms: u64) -> Vec<Delivery> {
                 state: DeliveryState::Queued,
                 attempts: 0,
                 next_attempt_ms: now_ms,
+                last_error: None,
+                delay_notified: false,
             }),
         }
     }
