@@ -17,6 +17,7 @@ pub mod config;
 pub mod delivery;
 pub mod listener;
 pub mod queue;
+pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod spool;
