@@ -4,7 +4,15 @@
 //! - [`auth`]: argon2 password hashes and the SMTP AUTH user table.
 //! - [`telemetry`]: logs to standard error, text or JSON.
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
-//! - [`queue`]: the `Queue` actor, which batches enqueues into group commits.
+//! - [`queue`]: the `Queue` actor, which batches enqueues into group commits,
+//!   hands due deliveries out and records their outcomes.
+//! - [`scheduler`]: which deliveries are due; retries, expiry (pure).
+//! - [`dispatcher`]: the Dispatcher actor, one throttle per active domain.
+//! - [`throttle`]: the DomainThrottle actor: connection cap, rate, reuse.
+//! - [`delivery`]: routes, the outbound SMTP client, the Delivery actor
+//!   (one per outbound connection) and local drop directories.
+//! - [`bounce`]: delivery status notifications for failures and delays.
+//! - [`delivery_log`]: one JSON line per attempt and recipient.
 //! - [`listener`]: the Listener actor: accepts connections under the limits.
 //! - [`session`]: the I/O shell of one SMTP session around `proto::session`.
 //! - [`tls`]: the STARTTLS server configuration.
@@ -12,9 +20,12 @@
 //! - [`server`]: starts the actors of a node.
 
 pub mod auth;
+pub mod bounce;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod delivery_log;
+pub mod dispatcher;
 pub mod listener;
 pub mod queue;
 pub mod scheduler;
@@ -22,4 +33,5 @@ pub mod server;
 pub mod session;
 pub mod spool;
 pub mod telemetry;
+pub mod throttle;
 pub mod tls;

@@ -59,6 +59,8 @@ pub struct Completion {
     pub delayed: Vec<u32>,
     /// When the delivery is tried next, if it is still pending.
     pub next_attempt_ms: Option<u64>,
+    /// The server that answered, if one did.
+    pub remote_host: Option<String>,
 }
 
 impl Completion {
@@ -94,6 +96,7 @@ pub fn apply_outcome(
             notes: Vec::new(),
             delayed: Vec::new(),
             next_attempt_ms: None,
+            remote_host: None,
         };
     };
     let delivery = &mut record.deliveries[position];
@@ -154,6 +157,7 @@ pub fn apply_outcome(
         notes,
         delayed,
         next_attempt_ms,
+        remote_host: outcome.remote.as_ref().map(|r| r.host.clone()),
     }
 }
 
@@ -189,6 +193,7 @@ pub fn expire_delivery(record: &MessageRecord, domain: &str) -> Completion {
         notes,
         delayed: Vec::new(),
         next_attempt_ms: None,
+        remote_host: None,
     }
 }
 
@@ -287,6 +292,15 @@ impl Scheduler {
             self.ready.remove(domain);
         }
         jobs
+    }
+
+    /// Every domain with due work that `take` would hand out.
+    pub fn ready_domains(&self) -> Vec<String> {
+        self.ready
+            .iter()
+            .filter(|(domain, queue)| !queue.is_empty() && !self.suspended.contains(*domain))
+            .map(|(domain, _)| domain.clone())
+            .collect()
     }
 
     /// Whether `domain` has due work that `take` would hand out.

@@ -9,12 +9,20 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use smarthost_proto::session::SessionConfig;
-use tokio::sync::oneshot;
+use smarthost_proto::address::{parse_forward_path, Path};
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::auth::UserDb;
 use crate::config::{check_domain_name, Config, DomainKind};
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
-use crate::queue::{Queue, Recover};
+use crate::bounce::ReportSettings;
+use crate::delivery::connection::DeliveryEnv;
+use crate::delivery::outbound::TlsClients;
+use crate::delivery::route::Router;
+use crate::delivery_log::DeliveryLog;
+use crate::dispatcher::Dispatcher;
+use crate::queue::{Attach, DeliverySettings, Queue, Recover};
+use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
 use crate::spool::{LocalSpool, LocalSpoolOptions, Spool};
 use crate::tls;
@@ -24,12 +32,25 @@ pub fn run(config: Config) -> Result<(), Box<dyn Error>> {
 }
 
 async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
+    let config = Arc::new(config);
     let path = config.queue.path.clone();
     let spool =
         tokio::task::spawn_blocking(move || LocalSpool::open(&path, LocalSpoolOptions::default()))
             .await??;
     let spool: Arc<dyn Spool> = Arc::new(spool);
-    let queue = Queue::new(spool).start();
+    let queue = Queue::new(spool.clone())
+        .with_settings(delivery_settings(&config)?)
+        .start();
+    let env = DeliveryEnv {
+        config: config.clone(),
+        spool,
+        queue: queue.clone(),
+        router: Router::new(&config.delivery)?,
+        tls: TlsClients::new(&config.delivery)?,
+        node_slots: Arc::new(Semaphore::new(config.delivery.max_connections)),
+    };
+    let dispatcher = Dispatcher::new(Arc::new(env)).start();
+    queue.send(Attach(dispatcher.recipient())).await?;
     let recovered = queue.send(Recover).await??;
     tracing::info!(
         messages = recovered.len(),
@@ -65,6 +86,37 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Retries, reports and the delivery log, from `[queue]`, `[bounce]` and
+/// `[delivery]`.
+fn delivery_settings(config: &Config) -> Result<DeliverySettings, Box<dyn Error>> {
+    let copy_to = match &config.bounce.copy_to {
+        Some(text) => match parse_forward_path(&format!("<{text}>")) {
+            Ok(Path::Mailbox(path)) => Some(path.mailbox),
+            _ => return Err(format!("bounce.copy_to: {text:?} is not a mail address").into()),
+        },
+        None => None,
+    };
+    let log = DeliveryLog::open(&config.delivery.log_file).map_err(|e| {
+        format!(
+            "delivery.log_file: cannot open {}: {e}",
+            config.delivery.log_file.display()
+        )
+    })?;
+    Ok(DeliverySettings {
+        retry: RetryPolicy {
+            intervals: config.queue.retry_intervals.clone(),
+            max_lifetime: config.queue.max_lifetime,
+            delay_notification: config.queue.delay_notification,
+        },
+        reports: ReportSettings {
+            hostname: config.node.hostname.clone(),
+            copy_to,
+            max_lifetime: config.queue.max_lifetime,
+        },
+        log: Some(log),
+    })
 }
 
 fn session_env(

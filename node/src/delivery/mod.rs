@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use smarthost_proto::envelope::MessageRecord;
 
+pub mod connection;
+
 use crate::config::{
     parse_rate, parse_smart_host, Config, DomainAuth, DomainKind, SmartHost, TlsPolicy,
 };
@@ -78,14 +80,25 @@ impl MessageOutcome {
     /// Every recipient of `job` with the same result and text (a connection
     /// that failed, a route that does not exist).
     pub fn all(job: &Job, result: RcptResult, reply: impl Into<String>, latency: Duration) -> Self {
-        let reply = reply.into();
+        Self::all_of(&job.record, job.delivery, result, &reply.into(), latency)
+    }
+
+    /// The same for the delivery `delivery` of `record`, body not needed.
+    pub fn all_of(
+        record: &MessageRecord,
+        delivery: usize,
+        result: RcptResult,
+        reply: &str,
+        latency: Duration,
+    ) -> Self {
         MessageOutcome {
-            recipients: job
-                .recipients()
-                .map(|(recipient, _)| RcptOutcome {
+            recipients: record.deliveries[delivery]
+                .recipients
+                .iter()
+                .map(|&recipient| RcptOutcome {
                     recipient,
                     result,
-                    reply: reply.clone(),
+                    reply: reply.to_string(),
                 })
                 .collect(),
             remote: None,

@@ -1,0 +1,232 @@
+//! The Delivery actor: one outbound connection (or one pass over a local
+//! drop directory) carrying up to `max_messages_per_connection` messages of
+//! one domain. It reports each message's outcome to the queue and waits
+//! until that is durable before it sends the next one.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use smarthost_proto::envelope::MessageRecord;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Config;
+use crate::delivery::outbound::{Outbound, OutboundSettings, TlsClients};
+use crate::delivery::route::{RouteError, Router};
+use crate::delivery::{maildir, DomainPolicy, Job, MessageOutcome, RcptResult, Route};
+use crate::queue::{Queue, Release, Report};
+use crate::spool::Spool;
+use crate::throttle::{ConnectionDone, DomainThrottle, RatePermit};
+
+/// What every delivery of a node shares.
+pub struct DeliveryEnv {
+    pub config: Arc<Config>,
+    pub spool: Arc<dyn Spool>,
+    pub queue: Addr<Queue>,
+    pub router: Router,
+    pub tls: TlsClients,
+    /// `delivery.max_connections`: one permit per open outbound connection.
+    pub node_slots: Arc<Semaphore>,
+}
+
+pub struct Delivery {
+    work: Option<Work>,
+}
+
+struct Work {
+    policy: Arc<DomainPolicy>,
+    jobs: Vec<(Arc<MessageRecord>, usize)>,
+    env: Arc<DeliveryEnv>,
+    throttle: Addr<DomainThrottle>,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Delivery {
+    pub fn new(
+        policy: Arc<DomainPolicy>,
+        jobs: Vec<(Arc<MessageRecord>, usize)>,
+        env: Arc<DeliveryEnv>,
+        throttle: Addr<DomainThrottle>,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Delivery {
+            work: Some(Work {
+                policy,
+                jobs,
+                env,
+                throttle,
+                permit,
+            }),
+        }
+    }
+}
+
+impl Actor for Delivery {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let Some(work) = self.work.take() else {
+            ctx.stop();
+            return;
+        };
+        ctx.spawn(run(work).into_actor(self).map(|(), _, ctx| ctx.stop()));
+    }
+}
+
+async fn run(work: Work) {
+    let Work {
+        policy,
+        jobs,
+        env,
+        throttle,
+        permit,
+    } = work;
+    match &policy.route {
+        Route::Local(dir) => deliver_local(dir, jobs, &env).await,
+        _ => deliver_remote(&policy, jobs, &env, &throttle).await,
+    }
+    drop(permit);
+    throttle.do_send(ConnectionDone);
+}
+
+async fn report(env: &DeliveryEnv, record: &MessageRecord, delivery: usize, outcome: MessageOutcome) {
+    let domain = record.deliveries[delivery].domain.clone();
+    let _ = env
+        .queue
+        .send(Report {
+            id: record.id.clone(),
+            domain,
+            outcome,
+        })
+        .await;
+}
+
+/// Gives every job the same outcome (no route, no connection).
+async fn report_all(
+    env: &DeliveryEnv,
+    jobs: &[(Arc<MessageRecord>, usize)],
+    result: RcptResult,
+    text: &str,
+    started: Instant,
+) {
+    for (record, delivery) in jobs {
+        let outcome = MessageOutcome::all_of(record, *delivery, result, text, started.elapsed());
+        report(env, record, *delivery, outcome).await;
+    }
+}
+
+fn release(env: &DeliveryEnv, record: &MessageRecord, delivery: usize) {
+    env.queue.do_send(Release {
+        id: record.id.clone(),
+        domain: record.deliveries[delivery].domain.clone(),
+    });
+}
+
+async fn deliver_remote(
+    policy: &DomainPolicy,
+    jobs: Vec<(Arc<MessageRecord>, usize)>,
+    env: &DeliveryEnv,
+    throttle: &Addr<DomainThrottle>,
+) {
+    let started = Instant::now();
+    let hops = match env.router.next_hops(policy).await {
+        Ok(hops) => hops,
+        Err(RouteError::Permanent(why)) => {
+            return report_all(env, &jobs, RcptResult::Failed, &why, started).await;
+        }
+        Err(RouteError::Temporary(why)) => {
+            return report_all(env, &jobs, RcptResult::Deferred, &why, started).await;
+        }
+    };
+    let settings = OutboundSettings::new(&env.config, policy, &env.tls);
+    let mut connection = match Outbound::connect(&hops, &settings).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            let result = if error.is_permanent() {
+                RcptResult::Failed
+            } else {
+                RcptResult::Deferred
+            };
+            tracing::info!(domain = %policy.domain, %error, "no connection");
+            return report_all(env, &jobs, result, &error.to_string(), started).await;
+        }
+    };
+    let mut jobs = jobs.into_iter();
+    for (record, delivery) in jobs.by_ref() {
+        if !connection.is_usable() {
+            release(env, &record, delivery);
+            continue;
+        }
+        let body = match env.spool.read_body(&record.id).await {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::warn!(message_id = %record.id, %error, "cannot read a message body");
+                release(env, &record, delivery);
+                continue;
+            }
+        };
+        let _ = throttle.send(RatePermit).await;
+        let job = Job {
+            record: record.clone(),
+            delivery,
+            body: Arc::new(body),
+        };
+        let outcome = connection.send(&job).await;
+        report(env, &record, delivery, outcome).await;
+    }
+    connection.quit().await;
+}
+
+/// Writes each message into the domain's drop directory.
+async fn deliver_local(
+    dir: &std::path::Path,
+    jobs: Vec<(Arc<MessageRecord>, usize)>,
+    env: &DeliveryEnv,
+) {
+    for (record, delivery) in jobs {
+        let started = Instant::now();
+        let body = match env.spool.read_body(&record.id).await {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::warn!(message_id = %record.id, %error, "cannot read a message body");
+                release(env, &record, delivery);
+                continue;
+            }
+        };
+        let dir = dir.to_path_buf();
+        let job_record = record.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let recipients: Vec<_> = job_record.deliveries[delivery]
+                .recipients
+                .iter()
+                .map(|&i| &job_record.envelope.recipients[i as usize].address)
+                .collect();
+            maildir::deliver(&dir, &job_record.id, &recipients, &body)
+        })
+        .await;
+        let outcome = match written {
+            Ok(Ok(path)) => MessageOutcome::all_of(
+                &record,
+                delivery,
+                RcptResult::Delivered,
+                &format!("250 2.0.0 written to {}", path.display()),
+                started.elapsed(),
+            ),
+            Ok(Err(error)) => MessageOutcome::all_of(
+                &record,
+                delivery,
+                RcptResult::Deferred,
+                &format!("451 4.3.0 cannot write to the drop directory: {error}"),
+                started.elapsed(),
+            ),
+            Err(error) => MessageOutcome::all_of(
+                &record,
+                delivery,
+                RcptResult::Deferred,
+                &format!("451 4.3.0 local delivery failed: {error}"),
+                started.elapsed(),
+            ),
+        };
+        report(env, &record, delivery, outcome).await;
+    }
+}
