@@ -23,6 +23,7 @@
 pub mod address;
 pub mod command;
 pub mod data;
+pub mod dsn;
 pub mod envelope;
 pub mod received;
 pub mod reply;
