@@ -19,11 +19,19 @@
 //! - [`reply`]: replies with RFC 3463 enhanced status codes, and their wire form.
 //! - [`envelope`]: the envelope and the queue records, with their versioned
 //!   `bincode` encoding, shared by every spool.
+//! - [`dsn`]: RFC 3464 delivery status notifications (bounces, delay and
+//!   success reports) built from a record and the stored message, and the
+//!   rules for who gets one: `NOTIFY=`, `RET=`, never to the null sender.
+//! - [`mime8`]: the RFC 6152 downgrade of an 8-bit message to 7-bit MIME
+//!   (quoted-printable or base64 per part) for servers without 8BITMIME,
+//!   or the typed reason it cannot be done.
 
 pub mod address;
 pub mod command;
 pub mod data;
+pub mod dsn;
 pub mod envelope;
+pub mod mime8;
 pub mod received;
 pub mod reply;
 pub mod session;
