@@ -1,26 +1,62 @@
 #!/usr/bin/env bash
-# Measures how fast smarthost accepts mail into its local spool: Postfix's
-# smtp-source sends MESSAGES messages of SIZE bytes over SESSIONS parallel
-# sessions (one message per connection) to a release build on loopback.
+# Measures smarthost on loopback with Postfix's load tools.
 #
-#   scripts/bench.sh [MESSAGES] [SESSIONS] [SIZE]     (defaults 20000 20 2048)
+#   scripts/bench.sh accept [MESSAGES] [SESSIONS] [SIZE]
+#       smtp-source sends MESSAGES messages of SIZE bytes over SESSIONS
+#       parallel sessions (a new connection per message); the figure is how
+#       fast smarthost acknowledges them into its local spool (fsync'd).
+#   scripts/bench.sh relay [MESSAGES] [SESSIONS] [SIZE]
+#       the same load, relayed through smarthost to Postfix's smtp-sink
+#       (smart host); the figure is from the first message sent to the last
+#       one delivered, as the delivery log records it.
 #
-# Needs smtp-source (Debian package postfix; installed here if missing).
+# Defaults: 20000 messages, 20 sessions, 2048 bytes. Needs smtp-source and
+# smtp-sink (Debian package postfix; installed here if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-messages=${1:-20000}
-sessions=${2:-20}
-size=${3:-2048}
+mode=${1:-accept}
+messages=${2:-20000}
+sessions=${3:-20}
+size=${4:-2048}
+case "$mode" in accept|relay) ;; *) echo "usage: $0 accept|relay [MESSAGES] [SESSIONS] [SIZE]" >&2; exit 2 ;; esac
 
-if ! command -v smtp-source >/dev/null 2>&1 && [ ! -x /usr/sbin/smtp-source ]; then
+if [ ! -x /usr/sbin/smtp-source ]; then
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
 fi
-source_bin=$(command -v smtp-source || echo /usr/sbin/smtp-source)
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
 
 cargo build --release --bin smarthost --quiet
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$(free_port)
+delivery=""
+if [ "$mode" = relay ]; then
+  sink_port=$(free_port)
+  /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$sink_port" 1000 >/dev/null &
+  pids+=($!)
+  wait_port "$sink_port"
+  delivery="[delivery]
+smart_host = \"[127.0.0.1]:$sink_port\"
+log_file = \"$work/delivery.log\""
+fi
 cat >"$work/smarthost.toml" <<TOML
 [node]
 hostname = "bench.test"
@@ -32,24 +68,31 @@ max_connections_per_ip = 1000
 path = "$work/spool"
 [log]
 level = "warn"
+$delivery
 TOML
 ./target/release/smarthost run --config "$work/smarthost.toml" &
-relay=$!
-trap 'kill $relay 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+pids+=($!)
+wait_port "$port"
 
 start=$(date +%s.%N)
-"$source_bin" -s "$sessions" -m "$messages" -l "$size" \
+/usr/sbin/smtp-source -s "$sessions" -m "$messages" -l "$size" \
   -f app@example.com -t user@example.org "127.0.0.1:$port"
-end=$(date +%s.%N)
-python3 - "$start" "$end" "$messages" "$sessions" "$size" <<'PY'
+accepted=$(date +%s.%N)
+end=$accepted
+if [ "$mode" = relay ]; then
+  deadline=$((SECONDS + 600))
+  while [ "$(grep -c '"outcome":"delivered"' "$work/delivery.log" 2>/dev/null || echo 0)" -lt "$messages" ]; do
+    if [ $SECONDS -gt $deadline ]; then echo "not all messages delivered within 600 s" >&2; exit 1; fi
+    sleep 0.05
+  done
+  end=$(date +%s.%N)
+fi
+python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" <<'PY'
 import sys
-start, end, n, s, size = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-secs = end - start
-print(f"{n} messages of {size} bytes, {s} parallel sessions: {secs:.2f} s, {n / secs:.0f} messages/s accepted")
+mode, start, accepted, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+n, s, size = int(sys.argv[5]), sys.argv[6], sys.argv[7]
+print(f"{mode}: {n} messages of {size} bytes, {s} parallel sessions")
+print(f"  accepted in {accepted - start:.2f} s: {n / (accepted - start):.0f} messages/s")
+if mode == "relay":
+    print(f"  delivered in {end - start:.2f} s: {n / (end - start):.0f} messages/s end to end")
 PY
-kill -TERM $relay
-wait $relay || true
