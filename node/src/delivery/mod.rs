@@ -4,6 +4,8 @@
 //! The throttle actors decide *when* a connection may open; this module
 //! decides *where* it goes and carries one connection's messages.
 
+pub mod route;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
