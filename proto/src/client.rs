@@ -445,13 +445,10 @@ impl Transaction {
         let downgraded = if eight_bit_body && !caps.eight_bit_mime {
             match eight_bit.downgrade(body) {
                 Ok(converted) => Some(converted),
-                Err(why) => return Err(Refusal::new(
-                    554,
-                    EnhancedStatus(5, 6, 3),
-                    format!(
-                        "8-bit message for a server without 8BITMIME cannot be converted: {why}"
-                    ),
-                )),
+                Err(why) => {
+                    let text = format!("8-bit message, no 8BITMIME, cannot convert: {why}");
+                    return Err(Refusal::new(554, EnhancedStatus(5, 6, 3), text));
+                }
             }
         } else {
             None

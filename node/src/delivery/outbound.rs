@@ -207,7 +207,10 @@ impl OutboundSettings {
 }
 
 /// No connection could be made. The text names the hosts and what
-/// went wrong.
+/// went wrong. Failing hosts, a 5xx greeting included, are skipped for the
+/// next one, and a delivery is deferred when none is left (as Postfix does
+/// by default): [`Outbound::connect`] only gives `Temporary`. `Permanent`
+/// is for callers that know more (a policy that can never be met).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
     #[error("{0}")]

@@ -58,9 +58,13 @@ impl Sink {
         for (address, reply) in &options.replies {
             command.arg("--reply").arg(format!("{address}={reply}"));
         }
+        // Its complaints (clients that abort a handshake on purpose) go to
+        // a file next to the messages.
+        let log = std::fs::File::create(out.path().join("peer.log")).unwrap();
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("start /usr/bin/python3 (apt-get install -y python3-aiosmtpd)");
         let mut line = String::new();
@@ -70,7 +74,8 @@ impl Sink {
         assert_eq!(
             line.trim(),
             "READY",
-            "the SMTP peer did not start (is python3-aiosmtpd installed?)"
+            "the SMTP peer did not start (is python3-aiosmtpd installed?): {}",
+            std::fs::read_to_string(out.path().join("peer.log")).unwrap_or_default()
         );
         Sink { child, port, out }
     }
@@ -475,4 +480,65 @@ async fn a_server_that_goes_silent_makes_the_connection_unusable() {
     let again = outbound.send(&job_for(&["a@example.test"])).await;
     assert_eq!(results(&again), vec![(0, RcptResult::Deferred)]);
     server.abort();
+}
+
+/// Reads one command line from a scripted server's socket.
+async fn read_line(socket: &mut tokio::net::TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        if socket.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+#[tokio::test]
+async fn a_failed_opportunistic_handshake_retries_the_host_in_clear() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        // First connection: STARTTLS is accepted, then plain text follows
+        // the 220 where the handshake should be; it must not be read as
+        // a reply, and the handshake fails.
+        let (mut socket, _) = listener.accept().await.unwrap();
+        socket.write_all(b"220 odd ESMTP\r\n").await.unwrap();
+        assert!(read_line(&mut socket).await.starts_with("EHLO relay.test"));
+        socket
+            .write_all(b"250-odd\r\n250 STARTTLS\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_line(&mut socket).await, "STARTTLS\r\n");
+        socket
+            .write_all(b"220 go ahead\r\n250 injected\r\n")
+            .await
+            .unwrap();
+        let mut hello = vec![0; 4096];
+        let _ = socket.read(&mut hello).await;
+        drop(socket);
+        // Second connection: no TLS this time.
+        let (mut socket, _) = listener.accept().await.unwrap();
+        socket.write_all(b"220 odd ESMTP\r\n").await.unwrap();
+        assert!(read_line(&mut socket).await.starts_with("EHLO relay.test"));
+        socket
+            .write_all(b"250-odd\r\n250 STARTTLS\r\n")
+            .await
+            .unwrap();
+        let quit = read_line(&mut socket).await;
+        socket.write_all(b"221 bye\r\n").await.unwrap();
+        quit
+    });
+    let hop = NextHop {
+        name: "odd.test".into(),
+        addrs: vec![addr],
+    };
+    let outbound = Outbound::connect(&[hop], &settings(TlsPolicy::Opportunistic, None))
+        .await
+        .unwrap();
+    assert_eq!(outbound.remote().tls, None);
+    assert!(outbound.capabilities().starttls);
+    outbound.quit().await;
+    assert_eq!(server.await.unwrap(), "QUIT\r\n");
 }
