@@ -16,6 +16,10 @@
 //!   come out; TLS, logins and storage are asked of the shell and answered
 //!   back. Relay rules, limits and every reply code live here.
 //! - [`received`]: the `Received:` trace field and RFC 5322 dates.
+//! - [`client`]: the client side: a reply parser, EHLO capabilities, the
+//!   planner of one outbound transaction (MAIL, RCPT, DATA, with or without
+//!   pipelining) with a result per recipient, the dot-stuffing body encoder
+//!   and AUTH PLAIN/LOGIN.
 //! - [`reply`]: replies with RFC 3463 enhanced status codes, and their wire form.
 //! - [`envelope`]: the envelope and the queue records, with their versioned
 //!   `bincode` encoding, shared by every spool.
@@ -27,6 +31,7 @@
 //!   or the typed reason it cannot be done.
 
 pub mod address;
+pub mod client;
 pub mod command;
 pub mod data;
 pub mod dsn;

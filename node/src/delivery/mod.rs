@@ -3,6 +3,14 @@
 //!
 //! The throttle actors decide *when* a connection may open; this module
 //! decides *where* it goes and carries one connection's messages.
+//!
+//! - [`route`]: the next hops of a domain: MX records, smart hosts,
+//!   address literals.
+//! - [`outbound`]: one SMTP connection to the first hop that answers, with
+//!   STARTTLS and AUTH by policy, sending jobs through `proto::client`.
+
+pub mod outbound;
+pub mod route;
 
 pub mod maildir;
 
