@@ -56,7 +56,10 @@ fn block(
     settings: &ReportSettings,
 ) -> Option<DsnRecipient> {
     let rcpt = recipient(completion, note.recipient)?;
-    let is_reply = note.reply.get(..3).is_some_and(|c| c.bytes().all(|b| b.is_ascii_digit()));
+    let is_reply = note
+        .reply
+        .get(..3)
+        .is_some_and(|c| c.bytes().all(|b| b.is_ascii_digit()));
     let fallback = match action {
         DsnAction::Failed if note.reply.contains("expired") => EnhancedStatus(5, 4, 7),
         DsnAction::Failed => EnhancedStatus(5, 0, 0),
@@ -92,15 +95,23 @@ pub fn reports(
     if !dsn::may_send_dsn(&completion.record.envelope) {
         return Vec::new();
     }
-    let sender = completion.record.envelope.sender.clone().expect("checked above");
+    let sender = completion
+        .record
+        .envelope
+        .sender
+        .clone()
+        .expect("checked above");
     let now_unix = now_ms / 1000;
     let wanted = |note: &&RecipientNote, action| {
         recipient(completion, note.recipient).is_some_and(|r| dsn::should_notify(r, action))
     };
 
     let failed: Vec<&RecipientNote> = completion.failed().collect();
-    let failed_for_sender: Vec<&RecipientNote> =
-        failed.iter().copied().filter(|n| wanted(n, DsnAction::Failed)).collect();
+    let failed_for_sender: Vec<&RecipientNote> = failed
+        .iter()
+        .copied()
+        .filter(|n| wanted(n, DsnAction::Failed))
+        .collect();
     let delayed: Vec<RecipientNote> = completion
         .delayed
         .iter()
@@ -116,8 +127,10 @@ pub fn reports(
                 .unwrap_or_default(),
         })
         .collect();
-    let delayed_for_sender: Vec<&RecipientNote> =
-        delayed.iter().filter(|n| wanted(n, DsnAction::Delayed)).collect();
+    let delayed_for_sender: Vec<&RecipientNote> = delayed
+        .iter()
+        .filter(|n| wanted(n, DsnAction::Delayed))
+        .collect();
 
     let build = |notes: &[&RecipientNote], action, to: Vec<Mailbox>| {
         let blocks: Vec<DsnRecipient> = notes
@@ -131,18 +144,26 @@ pub fn reports(
     let copy = settings.copy_to.clone().filter(|_| !failed.is_empty());
     match copy {
         // The sender sees the same failures as the copy: one message.
-        Some(copy) if failed_for_sender.len() == failed.len() => {
-            messages.push(build(&failed, DsnAction::Failed, vec![sender.clone(), copy]))
-        }
+        Some(copy) if failed_for_sender.len() == failed.len() => messages.push(build(
+            &failed,
+            DsnAction::Failed,
+            vec![sender.clone(), copy],
+        )),
         Some(copy) => {
             if !failed_for_sender.is_empty() {
-                messages.push(build(&failed_for_sender, DsnAction::Failed, vec![sender.clone()]));
+                messages.push(build(
+                    &failed_for_sender,
+                    DsnAction::Failed,
+                    vec![sender.clone()],
+                ));
             }
             messages.push(build(&failed, DsnAction::Failed, vec![copy]));
         }
-        None if !failed_for_sender.is_empty() => {
-            messages.push(build(&failed_for_sender, DsnAction::Failed, vec![sender.clone()]))
-        }
+        None if !failed_for_sender.is_empty() => messages.push(build(
+            &failed_for_sender,
+            DsnAction::Failed,
+            vec![sender.clone()],
+        )),
         None => {}
     }
     if !delayed_for_sender.is_empty() {
@@ -231,7 +252,12 @@ mod tests {
     }
 
     /// Recipient 0 of test message 0 (at example.org) gets `result`.
-    fn completion(record: &MessageRecord, result: RcptResult, reply: &str, at_ms: u64) -> Completion {
+    fn completion(
+        record: &MessageRecord,
+        result: RcptResult,
+        reply: &str,
+        at_ms: u64,
+    ) -> Completion {
         let outcome = MessageOutcome {
             recipients: vec![RcptOutcome {
                 recipient: 0,
@@ -256,7 +282,12 @@ mod tests {
     fn a_failure_goes_to_the_sender_and_the_copy_from_the_null_sender() {
         let original = message(0, 200);
         let record = &original.record;
-        let c = completion(record, RcptResult::Failed, "550 5.1.1 no such user", record.received_ms);
+        let c = completion(
+            record,
+            RcptResult::Failed,
+            "550 5.1.1 no such user",
+            record.received_ms,
+        );
         assert!(needs_report(&c));
         let reports = reports(&c, &original.body, &settings(true), record.received_ms);
         assert_eq!(reports.len(), 1);
@@ -285,7 +316,12 @@ mod tests {
         let mut original = message(0, 200);
         original.record.envelope.sender = None;
         let record = &original.record;
-        let c = completion(record, RcptResult::Failed, "550 5.1.1 no such user", record.received_ms);
+        let c = completion(
+            record,
+            RcptResult::Failed,
+            "550 5.1.1 no such user",
+            record.received_ms,
+        );
         assert!(!needs_report(&c));
         assert!(reports(&c, &original.body, &settings(true), record.received_ms).is_empty());
     }
@@ -298,12 +334,27 @@ mod tests {
             ..Notify::default()
         });
         let record = &original.record;
-        let c = completion(record, RcptResult::Failed, "550 5.1.1 no such user", record.received_ms);
+        let c = completion(
+            record,
+            RcptResult::Failed,
+            "550 5.1.1 no such user",
+            record.received_ms,
+        );
         let reports = reports(&c, &original.body, &settings(true), record.received_ms);
         assert_eq!(reports.len(), 1);
-        assert_eq!(reports[0].record.envelope.recipients[0].address.to_string(), "postmaster@copy.test");
-        let c = completion(record, RcptResult::Failed, "550 5.1.1 no such user", record.received_ms);
-        assert!(super::reports(&c, &original.body, &settings(false), record.received_ms).is_empty());
+        assert_eq!(
+            reports[0].record.envelope.recipients[0].address.to_string(),
+            "postmaster@copy.test"
+        );
+        let c = completion(
+            record,
+            RcptResult::Failed,
+            "550 5.1.1 no such user",
+            record.received_ms,
+        );
+        assert!(
+            super::reports(&c, &original.body, &settings(false), record.received_ms).is_empty()
+        );
     }
 
     #[test]

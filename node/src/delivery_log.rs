@@ -117,13 +117,22 @@ mod tests {
             max_lifetime: Duration::from_secs(60),
             delay_notification: Duration::from_secs(30),
         };
-        let completion = apply_outcome(&record, "example.org", &outcome, record.received_ms, &policy, 0.0);
+        let completion = apply_outcome(
+            &record,
+            "example.org",
+            &outcome,
+            record.received_ms,
+            &policy,
+            0.0,
+        );
         log.write(&completion, Some(&outcome)).unwrap();
         log.write(&completion, None).unwrap();
         drop(log);
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         let line = &lines[0];
         assert_eq!(line["message_id"], record.id.as_str());

@@ -328,6 +328,8 @@ impl Queue {
     }
 
     fn sweep_expired(&mut self, ctx: &mut Context<Self>) {
+        // One report per message, however many of its domains expired.
+        let mut by_message: Vec<Completion> = Vec::new();
         for completion in self.scheduler.expire(now_ms(), &self.settings.retry) {
             tracing::info!(
                 message_id = %completion.record.id,
@@ -335,6 +337,19 @@ impl Queue {
                 "delivery expired"
             );
             self.log(&completion, None);
+            match by_message
+                .iter_mut()
+                .find(|c| c.record.id == completion.record.id)
+            {
+                Some(merged) => {
+                    merged.notes.extend(completion.notes);
+                    // The later record has every expiry of this message applied.
+                    merged.record = completion.record;
+                }
+                None => by_message.push(completion),
+            }
+        }
+        for completion in by_message {
             let done = self.follow_up(completion, ctx);
             ctx.spawn(async move { done.await }.into_actor(self));
         }
@@ -462,7 +477,9 @@ impl Queue {
             if queue.writer.dirty.is_empty() {
                 queue.write_next(ctx);
             } else {
-                ctx.run_later(Duration::from_millis(500), |queue, ctx| queue.write_next(ctx));
+                ctx.run_later(Duration::from_millis(500), |queue, ctx| {
+                    queue.write_next(ctx)
+                });
             }
         }));
     }
@@ -611,7 +628,11 @@ impl Handler<Persist> for Queue {
     type Result = ();
 
     fn handle(&mut self, Persist(id, done): Persist, ctx: &mut Context<Self>) {
-        self.writer.waiters.entry(id.clone()).or_default().push(done);
+        self.writer
+            .waiters
+            .entry(id.clone())
+            .or_default()
+            .push(done);
         self.writer.dirty.insert(id);
         self.write_next(ctx);
     }
@@ -818,7 +839,9 @@ mod tests {
             .store(vec![message(2, 10), message(0, 10), message(1, 10)])
             .await
             .unwrap();
-        let queue = Queue::new(spool.clone()).start();
+        let queue = Queue::new(spool.clone())
+            .with_settings(long_lived())
+            .start();
 
         let records = queue.send(Recover).await.unwrap().unwrap();
         let ids: Vec<_> = records.into_iter().map(|r| r.id).collect();
@@ -826,5 +849,38 @@ mod tests {
         let stats = queue.send(Stats).await.unwrap();
         assert_eq!(stats.messages, 3);
         assert_eq!(stats.deliveries_by_domain["example.net"], 2);
+        assert_eq!(stats.ready, 6, "every delivery is due at once");
+    }
+
+    /// Settings under which the test messages (received in 2023) are not
+    /// yet past their lifetime.
+    fn long_lived() -> DeliverySettings {
+        let mut settings = DeliverySettings::default();
+        settings.retry.max_lifetime = Duration::from_secs(100 * 365 * 86400);
+        settings
+    }
+
+    #[actix::test]
+    async fn recovery_fails_what_outlived_its_lifetime_and_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = TestSpool::new(dir.path());
+        spool.store(vec![message(0, 10)]).await.unwrap();
+        // Default settings: two days, and the message is from 2023. Its
+        // sender gets a report, which is queued in its place.
+        let queue = Queue::new(spool.clone()).start();
+        queue.send(Recover).await.unwrap().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed = spool.list().await.unwrap();
+            if listed.iter().all(|r| r.id != id(0)) {
+                assert_eq!(listed.len(), 1, "one report: {listed:?}");
+                assert_eq!(listed[0].envelope.sender, None);
+                let to = &listed[0].envelope.recipients[0].address;
+                assert_eq!(to.to_string(), "app@sender.example");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never removed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -113,7 +113,10 @@ pub fn apply_outcome(
             .iter()
             .find(|o| o.recipient == recipient)
             .map(|o| (o.result, o.reply.clone()))
-            .unwrap_or((RcptResult::Deferred, "no result for this recipient".to_string()));
+            .unwrap_or((
+                RcptResult::Deferred,
+                "no result for this recipient".to_string(),
+            ));
         let (result, reply) = match result {
             RcptResult::Deferred if expired => (
                 RcptResult::Failed,
@@ -280,7 +283,9 @@ impl Scheduler {
         };
         while jobs.len() < max {
             let Some(id) = queue.pop_front() else { break };
-            let Some(record) = self.records.get(&id) else { continue };
+            let Some(record) = self.records.get(&id) else {
+                continue;
+            };
             let Some(index) = record.deliveries.iter().position(|d| d.domain == domain) else {
                 continue;
             };
@@ -344,7 +349,11 @@ impl Scheduler {
             .records
             .values()
             .filter(|r| now_ms.saturating_sub(r.received_ms) >= max)
-            .flat_map(|r| r.deliveries.iter().map(|d| (r.id.clone(), d.domain.clone())))
+            .flat_map(|r| {
+                r.deliveries
+                    .iter()
+                    .map(|d| (r.id.clone(), d.domain.clone()))
+            })
             .filter(|key| !self.in_flight.contains(key))
             .collect();
         let mut completions = Vec::new();
@@ -422,7 +431,11 @@ mod tests {
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
-            intervals: vec![Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)],
+            intervals: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                Duration::from_secs(4),
+            ],
             max_lifetime: Duration::from_secs(60),
             delay_notification: Duration::from_secs(5),
         }
@@ -454,7 +467,11 @@ mod tests {
         let secs: Vec<u64> = (1..=5).map(|a| p.backoff(a, 0.0).as_secs()).collect();
         assert_eq!(secs, [1, 2, 4, 4, 4]);
         assert_eq!(p.backoff(1, 0.1), Duration::from_millis(1100));
-        assert_eq!(p.backoff(1, 5.0), Duration::from_millis(1100), "jitter is clamped");
+        assert_eq!(
+            p.backoff(1, 5.0),
+            Duration::from_millis(1100),
+            "jitter is clamped"
+        );
         assert_eq!(p.backoff(1, -0.1), Duration::from_millis(900));
     }
 
@@ -481,8 +498,15 @@ mod tests {
         for r in &ids {
             s.insert(r.clone(), u64::MAX);
         }
-        let first: Vec<_> = s.take("example.org", 4).iter().map(|(r, _)| r.id.clone()).collect();
-        assert_eq!(first, ids[..4].iter().map(|r| r.id.clone()).collect::<Vec<_>>());
+        let first: Vec<_> = s
+            .take("example.org", 4)
+            .iter()
+            .map(|(r, _)| r.id.clone())
+            .collect();
+        assert_eq!(
+            first,
+            ids[..4].iter().map(|r| r.id.clone()).collect::<Vec<_>>()
+        );
         assert_eq!(s.take("example.org", 4).len(), 2);
     }
 
@@ -494,13 +518,23 @@ mod tests {
         s.insert(r.clone(), t0);
         s.take("example.org", 1);
         let c = s
-            .complete(&r.id, "example.org", &outcome(&[(0, RcptResult::Deferred)]), t0, &policy(), 0.0)
+            .complete(
+                &r.id,
+                "example.org",
+                &outcome(&[(0, RcptResult::Deferred)]),
+                t0,
+                &policy(),
+                0.0,
+            )
             .unwrap();
         assert_eq!(c.attempt, 1);
         assert_eq!(c.next_attempt_ms, Some(t0 + SECOND));
         assert!(!c.message_done());
         assert_eq!(c.record.deliveries[0].state, DeliveryState::Deferred);
-        assert_eq!(c.record.deliveries[0].last_error.as_deref(), Some("Deferred"));
+        assert_eq!(
+            c.record.deliveries[0].last_error.as_deref(),
+            Some("Deferred")
+        );
         assert!(s.promote(t0 + SECOND - 1).is_empty());
         assert!(s.take("example.org", 1).is_empty());
         assert_eq!(s.next_due(), Some(t0 + SECOND));
@@ -508,7 +542,14 @@ mod tests {
         let (again, _) = s.take("example.org", 1).pop().unwrap();
         assert_eq!(again.deliveries[0].attempts, 1);
         let c = s
-            .complete(&r.id, "example.org", &outcome(&[(0, RcptResult::Deferred)]), t0 + SECOND, &policy(), 0.0)
+            .complete(
+                &r.id,
+                "example.org",
+                &outcome(&[(0, RcptResult::Deferred)]),
+                t0 + SECOND,
+                &policy(),
+                0.0,
+            )
             .unwrap();
         assert_eq!(c.attempt, 2);
         assert_eq!(c.next_attempt_ms, Some(t0 + 3 * SECOND));
@@ -523,12 +564,26 @@ mod tests {
         s.take("example.org", 1);
         s.take("example.net", 1);
         let c = s
-            .complete(&r.id, "example.org", &outcome(&[(0, RcptResult::Delivered)]), t0, &policy(), 0.0)
+            .complete(
+                &r.id,
+                "example.org",
+                &outcome(&[(0, RcptResult::Delivered)]),
+                t0,
+                &policy(),
+                0.0,
+            )
             .unwrap();
         assert!(!c.message_done());
         assert_eq!(c.record.deliveries.len(), 1);
         let c = s
-            .complete(&r.id, "example.net", &outcome(&[(1, RcptResult::Failed)]), t0, &policy(), 0.0)
+            .complete(
+                &r.id,
+                "example.net",
+                &outcome(&[(1, RcptResult::Failed)]),
+                t0,
+                &policy(),
+                0.0,
+            )
             .unwrap();
         assert!(c.message_done());
         assert_eq!(c.failed().map(|n| n.recipient).collect::<Vec<_>>(), [1]);
@@ -539,7 +594,14 @@ mod tests {
     #[test]
     fn unmentioned_recipients_count_as_deferred() {
         let r = record(0);
-        let c = apply_outcome(&r, "example.org", &outcome(&[]), r.received_ms, &policy(), 0.0);
+        let c = apply_outcome(
+            &r,
+            "example.org",
+            &outcome(&[]),
+            r.received_ms,
+            &policy(),
+            0.0,
+        );
         assert_eq!(c.notes[0].result, RcptResult::Deferred);
         assert!(c.next_attempt_ms.is_some());
     }
@@ -548,7 +610,14 @@ mod tests {
     fn past_the_lifetime_a_deferral_is_a_failure() {
         let r = record(0);
         let late = r.received_ms + 60 * SECOND;
-        let c = apply_outcome(&r, "example.org", &outcome(&[(0, RcptResult::Deferred)]), late, &policy(), 0.0);
+        let c = apply_outcome(
+            &r,
+            "example.org",
+            &outcome(&[(0, RcptResult::Deferred)]),
+            late,
+            &policy(),
+            0.0,
+        );
         assert_eq!(c.notes[0].result, RcptResult::Failed);
         assert!(c.notes[0].reply.contains("expired"), "{}", c.notes[0].reply);
         assert_eq!(c.next_attempt_ms, None);
@@ -561,9 +630,23 @@ mod tests {
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
         let early = apply_outcome(&r, "example.org", &deferred, r.received_ms, &policy(), 0.0);
         assert!(early.delayed.is_empty());
-        let c = apply_outcome(&early.record, "example.org", &deferred, later, &policy(), 0.0);
+        let c = apply_outcome(
+            &early.record,
+            "example.org",
+            &deferred,
+            later,
+            &policy(),
+            0.0,
+        );
         assert_eq!(c.delayed, [0]);
-        let c = apply_outcome(&c.record, "example.org", &deferred, later + SECOND, &policy(), 0.0);
+        let c = apply_outcome(
+            &c.record,
+            "example.org",
+            &deferred,
+            later + SECOND,
+            &policy(),
+            0.0,
+        );
         assert!(c.delayed.is_empty());
     }
 
@@ -578,17 +661,47 @@ mod tests {
         // a: in flight to example.org; b: deferred; c: suspended domain.
         s.take("example.org", 1);
         s.take("example.net", 3);
-        s.complete(&b.id, "example.net", &outcome(&[(0, RcptResult::Deferred)]), t0 + 10, &policy(), 0.0);
+        s.complete(
+            &b.id,
+            "example.net",
+            &outcome(&[(0, RcptResult::Deferred)]),
+            t0 + 10,
+            &policy(),
+            0.0,
+        );
         s.suspend("example.com");
         let expired = s.expire(t0 + 60 * SECOND + 10, &policy());
-        let mut keys: Vec<_> = expired.iter().map(|c| (c.record.id.clone(), c.domain.clone())).collect();
+        let mut keys: Vec<_> = expired
+            .iter()
+            .map(|c| (c.record.id.clone(), c.domain.clone()))
+            .collect();
         keys.sort();
-        assert!(!keys.contains(&(a.id.clone(), "example.org".to_string())), "in flight stays");
-        assert!(keys.contains(&(b.id.clone(), "example.net".to_string())), "deferred expires");
-        assert!(keys.iter().any(|(_, d)| d == "example.com"), "suspended expires");
-        assert!(expired.iter().all(|c| c.notes.iter().all(|n| n.result == RcptResult::Failed)));
-        let b_done = expired.iter().find(|c| c.record.id == b.id && c.domain == "example.net").unwrap();
-        assert!(b_done.notes[0].reply.contains("after 1 attempts; last error: Deferred"), "{}", b_done.notes[0].reply);
+        assert!(
+            !keys.contains(&(a.id.clone(), "example.org".to_string())),
+            "in flight stays"
+        );
+        assert!(
+            keys.contains(&(b.id.clone(), "example.net".to_string())),
+            "deferred expires"
+        );
+        assert!(
+            keys.iter().any(|(_, d)| d == "example.com"),
+            "suspended expires"
+        );
+        assert!(expired
+            .iter()
+            .all(|c| c.notes.iter().all(|n| n.result == RcptResult::Failed)));
+        let b_done = expired
+            .iter()
+            .find(|c| c.record.id == b.id && c.domain == "example.net")
+            .unwrap();
+        assert!(
+            b_done.notes[0]
+                .reply
+                .contains("after 1 attempts; last error: Deferred"),
+            "{}",
+            b_done.notes[0].reply
+        );
     }
 
     #[test]

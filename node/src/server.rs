@@ -8,19 +8,19 @@ use std::error::Error;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use smarthost_proto::session::SessionConfig;
 use smarthost_proto::address::{parse_forward_path, Path};
+use smarthost_proto::session::SessionConfig;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::auth::UserDb;
-use crate::config::{check_domain_name, Config, DomainKind};
-use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::bounce::ReportSettings;
+use crate::config::{check_domain_name, Config, DomainKind};
 use crate::delivery::connection::DeliveryEnv;
 use crate::delivery::outbound::TlsClients;
 use crate::delivery::route::Router;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::Dispatcher;
+use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Attach, DeliverySettings, Queue, Recover};
 use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;

@@ -71,7 +71,11 @@ pub struct DomainThrottle {
 }
 
 impl DomainThrottle {
-    pub fn new(policy: Arc<DomainPolicy>, env: Arc<DeliveryEnv>, dispatcher: Addr<Dispatcher>) -> Self {
+    pub fn new(
+        policy: Arc<DomainPolicy>,
+        env: Arc<DeliveryEnv>,
+        dispatcher: Addr<Dispatcher>,
+    ) -> Self {
         let rate = policy.rate.map(|(count, per)| RateLimiter::new(count, per));
         DomainThrottle {
             policy,
@@ -125,7 +129,8 @@ impl DomainThrottle {
             return;
         }
         ctx.run_later(IDLE_STOP, |throttle, ctx| {
-            if throttle.active == 0 && !throttle.taking && throttle.last_busy.elapsed() >= IDLE_STOP {
+            if throttle.active == 0 && !throttle.taking && throttle.last_busy.elapsed() >= IDLE_STOP
+            {
                 throttle.dispatcher.do_send(ThrottleIdle {
                     domain: throttle.policy.domain.clone(),
                     throttle: ctx.address(),

@@ -89,7 +89,12 @@ async fn run(work: Work) {
     throttle.do_send(ConnectionDone);
 }
 
-async fn report(env: &DeliveryEnv, record: &MessageRecord, delivery: usize, outcome: MessageOutcome) {
+async fn report(
+    env: &DeliveryEnv,
+    record: &MessageRecord,
+    delivery: usize,
+    outcome: MessageOutcome,
+) {
     let domain = record.deliveries[delivery].domain.clone();
     let _ = env
         .queue
@@ -138,7 +143,7 @@ async fn deliver_remote(
             return report_all(env, &jobs, RcptResult::Deferred, &why, started).await;
         }
     };
-    let settings = OutboundSettings::new(&env.config, policy, &env.tls);
+    let settings = OutboundSettings::with_tls(&env.config, policy, &env.tls);
     let mut connection = match Outbound::connect(&hops, &settings).await {
         Ok(connection) => connection,
         Err(error) => {

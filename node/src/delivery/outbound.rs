@@ -17,9 +17,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use smarthost_proto::client::{
-    self, AuthClient, AuthMechanism, AuthStep, Capabilities, Disposition, EightBitPolicy,
-    NoDowngrade, ReplyError, ReplyParser, Stage, Step, Transaction,
+    self, AuthClient, AuthMechanism, AuthStep, Capabilities, Disposition, DowngradeWith,
+    EightBitPolicy, ReplyError, ReplyParser, Stage, Step, Transaction,
 };
+use smarthost_proto::mime8;
 use smarthost_proto::reply::Reply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -187,8 +188,8 @@ impl OutboundSettings {
     }
 
     /// Settings for `policy` with shared TLS configurations. 8-bit messages
-    /// to servers without 8BITMIME fail until a converter is set in
-    /// `eight_bit`.
+    /// to servers without 8BITMIME are converted to 7-bit MIME (RFC 6152);
+    /// what cannot be converted fails with 5.6.3.
     pub fn with_tls(config: &Config, policy: &DomainPolicy, tls: &TlsClients) -> Self {
         let delivery = &config.delivery;
         OutboundSettings {
@@ -201,7 +202,9 @@ impl OutboundSettings {
             greeting_timeout: delivery.greeting_timeout,
             command_timeout: delivery.command_timeout,
             data_timeout: delivery.data_timeout,
-            eight_bit: Arc::new(NoDowngrade),
+            eight_bit: Arc::new(DowngradeWith(|body| {
+                mime8::downgrade(body).map_err(|e| e.to_string())
+            })),
         }
     }
 }
