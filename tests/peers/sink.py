@@ -191,7 +191,8 @@ class Handler:
         eml = os.path.join(self.dir, f"{n}.eml")
         write_atomically(eml, envelope.original_content)
         record = {
-            "mail_from": envelope.mail_from,
+            # aiosmtpd keeps the null reverse path as "<>".
+            "mail_from": "" if envelope.mail_from == "<>" else envelope.mail_from,
             "rcpt_tos": envelope.rcpt_tos,
             "peer": f"{session.peer[0]}:{session.peer[1]}",
             "tls": session.ssl is not None,

@@ -420,47 +420,53 @@ fn a_permanent_failure_bounces_to_the_sender_with_a_copy() {
         ])
     );
     for dsn in &got {
-        assert_eq!(dsn.mail_from, "", "reports are sent from <>");
-        assert_eq!(dsn.rcpt_tos.len(), 1);
-        let parsed = MessageParser::default()
-            .parse(&dsn.body)
-            .expect("a parsable report");
-        let ctype = parsed.content_type().expect("a Content-Type");
-        assert!(
-            ctype.ctype().eq_ignore_ascii_case("multipart")
-                && ctype
-                    .subtype()
-                    .is_some_and(|s| s.eq_ignore_ascii_case("report")),
-            "{ctype:?}"
-        );
-        assert_eq!(
-            ctype.attribute("report-type").map(str::to_ascii_lowercase),
-            Some("delivery-status".to_string())
-        );
-        let status = parsed
-            .parts
-            .iter()
-            .find(|p| {
-                p.content_type().is_some_and(|c| {
-                    c.ctype().eq_ignore_ascii_case("message")
-                        && c.subtype()
-                            .is_some_and(|s| s.eq_ignore_ascii_case("delivery-status"))
-                })
+        assert_failure_report(dsn, "fail@dest.test");
+    }
+}
+
+/// `dsn` is an RFC 3464 report from `<>` that `recipient` failed for good.
+#[track_caller]
+fn assert_failure_report(dsn: &ReceivedMessage, recipient: &str) {
+    assert_eq!(dsn.mail_from, "", "reports are sent from <>");
+    assert_eq!(dsn.rcpt_tos.len(), 1);
+    let parsed = MessageParser::default()
+        .parse(&dsn.body)
+        .expect("a parsable report");
+    let ctype = parsed.content_type().expect("a Content-Type");
+    assert!(
+        ctype.ctype().eq_ignore_ascii_case("multipart")
+            && ctype
+                .subtype()
+                .is_some_and(|s| s.eq_ignore_ascii_case("report")),
+        "{ctype:?}"
+    );
+    assert_eq!(
+        ctype.attribute("report-type").map(str::to_ascii_lowercase),
+        Some("delivery-status".to_string())
+    );
+    let status = parsed
+        .parts
+        .iter()
+        .find(|p| {
+            p.content_type().is_some_and(|c| {
+                c.ctype().eq_ignore_ascii_case("message")
+                    && c.subtype()
+                        .is_some_and(|s| s.eq_ignore_ascii_case("delivery-status"))
             })
-            .unwrap_or_else(|| panic!("no message/delivery-status part:\n{}", dsn.text()));
-        let fields = String::from_utf8_lossy(status.contents())
-            .to_ascii_lowercase()
-            .replace([' ', '\t'], "");
-        for expected in [
-            "action:failed",
-            "status:5.",
-            "final-recipient:rfc822;fail@dest.test",
-        ] {
-            assert!(
-                fields.contains(expected),
-                "{expected} in the delivery status:\n{fields}"
-            );
-        }
+        })
+        .unwrap_or_else(|| panic!("no message/delivery-status part:\n{}", dsn.text()));
+    let fields = String::from_utf8_lossy(status.contents())
+        .to_ascii_lowercase()
+        .replace([' ', '\t'], "");
+    for expected in [
+        "action:failed".to_string(),
+        "status:5.".to_string(),
+        format!("final-recipient:rfc822;{}", recipient.to_ascii_lowercase()),
+    ] {
+        assert!(
+            fields.contains(&expected),
+            "{expected} in the delivery status:\n{fields}"
+        );
     }
 }
 
@@ -656,4 +662,45 @@ fn the_delivery_log_has_one_line_per_attempt_and_recipient() {
     delivered.retain(|r| r.ends_with("@log.test"));
     delivered.sort();
     assert_eq!(delivered, ["later@log.test", "ok@log.test"]);
+}
+
+/// The helpers above, checked against the sink with hand-made input, so a
+/// failure of the scenarios is never theirs.
+#[test]
+fn the_checks_accept_what_a_correct_relay_sends() {
+    let sink = Sink::start(SinkOptions::default());
+    let content = message(
+        "user@example.org",
+        "helper check",
+        "Grüße\r\n.dot\r\n.\r\nend\r\n",
+    );
+    let received = "Received: from app.example (127.0.0.1)\r\n\tby relay.test with ESMTP id 1;\r\n\tThu, 05 Nov 2026 10:00:01 +0000\r\n";
+    let report = "From: Mail Delivery System <MAILER-DAEMON@relay.test>\r\n\
+        To: app@sender.test\r\nSubject: Undelivered Mail\r\nMIME-Version: 1.0\r\n\
+        Content-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n\r\n\
+        --b1\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\
+        --b1\r\nContent-Type: message/delivery-status\r\n\r\n\
+        Reporting-MTA: dns; relay.test\r\n\r\n\
+        Final-Recipient: rfc822; fail@dest.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\
+        Diagnostic-Code: smtp; 550 5.1.1 No such user\r\n\r\n\
+        --b1\r\nContent-Type: text/rfc822-headers\r\n\r\nSubject: doomed\r\n\r\n\
+        --b1--\r\n";
+
+    let (mut c, _) = Client::connect(sink.addr());
+    c.expect("EHLO relay.test", 250);
+    c.expect("MAIL FROM:<app@sender.test> BODY=8BITMIME", 250);
+    c.expect("RCPT TO:<user@example.org>", 250);
+    assert_eq!(
+        c.send_data(&dot_stuff(&format!("{received}{content}")))
+            .code,
+        250
+    );
+    c.expect("MAIL FROM:<>", 250);
+    c.expect("RCPT TO:<app@sender.test>", 250);
+    assert_eq!(c.send_data(&dot_stuff(report)).code, 250);
+    c.expect("QUIT", 221);
+
+    let got = sink.wait_for(2, Duration::from_secs(10));
+    assert_delivered_unchanged(&got[0], &content);
+    assert_failure_report(&got[1], "fail@dest.test");
 }
