@@ -1,25 +1,60 @@
 #!/usr/bin/env bash
 # Runs every smarthost test. On a fresh Debian machine it first installs the
-# real peers the tests talk to (swaks, python3) if they are missing; a
-# dependency that cannot be installed stops the run with a clear message.
+# real peers the tests talk to (swaks, python3, aiosmtpd for the SMTP sink,
+# dnsmasq for the MX tests) if they are missing; a dependency that cannot be
+# installed stops the run with a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 missing=()
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+# aiosmtpd from Debian imports only under the system interpreter.
+/usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || missing+=(python3-aiosmtpd)
+command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq)
 if ((${#missing[@]})); then
   echo "installing test dependencies: ${missing[*]}"
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"; }; then
+  # The dnsmasq package ships a system service that would take port 53; the
+  # tests start their own dnsmasq on a free port, so no service may start
+  # during the install (policy-rc.d exit 101 = "action forbidden").
+  policy=/usr/sbin/policy-rc.d
+  saved=""
+  if [ -e "$policy" ]; then
+    saved="$(mktemp)"
+    $sudo cp -p "$policy" "$saved"
+  fi
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+  $sudo chmod 755 "$policy"
+  status=0
+  { $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+      -o DPkg::Lock::Timeout=300 "${missing[@]}"; } || status=$?
+  if [ -n "$saved" ]; then
+    $sudo mv "$saved" "$policy"
+  else
+    $sudo rm -f "$policy"
+  fi
+  if [ "$status" -ne 0 ]; then
     echo "error: cannot install ${missing[*]}; install them with apt-get and run again" >&2
     exit 1
   fi
+  # Where a service manager runs, keep the packaged dnsmasq service off so it
+  # never holds port 53 on this machine.
+  if [[ " ${missing[*]} " == *" dnsmasq "* ]] && command -v systemctl >/dev/null 2>&1 &&
+    [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now dnsmasq >/dev/null 2>&1 || true
+  fi
 fi
-for tool in swaks python3; do
+for tool in swaks python3 dnsmasq; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required by the tests" >&2; exit 1; }
 done
+/usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || {
+  echo "error: python3-aiosmtpd is required by the tests (the SMTP sink)" >&2
+  exit 1
+}
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

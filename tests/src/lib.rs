@@ -1,10 +1,19 @@
 //! Helpers for the black-box tests in `tests/tests/`: start the real
-//! `smarthost` binary on free loopback ports and talk to it over sockets.
+//! `smarthost` binary on free loopback ports and talk to it over sockets,
+//! and start the real peers it delivers to.
+//!
+//! - `relay`: the binary with a generated configuration and its own spool.
+//! - `smtp`: a raw blocking SMTP client that asserts exact replies.
+//! - `ca`: a throw-away CA and server certificate for TLS tests.
+//! - `sink`: an SMTP server (aiosmtpd) that keeps what it is sent.
+//! - `dns`: a DNS server (dnsmasq) answering MX and A from test records.
 
 use std::path::PathBuf;
 
 pub mod ca;
+pub mod dns;
 pub mod relay;
+pub mod sink;
 pub mod smtp;
 
 /// The `smarthost` binary under test: `$SMARTHOST_BIN` when set, otherwise

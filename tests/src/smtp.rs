@@ -155,6 +155,12 @@ impl Client {
         for rcpt in to {
             self.expect(&format!("RCPT TO:<{rcpt}>"), 250);
         }
+        self.send_data(data)
+    }
+
+    /// Sends DATA, then `data` as it is (already dot-stuffed, ending in
+    /// CRLF) and the final dot; returns the reply to the dot.
+    pub fn send_data(&mut self, data: &str) -> Reply {
         self.expect("DATA", 354);
         self.send_raw(data.as_bytes());
         self.send_raw(b".\r\n");

@@ -1,0 +1,706 @@
+//! Outbound delivery end to end: the real relay hands mail to real SMTP
+//! sinks — through a smart host, through MX records served by dnsmasq, to a
+//! local drop directory — within per-domain connection caps, retrying after
+//! temporary failures, bouncing permanent ones, with or without TLS, and
+//! writing one delivery-log line per attempt and recipient.
+//!
+//! Everything here is written against the configuration contract
+//! (`[delivery]`, `[[domains]]`, `[queue]`, `[bounce]`); every wait is
+//! bounded.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mail_parser::{MessageParser, MimeHeaders};
+use serde_json::{json, Value};
+use smarthost_tests::ca::TestCa;
+use smarthost_tests::dns::{DnsRecord, DnsServer};
+use smarthost_tests::relay::Relay;
+use smarthost_tests::sink::{ReceivedMessage, Sink, SinkOptions};
+use smarthost_tests::smtp::{queued_id, Client};
+
+const ARRIVAL: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+
+/// A relay plus the directory its delivery log (and drop dirs) live in.
+struct Setup {
+    relay: Relay,
+    log_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a relay whose `[delivery]` section holds `delivery_lines` plus a
+/// delivery log and short network timeouts, followed by `sections`;
+/// `retry` (such as `"1s"`) sets `[queue] retry_intervals`.
+fn start(delivery_lines: &str, sections: &str, retry: Option<&str>) -> Setup {
+    start_in(
+        tempfile::tempdir().unwrap(),
+        delivery_lines,
+        sections,
+        retry,
+    )
+}
+
+fn start_in(
+    dir: tempfile::TempDir,
+    delivery_lines: &str,
+    sections: &str,
+    retry: Option<&str>,
+) -> Setup {
+    let log_file = dir.path().join("delivery.log");
+    let delivery = format!(
+        "[delivery]\nlog_file = {:?}\nconnect_timeout = \"5s\"\ngreeting_timeout = \"10s\"\n\
+         command_timeout = \"10s\"\ndata_timeout = \"20s\"\n{delivery_lines}\n\n{sections}",
+        log_file.display().to_string()
+    );
+    let env: Vec<(&str, &str)> = retry
+        .map(|r| vec![("SMARTHOST__QUEUE__RETRY_INTERVALS", r)])
+        .unwrap_or_default();
+    let relay = Relay::start_with_env("", &delivery, &env);
+    Setup {
+        relay,
+        log_file,
+        _dir: dir,
+    }
+}
+
+/// A `[[domains]]` entry that routes `name` to `sink`.
+fn route(name: &str, sink: &Sink) -> String {
+    format!(
+        "[[domains]]\nname = \"{name}\"\nsmart_host = \"{}\"\n",
+        sink.smart_host()
+    )
+}
+
+/// RFC 5321 4.5.2: a line that starts with a dot gets one more.
+fn dot_stuff(content: &str) -> String {
+    content
+        .split_inclusive("\r\n")
+        .map(|line| {
+            if line.starts_with('.') {
+                format!(".{line}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Submits `content` (CRLF line ends, as the author wrote it) and returns
+/// the queue id from the 250 reply.
+fn submit(relay: &Relay, from: &str, to: &[&str], content: &str) -> String {
+    let (mut c, greeting) = Client::connect(relay.smtp);
+    assert_eq!(greeting.code, 220);
+    c.expect("EHLO app.example", 250);
+    let body = if content.is_ascii() {
+        ""
+    } else {
+        " BODY=8BITMIME"
+    };
+    c.expect(&format!("MAIL FROM:<{from}>{body}"), 250);
+    for rcpt in to {
+        c.expect(&format!("RCPT TO:<{rcpt}>"), 250);
+    }
+    let reply = c.send_data(&dot_stuff(content));
+    let id = queued_id(&reply);
+    c.expect("QUIT", 221);
+    id
+}
+
+/// A message with its own Message-ID and Date, so a relay has nothing to
+/// add but its trace header.
+fn message(to: &str, subject: &str, body: &str) -> String {
+    format!(
+        "From: app@sender.test\r\nTo: {to}\r\nSubject: {subject}\r\n\
+         Date: Thu, 05 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{}@sender.test>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\r\n{body}",
+        subject.replace(' ', "-")
+    )
+}
+
+/// The delivered bytes are the submitted bytes under one `Received:` field.
+#[track_caller]
+fn assert_delivered_unchanged(got: &ReceivedMessage, submitted: &str) {
+    assert!(
+        got.body.starts_with(b"Received:"),
+        "the relay's trace header comes first:\n{}",
+        got.text()
+    );
+    assert!(
+        got.body.ends_with(submitted.as_bytes()),
+        "the message must end with exactly what was submitted:\n{}",
+        got.text()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(got.without_first_received()),
+        submitted,
+        "only the Received: field may be added"
+    );
+}
+
+/// The delivery log so far, one JSON object per line.
+fn delivery_log(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l:?}")))
+        .collect()
+}
+
+/// Waits (at most `timeout`) until the delivery log holds lines for which
+/// `done` is true; returns the log, or panics with it.
+#[track_caller]
+fn wait_for_log(path: &Path, timeout: Duration, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let lines = delivery_log(path);
+        if done(&lines) {
+            return lines;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "the delivery log did not show what was expected within {timeout:?}:\n{}",
+                lines
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn lines_for<'a>(lines: &'a [Value], message_id: &str) -> Vec<&'a Value> {
+    lines
+        .iter()
+        .filter(|l| l["message_id"] == message_id)
+        .collect()
+}
+
+#[test]
+fn smart_host_gets_every_message_byte_for_byte() {
+    let sink = Sink::start(SinkOptions::default());
+    let setup = start(&format!("smart_host = \"{}\"", sink.smart_host()), "", None);
+
+    let ascii = message(
+        "user@example.org",
+        "plain ascii",
+        "Hello.\r\n.a line that starts with a dot\r\n..two dots\r\n.\r\nend\r\n",
+    );
+    let eight_bit = message(
+        "user@example.org",
+        "eight bit",
+        "Grüße aus Köln — ünïcödé ✓\r\n.Ärger mit Punkten\r\n\r\n",
+    );
+    submit(
+        &setup.relay,
+        "app@sender.test",
+        &["user@example.org"],
+        &ascii,
+    );
+    submit(
+        &setup.relay,
+        "app@sender.test",
+        &["user@example.org", "other@example.org"],
+        &eight_bit,
+    );
+
+    let got = sink.wait_for(2, ARRIVAL);
+    let by_subject = |s: &str| {
+        got.iter()
+            .find(|m| m.header("Subject").as_deref() == Some(s))
+            .unwrap_or_else(|| panic!("no message {s:?} in {got:?}"))
+    };
+    let plain = by_subject("plain ascii");
+    assert_delivered_unchanged(plain, &ascii);
+    assert_eq!(plain.mail_from, "app@sender.test");
+    assert_eq!(plain.rcpt_tos, ["user@example.org"]);
+
+    let eight = by_subject("eight bit");
+    assert_delivered_unchanged(eight, &eight_bit);
+    let rcpts: BTreeSet<_> = got
+        .iter()
+        .filter(|m| m.header("Subject").as_deref() == Some("eight bit"))
+        .flat_map(|m| m.rcpt_tos.iter().cloned())
+        .collect();
+    assert_eq!(
+        rcpts,
+        BTreeSet::from([
+            "other@example.org".to_string(),
+            "user@example.org".to_string()
+        ])
+    );
+    assert!(
+        eight.mail_options.contains(&"BODY=8BITMIME".to_string()),
+        "8-bit content goes out with BODY=8BITMIME to a server that offers it: {:?}",
+        eight.mail_options
+    );
+    assert!(
+        eight.helo.as_deref() == Some("relay.test"),
+        "EHLO names the relay: {:?}",
+        eight.helo
+    );
+}
+
+#[test]
+fn mx_records_route_mail_to_the_domains_server() {
+    let sink = Sink::start(SinkOptions::default());
+    let dns = DnsServer::start(&[
+        DnsRecord::mx("example.test", "mx1.example.test", 10),
+        DnsRecord::a("mx1.example.test", std::net::Ipv4Addr::LOCALHOST),
+    ]);
+    let setup = start(
+        &format!(
+            "dns_servers = [\"{}\"]\nmx_port = {}",
+            dns.addr(),
+            sink.addr().port()
+        ),
+        "",
+        None,
+    );
+
+    let content = message("user@example.test", "via mx", "Found by MX.\r\n");
+    submit(
+        &setup.relay,
+        "app@sender.test",
+        &["user@example.test"],
+        &content,
+    );
+    let got = sink.wait_for(1, ARRIVAL);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_tos, ["user@example.test"]);
+    assert_delivered_unchanged(&got[0], &content);
+    assert!(
+        dns.log().contains("example.test"),
+        "the relay asked our DNS server:\n{}",
+        dns.log()
+    );
+}
+
+#[test]
+fn connections_per_domain_stay_under_the_cap_and_nothing_is_duplicated() {
+    const MESSAGES: usize = 200;
+    const SUBMITTERS: usize = 4;
+    // A pause before every reply holds connections open long enough for
+    // any excess parallelism to show.
+    let sink = Sink::start(SinkOptions::default().delay(Duration::from_millis(10)));
+    let setup = start(
+        &format!(
+            "smart_host = \"{}\"\nmax_connections_per_domain = 3",
+            sink.smart_host()
+        ),
+        "",
+        None,
+    );
+
+    std::thread::scope(|scope| {
+        for worker in 0..SUBMITTERS {
+            let relay = &setup.relay;
+            scope.spawn(move || {
+                let (mut c, _) = Client::connect(relay.smtp);
+                c.expect("EHLO app.example", 250);
+                for i in (worker..MESSAGES).step_by(SUBMITTERS) {
+                    let reply = c.send_message(
+                        "app@sender.test",
+                        &["user@throttle.test"],
+                        &format!("Subject: throttle-{i}\r\n\r\nmessage {i}\r\n"),
+                    );
+                    queued_id(&reply);
+                }
+                c.expect("QUIT", 221);
+            });
+        }
+    });
+
+    sink.wait_for(MESSAGES, Duration::from_secs(50));
+    // Anything sent twice would arrive soon after the last one.
+    std::thread::sleep(Duration::from_secs(1));
+    let got = sink.messages();
+    let subjects: Vec<String> = got.iter().filter_map(|m| m.header("Subject")).collect();
+    let unique: BTreeSet<&String> = subjects.iter().collect();
+    assert_eq!(unique.len(), MESSAGES, "every message arrives");
+    assert_eq!(subjects.len(), MESSAGES, "and only once");
+
+    let stats = sink.stats();
+    let peak = stats
+        .peak_concurrent_by_domain
+        .get("throttle.test")
+        .copied()
+        .unwrap_or(0);
+    assert!((1..=3).contains(&peak), "peak per domain {peak}: {stats:?}");
+    assert!(stats.peak_concurrent <= 3, "{stats:?}");
+}
+
+#[test]
+fn a_temporary_failure_is_retried_until_accepted() {
+    let sink = Sink::start(SinkOptions::default().script(json!({"data": [451, 451, 250]})));
+    let setup = start(
+        &format!("smart_host = \"{}\"", sink.smart_host()),
+        "",
+        Some("1s"),
+    );
+
+    let content = message("user@retry.test", "retried", "Third time lucky.\r\n");
+    let submitted = Instant::now();
+    let id = submit(
+        &setup.relay,
+        "app@sender.test",
+        &["user@retry.test"],
+        &content,
+    );
+    let got = sink.wait_for(1, ARRIVAL);
+    let elapsed = submitted.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(2),
+        "two 1 s retry intervals passed first, not {elapsed:?}"
+    );
+    assert_eq!(got.len(), 1);
+    assert_delivered_unchanged(&got[0], &content);
+
+    let lines = wait_for_log(&setup.log_file, Duration::from_secs(10), |lines| {
+        lines_for(lines, &id)
+            .iter()
+            .any(|l| l["outcome"] == "delivered")
+    });
+    let attempts: Vec<(u64, String)> = lines_for(&lines, &id)
+        .iter()
+        .map(|l| {
+            (
+                l["attempt"].as_u64().unwrap_or(0),
+                l["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            (1, "deferred".to_string()),
+            (2, "deferred".to_string()),
+            (3, "delivered".to_string())
+        ]
+    );
+}
+
+#[test]
+fn a_permanent_failure_bounces_to_the_sender_with_a_copy() {
+    let sink = Sink::start(SinkOptions::default().script(json!({"rcpt": {"fail@dest.test": 550}})));
+    let bounces = Sink::start(SinkOptions::default());
+    let setup = start(
+        &format!("smart_host = \"{}\"", sink.smart_host()),
+        &format!(
+            "{}\n{}\n[bounce]\ncopy_to = \"postmaster@copy.test\"\n",
+            route("sender.test", &bounces),
+            route("copy.test", &bounces)
+        ),
+        None,
+    );
+
+    submit(
+        &setup.relay,
+        "app@sender.test",
+        &["fail@dest.test"],
+        &message("fail@dest.test", "doomed", "This will not arrive.\r\n"),
+    );
+    bounces.wait_for(2, ARRIVAL);
+    std::thread::sleep(Duration::from_secs(1));
+    let got = bounces.messages();
+    assert_eq!(got.len(), 2, "one report to the sender, one copy: {got:#?}");
+    assert!(sink.messages().is_empty());
+
+    let rcpts: BTreeSet<String> = got.iter().flat_map(|m| m.rcpt_tos.clone()).collect();
+    assert_eq!(
+        rcpts,
+        BTreeSet::from([
+            "app@sender.test".to_string(),
+            "postmaster@copy.test".to_string()
+        ])
+    );
+    for dsn in &got {
+        assert_failure_report(dsn, "fail@dest.test");
+    }
+}
+
+/// `dsn` is an RFC 3464 report from `<>` that `recipient` failed for good.
+#[track_caller]
+fn assert_failure_report(dsn: &ReceivedMessage, recipient: &str) {
+    assert_eq!(dsn.mail_from, "", "reports are sent from <>");
+    assert_eq!(dsn.rcpt_tos.len(), 1);
+    let parsed = MessageParser::default()
+        .parse(&dsn.body)
+        .expect("a parsable report");
+    let ctype = parsed.content_type().expect("a Content-Type");
+    assert!(
+        ctype.ctype().eq_ignore_ascii_case("multipart")
+            && ctype
+                .subtype()
+                .is_some_and(|s| s.eq_ignore_ascii_case("report")),
+        "{ctype:?}"
+    );
+    assert_eq!(
+        ctype.attribute("report-type").map(str::to_ascii_lowercase),
+        Some("delivery-status".to_string())
+    );
+    let status = parsed
+        .parts
+        .iter()
+        .find(|p| {
+            p.content_type().is_some_and(|c| {
+                c.ctype().eq_ignore_ascii_case("message")
+                    && c.subtype()
+                        .is_some_and(|s| s.eq_ignore_ascii_case("delivery-status"))
+            })
+        })
+        .unwrap_or_else(|| panic!("no message/delivery-status part:\n{}", dsn.text()));
+    let fields = String::from_utf8_lossy(status.contents())
+        .to_ascii_lowercase()
+        .replace([' ', '\t'], "");
+    for expected in [
+        "action:failed".to_string(),
+        "status:5.".to_string(),
+        format!("final-recipient:rfc822;{}", recipient.to_ascii_lowercase()),
+    ] {
+        assert!(
+            fields.contains(&expected),
+            "{expected} in the delivery status:\n{fields}"
+        );
+    }
+}
+
+#[test]
+fn required_tls_needs_a_trusted_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::create(dir.path());
+    let sink = Sink::start(SinkOptions::default().tls(&ca.server_cert, &ca.server_key));
+
+    // The sink's certificate is not trusted: the attempt is deferred and
+    // nothing goes out in clear.
+    let untrusted = start(
+        &format!("smart_host = \"{}\"\ntls = \"required\"", sink.smart_host()),
+        "",
+        None,
+    );
+    let id = submit(
+        &untrusted.relay,
+        "app@sender.test",
+        &["user@tls.test"],
+        &message(
+            "user@tls.test",
+            "untrusted",
+            "Not over an unverified channel.\r\n",
+        ),
+    );
+    let lines = wait_for_log(&untrusted.log_file, Duration::from_secs(15), |lines| {
+        lines_for(lines, &id)
+            .iter()
+            .any(|l| l["outcome"] == "deferred")
+    });
+    assert!(
+        lines_for(&lines, &id)
+            .iter()
+            .all(|l| l["outcome"] == "deferred"),
+        "{lines:?}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        sink.messages().is_empty(),
+        "nothing may arrive without verified TLS"
+    );
+
+    // With the CA as a trust root the same delivery goes through, encrypted.
+    let trusted = start(
+        &format!(
+            "smart_host = \"{}\"\ntls = \"required\"\ntls_ca_file = {:?}",
+            sink.smart_host(),
+            ca.ca_cert.display().to_string()
+        ),
+        "",
+        None,
+    );
+    let content = message("user@tls.test", "trusted", "Over verified TLS.\r\n");
+    let id = submit(
+        &trusted.relay,
+        "app@sender.test",
+        &["user@tls.test"],
+        &content,
+    );
+    let got = sink.wait_for(1, ARRIVAL);
+    assert_eq!(got.len(), 1, "only the trusted relay delivered");
+    assert!(got[0].tls, "delivered over STARTTLS");
+    assert_delivered_unchanged(&got[0], &content);
+    let lines = wait_for_log(&trusted.log_file, Duration::from_secs(10), |lines| {
+        lines_for(lines, &id)
+            .iter()
+            .any(|l| l["outcome"] == "delivered")
+    });
+    assert!(lines_for(&lines, &id)
+        .iter()
+        .any(|l| l["outcome"] == "delivered" && l["tls"] == true));
+}
+
+#[test]
+fn a_local_domain_is_delivered_into_its_drop_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let drop_dir = dir.path().join("drop").join("local.test");
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    let setup = start_in(
+        dir,
+        "",
+        &format!(
+            "[[domains]]\nname = \"local.test\"\nkind = \"local\"\ndrop_dir = {:?}\n",
+            drop_dir.display().to_string()
+        ),
+        None,
+    );
+
+    let content = message("user@local.test", "dropped", "Into the maildir.\r\n");
+    submit(
+        &setup.relay,
+        "app@sender.test",
+        &["user@local.test"],
+        &content,
+    );
+
+    let new = drop_dir.join("new");
+    let deadline = Instant::now() + ARRIVAL;
+    let files = loop {
+        let files: Vec<PathBuf> = std::fs::read_dir(&new)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        if !files.is_empty() || Instant::now() >= deadline {
+            break files;
+        }
+        std::thread::sleep(POLL);
+    };
+    assert_eq!(files.len(), 1, "one file in {}", new.display());
+    let stored = std::fs::read(&files[0]).unwrap();
+    assert!(
+        stored.ends_with(content.as_bytes()),
+        "the drop file holds the message:\n{}",
+        String::from_utf8_lossy(&stored)
+    );
+}
+
+#[test]
+fn the_delivery_log_has_one_line_per_attempt_and_recipient() {
+    let sink = Sink::start(SinkOptions::default().script(json!({
+        "rcpt": {"later@log.test": [451, 250], "bad@log.test": 550},
+    })));
+    let setup = start(
+        &format!("smart_host = \"{}\"", sink.smart_host()),
+        "",
+        Some("1s"),
+    );
+
+    let id = submit(
+        &setup.relay,
+        "app@sender.test",
+        &["ok@log.test", "later@log.test", "bad@log.test"],
+        &message("ok@log.test", "logged", "Three recipients.\r\n"),
+    );
+    wait_for_log(&setup.log_file, ARRIVAL, |lines| {
+        lines_for(lines, &id).len() >= 4
+    });
+    // Anything logged twice would show up right after.
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = delivery_log(&setup.log_file);
+    let ours = lines_for(&lines, &id);
+
+    for line in &ours {
+        for field in [
+            "message_id",
+            "domain",
+            "recipient",
+            "remote_host",
+            "remote_ip",
+            "tls",
+            "reply",
+            "outcome",
+            "attempt",
+            "latency_ms",
+        ] {
+            assert!(line.get(field).is_some(), "{field} missing in {line}");
+        }
+        assert_eq!(line["domain"], "log.test", "{line}");
+        assert_eq!(line["remote_ip"], "127.0.0.1", "{line}");
+        assert!(
+            line["remote_host"].as_str().is_some_and(|h| !h.is_empty()),
+            "{line}"
+        );
+        assert_eq!(line["tls"], false, "{line}");
+        assert!(line["latency_ms"].as_u64().is_some(), "{line}");
+        assert!(line["attempt"].as_u64().is_some_and(|a| a >= 1), "{line}");
+    }
+
+    let mut seen: Vec<(String, u64, String, String)> = ours
+        .iter()
+        .map(|l| {
+            (
+                l["recipient"].as_str().unwrap_or("").to_string(),
+                l["attempt"].as_u64().unwrap_or(0),
+                l["outcome"].as_str().unwrap_or("").to_string(),
+                l["reply"].as_str().unwrap_or("").chars().take(3).collect(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let expected = [
+        ("bad@log.test", 1, "failed", "550"),
+        ("later@log.test", 1, "deferred", "451"),
+        ("later@log.test", 2, "delivered", "250"),
+        ("ok@log.test", 1, "delivered", "250"),
+    ]
+    .map(|(r, a, o, c)| (r.to_string(), a, o.to_string(), c.to_string()));
+    assert_eq!(seen, expected, "{ours:#?}");
+
+    // Each recipient got the message exactly once.
+    let got = sink.messages();
+    let mut delivered: Vec<String> = got.iter().flat_map(|m| m.rcpt_tos.clone()).collect();
+    delivered.retain(|r| r.ends_with("@log.test"));
+    delivered.sort();
+    assert_eq!(delivered, ["later@log.test", "ok@log.test"]);
+}
+
+/// The helpers above, checked against the sink with hand-made input, so a
+/// failure of the scenarios is never theirs.
+#[test]
+fn the_checks_accept_what_a_correct_relay_sends() {
+    let sink = Sink::start(SinkOptions::default());
+    let content = message(
+        "user@example.org",
+        "helper check",
+        "Grüße\r\n.dot\r\n.\r\nend\r\n",
+    );
+    let received = "Received: from app.example (127.0.0.1)\r\n\tby relay.test with ESMTP id 1;\r\n\tThu, 05 Nov 2026 10:00:01 +0000\r\n";
+    let report = "From: Mail Delivery System <MAILER-DAEMON@relay.test>\r\n\
+        To: app@sender.test\r\nSubject: Undelivered Mail\r\nMIME-Version: 1.0\r\n\
+        Content-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n\r\n\
+        --b1\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\
+        --b1\r\nContent-Type: message/delivery-status\r\n\r\n\
+        Reporting-MTA: dns; relay.test\r\n\r\n\
+        Final-Recipient: rfc822; fail@dest.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\
+        Diagnostic-Code: smtp; 550 5.1.1 No such user\r\n\r\n\
+        --b1\r\nContent-Type: text/rfc822-headers\r\n\r\nSubject: doomed\r\n\r\n\
+        --b1--\r\n";
+
+    let (mut c, _) = Client::connect(sink.addr());
+    c.expect("EHLO relay.test", 250);
+    c.expect("MAIL FROM:<app@sender.test> BODY=8BITMIME", 250);
+    c.expect("RCPT TO:<user@example.org>", 250);
+    assert_eq!(
+        c.send_data(&dot_stuff(&format!("{received}{content}")))
+            .code,
+        250
+    );
+    c.expect("MAIL FROM:<>", 250);
+    c.expect("RCPT TO:<app@sender.test>", 250);
+    assert_eq!(c.send_data(&dot_stuff(report)).code, 250);
+    c.expect("QUIT", 221);
+
+    let got = sink.wait_for(2, Duration::from_secs(10));
+    assert_delivered_unchanged(&got[0], &content);
+    assert_failure_report(&got[1], "fail@dest.test");
+}
