@@ -24,7 +24,9 @@ struct Line<'a> {
     recipient: String,
     remote_host: Option<&'a str>,
     remote_ip: Option<String>,
-    tls: Option<&'a str>,
+    /// Whether the message travelled over TLS.
+    tls: bool,
+    tls_version: Option<&'a str>,
     reply: &'a str,
     outcome: &'static str,
     attempt: u32,
@@ -67,7 +69,8 @@ impl DeliveryLog {
                 recipient,
                 remote_host: remote.map(|r| r.host.as_str()),
                 remote_ip: remote.and_then(|r| r.ip).map(|ip| ip.to_string()),
-                tls: remote.and_then(|r| r.tls.as_deref()),
+                tls: remote.is_some_and(|r| r.tls.is_some()),
+                tls_version: remote.and_then(|r| r.tls.as_deref()),
                 reply: &note.reply,
                 outcome: match note.result {
                     RcptResult::Delivered => "delivered",
@@ -140,11 +143,13 @@ mod tests {
         assert_eq!(line["recipient"], "a@example.org");
         assert_eq!(line["remote_host"], "mx.example.org");
         assert_eq!(line["remote_ip"], "127.0.0.1");
-        assert_eq!(line["tls"], "TLSv1_3");
+        assert_eq!(line["tls"], true);
+        assert_eq!(line["tls_version"], "TLSv1_3");
         assert_eq!(line["reply"], "250 2.0.0 ok");
         assert_eq!(line["outcome"], "delivered");
         assert_eq!(line["attempt"], 1);
         assert_eq!(line["latency_ms"], 42);
         assert!(lines[1]["remote_host"].is_null());
+        assert_eq!(lines[1]["tls"], false);
     }
 }
