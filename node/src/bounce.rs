@@ -43,7 +43,7 @@ pub fn needs_report(completion: &Completion) -> bool {
         && (completion.failed().next().is_some() || !completion.delayed.is_empty())
 }
 
-fn recipient<'a>(completion: &'a Completion, index: u32) -> Option<&'a Recipient> {
+fn recipient(completion: &Completion, index: u32) -> Option<&Recipient> {
     completion.record.envelope.recipients.get(index as usize)
 }
 

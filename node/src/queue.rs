@@ -190,7 +190,7 @@ struct RecordWriter {
 
 /// One change for the spool.
 enum Change {
-    Update(MessageRecord),
+    Update(Arc<MessageRecord>),
     Remove(MessageId),
 }
 
@@ -351,7 +351,7 @@ impl Queue {
         }
         for completion in by_message {
             let done = self.follow_up(completion, ctx);
-            ctx.spawn(async move { done.await }.into_actor(self));
+            ctx.spawn(done.into_actor(self));
         }
     }
 
@@ -427,7 +427,7 @@ impl Queue {
         let dirty = std::mem::take(&mut self.writer.dirty);
         for id in dirty {
             match self.scheduler.record(&id) {
-                Some(record) => changes.push(Change::Update((**record).clone())),
+                Some(record) => changes.push(Change::Update(record.clone())),
                 // Still needed by a report being built: remove it later.
                 None if self.writer.pins.contains_key(&id) => {
                     self.writer.dirty.insert(id);
@@ -446,7 +446,10 @@ impl Queue {
             let mut failures = Vec::new();
             for change in changes {
                 let (id, result) = match change {
-                    Change::Update(record) => (record.id.clone(), spool.update(record).await),
+                    Change::Update(record) => (
+                        record.id.clone(),
+                        spool.update(Arc::unwrap_or_clone(record)).await,
+                    ),
                     Change::Remove(id) => {
                         let result = spool.remove(&id).await;
                         (id, result)
