@@ -21,6 +21,40 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Keeps a test relay's outbound traffic on this machine and its files in
+/// its own directory: unless the test says otherwise, DNS questions go to a
+/// loopback port where nothing answers (so mail for real domains is only
+/// deferred, never sent) and the delivery log is written beside the spool.
+fn contain_delivery(sections: &str, dir: &std::path::Path) -> String {
+    let log = format!(
+        "log_file = {:?}",
+        dir.join("delivery.log").display().to_string()
+    );
+    let dns = format!("dns_servers = [\"127.0.0.1:{}\"]", free_port());
+    let Some(start) = sections.find("[delivery]\n") else {
+        return format!("[delivery]\n{log}\n{dns}\n\n{sections}");
+    };
+    let body_start = start + "[delivery]\n".len();
+    let body_end = sections[body_start..]
+        .find("\n[")
+        .map_or(sections.len(), |i| body_start + i);
+    let body = &sections[body_start..body_end];
+    let mut extra = String::new();
+    if !body.contains("log_file") {
+        extra.push_str(&log);
+        extra.push('\n');
+    }
+    if !body.contains("dns_servers") {
+        extra.push_str(&dns);
+        extra.push('\n');
+    }
+    format!(
+        "{}{extra}{}",
+        &sections[..body_start],
+        &sections[body_start..]
+    )
+}
+
 pub struct Relay {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
@@ -43,6 +77,7 @@ impl Relay {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let spool = dir.path().join("spool");
         let config = dir.path().join("smarthost.toml");
+        let sections = contain_delivery(sections, dir.path());
         let text = format!(
             "[node]\nhostname = \"relay.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\n{smtp_lines}\n\n\
              [queue]\npath = {spool:?}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{sections}\n",
