@@ -8,19 +8,20 @@
 //!   address literals.
 //! - [`outbound`]: one SMTP connection to the first hop that answers, with
 //!   STARTTLS and AUTH by policy, sending jobs through `proto::client`.
+//! - [`connection`]: the Delivery actor, one per outbound connection (or
+//!   pass over a drop directory), reporting each outcome to the queue.
+//! - [`maildir`]: local domains, written into their drop directory.
 
+pub mod connection;
+pub mod maildir;
 pub mod outbound;
 pub mod route;
-
-pub mod maildir;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use smarthost_proto::envelope::MessageRecord;
-
-pub mod connection;
 
 use crate::config::{
     parse_rate, parse_smart_host, Config, DomainAuth, DomainKind, SmartHost, TlsPolicy,
