@@ -24,7 +24,7 @@ use crate::delivery::MessageOutcome;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::DomainReady;
 use crate::scheduler::{Completion, RetryPolicy, Scheduler};
-use crate::spool::{NewMessage, Spool, SpoolError};
+use crate::spool::{Change, NewMessage, Spool, SpoolError};
 
 /// Stores a new message; answers once it is durable.
 #[derive(Message)]
@@ -186,12 +186,6 @@ struct RecordWriter {
     /// Messages whose body a report still needs: not removed until unpinned.
     pins: HashMap<MessageId, usize>,
     in_flight: bool,
-}
-
-/// One change for the spool.
-enum Change {
-    Update(Arc<MessageRecord>),
-    Remove(MessageId),
 }
 
 /// The answer for one waiter of a batch.
@@ -427,7 +421,7 @@ impl Queue {
         let dirty = std::mem::take(&mut self.writer.dirty);
         for id in dirty {
             match self.scheduler.record(&id) {
-                Some(record) => changes.push(Change::Update(record.clone())),
+                Some(record) => changes.push(Change::Update((**record).clone())),
                 // Still needed by a report being built: remove it later.
                 None if self.writer.pins.contains_key(&id) => {
                     self.writer.dirty.insert(id);
@@ -442,25 +436,8 @@ impl Queue {
         }
         self.writer.in_flight = true;
         let spool = self.spool.clone();
-        let write = async move {
-            let mut failures = Vec::new();
-            for change in changes {
-                let (id, result) = match change {
-                    Change::Update(record) => (
-                        record.id.clone(),
-                        spool.update(Arc::unwrap_or_clone(record)).await,
-                    ),
-                    Change::Remove(id) => {
-                        let result = spool.remove(&id).await;
-                        (id, result)
-                    }
-                };
-                if let Err(error) = result {
-                    failures.push((id, error));
-                }
-            }
-            failures
-        };
+        // One call: the local spool makes the lot durable with one fsync.
+        let write = async move { spool.apply(changes).await };
         ctx.spawn(write.into_actor(self).map(move |failures, queue, ctx| {
             queue.writer.in_flight = false;
             for (id, error) in failures {

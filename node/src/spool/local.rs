@@ -37,7 +37,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{NewMessage, Spool, SpoolError};
+use super::{Change, NewMessage, Spool, SpoolError};
 
 /// Bytes in front of every payload: its length and its crc32.
 const FRAME_HEADER: u64 = 8;
@@ -716,40 +716,83 @@ impl LocalSpool {
             .map_err(|e| SpoolError::Unavailable(format!("spool task failed: {e}")))?
     }
 
+    /// Appends entries about existing messages with one durable write,
+    /// then applies them in order. Entries about unknown messages fail
+    /// alone; a failed write fails them all.
+    async fn append_entries(
+        &self,
+        entries: Vec<(MessageId, JournalEntry)>,
+    ) -> Vec<(MessageId, SpoolError)> {
+        let ids: Vec<MessageId> = entries.iter().map(|(id, _)| id.clone()).collect();
+        let result = self
+            .blocking(move |inner| {
+                let mut state = inner.state()?;
+                let mut failed = Vec::new();
+                let mut buf = Vec::new();
+                let mut placed = Vec::new();
+                for (id, entry) in entries {
+                    if !state.messages.contains_key(&id) {
+                        failed.push((id.clone(), SpoolError::NotFound(id)));
+                        continue;
+                    }
+                    let offset = buf.len() as u64;
+                    let len = push_frame(&mut buf, &entry)?;
+                    placed.push((entry, offset, len));
+                }
+                if placed.is_empty() {
+                    return Ok(failed);
+                }
+                let rotated = state.rotate_if_full(buf.len() as u64)?;
+                let start = state.append(&buf)?;
+                let segment = state.active;
+                for (entry, offset, len) in placed {
+                    let at = Loc {
+                        segment,
+                        offset: start + offset,
+                        len,
+                    };
+                    match entry {
+                        JournalEntry::Update { record } => {
+                            state.update_record(record, at);
+                        }
+                        JournalEntry::Remove { id } => {
+                            state.forget(&id, segment);
+                        }
+                        JournalEntry::Message { .. } => {
+                            unreachable!("new messages go through store")
+                        }
+                    }
+                }
+                if rotated {
+                    state.maintain();
+                } else if let Err(err) = state.collect_garbage() {
+                    tracing::warn!(error = %err, "deleting dead journal segments failed");
+                }
+                Ok(failed)
+            })
+            .await;
+        match result {
+            Ok(failed) => failed,
+            Err(error) => ids
+                .into_iter()
+                .map(|id| {
+                    let error = match &error {
+                        SpoolError::Unavailable(why) => SpoolError::Unavailable(why.clone()),
+                        SpoolError::NotFound(id) => SpoolError::NotFound(id.clone()),
+                        SpoolError::Corrupt(why) => SpoolError::Corrupt(why.clone()),
+                    };
+                    (id, error)
+                })
+                .collect(),
+        }
+    }
+
     /// Appends one entry about an existing message, then applies it.
     async fn append_entry(&self, id: MessageId, entry: JournalEntry) -> Result<(), SpoolError> {
-        self.blocking(move |inner| {
-            let mut buf = Vec::new();
-            let len = push_frame(&mut buf, &entry)?;
-            let mut state = inner.state()?;
-            if !state.messages.contains_key(&id) {
-                return Err(SpoolError::NotFound(id));
-            }
-            let rotated = state.rotate_if_full(len)?;
-            let offset = state.append(&buf)?;
-            let at = Loc {
-                segment: state.active,
-                offset,
-                len,
-            };
-            match entry {
-                JournalEntry::Update { record } => {
-                    state.update_record(record, at);
-                }
-                JournalEntry::Remove { id } => {
-                    let segment = state.active;
-                    state.forget(&id, segment);
-                }
-                JournalEntry::Message { .. } => unreachable!("new messages go through store"),
-            }
-            if rotated {
-                state.maintain();
-            } else if let Err(err) = state.collect_garbage() {
-                tracing::warn!(error = %err, "deleting dead journal segments failed");
-            }
-            Ok(())
-        })
-        .await
+        match self.append_entries(vec![(id, entry)]).await.pop() {
+            Some((_, error)) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 
@@ -804,6 +847,18 @@ impl Spool for LocalSpool {
     async fn remove(&self, id: &MessageId) -> Result<(), SpoolError> {
         let entry = JournalEntry::Remove { id: id.clone() };
         self.append_entry(id.clone(), entry).await
+    }
+
+    /// Every change in one journal write: one fsync for the lot.
+    async fn apply(&self, changes: Vec<Change>) -> Vec<(MessageId, SpoolError)> {
+        let entries = changes
+            .into_iter()
+            .map(|change| match change {
+                Change::Update(record) => (record.id.clone(), JournalEntry::Update { record }),
+                Change::Remove(id) => (id.clone(), JournalEntry::Remove { id }),
+            })
+            .collect();
+        self.append_entries(entries).await
     }
 
     async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {

@@ -34,6 +34,22 @@ pub enum SpoolError {
     Corrupt(String),
 }
 
+/// A change to a stored message, for [`Spool::apply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Update(MessageRecord),
+    Remove(MessageId),
+}
+
+impl Change {
+    pub fn id(&self) -> &MessageId {
+        match self {
+            Change::Update(record) => &record.id,
+            Change::Remove(id) => id,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Spool: Send + Sync + 'static {
     /// Stores a batch of new messages and returns once all of them are
@@ -52,4 +68,21 @@ pub trait Spool: Send + Sync + 'static {
 
     /// The body of a stored message.
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError>;
+
+    /// Applies changes in order and returns those that failed. A backend
+    /// that can makes them durable together (one fsync, one round trip);
+    /// this default applies them one by one.
+    async fn apply(&self, changes: Vec<Change>) -> Vec<(MessageId, SpoolError)> {
+        let mut failed = Vec::new();
+        for change in changes {
+            let result = match &change {
+                Change::Update(record) => self.update(record.clone()).await,
+                Change::Remove(id) => self.remove(id).await,
+            };
+            if let Err(error) = result {
+                failed.push((change.id().clone(), error));
+            }
+        }
+        failed
+    }
 }

@@ -14,7 +14,7 @@ use smarthost_proto::envelope::{
     ClientInfo, DeliveryState, Envelope, MessageId, MessageRecord, Recipient,
 };
 
-use super::{NewMessage, Spool, SpoolError};
+use super::{Change, NewMessage, Spool, SpoolError};
 
 const BASE_MS: u64 = 1_700_000_000_000;
 
@@ -152,6 +152,28 @@ where
         spool.remove(&id(n)).await.expect("remove from the batch");
     }
 
+    // Several changes at once: applied in order, unknown ids fail alone.
+    let mut changed = message(1001, 0).record;
+    changed.deliveries[0].attempts = 3;
+    let failed = spool
+        .apply(vec![
+            Change::Update(changed.clone()),
+            Change::Remove(id(1003)),
+            Change::Remove(id(999_998)),
+        ])
+        .await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(matches!(&failed[0], (i, SpoolError::NotFound(_)) if *i == id(999_998)));
+    assert_eq!(listed(&*spool, 1001).await, Some(changed.clone()));
+    assert_eq!(listed(&*spool, 1003).await, None);
+    assert!(spool.apply(Vec::new()).await.is_empty());
+    spool
+        .apply(vec![Change::Update(message(1001, 0).record)])
+        .await
+        .is_empty()
+        .then_some(())
+        .expect("apply restores the record");
+
     // Oldest first, whatever order they were stored in.
     let mut shuffled: Vec<NewMessage> = (2000..2050).rev().map(|n| message(n, 100)).collect();
     shuffled.swap(3, 40);
@@ -162,7 +184,7 @@ where
             .all(|w| (w[0].received_ms, &w[0].id) <= (w[1].received_ms, &w[1].id)),
         "list is oldest first"
     );
-    assert_eq!(list.len(), 150 + 50);
+    assert_eq!(list.len(), 149 + 50);
 
     // 200 concurrent stores all land.
     let tasks: Vec<_> = (3000..3200)
@@ -183,7 +205,7 @@ where
 
     // A reopened spool sees exactly what was acknowledged.
     let before = snapshot(&*spool).await;
-    assert_eq!(before.len(), 150 + 50 + 200);
+    assert_eq!(before.len(), 149 + 50 + 200);
     drop(spool);
     let spool = open().await;
     let after = snapshot(&*spool).await;
