@@ -7,12 +7,15 @@
 //! - `ca`: a throw-away CA and server certificate for TLS tests.
 //! - `sink`: an SMTP server (aiosmtpd) that keeps what it is sent.
 //! - `dns`: a DNS server (dnsmasq) answering MX and A from test records.
+//! - `scenario`: a relay with a delivery log, submission, and the checks of
+//!   the delivery scenarios (delivery log, delivery status notifications).
 
 use std::path::PathBuf;
 
 pub mod ca;
 pub mod dns;
 pub mod relay;
+pub mod scenario;
 pub mod sink;
 pub mod smtp;
 
