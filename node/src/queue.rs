@@ -421,7 +421,7 @@ impl Queue {
         let dirty = std::mem::take(&mut self.writer.dirty);
         for id in dirty {
             match self.scheduler.record(&id) {
-                Some(record) => changes.push(Change::Update((**record).clone())),
+                Some(record) => changes.push(Change::Update(Box::new((**record).clone()))),
                 // Still needed by a report being built: remove it later.
                 None if self.writer.pins.contains_key(&id) => {
                     self.writer.dirty.insert(id);

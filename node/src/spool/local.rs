@@ -39,6 +39,9 @@ use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
 use super::{Change, NewMessage, Spool, SpoolError};
 
+/// How long `open` waits for a lock that another holder is letting go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Bytes in front of every payload: its length and its crc32.
 const FRAME_HEADER: u64 = 8;
 const SEGMENT_SUFFIX: &str = ".journal";
@@ -614,16 +617,25 @@ impl LocalSpool {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| io_error(format_args!("opening {}", lock_path.display()), e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(SpoolError::Unavailable(format!(
-                    "spool {} is in use by another process",
-                    path.display()
-                )))
-            }
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(io_error(format_args!("locking {}", lock_path.display()), e))
+        // A lock can stay held for a moment after its owner let go: a child
+        // process forked meanwhile shares the descriptor until it execs, and
+        // a restarting node may still be exiting. Ask again for a short while.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(SpoolError::Unavailable(format!(
+                        "spool {} is in use by another process",
+                        path.display()
+                    )))
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(io_error(format_args!("locking {}", lock_path.display()), e))
+                }
             }
         }
 
@@ -854,7 +866,9 @@ impl Spool for LocalSpool {
         let entries = changes
             .into_iter()
             .map(|change| match change {
-                Change::Update(record) => (record.id.clone(), JournalEntry::Update { record }),
+                Change::Update(record) => {
+                    (record.id.clone(), JournalEntry::Update { record: *record })
+                }
                 Change::Remove(id) => (id.clone(), JournalEntry::Remove { id }),
             })
             .collect();

@@ -37,7 +37,7 @@ pub enum SpoolError {
 /// A change to a stored message, for [`Spool::apply`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    Update(MessageRecord),
+    Update(Box<MessageRecord>),
     Remove(MessageId),
 }
 
@@ -76,7 +76,7 @@ pub trait Spool: Send + Sync + 'static {
         let mut failed = Vec::new();
         for change in changes {
             let result = match &change {
-                Change::Update(record) => self.update(record.clone()).await,
+                Change::Update(record) => self.update((**record).clone()).await,
                 Change::Remove(id) => self.remove(id).await,
             };
             if let Err(error) = result {

@@ -157,7 +157,7 @@ where
     changed.deliveries[0].attempts = 3;
     let failed = spool
         .apply(vec![
-            Change::Update(changed.clone()),
+            Change::Update(Box::new(changed.clone())),
             Change::Remove(id(1003)),
             Change::Remove(id(999_998)),
         ])
@@ -168,7 +168,7 @@ where
     assert_eq!(listed(&*spool, 1003).await, None);
     assert!(spool.apply(Vec::new()).await.is_empty());
     spool
-        .apply(vec![Change::Update(message(1001, 0).record)])
+        .apply(vec![Change::Update(Box::new(message(1001, 0).record))])
         .await
         .is_empty()
         .then_some(())
