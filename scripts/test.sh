@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every smarthost test. On a fresh Debian machine it first installs the
 # real peers the tests talk to (swaks, python3, aiosmtpd for the SMTP sink,
-# dnsmasq for the MX tests) if they are missing; a dependency that cannot be
+# dnsmasq for the MX tests, redis-server for the Redis spool) if they are
+# missing; a dependency that cannot be
 # installed stops the run with a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,11 +16,13 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 # aiosmtpd from Debian imports only under the system interpreter.
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || missing+=(python3-aiosmtpd)
 command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if ((${#missing[@]})); then
   echo "installing test dependencies: ${missing[*]}"
-  # The dnsmasq package ships a system service that would take port 53; the
-  # tests start their own dnsmasq on a free port, so no service may start
-  # during the install (policy-rc.d exit 101 = "action forbidden").
+  # The dnsmasq and redis-server packages ship system services that would
+  # take ports 53 and 6379; the tests start their own dnsmasq and
+  # redis-server on free ports, so no service may start during the install
+  # (policy-rc.d exit 101 = "action forbidden").
   policy=/usr/sbin/policy-rc.d
   saved=""
   if [ -e "$policy" ]; then
@@ -41,14 +44,17 @@ if ((${#missing[@]})); then
     echo "error: cannot install ${missing[*]}; install them with apt-get and run again" >&2
     exit 1
   fi
-  # Where a service manager runs, keep the packaged dnsmasq service off so it
-  # never holds port 53 on this machine.
-  if [[ " ${missing[*]} " == *" dnsmasq "* ]] && command -v systemctl >/dev/null 2>&1 &&
-    [ -d /run/systemd/system ]; then
-    $sudo systemctl disable --now dnsmasq >/dev/null 2>&1 || true
+  # Where a service manager runs, keep the packaged services off so they
+  # never hold port 53 or 6379 on this machine.
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    for service in dnsmasq redis-server; do
+      if [[ " ${missing[*]} " == *" $service "* ]]; then
+        $sudo systemctl disable --now "$service" >/dev/null 2>&1 || true
+      fi
+    done
   fi
 fi
-for tool in swaks python3 dnsmasq; do
+for tool in swaks python3 dnsmasq redis-server; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required by the tests" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || {

@@ -90,6 +90,10 @@ pub struct QueueConfig {
     pub backend: QueueBackend,
     pub path: PathBuf,
     pub redis_url: String,
+    /// The longest wait for Redis to answer one operation (reconnecting
+    /// included) before the spool reports it unavailable.
+    #[serde(with = "human::duration")]
+    pub redis_response_timeout: Duration,
     #[serde(with = "human::durations")]
     pub retry_intervals: Vec<Duration>,
     #[serde(with = "human::duration")]
@@ -260,6 +264,7 @@ impl Default for QueueConfig {
             backend: QueueBackend::Local,
             path: PathBuf::from("./spool"),
             redis_url: "redis://127.0.0.1:6379".to_string(),
+            redis_response_timeout: Duration::from_secs(5),
             retry_intervals: [15 * 60, 30 * 60, 3600, 4 * 3600]
                 .into_iter()
                 .map(Duration::from_secs)
@@ -614,7 +619,8 @@ impl Config {
         if queue.backend == QueueBackend::Redis {
             errors.add(
                 "queue.backend",
-                "\"redis\" is not available in this release; only \"local\" works",
+                "\"redis\" cannot run a node yet: the Redis spool exists; running a node \
+                 on it comes with the shared queue. Use \"local\"",
             );
         }
         if queue.path.as_os_str().is_empty() {
@@ -636,6 +642,9 @@ impl Config {
         }
         if queue.max_lifetime.is_zero() {
             errors.add("queue.max_lifetime", "must be longer than 0s");
+        }
+        if queue.redis_response_timeout.is_zero() {
+            errors.add("queue.redis_response_timeout", "must be longer than 0s");
         }
     }
 
@@ -1210,7 +1219,28 @@ mod tests {
             ],
             "{errors:#?}"
         );
-        assert!(errors[4].contains("only \"local\" works"), "{}", errors[4]);
+        assert!(
+            errors[4].contains("the Redis spool exists")
+                && errors[4].contains("comes with the shared queue"),
+            "{}",
+            errors[4]
+        );
+    }
+
+    #[test]
+    fn the_redis_response_timeout_is_a_duration_above_zero() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.queue.redis_response_timeout, Duration::from_secs(5));
+        let config = load("[queue]\nredis_response_timeout = \"750ms\"", &[]).unwrap();
+        assert_eq!(
+            config.queue.redis_response_timeout,
+            Duration::from_millis(750)
+        );
+        let errors = invalid("[queue]\nredis_response_timeout = \"0s\"");
+        assert_eq!(
+            errors,
+            ["queue.redis_response_timeout: must be longer than 0s"]
+        );
     }
 
     #[test]

@@ -8,9 +8,13 @@ use async_trait::async_trait;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 
 pub mod local;
+pub mod redis;
+#[cfg(test)]
+pub mod redis_server;
 #[cfg(test)]
 pub mod suite;
 
+pub use self::redis::{Durability, RedisSpool, RedisSpoolOptions};
 pub use local::{LocalSpool, LocalSpoolOptions};
 
 /// A message to store: its record and its body (headers and content, as

@@ -1,0 +1,884 @@
+//! The Redis spool: accepted mail kept in a Redis server that every node of a
+//! cluster can reach.
+//!
+//! # Key schema
+//!
+//! Every key of one message shares the hash tag `{m:<id>}`, so on Redis
+//! Cluster a message lives in one slot and a transaction or script may
+//! touch all of its keys:
+//!
+//! | key | type | value |
+//! | --- | --- | --- |
+//! | `smarthost:{m:<id>}:record` | string | [`envelope::encode`] of the [`MessageRecord`] |
+//! | `smarthost:{m:<id>}:body` | string | [`envelope::encode`] of the body, as one byte string |
+//! | `smarthost:{index}:messages` | sorted set | member `<id>`, score the receive time in ms |
+//!
+//! Both values start with the record version byte, so a node of a newer
+//! release reads what an older one wrote, and a value of a version this
+//! release does not know is [`SpoolError::Corrupt`], never a panic. The
+//! index orders [`Spool::list`] by receive time, ties by id (ids are hex
+//! strings of equal length, so Redis's member order is the id order).
+//!
+//! The scheduling keys that come with the shared queue (ready work per
+//! domain, deferred work by next attempt, leases, throttles) use
+//! `{d:<domain>}` tags and refer to messages by id; they do not change the
+//! keys above.
+//!
+//! # Consistency
+//!
+//! On one Redis server `store` and `remove` are each one `MULTI`/`EXEC`
+//! transaction: no reader sees half of one, and a server that dies in the
+//! middle of one drops the unfinished transaction when it replays its AOF.
+//!
+//! On Redis Cluster the index lives in its own slot, so no transaction can
+//! span a message and its index entry. The order of the writes is chosen so
+//! that an interrupted `store` or `remove` leaves at worst an index entry
+//! without a message, never a message without an index entry (which
+//! nothing would ever find, deliver or bounce):
+//!
+//! - `store` adds the index entry first, then writes the message keys;
+//! - `remove` deletes the message keys first, then the index entry.
+//!
+//! [`Spool::list`] skips an index entry whose record is missing and deletes
+//! it once the message's receive time is [`DANGLING_GRACE`] in the past: a
+//! younger entry may belong to a `store` whose message keys are still on
+//! their way. A `store` that failed was never acknowledged, so its client
+//! sends the message again; a `remove` that failed removed a message that
+//! was done anyway.
+//!
+//! # Round trips
+//!
+//! `store` of a whole batch, `update`, `remove` and `read_body` are one
+//! round trip each; `list` is two (the index, then all records in one
+//! pipeline), plus one when it cleans dangling index entries.
+//! [`RedisSpool::round_trips`] counts them.
+//!
+//! # Durability
+//!
+//! `open` reads the server's persistence settings (`CONFIG GET appendonly`,
+//! `appendfsync`) and whether it has `WAITAOF` (Redis 7.2), and logs what
+//! an acknowledged write means ([`Durability`]):
+//!
+//! - `appendonly yes` with `appendfsync always`: Redis fsyncs the AOF before
+//!   it replies, so a reply is a write on disk.
+//! - `appendonly yes` and `WAITAOF` present: every write is followed, in the
+//!   same round trip, by `WAITAOF 1 0 <timeout>`, and fails unless the local
+//!   AOF was fsynced in time.
+//! - Otherwise (AOF off, `appendfsync everysec`/`no` without `WAITAOF`, or
+//!   `CONFIG` disabled so the settings cannot be read): a reply means the
+//!   write is in the server's memory. A server crash loses up to about a
+//!   second of acknowledged mail with `everysec`, and everything since the
+//!   last snapshot without an AOF. `open` warns about it.
+//!
+//! `WAIT` for replicas is not issued: it says nothing about the primary's
+//! disk, and with no replica configured `WAIT 0` returns at once.
+//! The settings are read once, at `open`.
+//!
+//! # Failures
+//!
+//! Every Redis error, a refused or lost connection and a reply that does
+//! not come within the response timeout are [`SpoolError::Unavailable`].
+//! The connection manager reconnects by itself: once the server is back,
+//! the next operations succeed without reopening the spool.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, FromRedisValue, Pipeline, Value};
+use serde::{Deserialize, Serialize};
+use smarthost_proto::envelope::{self, MessageId, MessageRecord};
+
+use super::{NewMessage, Spool, SpoolError};
+
+/// The sorted set of all stored messages by receive time.
+pub const INDEX_KEY: &str = "smarthost:{index}:messages";
+
+/// How old (by receive time) an index entry without a record must be
+/// before [`Spool::list`] deletes it.
+pub const DANGLING_GRACE: Duration = Duration::from_secs(10 * 60);
+
+pub fn record_key(id: &MessageId) -> String {
+    format!("smarthost:{{m:{id}}}:record")
+}
+
+pub fn body_key(id: &MessageId) -> String {
+    format!("smarthost:{{m:{id}}}:body")
+}
+
+/// How a [`RedisSpool`] talks to its server.
+#[derive(Clone, Debug)]
+pub struct RedisSpoolOptions {
+    /// The longest wait for a connection or for the reply to one
+    /// operation (reconnecting included) before it is `Unavailable`.
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisSpoolOptions {
+    fn default() -> Self {
+        RedisSpoolOptions {
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What an acknowledged write means on the server `open` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// `appendonly yes`, `appendfsync always`: fsynced before the reply.
+    AofFsyncAlways,
+    /// `appendonly yes` and `WAITAOF`: each write waits for the fsync.
+    WaitAof,
+    /// In the server's memory only; a server crash may lose it.
+    Memory,
+}
+
+/// A body as it is stored: one byte string behind the version byte.
+#[derive(Serialize)]
+struct BodyOut<'a> {
+    #[serde(serialize_with = "super::local::body_bytes::serialize")]
+    bytes: &'a [u8],
+}
+
+#[derive(Deserialize)]
+struct BodyIn {
+    #[serde(deserialize_with = "super::local::body_bytes::deserialize")]
+    bytes: Vec<u8>,
+}
+
+fn encode_body(body: &[u8]) -> Vec<u8> {
+    envelope::encode(&BodyOut { bytes: body })
+}
+
+fn decode_record(id: &MessageId, bytes: &[u8]) -> Result<MessageRecord, SpoolError> {
+    envelope::decode(bytes).map_err(|e| SpoolError::Corrupt(format!("record of {id}: {e}")))
+}
+
+fn decode_body(id: &MessageId, bytes: &[u8]) -> Result<Vec<u8>, SpoolError> {
+    envelope::decode::<BodyIn>(bytes)
+        .map(|b| b.bytes)
+        .map_err(|e| SpoolError::Corrupt(format!("body of {id}: {e}")))
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A transaction's `EXEC` reply: the replies of its commands.
+fn exec_replies(what: &str, reply: Value) -> Result<Vec<Value>, SpoolError> {
+    let items = match reply {
+        Value::Array(items) => items,
+        Value::Nil => {
+            return Err(SpoolError::Unavailable(format!(
+                "redis {what}: transaction aborted"
+            )))
+        }
+        other => {
+            return Err(SpoolError::Unavailable(format!(
+                "redis {what}: unexpected EXEC reply {other:?}"
+            )))
+        }
+    };
+    if let Some(Value::ServerError(e)) = items.iter().find(|v| matches!(v, Value::ServerError(_))) {
+        return Err(SpoolError::Unavailable(format!("redis {what}: {e:?}")));
+    }
+    Ok(items)
+}
+
+/// The `WAITAOF` reply `[local, replicas]`: fine if the local AOF is synced.
+fn check_waitaof(what: &str, reply: &[i64]) -> Result<(), SpoolError> {
+    match reply.first() {
+        Some(&local) if local >= 1 => Ok(()),
+        _ => Err(SpoolError::Unavailable(format!(
+            "redis {what}: the write was not fsynced to the AOF in time ({reply:?})"
+        ))),
+    }
+}
+
+fn as_int(value: &Value) -> i64 {
+    match value {
+        Value::Int(n) => *n,
+        _ => 0,
+    }
+}
+
+/// The Redis implementation of [`Spool`].
+pub struct RedisSpool {
+    conn: ConnectionManager,
+    options: RedisSpoolOptions,
+    durability: Durability,
+    round_trips: AtomicU64,
+}
+
+impl std::fmt::Debug for RedisSpool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSpool")
+            .field("durability", &self.durability)
+            .field("round_trips", &self.round_trips())
+            .finish()
+    }
+}
+
+impl RedisSpool {
+    /// Connects to the server at `url` with the default options.
+    pub async fn open(url: &str) -> Result<RedisSpool, SpoolError> {
+        RedisSpool::open_with(url, RedisSpoolOptions::default()).await
+    }
+
+    /// Connects, reads the server's persistence settings and logs what an
+    /// acknowledged write will mean.
+    pub async fn open_with(
+        url: &str,
+        options: RedisSpoolOptions,
+    ) -> Result<RedisSpool, SpoolError> {
+        let shown = redact(url);
+        let client = redis::Client::open(url)
+            .map_err(|e| SpoolError::Unavailable(format!("redis url {shown}: {e}")))?;
+        let timeout = options.response_timeout;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout))
+            // A reconnect gives up after a few quick tries, so that
+            // operations on a server that refuses connections fail at once
+            // instead of waiting out the timeout; the next operation
+            // starts a new reconnect.
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = tokio::time::timeout(timeout, client.get_connection_manager_with_config(config))
+            .await
+            .map_err(|_| {
+                SpoolError::Unavailable(format!("redis at {shown}: no connection in {timeout:?}"))
+            })?
+            .map_err(|e| SpoolError::Unavailable(format!("redis at {shown}: {e}")))?;
+        let mut spool = RedisSpool {
+            conn,
+            options,
+            durability: Durability::Memory,
+            round_trips: AtomicU64::new(0),
+        };
+        spool.durability = spool.probe_durability(&shown).await?;
+        Ok(spool)
+    }
+
+    /// What an acknowledged write means on this server.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Round trips to Redis since `open` (the settings probe included).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    async fn probe_durability(&self, shown: &str) -> Result<Durability, SpoolError> {
+        let waitaof: Vec<Value> = self
+            .query_cmd(
+                "COMMAND INFO",
+                redis::cmd("COMMAND").arg("INFO").arg("WAITAOF"),
+            )
+            .await
+            .unwrap_or_default();
+        let has_waitaof = waitaof.first().is_some_and(|v| *v != Value::Nil);
+        let settings = async {
+            let appendonly = self.config_get("appendonly").await?;
+            let appendfsync = self.config_get("appendfsync").await?;
+            Ok::<_, SpoolError>((appendonly, appendfsync))
+        }
+        .await;
+        let durability = match &settings {
+            Ok((aof, fsync)) if aof == "yes" && fsync == "always" => Durability::AofFsyncAlways,
+            Ok((aof, _)) if aof == "yes" && has_waitaof => Durability::WaitAof,
+            _ => Durability::Memory,
+        };
+        match (&settings, durability) {
+            (Ok(_), Durability::AofFsyncAlways) => tracing::info!(redis = %shown,
+                "redis spool: appendfsync always, an acknowledged write is on disk"),
+            (Ok((_, fsync)), Durability::WaitAof) => tracing::info!(redis = %shown,
+                appendfsync = %fsync, "redis spool: every write waits for WAITAOF, an acknowledged write is on disk"),
+            (Ok((aof, fsync)), _) => tracing::warn!(redis = %shown, appendonly = %aof,
+                appendfsync = %fsync, "redis spool: an acknowledged write is only in the server's memory; \
+                 a Redis crash can lose accepted mail (set appendonly yes, appendfsync always)"),
+            (Err(e), _) => tracing::warn!(redis = %shown, error = %e,
+                "redis spool: cannot read the persistence settings (CONFIG disabled?); \
+                 assuming an acknowledged write is only in the server's memory"),
+        }
+        Ok(durability)
+    }
+
+    async fn config_get(&self, name: &str) -> Result<String, SpoolError> {
+        let pairs: Vec<(String, String)> = self
+            .query_cmd("CONFIG GET", redis::cmd("CONFIG").arg("GET").arg(name))
+            .await?;
+        pairs
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.to_ascii_lowercase())
+            .ok_or_else(|| SpoolError::Unavailable(format!("redis CONFIG GET {name}: no value")))
+    }
+
+    /// The deadline of one round trip, reconnecting included.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        request: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SpoolError> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.options.response_timeout;
+        match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(SpoolError::Unavailable(format!("redis {what}: {e}"))),
+            Err(_) => Err(SpoolError::Unavailable(format!(
+                "redis {what}: no reply within {timeout:?}"
+            ))),
+        }
+    }
+
+    async fn query_cmd<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, SpoolError> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, cmd.query_async(&mut conn)).await
+    }
+
+    async fn query_pipe<T: FromRedisValue>(
+        &self,
+        what: &str,
+        pipe: &Pipeline,
+    ) -> Result<T, SpoolError> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, pipe.query_async(&mut conn)).await
+    }
+
+    /// Adds the durability wait to a write pipeline, if this server needs one.
+    fn add_wait(&self, pipe: &mut Pipeline) {
+        if self.durability == Durability::WaitAof {
+            pipe.cmd("WAITAOF")
+                .arg(1)
+                .arg(0)
+                .arg(self.options.response_timeout.as_millis() as u64);
+        }
+    }
+
+    /// Checks the durability wait's reply, the last of `replies`.
+    fn check_wait(&self, what: &str, replies: &[Value]) -> Result<(), SpoolError> {
+        if self.durability != Durability::WaitAof {
+            return Ok(());
+        }
+        let counts: Vec<i64> = match replies.last() {
+            Some(Value::Array(items)) => items.iter().map(as_int).collect(),
+            _ => Vec::new(),
+        };
+        check_waitaof(what, &counts)
+    }
+
+    /// Runs `MULTI`, `commands`, `EXEC` and the durability wait as one
+    /// round trip and returns the replies of `commands`.
+    async fn transaction(&self, what: &str, commands: Vec<Cmd>) -> Result<Vec<Value>, SpoolError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI").ignore();
+        for cmd in commands {
+            pipe.add_command(cmd).ignore();
+        }
+        pipe.cmd("EXEC");
+        self.add_wait(&mut pipe);
+        let mut replies: Vec<Value> = self.query_pipe(what, &pipe).await?;
+        self.check_wait(what, &replies)?;
+        if self.durability == Durability::WaitAof {
+            replies.pop();
+        }
+        let exec = replies.pop().unwrap_or(Value::Nil);
+        exec_replies(what, exec)
+    }
+
+    /// Deletes index entries whose record is gone (see the module doc).
+    async fn clean_dangling(&self, ids: Vec<MessageId>) {
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(INDEX_KEY);
+        for id in &ids {
+            zrem.arg(id.as_str());
+        }
+        match self.query_cmd::<i64>("ZREM", &zrem).await {
+            Ok(n) => tracing::info!(
+                entries = n,
+                "redis spool: deleted index entries of messages that are gone"
+            ),
+            Err(e) => tracing::warn!(error = %e, "redis spool: cleaning the index failed"),
+        }
+    }
+}
+
+#[async_trait]
+impl Spool for RedisSpool {
+    async fn store(&self, batch: Vec<NewMessage>) -> Result<(), SpoolError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // The index entries first: see "Consistency" in the module doc.
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(INDEX_KEY);
+        for m in &batch {
+            zadd.arg(m.record.received_ms).arg(m.record.id.as_str());
+        }
+        let mut commands = Vec::with_capacity(1 + 2 * batch.len());
+        commands.push(zadd);
+        for m in &batch {
+            let mut set = redis::cmd("SET");
+            set.arg(record_key(&m.record.id))
+                .arg(envelope::encode(&m.record));
+            commands.push(set);
+            let mut set = redis::cmd("SET");
+            set.arg(body_key(&m.record.id)).arg(encode_body(&m.body));
+            commands.push(set);
+        }
+        self.transaction("store", commands).await?;
+        Ok(())
+    }
+
+    async fn update(&self, record: MessageRecord) -> Result<(), SpoolError> {
+        let mut pipe = redis::pipe();
+        // XX: only a record that exists is replaced.
+        pipe.cmd("SET")
+            .arg(record_key(&record.id))
+            .arg(envelope::encode(&record))
+            .arg("XX");
+        self.add_wait(&mut pipe);
+        let replies: Vec<Value> = self.query_pipe("update", &pipe).await?;
+        self.check_wait("update", &replies)?;
+        match replies.first() {
+            Some(Value::Nil) => Err(SpoolError::NotFound(record.id)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn remove(&self, id: &MessageId) -> Result<(), SpoolError> {
+        // The message keys first, the index entry last.
+        let mut del = redis::cmd("DEL");
+        del.arg(record_key(id)).arg(body_key(id));
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(INDEX_KEY).arg(id.as_str());
+        let replies = self.transaction("remove", vec![del, zrem]).await?;
+        if replies.first().map(as_int).unwrap_or(0) == 0 {
+            return Err(SpoolError::NotFound(id.clone()));
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {
+        let entries: Vec<(String, f64)> = self
+            .query_cmd(
+                "list",
+                redis::cmd("ZRANGE")
+                    .arg(INDEX_KEY)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES"),
+            )
+            .await?;
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (id, _) in &entries {
+            pipe.cmd("GET").arg(record_key(&MessageId(id.clone())));
+        }
+        let values: Vec<Option<Vec<u8>>> = self.query_pipe("list", &pipe).await?;
+        let cutoff = now_ms().saturating_sub(DANGLING_GRACE.as_millis() as u64);
+        let mut records = Vec::with_capacity(entries.len());
+        let mut dangling = Vec::new();
+        for ((id, received_ms), value) in entries.into_iter().zip(values) {
+            let id = MessageId(id);
+            match value {
+                Some(bytes) => records.push(decode_record(&id, &bytes)?),
+                None if (received_ms as u64) < cutoff => dangling.push(id),
+                None => {}
+            }
+        }
+        if !dangling.is_empty() {
+            self.clean_dangling(dangling).await;
+        }
+        Ok(records)
+    }
+
+    async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
+        let value: Option<Vec<u8>> = self
+            .query_cmd("read_body", redis::cmd("GET").arg(body_key(id)))
+            .await?;
+        match value {
+            Some(bytes) => decode_body(id, &bytes),
+            None => Err(SpoolError::NotFound(id.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use smarthost_proto::envelope::RECORD_VERSION;
+
+    use super::*;
+    use crate::spool::redis_server::RedisServer;
+    use crate::spool::suite::{self, id, message};
+
+    async fn open(server: &RedisServer) -> RedisSpool {
+        RedisSpool::open(&server.url()).await.expect("open")
+    }
+
+    /// A plain connection to look at and damage what the spool wrote.
+    async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<u8> {
+        redis::cmd("GET").arg(key).query_async(conn).await.unwrap()
+    }
+
+    async fn set(conn: &mut redis::aio::MultiplexedConnection, key: &str, value: &[u8]) {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async::<()>(conn)
+            .await
+            .unwrap();
+    }
+
+    fn ids(records: &[MessageRecord]) -> Vec<MessageId> {
+        records.iter().map(|r| r.id.clone()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_spool_suite() {
+        let server = RedisServer::start();
+        let url = server.url();
+        suite::run(|| {
+            let url = url.clone();
+            async move { Arc::new(RedisSpool::open(&url).await.expect("open")) as Arc<dyn Spool> }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn records_and_bodies_are_stored_behind_the_version_byte() {
+        let server = RedisServer::start();
+        let spool = open(&server).await;
+        let m = message(7, 1000);
+        spool.store(vec![m.clone()]).await.unwrap();
+
+        let mut conn = raw(&server).await;
+        let record = get(&mut conn, &record_key(&id(7))).await;
+        assert_eq!(record[0], RECORD_VERSION);
+        assert_eq!(
+            envelope::decode::<MessageRecord>(&record).unwrap(),
+            m.record
+        );
+        let body = get(&mut conn, &body_key(&id(7))).await;
+        assert_eq!(body[0], RECORD_VERSION);
+        assert_eq!(decode_body(&id(7), &body).unwrap(), m.body);
+        // The body is one byte string, not a byte per element.
+        assert!(body.len() < m.body.len() + 8, "{} bytes", body.len());
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg(INDEX_KEY)
+            .arg(id(7).as_str())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(score as u64, m.record.received_ms);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_version_is_corrupt_not_a_panic() {
+        let server = RedisServer::start();
+        let spool = open(&server).await;
+        spool
+            .store(vec![message(1, 100), message(2, 100)])
+            .await
+            .unwrap();
+        let mut conn = raw(&server).await;
+
+        let mut body = get(&mut conn, &body_key(&id(2))).await;
+        body[0] = 99;
+        set(&mut conn, &body_key(&id(2)), &body).await;
+        match spool.read_body(&id(2)).await {
+            Err(SpoolError::Corrupt(why)) => assert!(why.contains("version 99"), "{why}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(spool.read_body(&id(1)).await.unwrap(), message(1, 100).body);
+
+        let mut record = get(&mut conn, &record_key(&id(2))).await;
+        record[0] = 99;
+        set(&mut conn, &record_key(&id(2)), &record).await;
+        match spool.list().await {
+            Err(SpoolError::Corrupt(why)) => {
+                assert!(
+                    why.contains("version 99") && why.contains(id(2).as_str()),
+                    "{why}"
+                )
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        set(&mut conn, &record_key(&id(2)), &[RECORD_VERSION, 0xff]).await;
+        assert!(matches!(spool.list().await, Err(SpoolError::Corrupt(_))));
+        set(&mut conn, &record_key(&id(2)), &[]).await;
+        assert!(matches!(spool.list().await, Err(SpoolError::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn round_trips_per_operation() {
+        let server = RedisServer::start();
+        let spool = open(&server).await;
+        let mut last = spool.round_trips();
+        let mut trips = || {
+            let now = spool.round_trips();
+            let n = now - last;
+            last = now;
+            n
+        };
+
+        let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
+        spool.store(batch).await.unwrap();
+        assert_eq!(trips(), 1, "a store of 100 messages");
+        assert_eq!(spool.list().await.unwrap().len(), 100);
+        assert_eq!(trips(), 2, "list");
+        spool.read_body(&id(5)).await.unwrap();
+        assert_eq!(trips(), 1, "read_body");
+        let mut record = message(5, 2048).record;
+        record.deliveries[0].attempts = 1;
+        spool.update(record).await.unwrap();
+        assert_eq!(trips(), 1, "update");
+        spool.remove(&id(5)).await.unwrap();
+        assert_eq!(trips(), 1, "remove");
+        spool.store(Vec::new()).await.unwrap();
+        assert_eq!(trips(), 0, "an empty store");
+    }
+
+    #[tokio::test]
+    async fn a_dangling_index_entry_is_skipped_and_cleaned() {
+        let server = RedisServer::start();
+        let spool = open(&server).await;
+        spool
+            .store(vec![message(1, 10), message(3, 10)])
+            .await
+            .unwrap();
+        let mut conn = raw(&server).await;
+        // What a store interrupted after its index entry leaves behind: an
+        // old one and one of a message received just now.
+        let young = MessageId::new(now_ms(), 1);
+        redis::cmd("ZADD")
+            .arg(INDEX_KEY)
+            .arg(message(2, 10).record.received_ms)
+            .arg(id(2).as_str())
+            .arg(now_ms())
+            .arg(young.as_str())
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(1), id(3)]);
+        let left: Vec<String> = redis::cmd("ZRANGE")
+            .arg(INDEX_KEY)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            left,
+            vec![id(1).0, id(3).0, young.0],
+            "the old entry is cleaned, the young one may still get its message"
+        );
+        assert!(matches!(
+            spool.remove(&id(2)).await,
+            Err(SpoolError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dead_redis_is_unavailable_within_the_timeout() {
+        let mut server = RedisServer::start();
+        let timeout = Duration::from_secs(2);
+        let spool = RedisSpool::open_with(
+            &server.url(),
+            RedisSpoolOptions {
+                response_timeout: timeout,
+            },
+        )
+        .await
+        .unwrap();
+        spool.store(vec![message(1, 100)]).await.unwrap();
+        server.kill();
+
+        for attempt in 0..3 {
+            let started = Instant::now();
+            let result = spool.store(vec![message(10 + attempt, 100)]).await;
+            assert!(
+                matches!(result, Err(SpoolError::Unavailable(_))),
+                "{result:?}"
+            );
+            assert!(
+                started.elapsed() < timeout + Duration::from_secs(1),
+                "attempt {attempt} took {:?}",
+                started.elapsed()
+            );
+        }
+        let started = Instant::now();
+        assert!(matches!(
+            spool.list().await,
+            Err(SpoolError::Unavailable(_))
+        ));
+        assert!(started.elapsed() < timeout + Duration::from_secs(1));
+
+        // Nobody listening at all: open fails, it does not hang.
+        let started = Instant::now();
+        let opened = RedisSpool::open_with(
+            &server.url(),
+            RedisSpoolOptions {
+                response_timeout: timeout,
+            },
+        )
+        .await;
+        assert!(matches!(opened, Err(SpoolError::Unavailable(_))));
+        assert!(started.elapsed() < timeout + Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_hung_redis_is_unavailable_within_the_timeout() {
+        let server = RedisServer::start();
+        let timeout = Duration::from_secs(1);
+        let spool = RedisSpool::open_with(
+            &server.url(),
+            RedisSpoolOptions {
+                response_timeout: timeout,
+            },
+        )
+        .await
+        .unwrap();
+        spool.store(vec![message(1, 100)]).await.unwrap();
+
+        server.pause();
+        let started = Instant::now();
+        let result = spool.store(vec![message(2, 100)]).await;
+        assert!(
+            matches!(result, Err(SpoolError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < timeout + Duration::from_secs(1));
+        server.resume();
+
+        // The store that timed out may still have been applied; either
+        // way the spool works again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = spool.store(vec![message(3, 100)]).await {
+            assert!(Instant::now() < deadline, "no recovery: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let listed = ids(&spool.list().await.unwrap());
+        assert!(
+            listed.contains(&id(1)) && listed.contains(&id(3)),
+            "{listed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_redis_has_everything_and_the_spool_carries_on() {
+        let mut server = RedisServer::start();
+        let spool = RedisSpool::open_with(
+            &server.url(),
+            RedisSpoolOptions {
+                response_timeout: Duration::from_secs(2),
+            },
+        )
+        .await
+        .unwrap();
+        let batch: Vec<NewMessage> = (0..50).map(|n| message(n, 3000)).collect();
+        spool.store(batch).await.unwrap();
+        for n in 50..60 {
+            spool.store(vec![message(n, 500)]).await.unwrap();
+        }
+        spool.remove(&id(0)).await.unwrap();
+        let before = spool.list().await.unwrap();
+        assert_eq!(before.len(), 59);
+
+        // A crash: SIGKILL, then a start from the same AOF.
+        server.kill();
+        assert!(spool.store(vec![message(100, 10)]).await.is_err());
+        server.restart();
+
+        // The same spool, not reopened: the connection comes back by
+        // itself, at worst after an operation that still saw the old one.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut failures = 0;
+        while let Err(e) = spool.store(vec![message(200, 10)]).await {
+            failures += 1;
+            assert!(Instant::now() < deadline, "no reconnect: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(failures <= 2, "{failures} failures after the restart");
+
+        let after = spool.list().await.unwrap();
+        assert_eq!(&after[..59], &before[..]);
+        assert_eq!(ids(&after[59..]), vec![id(200)]);
+        for n in 1..60 {
+            let len = if n < 50 { 3000 } else { 500 };
+            assert_eq!(spool.read_body(&id(n)).await.unwrap(), message(n, len).body);
+        }
+        assert!(matches!(
+            spool.read_body(&id(100)).await,
+            Err(SpoolError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_persistence_settings_are_read_at_open() {
+        let server = RedisServer::start();
+        assert_eq!(open(&server).await.durability(), Durability::AofFsyncAlways);
+
+        // Redis 7.0 has no WAITAOF, so everysec means memory only.
+        let server = RedisServer::start_with(&["--appendfsync", "everysec"]);
+        let spool = open(&server).await;
+        assert_eq!(spool.durability(), Durability::Memory);
+        spool.store(vec![message(1, 10)]).await.unwrap();
+
+        // CONFIG renamed away: the spool still opens and works.
+        let server = RedisServer::start_with(&["--rename-command", "CONFIG", ""]);
+        let spool = open(&server).await;
+        assert_eq!(spool.durability(), Durability::Memory);
+        spool.store(vec![message(1, 10)]).await.unwrap();
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(1)]);
+    }
+
+    #[test]
+    fn waitaof_replies_are_checked() {
+        assert!(check_waitaof("store", &[1, 0]).is_ok());
+        assert!(matches!(
+            check_waitaof("store", &[0, 0]),
+            Err(SpoolError::Unavailable(_))
+        ));
+        assert!(check_waitaof("store", &[]).is_err());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("redis://user:secret@redis.example:6379/0"),
+            "redis://***@redis.example:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}
