@@ -1321,13 +1321,21 @@ mod tests {
         );
 
         let err = load_err(
-            &format!("[[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{hash}\"\nrole = \"root\"\n"),
+            &format!(
+                "[[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{hash}\"\nrole = \"root\"\n"
+            ),
             &[],
         );
         assert!(err.starts_with("admin.operators[0].role: "), "{err}");
         assert!(err.contains("\"admin\", \"viewer\""), "{err}");
-        let err = load_err("[[admin.operators]]\nname = \"ops\"\nrole = \"admin\"\n", &[]);
-        assert!(err.starts_with("admin.operators[0].token_hash: missing"), "{err}");
+        let err = load_err(
+            "[[admin.operators]]\nname = \"ops\"\nrole = \"admin\"\n",
+            &[],
+        );
+        assert!(
+            err.starts_with("admin.operators[0].token_hash: missing"),
+            "{err}"
+        );
     }
 
     #[test]
