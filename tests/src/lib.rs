@@ -7,11 +7,13 @@
 //! - `ca`: a throw-away CA and server certificate for TLS tests.
 //! - `sink`: an SMTP server (aiosmtpd) that keeps what it is sent.
 //! - `dns`: a DNS server (dnsmasq) answering MX and A from test records.
+//! - `http`: a raw HTTP client for the relay's admin API.
 
 use std::path::PathBuf;
 
 pub mod ca;
 pub mod dns;
+pub mod http;
 pub mod relay;
 pub mod sink;
 pub mod smtp;
