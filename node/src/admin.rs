@@ -264,10 +264,13 @@ mod tests {
     use crate::auth::cheap_hash;
     use crate::config::{AdminOperator, OperatorRole};
 
+    /// What the fake queue was told: (domain, suspended).
+    type Seen = Arc<Mutex<Vec<(String, bool)>>>;
+
     /// Stands in for the queue: fixed counts, remembers suspensions.
     #[derive(Default)]
     struct FakeQueue {
-        suspended: Arc<Mutex<Vec<(String, bool)>>>,
+        suspended: Seen,
     }
 
     impl Actor for FakeQueue {
@@ -295,8 +298,6 @@ mod tests {
                 .push((msg.domain, msg.suspended));
         }
     }
-
-    type Seen = Arc<Mutex<Vec<(String, bool)>>>;
 
     fn env(operators: &[AdminOperator], ready: bool) -> (AdminEnv, Seen) {
         let fake = FakeQueue::default();
