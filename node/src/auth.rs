@@ -1,8 +1,8 @@
-//! Passwords for SMTP AUTH: argon2id hashes in PHC form, and the user table
-//! that checks them.
+//! Passwords for SMTP AUTH and tokens for the admin API: argon2id hashes in
+//! PHC form, the user table and the operator table that check them.
 //!
-//! `smarthost hash-password` writes the hashes that `[[smtp.users]]` holds;
-//! the clear password is never stored.
+//! `smarthost hash-password` writes the hashes that `[[smtp.users]]` and
+//! `[[admin.operators]]` hold; the clear secret is never stored.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,7 +10,7 @@ use std::fmt;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params};
 
-use crate::config::SmtpUser;
+use crate::config::{AdminOperator, OperatorRole, SmtpUser};
 
 /// Hashes a password with argon2id (the crate's default cost: 19 MiB, two
 /// passes) and a random 16-byte salt, as a PHC string
@@ -101,6 +101,96 @@ impl fmt::Debug for UserDb {
     }
 }
 
+/// What an admin API request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Looks (`GET`).
+    Read,
+    /// Changes something (`POST`).
+    Write,
+}
+
+impl OperatorRole {
+    /// Whether an operator with this role may make a request of this kind.
+    pub fn allows(self, access: Access) -> bool {
+        match (self, access) {
+            (OperatorRole::Admin, _) => true,
+            (OperatorRole::Viewer, Access::Read) => true,
+            (OperatorRole::Viewer, Access::Write) => false,
+        }
+    }
+}
+
+/// An operator a token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Operator {
+    pub name: String,
+    pub role: OperatorRole,
+}
+
+/// The operators that may use the admin API, from `[[admin.operators]]`.
+/// Holds hashes only; a token is checked and then forgotten.
+pub struct OperatorDb {
+    operators: Vec<(Operator, String)>,
+}
+
+impl OperatorDb {
+    pub fn new(operators: &[AdminOperator]) -> Self {
+        OperatorDb {
+            operators: operators
+                .iter()
+                .map(|o| {
+                    let operator = Operator {
+                        name: o.name.clone(),
+                        role: o.role,
+                    };
+                    (operator, o.token_hash.clone())
+                })
+                .collect(),
+        }
+    }
+
+    /// No operator configured: the API asks for no token.
+    pub fn is_empty(&self) -> bool {
+        self.operators.is_empty()
+    }
+
+    /// The operator whose token this is. Every hash is checked whichever
+    /// matches, so the time taken does not tell which one did: one argon2
+    /// verification per operator. Blocking; call it off the async threads.
+    pub fn identify(&self, token: &str) -> Option<Operator> {
+        let mut found = None;
+        for (operator, phc) in &self.operators {
+            if verify_password(phc, token) && found.is_none() {
+                found = Some(operator.clone());
+            }
+        }
+        found
+    }
+}
+
+/// Lists names and roles only, never the hashes.
+impl fmt::Debug for OperatorDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let operators: Vec<&Operator> = self.operators.iter().map(|(o, _)| o).collect();
+        f.debug_struct("OperatorDb")
+            .field("operators", &operators)
+            .finish()
+    }
+}
+
+/// A hash with the smallest argon2 cost, so that tests in debug builds stay
+/// fast; [`verify_password`] takes the cost from the hash.
+#[cfg(test)]
+pub(crate) fn cheap_hash(secret: &str) -> String {
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).unwrap();
+    let params = Params::new(Params::MIN_M_COST, 1, 1, None).unwrap();
+    Argon2::new(Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(secret.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +235,43 @@ mod tests {
         assert!(!db.verify("App", "pw"));
         assert!(!db.verify("nobody", "pw"));
         assert!(!format!("{db:?}").contains("argon2"));
+    }
+
+    #[test]
+    fn viewers_read_and_admins_also_write() {
+        assert!(OperatorRole::Admin.allows(Access::Read));
+        assert!(OperatorRole::Admin.allows(Access::Write));
+        assert!(OperatorRole::Viewer.allows(Access::Read));
+        assert!(!OperatorRole::Viewer.allows(Access::Write));
+    }
+
+    #[test]
+    fn operator_db_finds_the_operator_of_a_token() {
+        let operator = |name: &str, token: &str, role| AdminOperator {
+            name: name.to_string(),
+            token_hash: cheap_hash(token),
+            role,
+        };
+        let db = OperatorDb::new(&[
+            operator("ops", "admin-token", OperatorRole::Admin),
+            operator("noc", "viewer-token", OperatorRole::Viewer),
+        ]);
+        assert!(!db.is_empty());
+        assert_eq!(
+            db.identify("admin-token"),
+            Some(Operator {
+                name: "ops".to_string(),
+                role: OperatorRole::Admin
+            })
+        );
+        assert_eq!(
+            db.identify("viewer-token").map(|o| o.role),
+            Some(OperatorRole::Viewer)
+        );
+        for wrong in ["", "admin-token ", "Admin-token", "ops", "viewer"] {
+            assert_eq!(db.identify(wrong), None, "{wrong:?}");
+        }
+        assert!(!format!("{db:?}").contains("argon2"));
+        assert!(OperatorDb::new(&[]).is_empty());
     }
 }

@@ -1,7 +1,8 @@
 //! The `smarthost` command line.
 //!
-//! Exit codes: 0 on success, 1 when the server stops with an error, 2 for a
-//! configuration that does not load or validate (and for usage errors).
+//! Exit codes: 0 on success, 1 when the server stops with an error or an
+//! admin API call fails, 2 for a configuration that does not load or
+//! validate (and for usage errors).
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -9,7 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::admin_client::{AdminClient, ClientError};
 use crate::config::{Config, ConfigError};
+use crate::queue::QueueStats;
 
 #[derive(Debug, Parser)]
 #[command(name = "smarthost", version, about = "An SMTP relay for applications")]
@@ -34,7 +37,17 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
     },
-    /// Print the argon2id hash of a password, for [[smtp.users]].
+    /// Look at and steer the queue of a running node through its admin API
+    /// (at admin.listen of the configuration).
+    Queue {
+        /// The bearer token of an operator in [[admin.operators]].
+        #[arg(long, env = "SMARTHOST_TOKEN", hide_env_values = true, global = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Print the argon2id hash of a password or token, for [[smtp.users]]
+    /// and [[admin.operators]].
     HashPassword {
         /// The password. Prefer --stdin: arguments end up in shell history.
         #[arg(value_name = "SECRET", required_unless_present = "stdin")]
@@ -42,6 +55,22 @@ enum Command {
         /// Read the password from the first line of standard input.
         #[arg(long, conflicts_with = "secret")]
         stdin: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueAction {
+    /// Counts of messages and deliveries, by state and by domain.
+    Summary,
+    /// Hold the deliveries of a domain (they stay queued and still expire).
+    Suspend {
+        #[arg(value_name = "DOMAIN")]
+        domain: String,
+    },
+    /// Release the deliveries of a suspended domain.
+    Resume {
+        #[arg(value_name = "DOMAIN")]
+        domain: String,
     },
 }
 
@@ -61,7 +90,60 @@ pub fn main() -> ExitCode {
             }
             (file, config) => check_config(file.or(config).as_deref()),
         },
+        Command::Queue { token, action } => queue(cli.config.as_deref(), token, action),
         Command::HashPassword { secret, stdin } => hash_password(secret, stdin),
+    }
+}
+
+fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return config_failed(path, &e),
+    };
+    let listen = config.admin.listen;
+    let token = token.filter(|t| !t.is_empty());
+    let (domain, suspended) = match action {
+        QueueAction::Summary => {
+            let result = actix::System::new().block_on(async move {
+                let stats = AdminClient::new(listen, token).queue_stats().await?;
+                Ok::<_, ClientError>(format_summary(&stats))
+            });
+            return print_result(result);
+        }
+        QueueAction::Suspend { domain } => (domain, true),
+        QueueAction::Resume { domain } => (domain, false),
+    };
+    let domain = match crate::config::check_domain_name(&domain) {
+        Ok(domain) => domain,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = actix::System::new().block_on(async move {
+        let state = AdminClient::new(listen, token)
+            .set_suspended(&domain, suspended)
+            .await?;
+        let verb = if state.suspended {
+            "suspended: its deliveries are held"
+        } else {
+            "resumed: its deliveries go out again"
+        };
+        Ok(format!("{} {verb}\n", state.domain))
+    });
+    print_result(result)
+}
+
+fn print_result(result: Result<String, ClientError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -80,6 +162,37 @@ fn run(path: Option<&Path>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The queue counts as an aligned table, domains in name order.
+fn format_summary(stats: &QueueStats) -> String {
+    let mut rows = vec![
+        ("messages".to_string(), stats.messages),
+        ("ready".to_string(), stats.ready),
+        ("deferred".to_string(), stats.deferred),
+        ("in flight".to_string(), stats.in_flight),
+        ("waiting".to_string(), stats.waiting),
+        ("store calls".to_string(), stats.store_calls as usize),
+    ];
+    let head = rows.len();
+    rows.extend(
+        stats
+            .deliveries_by_domain
+            .iter()
+            .map(|(domain, count)| (format!("  {domain}"), *count)),
+    );
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (i, (name, count)) in rows.iter().enumerate() {
+        if i == head {
+            out.push_str("deliveries by domain\n");
+        }
+        out.push_str(&format!("{name:<width$}  {count}\n"));
+    }
+    if stats.deliveries_by_domain.is_empty() {
+        out.push_str("deliveries by domain: none\n");
+    }
+    out
 }
 
 fn check_config(path: Option<&Path>) -> ExitCode {
@@ -152,6 +265,15 @@ mod tests {
             &["smarthost", "--config", "a.toml", "run"],
             &["smarthost", "check-config", "--config", "a.toml"],
             &["smarthost", "hash-password", "--config", "a.toml", "x"],
+            &["smarthost", "queue", "summary", "--config", "a.toml"],
+            &[
+                "smarthost",
+                "queue",
+                "--config",
+                "a.toml",
+                "suspend",
+                "a.example",
+            ],
         ] {
             let cli = Cli::try_parse_from(args).unwrap();
             assert_eq!(cli.config.as_deref(), Some(Path::new("a.toml")), "{args:?}");
@@ -163,5 +285,41 @@ mod tests {
         assert!(Cli::try_parse_from(["smarthost", "hash-password"]).is_err());
         assert!(Cli::try_parse_from(["smarthost", "hash-password", "--stdin"]).is_ok());
         assert!(Cli::try_parse_from(["smarthost", "hash-password", "--stdin", "x"]).is_err());
+    }
+
+    #[test]
+    fn queue_commands_take_a_domain_and_a_token() {
+        let cli =
+            Cli::try_parse_from(["smarthost", "queue", "resume", "a.example", "--token", "t"])
+                .unwrap();
+        match cli.command {
+            Command::Queue {
+                token,
+                action: QueueAction::Resume { domain },
+            } => assert_eq!(
+                (token.as_deref(), domain.as_str()),
+                (Some("t"), "a.example")
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["smarthost", "queue", "suspend"]).is_err());
+        assert!(Cli::try_parse_from(["smarthost", "queue"]).is_err());
+    }
+
+    #[test]
+    fn the_summary_lists_counts_and_domains() {
+        let stats = QueueStats {
+            messages: 3,
+            deliveries_by_domain: [("held.test".to_string(), 3)].into_iter().collect(),
+            deferred: 3,
+            ..QueueStats::default()
+        };
+        let text = format_summary(&stats);
+        assert!(text.starts_with("messages     3\n"), "{text}");
+        assert!(text.contains("deferred     3\n"), "{text}");
+        assert!(
+            text.contains("deliveries by domain\n  held.test  3\n"),
+            "{text}"
+        );
     }
 }

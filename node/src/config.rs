@@ -178,6 +178,27 @@ pub struct BounceConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Who may use `/api/*`. None: the API is open (keep `listen` on loopback).
+    pub operators: Vec<AdminOperator>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminOperator {
+    pub name: String,
+    /// The argon2 PHC string of the operator's bearer token, from
+    /// `smarthost hash-password`.
+    pub token_hash: String,
+    pub role: OperatorRole,
+}
+
+/// What an operator may do through the admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OperatorRole {
+    /// Read the queue and change it (suspend, resume).
+    Admin,
+    /// Read only.
+    Viewer,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -218,6 +239,7 @@ named_values!(QueueBackend { "local" => Local, "redis" => Redis });
 named_values!(TlsPolicy { "opportunistic" => Opportunistic, "required" => Required, "disabled" => Disabled });
 named_values!(DomainKind { "remote" => Remote, "local" => Local });
 named_values!(LogFormat { "text" => Text, "json" => Json });
+named_values!(OperatorRole { "admin" => Admin, "viewer" => Viewer });
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -299,6 +321,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:8025".parse().expect("literal address"),
+            operators: Vec::new(),
         }
     }
 }
@@ -509,12 +532,7 @@ impl Config {
                 errors.add("bounce.copy_to", e);
             }
         }
-        if self.smtp.listen.contains(&self.admin.listen) {
-            errors.add(
-                "admin.listen",
-                format!("{} is also in smtp.listen", self.admin.listen),
-            );
-        }
+        self.validate_admin(&mut errors);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             errors.add(
                 "log.level",
@@ -610,6 +628,30 @@ impl Config {
             }
             if let Err(e) = crate::auth::check_password_hash(&user.password_hash) {
                 errors.add(format!("{key}.password_hash"), e);
+            }
+        }
+    }
+
+    fn validate_admin(&self, errors: &mut Errors) {
+        let admin = &self.admin;
+        if self.smtp.listen.contains(&admin.listen) {
+            errors.add(
+                "admin.listen",
+                format!("{} is also in smtp.listen", admin.listen),
+            );
+        }
+        for (i, operator) in admin.operators.iter().enumerate() {
+            let key = format!("admin.operators[{i}]");
+            if operator.name.trim().is_empty() {
+                errors.add(format!("{key}.name"), "must not be empty");
+            } else if admin.operators[..i].iter().any(|o| o.name == operator.name) {
+                errors.add(
+                    format!("{key}.name"),
+                    format!("operator {:?} is listed twice", operator.name),
+                );
+            }
+            if let Err(e) = crate::auth::check_password_hash(&operator.token_hash) {
+                errors.add(format!("{key}.token_hash"), e);
             }
         }
     }
@@ -1271,6 +1313,58 @@ mod tests {
                 "smtp.users[1].name",
             ],
             "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn operators_need_unique_names_usable_hashes_and_a_known_role() {
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Tt0Yl1xFw1v0BA6fyKUsI0VR5Ko9ZtVN4Nh2Ajm9b1Q";
+        let config = load(
+            &format!(
+                "[[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{hash}\"\nrole = \"admin\"\n\
+                 [[admin.operators]]\nname = \"noc\"\ntoken_hash = \"{hash}\"\nrole = \"Viewer\"\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        let roles: Vec<OperatorRole> = config.admin.operators.iter().map(|o| o.role).collect();
+        assert_eq!(roles, [OperatorRole::Admin, OperatorRole::Viewer]);
+
+        let errors = invalid(&format!(
+            "[[admin.operators]]\nname = \"ops\"\ntoken_hash = \"secret\"\nrole = \"admin\"\n\
+             [[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{hash}\"\nrole = \"viewer\"\n\
+             [[admin.operators]]\nname = \"\"\ntoken_hash = \"{hash}\"\nrole = \"viewer\"\n"
+        ));
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "admin.operators[0].token_hash",
+                "admin.operators[1].name",
+                "admin.operators[2].name",
+            ],
+            "{errors:#?}"
+        );
+
+        let err = load_err(
+            &format!(
+                "[[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{hash}\"\nrole = \"root\"\n"
+            ),
+            &[],
+        );
+        assert!(err.starts_with("admin.operators[0].role: "), "{err}");
+        assert!(err.contains("\"admin\", \"viewer\""), "{err}");
+        let err = load_err(
+            "[[admin.operators]]\nname = \"ops\"\nrole = \"admin\"\n",
+            &[],
+        );
+        assert!(
+            err.starts_with("admin.operators[0].token_hash: missing"),
+            "{err}"
         );
     }
 

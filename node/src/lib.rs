@@ -16,9 +16,13 @@
 //! - [`listener`]: the Listener actor: accepts connections under the limits.
 //! - [`session`]: the I/O shell of one SMTP session around `proto::session`.
 //! - [`tls`]: the STARTTLS server configuration.
+//! - [`admin`]: the admin HTTP server: health, readiness, the queue API.
+//! - [`admin_client`]: the client side of that API, for `smarthost queue`.
 //! - [`cli`]: the `smarthost` command line.
 //! - [`server`]: starts the actors of a node.
 
+pub mod admin;
+pub mod admin_client;
 pub mod auth;
 pub mod bounce;
 pub mod cli;

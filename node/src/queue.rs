@@ -91,8 +91,8 @@ struct Persist(MessageId, oneshot::Sender<()>);
 #[rtype(result = "()")]
 struct Unpin(MessageId);
 
-/// What [`Stats`] answers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What [`Stats`] answers (and the admin API's `GET /api/queue`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
     /// Messages with deliveries left.
     pub messages: usize,

@@ -1,7 +1,10 @@
 //! Starts the actors of a node and runs them until SIGTERM or Ctrl-C.
 //!
-//! Shutdown: the listener closes its sockets, idle sessions get `421` at
-//! once, sessions inside a transaction may finish it within the grace
+//! The admin server (`admin.listen`) starts with the queue; readiness turns
+//! true once the SMTP listener is bound.
+//!
+//! Shutdown: readiness turns false, the listener closes its sockets, idle
+//! sessions get `421` at once, sessions inside a transaction may finish it within the grace
 //! period; every message already answered with `250` is in the spool.
 
 use std::error::Error;
@@ -10,9 +13,10 @@ use std::sync::Arc;
 use actix::prelude::*;
 use smarthost_proto::address::{parse_forward_path, Path};
 use smarthost_proto::session::SessionConfig;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
-use crate::auth::UserDb;
+use crate::admin::{self, AdminEnv};
+use crate::auth::{OperatorDb, UserDb};
 use crate::bounce::ReportSettings;
 use crate::config::{check_domain_name, Config, DomainKind};
 use crate::delivery::connection::DeliveryEnv;
@@ -58,6 +62,30 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
         "spool opened"
     );
 
+    let (ready, is_ready) = watch::channel(false);
+    let admin = admin::start(
+        config.admin.listen,
+        AdminEnv::new(
+            queue.clone().recipient(),
+            queue.clone().recipient(),
+            OperatorDb::new(&config.admin.operators),
+            is_ready,
+        ),
+    )
+    .map_err(|e| {
+        format!(
+            "admin.listen: cannot listen on {}: {e}",
+            config.admin.listen
+        )
+    })?;
+    if config.admin.operators.is_empty() && !config.admin.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.admin.listen,
+            "the admin API is open to anyone who can reach it: configure [[admin.operators]]"
+        );
+    }
+    tracing::info!(listen = %config.admin.listen, "admin API listening");
+
     let listener = Listener::bind(
         &config.smtp.listen,
         ConnectionLimits::new(
@@ -68,9 +96,11 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
     )
     .await?
     .start();
+    ready.send_replace(true);
     tracing::info!(hostname = %config.node.hostname, "smarthost ready");
 
     wait_for_signal().await;
+    ready.send_replace(false);
     listener.send(StopAccepting).await?;
     let (drained, is_drained) = oneshot::channel();
     listener.send(WaitDrained(drained)).await?;
@@ -84,6 +114,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
             "grace period over, closing open sessions"
         );
     }
+    admin.stop(true).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -9,11 +9,13 @@
 //! - `dns`: a DNS server (dnsmasq) answering MX and A from test records.
 //! - `scenario`: a relay with a delivery log, submission, and the checks of
 //!   the delivery scenarios (delivery log, delivery status notifications).
+//! - `http`: a raw HTTP client for the relay's admin API.
 
 use std::path::PathBuf;
 
 pub mod ca;
 pub mod dns;
+pub mod http;
 pub mod relay;
 pub mod scenario;
 pub mod sink;

@@ -55,10 +55,40 @@ fn contain_delivery(sections: &str, dir: &std::path::Path) -> String {
     )
 }
 
+/// Gives every test relay its own admin port: adds `[admin] listen` on a
+/// free loopback port unless the test sets one; returns the sections and
+/// the admin address.
+fn contain_admin(sections: &str) -> (String, SocketAddr) {
+    let ours: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let Some(start) = sections.find("[admin]\n") else {
+        return (format!("[admin]\nlisten = \"{ours}\"\n\n{sections}"), ours);
+    };
+    let body_start = start + "[admin]\n".len();
+    let body_end = sections[body_start..]
+        .find("\n[")
+        .map_or(sections.len(), |i| body_start + i);
+    let listen = sections[body_start..body_end].lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == "listen").then(|| value.trim().trim_matches('"').parse().ok())?
+    });
+    match listen {
+        Some(addr) => (sections.to_string(), addr),
+        None => (
+            format!(
+                "{}listen = \"{ours}\"\n{}",
+                &sections[..body_start],
+                &sections[body_start..]
+            ),
+            ours,
+        ),
+    }
+}
+
 pub struct Relay {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub smtp: SocketAddr,
+    admin: SocketAddr,
     pub config: PathBuf,
     pub spool: PathBuf,
     log: PathBuf,
@@ -78,6 +108,7 @@ impl Relay {
         let spool = dir.path().join("spool");
         let config = dir.path().join("smarthost.toml");
         let sections = contain_delivery(sections, dir.path());
+        let (sections, admin) = contain_admin(&sections);
         let text = format!(
             "[node]\nhostname = \"relay.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\n{smtp_lines}\n\n\
              [queue]\npath = {spool:?}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{sections}\n",
@@ -90,11 +121,17 @@ impl Relay {
             .find(|(k, _)| *k == "SMARTHOST__QUEUE__PATH")
             .map(|(_, v)| PathBuf::from(v))
             .unwrap_or_else(|| spool.clone());
+        let admin = env
+            .iter()
+            .find(|(k, _)| *k == "SMARTHOST__ADMIN__LISTEN")
+            .map(|(_, v)| v.parse().expect("SMARTHOST__ADMIN__LISTEN is an address"))
+            .unwrap_or(admin);
         let mut relay = Relay {
             child: None,
             log: dir.path().join("smarthost.log"),
             dir,
             smtp,
+            admin,
             config,
             spool: spool_in_use,
             env: env
@@ -149,6 +186,26 @@ impl Relay {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("smarthost did not listen within 30 s:\n{}", self.log());
+    }
+
+    /// Where the relay's admin API listens (`[admin] listen`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// Runs `smarthost ARGS --config <this relay's file>` (with the relay's
+    /// environment plus `env`) and waits for it.
+    pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        Command::new(smarthost_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("SMARTHOST_TOKEN")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run smarthost")
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,412 @@
+//! The admin HTTP server on `admin.listen`: probes for Kubernetes and the
+//! operator API.
+//!
+//! - `GET /healthz`: 200 while the process runs.
+//! - `GET /readyz`: 200 while SMTP is accepted, 503 once shutdown began.
+//! - `GET /api/queue`: the queue counts ([`QueueStats`]) as JSON.
+//! - `POST /api/domains/{domain}/suspend` and `…/resume`: hold or release a
+//!   domain's deliveries.
+//!
+//! With `[[admin.operators]]` configured every `/api/*` request needs
+//! `Authorization: Bearer <token>` of one of them; viewers may read, admins
+//! may also write. Tokens are checked with argon2 on the blocking pool, a
+//! few at a time, and not kept. Without operators the API is open.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix::Recipient;
+use actix_web::dev::ServerHandle;
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Semaphore};
+
+use crate::auth::{Access, Operator, OperatorDb};
+use crate::config::check_domain_name;
+use crate::queue::{QueueStats, Stats, Suspend};
+
+/// At most this many argon2 verifications at once: each takes tens of MiB,
+/// and a flood of bad tokens must not take the node's memory.
+const MAX_VERIFICATIONS: usize = 4;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AdminEnv {
+    pub stats: Recipient<Stats>,
+    pub suspend: Recipient<Suspend>,
+    pub operators: Arc<OperatorDb>,
+    /// True while SMTP is accepted.
+    pub ready: watch::Receiver<bool>,
+    verifications: Arc<Semaphore>,
+}
+
+impl AdminEnv {
+    pub fn new(
+        stats: Recipient<Stats>,
+        suspend: Recipient<Suspend>,
+        operators: OperatorDb,
+        ready: watch::Receiver<bool>,
+    ) -> Self {
+        AdminEnv {
+            stats,
+            suspend,
+            operators: Arc::new(operators),
+            ready,
+            verifications: Arc::new(Semaphore::new(MAX_VERIFICATIONS)),
+        }
+    }
+}
+
+/// Binds `listen` and serves the admin API in the current actix system
+/// until the returned handle stops it. Signals are left to the caller.
+pub fn start(listen: SocketAddr, env: AdminEnv) -> std::io::Result<ServerHandle> {
+    let env = web::Data::new(env);
+    let server = HttpServer::new(move || App::new().app_data(env.clone()).configure(routes))
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .bind(listen)?
+        .run();
+    let handle = server.handle();
+    actix::spawn(async move {
+        if let Err(error) = server.await {
+            tracing::error!(%error, "the admin server stopped");
+        }
+    });
+    Ok(handle)
+}
+
+/// The routes, on an app whose data holds an [`AdminEnv`].
+pub fn routes(config: &mut web::ServiceConfig) {
+    // Resources rather than bare routes: another method gets 405, not 404.
+    config
+        .service(web::resource("/healthz").get(healthz))
+        .service(web::resource("/readyz").get(readyz))
+        .service(web::resource("/api/queue").get(queue))
+        .service(web::resource("/api/domains/{domain}/suspend").post(suspend))
+        .service(web::resource("/api/domains/{domain}/resume").post(resume));
+}
+
+/// The body of a suspend or resume answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainState {
+    /// The routing form: lower case, IDNA A-labels.
+    pub domain: String,
+    pub suspended: bool,
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Why a request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("operator {0:?} has the viewer role and may only read")]
+    Forbidden(String),
+    #[error("{0}")]
+    BadDomain(String),
+    #[error("the queue is not running")]
+    QueueGone,
+    #[error("the token check failed")]
+    CheckFailed,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::BadDomain(_) => StatusCode::BAD_REQUEST,
+            ApiError::QueueGone => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::CheckFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::Unauthorized(_) = self {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"smarthost\""));
+        }
+        response.json(ErrorBody {
+            error: self.to_string(),
+        })
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header value.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Lets the request through when no operator is configured, or when its
+/// token belongs to an operator whose role allows `access`; answers the
+/// operator (none for an open API).
+async fn authorize(
+    env: &AdminEnv,
+    request: &HttpRequest,
+    access: Access,
+) -> Result<Option<Operator>, ApiError> {
+    if env.operators.is_empty() {
+        return Ok(None);
+    }
+    let Some(header) = request.headers().get(header::AUTHORIZATION) else {
+        return Err(ApiError::Unauthorized("a bearer token is required"));
+    };
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(bearer_token)
+        .ok_or(ApiError::Unauthorized(
+            "the Authorization header is not \"Bearer <token>\"",
+        ))?
+        .to_string();
+    let _permit = env
+        .verifications
+        .acquire()
+        .await
+        .map_err(|_| ApiError::CheckFailed)?;
+    let operators = env.operators.clone();
+    let operator = web::block(move || operators.identify(&token))
+        .await
+        .map_err(|_| ApiError::CheckFailed)?;
+    let Some(operator) = operator else {
+        tracing::warn!(peer = ?request.peer_addr(), "admin API: unknown token");
+        return Err(ApiError::Unauthorized("the token is not valid"));
+    };
+    if !operator.role.allows(access) {
+        return Err(ApiError::Forbidden(operator.name));
+    }
+    Ok(Some(operator))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "alive" }))
+}
+
+async fn readyz(env: web::Data<AdminEnv>) -> HttpResponse {
+    if *env.ready.borrow() {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+    } else {
+        HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "not ready" }))
+    }
+}
+
+async fn queue(
+    request: HttpRequest,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<QueueStats>, ApiError> {
+    authorize(&env, &request, Access::Read).await?;
+    let stats = env
+        .stats
+        .send(Stats)
+        .await
+        .map_err(|_| ApiError::QueueGone)?;
+    Ok(web::Json(stats))
+}
+
+async fn suspend(
+    request: HttpRequest,
+    domain: web::Path<String>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<DomainState>, ApiError> {
+    set_suspended(request, &domain, env, true).await
+}
+
+async fn resume(
+    request: HttpRequest,
+    domain: web::Path<String>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<DomainState>, ApiError> {
+    set_suspended(request, &domain, env, false).await
+}
+
+async fn set_suspended(
+    request: HttpRequest,
+    domain: &str,
+    env: web::Data<AdminEnv>,
+    suspended: bool,
+) -> Result<web::Json<DomainState>, ApiError> {
+    let operator = authorize(&env, &request, Access::Write).await?;
+    let domain = check_domain_name(domain).map_err(ApiError::BadDomain)?;
+    env.suspend
+        .send(Suspend {
+            domain: domain.clone(),
+            suspended,
+        })
+        .await
+        .map_err(|_| ApiError::QueueGone)?;
+    tracing::info!(
+        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        %domain,
+        suspended,
+        "admin API: domain {}",
+        if suspended { "suspended" } else { "resumed" }
+    );
+    Ok(web::Json(DomainState { domain, suspended }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use actix::prelude::*;
+    use actix_web::test as http;
+
+    use super::*;
+    use crate::auth::cheap_hash;
+    use crate::config::{AdminOperator, OperatorRole};
+
+    /// What the fake queue was told: (domain, suspended).
+    type Seen = Arc<Mutex<Vec<(String, bool)>>>;
+
+    /// Stands in for the queue: fixed counts, remembers suspensions.
+    #[derive(Default)]
+    struct FakeQueue {
+        suspended: Seen,
+    }
+
+    impl Actor for FakeQueue {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Stats> for FakeQueue {
+        type Result = MessageResult<Stats>;
+
+        fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
+            MessageResult(QueueStats {
+                messages: 2,
+                ..QueueStats::default()
+            })
+        }
+    }
+
+    impl Handler<Suspend> for FakeQueue {
+        type Result = ();
+
+        fn handle(&mut self, msg: Suspend, _: &mut Context<Self>) {
+            self.suspended
+                .lock()
+                .unwrap()
+                .push((msg.domain, msg.suspended));
+        }
+    }
+
+    fn env(operators: &[AdminOperator], ready: bool) -> (AdminEnv, Seen) {
+        let fake = FakeQueue::default();
+        let seen = fake.suspended.clone();
+        let addr = fake.start();
+        let (_, ready) = watch::channel(ready);
+        let env = AdminEnv::new(
+            addr.clone().recipient(),
+            addr.recipient(),
+            OperatorDb::new(operators),
+            ready,
+        );
+        (env, seen)
+    }
+
+    fn operators() -> Vec<AdminOperator> {
+        vec![
+            AdminOperator {
+                name: "ops".into(),
+                token_hash: cheap_hash("admin-token"),
+                role: OperatorRole::Admin,
+            },
+            AdminOperator {
+                name: "noc".into(),
+                token_hash: cheap_hash("viewer-token"),
+                role: OperatorRole::Viewer,
+            },
+        ]
+    }
+
+    fn request(method: &str, path: &str, token: Option<&str>) -> http::TestRequest {
+        let request = match method {
+            "GET" => http::TestRequest::get(),
+            _ => http::TestRequest::post(),
+        }
+        .uri(path);
+        match token {
+            Some(token) => {
+                request.insert_header((header::AUTHORIZATION, format!("Bearer {token}")))
+            }
+            None => request,
+        }
+    }
+
+    /// The status the app answers `method path` with.
+    macro_rules! status {
+        ($app:expr, $method:expr, $path:expr, $token:expr) => {
+            http::call_service(&$app, request($method, $path, $token).to_request())
+                .await
+                .status()
+                .as_u16()
+        };
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token(""), None);
+    }
+
+    #[actix_web::test]
+    async fn tokens_and_roles_decide_who_may_do_what() {
+        let (env, seen) = env(&operators(), true);
+        let app =
+            http::init_service(App::new().app_data(web::Data::new(env)).configure(routes)).await;
+        let suspend = "/api/domains/Held.Test/suspend";
+        assert_eq!(status!(app, "GET", "/api/queue", None), 401);
+        assert_eq!(status!(app, "GET", "/api/queue", Some("wrong")), 401);
+        assert_eq!(status!(app, "GET", "/api/queue", Some("viewer-token")), 200);
+        assert_eq!(status!(app, "GET", "/api/queue", Some("admin-token")), 200);
+        assert_eq!(status!(app, "POST", suspend, None), 401);
+        assert_eq!(status!(app, "POST", suspend, Some("wrong")), 401);
+        assert_eq!(status!(app, "POST", suspend, Some("viewer-token")), 403);
+        assert_eq!(status!(app, "POST", suspend, Some("admin-token")), 200);
+        assert_eq!(
+            status!(app, "POST", "/api/domains/a_b/resume", Some("admin-token")),
+            400
+        );
+        assert_eq!(status!(app, "POST", "/api/queue", Some("admin-token")), 405);
+        assert_eq!(status!(app, "GET", "/healthz", None), 200);
+        assert_eq!(status!(app, "GET", "/readyz", None), 200);
+        // Only the admin's valid request reached the queue, normalised.
+        assert_eq!(*seen.lock().unwrap(), [("held.test".to_string(), true)]);
+    }
+
+    #[actix_web::test]
+    async fn without_operators_the_api_is_open() {
+        let (env, seen) = env(&[], false);
+        let app =
+            http::init_service(App::new().app_data(web::Data::new(env)).configure(routes)).await;
+        let request = http::TestRequest::get().uri("/api/queue").to_request();
+        let stats: serde_json::Value = http::call_and_read_body_json(&app, request).await;
+        assert_eq!(stats["messages"], 2);
+        let request = http::TestRequest::post()
+            .uri("/api/domains/b%C3%BCcher.example/resume")
+            .to_request();
+        let state: DomainState = http::call_and_read_body_json(&app, request).await;
+        assert_eq!(
+            state,
+            DomainState {
+                domain: "xn--bcher-kva.example".into(),
+                suspended: false
+            }
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert_eq!(status!(app, "GET", "/readyz", None), 503);
+    }
+}

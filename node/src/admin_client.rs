@@ -1,0 +1,123 @@
+//! The client side of the admin API, for `smarthost queue …`: the calls of
+//! [`crate::admin`] over HTTP with `awc`, answers decoded, failures typed.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::admin::{DomainState, ErrorBody};
+use crate::queue::QueueStats;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a call did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answered at the address, or the connection broke.
+    #[error("cannot reach the admin API at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    /// The server answered with an error status.
+    #[error("HTTP {status}: {message}")]
+    Status { status: StatusCode, message: String },
+    /// The server answered 2xx with a body this client does not understand.
+    #[error("unexpected answer from {url}: {reason}")]
+    Body { url: String, reason: String },
+}
+
+/// Talks to the admin API of one node.
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    http: awc::Client,
+}
+
+impl AdminClient {
+    /// A client for the server listening on `listen` (an unspecified
+    /// address such as `0.0.0.0` is reached on loopback). Must be created
+    /// and used inside an actix system.
+    pub fn new(listen: SocketAddr, token: Option<String>) -> Self {
+        AdminClient {
+            base: format!("http://{}", reachable(listen)),
+            token,
+            http: awc::Client::builder().timeout(TIMEOUT).finish(),
+        }
+    }
+
+    pub async fn queue_stats(&self) -> Result<QueueStats, ClientError> {
+        self.call(self.http.get(self.url("/api/queue"))).await
+    }
+
+    /// Suspends (`true`) or resumes a domain, given in its routing form.
+    pub async fn set_suspended(
+        &self,
+        domain: &str,
+        suspended: bool,
+    ) -> Result<DomainState, ClientError> {
+        let action = if suspended { "suspend" } else { "resume" };
+        let path = format!("/api/domains/{domain}/{action}");
+        self.call(self.http.post(self.url(&path))).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        request: awc::ClientRequest,
+    ) -> Result<T, ClientError> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let url = request.get_uri().to_string();
+        let mut response = request.send().await.map_err(|e| ClientError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        let body = response
+            .body()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let message = match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(error) => error.error,
+                Err(_) => String::from_utf8_lossy(&body).trim().to_string(),
+            };
+            return Err(ClientError::Status { status, message });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Body {
+            url,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Where a client reaches a server listening on `listen`.
+fn reachable(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_addresses_are_reached_on_loopback() {
+        let at = |s: &str| reachable(s.parse().unwrap()).to_string();
+        assert_eq!(at("0.0.0.0:8025"), "127.0.0.1:8025");
+        assert_eq!(at("[::]:8025"), "[::1]:8025");
+        assert_eq!(at("10.1.2.3:8025"), "10.1.2.3:8025");
+    }
+}
