@@ -5,6 +5,8 @@
 #       smtp-source sends MESSAGES messages of SIZE bytes over SESSIONS
 #       parallel sessions (a new connection per message); the figure is how
 #       fast smarthost acknowledges them into its local spool (fsync'd).
+#       Delivery of example.org is suspended through the admin API first,
+#       so the figure is acceptance alone.
 #   scripts/bench.sh relay [MESSAGES] [SESSIONS] [SIZE]
 #       the same load, relayed through smarthost to Postfix's smtp-sink
 #       (smart host); the figure is from the first message sent to the last
@@ -47,15 +49,19 @@ cleanup() {
 trap cleanup EXIT
 
 port=$(free_port)
-delivery=""
+admin_port=$(free_port)
+# Nothing leaves this machine: DNS goes to a loopback port where nothing
+# answers; relay mode names its smart host.
+delivery="[delivery]
+dns_servers = [\"127.0.0.1:$(free_port)\"]
+log_file = \"$work/delivery.log\""
 if [ "$mode" = relay ]; then
   sink_port=$(free_port)
   /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$sink_port" 1000 >/dev/null &
   pids+=($!)
   wait_port "$sink_port"
-  delivery="[delivery]
-smart_host = \"[127.0.0.1]:$sink_port\"
-log_file = \"$work/delivery.log\""
+  delivery="$delivery
+smart_host = \"[127.0.0.1]:$sink_port\""
 fi
 cat >"$work/smarthost.toml" <<TOML
 [node]
@@ -66,6 +72,8 @@ max_connections = 1000
 max_connections_per_ip = 1000
 [queue]
 path = "$work/spool"
+[admin]
+listen = "127.0.0.1:$admin_port"
 [log]
 level = "warn"
 $delivery
@@ -73,6 +81,9 @@ TOML
 ./target/release/smarthost run --config "$work/smarthost.toml" &
 pids+=($!)
 wait_port "$port"
+if [ "$mode" = accept ]; then
+  ./target/release/smarthost queue suspend example.org --config "$work/smarthost.toml" >/dev/null
+fi
 
 start=$(date +%s.%N)
 /usr/sbin/smtp-source -s "$sessions" -m "$messages" -l "$size" \
