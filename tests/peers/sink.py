@@ -149,6 +149,7 @@ class Handler:
     def __init__(self, args, script, stats):
         self.dir = args.dir
         self.no_8bitmime = args.no_8bitmime
+        self.pipelining = args.pipelining
         self.script = script
         self.stats = stats
         self.count = 0
@@ -157,6 +158,8 @@ class Handler:
         session.host_name = hostname
         if self.no_8bitmime:
             responses = [r for r in responses if r[4:].upper() != "8BITMIME"]
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
@@ -251,6 +254,7 @@ def main():
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.add_argument("--no-8bitmime", action="store_true", help="do not offer 8BITMIME")
     parser.add_argument("--no-smtputf8", action="store_true", help="do not offer SMTPUTF8")
+    parser.add_argument("--pipelining", action="store_true", help="offer PIPELINING")
     parser.add_argument("--script", help="JSON file of scripted replies")
     parser.add_argument("--delay-ms", type=int, default=0, help="wait before every reply")
     parser.add_argument("--hostname", default="sink.test", help="name in the greeting")
