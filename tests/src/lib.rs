@@ -10,12 +10,14 @@
 //! - `scenario`: a relay with a delivery log, submission, and the checks of
 //!   the delivery scenarios (delivery log, delivery status notifications).
 //! - `http`: a raw HTTP client for the relay's admin API.
+//! - `proxy`: a TCP proxy a test can cut (a node losing its link to Redis).
 
 use std::path::PathBuf;
 
 pub mod ca;
 pub mod dns;
 pub mod http;
+pub mod proxy;
 pub mod relay;
 pub mod scenario;
 pub mod sink;

@@ -1,0 +1,168 @@
+//! A TCP proxy that a test can cut: the network between one node and Redis
+//! failing, while both ends keep running.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+struct Shared {
+    target: SocketAddr,
+    cut: AtomicBool,
+    stopping: AtomicBool,
+    /// Both sockets of every open pair, to cut them.
+    open: Mutex<Vec<TcpStream>>,
+}
+
+/// Forwards 127.0.0.1:<port> to a target until it is cut.
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accepting: Option<thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            target,
+            cut: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            open: Mutex::new(Vec::new()),
+        });
+        let accepting = {
+            let shared = shared.clone();
+            thread::spawn(move || accept_loop(listener, shared))
+        };
+        Proxy {
+            addr,
+            shared,
+            accepting: Some(accepting),
+        }
+    }
+
+    /// Where clients connect instead of the target.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drops every open connection and every new one until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.shared.cut.store(true, Ordering::SeqCst);
+        for socket in self.shared.open.lock().unwrap().drain(..) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.shared.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.cut();
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(handle) = self.accepting.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for client in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = client else { continue };
+        if shared.cut.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
+        let Ok(server) = TcpStream::connect_timeout(&shared.target, Duration::from_secs(5)) else {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        };
+        if let Err(error) = pipe(client, server, &shared) {
+            eprintln!("proxy: cannot forward a connection: {error}");
+        }
+    }
+}
+
+/// Copies both ways on two threads; either side closing closes both.
+fn pipe(client: TcpStream, server: TcpStream, shared: &Shared) -> io::Result<()> {
+    {
+        let mut open = shared.open.lock().unwrap();
+        open.push(client.try_clone()?);
+        open.push(server.try_clone()?);
+    }
+    let copy = |mut from: TcpStream, mut to: TcpStream| {
+        thread::spawn(move || {
+            let _ = io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Both);
+            let _ = from.shutdown(Shutdown::Both);
+        });
+    };
+    copy(client.try_clone()?, server.try_clone()?);
+    copy(server, client);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// An echo server on loopback.
+    fn echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for socket in listener.incoming().take(16) {
+                let Ok(mut socket) = socket else { continue };
+                thread::spawn(move || {
+                    let mut reader = socket.try_clone().unwrap();
+                    let _ = io::copy(&mut reader, &mut socket);
+                });
+            }
+        });
+        addr
+    }
+
+    fn round_trip(addr: SocketAddr) -> io::Result<Vec<u8>> {
+        let mut socket = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.write_all(b"ping")?;
+        let mut answer = [0u8; 4];
+        socket.read_exact(&mut answer)?;
+        Ok(answer.to_vec())
+    }
+
+    #[test]
+    fn forwards_until_cut_and_again_after_restore() {
+        let proxy = Proxy::start(echo());
+        assert_eq!(round_trip(proxy.addr()).unwrap(), b"ping");
+
+        let mut open = TcpStream::connect(proxy.addr()).unwrap();
+        open.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        open.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        open.read_exact(&mut one).unwrap();
+
+        proxy.cut();
+        // The open connection is closed, and new ones get nothing through.
+        let mut rest = Vec::new();
+        assert!(matches!(open.read_to_end(&mut rest), Ok(0) | Err(_)));
+        assert!(round_trip(proxy.addr()).is_err());
+
+        proxy.restore();
+        assert_eq!(round_trip(proxy.addr()).unwrap(), b"ping");
+    }
+}
