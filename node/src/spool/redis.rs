@@ -530,7 +530,7 @@ mod tests {
     use smarthost_proto::envelope::RECORD_VERSION;
 
     use super::*;
-    use crate::spool::redis_server::RedisServer;
+    use smarthost_testkit::redis::RedisServer;
     use crate::spool::suite::{self, id, message};
 
     async fn open(server: &RedisServer) -> RedisSpool {
