@@ -18,7 +18,7 @@ async fn connect(server: &RedisServer) -> Redis {
 /// release it), else try to acquire. Returns whether it released.
 async fn step(leader: &Leader, lease: &mut Option<Lease>, round: usize) -> bool {
     match lease.take() {
-        Some(held) if round % 5 == 0 => {
+        Some(held) if round.is_multiple_of(5) => {
             leader.release(held).await.unwrap();
             true
         }
