@@ -10,8 +10,6 @@ use smarthost_proto::envelope::{MessageId, MessageRecord};
 pub mod local;
 pub mod redis;
 #[cfg(test)]
-pub mod redis_server;
-#[cfg(test)]
 pub mod suite;
 
 pub use self::redis::{Durability, RedisSpool, RedisSpoolOptions};

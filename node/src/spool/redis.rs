@@ -530,8 +530,8 @@ mod tests {
     use smarthost_proto::envelope::RECORD_VERSION;
 
     use super::*;
-    use crate::spool::redis_server::RedisServer;
     use crate::spool::suite::{self, id, message};
+    use smarthost_testkit::redis::RedisServer;
 
     async fn open(server: &RedisServer) -> RedisSpool {
         RedisSpool::open(&server.url()).await.expect("open")
