@@ -8,6 +8,7 @@
 //! is done. A lease that was lost or could not be renewed in time ends the
 //! connection after the message in hand; the rest goes back to the queue.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -47,6 +48,8 @@ pub struct Delivery {
 struct HeldLease {
     lease: ConnectionLease,
     health: Mutex<LeaseHealth>,
+    /// Being given back: a renewal that races with it finds it gone.
+    released: AtomicBool,
 }
 
 impl HeldLease {
@@ -78,6 +81,7 @@ impl Delivery {
     ) -> Self {
         let lease = Arc::new(HeldLease {
             health: Mutex::new(LeaseHealth::new(&lease, Instant::now())),
+            released: AtomicBool::new(false),
             lease,
         });
         Delivery {
@@ -98,11 +102,15 @@ impl Delivery {
     fn renew(&self, limits: Arc<dyn DomainLimits>, ctx: &mut Context<Self>) {
         let held = self.lease.clone();
         let renew = async move {
+            if held.released.load(Ordering::SeqCst) {
+                return;
+            }
             let sent = Instant::now();
             let result = limits.renew(&held.lease).await;
             let mut health = held.health.lock().unwrap_or_else(|e| e.into_inner());
             match result {
                 Ok(()) => health.renewed(sent),
+                Err(LimitError::LeaseLost(_)) if held.released.load(Ordering::SeqCst) => {}
                 Err(error @ LimitError::LeaseLost(_)) => {
                     tracing::warn!(domain = %held.lease.domain, %error,
                         "connection lease lost, closing after the current message");
@@ -149,6 +157,7 @@ async fn run(work: Work) {
         Route::Local(dir) => deliver_local(dir, jobs, &env, &lease).await,
         _ => deliver_remote(&policy, jobs, &env, &throttle, &lease).await,
     }
+    lease.released.store(true, Ordering::SeqCst);
     if let Err(error) = env.limits.release(lease.lease.clone()).await {
         tracing::warn!(domain = %policy.domain, %error, "cannot release the connection lease");
     }
