@@ -8,6 +8,8 @@
 //!   hands due deliveries out and records their outcomes.
 //! - [`scheduler`]: which deliveries are due; retries, expiry (pure).
 //! - [`dispatcher`]: the Dispatcher actor, one throttle per active domain.
+//! - [`limits`]: the `DomainLimits` trait: per-domain connection leases and
+//!   rate, in-process or cluster-wide in Redis.
 //! - [`throttle`]: the DomainThrottle actor: connection cap, rate, reuse.
 //! - [`delivery`]: routes, the outbound SMTP client, the Delivery actor
 //!   (one per outbound connection) and local drop directories.
@@ -30,6 +32,7 @@ pub mod config;
 pub mod delivery;
 pub mod delivery_log;
 pub mod dispatcher;
+pub mod limits;
 pub mod listener;
 pub mod queue;
 pub mod scheduler;

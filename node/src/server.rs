@@ -24,6 +24,7 @@ use crate::delivery::outbound::TlsClients;
 use crate::delivery::route::Router;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::Dispatcher;
+use crate::limits::LocalLimits;
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Attach, DeliverySettings, Queue, Recover};
 use crate::scheduler::RetryPolicy;
@@ -52,6 +53,8 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
         router: Router::new(&config.delivery)?,
         tls: TlsClients::new(&config.delivery)?,
         node_slots: Arc::new(Semaphore::new(config.delivery.max_connections)),
+        // The node runs on the local backend: the limits are this node's.
+        limits: Arc::new(LocalLimits::new()),
     };
     let dispatcher = Dispatcher::new(Arc::new(env)).start();
     queue.send(Attach(dispatcher.recipient())).await?;

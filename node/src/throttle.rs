@@ -2,15 +2,21 @@
 //! gets, how fast messages go to it, and how many messages share a
 //! connection. It pulls due deliveries from the queue only when it may open
 //! a connection, so work waits in the queue, never in a mailbox.
+//!
+//! The limits themselves live behind [`DomainLimits`] (in-process or
+//! cluster-wide); the throttle opens a connection only under a lease and
+//! with a node-wide permit.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::delivery::connection::{Delivery, DeliveryEnv};
 use crate::delivery::DomainPolicy;
 use crate::dispatcher::{Dispatcher, ThrottleIdle};
+use crate::limits::{ConnectionLease, LimitError};
 use crate::queue::Take;
 
 /// There may be due work for this domain.
@@ -23,9 +29,10 @@ pub struct Wake;
 #[rtype(result = "()")]
 pub struct ConnectionDone;
 
-/// Answers when the next message to this domain may be sent.
+/// Answers when the next message to this domain may be sent, or with the
+/// error that kept the rate from being read (then the message waits).
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), LimitError>")]
 pub struct RatePermit;
 
 /// A throttle with no connection for this long stops.
@@ -34,29 +41,12 @@ const IDLE_STOP: Duration = Duration::from_secs(30);
 /// When the node-wide connection limit is reached, look again after this.
 const NODE_FULL_RETRY: Duration = Duration::from_millis(200);
 
-/// Spaces messages evenly: at most `count` per `per`, no bursts (GCRA with
-/// no burst tolerance). Each caller reserves the next free slot.
-#[derive(Debug)]
-pub struct RateLimiter {
-    interval: Duration,
-    next_free: Option<Instant>,
-}
+/// When the domain's connection cap is reached by other nodes (whose
+/// connections end without telling this one), look again after this.
+const CAP_FULL_RETRY: Duration = Duration::from_millis(500);
 
-impl RateLimiter {
-    pub fn new(count: u32, per: Duration) -> Self {
-        RateLimiter {
-            interval: per / count.max(1),
-            next_free: None,
-        }
-    }
-
-    /// Reserves the next slot; returns how long to wait before using it.
-    pub fn reserve(&mut self, now: Instant) -> Duration {
-        let slot = self.next_free.map_or(now, |free| free.max(now));
-        self.next_free = Some(slot + self.interval);
-        slot - now
-    }
-}
+/// When the limits cannot be read, open nothing and look again after this.
+const LIMITS_RETRY: Duration = Duration::from_secs(2);
 
 pub struct DomainThrottle {
     policy: Arc<DomainPolicy>,
@@ -64,9 +54,8 @@ pub struct DomainThrottle {
     dispatcher: Addr<Dispatcher>,
     /// Open connections of this domain on this node.
     active: usize,
-    /// A `Take` is on its way to the queue.
+    /// A lease or a `Take` is on its way.
     taking: bool,
-    rate: Option<RateLimiter>,
     last_busy: Instant,
 }
 
@@ -76,19 +65,19 @@ impl DomainThrottle {
         env: Arc<DeliveryEnv>,
         dispatcher: Addr<Dispatcher>,
     ) -> Self {
-        let rate = policy.rate.map(|(count, per)| RateLimiter::new(count, per));
         DomainThrottle {
             policy,
             env,
             dispatcher,
             active: 0,
             taking: false,
-            rate,
             last_busy: Instant::now(),
         }
     }
 
-    /// Opens connections while the limits allow and the queue has work.
+    /// Opens connections while the limits allow and the queue has work:
+    /// a node-wide permit, then a lease on one of the domain's slots, then
+    /// work from the queue.
     fn fill(&mut self, ctx: &mut Context<Self>) {
         if self.taking || self.active >= self.policy.max_connections {
             return;
@@ -98,6 +87,39 @@ impl DomainThrottle {
             return;
         };
         self.taking = true;
+        let limits = self.env.limits.clone();
+        let domain = self.policy.domain.clone();
+        let cap = self.policy.max_connections;
+        let acquire = async move { limits.acquire_connection(&domain, cap).await };
+        ctx.spawn(
+            acquire
+                .into_actor(self)
+                .map(move |lease, throttle, ctx| match lease {
+                    Ok(Some(lease)) => throttle.take(lease, permit, ctx),
+                    Ok(None) => {
+                        throttle.taking = false;
+                        drop(permit);
+                        ctx.run_later(CAP_FULL_RETRY, |throttle, ctx| throttle.fill(ctx));
+                    }
+                    Err(error) => {
+                        throttle.taking = false;
+                        drop(permit);
+                        tracing::warn!(domain = %throttle.policy.domain, %error,
+                            "no connection lease, opening no connection");
+                        ctx.run_later(LIMITS_RETRY, |throttle, ctx| throttle.fill(ctx));
+                    }
+                }),
+        );
+    }
+
+    /// Takes work for a connection under `lease`; starts the connection
+    /// if there is some, else gives the lease back.
+    fn take(
+        &mut self,
+        lease: ConnectionLease,
+        permit: OwnedSemaphorePermit,
+        ctx: &mut Context<Self>,
+    ) {
         let take = self.env.queue.send(Take {
             domain: self.policy.domain.clone(),
             max: self.policy.max_messages_per_connection,
@@ -106,6 +128,13 @@ impl DomainThrottle {
             throttle.taking = false;
             let jobs = jobs.unwrap_or_default();
             if jobs.is_empty() {
+                let limits = throttle.env.limits.clone();
+                let release = async move {
+                    if let Err(error) = limits.release(lease).await {
+                        tracing::warn!(%error, "cannot release a connection lease");
+                    }
+                };
+                ctx.spawn(release.into_actor(throttle));
                 drop(permit);
                 throttle.idle_check(ctx);
                 return;
@@ -118,6 +147,7 @@ impl DomainThrottle {
                 throttle.env.clone(),
                 ctx.address(),
                 permit,
+                lease,
             )
             .start();
             throttle.fill(ctx);
@@ -171,47 +201,21 @@ impl Handler<ConnectionDone> for DomainThrottle {
 }
 
 impl Handler<RatePermit> for DomainThrottle {
-    type Result = ResponseFuture<()>;
+    type Result = ResponseFuture<Result<(), LimitError>>;
 
     /// Reserves a slot under the domain's rate and answers when it comes.
     fn handle(&mut self, _: RatePermit, _: &mut Context<Self>) -> Self::Result {
-        let wait = self
-            .rate
-            .as_mut()
-            .map_or(Duration::ZERO, |rate| rate.reserve(Instant::now()));
+        let Some((count, per)) = self.policy.rate else {
+            return Box::pin(async { Ok(()) });
+        };
+        let limits = self.env.limits.clone();
+        let domain = self.policy.domain.clone();
         Box::pin(async move {
+            let wait = limits.reserve_rate(&domain, count, per).await?;
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
+            Ok(())
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_rate_spaces_messages_evenly() {
-        let mut rate = RateLimiter::new(50, Duration::from_secs(1));
-        let t0 = Instant::now();
-        let waits: Vec<u128> = (0..4).map(|_| rate.reserve(t0).as_millis()).collect();
-        assert_eq!(waits, [0, 20, 40, 60]);
-        // Later callers wait only for what is still reserved.
-        assert_eq!(rate.reserve(t0 + Duration::from_millis(50)).as_millis(), 30);
-        // After a pause there is no burst credit: the next slot is now.
-        assert_eq!(rate.reserve(t0 + Duration::from_secs(10)), Duration::ZERO);
-        assert_eq!(
-            rate.reserve(t0 + Duration::from_secs(10)),
-            Duration::from_millis(20)
-        );
-    }
-
-    #[test]
-    fn hourly_rates_work_too() {
-        let mut rate = RateLimiter::new(1000, Duration::from_secs(3600));
-        let t0 = Instant::now();
-        rate.reserve(t0);
-        assert_eq!(rate.reserve(t0), Duration::from_millis(3600));
     }
 }

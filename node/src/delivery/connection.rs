@@ -2,8 +2,14 @@
 //! drop directory) carrying up to `max_messages_per_connection` messages of
 //! one domain. It reports each message's outcome to the queue and waits
 //! until that is durable before it sends the next one.
+//!
+//! It holds a lease on one of the domain's connection slots, renews it on
+//! a timer while it lives (if the lease expires) and gives it back when it
+//! is done. A lease that was lost or could not be renewed in time ends the
+//! connection after the message in hand; the rest goes back to the queue.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -14,6 +20,7 @@ use crate::config::Config;
 use crate::delivery::outbound::{Outbound, OutboundSettings, TlsClients};
 use crate::delivery::route::{RouteError, Router};
 use crate::delivery::{maildir, DomainPolicy, Job, MessageOutcome, RcptResult, Route};
+use crate::limits::{ConnectionLease, DomainLimits, LeaseHealth, LimitError};
 use crate::queue::{Queue, Release, Report};
 use crate::spool::Spool;
 use crate::throttle::{ConnectionDone, DomainThrottle, RatePermit};
@@ -27,10 +34,31 @@ pub struct DeliveryEnv {
     pub tls: TlsClients,
     /// `delivery.max_connections`: one permit per open outbound connection.
     pub node_slots: Arc<Semaphore>,
+    /// Per-domain connection caps and rates (this node's or the cluster's).
+    pub limits: Arc<dyn DomainLimits>,
 }
 
 pub struct Delivery {
     work: Option<Work>,
+    lease: Arc<HeldLease>,
+}
+
+/// The connection's lease and what is known about it, shared by the
+/// renewal timer and the delivery loop.
+struct HeldLease {
+    lease: ConnectionLease,
+    health: Mutex<LeaseHealth>,
+    /// Being given back: a renewal that races with it finds it gone.
+    released: AtomicBool,
+}
+
+impl HeldLease {
+    fn usable(&self) -> bool {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .usable(Instant::now())
+    }
 }
 
 struct Work {
@@ -39,6 +67,7 @@ struct Work {
     env: Arc<DeliveryEnv>,
     throttle: Addr<DomainThrottle>,
     permit: OwnedSemaphorePermit,
+    lease: Arc<HeldLease>,
 }
 
 impl Delivery {
@@ -48,7 +77,13 @@ impl Delivery {
         env: Arc<DeliveryEnv>,
         throttle: Addr<DomainThrottle>,
         permit: OwnedSemaphorePermit,
+        lease: ConnectionLease,
     ) -> Self {
+        let lease = Arc::new(HeldLease {
+            health: Mutex::new(LeaseHealth::new(&lease, Instant::now())),
+            released: AtomicBool::new(false),
+            lease,
+        });
         Delivery {
             work: Some(Work {
                 policy,
@@ -56,8 +91,38 @@ impl Delivery {
                 env,
                 throttle,
                 permit,
+                lease: lease.clone(),
             }),
+            lease,
         }
+    }
+
+    /// Renews the lease; a lost lease ends the connection after the
+    /// message in hand, an unreachable backend leaves the old expiry.
+    fn renew(&self, limits: Arc<dyn DomainLimits>, ctx: &mut Context<Self>) {
+        let held = self.lease.clone();
+        let renew = async move {
+            if held.released.load(Ordering::SeqCst) {
+                return;
+            }
+            let sent = Instant::now();
+            let result = limits.renew(&held.lease).await;
+            let mut health = held.health.lock().unwrap_or_else(|e| e.into_inner());
+            match result {
+                Ok(()) => health.renewed(sent),
+                Err(LimitError::LeaseLost(_)) if held.released.load(Ordering::SeqCst) => {}
+                Err(error @ LimitError::LeaseLost(_)) => {
+                    tracing::warn!(domain = %held.lease.domain, %error,
+                        "connection lease lost, closing after the current message");
+                    health.lost();
+                }
+                Err(error) => {
+                    tracing::warn!(domain = %held.lease.domain, %error,
+                        "cannot renew the connection lease");
+                }
+            }
+        };
+        ctx.spawn(renew.into_actor(self));
     }
 }
 
@@ -69,6 +134,12 @@ impl Actor for Delivery {
             ctx.stop();
             return;
         };
+        if let Some(every) = self.lease.lease.renew_every {
+            let limits = work.env.limits.clone();
+            ctx.run_interval(every, move |delivery, ctx| {
+                delivery.renew(limits.clone(), ctx)
+            });
+        }
         ctx.spawn(run(work).into_actor(self).map(|(), _, ctx| ctx.stop()));
     }
 }
@@ -80,10 +151,15 @@ async fn run(work: Work) {
         env,
         throttle,
         permit,
+        lease,
     } = work;
     match &policy.route {
-        Route::Local(dir) => deliver_local(dir, jobs, &env).await,
-        _ => deliver_remote(&policy, jobs, &env, &throttle).await,
+        Route::Local(dir) => deliver_local(dir, jobs, &env, &lease).await,
+        _ => deliver_remote(&policy, jobs, &env, &throttle, &lease).await,
+    }
+    lease.released.store(true, Ordering::SeqCst);
+    if let Err(error) = env.limits.release(lease.lease.clone()).await {
+        tracing::warn!(domain = %policy.domain, %error, "cannot release the connection lease");
     }
     drop(permit);
     throttle.do_send(ConnectionDone);
@@ -132,6 +208,7 @@ async fn deliver_remote(
     jobs: Vec<(Arc<MessageRecord>, usize)>,
     env: &DeliveryEnv,
     throttle: &Addr<DomainThrottle>,
+    lease: &HeldLease,
 ) {
     let started = Instant::now();
     let hops = match env.router.next_hops(policy).await {
@@ -158,7 +235,7 @@ async fn deliver_remote(
     };
     let mut jobs = jobs.into_iter();
     for (record, delivery) in jobs.by_ref() {
-        if !connection.is_usable() {
+        if !connection.is_usable() || !lease.usable() {
             release(env, &record, delivery);
             continue;
         }
@@ -170,7 +247,16 @@ async fn deliver_remote(
                 continue;
             }
         };
-        let _ = throttle.send(RatePermit).await;
+        match throttle.send(RatePermit).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(domain = %policy.domain, %error, "no rate slot");
+                release(env, &record, delivery);
+                continue;
+            }
+            // The throttle is gone (the node is stopping): as before.
+            Err(_) => {}
+        }
         let job = Job {
             record: record.clone(),
             delivery,
@@ -187,8 +273,13 @@ async fn deliver_local(
     dir: &std::path::Path,
     jobs: Vec<(Arc<MessageRecord>, usize)>,
     env: &DeliveryEnv,
+    lease: &HeldLease,
 ) {
     for (record, delivery) in jobs {
+        if !lease.usable() {
+            release(env, &record, delivery);
+            continue;
+        }
         let started = Instant::now();
         let body = match env.spool.read_body(&record.id).await {
             Ok(body) => body,

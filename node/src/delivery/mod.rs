@@ -135,8 +135,9 @@ pub struct DomainPolicy {
     pub route: Route,
     pub tls: TlsPolicy,
     pub auth: Option<(String, String)>,
-    /// Connections to this domain at once (per node until the cluster
-    /// throttle exists).
+    /// Connections to this domain at once: per node with
+    /// [`crate::limits::LocalLimits`], per cluster with
+    /// [`crate::limits::RedisLimits`].
     pub max_connections: usize,
     /// At most `.0` messages per `.1`.
     pub rate: Option<(u32, Duration)>,

@@ -216,6 +216,27 @@ fn as_int(value: &Value) -> i64 {
     }
 }
 
+/// A self-reconnecting connection to the server at `url` whose every
+/// reply (reconnecting included) comes within `timeout` or is an error.
+/// The error names the server without its password.
+pub(crate) async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, String> {
+    let shown = redact(url);
+    let client = redis::Client::open(url).map_err(|e| format!("redis url {shown}: {e}"))?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout))
+        // A reconnect gives up after a few quick tries, so that
+        // operations on a server that refuses connections fail at once
+        // instead of waiting out the timeout; the next operation
+        // starts a new reconnect.
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    tokio::time::timeout(timeout, client.get_connection_manager_with_config(config))
+        .await
+        .map_err(|_| format!("redis at {shown}: no connection in {timeout:?}"))?
+        .map_err(|e| format!("redis at {shown}: {e}"))
+}
+
 /// The Redis implementation of [`Spool`].
 pub struct RedisSpool {
     conn: ConnectionManager,
@@ -246,24 +267,9 @@ impl RedisSpool {
         options: RedisSpoolOptions,
     ) -> Result<RedisSpool, SpoolError> {
         let shown = redact(url);
-        let client = redis::Client::open(url)
-            .map_err(|e| SpoolError::Unavailable(format!("redis url {shown}: {e}")))?;
-        let timeout = options.response_timeout;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout))
-            // A reconnect gives up after a few quick tries, so that
-            // operations on a server that refuses connections fail at once
-            // instead of waiting out the timeout; the next operation
-            // starts a new reconnect.
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = tokio::time::timeout(timeout, client.get_connection_manager_with_config(config))
+        let conn = connect(url, options.response_timeout)
             .await
-            .map_err(|_| {
-                SpoolError::Unavailable(format!("redis at {shown}: no connection in {timeout:?}"))
-            })?
-            .map_err(|e| SpoolError::Unavailable(format!("redis at {shown}: {e}")))?;
+            .map_err(SpoolError::Unavailable)?;
         let mut spool = RedisSpool {
             conn,
             options,
