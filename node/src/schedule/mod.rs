@@ -24,11 +24,11 @@ use crate::delivery::MessageOutcome;
 use crate::scheduler::{Completion, RetryPolicy, Scheduler, SchedulerCounts};
 use crate::spool::SpoolError;
 
-// pub mod redis;
+pub mod redis;
 #[cfg(test)]
 pub mod suite;
 
-// pub use self::redis::RedisSchedule;
+pub use self::redis::RedisSchedule;
 
 /// A due delivery handed out: the message's record and the index of the
 /// delivery in `record.deliveries`.

@@ -279,6 +279,16 @@ impl RedisSpool {
         self.durability
     }
 
+    /// A handle on the spool's connection, for the schedule that shares
+    /// its server (the connection manager multiplexes and reconnects).
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub(crate) fn options(&self) -> &RedisSpoolOptions {
+        &self.options
+    }
+
     /// Round trips to Redis since `open` (the settings probe included).
     pub fn round_trips(&self) -> u64 {
         self.round_trips.load(Ordering::Relaxed)
