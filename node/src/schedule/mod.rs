@@ -2,7 +2,7 @@
 //!
 //! [`Schedule`] is what the Queue actor asks: which deliveries are due, hand
 //! some out under a lease, put one back, record an outcome, expire what is
-//! too old. Two implementations pass the same test body ([`suite`]):
+//! too old. Two implementations pass the same test body (`suite`, in tests):
 //!
 //! - [`MemorySchedule`]: the in-process [`Scheduler`] of one node, for the
 //!   local spool. A node's in-flight work dies with the node, so leases are
