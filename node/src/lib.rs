@@ -6,6 +6,8 @@
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
 //! - [`queue`]: the `Queue` actor, which batches enqueues into group commits,
 //!   hands due deliveries out and records their outcomes.
+//! - [`schedule`]: the `Schedule` trait: the queue's scheduling state, in
+//!   memory (one node) or in Redis (shared by the cluster).
 //! - [`scheduler`]: which deliveries are due; retries, expiry (pure).
 //! - [`dispatcher`]: the Dispatcher actor, one throttle per active domain.
 //! - [`limits`]: the `DomainLimits` trait: per-domain connection leases and
@@ -35,6 +37,7 @@ pub mod dispatcher;
 pub mod limits;
 pub mod listener;
 pub mod queue;
+pub mod schedule;
 pub mod scheduler;
 pub mod server;
 pub mod session;

@@ -7,9 +7,25 @@
 //! into the next single call, so many concurrent SMTP sessions share one
 //! fsync. Record changes after delivery attempts are written the same way:
 //! one write in flight, the next one takes every message changed meanwhile.
-//! The batching and the scheduling live in plain structs ([`Batcher`],
-//! [`Scheduler`]); the actor only moves messages between them, the spool and
-//! its peers.
+//! The batching lives in a plain struct ([`Batcher`]) and the scheduling
+//! behind the [`Schedule`] trait (in memory, or shared in Redis); the actor
+//! only moves messages between them, the spool and its peers.
+//!
+//! # Ordering
+//!
+//! Schedule calls are asynchronous (a Redis round trip). The actor awaits
+//! each one inside an actor future and changes its own state (announcing
+//! domains, marking a message for the record writer) only in the
+//! continuation, after the call has resolved; it never waits with the
+//! mailbox closed (`ctx.wait`), which would hold every enqueue behind a
+//! round trip. Continuations of different messages may therefore run in
+//! any order, and the writer is built so that this does not matter: it
+//! keeps *ids*, not records, and reads each message's current record from
+//! the schedule ([`Schedule::records`]) when it writes. A `complete` is
+//! applied before its id is marked dirty, so every write started after
+//! the mark carries that outcome (or a later one); two outcomes of one
+//! message that resolve in either order both end in a write of the newest
+//! record, never of a stale one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,7 +39,8 @@ use crate::bounce::{self, ReportSettings};
 use crate::delivery::MessageOutcome;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::DomainReady;
-use crate::scheduler::{Completion, RetryPolicy, Scheduler};
+use crate::schedule::{MemorySchedule, Schedule};
+use crate::scheduler::{Completion, RetryPolicy};
 use crate::spool::{Change, NewMessage, Spool, SpoolError};
 
 /// Stores a new message; answers once it is durable.
@@ -190,11 +207,14 @@ struct RecordWriter {
 
 /// The answer for one waiter of a batch.
 fn copy_result(result: &Result<(), SpoolError>) -> Result<(), SpoolError> {
-    match result {
-        Ok(()) => Ok(()),
-        Err(SpoolError::Unavailable(why)) => Err(SpoolError::Unavailable(why.clone())),
-        Err(SpoolError::NotFound(id)) => Err(SpoolError::NotFound(id.clone())),
-        Err(SpoolError::Corrupt(why)) => Err(SpoolError::Corrupt(why.clone())),
+    result.as_ref().map_err(copy_error).copied()
+}
+
+fn copy_error(error: &SpoolError) -> SpoolError {
+    match error {
+        SpoolError::Unavailable(why) => SpoolError::Unavailable(why.clone()),
+        SpoolError::NotFound(id) => SpoolError::NotFound(id.clone()),
+        SpoolError::Corrupt(why) => SpoolError::Corrupt(why.clone()),
     }
 }
 
@@ -209,6 +229,10 @@ const TICK: Duration = Duration::from_millis(500);
 
 /// How often every pending delivery is checked against `max_lifetime`.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
+
+/// How long a delivery handed out by [`Take`] stays this node's before a
+/// shared schedule gives it to another node.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -243,7 +267,12 @@ pub struct Queue {
     spool: Arc<dyn Spool>,
     batcher: Batcher<Waiter>,
     store_calls: u64,
-    scheduler: Scheduler,
+    schedule: Arc<dyn Schedule>,
+    /// Who holds the leases of what this queue takes.
+    holder: String,
+    lease: Duration,
+    /// A tick is running (a slow backend must not pile them up).
+    ticking: bool,
     writer: RecordWriter,
     settings: DeliverySettings,
     dispatcher: Option<Recipient<DomainReady>>,
@@ -259,7 +288,10 @@ impl Queue {
             spool,
             batcher: Batcher::new(limits),
             store_calls: 0,
-            scheduler: Scheduler::default(),
+            schedule: Arc::new(MemorySchedule::default()),
+            holder: "local".to_string(),
+            lease: DEFAULT_LEASE,
+            ticking: false,
             writer: RecordWriter::default(),
             settings: DeliverySettings::default(),
             dispatcher: None,
@@ -268,6 +300,20 @@ impl Queue {
 
     pub fn with_settings(mut self, settings: DeliverySettings) -> Self {
         self.settings = settings;
+        self
+    }
+
+    /// Schedules with `schedule` (the default: in memory), taking
+    /// deliveries under leases of `holder` that last `lease`.
+    pub fn with_schedule(
+        mut self,
+        schedule: Arc<dyn Schedule>,
+        holder: impl Into<String>,
+        lease: Duration,
+    ) -> Self {
+        self.schedule = schedule;
+        self.holder = holder.into();
+        self.lease = lease;
         self
     }
 
@@ -280,22 +326,34 @@ impl Queue {
         let (messages, waiters): (Vec<NewMessage>, Vec<Waiter>) = batch.into_iter().unzip();
         let records: Vec<MessageRecord> = messages.iter().map(|m| m.record.clone()).collect();
         let spool = self.spool.clone();
+        let schedule = self.schedule.clone();
         self.store_calls += 1;
-        let store = async move { spool.store(messages).await };
-        ctx.spawn(store.into_actor(self).map(move |result, queue, ctx| {
-            queue.batcher.finished();
-            match &result {
-                Ok(()) => {
-                    let now = now_ms();
-                    for record in records {
-                        let domains = queue.scheduler.insert(record, now);
-                        queue.announce(domains);
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, messages = records.len(), "storing a batch failed")
+        // Scheduled before the senders hear: a message they were told is
+        // queued is also counted and handed out.
+        let store = async move {
+            let count = records.len();
+            spool.store(messages).await?;
+            match schedule.insert(records, now_ms()).await {
+                Ok(domains) => Ok(domains),
+                Err(error) => {
+                    // Durable all the same; the next recovery schedules it.
+                    tracing::error!(%error, messages = count, "cannot schedule stored messages");
+                    Ok(Vec::new())
                 }
             }
+        };
+        ctx.spawn(store.into_actor(self).map(move |result, queue, ctx| {
+            queue.batcher.finished();
+            let result = match result {
+                Ok(domains) => {
+                    queue.announce(domains);
+                    Ok(())
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "storing a batch failed");
+                    Err(err)
+                }
+            };
             for waiter in waiters {
                 // A waiter that went away (client disconnected) is fine.
                 let _ = waiter.send(copy_result(&result));
@@ -314,17 +372,46 @@ impl Queue {
         }
     }
 
-    fn tick(&mut self, _ctx: &mut Context<Self>) {
-        let now = now_ms();
-        self.scheduler.promote(now);
-        let due = self.scheduler.ready_domains();
-        self.announce(due);
+    /// Takes back work whose lease ran out, promotes due retries and
+    /// announces every domain with due work.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.ticking {
+            return;
+        }
+        self.ticking = true;
+        let schedule = self.schedule.clone();
+        let work = async move {
+            schedule.reclaim_expired_leases().await?;
+            schedule.promote(now_ms()).await?;
+            schedule.ready_domains().await
+        };
+        ctx.spawn(work.into_actor(self).map(|due, queue, _| {
+            queue.ticking = false;
+            match due {
+                Ok(due) => queue.announce(due),
+                Err(error) => tracing::warn!(%error, "cannot promote due deliveries"),
+            }
+        }));
     }
 
     fn sweep_expired(&mut self, ctx: &mut Context<Self>) {
+        let schedule = self.schedule.clone();
+        let policy = self.settings.retry.clone();
+        let expire = async move { schedule.expire(now_ms(), &policy).await };
+        ctx.spawn(
+            expire
+                .into_actor(self)
+                .map(|expired, queue, ctx| match expired {
+                    Ok(expired) => queue.report_expired(expired, ctx),
+                    Err(error) => tracing::warn!(%error, "cannot expire old deliveries"),
+                }),
+        );
+    }
+
+    fn report_expired(&mut self, expired: Vec<Completion>, ctx: &mut Context<Self>) {
         // One report per message, however many of its domains expired.
         let mut by_message: Vec<Completion> = Vec::new();
-        for completion in self.scheduler.expire(now_ms(), &self.settings.retry) {
+        for completion in expired {
             tracing::info!(
                 message_id = %completion.record.id,
                 domain = %completion.domain,
@@ -416,30 +503,60 @@ impl Queue {
         if self.writer.in_flight || self.writer.dirty.is_empty() {
             return;
         }
-        let mut changes = Vec::new();
-        let mut ids = Vec::new();
-        let dirty = std::mem::take(&mut self.writer.dirty);
-        for id in dirty {
-            match self.scheduler.record(&id) {
-                Some(record) => changes.push(Change::Update(Box::new((**record).clone()))),
-                // Still needed by a report being built: remove it later.
-                None if self.writer.pins.contains_key(&id) => {
-                    self.writer.dirty.insert(id);
-                    continue;
-                }
-                None => changes.push(Change::Remove(id.clone())),
-            }
-            ids.push(id);
-        }
-        if changes.is_empty() {
+        if self
+            .writer
+            .dirty
+            .iter()
+            .all(|id| self.writer.pins.contains_key(id))
+        {
+            // Unpinning asks again.
             return;
         }
+        let ids: Vec<MessageId> = std::mem::take(&mut self.writer.dirty).into_iter().collect();
+        let pinned: BTreeSet<MessageId> = ids
+            .iter()
+            .filter(|id| self.writer.pins.contains_key(*id))
+            .cloned()
+            .collect();
         self.writer.in_flight = true;
         let spool = self.spool.clone();
-        // One call: the local spool makes the lot durable with one fsync.
-        let write = async move { spool.apply(changes).await };
-        ctx.spawn(write.into_actor(self).map(move |failures, queue, ctx| {
+        let schedule = self.schedule.clone();
+        // The records as they are now: see "Ordering" above.
+        let write = async move {
+            let records = match schedule.records(&ids).await {
+                Ok(records) => records,
+                Err(error) => {
+                    let failures = ids.iter().map(|id| (id.clone(), copy_error(&error)));
+                    return (failures.collect(), Vec::new(), ids);
+                }
+            };
+            let mut changes = Vec::new();
+            let mut later = Vec::new();
+            let mut written = Vec::new();
+            for (id, record) in ids.into_iter().zip(records) {
+                match record {
+                    Some(record) => changes.push(Change::Update(Box::new((*record).clone()))),
+                    // Still needed by a report being built: remove it later.
+                    None if pinned.contains(&id) => {
+                        later.push(id);
+                        continue;
+                    }
+                    None => changes.push(Change::Remove(id.clone())),
+                }
+                written.push(id);
+            }
+            // One call: the local spool makes the lot durable with one fsync.
+            let failures = if changes.is_empty() {
+                Vec::new()
+            } else {
+                spool.apply(changes).await
+            };
+            (failures, later, written)
+        };
+        ctx.spawn(write.into_actor(self).map(move |(failures, later, ids), queue, ctx| {
             queue.writer.in_flight = false;
+            let retry = !failures.is_empty();
+            queue.writer.dirty.extend(later);
             for (id, error) in failures {
                 // The spool keeps the previous state: after a restart the
                 // attempt is repeated (at-least-once). Try again shortly.
@@ -454,7 +571,7 @@ impl Queue {
                     let _ = waiter.send(());
                 }
             }
-            if queue.writer.dirty.is_empty() {
+            if !retry {
                 queue.write_next(ctx);
             } else {
                 ctx.run_later(Duration::from_millis(500), |queue, ctx| {
@@ -500,39 +617,46 @@ impl Handler<Recover> for Queue {
 
     fn handle(&mut self, _: Recover, _: &mut Context<Self>) -> Self::Result {
         let spool = self.spool.clone();
-        Box::pin(
-            async move { spool.list().await }
-                .into_actor(self)
-                .map(|result, queue, ctx| {
-                    if let Ok(records) = &result {
-                        let now = now_ms();
-                        for record in records {
-                            let domains = queue.scheduler.insert(record.clone(), now);
-                            queue.announce(domains);
-                        }
-                        queue.sweep_expired(ctx);
-                    }
-                    result
-                }),
-        )
+        let schedule = self.schedule.clone();
+        let recover = async move {
+            let records = spool.list().await?;
+            let domains = schedule.insert(records.clone(), now_ms()).await?;
+            Ok((records, domains))
+        };
+        Box::pin(recover.into_actor(self).map(|result, queue, ctx| {
+            let (records, domains) = result?;
+            queue.announce(domains);
+            queue.sweep_expired(ctx);
+            Ok(records)
+        }))
     }
 }
 
 /// Answers the current counts.
 impl Handler<Stats> for Queue {
-    type Result = MessageResult<Stats>;
+    type Result = ResponseActFuture<Self, QueueStats>;
 
     fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
-        let counts = self.scheduler.counts();
-        MessageResult(QueueStats {
-            messages: counts.messages,
-            deliveries_by_domain: counts.deliveries_by_domain,
-            ready: counts.ready,
-            deferred: counts.deferred,
-            in_flight: counts.in_flight,
-            waiting: self.batcher.waiting(),
-            store_calls: self.store_calls,
-        })
+        let schedule = self.schedule.clone();
+        Box::pin(
+            async move { schedule.counts().await }
+                .into_actor(self)
+                .map(|counts, queue, _| {
+                    let counts = counts.unwrap_or_else(|error| {
+                        tracing::warn!(%error, "cannot count the queue");
+                        Default::default()
+                    });
+                    QueueStats {
+                        messages: counts.messages,
+                        deliveries_by_domain: counts.deliveries_by_domain,
+                        ready: counts.ready,
+                        deferred: counts.deferred,
+                        in_flight: counts.in_flight,
+                        waiting: queue.batcher.waiting(),
+                        store_calls: queue.store_calls,
+                    }
+                }),
+        )
     }
 }
 
@@ -540,67 +664,137 @@ impl Handler<Attach> for Queue {
     type Result = ();
 
     /// From now on, domains with due work are announced to the dispatcher.
-    fn handle(&mut self, msg: Attach, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) {
         self.dispatcher = Some(msg.0);
-        let due = self.scheduler.ready_domains();
-        self.announce(due);
+        self.tick(ctx);
     }
 }
 
 impl Handler<Take> for Queue {
-    type Result = MessageResult<Take>;
+    type Result = ResponseFuture<Vec<(Arc<MessageRecord>, usize)>>;
 
     fn handle(&mut self, msg: Take, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.scheduler.take(&msg.domain, msg.max))
+        let schedule = self.schedule.clone();
+        let (holder, lease) = (self.holder.clone(), self.lease);
+        Box::pin(async move {
+            schedule
+                .take(&msg.domain, msg.max, &holder, lease)
+                .await
+                .unwrap_or_else(|error| {
+                    tracing::warn!(domain = %msg.domain, %error, "cannot take deliveries");
+                    Vec::new()
+                })
+        })
     }
 }
 
 impl Handler<Report> for Queue {
-    type Result = ResponseFuture<()>;
+    type Result = ResponseActFuture<Self, ()>;
 
     /// Applies the outcome, logs it, sends the reports it calls for and
     /// answers once the new state of the message is in the spool.
-    fn handle(&mut self, msg: Report, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Report, _: &mut Context<Self>) -> Self::Result {
         let jitter = rand::random_range(-0.1..=0.1);
-        let Some(completion) = self.scheduler.complete(
-            &msg.id,
-            &msg.domain,
-            &msg.outcome,
-            now_ms(),
-            &self.settings.retry,
-            jitter,
-        ) else {
-            return Box::pin(async {});
+        let schedule = self.schedule.clone();
+        let policy = self.settings.retry.clone();
+        let complete = async move {
+            let completion = schedule
+                .complete(
+                    &msg.id,
+                    &msg.domain,
+                    &msg.outcome,
+                    now_ms(),
+                    &policy,
+                    jitter,
+                )
+                .await;
+            (msg, completion)
         };
-        self.log(&completion, Some(&msg.outcome));
-        Box::pin(self.follow_up(completion, ctx))
+        // Applied first; only then logged and marked for the writer.
+        Box::pin(
+            complete
+                .into_actor(self)
+                .then(|(msg, completion), queue, ctx| {
+                    let follow_up = match completion {
+                        Ok(Some(completion)) => {
+                            queue.log(&completion, Some(&msg.outcome));
+                            Some(queue.follow_up(completion, ctx))
+                        }
+                        Ok(None) => None,
+                        Err(error) => {
+                            // The delivery stays in flight; a shared
+                            // schedule hands it out again when its lease
+                            // runs out (at-least-once).
+                            tracing::error!(message_id = %msg.id, domain = %msg.domain,
+                                %error, "cannot record a delivery outcome");
+                            None
+                        }
+                    };
+                    async move {
+                        if let Some(done) = follow_up {
+                            done.await;
+                        }
+                    }
+                    .into_actor(queue)
+                }),
+        )
     }
 }
 
 impl Handler<Release> for Queue {
     type Result = ();
 
-    fn handle(&mut self, msg: Release, _: &mut Context<Self>) {
-        self.scheduler.release(&msg.id, &msg.domain);
-        if self.scheduler.has_ready(&msg.domain) {
-            self.announce(vec![msg.domain]);
-        }
+    fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) {
+        let schedule = self.schedule.clone();
+        let release = async move {
+            schedule.release(&msg.id, &msg.domain).await?;
+            let due = schedule.has_ready(&msg.domain).await?;
+            Ok::<_, SpoolError>((msg.domain, due))
+        };
+        ctx.spawn(
+            release
+                .into_actor(self)
+                .map(|result, queue, _| match result {
+                    Ok((domain, true)) => queue.announce(vec![domain]),
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "cannot release a delivery"),
+                }),
+        );
     }
 }
 
 impl Handler<Suspend> for Queue {
     type Result = ();
 
-    fn handle(&mut self, msg: Suspend, _: &mut Context<Self>) {
-        if msg.suspended {
-            tracing::info!(domain = %msg.domain, "domain suspended");
-            self.scheduler.suspend(&msg.domain);
-        } else {
-            tracing::info!(domain = %msg.domain, "domain resumed");
-            if self.scheduler.resume(&msg.domain) {
-                self.announce(vec![msg.domain]);
-            }
-        }
+    fn handle(&mut self, msg: Suspend, ctx: &mut Context<Self>) {
+        let schedule = self.schedule.clone();
+        let change = async move {
+            let due = if msg.suspended {
+                schedule.suspend(&msg.domain).await?;
+                false
+            } else {
+                schedule.resume(&msg.domain).await?
+            };
+            Ok::<_, SpoolError>((msg, due))
+        };
+        ctx.spawn(
+            change
+                .into_actor(self)
+                .map(|result, queue, _| match result {
+                    Ok((msg, due)) => {
+                        let what = if msg.suspended {
+                            "domain suspended"
+                        } else {
+                            "domain resumed"
+                        };
+                        tracing::info!(domain = %msg.domain, "{what}");
+                        if due {
+                            queue.announce(vec![msg.domain]);
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot suspend or resume a domain"),
+                }),
+        );
     }
 }
 

@@ -19,10 +19,11 @@
 //! index orders [`Spool::list`] by receive time, ties by id (ids are hex
 //! strings of equal length, so Redis's member order is the id order).
 //!
-//! The scheduling keys that come with the shared queue (ready work per
-//! domain, deferred work by next attempt, leases, throttles) use
+//! The scheduling keys of the shared queue (ready work per domain, deferred
+//! work by next attempt, leases; see [`crate::schedule::redis`]) use
 //! `{d:<domain>}` tags and refer to messages by id; they do not change the
-//! keys above.
+//! keys above. That schedule also writes records (through the key helpers
+//! here) when a delivery completes or expires.
 //!
 //! # Consistency
 //!
@@ -283,6 +284,16 @@ impl RedisSpool {
     /// What an acknowledged write means on this server.
     pub fn durability(&self) -> Durability {
         self.durability
+    }
+
+    /// A handle on the spool's connection, for the schedule that shares
+    /// its server (the connection manager multiplexes and reconnects).
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub(crate) fn options(&self) -> &RedisSpoolOptions {
+        &self.options
     }
 
     /// Round trips to Redis since `open` (the settings probe included).

@@ -1,0 +1,245 @@
+//! The scheduling state of the queue behind one interface.
+//!
+//! [`Schedule`] is what the Queue actor asks: which deliveries are due, hand
+//! some out under a lease, put one back, record an outcome, expire what is
+//! too old. Two implementations pass the same test body (`suite`, in tests):
+//!
+//! - [`MemorySchedule`]: the in-process [`Scheduler`] of one node, for the
+//!   local spool. A node's in-flight work dies with the node, so leases are
+//!   never reclaimed.
+//! - [`RedisSchedule`]: the shared queue in Redis; any node may take any
+//!   delivery, and the work of a node that stops is reclaimed by another
+//!   once its leases expire.
+//!
+//! Every method may fail only for the Redis backend ([`SpoolError`]: the
+//! same errors the spool reports, so callers branch on one type).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use smarthost_proto::envelope::{MessageId, MessageRecord};
+
+use crate::delivery::MessageOutcome;
+use crate::scheduler::{Completion, RetryPolicy, Scheduler, SchedulerCounts};
+use crate::spool::SpoolError;
+
+pub mod redis;
+#[cfg(test)]
+pub mod suite;
+
+pub use self::redis::RedisSchedule;
+
+/// A due delivery handed out: the message's record and the index of the
+/// delivery in `record.deliveries`.
+pub type Job = (Arc<MessageRecord>, usize);
+
+#[async_trait]
+pub trait Schedule: Send + Sync + 'static {
+    /// Files the deliveries of stored messages; returns the domains (first
+    /// appearance order, no repeats) that got due work and are not
+    /// suspended.
+    async fn insert(
+        &self,
+        records: Vec<MessageRecord>,
+        now_ms: u64,
+    ) -> Result<Vec<String>, SpoolError>;
+
+    /// Moves deliveries due by `now_ms` to their domain's ready work;
+    /// returns the domains that got work and are not suspended.
+    async fn promote(&self, now_ms: u64) -> Result<Vec<String>, SpoolError>;
+
+    /// Up to `max` due deliveries of `domain`, oldest first, now in flight
+    /// under a lease of `holder` that runs out after `lease` unless the
+    /// delivery is completed or released first.
+    async fn take(
+        &self,
+        domain: &str,
+        max: usize,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<Vec<Job>, SpoolError>;
+
+    /// Hands an in-flight delivery back untried: due again at once.
+    async fn release(&self, id: &MessageId, domain: &str) -> Result<(), SpoolError>;
+
+    /// Records the outcome of an in-flight delivery ([`crate::scheduler::apply_outcome`]);
+    /// `None` when there is nothing to record it on.
+    #[allow(clippy::too_many_arguments)]
+    async fn complete(
+        &self,
+        id: &MessageId,
+        domain: &str,
+        outcome: &MessageOutcome,
+        now_ms: u64,
+        policy: &RetryPolicy,
+        jitter: f64,
+    ) -> Result<Option<Completion>, SpoolError>;
+
+    /// Fails every delivery older than the policy's lifetime that is not
+    /// in flight, whatever its state.
+    async fn expire(
+        &self,
+        now_ms: u64,
+        policy: &RetryPolicy,
+    ) -> Result<Vec<Completion>, SpoolError>;
+
+    /// Every domain with due work that `take` would hand out.
+    async fn ready_domains(&self) -> Result<Vec<String>, SpoolError>;
+
+    /// Whether `domain` has due work that `take` would hand out.
+    async fn has_ready(&self, domain: &str) -> Result<bool, SpoolError>;
+
+    /// Stops handing out `domain`'s deliveries; they stay queued.
+    async fn suspend(&self, domain: &str) -> Result<(), SpoolError>;
+
+    /// Hands out `domain`'s deliveries again; `true` if some are due.
+    async fn resume(&self, domain: &str) -> Result<bool, SpoolError>;
+
+    async fn counts(&self) -> Result<SchedulerCounts, SpoolError>;
+
+    /// The current records of these messages (`None`: no longer pending),
+    /// for the writer that persists them.
+    async fn records(
+        &self,
+        ids: &[MessageId],
+    ) -> Result<Vec<Option<Arc<MessageRecord>>>, SpoolError>;
+
+    /// Puts in-flight deliveries whose lease ran out back to ready work;
+    /// returns how many. Leases are judged by the clock of the shared
+    /// store, not by a node's, so this takes no time argument.
+    async fn reclaim_expired_leases(&self) -> Result<usize, SpoolError>;
+}
+
+/// The scheduling state of one node, in memory.
+#[derive(Debug, Default)]
+pub struct MemorySchedule {
+    // Never held across an await: every method is synchronous inside.
+    inner: Mutex<Scheduler>,
+}
+
+impl MemorySchedule {
+    fn lock(&self) -> MutexGuard<'_, Scheduler> {
+        // A panic elsewhere leaves plain data behind; keep using it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Keeps the first appearance of each domain.
+pub(crate) fn dedup(domains: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for domain in domains {
+        if !out.contains(&domain) {
+            out.push(domain);
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl Schedule for MemorySchedule {
+    async fn insert(
+        &self,
+        records: Vec<MessageRecord>,
+        now_ms: u64,
+    ) -> Result<Vec<String>, SpoolError> {
+        let mut scheduler = self.lock();
+        Ok(dedup(
+            records
+                .into_iter()
+                .flat_map(|r| scheduler.insert(r, now_ms))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    async fn promote(&self, now_ms: u64) -> Result<Vec<String>, SpoolError> {
+        Ok(self.lock().promote(now_ms))
+    }
+
+    async fn take(
+        &self,
+        domain: &str,
+        max: usize,
+        _holder: &str,
+        _lease: Duration,
+    ) -> Result<Vec<Job>, SpoolError> {
+        Ok(self.lock().take(domain, max))
+    }
+
+    async fn release(&self, id: &MessageId, domain: &str) -> Result<(), SpoolError> {
+        self.lock().release(id, domain);
+        Ok(())
+    }
+
+    async fn complete(
+        &self,
+        id: &MessageId,
+        domain: &str,
+        outcome: &MessageOutcome,
+        now_ms: u64,
+        policy: &RetryPolicy,
+        jitter: f64,
+    ) -> Result<Option<Completion>, SpoolError> {
+        Ok(self
+            .lock()
+            .complete(id, domain, outcome, now_ms, policy, jitter))
+    }
+
+    async fn expire(
+        &self,
+        now_ms: u64,
+        policy: &RetryPolicy,
+    ) -> Result<Vec<Completion>, SpoolError> {
+        Ok(self.lock().expire(now_ms, policy))
+    }
+
+    async fn ready_domains(&self) -> Result<Vec<String>, SpoolError> {
+        Ok(self.lock().ready_domains())
+    }
+
+    async fn has_ready(&self, domain: &str) -> Result<bool, SpoolError> {
+        Ok(self.lock().has_ready(domain))
+    }
+
+    async fn suspend(&self, domain: &str) -> Result<(), SpoolError> {
+        self.lock().suspend(domain);
+        Ok(())
+    }
+
+    async fn resume(&self, domain: &str) -> Result<bool, SpoolError> {
+        Ok(self.lock().resume(domain))
+    }
+
+    async fn counts(&self) -> Result<SchedulerCounts, SpoolError> {
+        Ok(self.lock().counts())
+    }
+
+    async fn records(
+        &self,
+        ids: &[MessageId],
+    ) -> Result<Vec<Option<Arc<MessageRecord>>>, SpoolError> {
+        let scheduler = self.lock();
+        Ok(ids.iter().map(|id| scheduler.record(id).cloned()).collect())
+    }
+
+    async fn reclaim_expired_leases(&self) -> Result<usize, SpoolError> {
+        // In-flight work of this node lives and dies with this node.
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_passes_the_schedule_suite() {
+        suite::run(|| async {
+            suite::Fixture {
+                schedule: Arc::new(MemorySchedule::default()) as Arc<dyn Schedule>,
+                spool: None,
+            }
+        })
+        .await;
+    }
+}

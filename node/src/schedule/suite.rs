@@ -1,0 +1,295 @@
+//! The test body every [`Schedule`] implementation must pass.
+//!
+//! [`run`] takes a factory that returns a fresh, empty schedule for each
+//! case, with the spool its records live in when the implementation reads
+//! them from there (the Redis schedule does; the memory one keeps them).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use smarthost_proto::envelope::{DeliveryState, MessageRecord};
+
+use super::Schedule;
+use crate::delivery::{MessageOutcome, RcptOutcome, RcptResult};
+use crate::scheduler::RetryPolicy;
+use crate::spool::suite::message;
+use crate::spool::Spool;
+
+pub const SECOND: u64 = 1000;
+const LEASE: Duration = Duration::from_secs(300);
+
+/// A schedule under test and, if it reads records from one, its spool.
+pub struct Fixture {
+    pub schedule: Arc<dyn Schedule>,
+    pub spool: Option<Arc<dyn Spool>>,
+}
+
+pub fn policy() -> RetryPolicy {
+    RetryPolicy {
+        intervals: vec![
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+            Duration::from_secs(4),
+        ],
+        max_lifetime: Duration::from_secs(60),
+        delay_notification: Duration::from_secs(5),
+    }
+}
+
+/// Test message `n`: recipient 0 at one domain, recipient 1 at another.
+pub fn record(n: u64) -> MessageRecord {
+    message(n, 100).record
+}
+
+pub fn outcome(results: &[(u32, RcptResult)]) -> MessageOutcome {
+    MessageOutcome {
+        recipients: results
+            .iter()
+            .map(|&(recipient, result)| RcptOutcome {
+                recipient,
+                result,
+                reply: format!("{result:?}"),
+            })
+            .collect(),
+        remote: None,
+        latency: Duration::ZERO,
+    }
+}
+
+/// Stores test messages (if the schedule reads them from a spool) and
+/// inserts them.
+pub async fn insert(f: &Fixture, numbers: &[u64], now_ms: u64) -> Vec<String> {
+    if let Some(spool) = &f.spool {
+        let batch = numbers.iter().map(|&n| message(n, 100)).collect();
+        spool.store(batch).await.expect("store");
+    }
+    let records = numbers.iter().map(|&n| record(n)).collect();
+    f.schedule.insert(records, now_ms).await.expect("insert")
+}
+
+async fn take(s: &dyn Schedule, domain: &str, max: usize) -> Vec<super::Job> {
+    s.take(domain, max, "node-a", LEASE).await.expect("take")
+}
+
+pub async fn run<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Fixture>,
+{
+    take_hands_out_due_work_once_and_release_puts_it_back(make().await).await;
+    take_respects_the_maximum_and_keeps_order(make().await).await;
+    a_deferred_delivery_comes_back_after_its_interval(make().await).await;
+    the_message_is_done_when_every_delivery_is(make().await).await;
+    expiry_reaches_due_deferred_and_suspended_work_but_not_work_in_flight(make().await).await;
+    a_suspended_domain_keeps_its_work_until_resumed(make().await).await;
+    counts_follow_the_deliveries(make().await).await;
+}
+
+async fn take_hands_out_due_work_once_and_release_puts_it_back(f: Fixture) {
+    let s = &*f.schedule;
+    let r = record(0);
+    let domains = insert(&f, &[0], r.received_ms).await;
+    assert_eq!(domains, ["example.org", "example.net"]);
+    assert_eq!(take(s, "example.org", 10).await.len(), 1);
+    assert!(
+        take(s, "example.org", 10).await.is_empty(),
+        "already in flight"
+    );
+    assert!(!s.has_ready("example.org").await.unwrap());
+    s.release(&r.id, "example.org").await.unwrap();
+    assert!(s.has_ready("example.org").await.unwrap());
+    let again = take(s, "example.org", 10).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].1, 0);
+    assert_eq!(*again[0].0, r);
+    assert_eq!(s.counts().await.unwrap().in_flight, 1);
+    assert_eq!(s.ready_domains().await.unwrap(), ["example.net"]);
+}
+
+async fn take_respects_the_maximum_and_keeps_order(f: Fixture) {
+    let s = &*f.schedule;
+    let numbers: Vec<u64> = (0..6).map(|n| n * 3).collect();
+    insert(&f, &numbers, u64::MAX / 2).await;
+    let first: Vec<_> = take(s, "example.org", 4)
+        .await
+        .iter()
+        .map(|(r, _)| r.id.clone())
+        .collect();
+    assert_eq!(
+        first,
+        numbers[..4]
+            .iter()
+            .map(|&n| record(n).id)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(take(s, "example.org", 4).await.len(), 2);
+    assert!(take(s, "example.org", 4).await.is_empty());
+}
+
+async fn a_deferred_delivery_comes_back_after_its_interval(f: Fixture) {
+    let s = &*f.schedule;
+    let r = record(0);
+    let t0 = r.received_ms;
+    insert(&f, &[0], t0).await;
+    take(s, "example.org", 1).await;
+    let deferred = outcome(&[(0, RcptResult::Deferred)]);
+    let c = s
+        .complete(&r.id, "example.org", &deferred, t0, &policy(), 0.0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.attempt, 1);
+    assert_eq!(c.next_attempt_ms, Some(t0 + SECOND));
+    assert!(!c.message_done());
+    assert_eq!(c.record.deliveries[0].state, DeliveryState::Deferred);
+    assert_eq!(
+        c.record.deliveries[0].last_error.as_deref(),
+        Some("Deferred")
+    );
+    let stored = s.records(std::slice::from_ref(&r.id)).await.unwrap();
+    assert_eq!(stored[0].as_deref(), Some(&*c.record));
+    assert!(s.promote(t0 + SECOND - 1).await.unwrap().is_empty());
+    assert!(take(s, "example.org", 1).await.is_empty());
+    assert_eq!(s.promote(t0 + SECOND).await.unwrap(), ["example.org"]);
+    let (again, _) = take(s, "example.org", 1).await.pop().unwrap();
+    assert_eq!(again.deliveries[0].attempts, 1);
+    let c = s
+        .complete(&r.id, "example.org", &deferred, t0 + SECOND, &policy(), 0.0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.attempt, 2);
+    assert_eq!(c.next_attempt_ms, Some(t0 + 3 * SECOND));
+}
+
+async fn the_message_is_done_when_every_delivery_is(f: Fixture) {
+    let s = &*f.schedule;
+    let r = record(0);
+    let t0 = r.received_ms;
+    insert(&f, &[0], t0).await;
+    take(s, "example.org", 1).await;
+    take(s, "example.net", 1).await;
+    let c = s
+        .complete(
+            &r.id,
+            "example.org",
+            &outcome(&[(0, RcptResult::Delivered)]),
+            t0,
+            &policy(),
+            0.0,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!c.message_done());
+    assert_eq!(c.record.deliveries.len(), 1);
+    let c = s
+        .complete(
+            &r.id,
+            "example.net",
+            &outcome(&[(1, RcptResult::Failed)]),
+            t0,
+            &policy(),
+            0.0,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(c.message_done());
+    assert_eq!(c.failed().map(|n| n.recipient).collect::<Vec<_>>(), [1]);
+    let counts = s.counts().await.unwrap();
+    assert_eq!(counts.messages, 0);
+    assert_eq!(counts.in_flight, 0);
+    assert!(s.records(std::slice::from_ref(&r.id)).await.unwrap()[0].is_none());
+}
+
+async fn expiry_reaches_due_deferred_and_suspended_work_but_not_work_in_flight(f: Fixture) {
+    let s = &*f.schedule;
+    let (a, b) = (record(0), record(1));
+    let t0 = a.received_ms;
+    insert(&f, &[0, 1, 2], t0 + 10).await;
+    // a: in flight to example.org; b: deferred; c: suspended domain.
+    take(s, "example.org", 1).await;
+    take(s, "example.net", 3).await;
+    s.complete(
+        &b.id,
+        "example.net",
+        &outcome(&[(0, RcptResult::Deferred)]),
+        t0 + 10,
+        &policy(),
+        0.0,
+    )
+    .await
+    .unwrap();
+    s.suspend("example.com").await.unwrap();
+    let expired = s.expire(t0 + 60 * SECOND + 10, &policy()).await.unwrap();
+    let keys: Vec<_> = expired
+        .iter()
+        .map(|c| (c.record.id.clone(), c.domain.clone()))
+        .collect();
+    assert!(
+        !keys.contains(&(a.id.clone(), "example.org".to_string())),
+        "in flight stays"
+    );
+    assert!(
+        keys.contains(&(b.id.clone(), "example.net".to_string())),
+        "deferred expires"
+    );
+    assert!(
+        keys.iter().any(|(_, d)| d == "example.com"),
+        "suspended expires"
+    );
+    assert!(expired
+        .iter()
+        .all(|c| c.notes.iter().all(|n| n.result == RcptResult::Failed)));
+    let b_done = expired
+        .iter()
+        .find(|c| c.record.id == b.id && c.domain == "example.net")
+        .unwrap();
+    assert!(
+        b_done.notes[0]
+            .reply
+            .contains("after 1 attempts; last error: Deferred"),
+        "{}",
+        b_done.notes[0].reply
+    );
+    // What expired is no longer queued anywhere.
+    let counts = s.counts().await.unwrap();
+    assert_eq!(counts.deferred, 0, "{counts:?}");
+    assert_eq!(counts.ready, 0, "{counts:?}");
+    assert_eq!(counts.in_flight, 2, "{counts:?}");
+}
+
+async fn a_suspended_domain_keeps_its_work_until_resumed(f: Fixture) {
+    let s = &*f.schedule;
+    let r = record(0);
+    s.suspend("example.org").await.unwrap();
+    assert_eq!(insert(&f, &[0], r.received_ms).await, ["example.net"]);
+    assert!(take(s, "example.org", 5).await.is_empty());
+    assert!(!s.has_ready("example.org").await.unwrap());
+    assert_eq!(s.ready_domains().await.unwrap(), ["example.net"]);
+    assert!(s.resume("example.org").await.unwrap());
+    assert_eq!(take(s, "example.org", 5).await.len(), 1);
+}
+
+async fn counts_follow_the_deliveries(f: Fixture) {
+    let s = &*f.schedule;
+    let t0 = record(0).received_ms;
+    insert(&f, &[0, 1, 2], t0 + 10).await;
+    take(s, "example.org", 1).await;
+    let counts = s.counts().await.unwrap();
+    assert_eq!(counts.messages, 3);
+    assert_eq!(counts.ready, 5);
+    assert_eq!(counts.in_flight, 1);
+    assert_eq!(counts.deferred, 0);
+    assert_eq!(
+        counts.deliveries_by_domain.into_iter().collect::<Vec<_>>(),
+        [
+            ("example.com".to_string(), 2),
+            ("example.net".to_string(), 2),
+            ("example.org".to_string(), 2)
+        ]
+    );
+    assert_eq!(s.reclaim_expired_leases().await.unwrap(), 0, "none ran out");
+}
