@@ -94,6 +94,16 @@ pub struct QueueConfig {
     /// included) before the spool reports it unavailable.
     #[serde(with = "human::duration")]
     pub redis_response_timeout: Duration,
+    /// With the Redis backend: how long a delivery taken by this node stays
+    /// its own before another node may take it; renewed every third of it
+    /// while the delivery runs.
+    #[serde(with = "human::duration")]
+    pub lease: Duration,
+    /// With the Redis backend: how often the stored messages are checked
+    /// for deliveries that are in no schedule key (a node stopped between
+    /// storing a message and scheduling it) and scheduled again.
+    #[serde(with = "human::duration")]
+    pub rescan_interval: Duration,
     #[serde(with = "human::durations")]
     pub retry_intervals: Vec<Duration>,
     #[serde(with = "human::duration")]
@@ -287,6 +297,8 @@ impl Default for QueueConfig {
             path: PathBuf::from("./spool"),
             redis_url: "redis://127.0.0.1:6379".to_string(),
             redis_response_timeout: Duration::from_secs(5),
+            lease: Duration::from_secs(15 * 60),
+            rescan_interval: Duration::from_secs(60),
             retry_intervals: [15 * 60, 30 * 60, 3600, 4 * 3600]
                 .into_iter()
                 .map(Duration::from_secs)
@@ -658,12 +670,11 @@ impl Config {
 
     fn validate_queue(&self, errors: &mut Errors) {
         let queue = &self.queue;
-        if queue.backend == QueueBackend::Redis {
-            errors.add(
-                "queue.backend",
-                "\"redis\" cannot run a node yet: the Redis spool exists; running a node \
-                 on it comes with the shared queue. Use \"local\"",
-            );
+        if queue.lease < Duration::from_secs(1) {
+            errors.add("queue.lease", "must be at least 1s");
+        }
+        if queue.rescan_interval.is_zero() {
+            errors.add("queue.rescan_interval", "must be longer than 0s");
         }
         if queue.path.as_os_str().is_empty() {
             errors.add("queue.path", "must not be empty");
@@ -1227,7 +1238,7 @@ mod tests {
             max_message_size = "60MB"
             max_session_size = "50MB"
             [queue]
-            backend = "redis"
+            lease = "0s"
             retry_intervals = []
             [delivery]
             smart_host = "[not-an-ip]:25"
@@ -1251,7 +1262,7 @@ mod tests {
                 "smtp.listen",
                 "smtp.max_recipients",
                 "smtp.max_message_size",
-                "queue.backend",
+                "queue.lease",
                 "queue.retry_intervals",
                 "delivery.smart_host",
                 "domains[0].drop_dir",
@@ -1260,12 +1271,6 @@ mod tests {
                 "domains[1].rate",
             ],
             "{errors:#?}"
-        );
-        assert!(
-            errors[4].contains("the Redis spool exists")
-                && errors[4].contains("comes with the shared queue"),
-            "{}",
-            errors[4]
         );
     }
 

@@ -39,7 +39,7 @@ use crate::bounce::{self, ReportSettings};
 use crate::delivery::MessageOutcome;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::DomainReady;
-use crate::schedule::{MemorySchedule, Schedule};
+use crate::schedule::{MemorySchedule, ReportHook, Schedule};
 use crate::scheduler::{Completion, RetryPolicy};
 use crate::spool::{Change, NewMessage, Spool, SpoolError};
 
@@ -271,6 +271,9 @@ pub struct Queue {
     /// Who holds the leases of what this queue takes.
     holder: String,
     lease: Duration,
+    /// How often stored messages are scheduled again (idempotent) in case
+    /// a store was not followed by its schedule insert; `None`: never.
+    rescan: Option<Duration>,
     /// A tick is running (a slow backend must not pile them up).
     ticking: bool,
     writer: RecordWriter,
@@ -291,6 +294,7 @@ impl Queue {
             schedule: Arc::new(MemorySchedule::default()),
             holder: "local".to_string(),
             lease: DEFAULT_LEASE,
+            rescan: None,
             ticking: false,
             writer: RecordWriter::default(),
             settings: DeliverySettings::default(),
@@ -314,6 +318,15 @@ impl Queue {
         self.schedule = schedule;
         self.holder = holder.into();
         self.lease = lease;
+        self
+    }
+
+    /// Every `every`, lists the spool and schedules what it holds again
+    /// (`Schedule::insert` skips what is already queued or in flight), so
+    /// that a message stored but not scheduled (the insert failed, or the
+    /// node stopped in between) is delivered all the same.
+    pub fn with_rescan(mut self, every: Duration) -> Self {
+        self.rescan = Some(every);
         self
     }
 
@@ -394,7 +407,87 @@ impl Queue {
         }));
     }
 
+    /// Extends the leases of the deliveries this node is running.
+    fn renew_leases(&mut self, _: &mut Context<Self>) {
+        let schedule = self.schedule.clone();
+        let (holder, lease) = (self.holder.clone(), self.lease);
+        actix::spawn(async move {
+            if let Err(error) = schedule.renew_leases(&holder, lease).await {
+                tracing::warn!(%error, "cannot renew the leases of running deliveries");
+            }
+        });
+    }
+
+    /// Schedules every stored message again (see [`Queue::with_rescan`]).
+    fn rescan(&mut self, ctx: &mut Context<Self>) {
+        let spool = self.spool.clone();
+        let schedule = self.schedule.clone();
+        let work = async move {
+            let records = spool.list().await?;
+            schedule.insert(records, now_ms()).await
+        };
+        ctx.spawn(work.into_actor(self).map(|result, queue, _| match result {
+            Ok(domains) => queue.announce(domains),
+            Err(error) => tracing::warn!(%error, "cannot check the spool for unscheduled messages"),
+        }));
+    }
+
+    /// Queues the reports that completions of one message call for, for a
+    /// schedule that writes records itself and calls this first.
+    fn report_hook(&self, ctx: &Context<Self>) -> ReportHook {
+        let spool = self.spool.clone();
+        let settings = self.settings.reports.clone();
+        let addr = ctx.address();
+        Arc::new(move |completions: Vec<Completion>| {
+            let (spool, settings, addr) = (spool.clone(), settings.clone(), addr.clone());
+            Box::pin(async move {
+                for completion in merge_by_message(completions) {
+                    if !bounce::needs_report(&completion) {
+                        continue;
+                    }
+                    let id = completion.record.id.clone();
+                    let body = spool.read_body(&id).await.unwrap_or_default();
+                    for report in bounce::reports(&completion, &body, &settings, now_ms()) {
+                        let report_id = report.record.id.clone();
+                        match addr.send(Enqueue(report)).await {
+                            Ok(Ok(())) => tracing::info!(message_id = %id,
+                                report_id = %report_id, "delivery report queued"),
+                            Ok(Err(error)) => return Err(error),
+                            Err(_) => {
+                                return Err(SpoolError::Unavailable("the queue stopped".into()))
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+    }
+
     fn sweep_expired(&mut self, ctx: &mut Context<Self>) {
+        if self.schedule.writes_records() {
+            // Reports are queued before each record changes; the schedule
+            // writes the records.
+            let schedule = self.schedule.clone();
+            let policy = self.settings.retry.clone();
+            let hook = self.report_hook(ctx);
+            let expire = async move { schedule.expire_reporting(now_ms(), &policy, hook).await };
+            ctx.spawn(
+                expire
+                    .into_actor(self)
+                    .map(|expired, queue, _| match expired {
+                        Ok(expired) => {
+                            for completion in &expired {
+                                tracing::info!(message_id = %completion.record.id,
+                            domain = %completion.domain, "delivery expired");
+                                queue.log(completion, None);
+                            }
+                        }
+                        Err(error) => tracing::warn!(%error, "cannot expire old deliveries"),
+                    }),
+            );
+            return;
+        }
         let schedule = self.schedule.clone();
         let policy = self.settings.retry.clone();
         let expire = async move { schedule.expire(now_ms(), &policy).await };
@@ -409,28 +502,15 @@ impl Queue {
     }
 
     fn report_expired(&mut self, expired: Vec<Completion>, ctx: &mut Context<Self>) {
-        // One report per message, however many of its domains expired.
-        let mut by_message: Vec<Completion> = Vec::new();
-        for completion in expired {
+        for completion in &expired {
             tracing::info!(
                 message_id = %completion.record.id,
                 domain = %completion.domain,
                 "delivery expired"
             );
-            self.log(&completion, None);
-            match by_message
-                .iter_mut()
-                .find(|c| c.record.id == completion.record.id)
-            {
-                Some(merged) => {
-                    merged.notes.extend(completion.notes);
-                    // The later record has every expiry of this message applied.
-                    merged.record = completion.record;
-                }
-                None => by_message.push(completion),
-            }
+            self.log(completion, None);
         }
-        for completion in by_message {
+        for completion in merge_by_message(expired) {
             let done = self.follow_up(completion, ctx);
             ctx.spawn(done.into_actor(self));
         }
@@ -582,6 +662,27 @@ impl Queue {
     }
 }
 
+/// One completion per message, however many of its domains completed: the
+/// notes of all of them and the latest record.
+fn merge_by_message(completions: Vec<Completion>) -> Vec<Completion> {
+    let mut by_message: Vec<Completion> = Vec::new();
+    for completion in completions {
+        match by_message
+            .iter_mut()
+            .find(|c| c.record.id == completion.record.id)
+        {
+            Some(merged) => {
+                merged.notes.extend(completion.notes);
+                merged.delayed.extend(completion.delayed);
+                // The later record has every completion of this message applied.
+                merged.record = completion.record;
+            }
+            None => by_message.push(completion),
+        }
+    }
+    by_message
+}
+
 impl Actor for Queue {
     type Context = Context<Self>;
 
@@ -589,6 +690,13 @@ impl Actor for Queue {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         ctx.run_interval(TICK, |queue, ctx| queue.tick(ctx));
         ctx.run_interval(EXPIRY_SWEEP, |queue, ctx| queue.sweep_expired(ctx));
+        if self.schedule.writes_records() {
+            // Running deliveries keep their leases; see `Schedule::renew_leases`.
+            ctx.run_interval(self.lease / 3, |queue, ctx| queue.renew_leases(ctx));
+        }
+        if let Some(every) = self.rescan {
+            ctx.run_interval(every, |queue, ctx| queue.rescan(ctx));
+        }
     }
 }
 
@@ -693,10 +801,39 @@ impl Handler<Report> for Queue {
 
     /// Applies the outcome, logs it, sends the reports it calls for and
     /// answers once the new state of the message is in the spool.
-    fn handle(&mut self, msg: Report, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Report, ctx: &mut Context<Self>) -> Self::Result {
         let jitter = rand::random_range(-0.1..=0.1);
         let schedule = self.schedule.clone();
         let policy = self.settings.retry.clone();
+        if schedule.writes_records() {
+            // The schedule queues the reports through the hook, then writes
+            // the record: when `complete` returns, the outcome is durable.
+            let hook = self.report_hook(ctx);
+            let complete = async move {
+                let completion = schedule
+                    .complete_reporting(
+                        &msg.id,
+                        &msg.domain,
+                        &msg.outcome,
+                        now_ms(),
+                        &policy,
+                        jitter,
+                        hook,
+                    )
+                    .await;
+                (msg, completion)
+            };
+            return Box::pin(
+                complete
+                    .into_actor(self)
+                    .map(|(msg, completion), queue, _| match completion {
+                        Ok(Some(completion)) => queue.log(&completion, Some(&msg.outcome)),
+                        Ok(None) => {}
+                        Err(error) => tracing::error!(message_id = %msg.id, domain = %msg.domain,
+                        %error, "cannot record a delivery outcome"),
+                    }),
+            );
+        }
         let complete = async move {
             let completion = schedule
                 .complete(

@@ -18,18 +18,19 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use crate::admin::{self, AdminEnv};
 use crate::auth::{OperatorDb, UserDb};
 use crate::bounce::ReportSettings;
-use crate::config::{check_domain_name, Config, DomainKind};
+use crate::config::{check_domain_name, Config, DomainKind, QueueBackend};
 use crate::delivery::connection::DeliveryEnv;
 use crate::delivery::outbound::TlsClients;
 use crate::delivery::route::Router;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::Dispatcher;
-use crate::limits::LocalLimits;
+use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Attach, DeliverySettings, Queue, Recover};
+use crate::schedule::RedisSchedule;
 use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
-use crate::spool::{LocalSpool, LocalSpoolOptions, Spool};
+use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
 use crate::tls;
 
 pub fn run(config: Config) -> Result<(), Box<dyn Error>> {
@@ -38,14 +39,59 @@ pub fn run(config: Config) -> Result<(), Box<dyn Error>> {
 
 async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
     let config = Arc::new(config);
-    let path = config.queue.path.clone();
-    let spool =
-        tokio::task::spawn_blocking(move || LocalSpool::open(&path, LocalSpoolOptions::default()))
+    let (queue, spool, limits, location) = match config.queue.backend {
+        QueueBackend::Local => {
+            let path = config.queue.path.clone();
+            let spool = tokio::task::spawn_blocking(move || {
+                LocalSpool::open(&path, LocalSpoolOptions::default())
+            })
             .await??;
-    let spool: Arc<dyn Spool> = Arc::new(spool);
-    let queue = Queue::new(spool.clone())
-        .with_settings(delivery_settings(&config)?)
-        .start();
+            let spool: Arc<dyn Spool> = Arc::new(spool);
+            let queue = Queue::new(spool.clone()).with_settings(delivery_settings(&config)?);
+            // The node runs on the local backend: the limits are this node's.
+            let limits: Arc<dyn DomainLimits> = Arc::new(LocalLimits::new());
+            (
+                queue,
+                spool,
+                limits,
+                config.queue.path.display().to_string(),
+            )
+        }
+        QueueBackend::Redis => {
+            let url = &config.queue.redis_url;
+            let timeout = config.queue.redis_response_timeout;
+            let spool = RedisSpool::open_with(
+                url,
+                RedisSpoolOptions {
+                    response_timeout: timeout,
+                },
+            )
+            .await
+            .map_err(|e| format!("queue.redis_url: {e}"))?;
+            let schedule = RedisSchedule::new(&spool)
+                .await
+                .map_err(|e| format!("queue.redis_url: {e}"))?;
+            // Caps and rates hold for every node on this Redis.
+            let limits = RedisLimits::open(
+                url,
+                &config.node.id,
+                RedisLimitsOptions {
+                    response_timeout: timeout,
+                    ..RedisLimitsOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("queue.redis_url: {e}"))?;
+            let spool: Arc<dyn Spool> = Arc::new(spool);
+            let queue = Queue::new(spool.clone())
+                .with_settings(delivery_settings(&config)?)
+                .with_schedule(Arc::new(schedule), &config.node.id, config.queue.lease)
+                .with_rescan(config.queue.rescan_interval);
+            let limits: Arc<dyn DomainLimits> = Arc::new(limits);
+            (queue, spool, limits, crate::spool::redis::redact(url))
+        }
+    };
+    let queue = queue.start();
     let env = DeliveryEnv {
         config: config.clone(),
         spool,
@@ -53,15 +99,15 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
         router: Router::new(&config.delivery)?,
         tls: TlsClients::new(&config.delivery)?,
         node_slots: Arc::new(Semaphore::new(config.delivery.max_connections)),
-        // The node runs on the local backend: the limits are this node's.
-        limits: Arc::new(LocalLimits::new()),
+        limits,
     };
     let dispatcher = Dispatcher::new(Arc::new(env)).start();
     queue.send(Attach(dispatcher.recipient())).await?;
     let recovered = queue.send(Recover).await??;
     tracing::info!(
         messages = recovered.len(),
-        path = %config.queue.path.display(),
+        backend = ?config.queue.backend,
+        spool = %location,
         "spool opened"
     );
 

@@ -14,6 +14,8 @@
 //! Every method may fail only for the Redis backend ([`SpoolError`]: the
 //! same errors the spool reports, so callers branch on one type).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,8 +36,62 @@ pub use self::redis::RedisSchedule;
 /// delivery in `record.deliveries`.
 pub type Job = (Arc<MessageRecord>, usize);
 
+/// Queues the delivery reports that the completions of one message call for
+/// (none, one or several of its domains). A schedule that writes records
+/// itself calls it before it changes the record, so that a crash in between
+/// repeats a report rather than loses it; an error leaves the record as it
+/// was.
+pub type ReportHook = Arc<
+    dyn Fn(Vec<Completion>) -> Pin<Box<dyn Future<Output = Result<(), SpoolError>> + Send>>
+        + Send
+        + Sync,
+>;
+
 #[async_trait]
 pub trait Schedule: Send + Sync + 'static {
+    /// Whether `complete` and `expire` write the message records to the
+    /// spool themselves (the Redis schedule, whose records are the spool's).
+    /// Otherwise the caller persists the records it gets back.
+    fn writes_records(&self) -> bool {
+        false
+    }
+
+    /// [`Schedule::complete`], calling `report` before the record is
+    /// written when the schedule writes records itself; otherwise the same
+    /// as `complete` and the caller sends reports before it persists.
+    #[allow(clippy::too_many_arguments)]
+    async fn complete_reporting(
+        &self,
+        id: &MessageId,
+        domain: &str,
+        outcome: &MessageOutcome,
+        now_ms: u64,
+        policy: &RetryPolicy,
+        jitter: f64,
+        _report: ReportHook,
+    ) -> Result<Option<Completion>, SpoolError> {
+        self.complete(id, domain, outcome, now_ms, policy, jitter)
+            .await
+    }
+
+    /// [`Schedule::expire`], calling `report` per message before its record
+    /// is written when the schedule writes records itself.
+    async fn expire_reporting(
+        &self,
+        now_ms: u64,
+        policy: &RetryPolicy,
+        _report: ReportHook,
+    ) -> Result<Vec<Completion>, SpoolError> {
+        self.expire(now_ms, policy).await
+    }
+
+    /// Extends to `lease` from now every lease `holder` holds through this
+    /// schedule; returns how many. A schedule whose work dies with the node
+    /// has none.
+    async fn renew_leases(&self, _holder: &str, _lease: Duration) -> Result<usize, SpoolError> {
+        Ok(0)
+    }
+
     /// Files the deliveries of stored messages; returns the domains (first
     /// appearance order, no repeats) that got due work and are not
     /// suspended.

@@ -84,7 +84,8 @@ use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{dedup, Job, Schedule};
+use super::{dedup, Job, ReportHook, Schedule};
+use crate::bounce;
 use crate::delivery::MessageOutcome;
 use crate::scheduler::{apply_outcome, expire_delivery, Completion, RetryPolicy, SchedulerCounts};
 use crate::spool::redis::{body_key, record_key, INDEX_KEY};
@@ -191,6 +192,21 @@ end
 return #expired
 ";
 
+/// KEYS: leases, holders. ARGV: holder, lease ms, ids… Extends the leases
+/// of `holder` among `ids`; returns how many.
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local renewed = 0
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+    renewed = renewed + 1
+  end
+end
+return renewed
+";
+
 /// KEYS: ready, deferred, leases, suspended. ARGV: (id, next ms, due 1/0)…
 const INSERT: &str = r"
 for i = 1, #ARGV, 3 do
@@ -231,6 +247,7 @@ struct Scripts {
     reclaim: Script,
     insert: Script,
     write_record: Script,
+    renew: Script,
 }
 
 impl Scripts {
@@ -243,11 +260,21 @@ impl Scripts {
             reclaim: Script::new(RECLAIM),
             insert: Script::new(INSERT),
             write_record: Script::new(WRITE_RECORD),
+            renew: Script::new(RENEW),
         }
     }
 
     /// The code of every script, for `SCRIPT LOAD`.
-    const CODE: [&'static str; 7] = [TAKE, FILE, RELEASE, PROMOTE, RECLAIM, INSERT, WRITE_RECORD];
+    const CODE: [&'static str; 8] = [
+        TAKE,
+        FILE,
+        RELEASE,
+        PROMOTE,
+        RECLAIM,
+        INSERT,
+        WRITE_RECORD,
+        RENEW,
+    ];
 }
 
 /// `EVALSHA` of `script` with `keys`; the caller adds the arguments.
@@ -434,6 +461,216 @@ impl RedisSchedule {
     }
 }
 
+impl RedisSchedule {
+    /// `complete`, with reports queued through `report` before the record
+    /// is written (once, on the first outcome computed: a record changed
+    /// meanwhile by another domain does not repeat the report).
+    #[allow(clippy::too_many_arguments)]
+    async fn complete_with(
+        &self,
+        id: &MessageId,
+        domain: &str,
+        outcome: &MessageOutcome,
+        now_ms: u64,
+        policy: &RetryPolicy,
+        jitter: f64,
+        report: Option<&ReportHook>,
+    ) -> Result<Option<Completion>, SpoolError> {
+        let mut reported = false;
+        let key = (id.clone(), domain.to_string());
+        let (holder, mut expected) = match self.held().get(&key) {
+            Some(held) => (held.holder.clone(), Some(held.record.clone())),
+            None => (String::new(), None),
+        };
+        let mut races = 0;
+        let completion = loop {
+            let bytes = match expected.take() {
+                Some(bytes) => bytes,
+                None => match self.fetch(std::slice::from_ref(id)).await?.pop().flatten() {
+                    Some(bytes) => bytes,
+                    None => break None,
+                },
+            };
+            let record = decode(id, &bytes)?;
+            if !record.deliveries.iter().any(|d| d.domain == domain) {
+                // Finished meanwhile (expired, or done by a node that
+                // lost its lease): nothing to record.
+                break None;
+            }
+            let completion = apply_outcome(&record, domain, outcome, now_ms, policy, jitter);
+            if let Some(report) = report {
+                if !reported && bounce::needs_report(&completion) {
+                    // An error leaves the record and the lease: the
+                    // delivery is attempted again once the lease runs out.
+                    report(vec![completion.clone()]).await?;
+                    reported = true;
+                }
+            }
+            let new = (!completion.message_done()).then(|| envelope::encode(&*completion.record));
+            let mut pipe = redis::pipe();
+            pipe.add_command(self.write_record_cmd(id, &bytes, new.as_deref()));
+            let reply = self.run("complete: record", &pipe).await?;
+            match Self::parse_record_write(reply.into_iter().next().unwrap_or(Value::Nil))? {
+                RecordWrite::Written => break Some(completion),
+                RecordWrite::Gone => break None,
+                RecordWrite::Changed(current) => {
+                    races += 1;
+                    if races == MAX_RECORD_RACES {
+                        return Err(SpoolError::Unavailable(format!(
+                            "record of {id} keeps changing under complete"
+                        )));
+                    }
+                    expected = Some(current);
+                }
+            }
+        };
+        // Then the domain: the lease goes, the delivery is filed.
+        let mut pipe = redis::pipe();
+        let next = completion.as_ref().and_then(|c| c.next_attempt_ms);
+        pipe.add_command(self.file_cmd(id, domain, &holder, next));
+        if completion.as_ref().is_some_and(Completion::message_done) {
+            pipe.cmd("ZREM").arg(INDEX_KEY).arg(id.as_str()).ignore();
+        }
+        let reply = self.run("complete: domain", &pipe).await?;
+        self.held().remove(&key);
+        let filed: i64 = parse("complete", reply.into_iter().next().unwrap_or(Value::Nil))?;
+        if filed == 0 {
+            tracing::warn!(message_id = %id, %domain,
+                "the lease of this delivery was lost to another holder; its outcome is recorded, the lease is left to its holder");
+        }
+        Ok(completion)
+    }
+
+    /// `expire`, with each message's reports queued through `report`
+    /// before its record is written; a message whose reports cannot be
+    /// queued is left for the next sweep.
+    async fn expire_with(
+        &self,
+        now_ms: u64,
+        policy: &RetryPolicy,
+        report: Option<&ReportHook>,
+    ) -> Result<Vec<Completion>, SpoolError> {
+        let cutoff = now_ms.saturating_sub(policy.max_lifetime.as_millis() as u64);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(INDEX_KEY)
+            .arg("-inf")
+            .arg(cutoff);
+        let reply = self.run("expire: index", &pipe).await?;
+        let ids: Vec<String> = parse("expire", reply.into_iter().next().unwrap_or(Value::Nil))?;
+        let ids: Vec<MessageId> = ids.into_iter().map(MessageId).collect();
+        let mut messages = Vec::new();
+        for (id, bytes) in ids.iter().zip(self.fetch(&ids).await?) {
+            if let Some(bytes) = bytes {
+                let record = decode(id, &bytes)?;
+                messages.push((bytes, record));
+            }
+        }
+        // Work in flight is left to its holder.
+        let keys: Vec<(MessageId, String)> = messages
+            .iter()
+            .flat_map(|(_, r)| {
+                r.deliveries
+                    .iter()
+                    .map(|d| (r.id.clone(), d.domain.clone()))
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (id, domain) in &keys {
+            pipe.cmd("ZSCORE")
+                .arg(domain_keys(domain).leases)
+                .arg(id.as_str());
+        }
+        let leased: Vec<Option<f64>> = self
+            .run("expire: leases", &pipe)
+            .await?
+            .into_iter()
+            .map(|v| parse("expire: leases", v))
+            .collect::<Result<_, _>>()?;
+        let leased: Vec<&(MessageId, String)> = keys
+            .iter()
+            .zip(leased)
+            .filter_map(|(key, score)| score.map(|_| key))
+            .collect();
+
+        // Per message: every expiry applied in turn, one record write.
+        let mut planned: Vec<(Vec<u8>, Vec<Completion>)> = Vec::new();
+        for (bytes, record) in messages {
+            let mut current = Arc::new(record);
+            let mut completions = Vec::new();
+            for domain in current
+                .deliveries
+                .iter()
+                .map(|d| d.domain.clone())
+                .collect::<Vec<_>>()
+            {
+                if leased.contains(&&(current.id.clone(), domain.clone())) {
+                    continue;
+                }
+                let completion = expire_delivery(&current, &domain);
+                current = completion.record.clone();
+                completions.push(completion);
+            }
+            if !completions.is_empty() {
+                planned.push((bytes, completions));
+            }
+        }
+        if let Some(report) = report {
+            let mut kept = Vec::with_capacity(planned.len());
+            for (bytes, completions) in planned {
+                match report(completions.clone()).await {
+                    Ok(()) => kept.push((bytes, completions)),
+                    Err(error) => tracing::warn!(message_id = %completions[0].record.id, %error,
+                        "cannot queue the report of an expired message; it stays for the next sweep"),
+                }
+            }
+            planned = kept;
+        }
+        if planned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (bytes, completions) in &planned {
+            let last = completions.last().expect("not empty");
+            let new = (!last.message_done()).then(|| envelope::encode(&*last.record));
+            pipe.add_command(self.write_record_cmd(&last.record.id, bytes, new.as_deref()));
+        }
+        let writes = self.run("expire: records", &pipe).await?;
+        let mut pipe = redis::pipe();
+        let mut expired = Vec::new();
+        for ((_, completions), write) in planned.into_iter().zip(writes) {
+            // A record changed meanwhile is left for the next sweep.
+            if !matches!(Self::parse_record_write(write)?, RecordWrite::Written) {
+                continue;
+            }
+            for completion in &completions {
+                pipe.add_command(self.file_cmd(
+                    &completion.record.id,
+                    &completion.domain,
+                    "",
+                    None,
+                ))
+                .ignore();
+            }
+            let last = completions.last().expect("not empty");
+            if last.message_done() {
+                pipe.cmd("ZREM")
+                    .arg(INDEX_KEY)
+                    .arg(last.record.id.as_str())
+                    .ignore();
+            }
+            expired.extend(completions);
+        }
+        if !expired.is_empty() {
+            self.run("expire: domains", &pipe).await?;
+        }
+        Ok(expired)
+    }
+}
+
 #[async_trait]
 impl Schedule for RedisSchedule {
     async fn insert(
@@ -592,6 +829,10 @@ impl Schedule for RedisSchedule {
         Ok(())
     }
 
+    fn writes_records(&self) -> bool {
+        true
+    }
+
     async fn complete(
         &self,
         id: &MessageId,
@@ -601,60 +842,22 @@ impl Schedule for RedisSchedule {
         policy: &RetryPolicy,
         jitter: f64,
     ) -> Result<Option<Completion>, SpoolError> {
-        let key = (id.clone(), domain.to_string());
-        let (holder, mut expected) = match self.held().get(&key) {
-            Some(held) => (held.holder.clone(), Some(held.record.clone())),
-            None => (String::new(), None),
-        };
-        let mut races = 0;
-        let completion = loop {
-            let bytes = match expected.take() {
-                Some(bytes) => bytes,
-                None => match self.fetch(std::slice::from_ref(id)).await?.pop().flatten() {
-                    Some(bytes) => bytes,
-                    None => break None,
-                },
-            };
-            let record = decode(id, &bytes)?;
-            if !record.deliveries.iter().any(|d| d.domain == domain) {
-                // Finished meanwhile (expired, or done by a node that
-                // lost its lease): nothing to record.
-                break None;
-            }
-            let completion = apply_outcome(&record, domain, outcome, now_ms, policy, jitter);
-            let new = (!completion.message_done()).then(|| envelope::encode(&*completion.record));
-            let mut pipe = redis::pipe();
-            pipe.add_command(self.write_record_cmd(id, &bytes, new.as_deref()));
-            let reply = self.run("complete: record", &pipe).await?;
-            match Self::parse_record_write(reply.into_iter().next().unwrap_or(Value::Nil))? {
-                RecordWrite::Written => break Some(completion),
-                RecordWrite::Gone => break None,
-                RecordWrite::Changed(current) => {
-                    races += 1;
-                    if races == MAX_RECORD_RACES {
-                        return Err(SpoolError::Unavailable(format!(
-                            "record of {id} keeps changing under complete"
-                        )));
-                    }
-                    expected = Some(current);
-                }
-            }
-        };
-        // Then the domain: the lease goes, the delivery is filed.
-        let mut pipe = redis::pipe();
-        let next = completion.as_ref().and_then(|c| c.next_attempt_ms);
-        pipe.add_command(self.file_cmd(id, domain, &holder, next));
-        if completion.as_ref().is_some_and(Completion::message_done) {
-            pipe.cmd("ZREM").arg(INDEX_KEY).arg(id.as_str()).ignore();
-        }
-        let reply = self.run("complete: domain", &pipe).await?;
-        self.held().remove(&key);
-        let filed: i64 = parse("complete", reply.into_iter().next().unwrap_or(Value::Nil))?;
-        if filed == 0 {
-            tracing::warn!(message_id = %id, %domain,
-                "the lease of this delivery was lost to another holder; its outcome is recorded, the lease is left to its holder");
-        }
-        Ok(completion)
+        self.complete_with(id, domain, outcome, now_ms, policy, jitter, None)
+            .await
+    }
+
+    async fn complete_reporting(
+        &self,
+        id: &MessageId,
+        domain: &str,
+        outcome: &MessageOutcome,
+        now_ms: u64,
+        policy: &RetryPolicy,
+        jitter: f64,
+        report: ReportHook,
+    ) -> Result<Option<Completion>, SpoolError> {
+        self.complete_with(id, domain, outcome, now_ms, policy, jitter, Some(&report))
+            .await
     }
 
     async fn expire(
@@ -662,113 +865,44 @@ impl Schedule for RedisSchedule {
         now_ms: u64,
         policy: &RetryPolicy,
     ) -> Result<Vec<Completion>, SpoolError> {
-        let cutoff = now_ms.saturating_sub(policy.max_lifetime.as_millis() as u64);
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGEBYSCORE")
-            .arg(INDEX_KEY)
-            .arg("-inf")
-            .arg(cutoff);
-        let reply = self.run("expire: index", &pipe).await?;
-        let ids: Vec<String> = parse("expire", reply.into_iter().next().unwrap_or(Value::Nil))?;
-        let ids: Vec<MessageId> = ids.into_iter().map(MessageId).collect();
-        let mut messages = Vec::new();
-        for (id, bytes) in ids.iter().zip(self.fetch(&ids).await?) {
-            if let Some(bytes) = bytes {
-                let record = decode(id, &bytes)?;
-                messages.push((bytes, record));
-            }
-        }
-        // Work in flight is left to its holder.
-        let keys: Vec<(MessageId, String)> = messages
-            .iter()
-            .flat_map(|(_, r)| {
-                r.deliveries
-                    .iter()
-                    .map(|d| (r.id.clone(), d.domain.clone()))
-            })
-            .collect();
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for (id, domain) in &keys {
-            pipe.cmd("ZSCORE")
-                .arg(domain_keys(domain).leases)
-                .arg(id.as_str());
-        }
-        let leased: Vec<Option<f64>> = self
-            .run("expire: leases", &pipe)
-            .await?
-            .into_iter()
-            .map(|v| parse("expire: leases", v))
-            .collect::<Result<_, _>>()?;
-        let leased: Vec<&(MessageId, String)> = keys
-            .iter()
-            .zip(leased)
-            .filter_map(|(key, score)| score.map(|_| key))
-            .collect();
+        self.expire_with(now_ms, policy, None).await
+    }
 
-        // Per message: every expiry applied in turn, one record write.
-        let mut planned: Vec<(Vec<u8>, Vec<Completion>)> = Vec::new();
-        for (bytes, record) in messages {
-            let mut current = Arc::new(record);
-            let mut completions = Vec::new();
-            for domain in current
-                .deliveries
-                .iter()
-                .map(|d| d.domain.clone())
-                .collect::<Vec<_>>()
-            {
-                if leased.contains(&&(current.id.clone(), domain.clone())) {
-                    continue;
-                }
-                let completion = expire_delivery(&current, &domain);
-                current = completion.record.clone();
-                completions.push(completion);
-            }
-            if !completions.is_empty() {
-                planned.push((bytes, completions));
+    async fn expire_reporting(
+        &self,
+        now_ms: u64,
+        policy: &RetryPolicy,
+        report: ReportHook,
+    ) -> Result<Vec<Completion>, SpoolError> {
+        self.expire_with(now_ms, policy, Some(&report)).await
+    }
+
+    async fn renew_leases(&self, holder: &str, lease: Duration) -> Result<usize, SpoolError> {
+        let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for ((id, domain), held) in self.held().iter() {
+            if held.holder == holder {
+                by_domain
+                    .entry(domain.clone())
+                    .or_default()
+                    .push(id.as_str().to_string());
             }
         }
-        if planned.is_empty() {
-            return Ok(Vec::new());
+        if by_domain.is_empty() {
+            return Ok(0);
         }
         let mut pipe = redis::pipe();
-        for (bytes, completions) in &planned {
-            let last = completions.last().expect("not empty");
-            let new = (!last.message_done()).then(|| envelope::encode(&*last.record));
-            pipe.add_command(self.write_record_cmd(&last.record.id, bytes, new.as_deref()));
+        for (domain, ids) in &by_domain {
+            let k = domain_keys(domain);
+            let mut cmd = evalsha(&self.scripts.renew, &[&k.leases, &k.holders]);
+            cmd.arg(holder).arg(lease.as_millis() as u64).arg(ids);
+            pipe.add_command(cmd);
         }
-        let writes = self.run("expire: records", &pipe).await?;
-        let mut pipe = redis::pipe();
-        let mut expired = Vec::new();
-        for ((_, completions), write) in planned.into_iter().zip(writes) {
-            // A record changed meanwhile is left for the next sweep.
-            if !matches!(Self::parse_record_write(write)?, RecordWrite::Written) {
-                continue;
-            }
-            for completion in &completions {
-                pipe.add_command(self.file_cmd(
-                    &completion.record.id,
-                    &completion.domain,
-                    "",
-                    None,
-                ))
-                .ignore();
-            }
-            let last = completions.last().expect("not empty");
-            if last.message_done() {
-                pipe.cmd("ZREM")
-                    .arg(INDEX_KEY)
-                    .arg(last.record.id.as_str())
-                    .ignore();
-            }
-            expired.extend(completions);
+        let reply = self.run("renew leases", &pipe).await?;
+        let mut renewed = 0;
+        for value in reply {
+            renewed += parse::<i64>("renew leases", value)? as usize;
         }
-        if !expired.is_empty() {
-            self.run("expire: domains", &pipe).await?;
-        }
-        Ok(expired)
+        Ok(renewed)
     }
 
     async fn ready_domains(&self) -> Result<Vec<String>, SpoolError> {

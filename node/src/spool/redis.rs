@@ -163,7 +163,7 @@ fn decode_body(id: &MessageId, bytes: &[u8]) -> Result<Vec<u8>, SpoolError> {
 }
 
 /// The URL without its password, for messages.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
