@@ -234,6 +234,9 @@ const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
 /// shared schedule gives it to another node.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
 
+/// The longest between two renewals of this node's leases.
+const LEASE_CHECK: Duration = Duration::from_secs(5);
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -692,7 +695,9 @@ impl Actor for Queue {
         ctx.run_interval(EXPIRY_SWEEP, |queue, ctx| queue.sweep_expired(ctx));
         if self.schedule.writes_records() {
             // Running deliveries keep their leases; see `Schedule::renew_leases`.
-            ctx.run_interval(self.lease / 3, |queue, ctx| queue.renew_leases(ctx));
+            // Also puts back leases of this node that nothing here runs.
+            let every = (self.lease / 3).min(LEASE_CHECK);
+            ctx.run_interval(every, |queue, ctx| queue.renew_leases(ctx));
         }
         if let Some(every) = self.rescan {
             ctx.run_interval(every, |queue, ctx| queue.rescan(ctx));

@@ -192,19 +192,40 @@ end
 return #expired
 ";
 
-/// KEYS: leases, holders. ARGV: holder, lease ms, ids… Extends the leases
-/// of `holder` among `ids`; returns how many.
+/// KEYS: ready, leases, holders. ARGV: holder, lease ms, grace ms, ids…
+/// Extends the leases of `holder` among `ids`; a lease of `holder` not
+/// among them that was taken more than `grace` ago is an orphan (a take
+/// whose reply was lost, a completion that failed half-way, an earlier
+/// process of the same node) and goes back to the front of ready. Returns
+/// {renewed, orphans}.
 const RENEW: &str = r"
 local t = redis.call('TIME')
-local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+local held = {}
 local renewed = 0
-for i = 3, #ARGV do
-  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
-    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+for i = 4, #ARGV do
+  held[ARGV[i]] = true
+  if redis.call('HGET', KEYS[3], ARGV[i]) == ARGV[1] then
+    redis.call('ZADD', KEYS[2], 'XX', now + lease, ARGV[i])
     renewed = renewed + 1
   end
 end
-return renewed
+local orphans = 0
+local all = redis.call('HGETALL', KEYS[3])
+for i = 1, #all, 2 do
+  local id = all[i]
+  if all[i + 1] == ARGV[1] and not held[id] then
+    local expiry = tonumber(redis.call('ZSCORE', KEYS[2], id) or '0')
+    if expiry - lease < now - tonumber(ARGV[3]) then
+      redis.call('ZREM', KEYS[2], id)
+      redis.call('HDEL', KEYS[3], id)
+      redis.call('LPUSH', KEYS[1], id)
+      orphans = orphans + 1
+    end
+  end
+end
+return {renewed, orphans}
 ";
 
 /// KEYS: ready, deferred, leases, suspended. ARGV: (id, next ms, due 1/0)…
@@ -842,8 +863,15 @@ impl Schedule for RedisSchedule {
         policy: &RetryPolicy,
         jitter: f64,
     ) -> Result<Option<Completion>, SpoolError> {
-        self.complete_with(id, domain, outcome, now_ms, policy, jitter, None)
-            .await
+        let result = self
+            .complete_with(id, domain, outcome, now_ms, policy, jitter, None)
+            .await;
+        if result.is_err() {
+            // No longer running here: the lease lapses (or is put back as
+            // an orphan) and the delivery is attempted again.
+            self.held().remove(&(id.clone(), domain.to_string()));
+        }
+        result
     }
 
     async fn complete_reporting(
@@ -856,8 +884,13 @@ impl Schedule for RedisSchedule {
         jitter: f64,
         report: ReportHook,
     ) -> Result<Option<Completion>, SpoolError> {
-        self.complete_with(id, domain, outcome, now_ms, policy, jitter, Some(&report))
-            .await
+        let result = self
+            .complete_with(id, domain, outcome, now_ms, policy, jitter, Some(&report))
+            .await;
+        if result.is_err() {
+            self.held().remove(&(id.clone(), domain.to_string()));
+        }
+        result
     }
 
     async fn expire(
@@ -887,20 +920,36 @@ impl Schedule for RedisSchedule {
                     .push(id.as_str().to_string());
             }
         }
+        // Every domain, for orphaned leases of this holder.
+        for domain in self.active().await? {
+            by_domain.entry(domain).or_default();
+        }
         if by_domain.is_empty() {
             return Ok(0);
         }
+        // A take answers within two replies: one taken longer ago and not
+        // held is no longer on its way to this node.
+        let grace = self.timeout * 2 + Duration::from_secs(1);
         let mut pipe = redis::pipe();
         for (domain, ids) in &by_domain {
             let k = domain_keys(domain);
-            let mut cmd = evalsha(&self.scripts.renew, &[&k.leases, &k.holders]);
-            cmd.arg(holder).arg(lease.as_millis() as u64).arg(ids);
+            let mut cmd = evalsha(&self.scripts.renew, &[&k.ready, &k.leases, &k.holders]);
+            cmd.arg(holder)
+                .arg(lease.as_millis() as u64)
+                .arg(grace.as_millis() as u64)
+                .arg(ids);
             pipe.add_command(cmd);
         }
         let reply = self.run("renew leases", &pipe).await?;
         let mut renewed = 0;
-        for value in reply {
-            renewed += parse::<i64>("renew leases", value)? as usize;
+        for (domain, value) in by_domain.keys().zip(reply) {
+            let counts: Vec<i64> = parse("renew leases", value)?;
+            renewed += counts.first().copied().unwrap_or(0) as usize;
+            let orphans = counts.get(1).copied().unwrap_or(0);
+            if orphans > 0 {
+                tracing::info!(%domain, deliveries = orphans,
+                    "put back deliveries leased to this node but not running here");
+            }
         }
         Ok(renewed)
     }

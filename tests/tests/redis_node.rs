@@ -1,0 +1,173 @@
+//! A node on `queue.backend = "redis"`: the real binary, a real
+//! `redis-server` with an fsync per write, and an aiosmtpd sink as the
+//! smart host.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use smarthost_testkit::redis::RedisServer;
+use smarthost_tests::relay::free_port;
+use smarthost_tests::scenario::{dot_stuff, message, start_with_env, Setup, ARRIVAL};
+use smarthost_tests::sink::{Sink, SinkOptions};
+use smarthost_tests::smtp::{queued_id, Client};
+
+/// A relay on `redis` whose mail all goes to `smart_host`, as node `id`.
+fn node(redis: &RedisServer, smart_host: &str, id: &str, extra_env: &[(&str, &str)]) -> Setup {
+    let url = redis.url();
+    let mut env = vec![
+        ("SMARTHOST__QUEUE__BACKEND", "redis"),
+        ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
+        ("SMARTHOST__QUEUE__REDIS_RESPONSE_TIMEOUT", "1s"),
+        ("SMARTHOST__QUEUE__RETRY_INTERVALS", "1s"),
+        ("SMARTHOST__NODE__ID", id),
+    ];
+    env.extend_from_slice(extra_env);
+    start_with_env(
+        tempfile::tempdir().unwrap(),
+        &format!("smart_host = \"{smart_host}\""),
+        "",
+        &env,
+    )
+}
+
+/// Submits one message with subject `subject`; returns the final reply code.
+fn try_submit(setup: &Setup, subject: &str) -> u16 {
+    let (mut c, greeting) = Client::connect(setup.relay.smtp);
+    assert_eq!(greeting.code, 220);
+    c.expect("EHLO app.example", 250);
+    let text = message("user@example.org", subject, "Hello.\r\n");
+    let reply = c.send_message("app@sender.test", &["user@example.org"], &dot_stuff(&text));
+    if reply.code == 250 {
+        queued_id(&reply);
+    } else {
+        assert_eq!(reply.status(), Some("4.3.0"), "{reply:?}");
+    }
+    let _ = c.cmd("QUIT");
+    reply.code
+}
+
+fn submit_ok(setup: &Setup, subject: &str) {
+    let code = try_submit(setup, subject);
+    assert_eq!(code, 250, "{subject} not accepted:\n{}", setup.relay.log());
+}
+
+/// Waits for every one of `subjects` at the sink, then a little longer,
+/// and checks that each arrived exactly once and nothing else did, but
+/// for messages refused with `451` whose subject starts with `while`: a
+/// store that Redis carried out after the node stopped waiting is
+/// delivered (at most once); the client was told to try again.
+fn assert_each_delivered_once(sink: &Sink, subjects: &[String]) {
+    sink.wait_for(subjects.len(), ARRIVAL + ARRIVAL);
+    // Anything delivered twice would show up within a few retry ticks.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut got: BTreeMap<String, usize> = BTreeMap::new();
+    for m in sink.messages() {
+        *got.entry(m.header("Subject").unwrap_or_default())
+            .or_default() += 1;
+    }
+    let want: BTreeMap<String, usize> = subjects.iter().map(|s| (s.clone(), 1)).collect();
+    let refused = |s: &String| s.starts_with("while");
+    assert!(got.iter().all(|(s, n)| !refused(s) || *n == 1), "{got:?}");
+    got.retain(|s, _| !refused(s));
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_node_on_redis_delivers_every_message_once() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(SinkOptions::default());
+    let setup = node(&redis, &sink.smart_host(), "node-a", &[]);
+    let subjects: Vec<String> = (0..50).map(|n| format!("message {n}")).collect();
+    for subject in &subjects {
+        submit_ok(&setup, subject);
+    }
+    assert_each_delivered_once(&sink, &subjects);
+}
+
+#[test]
+fn without_redis_mail_is_refused_for_now_and_nothing_accepted_is_lost() {
+    let mut redis = RedisServer::start();
+    // Nothing listens at the smart host yet: what is accepted stays queued.
+    let port = free_port();
+    let setup = node(&redis, &format!("[127.0.0.1]:{port}"), "node-a", &[]);
+    let mut subjects: Vec<String> = (0..10).map(|n| format!("before {n}")).collect();
+    for subject in &subjects {
+        submit_ok(&setup, subject);
+    }
+
+    // A hung Redis, then a dead one: never a 250.
+    redis.pause();
+    assert_eq!(try_submit(&setup, "while paused"), 451);
+    redis.kill();
+    for n in 0..3 {
+        assert_eq!(try_submit(&setup, &format!("while down {n}")), 451);
+    }
+
+    // Back from its AOF on the same port: the node accepts again by itself.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        let subject = format!("after {n}");
+        n += 1;
+        if try_submit(&setup, &subject) == 250 {
+            subjects.push(subject);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never accepted again:\n{}",
+            setup.relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for n in 0..5 {
+        let subject = format!("later {n}");
+        submit_ok(&setup, &subject);
+        subjects.push(subject);
+    }
+
+    let sink = Sink::start(SinkOptions::default().port(port));
+    assert_each_delivered_once(&sink, &subjects);
+}
+
+#[test]
+fn another_node_delivers_what_a_killed_node_had_in_flight() {
+    let redis = RedisServer::start();
+    // A smart host that accepts connections and never says a word: the
+    // first node's deliveries hang in flight, under its leases.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    // The thread keeps every connection open until the test process ends.
+    std::thread::spawn(move || {
+        let open: Vec<_> = silent.incoming().map_while(Result::ok).collect();
+        drop(open);
+    });
+    let lease = [("SMARTHOST__QUEUE__LEASE", "3s")];
+    let mut first = node(
+        &redis,
+        &format!("[127.0.0.1]:{}", silent_addr.port()),
+        "node-a",
+        &lease,
+    );
+    let subjects: Vec<String> = (0..10).map(|n| format!("in flight {n}")).collect();
+    for subject in &subjects {
+        submit_ok(&first, subject);
+    }
+    // Wait until the first node is connected (its work leased), then crash it.
+    std::thread::sleep(Duration::from_secs(2));
+    first.relay.kill();
+
+    let sink = Sink::start(SinkOptions::default());
+    let second = node(&redis, &sink.smart_host(), "node-b", &lease);
+    assert_each_delivered_once(&sink, &subjects);
+    assert!(
+        second
+            .relay
+            .log()
+            .contains("reclaimed deliveries whose lease ran out"),
+        "{}",
+        second.relay.log()
+    );
+}
