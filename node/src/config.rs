@@ -1275,6 +1275,29 @@ mod tests {
     }
 
     #[test]
+    fn the_redis_backend_loads_with_its_lease_and_rescan_interval() {
+        let config = load("[queue]\nbackend = \"redis\"", &[]).unwrap();
+        assert_eq!(config.queue.backend, QueueBackend::Redis);
+        assert_eq!(config.queue.lease, Duration::from_secs(15 * 60));
+        assert_eq!(config.queue.rescan_interval, Duration::from_secs(60));
+        let config = load(
+            "[queue]\nbackend = \"redis\"\nlease = \"30s\"\nrescan_interval = \"10s\"",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.queue.lease, Duration::from_secs(30));
+        assert_eq!(config.queue.rescan_interval, Duration::from_secs(10));
+        let errors = invalid("[queue]\nlease = \"500ms\"\nrescan_interval = \"0s\"");
+        assert_eq!(
+            errors,
+            [
+                "queue.lease: must be at least 1s",
+                "queue.rescan_interval: must be longer than 0s"
+            ]
+        );
+    }
+
+    #[test]
     fn the_redis_response_timeout_is_a_duration_above_zero() {
         let config = load("", &[]).unwrap();
         assert_eq!(config.queue.redis_response_timeout, Duration::from_secs(5));

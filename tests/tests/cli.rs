@@ -190,7 +190,7 @@ fn an_environment_override_can_make_a_good_file_bad() {
             "1TB",
             "smtp.max_message_size",
         ),
-        ("SMARTHOST__QUEUE__BACKEND", "redis", "queue.backend"),
+        ("SMARTHOST__QUEUE__BACKEND", "postgres", "queue.backend"),
         (
             "SMARTHOST__SMTP__LISTEN",
             "127.0.0.1:2525,nowhere",
