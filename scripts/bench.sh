@@ -14,6 +14,11 @@
 #
 # Defaults: 20000 messages, 20 sessions, 2048 bytes. Needs smtp-source and
 # smtp-sink (Debian package postfix; installed here if missing).
+#
+# BACKEND=redis runs the node on the Redis backend instead of the local
+# spool: a redis-server with appendonly yes and appendfsync always is started
+# on a free port, and the Redis commands per message are counted
+# (INFO commandstats before and after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-accept}
@@ -63,6 +68,20 @@ if [ "$mode" = relay ]; then
   delivery="$delivery
 smart_host = \"[127.0.0.1]:$sink_port\""
 fi
+backend=${BACKEND:-local}
+queue="path = \"$work/spool\""
+if [ "$backend" = redis ]; then
+  redis_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly yes \
+    --appendfsync always --dir "$work" --daemonize no >"$work/redis.log" 2>&1 &
+  pids+=($!)
+  wait_port "$redis_port"
+  queue="backend = \"redis\"
+redis_url = \"redis://127.0.0.1:$redis_port\""
+fi
+redis_calls() {
+  redis-cli -p "$redis_port" info commandstats | awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sum += $3 } END { print sum + 0 }'
+}
 cat >"$work/smarthost.toml" <<TOML
 [node]
 hostname = "bench.test"
@@ -71,7 +90,7 @@ listen = ["127.0.0.1:$port"]
 max_connections = 1000
 max_connections_per_ip = 1000
 [queue]
-path = "$work/spool"
+$queue
 [admin]
 listen = "127.0.0.1:$admin_port"
 [log]
@@ -85,6 +104,7 @@ if [ "$mode" = accept ]; then
   ./target/release/smarthost queue suspend example.org --config "$work/smarthost.toml" >/dev/null
 fi
 
+[ "$backend" = redis ] && calls_before=$(redis_calls)
 start=$(date +%s.%N)
 /usr/sbin/smtp-source -s "$sessions" -m "$messages" -l "$size" \
   -f app@example.com -t user@example.org "127.0.0.1:$port"
@@ -98,11 +118,15 @@ if [ "$mode" = relay ]; then
   done
   end=$(date +%s.%N)
 fi
-python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" <<'PY'
+calls=""
+[ "$backend" = redis ] && calls=$(( $(redis_calls) - calls_before ))
+python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" <<'PY'
 import sys
 mode, start, accepted, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-n, s, size = int(sys.argv[5]), sys.argv[6], sys.argv[7]
-print(f"{mode}: {n} messages of {size} bytes, {s} parallel sessions")
+n, s, size, backend, calls = int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
+print(f"{mode} ({backend} backend): {n} messages of {size} bytes, {s} parallel sessions")
+if calls:
+    print(f"  Redis commands: {int(calls)} in all, {int(calls) / n:.1f} per message")
 print(f"  accepted in {accepted - start:.2f} s: {n / (accepted - start):.0f} messages/s")
 if mode == "relay":
     print(f"  delivered in {end - start:.2f} s: {n / (end - start):.0f} messages/s end to end")
