@@ -86,6 +86,9 @@ pub struct CoordinatorOptions {
     /// How often the leader runs its jobs (and every coordinator reads the
     /// membership).
     pub tick_interval: Duration,
+    /// Whether this coordinator contends for leadership. A data-plane-only
+    /// process (`smarthost node`) heartbeats but never leads.
+    pub lead: bool,
 }
 
 impl CoordinatorOptions {
@@ -98,6 +101,7 @@ impl CoordinatorOptions {
             node_ttl: Duration::from_secs(30),
             leader_ttl: Duration::from_secs(15),
             tick_interval: Duration::from_secs(5),
+            lead: true,
         }
     }
 }
@@ -266,11 +270,13 @@ impl Actor for Coordinator {
         tracing::info!(node = %self.options.node_id, holder = %self.leader.holder(),
             "coordinator: started");
         self.heartbeat(ctx);
-        self.leadership(ctx);
         ctx.run_interval(self.options.heartbeat_interval, |act, ctx| {
             act.heartbeat(ctx)
         });
-        ctx.run_interval(self.options.leader_ttl / 3, |act, ctx| act.leadership(ctx));
+        if self.options.lead {
+            self.leadership(ctx);
+            ctx.run_interval(self.options.leader_ttl / 3, |act, ctx| act.leadership(ctx));
+        }
         ctx.run_interval(self.options.tick_interval, |act, ctx| act.tick(ctx));
     }
 }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::admin_client::{AdminClient, ClientError};
 use crate::config::{Config, ConfigError};
 use crate::queue::QueueStats;
+use crate::server::Role;
 
 #[derive(Debug, Parser)]
 #[command(name = "smarthost", version, about = "An SMTP relay for applications")]
@@ -28,9 +29,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node: listener, queue and delivery in one process. Without
-    /// --config it starts with safe defaults on 127.0.0.1:2525.
+    /// Run a node: listener, queue and delivery in one process (with a
+    /// coordinator on the Redis backend). Without --config it starts with
+    /// safe defaults on 127.0.0.1:2525.
     Run,
+    /// Run the data plane only: on the Redis backend it heartbeats to the
+    /// cluster but leaves leading to the coordinators.
+    Node,
+    /// Run the control plane only: cluster membership and the leader lease
+    /// (queue.backend = "redis").
+    Coordinator,
     /// Load and validate a configuration file, then report every problem.
     CheckConfig {
         /// The file to check (or give it with --config).
@@ -78,7 +86,9 @@ enum QueueAction {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run => run(cli.config.as_deref()),
+        Command::Run => run(cli.config.as_deref(), Role::All),
+        Command::Node => run(cli.config.as_deref(), Role::Node),
+        Command::Coordinator => run(cli.config.as_deref(), Role::Coordinator),
         Command::CheckConfig { file } => match (file, cli.config) {
             (Some(file), Some(config)) if file != config => {
                 eprintln!(
@@ -147,7 +157,7 @@ fn print_result(result: Result<String, ClientError>) -> ExitCode {
     }
 }
 
-fn run(path: Option<&Path>) -> ExitCode {
+fn run(path: Option<&Path>, role: Role) -> ExitCode {
     let config = match Config::load_validated(path) {
         Ok(config) => config,
         Err(e) => return config_failed(path, &e),
@@ -155,7 +165,7 @@ fn run(path: Option<&Path>) -> ExitCode {
     crate::telemetry::init(&config.log);
     // Fails only when a provider is already installed, which is as good.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    match crate::server::run(config) {
+    match crate::server::run(config, role) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -24,6 +24,8 @@ use crate::delivery::outbound::TlsClients;
 use crate::delivery::route::Router;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::Dispatcher;
+use smarthost_coordinator::{self as coordinator, Coordinator, CoordinatorOptions, Shutdown};
+
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Attach, DeliverySettings, Queue, Recover};
@@ -33,11 +35,63 @@ use crate::session::SessionEnv;
 use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
 use crate::tls;
 
-pub fn run(config: Config) -> Result<(), Box<dyn Error>> {
-    actix::System::new().block_on(serve(config))
+/// What a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `smarthost run`: the node, and on the Redis backend a coordinator
+    /// that contends for leadership.
+    All,
+    /// `smarthost node`: the data plane; on Redis it heartbeats so the
+    /// cluster knows it, but never leads.
+    Node,
+    /// `smarthost coordinator`: the control plane alone (Redis backend).
+    Coordinator,
 }
 
-async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
+pub fn run(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
+    actix::System::new().block_on(async move {
+        match role {
+            Role::Coordinator => coordinate(config).await,
+            Role::All | Role::Node => serve(config, role).await,
+        }
+    })
+}
+
+/// Starts this process's coordinator on the Redis backend.
+fn start_coordinator(config: &Config, lead: bool) -> Result<Addr<Coordinator>, Box<dyn Error>> {
+    let redis = coordinator::redis::Redis::connect_lazy(
+        &config.queue.redis_url,
+        coordinator::redis::RedisOptions {
+            response_timeout: config.queue.redis_response_timeout,
+        },
+    )
+    .map_err(|e| format!("queue.redis_url: {e}"))?;
+    let mut options = CoordinatorOptions::new(config.node.id.clone());
+    options.info.host = config.node.hostname.clone();
+    options.info.smtp = config
+        .smtp
+        .listen
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    options.lead = lead;
+    Ok(Coordinator::new(redis, options).start())
+}
+
+/// `smarthost coordinator`: membership and leadership until SIGTERM.
+async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
+    if config.queue.backend != QueueBackend::Redis {
+        return Err("the coordinator runs with queue.backend = \"redis\"; a node on the local backend needs none".into());
+    }
+    let coordinator = start_coordinator(&config, true)?;
+    tracing::info!(node = %config.node.id, "coordinator running");
+    wait_for_signal().await;
+    let _ = coordinator.send(Shutdown).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     let config = Arc::new(config);
     let (queue, spool, limits, location) = match config.queue.backend {
         QueueBackend::Local => {
@@ -92,6 +146,10 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
         }
     };
     let queue = queue.start();
+    let coordinator = match config.queue.backend {
+        QueueBackend::Redis => Some(start_coordinator(&config, role == Role::All)?),
+        QueueBackend::Local => None,
+    };
     let env = DeliveryEnv {
         config: config.clone(),
         spool,
@@ -162,6 +220,10 @@ async fn serve(config: Config) -> Result<(), Box<dyn Error>> {
             open_sessions = open,
             "grace period over, closing open sessions"
         );
+    }
+    if let Some(coordinator) = coordinator {
+        // Hands leadership over at once instead of after the lease runs out.
+        let _ = coordinator.send(Shutdown).await;
     }
     admin.stop(true).await;
     tracing::info!("stopped");

@@ -1,0 +1,146 @@
+//! `smarthost coordinator` and `smarthost node` on one Redis: exactly one
+//! coordinator leads and hands over when it stops; a node heartbeats to the
+//! cluster but never leads.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use smarthost_testkit::redis::RedisServer;
+use smarthost_tests::relay::free_port;
+use smarthost_tests::smarthost_bin;
+
+struct Process {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    fn start(dir: &Path, role: &str, id: &str, redis: &str) -> Process {
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"{id}\"\nhostname = \"{id}.test\"\n\
+                 [smtp]\nlisten = [\"127.0.0.1:{}\"]\n\
+                 [queue]\nbackend = \"redis\"\nredis_url = \"{redis}\"\n\
+                 [delivery]\ndns_servers = [\"127.0.0.1:{}\"]\nlog_file = {:?}\n\
+                 [admin]\nlisten = \"127.0.0.1:{}\"\n\
+                 [log]\nformat = \"json\"\n",
+                free_port(),
+                free_port(),
+                dir.join(format!("{id}-delivery.log")).display().to_string(),
+                free_port(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("{id}.log"));
+        let out = File::create(&log).unwrap();
+        let child = Command::new(smarthost_bin())
+            .arg(role)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start smarthost");
+        Process { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn leads(&self) -> bool {
+        self.log().contains("coordinator: leading")
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "did not stop:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until `done` holds.
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn members(redis: &RedisServer) -> String {
+    let output = Command::new("redis-cli")
+        .args([
+            "-u",
+            &redis.url(),
+            "ZRANGE",
+            "smarthost:{cluster}:nodes",
+            "0",
+            "-1",
+        ])
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn one_coordinator_leads_and_hands_over_and_nodes_only_heartbeat() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let first = Process::start(dir.path(), "coordinator", "coord-a", &redis.url());
+    let second = Process::start(dir.path(), "coordinator", "coord-b", &redis.url());
+    let node = Process::start(dir.path(), "node", "node-1", &redis.url());
+
+    wait_until("a leader", Duration::from_secs(15), || {
+        first.leads() || second.leads()
+    });
+    // Both contend for a while; never both.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        first.leads() != second.leads(),
+        "exactly one leads:\n{}\n{}",
+        first.log(),
+        second.log()
+    );
+    wait_until(
+        "all three in the membership",
+        Duration::from_secs(15),
+        || {
+            let m = members(&redis);
+            ["coord-a", "coord-b", "node-1"]
+                .iter()
+                .all(|id| m.contains(id))
+        },
+    );
+
+    // The leader stops: the other takes over (the lease is released).
+    let (mut leader, follower) = if first.leads() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    leader.terminate();
+    wait_until("a hand-over", Duration::from_secs(15), || follower.leads());
+    assert!(!node.leads(), "a node never leads:\n{}", node.log());
+}
