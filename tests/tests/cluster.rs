@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use smarthost_testkit::redis::RedisServer;
+use smarthost_tests::proxy::Proxy;
 use smarthost_tests::scenario::{delivery_log, dot_stuff, message, route, start_with_env, Setup};
 use smarthost_tests::sink::{Sink, SinkOptions};
 use smarthost_tests::smtp::Client;
@@ -202,11 +203,110 @@ fn a_node_killed_mid_run_loses_nothing() {
     let subjects = submit_all(&addrs, "killed", 300);
     sink.wait_for(100, Duration::from_secs(60));
     nodes[0].relay.kill();
+    let killed = Instant::now();
     let at_kill = sink.messages().len();
     eprintln!("node-a killed with {at_kill} of 300 at the sink");
     assert!(at_kill < 300, "everything arrived before the kill");
     let duplicates = assert_all_arrived(&sink, &subjects, Duration::from_secs(60), &nodes);
-    eprintln!("duplicates: {duplicates}");
+    eprintln!(
+        "duplicates: {duplicates}; the rest arrived within {:?} of the kill (3 s of that waiting for duplicates)",
+        killed.elapsed()
+    );
     print_spread(&nodes);
     assert_cap_held(&sink);
+}
+
+#[test]
+fn a_node_cut_from_redis_stops_accepting_while_the_others_carry_on() {
+    let redis = RedisServer::start();
+    let redis_addr: SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(redis_addr);
+    let sink = sink();
+    let cut_url = format!("redis://{}/", proxy.addr());
+    let nodes = vec![
+        node(&redis.url(), &sink, "node-a", "3s"),
+        node(&redis.url(), &sink, "node-b", "3s"),
+        node(&cut_url, &sink, "node-c", "3s"),
+    ];
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
+    let (others, cut) = (&addrs[..2], addrs[2]);
+
+    let mut accepted = submit_all(&addrs, "before", 30);
+
+    proxy.cut();
+    let mut refused = Vec::new();
+    for n in 0..5 {
+        let (subject, to) = subject_and_recipient("refused", n);
+        let code = submit(cut, &subject, &to);
+        assert!((400..500).contains(&code), "{subject}: {code}");
+        eprintln!("{subject}: {code}");
+        refused.push(subject);
+    }
+    let during = submit_all(others, "during", 60);
+    accepted.extend(during.iter().cloned());
+    // The other two deliver what they took while the node is still cut off.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = arrivals(&sink);
+        if during.iter().all(|s| got.contains_key(s)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mail taken by the others did not arrive while one node was cut off: {:?}",
+            sink.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in 5..8 {
+        let (subject, to) = subject_and_recipient("refused", n);
+        let code = submit(cut, &subject, &to);
+        assert!((400..500).contains(&code), "{subject}: {code}");
+        refused.push(subject);
+    }
+
+    proxy.restore();
+    let restored = Instant::now();
+    let mut n = 0;
+    loop {
+        let (subject, to) = subject_and_recipient("after", n);
+        n += 1;
+        let code = submit(cut, &subject, &to);
+        if code == 250 {
+            accepted.push(subject);
+            break;
+        }
+        assert!((400..500).contains(&code), "{subject}: {code}");
+        refused.push(subject);
+        assert!(
+            restored.elapsed() < Duration::from_secs(30),
+            "the node did not accept again within 30 s of the restore:\n{}",
+            nodes[2].relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "the cut node accepted again {:?} after the restore, after {} refusals",
+        restored.elapsed(),
+        n - 1
+    );
+    for n in 0..10 {
+        let (subject, to) = subject_and_recipient("later", n);
+        assert_eq!(submit(cut, &subject, &to), 250, "{subject}");
+        accepted.push(subject);
+    }
+
+    let duplicates = assert_all_arrived(&sink, &accepted, Duration::from_secs(60), &nodes);
+    let got = arrivals(&sink);
+    let refused_delivered: Vec<&String> = refused.iter().filter(|s| got.contains_key(*s)).collect();
+    eprintln!(
+        "duplicates: {duplicates}; refused but delivered: {refused_delivered:?}; sink: {:?}",
+        sink.stats()
+    );
+    print_spread(&nodes);
 }
