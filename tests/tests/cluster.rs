@@ -1,0 +1,312 @@
+//! Three nodes on one Redis: the real binary three times (each its own
+//! `node.id`, SMTP and admin port), one real `redis-server` with an fsync
+//! per write, and one aiosmtpd sink as the smart host of three domains,
+//! answering after a short pause so that connections overlap.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use smarthost_testkit::redis::RedisServer;
+use smarthost_tests::proxy::Proxy;
+use smarthost_tests::scenario::{delivery_log, dot_stuff, message, route, start_with_env, Setup};
+use smarthost_tests::sink::{Sink, SinkOptions};
+use smarthost_tests::smtp::Client;
+
+const DOMAINS: [&str; 3] = ["a.test", "b.test", "c.test"];
+/// The cluster-wide cap on connections to one domain.
+const CAP: u64 = 2;
+/// Client threads submitting at once.
+const SUBMITTERS: usize = 6;
+/// Duplicates tolerated (deliveries are at least once), printed when seen.
+const HANDFUL: usize = 5;
+
+/// A node on `redis_url` with the smart host of all three domains at
+/// `sink`, at most two connections to each domain.
+fn node(redis_url: &str, sink: &Sink, id: &str, lease: &str) -> Setup {
+    let routes: String = DOMAINS.iter().map(|d| route(d, sink)).collect();
+    start_with_env(
+        tempfile::tempdir().unwrap(),
+        &format!("max_connections_per_domain = {CAP}"),
+        &routes,
+        &[
+            ("SMARTHOST__QUEUE__BACKEND", "redis"),
+            ("SMARTHOST__QUEUE__REDIS_URL", redis_url),
+            ("SMARTHOST__QUEUE__REDIS_RESPONSE_TIMEOUT", "1s"),
+            ("SMARTHOST__QUEUE__RETRY_INTERVALS", "1s"),
+            ("SMARTHOST__QUEUE__LEASE", lease),
+            ("SMARTHOST__NODE__ID", id),
+        ],
+    )
+}
+
+fn cluster(redis: &RedisServer, sink: &Sink, lease: &str) -> Vec<Setup> {
+    ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|id| node(&redis.url(), sink, id, lease))
+        .collect()
+}
+
+fn sink() -> Sink {
+    Sink::start(SinkOptions::default().delay(Duration::from_millis(20)))
+}
+
+/// Message `n` goes to the `n % 3`-th domain.
+fn subject_and_recipient(tag: &str, n: usize) -> (String, String) {
+    let domain = DOMAINS[n % DOMAINS.len()];
+    (format!("{tag} {n}"), format!("user{n}@{domain}"))
+}
+
+/// Submits one message; the code of the first reply that is not a go-ahead
+/// (or the final reply): `250` accepted, `4xx` refused for now.
+fn submit(addr: SocketAddr, subject: &str, to: &str) -> u16 {
+    let (mut c, greeting) = Client::connect(addr);
+    if greeting.code != 220 {
+        return greeting.code;
+    }
+    for (line, want) in [
+        ("EHLO app.example".to_string(), 250),
+        ("MAIL FROM:<app@sender.test>".to_string(), 250),
+        (format!("RCPT TO:<{to}>"), 250),
+        ("DATA".to_string(), 354),
+    ] {
+        let reply = c.cmd(&line);
+        if reply.code != want {
+            let _ = c.try_read_reply();
+            return reply.code;
+        }
+    }
+    c.send_raw(dot_stuff(&message(to, subject, "Hello.\r\n")).as_bytes());
+    c.send_raw(b".\r\n");
+    let code = c.read_reply().code;
+    c.send_raw(b"QUIT\r\n");
+    let _ = c.try_read_reply();
+    code
+}
+
+/// Submits messages `0..count` tagged `tag` round-robin to `addrs` from
+/// several threads; panics unless every one is accepted with `250`.
+fn submit_all(addrs: &[SocketAddr], tag: &str, count: usize) -> Vec<String> {
+    std::thread::scope(|scope| {
+        for t in 0..SUBMITTERS {
+            scope.spawn(move || {
+                for n in (t..count).step_by(SUBMITTERS) {
+                    let (subject, to) = subject_and_recipient(tag, n);
+                    let code = submit(addrs[n % addrs.len()], &subject, &to);
+                    assert_eq!(code, 250, "{subject} to {}", addrs[n % addrs.len()]);
+                }
+            });
+        }
+    });
+    (0..count)
+        .map(|n| subject_and_recipient(tag, n).0)
+        .collect()
+}
+
+/// How many times each subject arrived at the sink.
+fn arrivals(sink: &Sink) -> BTreeMap<String, usize> {
+    let mut got = BTreeMap::new();
+    for m in sink.messages() {
+        *got.entry(m.header("Subject").unwrap_or_default())
+            .or_default() += 1;
+    }
+    got
+}
+
+/// Waits (at most `timeout`) until every one of `subjects` arrived, then a
+/// little longer for late duplicates; panics on a loss or on more than a
+/// handful of duplicates, which it prints. Returns the duplicates.
+fn assert_all_arrived(
+    sink: &Sink,
+    subjects: &[String],
+    timeout: Duration,
+    nodes: &[Setup],
+) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = arrivals(sink);
+        let missing: Vec<&String> = subjects.iter().filter(|s| !got.contains_key(*s)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for setup in nodes {
+                eprintln!("--- node log ---\n{}", setup.relay.log());
+            }
+            panic!(
+                "{} of {} messages never arrived within {timeout:?}: {missing:?}; stats {:?}",
+                missing.len(),
+                subjects.len(),
+                sink.stats()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A delivery done twice would show up within a few retry ticks.
+    std::thread::sleep(Duration::from_secs(3));
+    let duplicates: Vec<(String, usize)> = arrivals(sink)
+        .into_iter()
+        .filter(|(s, n)| *n > 1 && subjects.contains(s))
+        .collect();
+    let extra: usize = duplicates.iter().map(|(_, n)| n - 1).sum();
+    if extra > 0 {
+        eprintln!("duplicates (at least once): {duplicates:?}");
+    }
+    assert!(extra <= HANDFUL, "{extra} duplicates: {duplicates:?}");
+    extra
+}
+
+/// Prints how many deliveries each node logged, to show the work spread.
+fn print_spread(nodes: &[Setup]) {
+    let delivered: Vec<usize> = nodes
+        .iter()
+        .map(|s| {
+            delivery_log(&s.log_file)
+                .iter()
+                .filter(|l| l["outcome"] == "delivered")
+                .count()
+        })
+        .collect();
+    eprintln!("delivered per node: {delivered:?}");
+}
+
+#[track_caller]
+fn assert_cap_held(sink: &Sink) {
+    let stats = sink.stats();
+    eprintln!("sink: {stats:?}");
+    for domain in DOMAINS {
+        let peak = stats.peak_concurrent_by_domain.get(domain).copied();
+        assert!(peak.is_some(), "no connection for {domain}: {stats:?}");
+        assert!(peak <= Some(CAP), "{domain} above the cap: {stats:?}");
+    }
+}
+
+#[test]
+fn three_nodes_share_the_queue_and_the_domain_caps() {
+    let redis = RedisServer::start();
+    let sink = sink();
+    let nodes = cluster(&redis, &sink, "15m");
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
+    let subjects = submit_all(&addrs, "shared", 600);
+    let duplicates = assert_all_arrived(&sink, &subjects, Duration::from_secs(90), &nodes);
+    eprintln!("duplicates: {duplicates}");
+    print_spread(&nodes);
+    assert_cap_held(&sink);
+}
+
+#[test]
+fn a_node_killed_mid_run_loses_nothing() {
+    let redis = RedisServer::start();
+    let sink = sink();
+    let mut nodes = cluster(&redis, &sink, "3s");
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
+    let subjects = submit_all(&addrs, "killed", 300);
+    sink.wait_for(100, Duration::from_secs(60));
+    nodes[0].relay.kill();
+    let killed = Instant::now();
+    let at_kill = sink.messages().len();
+    eprintln!("node-a killed with {at_kill} of 300 at the sink");
+    assert!(at_kill < 300, "everything arrived before the kill");
+    let duplicates = assert_all_arrived(&sink, &subjects, Duration::from_secs(60), &nodes);
+    eprintln!(
+        "duplicates: {duplicates}; the rest arrived within {:?} of the kill (3 s of that waiting for duplicates)",
+        killed.elapsed()
+    );
+    print_spread(&nodes);
+    assert_cap_held(&sink);
+}
+
+#[test]
+fn a_node_cut_from_redis_stops_accepting_while_the_others_carry_on() {
+    let redis = RedisServer::start();
+    let redis_addr: SocketAddr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(redis_addr);
+    let sink = sink();
+    let cut_url = format!("redis://{}/", proxy.addr());
+    let nodes = vec![
+        node(&redis.url(), &sink, "node-a", "3s"),
+        node(&redis.url(), &sink, "node-b", "3s"),
+        node(&cut_url, &sink, "node-c", "3s"),
+    ];
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
+    let (others, cut) = (&addrs[..2], addrs[2]);
+
+    let mut accepted = submit_all(&addrs, "before", 30);
+
+    proxy.cut();
+    let mut refused = Vec::new();
+    for n in 0..5 {
+        let (subject, to) = subject_and_recipient("refused", n);
+        let code = submit(cut, &subject, &to);
+        assert!((400..500).contains(&code), "{subject}: {code}");
+        eprintln!("{subject}: {code}");
+        refused.push(subject);
+    }
+    let during = submit_all(others, "during", 60);
+    accepted.extend(during.iter().cloned());
+    // The other two deliver what they took while the node is still cut off.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = arrivals(&sink);
+        if during.iter().all(|s| got.contains_key(s)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mail taken by the others did not arrive while one node was cut off: {:?}",
+            sink.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in 5..8 {
+        let (subject, to) = subject_and_recipient("refused", n);
+        let code = submit(cut, &subject, &to);
+        assert!((400..500).contains(&code), "{subject}: {code}");
+        refused.push(subject);
+    }
+
+    proxy.restore();
+    let restored = Instant::now();
+    let mut n = 0;
+    loop {
+        let (subject, to) = subject_and_recipient("after", n);
+        n += 1;
+        let code = submit(cut, &subject, &to);
+        if code == 250 {
+            accepted.push(subject);
+            break;
+        }
+        assert!((400..500).contains(&code), "{subject}: {code}");
+        refused.push(subject);
+        assert!(
+            restored.elapsed() < Duration::from_secs(30),
+            "the node did not accept again within 30 s of the restore:\n{}",
+            nodes[2].relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "the cut node accepted again {:?} after the restore, after {} refusals",
+        restored.elapsed(),
+        n - 1
+    );
+    for n in 0..10 {
+        let (subject, to) = subject_and_recipient("later", n);
+        assert_eq!(submit(cut, &subject, &to), 250, "{subject}");
+        accepted.push(subject);
+    }
+
+    let duplicates = assert_all_arrived(&sink, &accepted, Duration::from_secs(60), &nodes);
+    let got = arrivals(&sink);
+    let refused_delivered: Vec<&String> = refused.iter().filter(|s| got.contains_key(*s)).collect();
+    eprintln!(
+        "duplicates: {duplicates}; refused but delivered: {refused_delivered:?}; sink: {:?}",
+        sink.stats()
+    );
+    print_spread(&nodes);
+}
