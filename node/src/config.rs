@@ -147,6 +147,10 @@ pub struct DeliveryConfig {
     pub data_timeout: Duration,
     /// The delivery log: one JSON line per attempt and recipient.
     pub log_file: PathBuf,
+    /// Redis backend: how long a connection's slot under a domain's cap
+    /// outlives a node that stopped renewing it (renewed every third).
+    #[serde(with = "human::duration")]
+    pub connection_lease: Duration,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -325,6 +329,7 @@ impl Default for DeliveryConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             log_file: PathBuf::from("./delivery.log"),
+            connection_lease: Duration::from_secs(30),
         }
     }
 }
@@ -735,6 +740,9 @@ impl Config {
             if timeout.is_zero() {
                 errors.add(key, "must be longer than 0s");
             }
+        }
+        if delivery.connection_lease < Duration::from_secs(1) {
+            errors.add("delivery.connection_lease", "must be at least 1s");
         }
     }
 

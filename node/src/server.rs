@@ -131,7 +131,8 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
                 &config.node.id,
                 RedisLimitsOptions {
                     response_timeout: timeout,
-                    ..RedisLimitsOptions::default()
+                    lease_ttl: config.delivery.connection_lease,
+                    renew_every: config.delivery.connection_lease / 3,
                 },
             )
             .await
