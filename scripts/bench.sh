@@ -18,7 +18,9 @@
 # BACKEND=redis runs the node on the Redis backend instead of the local
 # spool: a redis-server with appendonly yes and appendfsync always is started
 # on a free port, and the Redis commands per message are counted
-# (INFO commandstats before and after).
+# (INFO commandstats before and after). NODES=3 (with BACKEND=redis) starts
+# three nodes on that Redis; the sessions and messages are split evenly
+# between them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-accept}
@@ -82,49 +84,70 @@ fi
 redis_calls() {
   redis-cli -p "$redis_port" info commandstats | awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sum += $3 } END { print sum + 0 }'
 }
-cat >"$work/smarthost.toml" <<TOML
+nodes=${NODES:-1}
+if [ "$nodes" -gt 1 ] && [ "$backend" != redis ]; then
+  echo "NODES=$nodes needs BACKEND=redis (nodes share the queue in Redis)" >&2
+  exit 2
+fi
+ports=()
+for n in $(seq "$nodes"); do
+  node_port=$port
+  node_admin=$admin_port
+  if [ "$n" -gt 1 ]; then node_port=$(free_port); node_admin=$(free_port); fi
+  ports+=("$node_port")
+  cat >"$work/node$n.toml" <<TOML
 [node]
+id = "node-$n"
 hostname = "bench.test"
 [smtp]
-listen = ["127.0.0.1:$port"]
+listen = ["127.0.0.1:$node_port"]
 max_connections = 1000
 max_connections_per_ip = 1000
 [queue]
 $queue
 [admin]
-listen = "127.0.0.1:$admin_port"
+listen = "127.0.0.1:$node_admin"
 [log]
 level = "warn"
-$delivery
+${delivery/delivery.log/delivery-$n.log}
 TOML
-./target/release/smarthost run --config "$work/smarthost.toml" &
-pids+=($!)
-wait_port "$port"
+  ./target/release/smarthost run --config "$work/node$n.toml" &
+  pids+=($!)
+done
+for node_port in "${ports[@]}"; do wait_port "$node_port"; done
 if [ "$mode" = accept ]; then
-  ./target/release/smarthost queue suspend example.org --config "$work/smarthost.toml" >/dev/null
+  ./target/release/smarthost queue suspend example.org --config "$work/node1.toml" >/dev/null
 fi
 
 [ "$backend" = redis ] && calls_before=$(redis_calls)
 start=$(date +%s.%N)
-/usr/sbin/smtp-source -s "$sessions" -m "$messages" -l "$size" \
-  -f app@example.com -t user@example.org "127.0.0.1:$port"
+sources=()
+for node_port in "${ports[@]}"; do
+  /usr/sbin/smtp-source -s "$((sessions / nodes))" -m "$((messages / nodes))" -l "$size" \
+    -f app@example.com -t user@example.org "127.0.0.1:$node_port" &
+  sources+=($!)
+done
+for source in "${sources[@]}"; do wait "$source"; done
 accepted=$(date +%s.%N)
 end=$accepted
 if [ "$mode" = relay ]; then
   deadline=$((SECONDS + 600))
-  while [ "$(grep -c '"outcome":"delivered"' "$work/delivery.log" 2>/dev/null || echo 0)" -lt "$messages" ]; do
+  delivered() { cat "$work"/delivery-*.log 2>/dev/null | grep -c '"outcome":"delivered"' || true; }
+  while [ "$(delivered)" -lt $(( messages / nodes * nodes )) ]; do
     if [ $SECONDS -gt $deadline ]; then echo "not all messages delivered within 600 s" >&2; exit 1; fi
     sleep 0.05
   done
   end=$(date +%s.%N)
 fi
+messages=$(( messages / nodes * nodes ))
 calls=""
 [ "$backend" = redis ] && calls=$(( $(redis_calls) - calls_before ))
-python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" <<'PY'
+python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" <<'PY'
 import sys
+nodes = int(sys.argv[10])
 mode, start, accepted, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 n, s, size, backend, calls = int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
-print(f"{mode} ({backend} backend): {n} messages of {size} bytes, {s} parallel sessions")
+print(f"{mode} ({backend} backend, {nodes} node{'s' if nodes > 1 else ''}): {n} messages of {size} bytes, {s} parallel sessions")
 if calls:
     print(f"  Redis commands: {int(calls)} in all, {int(calls) / n:.1f} per message")
 print(f"  accepted in {accepted - start:.2f} s: {n / (accepted - start):.0f} messages/s")
