@@ -100,9 +100,15 @@ fn without_redis_mail_is_refused_for_now_and_nothing_accepted_is_lost() {
     redis.pause();
     assert_eq!(try_submit(&setup, "while paused"), 451);
     redis.kill();
-    for n in 0..3 {
+    // Down for ten seconds: every attempt meanwhile is refused.
+    let down_since = Instant::now();
+    let mut n = 0;
+    while down_since.elapsed() < Duration::from_secs(10) && n < 20 {
         assert_eq!(try_submit(&setup, &format!("while down {n}")), 451);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(500));
     }
+    assert!(n >= 3, "only {n} attempts while Redis was down");
 
     // Back from its AOF on the same port: the node accepts again by itself.
     redis.restart();
