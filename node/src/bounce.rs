@@ -11,6 +11,7 @@ use smarthost_proto::dsn::{self, DsnAction, DsnRecipient, DsnReport};
 use smarthost_proto::envelope::{
     BodyType, ClientInfo, Envelope, MessageId, MessageRecord, Recipient,
 };
+use smarthost_proto::mime8;
 use smarthost_proto::reply::EnhancedStatus;
 
 use crate::delivery::RcptResult;
@@ -203,7 +204,7 @@ fn report_message(
                 orcpt: None,
             })
             .collect(),
-        body: if body.iter().any(|b| *b >= 0x80) {
+        body: if mime8::is_8bit(&body) {
             BodyType::EightBitMime
         } else {
             BodyType::SevenBit

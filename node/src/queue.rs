@@ -205,19 +205,6 @@ struct RecordWriter {
     in_flight: bool,
 }
 
-/// The answer for one waiter of a batch.
-fn copy_result(result: &Result<(), SpoolError>) -> Result<(), SpoolError> {
-    result.as_ref().map_err(copy_error).copied()
-}
-
-fn copy_error(error: &SpoolError) -> SpoolError {
-    match error {
-        SpoolError::Unavailable(why) => SpoolError::Unavailable(why.clone()),
-        SpoolError::NotFound(id) => SpoolError::NotFound(id.clone()),
-        SpoolError::Corrupt(why) => SpoolError::Corrupt(why.clone()),
-    }
-}
-
 type Waiter = oneshot::Sender<Result<(), SpoolError>>;
 
 /// Senders block on a full mailbox (`send().await`) instead of piling up.
@@ -372,7 +359,7 @@ impl Queue {
             };
             for waiter in waiters {
                 // A waiter that went away (client disconnected) is fine.
-                let _ = waiter.send(copy_result(&result));
+                let _ = waiter.send(result.clone());
             }
             queue.store_next(ctx);
         }));
@@ -568,17 +555,23 @@ impl Queue {
                 .into_actor(self),
             );
         } else {
-            self.writer
-                .waiters
-                .entry(id.clone())
-                .or_default()
-                .push(done);
-            self.writer.dirty.insert(id);
-            self.write_next(ctx);
+            self.persist(id, done, ctx);
         }
         async move {
             let _ = is_done.await;
         }
+    }
+
+    /// Marks a message for the record writer; `done` hears when its
+    /// current state is in the spool.
+    fn persist(&mut self, id: MessageId, done: oneshot::Sender<()>, ctx: &mut Context<Self>) {
+        self.writer
+            .waiters
+            .entry(id.clone())
+            .or_default()
+            .push(done);
+        self.writer.dirty.insert(id);
+        self.write_next(ctx);
     }
 
     /// Writes every changed message in one go if no write is in flight.
@@ -609,7 +602,7 @@ impl Queue {
             let records = match schedule.records(&ids).await {
                 Ok(records) => records,
                 Err(error) => {
-                    let failures = ids.iter().map(|id| (id.clone(), copy_error(&error)));
+                    let failures = ids.iter().map(|id| (id.clone(), error.clone()));
                     return (failures.collect(), Vec::new(), ids);
                 }
             };
@@ -944,13 +937,7 @@ impl Handler<Persist> for Queue {
     type Result = ();
 
     fn handle(&mut self, Persist(id, done): Persist, ctx: &mut Context<Self>) {
-        self.writer
-            .waiters
-            .entry(id.clone())
-            .or_default()
-            .push(done);
-        self.writer.dirty.insert(id);
-        self.write_next(ctx);
+        self.persist(id, done, ctx);
     }
 }
 

@@ -280,7 +280,7 @@ async fn store(
     let sender = envelope
         .sender
         .as_ref()
-        .map(|m| format!("{}@{}", m.local_part, m.domain))
+        .map(ToString::to_string)
         .unwrap_or_default();
     let recipients = envelope.recipients.len();
     let client = ClientInfo {

@@ -441,7 +441,7 @@ impl Transaction {
                     .to_string(),
             ));
         }
-        let eight_bit_body = body.iter().any(|&b| b >= 0x80);
+        let eight_bit_body = crate::mime8::is_8bit(body);
         let downgraded = if eight_bit_body && !caps.eight_bit_mime {
             match eight_bit.downgrade(body) {
                 Ok(converted) => Some(converted),

@@ -26,62 +26,58 @@ pub fn free_port() -> u16 {
 /// loopback port where nothing answers (so mail for real domains is only
 /// deferred, never sent) and the delivery log is written beside the spool.
 fn contain_delivery(sections: &str, dir: &std::path::Path) -> String {
-    let log = format!(
-        "log_file = {:?}",
-        dir.join("delivery.log").display().to_string()
-    );
-    let dns = format!("dns_servers = [\"127.0.0.1:{}\"]", free_port());
-    let Some(start) = sections.find("[delivery]\n") else {
-        return format!("[delivery]\n{log}\n{dns}\n\n{sections}");
-    };
-    let body_start = start + "[delivery]\n".len();
-    let body_end = sections[body_start..]
-        .find("\n[")
-        .map_or(sections.len(), |i| body_start + i);
-    let body = &sections[body_start..body_end];
-    let mut extra = String::new();
-    if !body.contains("log_file") {
-        extra.push_str(&log);
-        extra.push('\n');
-    }
-    if !body.contains("dns_servers") {
-        extra.push_str(&dns);
-        extra.push('\n');
-    }
-    format!(
-        "{}{extra}{}",
-        &sections[..body_start],
-        &sections[body_start..]
+    let log = format!("{:?}", dir.join("delivery.log").display().to_string());
+    let dns = format!("[\"127.0.0.1:{}\"]", free_port());
+    with_defaults(
+        sections,
+        "delivery",
+        &[("log_file", log), ("dns_servers", dns)],
     )
 }
 
-/// Gives every test relay its own admin port: adds `[admin] listen` on a
-/// free loopback port unless the test sets one; returns the sections and
-/// the admin address.
+/// Gives every relay its own admin port unless the test chose one; returns
+/// the sections and the admin address.
 fn contain_admin(sections: &str) -> (String, SocketAddr) {
-    let ours: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let Some(start) = sections.find("[admin]\n") else {
-        return (format!("[admin]\nlisten = \"{ours}\"\n\n{sections}"), ours);
-    };
-    let body_start = start + "[admin]\n".len();
-    let body_end = sections[body_start..]
+    let ours = format!("\"127.0.0.1:{}\"", free_port());
+    let text = with_defaults(sections, "admin", &[("listen", ours)]);
+    let (start, end) = table_body(&text, "admin").expect("just written");
+    let listen = text[start..end]
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            (key.trim() == "listen").then(|| value.trim().trim_matches('"').parse().ok())?
+        })
+        .expect("admin.listen is an address");
+    (text, listen)
+}
+
+/// Where the lines of `[table]` are in `sections`.
+fn table_body(sections: &str, table: &str) -> Option<(usize, usize)> {
+    let header = format!("[{table}]\n");
+    let start = sections.find(&header)? + header.len();
+    let end = sections[start..]
         .find("\n[")
-        .map_or(sections.len(), |i| body_start + i);
-    let listen = sections[body_start..body_end].lines().find_map(|line| {
-        let (key, value) = line.split_once('=')?;
-        (key.trim() == "listen").then(|| value.trim().trim_matches('"').parse().ok())?
-    });
-    match listen {
-        Some(addr) => (sections.to_string(), addr),
-        None => (
-            format!(
-                "{}listen = \"{ours}\"\n{}",
-                &sections[..body_start],
-                &sections[body_start..]
-            ),
-            ours,
-        ),
-    }
+        .map_or(sections.len(), |i| start + i);
+    Some((start, end))
+}
+
+/// `sections` with `key = value` added to `[table]` for every key the test
+/// did not set (the table is added when missing).
+fn with_defaults(sections: &str, table: &str, defaults: &[(&str, String)]) -> String {
+    let Some((start, end)) = table_body(sections, table) else {
+        let lines: String = defaults
+            .iter()
+            .map(|(key, value)| format!("{key} = {value}\n"))
+            .collect();
+        return format!("[{table}]\n{lines}\n{sections}");
+    };
+    let body = &sections[start..end];
+    let missing: String = defaults
+        .iter()
+        .filter(|(key, _)| !body.contains(key))
+        .map(|(key, value)| format!("{key} = {value}\n"))
+        .collect();
+    format!("{}{missing}{}", &sections[..start], &sections[start..])
 }
 
 pub struct Relay {

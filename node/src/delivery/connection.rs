@@ -196,6 +196,23 @@ async fn report_all(
     }
 }
 
+/// The body of a job's message, or `None` after handing the job back
+/// untried when it cannot be read.
+async fn body_or_release(
+    env: &DeliveryEnv,
+    record: &MessageRecord,
+    delivery: usize,
+) -> Option<Vec<u8>> {
+    match env.spool.read_body(&record.id).await {
+        Ok(body) => Some(body),
+        Err(error) => {
+            tracing::warn!(message_id = %record.id, %error, "cannot read a message body");
+            release(env, record, delivery);
+            None
+        }
+    }
+}
+
 fn release(env: &DeliveryEnv, record: &MessageRecord, delivery: usize) {
     env.queue.do_send(Release {
         id: record.id.clone(),
@@ -239,13 +256,8 @@ async fn deliver_remote(
             release(env, &record, delivery);
             continue;
         }
-        let body = match env.spool.read_body(&record.id).await {
-            Ok(body) => body,
-            Err(error) => {
-                tracing::warn!(message_id = %record.id, %error, "cannot read a message body");
-                release(env, &record, delivery);
-                continue;
-            }
+        let Some(body) = body_or_release(env, &record, delivery).await else {
+            continue;
         };
         match throttle.send(RatePermit).await {
             Ok(Ok(())) => {}
@@ -281,13 +293,8 @@ async fn deliver_local(
             continue;
         }
         let started = Instant::now();
-        let body = match env.spool.read_body(&record.id).await {
-            Ok(body) => body,
-            Err(error) => {
-                tracing::warn!(message_id = %record.id, %error, "cannot read a message body");
-                release(env, &record, delivery);
-                continue;
-            }
+        let Some(body) = body_or_release(env, &record, delivery).await else {
+            continue;
         };
         let dir = dir.to_path_buf();
         let job_record = record.clone();

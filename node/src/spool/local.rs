@@ -785,17 +785,7 @@ impl LocalSpool {
             .await;
         match result {
             Ok(failed) => failed,
-            Err(error) => ids
-                .into_iter()
-                .map(|id| {
-                    let error = match &error {
-                        SpoolError::Unavailable(why) => SpoolError::Unavailable(why.clone()),
-                        SpoolError::NotFound(id) => SpoolError::NotFound(id.clone()),
-                        SpoolError::Corrupt(why) => SpoolError::Corrupt(why.clone()),
-                    };
-                    (id, error)
-                })
-                .collect(),
+            Err(error) => ids.into_iter().map(|id| (id, error.clone())).collect(),
         }
     }
 

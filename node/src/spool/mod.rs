@@ -23,7 +23,7 @@ pub struct NewMessage {
     pub body: Vec<u8>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SpoolError {
     /// The spool cannot write or read right now (disk full, I/O error,
     /// backend unreachable). Clients get a temporary failure.
