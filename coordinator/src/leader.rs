@@ -214,6 +214,14 @@ impl Leader {
         Ok(())
     }
 
+    /// The holder that leads now, by anyone's lease; `None` when nobody
+    /// does.
+    pub async fn current_holder(&self) -> Result<Option<String>, CoordError> {
+        self.redis
+            .query("leader holder", redis::cmd("GET").arg(LEADER_KEY))
+            .await
+    }
+
     /// Whether `token` belongs to the lease held now, by anyone.
     pub async fn is_current(&self, token: u64) -> Result<bool, CoordError> {
         let mut call = IS_CURRENT.prepare_invoke();

@@ -14,9 +14,11 @@
 //! - [`redis`]: the connection (reconnecting, every request bounded by the
 //!   response timeout, every failure a [`CoordError`]).
 //! - This file: the [`Coordinator`] actor, a thin shell that runs the plain
-//!   structs above on timers and answers [`GetStatus`]. The jobs that reclaim
-//!   dead nodes' work and promote due retries plug into its leader tick once
-//!   the queue lives in Redis.
+//!   structs above on timers and answers [`GetStatus`]. While it leads it
+//!   sends a [`LeaderTick`] every `job_interval` to whoever runs the
+//!   cluster-wide jobs (the node's queue: reclaiming the work of dead nodes
+//!   and expired leases, promoting due retries, expiring old deliveries,
+//!   rescanning the spool), so those run on one node at a time.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +42,28 @@ pub struct GetStatus;
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Shutdown;
+
+/// Sent while this coordinator leads, every `job_interval`: run the
+/// cluster-wide jobs now. The receiver checks `valid_until` before each
+/// step, so a coordinator paused past its lease does not act on it.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct LeaderTick {
+    /// The fencing token of the lease.
+    pub token: u64,
+    /// Until when the lease may be relied on (local clock).
+    pub valid_until: Instant,
+    /// Nodes whose heartbeat is older than the node TTL (or that stopped):
+    /// their in-flight work may be reclaimed at once.
+    pub dead: Vec<String>,
+}
+
+impl LeaderTick {
+    /// Whether the lease behind this tick still holds.
+    pub fn is_valid(&self) -> bool {
+        Instant::now() < self.valid_until
+    }
+}
 
 /// Why a coordinator operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +113,11 @@ pub struct CoordinatorOptions {
     /// Whether this coordinator contends for leadership. A data-plane-only
     /// process (`smarthost node`) heartbeats but never leads.
     pub lead: bool,
+    /// How often the leader sends its [`LeaderTick`].
+    pub job_interval: Duration,
+    /// A node dead for longer is dropped from the membership by the
+    /// leader (its work was reclaimed long before).
+    pub forget_after: Duration,
 }
 
 impl CoordinatorOptions {
@@ -102,6 +131,8 @@ impl CoordinatorOptions {
             leader_ttl: Duration::from_secs(15),
             tick_interval: Duration::from_secs(5),
             lead: true,
+            job_interval: Duration::from_secs(1),
+            forget_after: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -115,6 +146,11 @@ pub struct Coordinator {
     lease: Option<Lease>,
     members: Members,
     last_error: Option<String>,
+    jobs: Option<Recipient<LeaderTick>>,
+    /// Dead nodes already logged as such.
+    reported_dead: std::collections::HashSet<String>,
+    /// Consecutive membership reads that found no leader at all.
+    leaderless_ticks: u32,
     heartbeat_busy: bool,
     leadership_busy: bool,
     tick_busy: bool,
@@ -136,10 +172,25 @@ impl Coordinator {
             lease: None,
             members: Members::default(),
             last_error: None,
+            jobs: None,
+            reported_dead: Default::default(),
+            leaderless_ticks: 0,
             heartbeat_busy: false,
             leadership_busy: false,
             tick_busy: false,
         }
+    }
+
+    /// Sends [`LeaderTick`]s to `jobs` while this coordinator leads.
+    pub fn with_jobs(mut self, jobs: Recipient<LeaderTick>) -> Coordinator {
+        self.jobs = Some(jobs);
+        self
+    }
+
+    /// This coordinator's membership, e.g. to [`Membership::join`] before
+    /// the actor starts.
+    pub fn membership(&self) -> Arc<Membership> {
+        self.membership.clone()
     }
 
     fn valid_lease(&self) -> Option<&Lease> {
@@ -211,34 +262,73 @@ impl Coordinator {
         ctx.spawn(step);
     }
 
-    /// Reads the membership; the leader then acts on it.
+    /// Reads the membership (and, when not leading, who leads); the leader
+    /// then acts on it.
     fn tick(&mut self, ctx: &mut Context<Self>) {
         if self.tick_busy {
             return;
         }
         self.tick_busy = true;
         let membership = self.membership.clone();
-        let step = async move { membership.members().await }
-            .into_actor(self)
-            .map(|result, act, _ctx| {
-                act.tick_busy = false;
-                match result {
-                    Ok(members) => {
-                        act.members = members;
-                        if let Some(lease) = act.valid_lease() {
-                            act.lead(lease.token);
-                        }
+        let leader = self.leader.clone();
+        let leading = self.valid_lease().is_some();
+        let step = async move {
+            let members = membership.members().await?;
+            let holder = match leading {
+                true => None,
+                false => leader.current_holder().await?,
+            };
+            Ok::<_, CoordError>((members, leading || holder.is_some()))
+        }
+        .into_actor(self)
+        .map(|result, act, ctx| {
+            act.tick_busy = false;
+            match result {
+                Ok((members, led)) => {
+                    act.members = members;
+                    act.watch_leadership(led);
+                    if let Some(lease) = act.valid_lease() {
+                        act.lead(lease.token, ctx);
                     }
-                    Err(e) => act.failed("membership", e),
                 }
-            });
+                Err(e) => act.failed("membership", e),
+            }
+        });
         ctx.spawn(step);
     }
 
-    /// The leader's periodic work. For now it reports the membership; the
-    /// reaper (reclaim and then forget dead nodes' work, fenced with
-    /// `token`) and the retry promoter run here once the queue is in Redis.
-    fn lead(&self, token: u64) {
+    /// Warns when the cluster has had no leader for a while: nothing then
+    /// promotes retries or reclaims the work of dead nodes.
+    fn watch_leadership(&mut self, led: bool) {
+        if led {
+            self.leaderless_ticks = 0;
+            return;
+        }
+        self.leaderless_ticks += 1;
+        if self.leaderless_ticks % 6 == 3 {
+            tracing::warn!(node = %self.options.node_id,
+                "coordinator: no coordinator leads the cluster; retries are not promoted and dead nodes' work is not reclaimed until `smarthost coordinator` or `smarthost run` runs");
+        }
+    }
+
+    /// Sends the queue its [`LeaderTick`] while the lease holds.
+    fn send_jobs(&mut self, _: &mut Context<Self>) {
+        let (Some(jobs), Some(lease)) = (&self.jobs, self.valid_lease()) else {
+            return;
+        };
+        let tick = LeaderTick {
+            token: lease.token,
+            valid_until: lease.valid_until,
+            dead: self.members.dead.iter().map(|n| n.id.clone()).collect(),
+        };
+        if jobs.try_send(tick).is_err() {
+            tracing::debug!("coordinator: the jobs are still busy, tick skipped");
+        }
+    }
+
+    /// The leader's view of the membership: logs it and forgets nodes dead
+    /// for longer than `forget_after` (their work was reclaimed by then).
+    fn lead(&mut self, token: u64, ctx: &mut Context<Self>) {
         let ids = |nodes: &[membership::NodeSeen]| {
             nodes
                 .iter()
@@ -246,18 +336,36 @@ impl Coordinator {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        tracing::info!(
+        let live: Vec<&String> = self.members.live.iter().map(|n| &n.id).collect();
+        self.reported_dead.retain(|id| !live.contains(&id));
+        tracing::debug!(
             node = %self.options.node_id,
             token,
             live = %ids(&self.members.live),
             dead = %ids(&self.members.dead),
             "coordinator: cluster members"
         );
+        let forget_after = self.options.forget_after.as_millis() as u64;
         for dead in &self.members.dead {
-            tracing::warn!(
-                node = %dead.id,
-                silent_ms = self.members.now_ms.saturating_sub(dead.last_seen_ms),
-                "coordinator: node is dead"
+            let silent_ms = self.members.now_ms.saturating_sub(dead.last_seen_ms);
+            if silent_ms <= forget_after {
+                if self.reported_dead.insert(dead.id.clone()) {
+                    tracing::warn!(node = %dead.id, silent_ms,
+                        "coordinator: node is dead; its work is reclaimed");
+                }
+                continue;
+            }
+            self.reported_dead.remove(&dead.id);
+            let membership = self.membership.clone();
+            let id = dead.id.clone();
+            ctx.spawn(
+                async move { (membership.forget(&id).await, id) }
+                    .into_actor(self)
+                    .map(|(result, id), act, _| match result {
+                        Ok(true) => tracing::info!(node = %id, "coordinator: dead node forgotten"),
+                        Ok(false) => {}
+                        Err(e) => act.failed("forgetting a dead node", e),
+                    }),
             );
         }
     }
@@ -278,6 +386,9 @@ impl Actor for Coordinator {
             ctx.run_interval(self.options.leader_ttl / 3, |act, ctx| act.leadership(ctx));
         }
         ctx.run_interval(self.options.tick_interval, |act, ctx| act.tick(ctx));
+        if self.options.lead && self.jobs.is_some() {
+            ctx.run_interval(self.options.job_interval, |act, ctx| act.send_jobs(ctx));
+        }
     }
 }
 
@@ -302,16 +413,20 @@ impl Handler<GetStatus> for Coordinator {
 impl Handler<Shutdown> for Coordinator {
     type Result = ResponseActFuture<Self, ()>;
 
-    /// Releases a held lease (best effort: it expires anyway), then stops.
+    /// Releases a held lease and marks the node stopped (best effort: both
+    /// expire anyway), then stops.
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
         let leader = self.leader.clone();
+        let membership = self.membership.clone();
         let lease = self.lease.take();
         Box::pin(
             async move {
-                match lease {
+                let released = match lease {
                     Some(lease) => leader.release(lease).await,
                     None => Ok(()),
-                }
+                };
+                membership.stop().await?;
+                released
             }
             .into_actor(self)
             .map(|result, act, ctx| {

@@ -13,7 +13,14 @@
 //! | key | type | value |
 //! | --- | --- | --- |
 //! | `smarthost:{cluster}:nodes` | sorted set | member the node id, score its last heartbeat in ms (Redis `TIME`) |
-//! | `smarthost:{cluster}:node:<id>` | hash | `host`, `smtp`, `started_ms`, `version`, `last_seen_ms` |
+//! | `smarthost:{cluster}:node:<id>` | hash | `host`, `smtp`, `started_ms`, `version`, `instance`, `last_seen_ms` |
+//!
+//! A node id names one running process at a time: leases of deliveries are
+//! held under it, and a node puts back leases under its id that it does not
+//! run. [`Membership::join`] therefore refuses an id that another process
+//! (another `instance`) heartbeats under, and [`Membership::stop`] marks a
+//! node that shuts down as dead at once, so that its successor starts
+//! without waiting and the leader reclaims what it left.
 //!
 //! All keys share the `{cluster}` hash tag, so on Redis Cluster one script
 //! may touch them together.
@@ -52,6 +59,9 @@ pub struct NodeInfo {
     pub started_ms: u64,
     /// The smarthost release it runs.
     pub version: String,
+    /// Random per process: tells a second process with the same node id
+    /// from a restart of this one.
+    pub instance: String,
 }
 
 impl NodeInfo {
@@ -65,8 +75,19 @@ impl NodeInfo {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            instance: format!("{:016x}", rand::random::<u64>()),
         }
     }
+}
+
+/// What [`Membership::join`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Join {
+    /// The id is this process's now (its first heartbeat is recorded).
+    Joined,
+    /// Another process heartbeats under this id; it was last seen
+    /// `silent_ms` ago from `host`.
+    InUse { host: String, silent_ms: u64 },
 }
 
 /// A node and its last heartbeat.
@@ -115,8 +136,40 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], 'host', ARGV[2], 'smtp', ARGV[3], 'started_ms', ARGV[4],
-  'version', ARGV[5], 'last_seen_ms', now)
+  'version', ARGV[5], 'instance', ARGV[6], 'last_seen_ms', now)
 return now
+",
+    )
+});
+
+/// KEYS: nodes, node hash. ARGV: id, instance, ttl ms. Returns {1} when no
+/// other live instance holds the id, else {0, silent ms, host}.
+static JOIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local other = redis.call('HGET', KEYS[2], 'instance')
+if seen and other and other ~= ARGV[2] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local silent = now - tonumber(seen)
+  if silent <= tonumber(ARGV[3]) then
+    return {0, math.max(silent, 0), redis.call('HGET', KEYS[2], 'host') or ''}
+  end
+end
+return {1}
+",
+    )
+});
+
+/// KEYS: nodes, node hash. ARGV: id, instance. A node that stops scores 0:
+/// dead at once. Only its own instance may do so. 1 if marked.
+static STOP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[2], 'instance') ~= ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', 0, ARGV[1])
+return 1
 ",
     )
 });
@@ -188,8 +241,48 @@ impl Membership {
             .arg(&self.info.host)
             .arg(&self.info.smtp)
             .arg(self.info.started_ms)
-            .arg(&self.info.version);
+            .arg(&self.info.version)
+            .arg(&self.info.instance);
         self.redis.invoke("heartbeat", &call).await
+    }
+
+    /// Claims the node id for this process: refuses while another instance
+    /// heartbeated under it within the TTL, else records the first
+    /// heartbeat. Two round trips.
+    pub async fn join(&self) -> Result<Join, CoordError> {
+        let mut call = JOIN.prepare_invoke();
+        call.key(NODES_KEY)
+            .key(node_key(&self.node_id))
+            .arg(&self.node_id)
+            .arg(&self.info.instance)
+            .arg(self.ttl.as_millis() as u64);
+        let reply: Vec<redis::Value> = self.redis.invoke("join", &call).await?;
+        match reply.as_slice() {
+            [redis::Value::Int(1)] => {
+                self.heartbeat().await?;
+                Ok(Join::Joined)
+            }
+            [redis::Value::Int(0), redis::Value::Int(silent), host] => Ok(Join::InUse {
+                host: match host {
+                    redis::Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    _ => String::new(),
+                },
+                silent_ms: (*silent).max(0) as u64,
+            }),
+            other => Err(CoordError::Corrupt(format!("join: {other:?}"))),
+        }
+    }
+
+    /// Marks this node as stopped (dead at once) if its id is still this
+    /// process's; one round trip. The leader then reclaims its work.
+    pub async fn stop(&self) -> Result<bool, CoordError> {
+        let mut call = STOP.prepare_invoke();
+        call.key(NODES_KEY)
+            .key(node_key(&self.node_id))
+            .arg(&self.node_id)
+            .arg(&self.info.instance);
+        let stopped: i64 = self.redis.invoke("stop", &call).await?;
+        Ok(stopped == 1)
     }
 
     /// Every known node, live and dead, at the current Redis time; one
@@ -243,6 +336,7 @@ impl Membership {
             smtp: field("smtp"),
             started_ms,
             version: field("version"),
+            instance: field("instance"),
         }))
     }
 

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use smarthost_coordinator::redis::{Redis, RedisOptions};
-use smarthost_coordinator::{Coordinator, CoordinatorOptions, GetStatus, Shutdown, Status};
+use smarthost_coordinator::{
+    Coordinator, CoordinatorOptions, GetStatus, LeaderTick, Shutdown, Status,
+};
 use smarthost_testkit::redis::RedisServer;
 
 fn options(node: &str) -> CoordinatorOptions {
@@ -98,4 +100,110 @@ async fn the_actor_outlives_a_dead_redis_and_leads_again_after_a_restart() {
     })
     .await;
     assert!(back.token.unwrap() > leading.token.unwrap(), "{back:?}");
+}
+
+/// Collects the leader ticks a coordinator sends.
+struct Jobs(std::sync::Arc<std::sync::Mutex<Vec<LeaderTick>>>);
+
+impl Actor for Jobs {
+    type Context = Context<Self>;
+}
+
+impl Handler<LeaderTick> for Jobs {
+    type Result = ();
+    fn handle(&mut self, tick: LeaderTick, _: &mut Context<Self>) {
+        self.0.lock().unwrap().push(tick);
+    }
+}
+
+fn start_with_jobs(
+    server: &RedisServer,
+    node: &str,
+) -> (
+    Addr<Coordinator>,
+    std::sync::Arc<std::sync::Mutex<Vec<LeaderTick>>>,
+) {
+    let ticks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let jobs = Jobs(ticks.clone()).start();
+    let redis = Redis::connect_lazy(
+        &server.url(),
+        RedisOptions {
+            response_timeout: Duration::from_millis(300),
+        },
+    )
+    .unwrap();
+    let options = CoordinatorOptions {
+        job_interval: Duration::from_millis(100),
+        ..options(node)
+    };
+    let addr = Coordinator::new(redis, options)
+        .with_jobs(jobs.recipient())
+        .start();
+    (addr, ticks)
+}
+
+#[actix::test]
+async fn only_the_leader_runs_the_jobs_and_hears_of_stopped_nodes() {
+    let server = RedisServer::start();
+    let (one, one_ticks) = start_with_jobs(&server, "n1");
+    let (two, two_ticks) = start_with_jobs(&server, "n2");
+    let node = {
+        let redis = Redis::connect_lazy(
+            &server.url(),
+            RedisOptions {
+                response_timeout: Duration::from_millis(300),
+            },
+        )
+        .unwrap();
+        let options = CoordinatorOptions {
+            lead: false,
+            ..options("n3")
+        };
+        Coordinator::new(redis, options).start()
+    };
+    let all = |s: &Status| s.live == ["n1", "n2", "n3"];
+    until(&one, Duration::from_secs(5), all).await;
+    until(&two, Duration::from_secs(5), all).await;
+    let one_leads = one.send(GetStatus).await.unwrap().leader;
+    assert_ne!(one_leads, two.send(GetStatus).await.unwrap().leader);
+    one_ticks.lock().unwrap().clear();
+    two_ticks.lock().unwrap().clear();
+    actix::clock::sleep(Duration::from_millis(500)).await;
+    let (leader_ticks, follower_ticks) = if one_leads {
+        (&one_ticks, &two_ticks)
+    } else {
+        (&two_ticks, &one_ticks)
+    };
+    assert!(
+        follower_ticks.lock().unwrap().is_empty(),
+        "the follower ran jobs"
+    );
+    {
+        let ticks = leader_ticks.lock().unwrap();
+        assert!(ticks.len() >= 3, "{} ticks in 500 ms", ticks.len());
+        assert!(ticks.iter().all(|t| t.dead.is_empty()));
+        assert!(ticks.windows(2).all(|w| w[0].token == w[1].token));
+    }
+
+    // A node that shuts down is dead at once, not after the ttl.
+    node.send(Shutdown).await.unwrap();
+    let stopped_at = Instant::now();
+    let deadline = stopped_at + Duration::from_secs(5);
+    loop {
+        if leader_ticks
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|t| t.dead == ["n3"] && t.is_valid())
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stopped node was never dead");
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        stopped_at.elapsed() < Duration::from_millis(600),
+        "seen dead after {:?}, the ttl is 600 ms",
+        stopped_at.elapsed()
+    );
 }

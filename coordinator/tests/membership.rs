@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use smarthost_coordinator::membership::{Membership, NodeInfo};
+use smarthost_coordinator::membership::{Join, Membership, NodeInfo};
 use smarthost_coordinator::redis::{Redis, RedisOptions};
 use smarthost_coordinator::CoordError;
 use smarthost_testkit::redis::RedisServer;
@@ -76,6 +76,7 @@ async fn the_heartbeat_carries_the_node_info() {
         smtp: "10.0.0.7:25".into(),
         started_ms: 1_700_000_000_000,
         version: "9.9.9".into(),
+        instance: "00000000000000aa".into(),
     };
     let node = Membership::new(redis, "relay-0", Duration::from_secs(10)).with_info(info.clone());
     assert_eq!(node.info("relay-0").await.unwrap(), None);
@@ -118,4 +119,48 @@ async fn a_dead_redis_is_an_error_and_a_restarted_one_is_used_again() {
         }
     }
     assert_eq!(ids(&node.live_nodes().await.unwrap()), ["n1"]);
+}
+
+#[tokio::test]
+async fn a_node_id_is_one_process_at_a_time() {
+    let server = RedisServer::start();
+    let redis = connect(&server).await;
+    let ttl = Duration::from_millis(600);
+    let first = Membership::new(redis.clone(), "relay-0", ttl);
+    let second =
+        Membership::new(redis.clone(), "relay-0", ttl).with_info(NodeInfo::new("other-host"));
+    assert_eq!(first.join().await.unwrap(), Join::Joined);
+    assert_eq!(
+        first.join().await.unwrap(),
+        Join::Joined,
+        "the same process may join again"
+    );
+
+    // A second process with the same id is refused while the first lives.
+    match second.join().await.unwrap() {
+        Join::InUse { host, silent_ms } => {
+            assert_eq!(host, "relay-0");
+            assert!(silent_ms <= ttl.as_millis() as u64, "{silent_ms}");
+        }
+        Join::Joined => panic!("two live processes under one node id"),
+    }
+    // Another instance cannot mark the first as stopped.
+    assert!(!second.stop().await.unwrap());
+    assert_eq!(ids(&first.live_nodes().await.unwrap()), ["relay-0"]);
+
+    // Once the first stops, it is dead at once and the id is free.
+    assert!(first.stop().await.unwrap());
+    assert_eq!(ids(&first.dead_nodes().await.unwrap()), ["relay-0"]);
+    assert_eq!(second.join().await.unwrap(), Join::Joined);
+    assert_eq!(ids(&second.live_nodes().await.unwrap()), ["relay-0"]);
+    assert_eq!(
+        second.info("relay-0").await.unwrap().unwrap().host,
+        "other-host"
+    );
+
+    // A process that died without stopping frees the id after the ttl.
+    let third = Membership::new(redis, "relay-0", ttl);
+    assert!(matches!(third.join().await.unwrap(), Join::InUse { .. }));
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    assert_eq!(third.join().await.unwrap(), Join::Joined);
 }

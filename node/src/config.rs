@@ -104,6 +104,11 @@ pub struct QueueConfig {
     /// storing a message and scheduling it) and scheduled again.
     #[serde(with = "human::duration")]
     pub rescan_interval: Duration,
+    /// With the Redis backend: a node whose heartbeat is older is dead, and
+    /// the leader puts its running deliveries back at once. Nodes heartbeat
+    /// every sixth of it.
+    #[serde(with = "human::duration")]
+    pub node_timeout: Duration,
     #[serde(with = "human::durations")]
     pub retry_intervals: Vec<Duration>,
     #[serde(with = "human::duration")]
@@ -303,6 +308,7 @@ impl Default for QueueConfig {
             redis_response_timeout: Duration::from_secs(5),
             lease: Duration::from_secs(15 * 60),
             rescan_interval: Duration::from_secs(60),
+            node_timeout: Duration::from_secs(30),
             retry_intervals: [15 * 60, 30 * 60, 3600, 4 * 3600]
                 .into_iter()
                 .map(Duration::from_secs)
@@ -680,6 +686,9 @@ impl Config {
         }
         if queue.rescan_interval.is_zero() {
             errors.add("queue.rescan_interval", "must be longer than 0s");
+        }
+        if queue.node_timeout < Duration::from_secs(1) {
+            errors.add("queue.node_timeout", "must be at least 1s");
         }
         if queue.path.as_os_str().is_empty() {
             errors.add("queue.path", "must not be empty");
@@ -1289,18 +1298,22 @@ mod tests {
         assert_eq!(config.queue.lease, Duration::from_secs(15 * 60));
         assert_eq!(config.queue.rescan_interval, Duration::from_secs(60));
         let config = load(
-            "[queue]\nbackend = \"redis\"\nlease = \"30s\"\nrescan_interval = \"10s\"",
+            "[queue]\nbackend = \"redis\"\nlease = \"30s\"\nrescan_interval = \"10s\"\nnode_timeout = \"6s\"",
             &[],
         )
         .unwrap();
         assert_eq!(config.queue.lease, Duration::from_secs(30));
         assert_eq!(config.queue.rescan_interval, Duration::from_secs(10));
-        let errors = invalid("[queue]\nlease = \"500ms\"\nrescan_interval = \"0s\"");
+        assert_eq!(config.queue.node_timeout, Duration::from_secs(6));
+        let errors = invalid(
+            "[queue]\nlease = \"500ms\"\nrescan_interval = \"0s\"\nnode_timeout = \"900ms\"",
+        );
         assert_eq!(
             errors,
             [
                 "queue.lease: must be at least 1s",
-                "queue.rescan_interval: must be longer than 0s"
+                "queue.rescan_interval: must be longer than 0s",
+                "queue.node_timeout: must be at least 1s"
             ]
         );
     }

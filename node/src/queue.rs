@@ -29,9 +29,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use smarthost_coordinator::LeaderTick;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 use tokio::sync::oneshot;
 
@@ -266,6 +267,14 @@ pub struct Queue {
     rescan: Option<Duration>,
     /// A tick is running (a slow backend must not pile them up).
     ticking: bool,
+    /// Whether the cluster-wide jobs (reclaim, promote, expire, rescan)
+    /// run when the coordinator says this node leads ([`LeaderTick`])
+    /// rather than on this queue's own timers.
+    led: bool,
+    /// The leader's jobs are running.
+    leading_busy: bool,
+    last_sweep: Option<Instant>,
+    last_rescan: Option<Instant>,
     writer: RecordWriter,
     settings: DeliverySettings,
     dispatcher: Option<Recipient<DomainReady>>,
@@ -286,6 +295,10 @@ impl Queue {
             lease: DEFAULT_LEASE,
             rescan: None,
             ticking: false,
+            led: false,
+            leading_busy: false,
+            last_sweep: None,
+            last_rescan: None,
             writer: RecordWriter::default(),
             settings: DeliverySettings::default(),
             dispatcher: None,
@@ -317,6 +330,14 @@ impl Queue {
     /// node stopped in between) is delivered all the same.
     pub fn with_rescan(mut self, every: Duration) -> Self {
         self.rescan = Some(every);
+        self
+    }
+
+    /// Leaves the cluster-wide jobs to the coordinator: they run on
+    /// [`LeaderTick`]s, on the one node that leads, instead of on every
+    /// node's timers.
+    pub fn led_by_coordinator(mut self) -> Self {
+        self.led = true;
         self
     }
 
@@ -375,17 +396,21 @@ impl Queue {
         }
     }
 
-    /// Takes back work whose lease ran out, promotes due retries and
-    /// announces every domain with due work.
+    /// Announces every domain with due work; unless the coordinator runs
+    /// them, first takes back work whose lease ran out and promotes due
+    /// retries.
     fn tick(&mut self, ctx: &mut Context<Self>) {
         if self.ticking {
             return;
         }
         self.ticking = true;
         let schedule = self.schedule.clone();
+        let housekeeping = !self.led;
         let work = async move {
-            schedule.reclaim_expired_leases().await?;
-            schedule.promote(now_ms()).await?;
+            if housekeeping {
+                schedule.reclaim_expired_leases().await?;
+                schedule.promote(now_ms()).await?;
+            }
             schedule.ready_domains().await
         };
         ctx.spawn(work.into_actor(self).map(|due, queue, _| {
@@ -467,6 +492,10 @@ impl Queue {
                     .into_actor(self)
                     .map(|expired, queue, _| match expired {
                         Ok(expired) => {
+                            if expired.len() >= crate::schedule::redis::EXPIRY_BATCH {
+                                // More may be waiting: the next tick sweeps again.
+                                queue.last_sweep = None;
+                            }
                             for completion in &expired {
                                 tracing::info!(message_id = %completion.record.id,
                             domain = %completion.domain, "delivery expired");
@@ -685,6 +714,14 @@ impl Actor for Queue {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         ctx.run_interval(TICK, |queue, ctx| queue.tick(ctx));
+        if self.led {
+            // Sweeps and rescans run on `LeaderTick`s.
+            if self.schedule.writes_records() {
+                let every = (self.lease / 3).min(LEASE_CHECK);
+                ctx.run_interval(every, |queue, ctx| queue.renew_leases(ctx));
+            }
+            return;
+        }
         ctx.run_interval(EXPIRY_SWEEP, |queue, ctx| queue.sweep_expired(ctx));
         if self.schedule.writes_records() {
             // Running deliveries keep their leases; see `Schedule::renew_leases`.
@@ -724,6 +761,15 @@ impl Handler<Recover> for Queue {
     fn handle(&mut self, _: Recover, _: &mut Context<Self>) -> Self::Result {
         let spool = self.spool.clone();
         let schedule = self.schedule.clone();
+        if self.led {
+            // A shared queue: the leader rescans it; this node only looks
+            // for due work.
+            let ready = async move { schedule.ready_domains().await };
+            return Box::pin(ready.into_actor(self).map(|ready, queue, _| {
+                queue.announce(ready?);
+                Ok(Vec::new())
+            }));
+        }
         let recover = async move {
             let records = spool.list().await?;
             let domains = schedule.insert(records.clone(), now_ms()).await?;
@@ -735,6 +781,57 @@ impl Handler<Recover> for Queue {
             queue.sweep_expired(ctx);
             Ok(records)
         }))
+    }
+}
+
+/// The cluster-wide jobs, on the node whose coordinator leads: the work of
+/// dead nodes and expired leases back to ready, due retries promoted, then
+/// (at their own intervals) the expiry sweep and the rescan. Each step
+/// starts only while the lease behind the tick holds.
+impl Handler<LeaderTick> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, tick: LeaderTick, ctx: &mut Context<Self>) {
+        if !self.led || self.leading_busy || !tick.is_valid() {
+            return;
+        }
+        self.leading_busy = true;
+        let schedule = self.schedule.clone();
+        let check = tick.clone();
+        let work = async move {
+            schedule.reclaim_holders(&check.dead).await?;
+            if !check.is_valid() {
+                return Ok(Vec::new());
+            }
+            schedule.reclaim_expired_leases().await?;
+            if !check.is_valid() {
+                return Ok(Vec::new());
+            }
+            schedule.promote(now_ms()).await
+        };
+        ctx.spawn(work.into_actor(self).map(move |promoted, queue, ctx| {
+            queue.leading_busy = false;
+            match promoted {
+                Ok(domains) => queue.announce(domains),
+                Err(error) => tracing::warn!(%error, "cannot reclaim or promote deliveries"),
+            }
+            if !tick.is_valid() {
+                return;
+            }
+            let due = |last: Option<Instant>, every: Duration| {
+                last.is_none_or(|at| at.elapsed() >= every)
+            };
+            if due(queue.last_sweep, EXPIRY_SWEEP) {
+                queue.last_sweep = Some(Instant::now());
+                queue.sweep_expired(ctx);
+            }
+            if let Some(every) = queue.rescan {
+                if due(queue.last_rescan, every) {
+                    queue.last_rescan = Some(Instant::now());
+                    queue.rescan(ctx);
+                }
+            }
+        }));
     }
 }
 

@@ -24,7 +24,10 @@ use crate::delivery::outbound::TlsClients;
 use crate::delivery::route::Router;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::Dispatcher;
-use smarthost_coordinator::{self as coordinator, Coordinator, CoordinatorOptions, Shutdown};
+use smarthost_coordinator::membership::{Join, Membership};
+use smarthost_coordinator::{
+    self as coordinator, Coordinator, CoordinatorOptions, LeaderTick, Shutdown,
+};
 
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
@@ -57,8 +60,14 @@ pub fn run(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     })
 }
 
-/// Starts this process's coordinator on the Redis backend.
-fn start_coordinator(config: &Config, lead: bool) -> Result<Addr<Coordinator>, Box<dyn Error>> {
+/// Starts this process's coordinator on the Redis backend, once the node id
+/// is this process's ([`claim_node_id`]). A leading coordinator sends its
+/// [`LeaderTick`]s to `jobs`.
+async fn start_coordinator(
+    config: &Config,
+    lead: bool,
+    jobs: Recipient<LeaderTick>,
+) -> Result<Addr<Coordinator>, Box<dyn Error>> {
     let redis = coordinator::redis::Redis::connect_lazy(
         &config.queue.redis_url,
         coordinator::redis::RedisOptions {
@@ -75,15 +84,87 @@ fn start_coordinator(config: &Config, lead: bool) -> Result<Addr<Coordinator>, B
         .map(ToString::to_string)
         .unwrap_or_default();
     options.lead = lead;
-    Ok(Coordinator::new(redis, options).start())
+    options.node_ttl = config.queue.node_timeout;
+    options.heartbeat_interval = config.queue.node_timeout / 6;
+    options.tick_interval = options.tick_interval.min(config.queue.node_timeout / 6);
+    let node_ttl = options.node_ttl;
+    let coordinator = Coordinator::new(redis, options).with_jobs(jobs);
+    claim_node_id(&coordinator.membership(), &config.node.id, node_ttl).await?;
+    Ok(coordinator.start())
 }
 
-/// `smarthost coordinator`: membership and leadership until SIGTERM.
+/// Makes `node.id` this process's in the cluster. Another process that
+/// heartbeats under it is waited for while its heartbeat ages (a crashed
+/// predecessor is dead after `node_ttl`); one that heartbeats again is
+/// alive, and two live nodes with one id would hand each other's work
+/// back: refused.
+async fn claim_node_id(
+    membership: &Membership,
+    id: &str,
+    node_ttl: std::time::Duration,
+) -> Result<(), Box<dyn Error>> {
+    let deadline = tokio::time::Instant::now() + node_ttl * 2;
+    let mut last_silent = None;
+    loop {
+        match membership.join().await {
+            Ok(Join::Joined) => return Ok(()),
+            Ok(Join::InUse { host, silent_ms }) => {
+                if last_silent.is_some_and(|last| silent_ms < last) {
+                    return Err(format!(
+                        "node.id: {id:?} is in use by a running node on {host:?}; give every node its own node.id"
+                    )
+                    .into());
+                }
+                if last_silent.is_none() {
+                    tracing::warn!(node = %id, %host, silent_ms,
+                        "another process used this node id until recently; waiting until it is dead");
+                }
+                last_silent = Some(silent_ms);
+            }
+            Err(error) => tracing::warn!(%error, "cannot join the cluster yet"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(
+                format!("node.id: cannot claim {id:?} in the cluster (see the log)").into(),
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// The shared queue on Redis: spool, schedule and a queue whose
+/// cluster-wide jobs run when this node leads.
+async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn Error>> {
+    let spool = RedisSpool::open_with(
+        &config.queue.redis_url,
+        RedisSpoolOptions {
+            response_timeout: config.queue.redis_response_timeout,
+        },
+    )
+    .await
+    .map_err(|e| format!("queue.redis_url: {e}"))?;
+    let schedule = RedisSchedule::new(&spool)
+        .await
+        .map_err(|e| format!("queue.redis_url: {e}"))?;
+    let spool: Arc<dyn Spool> = Arc::new(spool);
+    let queue = Queue::new(spool.clone())
+        .with_settings(delivery_settings(config)?)
+        .with_schedule(Arc::new(schedule), &config.node.id, config.queue.lease)
+        .with_rescan(config.queue.rescan_interval)
+        .led_by_coordinator();
+    Ok((queue, spool))
+}
+
+/// `smarthost coordinator`: membership, leadership and, while it leads, the
+/// cluster-wide jobs, until SIGTERM. Its queue accepts no mail; it stores
+/// the reports of expired messages, which the nodes deliver.
 async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     if config.queue.backend != QueueBackend::Redis {
         return Err("the coordinator runs with queue.backend = \"redis\"; a node on the local backend needs none".into());
     }
-    let coordinator = start_coordinator(&config, true)?;
+    let (queue, _) = redis_queue(&config).await?;
+    let queue = queue.start();
+    let coordinator = start_coordinator(&config, true, queue.clone().recipient()).await?;
     tracing::info!(node = %config.node.id, "coordinator running");
     wait_for_signal().await;
     let _ = coordinator.send(Shutdown).await;
@@ -113,42 +194,28 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
         QueueBackend::Redis => {
             let url = &config.queue.redis_url;
-            let timeout = config.queue.redis_response_timeout;
-            let spool = RedisSpool::open_with(
-                url,
-                RedisSpoolOptions {
-                    response_timeout: timeout,
-                },
-            )
-            .await
-            .map_err(|e| format!("queue.redis_url: {e}"))?;
-            let schedule = RedisSchedule::new(&spool)
-                .await
-                .map_err(|e| format!("queue.redis_url: {e}"))?;
+            let (queue, spool) = redis_queue(&config).await?;
             // Caps and rates hold for every node on this Redis.
             let limits = RedisLimits::open(
                 url,
                 &config.node.id,
                 RedisLimitsOptions {
-                    response_timeout: timeout,
+                    response_timeout: config.queue.redis_response_timeout,
                     lease_ttl: config.delivery.connection_lease,
                     renew_every: config.delivery.connection_lease / 3,
                 },
             )
             .await
             .map_err(|e| format!("queue.redis_url: {e}"))?;
-            let spool: Arc<dyn Spool> = Arc::new(spool);
-            let queue = Queue::new(spool.clone())
-                .with_settings(delivery_settings(&config)?)
-                .with_schedule(Arc::new(schedule), &config.node.id, config.queue.lease)
-                .with_rescan(config.queue.rescan_interval);
             let limits: Arc<dyn DomainLimits> = Arc::new(limits);
             (queue, spool, limits, crate::spool::redis::redact(url))
         }
     };
     let queue = queue.start();
     let coordinator = match config.queue.backend {
-        QueueBackend::Redis => Some(start_coordinator(&config, role == Role::All)?),
+        QueueBackend::Redis => {
+            Some(start_coordinator(&config, role == Role::All, queue.clone().recipient()).await?)
+        }
         QueueBackend::Local => None,
     };
     let env = DeliveryEnv {
@@ -163,12 +230,15 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     let dispatcher = Dispatcher::new(Arc::new(env)).start();
     queue.send(Attach(dispatcher.recipient())).await?;
     let recovered = queue.send(Recover).await??;
-    tracing::info!(
-        messages = recovered.len(),
-        backend = ?config.queue.backend,
-        spool = %location,
-        "spool opened"
-    );
+    match config.queue.backend {
+        QueueBackend::Local => tracing::info!(
+            messages = recovered.len(),
+            spool = %location,
+            "spool opened"
+        ),
+        // The leading coordinator rescans the shared queue.
+        QueueBackend::Redis => tracing::info!(redis = %location, "shared queue opened"),
+    }
 
     let (ready, is_ready) = watch::channel(false);
     let admin = admin::start(

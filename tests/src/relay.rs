@@ -89,6 +89,8 @@ pub struct Relay {
     pub spool: PathBuf,
     log: PathBuf,
     env: Vec<(String, String)>,
+    /// The subcommand: `run`, `node` or `coordinator`.
+    command: &'static str,
 }
 
 impl Relay {
@@ -99,6 +101,18 @@ impl Relay {
     }
 
     pub fn start_with_env(smtp_lines: &str, sections: &str, env: &[(&str, &str)]) -> Relay {
+        Self::start_as("run", smtp_lines, sections, env)
+    }
+
+    /// [`Relay::start_with_env`] running `smarthost COMMAND` (`run`, `node`
+    /// or `coordinator`, which listens for no mail: it is ready once it
+    /// says it runs).
+    pub fn start_as(
+        command: &'static str,
+        smtp_lines: &str,
+        sections: &str,
+        env: &[(&str, &str)],
+    ) -> Relay {
         let dir = tempfile::tempdir().expect("temp dir");
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let spool = dir.path().join("spool");
@@ -134,6 +148,7 @@ impl Relay {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            command,
         };
         relay.launch();
         relay
@@ -148,7 +163,7 @@ impl Relay {
             .open(&self.log)
             .expect("log file");
         let child = Command::new(smarthost_bin())
-            .arg("run")
+            .arg(self.command)
             .arg("--config")
             .arg(&self.config)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -167,6 +182,13 @@ impl Relay {
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("smarthost exited with {status} at start:\n{}", self.log());
+            }
+            if self.command == "coordinator" {
+                if self.log().contains("coordinator running") {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
             if let Ok(mut probe) =
                 TcpStream::connect_timeout(&self.smtp, Duration::from_millis(200))

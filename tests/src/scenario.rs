@@ -56,13 +56,25 @@ pub fn start_with_env(
     sections: &str,
     env: &[(&str, &str)],
 ) -> Setup {
+    start_as("run", dir, delivery_lines, sections, env)
+}
+
+/// [`start_with_env`] running `smarthost COMMAND` (`run`, `node` or
+/// `coordinator`).
+pub fn start_as(
+    command: &'static str,
+    dir: tempfile::TempDir,
+    delivery_lines: &str,
+    sections: &str,
+    env: &[(&str, &str)],
+) -> Setup {
     let log_file = dir.path().join("delivery.log");
     let delivery = format!(
         "[delivery]\nlog_file = {:?}\nconnect_timeout = \"5s\"\ngreeting_timeout = \"10s\"\n\
          command_timeout = \"10s\"\ndata_timeout = \"20s\"\n{delivery_lines}\n\n{sections}",
         log_file.display().to_string()
     );
-    let relay = Relay::start_with_env("", &delivery, env);
+    let relay = Relay::start_as(command, "", &delivery, env);
     Setup {
         relay,
         log_file,

@@ -1,7 +1,9 @@
-//! Three nodes on one Redis: the real binary three times (each its own
-//! `node.id`, SMTP and admin port), one real `redis-server` with an fsync
-//! per write, and one aiosmtpd sink as the smart host of three domains,
-//! answering after a short pause so that connections overlap.
+//! Three nodes on one Redis: the real binary three times as `smarthost
+//! node` (each its own `node.id`, SMTP and admin port) and once as
+//! `smarthost coordinator`, one real `redis-server` with an fsync per
+//! write, and one aiosmtpd sink as the smart host of three domains,
+//! answering after a short pause so that connections overlap. The test of
+//! a cut link runs three `smarthost run` instead.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use smarthost_testkit::redis::RedisServer;
 use smarthost_tests::proxy::Proxy;
-use smarthost_tests::scenario::{delivery_log, dot_stuff, message, route, start_with_env, Setup};
+use smarthost_tests::scenario::{delivery_log, dot_stuff, message, route, start_as, Setup};
 use smarthost_tests::sink::{Sink, SinkOptions};
 use smarthost_tests::smtp::Client;
 
@@ -21,11 +23,20 @@ const SUBMITTERS: usize = 6;
 /// Duplicates tolerated (deliveries are at least once), printed when seen.
 const HANDFUL: usize = 5;
 
-/// A node on `redis_url` with the smart host of all three domains at
-/// `sink`, at most two connections to each domain.
-fn node(redis_url: &str, sink: &Sink, id: &str, lease: &str) -> Setup {
+/// `smarthost COMMAND` on `redis_url` with the smart host of all three
+/// domains at `sink`, at most two connections to each domain, and the
+/// given delivery lease and node timeout.
+fn start(
+    command: &'static str,
+    redis_url: &str,
+    sink: &Sink,
+    id: &str,
+    lease: &str,
+    node_timeout: &str,
+) -> Setup {
     let routes: String = DOMAINS.iter().map(|d| route(d, sink)).collect();
-    start_with_env(
+    start_as(
+        command,
         tempfile::tempdir().unwrap(),
         // Slots of a killed node free up after 3 s instead of 30 s.
         &format!("max_connections_per_domain = {CAP}\nconnection_lease = \"3s\""),
@@ -36,16 +47,31 @@ fn node(redis_url: &str, sink: &Sink, id: &str, lease: &str) -> Setup {
             ("SMARTHOST__QUEUE__REDIS_RESPONSE_TIMEOUT", "1s"),
             ("SMARTHOST__QUEUE__RETRY_INTERVALS", "1s"),
             ("SMARTHOST__QUEUE__LEASE", lease),
+            ("SMARTHOST__QUEUE__NODE_TIMEOUT", node_timeout),
             ("SMARTHOST__NODE__ID", id),
         ],
     )
 }
 
-fn cluster(redis: &RedisServer, sink: &Sink, lease: &str) -> Vec<Setup> {
-    ["node-a", "node-b", "node-c"]
+/// `smarthost run` (node and coordinator in one process).
+fn node(redis_url: &str, sink: &Sink, id: &str, lease: &str) -> Setup {
+    start("run", redis_url, sink, id, lease, "30s")
+}
+
+/// Three `smarthost node` processes and one `smarthost coordinator`, as a
+/// cluster is deployed; nodes are dead 3 s after their last heartbeat.
+struct Cluster {
+    nodes: Vec<Setup>,
+    coordinator: Setup,
+}
+
+fn cluster(redis: &RedisServer, sink: &Sink, lease: &str) -> Cluster {
+    let coordinator = start("coordinator", &redis.url(), sink, "coord", lease, "3s");
+    let nodes = ["node-a", "node-b", "node-c"]
         .iter()
-        .map(|id| node(&redis.url(), sink, id, lease))
-        .collect()
+        .map(|id| start("node", &redis.url(), sink, id, lease, "3s"))
+        .collect();
+    Cluster { nodes, coordinator }
 }
 
 fn sink() -> Sink {
@@ -186,20 +212,30 @@ fn assert_cap_held(sink: &Sink) {
 fn three_nodes_share_the_queue_and_the_domain_caps() {
     let redis = RedisServer::start();
     let sink = sink();
-    let nodes = cluster(&redis, &sink, "15m");
+    let Cluster { nodes, coordinator } = cluster(&redis, &sink, "15m");
     let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
     let subjects = submit_all(&addrs, "shared", 600);
     let duplicates = assert_all_arrived(&sink, &subjects, Duration::from_secs(90), &nodes);
     eprintln!("duplicates: {duplicates}");
     print_spread(&nodes);
     assert_cap_held(&sink);
+    assert!(
+        coordinator.relay.log().contains("coordinator: leading"),
+        "{}",
+        coordinator.relay.log()
+    );
 }
 
 #[test]
 fn a_node_killed_mid_run_loses_nothing() {
     let redis = RedisServer::start();
     let sink = sink();
-    let mut nodes = cluster(&redis, &sink, "3s");
+    // Leases far longer than the test: only the coordinator's finding the
+    // node dead can give its deliveries to the others.
+    let Cluster {
+        mut nodes,
+        coordinator,
+    } = cluster(&redis, &sink, "10m");
     let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
     let subjects = submit_all(&addrs, "killed", 300);
     sink.wait_for(100, Duration::from_secs(60));
@@ -215,6 +251,15 @@ fn a_node_killed_mid_run_loses_nothing() {
     );
     print_spread(&nodes);
     assert_cap_held(&sink);
+    let log = coordinator.relay.log();
+    assert!(log.contains("coordinator: node is dead"), "{log}");
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("dead node"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[test]
@@ -310,4 +355,61 @@ fn a_node_cut_from_redis_stops_accepting_while_the_others_carry_on() {
         sink.stats()
     );
     print_spread(&nodes);
+}
+
+#[test]
+fn the_coordinator_promotes_retries_and_expires_old_mail_for_the_nodes() {
+    let redis = RedisServer::start();
+    // The first DATA is refused for now, every later one accepted.
+    let sink = Sink::start(SinkOptions::default().script(serde_json::json!({"data": [451, 250]})));
+    let routes: String = ["a.test", "b.test", "sender.test"]
+        .iter()
+        .map(|d| route(d, &sink))
+        .collect();
+    let url = redis.url();
+    let launch = |command: &'static str, id: &str| {
+        let env = [
+            ("SMARTHOST__QUEUE__BACKEND", "redis"),
+            ("SMARTHOST__QUEUE__REDIS_URL", &*url),
+            ("SMARTHOST__QUEUE__RETRY_INTERVALS", "1s"),
+            ("SMARTHOST__QUEUE__MAX_LIFETIME", "10s"),
+            ("SMARTHOST__QUEUE__NODE_TIMEOUT", "3s"),
+            ("SMARTHOST__NODE__ID", id),
+        ];
+        start_as(command, tempfile::tempdir().unwrap(), "", &routes, &env)
+    };
+    let nodes = [launch("node", "node-a"), launch("node", "node-b")];
+    let out = nodes[0].relay.cli(&["queue", "suspend", "b.test"], &[]);
+    assert!(out.status.success(), "{out:?}");
+
+    // Without a coordinator nothing expires and no retry is promoted.
+    assert_eq!(submit(nodes[0].relay.smtp, "old", "user@b.test"), 250);
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(submit(nodes[1].relay.smtp, "retried", "user@a.test"), 250);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(sink.messages().is_empty(), "{:?}", sink.stats());
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n.relay.log().contains("no coordinator leads the cluster")),
+        "no node warned that nobody leads"
+    );
+
+    // The coordinator comes: the retry is promoted and delivered, the old
+    // message (suspended, past its lifetime) expires with a report, which
+    // a node delivers.
+    let coordinator = launch("coordinator", "coord");
+    let got = sink.wait_for(2, Duration::from_secs(20));
+    let retried = got
+        .iter()
+        .find(|m| m.header("Subject").as_deref() == Some("retried"))
+        .unwrap_or_else(|| panic!("the retry never came: {got:?}"));
+    assert_eq!(retried.rcpt_tos, ["user@a.test"]);
+    let report = got
+        .iter()
+        .find(|m| m.mail_from.is_empty())
+        .unwrap_or_else(|| panic!("no report: {got:?}\n{}", coordinator.relay.log()));
+    assert_eq!(report.rcpt_tos, ["app@sender.test"]);
+    assert!(report.text().contains("user@b.test"), "{}", report.text());
+    assert!(coordinator.relay.log().contains("delivery expired"));
 }

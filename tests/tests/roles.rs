@@ -144,3 +144,56 @@ fn one_coordinator_leads_and_hands_over_and_nodes_only_heartbeat() {
     wait_until("a hand-over", Duration::from_secs(15), || follower.leads());
     assert!(!node.leads(), "a node never leads:\n{}", node.log());
 }
+
+#[test]
+fn a_node_id_runs_once_and_is_free_again_after_a_clean_stop() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Process::start(dir.path(), "node", "node-1", &redis.url());
+    wait_until("node-1 in the membership", Duration::from_secs(15), || {
+        members(&redis).contains("node-1")
+    });
+
+    // A second process under the same id is refused: two would hand each
+    // other's deliveries back.
+    let second_dir = tempfile::tempdir().unwrap();
+    let mut second = Process::start(second_dir.path(), "node", "node-1", &redis.url());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "not refused:\n{}", second.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    assert!(
+        second.log().contains("is in use by a running node"),
+        "{}",
+        second.log()
+    );
+    assert!(
+        first.child.try_wait().unwrap().is_none(),
+        "the first runs on"
+    );
+
+    // Stopped cleanly, the id is free at once.
+    first.terminate();
+    let started = Instant::now();
+    let third_dir = tempfile::tempdir().unwrap();
+    let third = Process::start(third_dir.path(), "node", "node-1", &redis.url());
+    wait_until("the new node-1 ready", Duration::from_secs(15), || {
+        third.log().contains("smarthost ready")
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?}:\n{}",
+        started.elapsed(),
+        third.log()
+    );
+    assert!(
+        !third.log().contains("waiting until it is dead"),
+        "{}",
+        third.log()
+    );
+}

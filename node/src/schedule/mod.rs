@@ -161,6 +161,14 @@ pub trait Schedule: Send + Sync + 'static {
         ids: &[MessageId],
     ) -> Result<Vec<Option<Arc<MessageRecord>>>, SpoolError>;
 
+    /// Puts every in-flight delivery leased to one of `holders` (nodes
+    /// found dead) back to ready work at once, without waiting for the
+    /// leases to run out; returns how many.
+    async fn reclaim_holders(&self, _holders: &[String]) -> Result<usize, SpoolError> {
+        // In-flight work of this node lives and dies with this node.
+        Ok(0)
+    }
+
     /// Puts in-flight deliveries whose lease ran out back to ready work;
     /// returns how many. Leases are judged by the clock of the shared
     /// store, not by a node's, so this takes no time argument.

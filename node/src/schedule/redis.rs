@@ -74,7 +74,7 @@
 //! and `counts` are two (the active domains, then one pipeline over them).
 //! [`RedisSchedule::round_trips`] counts them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -104,6 +104,14 @@ pub const BODY_GRACE: Duration = Duration::from_secs(60 * 60);
 /// changed meanwhile before it gives up (the lease then runs out and the
 /// delivery is attempted again).
 const MAX_RECORD_RACES: usize = 8;
+
+/// The most messages one expiry sweep handles; the oldest go first and the
+/// next sweep goes on.
+pub const EXPIRY_BATCH: usize = 1000;
+
+/// How long an expiry sweep holds what it claimed; a sweep that dies
+/// leaves the claims to be reclaimed after this.
+const EXPIRY_CLAIM: Duration = Duration::from_secs(60);
 
 /// The keys of one domain.
 struct DomainKeys {
@@ -228,6 +236,46 @@ end
 return {renewed, orphans}
 ";
 
+/// KEYS: ready, leases, holders. ARGV: holders… Every lease of these
+/// holders (nodes found dead) goes back to the front of ready. Returns how
+/// many.
+const RECLAIM_HOLDERS: &str = r"
+local dead = {}
+for i = 1, #ARGV do dead[ARGV[i]] = true end
+local all = redis.call('HGETALL', KEYS[3])
+local n = 0
+for i = 1, #all, 2 do
+  if dead[all[i + 1]] then
+    redis.call('ZREM', KEYS[2], all[i])
+    redis.call('HDEL', KEYS[3], all[i])
+    redis.call('LPUSH', KEYS[1], all[i])
+    n = n + 1
+  end
+end
+return n
+";
+
+/// KEYS: ready, deferred, leases, holders. ARGV: holder, lease ms, ids…
+/// Leases each id that is not leased already, wherever it waits (ready,
+/// deferred, suspended or in no list at all), so that one sweep alone
+/// expires it. Returns the ids claimed.
+const CLAIM: &str = r"
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local claimed = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if not redis.call('ZSCORE', KEYS[3], id) then
+    redis.call('LREM', KEYS[1], 0, id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZADD', KEYS[3], expiry, id)
+    redis.call('HSET', KEYS[4], id, ARGV[1])
+    claimed[#claimed + 1] = id
+  end
+end
+return claimed
+";
+
 /// KEYS: ready, deferred, leases, suspended. ARGV: (id, next ms, due 1/0)…
 const INSERT: &str = r"
 for i = 1, #ARGV, 3 do
@@ -269,6 +317,8 @@ struct Scripts {
     insert: Script,
     write_record: Script,
     renew: Script,
+    reclaim_holders: Script,
+    claim: Script,
 }
 
 impl Scripts {
@@ -282,11 +332,13 @@ impl Scripts {
             insert: Script::new(INSERT),
             write_record: Script::new(WRITE_RECORD),
             renew: Script::new(RENEW),
+            reclaim_holders: Script::new(RECLAIM_HOLDERS),
+            claim: Script::new(CLAIM),
         }
     }
 
     /// The code of every script, for `SCRIPT LOAD`.
-    const CODE: [&'static str; 8] = [
+    const CODE: [&'static str; 10] = [
         TAKE,
         FILE,
         RELEASE,
@@ -295,6 +347,8 @@ impl Scripts {
         INSERT,
         WRITE_RECORD,
         RENEW,
+        RECLAIM_HOLDERS,
+        CLAIM,
     ];
 }
 
@@ -335,6 +389,8 @@ pub struct RedisSchedule {
     scripts: Scripts,
     round_trips: AtomicU64,
     held: Mutex<HashMap<(MessageId, String), Held>>,
+    /// Holds the deliveries an expiry sweep of this instance has claimed.
+    expiry_holder: String,
 }
 
 impl RedisSchedule {
@@ -347,6 +403,7 @@ impl RedisSchedule {
             scripts: Scripts::new(),
             round_trips: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
+            expiry_holder: format!("expiry/{:016x}", rand::random::<u64>()),
         };
         schedule.load_scripts().await?;
         Ok(schedule)
@@ -564,7 +621,13 @@ impl RedisSchedule {
 
     /// `expire`, with each message's reports queued through `report`
     /// before its record is written; a message whose reports cannot be
-    /// queued is left for the next sweep.
+    /// queued is put back for the next sweep.
+    ///
+    /// A sweep first claims the deliveries it expires under a lease of its
+    /// own, so two sweeps at once (two coordinators) never expire — and
+    /// report — the same delivery twice; work in flight is left to its
+    /// holder, whose completion applies the lifetime itself. At most
+    /// [`EXPIRY_BATCH`] messages per call, oldest first.
     async fn expire_with(
         &self,
         now_ms: u64,
@@ -576,119 +639,156 @@ impl RedisSchedule {
         pipe.cmd("ZRANGEBYSCORE")
             .arg(INDEX_KEY)
             .arg("-inf")
-            .arg(cutoff);
+            .arg(cutoff)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(EXPIRY_BATCH);
         let reply = self.run("expire: index", &pipe).await?;
         let ids: Vec<String> = parse("expire", reply.into_iter().next().unwrap_or(Value::Nil))?;
         let ids: Vec<MessageId> = ids.into_iter().map(MessageId).collect();
-        let mut messages = Vec::new();
+        let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (id, bytes) in ids.iter().zip(self.fetch(&ids).await?) {
             if let Some(bytes) = bytes {
-                let record = decode(id, &bytes)?;
-                messages.push((bytes, record));
+                for delivery in decode(id, &bytes)?.deliveries {
+                    by_domain
+                        .entry(delivery.domain)
+                        .or_default()
+                        .push(id.as_str().to_string());
+                }
             }
         }
-        // Work in flight is left to its holder.
-        let keys: Vec<(MessageId, String)> = messages
-            .iter()
-            .flat_map(|(_, r)| {
-                r.deliveries
-                    .iter()
-                    .map(|d| (r.id.clone(), d.domain.clone()))
-            })
-            .collect();
-        if keys.is_empty() {
+        if by_domain.is_empty() {
             return Ok(Vec::new());
         }
+        let holder = self.expiry_holder.as_str();
         let mut pipe = redis::pipe();
-        for (id, domain) in &keys {
-            pipe.cmd("ZSCORE")
-                .arg(domain_keys(domain).leases)
-                .arg(id.as_str());
+        for (domain, ids) in &by_domain {
+            let k = domain_keys(domain);
+            let mut cmd = evalsha(
+                &self.scripts.claim,
+                &[&k.ready, &k.deferred, &k.leases, &k.holders],
+            );
+            cmd.arg(holder)
+                .arg(EXPIRY_CLAIM.as_millis() as u64)
+                .arg(ids);
+            pipe.add_command(cmd);
         }
-        let leased: Vec<Option<f64>> = self
-            .run("expire: leases", &pipe)
-            .await?
-            .into_iter()
-            .map(|v| parse("expire: leases", v))
-            .collect::<Result<_, _>>()?;
-        let leased: Vec<&(MessageId, String)> = keys
-            .iter()
-            .zip(leased)
-            .filter_map(|(key, score)| score.map(|_| key))
-            .collect();
+        let mut claimed: BTreeMap<MessageId, Vec<String>> = BTreeMap::new();
+        for (domain, value) in by_domain
+            .keys()
+            .zip(self.run("expire: claim", &pipe).await?)
+        {
+            for id in parse::<Vec<String>>("expire: claim", value)? {
+                claimed
+                    .entry(MessageId(id))
+                    .or_default()
+                    .push(domain.clone());
+            }
+        }
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
 
-        // Per message: every expiry applied in turn, one record write.
-        let mut planned: Vec<(Vec<u8>, Vec<Completion>)> = Vec::new();
-        for (bytes, record) in messages {
-            let mut current = Arc::new(record);
-            let mut completions = Vec::new();
-            for domain in current
-                .deliveries
+        // Per message, the claimed deliveries fail together in one record
+        // write; a record another domain's completion changed meanwhile is
+        // read again and the expiry applied on top (reported only once).
+        let mut pending: Vec<(MessageId, Option<Vec<u8>>)> =
+            claimed.keys().map(|id| (id.clone(), None)).collect();
+        let mut reported: HashSet<MessageId> = HashSet::new();
+        let mut expired: BTreeMap<MessageId, Vec<Completion>> = BTreeMap::new();
+        let mut put_back: Vec<MessageId> = Vec::new();
+        for _ in 0..MAX_RECORD_RACES {
+            if pending.is_empty() {
+                break;
+            }
+            let missing: Vec<MessageId> = pending
                 .iter()
-                .map(|d| d.domain.clone())
-                .collect::<Vec<_>>()
-            {
-                if leased.contains(&&(current.id.clone(), domain.clone())) {
+                .filter(|(_, bytes)| bytes.is_none())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut fetched = missing.iter().cloned().zip(self.fetch(&missing).await?);
+            let mut planned = Vec::new();
+            for (id, bytes) in pending.drain(..) {
+                let bytes = match bytes {
+                    Some(bytes) => bytes,
+                    None => match fetched.find(|(f, _)| *f == id).and_then(|(_, b)| b) {
+                        Some(bytes) => bytes,
+                        None => continue, // finished meanwhile
+                    },
+                };
+                let mut current = Arc::new(decode(&id, &bytes)?);
+                let mut completions = Vec::new();
+                for domain in &claimed[&id] {
+                    if current.deliveries.iter().any(|d| &d.domain == domain) {
+                        let completion = expire_delivery(&current, domain);
+                        current = completion.record.clone();
+                        completions.push(completion);
+                    }
+                }
+                if completions.is_empty() {
                     continue;
                 }
-                let completion = expire_delivery(&current, &domain);
-                current = completion.record.clone();
-                completions.push(completion);
+                if let Some(report) = report {
+                    if reported.insert(id.clone()) {
+                        if let Err(error) = report(completions.clone()).await {
+                            tracing::warn!(message_id = %id, %error,
+                                "cannot queue the report of an expired message; it stays for the next sweep");
+                            put_back.push(id);
+                            continue;
+                        }
+                    }
+                }
+                planned.push((id, bytes, completions));
             }
-            if !completions.is_empty() {
-                planned.push((bytes, completions));
+            if planned.is_empty() {
+                break;
             }
-        }
-        if let Some(report) = report {
-            let mut kept = Vec::with_capacity(planned.len());
-            for (bytes, completions) in planned {
-                match report(completions.clone()).await {
-                    Ok(()) => kept.push((bytes, completions)),
-                    Err(error) => tracing::warn!(message_id = %completions[0].record.id, %error,
-                        "cannot queue the report of an expired message; it stays for the next sweep"),
+            let mut pipe = redis::pipe();
+            for (id, bytes, completions) in &planned {
+                let last = completions.last().expect("not empty");
+                let new = (!last.message_done()).then(|| envelope::encode(&*last.record));
+                pipe.add_command(self.write_record_cmd(id, bytes, new.as_deref()));
+            }
+            let writes = self.run("expire: records", &pipe).await?;
+            for ((id, _, completions), write) in planned.into_iter().zip(writes) {
+                match Self::parse_record_write(write)? {
+                    RecordWrite::Written => {
+                        expired.insert(id, completions);
+                    }
+                    RecordWrite::Gone => {}
+                    RecordWrite::Changed(current) => pending.push((id, Some(current))),
                 }
             }
-            planned = kept;
         }
-        if planned.is_empty() {
-            return Ok(Vec::new());
-        }
+        // Still racing: given back, like those whose report failed.
+        put_back.extend(pending.into_iter().map(|(id, _)| id));
+
+        // The claims go: expired deliveries are dropped, the rest are due
+        // again (the next sweep or an attempt fails them).
         let mut pipe = redis::pipe();
-        for (bytes, completions) in &planned {
-            let last = completions.last().expect("not empty");
-            let new = (!last.message_done()).then(|| envelope::encode(&*last.record));
-            pipe.add_command(self.write_record_cmd(&last.record.id, bytes, new.as_deref()));
-        }
-        let writes = self.run("expire: records", &pipe).await?;
-        let mut pipe = redis::pipe();
-        let mut expired = Vec::new();
-        for ((_, completions), write) in planned.into_iter().zip(writes) {
-            // A record changed meanwhile is left for the next sweep.
-            if !matches!(Self::parse_record_write(write)?, RecordWrite::Written) {
-                continue;
+        for (id, domains) in &claimed {
+            for domain in domains {
+                if put_back.contains(id) {
+                    let k = domain_keys(domain);
+                    let mut cmd =
+                        evalsha(&self.scripts.release, &[&k.ready, &k.leases, &k.holders]);
+                    cmd.arg(id.as_str()).arg(holder);
+                    pipe.add_command(cmd).ignore();
+                } else {
+                    pipe.add_command(self.file_cmd(id, domain, holder, None))
+                        .ignore();
+                }
             }
-            for completion in &completions {
-                pipe.add_command(self.file_cmd(
-                    &completion.record.id,
-                    &completion.domain,
-                    "",
-                    None,
-                ))
-                .ignore();
+            if expired
+                .get(id)
+                .and_then(|c| c.last())
+                .is_some_and(Completion::message_done)
+            {
+                pipe.cmd("ZREM").arg(INDEX_KEY).arg(id.as_str()).ignore();
             }
-            let last = completions.last().expect("not empty");
-            if last.message_done() {
-                pipe.cmd("ZREM")
-                    .arg(INDEX_KEY)
-                    .arg(last.record.id.as_str())
-                    .ignore();
-            }
-            expired.extend(completions);
         }
-        if !expired.is_empty() {
-            self.run("expire: domains", &pipe).await?;
-        }
-        Ok(expired)
+        self.run("expire: domains", &pipe).await?;
+        Ok(expired.into_values().flatten().collect())
     }
 }
 
@@ -1068,6 +1168,34 @@ impl Schedule for RedisSchedule {
             .collect()
     }
 
+    async fn reclaim_holders(&self, holders: &[String]) -> Result<usize, SpoolError> {
+        if holders.is_empty() {
+            return Ok(0);
+        }
+        let domains = self.active().await?;
+        let replies = self
+            .per_domain("reclaim dead nodes", &domains, |domain| {
+                let k = domain_keys(domain);
+                let mut cmd = evalsha(
+                    &self.scripts.reclaim_holders,
+                    &[&k.ready, &k.leases, &k.holders],
+                );
+                cmd.arg(holders);
+                cmd
+            })
+            .await?;
+        let mut reclaimed = 0;
+        for (domain, reply) in domains.iter().zip(replies) {
+            let n: i64 = parse("reclaim dead nodes", reply)?;
+            if n > 0 {
+                tracing::info!(%domain, deliveries = n, holders = %holders.join(","),
+                    "reclaimed the deliveries of dead nodes");
+            }
+            reclaimed += n as usize;
+        }
+        Ok(reclaimed)
+    }
+
     async fn reclaim_expired_leases(&self) -> Result<usize, SpoolError> {
         let domains = self.active().await?;
         let replies = self
@@ -1167,6 +1295,102 @@ mod tests {
         assert_eq!(all.len(), from_a.len() + from_b.len(), "no delivery twice");
         assert_eq!(all.len(), 200);
         assert_eq!(a.counts().await.unwrap().in_flight, 200);
+    }
+
+    #[tokio::test]
+    async fn a_dead_nodes_leases_are_reclaimed_at_once_and_only_its() {
+        let server = RedisServer::start();
+        let (spool, a) = node(&server).await;
+        let (_, b) = node(&server).await;
+        queue(&spool, &a, 0..30).await; // 20 deliveries to example.org
+        let long = Duration::from_secs(600);
+        assert_eq!(
+            a.take("example.org", 5, "node-a", long)
+                .await
+                .unwrap()
+                .len(),
+            5
+        );
+        assert_eq!(
+            b.take("example.org", 3, "node-b", long)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(b.reclaim_holders(&[]).await.unwrap(), 0);
+        assert_eq!(b.reclaim_holders(&["node-c".into()]).await.unwrap(), 0);
+        assert_eq!(b.reclaim_holders(&["node-a".into()]).await.unwrap(), 5);
+        assert_eq!(
+            b.counts().await.unwrap().in_flight,
+            3,
+            "node-b keeps its own"
+        );
+        let again = b.take("example.org", 20, "node-b", long).await.unwrap();
+        assert_eq!(again.len(), 12 + 5, "the dead node's five are due again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_expiry_sweeps_at_once_report_each_delivery_once() {
+        let server = RedisServer::start();
+        let (spool, a) = node(&server).await;
+        let (_, b) = node(&server).await;
+        // 60 messages, 120 deliveries over three domains; one suspended,
+        // some in deferred, the rest ready.
+        queue(&spool, &a, 0..60).await;
+        a.suspend("example.com").await.unwrap();
+        let taken = a
+            .take("example.org", 10, "node-a", Duration::from_secs(600))
+            .await
+            .unwrap();
+        for (record, _) in &taken {
+            let deferred = outcome(&[(0, RcptResult::Deferred), (1, RcptResult::Deferred)]);
+            a.complete(
+                &record.id,
+                "example.org",
+                &deferred,
+                record.received_ms,
+                &policy(),
+                0.0,
+            )
+            .await
+            .unwrap();
+        }
+        let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
+        let hook = |reports: Arc<Mutex<Vec<(MessageId, String)>>>| -> ReportHook {
+            Arc::new(move |completions: Vec<Completion>| {
+                let reports = reports.clone();
+                Box::pin(async move {
+                    let mut reports = reports.lock().unwrap();
+                    for c in completions {
+                        reports.push((c.record.id.clone(), c.domain.clone()));
+                    }
+                    Ok(())
+                })
+            })
+        };
+        let late = u64::MAX / 2;
+        let sweep = |s: Arc<RedisSchedule>| {
+            let hook = hook(reports.clone());
+            tokio::spawn(async move { s.expire_reporting(late, &policy(), hook).await.unwrap() })
+        };
+        let (one, two) = (sweep(a.clone()), sweep(b.clone()));
+        let (one, two) = (one.await.unwrap(), two.await.unwrap());
+        let reported = reports.lock().unwrap().clone();
+        let unique: HashSet<_> = reported.iter().cloned().collect();
+        assert_eq!(unique.len(), reported.len(), "a delivery reported twice");
+        assert_eq!(reported.len(), 120);
+        assert_eq!(one.len() + two.len(), 120);
+        assert!(
+            spool.list().await.unwrap().is_empty(),
+            "every message expired"
+        );
+        let counts = a.counts().await.unwrap();
+        assert_eq!(
+            (counts.ready, counts.deferred, counts.in_flight),
+            (0, 0, 0),
+            "{counts:?}"
+        );
     }
 
     #[tokio::test]
