@@ -42,7 +42,7 @@ use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::DomainReady;
 use crate::schedule::{MemorySchedule, ReportHook, Schedule};
 use crate::scheduler::{Completion, RetryPolicy};
-use crate::spool::{Change, NewMessage, Spool, SpoolError};
+use crate::spool::{Change, ListCursor, NewMessage, Spool, SpoolError};
 
 /// Stores a new message; answers once it is durable.
 #[derive(Message)]
@@ -225,6 +225,9 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
 /// The longest between two renewals of this node's leases.
 const LEASE_CHECK: Duration = Duration::from_secs(5);
 
+/// Messages a rescan lists per step (one step per leader tick).
+const RESCAN_PAGE: usize = 2000;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -274,7 +277,11 @@ pub struct Queue {
     /// The leader's jobs are running.
     leading_busy: bool,
     last_sweep: Option<Instant>,
+    /// When the last rescan finished.
     last_rescan: Option<Instant>,
+    /// Where the rescan under way goes on.
+    rescan_cursor: Option<ListCursor>,
+    rescanning: bool,
     writer: RecordWriter,
     settings: DeliverySettings,
     dispatcher: Option<Recipient<DomainReady>>,
@@ -299,6 +306,8 @@ impl Queue {
             leading_busy: false,
             last_sweep: None,
             last_rescan: None,
+            rescan_cursor: None,
+            rescanning: false,
             writer: RecordWriter::default(),
             settings: DeliverySettings::default(),
             dispatcher: None,
@@ -433,17 +442,40 @@ impl Queue {
         });
     }
 
-    /// Schedules every stored message again (see [`Queue::with_rescan`]).
+    /// Schedules the next page of stored messages again (see
+    /// [`Queue::with_rescan`]); a rescan is one page per call, from the
+    /// oldest message to the newest, so a large queue is never listed at
+    /// once. A failed page is tried again on the next call.
     fn rescan(&mut self, ctx: &mut Context<Self>) {
+        if self.rescanning {
+            return;
+        }
+        self.rescanning = true;
         let spool = self.spool.clone();
         let schedule = self.schedule.clone();
+        let after = self.rescan_cursor.clone();
         let work = async move {
-            let records = spool.list().await?;
-            schedule.insert(records, now_ms()).await
+            let (records, next) = spool.list_page(after.as_ref(), RESCAN_PAGE).await?;
+            let domains = schedule.insert(records, now_ms()).await?;
+            Ok::<_, SpoolError>((domains, next))
         };
-        ctx.spawn(work.into_actor(self).map(|result, queue, _| match result {
-            Ok(domains) => queue.announce(domains),
-            Err(error) => tracing::warn!(%error, "cannot check the spool for unscheduled messages"),
+        ctx.spawn(work.into_actor(self).map(|result, queue, ctx| {
+            queue.rescanning = false;
+            match result {
+                Ok((domains, next)) => {
+                    queue.announce(domains);
+                    queue.rescan_cursor = next;
+                    if queue.rescan_cursor.is_none() {
+                        queue.last_rescan = Some(Instant::now());
+                    } else if !queue.led {
+                        // On its own timer, a rescan runs to the end.
+                        queue.rescan(ctx);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot check the spool for unscheduled messages")
+                }
+            }
         }));
     }
 
@@ -826,8 +858,8 @@ impl Handler<LeaderTick> for Queue {
                 queue.sweep_expired(ctx);
             }
             if let Some(every) = queue.rescan {
-                if due(queue.last_rescan, every) {
-                    queue.last_rescan = Some(Instant::now());
+                // A rescan under way goes on by one page per tick.
+                if queue.rescan_cursor.is_some() || due(queue.last_rescan, every) {
                     queue.rescan(ctx);
                 }
             }
@@ -1282,5 +1314,87 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never removed");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod leader_tests {
+    use std::time::{Duration, Instant};
+
+    use smarthost_testkit::redis::RedisServer;
+
+    use super::*;
+    use crate::schedule::RedisSchedule;
+    use crate::spool::suite::message;
+    use crate::spool::RedisSpool;
+
+    fn tick(valid_for: Duration) -> LeaderTick {
+        LeaderTick {
+            token: 1,
+            valid_until: Instant::now() + valid_for,
+            dead: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 10 s) until the schedule holds `ready` due deliveries.
+    async fn until_ready(schedule: &RedisSchedule, ready: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts = schedule.counts().await.unwrap();
+            if counts.ready == ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{counts:?}, want {ready} ready");
+            actix::clock::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[actix::test]
+    async fn only_a_leader_tick_rescans_and_one_page_at_a_time() {
+        let server = RedisServer::start();
+        let spool = Arc::new(RedisSpool::open(&server.url()).await.unwrap());
+        let schedule = Arc::new(RedisSchedule::new(&spool).await.unwrap());
+        // Stored but in no schedule key, as after a node stopped between the
+        // two writes: 4500 messages, two deliveries each.
+        let numbers: Vec<u64> = (0..4500).collect();
+        for chunk in numbers.chunks(500) {
+            let batch = chunk.iter().map(|&n| message(n, 10)).collect();
+            spool.store(batch).await.unwrap();
+        }
+        // The test messages are from 2023: no expiry here.
+        let mut settings = DeliverySettings::default();
+        settings.retry.max_lifetime = Duration::from_secs(100 * 365 * 86400);
+        let queue = Queue::new(spool.clone())
+            .with_settings(settings)
+            .with_schedule(schedule.clone(), "node-a", Duration::from_secs(60))
+            .with_rescan(Duration::from_secs(3600))
+            .led_by_coordinator()
+            .start();
+
+        // No leader, or a lapsed lease: nothing happens.
+        queue.send(tick(Duration::ZERO)).await.unwrap();
+        actix::clock::sleep(Duration::from_millis(700)).await;
+        assert_eq!(schedule.counts().await.unwrap().ready, 0);
+
+        // One page of 2000 messages per tick, until the end.
+        for (ticks, ready) in [(1, 4000), (2, 8000), (3, 9000)] {
+            queue.send(tick(Duration::from_secs(30))).await.unwrap();
+            until_ready(&schedule, ready).await;
+            actix::clock::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                schedule.counts().await.unwrap().ready,
+                ready,
+                "after {ticks} ticks"
+            );
+        }
+        // Done: the next rescan waits for the interval.
+        let before = schedule.round_trips();
+        queue.send(tick(Duration::from_secs(30))).await.unwrap();
+        actix::clock::sleep(Duration::from_millis(300)).await;
+        assert_eq!(schedule.counts().await.unwrap().ready, 9000);
+        assert!(
+            schedule.round_trips() > before,
+            "the tick still reclaims and promotes"
+        );
     }
 }

@@ -52,6 +52,24 @@ impl Change {
     }
 }
 
+/// Where a paged listing ([`Spool::list_page`]) goes on: messages are
+/// listed in (receive time, id) order, and the next page starts after this
+/// one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListCursor {
+    pub received_ms: u64,
+    pub id: MessageId,
+}
+
+impl ListCursor {
+    pub fn of(record: &MessageRecord) -> ListCursor {
+        ListCursor {
+            received_ms: record.received_ms,
+            id: record.id.clone(),
+        }
+    }
+}
+
 #[async_trait]
 pub trait Spool: Send + Sync + 'static {
     /// Stores a batch of new messages and returns once all of them are
@@ -67,6 +85,26 @@ pub trait Spool: Send + Sync + 'static {
 
     /// Every stored message's current record, oldest first.
     async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError>;
+
+    /// Up to `limit` messages after `after` (from the oldest when `None`)
+    /// in (receive time, id) order, and the cursor of the next page
+    /// (`None`: this was the last). A message stored or removed meanwhile
+    /// may or may not be listed; nothing older than the cursor is listed
+    /// again. This default lists everything and slices it.
+    async fn list_page(
+        &self,
+        after: Option<&ListCursor>,
+        limit: usize,
+    ) -> Result<(Vec<MessageRecord>, Option<ListCursor>), SpoolError> {
+        let mut records = self.list().await?;
+        records.sort_by_key(ListCursor::of);
+        let page: Vec<MessageRecord> = records
+            .into_iter()
+            .filter(|r| after.is_none_or(|a| ListCursor::of(r) > *a))
+            .take(limit.saturating_add(1))
+            .collect();
+        Ok(page_of(page, limit))
+    }
 
     /// The body of a stored message.
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError>;
@@ -87,4 +125,18 @@ pub trait Spool: Send + Sync + 'static {
         }
         failed
     }
+}
+
+/// Splits up to `limit + 1` listed records into a page of `limit` and the
+/// cursor of the next page, if there is one.
+pub(crate) fn page_of(
+    mut records: Vec<MessageRecord>,
+    limit: usize,
+) -> (Vec<MessageRecord>, Option<ListCursor>) {
+    if records.len() <= limit {
+        return (records, None);
+    }
+    records.truncate(limit);
+    let next = records.last().map(ListCursor::of);
+    (records, next)
 }

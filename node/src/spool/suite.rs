@@ -225,4 +225,41 @@ where
         .await
         .expect("store after reopen");
     spool.remove(&id(4000)).await.expect("remove after reopen");
+
+    // Paged listing: every message once, in list order, for any page size,
+    // also where a page boundary falls between messages received in the
+    // same millisecond.
+    let same_ms: Vec<NewMessage> = (5000..5006)
+        .map(|n| {
+            let mut m = message(n, 10);
+            m.record.received_ms = BASE_MS + 5000;
+            m
+        })
+        .collect();
+    spool.store(same_ms).await.expect("store same-ms messages");
+    let all = spool.list().await.unwrap();
+    assert_eq!(all.len(), 149 + 50 + 200 + 6);
+    for limit in [1, 4, 7, 1000] {
+        let mut paged = Vec::new();
+        let mut cursor = None;
+        for _ in 0..=all.len() {
+            let (page, next) = spool
+                .list_page(cursor.as_ref(), limit)
+                .await
+                .expect("list a page");
+            assert!(page.len() <= limit);
+            paged.extend(page);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(paged, all, "pages of {limit}");
+    }
+    for n in 5000..5006 {
+        spool
+            .remove(&id(n))
+            .await
+            .expect("remove a same-ms message");
+    }
 }
