@@ -91,7 +91,7 @@ use redis::{Cmd, FromRedisValue, Pipeline, Value};
 use serde::{Deserialize, Serialize};
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{NewMessage, Spool, SpoolError};
+use super::{ListCursor, NewMessage, Spool, SpoolError};
 
 /// The sorted set of all stored messages by receive time.
 pub const INDEX_KEY: &str = "smarthost:{index}:messages";
@@ -528,6 +528,71 @@ impl Spool for RedisSpool {
         Ok(records)
     }
 
+    /// Reads the index from the cursor's receive time on (`ZRANGE …
+    /// BYSCORE LIMIT`), skipping the entries of that millisecond up to the
+    /// cursor's id, then the records of the page in one pipeline: two round
+    /// trips for a page, whatever the size of the queue. The next cursor is
+    /// taken from the index, so a page of entries whose records are gone
+    /// does not end the listing early.
+    async fn list_page(
+        &self,
+        after: Option<&ListCursor>,
+        limit: usize,
+    ) -> Result<(Vec<MessageRecord>, Option<ListCursor>), SpoolError> {
+        let want = limit.saturating_add(1);
+        let min = after.map_or("-inf".to_string(), |a| a.received_ms.to_string());
+        let mut entries: Vec<ListCursor> = Vec::with_capacity(want);
+        let mut offset = 0;
+        loop {
+            let raw: Vec<(String, f64)> = self
+                .query_cmd(
+                    "list page",
+                    redis::cmd("ZRANGE")
+                        .arg(INDEX_KEY)
+                        .arg(&min)
+                        .arg("+inf")
+                        .arg("BYSCORE")
+                        .arg("LIMIT")
+                        .arg(offset)
+                        .arg(want)
+                        .arg("WITHSCORES"),
+                )
+                .await?;
+            let full = raw.len() == want;
+            entries.extend(
+                raw.into_iter()
+                    .map(|(id, score)| ListCursor {
+                        received_ms: score as u64,
+                        id: MessageId(id),
+                    })
+                    .filter(|entry| after.is_none_or(|a| entry > a)),
+            );
+            // Only entries of the cursor's millisecond are skipped, and they
+            // come first: past them every entry counts.
+            if entries.len() >= want || !full {
+                break;
+            }
+            offset += want;
+        }
+        let next = (entries.len() > limit).then(|| entries[limit - 1].clone());
+        entries.truncate(limit);
+        if entries.is_empty() {
+            return Ok((Vec::new(), next));
+        }
+        let mut pipe = redis::pipe();
+        for entry in &entries {
+            pipe.cmd("GET").arg(record_key(&entry.id));
+        }
+        let values: Vec<Option<Vec<u8>>> = self.query_pipe("list page", &pipe).await?;
+        let mut records = Vec::with_capacity(entries.len());
+        for (entry, value) in entries.iter().zip(values) {
+            if let Some(bytes) = value {
+                records.push(decode_record(&entry.id, &bytes)?);
+            }
+        }
+        Ok((records, next))
+    }
+
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
         let value: Option<Vec<u8>> = self
             .query_cmd("read_body", redis::cmd("GET").arg(body_key(id)))
@@ -673,6 +738,10 @@ mod tests {
         assert_eq!(trips(), 1, "a store of 100 messages");
         assert_eq!(spool.list().await.unwrap().len(), 100);
         assert_eq!(trips(), 2, "list");
+        let (page, next) = spool.list_page(None, 40).await.unwrap();
+        assert_eq!((page.len(), trips()), (40, 2), "a page");
+        let (page, last) = spool.list_page(next.as_ref(), 80).await.unwrap();
+        assert_eq!((page.len(), trips(), last), (60, 2, None), "the last page");
         spool.read_body(&id(5)).await.unwrap();
         assert_eq!(trips(), 1, "read_body");
         let mut record = message(5, 2048).record;
