@@ -409,7 +409,8 @@ impl Queue {
     /// them, first takes back work whose lease ran out and promotes due
     /// retries.
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if self.ticking {
+        if self.ticking || (self.led && self.dispatcher.is_none()) {
+            // Nothing to announce to (`smarthost coordinator`).
             return;
         }
         self.ticking = true;
