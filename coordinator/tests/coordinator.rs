@@ -23,6 +23,7 @@ fn start(server: &RedisServer, node: &str) -> Addr<Coordinator> {
         &server.url(),
         RedisOptions {
             response_timeout: Duration::from_millis(300),
+            ..RedisOptions::default()
         },
     )
     .unwrap();
