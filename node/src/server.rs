@@ -63,6 +63,7 @@ fn start_coordinator(config: &Config, lead: bool) -> Result<Addr<Coordinator>, B
         &config.queue.redis_url,
         coordinator::redis::RedisOptions {
             response_timeout: config.queue.redis_response_timeout,
+            cluster: config.queue.redis_cluster,
         },
     )
     .map_err(|e| format!("queue.redis_url: {e}"))?;
@@ -118,6 +119,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
                 url,
                 RedisSpoolOptions {
                     response_timeout: timeout,
+                    cluster: config.queue.redis_cluster,
                 },
             )
             .await
@@ -133,6 +135,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
                     response_timeout: timeout,
                     lease_ttl: config.delivery.connection_lease,
                     renew_every: config.delivery.connection_lease / 3,
+                    cluster: config.queue.redis_cluster,
                 },
             )
             .await

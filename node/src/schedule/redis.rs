@@ -80,8 +80,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
+use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
 use super::{dedup, Job, ReportHook, Schedule};
@@ -330,7 +330,7 @@ enum RecordWrite {
 
 /// The Redis implementation of [`Schedule`].
 pub struct RedisSchedule {
-    conn: ConnectionManager,
+    conn: Connection,
     timeout: Duration,
     scripts: Scripts,
     round_trips: AtomicU64,
@@ -719,7 +719,8 @@ impl Schedule for RedisSchedule {
         }
         let mut pipe = redis::pipe();
         // The domain is listed before it gets work, so that no work is in
-        // a domain nobody looks at.
+        // a domain nobody looks at. On Redis Cluster the list is in another
+        // slot than the domains, so it is its own request first.
         pipe.cmd("SADD")
             .arg(ACTIVE_KEY)
             .arg(
@@ -729,6 +730,10 @@ impl Schedule for RedisSchedule {
                     .collect::<Vec<_>>(),
             )
             .ignore();
+        if self.conn.is_cluster() {
+            self.run("insert: domains", &pipe).await?;
+            pipe = redis::pipe();
+        }
         for (domain, entries) in &by_domain {
             let k = domain_keys(domain);
             let mut cmd = evalsha(
