@@ -38,7 +38,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{
     MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr,
 };
-use redis::{Arg, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, ScriptInvocation, Value};
+use redis::{
+    Arg, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, ScriptInvocation, Value,
+};
 
 use crate::CoordError;
 
@@ -156,7 +158,11 @@ impl Connection {
     /// Connects now: fails if Redis (one server, or the cluster's slot map
     /// from a seed) cannot be reached within `timeout`. The error names
     /// the server without its password.
-    pub async fn connect(url: &str, cluster: bool, timeout: Duration) -> Result<Connection, String> {
+    pub async fn connect(
+        url: &str,
+        cluster: bool,
+        timeout: Duration,
+    ) -> Result<Connection, String> {
         let shown = redact(url);
         let seeds = seeds(url, cluster)?;
         let connecting = async {
@@ -386,7 +392,9 @@ fn split_pipeline(
     async move {
         let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
         let places: Vec<Place> = commands.iter().map(|c| place(c)).collect();
-        let parts = match plan(&places).map_err(|e| RedisError::from((ErrorKind::Client, "pipeline", e)))? {
+        let parts = match plan(&places)
+            .map_err(|e| RedisError::from((ErrorKind::Client, "pipeline", e)))?
+        {
             Plan::Whole => {
                 let mut conn = conn;
                 return conn.req_packed_commands(pipeline, 0, commands.len()).await;
@@ -431,7 +439,10 @@ fn split_pipeline(
                 ordered[i] = Some(value);
             }
         }
-        Ok(ordered.into_iter().map(|v| v.unwrap_or(Value::Nil)).collect())
+        Ok(ordered
+            .into_iter()
+            .map(|v| v.unwrap_or(Value::Nil))
+            .collect())
     }
     .boxed()
 }
@@ -591,7 +602,10 @@ mod tests {
         assert!(seeds("", true).is_err());
         assert!(seeds(" , ", true).is_err());
         let err = seeds("http://user:secret@a:7000", true).unwrap_err();
-        assert!(err.contains("not a redis:// URL") && !err.contains("secret"), "{err}");
+        assert!(
+            err.contains("not a redis:// URL") && !err.contains("secret"),
+            "{err}"
+        );
         assert!(seeds("redis://a:notaport", true).is_err());
     }
 

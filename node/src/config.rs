@@ -710,7 +710,8 @@ impl Config {
             errors.add("queue.redis_response_timeout", "must be longer than 0s");
         }
         if queue.backend == QueueBackend::Redis {
-            if let Err(e) = smarthost_coordinator::redis::seeds(&queue.redis_url, queue.redis_cluster)
+            if let Err(e) =
+                smarthost_coordinator::redis::seeds(&queue.redis_url, queue.redis_cluster)
             {
                 errors.add("queue.redis_url", e);
             }
@@ -1342,8 +1343,7 @@ mod tests {
         .unwrap();
         assert!(config.queue.redis_cluster);
         assert_eq!(
-            config.queue.redis_url,
-            "redis://:secret@a:7000,redis://:secret@b:7001",
+            config.queue.redis_url, "redis://:secret@a:7000,redis://:secret@b:7001",
             "a seed list is one string, not a list key"
         );
         config.validate().unwrap();

@@ -11,7 +11,7 @@ use smarthost_testkit::redis::{command, RedisCluster};
 
 use crate::delivery::RcptResult;
 use crate::limits::{suite as limits_suite, DomainLimits, RedisLimits, RedisLimitsOptions};
-use crate::schedule::redis::{ACTIVE_KEY, RedisSchedule};
+use crate::schedule::redis::{RedisSchedule, ACTIVE_KEY};
 use crate::schedule::suite::{self as schedule_suite, outcome, policy, Fixture};
 use crate::schedule::Schedule;
 use crate::spool::redis::{body_key, record_key, INDEX_KEY};
@@ -87,7 +87,10 @@ async fn a_stored_batch_is_spread_over_the_primaries_and_each_message_stays_in_o
     assert_eq!(count.as_deref(), Some(":100"));
     assert_eq!(spool.list().await.unwrap().len(), 100);
     for n in [0, 42, 99] {
-        assert_eq!(spool.read_body(&id(n)).await.unwrap(), message(n, 2048).body);
+        assert_eq!(
+            spool.read_body(&id(n)).await.unwrap(),
+            message(n, 2048).body
+        );
     }
 }
 
@@ -104,7 +107,11 @@ async fn round_trips_on_a_cluster() {
     };
     let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
     spool.store(batch).await.unwrap();
-    assert_eq!(trips(), 2, "a store of 100: the index, then every message at once");
+    assert_eq!(
+        trips(),
+        2,
+        "a store of 100: the index, then every message at once"
+    );
     assert_eq!(spool.list().await.unwrap().len(), 100);
     assert_eq!(trips(), 2, "list: the index, then every record at once");
     spool.read_body(&id(5)).await.unwrap();
@@ -124,7 +131,10 @@ async fn round_trips_on_a_cluster() {
 #[tokio::test]
 async fn every_primary_is_asked_about_durability() {
     let cluster = RedisCluster::start();
-    assert_eq!(open(&cluster).await.durability(), Durability::AofFsyncAlways);
+    assert_eq!(
+        open(&cluster).await.durability(),
+        Durability::AofFsyncAlways
+    );
     // One primary of three fsyncs only every second: a write that lands
     // there is only in memory, so the spool says so.
     let weak = cluster.ports()[2];
@@ -204,7 +214,11 @@ async fn schedule_round_trips_on_a_cluster() {
     let records = batch.iter().map(|m| m.record.clone()).collect();
     spool.store(batch).await.unwrap();
     s.insert(records, u64::MAX / 2).await.unwrap();
-    assert_eq!(trips(), 2, "insert: the active domains first, then the domains");
+    assert_eq!(
+        trips(),
+        2,
+        "insert: the active domains first, then the domains"
+    );
     let jobs = s
         .take("example.org", 20, "node-a", Duration::from_secs(60))
         .await
@@ -233,7 +247,11 @@ async fn schedule_round_trips_on_a_cluster() {
         .unwrap()
         .unwrap();
     assert!(done.message_done());
-    assert_eq!(trips(), 2, "complete: the record, then the domain and the index");
+    assert_eq!(
+        trips(),
+        2,
+        "complete: the record, then the domain and the index"
+    );
     s.promote(t0).await.unwrap();
     assert_eq!(trips(), 2, "promote");
     s.reclaim_expired_leases().await.unwrap();

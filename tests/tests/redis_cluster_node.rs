@@ -41,7 +41,12 @@ fn submit(addr: SocketAddr, subject: &str, to: &str, node: &Setup) {
     c.expect("EHLO app.example", 250);
     let text = message(to, subject, "Hello.\r\n");
     let reply = c.send_message("app@sender.test", &[to], &dot_stuff(&text));
-    assert_eq!(reply.code, 250, "{subject}: {reply:?}\n{}", node.relay.log());
+    assert_eq!(
+        reply.code,
+        250,
+        "{subject}: {reply:?}\n{}",
+        node.relay.log()
+    );
     queued_id(&reply);
     let _ = c.cmd("QUIT");
 }

@@ -72,7 +72,11 @@
 //! entry); `insert`, `has_ready`, `release`, `suspend`, `resume` and
 //! `records` are one; `promote`, `reclaim_expired_leases`, `ready_domains`
 //! and `counts` are two (the active domains, then one pipeline over them).
-//! [`RedisSchedule::round_trips`] counts them.
+//! [`RedisSchedule::round_trips`] counts them. On Redis Cluster a pipeline
+//! over several slots is split by the connection into requests sent at
+//! once (still one round trip, see [`smarthost_coordinator::redis`]), so
+//! its commands are not ordered across slots; `insert` therefore writes
+//! the active-domains set as its own request first (two round trips).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -99,8 +99,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use redis::{Cmd, FromRedisValue, Pipeline, Value};
-use smarthost_coordinator::redis::Connection;
 use serde::{Deserialize, Serialize};
+use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
 use super::{NewMessage, Spool, SpoolError};
@@ -336,7 +336,10 @@ impl RedisSpool {
     async fn probe_durability(&self, shown: &str) -> Result<Durability, SpoolError> {
         // Every primary must have WAITAOF for the spool to rely on it.
         let has_waitaof = self
-            .on_every_primary("COMMAND INFO", redis::cmd("COMMAND").arg("INFO").arg("WAITAOF"))
+            .on_every_primary(
+                "COMMAND INFO",
+                redis::cmd("COMMAND").arg("INFO").arg("WAITAOF"),
+            )
             .await
             .ok()
             .filter(|replies| !replies.is_empty())
@@ -437,7 +440,11 @@ impl RedisSpool {
 
     /// Sends `pipes` all at once (on a cluster, each to its slot's
     /// primary) and waits for every reply: one round trip.
-    async fn query_pipes(&self, what: &str, pipes: &[Pipeline]) -> Result<Vec<Vec<Value>>, SpoolError> {
+    async fn query_pipes(
+        &self,
+        what: &str,
+        pipes: &[Pipeline],
+    ) -> Result<Vec<Vec<Value>>, SpoolError> {
         let requests = pipes.iter().map(|pipe| {
             let mut conn = self.conn.clone();
             async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
