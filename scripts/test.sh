@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every smarthost test. On a fresh Debian machine it first installs the
 # real peers the tests talk to (swaks, python3, aiosmtpd for the SMTP sink,
-# dnsmasq for the MX tests, redis-server for the Redis spool) if they are
-# missing; a dependency that cannot be
+# dnsmasq for the MX tests, redis-server for the Redis spool, redis-tools
+# for redis-cli, which makes the Redis Cluster of the cluster tests) if they
+# are missing; a dependency that cannot be
 # installed stops the run with a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || missing+=(python3-aiosmtpd)
 command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 if ((${#missing[@]})); then
   echo "installing test dependencies: ${missing[*]}"
   # The dnsmasq and redis-server packages ship system services that would
@@ -54,7 +56,7 @@ if ((${#missing[@]})); then
     done
   fi
 fi
-for tool in swaks python3 dnsmasq redis-server; do
+for tool in swaks python3 dnsmasq redis-server redis-cli; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required by the tests" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || {

@@ -25,6 +25,7 @@ fn start(server: &RedisServer, node: &str) -> Addr<Coordinator> {
         &server.url(),
         RedisOptions {
             response_timeout: Duration::from_millis(300),
+            ..RedisOptions::default()
         },
     )
     .unwrap();
@@ -129,6 +130,7 @@ fn start_with_jobs(
         &server.url(),
         RedisOptions {
             response_timeout: Duration::from_millis(300),
+            ..RedisOptions::default()
         },
     )
     .unwrap();
@@ -152,6 +154,7 @@ async fn only_the_leader_runs_the_jobs_and_hears_of_stopped_nodes() {
             &server.url(),
             RedisOptions {
                 response_timeout: Duration::from_millis(300),
+                ..RedisOptions::default()
             },
         )
         .unwrap();

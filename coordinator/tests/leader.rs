@@ -10,6 +10,7 @@ use smarthost_testkit::redis::RedisServer;
 async fn connect(server: &RedisServer) -> Redis {
     let options = RedisOptions {
         response_timeout: Duration::from_millis(500),
+        ..RedisOptions::default()
     };
     Redis::connect(&server.url(), options).await.unwrap()
 }

@@ -89,7 +89,11 @@ pub enum QueueBackend {
 pub struct QueueConfig {
     pub backend: QueueBackend,
     pub path: PathBuf,
+    /// The Redis server, or with `redis_cluster` one or more
+    /// comma-separated seed nodes of a Redis Cluster.
     pub redis_url: String,
+    /// `redis_url` names seed nodes of a Redis Cluster.
+    pub redis_cluster: bool,
     /// The longest wait for Redis to answer one operation (reconnecting
     /// included) before the spool reports it unavailable.
     #[serde(with = "human::duration")]
@@ -305,6 +309,7 @@ impl Default for QueueConfig {
             backend: QueueBackend::Local,
             path: PathBuf::from("./spool"),
             redis_url: "redis://127.0.0.1:6379".to_string(),
+            redis_cluster: false,
             redis_response_timeout: Duration::from_secs(5),
             lease: Duration::from_secs(15 * 60),
             rescan_interval: Duration::from_secs(60),
@@ -712,6 +717,13 @@ impl Config {
         }
         if queue.redis_response_timeout.is_zero() {
             errors.add("queue.redis_response_timeout", "must be longer than 0s");
+        }
+        if queue.backend == QueueBackend::Redis {
+            if let Err(e) =
+                smarthost_coordinator::redis::seeds(&queue.redis_url, queue.redis_cluster)
+            {
+                errors.add("queue.redis_url", e);
+            }
         }
     }
 
@@ -1316,6 +1328,61 @@ mod tests {
                 "queue.node_timeout: must be at least 1s"
             ]
         );
+    }
+
+    #[test]
+    fn a_redis_cluster_is_named_by_one_or_more_seed_urls() {
+        let config = load("[queue]\nbackend = \"redis\"", &[]).unwrap();
+        assert!(!config.queue.redis_cluster);
+        let config = load(
+            "[queue]\nbackend = \"redis\"\nredis_cluster = true\n\
+             redis_url = \"redis://10.0.0.1:7000,redis://10.0.0.2:7000\"",
+            &[],
+        )
+        .unwrap();
+        assert!(config.queue.redis_cluster);
+        config.validate().unwrap();
+        let config = load(
+            "",
+            &[
+                ("SMARTHOST__QUEUE__BACKEND", "redis"),
+                ("SMARTHOST__QUEUE__REDIS_CLUSTER", "true"),
+                (
+                    "SMARTHOST__QUEUE__REDIS_URL",
+                    "redis://:secret@a:7000,redis://:secret@b:7001",
+                ),
+            ],
+        )
+        .unwrap();
+        assert!(config.queue.redis_cluster);
+        assert_eq!(
+            config.queue.redis_url, "redis://:secret@a:7000,redis://:secret@b:7001",
+            "a seed list is one string, not a list key"
+        );
+        config.validate().unwrap();
+
+        // Several servers need the cluster; every seed must be a URL; no
+        // password in the message.
+        let errors = invalid(
+            "[queue]\nbackend = \"redis\"\n\
+             redis_url = \"redis://:secret@a:7000,redis://b:7001\"",
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("queue.redis_url: ")
+                && errors[0].contains("queue.redis_cluster = true")
+                && !errors[0].contains("secret"),
+            "{errors:?}"
+        );
+        let errors = invalid(
+            "[queue]\nbackend = \"redis\"\nredis_cluster = true\n\
+             redis_url = \"redis://a:7000,a:7001\"",
+        );
+        assert_eq!(errors, ["queue.redis_url: a:7001: not a redis:// URL"]);
+        let errors = invalid("[queue]\nbackend = \"redis\"\nredis_url = \"\"");
+        assert_eq!(errors, ["queue.redis_url: no redis URL"]);
+        let err = load_err("[queue]\nredis_cluster = \"maybe\"", &[]);
+        assert!(err.contains("redis_cluster"), "{err}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub mod dispatcher;
 pub mod limits;
 pub mod listener;
 pub mod queue;
+#[cfg(test)]
+mod redis_cluster_tests;
 pub mod schedule;
 pub mod scheduler;
 pub mod server;

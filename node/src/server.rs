@@ -72,6 +72,7 @@ async fn start_coordinator(
         &config.queue.redis_url,
         coordinator::redis::RedisOptions {
             response_timeout: config.queue.redis_response_timeout,
+            cluster: config.queue.redis_cluster,
         },
     )
     .map_err(|e| format!("queue.redis_url: {e}"))?;
@@ -139,6 +140,7 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
         &config.queue.redis_url,
         RedisSpoolOptions {
             response_timeout: config.queue.redis_response_timeout,
+            cluster: config.queue.redis_cluster,
         },
     )
     .await
@@ -203,6 +205,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
                     response_timeout: config.queue.redis_response_timeout,
                     lease_ttl: config.delivery.connection_lease,
                     renew_every: config.delivery.connection_lease / 3,
+                    cluster: config.queue.redis_cluster,
                 },
             )
             .await

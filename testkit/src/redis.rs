@@ -1,6 +1,7 @@
 //! A real `redis-server` for tests: its own process on a free loopback port,
 //! its own data directory, append-only file on with an fsync per write.
-//! Killed when dropped.
+//! Killed when dropped. [`RedisCluster`]: three of them made into a Redis
+//! Cluster of three primaries with `redis-cli --cluster create`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -28,10 +29,7 @@ impl RedisServer {
     /// A server with more arguments after the defaults (a later
     /// `--appendfsync everysec` overrides the default one).
     pub fn start_with(extra_args: &[&str]) -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = free_port();
         let mut server = RedisServer {
             dir: tempfile::tempdir().expect("a data directory for redis-server"),
             port,
@@ -44,6 +42,10 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     fn log_file(&self) -> PathBuf {
@@ -158,4 +160,225 @@ fn ping(port: u16) -> bool {
     }
     let mut reply = [0u8; 7];
     stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Sends one command to the server on `port` and returns its reply as
+/// text: the line of a simple string, integer or error (with its type
+/// byte), or the contents of a bulk string. `None` if the server cannot be
+/// reached or does not answer within half a second.
+pub fn command(port: u16, args: &[&str]) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).ok()?;
+    let line = line.trim_end().to_string();
+    match line.strip_prefix('$') {
+        Some(len) => {
+            let len: i64 = len.parse().ok()?;
+            if len < 0 {
+                return Some(String::new());
+            }
+            let mut body = vec![0u8; len as usize + 2];
+            reader.read_exact(&mut body).ok()?;
+            body.truncate(len as usize);
+            String::from_utf8(body).ok()
+        }
+        None => Some(line),
+    }
+}
+
+/// How long `redis-cli --cluster create` and the nodes' agreement on the
+/// slot map may take.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Redis Cluster of three primaries (no replicas), each a [`RedisServer`]
+/// with `--cluster-enabled yes`, its `nodes.conf` in its own data
+/// directory and its cluster bus on a free port; all on 127.0.0.1. The
+/// 16384 slots are spread over the three by `redis-cli --cluster create`.
+/// Killed when dropped.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let bus = free_port().to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let cluster = RedisCluster { nodes };
+        cluster.create();
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    fn create(&self) {
+        let addrs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = tempfile::NamedTempFile::new().expect("a file for redis-cli's output");
+        let mut child = match Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(out.reopen().expect("redis-cli output"))
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-cli is not installed; the Redis Cluster tests need it \
+                 (scripts/test.sh installs redis-tools)"
+            ),
+            Err(e) => panic!("cannot start redis-cli: {e}"),
+        };
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for redis-cli") {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let output = std::fs::read_to_string(out.path()).unwrap_or_default();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "redis-cli --cluster create {addrs:?}: {status:?}\n{output}"
+        );
+    }
+
+    /// Waits until every node says `cluster_state:ok` (all slots served,
+    /// as far as it knows).
+    fn wait_until_ok(&self) {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let states: Vec<Option<String>> = self
+                .nodes
+                .iter()
+                .map(|n| command(n.port(), &["CLUSTER", "INFO"]))
+                .collect();
+            if states
+                .iter()
+                .all(|s| s.as_deref().is_some_and(|s| s.contains("cluster_state:ok")))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster is not ok after {CLUSTER_TIMEOUT:?}: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every node's URL, comma-separated: a seed list for the client.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The URL of one node, enough as the only seed.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// The number of keys on each primary (`DBSIZE`), in node order.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let reply = command(n.port(), &["DBSIZE"]).expect("DBSIZE");
+                reply
+                    .trim_start_matches(':')
+                    .parse()
+                    .unwrap_or_else(|_| panic!("DBSIZE reply {reply:?}"))
+            })
+            .collect()
+    }
+
+    /// The index (in node order) of the primary that serves `key`.
+    pub fn node_of(&self, key: &str) -> usize {
+        let slot: u16 = command(self.nodes[0].port(), &["CLUSTER", "KEYSLOT", key])
+            .and_then(|r| r.trim_start_matches(':').parse().ok())
+            .expect("CLUSTER KEYSLOT");
+        // CLUSTER NODES: `<id> <ip:port@bus> <flags> <master> <ping> <pong>
+        // <epoch> <link> <slot or range>...`, one line per node.
+        let nodes = command(self.nodes[0].port(), &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        let serves = |ranges: &[&str]| {
+            ranges.iter().any(|r| {
+                let (from, to) = r.split_once('-').unwrap_or((r, r));
+                matches!((from.parse::<u16>(), to.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+            })
+        };
+        let port = nodes
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|fields| fields.len() > 8 && serves(&fields[8..]))
+            .and_then(|fields| {
+                let addr = fields[1].split('@').next()?;
+                addr.rsplit_once(':')?.1.parse::<u16>().ok()
+            })
+            .unwrap_or_else(|| panic!("no node serves slot {slot}:\n{nodes}"));
+        self.nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .expect("the node is one of ours")
+    }
+
+    /// Deletes every key on every primary.
+    pub fn flush_all(&self) {
+        for node in &self.nodes {
+            let reply = command(node.port(), &["FLUSHALL"]);
+            assert_eq!(reply.as_deref(), Some("+OK"), "FLUSHALL on {}", node.port());
+        }
+    }
+
+    /// Kills node `i` (SIGKILL) and starts it again on the same port,
+    /// data directory and `nodes.conf`; returns once the cluster is ok
+    /// again.
+    pub fn restart_node(&mut self, i: usize) {
+        self.nodes[i].restart();
+        self.wait_until_ok();
+    }
 }

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 pub mod local;
 pub mod redis;
 #[cfg(test)]
-mod suite;
+pub(crate) mod suite;
 
 pub use self::redis::{RedisLimits, RedisLimitsOptions};
 pub use local::{LocalLimits, RateLimiter};

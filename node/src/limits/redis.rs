@@ -37,8 +37,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::Script;
+use smarthost_coordinator::redis::Connection;
 
 use super::{ConnectionLease, DomainLimits, LimitError};
 
@@ -106,6 +106,8 @@ pub struct RedisLimitsOptions {
     pub lease_ttl: Duration,
     /// How often the holder of a lease renews it.
     pub renew_every: Duration,
+    /// The URL lists seed nodes of a Redis Cluster, not one server.
+    pub cluster: bool,
 }
 
 impl Default for RedisLimitsOptions {
@@ -114,13 +116,14 @@ impl Default for RedisLimitsOptions {
             response_timeout: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(30),
             renew_every: Duration::from_secs(10),
+            cluster: false,
         }
     }
 }
 
 /// The Redis implementation of [`DomainLimits`].
 pub struct RedisLimits {
-    conn: ConnectionManager,
+    conn: Connection,
     node: String,
     options: RedisLimitsOptions,
     acquire: Script,
@@ -144,7 +147,7 @@ impl RedisLimits {
         node: &str,
         options: RedisLimitsOptions,
     ) -> Result<RedisLimits, LimitError> {
-        let conn = crate::spool::redis::connect(url, options.response_timeout)
+        let conn = crate::spool::redis::connect(url, options.cluster, options.response_timeout)
             .await
             .map_err(LimitError::Unavailable)?;
         Ok(RedisLimits {

@@ -72,7 +72,11 @@
 //! entry); `insert`, `has_ready`, `release`, `suspend`, `resume` and
 //! `records` are one; `promote`, `reclaim_expired_leases`, `ready_domains`
 //! and `counts` are two (the active domains, then one pipeline over them).
-//! [`RedisSchedule::round_trips`] counts them.
+//! [`RedisSchedule::round_trips`] counts them. On Redis Cluster a pipeline
+//! over several slots is split by the connection into requests sent at
+//! once (still one round trip, see [`smarthost_coordinator::redis`]), so
+//! its commands are not ordered across slots; `insert` therefore writes
+//! the active-domains set as its own request first (two round trips).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,8 +84,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
+use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
 use super::{dedup, Job, ReportHook, Schedule};
@@ -384,7 +388,7 @@ enum RecordWrite {
 
 /// The Redis implementation of [`Schedule`].
 pub struct RedisSchedule {
-    conn: ConnectionManager,
+    conn: Connection,
     timeout: Duration,
     scripts: Scripts,
     round_trips: AtomicU64,
@@ -819,7 +823,8 @@ impl Schedule for RedisSchedule {
         }
         let mut pipe = redis::pipe();
         // The domain is listed before it gets work, so that no work is in
-        // a domain nobody looks at.
+        // a domain nobody looks at. On Redis Cluster the list is in another
+        // slot than the domains, so it is its own request first.
         pipe.cmd("SADD")
             .arg(ACTIVE_KEY)
             .arg(
@@ -829,6 +834,10 @@ impl Schedule for RedisSchedule {
                     .collect::<Vec<_>>(),
             )
             .ignore();
+        if self.conn.is_cluster() {
+            self.run("insert: domains", &pipe).await?;
+            pipe = redis::pipe();
+        }
         for (domain, entries) in &by_domain {
             let k = domain_keys(domain);
             let mut cmd = evalsha(
@@ -1302,32 +1311,7 @@ mod tests {
         let server = RedisServer::start();
         let (spool, a) = node(&server).await;
         let (_, b) = node(&server).await;
-        queue(&spool, &a, 0..30).await; // 20 deliveries to example.org
-        let long = Duration::from_secs(600);
-        assert_eq!(
-            a.take("example.org", 5, "node-a", long)
-                .await
-                .unwrap()
-                .len(),
-            5
-        );
-        assert_eq!(
-            b.take("example.org", 3, "node-b", long)
-                .await
-                .unwrap()
-                .len(),
-            3
-        );
-        assert_eq!(b.reclaim_holders(&[]).await.unwrap(), 0);
-        assert_eq!(b.reclaim_holders(&["node-c".into()]).await.unwrap(), 0);
-        assert_eq!(b.reclaim_holders(&["node-a".into()]).await.unwrap(), 5);
-        assert_eq!(
-            b.counts().await.unwrap().in_flight,
-            3,
-            "node-b keeps its own"
-        );
-        let again = b.take("example.org", 20, "node-b", long).await.unwrap();
-        assert_eq!(again.len(), 12 + 5, "the dead node's five are due again");
+        suite::dead_holders_are_reclaimed(spool, a, b).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1335,62 +1319,7 @@ mod tests {
         let server = RedisServer::start();
         let (spool, a) = node(&server).await;
         let (_, b) = node(&server).await;
-        // 60 messages, 120 deliveries over three domains; one suspended,
-        // some in deferred, the rest ready.
-        queue(&spool, &a, 0..60).await;
-        a.suspend("example.com").await.unwrap();
-        let taken = a
-            .take("example.org", 10, "node-a", Duration::from_secs(600))
-            .await
-            .unwrap();
-        for (record, _) in &taken {
-            let deferred = outcome(&[(0, RcptResult::Deferred), (1, RcptResult::Deferred)]);
-            a.complete(
-                &record.id,
-                "example.org",
-                &deferred,
-                record.received_ms,
-                &policy(),
-                0.0,
-            )
-            .await
-            .unwrap();
-        }
-        let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
-        let hook = |reports: Arc<Mutex<Vec<(MessageId, String)>>>| -> ReportHook {
-            Arc::new(move |completions: Vec<Completion>| {
-                let reports = reports.clone();
-                Box::pin(async move {
-                    let mut reports = reports.lock().unwrap();
-                    for c in completions {
-                        reports.push((c.record.id.clone(), c.domain.clone()));
-                    }
-                    Ok(())
-                })
-            })
-        };
-        let late = u64::MAX / 2;
-        let sweep = |s: Arc<RedisSchedule>| {
-            let hook = hook(reports.clone());
-            tokio::spawn(async move { s.expire_reporting(late, &policy(), hook).await.unwrap() })
-        };
-        let (one, two) = (sweep(a.clone()), sweep(b.clone()));
-        let (one, two) = (one.await.unwrap(), two.await.unwrap());
-        let reported = reports.lock().unwrap().clone();
-        let unique: HashSet<_> = reported.iter().cloned().collect();
-        assert_eq!(unique.len(), reported.len(), "a delivery reported twice");
-        assert_eq!(reported.len(), 120);
-        assert_eq!(one.len() + two.len(), 120);
-        assert!(
-            spool.list().await.unwrap().is_empty(),
-            "every message expired"
-        );
-        let counts = a.counts().await.unwrap();
-        assert_eq!(
-            (counts.ready, counts.deferred, counts.in_flight),
-            (0, 0, 0),
-            "{counts:?}"
-        );
+        suite::two_sweeps_at_once_report_each_delivery_once(spool, a, b).await;
     }
 
     #[tokio::test]

@@ -293,3 +293,118 @@ async fn counts_follow_the_deliveries(f: Fixture) {
     );
     assert_eq!(s.reclaim_expired_leases().await.unwrap(), 0, "none ran out");
 }
+
+/// For a schedule shared by nodes (`a` and `b` on one store, `spool`
+/// holding the records): the leases of a holder found dead go back at
+/// once, and only those.
+pub async fn dead_holders_are_reclaimed(
+    spool: Arc<dyn Spool>,
+    a: Arc<dyn Schedule>,
+    b: Arc<dyn Schedule>,
+) {
+    let batch: Vec<_> = (0..30).map(|n| message(n, 100)).collect();
+    let records = batch.iter().map(|m| m.record.clone()).collect();
+    spool.store(batch).await.unwrap();
+    a.insert(records, u64::MAX / 2).await.unwrap(); // 20 to example.org
+    let long = Duration::from_secs(600);
+    assert_eq!(
+        a.take("example.org", 5, "node-a", long)
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
+    assert_eq!(
+        b.take("example.org", 3, "node-b", long)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(b.reclaim_holders(&[]).await.unwrap(), 0);
+    assert_eq!(b.reclaim_holders(&["node-c".into()]).await.unwrap(), 0);
+    assert_eq!(b.reclaim_holders(&["node-a".into()]).await.unwrap(), 5);
+    assert_eq!(
+        b.counts().await.unwrap().in_flight,
+        3,
+        "node-b keeps its own"
+    );
+    let again = b.take("example.org", 20, "node-b", long).await.unwrap();
+    assert_eq!(again.len(), 12 + 5, "the dead node's five are due again");
+}
+
+/// For a schedule shared by nodes: two expiry sweeps at once (two
+/// coordinators) fail and report every old delivery exactly once, in every
+/// state (ready, deferred, suspended).
+pub async fn two_sweeps_at_once_report_each_delivery_once(
+    spool: Arc<dyn Spool>,
+    a: Arc<dyn Schedule>,
+    b: Arc<dyn Schedule>,
+) {
+    use std::sync::Mutex;
+
+    use smarthost_proto::envelope::MessageId;
+
+    use super::ReportHook;
+    use crate::scheduler::Completion;
+
+    // 60 messages, 120 deliveries over three domains; one suspended, some
+    // deferred, the rest ready.
+    let batch: Vec<_> = (0..60).map(|n| message(n, 100)).collect();
+    let records = batch.iter().map(|m| m.record.clone()).collect();
+    spool.store(batch).await.unwrap();
+    a.insert(records, u64::MAX / 2).await.unwrap();
+    a.suspend("example.com").await.unwrap();
+    let taken = a
+        .take("example.org", 10, "node-a", Duration::from_secs(600))
+        .await
+        .unwrap();
+    for (record, _) in &taken {
+        let deferred = outcome(&[(0, RcptResult::Deferred), (1, RcptResult::Deferred)]);
+        a.complete(
+            &record.id,
+            "example.org",
+            &deferred,
+            record.received_ms,
+            &policy(),
+            0.0,
+        )
+        .await
+        .unwrap();
+    }
+    let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
+    let hook = |reports: Arc<Mutex<Vec<(MessageId, String)>>>| -> ReportHook {
+        Arc::new(move |completions: Vec<Completion>| {
+            let reports = reports.clone();
+            Box::pin(async move {
+                let mut reports = reports.lock().unwrap();
+                for c in completions {
+                    reports.push((c.record.id.clone(), c.domain.clone()));
+                }
+                Ok(())
+            })
+        })
+    };
+    let late = u64::MAX / 2;
+    let sweep = |s: Arc<dyn Schedule>| {
+        let hook = hook(reports.clone());
+        tokio::spawn(async move { s.expire_reporting(late, &policy(), hook).await.unwrap() })
+    };
+    let (one, two) = (sweep(a.clone()), sweep(b.clone()));
+    let (one, two) = (one.await.unwrap(), two.await.unwrap());
+    let reported = reports.lock().unwrap().clone();
+    let unique: std::collections::HashSet<_> = reported.iter().cloned().collect();
+    assert_eq!(unique.len(), reported.len(), "a delivery reported twice");
+    assert_eq!(reported.len(), 120);
+    assert_eq!(one.len() + two.len(), 120);
+    assert!(
+        spool.list().await.unwrap().is_empty(),
+        "every message expired"
+    );
+    let counts = a.counts().await.unwrap();
+    assert_eq!(
+        (counts.ready, counts.deferred, counts.in_flight),
+        (0, 0, 0),
+        "{counts:?}"
+    );
+}

@@ -31,14 +31,18 @@
 //! transaction: no reader sees half of one, and a server that dies in the
 //! middle of one drops the unfinished transaction when it replays its AOF.
 //!
-//! On Redis Cluster the index lives in its own slot, so no transaction can
-//! span a message and its index entry. The order of the writes is chosen so
-//! that an interrupted `store` or `remove` leaves at worst an index entry
-//! without a message, never a message without an index entry (which
-//! nothing would ever find, deliver or bounce):
+//! On Redis Cluster (`queue.redis_cluster`) the index lives in its own
+//! slot, so no transaction can span a message and its index entry. The
+//! order of the writes is chosen so that an interrupted `store` or `remove`
+//! leaves at worst an index entry without a message, never a message
+//! without an index entry (which nothing would ever find, deliver or
+//! bounce):
 //!
-//! - `store` adds the index entry first, then writes the message keys;
-//! - `remove` deletes the message keys first, then the index entry.
+//! - `store` adds the index entries of the batch first (one request), then
+//!   writes the message keys: one `MULTI`/`EXEC` per message, in its slot,
+//!   all sent at once;
+//! - `remove` deletes the message keys first (one `DEL` in the message
+//!   slot), then the index entry.
 //!
 //! [`Spool::list`] skips an index entry whose record is missing and deletes
 //! it once the message's receive time is [`DANGLING_GRACE`] in the past: a
@@ -52,7 +56,10 @@
 //! `store` of a whole batch, `update`, `remove` and `read_body` are one
 //! round trip each; `list` is two (the index, then all records in one
 //! pipeline), plus one when it cleans dangling index entries.
-//! [`RedisSpool::round_trips`] counts them.
+//! [`RedisSpool::round_trips`] counts them. On Redis Cluster `store` and
+//! `remove` are two (the ordered steps above); requests sent at once to
+//! several primaries (the messages of a batch, the records of `list`)
+//! count as one, as they wait for one another's replies only once.
 //!
 //! # Durability
 //!
@@ -73,22 +80,27 @@
 //!
 //! `WAIT` for replicas is not issued: it says nothing about the primary's
 //! disk, and with no replica configured `WAIT 0` returns at once.
-//! The settings are read once, at `open`.
+//! The settings are read once, at `open`. On Redis Cluster every primary
+//! is asked, and the spool takes the weakest answer: a write is only as
+//! durable as the primary it lands on. A primary added later is not
+//! checked until the next `open`.
 //!
 //! # Failures
 //!
 //! Every Redis error, a refused or lost connection and a reply that does
 //! not come within the response timeout are [`SpoolError::Unavailable`].
-//! The connection manager reconnects by itself: once the server is back,
-//! the next operations succeed without reopening the spool.
+//! The connection reconnects by itself (on a cluster, to the node that
+//! came back, following the slot map): once the server is back, the next
+//! operations succeed without reopening the spool.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::future::try_join_all;
 use redis::{Cmd, FromRedisValue, Pipeline, Value};
 use serde::{Deserialize, Serialize};
+use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
 use super::{ListCursor, NewMessage, Spool, SpoolError};
@@ -114,12 +126,15 @@ pub struct RedisSpoolOptions {
     /// The longest wait for a connection or for the reply to one
     /// operation (reconnecting included) before it is `Unavailable`.
     pub response_timeout: Duration,
+    /// The URL lists seed nodes of a Redis Cluster, not one server.
+    pub cluster: bool,
 }
 
 impl Default for RedisSpoolOptions {
     fn default() -> Self {
         RedisSpoolOptions {
             response_timeout: Duration::from_secs(5),
+            cluster: false,
         }
     }
 }
@@ -162,14 +177,9 @@ fn decode_body(id: &MessageId, bytes: &[u8]) -> Result<Vec<u8>, SpoolError> {
         .map_err(|e| SpoolError::Corrupt(format!("body of {id}: {e}")))
 }
 
-/// The URL without its password, for messages.
+/// The URL (or seed list) without passwords, for logs and messages.
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
+    smarthost_coordinator::redis::redact(url)
 }
 
 fn now_ms() -> u64 {
@@ -210,6 +220,37 @@ fn check_waitaof(what: &str, reply: &[i64]) -> Result<(), SpoolError> {
     }
 }
 
+/// The writes of a new message's keys (one slot).
+fn message_writes(m: &NewMessage) -> Vec<Cmd> {
+    let mut record = redis::cmd("SET");
+    record
+        .arg(record_key(&m.record.id))
+        .arg(envelope::encode(&m.record));
+    let mut body = redis::cmd("SET");
+    body.arg(body_key(&m.record.id)).arg(encode_body(&m.body));
+    vec![record, body]
+}
+
+fn parse_value<T: FromRedisValue>(value: Value) -> Result<T, String> {
+    redis::from_redis_value(value).map_err(|e| format!("unexpected reply: {e}"))
+}
+
+/// The weakest of the values of a persistence setting on several primaries
+/// (for `appendonly`: `no` if any says `no`; for `appendfsync`: `no`, then
+/// `everysec`, then `always`): a write is only as safe as the node it
+/// lands on.
+fn weakest(name: &str, values: Vec<String>) -> Result<String, SpoolError> {
+    let rank = |v: &str| match v {
+        "always" | "yes" => 2,
+        "everysec" => 1,
+        _ => 0,
+    };
+    values
+        .into_iter()
+        .min_by_key(|v| rank(v))
+        .ok_or_else(|| SpoolError::Unavailable(format!("redis CONFIG GET {name}: no reply")))
+}
+
 fn as_int(value: &Value) -> i64 {
     match value {
         Value::Int(n) => *n,
@@ -217,30 +258,21 @@ fn as_int(value: &Value) -> i64 {
     }
 }
 
-/// A self-reconnecting connection to the server at `url` whose every
-/// reply (reconnecting included) comes within `timeout` or is an error.
-/// The error names the server without its password.
-pub(crate) async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, String> {
-    let shown = redact(url);
-    let client = redis::Client::open(url).map_err(|e| format!("redis url {shown}: {e}"))?;
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(timeout))
-        // A reconnect gives up after a few quick tries, so that
-        // operations on a server that refuses connections fail at once
-        // instead of waiting out the timeout; the next operation
-        // starts a new reconnect.
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    tokio::time::timeout(timeout, client.get_connection_manager_with_config(config))
-        .await
-        .map_err(|_| format!("redis at {shown}: no connection in {timeout:?}"))?
-        .map_err(|e| format!("redis at {shown}: {e}"))
+/// A self-reconnecting connection to the server at `url` (or, with
+/// `cluster`, to the Redis Cluster of the seed nodes listed in `url`)
+/// whose every reply (reconnecting included) comes within `timeout` or is
+/// an error. The error names the server without its password.
+pub(crate) async fn connect(
+    url: &str,
+    cluster: bool,
+    timeout: Duration,
+) -> Result<Connection, String> {
+    Connection::connect(url, cluster, timeout).await
 }
 
 /// The Redis implementation of [`Spool`].
 pub struct RedisSpool {
-    conn: ConnectionManager,
+    conn: Connection,
     options: RedisSpoolOptions,
     durability: Durability,
     round_trips: AtomicU64,
@@ -268,7 +300,7 @@ impl RedisSpool {
         options: RedisSpoolOptions,
     ) -> Result<RedisSpool, SpoolError> {
         let shown = redact(url);
-        let conn = connect(url, options.response_timeout)
+        let conn = connect(url, options.cluster, options.response_timeout)
             .await
             .map_err(SpoolError::Unavailable)?;
         let mut spool = RedisSpool {
@@ -287,8 +319,8 @@ impl RedisSpool {
     }
 
     /// A handle on the spool's connection, for the schedule that shares
-    /// its server (the connection manager multiplexes and reconnects).
-    pub(crate) fn connection(&self) -> ConnectionManager {
+    /// its server (the connection multiplexes and reconnects).
+    pub(crate) fn connection(&self) -> Connection {
         self.conn.clone()
     }
 
@@ -302,14 +334,23 @@ impl RedisSpool {
     }
 
     async fn probe_durability(&self, shown: &str) -> Result<Durability, SpoolError> {
-        let waitaof: Vec<Value> = self
-            .query_cmd(
+        // Every primary must have WAITAOF for the spool to rely on it.
+        let has_waitaof = self
+            .on_every_primary(
                 "COMMAND INFO",
                 redis::cmd("COMMAND").arg("INFO").arg("WAITAOF"),
             )
             .await
-            .unwrap_or_default();
-        let has_waitaof = waitaof.first().is_some_and(|v| *v != Value::Nil);
+            .ok()
+            .filter(|replies| !replies.is_empty())
+            .is_some_and(|replies| {
+                replies.iter().all(|reply| {
+                    parse_value::<Vec<Value>>(reply.clone())
+                        .ok()
+                        .and_then(|info| info.into_iter().next())
+                        .is_some_and(|v| v != Value::Nil)
+                })
+            });
         let settings = async {
             let appendonly = self.config_get("appendonly").await?;
             let appendfsync = self.config_get("appendfsync").await?;
@@ -336,15 +377,34 @@ impl RedisSpool {
         Ok(durability)
     }
 
+    /// The value of the setting `name`; on a cluster, of every primary,
+    /// and the weakest of them (see [`weakest`]).
     async fn config_get(&self, name: &str) -> Result<String, SpoolError> {
-        let pairs: Vec<(String, String)> = self
-            .query_cmd("CONFIG GET", redis::cmd("CONFIG").arg("GET").arg(name))
+        let replies = self
+            .on_every_primary("CONFIG GET", redis::cmd("CONFIG").arg("GET").arg(name))
             .await?;
-        pairs
-            .into_iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.to_ascii_lowercase())
-            .ok_or_else(|| SpoolError::Unavailable(format!("redis CONFIG GET {name}: no value")))
+        let mut values = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let pairs: Vec<(String, String)> = parse_value(reply)
+                .map_err(|e| SpoolError::Unavailable(format!("redis CONFIG GET {name}: {e}")))?;
+            let value = pairs
+                .into_iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_ascii_lowercase())
+                .ok_or_else(|| {
+                    SpoolError::Unavailable(format!("redis CONFIG GET {name}: no value"))
+                })?;
+            values.push(value);
+        }
+        weakest(name, values)
+    }
+
+    /// `cmd` on the server, or on every primary of a cluster: one round
+    /// trip.
+    async fn on_every_primary(&self, what: &str, cmd: &Cmd) -> Result<Vec<Value>, SpoolError> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, async move { conn.on_every_primary(cmd).await })
+            .await
     }
 
     /// The deadline of one round trip, reconnecting included.
@@ -378,6 +438,20 @@ impl RedisSpool {
         self.bounded(what, pipe.query_async(&mut conn)).await
     }
 
+    /// Sends `pipes` all at once (on a cluster, each to its slot's
+    /// primary) and waits for every reply: one round trip.
+    async fn query_pipes(
+        &self,
+        what: &str,
+        pipes: &[Pipeline],
+    ) -> Result<Vec<Vec<Value>>, SpoolError> {
+        let requests = pipes.iter().map(|pipe| {
+            let mut conn = self.conn.clone();
+            async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
+        });
+        self.bounded(what, try_join_all(requests)).await
+    }
+
     /// Adds the durability wait to a write pipeline, if this server needs one.
     fn add_wait(&self, pipe: &mut Pipeline) {
         if self.durability == Durability::WaitAof {
@@ -403,6 +477,14 @@ impl RedisSpool {
     /// Runs `MULTI`, `commands`, `EXEC` and the durability wait as one
     /// round trip and returns the replies of `commands`.
     async fn transaction(&self, what: &str, commands: Vec<Cmd>) -> Result<Vec<Value>, SpoolError> {
+        let replies: Vec<Value> = self
+            .query_pipe(what, &self.transaction_pipe(commands))
+            .await?;
+        self.transaction_replies(what, replies)
+    }
+
+    /// `MULTI`, `commands`, `EXEC` and the durability wait, as a pipeline.
+    fn transaction_pipe(&self, commands: Vec<Cmd>) -> Pipeline {
         let mut pipe = redis::pipe();
         pipe.cmd("MULTI").ignore();
         for cmd in commands {
@@ -410,13 +492,59 @@ impl RedisSpool {
         }
         pipe.cmd("EXEC");
         self.add_wait(&mut pipe);
-        let mut replies: Vec<Value> = self.query_pipe(what, &pipe).await?;
+        pipe
+    }
+
+    /// The replies of the commands of a [`RedisSpool::transaction_pipe`].
+    fn transaction_replies(
+        &self,
+        what: &str,
+        mut replies: Vec<Value>,
+    ) -> Result<Vec<Value>, SpoolError> {
         self.check_wait(what, &replies)?;
         if self.durability == Durability::WaitAof {
             replies.pop();
         }
         let exec = replies.pop().unwrap_or(Value::Nil);
         exec_replies(what, exec)
+    }
+
+    /// A write of one command and the durability wait; its reply.
+    async fn write(&self, what: &str, cmd: Cmd) -> Result<Value, SpoolError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        self.add_wait(&mut pipe);
+        let replies: Vec<Value> = self.query_pipe(what, &pipe).await?;
+        self.check_wait(what, &replies)?;
+        Ok(replies.into_iter().next().unwrap_or(Value::Nil))
+    }
+
+    /// `store` on Redis Cluster: the index entries, then every message in
+    /// its own slot (see "Consistency" in the module doc).
+    async fn store_on_cluster(&self, zadd: Cmd, batch: &[NewMessage]) -> Result<(), SpoolError> {
+        self.write("store: index", zadd).await?;
+        let pipes: Vec<Pipeline> = batch
+            .iter()
+            .map(|m| self.transaction_pipe(message_writes(m)))
+            .collect();
+        for replies in self.query_pipes("store", &pipes).await? {
+            self.transaction_replies("store", replies)?;
+        }
+        Ok(())
+    }
+
+    /// `remove` on Redis Cluster: the message keys, then the index entry.
+    async fn remove_on_cluster(&self, id: &MessageId) -> Result<(), SpoolError> {
+        let mut del = redis::cmd("DEL");
+        del.arg(record_key(id)).arg(body_key(id));
+        let deleted = as_int(&self.write("remove", del).await?);
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(INDEX_KEY).arg(id.as_str());
+        self.write("remove: index", zrem).await?;
+        if deleted == 0 {
+            return Err(SpoolError::NotFound(id.clone()));
+        }
+        Ok(())
     }
 
     /// Deletes index entries whose record is gone (see the module doc).
@@ -448,16 +576,13 @@ impl Spool for RedisSpool {
         for m in &batch {
             zadd.arg(m.record.received_ms).arg(m.record.id.as_str());
         }
+        if self.conn.is_cluster() {
+            return self.store_on_cluster(zadd, &batch).await;
+        }
         let mut commands = Vec::with_capacity(1 + 2 * batch.len());
         commands.push(zadd);
         for m in &batch {
-            let mut set = redis::cmd("SET");
-            set.arg(record_key(&m.record.id))
-                .arg(envelope::encode(&m.record));
-            commands.push(set);
-            let mut set = redis::cmd("SET");
-            set.arg(body_key(&m.record.id)).arg(encode_body(&m.body));
-            commands.push(set);
+            commands.extend(message_writes(m));
         }
         self.transaction("store", commands).await?;
         Ok(())
@@ -480,6 +605,9 @@ impl Spool for RedisSpool {
     }
 
     async fn remove(&self, id: &MessageId) -> Result<(), SpoolError> {
+        if self.conn.is_cluster() {
+            return self.remove_on_cluster(id).await;
+        }
         // The message keys first, the index entry last.
         let mut del = redis::cmd("DEL");
         del.arg(record_key(id)).arg(body_key(id));
@@ -803,6 +931,7 @@ mod tests {
             &server.url(),
             RedisSpoolOptions {
                 response_timeout: timeout,
+                ..RedisSpoolOptions::default()
             },
         )
         .await
@@ -836,6 +965,7 @@ mod tests {
             &server.url(),
             RedisSpoolOptions {
                 response_timeout: timeout,
+                ..RedisSpoolOptions::default()
             },
         )
         .await;
@@ -851,6 +981,7 @@ mod tests {
             &server.url(),
             RedisSpoolOptions {
                 response_timeout: timeout,
+                ..RedisSpoolOptions::default()
             },
         )
         .await
@@ -888,6 +1019,7 @@ mod tests {
             &server.url(),
             RedisSpoolOptions {
                 response_timeout: Duration::from_secs(2),
+                ..RedisSpoolOptions::default()
             },
         )
         .await
