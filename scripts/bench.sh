@@ -20,7 +20,9 @@
 # on a free port, and the Redis commands per message are counted
 # (INFO commandstats before and after). NODES=3 (with BACKEND=redis) starts
 # three nodes on that Redis; the sessions and messages are split evenly
-# between them.
+# between them. BACKEND=redis-cluster does the same on a Redis Cluster of
+# three primaries (no replicas) on free ports, each with the same fsync
+# settings; the commands are counted on all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-accept}
@@ -72,20 +74,52 @@ smart_host = \"[127.0.0.1]:$sink_port\""
 fi
 backend=${BACKEND:-local}
 queue="path = \"$work/spool\""
-if [ "$backend" = redis ]; then
-  redis_port=$(free_port)
-  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly yes \
-    --appendfsync always --dir "$work" --daemonize no >"$work/redis.log" 2>&1 &
+redis_ports=()
+start_redis() { # PORT [EXTRA ARGS]: a redis-server with an fsync per write
+  local dir="$work/redis-$1"
+  mkdir -p "$dir"
+  redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly yes \
+    --appendfsync always --dir "$dir" --daemonize no "${@:2}" >"$dir/log" 2>&1 &
   pids+=($!)
-  wait_port "$redis_port"
-  queue="backend = \"redis\"
-redis_url = \"redis://127.0.0.1:$redis_port\""
-fi
-redis_calls() {
-  redis-cli -p "$redis_port" info commandstats | awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sum += $3 } END { print sum + 0 }'
+  redis_ports+=("$1")
+  wait_port "$1"
+}
+case "$backend" in
+  local) ;;
+  redis)
+    redis_port=$(free_port)
+    start_redis "$redis_port"
+    queue="backend = \"redis\"
+redis_url = \"redis://127.0.0.1:$redis_port\"" ;;
+  redis-cluster)
+    seeds=()
+    for _ in 1 2 3; do
+      p=$(free_port)
+      start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf \
+        --cluster-port "$(free_port)"
+      seeds+=("127.0.0.1:$p")
+    done
+    redis-cli --cluster create "${seeds[@]}" --cluster-replicas 0 --cluster-yes >"$work/cluster-create.log"
+    for _ in $(seq 100); do
+      ok=0
+      for p in "${redis_ports[@]}"; do
+        redis-cli -p "$p" cluster info | grep -q 'cluster_state:ok' && ok=$((ok + 1))
+      done
+      [ "$ok" = 3 ] && break
+      sleep 0.1
+    done
+    urls=$(printf 'redis://%s,' "${seeds[@]}")
+    queue="backend = \"redis\"
+redis_cluster = true
+redis_url = \"${urls%,}\"" ;;
+  *) echo "BACKEND is local, redis or redis-cluster" >&2; exit 2 ;;
+esac
+redis_calls() { # every command on every server, the INFO calls themselves left out
+  for p in "${redis_ports[@]}"; do redis-cli -p "$p" info commandstats; done |
+    awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sum += $3 } END { print sum + 0 }'
 }
 nodes=${NODES:-1}
-if [ "$nodes" -gt 1 ] && [ "$backend" != redis ]; then
+if [ "$nodes" -gt 1 ] && [ "$backend" = local ]; then
   echo "NODES=$nodes needs BACKEND=redis (nodes share the queue in Redis)" >&2
   exit 2
 fi
@@ -111,15 +145,17 @@ listen = "127.0.0.1:$node_admin"
 level = "warn"
 ${delivery/delivery.log/delivery-$n.log}
 TOML
-  ./target/release/smarthost run --config "$work/node$n.toml" &
+  ./target/release/smarthost run --config "$work/node$n.toml" >"$work/node$n.log" 2>&1 &
   pids+=($!)
 done
-for node_port in "${ports[@]}"; do wait_port "$node_port"; done
+for n in $(seq "$nodes"); do
+  wait_port "${ports[$((n - 1))]}" || { cat "$work/node$n.log" >&2; exit 1; }
+done
 if [ "$mode" = accept ]; then
   ./target/release/smarthost queue suspend example.org --config "$work/node1.toml" >/dev/null
 fi
 
-[ "$backend" = redis ] && calls_before=$(redis_calls)
+[ "$backend" != local ] && calls_before=$(redis_calls)
 start=$(date +%s.%N)
 sources=()
 for node_port in "${ports[@]}"; do
@@ -141,7 +177,7 @@ if [ "$mode" = relay ]; then
 fi
 messages=$(( messages / nodes * nodes ))
 calls=""
-[ "$backend" = redis ] && calls=$(( $(redis_calls) - calls_before ))
+[ "$backend" != local ] && calls=$(( $(redis_calls) - calls_before ))
 python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" <<'PY'
 import sys
 nodes = int(sys.argv[10])
