@@ -20,16 +20,20 @@ fn options(node: &str) -> CoordinatorOptions {
     }
 }
 
-fn start(server: &RedisServer, node: &str) -> Addr<Coordinator> {
-    let redis = Redis::connect_lazy(
+/// A lazily connecting client of `server`.
+fn connect(server: &RedisServer) -> Redis {
+    Redis::connect_lazy(
         &server.url(),
         RedisOptions {
             response_timeout: Duration::from_millis(300),
             ..RedisOptions::default()
         },
     )
-    .unwrap();
-    Coordinator::new(redis, options(node)).start()
+    .unwrap()
+}
+
+fn start(server: &RedisServer, node: &str) -> Addr<Coordinator> {
+    Coordinator::new(connect(server), options(node)).start()
 }
 
 /// Polls the status until `done` holds, for at most `within`.
@@ -126,19 +130,11 @@ fn start_with_jobs(
 ) {
     let ticks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let jobs = Jobs(ticks.clone()).start();
-    let redis = Redis::connect_lazy(
-        &server.url(),
-        RedisOptions {
-            response_timeout: Duration::from_millis(300),
-            ..RedisOptions::default()
-        },
-    )
-    .unwrap();
     let options = CoordinatorOptions {
         job_interval: Duration::from_millis(100),
         ..options(node)
     };
-    let addr = Coordinator::new(redis, options)
+    let addr = Coordinator::new(connect(server), options)
         .with_jobs(jobs.recipient())
         .start();
     (addr, ticks)
@@ -149,21 +145,11 @@ async fn only_the_leader_runs_the_jobs_and_hears_of_stopped_nodes() {
     let server = RedisServer::start();
     let (one, one_ticks) = start_with_jobs(&server, "n1");
     let (two, two_ticks) = start_with_jobs(&server, "n2");
-    let node = {
-        let redis = Redis::connect_lazy(
-            &server.url(),
-            RedisOptions {
-                response_timeout: Duration::from_millis(300),
-                ..RedisOptions::default()
-            },
-        )
-        .unwrap();
-        let options = CoordinatorOptions {
-            lead: false,
-            ..options("n3")
-        };
-        Coordinator::new(redis, options).start()
+    let options = CoordinatorOptions {
+        lead: false,
+        ..options("n3")
     };
+    let node = Coordinator::new(connect(&server), options).start();
     let all = |s: &Status| s.live == ["n1", "n2", "n3"];
     until(&one, Duration::from_secs(5), all).await;
     until(&two, Duration::from_secs(5), all).await;
