@@ -87,6 +87,8 @@ pub struct Status {
     pub node_id: String,
     /// Whether this coordinator holds a valid leader lease.
     pub leader: bool,
+    /// The node whose coordinator leads, as last seen (`None`: nobody).
+    pub leader_node: Option<String>,
     /// The fencing token of that lease.
     pub token: Option<u64>,
     /// Live and dead node ids as last read from Redis.
@@ -149,6 +151,8 @@ pub struct Coordinator {
     jobs: Option<Recipient<LeaderTick>>,
     /// Dead nodes already logged as such.
     reported_dead: std::collections::HashSet<String>,
+    /// The node that led at the last membership read, when not this one.
+    other_leader: Option<String>,
     /// Consecutive membership reads that found no leader at all.
     leaderless_ticks: u32,
     heartbeat_busy: bool,
@@ -174,6 +178,7 @@ impl Coordinator {
             last_error: None,
             jobs: None,
             reported_dead: Default::default(),
+            other_leader: None,
             leaderless_ticks: 0,
             heartbeat_busy: false,
             leadership_busy: false,
@@ -278,15 +283,20 @@ impl Coordinator {
                 true => None,
                 false => leader.current_holder().await?,
             };
-            Ok::<_, CoordError>((members, leading || holder.is_some()))
+            Ok::<_, CoordError>((members, leading, holder))
         }
         .into_actor(self)
         .map(|result, act, ctx| {
             act.tick_busy = false;
             match result {
-                Ok((members, led)) => {
+                Ok((members, leading, holder)) => {
                     act.members = members;
-                    act.watch_leadership(led);
+                    act.watch_leadership(leading || holder.is_some());
+                    // A holder is `<node id>/<random>`.
+                    act.other_leader = holder.map(|h| {
+                        h.rsplit_once('/')
+                            .map_or(h.clone(), |(node, _)| node.to_string())
+                    });
                     if let Some(lease) = act.valid_lease() {
                         act.lead(lease.token, ctx);
                     }
@@ -402,6 +412,10 @@ impl Handler<GetStatus> for Coordinator {
         MessageResult(Status {
             node_id: self.options.node_id.clone(),
             leader: lease.is_some(),
+            leader_node: match lease {
+                Some(_) => Some(self.options.node_id.clone()),
+                None => self.other_leader.clone(),
+            },
             token: lease.map(|l| l.token),
             live: ids(&self.members.live),
             dead: ids(&self.members.dead),

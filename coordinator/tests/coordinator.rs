@@ -155,6 +155,17 @@ async fn only_the_leader_runs_the_jobs_and_hears_of_stopped_nodes() {
     until(&two, Duration::from_secs(5), all).await;
     let one_leads = one.send(GetStatus).await.unwrap().leader;
     assert_ne!(one_leads, two.send(GetStatus).await.unwrap().leader);
+    let leader_id = if one_leads { "n1" } else { "n2" };
+    for coordinator in [&one, &two] {
+        until(coordinator, Duration::from_secs(5), |s| {
+            s.leader_node.as_deref() == Some(leader_id)
+        })
+        .await;
+    }
+    until(&node, Duration::from_secs(5), |s| {
+        !s.leader && s.leader_node.as_deref() == Some(leader_id)
+    })
+    .await;
     one_ticks.lock().unwrap().clear();
     two_ticks.lock().unwrap().clear();
     actix::clock::sleep(Duration::from_millis(500)).await;

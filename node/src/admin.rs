@@ -6,6 +6,8 @@
 //! - `GET /api/queue`: the queue counts ([`QueueStats`]) as JSON.
 //! - `POST /api/domains/{domain}/suspend` and `…/resume`: hold or release a
 //!   domain's deliveries.
+//! - `GET /api/cluster`: on the Redis backend, the live and dead nodes and
+//!   the node that leads, as this node's coordinator last saw them.
 //!
 //! With `[[admin.operators]]` configured every `/api/*` request needs
 //! `Authorization: Bearer <token>` of one of them; viewers may read, admins
@@ -25,6 +27,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::auth::{Access, Operator, OperatorDb};
 use crate::config::check_domain_name;
 use crate::queue::{QueueStats, Stats, Suspend};
+use smarthost_coordinator::{GetStatus, Status};
 
 /// At most this many argon2 verifications at once: each takes tens of MiB,
 /// and a flood of bad tokens must not take the node's memory.
@@ -36,6 +39,8 @@ pub struct AdminEnv {
     pub stats: Recipient<Stats>,
     pub suspend: Recipient<Suspend>,
     pub operators: Arc<OperatorDb>,
+    /// This node's coordinator; `None` on the local backend.
+    pub cluster: Option<Recipient<GetStatus>>,
     /// True while SMTP is accepted.
     pub ready: watch::Receiver<bool>,
     verifications: Arc<Semaphore>,
@@ -52,9 +57,18 @@ impl AdminEnv {
             stats,
             suspend,
             operators: Arc::new(operators),
+            cluster: None,
             ready,
             verifications: Arc::new(Semaphore::new(MAX_VERIFICATIONS)),
         }
+    }
+}
+
+impl AdminEnv {
+    /// Answers `/api/cluster` from this coordinator.
+    pub fn with_cluster(mut self, coordinator: Recipient<GetStatus>) -> Self {
+        self.cluster = Some(coordinator);
+        self
     }
 }
 
@@ -84,6 +98,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(web::resource("/healthz").get(healthz))
         .service(web::resource("/readyz").get(readyz))
         .service(web::resource("/api/queue").get(queue))
+        .service(web::resource("/api/cluster").get(cluster))
         .service(web::resource("/api/domains/{domain}/suspend").post(suspend))
         .service(web::resource("/api/domains/{domain}/resume").post(resume));
 }
@@ -94,6 +109,32 @@ pub struct DomainState {
     /// The routing form: lower case, IDNA A-labels.
     pub domain: String,
     pub suspended: bool,
+}
+
+/// The body of `/api/cluster`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The node that answered.
+    pub node: String,
+    /// The node whose coordinator leads (`None`: nobody does).
+    pub leader: Option<String>,
+    /// Node ids by liveness (heartbeat within `queue.node_timeout`).
+    pub live: Vec<String>,
+    pub dead: Vec<String>,
+    /// The answering coordinator's last Redis failure, until it recovers.
+    pub last_error: Option<String>,
+}
+
+impl From<Status> for ClusterView {
+    fn from(status: Status) -> Self {
+        ClusterView {
+            node: status.node_id,
+            leader: status.leader_node,
+            live: status.live,
+            dead: status.dead,
+            last_error: status.last_error,
+        }
+    }
 }
 
 /// The body of every error answer.
@@ -113,6 +154,8 @@ pub enum ApiError {
     BadDomain(String),
     #[error("the queue is not running")]
     QueueGone,
+    #[error("this node runs on the local backend: it is not part of a cluster")]
+    NoCluster,
     #[error("the token check failed")]
     CheckFailed,
 }
@@ -124,6 +167,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::BadDomain(_) => StatusCode::BAD_REQUEST,
             ApiError::QueueGone => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoCluster => StatusCode::NOT_FOUND,
             ApiError::CheckFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -210,6 +254,19 @@ async fn queue(
         .await
         .map_err(|_| ApiError::QueueGone)?;
     Ok(web::Json(stats))
+}
+
+async fn cluster(
+    request: HttpRequest,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<ClusterView>, ApiError> {
+    authorize(&env, &request, Access::Read).await?;
+    let coordinator = env.cluster.as_ref().ok_or(ApiError::NoCluster)?;
+    let status = coordinator
+        .send(GetStatus)
+        .await
+        .map_err(|_| ApiError::QueueGone)?;
+    Ok(web::Json(status.into()))
 }
 
 async fn suspend(
@@ -383,6 +440,12 @@ mod tests {
         assert_eq!(status!(app, "POST", "/api/queue", Some("admin-token")), 405);
         assert_eq!(status!(app, "GET", "/healthz", None), 200);
         assert_eq!(status!(app, "GET", "/readyz", None), 200);
+        // A node on the local backend is no cluster: a viewer hears so.
+        assert_eq!(status!(app, "GET", "/api/cluster", None), 401);
+        assert_eq!(
+            status!(app, "GET", "/api/cluster", Some("viewer-token")),
+            404
+        );
         // Only the admin's valid request reached the queue, normalised.
         assert_eq!(*seen.lock().unwrap(), [("held.test".to_string(), true)]);
     }

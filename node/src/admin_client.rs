@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::admin::{DomainState, ErrorBody};
+use crate::admin::{ClusterView, DomainState, ErrorBody};
 use crate::queue::QueueStats;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,6 +47,10 @@ impl AdminClient {
 
     pub async fn queue_stats(&self) -> Result<QueueStats, ClientError> {
         self.call(self.http.get(self.url("/api/queue"))).await
+    }
+
+    pub async fn cluster(&self) -> Result<ClusterView, ClientError> {
+        self.call(self.http.get(self.url("/api/cluster"))).await
     }
 
     /// Suspends (`true`) or resumes a domain, given in its routing form.

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::admin::ClusterView;
 use crate::admin_client::{AdminClient, ClientError};
 use crate::config::{Config, ConfigError};
 use crate::queue::QueueStats;
@@ -70,6 +71,9 @@ enum Command {
 enum QueueAction {
     /// Counts of messages and deliveries, by state and by domain.
     Summary,
+    /// The nodes of the cluster (Redis backend): which are alive, which are
+    /// dead, and which leads.
+    Nodes,
     /// Hold the deliveries of a domain (they stay queued and still expire).
     Suspend {
         #[arg(value_name = "DOMAIN")]
@@ -117,6 +121,13 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             let result = actix::System::new().block_on(async move {
                 let stats = AdminClient::new(listen, token).queue_stats().await?;
                 Ok::<_, ClientError>(format_summary(&stats))
+            });
+            return print_result(result);
+        }
+        QueueAction::Nodes => {
+            let result = actix::System::new().block_on(async move {
+                let view = AdminClient::new(listen, token).cluster().await?;
+                Ok::<_, ClientError>(format_nodes(&view))
             });
             return print_result(result);
         }
@@ -172,6 +183,37 @@ fn run(path: Option<&Path>, role: Role) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line per node, in id order: live or dead, and which leads.
+fn format_nodes(view: &ClusterView) -> String {
+    let mut nodes: Vec<(&String, &str)> = view
+        .live
+        .iter()
+        .map(|id| (id, "alive"))
+        .chain(view.dead.iter().map(|id| (id, "dead")))
+        .collect();
+    nodes.sort();
+    let width = nodes.iter().map(|(id, _)| id.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (id, state) in nodes {
+        let leads = if view.leader.as_ref() == Some(id) {
+            "  leader"
+        } else {
+            ""
+        };
+        out.push_str(&format!("{id:<width$}  {state}{leads}\n"));
+    }
+    if view.leader.is_none() {
+        out.push_str("no coordinator leads: retries are not promoted\n");
+    }
+    if let Some(error) = &view.last_error {
+        out.push_str(&format!(
+            "as seen by {}, whose last Redis error was: {error}\n",
+            view.node
+        ));
+    }
+    out
 }
 
 /// The queue counts as an aligned table, domains in name order.
@@ -314,6 +356,32 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["smarthost", "queue", "suspend"]).is_err());
         assert!(Cli::try_parse_from(["smarthost", "queue"]).is_err());
+    }
+
+    #[test]
+    fn the_nodes_are_listed_with_the_leader() {
+        let view = ClusterView {
+            node: "node-a".into(),
+            leader: Some("coord".into()),
+            live: vec!["node-a".into(), "coord".into()],
+            dead: vec!["node-b".into()],
+            last_error: None,
+        };
+        assert_eq!(
+            format_nodes(&view),
+            "coord   alive  leader\nnode-a  alive\nnode-b  dead\n"
+        );
+        let view = ClusterView {
+            leader: None,
+            last_error: Some("redis unavailable: timed out".into()),
+            ..view
+        };
+        assert_eq!(
+            format_nodes(&view),
+            "coord   alive\nnode-a  alive\nnode-b  dead\n\
+             no coordinator leads: retries are not promoted\n\
+             as seen by node-a, whose last Redis error was: redis unavailable: timed out\n"
+        );
     }
 
     #[test]

@@ -244,15 +244,18 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     }
 
     let (ready, is_ready) = watch::channel(false);
-    let admin = admin::start(
-        config.admin.listen,
-        AdminEnv::new(
+    let admin = admin::start(config.admin.listen, {
+        let env = AdminEnv::new(
             queue.clone().recipient(),
             queue.clone().recipient(),
             OperatorDb::new(&config.admin.operators),
             is_ready,
-        ),
-    )
+        );
+        match &coordinator {
+            Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
+            None => env,
+        }
+    })
     .map_err(|e| {
         format!(
             "admin.listen: cannot listen on {}: {e}",

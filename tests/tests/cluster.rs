@@ -224,6 +224,13 @@ fn three_nodes_share_the_queue_and_the_domain_caps() {
         "{}",
         coordinator.relay.log()
     );
+    // Any node tells who is in the cluster and who leads.
+    let out = nodes[1].relay.cli(&["queue", "nodes"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "coord   alive  leader\nnode-a  alive\nnode-b  alive\nnode-c  alive\n"
+    );
 }
 
 #[test]
@@ -253,6 +260,11 @@ fn a_node_killed_mid_run_loses_nothing() {
     assert_cap_held(&sink);
     let log = coordinator.relay.log();
     assert!(log.contains("coordinator: node is dead"), "{log}");
+    let out = nodes[1].relay.cli(&["queue", "nodes"], &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("node-a  dead\n"),
+        "{out:?}"
+    );
     eprintln!(
         "{}",
         log.lines()
