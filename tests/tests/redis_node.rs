@@ -57,15 +57,32 @@ fn submit_ok(setup: &Setup, subject: &str) {
 /// for messages refused with `451` whose subject starts with `while`: a
 /// store that Redis carried out after the node stopped waiting is
 /// delivered (at most once); the client was told to try again.
-fn assert_each_delivered_once(sink: &Sink, subjects: &[String]) {
-    sink.wait_for(subjects.len(), ARRIVAL + ARRIVAL);
+fn assert_each_delivered_once(sink: &Sink, subjects: &[String], node: &Setup) {
+    let arrived = || {
+        let mut got: BTreeMap<String, usize> = BTreeMap::new();
+        for m in sink.messages() {
+            *got.entry(m.header("Subject").unwrap_or_default())
+                .or_default() += 1;
+        }
+        got
+    };
+    let deadline = Instant::now() + ARRIVAL + ARRIVAL;
+    while !subjects.iter().all(|s| arrived().contains_key(s)) {
+        assert!(
+            Instant::now() < deadline,
+            "missing after {:?}: {:?}\n{}",
+            ARRIVAL + ARRIVAL,
+            subjects
+                .iter()
+                .filter(|s| !arrived().contains_key(*s))
+                .collect::<Vec<_>>(),
+            node.relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Anything delivered twice would show up within a few retry ticks.
     std::thread::sleep(Duration::from_secs(2));
-    let mut got: BTreeMap<String, usize> = BTreeMap::new();
-    for m in sink.messages() {
-        *got.entry(m.header("Subject").unwrap_or_default())
-            .or_default() += 1;
-    }
+    let mut got = arrived();
     let want: BTreeMap<String, usize> = subjects.iter().map(|s| (s.clone(), 1)).collect();
     let refused = |s: &String| s.starts_with("while");
     assert!(got.iter().all(|(s, n)| !refused(s) || *n == 1), "{got:?}");
@@ -82,7 +99,7 @@ fn a_node_on_redis_delivers_every_message_once() {
     for subject in &subjects {
         submit_ok(&setup, subject);
     }
-    assert_each_delivered_once(&sink, &subjects);
+    assert_each_delivered_once(&sink, &subjects, &setup);
 }
 
 #[test]
@@ -135,7 +152,7 @@ fn without_redis_mail_is_refused_for_now_and_nothing_accepted_is_lost() {
     }
 
     let sink = Sink::start(SinkOptions::default().port(port));
-    assert_each_delivered_once(&sink, &subjects);
+    assert_each_delivered_once(&sink, &subjects, &setup);
 }
 
 #[test]
@@ -167,7 +184,7 @@ fn another_node_delivers_what_a_killed_node_had_in_flight() {
 
     let sink = Sink::start(SinkOptions::default());
     let second = node(&redis, &sink.smart_host(), "node-b", &lease);
-    assert_each_delivered_once(&sink, &subjects);
+    assert_each_delivered_once(&sink, &subjects, &second);
     assert!(
         second
             .relay
