@@ -94,6 +94,9 @@ pub struct QueueConfig {
     pub redis_url: String,
     /// `redis_url` names seed nodes of a Redis Cluster.
     pub redis_cluster: bool,
+    /// With the Redis backend: every spool write waits until this many
+    /// replicas have it (`WAIT`), else the client gets a temporary failure.
+    pub redis_min_replicas: u32,
     /// The longest wait for Redis to answer one operation (reconnecting
     /// included) before the spool reports it unavailable.
     #[serde(with = "human::duration")]
@@ -311,6 +314,7 @@ impl Default for QueueConfig {
             redis_url: "redis://127.0.0.1:6379".to_string(),
             redis_cluster: false,
             redis_response_timeout: Duration::from_secs(5),
+            redis_min_replicas: 0,
             lease: Duration::from_secs(15 * 60),
             rescan_interval: Duration::from_secs(60),
             node_timeout: Duration::from_secs(30),
@@ -1310,13 +1314,14 @@ mod tests {
         assert_eq!(config.queue.lease, Duration::from_secs(15 * 60));
         assert_eq!(config.queue.rescan_interval, Duration::from_secs(60));
         let config = load(
-            "[queue]\nbackend = \"redis\"\nlease = \"30s\"\nrescan_interval = \"10s\"\nnode_timeout = \"6s\"",
+            "[queue]\nbackend = \"redis\"\nlease = \"30s\"\nrescan_interval = \"10s\"\nnode_timeout = \"6s\"\nredis_min_replicas = 1",
             &[],
         )
         .unwrap();
         assert_eq!(config.queue.lease, Duration::from_secs(30));
         assert_eq!(config.queue.rescan_interval, Duration::from_secs(10));
         assert_eq!(config.queue.node_timeout, Duration::from_secs(6));
+        assert_eq!(config.queue.redis_min_replicas, 1);
         let errors = invalid(
             "[queue]\nlease = \"500ms\"\nrescan_interval = \"0s\"\nnode_timeout = \"900ms\"",
         );

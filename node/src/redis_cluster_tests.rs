@@ -22,6 +22,7 @@ fn options() -> RedisSpoolOptions {
     RedisSpoolOptions {
         response_timeout: Duration::from_secs(2),
         cluster: true,
+        ..RedisSpoolOptions::default()
     }
 }
 

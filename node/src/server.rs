@@ -141,6 +141,7 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
         RedisSpoolOptions {
             response_timeout: config.queue.redis_response_timeout,
             cluster: config.queue.redis_cluster,
+            min_replicas: config.queue.redis_min_replicas,
         },
     )
     .await

@@ -194,3 +194,54 @@ fn another_node_delivers_what_a_killed_node_had_in_flight() {
         second.relay.log()
     );
 }
+
+#[test]
+fn with_a_replica_required_mail_waits_for_it_and_is_refused_without_it() {
+    let primary = RedisServer::start();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+    let sink = Sink::start(SinkOptions::default());
+    let setup = node(
+        &primary,
+        &sink.smart_host(),
+        "node-a",
+        &[("SMARTHOST__QUEUE__REDIS_MIN_REPLICAS", "1")],
+    );
+    // Until the replica is in sync nothing is acknowledged; then all is.
+    // A refused message may have been stored all the same (the primary
+    // has it, the replica did not confirm in time): it is delivered, and
+    // so is the client's next try, under its own subject here.
+    let mut subjects = Vec::new();
+    submit_until_accepted(&setup, "while syncing", &mut subjects);
+    for n in 0..5 {
+        let subject = format!("replicated {n}");
+        submit_ok(&setup, &subject);
+        subjects.push(subject);
+    }
+
+    // The replica stops answering: the node refuses for now.
+    replica.pause();
+    assert_eq!(try_submit(&setup, "while the replica is away"), 451);
+    replica.resume();
+    submit_until_accepted(&setup, "while resyncing", &mut subjects);
+    assert_each_delivered_once(&sink, &subjects, &setup);
+}
+
+/// Submits `<tag> <n>` for n = 0, 1, … until one is accepted (within
+/// 15 s) and adds that one, renamed `accepted <tag>`, to `subjects`: the
+/// refused ones keep a subject starting with "while".
+fn submit_until_accepted(setup: &Setup, tag: &str, subjects: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for n in 0.. {
+        if try_submit(setup, &format!("{tag} {n}")) != 250 {
+            assert!(Instant::now() < deadline, "{}", setup.relay.log());
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        // Accepted: not a refused one after all.
+        let accepted = format!("accepted {tag} {n}");
+        submit_ok(setup, &accepted);
+        subjects.push(accepted);
+        return;
+    }
+}

@@ -128,6 +128,10 @@ pub struct RedisSpoolOptions {
     pub response_timeout: Duration,
     /// The URL lists seed nodes of a Redis Cluster, not one server.
     pub cluster: bool,
+    /// Every write waits (`WAIT`) until this many replicas have it, and
+    /// fails otherwise: an acknowledged message then survives the failover
+    /// to a replica. 0: no wait.
+    pub min_replicas: u32,
 }
 
 impl Default for RedisSpoolOptions {
@@ -135,6 +139,7 @@ impl Default for RedisSpoolOptions {
         RedisSpoolOptions {
             response_timeout: Duration::from_secs(5),
             cluster: false,
+            min_replicas: 0,
         }
     }
 }
@@ -218,6 +223,17 @@ fn check_waitaof(what: &str, reply: &[i64]) -> Result<(), SpoolError> {
             "redis {what}: the write was not fsynced to the AOF in time ({reply:?})"
         ))),
     }
+}
+
+/// `WAIT` answered how many replicas have the write; fewer than asked
+/// means a failover now could lose it.
+fn check_replicas(what: &str, acknowledged: i64, wanted: u32) -> Result<(), SpoolError> {
+    if acknowledged >= i64::from(wanted) {
+        return Ok(());
+    }
+    Err(SpoolError::Unavailable(format!(
+        "redis {what}: {acknowledged} of {wanted} replicas acknowledged the write in time"
+    )))
 }
 
 /// The writes of a new message's keys (one slot).
@@ -374,7 +390,40 @@ impl RedisSpool {
                 "redis spool: cannot read the persistence settings (CONFIG disabled?); \
                  assuming an acknowledged write is only in the server's memory"),
         }
+        if self.options.min_replicas > 0 {
+            self.probe_replicas(shown).await;
+        }
         Ok(durability)
+    }
+
+    /// Says at open whether every primary has the replicas that writes will
+    /// wait for; with fewer, mail is refused for now until they come.
+    async fn probe_replicas(&self, shown: &str) {
+        let wanted = self.options.min_replicas;
+        let fewest = self
+            .on_every_primary("INFO", redis::cmd("INFO").arg("replication"))
+            .await
+            .ok()
+            .and_then(|replies| {
+                replies
+                    .into_iter()
+                    .map(|reply| {
+                        let text: String = parse_value(reply).ok()?;
+                        text.lines()
+                            .find_map(|l| l.strip_prefix("connected_slaves:"))
+                            .and_then(|n| n.trim().parse::<u32>().ok())
+                    })
+                    .collect::<Option<Vec<u32>>>()
+            })
+            .and_then(|counts| counts.into_iter().min());
+        match fewest {
+            Some(n) if n >= wanted => tracing::info!(redis = %shown, replicas = n,
+                min_replicas = wanted, "redis spool: every write waits until {wanted} replicas have it"),
+            Some(n) => tracing::warn!(redis = %shown, replicas = n, min_replicas = wanted,
+                "redis spool: fewer replicas than queue.redis_min_replicas; mail is refused for now until they are back"),
+            None => tracing::warn!(redis = %shown, min_replicas = wanted,
+                "redis spool: cannot read the replication state; every write waits for the replicas"),
+        }
     }
 
     /// The value of the setting `name`; on a cluster, of every primary,
@@ -452,26 +501,48 @@ impl RedisSpool {
         self.bounded(what, try_join_all(requests)).await
     }
 
-    /// Adds the durability wait to a write pipeline, if this server needs one.
+    /// How long the server may wait for a durability wait: half the
+    /// response timeout, so that its answer arrives before the node gives
+    /// up on the request.
+    fn wait_ms(&self) -> u64 {
+        (self.options.response_timeout.as_millis() as u64 / 2).max(1)
+    }
+
+    /// How many durability waits follow each write ([`RedisSpool::add_wait`]).
+    fn waits(&self) -> usize {
+        usize::from(self.durability == Durability::WaitAof)
+            + usize::from(self.options.min_replicas > 0)
+    }
+
+    /// Adds the durability waits to a write pipeline: `WAITAOF` where the
+    /// server needs it for its own disk, `WAIT` for `min_replicas`. They go
+    /// on the connection of the write, so they wait for it.
     fn add_wait(&self, pipe: &mut Pipeline) {
         if self.durability == Durability::WaitAof {
-            pipe.cmd("WAITAOF")
-                .arg(1)
-                .arg(0)
-                .arg(self.options.response_timeout.as_millis() as u64);
+            pipe.cmd("WAITAOF").arg(1).arg(0).arg(self.wait_ms());
+        }
+        if self.options.min_replicas > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.options.min_replicas)
+                .arg(self.wait_ms());
         }
     }
 
-    /// Checks the durability wait's reply, the last of `replies`.
+    /// Checks the replies of the durability waits, the last of `replies`.
     fn check_wait(&self, what: &str, replies: &[Value]) -> Result<(), SpoolError> {
-        if self.durability != Durability::WaitAof {
-            return Ok(());
+        let mut waits = replies[replies.len().saturating_sub(self.waits())..].iter();
+        if self.durability == Durability::WaitAof {
+            let counts: Vec<i64> = match waits.next() {
+                Some(Value::Array(items)) => items.iter().map(as_int).collect(),
+                _ => Vec::new(),
+            };
+            check_waitaof(what, &counts)?;
         }
-        let counts: Vec<i64> = match replies.last() {
-            Some(Value::Array(items)) => items.iter().map(as_int).collect(),
-            _ => Vec::new(),
-        };
-        check_waitaof(what, &counts)
+        if self.options.min_replicas > 0 {
+            let acknowledged = waits.next().map(as_int).unwrap_or(0);
+            check_replicas(what, acknowledged, self.options.min_replicas)?;
+        }
+        Ok(())
     }
 
     /// Runs `MULTI`, `commands`, `EXEC` and the durability wait as one
@@ -502,9 +573,7 @@ impl RedisSpool {
         mut replies: Vec<Value>,
     ) -> Result<Vec<Value>, SpoolError> {
         self.check_wait(what, &replies)?;
-        if self.durability == Durability::WaitAof {
-            replies.pop();
-        }
+        replies.truncate(replies.len().saturating_sub(self.waits()));
         let exec = replies.pop().unwrap_or(Value::Nil);
         exec_replies(what, exec)
     }
@@ -785,6 +854,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn passes_the_spool_suite_waiting_for_a_replica() {
+        let primary = RedisServer::start();
+        let _replica =
+            RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+        until_replicas(&primary, 1).await;
+        let url = primary.url();
+        suite::run(|| {
+            let url = url.clone();
+            async move {
+                let options = RedisSpoolOptions {
+                    min_replicas: 1,
+                    ..RedisSpoolOptions::default()
+                };
+                Arc::new(RedisSpool::open_with(&url, options).await.expect("open"))
+                    as Arc<dyn Spool>
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn records_and_bodies_are_stored_behind_the_version_byte() {
         let server = RedisServer::start();
         let spool = open(&server).await;
@@ -921,6 +1011,90 @@ mod tests {
             spool.remove(&id(2)).await,
             Err(SpoolError::NotFound(_))
         ));
+    }
+
+    /// Waits (at most 10 s) until `primary` has `replicas` in sync.
+    async fn until_replicas(primary: &RedisServer, replicas: usize) {
+        let mut conn = raw(primary).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let online = info.lines().filter(|l| l.contains("state=online")).count();
+            if online >= replicas {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replicas never came: {info}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn with_min_replicas_a_write_is_acknowledged_only_once_a_replica_has_it() {
+        let primary = RedisServer::start();
+        let replica =
+            RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+        until_replicas(&primary, 1).await;
+        let timeout = Duration::from_secs(2);
+        let spool = RedisSpool::open_with(
+            &primary.url(),
+            RedisSpoolOptions {
+                response_timeout: timeout,
+                min_replicas: 1,
+                ..RedisSpoolOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let before = spool.round_trips();
+        spool.store(vec![message(1, 100)]).await.unwrap();
+        assert_eq!(spool.round_trips() - before, 1, "the wait rides along");
+        // The replica has it the moment the primary acknowledged it.
+        let mut on_replica = raw(&replica).await;
+        assert!(!get(&mut on_replica, &record_key(&id(1))).await.is_empty());
+        assert!(!get(&mut on_replica, &body_key(&id(1))).await.is_empty());
+        let mut record = message(1, 100).record;
+        record.deliveries[0].attempts = 1;
+        spool.update(record).await.unwrap();
+        spool.remove(&id(1)).await.unwrap();
+
+        // Without the replica a write fails within the timeout, never
+        // acknowledged: the client hears 451 and sends it again.
+        replica.pause();
+        let started = Instant::now();
+        match spool.store(vec![message(2, 100)]).await {
+            Err(SpoolError::Unavailable(why)) => {
+                assert!(why.contains("0 of 1 replicas"), "{why}")
+            }
+            other => panic!("acknowledged without a replica: {other:?}"),
+        }
+        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+
+        // The replica back: writes are acknowledged again.
+        replica.resume();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while spool.store(vec![message(3, 100)]).await.is_err() {
+            assert!(Instant::now() < deadline, "never acknowledged again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            get(&mut on_replica, &record_key(&id(3))).await,
+            envelope::encode(&message(3, 100).record)
+        );
+    }
+
+    #[test]
+    fn too_few_replicas_is_a_temporary_failure() {
+        assert!(check_replicas("store", 1, 1).is_ok());
+        assert!(check_replicas("store", 2, 1).is_ok());
+        assert!(matches!(
+            check_replicas("store", 0, 1),
+            Err(SpoolError::Unavailable(_))
+        ));
+        assert!(check_replicas("store", 1, 2).is_err());
     }
 
     #[tokio::test]
