@@ -16,7 +16,8 @@ use crate::schedule::suite::{self as schedule_suite, outcome, policy, Fixture};
 use crate::schedule::Schedule;
 use crate::spool::redis::{body_key, record_key, INDEX_KEY};
 use crate::spool::suite::{self as spool_suite, id, message};
-use crate::spool::{Durability, NewMessage, RedisSpool, RedisSpoolOptions, Spool};
+use crate::spool::{Durability, NewMessage, RedisSpool, RedisSpoolOptions, Spool, SpoolError};
+use smarthost_proto::envelope::MessageId;
 
 fn options() -> RedisSpoolOptions {
     RedisSpoolOptions {
@@ -350,4 +351,88 @@ async fn two_expiry_sweeps_at_once_on_a_cluster_report_each_delivery_once() {
     let (_, b) = node(&cluster).await;
     schedule_suite::two_sweeps_at_once_report_each_delivery_once(spool, a, b).await;
     assert_spread(&cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_loses_no_message_acknowledged_with_a_replica() {
+    let mut cluster = RedisCluster::start_with_replicas();
+    let spool = RedisSpool::open_with(
+        &cluster.urls(),
+        RedisSpoolOptions {
+            min_replicas: 1,
+            ..options()
+        },
+    )
+    .await
+    .expect("open on the cluster");
+    let mut acknowledged = Vec::new();
+    for n in 0..60 {
+        spool
+            .store(vec![message(n, 500)])
+            .await
+            .expect("store before");
+        acknowledged.push(id(n));
+    }
+    // A primary that holds messages but not the index: with its replica
+    // promoted (and no replica left behind it) its slots refuse writes
+    // from then on, the others go on.
+    let index_home = cluster.node_of(INDEX_KEY);
+    let victim = (0..60)
+        .map(|n| cluster.node_of(&record_key(&id(n))))
+        .find(|&node| node != index_home)
+        .expect("messages on another primary than the index");
+    let on_victim: Vec<MessageId> = (0..60)
+        .map(id)
+        .filter(|m| cluster.node_of(&record_key(m)) == victim)
+        .collect();
+    assert!(!on_victim.is_empty());
+    cluster.kill(victim);
+    let killed = Instant::now();
+
+    // Submissions go on (bounded): refused while the cluster fails over,
+    // and, for the lost primary's slots, as long as it has no replica.
+    let mut refused = 0;
+    let mut after = 0;
+    let mut first_after = None;
+    for n in 1000..1400 {
+        if killed.elapsed() > Duration::from_secs(40) || after >= 20 {
+            break;
+        }
+        match spool.store(vec![message(n, 500)]).await {
+            Ok(()) => {
+                acknowledged.push(id(n));
+                after += 1;
+                first_after.get_or_insert(killed.elapsed());
+            }
+            Err(SpoolError::Unavailable(_)) => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("store {n}: {other}"),
+        }
+    }
+    eprintln!(
+        "after the kill: first store acknowledged after {first_after:?}; {after} stored, {refused} refused within {:?}",
+        killed.elapsed()
+    );
+    assert!(after >= 20, "the other primaries stopped taking mail");
+    cluster.wait_until_ok();
+
+    // Everything acknowledged is there, those of the lost primary too.
+    let listed: HashSet<MessageId> = spool
+        .list()
+        .await
+        .expect("list after the failover")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    for m in &acknowledged {
+        assert!(listed.contains(m), "{m} was acknowledged and is gone");
+    }
+    for m in &on_victim {
+        spool
+            .read_body(m)
+            .await
+            .expect("the body survived the failover");
+    }
 }

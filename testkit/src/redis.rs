@@ -213,11 +213,24 @@ const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Killed when dropped.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// Indices of nodes killed by [`RedisCluster::kill`].
+    dead: Vec<usize>,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
+        RedisCluster::start_nodes(3, 0, "5000")
+    }
+
+    /// Three primaries, each with one replica (six servers), and a node
+    /// timeout of one second: a primary that dies is replaced by its
+    /// replica within a few seconds.
+    pub fn start_with_replicas() -> RedisCluster {
+        RedisCluster::start_nodes(6, 1, "1000")
+    }
+
+    fn start_nodes(count: usize, replicas: usize, node_timeout_ms: &str) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..count)
             .map(|_| {
                 let bus = free_port().to_string();
                 RedisServer::start_with(&[
@@ -228,17 +241,23 @@ impl RedisCluster {
                     "--cluster-port",
                     &bus,
                     "--cluster-node-timeout",
-                    "5000",
+                    node_timeout_ms,
                 ])
             })
             .collect();
-        let cluster = RedisCluster { nodes };
-        cluster.create();
+        let mut cluster = RedisCluster {
+            nodes,
+            dead: Vec::new(),
+        };
+        cluster.create(replicas);
         cluster.wait_until_ok();
+        if replicas > 0 {
+            cluster.wait_for_replicas();
+        }
         cluster
     }
 
-    fn create(&self) {
+    fn create(&mut self, replicas: usize) {
         let addrs: Vec<String> = self
             .nodes
             .iter()
@@ -249,7 +268,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .stdout(out.reopen().expect("redis-cli output"))
             .stderr(Stdio::null())
@@ -281,14 +300,13 @@ impl RedisCluster {
         );
     }
 
-    /// Waits until every node says `cluster_state:ok` (all slots served,
-    /// as far as it knows).
-    fn wait_until_ok(&self) {
+    /// Waits until every node still running says `cluster_state:ok` (all
+    /// slots served, as far as it knows).
+    pub fn wait_until_ok(&self) {
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
         loop {
             let states: Vec<Option<String>> = self
-                .nodes
-                .iter()
+                .living()
                 .map(|n| command(n.port(), &["CLUSTER", "INFO"]))
                 .collect();
             if states
@@ -303,6 +321,51 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    fn living(&self) -> impl Iterator<Item = &RedisServer> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.dead.contains(i))
+            .map(|(_, n)| n)
+    }
+
+    /// Waits until every primary has a replica whose link is up.
+    fn wait_for_replicas(&self) {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let linked = self.primaries().into_iter().all(|i| {
+                command(self.nodes[i].port(), &["INFO", "replication"])
+                    .is_some_and(|info| info.contains("state=online"))
+            });
+            if linked {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas did not come up within {CLUSTER_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The indices of the nodes running as primaries now.
+    pub fn primaries(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| !self.dead.contains(i))
+            .filter(|&i| {
+                command(self.nodes[i].port(), &["INFO", "replication"])
+                    .is_some_and(|info| info.contains("role:master"))
+            })
+            .collect()
+    }
+
+    /// Kills node `i` for good (SIGKILL): with replicas, the cluster fails
+    /// its slots over to the replica; see [`RedisCluster::wait_until_ok`].
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+        self.dead.push(i);
     }
 
     /// Every node's URL, comma-separated: a seed list for the client.
@@ -339,12 +402,13 @@ impl RedisCluster {
 
     /// The index (in node order) of the primary that serves `key`.
     pub fn node_of(&self, key: &str) -> usize {
-        let slot: u16 = command(self.nodes[0].port(), &["CLUSTER", "KEYSLOT", key])
+        let asked = self.living().next().expect("a running node").port();
+        let slot: u16 = command(asked, &["CLUSTER", "KEYSLOT", key])
             .and_then(|r| r.trim_start_matches(':').parse().ok())
             .expect("CLUSTER KEYSLOT");
         // CLUSTER NODES: `<id> <ip:port@bus> <flags> <master> <ping> <pong>
         // <epoch> <link> <slot or range>...`, one line per node.
-        let nodes = command(self.nodes[0].port(), &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        let nodes = command(asked, &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
         let serves = |ranges: &[&str]| {
             ranges.iter().any(|r| {
                 let (from, to) = r.split_once('-').unwrap_or((r, r));
