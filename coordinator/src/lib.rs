@@ -395,6 +395,11 @@ impl Actor for Coordinator {
             self.leadership(ctx);
             ctx.run_interval(self.options.leader_ttl / 3, |act, ctx| act.leadership(ctx));
         }
+        // The first membership read once the first heartbeat is in.
+        ctx.run_later(
+            self.options.tick_interval.min(Duration::from_secs(1)),
+            |act, ctx| act.tick(ctx),
+        );
         ctx.run_interval(self.options.tick_interval, |act, ctx| act.tick(ctx));
         if self.options.lead && self.jobs.is_some() {
             ctx.run_interval(self.options.job_interval, |act, ctx| act.send_jobs(ctx));

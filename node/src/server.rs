@@ -168,9 +168,15 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     let (queue, _) = redis_queue(&config).await?;
     let queue = queue.start();
     let coordinator = start_coordinator(&config, true, queue.clone().recipient()).await?;
+    // Probes, the cluster view and the shared queue's counts; ready while
+    // it runs.
+    let (ready, is_ready) = watch::channel(true);
+    let admin = start_admin(&config, &queue, Some(&coordinator), is_ready)?;
     tracing::info!(node = %config.node.id, "coordinator running");
     wait_for_signal().await;
+    ready.send_replace(false);
     let _ = coordinator.send(Shutdown).await;
+    admin.stop(true).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -245,31 +251,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     }
 
     let (ready, is_ready) = watch::channel(false);
-    let admin = admin::start(config.admin.listen, {
-        let env = AdminEnv::new(
-            queue.clone().recipient(),
-            queue.clone().recipient(),
-            OperatorDb::new(&config.admin.operators),
-            is_ready,
-        );
-        match &coordinator {
-            Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
-            None => env,
-        }
-    })
-    .map_err(|e| {
-        format!(
-            "admin.listen: cannot listen on {}: {e}",
-            config.admin.listen
-        )
-    })?;
-    if config.admin.operators.is_empty() && !config.admin.listen.ip().is_loopback() {
-        tracing::warn!(
-            listen = %config.admin.listen,
-            "the admin API is open to anyone who can reach it: configure [[admin.operators]]"
-        );
-    }
-    tracing::info!(listen = %config.admin.listen, "admin API listening");
+    let admin = start_admin(&config, &queue, coordinator.as_ref(), is_ready)?;
 
     let listener = Listener::bind(
         &config.smtp.listen,
@@ -306,6 +288,40 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     admin.stop(true).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The admin API on `admin.listen`, answering from this process's queue
+/// and, on the Redis backend, its coordinator.
+fn start_admin(
+    config: &Config,
+    queue: &Addr<Queue>,
+    coordinator: Option<&Addr<Coordinator>>,
+    is_ready: watch::Receiver<bool>,
+) -> Result<actix_web::dev::ServerHandle, Box<dyn Error>> {
+    let env = AdminEnv::new(
+        queue.clone().recipient(),
+        queue.clone().recipient(),
+        OperatorDb::new(&config.admin.operators),
+        is_ready,
+    );
+    let env = match coordinator {
+        Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
+        None => env,
+    };
+    let admin = admin::start(config.admin.listen, env).map_err(|e| {
+        format!(
+            "admin.listen: cannot listen on {}: {e}",
+            config.admin.listen
+        )
+    })?;
+    if config.admin.operators.is_empty() && !config.admin.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.admin.listen,
+            "the admin API is open to anyone who can reach it: configure [[admin.operators]]"
+        );
+    }
+    tracing::info!(listen = %config.admin.listen, "admin API listening");
+    Ok(admin)
 }
 
 /// Retries, reports and the delivery log, from `[queue]`, `[bounce]` and

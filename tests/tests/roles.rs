@@ -134,6 +134,31 @@ fn one_coordinator_leads_and_hands_over_and_nodes_only_heartbeat() {
         },
     );
 
+    // A coordinator serves the admin API too: the cluster as it sees it
+    // (from its next membership read on).
+    let nodes = || {
+        let out = Command::new(smarthost_bin())
+            .args(["queue", "nodes", "--config"])
+            .arg(dir.path().join("coord-b.toml"))
+            .output()
+            .expect("run smarthost queue nodes");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until("the cluster view", Duration::from_secs(10), || {
+        nodes().lines().count() == 3
+    });
+    let text = nodes();
+    let leader = if first.leads() { "coord-a" } else { "coord-b" };
+    for id in ["coord-a", "coord-b", "node-1"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("{id} missing:\n{text}"));
+        assert!(line.contains("alive"), "{text}");
+        assert_eq!(line.ends_with("leader"), id == leader, "{text}");
+    }
+
     // The leader stops: the other takes over (the lease is released).
     let (mut leader, follower) = if first.leads() {
         (first, second)
