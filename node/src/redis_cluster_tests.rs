@@ -100,13 +100,7 @@ async fn a_stored_batch_is_spread_over_the_primaries_and_each_message_stays_in_o
 async fn round_trips_on_a_cluster() {
     let cluster = RedisCluster::start();
     let spool = open(&cluster).await;
-    let mut last = spool.round_trips();
-    let mut trips = || {
-        let now = spool.round_trips();
-        let n = now - last;
-        last = now;
-        n
-    };
+    let mut trips = smarthost_testkit::since_last(|| spool.round_trips());
     let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
     spool.store(batch).await.unwrap();
     assert_eq!(
@@ -205,13 +199,7 @@ async fn two_nodes_taking_at_once_on_a_cluster_never_get_the_same_delivery() {
 async fn schedule_round_trips_on_a_cluster() {
     let cluster = RedisCluster::start();
     let (spool, s) = node(&cluster).await;
-    let mut last = s.round_trips();
-    let mut trips = || {
-        let now = s.round_trips();
-        let n = now - last;
-        last = now;
-        n
-    };
+    let mut trips = smarthost_testkit::since_last(|| s.round_trips());
     let batch: Vec<_> = (0..30).map(|n| message(n * 3, 100)).collect();
     let records = batch.iter().map(|m| m.record.clone()).collect();
     spool.store(batch).await.unwrap();

@@ -6,3 +6,15 @@
 //!   [`redis::RedisCluster`] joins three into a Redis Cluster.
 
 pub mod redis;
+
+/// A counter of what `total` grew by since the previous call (the first
+/// call: since this one), for tests that count requests per operation.
+pub fn since_last(total: impl Fn() -> u64) -> impl FnMut() -> u64 {
+    let mut last = total();
+    move || {
+        let now = total();
+        let grown = now - last;
+        last = now;
+        grown
+    }
+}

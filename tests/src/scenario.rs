@@ -167,6 +167,19 @@ pub fn delivery_log(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// How many deliveries each node's delivery log records, in node order.
+pub fn delivered_per_node(nodes: &[Setup]) -> Vec<usize> {
+    nodes
+        .iter()
+        .map(|s| {
+            delivery_log(&s.log_file)
+                .iter()
+                .filter(|l| l["outcome"] == "delivered")
+                .count()
+        })
+        .collect()
+}
+
 /// Waits (at most `timeout`) until the delivery log holds lines for which
 /// `done` is true; returns the log, or panics with it.
 #[track_caller]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use smarthost_testkit::redis::RedisServer;
 use smarthost_tests::proxy::Proxy;
-use smarthost_tests::scenario::{delivery_log, dot_stuff, message, route, start_as, Setup};
+use smarthost_tests::scenario::{delivered_per_node, dot_stuff, message, route, start_as, Setup};
 use smarthost_tests::sink::{Sink, SinkOptions};
 use smarthost_tests::smtp::Client;
 
@@ -185,16 +185,7 @@ fn assert_all_arrived(
 
 /// Prints how many deliveries each node logged, to show the work spread.
 fn print_spread(nodes: &[Setup]) {
-    let delivered: Vec<usize> = nodes
-        .iter()
-        .map(|s| {
-            delivery_log(&s.log_file)
-                .iter()
-                .filter(|l| l["outcome"] == "delivered")
-                .count()
-        })
-        .collect();
-    eprintln!("delivered per node: {delivered:?}");
+    eprintln!("delivered per node: {:?}", delivered_per_node(nodes));
 }
 
 #[track_caller]

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use smarthost_testkit::redis::RedisCluster;
-use smarthost_tests::scenario::{delivery_log, dot_stuff, message, route, start_with_env, Setup};
+use smarthost_tests::scenario::{
+    delivered_per_node, dot_stuff, message, route, start_with_env, Setup,
+};
 use smarthost_tests::sink::{Sink, SinkOptions};
 use smarthost_tests::smtp::{queued_id, Client};
 
@@ -94,15 +96,7 @@ fn two_nodes_on_a_redis_cluster_deliver_every_message_exactly_once() {
     }
     let keys = cluster.keys_per_node();
     assert!(keys.iter().all(|&n| n > 0), "keys per primary: {keys:?}");
-    let delivered: Vec<usize> = nodes
-        .iter()
-        .map(|s| {
-            delivery_log(&s.log_file)
-                .iter()
-                .filter(|l| l["outcome"] == "delivered")
-                .count()
-        })
-        .collect();
+    let delivered = delivered_per_node(&nodes);
     eprintln!("delivered per node: {delivered:?}, keys per primary: {keys:?}");
     assert_eq!(delivered.iter().sum::<usize>(), MESSAGES);
 }

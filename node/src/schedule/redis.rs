@@ -1437,13 +1437,7 @@ mod tests {
     async fn round_trips_per_operation() {
         let server = RedisServer::start();
         let (spool, s) = node(&server).await;
-        let mut last = s.round_trips();
-        let mut trips = || {
-            let now = s.round_trips();
-            let n = now - last;
-            last = now;
-            n
-        };
+        let mut trips = smarthost_testkit::since_last(|| s.round_trips());
         let batch: Vec<_> = (0..30).map(|n| message(n * 3, 100)).collect();
         let records = batch.iter().map(|m| m.record.clone()).collect();
         spool.store(batch).await.unwrap();

@@ -943,13 +943,7 @@ mod tests {
     async fn round_trips_per_operation() {
         let server = RedisServer::start();
         let spool = open(&server).await;
-        let mut last = spool.round_trips();
-        let mut trips = || {
-            let now = spool.round_trips();
-            let n = now - last;
-            last = now;
-            n
-        };
+        let mut trips = smarthost_testkit::since_last(|| spool.round_trips());
 
         let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
         spool.store(batch).await.unwrap();
