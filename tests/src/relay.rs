@@ -61,6 +61,13 @@ fn table_body(sections: &str, table: &str) -> Option<(usize, usize)> {
     Some((start, end))
 }
 
+/// The address in the last "cannot listen on ADDR: …" of `log`.
+fn taken_address(log: &str) -> Option<SocketAddr> {
+    let (_, rest) = log.rsplit_once("cannot listen on ")?;
+    let (addr, why) = rest.split_once(": ")?;
+    why.contains("in use").then(|| addr.parse().ok())?
+}
+
 /// `sections` with `key = value` added to `[table]` for every key the test
 /// did not set (the table is added when missing).
 fn with_defaults(sections: &str, table: &str, defaults: &[(&str, String)]) -> String {
@@ -155,40 +162,66 @@ impl Relay {
     }
 
     /// Starts the process (again) on the same configuration and spool.
+    /// A port taken by someone else between choosing it and binding it (the
+    /// tests run in parallel) is swapped for another free one, at most
+    /// twice.
     pub fn launch(&mut self) {
         assert!(self.child.is_none(), "relay already running");
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(smarthost_bin())
-            .arg(self.command)
-            .arg("--config")
-            .arg(&self.config)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start smarthost");
-        self.child = Some(child);
-        self.wait_ready();
+        for attempt in 0..3 {
+            let ready_before = self.log().matches(self.ready_line()).count();
+            let log = File::options()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .expect("log file");
+            let child = Command::new(smarthost_bin())
+                .arg(self.command)
+                .arg("--config")
+                .arg(&self.config)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start smarthost");
+            self.child = Some(child);
+            match self.wait_ready(ready_before) {
+                Ok(()) => return,
+                Err(taken) if attempt < 2 => self.move_off(taken),
+                Err(taken) => panic!("{taken} stays taken:\n{}", self.log()),
+            }
+        }
     }
 
-    /// Waits (at most 30 s) until the SMTP port answers.
-    fn wait_ready(&mut self) {
+    /// The log line that says this process is up: its SMTP listener is
+    /// bound (a coordinator listens for no mail).
+    fn ready_line(&self) -> &'static str {
+        match self.command {
+            "coordinator" => "coordinator running",
+            _ => "listening for SMTP",
+        }
+    }
+
+    /// Waits (at most 30 s) until this process logs that it is up, and
+    /// then until its SMTP port answers. `Err`: it could not bind an
+    /// address that someone else took meanwhile.
+    fn wait_ready(&mut self, ready_before: usize) -> Result<(), SocketAddr> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("smarthost exited with {status} at start:\n{}", self.log());
-            }
-            if self.command == "coordinator" {
-                if self.log().contains("coordinator running") {
-                    return;
+                self.child = None;
+                let log = self.log();
+                if let Some(taken) = taken_address(&log) {
+                    return Err(taken);
                 }
+                panic!("smarthost exited with {status} at start:\n{log}");
+            }
+            if self.log().matches(self.ready_line()).count() <= ready_before {
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
+            }
+            if self.command == "coordinator" {
+                return Ok(());
             }
             if let Ok(mut probe) =
                 TcpStream::connect_timeout(&self.smtp, Duration::from_millis(200))
@@ -199,11 +232,31 @@ impl Relay {
                 let _ = probe.write_all(b"QUIT\r\n");
                 let _ = probe.read_to_end(&mut Vec::new());
                 std::thread::sleep(Duration::from_millis(100));
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("smarthost did not listen within 30 s:\n{}", self.log());
+    }
+
+    /// Moves the SMTP or admin address `taken` to a free port in the
+    /// configuration file.
+    fn move_off(&mut self, taken: SocketAddr) {
+        let fresh: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        let quoted = format!("\"{taken}\"");
+        assert!(
+            text.contains(&quoted),
+            "{taken} is taken and not in the file (set in the environment?)"
+        );
+        let text = text.replace(&quoted, &format!("\"{fresh}\""));
+        std::fs::write(&self.config, text).expect("write config");
+        if self.smtp == taken {
+            self.smtp = fresh;
+        }
+        if self.admin == taken {
+            self.admin = fresh;
+        }
     }
 
     /// Where the relay's admin API listens (`[admin] listen`).
@@ -312,5 +365,28 @@ impl Drop for Relay {
         if std::thread::panicking() {
             eprintln!("--- smarthost log ---\n{}", self.log());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_taken_address_is_read_from_the_log() {
+        let log = "{\"message\":\"admin API listening\"}\n\
+                   error: cannot listen on 127.0.0.1:43273: Address already in use (os error 98)\n";
+        assert_eq!(taken_address(log), Some("127.0.0.1:43273".parse().unwrap()));
+        let admin =
+            "error: admin.listen: cannot listen on 127.0.0.1:8025: Address already in use\n";
+        assert_eq!(
+            taken_address(admin),
+            Some("127.0.0.1:8025".parse().unwrap())
+        );
+        assert_eq!(
+            taken_address("error: cannot listen on 10.0.0.1:25: Cannot assign requested address"),
+            None
+        );
+        assert_eq!(taken_address("error: queue.redis_url: refused"), None);
     }
 }
