@@ -512,48 +512,29 @@ impl Queue {
         })
     }
 
+    /// Fails deliveries past their lifetime. A schedule that writes records
+    /// queues their reports through the hook before each record changes;
+    /// otherwise the reports and the records follow here.
     fn sweep_expired(&mut self, ctx: &mut Context<Self>) {
-        if self.schedule.writes_records() {
-            // Reports are queued before each record changes; the schedule
-            // writes the records.
-            let schedule = self.schedule.clone();
-            let policy = self.settings.retry.clone();
-            let hook = self.report_hook(ctx);
-            let expire = async move { schedule.expire_reporting(now_ms(), &policy, hook).await };
-            ctx.spawn(
-                expire
-                    .into_actor(self)
-                    .map(|expired, queue, _| match expired {
-                        Ok(expired) => {
-                            if expired.len() >= crate::schedule::redis::EXPIRY_BATCH {
-                                // More may be waiting: the next tick sweeps again.
-                                queue.last_sweep = None;
-                            }
-                            for completion in &expired {
-                                tracing::info!(message_id = %completion.record.id,
-                            domain = %completion.domain, "delivery expired");
-                                queue.log(completion, None);
-                            }
-                        }
-                        Err(error) => tracing::warn!(%error, "cannot expire old deliveries"),
-                    }),
-            );
-            return;
-        }
         let schedule = self.schedule.clone();
         let policy = self.settings.retry.clone();
-        let expire = async move { schedule.expire(now_ms(), &policy).await };
+        let hook = schedule.writes_records().then(|| self.report_hook(ctx));
+        let expire = async move { schedule.expire(now_ms(), &policy, hook.as_ref()).await };
         ctx.spawn(
             expire
                 .into_actor(self)
                 .map(|expired, queue, ctx| match expired {
-                    Ok(expired) => queue.report_expired(expired, ctx),
+                    Ok(expired) => queue.expired(expired, ctx),
                     Err(error) => tracing::warn!(%error, "cannot expire old deliveries"),
                 }),
         );
     }
 
-    fn report_expired(&mut self, expired: Vec<Completion>, ctx: &mut Context<Self>) {
+    fn expired(&mut self, expired: Vec<Completion>, ctx: &mut Context<Self>) {
+        if expired.len() >= crate::schedule::redis::EXPIRY_BATCH {
+            // More may be waiting: the next leader tick sweeps again.
+            self.last_sweep = None;
+        }
         for completion in &expired {
             tracing::info!(
                 message_id = %completion.record.id,
@@ -561,6 +542,9 @@ impl Queue {
                 "delivery expired"
             );
             self.log(completion, None);
+        }
+        if self.schedule.writes_records() {
+            return;
         }
         for completion in merge_by_message(expired) {
             let done = self.follow_up(completion, ctx);
@@ -933,35 +917,12 @@ impl Handler<Report> for Queue {
         let jitter = rand::random_range(-0.1..=0.1);
         let schedule = self.schedule.clone();
         let policy = self.settings.retry.clone();
-        if schedule.writes_records() {
-            // The schedule queues the reports through the hook, then writes
-            // the record: when `complete` returns, the outcome is durable.
-            let hook = self.report_hook(ctx);
-            let complete = async move {
-                let completion = schedule
-                    .complete_reporting(
-                        &msg.id,
-                        &msg.domain,
-                        &msg.outcome,
-                        now_ms(),
-                        &policy,
-                        jitter,
-                        hook,
-                    )
-                    .await;
-                (msg, completion)
-            };
-            return Box::pin(
-                complete
-                    .into_actor(self)
-                    .map(|(msg, completion), queue, _| match completion {
-                        Ok(Some(completion)) => queue.log(&completion, Some(&msg.outcome)),
-                        Ok(None) => {}
-                        Err(error) => tracing::error!(message_id = %msg.id, domain = %msg.domain,
-                        %error, "cannot record a delivery outcome"),
-                    }),
-            );
-        }
+        // A schedule that writes records queues the reports through the
+        // hook, then writes the record: when `complete` returns, the
+        // outcome is durable. Otherwise it is applied first, and only then
+        // logged and marked for the writer.
+        let writes = schedule.writes_records();
+        let hook = writes.then(|| self.report_hook(ctx));
         let complete = async move {
             let completion = schedule
                 .complete(
@@ -971,19 +932,19 @@ impl Handler<Report> for Queue {
                     now_ms(),
                     &policy,
                     jitter,
+                    hook.as_ref(),
                 )
                 .await;
             (msg, completion)
         };
-        // Applied first; only then logged and marked for the writer.
         Box::pin(
             complete
                 .into_actor(self)
-                .then(|(msg, completion), queue, ctx| {
+                .then(move |(msg, completion), queue, ctx| {
                     let follow_up = match completion {
                         Ok(Some(completion)) => {
                             queue.log(&completion, Some(&msg.outcome));
-                            Some(queue.follow_up(completion, ctx))
+                            (!writes).then(|| queue.follow_up(completion, ctx))
                         }
                         Ok(None) => None,
                         Err(error) => {

@@ -218,7 +218,7 @@ async fn schedule_round_trips_on_a_cluster() {
     let t0 = jobs[0].0.received_ms;
     let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
     let id = jobs[1].0.id.clone();
-    s.complete(&id, "example.org", &delivered, t0, &policy(), 0.0)
+    s.complete(&id, "example.org", &delivered, t0, &policy(), 0.0, None)
         .await
         .unwrap()
         .unwrap();
@@ -232,7 +232,7 @@ async fn schedule_round_trips_on_a_cluster() {
     assert_eq!(trips(), 2, "take");
     assert!(net.iter().any(|(r, _)| r.id == id));
     let done = s
-        .complete(&id, "example.net", &delivered, t0, &policy(), 0.0)
+        .complete(&id, "example.net", &delivered, t0, &policy(), 0.0, None)
         .await
         .unwrap()
         .unwrap();

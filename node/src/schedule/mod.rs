@@ -50,39 +50,11 @@ pub type ReportHook = Arc<
 #[async_trait]
 pub trait Schedule: Send + Sync + 'static {
     /// Whether `complete` and `expire` write the message records to the
-    /// spool themselves (the Redis schedule, whose records are the spool's).
-    /// Otherwise the caller persists the records it gets back.
+    /// spool themselves (the Redis schedule, whose records are the spool's),
+    /// queueing reports through the hook they are given first. Otherwise
+    /// the caller reports and persists the records it gets back.
     fn writes_records(&self) -> bool {
         false
-    }
-
-    /// [`Schedule::complete`], calling `report` before the record is
-    /// written when the schedule writes records itself; otherwise the same
-    /// as `complete` and the caller sends reports before it persists.
-    #[allow(clippy::too_many_arguments)]
-    async fn complete_reporting(
-        &self,
-        id: &MessageId,
-        domain: &str,
-        outcome: &MessageOutcome,
-        now_ms: u64,
-        policy: &RetryPolicy,
-        jitter: f64,
-        _report: ReportHook,
-    ) -> Result<Option<Completion>, SpoolError> {
-        self.complete(id, domain, outcome, now_ms, policy, jitter)
-            .await
-    }
-
-    /// [`Schedule::expire`], calling `report` per message before its record
-    /// is written when the schedule writes records itself.
-    async fn expire_reporting(
-        &self,
-        now_ms: u64,
-        policy: &RetryPolicy,
-        _report: ReportHook,
-    ) -> Result<Vec<Completion>, SpoolError> {
-        self.expire(now_ms, policy).await
     }
 
     /// Extends to `lease` from now every lease `holder` holds through this
@@ -120,7 +92,10 @@ pub trait Schedule: Send + Sync + 'static {
     async fn release(&self, id: &MessageId, domain: &str) -> Result<(), SpoolError>;
 
     /// Records the outcome of an in-flight delivery ([`crate::scheduler::apply_outcome`]);
-    /// `None` when there is nothing to record it on.
+    /// `None` when there is nothing to record it on. A schedule that
+    /// writes records itself calls `report` (when given) before it writes
+    /// the record; one that does not ignores it, and the caller reports and
+    /// persists.
     #[allow(clippy::too_many_arguments)]
     async fn complete(
         &self,
@@ -130,14 +105,17 @@ pub trait Schedule: Send + Sync + 'static {
         now_ms: u64,
         policy: &RetryPolicy,
         jitter: f64,
+        report: Option<&ReportHook>,
     ) -> Result<Option<Completion>, SpoolError>;
 
     /// Fails every delivery older than the policy's lifetime that is not
-    /// in flight, whatever its state.
+    /// in flight, whatever its state; `report` as for
+    /// [`Schedule::complete`], per message.
     async fn expire(
         &self,
         now_ms: u64,
         policy: &RetryPolicy,
+        report: Option<&ReportHook>,
     ) -> Result<Vec<Completion>, SpoolError>;
 
     /// Every domain with due work that `take` would hand out.
@@ -243,6 +221,7 @@ impl Schedule for MemorySchedule {
         now_ms: u64,
         policy: &RetryPolicy,
         jitter: f64,
+        _report: Option<&ReportHook>,
     ) -> Result<Option<Completion>, SpoolError> {
         Ok(self
             .lock()
@@ -253,6 +232,7 @@ impl Schedule for MemorySchedule {
         &self,
         now_ms: u64,
         policy: &RetryPolicy,
+        _report: Option<&ReportHook>,
     ) -> Result<Vec<Completion>, SpoolError> {
         Ok(self.lock().expire(now_ms, policy))
     }

@@ -971,9 +971,10 @@ impl Schedule for RedisSchedule {
         now_ms: u64,
         policy: &RetryPolicy,
         jitter: f64,
+        report: Option<&ReportHook>,
     ) -> Result<Option<Completion>, SpoolError> {
         let result = self
-            .complete_with(id, domain, outcome, now_ms, policy, jitter, None)
+            .complete_with(id, domain, outcome, now_ms, policy, jitter, report)
             .await;
         if result.is_err() {
             // No longer running here: the lease lapses (or is put back as
@@ -983,40 +984,13 @@ impl Schedule for RedisSchedule {
         result
     }
 
-    async fn complete_reporting(
-        &self,
-        id: &MessageId,
-        domain: &str,
-        outcome: &MessageOutcome,
-        now_ms: u64,
-        policy: &RetryPolicy,
-        jitter: f64,
-        report: ReportHook,
-    ) -> Result<Option<Completion>, SpoolError> {
-        let result = self
-            .complete_with(id, domain, outcome, now_ms, policy, jitter, Some(&report))
-            .await;
-        if result.is_err() {
-            self.held().remove(&(id.clone(), domain.to_string()));
-        }
-        result
-    }
-
     async fn expire(
         &self,
         now_ms: u64,
         policy: &RetryPolicy,
+        report: Option<&ReportHook>,
     ) -> Result<Vec<Completion>, SpoolError> {
-        self.expire_with(now_ms, policy, None).await
-    }
-
-    async fn expire_reporting(
-        &self,
-        now_ms: u64,
-        policy: &RetryPolicy,
-        report: ReportHook,
-    ) -> Result<Vec<Completion>, SpoolError> {
-        self.expire_with(now_ms, policy, Some(&report)).await
+        self.expire_with(now_ms, policy, report).await
     }
 
     async fn renew_leases(&self, holder: &str, lease: Duration) -> Result<usize, SpoolError> {
@@ -1181,47 +1155,52 @@ impl Schedule for RedisSchedule {
         if holders.is_empty() {
             return Ok(0);
         }
-        let domains = self.active().await?;
-        let replies = self
-            .per_domain("reclaim dead nodes", &domains, |domain| {
-                let k = domain_keys(domain);
-                let mut cmd = evalsha(
-                    &self.scripts.reclaim_holders,
-                    &[&k.ready, &k.leases, &k.holders],
-                );
-                cmd.arg(holders);
-                cmd
-            })
-            .await?;
-        let mut reclaimed = 0;
-        for (domain, reply) in domains.iter().zip(replies) {
-            let n: i64 = parse("reclaim dead nodes", reply)?;
-            if n > 0 {
-                tracing::info!(%domain, deliveries = n, holders = %holders.join(","),
-                    "reclaimed the deliveries of dead nodes");
-            }
-            reclaimed += n as usize;
-        }
-        Ok(reclaimed)
+        self.put_back(
+            "reclaimed the deliveries of dead nodes",
+            &self.scripts.reclaim_holders,
+            holders,
+        )
+        .await
     }
 
     async fn reclaim_expired_leases(&self) -> Result<usize, SpoolError> {
+        self.put_back(
+            "reclaimed deliveries whose lease ran out",
+            &self.scripts.reclaim,
+            &[],
+        )
+        .await
+    }
+}
+
+impl RedisSchedule {
+    /// Runs a script that puts leased deliveries back to ready work
+    /// (KEYS: ready, leases, holders; `args`) on every active domain in one
+    /// pipeline; logs `what` per domain that had some and returns how many.
+    async fn put_back(
+        &self,
+        what: &str,
+        script: &Script,
+        args: &[String],
+    ) -> Result<usize, SpoolError> {
         let domains = self.active().await?;
         let replies = self
-            .per_domain("reclaim", &domains, |domain| {
+            .per_domain(what, &domains, |domain| {
                 let k = domain_keys(domain);
-                evalsha(&self.scripts.reclaim, &[&k.ready, &k.leases, &k.holders])
+                let mut cmd = evalsha(script, &[&k.ready, &k.leases, &k.holders]);
+                cmd.arg(args);
+                cmd
             })
             .await?;
-        let mut reclaimed = 0;
+        let mut total = 0;
         for (domain, reply) in domains.iter().zip(replies) {
-            let n: i64 = parse("reclaim", reply)?;
+            let n: i64 = parse(what, reply)?;
             if n > 0 {
-                tracing::info!(%domain, deliveries = n, "reclaimed deliveries whose lease ran out");
+                tracing::info!(%domain, deliveries = n, holders = %args.join(","), "{what}");
             }
-            reclaimed += n as usize;
+            total += n as usize;
         }
-        Ok(reclaimed)
+        Ok(total)
     }
 }
 
@@ -1377,7 +1356,7 @@ mod tests {
         // record, but B's lease stays and nothing is filed for A.
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
         let late = a
-            .complete(&id, "example.org", &deferred, t0, &policy(), 0.0)
+            .complete(&id, "example.org", &deferred, t0, &policy(), 0.0, None)
             .await
             .unwrap()
             .expect("recorded");
@@ -1402,7 +1381,7 @@ mod tests {
         // of A's record, which B's stale copy did not have.
         let delivered = outcome(&[(0, RcptResult::Delivered)]);
         let done = b
-            .complete(&id, "example.org", &delivered, t0, &policy(), 0.0)
+            .complete(&id, "example.org", &delivered, t0, &policy(), 0.0, None)
             .await
             .unwrap()
             .expect("recorded");
@@ -1417,13 +1396,13 @@ mod tests {
             .unwrap();
         let net = outcome(&[(1, RcptResult::Delivered)]);
         let done = b
-            .complete(&id, "example.net", &net, t0, &policy(), 0.0)
+            .complete(&id, "example.net", &net, t0, &policy(), 0.0, None)
             .await
             .unwrap()
             .expect("done");
         assert!(done.message_done());
         assert!(a
-            .complete(&id, "example.net", &net, t0, &policy(), 0.0)
+            .complete(&id, "example.net", &net, t0, &policy(), 0.0, None)
             .await
             .unwrap()
             .is_none());
@@ -1451,16 +1430,32 @@ mod tests {
         assert_eq!(trips(), 2, "take of 20: the script, then the records");
         let t0 = jobs[0].0.received_ms;
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
-        s.complete(&jobs[0].0.id, "example.org", &deferred, t0, &policy(), 0.0)
-            .await
-            .unwrap()
-            .unwrap();
+        s.complete(
+            &jobs[0].0.id,
+            "example.org",
+            &deferred,
+            t0,
+            &policy(),
+            0.0,
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(trips(), 2, "complete: the record, then the domain");
         let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
-        s.complete(&jobs[1].0.id, "example.org", &delivered, t0, &policy(), 0.0)
-            .await
-            .unwrap()
-            .unwrap();
+        s.complete(
+            &jobs[1].0.id,
+            "example.org",
+            &delivered,
+            t0,
+            &policy(),
+            0.0,
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(trips(), 2, "complete with its index entry");
         s.release(&jobs[2].0.id, "example.org").await.unwrap();
         assert_eq!(trips(), 1, "release");

@@ -135,7 +135,7 @@ async fn a_deferred_delivery_comes_back_after_its_interval(f: Fixture) {
     take(s, "example.org", 1).await;
     let deferred = outcome(&[(0, RcptResult::Deferred)]);
     let c = s
-        .complete(&r.id, "example.org", &deferred, t0, &policy(), 0.0)
+        .complete(&r.id, "example.org", &deferred, t0, &policy(), 0.0, None)
         .await
         .unwrap()
         .unwrap();
@@ -155,7 +155,15 @@ async fn a_deferred_delivery_comes_back_after_its_interval(f: Fixture) {
     let (again, _) = take(s, "example.org", 1).await.pop().unwrap();
     assert_eq!(again.deliveries[0].attempts, 1);
     let c = s
-        .complete(&r.id, "example.org", &deferred, t0 + SECOND, &policy(), 0.0)
+        .complete(
+            &r.id,
+            "example.org",
+            &deferred,
+            t0 + SECOND,
+            &policy(),
+            0.0,
+            None,
+        )
         .await
         .unwrap()
         .unwrap();
@@ -178,6 +186,7 @@ async fn the_message_is_done_when_every_delivery_is(f: Fixture) {
             t0,
             &policy(),
             0.0,
+            None,
         )
         .await
         .unwrap()
@@ -192,6 +201,7 @@ async fn the_message_is_done_when_every_delivery_is(f: Fixture) {
             t0,
             &policy(),
             0.0,
+            None,
         )
         .await
         .unwrap()
@@ -219,11 +229,15 @@ async fn expiry_reaches_due_deferred_and_suspended_work_but_not_work_in_flight(f
         t0 + 10,
         &policy(),
         0.0,
+        None,
     )
     .await
     .unwrap();
     s.suspend("example.com").await.unwrap();
-    let expired = s.expire(t0 + 60 * SECOND + 10, &policy()).await.unwrap();
+    let expired = s
+        .expire(t0 + 60 * SECOND + 10, &policy(), None)
+        .await
+        .unwrap();
     let keys: Vec<_> = expired
         .iter()
         .map(|c| (c.record.id.clone(), c.domain.clone()))
@@ -368,6 +382,7 @@ pub async fn two_sweeps_at_once_report_each_delivery_once(
             record.received_ms,
             &policy(),
             0.0,
+            None,
         )
         .await
         .unwrap();
@@ -388,7 +403,7 @@ pub async fn two_sweeps_at_once_report_each_delivery_once(
     let late = u64::MAX / 2;
     let sweep = |s: Arc<dyn Schedule>| {
         let hook = hook(reports.clone());
-        tokio::spawn(async move { s.expire_reporting(late, &policy(), hook).await.unwrap() })
+        tokio::spawn(async move { s.expire(late, &policy(), Some(&hook)).await.unwrap() })
     };
     let (one, two) = (sweep(a.clone()), sweep(b.clone()));
     let (one, two) = (one.await.unwrap(), two.await.unwrap());

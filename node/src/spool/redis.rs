@@ -172,6 +172,14 @@ fn encode_body(body: &[u8]) -> Vec<u8> {
     envelope::encode(&BodyOut { bytes: body })
 }
 
+/// An entry of the index as `ZRANGE … WITHSCORES` answers it.
+fn index_entry((id, score): (String, f64)) -> ListCursor {
+    ListCursor {
+        received_ms: score as u64,
+        id: MessageId(id),
+    }
+}
+
 fn decode_record(id: &MessageId, bytes: &[u8]) -> Result<MessageRecord, SpoolError> {
     envelope::decode(bytes).map_err(|e| SpoolError::Corrupt(format!("record of {id}: {e}")))
 }
@@ -616,6 +624,32 @@ impl RedisSpool {
         Ok(())
     }
 
+    /// The records of the index `entries`, in order, in one pipeline; and
+    /// the entries whose record is gone.
+    async fn records_at<'e>(
+        &self,
+        what: &str,
+        entries: &'e [ListCursor],
+    ) -> Result<(Vec<MessageRecord>, Vec<&'e ListCursor>), SpoolError> {
+        if entries.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for entry in entries {
+            pipe.cmd("GET").arg(record_key(&entry.id));
+        }
+        let values: Vec<Option<Vec<u8>>> = self.query_pipe(what, &pipe).await?;
+        let mut records = Vec::with_capacity(entries.len());
+        let mut missing = Vec::new();
+        for (entry, value) in entries.iter().zip(values) {
+            match value {
+                Some(bytes) => records.push(decode_record(&entry.id, &bytes)?),
+                None => missing.push(entry),
+            }
+        }
+        Ok((records, missing))
+    }
+
     /// Deletes index entries whose record is gone (see the module doc).
     async fn clean_dangling(&self, ids: Vec<MessageId>) {
         let mut zrem = redis::cmd("ZREM");
@@ -700,25 +734,14 @@ impl Spool for RedisSpool {
                     .arg("WITHSCORES"),
             )
             .await?;
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for (id, _) in &entries {
-            pipe.cmd("GET").arg(record_key(&MessageId(id.clone())));
-        }
-        let values: Vec<Option<Vec<u8>>> = self.query_pipe("list", &pipe).await?;
+        let entries: Vec<ListCursor> = entries.into_iter().map(index_entry).collect();
+        let (records, missing) = self.records_at("list", &entries).await?;
         let cutoff = now_ms().saturating_sub(DANGLING_GRACE.as_millis() as u64);
-        let mut records = Vec::with_capacity(entries.len());
-        let mut dangling = Vec::new();
-        for ((id, received_ms), value) in entries.into_iter().zip(values) {
-            let id = MessageId(id);
-            match value {
-                Some(bytes) => records.push(decode_record(&id, &bytes)?),
-                None if (received_ms as u64) < cutoff => dangling.push(id),
-                None => {}
-            }
-        }
+        let dangling: Vec<MessageId> = missing
+            .into_iter()
+            .filter(|entry| entry.received_ms < cutoff)
+            .map(|entry| entry.id.clone())
+            .collect();
         if !dangling.is_empty() {
             self.clean_dangling(dangling).await;
         }
@@ -758,10 +781,7 @@ impl Spool for RedisSpool {
             let full = raw.len() == want;
             entries.extend(
                 raw.into_iter()
-                    .map(|(id, score)| ListCursor {
-                        received_ms: score as u64,
-                        id: MessageId(id),
-                    })
+                    .map(index_entry)
                     .filter(|entry| after.is_none_or(|a| entry > a)),
             );
             // Only entries of the cursor's millisecond are skipped, and they
@@ -776,17 +796,7 @@ impl Spool for RedisSpool {
         if entries.is_empty() {
             return Ok((Vec::new(), next));
         }
-        let mut pipe = redis::pipe();
-        for entry in &entries {
-            pipe.cmd("GET").arg(record_key(&entry.id));
-        }
-        let values: Vec<Option<Vec<u8>>> = self.query_pipe("list page", &pipe).await?;
-        let mut records = Vec::with_capacity(entries.len());
-        for (entry, value) in entries.iter().zip(values) {
-            if let Some(bytes) = value {
-                records.push(decode_record(&entry.id, &bytes)?);
-            }
-        }
+        let (records, _) = self.records_at("list page", &entries).await?;
         Ok((records, next))
     }
 
