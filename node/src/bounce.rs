@@ -275,6 +275,16 @@ mod tests {
         apply_outcome(record, "example.org", &outcome, at_ms, &policy(), 0.0)
     }
 
+    /// Recipient 0 refused with 550 5.1.1 at the time the message arrived.
+    fn no_such_user(record: &MessageRecord) -> Completion {
+        completion(
+            record,
+            RcptResult::Failed,
+            "550 5.1.1 no such user",
+            record.received_ms,
+        )
+    }
+
     fn text(message: &NewMessage) -> String {
         String::from_utf8_lossy(&message.body).into_owned()
     }
@@ -283,12 +293,7 @@ mod tests {
     fn a_failure_goes_to_the_sender_and_the_copy_from_the_null_sender() {
         let original = message(0, 200);
         let record = &original.record;
-        let c = completion(
-            record,
-            RcptResult::Failed,
-            "550 5.1.1 no such user",
-            record.received_ms,
-        );
+        let c = no_such_user(record);
         assert!(needs_report(&c));
         let reports = reports(&c, &original.body, &settings(true), record.received_ms);
         assert_eq!(reports.len(), 1);
@@ -317,12 +322,7 @@ mod tests {
         let mut original = message(0, 200);
         original.record.envelope.sender = None;
         let record = &original.record;
-        let c = completion(
-            record,
-            RcptResult::Failed,
-            "550 5.1.1 no such user",
-            record.received_ms,
-        );
+        let c = no_such_user(record);
         assert!(!needs_report(&c));
         assert!(reports(&c, &original.body, &settings(true), record.received_ms).is_empty());
     }
@@ -335,24 +335,14 @@ mod tests {
             ..Notify::default()
         });
         let record = &original.record;
-        let c = completion(
-            record,
-            RcptResult::Failed,
-            "550 5.1.1 no such user",
-            record.received_ms,
-        );
+        let c = no_such_user(record);
         let reports = reports(&c, &original.body, &settings(true), record.received_ms);
         assert_eq!(reports.len(), 1);
         assert_eq!(
             reports[0].record.envelope.recipients[0].address.to_string(),
             "postmaster@copy.test"
         );
-        let c = completion(
-            record,
-            RcptResult::Failed,
-            "550 5.1.1 no such user",
-            record.received_ms,
-        );
+        let c = no_such_user(record);
         assert!(
             super::reports(&c, &original.body, &settings(false), record.received_ms).is_empty()
         );

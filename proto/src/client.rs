@@ -424,10 +424,11 @@ impl Transaction {
         body: &[u8],
         eight_bit: &dyn EightBitPolicy,
     ) -> Result<Transaction, Refusal> {
-        let rcpts: Vec<&Recipient> = recipients
+        // Indices outside the envelope are skipped, in both lists alike.
+        let (indices, rcpts): (Vec<u32>, Vec<&Recipient>) = recipients
             .iter()
-            .filter_map(|&i| envelope.recipients.get(i as usize))
-            .collect();
+            .filter_map(|&i| Some((i, envelope.recipients.get(i as usize)?)))
+            .unzip();
         let needs_utf8 = envelope
             .sender
             .as_ref()
@@ -509,11 +510,6 @@ impl Transaction {
                 line.into_bytes()
             })
             .collect::<Vec<_>>();
-        let indices: Vec<u32> = recipients
-            .iter()
-            .copied()
-            .filter(|&i| (i as usize) < envelope.recipients.len())
-            .collect();
         Ok(Transaction {
             pipelining: caps.pipelining,
             mail: mail.into_bytes(),
@@ -627,11 +623,7 @@ impl Transaction {
                 self.rset()
             }
             Stage::Body => {
-                let disposition = match reply.code {
-                    200..=299 => Disposition::Delivered,
-                    500..=599 => Disposition::Failed,
-                    _ => Disposition::Deferred,
-                };
+                let disposition = Disposition::of(reply);
                 for i in 0..self.accepted.len() {
                     if self.accepted[i] {
                         self.set(i, disposition, reply.to_string());
@@ -879,11 +871,16 @@ impl AuthClient {
     pub fn start(&mut self) -> Vec<u8> {
         match self.mechanism {
             AuthMechanism::Plain => {
-                let token = BASE64.encode(format!("\0{}\0{}", self.user, self.password));
-                format!("AUTH PLAIN {token}\r\n").into_bytes()
+                format!("AUTH PLAIN {}\r\n", self.plain_response()).into_bytes()
             }
             AuthMechanism::Login => b"AUTH LOGIN\r\n".to_vec(),
         }
+    }
+
+    /// The PLAIN credentials (RFC 4616: no authorization identity), sent
+    /// as the initial response or after an empty challenge.
+    fn plain_response(&self) -> String {
+        BASE64.encode(format!("\0{}\0{}", self.user, self.password))
     }
 
     /// Takes the server's reply: 235 ends it, 334 asks for the next answer.
@@ -893,9 +890,7 @@ impl AuthClient {
             334 => {
                 let answer = match (self.mechanism, self.answered) {
                     // An empty challenge to PLAIN: send the response again.
-                    (AuthMechanism::Plain, 0) => {
-                        BASE64.encode(format!("\0{}\0{}", self.user, self.password))
-                    }
+                    (AuthMechanism::Plain, 0) => self.plain_response(),
                     (AuthMechanism::Login, 0) => BASE64.encode(&self.user),
                     (AuthMechanism::Login, 1) => BASE64.encode(&self.password),
                     _ => return Err(AuthError::Unexpected(reply.clone())),

@@ -196,12 +196,19 @@ fn bincode_config() -> bincode::config::Configuration {
 
 /// Encodes a record behind the version byte.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![RECORD_VERSION];
-    // Serialising plain data structs into a Vec cannot fail.
-    let body = bincode::serde::encode_to_vec(value, bincode_config())
-        .expect("records are plain data and always encode");
-    out.extend_from_slice(&body);
+    let mut out = Vec::new();
+    encode_into(value, &mut out);
     out
+}
+
+/// Appends what [`encode`] gives to `out`. The value is serialised
+/// straight into `out`: what is encoded can carry a message body of
+/// megabytes, which should not be copied through a buffer of its own.
+pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    out.push(RECORD_VERSION);
+    // Serialising plain data structs into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(value, out, bincode_config())
+        .expect("records are plain data and always encode");
 }
 
 /// Decodes a record written by [`encode`] (this or an older version).

@@ -149,10 +149,7 @@ fn convert_multipart(
     let mut delimiters = Vec::new();
     let mut pos = 0;
     while pos < body.len() {
-        let end = body[pos..]
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map_or(body.len(), |i| pos + i + 2);
+        let end = line_end(body, pos);
         let line = &body[pos..end];
         if let Some(close) = delimiter(line, boundary) {
             let before = if pos >= 2 { pos - 2 } else { pos };
@@ -218,6 +215,15 @@ fn delimiter(line: &[u8], boundary: &[u8]) -> Option<bool> {
         .then_some(close)
 }
 
+/// Where the line that starts at `pos` ends: after its CRLF, or at the
+/// end of `bytes` for a last line without one.
+fn line_end(bytes: &[u8], pos: usize) -> usize {
+    bytes[pos..]
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(bytes.len(), |i| pos + i + 2)
+}
+
 /// Header section (with the CRLF ending its last field) and body of an
 /// entity. An entity that starts with an empty line has no header fields;
 /// one without an empty line is all header.
@@ -254,10 +260,7 @@ impl<'a> Fields<'a> {
         let mut start = 0;
         let mut pos = 0;
         while pos < header.len() {
-            let end = header[pos..]
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .map_or(header.len(), |i| pos + i + 2);
+            let end = line_end(header, pos);
             let continues = matches!(header[pos], b' ' | b'\t');
             if !continues && pos > start {
                 fields.push(&header[start..pos]);

@@ -7,6 +7,16 @@
 
 pub mod redis;
 
+/// A free port on loopback: nothing listens on it once this returns, so
+/// a server started next can bind it (unless another process takes it
+/// first).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// A counter of what `total` grew by since the previous call (the first
 /// call: since this one), for tests that count requests per operation.
 pub fn since_last(total: impl Fn() -> u64) -> impl FnMut() -> u64 {

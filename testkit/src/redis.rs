@@ -4,9 +4,11 @@
 //! Cluster of three primaries with `redis-cli --cluster create`.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+
+use crate::free_port;
 use std::time::{Duration, Instant};
 
 /// How long a starting server (which may be replaying its AOF) gets to
@@ -160,13 +162,6 @@ fn ping(port: u16) -> bool {
     }
     let mut reply = [0u8; 7];
     stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 /// Sends one command to the server on `port` and returns its reply as

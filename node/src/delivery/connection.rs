@@ -241,13 +241,8 @@ async fn deliver_remote(
     let mut connection = match Outbound::connect(&hops, &settings).await {
         Ok(connection) => connection,
         Err(error) => {
-            let result = if error.is_permanent() {
-                RcptResult::Failed
-            } else {
-                RcptResult::Deferred
-            };
             tracing::info!(domain = %policy.domain, %error, "no connection");
-            return report_all(env, &jobs, result, &error.to_string(), started).await;
+            return report_all(env, &jobs, error.result(), &error.to_string(), started).await;
         }
     };
     let mut jobs = jobs.into_iter();
@@ -297,39 +292,31 @@ async fn deliver_local(
             continue;
         };
         let dir = dir.to_path_buf();
-        let job_record = record.clone();
+        let job = Job {
+            record: record.clone(),
+            delivery,
+            body: Arc::new(body),
+        };
         let written = tokio::task::spawn_blocking(move || {
-            let recipients: Vec<_> = job_record.deliveries[delivery]
-                .recipients
-                .iter()
-                .map(|&i| &job_record.envelope.recipients[i as usize].address)
-                .collect();
-            maildir::deliver(&dir, &job_record.id, &recipients, &body)
+            let recipients: Vec<_> = job.recipients().map(|(_, r)| &r.address).collect();
+            maildir::deliver(&dir, &job.record.id, &recipients, &job.body)
         })
         .await;
-        let outcome = match written {
-            Ok(Ok(path)) => MessageOutcome::all_of(
-                &record,
-                delivery,
+        let (result, text) = match written {
+            Ok(Ok(path)) => (
                 RcptResult::Delivered,
-                &format!("250 2.0.0 written to {}", path.display()),
-                started.elapsed(),
+                format!("250 2.0.0 written to {}", path.display()),
             ),
-            Ok(Err(error)) => MessageOutcome::all_of(
-                &record,
-                delivery,
+            Ok(Err(error)) => (
                 RcptResult::Deferred,
-                &format!("451 4.3.0 cannot write to the drop directory: {error}"),
-                started.elapsed(),
+                format!("451 4.3.0 cannot write to the drop directory: {error}"),
             ),
-            Err(error) => MessageOutcome::all_of(
-                &record,
-                delivery,
+            Err(error) => (
                 RcptResult::Deferred,
-                &format!("451 4.3.0 local delivery failed: {error}"),
-                started.elapsed(),
+                format!("451 4.3.0 local delivery failed: {error}"),
             ),
         };
+        let outcome = MessageOutcome::all_of(&record, delivery, result, &text, started.elapsed());
         report(env, &record, delivery, outcome).await;
     }
 }

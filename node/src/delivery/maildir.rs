@@ -9,6 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use smarthost_proto::address::Mailbox;
@@ -102,16 +103,21 @@ fn write_and_sync(file: &mut File, recipients: &[&Mailbox], body: &[u8]) -> io::
 
 /// This machine's name for the last part of a file name, with the
 /// characters Maildir reserves (`/` and `:`) escaped as its readers expect.
-fn host_part() -> String {
-    let host = fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    let host = if host.is_empty() {
-        "localhost".to_string()
-    } else {
-        host
-    };
-    host.replace('/', "\\057").replace(':', "\\072")
+/// Read once per process rather than once per message: it only helps
+/// keep file names unique, which a rename while running does not affect.
+fn host_part() -> &'static str {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let host = fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let host = if host.is_empty() {
+            "localhost".to_string()
+        } else {
+            host
+        };
+        host.replace('/', "\\057").replace(':', "\\072")
+    })
 }
 
 #[cfg(test)]

@@ -329,31 +329,39 @@ impl Connection {
         let deadline = tokio::time::Instant::now() + limit;
         let mut encoder = client::BodyEncoder::new();
         let mut out = Vec::with_capacity(70 * 1024);
-        let mut chunks = body.chunks(64 * 1024).peekable();
-        loop {
+        for chunk in body.chunks(64 * 1024) {
             out.clear();
-            match chunks.next() {
-                Some(chunk) => encoder.encode(chunk, &mut out),
-                None => {
-                    encoder.finish(&mut out);
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    return self.write(&out, left).await.map_err(|e| match e {
-                        IoFailure::Timeout(_) => IoFailure::Timeout(limit),
-                        other => other,
-                    });
-                }
-            }
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            self.write(&out, left).await.map_err(|e| match e {
-                IoFailure::Timeout(_) => IoFailure::Timeout(limit),
-                other => other,
-            })?;
+            encoder.encode(chunk, &mut out);
+            self.write_by(&out, deadline, limit).await?;
         }
+        out.clear();
+        encoder.finish(&mut out);
+        self.write_by(&out, deadline, limit).await
     }
 
-    /// QUIT, without waiting long for the answer.
-    async fn quit(mut self, limit: Duration) {
-        if self.command(client::QUIT, limit).await.is_ok() {
+    /// Writes `bytes` by `deadline`; a timeout names the whole `limit`
+    /// the deadline was set from, not what was left of it.
+    async fn write_by(
+        &mut self,
+        bytes: &[u8],
+        deadline: tokio::time::Instant,
+        limit: Duration,
+    ) -> Result<(), IoFailure> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.write(bytes, left).await.map_err(|e| match e {
+            IoFailure::Timeout(_) => IoFailure::Timeout(limit),
+            other => other,
+        })
+    }
+
+    /// QUIT, waiting for the answer at most `command_timeout` and never
+    /// longer than [`QUIT_WAIT`].
+    async fn quit(mut self, command_timeout: Duration) {
+        if self
+            .command(client::QUIT, command_timeout.min(QUIT_WAIT))
+            .await
+            .is_ok()
+        {
             let _ = match &mut self.stream {
                 Stream::Plain(s) => s.shutdown().await,
                 Stream::Tls(s) => s.shutdown().await,
@@ -459,7 +467,7 @@ impl Outbound {
             .await
             .map_err(|e| failed("greeting", &e))?;
         if greeting.code != 220 {
-            conn.quit(settings.command_timeout.min(QUIT_WAIT)).await;
+            conn.quit(settings.command_timeout).await;
             return Err(failed("greeting", &greeting));
         }
         let mut caps = hello(&mut conn, settings, true)
@@ -471,7 +479,7 @@ impl Outbound {
             TlsPolicy::Disabled => false,
             TlsPolicy::Opportunistic => tls_allowed && caps.starttls,
             TlsPolicy::Required if !caps.starttls => {
-                conn.quit(settings.command_timeout.min(QUIT_WAIT)).await;
+                conn.quit(settings.command_timeout).await;
                 return Err(HostError::Failed(format!(
                     "{host}: TLS is required but the server does not offer STARTTLS"
                 )));
@@ -485,7 +493,7 @@ impl Outbound {
                 .map_err(|e| failed("STARTTLS", &e))?;
             if reply.code != 220 {
                 if settings.tls == TlsPolicy::Required {
-                    conn.quit(settings.command_timeout.min(QUIT_WAIT)).await;
+                    conn.quit(settings.command_timeout).await;
                     return Err(failed("STARTTLS", &reply));
                 }
                 // Opportunistic: go on in clear on the same connection.
@@ -509,22 +517,13 @@ impl Outbound {
                     settings.command_timeout,
                     TlsConnector::from(config).connect(server_name, tcp),
                 )
-                .await;
+                .await
+                .map_err(|_| IoFailure::Timeout(settings.command_timeout).to_string())
+                .and_then(|done| done.map_err(|e| e.to_string()));
                 let tls = match handshake {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
+                    Ok(tls) => tls,
+                    Err(e) => {
                         let why = format!("{host}: TLS handshake: {e}");
-                        return Err(if verified {
-                            HostError::Failed(why)
-                        } else {
-                            HostError::Handshake(why)
-                        });
-                    }
-                    Err(_) => {
-                        let why = format!(
-                            "{host}: TLS handshake: {}",
-                            IoFailure::Timeout(settings.command_timeout)
-                        );
                         return Err(if verified {
                             HostError::Failed(why)
                         } else {
@@ -542,7 +541,7 @@ impl Outbound {
 
         if let Some((user, password)) = &settings.auth {
             if tls_version.is_none() {
-                conn.quit(settings.command_timeout.min(QUIT_WAIT)).await;
+                conn.quit(settings.command_timeout).await;
                 return Err(HostError::Failed(format!(
                     "{host}: AUTH is configured, but the connection is not encrypted"
                 )));
@@ -563,7 +562,7 @@ impl Outbound {
                     tracing::info!(%host, "AUTH configured but not offered; sending without it");
                 }
                 None => {
-                    conn.quit(settings.command_timeout.min(QUIT_WAIT)).await;
+                    conn.quit(settings.command_timeout).await;
                     return Err(HostError::Failed(format!(
                         "{host}: AUTH offers {}, none of PLAIN and LOGIN",
                         caps.auth.join(" ")
@@ -689,9 +688,7 @@ impl Outbound {
     /// Says QUIT and closes the connection.
     pub async fn quit(self) {
         if self.usable {
-            self.conn
-                .quit(self.settings.command_timeout.min(QUIT_WAIT))
-                .await;
+            self.conn.quit(self.settings.command_timeout).await;
         }
     }
 }

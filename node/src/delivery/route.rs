@@ -165,16 +165,10 @@ impl Router {
             Route::SmartHost(smart_host) => match &smart_host.host {
                 SmartHostName::Ip(ip) => Ok(vec![literal_hop(*ip, smart_host.port)]),
                 SmartHostName::Name(name) => {
-                    let addrs = self.addresses(name, smart_host.port).await?;
-                    if addrs.is_empty() {
-                        return Err(RouteError::Temporary(format!(
-                            "451 4.4.4 smart host {name} has no address"
-                        )));
-                    }
-                    Ok(vec![NextHop {
-                        name: name.clone(),
-                        addrs,
-                    }])
+                    self.only_hop(name, smart_host.port, || {
+                        RouteError::Temporary(format!("451 4.4.4 smart host {name} has no address"))
+                    })
+                    .await
                 }
             },
             Route::Mx => self.mx_hops(&policy.domain).await,
@@ -207,16 +201,12 @@ impl Router {
                 "556 5.1.10 {domain} does not accept mail (null MX)"
             ))),
             MxPlan::Implicit => {
-                let addrs = self.addresses(domain, self.mx_port).await?;
-                if addrs.is_empty() {
-                    return Err(RouteError::Permanent(format!(
+                self.only_hop(domain, self.mx_port, || {
+                    RouteError::Permanent(format!(
                         "550 5.1.2 domain {domain} has no MX and no address records"
-                    )));
-                }
-                Ok(vec![NextHop {
-                    name: domain.to_string(),
-                    addrs,
-                }])
+                    ))
+                })
+                .await
             }
             MxPlan::Hosts(hosts) => {
                 let mut hops = Vec::with_capacity(hosts.len());
@@ -241,6 +231,24 @@ impl Router {
                 Ok(hops)
             }
         }
+    }
+
+    /// `host` as the one hop to try, or `no_address` when it has no
+    /// address.
+    async fn only_hop(
+        &self,
+        host: &str,
+        port: u16,
+        no_address: impl FnOnce() -> RouteError,
+    ) -> Result<Vec<NextHop>, RouteError> {
+        let addrs = self.addresses(host, port).await?;
+        if addrs.is_empty() {
+            return Err(no_address());
+        }
+        Ok(vec![NextHop {
+            name: host.to_string(),
+            addrs,
+        }])
     }
 
     /// The A and AAAA addresses of `host` with `port`; none when the name

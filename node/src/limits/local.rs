@@ -20,9 +20,15 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(count: u32, per: Duration) -> Self {
         RateLimiter {
-            interval: per / count.max(1),
+            interval: RateLimiter::interval(count, per),
             next_free: None,
         }
+    }
+
+    /// The spacing between two messages under `count` per `per`; the
+    /// cluster-wide limiter spaces its reservations the same way.
+    pub fn interval(count: u32, per: Duration) -> Duration {
+        per / count.max(1)
     }
 
     /// Reserves the next slot; returns how long to wait before using it.

@@ -253,7 +253,7 @@ impl DomainLimits for RedisLimits {
         count: u32,
         per: Duration,
     ) -> Result<Duration, LimitError> {
-        let interval = per / count.max(1);
+        let interval = super::RateLimiter::interval(count, per);
         let mut conn = self.conn.clone();
         let wait: i64 = self
             .bounded(

@@ -127,18 +127,24 @@ pub(super) mod body_bytes {
 }
 
 /// Appends one frame for `entry` to `buf` and returns the frame's length.
+/// The payload is encoded in place behind a header filled in afterwards,
+/// so a body is copied once, into `buf`, and not through a payload buffer.
 fn push_frame(buf: &mut Vec<u8>, entry: &JournalEntry) -> Result<u64, SpoolError> {
-    let payload = envelope::encode(entry);
-    let len = u32::try_from(payload.len()).map_err(|_| {
-        SpoolError::Unavailable(format!(
-            "journal entry of {} bytes is too large",
-            payload.len()
-        ))
-    })?;
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    buf.extend_from_slice(&payload);
-    Ok(FRAME_HEADER + payload.len() as u64)
+    let start = buf.len();
+    let payload_start = start + FRAME_HEADER as usize;
+    buf.resize(payload_start, 0);
+    envelope::encode_into(entry, buf);
+    let payload_len = buf.len() - payload_start;
+    let Ok(len) = u32::try_from(payload_len) else {
+        buf.truncate(start);
+        return Err(SpoolError::Unavailable(format!(
+            "journal entry of {payload_len} bytes is too large"
+        )));
+    };
+    let crc = crc32fast::hash(&buf[payload_start..]);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..payload_start].copy_from_slice(&crc.to_le_bytes());
+    Ok(FRAME_HEADER + payload_len as u64)
 }
 
 /// Where one frame lies.
@@ -172,6 +178,19 @@ struct Segment {
     live: u64,
     /// Older segments whose entries this segment's removals hide.
     shadows: BTreeSet<u64>,
+}
+
+impl Segment {
+    /// A segment as opened: its length and live bytes are counted as it
+    /// is replayed or written.
+    fn new(file: File) -> Segment {
+        Segment {
+            file: Arc::new(file),
+            len: 0,
+            live: 0,
+            shadows: BTreeSet::new(),
+        }
+    }
 }
 
 fn segment_name(number: u64) -> String {
@@ -352,15 +371,7 @@ impl State {
             let _ = fs::remove_file(&path);
             return Err(err);
         }
-        self.segments.insert(
-            next,
-            Segment {
-                file: Arc::new(file),
-                len: 0,
-                live: 0,
-                shadows: BTreeSet::new(),
-            },
-        );
+        self.segments.insert(next, Segment::new(file));
         self.active = next;
         tracing::debug!(segment = %path.display(), "started a new journal segment");
         Ok(true)
@@ -666,15 +677,7 @@ impl LocalSpool {
                 .write(true)
                 .open(&segment_path)
                 .map_err(|e| io_error(format_args!("opening {}", segment_path.display()), e))?;
-            state.segments.insert(
-                n,
-                Segment {
-                    file: Arc::new(file),
-                    len: 0,
-                    live: 0,
-                    shadows: BTreeSet::new(),
-                },
-            );
+            state.segments.insert(n, Segment::new(file));
         }
         for (i, &n) in numbers.iter().enumerate() {
             state.replay(n, i + 1 == numbers.len())?;
@@ -693,15 +696,7 @@ impl LocalSpool {
                         io_error(format_args!("creating {}", state.path(1).display()), e)
                     })?;
                 sync_dir(path)?;
-                state.segments.insert(
-                    1,
-                    Segment {
-                        file: Arc::new(file),
-                        len: 0,
-                        live: 0,
-                        shadows: BTreeSet::new(),
-                    },
-                );
+                state.segments.insert(1, Segment::new(file));
                 state.active = 1;
             }
         }

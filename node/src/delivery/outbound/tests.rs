@@ -7,20 +7,12 @@ use std::process::{Child, Command, Stdio};
 
 use smarthost_proto::address::Mailbox;
 use smarthost_proto::envelope::{ClientInfo, Envelope, MessageId, MessageRecord, Recipient};
+use smarthost_testkit::free_port;
 
 use super::*;
 use crate::delivery::Route;
 
 const PYTHON: &str = "/usr/bin/python3";
-
-/// A free port on loopback (nothing listens on it once this returns).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[derive(Default)]
 struct SinkOptions {
