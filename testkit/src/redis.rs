@@ -42,6 +42,28 @@ impl RedisServer {
         server
     }
 
+    /// A replica of this server (`--replicaof`), returned once this
+    /// server reports it in sync.
+    pub fn start_replica(&self) -> RedisServer {
+        let replica =
+            RedisServer::start_with(&["--replicaof", "127.0.0.1", &self.port.to_string()]);
+        self.wait_for_replica();
+        replica
+    }
+
+    /// Waits (bounded) until this server has a replica whose link is up.
+    fn wait_for_replica(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !has_replica_online(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "no replica of port {} came up within {START_TIMEOUT:?}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
@@ -197,6 +219,11 @@ pub fn command(port: u16, args: &[&str]) -> Option<String> {
     }
 }
 
+/// Whether the server on `port` has a replica whose link is up.
+fn has_replica_online(port: u16) -> bool {
+    command(port, &["INFO", "replication"]).is_some_and(|info| info.contains("state=online"))
+}
+
 /// How long `redis-cli --cluster create` and the nodes' agreement on the
 /// slot map may take.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -330,10 +357,10 @@ impl RedisCluster {
     fn wait_for_replicas(&self) {
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
         loop {
-            let linked = self.primaries().into_iter().all(|i| {
-                command(self.nodes[i].port(), &["INFO", "replication"])
-                    .is_some_and(|info| info.contains("state=online"))
-            });
+            let linked = self
+                .primaries()
+                .into_iter()
+                .all(|i| has_replica_online(self.nodes[i].port()));
             if linked {
                 return;
             }

@@ -198,8 +198,7 @@ fn another_node_delivers_what_a_killed_node_had_in_flight() {
 #[test]
 fn with_a_replica_required_mail_waits_for_it_and_is_refused_without_it() {
     let primary = RedisServer::start();
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+    let replica = primary.start_replica();
     let sink = Sink::start(SinkOptions::default());
     let setup = node(
         &primary,

@@ -866,9 +866,7 @@ mod tests {
     #[tokio::test]
     async fn passes_the_spool_suite_waiting_for_a_replica() {
         let primary = RedisServer::start();
-        let _replica =
-            RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
-        until_replicas(&primary, 1).await;
+        let _replica = primary.start_replica();
         let url = primary.url();
         suite::run(|| {
             let url = url.clone();
@@ -1017,31 +1015,10 @@ mod tests {
         ));
     }
 
-    /// Waits (at most 10 s) until `primary` has `replicas` in sync.
-    async fn until_replicas(primary: &RedisServer, replicas: usize) {
-        let mut conn = raw(primary).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let online = info.lines().filter(|l| l.contains("state=online")).count();
-            if online >= replicas {
-                return;
-            }
-            assert!(Instant::now() < deadline, "replicas never came: {info}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     #[tokio::test]
     async fn with_min_replicas_a_write_is_acknowledged_only_once_a_replica_has_it() {
         let primary = RedisServer::start();
-        let replica =
-            RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
-        until_replicas(&primary, 1).await;
+        let replica = primary.start_replica();
         let timeout = Duration::from_secs(2);
         let spool = RedisSpool::open_with(
             &primary.url(),
