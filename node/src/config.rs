@@ -97,6 +97,12 @@ pub struct QueueConfig {
     /// With the Redis backend: every spool write waits until this many
     /// replicas have it (`WAIT`), else the client gets a temporary failure.
     pub redis_min_replicas: u32,
+    /// With the Redis backend: refuse to start, and refuse new mail, unless
+    /// every Redis primary fsyncs each write before acknowledging it
+    /// (`appendfsync always`, or `WAITAOF`). Without it the node accepts
+    /// the persistence it finds at start (and warns when that is memory
+    /// only), and refuses new mail only while it is weaker than that.
+    pub redis_require_fsync: bool,
     /// The longest wait for Redis to answer one operation (reconnecting
     /// included) before the spool reports it unavailable.
     #[serde(with = "human::duration")]
@@ -315,6 +321,7 @@ impl Default for QueueConfig {
             redis_cluster: false,
             redis_response_timeout: Duration::from_secs(5),
             redis_min_replicas: 0,
+            redis_require_fsync: false,
             lease: Duration::from_secs(15 * 60),
             rescan_interval: Duration::from_secs(60),
             node_timeout: Duration::from_secs(30),
@@ -721,6 +728,12 @@ impl Config {
         }
         if queue.redis_response_timeout.is_zero() {
             errors.add("queue.redis_response_timeout", "must be longer than 0s");
+        }
+        if queue.redis_require_fsync && queue.backend != QueueBackend::Redis {
+            errors.add(
+                "queue.redis_require_fsync",
+                "applies to queue.backend = \"redis\" only (the local spool always fsyncs)",
+            );
         }
         if queue.backend == QueueBackend::Redis {
             if let Err(e) =
@@ -1305,6 +1318,25 @@ mod tests {
             ],
             "{errors:#?}"
         );
+    }
+
+    #[test]
+    fn requiring_fsync_is_off_by_default_and_for_redis_only() {
+        let config = load("[queue]\nbackend = \"redis\"", &[]).unwrap();
+        assert!(!config.queue.redis_require_fsync);
+        let config = load(
+            "[queue]\nbackend = \"redis\"\nredis_require_fsync = true",
+            &[],
+        )
+        .unwrap();
+        assert!(config.queue.redis_require_fsync);
+        let errors = invalid("[queue]\nredis_require_fsync = true");
+        assert_eq!(
+            errors,
+            ["queue.redis_require_fsync: applies to queue.backend = \"redis\" only (the local spool always fsyncs)"]
+        );
+        let err = load_err("[queue]\nredis_require_fsync = \"maybe\"", &[]);
+        assert!(err.contains("redis_require_fsync"), "{err}");
     }
 
     #[test]

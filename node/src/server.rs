@@ -142,6 +142,8 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
             response_timeout: config.queue.redis_response_timeout,
             cluster: config.queue.redis_cluster,
             min_replicas: config.queue.redis_min_replicas,
+            require_fsync: config.queue.redis_require_fsync,
+            ..RedisSpoolOptions::default()
         },
     )
     .await

@@ -63,9 +63,10 @@
 //!
 //! # Durability
 //!
-//! `open` reads the server's persistence settings (`CONFIG GET appendonly`,
-//! `appendfsync`) and whether it has `WAITAOF` (Redis 7.2), and logs what
-//! an acknowledged write means ([`Durability`]):
+//! `open` reads the server's persistence settings (`appendonly` from
+//! `INFO persistence`, `appendfsync` with `CONFIG GET`) and whether it has
+//! `WAITAOF` (Redis 7.2), and logs what an acknowledged write means
+//! ([`Durability`]):
 //!
 //! - `appendonly yes` with `appendfsync always`: Redis fsyncs the AOF before
 //!   it replies, so a reply is a write on disk.
@@ -73,17 +74,37 @@
 //!   same round trip, by `WAITAOF 1 0 <timeout>`, and fails unless the local
 //!   AOF was fsynced in time.
 //! - Otherwise (AOF off, `appendfsync everysec`/`no` without `WAITAOF`, or
-//!   `CONFIG` disabled so the settings cannot be read): a reply means the
+//!   `CONFIG` disabled so `appendfsync` cannot be read): a reply means the
 //!   write is in the server's memory. A server crash loses up to about a
 //!   second of acknowledged mail with `everysec`, and everything since the
 //!   last snapshot without an AOF. `open` warns about it.
 //!
 //! `WAIT` for replicas is not issued: it says nothing about the primary's
 //! disk, and with no replica configured `WAIT 0` returns at once.
-//! The settings are read once, at `open`. On Redis Cluster every primary
-//! is asked, and the spool takes the weakest answer: a write is only as
-//! durable as the primary it lands on. A primary added later is not
-//! checked until the next `open`.
+//! On Redis Cluster every primary is asked, and the spool takes the
+//! weakest answer: a write is only as durable as the primary it lands on.
+//!
+//! # Guarded all the time
+//!
+//! Settings change under a running node: `CONFIG SET`, a restart from
+//! another configuration file, a failover to a replica configured
+//! otherwise. So the settings are read again every
+//! [`RedisSpoolOptions::check_interval`] (5 s) by a task of the spool, on
+//! every primary, and before the next `store` after any request of the
+//! spool failed (the connection reconnects then, maybe to another server).
+//! [`Spool::store`], new mail, is refused ([`SpoolError::Unavailable`], the
+//! client gets `451 4.3.0`) while:
+//!
+//! - a primary's `maxmemory-policy` is not `noeviction`: Redis would
+//!   evict queued mail, silently, once full (`open` fails outright);
+//! - the persistence ([`Persistence`]) is weaker than it was at `open`, or
+//!   than `queue.redis_require_fsync` asks for (then `open` fails too).
+//!
+//! Each change of that verdict is logged once: at error level when mail is
+//! refused, at info level when it is accepted again. Updates and removals
+//! of stored mail go on meanwhile, so what is queued is still delivered.
+//! Between two checks a changed server is not yet noticed: up to one
+//! interval of mail is acknowledged under the weaker settings.
 //!
 //! # Failures
 //!
@@ -93,7 +114,8 @@
 //! came back, following the slot map): once the server is back, the next
 //! operations succeed without reopening the spool.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -132,6 +154,12 @@ pub struct RedisSpoolOptions {
     /// fails otherwise: an acknowledged message then survives the failover
     /// to a replica. 0: no wait.
     pub min_replicas: u32,
+    /// Refuse to open, and refuse new mail, unless every primary fsyncs
+    /// each write before acknowledging it ([`Persistence::Fsynced`]).
+    pub require_fsync: bool,
+    /// How often the server's settings are read again (see "Guarded all
+    /// the time" in the module doc).
+    pub check_interval: Duration,
 }
 
 impl Default for RedisSpoolOptions {
@@ -140,6 +168,8 @@ impl Default for RedisSpoolOptions {
             response_timeout: Duration::from_secs(5),
             cluster: false,
             min_replicas: 0,
+            require_fsync: false,
+            check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -153,6 +183,86 @@ pub enum Durability {
     WaitAof,
     /// In the server's memory only; a server crash may lose it.
     Memory,
+}
+
+/// How much of an acknowledged write survives a crash of the Redis server,
+/// weakest first: the spool refuses new mail when it drops below what it
+/// was at `open`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Persistence {
+    /// No append-only file: at best the last snapshot.
+    NoAof,
+    /// An append-only file that the OS writes out when it likes
+    /// (`appendfsync no`, or a setting that cannot be read).
+    AofNoFsync,
+    /// An append-only file fsynced every second.
+    AofEverySec,
+    /// Every write is on disk before it is acknowledged (`appendfsync
+    /// always`, or a `WAITAOF` after each write).
+    Fsynced,
+}
+
+impl std::fmt::Display for Persistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Persistence::NoAof => "no append-only file",
+            Persistence::AofNoFsync => "an append-only file without fsync",
+            Persistence::AofEverySec => "an append-only file fsynced every second",
+            Persistence::Fsynced => "every write fsynced before the reply",
+        })
+    }
+}
+
+/// What one check read from the servers (every primary of a cluster).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Settings {
+    /// The append-only file is on (on every primary).
+    aof: bool,
+    /// The weakest `appendfsync`; `None` when `CONFIG` cannot be read.
+    appendfsync: Option<String>,
+    /// A `maxmemory-policy` other than `noeviction`, if a primary has one.
+    eviction: Option<String>,
+    /// The primaries' run ids: new ones mean a restart or a failover.
+    run_ids: Vec<String>,
+}
+
+impl Settings {
+    /// The persistence, given how the spool writes: with `WAITAOF` after
+    /// each write, an AOF is as good as `appendfsync always`.
+    fn persistence(&self, durability: Durability) -> Persistence {
+        if !self.aof {
+            return Persistence::NoAof;
+        }
+        if durability == Durability::WaitAof {
+            return Persistence::Fsynced;
+        }
+        match self.appendfsync.as_deref() {
+            Some("always") => Persistence::Fsynced,
+            Some("everysec") => Persistence::AofEverySec,
+            _ => Persistence::AofNoFsync,
+        }
+    }
+
+    /// Why new mail must be refused with these settings, if it must: an
+    /// eviction policy, or persistence below `floor`.
+    fn refusal(&self, durability: Durability, floor: Persistence) -> Option<String> {
+        if let Some(policy) = &self.eviction {
+            return Some(format!(
+                "maxmemory-policy is {policy}: Redis may evict queued mail when it is full; \
+                 set maxmemory-policy noeviction"
+            ));
+        }
+        let persistence = self.persistence(durability);
+        if persistence < floor {
+            return Some(format!(
+                "the persistence weakened to {persistence} (appendonly {}, appendfsync {}), \
+                 below {floor}; restore appendonly yes and appendfsync always",
+                if self.aof { "yes" } else { "no" },
+                self.appendfsync.as_deref().unwrap_or("unknown"),
+            ));
+        }
+        None
+    }
 }
 
 /// A body as it is stored: one byte string behind the version byte.
@@ -300,6 +410,191 @@ pub struct RedisSpool {
     options: RedisSpoolOptions,
     durability: Durability,
     round_trips: AtomicU64,
+    /// Re-reads the server's settings and says whether new mail may come.
+    guard: Arc<Guard>,
+}
+
+/// Keeps the spool's verdict on the server's settings current: checked by
+/// a task every `check_interval`, and by `store` after a failed request.
+struct Guard {
+    conn: Connection,
+    shown: String,
+    timeout: Duration,
+    durability: Durability,
+    /// The weakest persistence that new mail is accepted on.
+    floor: Persistence,
+    /// A request of the spool failed since the last check.
+    stale: AtomicBool,
+    /// Why new mail is refused (`None`: accepted) and the run ids, as the
+    /// last check found them.
+    state: Mutex<(Option<String>, Vec<String>)>,
+    /// One check at a time; a store that needs one waits for it.
+    checking: tokio::sync::Mutex<()>,
+}
+
+impl Guard {
+    /// Reads the settings and updates the verdict, logging a change once.
+    async fn check(&self) -> Result<(), SpoolError> {
+        let _one = self.checking.lock().await;
+        let settings = read_settings(&self.conn, self.timeout).await?;
+        let refusal = settings.refusal(self.durability, self.floor);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.1 != settings.run_ids && !state.1.is_empty() {
+            tracing::warn!(redis = %self.shown, persistence = %settings.persistence(self.durability),
+                "redis spool: the server restarted or failed over; its settings were checked again");
+        }
+        if state.0 != refusal {
+            match &refusal {
+                Some(why) => tracing::error!(redis = %self.shown, reason = %why,
+                    "redis spool: refusing new mail (451) until the Redis settings are safe again"),
+                None => tracing::info!(redis = %self.shown,
+                    persistence = %settings.persistence(self.durability),
+                    "redis spool: the Redis settings are safe again; accepting new mail"),
+            }
+        }
+        *state = (refusal, settings.run_ids);
+        self.stale.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether new mail may be stored now: checks first after a failed
+    /// request.
+    async fn admit(&self) -> Result<(), SpoolError> {
+        if self.stale.load(Ordering::SeqCst) {
+            self.check().await?;
+        }
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &state.0 {
+            Some(why) => Err(SpoolError::Unavailable(format!("redis: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks every `every` while the spool lives.
+    fn watch(guard: Weak<Guard>, every: Duration) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(guard) = guard.upgrade() else { return };
+                if let Err(error) = guard.check().await {
+                    tracing::debug!(%error, "redis spool: cannot check the settings now");
+                    guard.stale.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+    }
+}
+
+/// Whether every primary has `WAITAOF` (Redis 7.2) for the spool to rely on.
+async fn has_waitaof(conn: &Connection, timeout: Duration) -> bool {
+    let mut cmd = redis::cmd("COMMAND");
+    cmd.arg("INFO").arg("WAITAOF");
+    on_every_primary(conn, timeout, "COMMAND INFO", &cmd)
+        .await
+        .ok()
+        .filter(|replies| !replies.is_empty())
+        .is_some_and(|replies| {
+            replies.iter().all(|reply| {
+                parse_value::<Vec<Value>>(reply.clone())
+                    .ok()
+                    .and_then(|info| info.into_iter().next())
+                    .is_some_and(|v| v != Value::Nil)
+            })
+        })
+}
+
+/// Says at open what an acknowledged write means.
+fn log_durability(shown: &str, settings: &Settings, durability: Durability) {
+    let aof = if settings.aof { "yes" } else { "no" };
+    match (settings.appendfsync.as_deref(), durability) {
+        (_, Durability::AofFsyncAlways) => tracing::info!(redis = %shown,
+            "redis spool: appendfsync always, an acknowledged write is on disk"),
+        (fsync, Durability::WaitAof) => tracing::info!(redis = %shown,
+            appendfsync = fsync.unwrap_or("unknown"),
+            "redis spool: every write waits for WAITAOF, an acknowledged write is on disk"),
+        (Some(fsync), Durability::Memory) => tracing::warn!(redis = %shown, appendonly = aof,
+            appendfsync = %fsync, "redis spool: an acknowledged write is only in the server's memory; \
+             a Redis crash can lose accepted mail (set appendonly yes, appendfsync always)"),
+        (None, Durability::Memory) => tracing::warn!(redis = %shown, appendonly = aof,
+            "redis spool: cannot read appendfsync (CONFIG disabled?); \
+             assuming an acknowledged write is only in the server's memory"),
+    }
+}
+
+/// `cmd` on the server, or on every primary of a cluster, within `timeout`.
+async fn on_every_primary(
+    conn: &Connection,
+    timeout: Duration,
+    what: &str,
+    cmd: &Cmd,
+) -> Result<Vec<Value>, SpoolError> {
+    let mut conn = conn.clone();
+    match tokio::time::timeout(timeout, conn.on_every_primary(cmd)).await {
+        Ok(Ok(replies)) => Ok(replies),
+        Ok(Err(e)) => Err(SpoolError::Unavailable(format!("redis {what}: {e}"))),
+        Err(_) => Err(SpoolError::Unavailable(format!(
+            "redis {what}: no reply within {timeout:?}"
+        ))),
+    }
+}
+
+/// The field `name` of an `INFO` reply.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Reads the settings of every primary: `INFO` (works where `CONFIG` is
+/// disabled) and `CONFIG GET appendfsync`; two requests sent at once.
+async fn read_settings(conn: &Connection, timeout: Duration) -> Result<Settings, SpoolError> {
+    let info = redis::cmd("INFO");
+    let mut fsync = redis::cmd("CONFIG");
+    fsync.arg("GET").arg("appendfsync");
+    let (infos, fsyncs) = tokio::join!(
+        on_every_primary(conn, timeout, "INFO", &info),
+        on_every_primary(conn, timeout, "CONFIG GET", &fsync),
+    );
+    let mut settings = Settings {
+        aof: true,
+        appendfsync: None,
+        eviction: None,
+        run_ids: Vec::new(),
+    };
+    for reply in infos? {
+        let text: String = parse_value(reply)
+            .map_err(|e| SpoolError::Unavailable(format!("redis INFO: {e}")))?;
+        settings.aof &= info_field(&text, "aof_enabled") == Some("1");
+        match info_field(&text, "maxmemory_policy") {
+            Some("noeviction") => {}
+            Some(policy) => settings.eviction = Some(policy.to_string()),
+            None => {
+                return Err(SpoolError::Unavailable(
+                    "redis INFO: no maxmemory_policy".into(),
+                ))
+            }
+        }
+        settings
+            .run_ids
+            .push(info_field(&text, "run_id").unwrap_or_default().to_string());
+    }
+    settings.run_ids.sort();
+    // CONFIG may be renamed away (managed services): then unknown.
+    if let Ok(replies) = fsyncs {
+        let mut values = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let pairs: Vec<(String, String)> = parse_value(reply).unwrap_or_default();
+            match pairs.into_iter().find(|(k, _)| k == "appendfsync") {
+                Some((_, v)) => values.push(v.to_ascii_lowercase()),
+                None => {
+                    values.clear();
+                    break;
+                }
+            }
+        }
+        settings.appendfsync = weakest("appendfsync", values).ok();
+    }
+    Ok(settings)
 }
 
 impl std::fmt::Debug for RedisSpool {
@@ -317,8 +612,10 @@ impl RedisSpool {
         RedisSpool::open_with(url, RedisSpoolOptions::default()).await
     }
 
-    /// Connects, reads the server's persistence settings and logs what an
-    /// acknowledged write will mean.
+    /// Connects, reads the server's settings, logs what an acknowledged
+    /// write will mean and starts re-checking them. Fails when Redis may
+    /// evict keys (`maxmemory-policy` other than `noeviction`) and, with
+    /// `require_fsync`, when a write is not on disk before its reply.
     pub async fn open_with(
         url: &str,
         options: RedisSpoolOptions,
@@ -327,13 +624,47 @@ impl RedisSpool {
         let conn = connect(url, options.cluster, options.response_timeout)
             .await
             .map_err(SpoolError::Unavailable)?;
-        let mut spool = RedisSpool {
+        let has_waitaof = has_waitaof(&conn, options.response_timeout).await;
+        let settings = read_settings(&conn, options.response_timeout).await?;
+        let durability = match (&settings.aof, settings.appendfsync.as_deref()) {
+            (true, Some("always")) => Durability::AofFsyncAlways,
+            (true, _) if has_waitaof => Durability::WaitAof,
+            _ => Durability::Memory,
+        };
+        let persistence = settings.persistence(durability);
+        log_durability(&shown, &settings, durability);
+        if let Some(why) = settings.refusal(durability, Persistence::NoAof) {
+            return Err(SpoolError::Unavailable(format!("redis at {shown}: {why}")));
+        }
+        if options.require_fsync && persistence < Persistence::Fsynced {
+            return Err(SpoolError::Unavailable(format!(
+                "redis at {shown}: queue.redis_require_fsync is set, but the server keeps {persistence} \
+                 (appendonly {}, appendfsync {}); set appendonly yes and appendfsync always",
+                if settings.aof { "yes" } else { "no" },
+                settings.appendfsync.as_deref().unwrap_or("unknown (CONFIG disabled)"),
+            )));
+        }
+        let guard = Arc::new(Guard {
+            conn: conn.clone(),
+            shown: shown.clone(),
+            timeout: options.response_timeout,
+            durability,
+            floor: persistence,
+            stale: AtomicBool::new(false),
+            state: Mutex::new((None, settings.run_ids)),
+            checking: tokio::sync::Mutex::new(()),
+        });
+        Guard::watch(Arc::downgrade(&guard), options.check_interval);
+        let spool = RedisSpool {
             conn,
             options,
-            durability: Durability::Memory,
-            round_trips: AtomicU64::new(0),
+            durability,
+            round_trips: AtomicU64::new(2),
+            guard,
         };
-        spool.durability = spool.probe_durability(&shown).await?;
+        if spool.options.min_replicas > 0 {
+            spool.probe_replicas(&shown).await;
+        }
         Ok(spool)
     }
 
@@ -352,56 +683,10 @@ impl RedisSpool {
         &self.options
     }
 
-    /// Round trips to Redis since `open` (the settings probe included).
+    /// Round trips to Redis since `open` (the settings probe included,
+    /// the periodic checks not).
     pub fn round_trips(&self) -> u64 {
         self.round_trips.load(Ordering::Relaxed)
-    }
-
-    async fn probe_durability(&self, shown: &str) -> Result<Durability, SpoolError> {
-        // Every primary must have WAITAOF for the spool to rely on it.
-        let has_waitaof = self
-            .on_every_primary(
-                "COMMAND INFO",
-                redis::cmd("COMMAND").arg("INFO").arg("WAITAOF"),
-            )
-            .await
-            .ok()
-            .filter(|replies| !replies.is_empty())
-            .is_some_and(|replies| {
-                replies.iter().all(|reply| {
-                    parse_value::<Vec<Value>>(reply.clone())
-                        .ok()
-                        .and_then(|info| info.into_iter().next())
-                        .is_some_and(|v| v != Value::Nil)
-                })
-            });
-        let settings = async {
-            let appendonly = self.config_get("appendonly").await?;
-            let appendfsync = self.config_get("appendfsync").await?;
-            Ok::<_, SpoolError>((appendonly, appendfsync))
-        }
-        .await;
-        let durability = match &settings {
-            Ok((aof, fsync)) if aof == "yes" && fsync == "always" => Durability::AofFsyncAlways,
-            Ok((aof, _)) if aof == "yes" && has_waitaof => Durability::WaitAof,
-            _ => Durability::Memory,
-        };
-        match (&settings, durability) {
-            (Ok(_), Durability::AofFsyncAlways) => tracing::info!(redis = %shown,
-                "redis spool: appendfsync always, an acknowledged write is on disk"),
-            (Ok((_, fsync)), Durability::WaitAof) => tracing::info!(redis = %shown,
-                appendfsync = %fsync, "redis spool: every write waits for WAITAOF, an acknowledged write is on disk"),
-            (Ok((aof, fsync)), _) => tracing::warn!(redis = %shown, appendonly = %aof,
-                appendfsync = %fsync, "redis spool: an acknowledged write is only in the server's memory; \
-                 a Redis crash can lose accepted mail (set appendonly yes, appendfsync always)"),
-            (Err(e), _) => tracing::warn!(redis = %shown, error = %e,
-                "redis spool: cannot read the persistence settings (CONFIG disabled?); \
-                 assuming an acknowledged write is only in the server's memory"),
-        }
-        if self.options.min_replicas > 0 {
-            self.probe_replicas(shown).await;
-        }
-        Ok(durability)
     }
 
     /// Says at open whether every primary has the replicas that writes will
@@ -434,28 +719,6 @@ impl RedisSpool {
         }
     }
 
-    /// The value of the setting `name`; on a cluster, of every primary,
-    /// and the weakest of them (see [`weakest`]).
-    async fn config_get(&self, name: &str) -> Result<String, SpoolError> {
-        let replies = self
-            .on_every_primary("CONFIG GET", redis::cmd("CONFIG").arg("GET").arg(name))
-            .await?;
-        let mut values = Vec::with_capacity(replies.len());
-        for reply in replies {
-            let pairs: Vec<(String, String)> = parse_value(reply)
-                .map_err(|e| SpoolError::Unavailable(format!("redis CONFIG GET {name}: {e}")))?;
-            let value = pairs
-                .into_iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.to_ascii_lowercase())
-                .ok_or_else(|| {
-                    SpoolError::Unavailable(format!("redis CONFIG GET {name}: no value"))
-                })?;
-            values.push(value);
-        }
-        weakest(name, values)
-    }
-
     /// `cmd` on the server, or on every primary of a cluster: one round
     /// trip.
     async fn on_every_primary(&self, what: &str, cmd: &Cmd) -> Result<Vec<Value>, SpoolError> {
@@ -472,13 +735,17 @@ impl RedisSpool {
     ) -> Result<T, SpoolError> {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let timeout = self.options.response_timeout;
-        match tokio::time::timeout(timeout, request).await {
-            Ok(Ok(value)) => Ok(value),
+        let result = match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => Err(SpoolError::Unavailable(format!("redis {what}: {e}"))),
             Err(_) => Err(SpoolError::Unavailable(format!(
                 "redis {what}: no reply within {timeout:?}"
             ))),
-        }
+        };
+        // The connection may come back to another server (a restart, a
+        // failover): its settings are checked before the next store.
+        self.guard.stale.store(true, Ordering::SeqCst);
+        result
     }
 
     async fn query_cmd<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, SpoolError> {
@@ -673,6 +940,7 @@ impl Spool for RedisSpool {
         if batch.is_empty() {
             return Ok(());
         }
+        self.guard.admit().await?;
         // The index entries first: see "Consistency" in the module doc.
         let mut zadd = redis::cmd("ZADD");
         zadd.arg(INDEX_KEY);
@@ -1234,6 +1502,142 @@ mod tests {
         assert_eq!(spool.durability(), Durability::Memory);
         spool.store(vec![message(1, 10)]).await.unwrap();
         assert_eq!(ids(&spool.list().await.unwrap()), vec![id(1)]);
+    }
+
+    async fn open_checking(server: &RedisServer, every: Duration, fsync: bool) -> RedisSpool {
+        RedisSpool::open_with(
+            &server.url(),
+            RedisSpoolOptions {
+                check_interval: every,
+                require_fsync: fsync,
+                ..RedisSpoolOptions::default()
+            },
+        )
+        .await
+        .expect("open")
+    }
+
+    async fn config_set(server: &RedisServer, name: &str, value: &str) {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async::<()>(&mut raw(server).await)
+            .await
+            .unwrap();
+    }
+
+    /// Stores new messages until one is refused for a reason that
+    /// contains `why` (`Some`) or is stored (`None`); bounded.
+    async fn store_until(spool: &RedisSpool, n: &mut u64, why: Option<&str>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            *n += 1;
+            let result = spool.store(vec![message(*n, 10)]).await;
+            match (&result, why) {
+                (Ok(()), None) => return,
+                (Err(SpoolError::Unavailable(e)), Some(why)) if e.contains(why) => return,
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "still {result:?}, want {why:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_eviction_policy_is_refused_at_open_and_whenever_it_is_set() {
+        let lru = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+        match RedisSpool::open(&lru.url()).await {
+            Err(SpoolError::Unavailable(why)) => {
+                assert!(why.contains("maxmemory-policy is allkeys-lru"), "{why}")
+            }
+            other => panic!("opened on an evicting Redis: {other:?}"),
+        }
+
+        let server = RedisServer::start();
+        let spool = open_checking(&server, Duration::from_millis(200), false).await;
+        let mut n = 0;
+        store_until(&spool, &mut n, None).await;
+        config_set(&server, "maxmemory-policy", "volatile-lru").await;
+        store_until(&spool, &mut n, Some("maxmemory-policy is volatile-lru")).await;
+        // What is stored still moves: updates and removals go on.
+        spool.remove(&id(1)).await.unwrap();
+        config_set(&server, "maxmemory-policy", "noeviction").await;
+        store_until(&spool, &mut n, None).await;
+    }
+
+    #[tokio::test]
+    async fn persistence_weaker_than_at_open_refuses_new_mail_until_restored() {
+        let server = RedisServer::start();
+        let spool = open_checking(&server, Duration::from_millis(200), false).await;
+        let mut n = 0;
+        store_until(&spool, &mut n, None).await;
+        config_set(&server, "appendfsync", "everysec").await;
+        store_until(&spool, &mut n, Some("weakened")).await;
+        config_set(&server, "appendfsync", "always").await;
+        store_until(&spool, &mut n, None).await;
+        config_set(&server, "appendonly", "no").await;
+        store_until(&spool, &mut n, Some("no append-only file")).await;
+        config_set(&server, "appendonly", "yes").await;
+        store_until(&spool, &mut n, None).await;
+
+        // A server that keeps less from the start is accepted as it is
+        // (the open warns), and guarded against getting weaker still.
+        let weak = RedisServer::start_with(&["--appendfsync", "everysec"]);
+        let spool = open_checking(&weak, Duration::from_millis(200), false).await;
+        store_until(&spool, &mut n, None).await;
+        config_set(&weak, "appendfsync", "always").await;
+        store_until(&spool, &mut n, None).await;
+        config_set(&weak, "appendfsync", "no").await;
+        store_until(&spool, &mut n, Some("weakened")).await;
+    }
+
+    #[tokio::test]
+    async fn requiring_fsync_refuses_a_server_that_does_not() {
+        let weak = RedisServer::start_with(&["--appendfsync", "everysec"]);
+        let opened = RedisSpool::open_with(
+            &weak.url(),
+            RedisSpoolOptions {
+                require_fsync: true,
+                ..RedisSpoolOptions::default()
+            },
+        )
+        .await;
+        match opened {
+            Err(SpoolError::Unavailable(why)) => {
+                assert!(why.contains("queue.redis_require_fsync"), "{why}")
+            }
+            other => panic!("opened without fsync: {other:?}"),
+        }
+        let server = RedisServer::start();
+        let spool = open_checking(&server, Duration::from_millis(200), true).await;
+        let mut n = 0;
+        store_until(&spool, &mut n, None).await;
+        config_set(&server, "appendfsync", "everysec").await;
+        store_until(&spool, &mut n, Some("weakened")).await;
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_request_the_next_store_checks_the_settings_first() {
+        let server = RedisServer::start();
+        // No periodic check within the test: only the check after the
+        // lost connection can see the change.
+        let spool = open_checking(&server, Duration::from_secs(3600), false).await;
+        let mut n = 0;
+        store_until(&spool, &mut n, None).await;
+        config_set(&server, "maxmemory-policy", "allkeys-lru").await;
+        store_until(&spool, &mut n, None).await;
+        // Every client's connection drops (as in a restart or failover).
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async::<()>(&mut raw(&server).await)
+            .await
+            .unwrap();
+        store_until(&spool, &mut n, Some("maxmemory-policy is allkeys-lru")).await;
     }
 
     #[test]
