@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::delivery::outbound::{Outbound, OutboundSettings, TlsClients};
 use crate::delivery::route::{RouteError, Router};
 use crate::delivery::{maildir, DomainPolicy, Job, MessageOutcome, RcptResult, Route};
-use crate::limits::{ConnectionLease, DomainLimits, LeaseHealth, LimitError};
+use crate::limits::{first_renewal, ConnectionLease, DomainLimits, LeaseHealth, LimitError};
 use crate::queue::{Queue, Release, Report};
 use crate::spool::Spool;
 use crate::throttle::{ConnectionDone, DomainThrottle, RatePermit};
@@ -53,6 +53,16 @@ struct HeldLease {
 }
 
 impl HeldLease {
+    /// Validity counts from when the lease was requested: the backend's
+    /// TTL may have started then, well before the queue handed out work.
+    fn new(lease: ConnectionLease) -> HeldLease {
+        HeldLease {
+            health: Mutex::new(LeaseHealth::of(&lease)),
+            released: AtomicBool::new(false),
+            lease,
+        }
+    }
+
     fn usable(&self) -> bool {
         self.health
             .lock()
@@ -79,11 +89,7 @@ impl Delivery {
         permit: OwnedSemaphorePermit,
         lease: ConnectionLease,
     ) -> Self {
-        let lease = Arc::new(HeldLease {
-            health: Mutex::new(LeaseHealth::new(&lease, Instant::now())),
-            released: AtomicBool::new(false),
-            lease,
-        });
+        let lease = Arc::new(HeldLease::new(lease));
         Delivery {
             work: Some(Work {
                 policy,
@@ -134,10 +140,19 @@ impl Actor for Delivery {
             ctx.stop();
             return;
         };
-        if let Some(every) = self.lease.lease.renew_every {
+        // The first renewal is due a period after the lease was requested
+        // (at once if the acquire and the take took that long), then
+        // every period.
+        let lease = &self.lease.lease;
+        if let (Some(first), Some(every)) =
+            (first_renewal(lease, Instant::now()), lease.renew_every)
+        {
             let limits = work.env.limits.clone();
-            ctx.run_interval(every, move |delivery, ctx| {
-                delivery.renew(limits.clone(), ctx)
+            ctx.run_later(first, move |delivery, ctx| {
+                delivery.renew(limits.clone(), ctx);
+                ctx.run_interval(every, move |delivery, ctx| {
+                    delivery.renew(limits.clone(), ctx)
+                });
             });
         }
         ctx.spawn(run(work).into_actor(self).map(|(), _, ctx| ctx.stop()));
@@ -318,5 +333,63 @@ async fn deliver_local(
         };
         let outcome = MessageOutcome::all_of(&record, delivery, result, &text, started.elapsed());
         report(env, &record, delivery, outcome).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use smarthost_testkit::redis::RedisServer;
+
+    use super::*;
+    use crate::limits::{RedisLimits, RedisLimitsOptions};
+
+    /// A lease whose acquire and take were slow: the holder must not
+    /// believe it valid past the moment Redis lets another node have the
+    /// slot.
+    #[tokio::test]
+    async fn a_lease_delayed_before_its_connection_is_not_trusted_past_its_redis_expiry() {
+        let server = RedisServer::start();
+        let options = RedisLimitsOptions {
+            lease_ttl: Duration::from_millis(1500),
+            renew_every: Duration::from_millis(500),
+            ..RedisLimitsOptions::default()
+        };
+        let a = RedisLimits::open(&server.url(), "node-a", options.clone())
+            .await
+            .unwrap();
+        let b = RedisLimits::open(&server.url(), "node-b", options)
+            .await
+            .unwrap();
+        let lease = a
+            .acquire_connection("example.org", 1)
+            .await
+            .unwrap()
+            .expect("a slot");
+        // The take of work for the connection takes a while.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let held = HeldLease::new(lease.clone());
+        assert!(held.usable());
+        assert_eq!(
+            first_renewal(&lease, Instant::now()),
+            Some(Duration::ZERO),
+            "the connection renews at once: a renewal period has passed"
+        );
+
+        // Not renewed: once Redis gives the slot to node b, node a's
+        // connection must no longer count on its lease.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(other) = b.acquire_connection("example.org", 1).await.unwrap() {
+                assert!(
+                    !held.usable(),
+                    "two connections under a cap of one: {other:?} and {lease:?}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "the lease never expired");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

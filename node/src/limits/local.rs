@@ -89,6 +89,7 @@ impl DomainLimits for LocalLimits {
             id: format!("local:{n}"),
             ttl: None,
             renew_every: None,
+            requested: Instant::now(),
         }))
     }
 

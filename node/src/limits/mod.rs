@@ -48,6 +48,10 @@ pub struct ConnectionLease {
     pub ttl: Option<Duration>,
     /// How often its holder renews it; `None`: never.
     pub renew_every: Option<Duration>,
+    /// When the request that acquired it was sent: the earliest moment its
+    /// TTL can have started on the backend, so the holder counts validity
+    /// and renewals from here, not from when the lease reached it.
+    pub requested: Instant,
 }
 
 #[async_trait]
@@ -78,6 +82,14 @@ pub trait DomainLimits: Send + Sync + 'static {
     ) -> Result<Duration, LimitError>;
 }
 
+/// How long after `now` the first renewal of `lease` is due: a renewal
+/// period after the lease was requested (at once if that is past). `None`
+/// for a lease that is never renewed.
+pub fn first_renewal(lease: &ConnectionLease, now: Instant) -> Option<Duration> {
+    let every = lease.renew_every?;
+    Some((lease.requested + every).saturating_duration_since(now))
+}
+
 /// What the holder of a lease knows about it: until when it is surely
 /// valid (by this node's monotonic clock) and whether it was lost.
 #[derive(Debug)]
@@ -88,6 +100,11 @@ pub struct LeaseHealth {
 }
 
 impl LeaseHealth {
+    /// A lease, valid for its TTL from when it was requested.
+    pub fn of(lease: &ConnectionLease) -> LeaseHealth {
+        LeaseHealth::new(lease, lease.requested)
+    }
+
     /// A lease acquired (or renewed) no later than `acquired`.
     pub fn new(lease: &ConnectionLease, acquired: Instant) -> LeaseHealth {
         LeaseHealth {
@@ -128,7 +145,28 @@ mod tests {
             id: "n1:1".into(),
             ttl,
             renew_every: ttl.map(|t| t / 3),
+            requested: Instant::now(),
         }
+    }
+
+    #[test]
+    fn a_lease_is_valid_from_when_it_was_requested_not_when_it_arrived() {
+        let mut lease = lease(Some(Duration::from_secs(30)));
+        let t0 = Instant::now();
+        lease.requested = t0;
+        // The acquire and the take took 20 s before the holder got it.
+        let health = LeaseHealth::of(&lease);
+        assert!(health.usable(t0 + Duration::from_secs(29)));
+        assert!(!health.usable(t0 + Duration::from_secs(30)));
+        assert_eq!(
+            first_renewal(&lease, t0 + Duration::from_secs(20)),
+            Some(Duration::ZERO),
+            "a third of the TTL is past: renew at once"
+        );
+        assert_eq!(
+            first_renewal(&lease, t0 + Duration::from_secs(4)),
+            Some(Duration::from_secs(6))
+        );
     }
 
     #[test]

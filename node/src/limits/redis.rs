@@ -34,7 +34,7 @@
 //! connection reconnects by itself (and reloads the scripts if the server
 //! lost them).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::Script;
@@ -194,6 +194,8 @@ impl DomainLimits for RedisLimits {
     ) -> Result<Option<ConnectionLease>, LimitError> {
         let id = self.new_lease_id();
         let mut conn = self.conn.clone();
+        // Before the request: its TTL starts on the server no earlier.
+        let requested = Instant::now();
         let added: i64 = self
             .bounded(
                 "acquire",
@@ -210,6 +212,7 @@ impl DomainLimits for RedisLimits {
             id,
             ttl: Some(self.options.lease_ttl),
             renew_every: Some(self.options.renew_every),
+            requested,
         }))
     }
 
