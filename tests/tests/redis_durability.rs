@@ -81,7 +81,10 @@ fn an_eviction_policy_set_under_a_running_node_refuses_mail_until_it_is_undone()
     config_set(&redis, "maxmemory-policy", "allkeys-lru");
     submit_until(&setup, 451, "while evicting");
     assert!(
-        setup.relay.log().contains("maxmemory-policy is allkeys-lru"),
+        setup
+            .relay
+            .log()
+            .contains("maxmemory-policy is allkeys-lru"),
         "{}",
         setup.relay.log()
     );

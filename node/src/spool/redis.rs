@@ -562,8 +562,8 @@ async fn read_settings(conn: &Connection, timeout: Duration) -> Result<Settings,
         run_ids: Vec::new(),
     };
     for reply in infos? {
-        let text: String = parse_value(reply)
-            .map_err(|e| SpoolError::Unavailable(format!("redis INFO: {e}")))?;
+        let text: String =
+            parse_value(reply).map_err(|e| SpoolError::Unavailable(format!("redis INFO: {e}")))?;
         settings.aof &= info_field(&text, "aof_enabled") == Some("1");
         match info_field(&text, "maxmemory_policy") {
             Some("noeviction") => {}
