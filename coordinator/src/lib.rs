@@ -56,6 +56,11 @@ pub struct LeaderTick {
     /// Nodes whose heartbeat is older than the node TTL (or that stopped):
     /// their in-flight work may be reclaimed at once.
     pub dead: Vec<String>,
+    /// The lease holders of those nodes' dead processes
+    /// ([`Members::dead_holders`]): what may be reclaimed. A process that
+    /// restarted under a dead node's id holds its leases under another
+    /// holder, so a tick that is seconds old leaves them alone.
+    pub dead_holders: Vec<String>,
 }
 
 impl LeaderTick {
@@ -330,6 +335,7 @@ impl Coordinator {
             token: lease.token,
             valid_until: lease.valid_until,
             dead: self.members.dead.iter().map(|n| n.id.clone()).collect(),
+            dead_holders: self.members.dead_holders(),
         };
         if jobs.try_send(tick).is_err() {
             tracing::debug!("coordinator: the jobs are still busy, tick skipped");

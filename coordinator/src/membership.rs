@@ -22,6 +22,13 @@
 //! node that shuts down as dead at once, so that its successor starts
 //! without waiting and the leader reclaims what it left.
 //!
+//! A process holds its deliveries' leases as [`lease_holder`]: the node id
+//! and the process's `instance`. The leader reclaims the leases of a dead
+//! node by the instance that was dead when it looked
+//! ([`Members::dead_holders`]), so a list that is a few seconds old never
+//! matches the leases of a process that restarted under the same id
+//! meanwhile.
+//!
 //! All keys share the `{cluster}` hash tag, so on Redis Cluster one script
 //! may touch them together.
 
@@ -39,6 +46,18 @@ pub const NODES_KEY: &str = "smarthost:{cluster}:nodes";
 /// The hash with what a node said about itself.
 pub fn node_key(node: &str) -> String {
     format!("smarthost:{{cluster}}:node:{node}")
+}
+
+/// A fresh random `instance` for this process.
+pub fn new_instance() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Whom the deliveries taken by process `instance` of `node` are leased to:
+/// each process holds its own leases, so one that restarted under the same
+/// id is never mistaken for the one that died.
+pub fn lease_holder(node: &str, instance: &str) -> String {
+    format!("{node}@{instance}")
 }
 
 /// Whether a node last seen at `last_seen_ms` is alive at `now_ms`: its
@@ -75,7 +94,7 @@ impl NodeInfo {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            instance: format!("{:016x}", rand::random::<u64>()),
+            instance: new_instance(),
         }
     }
 }
@@ -95,6 +114,9 @@ pub enum Join {
 pub struct NodeSeen {
     pub id: String,
     pub last_seen_ms: u64,
+    /// The process that heartbeated last, read together with its
+    /// heartbeat (for a dead node; empty when not read).
+    pub instance: String,
 }
 
 /// Every known node, split by [`is_alive`] at `now_ms` (Redis time), in id
@@ -116,7 +138,11 @@ impl Members {
             ..Members::default()
         };
         for (id, last_seen_ms) in nodes {
-            let seen = NodeSeen { id, last_seen_ms };
+            let seen = NodeSeen {
+                id,
+                last_seen_ms,
+                instance: String::new(),
+            };
             if is_alive(last_seen_ms, now_ms, ttl) {
                 members.live.push(seen);
             } else {
@@ -124,6 +150,20 @@ impl Members {
             }
         }
         members
+    }
+
+    /// The lease holders whose deliveries may be reclaimed now: each dead
+    /// node's process as it was when found dead (and the bare node id,
+    /// which releases before per-process holders held leases under).
+    pub fn dead_holders(&self) -> Vec<String> {
+        let mut holders = Vec::new();
+        for node in &self.dead {
+            holders.push(node.id.clone());
+            if !node.instance.is_empty() {
+                holders.push(lease_holder(&node.id, &node.instance));
+            }
+        }
+        holders
     }
 }
 
@@ -286,8 +326,58 @@ impl Membership {
     }
 
     /// Every known node, live and dead, at the current Redis time; one
-    /// round trip.
+    /// round trip, and a second one when some are dead: their heartbeats
+    /// and instances are read again in one transaction, so that a dead
+    /// node's instance is the one that was dead (a node that restarted
+    /// meanwhile counts as live).
     pub async fn members(&self) -> Result<Members, CoordError> {
+        let members = self.read_members().await?;
+        if members.dead.is_empty() {
+            return Ok(members);
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for node in &members.dead {
+            pipe.cmd("ZSCORE").arg(NODES_KEY).arg(&node.id);
+            pipe.cmd("HGET").arg(node_key(&node.id)).arg("instance");
+        }
+        pipe.cmd("TIME");
+        let mut replies: Vec<redis::Value> = self.redis.query_pipe("members", &pipe).await?;
+        let time: Vec<String> = replies
+            .pop()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(|e| CoordError::Corrupt(format!("members: TIME {e}")))?
+            .unwrap_or_default();
+        let now_ms = time_ms(&time)?;
+        let mut again = Members {
+            now_ms,
+            live: members.live,
+            dead: Vec::new(),
+        };
+        for (node, pair) in members.dead.into_iter().zip(replies.chunks(2)) {
+            let score: Option<f64> = redis::from_redis_value(pair[0].clone())
+                .map_err(|e| CoordError::Corrupt(format!("members: ZSCORE {e}")))?;
+            let instance: Option<String> = redis::from_redis_value(pair[1].clone())
+                .map_err(|e| CoordError::Corrupt(format!("members: HGET {e}")))?;
+            let Some(score) = score else { continue };
+            let seen = NodeSeen {
+                id: node.id,
+                last_seen_ms: score as u64,
+                instance: instance.unwrap_or_default(),
+            };
+            if is_alive(seen.last_seen_ms, now_ms, self.ttl) {
+                again.live.push(seen);
+            } else {
+                again.dead.push(seen);
+            }
+        }
+        again.live.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(again)
+    }
+
+    /// [`Membership::members`] without reading the dead nodes' instances.
+    async fn read_members(&self) -> Result<Members, CoordError> {
         let mut pipe = redis::pipe();
         pipe.cmd("TIME")
             .cmd("ZRANGE")

@@ -149,6 +149,7 @@ async fn only_the_leader_runs_the_jobs_and_hears_of_stopped_nodes() {
         lead: false,
         ..options("n3")
     };
+    let n3_instance = options.info.instance.clone();
     let node = Coordinator::new(connect(&server), options).start();
     let all = |s: &Status| s.live == ["n1", "n2", "n3"];
     until(&one, Duration::from_secs(5), all).await;
@@ -205,5 +206,14 @@ async fn only_the_leader_runs_the_jobs_and_hears_of_stopped_nodes() {
         stopped_at.elapsed() < Duration::from_millis(600),
         "seen dead after {:?}, the ttl is 600 ms",
         stopped_at.elapsed()
+    );
+    // What may be reclaimed: the leases of that very process.
+    let last = leader_ticks.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        last.dead_holders,
+        [
+            "n3".to_string(),
+            smarthost_coordinator::membership::lease_holder("n3", &n3_instance)
+        ]
     );
 }

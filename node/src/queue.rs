@@ -816,7 +816,7 @@ impl Handler<LeaderTick> for Queue {
         let schedule = self.schedule.clone();
         let check = tick.clone();
         let work = async move {
-            schedule.reclaim_holders(&check.dead).await?;
+            schedule.reclaim_holders(&check.dead_holders).await?;
             if !check.is_valid() {
                 return Ok(Vec::new());
             }
@@ -1295,6 +1295,7 @@ mod leader_tests {
             token: 1,
             valid_until: Instant::now() + valid_for,
             dead: Vec::new(),
+            dead_holders: Vec::new(),
         }
     }
 

@@ -63,6 +63,12 @@ pub fn run(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
 /// Starts this process's coordinator on the Redis backend, once the node id
 /// is this process's ([`claim_node_id`]). A leading coordinator sends its
 /// [`LeaderTick`]s to `jobs`.
+/// This process in the cluster's membership: its heartbeat says it, and
+/// the deliveries it takes are leased to it
+/// ([`coordinator::membership::lease_holder`]).
+static INSTANCE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(coordinator::membership::new_instance);
+
 async fn start_coordinator(
     config: &Config,
     lead: bool,
@@ -78,6 +84,7 @@ async fn start_coordinator(
     .map_err(|e| format!("queue.redis_url: {e}"))?;
     let mut options = CoordinatorOptions::new(config.node.id.clone());
     options.info.host = config.node.hostname.clone();
+    options.info.instance = INSTANCE.clone();
     options.info.smtp = config
         .smtp
         .listen
@@ -154,7 +161,11 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
     let spool: Arc<dyn Spool> = Arc::new(spool);
     let queue = Queue::new(spool.clone())
         .with_settings(delivery_settings(config)?)
-        .with_schedule(Arc::new(schedule), &config.node.id, config.queue.lease)
+        .with_schedule(
+            Arc::new(schedule),
+            coordinator::membership::lease_holder(&config.node.id, &INSTANCE),
+            config.queue.lease,
+        )
         .with_rescan(config.queue.rescan_interval)
         .led_by_coordinator();
     Ok((queue, spool))

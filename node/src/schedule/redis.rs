@@ -207,10 +207,13 @@ return #expired
 /// KEYS: ready, leases, holders. ARGV: holder, lease ms, grace ms, ids…
 /// Extends the leases of `holder` among `ids`; a lease of `holder` not
 /// among them that was taken more than `grace` ago is an orphan (a take
-/// whose reply was lost, a completion that failed half-way, an earlier
-/// process of the same node) and goes back to the front of ready. Returns
+/// whose reply was lost, a completion that failed half-way), and so is
+/// one of an earlier process of the same node (holder `<node>@<instance>`,
+/// see `lease_holder`): it goes back to the front of ready. Returns
 /// {renewed, orphans}.
 const RENEW: &str = r"
+local function node_of(h) return string.match(h, '^(.*)@%x+$') or h end
+local mine = node_of(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[2])
@@ -227,7 +230,7 @@ local orphans = 0
 local all = redis.call('HGETALL', KEYS[3])
 for i = 1, #all, 2 do
   local id = all[i]
-  if all[i + 1] == ARGV[1] and not held[id] then
+  if node_of(all[i + 1]) == mine and not held[id] then
     local expiry = tonumber(redis.call('ZSCORE', KEYS[2], id) or '0')
     if expiry - lease < now - tonumber(ARGV[3]) then
       redis.call('ZREM', KEYS[2], id)
