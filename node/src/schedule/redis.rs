@@ -115,8 +115,8 @@ pub const EXPIRY_BATCH: usize = 1000;
 
 /// How long an expiry sweep holds what it claimed; a sweep that dies
 /// leaves the claims to be reclaimed after this. A sweep that lives
-/// renews them every third of this, and starts a message's reports only
-/// while at least half of it is left.
+/// renews them every third of this while it queues reports, and starts
+/// a message's reports only while at least half of it is left.
 const EXPIRY_CLAIM: Duration = Duration::from_secs(60);
 
 /// The keys of one domain.
@@ -449,6 +449,32 @@ impl RedisSchedule {
         self.run("expire: renew claims", &pipe).await.map(drop)
     }
 
+    /// Runs `work` (queueing a message's reports) while renewing the
+    /// sweep's claims every third of their length; `held_until` is when
+    /// they surely last until.
+    async fn while_renewing<T>(
+        &self,
+        claimed: &BTreeMap<MessageId, Vec<String>>,
+        held_until: &mut Instant,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                () = tokio::time::sleep(self.expiry_claim / 3) => {
+                    let sent = Instant::now();
+                    match self.renew_claims(claimed).await {
+                        Ok(()) => *held_until = sent + self.expiry_claim,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot renew the claims of an expiry sweep")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Round trips to Redis since `new` (the script load included).
     pub fn round_trips(&self) -> u64 {
         self.round_trips.load(Ordering::Relaxed)
@@ -701,7 +727,7 @@ impl RedisSchedule {
             return Ok(Vec::new());
         }
         let holder = self.expiry_holder.as_str();
-        let claimed_at = Instant::now();
+        let mut held_until = Instant::now() + self.expiry_claim;
         let mut pipe = redis::pipe();
         for (domain, ids) in &by_domain {
             let k = domain_keys(domain);
@@ -738,103 +764,77 @@ impl RedisSchedule {
         let mut reported: HashSet<MessageId> = HashSet::new();
         let mut expired: BTreeMap<MessageId, Vec<Completion>> = BTreeMap::new();
         let mut put_back: Vec<MessageId> = Vec::new();
-        // Until when the claims surely hold: renewed while the sweep runs,
-        // so that no other sweep takes (and reports) them meanwhile.
-        let held_until = Mutex::new(claimed_at + self.expiry_claim);
-        let sweep = async {
-            for _ in 0..MAX_RECORD_RACES {
-                if pending.is_empty() {
-                    break;
-                }
-                let missing: Vec<MessageId> = pending
-                    .iter()
-                    .filter(|(_, bytes)| bytes.is_none())
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                let mut fetched = missing.iter().cloned().zip(self.fetch(&missing).await?);
-                let mut planned = Vec::new();
-                for (id, bytes) in pending.drain(..) {
-                    let bytes = match bytes {
+        for _ in 0..MAX_RECORD_RACES {
+            if pending.is_empty() {
+                break;
+            }
+            let missing: Vec<MessageId> = pending
+                .iter()
+                .filter(|(_, bytes)| bytes.is_none())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut fetched = missing.iter().cloned().zip(self.fetch(&missing).await?);
+            let mut planned = Vec::new();
+            for (id, bytes) in pending.drain(..) {
+                let bytes = match bytes {
+                    Some(bytes) => bytes,
+                    None => match fetched.find(|(f, _)| *f == id).and_then(|(_, b)| b) {
                         Some(bytes) => bytes,
-                        None => match fetched.find(|(f, _)| *f == id).and_then(|(_, b)| b) {
-                            Some(bytes) => bytes,
-                            None => continue, // finished meanwhile
-                        },
-                    };
-                    let mut current = Arc::new(decode(&id, &bytes)?);
-                    let mut completions = Vec::new();
-                    for domain in &claimed[&id] {
-                        if current.deliveries.iter().any(|d| &d.domain == domain) {
-                            let completion = expire_delivery(&current, domain);
-                            current = completion.record.clone();
-                            completions.push(completion);
-                        }
+                        None => continue, // finished meanwhile
+                    },
+                };
+                let mut current = Arc::new(decode(&id, &bytes)?);
+                let mut completions = Vec::new();
+                for domain in &claimed[&id] {
+                    if current.deliveries.iter().any(|d| &d.domain == domain) {
+                        let completion = expire_delivery(&current, domain);
+                        current = completion.record.clone();
+                        completions.push(completion);
                     }
-                    if completions.is_empty() {
+                }
+                if completions.is_empty() {
+                    continue;
+                }
+                if let Some(report) = report {
+                    let left = held_until.saturating_duration_since(Instant::now());
+                    if left < self.expiry_claim / 2 && !reported.contains(&id) {
+                        // Too close to the end of the claims to be sure of
+                        // them until the reports are queued: the next sweep.
+                        put_back.push(id);
                         continue;
                     }
-                    if let Some(report) = report {
-                        let left = held_until
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .saturating_duration_since(Instant::now());
-                        if left < self.expiry_claim / 2 && !reported.contains(&id) {
-                            // Too late to be sure of the claim until the report
-                            // is queued: the next sweep does it.
+                    if reported.insert(id.clone()) {
+                        let queued = report(completions.clone());
+                        let queued = self.while_renewing(&claimed, &mut held_until, queued);
+                        if let Err(error) = queued.await {
+                            tracing::warn!(message_id = %id, %error,
+                                "cannot queue the report of an expired message; it stays for the next sweep");
                             put_back.push(id);
                             continue;
                         }
-                        if reported.insert(id.clone()) {
-                            if let Err(error) = report(completions.clone()).await {
-                                tracing::warn!(message_id = %id, %error,
-                                "cannot queue the report of an expired message; it stays for the next sweep");
-                                put_back.push(id);
-                                continue;
-                            }
-                        }
                     }
-                    planned.push((id, bytes, completions));
                 }
-                if planned.is_empty() {
-                    break;
-                }
-                let mut pipe = redis::pipe();
-                for (id, bytes, completions) in &planned {
-                    let last = completions.last().expect("not empty");
-                    let new = (!last.message_done()).then(|| envelope::encode(&*last.record));
-                    pipe.add_command(self.write_record_cmd(id, bytes, new.as_deref()));
-                }
-                let writes = self.run("expire: records", &pipe).await?;
-                for ((id, _, completions), write) in planned.into_iter().zip(writes) {
-                    match Self::parse_record_write(write)? {
-                        RecordWrite::Written => {
-                            expired.insert(id, completions);
-                        }
-                        RecordWrite::Gone => {}
-                        RecordWrite::Changed(current) => pending.push((id, Some(current))),
+                planned.push((id, bytes, completions));
+            }
+            if planned.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for (id, bytes, completions) in &planned {
+                let last = completions.last().expect("not empty");
+                let new = (!last.message_done()).then(|| envelope::encode(&*last.record));
+                pipe.add_command(self.write_record_cmd(id, bytes, new.as_deref()));
+            }
+            let writes = self.run("expire: records", &pipe).await?;
+            for ((id, _, completions), write) in planned.into_iter().zip(writes) {
+                match Self::parse_record_write(write)? {
+                    RecordWrite::Written => {
+                        expired.insert(id, completions);
                     }
+                    RecordWrite::Gone => {}
+                    RecordWrite::Changed(current) => pending.push((id, Some(current))),
                 }
             }
-            Ok::<_, SpoolError>(())
-        };
-        let renew = async {
-            loop {
-                tokio::time::sleep(self.expiry_claim / 3).await;
-                let sent = Instant::now();
-                match self.renew_claims(&claimed).await {
-                    Ok(()) => {
-                        *held_until.lock().unwrap_or_else(|e| e.into_inner()) =
-                            sent + self.expiry_claim
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot renew the claims of an expiry sweep")
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            result = sweep => result?,
-            () = renew => {}
         }
         // Still racing: given back, like those whose report failed.
         put_back.extend(pending.into_iter().map(|(id, _)| id));
