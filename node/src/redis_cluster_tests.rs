@@ -242,6 +242,13 @@ async fn schedule_round_trips_on_a_cluster() {
         2,
         "complete: the record, then the domain and the index"
     );
+    // The inserted work gave both domains timers.
+    s.promote(t0).await.unwrap();
+    assert_eq!(
+        trips(),
+        3,
+        "promote: the timers, the domains, the timers back"
+    );
     s.promote(t0).await.unwrap();
     assert_eq!(trips(), 1, "promote with no domain due: the timers");
     s.reclaim_expired_leases().await.unwrap();

@@ -1038,7 +1038,9 @@ impl Schedule for RedisSchedule {
         }
         // The domain sets before and after the scripts (see "The domain
         // sets" in the module doc): the domains, those with due work, and
-        // the earliest deferred attempt of each.
+        // the earliest attempt of each, due or not: an id that is already
+        // deferred stays there even when due (a rescan after a lost
+        // timer), so the timer brings `promote` to it.
         let domains: Vec<&str> = by_domain.iter().map(|(d, _)| d.as_str()).collect();
         let due: Vec<String> = by_domain
             .iter()
@@ -1048,7 +1050,7 @@ impl Schedule for RedisSchedule {
         let timers: Vec<(String, u64)> = by_domain
             .iter()
             .filter_map(|(d, entries)| {
-                let earliest = entries.iter().filter(|e| !e.2).map(|e| e.1).min()?;
+                let earliest = entries.iter().map(|e| e.1).min()?;
                 Some((d.clone(), earliest))
             })
             .collect();
@@ -1795,6 +1797,13 @@ mod tests {
         assert_eq!(trips(), 2, "complete with its index entry");
         s.release(&jobs[2].0.id, "example.org").await.unwrap();
         assert_eq!(trips(), 1, "release");
+        // The inserted work gave both domains timers.
+        s.promote(t0).await.unwrap();
+        assert_eq!(
+            trips(),
+            3,
+            "promote: the timers, the domains, the timers back"
+        );
         s.promote(t0).await.unwrap();
         assert_eq!(trips(), 1, "promote with no domain due: the timers");
         // The retry is due by this node's clock: its domain is looked at.
