@@ -1202,7 +1202,9 @@ impl Schedule for RedisSchedule {
                 empty |= parse_filed(reply)?.1;
             }
             if empty {
-                self.drop_if_empty(vec![domain.to_string()]).await?;
+                if let Err(error) = self.drop_if_empty(vec![domain.to_string()]).await {
+                    tracing::warn!(%domain, %error, "cannot drop a domain without work from the active set");
+                }
             }
         }
         Ok(jobs)
@@ -2080,6 +2082,98 @@ mod tests {
         // And the retry still comes due.
         let next = later + policy.intervals[0].as_millis() as u64;
         assert_eq!(s.promote(next).await.unwrap(), ["kept.example"]);
+    }
+
+    /// A domain that empties while another node inserts into it is never
+    /// left with work outside the domain sets: the completion drops the
+    /// domain first and looks again, the insert adds it after its script.
+    /// Two nodes race on one domain, one inserting, one delivering
+    /// everything it can take; whatever is left at the end is listed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_domain_emptied_during_an_insert_stays_listed() {
+        let server = RedisServer::start();
+        let (spool, a) = node(&server).await;
+        let (_, b) = node(&server).await;
+        let mut conn = raw(&server).await;
+        let domain = "race.example";
+        for round in 0..5u64 {
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let inserter = {
+                let (spool, a, done) = (spool.clone(), a.clone(), done.clone());
+                tokio::spawn(async move {
+                    for i in 0..60 {
+                        let m = message_to(round * 1000 + i, domain);
+                        spool.store(vec![m.clone()]).await.unwrap();
+                        a.insert(vec![m.record], u64::MAX / 2).await.unwrap();
+                    }
+                    done.store(true, Ordering::SeqCst);
+                })
+            };
+            let deliverer = {
+                let (b, done) = (b.clone(), done.clone());
+                tokio::spawn(async move {
+                    let delivered = outcome(&[(0, RcptResult::Delivered)]);
+                    while !done.load(Ordering::SeqCst) {
+                        let jobs = b
+                            .take(domain, 3, "node-b", Duration::from_secs(60))
+                            .await
+                            .unwrap();
+                        for (record, _) in jobs {
+                            let t0 = record.received_ms;
+                            b.complete(&record.id, domain, &delivered, t0, &policy(), 0.0, None)
+                                .await
+                                .unwrap();
+                        }
+                    }
+                })
+            };
+            inserter.await.unwrap();
+            deliverer.await.unwrap();
+            let counts = a.counts().await.unwrap();
+            let active: bool = redis::cmd("SISMEMBER")
+                .arg(ACTIVE_KEY)
+                .arg(domain)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let in_ready: i64 = redis::cmd("ZCARD")
+                .arg(domain_keys(domain).ready)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(
+                active,
+                counts.ready + counts.in_flight + counts.deferred > 0,
+                "round {round}: {counts:?}"
+            );
+            if in_ready > 0 {
+                assert_eq!(a.ready_domains().await.unwrap(), [domain], "round {round}");
+            }
+            // Drain for the next round.
+            loop {
+                let jobs = b
+                    .take(domain, 100, "node-b", Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                if jobs.is_empty() {
+                    break;
+                }
+                let delivered = outcome(&[(0, RcptResult::Delivered)]);
+                for (record, _) in jobs {
+                    let t0 = record.received_ms;
+                    b.complete(&record.id, domain, &delivered, t0, &policy(), 0.0, None)
+                        .await
+                        .unwrap();
+                }
+            }
+            let active: bool = redis::cmd("SISMEMBER")
+                .arg(ACTIVE_KEY)
+                .arg(domain)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(!active, "round {round}: empty, so no longer listed");
+        }
     }
 
     /// An index entry without a record (a `complete` that died between its
