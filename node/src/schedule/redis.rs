@@ -10,7 +10,7 @@
 //!
 //! | key | type | value |
 //! | --- | --- | --- |
-//! | `smarthost:{d:<domain>}:ready` | sorted set | id → place in line: due deliveries, lowest first |
+//! | `smarthost:{d:<domain>}:line` | sorted set | id → place in line: due deliveries, lowest first |
 //! | `smarthost:{d:<domain>}:deferred` | sorted set | id → next attempt (ms) |
 //! | `smarthost:{d:<domain>}:leases` | sorted set | id → lease expiry (ms, Redis clock) |
 //! | `smarthost:{d:<domain>}:holders` | hash | id → holder of the lease |
@@ -20,7 +20,10 @@
 //! | `smarthost:{domains}:timers` | sorted set | domain → when it next needs a look (ms): its earliest deferred attempt or lease expiry |
 //! | `smarthost:{domains}:suspended` | set | suspended domains, for listing |
 //!
-//! Ready work is a sorted set rather than a list so that every script is
+//! Ready work is a sorted set (`line`; earlier releases kept a list under
+//! `ready`, which their nodes drain during a rolling upgrade while the
+//! leader's rescan files every stored message into the set, and a lease
+//! held under either is respected by both) rather than a list so that every script is
 //! O(log N) in what it touches, never a scan of the line: membership is a
 //! `ZSCORE`, removal a `ZREM`. The score is the place in line: work goes to
 //! the back at one more than the highest score, work handed back goes to
@@ -193,7 +196,10 @@ struct DomainKeys {
 fn domain_keys(domain: &str) -> DomainKeys {
     let key = |what: &str| format!("smarthost:{{d:{domain}}}:{what}");
     DomainKeys {
-        ready: key("ready"),
+        // Not `ready`, the list of earlier releases: during a rolling
+        // upgrade their nodes drain that list while these use this set,
+        // which the leader's rescan fills with every stored message.
+        ready: key("line"),
         deferred: key("deferred"),
         leases: key("leases"),
         holders: key("holders"),
