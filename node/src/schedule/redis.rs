@@ -1265,7 +1265,7 @@ impl Schedule for RedisSchedule {
 
     /// Renews in the domains where this instance holds leases, and looks
     /// for orphaned leases of `holder` there and in the next
-    /// [`ORPHAN_SCAN`] active domains (`SSCAN`: the whole set over
+    /// `ORPHAN_SCAN` active domains (`SSCAN`: the whole set over
     /// successive calls), so that a renewal costs the same however many
     /// domains hold work.
     async fn renew_leases(&self, holder: &str, lease: Duration) -> Result<usize, SpoolError> {

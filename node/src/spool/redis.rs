@@ -12,10 +12,16 @@
 //! | `smarthost:{m:<id>}:record` | string | [`envelope::encode`] of the [`MessageRecord`] |
 //! | `smarthost:{m:<id>}:body` | string | [`envelope::encode`] of the body, as one byte string |
 //! | `smarthost:{index}:messages` | sorted set | member `<id>`, score the receive time in ms |
+//! | `smarthost:{m:<id>}:quarantined` | hash | a record set aside: `record`, `body`, `reason`, `at` (ms) |
+//! | `smarthost:{index}:quarantine` | sorted set | member `<id>`, score when it was set aside (ms) |
 //!
 //! Both values start with the record version byte, so a node of a newer
 //! release reads what an older one wrote, and a value of a version this
-//! release does not know is [`SpoolError::Corrupt`], never a panic. The
+//! release does not know is [`SpoolError::Corrupt`], never a panic. A
+//! record that cannot be read is set aside ([`quarantine`]) wherever it is
+//! met (a listing, a page of the rescan, the schedule's take, completion
+//! and expiry sweep), so that it stalls nothing and is never read again;
+//! [`Spool::quarantined`] lists it for operators. The
 //! index orders [`Spool::list`] by receive time, ties by id (ids are hex
 //! strings of equal length, so Redis's member order is the id order).
 //!
@@ -44,8 +50,9 @@
 //! - `remove` deletes the message keys first (one `DEL` in the message
 //!   slot), then the index entry.
 //!
-//! [`Spool::list`] skips an index entry whose record is missing and deletes
-//! it once the message's receive time is [`DANGLING_GRACE`] in the past: a
+//! [`Spool::list`] and [`Spool::list_page`] (and the schedule's expiry
+//! sweep) skip an index entry whose record is missing and delete it once
+//! the message's receive time is [`DANGLING_GRACE`] in the past: a
 //! younger entry may belong to a `store` whose message keys are still on
 //! their way. A `store` that failed was never acknowledged, so its client
 //! sends the message again; a `remove` that failed removed a message that
@@ -54,8 +61,9 @@
 //! # Round trips
 //!
 //! `store` of a whole batch, `update`, `remove` and `read_body` are one
-//! round trip each; `list` is two (the index, then all records in one
-//! pipeline), plus one when it cleans dangling index entries.
+//! round trip each; `list` and `list_page` are two (the index, then all
+//! records in one pipeline), plus one when they clean dangling index
+//! entries and three per record set aside; `quarantined` is two.
 //! [`RedisSpool::round_trips`] counts them. On Redis Cluster `store` and
 //! `remove` are two (the ordered steps above); requests sent at once to
 //! several primaries (the messages of a batch, the records of `list`)
@@ -140,7 +148,7 @@ pub fn quarantined_key(id: &MessageId) -> String {
 /// an entry without its hash), the move in the message slot, then the
 /// message index entry goes. Rare, so the requests are not counted as
 /// round trips of the caller.
-pub(crate) async fn quarantine(
+pub async fn quarantine(
     conn: &Connection,
     timeout: Duration,
     id: &MessageId,
