@@ -237,7 +237,7 @@ impl Fill {
     /// due now, odd ones deferred by a day.
     fn message(&self, n: u64) -> NewMessage {
         let received = self.base_ms + n;
-        let next = if n % 2 == 0 {
+        let next = if n.is_multiple_of(2) {
             received
         } else {
             self.now_ms + DAY_MS
