@@ -267,10 +267,12 @@ impl Scheduler {
                 // A record naming one domain twice: one delivery.
                 continue;
             }
-            *self
-                .deliveries_by_domain
-                .entry(delivery.domain.clone())
-                .or_default() += 1;
+            match self.deliveries_by_domain.get_mut(&delivery.domain) {
+                Some(count) => *count += 1,
+                None => {
+                    self.deliveries_by_domain.insert(delivery.domain.clone(), 1);
+                }
+            }
             if delivery.next_attempt_ms <= now_ms {
                 self.push_ready(key, false);
                 if !self.suspended.contains(&delivery.domain) {
@@ -295,10 +297,15 @@ impl Scheduler {
             self.next_back += 1;
             self.next_back
         };
-        self.ready
-            .entry(key.1.clone())
-            .or_default()
-            .insert(position, key.0.clone());
+        match self.ready.get_mut(&key.1) {
+            Some(queue) => {
+                queue.insert(position, key.0.clone());
+            }
+            None => {
+                self.ready
+                    .insert(key.1.clone(), BTreeMap::from([(position, key.0.clone())]));
+            }
+        }
         self.ready_len += 1;
         self.places.insert(key, Place::Ready(position));
     }
@@ -603,6 +610,23 @@ mod tests {
             0.0,
         );
         assert!(c.delayed.is_empty());
+    }
+
+    #[test]
+    fn inserting_a_pending_message_again_changes_nothing() {
+        let mut s = Scheduler::default();
+        let r = record(0);
+        let now = r.received_ms;
+        assert_eq!(s.insert(r.clone(), now).len(), 2);
+        let jobs = s.take(&r.deliveries[0].domain, 10);
+        assert_eq!(jobs.len(), 1);
+        // A rescan or a second recovery lists it again.
+        assert!(s.insert(r.clone(), now).is_empty());
+        let counts = s.counts();
+        assert_eq!((counts.ready, counts.in_flight), (1, 1));
+        assert!(s.take(&r.deliveries[0].domain, 10).is_empty());
+        s.release(&r.id, &r.deliveries[0].domain);
+        assert_eq!(s.take(&r.deliveries[0].domain, 10).len(), 1);
     }
 
     /// Every operation costs the same whatever the queue length: 10 000
