@@ -687,7 +687,19 @@ impl State {
         };
         let next = match by_length {
             Some(next) => Some(next),
-            None => find_frame(file, pos + 1, end, checksum).map_err(read_error)?,
+            None => match find_frame(file, pos + 1, end, checksum).map_err(read_error)? {
+                Found::At(next) => Some(next),
+                Found::Nothing => None,
+                Found::GaveUp { checked, at } => {
+                    return Err(SpoolError::Corrupt(format!(
+                        "{} at offset {pos}: {reason}; no valid entry found up to offset {at} \
+                         after checking {checked} bytes of candidates. Copy the file aside, \
+                         then cut it at offset {pos} (losing the entries after it) or restore \
+                         it from a backup, and start again",
+                        path.display()
+                    )))
+                }
+            },
         };
         match next {
             None if last => {
@@ -836,11 +848,29 @@ fn valid_frame_at(file: &File, pos: u64, end: u64, checksum: Checksum) -> io::Re
     })
 }
 
+/// What a search for the next frame found.
+enum Found {
+    At(u64),
+    Nothing,
+    /// Candidates worth this many bytes were checked without a result, up
+    /// to this offset; the search stopped there.
+    GaveUp {
+        checked: u64,
+        at: u64,
+    },
+}
+
+/// Bytes of candidate frames one search reads before it gives up. Text
+/// rarely starts a plausible frame; random binary content can, and each
+/// candidate is read whole, so this bounds a search to seconds.
+const SEARCH_BUDGET: u64 = 4 << 30;
+
 /// The first offset in `from..end` where a valid frame starts. Reads the
 /// file a window at a time and checks a whole frame only where the header
 /// and version byte could start one.
-fn find_frame(file: &File, from: u64, end: u64, checksum: Checksum) -> io::Result<Option<u64>> {
+fn find_frame(file: &File, from: u64, end: u64, checksum: Checksum) -> io::Result<Found> {
     const WINDOW: u64 = 1 << 20;
+    let mut checked = 0u64;
     let probe = FRAME_HEADER + 1; // header and the version byte
     let mut window = vec![0u8; (WINDOW + probe) as usize];
     let mut base = from;
@@ -859,13 +889,17 @@ fn find_frame(file: &File, from: u64, end: u64, checksum: Checksum) -> io::Resul
             {
                 continue;
             }
+            if checked > SEARCH_BUDGET {
+                return Ok(Found::GaveUp { checked, at });
+            }
+            checked += FRAME_HEADER + len;
             if valid_frame_at(file, at, end, checksum)? {
-                return Ok(Some(at));
+                return Ok(Found::At(at));
             }
         }
         base += offsets as u64;
     }
-    Ok(None)
+    Ok(Found::Nothing)
 }
 
 /// Reads the frame at `loc`, checks it, and returns its last `body_len`
