@@ -1681,6 +1681,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_damaged_segment_header_is_read_with_the_spool_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(4096);
+        let spool = open(dir.path(), &opts);
+        for n in 0..6 {
+            spool.store(vec![message(n, 1500)]).await.unwrap();
+        }
+        drop(spool);
+        let files = segment_files(dir.path());
+        assert!(files.len() >= 3, "expected several segments, got {files:?}");
+        // The checksum of the key in the last segment's header.
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&files[files.len() - 1])
+            .unwrap();
+        file.write_all_at(&[0xff, 0xff], 17).unwrap();
+        drop(file);
+
+        let spool = open(dir.path(), &opts);
+        assert_eq!(
+            ids(&spool.list().await.unwrap()),
+            (0..6).map(id).collect::<Vec<_>>()
+        );
+        for n in 0..6 {
+            assert_eq!(
+                spool.read_body(&id(n)).await.unwrap(),
+                message(n, 1500).body
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn dead_segments_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let opts = options(8 * 1024);
