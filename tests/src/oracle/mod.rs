@@ -134,7 +134,16 @@ impl Plan {
             },
             fault_kinds: faults.to_vec(),
             fault_every: Duration::from_millis(env_number("FAULT_EVERY_MS").unwrap_or(3_000)),
-            max_lifetime: Duration::from_secs(env_number("MAX_LIFETIME").unwrap_or(15)),
+            // A killed coordinator's lease (15 s) must run out before the
+            // next one leads and promotes retries again: give mail time
+            // to outlive that.
+            max_lifetime: Duration::from_secs(env_number("MAX_LIFETIME").unwrap_or(
+                if faults.contains(&FaultKind::KillCoordinator) {
+                    30
+                } else {
+                    15
+                },
+            )),
             artifacts: None,
         }
     }
