@@ -47,13 +47,24 @@ fn one_redis_three_nodes_with_faults() {
         "one_redis_three_nodes_with_faults",
         Backend::Redis { nodes: 3 },
         4,
-        &[KillNode, KillCoordinator, RestartRedis, CutRedis, CutReceivers],
+        &[
+            KillNode,
+            KillCoordinator,
+            RestartRedis,
+            CutRedis,
+            CutReceivers,
+        ],
     ));
 }
 
 #[test]
 fn redis_cluster_one_node() {
-    run(&plan("redis_cluster_one_node", Backend::Cluster { nodes: 1 }, 5, &[]));
+    run(&plan(
+        "redis_cluster_one_node",
+        Backend::Cluster { nodes: 1 },
+        5,
+        &[],
+    ));
 }
 
 #[test]
@@ -74,6 +85,12 @@ fn clock_seed_on_one_redis_with_faults() {
         "clock_seed_on_one_redis_with_faults",
         Backend::Redis { nodes: 3 },
         clock_seed(),
-        &[KillNode, KillCoordinator, RestartRedis, CutRedis, CutReceivers],
+        &[
+            KillNode,
+            KillCoordinator,
+            RestartRedis,
+            CutRedis,
+            CutReceivers,
+        ],
     ));
 }

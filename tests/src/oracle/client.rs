@@ -159,7 +159,12 @@ pub fn submit(addr: SocketAddr, message: &Message) -> (Vec<String>, Vec<(String,
 }
 
 /// Submits `message` and writes its ledger entry.
-pub fn submit_entry(addr: SocketAddr, node: usize, message: &Message, at: impl Fn() -> Duration) -> Entry {
+pub fn submit_entry(
+    addr: SocketAddr,
+    node: usize,
+    message: &Message,
+    at: impl Fn() -> Duration,
+) -> Entry {
     let (accepted, refused, answer) = submit(addr, message);
     Entry {
         n: message.n,

@@ -47,13 +47,27 @@ impl fmt::Display for Fault {
     }
 }
 
+impl FaultKind {
+    /// Whether the fault kills a relay process (a delivery done just
+    /// before may then be repeated, or miss its delivery log line).
+    pub fn kills(self) -> bool {
+        matches!(self, FaultKind::KillNode | FaultKind::KillCoordinator)
+    }
+}
+
 /// `count` faults of `kinds` spread over `window`, in time order; none
-/// overlaps the next (each starts after the one before has ended).
+/// overlaps the next (each starts after the one before has ended). The
+/// kinds come round in a seeded order, so a run of at least as many
+/// faults as kinds has each kind once.
 pub fn schedule(seed: u64, kinds: &[FaultKind], window: Duration, count: usize) -> Vec<Fault> {
     if kinds.is_empty() || count == 0 {
         return Vec::new();
     }
     let mut rng = Rng::new(seed).fork(0xFA17);
+    let mut order = kinds.to_vec();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.range(0, i as u64 + 1) as usize);
+    }
     let slot = window.as_millis() as u64 / count as u64;
     (0..count as u64)
         .filter(|_| slot >= 1_000)
@@ -63,7 +77,7 @@ pub fn schedule(seed: u64, kinds: &[FaultKind], window: Duration, count: usize) 
             Fault {
                 at: Duration::from_millis(at),
                 hold: Duration::from_millis(hold),
-                kind: kinds[rng.range(0, kinds.len() as u64) as usize],
+                kind: order[i as usize % order.len()],
                 target: rng.range(0, 1 << 16) as usize,
             }
         })
@@ -79,6 +93,7 @@ mod tests {
         let kinds = [FaultKind::KillNode, FaultKind::CutReceivers];
         let faults = schedule(5, &kinds, Duration::from_secs(20), 4);
         assert_eq!(faults.len(), 4);
+        assert!(kinds.iter().all(|k| faults.iter().any(|f| f.kind == *k)));
         for pair in faults.windows(2) {
             assert!(pair[0].at + pair[0].hold <= pair[1].at, "{faults:?}");
         }

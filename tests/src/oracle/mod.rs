@@ -114,11 +114,8 @@ impl Plan {
     /// `ORACLE_MESSAGES` scale it (by default 60 messages over 10 s).
     pub fn new(name: &str, backend: Backend, seed: u64, faults: &[FaultKind]) -> Plan {
         let seconds = env_number("SECONDS").unwrap_or(10).max(1);
-        let messages = env_number("MESSAGES").unwrap_or(if seconds > 10 {
-            seconds * 6
-        } else {
-            60
-        }) as usize;
+        let messages =
+            env_number("MESSAGES").unwrap_or(if seconds > 10 { seconds * 6 } else { 60 }) as usize;
         Plan {
             name: name.to_string(),
             backend,
@@ -133,7 +130,7 @@ impl Plan {
                 max_size: 3_000_000,
             },
             fault_kinds: faults.to_vec(),
-            fault_every: Duration::from_millis(env_number("FAULT_EVERY_MS").unwrap_or(3_000)),
+            fault_every: Duration::from_millis(env_number("FAULT_EVERY_MS").unwrap_or(2_000)),
             // A killed coordinator's lease (15 s) must run out before the
             // next one leads and promotes retries again: give mail time
             // to outlive that.
@@ -175,7 +172,11 @@ impl Tmpfs {
             .arg(path)
             .status()
             .expect("run mount");
-        assert!(status.success(), "cannot mount a tmpfs on {}", path.display());
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs on {}",
+            path.display()
+        );
         Tmpfs(path.to_path_buf())
     }
 
@@ -364,7 +365,9 @@ fn read_log(path: &Path) -> Vec<LogLine> {
 fn queued_messages(admin: SocketAddr) -> Option<u64> {
     use std::io::Read;
     let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     stream
         .write_all(
             format!("GET /api/queue HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
@@ -382,7 +385,11 @@ fn queued_messages(admin: SocketAddr) -> Option<u64> {
 }
 
 /// Carries out one fault: start, hold, undo. Returns what it did.
-fn inject(deployment: &Mutex<Deployment>, addrs: &RwLock<Vec<SocketAddr>>, fault: &Fault) -> String {
+fn inject(
+    deployment: &Mutex<Deployment>,
+    addrs: &RwLock<Vec<SocketAddr>>,
+    fault: &Fault,
+) -> String {
     let hold = || thread::sleep(fault.hold);
     match fault.kind {
         FaultKind::KillNode => {
@@ -477,6 +484,7 @@ pub struct Outcome {
 pub fn run(plan: &Plan) -> Outcome {
     let started = Instant::now();
     let faults = plan.faults();
+    let kills = faults.iter().any(|f| f.kind.kills());
     eprintln!(
         "oracle {}: seed {} on {:?}: {} messages over {} s from {} clients, {} faults \
          (reproduce: ORACLE_SEED={} cargo test -p smarthost-tests --test oracle {} -- --nocapture)",
@@ -553,6 +561,7 @@ pub fn run(plan: &Plan) -> Outcome {
             log: &log,
             queued: &[],
             faults: !faults.is_empty(),
+            kills,
         };
         let open = check::unresolved(&observed);
         if open == 0 && deployment.queued().iter().all(|q| *q == Some(0)) {
@@ -580,6 +589,7 @@ pub fn run(plan: &Plan) -> Outcome {
         log: &log,
         queued: &queued,
         faults: !faults.is_empty(),
+        kills,
     });
     let summary = format!(
         "oracle {}: seed {} on {:?}: submitted in {}, resolved at {}{}; {} receiver connections\n\
@@ -639,7 +649,12 @@ fn keep_logs(dir: &Path, plan: &Plan, deployment: &Deployment, summary: &str) ->
         .iter()
         .enumerate()
         .map(|(i, s)| (format!("node-{i}"), s))
-        .chain(deployment.coordinator.iter().map(|s| ("coordinator".to_string(), s)));
+        .chain(
+            deployment
+                .coordinator
+                .iter()
+                .map(|s| ("coordinator".to_string(), s)),
+        );
     for (name, setup) in named {
         let _ = std::fs::write(dir.join(format!("{name}.log")), setup.relay.log());
         let lines: Vec<String> = delivery_log(&setup.log_file)

@@ -436,7 +436,11 @@ pub fn parse_report(body: &[u8]) -> Result<Report, String> {
             .to_ascii_lowercase();
         report.recipients.push((
             address,
-            fields.get("action").cloned().unwrap_or_default().to_ascii_lowercase(),
+            fields
+                .get("action")
+                .cloned()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
             fields.get("status").cloned().unwrap_or_default(),
         ));
     }

@@ -229,8 +229,16 @@ fn content(
     let from = sender.unwrap_or("mailer-daemon@bounce.test");
     let (display, subject, charset) = match text {
         Text::Ascii => ("Oracle Sender", format!("oracle message {n}"), "us-ascii"),
-        Text::Utf8 => ("Öracle Sénder", format!("Nachricht {n} — ünïcödé ✓"), "utf-8"),
-        Text::Latin1 => ("Oracle Sender", format!("latin-1 message {n}"), "iso-8859-1"),
+        Text::Utf8 => (
+            "Öracle Sénder",
+            format!("Nachricht {n} — ünïcödé ✓"),
+            "utf-8",
+        ),
+        Text::Latin1 => (
+            "Oracle Sender",
+            format!("latin-1 message {n}"),
+            "iso-8859-1",
+        ),
     };
     let mut out = format!(
         "From: \"{display}\" <{from}>\r\nTo: undisclosed-recipients:;\r\nSubject: {subject}\r\n\
@@ -243,7 +251,9 @@ fn content(
     while out.len() < size {
         let line: Vec<u8> = match text {
             Text::Ascii => ASCII_LINES[rng.range(0, 4) as usize].as_bytes().to_vec(),
-            Text::Utf8 if rng.chance(50) => UTF8_LINES[rng.range(0, 3) as usize].as_bytes().to_vec(),
+            Text::Utf8 if rng.chance(50) => {
+                UTF8_LINES[rng.range(0, 3) as usize].as_bytes().to_vec()
+            }
             // "Café crème, naïve façade" in ISO-8859-1.
             Text::Latin1 if rng.chance(50) => {
                 b"Caf\xe9 cr\xe8me, na\xefve fa\xe7ade \xa9 \xbd".to_vec()
@@ -309,7 +319,11 @@ mod tests {
             max_recipients: 6,
             max_size: 2_000_000,
         };
-        let generate = |seed| (0..200).map(|n| message(seed, n, &shape)).collect::<Vec<_>>();
+        let generate = |seed| {
+            (0..200)
+                .map(|n| message(seed, n, &shape))
+                .collect::<Vec<_>>()
+        };
         let a = generate(42);
         let b = generate(42);
         for (x, y) in a.iter().zip(&b) {
@@ -319,7 +333,9 @@ mod tests {
         assert!(a.iter().any(|m| m.content.len() > 100_000));
         assert!(a.iter().any(|m| m.sender.is_none()));
         assert!(a.iter().any(|m| m.text == Text::Latin1));
-        assert!(a.iter().all(|m| m.recipients.iter().all(|r| fate_of(r).is_some())));
+        assert!(a
+            .iter()
+            .all(|m| m.recipients.iter().all(|r| fate_of(r).is_some())));
         assert_ne!(
             generate(43)[0].recipients,
             a[0].recipients,
