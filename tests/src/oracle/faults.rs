@@ -57,16 +57,21 @@ impl FaultKind {
 
 /// `count` faults of `kinds` spread over `window`, in time order; none
 /// overlaps the next (each starts after the one before has ended). The
-/// kinds come round in a seeded order, so a run of at least as many
-/// faults as kinds has each kind once.
+/// kinds come in rounds of one each, every round in a seeded order, so a
+/// run of at least as many faults as kinds has each kind.
 pub fn schedule(seed: u64, kinds: &[FaultKind], window: Duration, count: usize) -> Vec<Fault> {
     if kinds.is_empty() || count == 0 {
         return Vec::new();
     }
     let mut rng = Rng::new(seed).fork(0xFA17);
-    let mut order = kinds.to_vec();
-    for i in (1..order.len()).rev() {
-        order.swap(i, rng.range(0, i as u64 + 1) as usize);
+    // Rounds of every kind, each round in its own seeded order.
+    let mut order = Vec::with_capacity(count + kinds.len());
+    while order.len() < count {
+        let mut round = kinds.to_vec();
+        for i in (1..round.len()).rev() {
+            round.swap(i, rng.range(0, i as u64 + 1) as usize);
+        }
+        order.extend(round);
     }
     let slot = window.as_millis() as u64 / count as u64;
     (0..count as u64)
@@ -77,7 +82,7 @@ pub fn schedule(seed: u64, kinds: &[FaultKind], window: Duration, count: usize) 
             Fault {
                 at: Duration::from_millis(at),
                 hold: Duration::from_millis(hold),
-                kind: order[i as usize % order.len()],
+                kind: order[i as usize],
                 target: rng.range(0, 1 << 16) as usize,
             }
         })
