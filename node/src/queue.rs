@@ -27,7 +27,7 @@
 //! message that resolve in either order both end in a write of the newest
 //! record, never of a stale one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -74,7 +74,8 @@ pub struct Take {
     pub max: usize,
 }
 
-/// The outcome of an attempt; answered once it is in the spool.
+/// The outcome of an attempt; answered once it is in the spool (with the
+/// reports it calls for), or after [`WRITE_PATIENCE`] of failed writes.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Report {
@@ -99,15 +100,16 @@ pub struct Suspend {
     pub suspended: bool,
 }
 
-/// Writes the current state of a message to the spool; answers when done.
+/// The reports a completion of this message calls for are built (its
+/// body may go): they are written with the message's next record write,
+/// and `done` hears when both are in the spool.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Persist(MessageId, oneshot::Sender<()>);
-
-/// A report for this message has been built: its body may go.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Unpin(MessageId);
+struct Reported {
+    id: MessageId,
+    reports: Vec<NewMessage>,
+    done: oneshot::Sender<()>,
+}
 
 /// What [`Stats`] answers (and the admin API's `GET /api/queue`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -200,11 +202,29 @@ impl<W> Batcher<W> {
 #[derive(Debug, Default)]
 struct RecordWriter {
     dirty: BTreeSet<MessageId>,
-    waiters: HashMap<MessageId, Vec<oneshot::Sender<()>>>,
+    /// Who waits for each message's write, since when.
+    waiters: HashMap<MessageId, Vec<(Instant, oneshot::Sender<()>)>>,
     /// Messages whose body a report still needs: not removed until unpinned.
     pins: HashMap<MessageId, usize>,
+    /// Delivery reports that go into the spool in the same write as the
+    /// record of the message they are about: the outcome is not final
+    /// until its report is durable, and a crash cannot keep one without
+    /// the other.
+    reports: HashMap<MessageId, Vec<NewMessage>>,
     in_flight: bool,
+    /// Writes failed in a row, for the backoff.
+    failures: u32,
 }
+
+/// The first wait after a failed record write; it doubles up to
+/// [`WRITE_RETRY_MAX`].
+const WRITE_RETRY: Duration = Duration::from_millis(500);
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How long a [`Report`] waits for a record write that keeps failing
+/// before it is answered anyway (the writer keeps trying): a delivery
+/// actor must not hold its connection slot for as long as a disk is full.
+const WRITE_PATIENCE: Duration = Duration::from_secs(30);
 
 type Waiter = oneshot::Sender<Result<(), SpoolError>>;
 
@@ -277,6 +297,8 @@ pub struct Queue {
     /// The leader's jobs are running.
     leading_busy: bool,
     last_sweep: Option<Instant>,
+    /// An expiry sweep is running: never two at once.
+    sweeping: bool,
     /// When the last rescan finished.
     last_rescan: Option<Instant>,
     /// Where the rescan under way goes on.
@@ -285,6 +307,39 @@ pub struct Queue {
     writer: RecordWriter,
     settings: DeliverySettings,
     dispatcher: Option<Recipient<DomainReady>>,
+    /// Domains to announce to the dispatcher, oldest first, each once.
+    announcements: Announcements,
+}
+
+/// Domains with due work that the dispatcher has not heard of yet. Each
+/// domain waits here at most once however often it is announced, and one
+/// announcement at a time goes to the dispatcher (`send().await`): a busy
+/// dispatcher makes this set grow, bounded by the number of domains, and
+/// nothing is dropped.
+#[derive(Debug, Default)]
+struct Announcements {
+    order: VecDeque<String>,
+    waiting: HashSet<String>,
+    sending: bool,
+}
+
+impl Announcements {
+    fn push(&mut self, domain: String) {
+        if self.waiting.insert(domain.clone()) {
+            self.order.push_back(domain);
+        }
+    }
+
+    /// The next domain to send, unless one is on its way.
+    fn next(&mut self) -> Option<String> {
+        if self.sending {
+            return None;
+        }
+        let domain = self.order.pop_front()?;
+        self.waiting.remove(&domain);
+        self.sending = true;
+        Some(domain)
+    }
 }
 
 impl Queue {
@@ -305,12 +360,14 @@ impl Queue {
             led: false,
             leading_busy: false,
             last_sweep: None,
+            sweeping: false,
             last_rescan: None,
             rescan_cursor: None,
             rescanning: false,
             writer: RecordWriter::default(),
             settings: DeliverySettings::default(),
             dispatcher: None,
+            announcements: Announcements::default(),
         }
     }
 
@@ -379,7 +436,7 @@ impl Queue {
             queue.batcher.finished();
             let result = match result {
                 Ok(domains) => {
-                    queue.announce(domains);
+                    queue.announce(domains, ctx);
                     Ok(())
                 }
                 Err(err) => {
@@ -395,14 +452,37 @@ impl Queue {
         }));
     }
 
-    /// Tells the dispatcher which domains have due work. A full mailbox
-    /// drops the news; the next tick repeats it.
-    fn announce(&self, domains: Vec<String>) {
-        if let Some(dispatcher) = &self.dispatcher {
-            for domain in domains {
-                let _ = dispatcher.try_send(DomainReady(domain));
-            }
+    /// Tells the dispatcher which domains have due work: queued (once per
+    /// domain) and sent one at a time, each send waiting for room in the
+    /// dispatcher's mailbox, so no announcement is lost.
+    fn announce(&mut self, domains: Vec<String>, ctx: &mut Context<Self>) {
+        if self.dispatcher.is_none() {
+            return;
         }
+        for domain in domains {
+            self.announcements.push(domain);
+        }
+        self.send_announcement(ctx);
+    }
+
+    fn send_announcement(&mut self, ctx: &mut Context<Self>) {
+        let Some(dispatcher) = self.dispatcher.clone() else {
+            return;
+        };
+        let Some(domain) = self.announcements.next() else {
+            return;
+        };
+        let send = async move { dispatcher.send(DomainReady(domain)).await };
+        ctx.spawn(send.into_actor(self).map(|sent, queue, ctx| {
+            queue.announcements.sending = false;
+            if let Err(error) = sent {
+                // The dispatcher stopped (the node is stopping).
+                tracing::warn!(%error, "cannot announce domains to the dispatcher");
+                queue.announcements.order.clear();
+                queue.announcements.waiting.clear();
+            }
+            queue.send_announcement(ctx);
+        }));
     }
 
     /// Announces every domain with due work; unless the coordinator runs
@@ -423,10 +503,10 @@ impl Queue {
             }
             schedule.ready_domains().await
         };
-        ctx.spawn(work.into_actor(self).map(|due, queue, _| {
+        ctx.spawn(work.into_actor(self).map(|due, queue, ctx| {
             queue.ticking = false;
             match due {
-                Ok(due) => queue.announce(due),
+                Ok(due) => queue.announce(due, ctx),
                 Err(error) => tracing::warn!(%error, "cannot promote due deliveries"),
             }
         }));
@@ -464,7 +544,7 @@ impl Queue {
             queue.rescanning = false;
             match result {
                 Ok((domains, next)) => {
-                    queue.announce(domains);
+                    queue.announce(domains, ctx);
                     queue.rescan_cursor = next;
                     if queue.rescan_cursor.is_none() {
                         queue.last_rescan = Some(Instant::now());
@@ -516,18 +596,21 @@ impl Queue {
     /// queues their reports through the hook before each record changes;
     /// otherwise the reports and the records follow here.
     fn sweep_expired(&mut self, ctx: &mut Context<Self>) {
+        if self.sweeping {
+            return;
+        }
+        self.sweeping = true;
         let schedule = self.schedule.clone();
         let policy = self.settings.retry.clone();
         let hook = schedule.writes_records().then(|| self.report_hook(ctx));
         let expire = async move { schedule.expire(now_ms(), &policy, hook.as_ref()).await };
-        ctx.spawn(
-            expire
-                .into_actor(self)
-                .map(|expired, queue, ctx| match expired {
-                    Ok(expired) => queue.expired(expired, ctx),
-                    Err(error) => tracing::warn!(%error, "cannot expire old deliveries"),
-                }),
-        );
+        ctx.spawn(expire.into_actor(self).map(|expired, queue, ctx| {
+            queue.sweeping = false;
+            match expired {
+                Ok(expired) => queue.expired(expired, ctx),
+                Err(error) => tracing::warn!(%error, "cannot expire old deliveries"),
+            }
+        }));
     }
 
     fn expired(&mut self, expired: Vec<Completion>, ctx: &mut Context<Self>) {
@@ -560,8 +643,60 @@ impl Queue {
         }
     }
 
-    /// Sends the reports a completion calls for, then writes the message's
-    /// new state; the future ends when that is durable.
+    /// After a record write: answers those who waited for it, keeps what
+    /// must be written again and starts the next write (at once, or after
+    /// a backoff if this one failed).
+    fn written(&mut self, outcome: WriteOutcome, ctx: &mut Context<Self>) {
+        self.writer.in_flight = false;
+        self.announce(outcome.domains, ctx);
+        self.writer.dirty.extend(outcome.later);
+        for (id, reports) in outcome.reports {
+            self.writer.reports.entry(id).or_default().extend(reports);
+        }
+        let mut retry = false;
+        for (id, error) in outcome.failed {
+            if let SpoolError::NotFound(_) = error {
+                // Gone from the spool already: removed by the write of an
+                // earlier completion of the same message, or deleted by an
+                // operator. Nothing is left to write.
+                tracing::debug!(message_id = %id, "message already gone from the spool");
+                continue;
+            }
+            // The spool keeps the previous state: after a restart the
+            // attempt is repeated (at-least-once). Try again after a while.
+            tracing::error!(message_id = %id, %error, "cannot record a delivery outcome");
+            self.writer.dirty.insert(id);
+            retry = true;
+        }
+        for id in outcome.written {
+            if self.writer.dirty.contains(&id) {
+                continue;
+            }
+            for (_, waiter) in self.writer.waiters.remove(&id).unwrap_or_default() {
+                let _ = waiter.send(());
+            }
+        }
+        if !retry {
+            self.writer.failures = 0;
+            self.write_next(ctx);
+            return;
+        }
+        // Those who waited too long hear now; the writer keeps trying.
+        let now = Instant::now();
+        for waiters in self.writer.waiters.values_mut() {
+            waiters.retain_mut(|(since, _)| now.duration_since(*since) < WRITE_PATIENCE);
+        }
+        self.writer.waiters.retain(|_, waiters| !waiters.is_empty());
+        let wait = WRITE_RETRY
+            .saturating_mul(1 << self.writer.failures.min(6))
+            .min(WRITE_RETRY_MAX);
+        self.writer.failures += 1;
+        ctx.run_later(wait, |queue, ctx| queue.write_next(ctx));
+    }
+
+    /// Builds the reports a completion calls for, then writes them and the
+    /// message's new state in one spool write; the future ends when that
+    /// is durable (or the write kept failing for [`WRITE_PATIENCE`]).
     fn follow_up(
         &mut self,
         completion: Completion,
@@ -579,24 +714,8 @@ impl Queue {
                     // The original may already be gone if another delivery
                     // finished it; the report then carries no copy.
                     let body = spool.read_body(&id).await.unwrap_or_default();
-                    for report in bounce::reports(&completion, &body, &settings, now_ms()) {
-                        let report_id = report.record.id.clone();
-                        match addr.send(Enqueue(report)).await {
-                            Ok(Ok(())) => tracing::info!(
-                                message_id = %id,
-                                report_id = %report_id,
-                                "delivery report queued"
-                            ),
-                            Ok(Err(error)) => tracing::error!(
-                                message_id = %id,
-                                %error,
-                                "cannot queue a delivery report"
-                            ),
-                            Err(_) => return,
-                        }
-                    }
-                    let _ = addr.send(Unpin(id.clone())).await;
-                    let _ = addr.send(Persist(id, done)).await;
+                    let reports = bounce::reports(&completion, &body, &settings, now_ms());
+                    let _ = addr.send(Reported { id, reports, done }).await;
                 }
                 .into_actor(self),
             );
@@ -615,12 +734,13 @@ impl Queue {
             .waiters
             .entry(id.clone())
             .or_default()
-            .push(done);
+            .push((Instant::now(), done));
         self.writer.dirty.insert(id);
         self.write_next(ctx);
     }
 
-    /// Writes every changed message in one go if no write is in flight.
+    /// Writes every changed message, with the reports about it, in one go
+    /// if no write is in flight.
     fn write_next(&mut self, ctx: &mut Context<Self>) {
         if self.writer.in_flight || self.writer.dirty.is_empty() {
             return;
@@ -640,68 +760,95 @@ impl Queue {
             .filter(|id| self.writer.pins.contains_key(*id))
             .cloned()
             .collect();
+        let mut reports: HashMap<MessageId, Vec<NewMessage>> = ids
+            .iter()
+            .filter_map(|id| Some((id.clone(), self.writer.reports.remove(id)?)))
+            .collect();
         self.writer.in_flight = true;
         let spool = self.spool.clone();
         let schedule = self.schedule.clone();
         // The records as they are now: see "Ordering" above.
         let write = async move {
+            let mut outcome = WriteOutcome::default();
             let records = match schedule.records(&ids).await {
                 Ok(records) => records,
                 Err(error) => {
-                    let failures = ids.iter().map(|id| (id.clone(), error.clone()));
-                    return (failures.collect(), Vec::new(), ids);
+                    outcome.failed = ids.into_iter().map(|id| (id, error.clone())).collect();
+                    outcome.reports = reports;
+                    return outcome;
                 }
             };
             let mut changes = Vec::new();
-            let mut later = Vec::new();
-            let mut written = Vec::new();
+            let mut with_reports = Vec::new();
             for (id, record) in ids.into_iter().zip(records) {
                 match record {
                     Some(record) => changes.push(Change::Update(Box::new((*record).clone()))),
                     // Still needed by a report being built: remove it later.
                     None if pinned.contains(&id) => {
-                        later.push(id);
+                        if let Some(kept) = reports.remove(&id) {
+                            outcome.reports.insert(id.clone(), kept);
+                        }
+                        outcome.later.push(id);
                         continue;
                     }
                     None => changes.push(Change::Remove(id.clone())),
                 }
-                written.push(id);
+                if let Some(built) = reports.remove(&id) {
+                    with_reports.push((id.clone(), built));
+                }
+                outcome.written.push(id);
             }
-            // One call: the local spool makes the lot durable with one fsync.
-            let failures = if changes.is_empty() {
-                Vec::new()
-            } else {
-                spool.apply(changes).await
-            };
-            (failures, later, written)
+            if changes.is_empty() {
+                return outcome;
+            }
+            let new: Vec<NewMessage> = with_reports
+                .iter()
+                .flat_map(|(_, built)| built.iter().cloned())
+                .collect();
+            let records: Vec<MessageRecord> = new.iter().map(|m| m.record.clone()).collect();
+            // One call: the local spool makes the lot, reports included,
+            // durable with one fsync.
+            match spool.store_and_apply(new, changes).await {
+                Ok(failed) => outcome.failed = failed,
+                Err(error) => {
+                    // Nothing written: the reports go with the next try.
+                    outcome.failed = outcome
+                        .written
+                        .iter()
+                        .map(|id| (id.clone(), error.clone()))
+                        .collect();
+                    outcome.reports.extend(with_reports);
+                    return outcome;
+                }
+            }
+            if !records.is_empty() {
+                match schedule.insert(records, now_ms()).await {
+                    Ok(domains) => outcome.domains = domains,
+                    // Durable all the same; the next recovery schedules them.
+                    Err(error) => tracing::error!(%error, "cannot schedule delivery reports"),
+                }
+            }
+            outcome
         };
-        ctx.spawn(write.into_actor(self).map(move |(failures, later, ids), queue, ctx| {
-            queue.writer.in_flight = false;
-            let retry = !failures.is_empty();
-            queue.writer.dirty.extend(later);
-            for (id, error) in failures {
-                // The spool keeps the previous state: after a restart the
-                // attempt is repeated (at-least-once). Try again shortly.
-                tracing::error!(message_id = %id, %error, "cannot record a delivery outcome");
-                queue.writer.dirty.insert(id);
-            }
-            for id in ids {
-                if queue.writer.dirty.contains(&id) {
-                    continue;
-                }
-                for waiter in queue.writer.waiters.remove(&id).unwrap_or_default() {
-                    let _ = waiter.send(());
-                }
-            }
-            if !retry {
-                queue.write_next(ctx);
-            } else {
-                ctx.run_later(Duration::from_millis(500), |queue, ctx| {
-                    queue.write_next(ctx)
-                });
-            }
+        ctx.spawn(write.into_actor(self).map(move |outcome, queue, ctx| {
+            queue.written(outcome, ctx);
         }));
     }
+}
+
+/// What a record write did: see [`Queue::written`].
+#[derive(Default)]
+struct WriteOutcome {
+    /// Messages written (or found gone), with the reports about them.
+    written: Vec<MessageId>,
+    /// Messages whose write failed; their reports are in `reports`.
+    failed: Vec<(MessageId, SpoolError)>,
+    /// Finished messages a report still needs: written later.
+    later: Vec<MessageId>,
+    /// Reports not written, to go with the next write of their message.
+    reports: HashMap<MessageId, Vec<NewMessage>>,
+    /// Domains the written reports made ready.
+    domains: Vec<String>,
 }
 
 /// One completion per message, however many of its domains completed: the
@@ -782,8 +929,8 @@ impl Handler<Recover> for Queue {
             // A shared queue: the leader rescans it; this node only looks
             // for due work.
             let ready = async move { schedule.ready_domains().await };
-            return Box::pin(ready.into_actor(self).map(|ready, queue, _| {
-                queue.announce(ready?);
+            return Box::pin(ready.into_actor(self).map(|ready, queue, ctx| {
+                queue.announce(ready?, ctx);
                 Ok(Vec::new())
             }));
         }
@@ -794,7 +941,7 @@ impl Handler<Recover> for Queue {
         };
         Box::pin(recover.into_actor(self).map(|result, queue, ctx| {
             let (records, domains) = result?;
-            queue.announce(domains);
+            queue.announce(domains, ctx);
             queue.sweep_expired(ctx);
             Ok(records)
         }))
@@ -829,7 +976,7 @@ impl Handler<LeaderTick> for Queue {
         ctx.spawn(work.into_actor(self).map(move |promoted, queue, ctx| {
             queue.leading_busy = false;
             match promoted {
-                Ok(domains) => queue.announce(domains),
+                Ok(domains) => queue.announce(domains, ctx),
                 Err(error) => tracing::warn!(%error, "cannot reclaim or promote deliveries"),
             }
             if !tick.is_valid() {
@@ -980,8 +1127,8 @@ impl Handler<Release> for Queue {
         ctx.spawn(
             release
                 .into_actor(self)
-                .map(|result, queue, _| match result {
-                    Ok((domain, true)) => queue.announce(vec![domain]),
+                .map(|result, queue, ctx| match result {
+                    Ok((domain, true)) => queue.announce(vec![domain], ctx),
                     Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "cannot release a delivery"),
                 }),
@@ -1006,7 +1153,7 @@ impl Handler<Suspend> for Queue {
         ctx.spawn(
             change
                 .into_actor(self)
-                .map(|result, queue, _| match result {
+                .map(|result, queue, ctx| match result {
                     Ok((msg, due)) => {
                         let what = if msg.suspended {
                             "domain suspended"
@@ -1015,7 +1162,7 @@ impl Handler<Suspend> for Queue {
                         };
                         tracing::info!(domain = %msg.domain, "{what}");
                         if due {
-                            queue.announce(vec![msg.domain]);
+                            queue.announce(vec![msg.domain], ctx);
                         }
                     }
                     Err(error) => tracing::warn!(%error, "cannot suspend or resume a domain"),
@@ -1024,25 +1171,25 @@ impl Handler<Suspend> for Queue {
     }
 }
 
-impl Handler<Persist> for Queue {
+impl Handler<Reported> for Queue {
     type Result = ();
 
-    fn handle(&mut self, Persist(id, done): Persist, ctx: &mut Context<Self>) {
-        self.persist(id, done, ctx);
-    }
-}
-
-impl Handler<Unpin> for Queue {
-    type Result = ();
-
-    fn handle(&mut self, Unpin(id): Unpin, ctx: &mut Context<Self>) {
-        if let Some(count) = self.writer.pins.get_mut(&id) {
+    /// Unpins the message and marks it, with its reports, for the writer.
+    fn handle(&mut self, msg: Reported, ctx: &mut Context<Self>) {
+        if let Some(count) = self.writer.pins.get_mut(&msg.id) {
             *count -= 1;
             if *count == 0 {
-                self.writer.pins.remove(&id);
+                self.writer.pins.remove(&msg.id);
             }
         }
-        self.write_next(ctx);
+        if !msg.reports.is_empty() {
+            self.writer
+                .reports
+                .entry(msg.id.clone())
+                .or_default()
+                .extend(msg.reports);
+        }
+        self.persist(msg.id, msg.done, ctx);
     }
 }
 
@@ -1278,6 +1425,10 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "queue_outcome_tests.rs"]
+mod outcome_tests;
 
 #[cfg(test)]
 mod leader_tests {

@@ -186,15 +186,23 @@ fn ping(port: u16) -> bool {
     stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
+/// How long a one-shot command may take before the test gives up.
+const ONE_SHOT: Duration = Duration::from_secs(10);
+
 /// Sends one command to the server on `port` and returns its reply as
 /// text: the line of a simple string, integer or error (with its type
 /// byte), or the contents of a bulk string. `None` if the server cannot be
 /// reached or does not answer within half a second.
 pub fn command(port: u16, args: &[&str]) -> Option<String> {
+    command_within(port, args, Duration::from_millis(500))
+}
+
+/// [`command`] with a reply timeout of its own: for one-shot commands a
+/// test relies on (`FLUSHALL` with `appendfsync always` on a loaded
+/// machine can take well over the polling timeout).
+pub fn command_within(port: u16, args: &[&str], timeout: Duration) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
     let mut request = format!("*{}\r\n", args.len());
     for arg in args {
         request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
@@ -413,7 +421,7 @@ impl RedisCluster {
         self.nodes
             .iter()
             .map(|n| {
-                let reply = command(n.port(), &["DBSIZE"]).expect("DBSIZE");
+                let reply = command_within(n.port(), &["DBSIZE"], ONE_SHOT).expect("DBSIZE");
                 reply
                     .trim_start_matches(':')
                     .parse()
@@ -425,12 +433,12 @@ impl RedisCluster {
     /// The index (in node order) of the primary that serves `key`.
     pub fn node_of(&self, key: &str) -> usize {
         let asked = self.living().next().expect("a running node").port();
-        let slot: u16 = command(asked, &["CLUSTER", "KEYSLOT", key])
+        let slot: u16 = command_within(asked, &["CLUSTER", "KEYSLOT", key], ONE_SHOT)
             .and_then(|r| r.trim_start_matches(':').parse().ok())
             .expect("CLUSTER KEYSLOT");
         // CLUSTER NODES: `<id> <ip:port@bus> <flags> <master> <ping> <pong>
         // <epoch> <link> <slot or range>...`, one line per node.
-        let nodes = command(asked, &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        let nodes = command_within(asked, &["CLUSTER", "NODES"], ONE_SHOT).expect("CLUSTER NODES");
         let serves = |ranges: &[&str]| {
             ranges.iter().any(|r| {
                 let (from, to) = r.split_once('-').unwrap_or((r, r));
@@ -455,7 +463,7 @@ impl RedisCluster {
     /// Deletes every key on every primary.
     pub fn flush_all(&self) {
         for node in &self.nodes {
-            let reply = command(node.port(), &["FLUSHALL"]);
+            let reply = command_within(node.port(), &["FLUSHALL"], ONE_SHOT);
             assert_eq!(reply.as_deref(), Some("+OK"), "FLUSHALL on {}", node.port());
         }
     }

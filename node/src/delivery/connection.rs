@@ -22,7 +22,7 @@ use crate::delivery::route::{RouteError, Router};
 use crate::delivery::{maildir, DomainPolicy, Job, MessageOutcome, RcptResult, Route};
 use crate::limits::{ConnectionLease, DomainLimits, LeaseHealth, LimitError};
 use crate::queue::{Queue, Release, Report};
-use crate::spool::Spool;
+use crate::spool::{Spool, SpoolError};
 use crate::throttle::{ConnectionDone, DomainThrottle, RatePermit};
 
 /// What every delivery of a node shares.
@@ -196,21 +196,35 @@ async fn report_all(
     }
 }
 
-/// The body of a job's message, or `None` after handing the job back
-/// untried when it cannot be read.
-async fn body_or_release(
+/// The body of a job's message, or `None` after reporting the job when it
+/// cannot be read: deferred with the usual backoff if the spool cannot
+/// read it now, failed (and so bounced, without a copy) if it is corrupt
+/// or gone. Never handed back untried, which would make it due again at
+/// once and open a connection per attempt.
+async fn body_or_report(
     env: &DeliveryEnv,
     record: &MessageRecord,
     delivery: usize,
+    started: Instant,
 ) -> Option<Vec<u8>> {
-    match env.spool.read_body(&record.id).await {
-        Ok(body) => Some(body),
-        Err(error) => {
-            tracing::warn!(message_id = %record.id, %error, "cannot read a message body");
-            release(env, record, delivery);
-            None
-        }
-    }
+    let error = match env.spool.read_body(&record.id).await {
+        Ok(body) => return Some(body),
+        Err(error) => error,
+    };
+    tracing::warn!(message_id = %record.id, %error, "cannot read a message body");
+    let (result, text) = match error {
+        SpoolError::Unavailable(_) => (
+            RcptResult::Deferred,
+            format!("451 4.3.0 cannot read the message from the spool: {error}"),
+        ),
+        SpoolError::NotFound(_) | SpoolError::Corrupt(_) => (
+            RcptResult::Failed,
+            format!("554 5.3.0 the message cannot be read from the spool: {error}"),
+        ),
+    };
+    let outcome = MessageOutcome::all_of(record, delivery, result, &text, started.elapsed());
+    report(env, record, delivery, outcome).await;
+    None
 }
 
 fn release(env: &DeliveryEnv, record: &MessageRecord, delivery: usize) {
@@ -228,13 +242,32 @@ async fn deliver_remote(
     lease: &HeldLease,
 ) {
     let started = Instant::now();
+    // The first readable body before any connection: messages that cannot
+    // be read cost none.
+    let mut jobs = jobs.into_iter();
+    let mut first = None;
+    for (record, delivery) in jobs.by_ref() {
+        if let Some(body) = body_or_report(env, &record, delivery, started).await {
+            first = Some((record, delivery, body));
+            break;
+        }
+    }
+    let Some(first) = first else {
+        return;
+    };
+    let rest: Vec<(Arc<MessageRecord>, usize)> = jobs.collect();
+    let all = || {
+        let mut all = vec![(first.0.clone(), first.1)];
+        all.extend(rest.iter().cloned());
+        all
+    };
     let hops = match env.router.next_hops(policy).await {
         Ok(hops) => hops,
         Err(RouteError::Permanent(why)) => {
-            return report_all(env, &jobs, RcptResult::Failed, &why, started).await;
+            return report_all(env, &all(), RcptResult::Failed, &why, started).await;
         }
         Err(RouteError::Temporary(why)) => {
-            return report_all(env, &jobs, RcptResult::Deferred, &why, started).await;
+            return report_all(env, &all(), RcptResult::Deferred, &why, started).await;
         }
     };
     let settings = OutboundSettings::with_tls(&env.config, policy, &env.tls);
@@ -242,17 +275,24 @@ async fn deliver_remote(
         Ok(connection) => connection,
         Err(error) => {
             tracing::info!(domain = %policy.domain, %error, "no connection");
-            return report_all(env, &jobs, error.result(), &error.to_string(), started).await;
+            return report_all(env, &all(), error.result(), &error.to_string(), started).await;
         }
     };
-    let mut jobs = jobs.into_iter();
-    for (record, delivery) in jobs.by_ref() {
+    let (record, delivery, body) = first;
+    let queued = rest
+        .into_iter()
+        .map(|(record, delivery)| (record, delivery, None));
+    for (record, delivery, body) in std::iter::once((record, delivery, Some(body))).chain(queued) {
         if !connection.is_usable() || !lease.usable() {
             release(env, &record, delivery);
             continue;
         }
-        let Some(body) = body_or_release(env, &record, delivery).await else {
-            continue;
+        let body = match body {
+            Some(body) => body,
+            None => match body_or_report(env, &record, delivery, Instant::now()).await {
+                Some(body) => body,
+                None => continue,
+            },
         };
         match throttle.send(RatePermit).await {
             Ok(Ok(())) => {}
@@ -288,7 +328,7 @@ async fn deliver_local(
             continue;
         }
         let started = Instant::now();
-        let Some(body) = body_or_release(env, &record, delivery).await else {
+        let Some(body) = body_or_report(env, &record, delivery, started).await else {
             continue;
         };
         let dir = dir.to_path_buf();

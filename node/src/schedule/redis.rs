@@ -81,7 +81,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
@@ -114,7 +114,9 @@ const MAX_RECORD_RACES: usize = 8;
 pub const EXPIRY_BATCH: usize = 1000;
 
 /// How long an expiry sweep holds what it claimed; a sweep that dies
-/// leaves the claims to be reclaimed after this.
+/// leaves the claims to be reclaimed after this. A sweep that lives
+/// renews them every third of this while it queues reports, and starts
+/// a message's reports only while at least half of it is left.
 const EXPIRY_CLAIM: Duration = Duration::from_secs(60);
 
 /// The keys of one domain.
@@ -395,6 +397,7 @@ pub struct RedisSchedule {
     held: Mutex<HashMap<(MessageId, String), Held>>,
     /// Holds the deliveries an expiry sweep of this instance has claimed.
     expiry_holder: String,
+    expiry_claim: Duration,
 }
 
 impl RedisSchedule {
@@ -408,9 +411,68 @@ impl RedisSchedule {
             round_trips: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
             expiry_holder: format!("expiry/{:016x}", rand::random::<u64>()),
+            expiry_claim: EXPIRY_CLAIM,
         };
         schedule.load_scripts().await?;
         Ok(schedule)
+    }
+
+    /// Claims of expiry sweeps last `claim` instead of a minute (tests).
+    pub fn with_expiry_claim(mut self, claim: Duration) -> Self {
+        self.expiry_claim = claim;
+        self
+    }
+
+    /// Extends the claims of the sweep under way to `expiry_claim` from now.
+    async fn renew_claims(
+        &self,
+        claimed: &BTreeMap<MessageId, Vec<String>>,
+    ) -> Result<(), SpoolError> {
+        let mut by_domain: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (id, domains) in claimed {
+            for domain in domains {
+                by_domain.entry(domain).or_default().push(id.as_str());
+            }
+        }
+        // A grace no claim reaches: the script puts back no "orphan".
+        let never = Duration::from_secs(10 * 365 * 86400);
+        let mut pipe = redis::pipe();
+        for (domain, ids) in by_domain {
+            let k = domain_keys(domain);
+            let mut cmd = evalsha(&self.scripts.renew, &[&k.ready, &k.leases, &k.holders]);
+            cmd.arg(&self.expiry_holder)
+                .arg(self.expiry_claim.as_millis() as u64)
+                .arg(never.as_millis() as u64)
+                .arg(ids);
+            pipe.add_command(cmd).ignore();
+        }
+        self.run("expire: renew claims", &pipe).await.map(drop)
+    }
+
+    /// Runs `work` (queueing a message's reports) while renewing the
+    /// sweep's claims every third of their length; `held_until` is when
+    /// they surely last until.
+    async fn while_renewing<T>(
+        &self,
+        claimed: &BTreeMap<MessageId, Vec<String>>,
+        held_until: &mut Instant,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                () = tokio::time::sleep(self.expiry_claim / 3) => {
+                    let sent = Instant::now();
+                    match self.renew_claims(claimed).await {
+                        Ok(()) => *held_until = sent + self.expiry_claim,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot renew the claims of an expiry sweep")
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Round trips to Redis since `new` (the script load included).
@@ -665,6 +727,7 @@ impl RedisSchedule {
             return Ok(Vec::new());
         }
         let holder = self.expiry_holder.as_str();
+        let mut held_until = Instant::now() + self.expiry_claim;
         let mut pipe = redis::pipe();
         for (domain, ids) in &by_domain {
             let k = domain_keys(domain);
@@ -673,7 +736,7 @@ impl RedisSchedule {
                 &[&k.ready, &k.deferred, &k.leases, &k.holders],
             );
             cmd.arg(holder)
-                .arg(EXPIRY_CLAIM.as_millis() as u64)
+                .arg(self.expiry_claim.as_millis() as u64)
                 .arg(ids);
             pipe.add_command(cmd);
         }
@@ -733,8 +796,17 @@ impl RedisSchedule {
                     continue;
                 }
                 if let Some(report) = report {
+                    let left = held_until.saturating_duration_since(Instant::now());
+                    if left < self.expiry_claim / 2 && !reported.contains(&id) {
+                        // Too close to the end of the claims to be sure of
+                        // them until the reports are queued: the next sweep.
+                        put_back.push(id);
+                        continue;
+                    }
                     if reported.insert(id.clone()) {
-                        if let Err(error) = report(completions.clone()).await {
+                        let queued = report(completions.clone());
+                        let queued = self.while_renewing(&claimed, &mut held_until, queued);
+                        if let Err(error) = queued.await {
                             tracing::warn!(message_id = %id, %error,
                                 "cannot queue the report of an expired message; it stays for the next sweep");
                             put_back.push(id);
@@ -1299,6 +1371,67 @@ mod tests {
         let (spool, a) = node(&server).await;
         let (_, b) = node(&server).await;
         suite::two_sweeps_at_once_report_each_delivery_once(spool, a, b).await;
+    }
+
+    /// A sweep whose reports take longer than its claims last keeps them:
+    /// another sweep, after the lapsed leases are reclaimed, finds nothing
+    /// to expire and reports nothing twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_sweep_keeps_its_claims_and_nothing_is_reported_twice() {
+        use std::sync::Mutex;
+
+        let server = RedisServer::start();
+        let (spool, a) = node(&server).await;
+        let (_, b) = node(&server).await;
+        let claim = Duration::from_millis(900);
+        let a = Arc::new(Arc::into_inner(a).unwrap().with_expiry_claim(claim));
+        let b = Arc::new(Arc::into_inner(b).unwrap().with_expiry_claim(claim));
+        // Four messages, eight deliveries.
+        queue(&spool, &a, 0..4).await;
+
+        let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
+        let hook = |slow: Duration| -> ReportHook {
+            let reports = reports.clone();
+            Arc::new(move |completions: Vec<Completion>| {
+                let reports = reports.clone();
+                Box::pin(async move {
+                    tokio::time::sleep(slow).await;
+                    let mut reports = reports.lock().unwrap();
+                    for c in completions {
+                        reports.push((c.record.id.clone(), c.domain.clone()));
+                    }
+                    Ok(())
+                })
+            })
+        };
+        let late = u64::MAX / 2;
+        // A's reports take 0.6 s per message: 2.4 s for the four, well past
+        // its 0.9 s claims.
+        let slow = {
+            let (a, hook) = (a.clone(), hook(Duration::from_millis(600)));
+            tokio::spawn(async move { a.expire(late, &policy(), Some(&hook)).await.unwrap() })
+        };
+        // Meanwhile the leader's ticks reclaim lapsed leases and B sweeps.
+        let fast = hook(Duration::ZERO);
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            b.reclaim_expired_leases().await.unwrap();
+            b.expire(late, &policy(), Some(&fast)).await.unwrap();
+        }
+        slow.await.unwrap();
+        // Whatever A gave back (too late for its claims), B finishes.
+        for _ in 0..10 {
+            b.reclaim_expired_leases().await.unwrap();
+            b.expire(late, &policy(), Some(&fast)).await.unwrap();
+            if b.counts().await.unwrap().messages == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let reported = reports.lock().unwrap().clone();
+        let unique: HashSet<_> = reported.iter().cloned().collect();
+        assert_eq!(unique.len(), reported.len(), "reported twice: {reported:?}");
+        assert_eq!(unique.len(), 8, "every delivery reported: {reported:?}");
     }
 
     #[tokio::test]

@@ -860,6 +860,80 @@ impl Spool for LocalSpool {
         self.append_entries(entries).await
     }
 
+    /// New messages and changes in one journal write: one fsync.
+    async fn store_and_apply(
+        &self,
+        batch: Vec<NewMessage>,
+        changes: Vec<Change>,
+    ) -> Result<Vec<(MessageId, SpoolError)>, SpoolError> {
+        if batch.is_empty() {
+            return Ok(self.apply(changes).await);
+        }
+        self.blocking(move |inner| {
+            let mut buf = Vec::new();
+            let mut stored = Vec::with_capacity(batch.len());
+            for message in batch {
+                let body_len = message.body.len() as u64;
+                let entry = JournalEntry::Message {
+                    record: message.record,
+                    body: message.body,
+                };
+                let offset = buf.len() as u64;
+                let len = push_frame(&mut buf, &entry)?;
+                let JournalEntry::Message { record, .. } = entry else {
+                    unreachable!("built above")
+                };
+                stored.push((record, offset, len, body_len));
+            }
+            let mut state = inner.state()?;
+            let mut failed = Vec::new();
+            let mut changed = Vec::new();
+            for change in changes {
+                let id = change.id().clone();
+                if !state.messages.contains_key(&id) {
+                    failed.push((id.clone(), SpoolError::NotFound(id)));
+                    continue;
+                }
+                let entry = match change {
+                    Change::Update(record) => JournalEntry::Update { record: *record },
+                    Change::Remove(id) => JournalEntry::Remove { id },
+                };
+                let offset = buf.len() as u64;
+                let len = push_frame(&mut buf, &entry)?;
+                changed.push((entry, offset, len));
+            }
+            let rotated = state.rotate_if_full(buf.len() as u64)?;
+            let start = state.append(&buf)?;
+            let segment = state.active;
+            let at = |offset: u64, len: u64| Loc {
+                segment,
+                offset: start + offset,
+                len,
+            };
+            for (record, offset, len, body_len) in stored {
+                state.insert_message(record, at(offset, len), body_len);
+            }
+            for (entry, offset, len) in changed {
+                match entry {
+                    JournalEntry::Update { record } => {
+                        state.update_record(record, at(offset, len));
+                    }
+                    JournalEntry::Remove { id } => {
+                        state.forget(&id, segment);
+                    }
+                    JournalEntry::Message { .. } => unreachable!("built above"),
+                }
+            }
+            if rotated {
+                state.maintain();
+            } else if let Err(err) = state.collect_garbage() {
+                tracing::warn!(error = %err, "deleting dead journal segments failed");
+            }
+            Ok(failed)
+        })
+        .await
+    }
+
     async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {
         self.blocking(|inner| {
             let state = inner.state()?;

@@ -109,6 +109,23 @@ pub trait Spool: Send + Sync + 'static {
     /// The body of a stored message.
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError>;
 
+    /// Stores `batch` and applies `changes` to other messages as one step:
+    /// a backend that can makes both durable together (the local spool:
+    /// one journal write, one fsync), so that a crash never keeps a
+    /// delivery report without the record change that called for it.
+    /// `Err`: nothing was written. `Ok`: the batch is stored; the changes
+    /// that failed are listed. This default stores, then applies.
+    async fn store_and_apply(
+        &self,
+        batch: Vec<NewMessage>,
+        changes: Vec<Change>,
+    ) -> Result<Vec<(MessageId, SpoolError)>, SpoolError> {
+        if !batch.is_empty() {
+            self.store(batch).await?;
+        }
+        Ok(self.apply(changes).await)
+    }
+
     /// Applies changes in order and returns those that failed. A backend
     /// that can makes them durable together (one fsync, one round trip);
     /// this default applies them one by one.
