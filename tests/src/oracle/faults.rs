@@ -16,7 +16,7 @@ pub enum FaultKind {
     /// SIGKILL Redis (or one primary of the cluster) and start it again
     /// from its append-only file.
     RestartRedis,
-    /// Cut one node's link to Redis (TCP proxy), restore it.
+    /// Cut one relay process's link to Redis (TCP proxy), restore it.
     CutRedis,
     /// Cut the links from the relay to a third of the receivers.
     CutReceivers,

@@ -445,7 +445,7 @@ fn inject(
             };
             hold();
             deployment.lock().unwrap().redis_proxies[i].restore();
-            format!("link {i} to Redis cut and restored")
+            format!("link {i} to Redis (0 is the first process started) cut and restored")
         }
         FaultKind::CutReceivers => {
             for p in &deployment.lock().unwrap().receiver_proxies {
