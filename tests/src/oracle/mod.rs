@@ -336,13 +336,21 @@ impl Deployment {
     /// `messages` of `/api/queue`: of each node on the local spool, of
     /// the first node on the shared queue.
     fn queued(&self) -> Vec<Option<u64>> {
+        self.queue_counts()
+            .iter()
+            .map(|c| c.as_ref().and_then(|c| c["messages"].as_u64()))
+            .collect()
+    }
+
+    /// The whole `/api/queue` answer of the same nodes.
+    fn queue_counts(&self) -> Vec<Option<serde_json::Value>> {
         let nodes = match self.cluster.is_some() || self.redis.is_some() {
             true => &self.nodes[..1],
             false => &self.nodes[..],
         };
         nodes
             .iter()
-            .map(|n| queued_messages(n.relay.admin_addr()))
+            .map(|n| queue_counts(n.relay.admin_addr()))
             .collect()
     }
 }
@@ -360,9 +368,9 @@ fn read_log(path: &Path) -> Vec<LogLine> {
         .collect()
 }
 
-/// `messages` of `GET /api/queue`, or `None` when the node does not
+/// The answer of `GET /api/queue`, or `None` when the node does not
 /// answer (it may be restarting).
-fn queued_messages(admin: SocketAddr) -> Option<u64> {
+fn queue_counts(admin: SocketAddr) -> Option<serde_json::Value> {
     use std::io::Read;
     let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
     stream
@@ -380,8 +388,7 @@ fn queued_messages(admin: SocketAddr) -> Option<u64> {
     if !head.starts_with("HTTP/1.1 200") {
         return None;
     }
-    let json: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
-    json["messages"].as_u64()
+    serde_json::from_str(body.trim()).ok()
 }
 
 /// Carries out one fault: start, hold, undo. Returns what it did.
@@ -603,7 +610,7 @@ pub fn run(plan: &Plan) -> Outcome {
     });
     let summary = format!(
         "oracle {}: seed {} on {:?}: submitted in {}, resolved at {}{}; {} receiver connections\n\
-         faults:\n  {}\n{}",
+         faults:\n  {}\nqueue at the end: {}\n{}",
         plan.name,
         plan.seed,
         plan.backend,
@@ -620,6 +627,12 @@ pub fn run(plan: &Plan) -> Outcome {
         } else {
             faults_done.join("\n  ")
         },
+        deployment
+            .queue_counts()
+            .iter()
+            .map(|c| c.as_ref().map_or("no answer".into(), |c| c.to_string()))
+            .collect::<Vec<_>>()
+            .join("; "),
         verdict.render(40)
     );
     eprintln!("{summary}");
