@@ -6,6 +6,8 @@
 //! - `GET /api/queue`: the queue counts ([`QueueStats`]) as JSON.
 //! - `POST /api/domains/{domain}/suspend` and `…/resume`: hold or release a
 //!   domain's deliveries.
+//! - `GET /api/quarantine?limit=N`: what the spool set aside as unreadable
+//!   (at most `N`, default 1000, oldest first), as JSON.
 //! - `GET /api/cluster`: on the Redis backend, the live and dead nodes and
 //!   the node that leads, as this node's coordinator last saw them.
 //!
@@ -27,6 +29,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::auth::{Access, Operator, OperatorDb};
 use crate::config::check_domain_name;
 use crate::queue::{QueueStats, Stats, Suspend};
+use crate::spool::{Quarantined, Spool};
 use smarthost_coordinator::{GetStatus, Status};
 
 /// At most this many argon2 verifications at once: each takes tens of MiB,
@@ -41,6 +44,8 @@ pub struct AdminEnv {
     pub operators: Arc<OperatorDb>,
     /// This node's coordinator; `None` on the local backend.
     pub cluster: Option<Recipient<GetStatus>>,
+    /// The spool, for what it set aside; `None`: nothing to list.
+    pub spool: Option<Arc<dyn Spool>>,
     /// True while SMTP is accepted.
     pub ready: watch::Receiver<bool>,
     verifications: Arc<Semaphore>,
@@ -58,6 +63,7 @@ impl AdminEnv {
             suspend,
             operators: Arc::new(operators),
             cluster: None,
+            spool: None,
             ready,
             verifications: Arc::new(Semaphore::new(MAX_VERIFICATIONS)),
         }
@@ -68,6 +74,12 @@ impl AdminEnv {
     /// Answers `/api/cluster` from this coordinator.
     pub fn with_cluster(mut self, coordinator: Recipient<GetStatus>) -> Self {
         self.cluster = Some(coordinator);
+        self
+    }
+
+    /// Answers `/api/quarantine` from this spool.
+    pub fn with_spool(mut self, spool: Arc<dyn Spool>) -> Self {
+        self.spool = Some(spool);
         self
     }
 }
@@ -99,6 +111,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(web::resource("/readyz").get(readyz))
         .service(web::resource("/api/queue").get(queue))
         .service(web::resource("/api/cluster").get(cluster))
+        .service(web::resource("/api/quarantine").get(quarantine))
         .service(web::resource("/api/domains/{domain}/suspend").post(suspend))
         .service(web::resource("/api/domains/{domain}/resume").post(resume));
 }
@@ -158,6 +171,8 @@ pub enum ApiError {
     NoCluster,
     #[error("the token check failed")]
     CheckFailed,
+    #[error("{0}")]
+    Spool(String),
 }
 
 impl ResponseError for ApiError {
@@ -169,6 +184,7 @@ impl ResponseError for ApiError {
             ApiError::QueueGone => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NoCluster => StatusCode::NOT_FOUND,
             ApiError::CheckFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Spool(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -267,6 +283,31 @@ async fn cluster(
         .await
         .map_err(|_| ApiError::QueueGone)?;
     Ok(web::Json(status.into()))
+}
+
+/// The query of `/api/quarantine`.
+#[derive(Debug, Deserialize)]
+struct QuarantineQuery {
+    limit: Option<usize>,
+}
+
+/// The most entries `/api/quarantine` lists when no limit is given.
+const QUARANTINE_LIMIT: usize = 1000;
+
+async fn quarantine(
+    request: HttpRequest,
+    query: web::Query<QuarantineQuery>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<Vec<Quarantined>>, ApiError> {
+    authorize(&env, &request, Access::Read).await?;
+    let Some(spool) = &env.spool else {
+        return Ok(web::Json(Vec::new()));
+    };
+    let listed = spool
+        .quarantined(query.limit.unwrap_or(QUARANTINE_LIMIT))
+        .await
+        .map_err(|e| ApiError::Spool(e.to_string()))?;
+    Ok(web::Json(listed))
 }
 
 async fn suspend(

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::admin::{ClusterView, DomainState, ErrorBody};
 use crate::queue::QueueStats;
+use crate::spool::Quarantined;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -51,6 +52,12 @@ impl AdminClient {
 
     pub async fn cluster(&self) -> Result<ClusterView, ClientError> {
         self.call(self.http.get(self.url("/api/cluster"))).await
+    }
+
+    /// What the spool set aside as unreadable, at most `limit`.
+    pub async fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, ClientError> {
+        let path = format!("/api/quarantine?limit={limit}");
+        self.call(self.http.get(self.url(&path))).await
     }
 
     /// Suspends (`true`) or resumes a domain, given in its routing form.

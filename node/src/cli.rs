@@ -15,6 +15,7 @@ use crate::admin_client::{AdminClient, ClientError};
 use crate::config::{Config, ConfigError};
 use crate::queue::QueueStats;
 use crate::server::Role;
+use crate::spool::Quarantined;
 
 #[derive(Debug, Parser)]
 #[command(name = "smarthost", version, about = "An SMTP relay for applications")]
@@ -84,6 +85,13 @@ enum QueueAction {
         #[arg(value_name = "DOMAIN")]
         domain: String,
     },
+    /// What the spool set aside as unreadable (a record of a newer
+    /// release, a damaged journal frame), oldest first.
+    Quarantine {
+        /// List at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
 }
 
 /// The entry point of the `smarthost` binary.
@@ -128,6 +136,13 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             let result = actix::System::new().block_on(async move {
                 let view = AdminClient::new(listen, token).cluster().await?;
                 Ok::<_, ClientError>(format_nodes(&view))
+            });
+            return print_result(result);
+        }
+        QueueAction::Quarantine { limit } => {
+            let result = actix::System::new().block_on(async move {
+                let listed = AdminClient::new(listen, token).quarantined(limit).await?;
+                Ok::<_, ClientError>(format_quarantine(&listed))
             });
             return print_result(result);
         }
@@ -211,6 +226,25 @@ fn format_nodes(view: &ClusterView) -> String {
         out.push_str(&format!(
             "as seen by {}, whose last Redis error was: {error}\n",
             view.node
+        ));
+    }
+    out
+}
+
+/// What was set aside, one line each: when (UTC), size, where, why.
+fn format_quarantine(listed: &[Quarantined]) -> String {
+    if listed.is_empty() {
+        return "quarantine: empty\n".to_string();
+    }
+    let width = listed.iter().map(|q| q.location.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for q in listed {
+        let at = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(q.at_ms),
+        );
+        out.push_str(&format!(
+            "{at}  {:>9} B  {:<width$}  {}\n",
+            q.bytes, q.location, q.reason
         ));
     }
     out

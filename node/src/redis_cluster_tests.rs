@@ -206,8 +206,8 @@ async fn schedule_round_trips_on_a_cluster() {
     s.insert(records, u64::MAX / 2).await.unwrap();
     assert_eq!(
         trips(),
-        2,
-        "insert: the active domains first, then the domains"
+        3,
+        "insert: the domain sets, the domains, the domain sets again"
     );
     let jobs = s
         .take("example.org", 20, "node-a", Duration::from_secs(60))
@@ -242,10 +242,17 @@ async fn schedule_round_trips_on_a_cluster() {
         2,
         "complete: the record, then the domain and the index"
     );
+    // The inserted work gave both domains timers.
     s.promote(t0).await.unwrap();
-    assert_eq!(trips(), 2, "promote");
+    assert_eq!(
+        trips(),
+        3,
+        "promote: the timers, the domains, the timers back"
+    );
+    s.promote(t0).await.unwrap();
+    assert_eq!(trips(), 1, "promote with no domain due: the timers");
     s.reclaim_expired_leases().await.unwrap();
-    assert_eq!(trips(), 2, "reclaim");
+    assert_eq!(trips(), 1, "reclaim with no lease due: the timers");
     let counts = s.counts().await.unwrap();
     assert_eq!(trips(), 2, "counts");
     assert_eq!(counts.messages, 29);
@@ -423,4 +430,47 @@ async fn a_failover_loses_no_message_acknowledged_with_a_replica() {
             .await
             .expect("the body survived the failover");
     }
+}
+
+/// An unreadable record on a cluster: set aside across its slot and the
+/// index slot, skipped by the listing, the domain and the expiry sweep,
+/// and listed.
+#[tokio::test]
+async fn an_unreadable_record_is_set_aside_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let (spool, s) = node(&cluster).await;
+    queue(&spool, &s, 0..6).await;
+    let key = record_key(&id(3));
+    let port = cluster.ports()[cluster.node_of(&key)];
+    // Version byte 99 ("c"): a record of a newer release.
+    assert!(command(port, &["SETRANGE", &key, "0", "c"]).is_some());
+    let listed: Vec<MessageId> = spool
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, [0, 1, 2, 4, 5].map(id));
+    let quarantined = spool.quarantined(10).await.unwrap();
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(quarantined[0].location, id(3).0);
+    assert!(
+        quarantined[0].reason.contains("version 99"),
+        "{quarantined:?}"
+    );
+    // Its deliveries are dropped where they wait; the others go on.
+    let taken = s
+        .take("example.org", 10, "node-a", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let taken: Vec<MessageId> = taken.into_iter().map(|(r, _)| r.id.clone()).collect();
+    assert_eq!(taken, [0, 2, 5].map(id), "3 is gone");
+    let expired = s.expire(u64::MAX / 2, &policy(), None).await.unwrap();
+    let expired: HashSet<MessageId> = expired.into_iter().map(|c| c.record.id.clone()).collect();
+    assert_eq!(
+        expired,
+        HashSet::from([0, 1, 2, 4, 5].map(id)),
+        "every other message, in its deliveries not in flight"
+    );
 }

@@ -165,13 +165,13 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     if config.queue.backend != QueueBackend::Redis {
         return Err("the coordinator runs with queue.backend = \"redis\"; a node on the local backend needs none".into());
     }
-    let (queue, _) = redis_queue(&config).await?;
+    let (queue, spool) = redis_queue(&config).await?;
     let queue = queue.start();
     let coordinator = start_coordinator(&config, true, queue.clone().recipient()).await?;
     // Probes, the cluster view and the shared queue's counts; ready while
     // it runs.
     let (ready, is_ready) = watch::channel(true);
-    let admin = start_admin(&config, &queue, Some(&coordinator), is_ready)?;
+    let admin = start_admin(&config, &queue, &spool, Some(&coordinator), is_ready)?;
     tracing::info!(node = %config.node.id, "coordinator running");
     wait_for_signal().await;
     ready.send_replace(false);
@@ -222,6 +222,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
     };
     let queue = queue.start();
+    let admin_spool = spool.clone();
     let coordinator = match config.queue.backend {
         QueueBackend::Redis => {
             Some(start_coordinator(&config, role == Role::All, queue.clone().recipient()).await?)
@@ -251,7 +252,13 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     }
 
     let (ready, is_ready) = watch::channel(false);
-    let admin = start_admin(&config, &queue, coordinator.as_ref(), is_ready)?;
+    let admin = start_admin(
+        &config,
+        &queue,
+        &admin_spool,
+        coordinator.as_ref(),
+        is_ready,
+    )?;
 
     let listener = Listener::bind(
         &config.smtp.listen,
@@ -295,6 +302,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
 fn start_admin(
     config: &Config,
     queue: &Addr<Queue>,
+    spool: &Arc<dyn Spool>,
     coordinator: Option<&Addr<Coordinator>>,
     is_ready: watch::Receiver<bool>,
 ) -> Result<actix_web::dev::ServerHandle, Box<dyn Error>> {
@@ -303,7 +311,8 @@ fn start_admin(
         queue.clone().recipient(),
         OperatorDb::new(&config.admin.operators),
         is_ready,
-    );
+    )
+    .with_spool(spool.clone());
     let env = match coordinator {
         Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
         None => env,

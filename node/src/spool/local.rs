@@ -215,6 +215,51 @@ fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
         .map_err(|e| io_error(format_args!("syncing directory {}", dir.display()), e))
 }
 
+/// Where unreadable frames are set aside, under the spool directory.
+pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// The `*.bad` files of the quarantine directory `dir`, in name order, at
+/// most `limit`; none when the directory does not exist.
+fn list_quarantine(dir: &Path, limit: usize) -> Result<Vec<super::Quarantined>, SpoolError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(format_args!("listing {}", dir.display()), e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(format_args!("listing {}", dir.display()), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".bad") {
+            names.push(name);
+        }
+    }
+    names.sort();
+    names.truncate(limit);
+    let mut listed = Vec::with_capacity(names.len());
+    for name in names {
+        let path = dir.join(&name);
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            // Removed by an operator meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(format_args!("reading {}", path.display()), e)),
+        };
+        let at_ms = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        listed.push(super::Quarantined {
+            location: format!("{QUARANTINE_DIR}/{name}"),
+            reason: "unreadable journal frame".into(),
+            at_ms,
+            bytes: meta.len(),
+        });
+    }
+    Ok(listed)
+}
+
 /// The journal and its index; one writer at a time.
 #[derive(Debug)]
 struct State {
@@ -945,6 +990,17 @@ impl Spool for LocalSpool {
         .await
     }
 
+    /// The files under `quarantine/` in the spool directory (frames that
+    /// could not be read, named `<segment file>.<byte offset>.bad`), in
+    /// name order, with their size and modification time.
+    async fn quarantined(&self, limit: usize) -> Result<Vec<super::Quarantined>, SpoolError> {
+        self.blocking(move |inner| {
+            let dir = inner.state()?.dir.join(QUARANTINE_DIR);
+            list_quarantine(&dir, limit)
+        })
+        .await
+    }
+
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
         let id = id.clone();
         self.blocking(move |inner| {
@@ -996,6 +1052,41 @@ mod tests {
 
     fn ids(records: &[MessageRecord]) -> Vec<MessageId> {
         records.iter().map(|r| r.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn set_aside_frames_are_listed_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), &LocalSpoolOptions::default());
+        assert!(
+            spool.quarantined(10).await.unwrap().is_empty(),
+            "no directory yet"
+        );
+        let quarantine = dir.path().join(QUARANTINE_DIR);
+        fs::create_dir_all(&quarantine).unwrap();
+        fs::write(
+            quarantine.join("00000000000000000002.journal.64.bad"),
+            [0u8; 24],
+        )
+        .unwrap();
+        fs::write(
+            quarantine.join("00000000000000000001.journal.4096.bad"),
+            [1u8; 8],
+        )
+        .unwrap();
+        fs::write(quarantine.join("notes.txt"), b"not a frame").unwrap();
+        let listed = spool.quarantined(10).await.unwrap();
+        let names: Vec<_> = listed.iter().map(|q| q.location.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "quarantine/00000000000000000001.journal.4096.bad",
+                "quarantine/00000000000000000002.journal.64.bad"
+            ]
+        );
+        assert_eq!((listed[0].bytes, listed[1].bytes), (8, 24));
+        assert!(listed.iter().all(|q| q.at_ms > 0));
+        assert_eq!(spool.quarantined(1).await.unwrap(), listed[..1]);
     }
 
     async fn suite_on(options: LocalSpoolOptions) {

@@ -52,6 +52,22 @@ impl Change {
     }
 }
 
+/// Something the spool set aside because it could not read it (a record of
+/// a newer release, a damaged frame), so that it stalls nothing; listed for
+/// operators by [`Spool::quarantined`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Quarantined {
+    /// Where it is: the message id (Redis) or the file under
+    /// `<queue.path>/quarantine` (local).
+    pub location: String,
+    /// Why it was set aside.
+    pub reason: String,
+    /// When, in ms since the epoch.
+    pub at_ms: u64,
+    /// How many bytes were set aside.
+    pub bytes: u64,
+}
+
 /// Where a paged listing ([`Spool::list_page`]) goes on: messages are
 /// listed in (receive time, id) order, and the next page starts after this
 /// one.
@@ -104,6 +120,12 @@ pub trait Spool: Send + Sync + 'static {
             .take(limit.saturating_add(1))
             .collect();
         Ok(page_of(page, limit))
+    }
+
+    /// What was set aside as unreadable, oldest first, at most `limit`.
+    /// A spool that never sets anything aside has nothing to list.
+    async fn quarantined(&self, _limit: usize) -> Result<Vec<Quarantined>, SpoolError> {
+        Ok(Vec::new())
     }
 
     /// The body of a stored message.

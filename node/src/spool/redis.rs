@@ -12,10 +12,16 @@
 //! | `smarthost:{m:<id>}:record` | string | [`envelope::encode`] of the [`MessageRecord`] |
 //! | `smarthost:{m:<id>}:body` | string | [`envelope::encode`] of the body, as one byte string |
 //! | `smarthost:{index}:messages` | sorted set | member `<id>`, score the receive time in ms |
+//! | `smarthost:{m:<id>}:quarantined` | hash | a record set aside: `record`, `body`, `reason`, `at` (ms) |
+//! | `smarthost:{index}:quarantine` | sorted set | member `<id>`, score when it was set aside (ms) |
 //!
 //! Both values start with the record version byte, so a node of a newer
 //! release reads what an older one wrote, and a value of a version this
-//! release does not know is [`SpoolError::Corrupt`], never a panic. The
+//! release does not know is [`SpoolError::Corrupt`], never a panic. A
+//! record that cannot be read is set aside ([`quarantine`]) wherever it is
+//! met (a listing, a page of the rescan, the schedule's take, completion
+//! and expiry sweep), so that it stalls nothing and is never read again;
+//! [`Spool::quarantined`] lists it for operators. The
 //! index orders [`Spool::list`] by receive time, ties by id (ids are hex
 //! strings of equal length, so Redis's member order is the id order).
 //!
@@ -44,8 +50,9 @@
 //! - `remove` deletes the message keys first (one `DEL` in the message
 //!   slot), then the index entry.
 //!
-//! [`Spool::list`] skips an index entry whose record is missing and deletes
-//! it once the message's receive time is [`DANGLING_GRACE`] in the past: a
+//! [`Spool::list`] and [`Spool::list_page`] (and the schedule's expiry
+//! sweep) skip an index entry whose record is missing and delete it once
+//! the message's receive time is [`DANGLING_GRACE`] in the past: a
 //! younger entry may belong to a `store` whose message keys are still on
 //! their way. A `store` that failed was never acknowledged, so its client
 //! sends the message again; a `remove` that failed removed a message that
@@ -54,8 +61,9 @@
 //! # Round trips
 //!
 //! `store` of a whole batch, `update`, `remove` and `read_body` are one
-//! round trip each; `list` is two (the index, then all records in one
-//! pipeline), plus one when it cleans dangling index entries.
+//! round trip each; `list` and `list_page` are two (the index, then all
+//! records in one pipeline), plus one when they clean dangling index
+//! entries and three per record set aside; `quarantined` is two.
 //! [`RedisSpool::round_trips`] counts them. On Redis Cluster `store` and
 //! `remove` are two (the ordered steps above); requests sent at once to
 //! several primaries (the messages of a batch, the records of `list`)
@@ -103,10 +111,17 @@ use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{ListCursor, NewMessage, Spool, SpoolError};
+use super::{ListCursor, NewMessage, Quarantined, Spool, SpoolError};
 
 /// The sorted set of all stored messages by receive time.
 pub const INDEX_KEY: &str = "smarthost:{index}:messages";
+
+/// The sorted set of messages set aside as unreadable, by the time they
+/// were set aside (ms).
+pub const QUARANTINE_KEY: &str = "smarthost:{index}:quarantine";
+
+/// See `scripts/quarantine.lua`.
+const QUARANTINE: &str = include_str!("scripts/quarantine.lua");
 
 /// How old (by receive time) an index entry without a record must be
 /// before [`Spool::list`] deletes it.
@@ -118,6 +133,72 @@ pub fn record_key(id: &MessageId) -> String {
 
 pub fn body_key(id: &MessageId) -> String {
     format!("smarthost:{{m:{id}}}:body")
+}
+
+/// The record, body, reason and time of a message set aside as unreadable.
+pub fn quarantined_key(id: &MessageId) -> String {
+    format!("smarthost:{{m:{id}}}:quarantined")
+}
+
+/// Sets the message `id` aside because its record `bytes` cannot be read
+/// (`reason`): its keys move into its quarantine hash, its index entry into
+/// the quarantine index, so that no sweep, rescan or domain reads it again
+/// and the work around it goes on. Logs the error once, when it moves.
+/// Three ordered requests: the quarantine index entry first (listing skips
+/// an entry without its hash), the move in the message slot, then the
+/// message index entry goes. Rare, so the requests are not counted as
+/// round trips of the caller.
+pub async fn quarantine(
+    conn: &Connection,
+    timeout: Duration,
+    id: &MessageId,
+    bytes: &[u8],
+    reason: &str,
+) -> Result<(), SpoolError> {
+    let at = now_ms();
+    let request = |pipe: redis::Pipeline| {
+        let mut conn = conn.clone();
+        async move {
+            match tokio::time::timeout(timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+                Ok(Ok(values)) => Ok(values),
+                Ok(Err(e)) => Err(SpoolError::Unavailable(format!("redis quarantine: {e}"))),
+                Err(_) => Err(SpoolError::Unavailable(format!(
+                    "redis quarantine: no reply within {timeout:?}"
+                ))),
+            }
+        }
+    };
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD")
+        .arg(QUARANTINE_KEY)
+        .arg("NX")
+        .arg(at)
+        .arg(id.as_str());
+    request(pipe).await?;
+    let mut pipe = redis::pipe();
+    pipe.cmd("EVAL")
+        .arg(QUARANTINE)
+        .arg(3)
+        .arg(record_key(id))
+        .arg(body_key(id))
+        .arg(quarantined_key(id))
+        .arg(bytes)
+        .arg(reason)
+        .arg(at);
+    let moved = request(pipe).await?.first().map(as_int).unwrap_or(0);
+    if moved == 0 {
+        // Written again meanwhile (or gone): whoever reads it next judges it.
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZREM").arg(INDEX_KEY).arg(id.as_str());
+    request(pipe).await?;
+    if moved == 1 {
+        tracing::error!(message_id = %id, %reason, key = %quarantined_key(id),
+            "redis spool: an unreadable message was set aside; its deliveries stop \
+             (smarthost queue quarantine lists it)");
+    }
+    Ok(())
 }
 
 /// How a [`RedisSpool`] talks to its server.
@@ -188,6 +269,17 @@ fn decode_body(id: &MessageId, bytes: &[u8]) -> Result<Vec<u8>, SpoolError> {
     envelope::decode::<BodyIn>(bytes)
         .map(|b| b.bytes)
         .map_err(|e| SpoolError::Corrupt(format!("body of {id}: {e}")))
+}
+
+/// The ids of the index entries among `missing` (their record is gone)
+/// received more than [`DANGLING_GRACE`] ago: a younger one may belong to a
+/// `store` whose message keys are still on their way.
+pub(crate) fn dangling<'e>(missing: impl Iterator<Item = &'e ListCursor>) -> Vec<MessageId> {
+    let cutoff = now_ms().saturating_sub(DANGLING_GRACE.as_millis() as u64);
+    missing
+        .filter(|entry| entry.received_ms < cutoff)
+        .map(|entry| entry.id.clone())
+        .collect()
 }
 
 /// The URL (or seed list) without passwords, for logs and messages.
@@ -642,16 +734,33 @@ impl RedisSpool {
         let mut records = Vec::with_capacity(entries.len());
         let mut missing = Vec::new();
         for (entry, value) in entries.iter().zip(values) {
-            match value {
-                Some(bytes) => records.push(decode_record(&entry.id, &bytes)?),
+            match value.map(|bytes| (decode_record(&entry.id, &bytes), bytes)) {
+                Some((Ok(record), _)) => records.push(record),
+                Some((Err(error), bytes)) => {
+                    // One unreadable record must not stop the listing of
+                    // every other: it is set aside and skipped.
+                    quarantine(
+                        &self.conn,
+                        self.options.response_timeout,
+                        &entry.id,
+                        &bytes,
+                        &error.to_string(),
+                    )
+                    .await?;
+                }
                 None => missing.push(entry),
             }
         }
         Ok((records, missing))
     }
 
-    /// Deletes index entries whose record is gone (see the module doc).
-    async fn clean_dangling(&self, ids: Vec<MessageId>) {
+    /// Deletes the index entries among `missing` (entries whose record is
+    /// gone) that are older than [`DANGLING_GRACE`] (see the module doc).
+    async fn clean_dangling(&self, missing: Vec<&ListCursor>) {
+        let ids = dangling(missing.into_iter());
+        if ids.is_empty() {
+            return;
+        }
         let mut zrem = redis::cmd("ZREM");
         zrem.arg(INDEX_KEY);
         for id in &ids {
@@ -736,15 +845,7 @@ impl Spool for RedisSpool {
             .await?;
         let entries: Vec<ListCursor> = entries.into_iter().map(index_entry).collect();
         let (records, missing) = self.records_at("list", &entries).await?;
-        let cutoff = now_ms().saturating_sub(DANGLING_GRACE.as_millis() as u64);
-        let dangling: Vec<MessageId> = missing
-            .into_iter()
-            .filter(|entry| entry.received_ms < cutoff)
-            .map(|entry| entry.id.clone())
-            .collect();
-        if !dangling.is_empty() {
-            self.clean_dangling(dangling).await;
-        }
+        self.clean_dangling(missing).await;
         Ok(records)
     }
 
@@ -796,8 +897,54 @@ impl Spool for RedisSpool {
         if entries.is_empty() {
             return Ok((Vec::new(), next));
         }
-        let (records, _) = self.records_at("list page", &entries).await?;
+        let (records, missing) = self.records_at("list page", &entries).await?;
+        // A rescan pages through the whole index: it cleans what it meets.
+        self.clean_dangling(missing).await;
         Ok((records, next))
+    }
+
+    /// The quarantine index from the oldest entry, then the reason, time
+    /// and sizes of each in one pipeline: two round trips. An entry whose
+    /// hash is missing (a quarantine that did not happen) is skipped.
+    async fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, SpoolError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = self
+            .query_cmd(
+                "quarantined",
+                redis::cmd("ZRANGE")
+                    .arg(QUARANTINE_KEY)
+                    .arg(0)
+                    .arg(limit.saturating_sub(1)),
+            )
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            let key = quarantined_key(&MessageId(id.clone()));
+            pipe.cmd("HMGET").arg(&key).arg("reason").arg("at");
+            pipe.cmd("HSTRLEN").arg(&key).arg("record");
+            pipe.cmd("HSTRLEN").arg(&key).arg("body");
+        }
+        let values: Vec<Value> = self.query_pipe("quarantined", &pipe).await?;
+        let mut listed = Vec::with_capacity(ids.len());
+        for (id, reply) in ids.into_iter().zip(values.chunks(3)) {
+            let (reason, at): (Option<String>, Option<u64>) = parse_value(reply[0].clone())
+                .map_err(|e| SpoolError::Unavailable(format!("redis quarantined: {e}")))?;
+            let (Some(reason), Some(at_ms)) = (reason, at) else {
+                continue;
+            };
+            listed.push(Quarantined {
+                location: id,
+                reason,
+                at_ms,
+                bytes: (as_int(&reply[1]) + as_int(&reply[2])) as u64,
+            });
+        }
+        Ok(listed)
     }
 
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
@@ -928,23 +1075,53 @@ mod tests {
             other => panic!("expected Corrupt, got {other:?}"),
         }
         assert_eq!(spool.read_body(&id(1)).await.unwrap(), message(1, 100).body);
+    }
 
+    /// One record that cannot be read (a newer version, damage) does not
+    /// stop the listing of the others: it is set aside with its body,
+    /// listed for operators, and never read again.
+    #[tokio::test]
+    async fn unreadable_records_are_set_aside_and_listed() {
+        let server = RedisServer::start();
+        let spool = open(&server).await;
+        let batch: Vec<NewMessage> = (1..=5).map(|n| message(n, 100)).collect();
+        spool.store(batch).await.unwrap();
+        let mut conn = raw(&server).await;
         let mut record = get(&mut conn, &record_key(&id(2))).await;
         record[0] = 99;
         set(&mut conn, &record_key(&id(2)), &record).await;
-        match spool.list().await {
-            Err(SpoolError::Corrupt(why)) => {
-                assert!(
-                    why.contains("version 99") && why.contains(id(2).as_str()),
-                    "{why}"
-                )
-            }
-            other => panic!("expected Corrupt, got {other:?}"),
-        }
-        set(&mut conn, &record_key(&id(2)), &[RECORD_VERSION, 0xff]).await;
-        assert!(matches!(spool.list().await, Err(SpoolError::Corrupt(_))));
-        set(&mut conn, &record_key(&id(2)), &[]).await;
-        assert!(matches!(spool.list().await, Err(SpoolError::Corrupt(_))));
+        set(&mut conn, &record_key(&id(3)), &[RECORD_VERSION, 0xff]).await;
+        set(&mut conn, &record_key(&id(4)), &[]).await;
+
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(1), id(5)]);
+        let listed = spool.quarantined(10).await.unwrap();
+        assert_eq!(
+            listed
+                .iter()
+                .map(|q| q.location.clone())
+                .collect::<Vec<_>>(),
+            vec![id(2).0, id(3).0, id(4).0]
+        );
+        assert!(listed[0].reason.contains("version 99"), "{listed:?}");
+        assert!(listed.iter().all(|q| q.at_ms > 0 && !q.reason.is_empty()));
+        // Record and body are kept aside, out of the message's keys.
+        let kept: Vec<u8> = redis::cmd("HGET")
+            .arg(quarantined_key(&id(2)))
+            .arg("record")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept, record);
+        assert!(matches!(
+            spool.read_body(&id(2)).await,
+            Err(SpoolError::NotFound(_))
+        ));
+        // Never read again: the next listing and a page see the others.
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(1), id(5)]);
+        let (page, next) = spool.list_page(None, 10).await.unwrap();
+        assert_eq!((ids(&page), next), (vec![id(1), id(5)], None));
+        assert_eq!(spool.quarantined(10).await.unwrap(), listed);
+        assert_eq!(spool.quarantined(1).await.unwrap(), listed[..1]);
     }
 
     #[tokio::test]
@@ -1006,13 +1183,32 @@ mod tests {
             .unwrap();
         assert_eq!(
             left,
-            vec![id(1).0, id(3).0, young.0],
+            vec![id(1).0, id(3).0, young.0.clone()],
             "the old entry is cleaned, the young one may still get its message"
         );
         assert!(matches!(
             spool.remove(&id(2)).await,
             Err(SpoolError::NotFound(_))
         ));
+
+        // A page (the rescan) cleans what it meets too.
+        redis::cmd("ZADD")
+            .arg(INDEX_KEY)
+            .arg(message(2, 10).record.received_ms)
+            .arg(id(2).as_str())
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let (page, _) = spool.list_page(None, 10).await.unwrap();
+        assert_eq!(ids(&page), vec![id(1), id(3)]);
+        let left: Vec<String> = redis::cmd("ZRANGE")
+            .arg(INDEX_KEY)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, vec![id(1).0, id(3).0, young.0]);
     }
 
     #[tokio::test]

@@ -1,0 +1,20 @@
+-- Files a delivery after an attempt or an expiry: drops its lease and puts
+-- it in deferred (or nowhere when it is done).
+-- KEYS: ready, deferred, leases, holders
+-- ARGV: id, holder ('' = nobody may hold it), next attempt ms ('' = done)
+-- Returns {filed 1/0, 1 if the domain holds no work at all now}.
+-- Complexity: O(log N).
+local holder = redis.call('HGET', KEYS[4], ARGV[1])
+if ARGV[2] == '' then
+  if holder then return {0, 0} end
+elseif holder ~= ARGV[2] then
+  return {0, 0}
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
+local left = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
+if left == 0 then return {1, 1} end
+return {1, 0}

@@ -1,0 +1,112 @@
+//! A record the node cannot read (here: a record version from a newer
+//! release) is set aside on the Redis backend instead of stalling its
+//! domain, and operators see it in `GET /api/quarantine` and
+//! `smarthost queue quarantine`.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use smarthost_testkit::redis::RedisServer;
+use smarthost_tests::http;
+use smarthost_tests::relay::free_port;
+use smarthost_tests::scenario::{dot_stuff, message, start_with_env, Setup};
+use smarthost_tests::smtp::{queued_id, Client};
+
+fn submit(setup: &Setup, to: &str, subject: &str) -> String {
+    let (mut c, greeting) = Client::connect(setup.relay.smtp);
+    assert_eq!(greeting.code, 220);
+    c.expect("EHLO app.example", 250);
+    let text = message(to, subject, "Hello.\r\n");
+    let reply = c.send_message("app@sender.test", &[to], &dot_stuff(&text));
+    let id = queued_id(&reply);
+    c.expect("QUIT", 221);
+    id
+}
+
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .arg("-p")
+        .arg(redis.port().to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+#[test]
+fn an_unreadable_record_is_quarantined_and_listed_for_operators() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // Nothing listens at the smart host: deliveries are retried every
+    // second, so the node keeps reading the records.
+    let dead = free_port();
+    let setup = start_with_env(
+        tempfile::tempdir().unwrap(),
+        &format!("smart_host = \"[127.0.0.1]:{dead}\""),
+        "",
+        &[
+            ("SMARTHOST__QUEUE__BACKEND", "redis"),
+            ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
+            ("SMARTHOST__QUEUE__RETRY_INTERVALS", "1s"),
+        ],
+    );
+    let bad = submit(&setup, "a@example.org", "bad");
+    let good = submit(&setup, "b@example.org", "good");
+    // The first byte of a record is its version: 99 is from a release this
+    // one does not know.
+    let key = format!("smarthost:{{m:{bad}}}:record");
+    let len = redis_cli(&redis, &["STRLEN", &key]);
+    assert_ne!(len, "0", "the record is stored");
+    assert_eq!(redis_cli(&redis, &["SETRANGE", &key, "0", "c"]), len);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let output = setup.relay.cli(&["queue", "quarantine"], &[]);
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "queue quarantine: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if text.contains(&bad) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never quarantined:\n{text}\n{}",
+            setup.relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(listed.contains("version 99"), "{listed}");
+    assert!(!listed.contains(&good), "{listed}");
+
+    let json = http::get(setup.relay.admin_addr(), "/api/quarantine", None).json();
+    let entries = json.as_array().expect("a list");
+    assert_eq!(entries.len(), 1, "{json}");
+    assert_eq!(entries[0]["location"], bad.as_str(), "{json}");
+    assert!(
+        entries[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("version 99"),
+        "{json}"
+    );
+    assert!(entries[0]["bytes"].as_u64().unwrap() > 0, "{json}");
+    assert!(entries[0]["at_ms"].as_u64().unwrap() > 0, "{json}");
+
+    // The record is out of the queue; the other message is still there,
+    // retried as before.
+    assert_eq!(redis_cli(&redis, &["EXISTS", &key]), "0");
+    let quarantined = format!("smarthost:{{m:{bad}}}:quarantined");
+    assert_eq!(redis_cli(&redis, &["EXISTS", &quarantined]), "1");
+    let good_key = format!("smarthost:{{m:{good}}}:record");
+    assert_eq!(redis_cli(&redis, &["EXISTS", &good_key]), "1");
+    let log = setup.relay.log();
+    assert_eq!(
+        log.matches("an unreadable message was set aside").count(),
+        1,
+        "logged once:\n{log}"
+    );
+}
