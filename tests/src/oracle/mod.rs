@@ -572,6 +572,7 @@ pub fn run(plan: &Plan) -> Outcome {
             queued: &[],
             faults: !faults.is_empty(),
             kills,
+            logged_when_stored: plan.backend != Backend::Local,
         };
         let open = check::unresolved(&observed);
         if open == 0 && deployment.queued().iter().all(|q| *q == Some(0)) {
@@ -607,6 +608,7 @@ pub fn run(plan: &Plan) -> Outcome {
         queued: &queued,
         faults: !faults.is_empty(),
         kills,
+        logged_when_stored: plan.backend != Backend::Local,
     });
     let summary = format!(
         "oracle {}: seed {} on {:?}: submitted in {}, resolved at {}{}; {} receiver connections\n\
