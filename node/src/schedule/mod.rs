@@ -167,15 +167,14 @@ impl MemorySchedule {
     }
 }
 
-/// Keeps the first appearance of each domain.
+/// Keeps the first appearance of each domain (a set, not a scan of the
+/// output: recovery inserts a whole spool over many domains at once).
 pub(crate) fn dedup(domains: impl IntoIterator<Item = String>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for domain in domains {
-        if !out.contains(&domain) {
-            out.push(domain);
-        }
-    }
-    out
+    let mut seen = std::collections::HashSet::new();
+    domains
+        .into_iter()
+        .filter(|domain| seen.insert(domain.clone()))
+        .collect()
 }
 
 #[async_trait]
