@@ -11,12 +11,14 @@
 //!   the delivery scenarios (delivery log, delivery status notifications).
 //! - `http`: a raw HTTP client for the relay's admin API.
 //! - `proxy`: a TCP proxy a test can cut (a node losing its link to Redis).
+//! - `oracle`: the oracle-checked workload with faults (`docs/reliability.md`).
 
 use std::path::PathBuf;
 
 pub mod ca;
 pub mod dns;
 pub mod http;
+pub mod oracle;
 pub mod proxy;
 pub mod relay;
 pub mod scenario;
