@@ -1566,6 +1566,56 @@ mod tests {
         assert_eq!(spool.read_body(&id(4)).await.unwrap(), message(4, 500).body);
     }
 
+    /// A report (new message) stored with changes to other messages, as
+    /// the Queue writes them.
+    async fn store_report_with(spool: &LocalSpool, report: u64, changes: Vec<Change>) {
+        let failed = spool
+            .store_and_apply(vec![message(report, 500)], changes)
+            .await
+            .unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
+
+    #[tokio::test]
+    async fn new_messages_written_with_changes_replay_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small segments: the combined writes start new ones.
+        let opts = options(1500);
+        let spool = open(dir.path(), &opts);
+        for n in 0..3 {
+            spool.store(vec![message(n, 500)]).await.unwrap();
+        }
+        let mut updated = message(1, 500).record;
+        updated.deliveries.truncate(1);
+        let failed = spool
+            .store_and_apply(
+                vec![message(10, 500), message(11, 500)],
+                vec![
+                    Change::Update(Box::new(updated.clone())),
+                    Change::Remove(id(2)),
+                    Change::Remove(id(99)),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, id(99));
+        store_report_with(&spool, 12, vec![Change::Remove(id(0))]).await;
+        assert!(segment_files(dir.path()).len() > 1, "rotated");
+        drop(spool);
+
+        let spool = open(dir.path(), &opts);
+        assert_eq!(
+            ids(&spool.list().await.unwrap()),
+            vec![id(1), id(10), id(11), id(12)]
+        );
+        let listed = spool.list().await.unwrap();
+        assert_eq!(listed[0], updated);
+        for n in [1, 10, 11, 12] {
+            assert_eq!(spool.read_body(&id(n)).await.unwrap(), message(n, 500).body);
+        }
+    }
+
     #[tokio::test]
     async fn a_checksum_mismatch_at_the_tail_drops_only_that_entry() {
         let dir = tempfile::tempdir().unwrap();
