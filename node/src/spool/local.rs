@@ -244,6 +244,46 @@ fn push_frame(buf: &mut Vec<u8>, entry: &JournalEntry, key: &Key) -> Result<u64,
     Ok(FRAME_HEADER + payload_len as u64)
 }
 
+/// The frames of one journal write, built before the state is locked:
+/// new messages first, then changes to stored ones.
+#[derive(Default)]
+struct Frames {
+    buf: Vec<u8>,
+    /// Each new message's record, its frame's offset in `buf` and length,
+    /// and its body's length.
+    messages: Vec<(MessageRecord, u64, u64, u64)>,
+    /// Each change, its frame's offset in `buf` and length.
+    changes: Vec<(JournalEntry, u64, u64)>,
+}
+
+impl Frames {
+    fn push_message(&mut self, message: NewMessage, key: &Key) -> Result<(), SpoolError> {
+        let body_len = message.body.len() as u64;
+        let entry = JournalEntry::Message {
+            record: message.record,
+            body: message.body,
+        };
+        let offset = self.buf.len() as u64;
+        let len = push_frame(&mut self.buf, &entry, key)?;
+        let JournalEntry::Message { record, .. } = entry else {
+            unreachable!("built above")
+        };
+        self.messages.push((record, offset, len, body_len));
+        Ok(())
+    }
+
+    fn push_change(&mut self, change: Change, key: &Key) -> Result<(), SpoolError> {
+        let entry = match change {
+            Change::Update(record) => JournalEntry::Update { record: *record },
+            Change::Remove(id) => JournalEntry::Remove { id },
+        };
+        let offset = self.buf.len() as u64;
+        let len = push_frame(&mut self.buf, &entry, key)?;
+        self.changes.push((entry, offset, len));
+        Ok(())
+    }
+}
+
 /// Where one frame lies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Loc {
@@ -471,6 +511,45 @@ impl State {
                 .extend(live.segments.into_iter().filter(|&n| n != segment));
         }
         true
+    }
+
+    /// Writes `frames` at the end of the active segment (a new one if they
+    /// would overfill it) with one durable write, then indexes them.
+    fn write(&mut self, frames: Frames) -> Result<(), SpoolError> {
+        if frames.buf.is_empty() {
+            return Ok(());
+        }
+        let rotated = self.rotate_if_full(frames.buf.len() as u64)?;
+        let start = self.append(&frames.buf)?;
+        let segment = self.active;
+        let at = |offset: u64, len: u64| Loc {
+            segment,
+            offset: start + offset,
+            len,
+        };
+        for (record, offset, len, body_len) in frames.messages {
+            self.insert_message(record, at(offset, len), body_len);
+        }
+        let changed = !frames.changes.is_empty();
+        for (entry, offset, len) in frames.changes {
+            match entry {
+                JournalEntry::Update { record } => {
+                    self.update_record(record, at(offset, len));
+                }
+                JournalEntry::Remove { id } => {
+                    self.forget(&id, segment);
+                }
+                JournalEntry::Message { .. } => unreachable!("new messages are not changes"),
+            }
+        }
+        if rotated {
+            self.maintain();
+        } else if changed {
+            if let Err(err) = self.collect_garbage() {
+                tracing::warn!(error = %err, "deleting dead journal segments failed");
+            }
+        }
+        Ok(())
     }
 
     /// Writes `buf` at the end of the active segment and waits until it is
@@ -1143,70 +1222,40 @@ impl LocalSpool {
             .map_err(|e| SpoolError::Unavailable(format!("spool task failed: {e}")))?
     }
 
-    /// Appends entries about existing messages with one durable write,
-    /// then applies them in order. Entries about unknown messages fail
-    /// alone; a failed write fails them all.
-    async fn append_entries(
+    /// Stores `batch` and applies `changes` with one durable write. A
+    /// change to an unknown message fails alone (it is listed); a failed
+    /// write fails everything (`Err`).
+    async fn write(
         &self,
-        entries: Vec<(MessageId, JournalEntry)>,
-    ) -> Vec<(MessageId, SpoolError)> {
-        let ids: Vec<MessageId> = entries.iter().map(|(id, _)| id.clone()).collect();
-        let result = self
-            .blocking(move |inner| {
-                let mut state = inner.state()?;
-                let mut failed = Vec::new();
-                let mut buf = Vec::new();
-                let mut placed = Vec::new();
-                for (id, entry) in entries {
-                    if !state.messages.contains_key(&id) {
-                        failed.push((id.clone(), SpoolError::NotFound(id)));
-                        continue;
-                    }
-                    let offset = buf.len() as u64;
-                    let len = push_frame(&mut buf, &entry, &state.key)?;
-                    placed.push((entry, offset, len));
+        batch: Vec<NewMessage>,
+        changes: Vec<Change>,
+    ) -> Result<Vec<(MessageId, SpoolError)>, SpoolError> {
+        self.blocking(move |inner| {
+            // New messages are encoded before the state is locked, so that
+            // concurrent stores overlap.
+            let mut frames = Frames::default();
+            for message in batch {
+                frames.push_message(message, &inner.key)?;
+            }
+            let mut state = inner.state()?;
+            let mut failed = Vec::new();
+            for change in changes {
+                let id = change.id().clone();
+                if !state.messages.contains_key(&id) {
+                    failed.push((id.clone(), SpoolError::NotFound(id)));
+                    continue;
                 }
-                if placed.is_empty() {
-                    return Ok(failed);
-                }
-                let rotated = state.rotate_if_full(buf.len() as u64)?;
-                let start = state.append(&buf)?;
-                let segment = state.active;
-                for (entry, offset, len) in placed {
-                    let at = Loc {
-                        segment,
-                        offset: start + offset,
-                        len,
-                    };
-                    match entry {
-                        JournalEntry::Update { record } => {
-                            state.update_record(record, at);
-                        }
-                        JournalEntry::Remove { id } => {
-                            state.forget(&id, segment);
-                        }
-                        JournalEntry::Message { .. } => {
-                            unreachable!("new messages go through store")
-                        }
-                    }
-                }
-                if rotated {
-                    state.maintain();
-                } else if let Err(err) = state.collect_garbage() {
-                    tracing::warn!(error = %err, "deleting dead journal segments failed");
-                }
-                Ok(failed)
-            })
-            .await;
-        match result {
-            Ok(failed) => failed,
-            Err(error) => ids.into_iter().map(|id| (id, error.clone())).collect(),
-        }
+                frames.push_change(change, &inner.key)?;
+            }
+            state.write(frames)?;
+            Ok(failed)
+        })
+        .await
     }
 
-    /// Appends one entry about an existing message, then applies it.
-    async fn append_entry(&self, id: MessageId, entry: JournalEntry) -> Result<(), SpoolError> {
-        match self.append_entries(vec![(id, entry)]).await.pop() {
+    /// Applies one change to an existing message.
+    async fn change(&self, change: Change) -> Result<(), SpoolError> {
+        match self.write(Vec::new(), vec![change]).await?.pop() {
             Some((_, error)) => Err(error),
             None => Ok(()),
         }
@@ -1216,68 +1265,24 @@ impl LocalSpool {
 #[async_trait]
 impl Spool for LocalSpool {
     async fn store(&self, batch: Vec<NewMessage>) -> Result<(), SpoolError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.blocking(move |inner| {
-            // Encode before taking the lock so concurrent stores overlap.
-            let mut buf = Vec::new();
-            let mut placed = Vec::with_capacity(batch.len());
-            for message in batch {
-                let body_len = message.body.len() as u64;
-                let entry = JournalEntry::Message {
-                    record: message.record,
-                    body: message.body,
-                };
-                let offset = buf.len() as u64;
-                let len = push_frame(&mut buf, &entry, &inner.key)?;
-                let JournalEntry::Message { record, .. } = entry else {
-                    unreachable!("built above")
-                };
-                placed.push((record, offset, len, body_len));
-            }
-            let mut state = inner.state()?;
-            let rotated = state.rotate_if_full(buf.len() as u64)?;
-            let start = state.append(&buf)?;
-            let segment = state.active;
-            for (record, offset, len, body_len) in placed {
-                let at = Loc {
-                    segment,
-                    offset: start + offset,
-                    len,
-                };
-                state.insert_message(record, at, body_len);
-            }
-            if rotated {
-                state.maintain();
-            }
-            Ok(())
-        })
-        .await
+        self.write(batch, Vec::new()).await.map(|_| ())
     }
 
     async fn update(&self, record: MessageRecord) -> Result<(), SpoolError> {
-        let id = record.id.clone();
-        self.append_entry(id, JournalEntry::Update { record }).await
+        self.change(Change::Update(Box::new(record))).await
     }
 
     async fn remove(&self, id: &MessageId) -> Result<(), SpoolError> {
-        let entry = JournalEntry::Remove { id: id.clone() };
-        self.append_entry(id.clone(), entry).await
+        self.change(Change::Remove(id.clone())).await
     }
 
     /// Every change in one journal write: one fsync for the lot.
     async fn apply(&self, changes: Vec<Change>) -> Vec<(MessageId, SpoolError)> {
-        let entries = changes
-            .into_iter()
-            .map(|change| match change {
-                Change::Update(record) => {
-                    (record.id.clone(), JournalEntry::Update { record: *record })
-                }
-                Change::Remove(id) => (id.clone(), JournalEntry::Remove { id }),
-            })
-            .collect();
-        self.append_entries(entries).await
+        let ids: Vec<MessageId> = changes.iter().map(|c| c.id().clone()).collect();
+        match self.write(Vec::new(), changes).await {
+            Ok(failed) => failed,
+            Err(error) => ids.into_iter().map(|id| (id, error.clone())).collect(),
+        }
     }
 
     /// New messages and changes in one journal write: one fsync.
@@ -1286,72 +1291,7 @@ impl Spool for LocalSpool {
         batch: Vec<NewMessage>,
         changes: Vec<Change>,
     ) -> Result<Vec<(MessageId, SpoolError)>, SpoolError> {
-        if batch.is_empty() {
-            return Ok(self.apply(changes).await);
-        }
-        self.blocking(move |inner| {
-            let mut buf = Vec::new();
-            let mut stored = Vec::with_capacity(batch.len());
-            for message in batch {
-                let body_len = message.body.len() as u64;
-                let entry = JournalEntry::Message {
-                    record: message.record,
-                    body: message.body,
-                };
-                let offset = buf.len() as u64;
-                let len = push_frame(&mut buf, &entry, &inner.key)?;
-                let JournalEntry::Message { record, .. } = entry else {
-                    unreachable!("built above")
-                };
-                stored.push((record, offset, len, body_len));
-            }
-            let mut state = inner.state()?;
-            let mut failed = Vec::new();
-            let mut changed = Vec::new();
-            for change in changes {
-                let id = change.id().clone();
-                if !state.messages.contains_key(&id) {
-                    failed.push((id.clone(), SpoolError::NotFound(id)));
-                    continue;
-                }
-                let entry = match change {
-                    Change::Update(record) => JournalEntry::Update { record: *record },
-                    Change::Remove(id) => JournalEntry::Remove { id },
-                };
-                let offset = buf.len() as u64;
-                let len = push_frame(&mut buf, &entry, &inner.key)?;
-                changed.push((entry, offset, len));
-            }
-            let rotated = state.rotate_if_full(buf.len() as u64)?;
-            let start = state.append(&buf)?;
-            let segment = state.active;
-            let at = |offset: u64, len: u64| Loc {
-                segment,
-                offset: start + offset,
-                len,
-            };
-            for (record, offset, len, body_len) in stored {
-                state.insert_message(record, at(offset, len), body_len);
-            }
-            for (entry, offset, len) in changed {
-                match entry {
-                    JournalEntry::Update { record } => {
-                        state.update_record(record, at(offset, len));
-                    }
-                    JournalEntry::Remove { id } => {
-                        state.forget(&id, segment);
-                    }
-                    JournalEntry::Message { .. } => unreachable!("built above"),
-                }
-            }
-            if rotated {
-                state.maintain();
-            } else if let Err(err) = state.collect_garbage() {
-                tracing::warn!(error = %err, "deleting dead journal segments failed");
-            }
-            Ok(failed)
-        })
-        .await
+        self.write(batch, changes).await
     }
 
     async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {
