@@ -13,7 +13,10 @@
 //! where the payload is a versioned [`envelope::encode`] of a [`JournalEntry`]:
 //! a new message with its body, a new record for a message, or a removal.
 //! A batch of new messages is written with one `write` and made durable with
-//! one `fdatasync` (group commit). The key is random, made when the spool is
+//! one `fdatasync` (group commit). New messages written with changes to
+//! others (`store_and_apply`: delivery reports with the records they are
+//! about) are preceded by a group entry giving their length, so that a
+//! write torn by a crash is cut off whole, never kept in part. The key is random, made when the spool is
 //! created and written into every segment's header; mixing it into the
 //! checksum means bytes inside a message body can never pass for a frame,
 //! which is what makes it safe to look for the next frame after damage.
@@ -179,6 +182,11 @@ enum JournalEntry {
     Update { record: MessageRecord },
     /// The message is gone.
     Remove { id: MessageId },
+    /// The frames in the next `len` bytes were written together (new
+    /// messages with the changes that called for them, such as a delivery
+    /// report and the record of the failure it reports): a write torn by
+    /// a crash is cut off whole, so that replay keeps all of them or none.
+    Group { len: u64 },
 }
 
 /// Serialises a body as one byte string rather than a sequence of `u8`s.
@@ -519,8 +527,19 @@ impl State {
         if frames.buf.is_empty() {
             return Ok(());
         }
-        let rotated = self.rotate_if_full(frames.buf.len() as u64)?;
-        let start = self.append(&frames.buf)?;
+        let mut buf = frames.buf;
+        let mut shift = 0;
+        if !frames.messages.is_empty() && !frames.changes.is_empty() {
+            let mut grouped = Vec::with_capacity(buf.len() + 32);
+            let group = JournalEntry::Group {
+                len: buf.len() as u64,
+            };
+            shift = push_frame(&mut grouped, &group, &self.key)?;
+            grouped.extend_from_slice(&buf);
+            buf = grouped;
+        }
+        let rotated = self.rotate_if_full(buf.len() as u64)?;
+        let start = self.append(&buf)? + shift;
         let segment = self.active;
         let at = |offset: u64, len: u64| Loc {
             segment,
@@ -539,7 +558,9 @@ impl State {
                 JournalEntry::Remove { id } => {
                     self.forget(&id, segment);
                 }
-                JournalEntry::Message { .. } => unreachable!("new messages are not changes"),
+                JournalEntry::Message { .. } | JournalEntry::Group { .. } => {
+                    unreachable!("built as changes")
+                }
             }
         }
         if rotated {
@@ -724,12 +745,19 @@ impl State {
         let mut pos = checksum.start();
         reader.seek(SeekFrom::Start(pos)).map_err(read_error)?;
         let mut len = file_len;
+        // Damage inside a group, found (and dealt with) when the group
+        // started: where it is and what was done about it.
+        let mut known: Option<(u64, Recovery)> = None;
         while pos < file_len {
             let payload = match read_frame(&mut reader, file_len - pos, checksum) {
                 Ok(payload) => payload,
                 Err(FrameError::Io(e)) => return Err(read_error(e)),
                 Err(FrameError::Bad(reason)) => {
-                    match self.recover(number, &file, pos, file_len, last, &reason)? {
+                    let recovery = match known.take() {
+                        Some((at, recovery)) if at == pos => recovery,
+                        _ => self.recover(number, &file, pos, file_len, last, &reason)?,
+                    };
+                    match recovery {
                         Recovery::Resync(next) => {
                             pos = next;
                             reader.seek(SeekFrom::Start(pos)).map_err(read_error)?;
@@ -767,6 +795,30 @@ impl State {
                 }
                 JournalEntry::Remove { id } => {
                     self.forget(&id, number);
+                }
+                JournalEntry::Group { len: group_len } => {
+                    let first = pos + loc.len;
+                    let damage = group_damage(&file, first, first + group_len, file_len, checksum)
+                        .map_err(read_error)?;
+                    if let Some(bad) = damage {
+                        let reason = "a write of entries that belong together is incomplete";
+                        match self.recover(number, &file, bad, file_len, last, reason)? {
+                            Recovery::Truncated => {
+                                // Torn by a crash: none of it was acknowledged.
+                                tracing::warn!(segment = %path.display(), offset = pos,
+                                    "cutting off the whole of a torn journal write");
+                                file.set_len(pos)
+                                    .and_then(|()| file.sync_all())
+                                    .map_err(|e| {
+                                        io_error(format_args!("truncating {}", path.display()), e)
+                                    })?;
+                                len = pos;
+                                break;
+                            }
+                            // Damage to written entries: those before it are kept.
+                            recovery => known = Some((bad, recovery)),
+                        }
+                    }
                 }
             }
             pos += loc.len;
@@ -887,6 +939,26 @@ impl State {
         sync_dir(&self.dir)?;
         Ok(path)
     }
+}
+
+/// Where the frames from `from` to `to` stop being valid, if they do
+/// before `to`; a frame reaching past `to` ends the check.
+fn group_damage(
+    file: &File,
+    from: u64,
+    to: u64,
+    end: u64,
+    checksum: Checksum,
+) -> io::Result<Option<u64>> {
+    let mut at = from;
+    while at < to {
+        if !valid_frame_at(file, at, end, checksum)? {
+            return Ok(Some(at));
+        }
+        let len = frame_len_at(file, at, end)?.expect("a valid frame has a length");
+        at += FRAME_HEADER + len;
+    }
+    Ok(None)
 }
 
 /// What [`State::recover`] did.
@@ -1554,6 +1626,63 @@ mod tests {
         for n in [1, 10, 11, 12] {
             assert_eq!(spool.read_body(&id(n)).await.unwrap(), message(n, 500).body);
         }
+    }
+
+    #[tokio::test]
+    async fn a_torn_write_of_a_report_with_its_change_keeps_neither() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(1 << 20);
+        for cut in [3u64, 40, 600] {
+            let spool = open(dir.path(), &opts);
+            spool.store(vec![message(0, 500)]).await.unwrap();
+            let segment = segment_files(dir.path()).pop().unwrap();
+            let before = fs::metadata(&segment).unwrap().len();
+            store_report_with(&spool, 10, vec![Change::Remove(id(0))]).await;
+            drop(spool);
+
+            // A crash while the write was under way kept only its start.
+            let len = fs::metadata(&segment).unwrap().len();
+            let file = OpenOptions::new().write(true).open(&segment).unwrap();
+            file.set_len(len - cut).unwrap();
+            drop(file);
+
+            // The record change is lost, so the report must be too: else
+            // the recipient is tried again and reported a second time.
+            let spool = open(dir.path(), &opts);
+            assert_eq!(ids(&spool.list().await.unwrap()), vec![id(0)], "cut {cut}");
+            assert_eq!(fs::metadata(&segment).unwrap().len(), before, "cut {cut}");
+            spool.store(vec![message(1, 500)]).await.unwrap();
+            drop(spool);
+            let spool = open(dir.path(), &opts);
+            assert_holds(&spool, &[0, 1]).await;
+            spool.remove(&id(0)).await.unwrap();
+            spool.remove(&id(1)).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn damage_inside_a_write_of_a_report_with_its_change_costs_only_the_entry_hit() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(1 << 20);
+        let spool = open(dir.path(), &opts);
+        spool.store(vec![message(0, 500)]).await.unwrap();
+        let segment = segment_files(dir.path()).pop().unwrap();
+        let before = fs::metadata(&segment).unwrap().len();
+        let mut updated = message(0, 500).record;
+        updated.deliveries.truncate(1);
+        store_report_with(&spool, 10, vec![Change::Update(Box::new(updated.clone()))]).await;
+        spool.store(vec![message(1, 500)]).await.unwrap();
+        drop(spool);
+
+        // A bad byte in the report's body, acknowledged mail after it.
+        let file = OpenOptions::new().write(true).open(&segment).unwrap();
+        file.write_all_at(b"#", before + 300).unwrap();
+        drop(file);
+
+        let spool = open(dir.path(), &opts);
+        assert_holds(&spool, &[0, 1]).await;
+        assert_eq!(spool.list().await.unwrap()[0], updated);
+        assert_eq!(spool.quarantined(10).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
