@@ -1628,7 +1628,7 @@ mod tests {
 
     use super::*;
     use crate::delivery::RcptResult;
-    use crate::schedule::suite::{self, outcome, policy, Fixture};
+    use crate::schedule::suite::{self, complete, outcome, policy, Fixture};
     use crate::spool::suite::message;
     use crate::spool::Spool;
     use smarthost_testkit::redis::RedisServer;
@@ -1909,32 +1909,14 @@ mod tests {
         assert_eq!(trips(), 2, "take of 20: the script, then the records");
         let t0 = jobs[0].0.received_ms;
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
-        s.complete(
-            &jobs[0].0.id,
-            "example.org",
-            &deferred,
-            t0,
-            &policy(),
-            0.0,
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        complete(&*s, &jobs[0].0.id, "example.org", &deferred, t0)
+            .await
+            .unwrap();
         assert_eq!(trips(), 2, "complete: the record, then the domain");
         let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
-        s.complete(
-            &jobs[1].0.id,
-            "example.org",
-            &delivered,
-            t0,
-            &policy(),
-            0.0,
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        complete(&*s, &jobs[1].0.id, "example.org", &delivered, t0)
+            .await
+            .unwrap();
         assert_eq!(trips(), 2, "complete with its index entry");
         s.release(&jobs[2].0.id, "example.org").await.unwrap();
         assert_eq!(trips(), 1, "release");
@@ -2171,18 +2153,9 @@ mod tests {
             .unwrap();
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
         let later = kept.record.received_ms;
-        s.complete(
-            &job.id,
-            "kept.example",
-            &deferred,
-            later,
-            &policy(),
-            0.0,
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        complete(&*s, &job.id, "kept.example", &deferred, later)
+            .await
+            .unwrap();
         // The rest expire (the kept message is younger than its lifetime).
         let policy = policy();
         let now = later + policy.max_lifetime.as_millis() as u64 - 1;
