@@ -1427,7 +1427,6 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "queue_outcome_tests.rs"]
 mod outcome_tests;
 
 #[cfg(test)]
