@@ -195,6 +195,24 @@ async fn take_and_report(queue: &Addr<Queue>, n: u64, domain: &str, result: Rcpt
         .unwrap();
 }
 
+/// Starts `queue` with settings under which nothing expires and queues
+/// message 0; returns the queue and that message's domains.
+async fn start_with_message(queue: Queue) -> (Addr<Queue>, Vec<String>) {
+    let queue = queue.with_settings(long_lived()).start();
+    queue.send(Enqueue(message(0, 100))).await.unwrap().unwrap();
+    (queue, domains_of(0))
+}
+
+/// [`take_and_report`] for message 0, in the background.
+fn report_in_background(
+    queue: &Addr<Queue>,
+    domain: &str,
+    result: RcptResult,
+) -> tokio::task::JoinHandle<()> {
+    let (queue, domain) = (queue.clone(), domain.to_string());
+    actix::spawn(async move { take_and_report(&queue, 0, &domain, result).await })
+}
+
 fn domains_of(n: u64) -> Vec<String> {
     message(n, 10)
         .record
@@ -231,12 +249,8 @@ async fn two_completions_of_one_message_in_one_write_are_both_answered() {
         inner: MemorySchedule::default(),
         delay: Duration::from_millis(300),
     });
-    let queue = Queue::new(spool.clone())
-        .with_settings(long_lived())
-        .with_schedule(schedule, "local", DEFAULT_LEASE)
-        .start();
-    queue.send(Enqueue(message(0, 100))).await.unwrap().unwrap();
-    let domains = domains_of(0);
+    let queue = Queue::new(spool.clone()).with_schedule(schedule, "local", DEFAULT_LEASE);
+    let (queue, domains) = start_with_message(queue).await;
     assert_eq!(domains.len(), 2);
 
     let first = take_and_report(&queue, 0, &domains[0], RcptResult::Delivered);
@@ -257,22 +271,14 @@ async fn two_completions_of_one_message_in_one_write_are_both_answered() {
 async fn a_report_that_cannot_be_stored_keeps_the_outcome_open_until_it_can() {
     let dir = tempfile::tempdir().unwrap();
     let spool = FlakySpool::new(dir.path());
-    let queue = Queue::new(spool.clone())
-        .with_settings(long_lived())
-        .start();
-    queue.send(Enqueue(message(0, 100))).await.unwrap().unwrap();
-    let domains = domains_of(0);
+    let (queue, domains) = start_with_message(Queue::new(spool.clone())).await;
     // The other domain is done: the failure finishes the message.
     take_and_report(&queue, 0, &domains[1], RcptResult::Delivered).await;
 
     // New messages cannot be stored for a while: the report must wait,
     // and so must the record that says the delivery is over.
     spool.fail_new.store(true, Ordering::SeqCst);
-    let failing = {
-        let queue = queue.clone();
-        let domain = domains[0].clone();
-        actix::spawn(async move { take_and_report(&queue, 0, &domain, RcptResult::Failed).await })
-    };
+    let failing = report_in_background(&queue, &domains[0], RcptResult::Failed);
     actix::clock::sleep(Duration::from_millis(1500)).await;
     let listed = spool.list().await.unwrap();
     assert!(
@@ -295,19 +301,11 @@ async fn a_report_that_cannot_be_stored_keeps_the_outcome_open_until_it_can() {
 async fn a_report_and_the_record_it_is_about_are_written_together() {
     let dir = tempfile::tempdir().unwrap();
     let spool = FlakySpool::new(dir.path());
-    let queue = Queue::new(spool.clone())
-        .with_settings(long_lived())
-        .start();
-    queue.send(Enqueue(message(0, 100))).await.unwrap().unwrap();
-    let domains = domains_of(0);
+    let (queue, domains) = start_with_message(Queue::new(spool.clone())).await;
 
     // Record writes fail: what is on disk is what a crash now would leave.
     spool.fail_writes.store(true, Ordering::SeqCst);
-    {
-        let queue = queue.clone();
-        let domain = domains[0].clone();
-        actix::spawn(async move { take_and_report(&queue, 0, &domain, RcptResult::Failed).await });
-    }
+    report_in_background(&queue, &domains[0], RcptResult::Failed);
     let deadline = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < deadline {
         let listed = spool.list().await.unwrap();
