@@ -1827,17 +1827,24 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
-    async fn damage_in_an_older_segment_is_quarantined_and_the_rest_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = options(4096);
-        let spool = open(dir.path(), &opts);
+    /// Stores messages 0 to 5 of 1500 bytes one by one in segments of
+    /// `opts` (4096 bytes: several segments); returns the segment files.
+    async fn six_in_several_segments(dir: &Path, opts: &LocalSpoolOptions) -> Vec<PathBuf> {
+        let spool = open(dir, opts);
         for n in 0..6 {
             spool.store(vec![message(n, 1500)]).await.unwrap();
         }
         drop(spool);
-        let files = segment_files(dir.path());
+        let files = segment_files(dir);
         assert!(files.len() >= 3, "expected several segments, got {files:?}");
+        files
+    }
+
+    #[tokio::test]
+    async fn damage_in_an_older_segment_is_quarantined_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(4096);
+        let files = six_in_several_segments(dir.path(), &opts).await;
         let file = OpenOptions::new().write(true).open(&files[0]).unwrap();
         file.write_all_at(b"X", 100).unwrap();
         drop(file);
@@ -1965,13 +1972,7 @@ mod tests {
     async fn a_damaged_segment_header_is_read_with_the_spool_key() {
         let dir = tempfile::tempdir().unwrap();
         let opts = options(4096);
-        let spool = open(dir.path(), &opts);
-        for n in 0..6 {
-            spool.store(vec![message(n, 1500)]).await.unwrap();
-        }
-        drop(spool);
-        let files = segment_files(dir.path());
-        assert!(files.len() >= 3, "expected several segments, got {files:?}");
+        let files = six_in_several_segments(dir.path(), &opts).await;
         // The checksum of the key in the last segment's header.
         let file = OpenOptions::new()
             .write(true)
