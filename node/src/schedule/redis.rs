@@ -1834,10 +1834,8 @@ mod tests {
         // A's attempt did happen: deferred. Its outcome goes into the
         // record, but B's lease stays and nothing is filed for A.
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
-        let late = a
-            .complete(&id, "example.org", &deferred, t0, &policy(), 0.0, None)
+        let late = complete(&*a, &id, "example.org", &deferred, t0)
             .await
-            .unwrap()
             .expect("recorded");
         assert_eq!(late.attempt, 1);
         let counts = b.counts().await.unwrap();
@@ -1859,10 +1857,8 @@ mod tests {
         // B delivers (a duplicate, at-least-once): its outcome lands on top
         // of A's record, which B's stale copy did not have.
         let delivered = outcome(&[(0, RcptResult::Delivered)]);
-        let done = b
-            .complete(&id, "example.org", &delivered, t0, &policy(), 0.0, None)
+        let done = complete(&*b, &id, "example.org", &delivered, t0)
             .await
-            .unwrap()
             .expect("recorded");
         assert_eq!(done.attempt, 2, "applied to the record A wrote");
         assert_eq!(done.record.deliveries.len(), 1, "example.net is left");
@@ -1874,17 +1870,11 @@ mod tests {
             .await
             .unwrap();
         let net = outcome(&[(1, RcptResult::Delivered)]);
-        let done = b
-            .complete(&id, "example.net", &net, t0, &policy(), 0.0, None)
+        let done = complete(&*b, &id, "example.net", &net, t0)
             .await
-            .unwrap()
             .expect("done");
         assert!(done.message_done());
-        assert!(a
-            .complete(&id, "example.net", &net, t0, &policy(), 0.0, None)
-            .await
-            .unwrap()
-            .is_none());
+        assert!(complete(&*a, &id, "example.net", &net, t0).await.is_none());
         assert_eq!(b.counts().await.unwrap(), SchedulerCounts::default());
         // The body stays a while for a report, then Redis drops it.
         assert!(spool.read_body(&id).await.is_ok());
@@ -2135,9 +2125,8 @@ mod tests {
             .unwrap()
             .pop()
             .unwrap();
-        s.complete(&job.id, "d0.example", &done, t0, &policy(), 0.0, None)
+        complete(&*s, &job.id, "d0.example", &done, t0)
             .await
-            .unwrap()
             .unwrap();
         // One keeps a retry for later.
         let kept = message_to(9_999_999, "kept.example");
@@ -2232,9 +2221,7 @@ mod tests {
                             .unwrap();
                         for (record, _) in jobs {
                             let t0 = record.received_ms;
-                            b.complete(&record.id, domain, &delivered, t0, &policy(), 0.0, None)
-                                .await
-                                .unwrap();
+                            complete(&*b, &record.id, domain, &delivered, t0).await;
                         }
                     }
                 })
@@ -2273,9 +2260,7 @@ mod tests {
                 let delivered = outcome(&[(0, RcptResult::Delivered)]);
                 for (record, _) in jobs {
                     let t0 = record.received_ms;
-                    b.complete(&record.id, domain, &delivered, t0, &policy(), 0.0, None)
-                        .await
-                        .unwrap();
+                    complete(&*b, &record.id, domain, &delivered, t0).await;
                 }
             }
             let active: bool = redis::cmd("SISMEMBER")

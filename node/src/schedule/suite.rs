@@ -148,10 +148,8 @@ async fn a_deferred_delivery_comes_back_after_its_interval(f: Fixture) {
     insert(&f, &[0], t0).await;
     take(s, "example.org", 1).await;
     let deferred = outcome(&[(0, RcptResult::Deferred)]);
-    let c = s
-        .complete(&r.id, "example.org", &deferred, t0, &policy(), 0.0, None)
+    let c = complete(&*s, &r.id, "example.org", &deferred, t0)
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(c.attempt, 1);
     assert_eq!(c.next_attempt_ms, Some(t0 + SECOND));
