@@ -16,11 +16,13 @@ use crate::spool::suite::{id, message};
 use crate::spool::{LocalSpool, LocalSpoolOptions};
 
 /// A local spool that can be made to fail: `fail_new` fails every call
-/// that stores new messages, `fail_writes` every record write.
+/// that stores new messages, `fail_writes` every record write; and to be
+/// slow: `slow_bodies` makes every body read take a second.
 struct FlakySpool {
     inner: LocalSpool,
     fail_new: AtomicBool,
     fail_writes: AtomicBool,
+    slow_bodies: AtomicBool,
 }
 
 impl FlakySpool {
@@ -29,6 +31,7 @@ impl FlakySpool {
             inner: LocalSpool::open(dir, LocalSpoolOptions::default()).unwrap(),
             fail_new: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
+            slow_bodies: AtomicBool::new(false),
         })
     }
 
@@ -60,6 +63,9 @@ impl Spool for FlakySpool {
         self.inner.list().await
     }
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
+        if self.slow_bodies.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         self.inner.read_body(id).await
     }
     async fn apply(&self, changes: Vec<Change>) -> Vec<(MessageId, SpoolError)> {
@@ -328,6 +334,61 @@ async fn a_report_and_the_record_it_is_about_are_written_together() {
                 .any(|r| r.id == id(0) && r.deliveries.iter().all(|d| d.domain != domains[0]))
     })
     .await;
+}
+
+#[actix::test]
+async fn a_record_is_never_written_ahead_of_the_report_it_calls_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = FlakySpool::new(dir.path());
+    // No delay notices: a deferral calls for no report.
+    let mut settings = long_lived();
+    settings.retry.delay_notification = settings.retry.max_lifetime;
+    let queue = Queue::new(spool.clone()).with_settings(settings).start();
+    for n in 0..2 {
+        queue.send(Enqueue(message(n, 100))).await.unwrap().unwrap();
+    }
+    let domains = domains_of(0);
+    let other = domains_of(1)
+        .into_iter()
+        .find(|d| !domains.contains(d))
+        .expect("message 1 has a domain of its own");
+
+    // The report of a failure at the first domain takes a while to build.
+    spool.slow_bodies.store(true, Ordering::SeqCst);
+    let failing = report_in_background(&queue, &domains[0], RcptResult::Failed);
+    actix::clock::sleep(Duration::from_millis(200)).await;
+    // Meanwhile the message's other domain and another message complete,
+    // and their records are written.
+    let deferred = report_in_background(&queue, &domains[1], RcptResult::Deferred);
+    let elsewhere = {
+        let queue = queue.clone();
+        actix::spawn(async move { take_and_report(&queue, 1, &other, RcptResult::Deferred).await })
+    };
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        let listed = spool.list().await.unwrap();
+        let reported = listed.iter().any(is_report);
+        let closed = listed
+            .iter()
+            .any(|r| r.id == id(0) && r.deliveries.iter().all(|d| d.domain != domains[0]));
+        assert!(
+            reported || !closed,
+            "the failed delivery is gone from the spool while its report is not \
+             stored (a crash now would never report it): {listed:#?}"
+        );
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    let all = async { futures_util::join!(failing, deferred, elsewhere) };
+    let (failing, deferred, elsewhere) = tokio::time::timeout(Duration::from_secs(10), all)
+        .await
+        .expect("every report is answered");
+    (failing.unwrap(), deferred.unwrap(), elsewhere.unwrap());
+    let listed = spool.list().await.unwrap();
+    assert_eq!(
+        listed.iter().filter(|r| is_report(r)).count(),
+        1,
+        "{listed:#?}"
+    );
 }
 
 /// Records the domains the queue announces.
