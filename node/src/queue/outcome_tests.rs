@@ -382,7 +382,9 @@ async fn a_record_is_never_written_ahead_of_the_report_it_calls_for() {
     let (failing, deferred, elsewhere) = tokio::time::timeout(Duration::from_secs(10), all)
         .await
         .expect("every report is answered");
-    (failing.unwrap(), deferred.unwrap(), elsewhere.unwrap());
+    failing.unwrap();
+    deferred.unwrap();
+    elsewhere.unwrap();
     let listed = spool.list().await.unwrap();
     assert_eq!(
         listed.iter().filter(|r| is_report(r)).count(),

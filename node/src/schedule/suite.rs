@@ -148,7 +148,7 @@ async fn a_deferred_delivery_comes_back_after_its_interval(f: Fixture) {
     insert(&f, &[0], t0).await;
     take(s, "example.org", 1).await;
     let deferred = outcome(&[(0, RcptResult::Deferred)]);
-    let c = complete(&*s, &r.id, "example.org", &deferred, t0)
+    let c = complete(s, &r.id, "example.org", &deferred, t0)
         .await
         .unwrap();
     assert_eq!(c.attempt, 1);
