@@ -204,8 +204,11 @@ struct RecordWriter {
     dirty: BTreeSet<MessageId>,
     /// Who waits for each message's write, since when.
     waiters: HashMap<MessageId, Vec<(Instant, oneshot::Sender<()>)>>,
-    /// Messages whose body a report still needs: not removed until unpinned.
-    pins: HashMap<MessageId, usize>,
+    /// Messages a report being built still needs: not written until
+    /// unpinned (their body must stay, and their record must not go to
+    /// the spool before the report). Shared with the write under way,
+    /// which looks at them when it reads the records.
+    pins: Pins,
     /// Delivery reports that go into the spool in the same write as the
     /// record of the message they are about: the outcome is not final
     /// until its report is durable, and a crash cannot keep one without
@@ -225,6 +228,35 @@ const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// before it is answered anyway (the writer keeps trying): a delivery
 /// actor must not hold its connection slot for as long as a disk is full.
 const WRITE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How many reports being built need each message.
+#[derive(Clone, Debug, Default)]
+struct Pins(Arc<std::sync::Mutex<HashMap<MessageId, usize>>>);
+
+impl Pins {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MessageId, usize>> {
+        // Never held across an await; a panic elsewhere leaves plain data.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pin(&self, id: &MessageId) {
+        *self.lock().entry(id.clone()).or_default() += 1;
+    }
+
+    fn unpin(&self, id: &MessageId) {
+        let mut pins = self.lock();
+        if let Some(count) = pins.get_mut(id) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(id);
+            }
+        }
+    }
+
+    fn contains(&self, id: &MessageId) -> bool {
+        self.lock().contains_key(id)
+    }
+}
 
 type Waiter = oneshot::Sender<Result<(), SpoolError>>;
 
@@ -706,7 +738,7 @@ impl Queue {
         let (done, is_done) = oneshot::channel();
         let addr = ctx.address();
         if bounce::needs_report(&completion) {
-            *self.writer.pins.entry(id.clone()).or_default() += 1;
+            self.writer.pins.pin(&id);
             let spool = self.spool.clone();
             let settings = self.settings.reports.clone();
             ctx.spawn(
@@ -749,17 +781,13 @@ impl Queue {
             .writer
             .dirty
             .iter()
-            .all(|id| self.writer.pins.contains_key(id))
+            .all(|id| self.writer.pins.contains(id))
         {
             // Unpinning asks again.
             return;
         }
         let ids: Vec<MessageId> = std::mem::take(&mut self.writer.dirty).into_iter().collect();
-        let pinned: BTreeSet<MessageId> = ids
-            .iter()
-            .filter(|id| self.writer.pins.contains_key(*id))
-            .cloned()
-            .collect();
+        let pins = self.writer.pins.clone();
         let mut reports: HashMap<MessageId, Vec<NewMessage>> = ids
             .iter()
             .filter_map(|id| Some((id.clone(), self.writer.reports.remove(id)?)))
@@ -781,16 +809,19 @@ impl Queue {
             let mut changes = Vec::new();
             let mut with_reports = Vec::new();
             for (id, record) in ids.into_iter().zip(records) {
+                // A report about this message is being built: its record
+                // (read just now, in the same step) may already say the
+                // delivery is over, and its body is still needed. Written
+                // later, with the report.
+                if pins.contains(&id) {
+                    if let Some(kept) = reports.remove(&id) {
+                        outcome.reports.insert(id.clone(), kept);
+                    }
+                    outcome.later.push(id);
+                    continue;
+                }
                 match record {
                     Some(record) => changes.push(Change::Update(Box::new((*record).clone()))),
-                    // Still needed by a report being built: remove it later.
-                    None if pinned.contains(&id) => {
-                        if let Some(kept) = reports.remove(&id) {
-                            outcome.reports.insert(id.clone(), kept);
-                        }
-                        outcome.later.push(id);
-                        continue;
-                    }
                     None => changes.push(Change::Remove(id.clone())),
                 }
                 if let Some(built) = reports.remove(&id) {
@@ -843,7 +874,7 @@ struct WriteOutcome {
     written: Vec<MessageId>,
     /// Messages whose write failed; their reports are in `reports`.
     failed: Vec<(MessageId, SpoolError)>,
-    /// Finished messages a report still needs: written later.
+    /// Messages a report being built still needs: written later.
     later: Vec<MessageId>,
     /// Reports not written, to go with the next write of their message.
     reports: HashMap<MessageId, Vec<NewMessage>>,
@@ -1176,12 +1207,7 @@ impl Handler<Reported> for Queue {
 
     /// Unpins the message and marks it, with its reports, for the writer.
     fn handle(&mut self, msg: Reported, ctx: &mut Context<Self>) {
-        if let Some(count) = self.writer.pins.get_mut(&msg.id) {
-            *count -= 1;
-            if *count == 0 {
-                self.writer.pins.remove(&msg.id);
-            }
-        }
+        self.writer.pins.unpin(&msg.id);
         if !msg.reports.is_empty() {
             self.writer
                 .reports
@@ -1427,7 +1453,6 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "queue_outcome_tests.rs"]
 mod outcome_tests;
 
 #[cfg(test)]

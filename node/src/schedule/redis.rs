@@ -1628,7 +1628,7 @@ mod tests {
 
     use super::*;
     use crate::delivery::RcptResult;
-    use crate::schedule::suite::{self, outcome, policy, Fixture};
+    use crate::schedule::suite::{self, complete, outcome, policy, Fixture};
     use crate::spool::suite::message;
     use crate::spool::Spool;
     use smarthost_testkit::redis::RedisServer;
@@ -1834,10 +1834,8 @@ mod tests {
         // A's attempt did happen: deferred. Its outcome goes into the
         // record, but B's lease stays and nothing is filed for A.
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
-        let late = a
-            .complete(&id, "example.org", &deferred, t0, &policy(), 0.0, None)
+        let late = complete(&*a, &id, "example.org", &deferred, t0)
             .await
-            .unwrap()
             .expect("recorded");
         assert_eq!(late.attempt, 1);
         let counts = b.counts().await.unwrap();
@@ -1859,10 +1857,8 @@ mod tests {
         // B delivers (a duplicate, at-least-once): its outcome lands on top
         // of A's record, which B's stale copy did not have.
         let delivered = outcome(&[(0, RcptResult::Delivered)]);
-        let done = b
-            .complete(&id, "example.org", &delivered, t0, &policy(), 0.0, None)
+        let done = complete(&*b, &id, "example.org", &delivered, t0)
             .await
-            .unwrap()
             .expect("recorded");
         assert_eq!(done.attempt, 2, "applied to the record A wrote");
         assert_eq!(done.record.deliveries.len(), 1, "example.net is left");
@@ -1874,17 +1870,11 @@ mod tests {
             .await
             .unwrap();
         let net = outcome(&[(1, RcptResult::Delivered)]);
-        let done = b
-            .complete(&id, "example.net", &net, t0, &policy(), 0.0, None)
+        let done = complete(&*b, &id, "example.net", &net, t0)
             .await
-            .unwrap()
             .expect("done");
         assert!(done.message_done());
-        assert!(a
-            .complete(&id, "example.net", &net, t0, &policy(), 0.0, None)
-            .await
-            .unwrap()
-            .is_none());
+        assert!(complete(&*a, &id, "example.net", &net, t0).await.is_none());
         assert_eq!(b.counts().await.unwrap(), SchedulerCounts::default());
         // The body stays a while for a report, then Redis drops it.
         assert!(spool.read_body(&id).await.is_ok());
@@ -1909,32 +1899,14 @@ mod tests {
         assert_eq!(trips(), 2, "take of 20: the script, then the records");
         let t0 = jobs[0].0.received_ms;
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
-        s.complete(
-            &jobs[0].0.id,
-            "example.org",
-            &deferred,
-            t0,
-            &policy(),
-            0.0,
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        complete(&*s, &jobs[0].0.id, "example.org", &deferred, t0)
+            .await
+            .unwrap();
         assert_eq!(trips(), 2, "complete: the record, then the domain");
         let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
-        s.complete(
-            &jobs[1].0.id,
-            "example.org",
-            &delivered,
-            t0,
-            &policy(),
-            0.0,
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        complete(&*s, &jobs[1].0.id, "example.org", &delivered, t0)
+            .await
+            .unwrap();
         assert_eq!(trips(), 2, "complete with its index entry");
         s.release(&jobs[2].0.id, "example.org").await.unwrap();
         assert_eq!(trips(), 1, "release");
@@ -2153,9 +2125,8 @@ mod tests {
             .unwrap()
             .pop()
             .unwrap();
-        s.complete(&job.id, "d0.example", &done, t0, &policy(), 0.0, None)
+        complete(&*s, &job.id, "d0.example", &done, t0)
             .await
-            .unwrap()
             .unwrap();
         // One keeps a retry for later.
         let kept = message_to(9_999_999, "kept.example");
@@ -2171,18 +2142,9 @@ mod tests {
             .unwrap();
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
         let later = kept.record.received_ms;
-        s.complete(
-            &job.id,
-            "kept.example",
-            &deferred,
-            later,
-            &policy(),
-            0.0,
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        complete(&*s, &job.id, "kept.example", &deferred, later)
+            .await
+            .unwrap();
         // The rest expire (the kept message is younger than its lifetime).
         let policy = policy();
         let now = later + policy.max_lifetime.as_millis() as u64 - 1;
@@ -2259,9 +2221,7 @@ mod tests {
                             .unwrap();
                         for (record, _) in jobs {
                             let t0 = record.received_ms;
-                            b.complete(&record.id, domain, &delivered, t0, &policy(), 0.0, None)
-                                .await
-                                .unwrap();
+                            complete(&*b, &record.id, domain, &delivered, t0).await;
                         }
                     }
                 })
@@ -2300,9 +2260,7 @@ mod tests {
                 let delivered = outcome(&[(0, RcptResult::Delivered)]);
                 for (record, _) in jobs {
                     let t0 = record.received_ms;
-                    b.complete(&record.id, domain, &delivered, t0, &policy(), 0.0, None)
-                        .await
-                        .unwrap();
+                    complete(&*b, &record.id, domain, &delivered, t0).await;
                 }
             }
             let active: bool = redis::cmd("SISMEMBER")

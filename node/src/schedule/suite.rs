@@ -8,11 +8,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smarthost_proto::envelope::{DeliveryState, MessageRecord};
+use smarthost_proto::envelope::{DeliveryState, MessageId, MessageRecord};
 
 use super::Schedule;
 use crate::delivery::{MessageOutcome, RcptOutcome, RcptResult};
-use crate::scheduler::RetryPolicy;
+use crate::scheduler::{Completion, RetryPolicy};
 use crate::spool::suite::message;
 use crate::spool::Spool;
 
@@ -66,6 +66,20 @@ pub async fn insert(f: &Fixture, numbers: &[u64], now_ms: u64) -> Vec<String> {
     }
     let records = numbers.iter().map(|&n| record(n)).collect();
     f.schedule.insert(records, now_ms).await.expect("insert")
+}
+
+/// Records `outcome` for a delivery in flight, with the test policy, no
+/// jitter and no report hook.
+pub async fn complete(
+    s: &dyn Schedule,
+    id: &MessageId,
+    domain: &str,
+    outcome: &MessageOutcome,
+    now_ms: u64,
+) -> Option<Completion> {
+    s.complete(id, domain, outcome, now_ms, &policy(), 0.0, None)
+        .await
+        .expect("complete")
 }
 
 async fn take(s: &dyn Schedule, domain: &str, max: usize) -> Vec<super::Job> {
@@ -134,10 +148,8 @@ async fn a_deferred_delivery_comes_back_after_its_interval(f: Fixture) {
     insert(&f, &[0], t0).await;
     take(s, "example.org", 1).await;
     let deferred = outcome(&[(0, RcptResult::Deferred)]);
-    let c = s
-        .complete(&r.id, "example.org", &deferred, t0, &policy(), 0.0, None)
+    let c = complete(s, &r.id, "example.org", &deferred, t0)
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(c.attempt, 1);
     assert_eq!(c.next_attempt_ms, Some(t0 + SECOND));
@@ -154,18 +166,8 @@ async fn a_deferred_delivery_comes_back_after_its_interval(f: Fixture) {
     assert_eq!(s.promote(t0 + SECOND).await.unwrap(), ["example.org"]);
     let (again, _) = take(s, "example.org", 1).await.pop().unwrap();
     assert_eq!(again.deliveries[0].attempts, 1);
-    let c = s
-        .complete(
-            &r.id,
-            "example.org",
-            &deferred,
-            t0 + SECOND,
-            &policy(),
-            0.0,
-            None,
-        )
+    let c = complete(s, &r.id, "example.org", &deferred, t0 + SECOND)
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(c.attempt, 2);
     assert_eq!(c.next_attempt_ms, Some(t0 + 3 * SECOND));
@@ -178,34 +180,26 @@ async fn the_message_is_done_when_every_delivery_is(f: Fixture) {
     insert(&f, &[0], t0).await;
     take(s, "example.org", 1).await;
     take(s, "example.net", 1).await;
-    let c = s
-        .complete(
-            &r.id,
-            "example.org",
-            &outcome(&[(0, RcptResult::Delivered)]),
-            t0,
-            &policy(),
-            0.0,
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let c = complete(
+        s,
+        &r.id,
+        "example.org",
+        &outcome(&[(0, RcptResult::Delivered)]),
+        t0,
+    )
+    .await
+    .unwrap();
     assert!(!c.message_done());
     assert_eq!(c.record.deliveries.len(), 1);
-    let c = s
-        .complete(
-            &r.id,
-            "example.net",
-            &outcome(&[(1, RcptResult::Failed)]),
-            t0,
-            &policy(),
-            0.0,
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let c = complete(
+        s,
+        &r.id,
+        "example.net",
+        &outcome(&[(1, RcptResult::Failed)]),
+        t0,
+    )
+    .await
+    .unwrap();
     assert!(c.message_done());
     assert_eq!(c.failed().map(|n| n.recipient).collect::<Vec<_>>(), [1]);
     let counts = s.counts().await.unwrap();
@@ -222,17 +216,14 @@ async fn expiry_reaches_due_deferred_and_suspended_work_but_not_work_in_flight(f
     // a: in flight to example.org; b: deferred; c: suspended domain.
     take(s, "example.org", 1).await;
     take(s, "example.net", 3).await;
-    s.complete(
+    complete(
+        s,
         &b.id,
         "example.net",
         &outcome(&[(0, RcptResult::Deferred)]),
         t0 + 10,
-        &policy(),
-        0.0,
-        None,
     )
-    .await
-    .unwrap();
+    .await;
     s.suspend("example.com").await.unwrap();
     let expired = s
         .expire(t0 + 60 * SECOND + 10, &policy(), None)
@@ -375,17 +366,14 @@ pub async fn two_sweeps_at_once_report_each_delivery_once(
         .unwrap();
     for (record, _) in &taken {
         let deferred = outcome(&[(0, RcptResult::Deferred), (1, RcptResult::Deferred)]);
-        a.complete(
+        complete(
+            &*a,
             &record.id,
             "example.org",
             &deferred,
             record.received_ms,
-            &policy(),
-            0.0,
-            None,
         )
-        .await
-        .unwrap();
+        .await;
     }
     let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
     let hook = |reports: Arc<Mutex<Vec<(MessageId, String)>>>| -> ReportHook {

@@ -13,7 +13,10 @@
 //! where the payload is a versioned [`envelope::encode`] of a [`JournalEntry`]:
 //! a new message with its body, a new record for a message, or a removal.
 //! A batch of new messages is written with one `write` and made durable with
-//! one `fdatasync` (group commit). The key is random, made when the spool is
+//! one `fdatasync` (group commit). New messages written with changes to
+//! others (`store_and_apply`: delivery reports with the records they are
+//! about) are preceded by a group entry giving their length, so that a
+//! write torn by a crash is cut off whole, never kept in part. The key is random, made when the spool is
 //! created and written into every segment's header; mixing it into the
 //! checksum means bytes inside a message body can never pass for a frame,
 //! which is what makes it safe to look for the next frame after damage.
@@ -179,6 +182,11 @@ enum JournalEntry {
     Update { record: MessageRecord },
     /// The message is gone.
     Remove { id: MessageId },
+    /// The frames in the next `len` bytes were written together (new
+    /// messages with the changes that called for them, such as a delivery
+    /// report and the record of the failure it reports): a write torn by
+    /// a crash is cut off whole, so that replay keeps all of them or none.
+    Group { len: u64 },
 }
 
 /// Serialises a body as one byte string rather than a sequence of `u8`s.
@@ -242,6 +250,46 @@ fn push_frame(buf: &mut Vec<u8>, entry: &JournalEntry, key: &Key) -> Result<u64,
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
     buf[start + 4..payload_start].copy_from_slice(&crc.to_le_bytes());
     Ok(FRAME_HEADER + payload_len as u64)
+}
+
+/// The frames of one journal write, built before the state is locked:
+/// new messages first, then changes to stored ones.
+#[derive(Default)]
+struct Frames {
+    buf: Vec<u8>,
+    /// Each new message's record, its frame's offset in `buf` and length,
+    /// and its body's length.
+    messages: Vec<(MessageRecord, u64, u64, u64)>,
+    /// Each change, its frame's offset in `buf` and length.
+    changes: Vec<(JournalEntry, u64, u64)>,
+}
+
+impl Frames {
+    fn push_message(&mut self, message: NewMessage, key: &Key) -> Result<(), SpoolError> {
+        let body_len = message.body.len() as u64;
+        let entry = JournalEntry::Message {
+            record: message.record,
+            body: message.body,
+        };
+        let offset = self.buf.len() as u64;
+        let len = push_frame(&mut self.buf, &entry, key)?;
+        let JournalEntry::Message { record, .. } = entry else {
+            unreachable!("built above")
+        };
+        self.messages.push((record, offset, len, body_len));
+        Ok(())
+    }
+
+    fn push_change(&mut self, change: Change, key: &Key) -> Result<(), SpoolError> {
+        let entry = match change {
+            Change::Update(record) => JournalEntry::Update { record: *record },
+            Change::Remove(id) => JournalEntry::Remove { id },
+        };
+        let offset = self.buf.len() as u64;
+        let len = push_frame(&mut self.buf, &entry, key)?;
+        self.changes.push((entry, offset, len));
+        Ok(())
+    }
 }
 
 /// Where one frame lies.
@@ -473,6 +521,58 @@ impl State {
         true
     }
 
+    /// Writes `frames` at the end of the active segment (a new one if they
+    /// would overfill it) with one durable write, then indexes them.
+    fn write(&mut self, frames: Frames) -> Result<(), SpoolError> {
+        if frames.buf.is_empty() {
+            return Ok(());
+        }
+        let mut buf = frames.buf;
+        let mut shift = 0;
+        if !frames.messages.is_empty() && !frames.changes.is_empty() {
+            let mut grouped = Vec::with_capacity(buf.len() + 32);
+            let group = JournalEntry::Group {
+                len: buf.len() as u64,
+            };
+            shift = push_frame(&mut grouped, &group, &self.key)?;
+            grouped.extend_from_slice(&buf);
+            buf = grouped;
+        }
+        let rotated = self.rotate_if_full(buf.len() as u64)?;
+        let start = self.append(&buf)? + shift;
+        let segment = self.active;
+        let at = |offset: u64, len: u64| Loc {
+            segment,
+            offset: start + offset,
+            len,
+        };
+        for (record, offset, len, body_len) in frames.messages {
+            self.insert_message(record, at(offset, len), body_len);
+        }
+        let changed = !frames.changes.is_empty();
+        for (entry, offset, len) in frames.changes {
+            match entry {
+                JournalEntry::Update { record } => {
+                    self.update_record(record, at(offset, len));
+                }
+                JournalEntry::Remove { id } => {
+                    self.forget(&id, segment);
+                }
+                JournalEntry::Message { .. } | JournalEntry::Group { .. } => {
+                    unreachable!("built as changes")
+                }
+            }
+        }
+        if rotated {
+            self.maintain();
+        } else if changed {
+            if let Err(err) = self.collect_garbage() {
+                tracing::warn!(error = %err, "deleting dead journal segments failed");
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `buf` at the end of the active segment and waits until it is
     /// durable. Returns the offset it was written at. On failure the
     /// segment is cut back to where it ended.
@@ -645,12 +745,19 @@ impl State {
         let mut pos = checksum.start();
         reader.seek(SeekFrom::Start(pos)).map_err(read_error)?;
         let mut len = file_len;
+        // Damage inside a group, found (and dealt with) when the group
+        // started: where it is and what was done about it.
+        let mut known: Option<(u64, Recovery)> = None;
         while pos < file_len {
             let payload = match read_frame(&mut reader, file_len - pos, checksum) {
                 Ok(payload) => payload,
                 Err(FrameError::Io(e)) => return Err(read_error(e)),
                 Err(FrameError::Bad(reason)) => {
-                    match self.recover(number, &file, pos, file_len, last, &reason)? {
+                    let recovery = match known.take() {
+                        Some((at, recovery)) if at == pos => recovery,
+                        _ => self.recover(number, &file, pos, file_len, last, &reason)?,
+                    };
+                    match recovery {
                         Recovery::Resync(next) => {
                             pos = next;
                             reader.seek(SeekFrom::Start(pos)).map_err(read_error)?;
@@ -688,6 +795,30 @@ impl State {
                 }
                 JournalEntry::Remove { id } => {
                     self.forget(&id, number);
+                }
+                JournalEntry::Group { len: group_len } => {
+                    let first = pos + loc.len;
+                    let damage = group_damage(&file, first, first + group_len, file_len, checksum)
+                        .map_err(read_error)?;
+                    if let Some(bad) = damage {
+                        let reason = "a write of entries that belong together is incomplete";
+                        match self.recover(number, &file, bad, file_len, last, reason)? {
+                            Recovery::Truncated => {
+                                // Torn by a crash: none of it was acknowledged.
+                                tracing::warn!(segment = %path.display(), offset = pos,
+                                    "cutting off the whole of a torn journal write");
+                                file.set_len(pos)
+                                    .and_then(|()| file.sync_all())
+                                    .map_err(|e| {
+                                        io_error(format_args!("truncating {}", path.display()), e)
+                                    })?;
+                                len = pos;
+                                break;
+                            }
+                            // Damage to written entries: those before it are kept.
+                            recovery => known = Some((bad, recovery)),
+                        }
+                    }
                 }
             }
             pos += loc.len;
@@ -808,6 +939,26 @@ impl State {
         sync_dir(&self.dir)?;
         Ok(path)
     }
+}
+
+/// Where the frames from `from` to `to` stop being valid, if they do
+/// before `to`; a frame reaching past `to` ends the check.
+fn group_damage(
+    file: &File,
+    from: u64,
+    to: u64,
+    end: u64,
+    checksum: Checksum,
+) -> io::Result<Option<u64>> {
+    let mut at = from;
+    while at < to {
+        if !valid_frame_at(file, at, end, checksum)? {
+            return Ok(Some(at));
+        }
+        let len = frame_len_at(file, at, end)?.expect("a valid frame has a length");
+        at += FRAME_HEADER + len;
+    }
+    Ok(None)
 }
 
 /// What [`State::recover`] did.
@@ -1143,70 +1294,40 @@ impl LocalSpool {
             .map_err(|e| SpoolError::Unavailable(format!("spool task failed: {e}")))?
     }
 
-    /// Appends entries about existing messages with one durable write,
-    /// then applies them in order. Entries about unknown messages fail
-    /// alone; a failed write fails them all.
-    async fn append_entries(
+    /// Stores `batch` and applies `changes` with one durable write. A
+    /// change to an unknown message fails alone (it is listed); a failed
+    /// write fails everything (`Err`).
+    async fn write(
         &self,
-        entries: Vec<(MessageId, JournalEntry)>,
-    ) -> Vec<(MessageId, SpoolError)> {
-        let ids: Vec<MessageId> = entries.iter().map(|(id, _)| id.clone()).collect();
-        let result = self
-            .blocking(move |inner| {
-                let mut state = inner.state()?;
-                let mut failed = Vec::new();
-                let mut buf = Vec::new();
-                let mut placed = Vec::new();
-                for (id, entry) in entries {
-                    if !state.messages.contains_key(&id) {
-                        failed.push((id.clone(), SpoolError::NotFound(id)));
-                        continue;
-                    }
-                    let offset = buf.len() as u64;
-                    let len = push_frame(&mut buf, &entry, &state.key)?;
-                    placed.push((entry, offset, len));
+        batch: Vec<NewMessage>,
+        changes: Vec<Change>,
+    ) -> Result<Vec<(MessageId, SpoolError)>, SpoolError> {
+        self.blocking(move |inner| {
+            // New messages are encoded before the state is locked, so that
+            // concurrent stores overlap.
+            let mut frames = Frames::default();
+            for message in batch {
+                frames.push_message(message, &inner.key)?;
+            }
+            let mut state = inner.state()?;
+            let mut failed = Vec::new();
+            for change in changes {
+                let id = change.id().clone();
+                if !state.messages.contains_key(&id) {
+                    failed.push((id.clone(), SpoolError::NotFound(id)));
+                    continue;
                 }
-                if placed.is_empty() {
-                    return Ok(failed);
-                }
-                let rotated = state.rotate_if_full(buf.len() as u64)?;
-                let start = state.append(&buf)?;
-                let segment = state.active;
-                for (entry, offset, len) in placed {
-                    let at = Loc {
-                        segment,
-                        offset: start + offset,
-                        len,
-                    };
-                    match entry {
-                        JournalEntry::Update { record } => {
-                            state.update_record(record, at);
-                        }
-                        JournalEntry::Remove { id } => {
-                            state.forget(&id, segment);
-                        }
-                        JournalEntry::Message { .. } => {
-                            unreachable!("new messages go through store")
-                        }
-                    }
-                }
-                if rotated {
-                    state.maintain();
-                } else if let Err(err) = state.collect_garbage() {
-                    tracing::warn!(error = %err, "deleting dead journal segments failed");
-                }
-                Ok(failed)
-            })
-            .await;
-        match result {
-            Ok(failed) => failed,
-            Err(error) => ids.into_iter().map(|id| (id, error.clone())).collect(),
-        }
+                frames.push_change(change, &inner.key)?;
+            }
+            state.write(frames)?;
+            Ok(failed)
+        })
+        .await
     }
 
-    /// Appends one entry about an existing message, then applies it.
-    async fn append_entry(&self, id: MessageId, entry: JournalEntry) -> Result<(), SpoolError> {
-        match self.append_entries(vec![(id, entry)]).await.pop() {
+    /// Applies one change to an existing message.
+    async fn change(&self, change: Change) -> Result<(), SpoolError> {
+        match self.write(Vec::new(), vec![change]).await?.pop() {
             Some((_, error)) => Err(error),
             None => Ok(()),
         }
@@ -1216,68 +1337,24 @@ impl LocalSpool {
 #[async_trait]
 impl Spool for LocalSpool {
     async fn store(&self, batch: Vec<NewMessage>) -> Result<(), SpoolError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.blocking(move |inner| {
-            // Encode before taking the lock so concurrent stores overlap.
-            let mut buf = Vec::new();
-            let mut placed = Vec::with_capacity(batch.len());
-            for message in batch {
-                let body_len = message.body.len() as u64;
-                let entry = JournalEntry::Message {
-                    record: message.record,
-                    body: message.body,
-                };
-                let offset = buf.len() as u64;
-                let len = push_frame(&mut buf, &entry, &inner.key)?;
-                let JournalEntry::Message { record, .. } = entry else {
-                    unreachable!("built above")
-                };
-                placed.push((record, offset, len, body_len));
-            }
-            let mut state = inner.state()?;
-            let rotated = state.rotate_if_full(buf.len() as u64)?;
-            let start = state.append(&buf)?;
-            let segment = state.active;
-            for (record, offset, len, body_len) in placed {
-                let at = Loc {
-                    segment,
-                    offset: start + offset,
-                    len,
-                };
-                state.insert_message(record, at, body_len);
-            }
-            if rotated {
-                state.maintain();
-            }
-            Ok(())
-        })
-        .await
+        self.write(batch, Vec::new()).await.map(|_| ())
     }
 
     async fn update(&self, record: MessageRecord) -> Result<(), SpoolError> {
-        let id = record.id.clone();
-        self.append_entry(id, JournalEntry::Update { record }).await
+        self.change(Change::Update(Box::new(record))).await
     }
 
     async fn remove(&self, id: &MessageId) -> Result<(), SpoolError> {
-        let entry = JournalEntry::Remove { id: id.clone() };
-        self.append_entry(id.clone(), entry).await
+        self.change(Change::Remove(id.clone())).await
     }
 
     /// Every change in one journal write: one fsync for the lot.
     async fn apply(&self, changes: Vec<Change>) -> Vec<(MessageId, SpoolError)> {
-        let entries = changes
-            .into_iter()
-            .map(|change| match change {
-                Change::Update(record) => {
-                    (record.id.clone(), JournalEntry::Update { record: *record })
-                }
-                Change::Remove(id) => (id.clone(), JournalEntry::Remove { id }),
-            })
-            .collect();
-        self.append_entries(entries).await
+        let ids: Vec<MessageId> = changes.iter().map(|c| c.id().clone()).collect();
+        match self.write(Vec::new(), changes).await {
+            Ok(failed) => failed,
+            Err(error) => ids.into_iter().map(|id| (id, error.clone())).collect(),
+        }
     }
 
     /// New messages and changes in one journal write: one fsync.
@@ -1286,72 +1363,7 @@ impl Spool for LocalSpool {
         batch: Vec<NewMessage>,
         changes: Vec<Change>,
     ) -> Result<Vec<(MessageId, SpoolError)>, SpoolError> {
-        if batch.is_empty() {
-            return Ok(self.apply(changes).await);
-        }
-        self.blocking(move |inner| {
-            let mut buf = Vec::new();
-            let mut stored = Vec::with_capacity(batch.len());
-            for message in batch {
-                let body_len = message.body.len() as u64;
-                let entry = JournalEntry::Message {
-                    record: message.record,
-                    body: message.body,
-                };
-                let offset = buf.len() as u64;
-                let len = push_frame(&mut buf, &entry, &inner.key)?;
-                let JournalEntry::Message { record, .. } = entry else {
-                    unreachable!("built above")
-                };
-                stored.push((record, offset, len, body_len));
-            }
-            let mut state = inner.state()?;
-            let mut failed = Vec::new();
-            let mut changed = Vec::new();
-            for change in changes {
-                let id = change.id().clone();
-                if !state.messages.contains_key(&id) {
-                    failed.push((id.clone(), SpoolError::NotFound(id)));
-                    continue;
-                }
-                let entry = match change {
-                    Change::Update(record) => JournalEntry::Update { record: *record },
-                    Change::Remove(id) => JournalEntry::Remove { id },
-                };
-                let offset = buf.len() as u64;
-                let len = push_frame(&mut buf, &entry, &inner.key)?;
-                changed.push((entry, offset, len));
-            }
-            let rotated = state.rotate_if_full(buf.len() as u64)?;
-            let start = state.append(&buf)?;
-            let segment = state.active;
-            let at = |offset: u64, len: u64| Loc {
-                segment,
-                offset: start + offset,
-                len,
-            };
-            for (record, offset, len, body_len) in stored {
-                state.insert_message(record, at(offset, len), body_len);
-            }
-            for (entry, offset, len) in changed {
-                match entry {
-                    JournalEntry::Update { record } => {
-                        state.update_record(record, at(offset, len));
-                    }
-                    JournalEntry::Remove { id } => {
-                        state.forget(&id, segment);
-                    }
-                    JournalEntry::Message { .. } => unreachable!("built above"),
-                }
-            }
-            if rotated {
-                state.maintain();
-            } else if let Err(err) = state.collect_garbage() {
-                tracing::warn!(error = %err, "deleting dead journal segments failed");
-            }
-            Ok(failed)
-        })
-        .await
+        self.write(batch, changes).await
     }
 
     async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {
@@ -1566,6 +1578,113 @@ mod tests {
         assert_eq!(spool.read_body(&id(4)).await.unwrap(), message(4, 500).body);
     }
 
+    /// A report (new message) stored with changes to other messages, as
+    /// the Queue writes them.
+    async fn store_report_with(spool: &LocalSpool, report: u64, changes: Vec<Change>) {
+        let failed = spool
+            .store_and_apply(vec![message(report, 500)], changes)
+            .await
+            .unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
+
+    #[tokio::test]
+    async fn new_messages_written_with_changes_replay_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small segments: the combined writes start new ones.
+        let opts = options(1500);
+        let spool = open(dir.path(), &opts);
+        for n in 0..3 {
+            spool.store(vec![message(n, 500)]).await.unwrap();
+        }
+        let mut updated = message(1, 500).record;
+        updated.deliveries.truncate(1);
+        let failed = spool
+            .store_and_apply(
+                vec![message(10, 500), message(11, 500)],
+                vec![
+                    Change::Update(Box::new(updated.clone())),
+                    Change::Remove(id(2)),
+                    Change::Remove(id(99)),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, id(99));
+        store_report_with(&spool, 12, vec![Change::Remove(id(0))]).await;
+        assert!(segment_files(dir.path()).len() > 1, "rotated");
+        drop(spool);
+
+        let spool = open(dir.path(), &opts);
+        assert_eq!(
+            ids(&spool.list().await.unwrap()),
+            vec![id(1), id(10), id(11), id(12)]
+        );
+        let listed = spool.list().await.unwrap();
+        assert_eq!(listed[0], updated);
+        for n in [1, 10, 11, 12] {
+            assert_eq!(spool.read_body(&id(n)).await.unwrap(), message(n, 500).body);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_torn_write_of_a_report_with_its_change_keeps_neither() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(1 << 20);
+        for cut in [3u64, 40, 600] {
+            let spool = open(dir.path(), &opts);
+            spool.store(vec![message(0, 500)]).await.unwrap();
+            let segment = segment_files(dir.path()).pop().unwrap();
+            let before = fs::metadata(&segment).unwrap().len();
+            store_report_with(&spool, 10, vec![Change::Remove(id(0))]).await;
+            drop(spool);
+
+            // A crash while the write was under way kept only its start.
+            let len = fs::metadata(&segment).unwrap().len();
+            let file = OpenOptions::new().write(true).open(&segment).unwrap();
+            file.set_len(len - cut).unwrap();
+            drop(file);
+
+            // The record change is lost, so the report must be too: else
+            // the recipient is tried again and reported a second time.
+            let spool = open(dir.path(), &opts);
+            assert_eq!(ids(&spool.list().await.unwrap()), vec![id(0)], "cut {cut}");
+            assert_eq!(fs::metadata(&segment).unwrap().len(), before, "cut {cut}");
+            spool.store(vec![message(1, 500)]).await.unwrap();
+            drop(spool);
+            let spool = open(dir.path(), &opts);
+            assert_holds(&spool, &[0, 1]).await;
+            spool.remove(&id(0)).await.unwrap();
+            spool.remove(&id(1)).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn damage_inside_a_write_of_a_report_with_its_change_costs_only_the_entry_hit() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(1 << 20);
+        let spool = open(dir.path(), &opts);
+        spool.store(vec![message(0, 500)]).await.unwrap();
+        let segment = segment_files(dir.path()).pop().unwrap();
+        let before = fs::metadata(&segment).unwrap().len();
+        let mut updated = message(0, 500).record;
+        updated.deliveries.truncate(1);
+        store_report_with(&spool, 10, vec![Change::Update(Box::new(updated.clone()))]).await;
+        spool.store(vec![message(1, 500)]).await.unwrap();
+        drop(spool);
+
+        // A bad byte in the report's body, acknowledged mail after it.
+        let file = OpenOptions::new().write(true).open(&segment).unwrap();
+        file.write_all_at(b"#", before + 300).unwrap();
+        drop(file);
+
+        let spool = open(dir.path(), &opts);
+        assert_holds(&spool, &[0, 1]).await;
+        assert_eq!(spool.list().await.unwrap()[0], updated);
+        assert_eq!(spool.quarantined(10).await.unwrap().len(), 1);
+    }
+
     #[tokio::test]
     async fn a_checksum_mismatch_at_the_tail_drops_only_that_entry() {
         let dir = tempfile::tempdir().unwrap();
@@ -1708,17 +1827,24 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
-    async fn damage_in_an_older_segment_is_quarantined_and_the_rest_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = options(4096);
-        let spool = open(dir.path(), &opts);
+    /// Stores messages 0 to 5 of 1500 bytes one by one in segments of
+    /// `opts` (4096 bytes: several segments); returns the segment files.
+    async fn six_in_several_segments(dir: &Path, opts: &LocalSpoolOptions) -> Vec<PathBuf> {
+        let spool = open(dir, opts);
         for n in 0..6 {
             spool.store(vec![message(n, 1500)]).await.unwrap();
         }
         drop(spool);
-        let files = segment_files(dir.path());
+        let files = segment_files(dir);
         assert!(files.len() >= 3, "expected several segments, got {files:?}");
+        files
+    }
+
+    #[tokio::test]
+    async fn damage_in_an_older_segment_is_quarantined_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(4096);
+        let files = six_in_several_segments(dir.path(), &opts).await;
         let file = OpenOptions::new().write(true).open(&files[0]).unwrap();
         file.write_all_at(b"X", 100).unwrap();
         drop(file);
@@ -1846,13 +1972,7 @@ mod tests {
     async fn a_damaged_segment_header_is_read_with_the_spool_key() {
         let dir = tempfile::tempdir().unwrap();
         let opts = options(4096);
-        let spool = open(dir.path(), &opts);
-        for n in 0..6 {
-            spool.store(vec![message(n, 1500)]).await.unwrap();
-        }
-        drop(spool);
-        let files = segment_files(dir.path());
-        assert!(files.len() >= 3, "expected several segments, got {files:?}");
+        let files = six_in_several_segments(dir.path(), &opts).await;
         // The checksum of the key in the last segment's header.
         let file = OpenOptions::new()
             .write(true)

@@ -16,11 +16,13 @@ use crate::spool::suite::{id, message};
 use crate::spool::{LocalSpool, LocalSpoolOptions};
 
 /// A local spool that can be made to fail: `fail_new` fails every call
-/// that stores new messages, `fail_writes` every record write.
+/// that stores new messages, `fail_writes` every record write; and to be
+/// slow: `slow_bodies` makes every body read take a second.
 struct FlakySpool {
     inner: LocalSpool,
     fail_new: AtomicBool,
     fail_writes: AtomicBool,
+    slow_bodies: AtomicBool,
 }
 
 impl FlakySpool {
@@ -29,6 +31,7 @@ impl FlakySpool {
             inner: LocalSpool::open(dir, LocalSpoolOptions::default()).unwrap(),
             fail_new: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
+            slow_bodies: AtomicBool::new(false),
         })
     }
 
@@ -60,6 +63,9 @@ impl Spool for FlakySpool {
         self.inner.list().await
     }
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
+        if self.slow_bodies.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         self.inner.read_body(id).await
     }
     async fn apply(&self, changes: Vec<Change>) -> Vec<(MessageId, SpoolError)> {
@@ -195,6 +201,24 @@ async fn take_and_report(queue: &Addr<Queue>, n: u64, domain: &str, result: Rcpt
         .unwrap();
 }
 
+/// Starts `queue` with settings under which nothing expires and queues
+/// message 0; returns the queue and that message's domains.
+async fn start_with_message(queue: Queue) -> (Addr<Queue>, Vec<String>) {
+    let queue = queue.with_settings(long_lived()).start();
+    queue.send(Enqueue(message(0, 100))).await.unwrap().unwrap();
+    (queue, domains_of(0))
+}
+
+/// [`take_and_report`] for message 0, in the background.
+fn report_in_background(
+    queue: &Addr<Queue>,
+    domain: &str,
+    result: RcptResult,
+) -> tokio::task::JoinHandle<()> {
+    let (queue, domain) = (queue.clone(), domain.to_string());
+    actix::spawn(async move { take_and_report(&queue, 0, &domain, result).await })
+}
+
 fn domains_of(n: u64) -> Vec<String> {
     message(n, 10)
         .record
@@ -231,12 +255,8 @@ async fn two_completions_of_one_message_in_one_write_are_both_answered() {
         inner: MemorySchedule::default(),
         delay: Duration::from_millis(300),
     });
-    let queue = Queue::new(spool.clone())
-        .with_settings(long_lived())
-        .with_schedule(schedule, "local", DEFAULT_LEASE)
-        .start();
-    queue.send(Enqueue(message(0, 100))).await.unwrap().unwrap();
-    let domains = domains_of(0);
+    let queue = Queue::new(spool.clone()).with_schedule(schedule, "local", DEFAULT_LEASE);
+    let (queue, domains) = start_with_message(queue).await;
     assert_eq!(domains.len(), 2);
 
     let first = take_and_report(&queue, 0, &domains[0], RcptResult::Delivered);
@@ -257,22 +277,14 @@ async fn two_completions_of_one_message_in_one_write_are_both_answered() {
 async fn a_report_that_cannot_be_stored_keeps_the_outcome_open_until_it_can() {
     let dir = tempfile::tempdir().unwrap();
     let spool = FlakySpool::new(dir.path());
-    let queue = Queue::new(spool.clone())
-        .with_settings(long_lived())
-        .start();
-    queue.send(Enqueue(message(0, 100))).await.unwrap().unwrap();
-    let domains = domains_of(0);
+    let (queue, domains) = start_with_message(Queue::new(spool.clone())).await;
     // The other domain is done: the failure finishes the message.
     take_and_report(&queue, 0, &domains[1], RcptResult::Delivered).await;
 
     // New messages cannot be stored for a while: the report must wait,
     // and so must the record that says the delivery is over.
     spool.fail_new.store(true, Ordering::SeqCst);
-    let failing = {
-        let queue = queue.clone();
-        let domain = domains[0].clone();
-        actix::spawn(async move { take_and_report(&queue, 0, &domain, RcptResult::Failed).await })
-    };
+    let failing = report_in_background(&queue, &domains[0], RcptResult::Failed);
     actix::clock::sleep(Duration::from_millis(1500)).await;
     let listed = spool.list().await.unwrap();
     assert!(
@@ -295,19 +307,11 @@ async fn a_report_that_cannot_be_stored_keeps_the_outcome_open_until_it_can() {
 async fn a_report_and_the_record_it_is_about_are_written_together() {
     let dir = tempfile::tempdir().unwrap();
     let spool = FlakySpool::new(dir.path());
-    let queue = Queue::new(spool.clone())
-        .with_settings(long_lived())
-        .start();
-    queue.send(Enqueue(message(0, 100))).await.unwrap().unwrap();
-    let domains = domains_of(0);
+    let (queue, domains) = start_with_message(Queue::new(spool.clone())).await;
 
     // Record writes fail: what is on disk is what a crash now would leave.
     spool.fail_writes.store(true, Ordering::SeqCst);
-    {
-        let queue = queue.clone();
-        let domain = domains[0].clone();
-        actix::spawn(async move { take_and_report(&queue, 0, &domain, RcptResult::Failed).await });
-    }
+    report_in_background(&queue, &domains[0], RcptResult::Failed);
     let deadline = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < deadline {
         let listed = spool.list().await.unwrap();
@@ -330,6 +334,63 @@ async fn a_report_and_the_record_it_is_about_are_written_together() {
                 .any(|r| r.id == id(0) && r.deliveries.iter().all(|d| d.domain != domains[0]))
     })
     .await;
+}
+
+#[actix::test]
+async fn a_record_is_never_written_ahead_of_the_report_it_calls_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = FlakySpool::new(dir.path());
+    // No delay notices: a deferral calls for no report.
+    let mut settings = long_lived();
+    settings.retry.delay_notification = settings.retry.max_lifetime;
+    let queue = Queue::new(spool.clone()).with_settings(settings).start();
+    for n in 0..2 {
+        queue.send(Enqueue(message(n, 100))).await.unwrap().unwrap();
+    }
+    let domains = domains_of(0);
+    let other = domains_of(1)
+        .into_iter()
+        .find(|d| !domains.contains(d))
+        .expect("message 1 has a domain of its own");
+
+    // The report of a failure at the first domain takes a while to build.
+    spool.slow_bodies.store(true, Ordering::SeqCst);
+    let failing = report_in_background(&queue, &domains[0], RcptResult::Failed);
+    actix::clock::sleep(Duration::from_millis(200)).await;
+    // Meanwhile the message's other domain and another message complete,
+    // and their records are written.
+    let deferred = report_in_background(&queue, &domains[1], RcptResult::Deferred);
+    let elsewhere = {
+        let queue = queue.clone();
+        actix::spawn(async move { take_and_report(&queue, 1, &other, RcptResult::Deferred).await })
+    };
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        let listed = spool.list().await.unwrap();
+        let reported = listed.iter().any(is_report);
+        let closed = listed
+            .iter()
+            .any(|r| r.id == id(0) && r.deliveries.iter().all(|d| d.domain != domains[0]));
+        assert!(
+            reported || !closed,
+            "the failed delivery is gone from the spool while its report is not \
+             stored (a crash now would never report it): {listed:#?}"
+        );
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    let all = async { futures_util::join!(failing, deferred, elsewhere) };
+    let (failing, deferred, elsewhere) = tokio::time::timeout(Duration::from_secs(10), all)
+        .await
+        .expect("every report is answered");
+    failing.unwrap();
+    deferred.unwrap();
+    elsewhere.unwrap();
+    let listed = spool.list().await.unwrap();
+    assert_eq!(
+        listed.iter().filter(|r| is_report(r)).count(),
+        1,
+        "{listed:#?}"
+    );
 }
 
 /// Records the domains the queue announces.
