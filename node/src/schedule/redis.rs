@@ -737,12 +737,18 @@ impl RedisSchedule {
             None => (String::new(), None),
         };
         let mut races = 0;
+        // The record is gone: the message is done (a completion whose domain
+        // step failed, or another node's), so its index entry goes too.
+        let mut gone = false;
         let completion = loop {
             let bytes = match expected.take() {
                 Some(bytes) => bytes,
                 None => match self.fetch(std::slice::from_ref(id)).await?.pop().flatten() {
                     Some(bytes) => bytes,
-                    None => break None,
+                    None => {
+                        gone = true;
+                        break None;
+                    }
                 },
             };
             let Some(record) = self.decode_or_quarantine(id, &bytes).await? else {
@@ -769,7 +775,10 @@ impl RedisSchedule {
             let reply = self.run("complete: record", &pipe).await?;
             match Self::parse_record_write(reply.into_iter().next().unwrap_or(Value::Nil))? {
                 RecordWrite::Written => break Some(completion),
-                RecordWrite::Gone => break None,
+                RecordWrite::Gone => {
+                    gone = true;
+                    break None;
+                }
                 RecordWrite::Changed(current) => {
                     races += 1;
                     if races == MAX_RECORD_RACES {
@@ -786,7 +795,7 @@ impl RedisSchedule {
         // domain sets" in the module doc).
         let next = completion.as_ref().and_then(|c| c.next_attempt_ms);
         let mut step = vec![self.file_cmd(id, domain, &holder, next)];
-        if completion.as_ref().is_some_and(Completion::message_done) {
+        if gone || completion.as_ref().is_some_and(Completion::message_done) {
             let mut zrem = redis::cmd("ZREM");
             zrem.arg(INDEX_KEY).arg(id.as_str());
             step.push(zrem);
@@ -825,6 +834,7 @@ impl RedisSchedule {
         let mut found = Vec::new();
         let (mut offset, mut scanned) = (0usize, 0usize);
         while found.len() < EXPIRY_BATCH && scanned < EXPIRY_SCAN {
+            let orphan_cutoff = spool_redis::dangling_cutoff(self.timeout);
             let mut pipe = redis::pipe();
             pipe.cmd("ZRANGEBYSCORE")
                 .arg(INDEX_KEY)
@@ -862,7 +872,7 @@ impl RedisSchedule {
                     None => removed += 1,
                 }
             }
-            let orphans = spool_redis::dangling(missing.into_iter());
+            let orphans = spool_redis::dangling(orphan_cutoff, missing.into_iter());
             if !orphans.is_empty() {
                 let mut pipe = redis::pipe();
                 pipe.cmd("ZREM")
@@ -2449,4 +2459,5 @@ mod tests {
         };
         assert_eq!(jobs.len(), 1, "message 0's example.org delivery");
     }
+
 }
