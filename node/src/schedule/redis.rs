@@ -737,12 +737,18 @@ impl RedisSchedule {
             None => (String::new(), None),
         };
         let mut races = 0;
+        // The record is gone: the message is done (a completion whose domain
+        // step failed, or another node's), so its index entry goes too.
+        let mut gone = false;
         let completion = loop {
             let bytes = match expected.take() {
                 Some(bytes) => bytes,
                 None => match self.fetch(std::slice::from_ref(id)).await?.pop().flatten() {
                     Some(bytes) => bytes,
-                    None => break None,
+                    None => {
+                        gone = true;
+                        break None;
+                    }
                 },
             };
             let Some(record) = self.decode_or_quarantine(id, &bytes).await? else {
@@ -769,7 +775,10 @@ impl RedisSchedule {
             let reply = self.run("complete: record", &pipe).await?;
             match Self::parse_record_write(reply.into_iter().next().unwrap_or(Value::Nil))? {
                 RecordWrite::Written => break Some(completion),
-                RecordWrite::Gone => break None,
+                RecordWrite::Gone => {
+                    gone = true;
+                    break None;
+                }
                 RecordWrite::Changed(current) => {
                     races += 1;
                     if races == MAX_RECORD_RACES {
@@ -786,14 +795,29 @@ impl RedisSchedule {
         // domain sets" in the module doc).
         let next = completion.as_ref().and_then(|c| c.next_attempt_ms);
         let mut step = vec![self.file_cmd(id, domain, &holder, next)];
-        if completion.as_ref().is_some_and(Completion::message_done) {
+        if gone || completion.as_ref().is_some_and(Completion::message_done) {
             let mut zrem = redis::cmd("ZREM");
             zrem.arg(INDEX_KEY).arg(id.as_str());
             step.push(zrem);
         }
         let timer = next.map(|n| (domain.to_string(), n));
         let after = Self::mark_cmds(&[], timer.as_slice());
-        let replies = self.ordered("complete: domain", vec![step, after]).await?;
+        let replies = match self.ordered("complete: domain", vec![step, after]).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                self.held().remove(&key);
+                let Some(completion) = completion else {
+                    return Err(error);
+                };
+                // The outcome is durable: answered as recorded, so that it
+                // is logged now; the retry of this attempt (once the lease
+                // runs out) finds the delivery finished, logs nothing and
+                // files it, which repairs the domain.
+                tracing::warn!(message_id = %id, %domain, %error,
+                    "the outcome is recorded, the domain is left for the lease to run out");
+                return Ok(Some(completion));
+            }
+        };
         self.held().remove(&key);
         let first = replies
             .into_iter()
@@ -825,6 +849,7 @@ impl RedisSchedule {
         let mut found = Vec::new();
         let (mut offset, mut scanned) = (0usize, 0usize);
         while found.len() < EXPIRY_BATCH && scanned < EXPIRY_SCAN {
+            let orphan_cutoff = spool_redis::dangling_cutoff(self.timeout);
             let mut pipe = redis::pipe();
             pipe.cmd("ZRANGEBYSCORE")
                 .arg(INDEX_KEY)
@@ -862,7 +887,7 @@ impl RedisSchedule {
                     None => removed += 1,
                 }
             }
-            let orphans = spool_redis::dangling(missing.into_iter());
+            let orphans = spool_redis::dangling(orphan_cutoff, missing.into_iter());
             if !orphans.is_empty() {
                 let mut pipe = redis::pipe();
                 pipe.cmd("ZREM")
@@ -2406,5 +2431,94 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(jobs.len(), 1, "message 0's example.org delivery");
+    }
+
+    /// An attempt whose record is written is in the delivery log even when
+    /// the domain step after the record write fails: the retry finds the
+    /// delivery finished and logs nothing, so the first call must.
+    #[actix::test]
+    async fn an_outcome_is_logged_once_its_record_is_written_though_the_domain_step_fails() {
+        use crate::delivery::MessageOutcome;
+        use crate::delivery_log::DeliveryLog;
+        use crate::queue::{DeliverySettings, Enqueue, Queue, Report, Take};
+        use actix::Actor;
+
+        let server = RedisServer::start();
+        let (spool, schedule) = node(&server).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("delivery.log");
+        let mut settings = DeliverySettings::default();
+        // The test messages were received in 2023.
+        settings.retry.max_lifetime = Duration::from_secs(100 * 365 * 86400);
+        settings.log = Some(DeliveryLog::open(&path).unwrap());
+        let queue = Queue::new(spool.clone())
+            .with_settings(settings)
+            .with_schedule(schedule, "node-a", Duration::from_secs(60))
+            .start();
+        let new = message(0, 100);
+        let id = new.record.id.clone();
+        let domain = new.record.deliveries[0].domain.clone();
+        queue.send(Enqueue(new)).await.unwrap().unwrap();
+        let jobs = queue
+            .send(Take {
+                domain: domain.clone(),
+                max: 10,
+            })
+            .await
+            .unwrap();
+        let (record, delivery) = jobs.into_iter().next().expect("the delivery is due");
+
+        // From here the server refuses every key but the message's: the
+        // record write passes, the domain step after it fails.
+        let mut conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg("resetkeys")
+            .arg("~smarthost:{m:*")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let outcome = MessageOutcome::all_of(
+            &record,
+            delivery,
+            RcptResult::Delivered,
+            "250 2.0.0 queued",
+            Duration::ZERO,
+        );
+        queue
+            .send(Report {
+                id: id.clone(),
+                domain: domain.clone(),
+                outcome,
+            })
+            .await
+            .unwrap();
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg("allkeys")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+
+        let stored = spool.list().await.unwrap();
+        assert!(
+            stored
+                .iter()
+                .all(|r| r.id != id || r.deliveries.iter().all(|d| d.domain != domain)),
+            "the outcome is recorded: {stored:#?}"
+        );
+        let log = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(id.as_str())).collect();
+        assert_eq!(
+            lines.len(),
+            record.deliveries[delivery].recipients.len(),
+            "one line per recipient of the attempt: {log}"
+        );
     }
 }

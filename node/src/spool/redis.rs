@@ -52,12 +52,23 @@
 //!
 //! [`Spool::list`] and [`Spool::list_page`] (and the schedule's expiry
 //! sweep) skip an index entry whose record is missing and delete it once
-//! the message's receive time is [`DANGLING_GRACE`] in the past: a
-//! younger entry may belong to a `store` whose message keys are still on
-//! their way. A `store` that failed was never acknowledged, so its client
-//! sends the message again; a `remove` that failed removed a message that
-//! was done anyway.
+//! the message's receive time is [`dangling_grace`] in the past (read
+//! before the records are): a younger entry may belong to a `store` whose
+//! message keys are still on their way. A `store` that failed was never
+//! acknowledged, so its client sends the message again; a `remove` that
+//! failed removed a message that was done anyway.
 //!
+//! The grace is [`STORE_TIMEOUTS`] response timeouts plus [`CLOCK_SKEW`]
+//! (60 s with the default 5 s timeout). An acknowledged cluster `store`
+//! got each reply within a response timeout of its request, and its batch
+//! waited behind at most the store in flight (index write, message writes,
+//! schedule insert) before it was sent: its `EXEC` ran within
+//! [`STORE_TIMEOUTS`] timeouts of the receive time (node clock). A reader
+//! that deletes an entry read its record after `received + grace` on its
+//! own clock, at most [`CLOCK_SKEW`] ahead, so after that `EXEC`, and
+//! found the record. An entry of a message answered `250` is thus never
+//! taken for an orphan.
+
 //! # Round trips
 //!
 //! `store` of a whole batch, `update`, `remove` and `read_body` are one
@@ -145,9 +156,30 @@ pub const QUARANTINE_KEY: &str = "smarthost:{index}:quarantine";
 /// See `scripts/quarantine.lua`.
 const QUARANTINE: &str = include_str!("scripts/quarantine.lua");
 
+/// How many response timeouts (`queue.redis_response_timeout`) a cluster
+/// `store` takes at most from the receive time to its last reply: the
+/// wait behind the store in flight (its index write, message writes and
+/// schedule insert) and its own two requests, with room to spare (see
+/// "Consistency" in the module doc).
+pub const STORE_TIMEOUTS: u32 = 6;
+
+/// How far the clocks of two nodes may differ: receive times are taken on
+/// the receiving node's clock, the age of an index entry on the reader's.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
+
 /// How old (by receive time) an index entry without a record must be
-/// before [`Spool::list`] deletes it.
-pub const DANGLING_GRACE: Duration = Duration::from_secs(10 * 60);
+/// before a reader deletes it: [`STORE_TIMEOUTS`] response timeouts plus
+/// [`CLOCK_SKEW`]. A younger entry may belong to a store in flight.
+pub fn dangling_grace(response_timeout: Duration) -> Duration {
+    response_timeout * STORE_TIMEOUTS + CLOCK_SKEW
+}
+
+/// The receive time before which an index entry without a record is an
+/// orphan; taken before the records are read, so that a record written
+/// after this moment is seen by the read.
+pub(crate) fn dangling_cutoff(response_timeout: Duration) -> u64 {
+    now_ms().saturating_sub(dangling_grace(response_timeout).as_millis() as u64)
+}
 
 pub fn record_key(id: &MessageId) -> String {
     format!("smarthost:{{m:{id}}}:record")
@@ -382,10 +414,13 @@ fn decode_body(id: &MessageId, bytes: &[u8]) -> Result<Vec<u8>, SpoolError> {
 }
 
 /// The ids of the index entries among `missing` (their record is gone)
-/// received more than [`DANGLING_GRACE`] ago: a younger one may belong to a
-/// `store` whose message keys are still on their way.
-pub(crate) fn dangling<'e>(missing: impl Iterator<Item = &'e ListCursor>) -> Vec<MessageId> {
-    let cutoff = now_ms().saturating_sub(DANGLING_GRACE.as_millis() as u64);
+/// received before `cutoff` ([`dangling_cutoff`], taken before the records
+/// were read): a younger one may belong to a `store` whose message keys
+/// are still on their way.
+pub(crate) fn dangling<'e>(
+    cutoff: u64,
+    missing: impl Iterator<Item = &'e ListCursor>,
+) -> Vec<MessageId> {
     missing
         .filter(|entry| entry.received_ms < cutoff)
         .map(|entry| entry.id.clone())
@@ -1022,9 +1057,9 @@ impl RedisSpool {
     }
 
     /// Deletes the index entries among `missing` (entries whose record is
-    /// gone) that are older than [`DANGLING_GRACE`] (see the module doc).
-    async fn clean_dangling(&self, missing: Vec<&ListCursor>) {
-        let ids = dangling(missing.into_iter());
+    /// gone) received before `cutoff` (see the module doc).
+    async fn clean_dangling(&self, cutoff: u64, missing: Vec<&ListCursor>) {
+        let ids = dangling(cutoff, missing.into_iter());
         if ids.is_empty() {
             return;
         }
@@ -1101,6 +1136,7 @@ impl Spool for RedisSpool {
     }
 
     async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {
+        let cutoff = dangling_cutoff(self.options.response_timeout);
         let entries: Vec<(String, f64)> = self
             .query_cmd(
                 "list",
@@ -1113,7 +1149,7 @@ impl Spool for RedisSpool {
             .await?;
         let entries: Vec<ListCursor> = entries.into_iter().map(index_entry).collect();
         let (records, missing) = self.records_at("list", &entries).await?;
-        self.clean_dangling(missing).await;
+        self.clean_dangling(cutoff, missing).await;
         Ok(records)
     }
 
@@ -1128,6 +1164,7 @@ impl Spool for RedisSpool {
         after: Option<&ListCursor>,
         limit: usize,
     ) -> Result<(Vec<MessageRecord>, Option<ListCursor>), SpoolError> {
+        let cutoff = dangling_cutoff(self.options.response_timeout);
         let want = limit.saturating_add(1);
         let min = after.map_or("-inf".to_string(), |a| a.received_ms.to_string());
         let mut entries: Vec<ListCursor> = Vec::with_capacity(want);
@@ -1167,7 +1204,7 @@ impl Spool for RedisSpool {
         }
         let (records, missing) = self.records_at("list page", &entries).await?;
         // A rescan pages through the whole index: it cleans what it meets.
-        self.clean_dangling(missing).await;
+        self.clean_dangling(cutoff, missing).await;
         Ok((records, next))
     }
 
@@ -1477,6 +1514,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, vec![id(1).0, id(3).0, young.0]);
+    }
+
+    /// An orphan left by a `remove` cut short (on a cluster: the message
+    /// keys deleted, the index entry not) is cleaned once past a grace of a
+    /// few response timeouts, not minutes: until then the queue counts it.
+    #[tokio::test]
+    async fn an_orphan_is_cleaned_once_past_a_grace_derived_from_the_response_timeout() {
+        let server = RedisServer::start();
+        let spool = open(&server).await;
+        let mut conn = raw(&server).await;
+        let (past, fresh) = (MessageId::new(now_ms(), 1), MessageId::new(now_ms(), 2));
+        // 90 s: past the grace of the default 5 s response timeout (60 s).
+        let past_ms = now_ms() - 90_000;
+        redis::cmd("ZADD")
+            .arg(INDEX_KEY)
+            .arg(past_ms)
+            .arg(past.as_str())
+            .arg(now_ms() - 1000)
+            .arg(fresh.as_str())
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+
+        let (page, _) = spool.list_page(None, 10).await.unwrap();
+        assert!(page.is_empty());
+        let left: Vec<String> = redis::cmd("ZRANGE")
+            .arg(INDEX_KEY)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, vec![fresh.0], "the entry past the grace is cleaned");
+        assert_eq!(
+            dangling_grace(RedisSpoolOptions::default().response_timeout),
+            Duration::from_secs(60)
+        );
     }
 
     #[tokio::test]

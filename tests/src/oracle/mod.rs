@@ -41,6 +41,13 @@ use receiver::Receivers;
 use rng::Rng;
 use workload::{Shape, SENDER_DOMAIN};
 
+/// How long a Redis queue may take to empty once every recipient has its
+/// outcome: an index entry orphaned by a kill is cleaned by the first
+/// rescan (every 5 s here) past its grace, six response timeouts (2 s
+/// here) plus 30 s of clock skew (`dangling_grace` in
+/// `node/src/spool/redis.rs`), counted from the message's receive time.
+const ORPHAN_WAIT: Duration = Duration::from_secs(60);
+
 /// Where the queue lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -286,6 +293,10 @@ impl Deployment {
                     ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
                     ("SMARTHOST__QUEUE__REDIS_RESPONSE_TIMEOUT", "2s"),
                     ("SMARTHOST__QUEUE__NODE_TIMEOUT", "3s"),
+                    // Orphaned index entries (a remove cut short by a kill)
+                    // go at the first rescan past their grace: see
+                    // `ORPHAN_WAIT`.
+                    ("SMARTHOST__QUEUE__RESCAN_INTERVAL", "5s"),
                 ]);
             }
             if matches!(plan.backend, Backend::Cluster { .. }) {
@@ -559,7 +570,12 @@ pub fn run(plan: &Plan) -> Outcome {
     let deadline = Instant::now() + limit;
     let mut waited_out = false;
     // Once every recipient has its outcome the queue empties within a few
-    // ticks; one that stays full is a finding, not worth the whole wait.
+    // ticks, or on Redis within `ORPHAN_WAIT`; one that stays full longer
+    // is a finding, not worth the whole wait.
+    let settle = match plan.backend {
+        Backend::Local => Duration::from_secs(15),
+        _ => ORPHAN_WAIT,
+    };
     let mut all_resolved_since: Option<Instant> = None;
     loop {
         let arrivals = receivers.arrivals();
@@ -585,7 +601,7 @@ pub fn run(plan: &Plan) -> Outcome {
                 Instant::now()
             }
         };
-        if Instant::now() > deadline || since.elapsed() > Duration::from_secs(15) {
+        if Instant::now() > deadline || since.elapsed() > settle {
             waited_out = true;
             break;
         }
