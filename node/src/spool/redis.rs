@@ -1814,15 +1814,21 @@ mod tests {
         }
     }
 
+    /// The spool would not open, as unavailable, for a reason naming `why`.
+    fn refused_at_open(opened: Result<RedisSpool, SpoolError>, why: &str) {
+        match opened {
+            Err(SpoolError::Unavailable(reason)) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("opened though {why}: {:?}", other.map(|_| "a spool")),
+        }
+    }
+
     #[tokio::test]
     async fn an_eviction_policy_is_refused_at_open_and_whenever_it_is_set() {
         let lru = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
-        match RedisSpool::open(&lru.url()).await {
-            Err(SpoolError::Unavailable(why)) => {
-                assert!(why.contains("maxmemory-policy is allkeys-lru"), "{why}")
-            }
-            other => panic!("opened on an evicting Redis: {other:?}"),
-        }
+        refused_at_open(
+            RedisSpool::open(&lru.url()).await,
+            "maxmemory-policy is allkeys-lru",
+        );
 
         let server = RedisServer::start();
         let spool = open_checking(&server, Duration::from_millis(200), false).await;
@@ -1873,12 +1879,7 @@ mod tests {
             },
         )
         .await;
-        match opened {
-            Err(SpoolError::Unavailable(why)) => {
-                assert!(why.contains("queue.redis_require_fsync"), "{why}")
-            }
-            other => panic!("opened without fsync: {other:?}"),
-        }
+        refused_at_open(opened, "queue.redis_require_fsync");
         let server = RedisServer::start();
         let spool = open_checking(&server, Duration::from_millis(200), true).await;
         let mut n = 0;
