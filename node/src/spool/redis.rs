@@ -119,6 +119,10 @@
 //! - the persistence ([`Persistence`]) is weaker than it was at `open`, or
 //!   than `queue.redis_require_fsync` asks for (then `open` fails too).
 //!
+//! A server still loading its data after a restart answers `INFO` with
+//! `aof_enabled:0`; that is no verdict: the check fails as unavailable
+//! (so does every write meanwhile) and runs again before the next store.
+//!
 //! Each change of that verdict is logged once: at error level when mail is
 //! refused, at info level when it is accepted again. Updates and removals
 //! of stored mail go on meanwhile, so what is queued is still delivered.
@@ -691,6 +695,13 @@ async fn read_settings(conn: &Connection, timeout: Duration) -> Result<Settings,
     for reply in infos? {
         let text: String =
             parse_value(reply).map_err(|e| SpoolError::Unavailable(format!("redis INFO: {e}")))?;
+        // While a restarted server loads its data it reports
+        // `aof_enabled:0`: not a weaker server, one not ready yet.
+        if info_field(&text, "loading") == Some("1") {
+            return Err(SpoolError::Unavailable(
+                "redis is loading its data set".into(),
+            ));
+        }
         settings.aof &= info_field(&text, "aof_enabled") == Some("1");
         match info_field(&text, "maxmemory_policy") {
             Some("noeviction") => {}
@@ -1909,6 +1920,66 @@ mod tests {
             .await
             .unwrap();
         store_until(&spool, &mut n, Some("maxmemory-policy is allkeys-lru")).await;
+    }
+
+    /// A server still loading its AOF after a restart reports
+    /// `aof_enabled:0`: that is not a weaker server, and mail is accepted
+    /// as soon as it has loaded, not one check interval later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_loading_its_data_is_not_taken_for_a_weaker_one() {
+        // 2 ms per key loaded: 5 000 keys keep the restart loading for
+        // several seconds.
+        let mut server = RedisServer::start_with(&["--key-load-delay", "2000"]);
+        let port = server.port();
+        // Only the check after a failed request may run in this test.
+        let spool = open_checking(&server, Duration::from_secs(3600), false).await;
+        let mut n = 0;
+        store_until(&spool, &mut n, None).await;
+        let mut fill = redis::pipe();
+        for k in 0..5000 {
+            fill.cmd("SET").arg(format!("filler:{k}")).arg("x").ignore();
+        }
+        fill.query_async::<()>(&mut raw(&server).await)
+            .await
+            .unwrap();
+
+        // A store while the server is down fails: the next one checks the
+        // settings first.
+        server.kill();
+        n += 1;
+        assert!(spool.store(vec![message(n, 10)]).await.is_err());
+        let restarted = tokio::task::spawn_blocking(move || {
+            server.restart();
+            server
+        });
+        let loading = |port| {
+            // Replies are slow while it loads.
+            let slow = Duration::from_secs(5);
+            smarthost_testkit::redis::command_within(port, &["INFO", "persistence"], slow)
+                .is_some_and(|info| info.contains("loading:1"))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !loading(port) {
+            assert!(
+                Instant::now() < deadline,
+                "the server never reported loading"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // That check runs while the server loads.
+        n += 1;
+        let refused = spool.store(vec![message(n, 10)]).await;
+        assert!(
+            matches!(refused, Err(SpoolError::Unavailable(_))),
+            "{refused:?}"
+        );
+        assert!(loading(port), "loaded before the stores were tried");
+        let _server = restarted.await.unwrap();
+        n += 1;
+        spool
+            .store(vec![message(n, 10)])
+            .await
+            .expect("stored once the server has loaded");
     }
 
     #[test]
