@@ -40,7 +40,7 @@ use crate::bounce::{self, ReportSettings};
 use crate::delivery::MessageOutcome;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::DomainReady;
-use crate::schedule::{MemorySchedule, ReportHook, Schedule};
+use crate::schedule::{MemorySchedule, ReportHook, Reporter, Schedule};
 use crate::scheduler::{Completion, RetryPolicy};
 use crate::spool::{Change, ListCursor, NewMessage, Spool, SpoolError};
 
@@ -592,41 +592,19 @@ impl Queue {
         }));
     }
 
-    /// Queues the reports that completions of one message call for, for a
-    /// schedule that writes records itself and calls this first.
+    /// Builds and queues reports for a schedule that writes records itself.
     fn report_hook(&self, ctx: &Context<Self>) -> ReportHook {
-        let spool = self.spool.clone();
-        let settings = self.settings.reports.clone();
-        let addr = ctx.address();
-        Arc::new(move |completions: Vec<Completion>| {
-            let (spool, settings, addr) = (spool.clone(), settings.clone(), addr.clone());
-            Box::pin(async move {
-                for completion in merge_by_message(completions) {
-                    if !bounce::needs_report(&completion) {
-                        continue;
-                    }
-                    let id = completion.record.id.clone();
-                    let body = spool.read_body(&id).await.unwrap_or_default();
-                    for report in bounce::reports(&completion, &body, &settings, now_ms()) {
-                        let report_id = report.record.id.clone();
-                        match addr.send(Enqueue(report)).await {
-                            Ok(Ok(())) => tracing::info!(message_id = %id,
-                                report_id = %report_id, "delivery report queued"),
-                            Ok(Err(error)) => return Err(error),
-                            Err(_) => {
-                                return Err(SpoolError::Unavailable("the queue stopped".into()))
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            })
+        Arc::new(QueueReporter {
+            spool: self.spool.clone(),
+            settings: self.settings.reports.clone(),
+            queue: ctx.address(),
         })
     }
 
-    /// Fails deliveries past their lifetime. A schedule that writes records
-    /// queues their reports through the hook before each record changes;
-    /// otherwise the reports and the records follow here.
+    /// Queues reports kept with records and not queued yet, then fails
+    /// deliveries past their lifetime. A schedule that writes records
+    /// writes the reports with them ([`Reporter`]); otherwise the reports
+    /// and the records follow here.
     fn sweep_expired(&mut self, ctx: &mut Context<Self>) {
         if self.sweeping {
             return;
@@ -635,7 +613,14 @@ impl Queue {
         let schedule = self.schedule.clone();
         let policy = self.settings.retry.clone();
         let hook = schedule.writes_records().then(|| self.report_hook(ctx));
-        let expire = async move { schedule.expire(now_ms(), &policy, hook.as_ref()).await };
+        let expire = async move {
+            if let Some(hook) = &hook {
+                if let Err(error) = schedule.send_pending_reports(hook).await {
+                    tracing::warn!(%error, "cannot queue pending delivery reports");
+                }
+            }
+            schedule.expire(now_ms(), &policy, hook.as_ref()).await
+        };
         ctx.spawn(expire.into_actor(self).map(|expired, queue, ctx| {
             queue.sweeping = false;
             match expired {
@@ -927,6 +912,55 @@ impl Actor for Queue {
         if let Some(every) = self.rescan {
             ctx.run_interval(every, |queue, ctx| queue.rescan(ctx));
         }
+    }
+}
+
+/// Builds reports from the spool's copy of the original and queues them
+/// through the Queue actor, like any mail.
+struct QueueReporter {
+    spool: Arc<dyn Spool>,
+    settings: ReportSettings,
+    queue: Addr<Queue>,
+}
+
+#[async_trait::async_trait]
+impl Reporter for QueueReporter {
+    async fn build(&self, completions: &[Completion]) -> Result<Vec<NewMessage>, SpoolError> {
+        let mut reports = Vec::new();
+        for completion in merge_by_message(completions.to_vec()) {
+            if !bounce::needs_report(&completion) {
+                continue;
+            }
+            let id = &completion.record.id;
+            let body = match self.spool.read_body(id).await {
+                Ok(body) => body,
+                Err(error @ SpoolError::Unavailable(_)) => return Err(error),
+                // Gone or unreadable: the report goes out without it.
+                Err(error) => {
+                    tracing::warn!(message_id = %id, %error,
+                        "the report of this message cannot quote it");
+                    Vec::new()
+                }
+            };
+            for report in bounce::reports(&completion, &body, &self.settings, now_ms()) {
+                tracing::info!(message_id = %id, report_id = %report.record.id,
+                    "delivery report built");
+                reports.push(report);
+            }
+        }
+        Ok(reports)
+    }
+
+    async fn queue(&self, reports: Vec<NewMessage>) -> Result<(), SpoolError> {
+        for report in reports {
+            let report_id = report.record.id.clone();
+            match self.queue.send(Enqueue(report)).await {
+                Ok(Ok(())) => tracing::info!(report_id = %report_id, "delivery report queued"),
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(SpoolError::Unavailable("the queue stopped".into())),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -140,6 +140,9 @@ impl Schedule for SlowRecords {
     ) -> Result<Vec<Completion>, SpoolError> {
         self.inner.expire(now, policy, report).await
     }
+    async fn send_pending_reports(&self, reporter: &ReportHook) -> Result<usize, SpoolError> {
+        self.inner.send_pending_reports(reporter).await
+    }
     async fn ready_domains(&self) -> Result<Vec<String>, SpoolError> {
         self.inner.ready_domains().await
     }

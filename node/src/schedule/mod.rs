@@ -14,8 +14,6 @@
 //! Every method may fail only for the Redis backend ([`SpoolError`]: the
 //! same errors the spool reports, so callers branch on one type).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,7 +22,7 @@ use smarthost_proto::envelope::{MessageId, MessageRecord};
 
 use crate::delivery::MessageOutcome;
 use crate::scheduler::{Completion, RetryPolicy, Scheduler, SchedulerCounts};
-use crate::spool::SpoolError;
+use crate::spool::{NewMessage, SpoolError};
 
 pub mod redis;
 #[cfg(test)]
@@ -36,22 +34,31 @@ pub use self::redis::RedisSchedule;
 /// delivery in `record.deliveries`.
 pub type Job = (Arc<MessageRecord>, usize);
 
-/// Queues the delivery reports that the completions of one message call for
-/// (none, one or several of its domains). A schedule that writes records
-/// itself calls it before it changes the record, so that a crash in between
-/// repeats a report rather than loses it; an error leaves the record as it
-/// was.
-pub type ReportHook = Arc<
-    dyn Fn(Vec<Completion>) -> Pin<Box<dyn Future<Output = Result<(), SpoolError>> + Send>>
-        + Send
-        + Sync,
->;
+/// Builds and queues delivery reports for a schedule that writes records
+/// itself ([`Schedule::writes_records`]). It builds the reports an outcome
+/// calls for first, writes them with the record of that outcome (in one
+/// atomic write), and queues them only then: so a report never goes out
+/// for an outcome that was not recorded (whose delivery may still be
+/// made), and reports kept with a record are queued later if queueing
+/// them fails ([`Schedule::send_pending_reports`]).
+#[async_trait]
+pub trait Reporter: Send + Sync {
+    /// The report messages that these completions of one message call for
+    /// (none, one or several); an error leaves the outcome unrecorded.
+    async fn build(&self, completions: &[Completion]) -> Result<Vec<NewMessage>, SpoolError>;
+
+    /// Queues reports made by [`Reporter::build`] like any mail. The same
+    /// report may come again after a crash (same message id).
+    async fn queue(&self, reports: Vec<NewMessage>) -> Result<(), SpoolError>;
+}
+
+pub type ReportHook = Arc<dyn Reporter>;
 
 #[async_trait]
 pub trait Schedule: Send + Sync + 'static {
     /// Whether `complete` and `expire` write the message records to the
     /// spool themselves (the Redis schedule, whose records are the spool's),
-    /// queueing reports through the hook they are given first. Otherwise
+    /// with the reports of the outcome ([`Reporter`]). Otherwise
     /// the caller reports and persists the records it gets back.
     fn writes_records(&self) -> bool {
         false
@@ -93,9 +100,10 @@ pub trait Schedule: Send + Sync + 'static {
 
     /// Records the outcome of an in-flight delivery ([`crate::scheduler::apply_outcome`]);
     /// `None` when there is nothing to record it on. A schedule that
-    /// writes records itself calls `report` (when given) before it writes
-    /// the record; one that does not ignores it, and the caller reports and
-    /// persists.
+    /// writes records itself builds the reports through `report` (when
+    /// given), writes them with the record and then queues them
+    /// ([`Reporter`]); one that does not ignores it, and the caller reports
+    /// and persists.
     #[allow(clippy::too_many_arguments)]
     async fn complete(
         &self,
@@ -117,6 +125,14 @@ pub trait Schedule: Send + Sync + 'static {
         policy: &RetryPolicy,
         report: Option<&ReportHook>,
     ) -> Result<Vec<Completion>, SpoolError>;
+
+    /// Queues reports that were recorded with an outcome but not queued
+    /// since (the queueing failed, or the node stopped in between) once
+    /// they are older than a grace; returns how many messages' reports.
+    /// Only a schedule that writes records keeps such reports.
+    async fn send_pending_reports(&self, _reporter: &ReportHook) -> Result<usize, SpoolError> {
+        Ok(0)
+    }
 
     /// Every domain with due work that `take` would hand out.
     async fn ready_domains(&self) -> Result<Vec<String>, SpoolError>;

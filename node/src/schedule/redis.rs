@@ -124,13 +124,14 @@
 //! is its own request (`insert` three, `release` two, a `complete` that
 //! defers three).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
+use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
@@ -138,8 +139,9 @@ use super::{dedup, Job, ReportHook, Schedule};
 use crate::bounce;
 use crate::delivery::MessageOutcome;
 use crate::scheduler::{apply_outcome, expire_delivery, Completion, RetryPolicy, SchedulerCounts};
+use crate::spool::local::body_bytes;
 use crate::spool::redis::{self as spool_redis, body_key, record_key, INDEX_KEY};
-use crate::spool::{ListCursor, RedisSpool, SpoolError};
+use crate::spool::{ListCursor, NewMessage, RedisSpool, SpoolError};
 
 /// Domains that hold work.
 pub const ACTIVE_KEY: &str = "smarthost:{domains}:active";
@@ -150,6 +152,22 @@ pub const READY_KEY: &str = "smarthost:{domains}:ready";
 pub const TIMERS_KEY: &str = "smarthost:{domains}:timers";
 /// Suspended domains, for listing; scripts read the per-domain flag.
 pub const SUSPENDED_KEY: &str = "smarthost:{domains}:suspended";
+
+/// Reports written with the outcome that calls for them and not queued
+/// yet: `<message id>:<report id>` by when they were written (or last
+/// taken to be queued); see [`Schedule::send_pending_reports`].
+pub const PENDING_REPORTS_KEY: &str = "smarthost:{index}:reports";
+
+/// The reports kept with the record of `id`, in its slot.
+pub fn report_key(id: &MessageId, report: &MessageId) -> String {
+    format!("smarthost:{{m:{id}}}:report:{report}")
+}
+
+/// The most messages whose pending reports one call queues.
+const PENDING_BATCH: usize = 100;
+
+/// How many messages' reports are queued at once.
+const REPORTS_AT_ONCE: usize = 32;
 
 /// How long the body of a finished message stays, so that a report being
 /// built for it can still quote it.
@@ -229,11 +247,12 @@ struct Scripts {
     claim: Script,
     state: Script,
     pop_timers: Script,
+    pending_reports: Script,
 }
 
 impl Scripts {
     /// The code of every script, for `SCRIPT LOAD`.
-    const CODE: [&'static str; 12] = [
+    const CODE: [&'static str; 13] = [
         include_str!("scripts/take.lua"),
         include_str!("scripts/file.lua"),
         include_str!("scripts/release.lua"),
@@ -246,10 +265,11 @@ impl Scripts {
         include_str!("scripts/claim.lua"),
         include_str!("scripts/state.lua"),
         include_str!("scripts/pop_timers.lua"),
+        include_str!("scripts/pending_reports.lua"),
     ];
 
     fn new() -> Scripts {
-        let [take, file, release, promote, reclaim, insert, write_record, renew, reclaim_holders, claim, state, pop_timers] =
+        let [take, file, release, promote, reclaim, insert, write_record, renew, reclaim_holders, claim, state, pop_timers, pending_reports] =
             Scripts::CODE.map(Script::new);
         Scripts {
             take,
@@ -264,6 +284,7 @@ impl Scripts {
             claim,
             state,
             pop_timers,
+            pending_reports,
         }
     }
 }
@@ -308,6 +329,10 @@ pub struct RedisSchedule {
     /// Holds the deliveries an expiry sweep of this instance has claimed.
     expiry_holder: String,
     expiry_claim: Duration,
+    /// How old reports kept with a record must be before
+    /// [`Schedule::send_pending_reports`] queues them: the writer queues
+    /// them itself meanwhile.
+    report_grace: Duration,
     /// Where the next lease renewal goes on looking for orphaned leases in
     /// the active set (`SSCAN` cursor).
     orphan_cursor: Mutex<u64>,
@@ -325,6 +350,7 @@ impl RedisSchedule {
             held: Mutex::new(HashMap::new()),
             expiry_holder: format!("expiry/{:016x}", rand::random::<u64>()),
             expiry_claim: EXPIRY_CLAIM,
+            report_grace: spool_redis::dangling_grace(spool.options().response_timeout),
             orphan_cursor: Mutex::new(0),
         };
         schedule.load_scripts().await?;
@@ -334,6 +360,13 @@ impl RedisSchedule {
     /// Claims of expiry sweeps last `claim` instead of a minute (tests).
     pub fn with_expiry_claim(mut self, claim: Duration) -> Self {
         self.expiry_claim = claim;
+        self
+    }
+
+    /// Pending reports are queued by [`Schedule::send_pending_reports`]
+    /// once `grace` old instead of the orphan grace (tests).
+    pub fn with_report_grace(mut self, grace: Duration) -> Self {
+        self.report_grace = grace;
         self
     }
 
@@ -656,15 +689,83 @@ impl RedisSchedule {
         Ok(looked)
     }
 
-    fn write_record_cmd(&self, id: &MessageId, expected: &[u8], new: Option<&[u8]>) -> Cmd {
-        let mut cmd = evalsha(
-            &self.scripts.write_record,
-            &[&record_key(id), &body_key(id)],
-        );
+    /// The compare-and-set of a record, with the reports of the change.
+    fn write_record_cmd(
+        &self,
+        id: &MessageId,
+        expected: &[u8],
+        new: Option<&[u8]>,
+        reports: Option<&KeptReports>,
+    ) -> Cmd {
+        let (record, body) = (record_key(id), body_key(id));
+        let mut keys = vec![record.as_str(), body.as_str()];
+        keys.extend(reports.map(|r| r.key.as_str()));
+        let mut cmd = evalsha(&self.scripts.write_record, &keys);
         cmd.arg(expected)
             .arg(new.unwrap_or_default())
             .arg(BODY_GRACE.as_millis() as u64);
+        if let Some(reports) = reports {
+            cmd.arg(reports.encode());
+        }
         cmd
+    }
+
+    /// The entries of `kept`, before their records are written: a crash
+    /// in between leaves an entry without reports, which is dropped.
+    fn pending_cmd<'k>(kept: impl IntoIterator<Item = &'k KeptReports>) -> Vec<Cmd> {
+        let entries: Vec<&str> = kept.into_iter().map(|k| k.entry.as_str()).collect();
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(PENDING_REPORTS_KEY);
+        for entry in entries {
+            zadd.arg(now_ms()).arg(entry);
+        }
+        vec![zadd]
+    }
+
+    /// Queues reports written with their records, several messages at
+    /// once, and forgets those queued; the others stay for
+    /// [`Schedule::send_pending_reports`]. Returns how many were queued.
+    async fn queue_kept(&self, reporter: &ReportHook, kept: Vec<KeptReports>) -> usize {
+        use futures_util::stream::{self, StreamExt};
+
+        let queued: Vec<KeptReports> = stream::iter(kept)
+            .map(|kept| async move {
+                match reporter.queue(kept.reports.clone()).await {
+                    Ok(()) => Some(kept),
+                    Err(error) => {
+                        tracing::warn!(message_id = %kept.message, %error,
+                            "cannot queue the delivery reports of a recorded outcome; they are kept and queued later");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(REPORTS_AT_ONCE)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        let count = queued.len();
+        if count == 0 {
+            return 0;
+        }
+        // The reports, then their entries: never an entry gone before its
+        // reports.
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(PENDING_REPORTS_KEY);
+        let mut dels = Vec::with_capacity(count);
+        for kept in &queued {
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(&kept.key);
+            dels.push(cmd);
+            zrem.arg(&kept.entry);
+        }
+        if let Err(error) = self.ordered("reports queued", vec![dels, vec![zrem]]).await {
+            tracing::warn!(%error,
+                "cannot forget delivery reports that were queued; they may be queued again");
+        }
+        count
     }
 
     fn parse_record_write(value: Value) -> Result<RecordWrite, SpoolError> {
@@ -708,6 +809,78 @@ impl RedisSchedule {
     }
 }
 
+/// Reports built for an outcome and written with its record (see
+/// [`Reporter`](super::Reporter)) until they are queued.
+struct KeptReports {
+    message: MessageId,
+    /// `<message id>:<first report id>` in [`PENDING_REPORTS_KEY`].
+    entry: String,
+    key: String,
+    reports: Vec<NewMessage>,
+}
+
+/// A report as it is kept: its record and its body.
+#[derive(Serialize)]
+struct ReportOut<'a> {
+    record: &'a MessageRecord,
+    #[serde(serialize_with = "body_bytes::serialize")]
+    body: &'a [u8],
+}
+
+#[derive(Deserialize)]
+struct ReportIn {
+    record: MessageRecord,
+    #[serde(deserialize_with = "body_bytes::deserialize")]
+    body: Vec<u8>,
+}
+
+impl KeptReports {
+    /// `None` when there is nothing to report.
+    fn new(message: &MessageId, reports: Vec<NewMessage>) -> Option<KeptReports> {
+        let first = reports.first()?.record.id.clone();
+        Some(KeptReports {
+            message: message.clone(),
+            entry: format!("{message}:{first}"),
+            key: report_key(message, &first),
+            reports,
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let out: Vec<ReportOut> = self
+            .reports
+            .iter()
+            .map(|r| ReportOut {
+                record: &r.record,
+                body: &r.body,
+            })
+            .collect();
+        envelope::encode(&out)
+    }
+
+    /// The reports kept under `entry`, as read back from `bytes`.
+    fn decode(entry: &str, bytes: &[u8]) -> Result<KeptReports, SpoolError> {
+        let (message, first) = entry
+            .split_once(':')
+            .ok_or_else(|| SpoolError::Corrupt(format!("pending report entry {entry:?}")))?;
+        let (message, first) = (MessageId(message.to_string()), MessageId(first.to_string()));
+        let reports: Vec<ReportIn> = envelope::decode(bytes)
+            .map_err(|e| SpoolError::Corrupt(format!("reports of {message}: {e}")))?;
+        Ok(KeptReports {
+            key: report_key(&message, &first),
+            message,
+            entry: entry.to_string(),
+            reports: reports
+                .into_iter()
+                .map(|r| NewMessage {
+                    record: r.record,
+                    body: r.body,
+                })
+                .collect(),
+        })
+    }
+}
+
 /// The reply of `file.lua`: whether the delivery was filed, and whether
 /// its domain holds no work now.
 fn parse_filed(value: Value) -> Result<(bool, bool), SpoolError> {
@@ -716,9 +889,8 @@ fn parse_filed(value: Value) -> Result<(bool, bool), SpoolError> {
 }
 
 impl RedisSchedule {
-    /// `complete`, with reports queued through `report` before the record
-    /// is written (once, on the first outcome computed: a record changed
-    /// meanwhile by another domain does not repeat the report).
+    /// `complete`, with the reports of the outcome built through `report`,
+    /// written with the record and queued once it is written.
     #[allow(clippy::too_many_arguments)]
     async fn complete_with(
         &self,
@@ -730,8 +902,8 @@ impl RedisSchedule {
         jitter: f64,
         report: Option<&ReportHook>,
     ) -> Result<Option<Completion>, SpoolError> {
-        let mut reported = false;
         let key = (id.clone(), domain.to_string());
+        let mut kept = None;
         let (holder, mut expected) = match self.held().get(&key) {
             Some(held) => (held.holder.clone(), Some(held.record.clone())),
             None => (String::new(), None),
@@ -761,20 +933,24 @@ impl RedisSchedule {
                 break None;
             }
             let completion = apply_outcome(&record, domain, outcome, now_ms, policy, jitter);
-            if let Some(report) = report {
-                if !reported && bounce::needs_report(&completion) {
-                    // An error leaves the record and the lease: the
-                    // delivery is attempted again once the lease runs out.
-                    report(vec![completion.clone()]).await?;
-                    reported = true;
+            // An error leaves the record and the lease: the delivery is
+            // attempted again once the lease runs out.
+            let reports = match report {
+                Some(report) if bounce::needs_report(&completion) => {
+                    KeptReports::new(id, report.build(std::slice::from_ref(&completion)).await?)
                 }
-            }
+                _ => None,
+            };
             let new = (!completion.message_done()).then(|| envelope::encode(&*completion.record));
-            let mut pipe = redis::pipe();
-            pipe.add_command(self.write_record_cmd(id, &bytes, new.as_deref()));
-            let reply = self.run("complete: record", &pipe).await?;
-            match Self::parse_record_write(reply.into_iter().next().unwrap_or(Value::Nil))? {
-                RecordWrite::Written => break Some(completion),
+            let write = self.write_record_cmd(id, &bytes, new.as_deref(), reports.as_ref());
+            let steps = vec![Self::pending_cmd(&reports), vec![write]];
+            let reply = self.ordered("complete: record", steps).await?;
+            let reply = reply.into_iter().flatten().last().unwrap_or(Value::Nil);
+            match Self::parse_record_write(reply)? {
+                RecordWrite::Written => {
+                    kept = reports;
+                    break Some(completion);
+                }
                 RecordWrite::Gone => {
                     gone = true;
                     break None;
@@ -802,7 +978,11 @@ impl RedisSchedule {
         }
         let timer = next.map(|n| (domain.to_string(), n));
         let after = Self::mark_cmds(&[], timer.as_slice());
-        let replies = match self.ordered("complete: domain", vec![step, after]).await {
+        let domain_step = self.ordered("complete: domain", vec![step, after]).await;
+        if let (Some(kept), Some(report)) = (kept, report) {
+            self.queue_kept(report, vec![kept]).await;
+        }
+        let replies = match domain_step {
             Ok(replies) => replies,
             Err(error) => {
                 self.held().remove(&key);
@@ -979,12 +1159,13 @@ impl RedisSchedule {
         self.run("expire: timers", &pipe).await?;
 
         // Per message, the claimed deliveries fail together in one record
-        // write; a record another domain's completion changed meanwhile is
-        // read again and the expiry applied on top (reported only once).
+        // write, with the reports they call for; a record another domain's
+        // completion changed meanwhile is read again and the expiry applied
+        // on top (its reports built again: none was queued).
         let mut pending: Vec<(MessageId, Option<Vec<u8>>)> =
             claimed.keys().map(|id| (id.clone(), None)).collect();
-        let mut reported: HashSet<MessageId> = HashSet::new();
         let mut expired: BTreeMap<MessageId, Vec<Completion>> = BTreeMap::new();
+        let mut kept: Vec<KeptReports> = Vec::new();
         let mut put_back: Vec<MessageId> = Vec::new();
         for _ in 0..MAX_RECORD_RACES {
             if pending.is_empty() {
@@ -1020,48 +1201,61 @@ impl RedisSchedule {
                 if completions.is_empty() {
                     continue;
                 }
+                let left = held_until.saturating_duration_since(Instant::now());
+                if left < self.expiry_claim / 2 {
+                    // Too close to the end of the claims to be sure of
+                    // them when the record is written: the next sweep.
+                    put_back.push(id);
+                    continue;
+                }
+                let mut reports = None;
                 if let Some(report) = report {
-                    let left = held_until.saturating_duration_since(Instant::now());
-                    if left < self.expiry_claim / 2 && !reported.contains(&id) {
-                        // Too close to the end of the claims to be sure of
-                        // them until the reports are queued: the next sweep.
-                        put_back.push(id);
-                        continue;
-                    }
-                    if reported.insert(id.clone()) {
-                        let queued = report(completions.clone());
-                        let queued = self.while_renewing(&claimed, &mut held_until, queued);
-                        if let Err(error) = queued.await {
-                            tracing::warn!(message_id = %id, %error,
-                                "cannot queue the report of an expired message; it stays for the next sweep");
-                            put_back.push(id);
-                            continue;
+                    if completions.iter().any(bounce::needs_report) {
+                        let built = report.build(&completions);
+                        match self.while_renewing(&claimed, &mut held_until, built).await {
+                            Ok(built) => reports = KeptReports::new(&id, built),
+                            Err(error) => {
+                                tracing::warn!(message_id = %id, %error,
+                                    "cannot build the report of an expired message; it stays for the next sweep");
+                                put_back.push(id);
+                                continue;
+                            }
                         }
                     }
                 }
-                planned.push((id, bytes, completions));
+                planned.push((id, bytes, completions, reports));
             }
             if planned.is_empty() {
                 break;
             }
-            let mut pipe = redis::pipe();
-            for (id, bytes, completions) in &planned {
-                let last = completions.last().expect("not empty");
-                let new = (!last.message_done()).then(|| envelope::encode(&*last.record));
-                pipe.add_command(self.write_record_cmd(id, bytes, new.as_deref()));
-            }
-            let writes = self.run("expire: records", &pipe).await?;
-            for ((id, _, completions), write) in planned.into_iter().zip(writes) {
+            let pending_entries = Self::pending_cmd(planned.iter().filter_map(|p| p.3.as_ref()));
+            let writes = planned
+                .iter()
+                .map(|(id, bytes, completions, reports)| {
+                    let last = completions.last().expect("not empty");
+                    let new = (!last.message_done()).then(|| envelope::encode(&*last.record));
+                    self.write_record_cmd(id, bytes, new.as_deref(), reports.as_ref())
+                })
+                .collect();
+            let replies = self
+                .ordered("expire: records", vec![pending_entries, writes])
+                .await?;
+            let writes = replies.into_iter().last().unwrap_or_default();
+            for ((id, _, completions, reports), write) in planned.into_iter().zip(writes) {
                 match Self::parse_record_write(write)? {
                     RecordWrite::Written => {
                         expired.insert(id, completions);
+                        kept.extend(reports);
                     }
                     RecordWrite::Gone => {}
                     RecordWrite::Changed(current) => pending.push((id, Some(current))),
                 }
             }
         }
-        // Still racing: given back, like those whose report failed.
+        if let Some(report) = report {
+            self.queue_kept(report, kept).await;
+        }
+        // Still racing: given back, like those whose report failed to build.
         put_back.extend(pending.into_iter().map(|(id, _)| id));
 
         // The claims go: expired deliveries are dropped, the rest are due
@@ -1360,6 +1554,77 @@ impl Schedule for RedisSchedule {
         self.expire_with(now_ms, policy, report).await
     }
 
+    async fn send_pending_reports(&self, reporter: &ReportHook) -> Result<usize, SpoolError> {
+        let now = now_ms();
+        let cutoff = now.saturating_sub(self.report_grace.as_millis() as u64);
+        let mut take = evalsha(&self.scripts.pending_reports, &[PENDING_REPORTS_KEY]);
+        take.arg(cutoff).arg(now).arg(PENDING_BATCH);
+        let mut pipe = redis::pipe();
+        pipe.add_command(take);
+        let reply = self.run("pending reports", &pipe).await?;
+        let entries: Vec<String> = parse(
+            "pending reports",
+            reply.into_iter().next().unwrap_or(Value::Nil),
+        )?;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<Option<String>> = entries
+            .iter()
+            .map(|e| {
+                let (message, first) = e.split_once(':')?;
+                Some(report_key(
+                    &MessageId(message.to_string()),
+                    &MessageId(first.to_string()),
+                ))
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for key in keys.iter().flatten() {
+            pipe.cmd("GET").arg(key);
+        }
+        let mut values = self.run("pending reports: read", &pipe).await?.into_iter();
+        let (mut found, mut dropped) = (Vec::new(), Vec::new());
+        for (entry, key) in entries.into_iter().zip(keys) {
+            let bytes: Option<Vec<u8>> = match key {
+                Some(_) => parse("GET reports", values.next().unwrap_or(Value::Nil))?,
+                None => None,
+            };
+            match bytes.map(|b| KeptReports::decode(&entry, &b)) {
+                Some(Ok(kept)) => found.push(kept),
+                // Taken again after a grace; an operator can read it.
+                Some(Err(error)) => {
+                    tracing::error!(%entry, %error, "cannot read delivery reports kept with a record")
+                }
+                // Its record was never written, or the reports were queued.
+                None => dropped.push(entry),
+            }
+        }
+        if !dropped.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM")
+                .arg(PENDING_REPORTS_KEY)
+                .arg(dropped)
+                .ignore();
+            self.run("pending reports: drop", &pipe).await?;
+        }
+        let messages = found.len();
+        let queued = self.queue_kept(reporter, found).await;
+        if queued > 0 {
+            tracing::info!(
+                messages = queued,
+                "queued delivery reports kept with their records"
+            );
+        }
+        if queued < messages {
+            return Err(SpoolError::Unavailable(format!(
+                "{} of {messages} messages' pending reports could not be queued",
+                messages - queued
+            )));
+        }
+        Ok(queued)
+    }
+
     /// Renews in the domains where this instance holds leases, and looks
     /// for orphaned leases of `holder` there and in the next
     /// `ORPHAN_SCAN` active domains (`SSCAN`: the whole set over
@@ -1653,7 +1918,7 @@ mod tests {
 
     use super::*;
     use crate::delivery::RcptResult;
-    use crate::schedule::suite::{self, complete, outcome, policy, Fixture};
+    use crate::schedule::suite::{self, complete, outcome, policy, Fixture, Recorder};
     use crate::spool::suite::message;
     use crate::spool::Spool;
     use smarthost_testkit::redis::RedisServer;
@@ -1672,7 +1937,11 @@ mod tests {
 
     /// A node: a spool and a schedule on the shared server.
     async fn node(server: &RedisServer) -> (Arc<RedisSpool>, Arc<RedisSchedule>) {
-        let spool = Arc::new(RedisSpool::open(&server.url()).await.expect("open"));
+        node_at(&server.url()).await
+    }
+
+    async fn node_at(url: &str) -> (Arc<RedisSpool>, Arc<RedisSchedule>) {
+        let spool = Arc::new(RedisSpool::open(url).await.expect("open"));
         let schedule = Arc::new(RedisSchedule::new(&spool).await.expect("schedule"));
         (spool, schedule)
     }
@@ -1762,18 +2031,9 @@ mod tests {
 
         let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
         let hook = |slow: Duration| -> ReportHook {
-            let reports = reports.clone();
-            Arc::new(move |completions: Vec<Completion>| {
-                let reports = reports.clone();
-                Box::pin(async move {
-                    tokio::time::sleep(slow).await;
-                    let mut reports = reports.lock().unwrap();
-                    for c in completions {
-                        reports.push((c.record.id.clone(), c.domain.clone()));
-                    }
-                    Ok(())
-                })
-            })
+            let mut recorder = Recorder::new(reports.clone());
+            recorder.slow = slow;
+            recorder.hook()
         };
         let late = u64::MAX / 2;
         // A's reports take 0.6 s per message: 2.4 s for the four, well past
@@ -1803,6 +2063,144 @@ mod tests {
         let unique: HashSet<_> = reported.iter().cloned().collect();
         assert_eq!(unique.len(), reported.len(), "reported twice: {reported:?}");
         assert_eq!(unique.len(), 8, "every delivery reported: {reported:?}");
+    }
+
+    /// Redis dies while a sweep reports: whatever was reported is failed
+    /// in its record (never a report for a delivery that stays queued and
+    /// may still be delivered), and after the restart every delivery is
+    /// reported exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_dying_during_an_expiry_sweep_never_reports_a_live_delivery() {
+        use std::sync::Mutex;
+
+        let server = Arc::new(Mutex::new(RedisServer::start()));
+        let url = server.lock().unwrap().url();
+        let (spool, schedule) = node_at(&url).await;
+        let claim = Duration::from_millis(500);
+        let schedule = Arc::new(
+            Arc::into_inner(schedule)
+                .unwrap()
+                .with_expiry_claim(claim)
+                .with_report_grace(Duration::ZERO),
+        );
+        // Four messages, eight deliveries.
+        queue(&spool, &schedule, 0..4).await;
+
+        let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
+        let dying = {
+            let server = server.clone();
+            let mut recorder = Recorder::new(reports.clone());
+            recorder.first = Box::new(move || server.lock().unwrap().kill());
+            recorder.hook()
+        };
+        let late = u64::MAX / 2;
+        let failed = schedule.expire(late, &policy(), Some(&dying)).await;
+        assert!(
+            failed.is_err(),
+            "the sweep went on without Redis: {failed:?}"
+        );
+        server.lock().unwrap().restart();
+
+        let live = |records: Vec<Option<Arc<MessageRecord>>>, ids: &[MessageId]| {
+            ids.iter()
+                .zip(records)
+                .filter_map(|(id, r)| r.map(|r| (id.clone(), r)))
+                .flat_map(|(id, r)| {
+                    r.deliveries
+                        .iter()
+                        .map(|d| (id.clone(), d.domain.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<HashSet<_>>()
+        };
+        let ids: Vec<MessageId> = (0..4).map(crate::spool::suite::id).collect();
+        let queued = live(schedule.records(&ids).await.unwrap(), &ids);
+        for reported in reports.lock().unwrap().iter() {
+            assert!(
+                !queued.contains(reported),
+                "{reported:?} was reported and is still queued"
+            );
+        }
+
+        // Once the claims lapse, sweeps finish the job.
+        let fine = Recorder::new(reports.clone()).hook();
+        for _ in 0..20 {
+            tokio::time::sleep(claim).await;
+            schedule.reclaim_expired_leases().await.unwrap();
+            schedule.expire(late, &policy(), Some(&fine)).await.unwrap();
+            schedule.send_pending_reports(&fine).await.unwrap();
+            if schedule.counts().await.unwrap().messages == 0 {
+                break;
+            }
+        }
+        let reported = reports.lock().unwrap().clone();
+        let unique: HashSet<_> = reported.iter().cloned().collect();
+        assert_eq!(unique.len(), reported.len(), "reported twice: {reported:?}");
+        assert_eq!(unique.len(), 8, "every delivery reported: {reported:?}");
+    }
+
+    /// A failure is recorded with its report; when the report cannot be
+    /// queued then, it is queued later, once past the grace, and once.
+    #[tokio::test]
+    async fn a_report_not_queued_with_its_outcome_is_queued_later_once() {
+        use std::sync::Mutex;
+
+        let server = RedisServer::start();
+        let (spool, schedule) = node(&server).await;
+        queue(&spool, &schedule, 0..1).await;
+        let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
+        let refusing = Recorder::new(reports.clone());
+        refusing.failures.store(1, Ordering::SeqCst);
+        let refusing = refusing.hook();
+
+        let (record, _) = schedule
+            .take("example.org", 1, "node-a", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .pop()
+            .expect("a delivery");
+        let failed = outcome(&[(0, RcptResult::Failed), (1, RcptResult::Failed)]);
+        let completion = schedule
+            .complete(
+                &record.id,
+                "example.org",
+                &failed,
+                now_ms(),
+                &policy(),
+                0.0,
+                Some(&refusing),
+            )
+            .await
+            .expect("the outcome is recorded though its report waits")
+            .expect("a completion");
+        assert_eq!(completion.failed().count(), 1);
+        let left = schedule
+            .records(std::slice::from_ref(&record.id))
+            .await
+            .unwrap();
+        let left = left[0].as_ref().expect("the other domain is still due");
+        assert!(left.deliveries.iter().all(|d| d.domain != "example.org"));
+        assert!(reports.lock().unwrap().is_empty());
+
+        // Within the grace the writer may still be queueing it.
+        let fine = Recorder::new(reports.clone()).hook();
+        assert_eq!(schedule.send_pending_reports(&fine).await.unwrap(), 0);
+        let schedule = Arc::into_inner(schedule)
+            .unwrap()
+            .with_report_grace(Duration::ZERO);
+        assert_eq!(schedule.send_pending_reports(&fine).await.unwrap(), 1);
+        assert_eq!(schedule.send_pending_reports(&fine).await.unwrap(), 0);
+        assert_eq!(
+            *reports.lock().unwrap(),
+            vec![(record.id.clone(), "example.org".to_string())]
+        );
+        let mut conn = raw(&server).await;
+        let entries: u64 = redis::cmd("ZCARD")
+            .arg(PENDING_REPORTS_KEY)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(entries, 0, "nothing is left pending");
     }
 
     #[tokio::test]

@@ -350,9 +350,6 @@ pub async fn two_sweeps_at_once_report_each_delivery_once(
 
     use smarthost_proto::envelope::MessageId;
 
-    use super::ReportHook;
-    use crate::scheduler::Completion;
-
     // 60 messages, 120 deliveries over three domains; one suspended, some
     // deferred, the rest ready.
     let batch: Vec<_> = (0..60).map(|n| message(n, 100)).collect();
@@ -376,21 +373,9 @@ pub async fn two_sweeps_at_once_report_each_delivery_once(
         .await;
     }
     let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
-    let hook = |reports: Arc<Mutex<Vec<(MessageId, String)>>>| -> ReportHook {
-        Arc::new(move |completions: Vec<Completion>| {
-            let reports = reports.clone();
-            Box::pin(async move {
-                let mut reports = reports.lock().unwrap();
-                for c in completions {
-                    reports.push((c.record.id.clone(), c.domain.clone()));
-                }
-                Ok(())
-            })
-        })
-    };
     let late = u64::MAX / 2;
     let sweep = |s: Arc<dyn Schedule>| {
-        let hook = hook(reports.clone());
+        let hook = Recorder::new(reports.clone()).hook();
         tokio::spawn(async move { s.expire(late, &policy(), Some(&hook)).await.unwrap() })
     };
     let (one, two) = (sweep(a.clone()), sweep(b.clone()));
@@ -410,4 +395,76 @@ pub async fn two_sweeps_at_once_report_each_delivery_once(
         (0, 0, 0),
         "{counts:?}"
     );
+}
+
+/// A reporter for tests: one report per completion, its body naming the
+/// message and domain; records what it queues.
+pub struct Recorder {
+    pub queued: Arc<std::sync::Mutex<Vec<(MessageId, String)>>>,
+    /// Waited in each build.
+    pub slow: Duration,
+    /// Called once, at the first build.
+    pub first: Box<dyn Fn() + Send + Sync>,
+    once: std::sync::Once,
+    /// How many calls of `queue` fail before they succeed.
+    pub failures: std::sync::atomic::AtomicUsize,
+}
+
+impl Recorder {
+    pub fn new(queued: Arc<std::sync::Mutex<Vec<(MessageId, String)>>>) -> Recorder {
+        Recorder {
+            queued,
+            slow: Duration::ZERO,
+            first: Box::new(|| {}),
+            once: std::sync::Once::new(),
+            failures: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    pub fn hook(self) -> super::ReportHook {
+        Arc::new(self)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Reporter for Recorder {
+    async fn build(
+        &self,
+        completions: &[Completion],
+    ) -> Result<Vec<crate::spool::NewMessage>, crate::spool::SpoolError> {
+        self.once.call_once(|| (self.first)());
+        tokio::time::sleep(self.slow).await;
+        Ok(completions
+            .iter()
+            .map(|c| {
+                let mut report = message(0, 0);
+                report.record.id = MessageId::new(0, rand::random());
+                report.body = format!("{} {}", c.record.id, c.domain).into_bytes();
+                report
+            })
+            .collect())
+    }
+
+    async fn queue(
+        &self,
+        reports: Vec<crate::spool::NewMessage>,
+    ) -> Result<(), crate::spool::SpoolError> {
+        use std::sync::atomic::Ordering;
+
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(crate::spool::SpoolError::Unavailable(
+                "the queue refuses reports".into(),
+            ));
+        }
+        let mut queued = self.queued.lock().unwrap();
+        for report in reports {
+            let body = String::from_utf8(report.body).unwrap();
+            let (id, domain) = body.split_once(' ').unwrap();
+            queued.push((MessageId(id.to_string()), domain.to_string()));
+        }
+        Ok(())
+    }
 }

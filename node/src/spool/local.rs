@@ -190,7 +190,7 @@ enum JournalEntry {
 }
 
 /// Serialises a body as one byte string rather than a sequence of `u8`s.
-pub(super) mod body_bytes {
+pub(crate) mod body_bytes {
     use std::fmt;
 
     use serde::de::{self, SeqAccess, Visitor};

@@ -1,7 +1,9 @@
 -- Compare-and-set of a message record: written only if it is still the
--- record the change was computed from.
--- KEYS: record, body
--- ARGV: expected record, new record ('' = the message is done), body grace ms
+-- record the change was computed from; with it, atomically, the reports
+-- that the change calls for (kept until they are queued).
+-- KEYS: record, body, reports (optional; same slot)
+-- ARGV: expected record, new record ('' = the message is done), body grace
+--       ms, reports (with KEYS[3])
 -- Returns {0} no record, {1, current} changed meanwhile, {2} written.
 -- Complexity: O(1).
 local current = redis.call('GET', KEYS[1])
@@ -12,5 +14,8 @@ if ARGV[2] == '' then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 else
   redis.call('SET', KEYS[1], ARGV[2])
+end
+if KEYS[3] then
+  redis.call('SET', KEYS[3], ARGV[4])
 end
 return {2}
