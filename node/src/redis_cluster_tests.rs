@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use smarthost_testkit::redis::{command, RedisCluster};
 
@@ -14,7 +14,7 @@ use crate::limits::{suite as limits_suite, DomainLimits, RedisLimits, RedisLimit
 use crate::schedule::redis::{RedisSchedule, ACTIVE_KEY};
 use crate::schedule::suite::{self as schedule_suite, outcome, policy, Fixture};
 use crate::schedule::Schedule;
-use crate::spool::redis::{body_key, record_key, INDEX_KEY};
+use crate::spool::redis::{body_key, dangling_grace, record_key, INDEX_KEY, STORE_TIMEOUTS};
 use crate::spool::suite::{self as spool_suite, id, message, receive_from_now, receiving_now};
 use crate::spool::{Durability, NewMessage, RedisSpool, RedisSpoolOptions, Spool, SpoolError};
 use smarthost_proto::envelope::MessageId;
@@ -31,6 +31,12 @@ async fn open(cluster: &RedisCluster) -> RedisSpool {
     RedisSpool::open_with(&cluster.urls(), options())
         .await
         .expect("open on the cluster")
+}
+
+/// The time `ago` before now, in ms since the epoch.
+fn ms_ago(ago: Duration) -> u64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    now.saturating_sub(ago).as_millis() as u64
 }
 
 /// A node: a spool and a schedule on the cluster.
@@ -510,4 +516,111 @@ async fn an_unreadable_record_is_set_aside_on_a_cluster() {
         );
     })
     .await
+}
+
+/// A batch that waited in an overloaded node until less than a response
+/// timeout is left of its store window (see "Consistency" in
+/// `spool::redis`) is refused (`451`, the client sends it again) before
+/// anything of it is written; one inside its window is stored.
+#[tokio::test]
+async fn a_store_past_its_window_is_refused_before_it_writes_anything() {
+    let cluster = RedisCluster::start();
+    let spool = open(&cluster).await;
+    let timeout = options().response_timeout;
+    let received = |ago: Duration, n: u64| {
+        let mut m = message(n, 100);
+        m.record.received_ms = ms_ago(ago);
+        m
+    };
+    spool.store(vec![received(timeout * 3, 1)]).await.unwrap();
+
+    let last_chance = timeout * (STORE_TIMEOUTS - 1) + timeout / 2;
+    let batch = vec![received(Duration::ZERO, 2), received(last_chance, 3)];
+    match spool.store(batch).await {
+        Err(SpoolError::Unavailable(why)) => assert!(why.contains("received"), "{why}"),
+        other => panic!("a store past its window: {other:?}"),
+    }
+    let index = cluster.ports()[cluster.node_of(INDEX_KEY)];
+    for n in [2, 3] {
+        let home = cluster.ports()[cluster.node_of(&record_key(&id(n)))];
+        let exists = command(home, &["EXISTS", &record_key(&id(n)), &body_key(&id(n))]);
+        assert_eq!(exists.as_deref(), Some(":0"), "message {n} was written");
+        let score = command(index, &["ZSCORE", INDEX_KEY, id(n).as_str()]);
+        assert_eq!(score.as_deref(), Some(""), "message {n} was indexed");
+    }
+    let listed: Vec<MessageId> = spool
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, [id(1)]);
+}
+
+/// The overload race of issue 8: a batch that waited past the orphan grace
+/// writes its index entry, its message's primary answers slowly, and
+/// meanwhile another node's listing meets the entry without its record
+/// and deletes it as an orphan. The store must then not be acknowledged:
+/// an acknowledged message that no listing, rescan or expiry sweep can find
+/// is lost once its schedule entry is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reader_cleans_away_the_index_entry_of_an_acknowledged_store() {
+    let cluster = RedisCluster::start();
+    // The writer waits up to 5 s for a reply; the reader's grace is that
+    // of a 2 s response timeout.
+    let writer = RedisSpool::open_with(
+        &cluster.urls(),
+        RedisSpoolOptions {
+            cluster: true,
+            ..RedisSpoolOptions::default()
+        },
+    )
+    .await
+    .expect("open on the cluster");
+    let reader = open(&cluster).await;
+    let index_home = cluster.node_of(INDEX_KEY);
+    let n = (0..100)
+        .find(|&n| cluster.node_of(&record_key(&id(n))) != index_home)
+        .expect("a message on another primary than the index");
+    let home = cluster.ports()[cluster.node_of(&record_key(&id(n)))];
+    let index = cluster.ports()[index_home];
+    let mut m = message(n, 100);
+    m.record.received_ms =
+        ms_ago(dangling_grace(options().response_timeout) + Duration::from_secs(5));
+
+    // The message's primary holds writes for 3 s (reads go on).
+    let paused = command(home, &["CLIENT", "PAUSE", "3000", "WRITE"]);
+    assert_eq!(paused.as_deref(), Some("+OK"));
+    let store = tokio::spawn(async move { writer.store(vec![m]).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.is_finished()
+        && command(index, &["ZSCORE", INDEX_KEY, id(n).as_str()]).as_deref() == Some("")
+    {
+        assert!(Instant::now() < deadline, "neither indexed nor refused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Another node lists the queue while the message keys are on their way.
+    assert!(reader.list().await.unwrap().iter().all(|r| r.id != id(n)));
+    let stored = store.await.unwrap();
+    assert_eq!(
+        command(home, &["CLIENT", "UNPAUSE"]).as_deref(),
+        Some("+OK")
+    );
+
+    let listed = reader.list().await.unwrap();
+    if stored.is_ok() {
+        assert!(
+            listed.iter().any(|r| r.id == id(n)),
+            "message {n} was acknowledged and no listing finds it any more"
+        );
+    }
+    match stored {
+        Err(SpoolError::Unavailable(_)) => {}
+        other => panic!("a store past its window: {other:?}"),
+    }
+    // Refused before its message writes: nothing of it is left to deliver.
+    let exists = command(home, &["EXISTS", &record_key(&id(n)), &body_key(&id(n))]);
+    assert_eq!(exists.as_deref(), Some(":0"));
+    assert!(listed.is_empty(), "{listed:?}");
 }
