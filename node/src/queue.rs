@@ -817,9 +817,17 @@ impl Queue {
             if changes.is_empty() {
                 return outcome;
             }
+            // Received now: a report may have waited here across failed
+            // writes, and a Redis Cluster spool refuses a message received
+            // longer ago than its store window (see `spool::redis`).
+            let received = now_ms();
             let new: Vec<NewMessage> = with_reports
                 .iter()
                 .flat_map(|(_, built)| built.iter().cloned())
+                .map(|mut m| {
+                    m.record.received_ms = received;
+                    m
+                })
                 .collect();
             let records: Vec<MessageRecord> = new.iter().map(|m| m.record.clone()).collect();
             // One call: the local spool makes the lot, reports included,

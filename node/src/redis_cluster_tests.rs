@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use smarthost_testkit::redis::{command, RedisCluster};
 
@@ -14,8 +14,8 @@ use crate::limits::{suite as limits_suite, DomainLimits, RedisLimits, RedisLimit
 use crate::schedule::redis::{RedisSchedule, ACTIVE_KEY};
 use crate::schedule::suite::{self as schedule_suite, outcome, policy, Fixture};
 use crate::schedule::Schedule;
-use crate::spool::redis::{body_key, record_key, INDEX_KEY};
-use crate::spool::suite::{self as spool_suite, id, message};
+use crate::spool::redis::{body_key, dangling_grace, record_key, INDEX_KEY, STORE_TIMEOUTS};
+use crate::spool::suite::{self as spool_suite, id, message, receive_from_now, receiving_now};
 use crate::spool::{Durability, NewMessage, RedisSpool, RedisSpoolOptions, Spool, SpoolError};
 use smarthost_proto::envelope::MessageId;
 
@@ -31,6 +31,12 @@ async fn open(cluster: &RedisCluster) -> RedisSpool {
     RedisSpool::open_with(&cluster.urls(), options())
         .await
         .expect("open on the cluster")
+}
+
+/// The time `ago` before now, in ms since the epoch.
+fn ms_ago(ago: Duration) -> u64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    now.saturating_sub(ago).as_millis() as u64
 }
 
 /// A node: a spool and a schedule on the cluster.
@@ -57,71 +63,81 @@ fn assert_spread(cluster: &RedisCluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_the_spool_suite_on_a_cluster() {
-    let cluster = RedisCluster::start();
-    let urls = cluster.urls();
-    spool_suite::run(|| {
-        let urls = urls.clone();
-        async move {
-            Arc::new(RedisSpool::open_with(&urls, options()).await.expect("open")) as Arc<dyn Spool>
-        }
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        let urls = cluster.urls();
+        spool_suite::run(|| {
+            let urls = urls.clone();
+            async move {
+                Arc::new(RedisSpool::open_with(&urls, options()).await.expect("open"))
+                    as Arc<dyn Spool>
+            }
+        })
+        .await;
+        assert_spread(&cluster);
     })
-    .await;
-    assert_spread(&cluster);
+    .await
 }
 
 #[tokio::test]
 async fn a_stored_batch_is_spread_over_the_primaries_and_each_message_stays_in_one_slot() {
-    let cluster = RedisCluster::start();
-    let spool = open(&cluster).await;
-    let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
-    spool.store(batch).await.unwrap();
-    assert_spread(&cluster);
-    let mut used = HashSet::new();
-    for n in 0..100 {
-        let node = cluster.node_of(&record_key(&id(n)));
-        assert_eq!(cluster.node_of(&body_key(&id(n))), node, "message {n}");
-        used.insert(node);
-    }
-    assert_eq!(used.len(), 3, "the 100 messages are on all three primaries");
-    // The index is one key on one primary and lists them all.
-    let index = cluster.node_of(INDEX_KEY);
-    let count = command(cluster.ports()[index], &["ZCARD", INDEX_KEY]);
-    assert_eq!(count.as_deref(), Some(":100"));
-    assert_eq!(spool.list().await.unwrap().len(), 100);
-    for n in [0, 42, 99] {
-        assert_eq!(
-            spool.read_body(&id(n)).await.unwrap(),
-            message(n, 2048).body
-        );
-    }
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        let spool = open(&cluster).await;
+        let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
+        spool.store(batch).await.unwrap();
+        assert_spread(&cluster);
+        let mut used = HashSet::new();
+        for n in 0..100 {
+            let node = cluster.node_of(&record_key(&id(n)));
+            assert_eq!(cluster.node_of(&body_key(&id(n))), node, "message {n}");
+            used.insert(node);
+        }
+        assert_eq!(used.len(), 3, "the 100 messages are on all three primaries");
+        // The index is one key on one primary and lists them all.
+        let index = cluster.node_of(INDEX_KEY);
+        let count = command(cluster.ports()[index], &["ZCARD", INDEX_KEY]);
+        assert_eq!(count.as_deref(), Some(":100"));
+        assert_eq!(spool.list().await.unwrap().len(), 100);
+        for n in [0, 42, 99] {
+            assert_eq!(
+                spool.read_body(&id(n)).await.unwrap(),
+                message(n, 2048).body
+            );
+        }
+    })
+    .await
 }
 
 #[tokio::test]
 async fn round_trips_on_a_cluster() {
-    let cluster = RedisCluster::start();
-    let spool = open(&cluster).await;
-    let mut trips = smarthost_testkit::since_last(|| spool.round_trips());
-    let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
-    spool.store(batch).await.unwrap();
-    assert_eq!(
-        trips(),
-        2,
-        "a store of 100: the index, then every message at once"
-    );
-    assert_eq!(spool.list().await.unwrap().len(), 100);
-    assert_eq!(trips(), 2, "list: the index, then every record at once");
-    spool.read_body(&id(5)).await.unwrap();
-    assert_eq!(trips(), 1, "read_body");
-    let mut record = message(5, 2048).record;
-    record.deliveries[0].attempts = 1;
-    spool.update(record).await.unwrap();
-    assert_eq!(trips(), 1, "update");
-    spool.remove(&id(5)).await.unwrap();
-    assert_eq!(trips(), 2, "remove: the message, then the index entry");
-    assert!(matches!(
-        spool.remove(&id(5)).await,
-        Err(crate::spool::SpoolError::NotFound(_))
-    ));
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        let spool = open(&cluster).await;
+        let mut trips = smarthost_testkit::since_last(|| spool.round_trips());
+        let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
+        spool.store(batch).await.unwrap();
+        assert_eq!(
+            trips(),
+            2,
+            "a store of 100: the index, then every message at once"
+        );
+        assert_eq!(spool.list().await.unwrap().len(), 100);
+        assert_eq!(trips(), 2, "list: the index, then every record at once");
+        spool.read_body(&id(5)).await.unwrap();
+        assert_eq!(trips(), 1, "read_body");
+        let mut record = message(5, 2048).record;
+        record.deliveries[0].attempts = 1;
+        spool.update(record).await.unwrap();
+        assert_eq!(trips(), 1, "update");
+        spool.remove(&id(5)).await.unwrap();
+        assert_eq!(trips(), 2, "remove: the message, then the index entry");
+        assert!(matches!(
+            spool.remove(&id(5)).await,
+            Err(crate::spool::SpoolError::NotFound(_))
+        ));
+    })
+    .await
 }
 
 #[tokio::test]
@@ -141,159 +157,172 @@ async fn every_primary_is_asked_about_durability() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_the_schedule_suite_on_a_cluster() {
-    let cluster = RedisCluster::start();
-    schedule_suite::run(|| async {
-        cluster.flush_all();
-        let (spool, schedule) = node(&cluster).await;
-        Fixture {
-            schedule: schedule as Arc<dyn Schedule>,
-            spool: Some(spool as Arc<dyn Spool>),
-        }
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        schedule_suite::run(|| async {
+            cluster.flush_all();
+            receive_from_now();
+            let (spool, schedule) = node(&cluster).await;
+            Fixture {
+                schedule: schedule as Arc<dyn Schedule>,
+                spool: Some(spool as Arc<dyn Spool>),
+            }
+        })
+        .await;
+        assert_spread(&cluster);
     })
-    .await;
-    assert_spread(&cluster);
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_taking_at_once_on_a_cluster_never_get_the_same_delivery() {
-    let cluster = RedisCluster::start();
-    let (spool, a) = node(&cluster).await;
-    let (_, b) = node(&cluster).await;
-    // 300 messages, two deliveries each over three domains.
-    queue(&spool, &a, 0..300).await;
-    let domains = ["example.org", "example.net", "example.com"];
-    let homes: HashSet<usize> = domains
-        .iter()
-        .map(|d| cluster.node_of(&format!("smarthost:{{d:{d}}}:ready")))
-        .collect();
-    assert!(homes.len() > 1, "the domains share one primary");
-    assert_spread(&cluster);
-    let lease = Duration::from_secs(60);
-    let run = |s: Arc<RedisSchedule>, holder: &'static str| {
-        tokio::spawn(async move {
-            let mut got = Vec::new();
-            loop {
-                let mut any = false;
-                for domain in domains {
-                    let jobs = s.take(domain, 7, holder, lease).await.unwrap();
-                    any |= !jobs.is_empty();
-                    got.extend(jobs.into_iter().map(|(r, i)| (r.id.clone(), i)));
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        let (spool, a) = node(&cluster).await;
+        let (_, b) = node(&cluster).await;
+        // 300 messages, two deliveries each over three domains.
+        queue(&spool, &a, 0..300).await;
+        let domains = ["example.org", "example.net", "example.com"];
+        let homes: HashSet<usize> = domains
+            .iter()
+            .map(|d| cluster.node_of(&format!("smarthost:{{d:{d}}}:ready")))
+            .collect();
+        assert!(homes.len() > 1, "the domains share one primary");
+        assert_spread(&cluster);
+        let lease = Duration::from_secs(60);
+        let run = |s: Arc<RedisSchedule>, holder: &'static str| {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let mut any = false;
+                    for domain in domains {
+                        let jobs = s.take(domain, 7, holder, lease).await.unwrap();
+                        any |= !jobs.is_empty();
+                        got.extend(jobs.into_iter().map(|(r, i)| (r.id.clone(), i)));
+                    }
+                    if !any {
+                        return got;
+                    }
                 }
-                if !any {
-                    return got;
-                }
-            }
-        })
-    };
-    let (from_a, from_b) = (run(a.clone(), "node-a"), run(b.clone(), "node-b"));
-    let (from_a, from_b) = (from_a.await.unwrap(), from_b.await.unwrap());
-    assert!(!from_a.is_empty() && !from_b.is_empty(), "both took some");
-    let all: HashSet<_> = from_a.iter().chain(&from_b).cloned().collect();
-    assert_eq!(all.len(), from_a.len() + from_b.len(), "no delivery twice");
-    assert_eq!(all.len(), 600);
-    let counts = a.counts().await.unwrap();
-    assert_eq!((counts.in_flight, counts.ready), (600, 0));
+            })
+        };
+        let (from_a, from_b) = (run(a.clone(), "node-a"), run(b.clone(), "node-b"));
+        let (from_a, from_b) = (from_a.await.unwrap(), from_b.await.unwrap());
+        assert!(!from_a.is_empty() && !from_b.is_empty(), "both took some");
+        let all: HashSet<_> = from_a.iter().chain(&from_b).cloned().collect();
+        assert_eq!(all.len(), from_a.len() + from_b.len(), "no delivery twice");
+        assert_eq!(all.len(), 600);
+        let counts = a.counts().await.unwrap();
+        assert_eq!((counts.in_flight, counts.ready), (600, 0));
+    })
+    .await
 }
 
 #[tokio::test]
 async fn schedule_round_trips_on_a_cluster() {
-    let cluster = RedisCluster::start();
-    let (spool, s) = node(&cluster).await;
-    let mut trips = smarthost_testkit::since_last(|| s.round_trips());
-    let batch: Vec<_> = (0..30).map(|n| message(n * 3, 100)).collect();
-    let records = batch.iter().map(|m| m.record.clone()).collect();
-    spool.store(batch).await.unwrap();
-    s.insert(records, u64::MAX / 2).await.unwrap();
-    assert_eq!(
-        trips(),
-        3,
-        "insert: the domain sets, the domains, the domain sets again"
-    );
-    let jobs = s
-        .take("example.org", 20, "node-a", Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(jobs.len(), 20);
-    assert_eq!(trips(), 2, "take of 20: the script, then the records");
-    let t0 = jobs[0].0.received_ms;
-    let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
-    let id = jobs[1].0.id.clone();
-    s.complete(&id, "example.org", &delivered, t0, &policy(), 0.0, None)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(trips(), 2, "complete: the record, then the domain");
-    // The message's other delivery: done, so its index entry goes too
-    // (another slot than the domain's, in the same request).
-    let net = s
-        .take("example.net", 30, "node-a", Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(trips(), 2, "take");
-    assert!(net.iter().any(|(r, _)| r.id == id));
-    let done = s
-        .complete(&id, "example.net", &delivered, t0, &policy(), 0.0, None)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(done.message_done());
-    assert_eq!(
-        trips(),
-        2,
-        "complete: the record, then the domain and the index"
-    );
-    // The inserted work gave both domains timers.
-    s.promote(t0).await.unwrap();
-    assert_eq!(
-        trips(),
-        3,
-        "promote: the timers, the domains, the timers back"
-    );
-    s.promote(t0).await.unwrap();
-    assert_eq!(trips(), 1, "promote with no domain due: the timers");
-    s.reclaim_expired_leases().await.unwrap();
-    assert_eq!(trips(), 1, "reclaim with no lease due: the timers");
-    let counts = s.counts().await.unwrap();
-    assert_eq!(trips(), 2, "counts");
-    assert_eq!(counts.messages, 29);
-    assert_eq!(counts.in_flight, 19 + net.len() - 1);
-    let active = command(
-        cluster.ports()[cluster.node_of(ACTIVE_KEY)],
-        &["SCARD", ACTIVE_KEY],
-    );
-    assert_eq!(active.as_deref(), Some(":2"), "example.org and example.net");
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        let (spool, s) = node(&cluster).await;
+        let mut trips = smarthost_testkit::since_last(|| s.round_trips());
+        let batch: Vec<_> = (0..30).map(|n| message(n * 3, 100)).collect();
+        let records = batch.iter().map(|m| m.record.clone()).collect();
+        spool.store(batch).await.unwrap();
+        s.insert(records, u64::MAX / 2).await.unwrap();
+        assert_eq!(
+            trips(),
+            3,
+            "insert: the domain sets, the domains, the domain sets again"
+        );
+        let jobs = s
+            .take("example.org", 20, "node-a", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 20);
+        assert_eq!(trips(), 2, "take of 20: the script, then the records");
+        let t0 = jobs[0].0.received_ms;
+        let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
+        let id = jobs[1].0.id.clone();
+        s.complete(&id, "example.org", &delivered, t0, &policy(), 0.0, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(trips(), 2, "complete: the record, then the domain");
+        // The message's other delivery: done, so its index entry goes too
+        // (another slot than the domain's, in the same request).
+        let net = s
+            .take("example.net", 30, "node-a", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(trips(), 2, "take");
+        assert!(net.iter().any(|(r, _)| r.id == id));
+        let done = s
+            .complete(&id, "example.net", &delivered, t0, &policy(), 0.0, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(done.message_done());
+        assert_eq!(
+            trips(),
+            2,
+            "complete: the record, then the domain and the index"
+        );
+        // The inserted work gave both domains timers.
+        s.promote(t0).await.unwrap();
+        assert_eq!(
+            trips(),
+            3,
+            "promote: the timers, the domains, the timers back"
+        );
+        s.promote(t0).await.unwrap();
+        assert_eq!(trips(), 1, "promote with no domain due: the timers");
+        s.reclaim_expired_leases().await.unwrap();
+        assert_eq!(trips(), 1, "reclaim with no lease due: the timers");
+        let counts = s.counts().await.unwrap();
+        assert_eq!(trips(), 2, "counts");
+        assert_eq!(counts.messages, 29);
+        assert_eq!(counts.in_flight, 19 + net.len() - 1);
+        let active = command(
+            cluster.ports()[cluster.node_of(ACTIVE_KEY)],
+            &["SCARD", ACTIVE_KEY],
+        );
+        assert_eq!(active.as_deref(), Some(":2"), "example.org and example.net");
+    })
+    .await
 }
 
 #[tokio::test]
 async fn scripts_lost_in_a_restart_of_a_primary_are_loaded_again() {
-    let mut cluster = RedisCluster::start();
-    let (spool, s) = node(&cluster).await;
-    queue(&spool, &s, 0..2).await;
-    // The primary of example.org's keys restarts from its AOF with an
-    // empty script cache.
-    cluster.restart_node(cluster.node_of("smarthost:{d:example.org}:ready"));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let jobs = loop {
-        match s
-            .take("example.org", 5, "node-a", Duration::from_secs(60))
-            .await
-        {
-            Ok(jobs) => break jobs,
-            Err(e) => assert!(Instant::now() < deadline, "{e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(jobs.len(), 1, "message 0's example.org delivery");
+    receiving_now(async {
+        let mut cluster = RedisCluster::start();
+        let (spool, s) = node(&cluster).await;
+        queue(&spool, &s, 0..2).await;
+        // The primary of example.org's keys restarts from its AOF with an
+        // empty script cache.
+        cluster.restart_node(cluster.node_of("smarthost:{d:example.org}:ready"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let jobs = loop {
+            match s
+                .take("example.org", 5, "node-a", Duration::from_secs(60))
+                .await
+            {
+                Ok(jobs) => break jobs,
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(jobs.len(), 1, "message 0's example.org delivery");
 
-    // The limits reload theirs too.
-    let limits = RedisLimits::open(&cluster.urls(), "n1", limits_options())
-        .await
-        .unwrap();
-    assert!(limits
-        .acquire_connection("example.org", 1)
-        .await
-        .unwrap()
-        .is_some());
+        // The limits reload theirs too.
+        let limits = RedisLimits::open(&cluster.urls(), "n1", limits_options())
+            .await
+            .unwrap();
+        assert!(limits
+            .acquire_connection("example.org", 1)
+            .await
+            .unwrap()
+            .is_some());
+    })
+    .await
 }
 
 fn limits_options() -> RedisLimitsOptions {
@@ -333,23 +362,30 @@ async fn passes_the_limits_suite_on_a_cluster() {
 
 #[tokio::test]
 async fn a_dead_nodes_leases_are_reclaimed_on_a_cluster() {
-    let cluster = RedisCluster::start();
-    let (spool, a) = node(&cluster).await;
-    let (_, b) = node(&cluster).await;
-    schedule_suite::dead_holders_are_reclaimed(spool, a, b).await;
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        let (spool, a) = node(&cluster).await;
+        let (_, b) = node(&cluster).await;
+        schedule_suite::dead_holders_are_reclaimed(spool, a, b).await;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_expiry_sweeps_at_once_on_a_cluster_report_each_delivery_once() {
-    let cluster = RedisCluster::start();
-    let (spool, a) = node(&cluster).await;
-    let (_, b) = node(&cluster).await;
-    schedule_suite::two_sweeps_at_once_report_each_delivery_once(spool, a, b).await;
-    assert_spread(&cluster);
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        let (spool, a) = node(&cluster).await;
+        let (_, b) = node(&cluster).await;
+        schedule_suite::two_sweeps_at_once_report_each_delivery_once(spool, a, b).await;
+        assert_spread(&cluster);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_loses_no_message_acknowledged_with_a_replica() {
+    receiving_now(async {
     let mut cluster = RedisCluster::start_with_replicas();
     let spool = RedisSpool::open_with(
         &cluster.urls(),
@@ -393,6 +429,7 @@ async fn a_failover_loses_no_message_acknowledged_with_a_replica() {
         if killed.elapsed() > Duration::from_secs(40) || after >= 20 {
             break;
         }
+        receive_from_now();
         match spool.store(vec![message(n, 500)]).await {
             Ok(()) => {
                 acknowledged.push(id(n));
@@ -430,6 +467,8 @@ async fn a_failover_loses_no_message_acknowledged_with_a_replica() {
             .await
             .expect("the body survived the failover");
     }
+    })
+    .await
 }
 
 /// An unreadable record on a cluster: set aside across its slot and the
@@ -437,13 +476,78 @@ async fn a_failover_loses_no_message_acknowledged_with_a_replica() {
 /// and listed.
 #[tokio::test]
 async fn an_unreadable_record_is_set_aside_on_a_cluster() {
+    receiving_now(async {
+        let cluster = RedisCluster::start();
+        let (spool, s) = node(&cluster).await;
+        queue(&spool, &s, 0..6).await;
+        let key = record_key(&id(3));
+        let port = cluster.ports()[cluster.node_of(&key)];
+        // Version byte 99 ("c"): a record of a newer release.
+        assert!(command(port, &["SETRANGE", &key, "0", "c"]).is_some());
+        let listed: Vec<MessageId> = spool
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(listed, [0, 1, 2, 4, 5].map(id));
+        let quarantined = spool.quarantined(10).await.unwrap();
+        assert_eq!(quarantined.len(), 1);
+        assert_eq!(quarantined[0].location, id(3).0);
+        assert!(
+            quarantined[0].reason.contains("version 99"),
+            "{quarantined:?}"
+        );
+        // Its deliveries are dropped where they wait; the others go on.
+        let taken = s
+            .take("example.org", 10, "node-a", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let taken: Vec<MessageId> = taken.into_iter().map(|(r, _)| r.id.clone()).collect();
+        assert_eq!(taken, [0, 2, 5].map(id), "3 is gone");
+        let expired = s.expire(u64::MAX / 2, &policy(), None).await.unwrap();
+        let expired: HashSet<MessageId> =
+            expired.into_iter().map(|c| c.record.id.clone()).collect();
+        assert_eq!(
+            expired,
+            HashSet::from([0, 1, 2, 4, 5].map(id)),
+            "every other message, in its deliveries not in flight"
+        );
+    })
+    .await
+}
+
+/// A batch that waited in an overloaded node until less than a response
+/// timeout is left of its store window (see "Consistency" in
+/// `spool::redis`) is refused (`451`, the client sends it again) before
+/// anything of it is written; one inside its window is stored.
+#[tokio::test]
+async fn a_store_past_its_window_is_refused_before_it_writes_anything() {
     let cluster = RedisCluster::start();
-    let (spool, s) = node(&cluster).await;
-    queue(&spool, &s, 0..6).await;
-    let key = record_key(&id(3));
-    let port = cluster.ports()[cluster.node_of(&key)];
-    // Version byte 99 ("c"): a record of a newer release.
-    assert!(command(port, &["SETRANGE", &key, "0", "c"]).is_some());
+    let spool = open(&cluster).await;
+    let timeout = options().response_timeout;
+    let received = |ago: Duration, n: u64| {
+        let mut m = message(n, 100);
+        m.record.received_ms = ms_ago(ago);
+        m
+    };
+    spool.store(vec![received(timeout * 3, 1)]).await.unwrap();
+
+    let last_chance = timeout * (STORE_TIMEOUTS - 1) + timeout / 2;
+    let batch = vec![received(Duration::ZERO, 2), received(last_chance, 3)];
+    match spool.store(batch).await {
+        Err(SpoolError::Unavailable(why)) => assert!(why.contains("received"), "{why}"),
+        other => panic!("a store past its window: {other:?}"),
+    }
+    let index = cluster.ports()[cluster.node_of(INDEX_KEY)];
+    for n in [2, 3] {
+        let home = cluster.ports()[cluster.node_of(&record_key(&id(n)))];
+        let exists = command(home, &["EXISTS", &record_key(&id(n)), &body_key(&id(n))]);
+        assert_eq!(exists.as_deref(), Some(":0"), "message {n} was written");
+        let score = command(index, &["ZSCORE", INDEX_KEY, id(n).as_str()]);
+        assert_eq!(score.as_deref(), Some(""), "message {n} was indexed");
+    }
     let listed: Vec<MessageId> = spool
         .list()
         .await
@@ -451,26 +555,72 @@ async fn an_unreadable_record_is_set_aside_on_a_cluster() {
         .into_iter()
         .map(|r| r.id)
         .collect();
-    assert_eq!(listed, [0, 1, 2, 4, 5].map(id));
-    let quarantined = spool.quarantined(10).await.unwrap();
-    assert_eq!(quarantined.len(), 1);
-    assert_eq!(quarantined[0].location, id(3).0);
-    assert!(
-        quarantined[0].reason.contains("version 99"),
-        "{quarantined:?}"
-    );
-    // Its deliveries are dropped where they wait; the others go on.
-    let taken = s
-        .take("example.org", 10, "node-a", Duration::from_secs(60))
-        .await
-        .unwrap();
-    let taken: Vec<MessageId> = taken.into_iter().map(|(r, _)| r.id.clone()).collect();
-    assert_eq!(taken, [0, 2, 5].map(id), "3 is gone");
-    let expired = s.expire(u64::MAX / 2, &policy(), None).await.unwrap();
-    let expired: HashSet<MessageId> = expired.into_iter().map(|c| c.record.id.clone()).collect();
+    assert_eq!(listed, [id(1)]);
+}
+
+/// The overload race of issue 8: a batch that waited past the orphan grace
+/// writes its index entry, its message's primary answers slowly, and
+/// meanwhile another node's listing meets the entry without its record
+/// and deletes it as an orphan. The store must then not be acknowledged:
+/// an acknowledged message that no listing, rescan or expiry sweep can find
+/// is lost once its schedule entry is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reader_cleans_away_the_index_entry_of_an_acknowledged_store() {
+    let cluster = RedisCluster::start();
+    // The writer waits up to 5 s for a reply; the reader's grace is that
+    // of a 2 s response timeout.
+    let writer = RedisSpool::open_with(
+        &cluster.urls(),
+        RedisSpoolOptions {
+            cluster: true,
+            ..RedisSpoolOptions::default()
+        },
+    )
+    .await
+    .expect("open on the cluster");
+    let reader = open(&cluster).await;
+    let index_home = cluster.node_of(INDEX_KEY);
+    let n = (0..100)
+        .find(|&n| cluster.node_of(&record_key(&id(n))) != index_home)
+        .expect("a message on another primary than the index");
+    let home = cluster.ports()[cluster.node_of(&record_key(&id(n)))];
+    let index = cluster.ports()[index_home];
+    let mut m = message(n, 100);
+    m.record.received_ms =
+        ms_ago(dangling_grace(options().response_timeout) + Duration::from_secs(5));
+
+    // The message's primary holds writes for 3 s (reads go on).
+    let paused = command(home, &["CLIENT", "PAUSE", "3000", "WRITE"]);
+    assert_eq!(paused.as_deref(), Some("+OK"));
+    let store = tokio::spawn(async move { writer.store(vec![m]).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.is_finished()
+        && command(index, &["ZSCORE", INDEX_KEY, id(n).as_str()]).as_deref() == Some("")
+    {
+        assert!(Instant::now() < deadline, "neither indexed nor refused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Another node lists the queue while the message keys are on their way.
+    assert!(reader.list().await.unwrap().iter().all(|r| r.id != id(n)));
+    let stored = store.await.unwrap();
     assert_eq!(
-        expired,
-        HashSet::from([0, 1, 2, 4, 5].map(id)),
-        "every other message, in its deliveries not in flight"
+        command(home, &["CLIENT", "UNPAUSE"]).as_deref(),
+        Some("+OK")
     );
+
+    let listed = reader.list().await.unwrap();
+    if stored.is_ok() {
+        assert!(
+            listed.iter().any(|r| r.id == id(n)),
+            "message {n} was acknowledged and no listing finds it any more"
+        );
+    }
+    match stored {
+        Err(SpoolError::Unavailable(_)) => {}
+        other => panic!("a store past its window: {other:?}"),
+    }
+    // Refused before its message writes: nothing of it is left to deliver.
+    let exists = command(home, &["EXISTS", &record_key(&id(n)), &body_key(&id(n))]);
+    assert_eq!(exists.as_deref(), Some(":0"));
+    assert!(listed.is_empty(), "{listed:?}");
 }

@@ -59,15 +59,44 @@
 //! failed removed a message that was done anyway.
 //!
 //! The grace is [`STORE_TIMEOUTS`] response timeouts plus [`CLOCK_SKEW`]
-//! (60 s with the default 5 s timeout). An acknowledged cluster `store`
-//! got each reply within a response timeout of its request, and its batch
-//! waited behind at most the store in flight (index write, message writes,
-//! schedule insert) before it was sent: its `EXEC` ran within
-//! [`STORE_TIMEOUTS`] timeouts of the receive time (node clock). A reader
-//! that deletes an entry read its record after `received + grace` on its
-//! own clock, at most [`CLOCK_SKEW`] ahead, so after that `EXEC`, and
-//! found the record. An entry of a message answered `250` is thus never
-//! taken for an orphan.
+//! (60 s with the default 5 s timeout). A cluster `store` keeps within it
+//! by construction, however long its batch waited behind others (an
+//! overloaded node, slow replies): its message writes are sent only while
+//! a whole response timeout is left before the *store deadline*, the
+//! earliest receive time (index score) of the batch plus [`STORE_TIMEOUTS`]
+//! timeouts (node clock), and their replies are waited for one response
+//! timeout. So an acknowledged `store` had every `EXEC` run before its
+//! deadline; a `store` past its window is refused with
+//! [`SpoolError::Unavailable`] before it sends any message write (the
+//! client hears `451` and sends the message again; the index entries it
+//! wrote are orphans that a reader cleans). A reader that deletes an entry
+//! read its record after `received + grace` on its own clock, at most
+//! [`CLOCK_SKEW`] ahead, so after the deadline and so after that `EXEC`,
+//! and found the record. An entry of a message answered `250` is thus
+//! never taken for an orphan. (The clocks count: a node clock stepped
+//! back or forth counts against [`CLOCK_SKEW`].)
+//!
+//! A message write whose reply did not come in time (the store was
+//! refused) may still run later: it was sent. Nothing schedules that
+//! message (the queue schedules a message only once its `store` was
+//! acknowledged), and the client sends it again under a new id. Then
+//! either
+//!
+//! - its index entry is still there: the message is complete but not
+//!   scheduled, and the leader's rescan schedules it, so it is delivered
+//!   as well as the resend. This is the duplicate of a write whose reply
+//!   was lost (at-least-once around a fault), the same as a timed-out
+//!   transaction on one server; never more often, since the writes always
+//!   get a whole response timeout, like every other request; or
+//! - a reader deleted its index entry first (only once past the grace):
+//!   the keys are left without an index entry and without a schedule
+//!   entry. Nothing lists, delivers or bounces them: a harmless leftover
+//!   that takes memory until an operator deletes it
+//!   (`smarthost:{m:<id>}:*` keys of an id absent from the index).
+//!
+//! On one server `store` writes the index entries and the message keys in
+//! one `MULTI`/`EXEC`, so no reader ever sees one without the other; no
+//! deadline applies there.
 
 //! # Round trips
 //!
@@ -160,11 +189,11 @@ pub const QUARANTINE_KEY: &str = "smarthost:{index}:quarantine";
 /// See `scripts/quarantine.lua`.
 const QUARANTINE: &str = include_str!("scripts/quarantine.lua");
 
-/// How many response timeouts (`queue.redis_response_timeout`) a cluster
-/// `store` takes at most from the receive time to its last reply: the
-/// wait behind the store in flight (its index write, message writes and
-/// schedule insert) and its own two requests, with room to spare (see
-/// "Consistency" in the module doc).
+/// How many response timeouts (`queue.redis_response_timeout`) after the
+/// receive time a cluster `store` may get its last reply: its wait behind
+/// other batches and its own two requests. A store that cannot finish by
+/// then is refused before it sends its message writes (see "Consistency"
+/// in the module doc).
 pub const STORE_TIMEOUTS: u32 = 6;
 
 /// How far the clocks of two nodes may differ: receive times are taken on
@@ -176,6 +205,17 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// [`CLOCK_SKEW`]. A younger entry may belong to a store in flight.
 pub fn dangling_grace(response_timeout: Duration) -> Duration {
     response_timeout * STORE_TIMEOUTS + CLOCK_SKEW
+}
+
+/// Whether the message writes of a cluster `store` of a batch whose
+/// earliest receive time is `received_ms` may still be sent at `now_ms`:
+/// waited for one `response_timeout`, their replies must come by the store
+/// deadline, `received_ms` plus [`STORE_TIMEOUTS`] response timeouts, so
+/// that no reader has taken their index entries for orphans meanwhile.
+pub(crate) fn store_window_open(received_ms: u64, now_ms: u64, response_timeout: Duration) -> bool {
+    let timeout = u64::try_from(response_timeout.as_millis()).unwrap_or(u64::MAX);
+    let deadline = received_ms.saturating_add(timeout.saturating_mul(u64::from(STORE_TIMEOUTS)));
+    now_ms.saturating_add(timeout) <= deadline
 }
 
 /// The receive time before which an index entry without a record is an
@@ -1002,9 +1042,14 @@ impl RedisSpool {
     }
 
     /// `store` on Redis Cluster: the index entries, then every message in
-    /// its own slot (see "Consistency" in the module doc).
+    /// its own slot, both while the batch is within its window (see
+    /// "Consistency" in the module doc).
     async fn store_on_cluster(&self, zadd: Cmd, batch: &[NewMessage]) -> Result<(), SpoolError> {
+        self.within_store_window(batch)?;
         self.write("store: index", zadd).await?;
+        // Checked again after the index write, which took up to a timeout:
+        // the message writes must still get a whole one.
+        self.within_store_window(batch)?;
         let pipes: Vec<Pipeline> = batch
             .iter()
             .map(|m| self.transaction_pipe(message_writes(m)))
@@ -1013,6 +1058,23 @@ impl RedisSpool {
             self.transaction_replies("store", replies)?;
         }
         Ok(())
+    }
+
+    /// Refuses a cluster `store` whose message writes could no longer be
+    /// done by the store deadline of its batch ([`store_window_open`]).
+    fn within_store_window(&self, batch: &[NewMessage]) -> Result<(), SpoolError> {
+        let received = batch.iter().map(|m| m.record.received_ms).min();
+        let timeout = self.options.response_timeout;
+        match received {
+            Some(received) if !store_window_open(received, now_ms(), timeout) => {
+                let age = now_ms().saturating_sub(received);
+                Err(SpoolError::Unavailable(format!(
+                    "redis store: a message received {age} ms ago can no longer be stored \
+                     within {STORE_TIMEOUTS} response timeouts of {timeout:?} (overloaded?)"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `remove` on Redis Cluster: the message keys, then the index entry.
@@ -1613,6 +1675,33 @@ mod tests {
         assert_eq!(
             get(&mut on_replica, &record_key(&id(3))).await,
             envelope::encode(&message(3, 100).record)
+        );
+    }
+
+    /// A cluster store sends its message writes only while a whole
+    /// response timeout is left before the deadline (receive time plus
+    /// six timeouts): their replies then come before any reader may take
+    /// its index entries for orphans.
+    #[test]
+    fn the_store_window_ends_one_timeout_before_the_store_deadline() {
+        let timeout = Duration::from_secs(5);
+        let received = 1_000_000;
+        assert!(store_window_open(received, received, timeout));
+        assert!(store_window_open(received, received + 25_000, timeout));
+        assert!(!store_window_open(received, received + 25_001, timeout));
+        assert!(
+            store_window_open(received + 3_000, received, timeout),
+            "a clock behind"
+        );
+        let deadline = received + 30_000;
+        assert!(
+            deadline + CLOCK_SKEW.as_millis() as u64
+                <= received + dangling_grace(timeout).as_millis() as u64,
+            "the grace covers the deadline on a clock ahead by the skew"
+        );
+        assert!(
+            store_window_open(u64::MAX - 10, u64::MAX - 5, timeout),
+            "no overflow"
         );
     }
 

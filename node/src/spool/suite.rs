@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use smarthost_proto::address::Mailbox;
 use smarthost_proto::envelope::{
@@ -17,6 +19,44 @@ use smarthost_proto::envelope::{
 use super::{Change, NewMessage, Spool, SpoolError};
 
 const BASE_MS: u64 = 1_700_000_000_000;
+
+tokio::task_local! {
+    /// When test message 0 is received, where not at [`BASE_MS`]: see
+    /// [`receiving_now`].
+    static RECEIVED_FROM: Arc<AtomicU64>;
+}
+
+/// Runs `test` with test messages received from now on (message `n` at
+/// that moment plus `n` ms) rather than in 2023: a Redis Cluster spool
+/// refuses to store a message received longer ago than its store window
+/// (see "Consistency" in [`crate::spool::redis`]). [`receive_from_now`]
+/// moves that moment on; a task spawned inside `test` does not inherit it.
+pub async fn receiving_now<F: Future>(test: F) -> F::Output {
+    RECEIVED_FROM
+        .scope(Arc::new(AtomicU64::new(now_ms())), test)
+        .await
+}
+
+/// Inside [`receiving_now`], the next test messages are received from now
+/// on (a test or fixture that runs long calls it before it stores more);
+/// elsewhere nothing changes.
+pub fn receive_from_now() {
+    let _ = RECEIVED_FROM.try_with(|from| from.store(now_ms(), Ordering::SeqCst));
+}
+
+/// When test message 0 is received.
+fn received_base() -> u64 {
+    RECEIVED_FROM
+        .try_with(|from| from.load(Ordering::SeqCst))
+        .unwrap_or(BASE_MS)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 fn rcpt(local: &str, domain: &str) -> Recipient {
     Recipient {
@@ -34,8 +74,8 @@ pub fn id(n: u64) -> MessageId {
     MessageId::new(BASE_MS + n, n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
-/// Test message `n`, received at `BASE_MS + n`, with a body of about
-/// `body_len` bytes that names it.
+/// Test message `n`, received at `BASE_MS + n` (see [`receiving_now`]),
+/// with a body of about `body_len` bytes that names it.
 pub fn message(n: u64, body_len: usize) -> NewMessage {
     let mut body = format!("Subject: message {n}\r\n\r\n").into_bytes();
     body.extend(
@@ -59,7 +99,8 @@ pub fn message(n: u64, body_len: usize) -> NewMessage {
         auth_user: None,
         tls: false,
     };
-    let record = MessageRecord::new(id(n), BASE_MS + n, body.len() as u64, client, envelope);
+    let received = received_base() + n;
+    let record = MessageRecord::new(id(n), received, body.len() as u64, client, envelope);
     NewMessage { record, body }
 }
 
@@ -77,12 +118,16 @@ async fn snapshot(spool: &dyn Spool) -> BTreeMap<MessageId, (MessageRecord, Vec<
 }
 
 async fn listed(spool: &dyn Spool, n: u64) -> Option<MessageRecord> {
+    listed_id(spool, &id(n)).await
+}
+
+async fn listed_id(spool: &dyn Spool, id: &MessageId) -> Option<MessageRecord> {
     spool
         .list()
         .await
         .expect("list")
         .into_iter()
-        .find(|r| r.id == id(n))
+        .find(|r| r.id == *id)
 }
 
 /// Runs the whole contract against the spool that `open` returns.
@@ -111,9 +156,7 @@ where
     for m in &batch {
         assert_eq!(spool.read_body(&m.record.id).await.unwrap(), m.body);
         assert_eq!(
-            listed(&*spool, m.record.received_ms - BASE_MS)
-                .await
-                .as_ref(),
+            listed_id(&*spool, &m.record.id).await.as_ref(),
             Some(&m.record)
         );
     }
@@ -175,6 +218,7 @@ where
         .expect("apply restores the record");
 
     // Oldest first, whatever order they were stored in.
+    receive_from_now();
     let mut shuffled: Vec<NewMessage> = (2000..2050).rev().map(|n| message(n, 100)).collect();
     shuffled.swap(3, 40);
     spool.store(shuffled).await.expect("store out of order");
@@ -187,10 +231,12 @@ where
     assert_eq!(list.len(), 149 + 50);
 
     // 200 concurrent stores all land.
+    receive_from_now();
     let tasks: Vec<_> = (3000..3200)
         .map(|n| {
             let spool = spool.clone();
-            tokio::spawn(async move { spool.store(vec![message(n, 2048)]).await })
+            let m = message(n, 2048);
+            tokio::spawn(async move { spool.store(vec![m]).await })
         })
         .collect();
     for task in tasks {
@@ -220,6 +266,7 @@ where
     );
 
     // And it keeps working.
+    receive_from_now();
     spool
         .store(vec![message(4000, 10)])
         .await
@@ -232,7 +279,7 @@ where
     let same_ms: Vec<NewMessage> = (5000..5006)
         .map(|n| {
             let mut m = message(n, 10);
-            m.record.received_ms = BASE_MS + 5000;
+            m.record.received_ms = received_base() + 5000;
             m
         })
         .collect();
