@@ -960,7 +960,11 @@ impl Reporter for QueueReporter {
     }
 
     async fn queue(&self, reports: Vec<NewMessage>) -> Result<(), SpoolError> {
-        for report in reports {
+        for mut report in reports {
+            // Received now: reports kept with a record may be queued long
+            // after they were built, and a Redis Cluster spool refuses a
+            // message received longer ago than its store window.
+            report.record.received_ms = now_ms();
             let report_id = report.record.id.clone();
             match self.queue.send(Enqueue(report)).await {
                 Ok(Ok(())) => tracing::info!(report_id = %report_id, "delivery report queued"),
