@@ -92,6 +92,13 @@ pub struct Release {
     pub domain: String,
 }
 
+/// Stops handing out deliveries; `done` hears once every delivery handed
+/// out so far is reported or released (its outcome in the spool), so that
+/// a node that stops leaves nothing to be sent again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain(pub oneshot::Sender<()>);
+
 /// Holds (or, with `false`, releases) a domain's deliveries.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -341,6 +348,11 @@ pub struct Queue {
     dispatcher: Option<Recipient<DomainReady>>,
     /// Domains to announce to the dispatcher, oldest first, each once.
     announcements: Announcements,
+    /// Deliveries handed out and not yet reported or released.
+    in_flight: usize,
+    /// Set by [`Drain`]: nothing more is handed out, and these hear when
+    /// `in_flight` is down to zero.
+    draining: Option<Vec<oneshot::Sender<()>>>,
 }
 
 /// Domains with due work that the dispatcher has not heard of yet. Each
@@ -400,6 +412,8 @@ impl Queue {
             settings: DeliverySettings::default(),
             dispatcher: None,
             announcements: Announcements::default(),
+            in_flight: 0,
+            draining: None,
         }
     }
 
@@ -590,6 +604,21 @@ impl Queue {
                 }
             }
         }));
+    }
+
+    /// `n` deliveries handed out are over (or were never handed out);
+    /// answers a drain once none is left.
+    fn finished(&mut self, n: usize) {
+        self.in_flight = self.in_flight.saturating_sub(n);
+        if self.in_flight == 0 {
+            for done in self
+                .draining
+                .iter_mut()
+                .flat_map(|waiting| waiting.drain(..))
+            {
+                let _ = done.send(());
+            }
+        }
     }
 
     /// Builds and queues reports for a schedule that writes records itself.
@@ -1115,12 +1144,19 @@ impl Handler<Attach> for Queue {
 }
 
 impl Handler<Take> for Queue {
-    type Result = ResponseFuture<Vec<(Arc<MessageRecord>, usize)>>;
+    type Result = ResponseActFuture<Self, Vec<(Arc<MessageRecord>, usize)>>;
 
     fn handle(&mut self, msg: Take, _: &mut Context<Self>) -> Self::Result {
+        if self.draining.is_some() {
+            return Box::pin(actix::fut::ready(Vec::new()));
+        }
         let schedule = self.schedule.clone();
         let (holder, lease) = (self.holder.clone(), self.lease);
-        Box::pin(async move {
+        // Counted from the call: a drain that starts meanwhile waits for
+        // what it hands out.
+        self.in_flight += msg.max;
+        let max = msg.max;
+        let take = async move {
             schedule
                 .take(&msg.domain, msg.max, &holder, lease)
                 .await
@@ -1128,7 +1164,11 @@ impl Handler<Take> for Queue {
                     tracing::warn!(domain = %msg.domain, %error, "cannot take deliveries");
                     Vec::new()
                 })
-        })
+        };
+        Box::pin(take.into_actor(self).map(move |jobs, queue, _| {
+            queue.finished(max - jobs.len());
+            jobs
+        }))
     }
 }
 
@@ -1186,6 +1226,7 @@ impl Handler<Report> for Queue {
                         }
                     }
                     .into_actor(queue)
+                    .map(|(), queue, _| queue.finished(1))
                 }),
         )
     }
@@ -1201,15 +1242,27 @@ impl Handler<Release> for Queue {
             let due = schedule.has_ready(&msg.domain).await?;
             Ok::<_, SpoolError>((msg.domain, due))
         };
-        ctx.spawn(
-            release
-                .into_actor(self)
-                .map(|result, queue, ctx| match result {
-                    Ok((domain, true)) => queue.announce(vec![domain], ctx),
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!(%error, "cannot release a delivery"),
-                }),
+        ctx.spawn(release.into_actor(self).map(|result, queue, ctx| {
+            queue.finished(1);
+            match result {
+                Ok((domain, true)) => queue.announce(vec![domain], ctx),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot release a delivery"),
+            }
+        }));
+    }
+}
+
+impl Handler<Drain> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, Drain(done): Drain, _: &mut Context<Self>) {
+        tracing::info!(
+            deliveries = self.in_flight,
+            "handing out no more deliveries; waiting for those under way"
         );
+        self.draining.get_or_insert_with(Vec::new).push(done);
+        self.finished(0);
     }
 }
 

@@ -8,6 +8,7 @@
 //! period; every message already answered with `250` is in the spool.
 
 use std::error::Error;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -31,7 +32,7 @@ use smarthost_coordinator::{
 
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
-use crate::queue::{Attach, DeliverySettings, Queue, Recover};
+use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover};
 use crate::schedule::RedisSchedule;
 use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
@@ -242,6 +243,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
         QueueBackend::Local => None,
     };
+    let stopping = Arc::new(AtomicBool::new(false));
     let env = DeliveryEnv {
         config: config.clone(),
         spool,
@@ -250,6 +252,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         tls: TlsClients::new(&config.delivery)?,
         node_slots: Arc::new(Semaphore::new(config.delivery.max_connections)),
         limits,
+        stopping: stopping.clone(),
     };
     let dispatcher = Dispatcher::new(Arc::new(env)).start();
     queue.send(Attach(dispatcher.recipient())).await?;
@@ -279,7 +282,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             config.smtp.max_connections,
             config.smtp.max_connections_per_ip,
         ),
-        Arc::new(session_env(&config, queue.recipient())?),
+        Arc::new(session_env(&config, queue.clone().recipient())?),
     )
     .await?
     .start();
@@ -287,18 +290,31 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     tracing::info!(hostname = %config.node.hostname, "smarthost ready");
 
     wait_for_signal().await;
+    let deadline = tokio::time::Instant::now() + config.node.shutdown_grace;
     ready.send_replace(false);
     listener.send(StopAccepting).await?;
     let (drained, is_drained) = oneshot::channel();
     listener.send(WaitDrained(drained)).await?;
-    if tokio::time::timeout(config.node.shutdown_grace, is_drained)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline, is_drained).await.is_err() {
         let open = listener.send(OpenSessions).await.unwrap_or(0);
         tracing::warn!(
             open_sessions = open,
             "grace period over, closing open sessions"
+        );
+    }
+    // Deliveries under way finish and their outcomes are written, within
+    // the same grace; the rest are handed back untried. Otherwise a message
+    // the next hop took would be sent again by whoever takes it over.
+    stopping.store(true, Ordering::SeqCst);
+    let (finished, are_finished) = oneshot::channel();
+    queue.send(Drain(finished)).await?;
+    if tokio::time::timeout_at(deadline, are_finished)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "grace period over with deliveries still under way; they are attempted again, \
+             and a message the next hop already took may arrive twice"
         );
     }
     if let Some(coordinator) = coordinator {

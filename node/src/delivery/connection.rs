@@ -36,6 +36,9 @@ pub struct DeliveryEnv {
     pub node_slots: Arc<Semaphore>,
     /// Per-domain connection caps and rates (this node's or the cluster's).
     pub limits: Arc<dyn DomainLimits>,
+    /// Set when the node stops: a connection finishes the message it is
+    /// sending and hands back the rest untried.
+    pub stopping: Arc<AtomicBool>,
 }
 
 pub struct Delivery {
@@ -298,7 +301,7 @@ async fn deliver_remote(
         .into_iter()
         .map(|(record, delivery)| (record, delivery, None));
     for (record, delivery, body) in std::iter::once((record, delivery, Some(body))).chain(queued) {
-        if !connection.is_usable() || !lease.usable() {
+        if !connection.is_usable() || !lease.usable() || env.stopping.load(Ordering::SeqCst) {
             release(env, &record, delivery);
             continue;
         }
