@@ -53,7 +53,7 @@ containers:
   - name: smarthost
     image: {{ include "smarthost.image" $root }}
     imagePullPolicy: {{ $v.image.pullPolicy }}
-    args: [{{ .args | quote }}, "--config", "/etc/smarthost/smarthost.toml"]
+    args: [{{ .args | quote }}, "--config", "/etc/smarthost/config/smarthost.toml"]
     {{- if or $v.redis.external.existingSecret $v.extraEnv }}
     env:
       {{- with $v.redis.external.existingSecret }}
@@ -106,9 +106,10 @@ containers:
       capabilities:
         drop: ["ALL"]
     volumeMounts:
+      {{- /* The whole directory, not a subPath: a subPath mount never sees an
+             updated ConfigMap (and podman kube play cannot mount one). */}}
       - name: config
-        mountPath: /etc/smarthost/smarthost.toml
-        subPath: smarthost.toml
+        mountPath: /etc/smarthost/config
         readOnly: true
       - name: data
         mountPath: /var/lib/smarthost

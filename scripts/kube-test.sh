@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Plays the Helm chart for real: builds the image around the smarthost
+# binary cargo built (scripts/image.sh --prebuilt), renders the chart with
+# helm/tests/values-podman.yaml and starts it with `podman kube play` on a
+# podman network this test creates: a Redis pod and an SMTP sink pod
+# (helm/tests/peers.yaml, from an image of Debian's redis-server and
+# aiosmtpd), two coordinators and three nodes. It checks the pods' /healthz
+# and /readyz, the cluster view of a coordinator, then sends 300 messages
+# through the node pods, kills one node pod mid-run, and checks that every
+# message answered 250 reaches the sink. `podman kube down` and the network
+# removal run on every exit.
+#
+# Everything is reached on the test's own network (10.89.250.0/24); no port
+# is published. Needs root (podman networks). Run after
+# `cargo build -p smarthost-node --bins`; SMARTHOST_BIN overrides the binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+# shellcheck source=scripts/chart-tools.sh
+. scripts/chart-tools.sh
+ensure_helm
+ensure_tools_python
+
+binary="${SMARTHOST_BIN:-${CARGO_TARGET_DIR:-target}/debug/smarthost}"
+[ -x "$binary" ] || { echo "error: $binary missing: cargo build -p smarthost-node --bins first" >&2; exit 1; }
+
+# Installs podman when missing and makes the base image once.
+image="$(IMAGE=localhost/smarthost:kube-test scripts/image.sh --prebuilt "$binary")"
+export CONTAINERS_CONF="${CONTAINERS_CONF:-$root/scripts/podman.conf}"
+
+# The peers' image, tagged by what goes into it, so it is built once.
+peers_tag="$(cat tests/peers/Containerfile tests/peers/sink.py | sha256sum | cut -c1-12)"
+peers_image="localhost/smarthost-test-peers:$peers_tag"
+if ! podman image exists "$peers_image"; then
+  echo "building $peers_image"
+  podman build -q -t "$peers_image" -f tests/peers/Containerfile tests/peers >/dev/null
+fi
+
+net=smarthost-kube-test
+subnet=10.89.250.0/24
+work="$(mktemp -d)"
+mkdir -p "$work/sink"
+sed -e "s#SINK_DIR#$work/sink#" -e "s#localhost/smarthost-test-peers:1#$peers_image#" \
+  helm/tests/peers.yaml > "$work/peers.yaml"
+"$HELM" template t helm/smarthost -f helm/tests/values-podman.yaml \
+  --set image.repository="${image%:*}" --set image.tag="${image##*:}" > "$work/chart.yaml"
+"$TOOLS_PY" helm/tests/podmanize.py < "$work/chart.yaml" > "$work/play.yaml"
+
+cleanup() {
+  status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "--- logs of the played pods (test failed) ---"
+    for c in $(podman ps -a --filter "network=$net" --format '{{.Names}}' 2>/dev/null | grep -v infra); do
+      echo "--- $c"; podman logs --tail 20 "$c" 2>&1 || true
+    done
+  fi
+  podman kube down "$work/play.yaml" >/dev/null 2>&1 || true
+  podman kube down "$work/peers.yaml" >/dev/null 2>&1 || true
+  podman network rm -f "$net" >/dev/null 2>&1 || true
+  rm -rf "$work"
+  exit "$status"
+}
+trap cleanup EXIT
+
+# Leftovers of an interrupted run go first.
+podman kube down "$work/play.yaml" >/dev/null 2>&1 || true
+podman kube down "$work/peers.yaml" >/dev/null 2>&1 || true
+podman network rm -f "$net" >/dev/null 2>&1 || true
+podman network create --subnet "$subnet" "$net" >/dev/null
+
+pod_ip() {
+  local infra
+  infra="$(podman pod inspect "$1" --format '{{.InfraContainerID}}')"
+  podman inspect "$infra" --format "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}"
+}
+
+# Waits until COMMAND succeeds, at most SECONDS.
+wait_for() {
+  local what="$1" seconds="$2"
+  shift 2
+  local i
+  for ((i = 0; i < seconds * 2; i++)); do
+    if "$@" >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 0.5
+  done
+  echo "error: $what not within ${seconds}s" >&2
+  return 1
+}
+
+podman kube play --network "$net" "$work/peers.yaml" >/dev/null
+wait_for "Redis answering" 30 podman exec redis-pod-0-redis redis-cli ping
+wait_for "the sink listening" 30 sh -c "podman logs sink-pod-0-sink 2>&1 | grep -q READY"
+
+podman kube play --network "$net" "$work/play.yaml" >/dev/null
+nodes=()
+for i in 0 1 2; do
+  ip="$(pod_ip "t-node-pod-$i")"
+  wait_for "node $i ready at $ip" 60 curl -sf -m 2 "http://$ip:8025/readyz"
+  curl -sf -m 2 "http://$ip:8025/healthz" | grep -q alive
+  nodes+=("$ip")
+done
+coordinator="$(pod_ip t-coordinator-pod-0)"
+wait_for "coordinator ready" 60 curl -sf -m 2 "http://$coordinator:8025/readyz"
+# One leader and all five processes alive in the shared membership.
+cluster_ok() {
+  curl -sf -m 2 "http://$coordinator:8025/api/cluster" | "$TOOLS_PY" -c '
+import json, sys
+c = json.load(sys.stdin)
+sys.exit(0 if c["leader"] and len(c["live"]) == 5 else 1)'
+}
+wait_for "a leader and five live members in /api/cluster" 60 cluster_ok
+echo "chart played: 3 nodes (${nodes[*]}), 2 coordinators, Redis and sink on $net"
+
+# The rendered configuration is what the pods run.
+podman exec t-node-pod-0-smarthost /usr/local/bin/smarthost check-config \
+  /etc/smarthost/config/smarthost.toml
+
+"$TOOLS_PY" helm/tests/kube_mail.py "$work/sink" \
+  "podman kill --signal KILL t-node-pod-2-smarthost >/dev/null" "${nodes[@]}"
