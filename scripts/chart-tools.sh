@@ -17,6 +17,16 @@ tools_fail() {
   exit 1
 }
 
+# Installs the Debian package PKG when the command CMD is missing.
+ensure_command() {
+  command -v "$1" >/dev/null 2>&1 && return
+  echo "installing $2"
+  { ${sudo:-} apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive ${sudo:-} apt-get install -y -qq \
+      -o DPkg::Lock::Timeout=300 "$2" >/dev/null; } ||
+    tools_fail "cannot install $2; install it with apt-get and run again"
+}
+
 ensure_helm() {
   if command -v helm >/dev/null 2>&1; then
     HELM="$(command -v helm)"

@@ -22,6 +22,7 @@ sudo=""
 # shellcheck source=scripts/chart-tools.sh
 . scripts/chart-tools.sh
 ensure_helm
+ensure_command curl curl
 ensure_tools_python
 
 binary="${SMARTHOST_BIN:-${CARGO_TARGET_DIR:-target}/debug/smarthost}"
@@ -53,7 +54,8 @@ cleanup() {
   status=$?
   if [ "$status" -ne 0 ]; then
     echo "--- logs of the played pods (test failed) ---"
-    for c in $(podman ps -a --filter "network=$net" --format '{{.Names}}' 2>/dev/null | grep -v infra); do
+    podman ps -a --format '{{.Names}} {{.Status}}' 2>&1 | grep -E '^(t-|redis-|sink-)' || true
+    for c in $(podman ps -a --format '{{.Names}}' 2>/dev/null | grep -E '^(t-|redis-|sink-)'); do
       echo "--- $c"; podman logs --tail 20 "$c" 2>&1 || true
     done
   fi
@@ -121,4 +123,4 @@ podman exec t-node-pod-0-smarthost /usr/local/bin/smarthost check-config \
   /etc/smarthost/config/smarthost.toml
 
 "$TOOLS_PY" helm/tests/kube_mail.py "$work/sink" \
-  "podman kill --signal KILL t-node-pod-2-smarthost >/dev/null" "${nodes[@]}"
+  "podman kill --signal KILL t-node-pod-2-smarthost >/dev/null 2>&1" "${nodes[@]}"

@@ -3,7 +3,8 @@
 
 The config sections list the keys of node/src/config.rs (docs/configuration.md);
 keys the chart sets itself are left out, so a value for them is an error.
-Run it after adding a config key, then commit the result.
+Run it after adding a config key, then commit the result. With a path
+argument it writes there instead (the chart test compares the two).
 """
 import json
 import pathlib
@@ -125,5 +126,7 @@ schema = obj({
 })
 schema["$schema"] = "https://json-schema.org/draft-07/schema#"
 schema["title"] = "values of the smarthost Helm chart"
-out = pathlib.Path(__file__).resolve().parent.parent / "smarthost" / "values.schema.json"
+import sys
+out = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else \
+    pathlib.Path(__file__).resolve().parent.parent / "smarthost" / "values.schema.json"
 out.write_text(json.dumps(schema, indent=2) + "\n")
