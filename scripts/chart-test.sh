@@ -5,7 +5,8 @@
 # - `helm template` of the defaults and of each values file, validated
 #   against the Kubernetes 1.33 schemas in strict mode (kubernetes-validate);
 # - the smarthost.toml each one renders passes `smarthost check-config`;
-# - every values file in helm/tests/bad is refused by the schema.
+# - every values file in helm/tests/bad is refused by the schema;
+# - deploy/kubernetes/smarthost.yaml is the chart rendered with its defaults.
 # Run after `cargo build -p smarthost-node --bins`; SMARTHOST_BIN overrides
 # the binary. Prints "N passed, N failed".
 set -euo pipefail
@@ -93,6 +94,10 @@ check "ServiceMonitor rendered (full)" grep -q '^kind: ServiceMonitor$' "$work/v
 # The terminationGracePeriodSeconds covers preStop and shutdown_grace.
 check "grace period = preStop 5 + shutdown_grace 60 + 5 (full)" \
   grep -q 'terminationGracePeriodSeconds: 70$' "$work/values-full.yaml"
+
+# The plain manifests for clusters without Helm are the chart's defaults.
+check "deploy/kubernetes/smarthost.yaml is the chart rendered with its defaults" sh -c \
+  "'$HELM' template smarthost $chart > '$work/plain.yaml' && tail -n +7 deploy/kubernetes/smarthost.yaml | cmp - '$work/plain.yaml'"
 
 for bad in helm/tests/bad/*.yaml; do
   check "schema refuses $(basename "$bad")" sh -c \

@@ -102,12 +102,12 @@ podman kube play --network "$net" "$work/play.yaml" >/dev/null
 nodes=()
 for i in 0 1 2; do
   ip="$(pod_ip "t-node-pod-$i")"
-  wait_for "node $i ready at $ip" 60 curl -sf -m 2 "http://$ip:8025/readyz"
+  wait_for "node $i ready at $ip" 120 curl -sf -m 2 "http://$ip:8025/readyz"
   curl -sf -m 2 "http://$ip:8025/healthz" | grep -q alive
   nodes+=("$ip")
 done
 coordinator="$(pod_ip t-coordinator-pod-0)"
-wait_for "coordinator ready" 60 curl -sf -m 2 "http://$coordinator:8025/readyz"
+wait_for "coordinator ready" 120 curl -sf -m 2 "http://$coordinator:8025/readyz"
 # One leader and all five processes alive in the shared membership.
 cluster_ok() {
   curl -sf -m 2 "http://$coordinator:8025/api/cluster" | "$TOOLS_PY" -c '
@@ -115,7 +115,7 @@ import json, sys
 c = json.load(sys.stdin)
 sys.exit(0 if c["leader"] and len(c["live"]) == 5 else 1)'
 }
-wait_for "a leader and five live members in /api/cluster" 60 cluster_ok
+wait_for "a leader and five live members in /api/cluster" 120 cluster_ok
 echo "chart played: 3 nodes (${nodes[*]}), 2 coordinators, Redis and sink on $net"
 
 # The rendered configuration is what the pods run.
