@@ -6,12 +6,12 @@
 #   scripts/image.sh --prebuilt BINARY    the runtime stage only, around a
 #                                         binary cargo built on this machine
 #
-# The image is tagged smarthost:VERSION and smarthost:latest (IMAGE=NAME:TAG
-# overrides the first). Where the base image debian:bookworm-slim cannot be
-# pulled (no registry reachable), it is made from Debian packages with
-# mmdebstrap and imported under that tag; it stays in podman's image store,
-# so later runs reuse it. podman, catatonit and mmdebstrap are installed
-# with apt-get when missing.
+# The image is tagged smarthost:VERSION and smarthost:latest, or only
+# IMAGE=NAME:TAG when that is set. Where the base image debian:bookworm-slim
+# cannot be pulled (no registry reachable), it is made from Debian packages
+# with mmdebstrap and imported under that tag; it stays in podman's image
+# store, so later runs reuse it. podman, runc, catatonit and mmdebstrap are
+# installed with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,7 +79,9 @@ version="$(awk -F'"' '/^version *=/ {print $2; exit}' node/Cargo.toml)"
 [ -n "$version" ] || version="$(awk -F'"' '/^version *=/ {print $2; exit}' Cargo.toml)"
 commit="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 image="${IMAGE:-smarthost:$version}"
-build_args=(--build-arg "VERSION=$version" --build-arg "COMMIT=$commit" -f deploy/Dockerfile -t "$image" -t smarthost:latest)
+tags=(-t "$image")
+[ -n "${IMAGE:-}" ] || tags+=(-t smarthost:latest)
+build_args=(--build-arg "VERSION=$version" --build-arg "COMMIT=$commit" -f deploy/Dockerfile "${tags[@]}")
 
 if [ -n "$prebuilt" ]; then
   [ -x "$prebuilt" ] || { echo "error: $prebuilt is not an executable (cargo build --bin smarthost first)" >&2; exit 1; }
@@ -87,7 +89,8 @@ if [ -n "$prebuilt" ]; then
   # the target directory is far too big to send.
   ctx="$(mktemp -d)"
   trap 'rm -rf "$ctx"' EXIT
-  cp "$prebuilt" "$ctx/smarthost"
+  # Without debug symbols a debug build shrinks from about 200 MB to 40.
+  strip --strip-debug -o "$ctx/smarthost" "$prebuilt" 2>/dev/null || cp "$prebuilt" "$ctx/smarthost"
   mkdir "$ctx/deploy"
   cp deploy/container.toml "$ctx/deploy/"
   podman build -q --target runtime-prebuilt "${build_args[@]}" "$ctx" >/dev/null

@@ -28,9 +28,14 @@ ensure_tools_python
 binary="${SMARTHOST_BIN:-${CARGO_TARGET_DIR:-target}/debug/smarthost}"
 [ -x "$binary" ] || { echo "error: $binary missing: cargo build -p smarthost-node --bins first" >&2; exit 1; }
 
+export CONTAINERS_CONF="${CONTAINERS_CONF:-$root/scripts/podman.conf}"
+# The previous run's image goes, so that the images of old binaries do not
+# pile up; the base and the package layer stay in the build cache.
+if command -v podman >/dev/null 2>&1; then
+  podman rmi -f localhost/smarthost:kube-test >/dev/null 2>&1 || true
+fi
 # Installs podman when missing and makes the base image once.
 image="$(IMAGE=localhost/smarthost:kube-test scripts/image.sh --prebuilt "$binary")"
-export CONTAINERS_CONF="${CONTAINERS_CONF:-$root/scripts/podman.conf}"
 
 # The peers' image, tagged by what goes into it, so it is built once.
 peers_tag="$(cat tests/peers/Containerfile tests/peers/sink.py | sha256sum | cut -c1-12)"
@@ -43,12 +48,14 @@ fi
 net=smarthost-kube-test
 subnet=10.89.250.0/24
 work="$(mktemp -d)"
-mkdir -p "$work/sink"
+# The pods' user (10001) reads the config files mounted from here.
+chmod 755 "$work"
+mkdir -p "$work/sink" "$work/files"
 sed -e "s#SINK_DIR#$work/sink#" -e "s#localhost/smarthost-test-peers:1#$peers_image#" \
   helm/tests/peers.yaml > "$work/peers.yaml"
 "$HELM" template t helm/smarthost -f helm/tests/values-podman.yaml \
   --set image.repository="${image%:*}" --set image.tag="${image##*:}" > "$work/chart.yaml"
-"$TOOLS_PY" helm/tests/podmanize.py < "$work/chart.yaml" > "$work/play.yaml"
+"$TOOLS_PY" helm/tests/podmanize.py "$work/files" < "$work/chart.yaml" > "$work/play.yaml"
 
 cleanup() {
   status=$?
@@ -59,8 +66,15 @@ cleanup() {
       echo "--- $c"; podman logs --tail 20 "$c" 2>&1 || true
     done
   fi
+  # The containers' anonymous volumes (their /var/lib/smarthost), which
+  # `kube down` leaves behind.
+  local volumes
+  volumes="$(podman ps -a --format '{{.Names}}' 2>/dev/null | grep -E '^(t-|redis-|sink-)' |
+    xargs -r podman inspect --format '{{range .Mounts}}{{if eq .Type "volume"}}{{.Name}} {{end}}{{end}}' 2>/dev/null || true)"
   podman kube down "$work/play.yaml" >/dev/null 2>&1 || true
   podman kube down "$work/peers.yaml" >/dev/null 2>&1 || true
+  # shellcheck disable=SC2086
+  [ -z "${volumes// /}" ] || podman volume rm -f $volumes >/dev/null 2>&1 || true
   podman network rm -f "$net" >/dev/null 2>&1 || true
   rm -rf "$work"
   exit "$status"
