@@ -93,6 +93,10 @@ if [ -n "$prebuilt" ]; then
   strip --strip-debug -o "$ctx/smarthost" "$prebuilt" 2>/dev/null || cp "$prebuilt" "$ctx/smarthost"
   mkdir "$ctx/deploy"
   cp deploy/container.toml "$ctx/deploy/"
+  # The shared stage gets a tag of its own, so that its package layer stays
+  # in the build cache when an older image of ours is removed.
+  podman build -q --target runtime-base -f deploy/Dockerfile -t localhost/smarthost-runtime-base:cache \
+    "$ctx" >/dev/null
   podman build -q --target runtime-prebuilt "${build_args[@]}" "$ctx" >/dev/null
 else
   podman build -q --target runtime "${build_args[@]}" . >/dev/null

@@ -6,8 +6,10 @@
 # (helm/tests/peers.yaml, from an image of Debian's redis-server and
 # aiosmtpd), two coordinators and three nodes. It checks the pods' /healthz
 # and /readyz, the cluster view of a coordinator, then sends 300 messages
-# through the node pods, kills one node pod mid-run, and checks that every
-# message answered 250 reaches the sink. `podman kube down` and the network
+# through the node pods, kills one node pod (SIGKILL) and drains another
+# (SIGTERM) mid-run, and checks that every message answered 250 reaches the
+# sink, that the drained node answered every transaction it had begun and
+# exited 0 (helm/tests/kube_mail.py). `podman kube down` and the network
 # removal run on every exit.
 #
 # Everything is reached on the test's own network (10.89.250.0/24); no port
@@ -63,7 +65,9 @@ cleanup() {
     echo "--- logs of the played pods (test failed) ---"
     podman ps -a --format '{{.Names}} {{.Status}}' 2>&1 | grep -E '^(t-|redis-|sink-)' || true
     for c in $(podman ps -a --format '{{.Names}}' 2>/dev/null | grep -E '^(t-|redis-|sink-)'); do
-      echo "--- $c"; podman logs --tail 20 "$c" 2>&1 || true
+      echo "--- $c (warnings and errors, then the last lines)"
+      podman logs "$c" 2>&1 | grep -E '"level":"(WARN|ERROR)"| WARN | ERROR ' | tail -n 30 || true
+      podman logs --tail 5 "$c" 2>&1 || true
     done
   fi
   # The containers' anonymous volumes (their /var/lib/smarthost), which
@@ -136,5 +140,5 @@ echo "chart played: 3 nodes (${nodes[*]}), 2 coordinators, Redis and sink on $ne
 podman exec t-node-pod-0-smarthost /usr/local/bin/smarthost check-config \
   /etc/smarthost/config/smarthost.toml
 
-"$TOOLS_PY" helm/tests/kube_mail.py "$work/sink" \
-  "podman kill --signal KILL t-node-pod-2-smarthost >/dev/null 2>&1" "${nodes[@]}"
+"$TOOLS_PY" helm/tests/kube_mail.py "$work/sink" "${nodes[@]}" \
+  --kill t-node-pod-2-smarthost --drain t-node-pod-1-smarthost
