@@ -5,12 +5,13 @@
 # podman network this test creates: a Redis pod and an SMTP sink pod
 # (helm/tests/peers.yaml, from an image of Debian's redis-server and
 # aiosmtpd), two coordinators and three nodes. It checks the pods' /healthz
-# and /readyz, the cluster view of a coordinator, then sends 300 messages
-# through the node pods, kills one node pod (SIGKILL) and drains another
-# (SIGTERM) mid-run, and checks that every message answered 250 reaches the
-# sink, that the drained node answered every transaction it had begun and
-# exited 0 (helm/tests/kube_mail.py). `podman kube down` and the network
-# removal run on every exit.
+# and /readyz and the cluster view of a coordinator, sends one message over
+# STARTTLS with a certificate given in the values (a Secret of the chart),
+# then sends 300 messages through the node pods, kills one node pod
+# (SIGKILL) and drains another (SIGTERM) mid-run, and checks that every
+# message answered 250 reaches the sink, and that the drained node answered
+# every transaction it had begun and exited 0 (helm/tests/kube_mail.py).
+# `podman kube down` and the network removal run on every exit.
 #
 # Everything is reached on the test's own network (10.89.250.0/24); no port
 # is published. Needs root (podman networks). Run after
@@ -25,6 +26,8 @@ sudo=""
 . scripts/chart-tools.sh
 ensure_helm
 ensure_command curl curl
+ensure_command openssl openssl
+ensure_command swaks swaks
 ensure_tools_python
 
 binary="${SMARTHOST_BIN:-${CARGO_TARGET_DIR:-target}/debug/smarthost}"
@@ -55,8 +58,13 @@ chmod 755 "$work"
 mkdir -p "$work/sink" "$work/files"
 sed -e "s#SINK_DIR#$work/sink#" -e "s#localhost/smarthost-test-peers:1#$peers_image#" \
   helm/tests/peers.yaml > "$work/peers.yaml"
+# STARTTLS with a certificate from the values: the chart makes the Secret.
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=relay.test \
+  -keyout "$work/tls.key" -out "$work/tls.crt" >/dev/null 2>&1
 "$HELM" template t helm/smarthost -f helm/tests/values-podman.yaml \
-  --set image.repository="${image%:*}" --set image.tag="${image##*:}" > "$work/chart.yaml"
+  --set image.repository="${image%:*}" --set image.tag="${image##*:}" \
+  --set tls.enabled=true --set-file tls.cert="$work/tls.crt" --set-file tls.key="$work/tls.key" \
+  > "$work/chart.yaml"
 "$TOOLS_PY" helm/tests/podmanize.py "$work/files" < "$work/chart.yaml" > "$work/play.yaml"
 
 cleanup() {
@@ -139,6 +147,15 @@ echo "chart played: 3 nodes (${nodes[*]}), 2 coordinators, Redis and sink on $ne
 # The rendered configuration is what the pods run.
 podman exec t-node-pod-0-smarthost /usr/local/bin/smarthost check-config \
   /etc/smarthost/config/smarthost.toml
+
+# One message over STARTTLS, with the certificate from the chart's Secret.
+swaks --server "${nodes[0]}:2525" --tls --from app@example.com --to tls@tls.kube.test \
+  --helo client.test --h-Subject "kube-test tls" >"$work/swaks.log" 2>&1 ||
+  { cat "$work/swaks.log"; echo "error: STARTTLS message refused" >&2; exit 1; }
+grep -q "TLS started" "$work/swaks.log"
+tls_seen() { grep -l '"tls@tls.kube.test"' "$work"/sink/*.json; }
+wait_for "the STARTTLS message at the sink" 30 tls_seen
+echo "STARTTLS with the chart's certificate: message delivered"
 
 "$TOOLS_PY" helm/tests/kube_mail.py "$work/sink" "${nodes[@]}" \
   --kill t-node-pod-2-smarthost --drain t-node-pod-1-smarthost
