@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the chart tests: makes Helm and kubernetes-validate available,
 # installing them on first use into a cache directory kept between runs
 # (SMARTHOST_TOOLS, default ~/.cache/smarthost-tools).
