@@ -21,9 +21,7 @@ Checks:
 Messages that arrive twice are listed with the nodes that delivered them:
 a node killed in the middle of a delivery leaves it to be tried again
 (at-least-once, as documented). A repeat that the killed node had no part
-in comes from the drain, which must not repeat anything; that check is
-reported but counted only with KUBE_TEST_STRICT=1 until the drain is fixed
-(see below).
+in comes from the drain, which must not repeat anything.
 Prints "N passed, N failed".
 """
 import argparse
@@ -209,21 +207,11 @@ checks = {
     "every accepted message arrived": not missing,
     "nothing arrived that was not sent": not unexpected,
 }
-# Known to fail today (issue 9, graceful scaling): a draining node exits
-# right after its SMTP sessions end, without finishing or recording the
-# deliveries it is running; it counts as dead at once, the leader gives
-# those back, and another node delivers them again. KUBE_TEST_STRICT=1
-# makes this check count; until the drain is fixed it is reported only.
-known = {"no repeat except of deliveries the killed node made": not repeated_without_kill}
-if os.environ.get("KUBE_TEST_STRICT") == "1":
-    checks.update(known)
-    known = {}
+# A drained node finishes what it delivers before it exits, so only the
+# killed node may leave a delivery to be made twice.
+checks["no repeat except of deliveries the killed node made"] = not repeated_without_kill
 failed = [name for name, ok in checks.items() if not ok]
 for name in failed:
     print("FAILED:", name)
-for name, ok in known.items():
-    if not ok:
-        print(f"KNOWN FAILURE (not counted; KUBE_TEST_STRICT=1 counts it): {name}: "
-              f"{repeated_without_kill[:20]}")
 print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
 sys.exit(1 if failed else 0)
