@@ -266,8 +266,11 @@ async fn schedule_round_trips_on_a_cluster() {
             2,
             "complete: the record, then the domain and the index"
         );
-        // The inserted work gave both domains timers.
+        // Work filed in ready gives no timer: nothing is due yet.
         s.promote(t0).await.unwrap();
+        assert_eq!(trips(), 1, "promote with no domain due: the timers");
+        // The leases' timers are, far enough ahead.
+        s.promote(u64::MAX / 2).await.unwrap();
         assert_eq!(
             trips(),
             3,

@@ -2,13 +2,18 @@
 -- leased): due ones at the back of ready, the others in deferred.
 -- KEYS: ready, deferred, leases, suspended
 -- ARGV: (id, next attempt ms, due 1/0)...
--- Returns 1 while the domain is suspended, else 0.
+-- Returns {suspended 1/0, timer}: timer is the domain's next timer ms (the
+-- earliest of its next deferred attempt and its next lease expiry) when
+-- an id was already deferred or leased (a rescan: the caller puts the
+-- timer back in case it was lost), else -1.
 -- Complexity: O(n log N) for n ids.
 local score = nil
+local queued = false
 for i = 1, #ARGV, 3 do
   local id = ARGV[i]
-  if not redis.call('ZSCORE', KEYS[3], id) and not redis.call('ZSCORE', KEYS[2], id)
-      and not redis.call('ZSCORE', KEYS[1], id) then
+  if redis.call('ZSCORE', KEYS[3], id) or redis.call('ZSCORE', KEYS[2], id) then
+    queued = true
+  elseif not redis.call('ZSCORE', KEYS[1], id) then
     if ARGV[i + 2] == '1' then
       if score == nil then
         local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
@@ -22,4 +27,11 @@ for i = 1, #ARGV, 3 do
     end
   end
 end
-return redis.call('EXISTS', KEYS[4])
+local timer = -1
+if queued then
+  for _, key in ipairs({KEYS[2], KEYS[3]}) do
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if #first > 0 and (timer < 0 or tonumber(first[2]) < timer) then timer = tonumber(first[2]) end
+  end
+end
+return {redis.call('EXISTS', KEYS[4]), timer}
