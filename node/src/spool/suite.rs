@@ -14,7 +14,7 @@ use smarthost_proto::envelope::{
     ClientInfo, DeliveryState, Envelope, MessageId, MessageRecord, Recipient,
 };
 
-use super::{Change, NewMessage, Spool, SpoolError};
+use super::{Change, ListCursor, NewMessage, Spool, SpoolError};
 
 const BASE_MS: u64 = 1_700_000_000_000;
 
@@ -157,7 +157,7 @@ where
     changed.deliveries[0].attempts = 3;
     let failed = spool
         .apply(vec![
-            Change::Update(Box::new(changed.clone())),
+            Change::Update(Arc::new(changed.clone())),
             Change::Remove(id(1003)),
             Change::Remove(id(999_998)),
         ])
@@ -168,7 +168,7 @@ where
     assert_eq!(listed(&*spool, 1003).await, None);
     assert!(spool.apply(Vec::new()).await.is_empty());
     spool
-        .apply(vec![Change::Update(Box::new(message(1001, 0).record))])
+        .apply(vec![Change::Update(Arc::new(message(1001, 0).record))])
         .await
         .is_empty()
         .then_some(())
@@ -256,6 +256,48 @@ where
         }
         assert_eq!(paged, all, "pages of {limit}");
     }
+
+    // A cursor stays good when its message leaves meanwhile; a message
+    // stored meanwhile that sorts before the cursor is not listed, one
+    // that sorts after it is.
+    let (first, next) = spool.list_page(None, 5).await.expect("list a page");
+    assert_eq!(first, all[..5]);
+    let cursor = next.expect("more than one page");
+    assert_eq!(cursor, ListCursor::of(&all[4]));
+    spool
+        .remove(&all[4].id)
+        .await
+        .expect("remove the cursor's message");
+    let mut before = message(6000, 10);
+    before.record.received_ms = all[0].received_ms;
+    let mut after = message(6001, 10);
+    after.record.received_ms = all[6].received_ms;
+    spool
+        .store(vec![before.clone(), after.clone()])
+        .await
+        .expect("store around the cursor");
+    let (page, next) = spool.list_page(Some(&cursor), 3).await.expect("next page");
+    let mut expected = vec![all[5].clone(), all[6].clone()];
+    let new = after.record.clone();
+    if ListCursor::of(&new) < ListCursor::of(&all[6]) {
+        expected.insert(1, new);
+    } else {
+        expected.push(new);
+    }
+    expected.truncate(3);
+    assert_eq!(page, expected);
+    assert_eq!(next, Some(ListCursor::of(&expected[2])));
+    // Past the last message: an empty page and no cursor.
+    let last = ListCursor::of(all.last().expect("listed"));
+    assert_eq!(
+        spool
+            .list_page(Some(&last), 10)
+            .await
+            .expect("past the end"),
+        (Vec::new(), None)
+    );
+    spool.remove(&id(6000)).await.expect("remove");
+    spool.remove(&id(6001)).await.expect("remove");
     for n in 5000..5006 {
         spool
             .remove(&id(n))
