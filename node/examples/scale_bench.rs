@@ -197,7 +197,7 @@ impl Backend {
                 if r.deliveries.is_empty() {
                     Change::Remove(r.id.clone())
                 } else {
-                    Change::Update(Box::new((*r).clone()))
+                    Change::Update(r)
                 }
             })
             .collect();
@@ -475,6 +475,7 @@ async fn start(kind: &str, place: &str) -> Result<(), Error> {
     let started = Instant::now();
     let backend = Backend::open(kind, place).await?;
     let opened = started.elapsed();
+    let (rss_opened, _) = memory_mib();
     let mut queue = Queue::new(backend.spool.clone());
     if kind == "redis" {
         queue = queue
@@ -487,7 +488,7 @@ async fn start(kind: &str, place: &str) -> Result<(), Error> {
     let (rss, hwm) = memory_mib();
     eprintln!();
     println!(
-        "start {kind}: spool opened in {:.2} s, ready (recovered {} messages) in {:.2} s; VmRSS {rss:.0} MiB (was {rss0:.0}), VmHWM {hwm:.0} MiB",
+        "start {kind}: spool opened in {:.2} s (VmRSS {rss_opened:.0} MiB), ready (recovered {} messages) in {:.2} s; VmRSS {rss:.0} MiB (was {rss0:.0}), VmHWM {hwm:.0} MiB",
         opened.as_secs_f64(),
         recovered.len(),
         ready.as_secs_f64()

@@ -50,9 +50,9 @@ use crate::spool::{Change, ListCursor, NewMessage, Spool, SpoolError};
 pub struct Enqueue(pub NewMessage);
 
 /// Reads what the spool holds (at startup) and schedules it: every record,
-/// oldest first.
+/// oldest first (shared with the spool and the schedule, not copied).
 #[derive(Message)]
-#[rtype(result = "Result<Vec<MessageRecord>, SpoolError>")]
+#[rtype(result = "Result<Vec<Arc<MessageRecord>>, SpoolError>")]
 pub struct Recover;
 
 /// Current counts of the queue.
@@ -460,16 +460,16 @@ impl Queue {
             return;
         };
         let (messages, waiters): (Vec<NewMessage>, Vec<Waiter>) = batch.into_iter().unzip();
-        let records: Vec<MessageRecord> = messages.iter().map(|m| m.record.clone()).collect();
         let spool = self.spool.clone();
         let schedule = self.schedule.clone();
         self.store_calls += 1;
         // Scheduled before the senders hear: a message they were told is
         // queued is also counted and handed out.
         let store = async move {
-            let count = records.len();
-            spool.store(messages).await?;
-            match schedule.insert(records, now_ms()).await {
+            let count = messages.len();
+            // Records shared by the spool and the schedule, not copied.
+            let records = spool.store_shared(messages).await?;
+            match schedule.insert_shared(records, now_ms()).await {
                 Ok(domains) => Ok(domains),
                 Err(error) => {
                     // Durable all the same; the next recovery schedules it.
@@ -835,7 +835,7 @@ impl Queue {
                     continue;
                 }
                 match record {
-                    Some(record) => changes.push(Change::Update(Box::new((*record).clone()))),
+                    Some(record) => changes.push(Change::Update(record)),
                     None => changes.push(Change::Remove(id.clone())),
                 }
                 if let Some(built) = reports.remove(&id) {
@@ -1026,7 +1026,7 @@ impl Handler<Enqueue> for Queue {
 
 /// Lists the spool and schedules what it holds.
 impl Handler<Recover> for Queue {
-    type Result = ResponseActFuture<Self, Result<Vec<MessageRecord>, SpoolError>>;
+    type Result = ResponseActFuture<Self, Result<Vec<Arc<MessageRecord>>, SpoolError>>;
 
     fn handle(&mut self, _: Recover, _: &mut Context<Self>) -> Self::Result {
         let spool = self.spool.clone();
@@ -1041,8 +1041,8 @@ impl Handler<Recover> for Queue {
             }));
         }
         let recover = async move {
-            let records = spool.list().await?;
-            let domains = schedule.insert(records.clone(), now_ms()).await?;
+            let records = spool.list_shared().await?;
+            let domains = schedule.insert_shared(records.clone(), now_ms()).await?;
             Ok((records, domains))
         };
         Box::pin(recover.into_actor(self).map(|result, queue, ctx| {
@@ -1510,7 +1510,7 @@ mod tests {
             .start();
 
         let records = queue.send(Recover).await.unwrap().unwrap();
-        let ids: Vec<_> = records.into_iter().map(|r| r.id).collect();
+        let ids: Vec<_> = records.iter().map(|r| r.id.clone()).collect();
         assert_eq!(ids, vec![id(0), id(1), id(2)]);
         let stats = queue.send(Stats).await.unwrap();
         assert_eq!(stats.messages, 3);

@@ -257,6 +257,12 @@ impl Scheduler {
     /// message already pending is left as it is (a rescan may list it
     /// again).
     pub fn insert(&mut self, record: MessageRecord, now_ms: u64) -> Vec<String> {
+        self.insert_shared(Arc::new(record), now_ms)
+    }
+
+    /// [`Scheduler::insert`] of a record shared with the spool, which
+    /// keeps it as it is rather than a copy of it.
+    pub fn insert_shared(&mut self, record: Arc<MessageRecord>, now_ms: u64) -> Vec<String> {
         let mut ready = Vec::new();
         if self.records.contains_key(&record.id) {
             return ready;
@@ -283,7 +289,7 @@ impl Scheduler {
             }
         }
         self.by_age.insert((record.received_ms, record.id.clone()));
-        self.records.insert(record.id.clone(), Arc::new(record));
+        self.records.insert(record.id.clone(), record);
         ready
     }
 

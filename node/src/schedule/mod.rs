@@ -80,6 +80,18 @@ pub trait Schedule: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<Vec<String>, SpoolError>;
 
+    /// [`Schedule::insert`] of records shared with the spool: a schedule
+    /// that keeps records in memory keeps these, not copies of them. This
+    /// default copies them for `insert`.
+    async fn insert_shared(
+        &self,
+        records: Vec<Arc<MessageRecord>>,
+        now_ms: u64,
+    ) -> Result<Vec<String>, SpoolError> {
+        let records = records.into_iter().map(Arc::unwrap_or_clone).collect();
+        self.insert(records, now_ms).await
+    }
+
     /// Moves deliveries due by `now_ms` to their domain's ready work;
     /// returns the domains that got work and are not suspended.
     async fn promote(&self, now_ms: u64) -> Result<Vec<String>, SpoolError>;
@@ -205,6 +217,20 @@ impl Schedule for MemorySchedule {
             records
                 .into_iter()
                 .flat_map(|r| scheduler.insert(r, now_ms))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    async fn insert_shared(
+        &self,
+        records: Vec<Arc<MessageRecord>>,
+        now_ms: u64,
+    ) -> Result<Vec<String>, SpoolError> {
+        let mut scheduler = self.lock();
+        Ok(dedup(
+            records
+                .into_iter()
+                .flat_map(|r| scheduler.insert_shared(r, now_ms))
                 .collect::<Vec<_>>(),
         ))
     }

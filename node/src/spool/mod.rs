@@ -4,6 +4,8 @@
 //! implementation passes the same test suite ([`suite`]). A spool answers only
 //! when what it was given is durable: the SMTP `250` after DATA waits for it.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 
@@ -36,10 +38,12 @@ pub enum SpoolError {
     Corrupt(String),
 }
 
-/// A change to a stored message, for [`Spool::apply`].
+/// A change to a stored message, for [`Spool::apply`]. The new record is
+/// shared: a spool that keeps records in memory keeps this one, the same
+/// the schedule holds, rather than a copy of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    Update(Box<MessageRecord>),
+    Update(Arc<MessageRecord>),
     Remove(MessageId),
 }
 
@@ -93,6 +97,19 @@ pub trait Spool: Send + Sync + 'static {
     /// On error none of them may be reported as stored.
     async fn store(&self, batch: Vec<NewMessage>) -> Result<(), SpoolError>;
 
+    /// [`Spool::store`], answering with the stored records, shared: a
+    /// spool that keeps its records in memory hands out the ones it keeps,
+    /// so that the schedule shares them instead of keeping a copy of each.
+    /// This default copies them before it stores.
+    async fn store_shared(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Arc<MessageRecord>>, SpoolError> {
+        let records = batch.iter().map(|m| Arc::new(m.record.clone())).collect();
+        self.store(batch).await?;
+        Ok(records)
+    }
+
     /// Replaces the record of a stored message (its deliveries changed).
     async fn update(&self, record: MessageRecord) -> Result<(), SpoolError>;
 
@@ -102,11 +119,21 @@ pub trait Spool: Send + Sync + 'static {
     /// Every stored message's current record, oldest first.
     async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError>;
 
+    /// [`Spool::list`] as shared records: a spool that keeps its records
+    /// in memory hands out the ones it holds, so that the schedule filled
+    /// from them at start-up shares them instead of keeping a copy of
+    /// each. This default wraps what `list` returns.
+    async fn list_shared(&self) -> Result<Vec<Arc<MessageRecord>>, SpoolError> {
+        Ok(self.list().await?.into_iter().map(Arc::new).collect())
+    }
+
     /// Up to `limit` messages after `after` (from the oldest when `None`)
     /// in (receive time, id) order, and the cursor of the next page
     /// (`None`: this was the last). A message stored or removed meanwhile
     /// may or may not be listed; nothing older than the cursor is listed
-    /// again. This default lists everything and slices it.
+    /// again. This default lists everything and slices it; a backend
+    /// keeps an index in this order so that a page costs the same
+    /// whatever the length of the queue.
     async fn list_page(
         &self,
         after: Option<&ListCursor>,

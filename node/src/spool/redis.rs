@@ -1237,6 +1237,9 @@ impl Spool for RedisSpool {
         after: Option<&ListCursor>,
         limit: usize,
     ) -> Result<(Vec<MessageRecord>, Option<ListCursor>), SpoolError> {
+        if limit == 0 {
+            return Ok((Vec::new(), None));
+        }
         let cutoff = dangling_cutoff(self.options.response_timeout);
         let want = limit.saturating_add(1);
         let min = after.map_or("-inf".to_string(), |a| a.received_ms.to_string());
