@@ -212,13 +212,8 @@ impl Schedule for MemorySchedule {
         records: Vec<MessageRecord>,
         now_ms: u64,
     ) -> Result<Vec<String>, SpoolError> {
-        let mut scheduler = self.lock();
-        Ok(dedup(
-            records
-                .into_iter()
-                .flat_map(|r| scheduler.insert(r, now_ms))
-                .collect::<Vec<_>>(),
-        ))
+        let shared = records.into_iter().map(Arc::new).collect();
+        self.insert_shared(shared, now_ms).await
     }
 
     async fn insert_shared(
