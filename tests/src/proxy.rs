@@ -91,16 +91,14 @@ impl Proxy {
 /// loopback `ip` (127.0.0.2, 127.0.0.3, …; Linux routes all of 127/8).
 pub struct RedisLink {
     proxies: Vec<Proxy>,
-    cluster: bool,
+    /// `redis://<proxy>/` of each proxy.
+    seeds: Vec<String>,
 }
 
 impl RedisLink {
     /// A link to the one server on `127.0.0.1:port`.
     pub fn server(port: u16) -> RedisLink {
-        RedisLink {
-            proxies: vec![Proxy::start(([127, 0, 0, 1], port).into())],
-            cluster: false,
-        }
+        RedisLink::of(vec![Proxy::start(([127, 0, 0, 1], port).into())])
     }
 
     /// A link from the client seeded at `ip` to the cluster's primaries on
@@ -112,25 +110,26 @@ impl RedisLink {
             .iter()
             .map(|&port| Proxy::start_on((ip, port).into(), ([127, 0, 0, 1], port).into()))
             .collect();
-        RedisLink {
-            proxies,
-            cluster: true,
-        }
+        RedisLink::of(proxies)
+    }
+
+    fn of(proxies: Vec<Proxy>) -> RedisLink {
+        let seeds = proxies
+            .iter()
+            .map(|p| format!("redis://{}/", p.addr()))
+            .collect();
+        RedisLink { proxies, seeds }
     }
 
     /// What the process is given as `queue.redis_url`: the server's
     /// proxy, or every primary's proxy as seeds.
     pub fn url(&self) -> String {
-        let urls: Vec<String> = self
-            .proxies
-            .iter()
-            .map(|p| format!("redis://{}/", p.addr()))
-            .collect();
-        if self.cluster {
-            urls.join(",")
-        } else {
-            urls[0].clone()
-        }
+        self.seeds.join(",")
+    }
+
+    /// The URL of the first proxy alone: a single seed.
+    pub fn seed(&self) -> &str {
+        &self.seeds[0]
     }
 
     /// Cuts the link to every server.
