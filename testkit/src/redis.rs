@@ -1,7 +1,10 @@
 //! A real `redis-server` for tests: its own process on a free loopback port,
 //! its own data directory, append-only file on with an fsync per write.
 //! Killed when dropped. [`RedisCluster`]: three of them made into a Redis
-//! Cluster of three primaries with `redis-cli --cluster create`.
+//! Cluster of three primaries with `redis-cli --cluster create`; with
+//! [`RedisCluster::start_without_endpoints`] each client reaches the
+//! primaries at the host it dialled, so a test can put its own proxies
+//! between one client and the cluster.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -249,21 +252,47 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        RedisCluster::start_nodes(3, 0, "5000")
+        RedisCluster::start_nodes(3, 0, "5000", &[])
+    }
+
+    /// Three primaries that announce no address to clients
+    /// (`cluster-preferred-endpoint-type unknown-endpoint`): `CLUSTER
+    /// SLOTS` gives each primary's port with a null host, which a client
+    /// takes as "the host you asked", and `MOVED` names no host either.
+    /// A client seeded at `127.0.0.1` reaches the servers themselves; a
+    /// client seeded at another loopback address, say `127.0.0.3:<port of
+    /// node 0>`, reaches every primary at `127.0.0.3:<its port>`, where a
+    /// test can listen with one proxy per primary that only this client
+    /// goes through (the servers listen on `127.0.0.1` alone, the cluster
+    /// bus stays direct). With announced addresses
+    /// (`cluster-announce-ip`/`-port`) every client would get the same
+    /// ones, and one client's link could not be cut alone.
+    pub fn start_without_endpoints() -> RedisCluster {
+        RedisCluster::start_nodes(
+            3,
+            0,
+            "5000",
+            &["--cluster-preferred-endpoint-type", "unknown-endpoint"],
+        )
     }
 
     /// Three primaries, each with one replica (six servers), and a node
     /// timeout of one second: a primary that dies is replaced by its
     /// replica within a few seconds.
     pub fn start_with_replicas() -> RedisCluster {
-        RedisCluster::start_nodes(6, 1, "1000")
+        RedisCluster::start_nodes(6, 1, "1000", &[])
     }
 
-    fn start_nodes(count: usize, replicas: usize, node_timeout_ms: &str) -> RedisCluster {
+    fn start_nodes(
+        count: usize,
+        replicas: usize,
+        node_timeout_ms: &str,
+        extra_args: &[&str],
+    ) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..count)
             .map(|_| {
                 let bus = free_port().to_string();
-                RedisServer::start_with(&[
+                let mut args = vec![
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -272,7 +301,9 @@ impl RedisCluster {
                     &bus,
                     "--cluster-node-timeout",
                     node_timeout_ms,
-                ])
+                ];
+                args.extend_from_slice(extra_args);
+                RedisServer::start_with(&args)
             })
             .collect();
         let mut cluster = RedisCluster {

@@ -1,9 +1,11 @@
 //! A TCP proxy that a test can cut: the network between one node and Redis
-//! failing, while both ends keep running.
+//! failing, while both ends keep running. [`RedisLink`]: one process's
+//! link to one Redis server or to every primary of a Redis Cluster, cut
+//! and restored as one.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -12,11 +14,14 @@ struct Shared {
     target: SocketAddr,
     cut: AtomicBool,
     stopping: AtomicBool,
+    /// Connections forwarded to the target so far.
+    forwarded: AtomicUsize,
     /// Both sockets of every open pair, to cut them.
     open: Mutex<Vec<TcpStream>>,
 }
 
-/// Forwards 127.0.0.1:<port> to a target until it is cut.
+/// Forwards 127.0.0.1:<port> (or an address of the test's choosing) to a
+/// target until it is cut.
 pub struct Proxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -24,13 +29,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy on a free port of 127.0.0.1.
     pub fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        Proxy::start_on(([127, 0, 0, 1], 0).into(), target)
+    }
+
+    /// A proxy listening on `listen` (port 0: a free one).
+    pub fn start_on(listen: SocketAddr, target: SocketAddr) -> Proxy {
+        let listener =
+            TcpListener::bind(listen).unwrap_or_else(|e| panic!("bind the proxy to {listen}: {e}"));
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             target,
             cut: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            forwarded: AtomicUsize::new(0),
             open: Mutex::new(Vec::new()),
         });
         let accepting = {
@@ -61,6 +74,77 @@ impl Proxy {
     pub fn restore(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
     }
+
+    /// How many connections it has forwarded to the target so far.
+    pub fn forwarded(&self) -> usize {
+        self.shared.forwarded.load(Ordering::SeqCst)
+    }
+}
+
+/// One process's link to Redis, through proxies of its own: to one server,
+/// or to every primary of a Redis Cluster started with
+/// `RedisCluster::start_without_endpoints`. Such a cluster tells clients
+/// no host, only ports, so a client seeded at `ip:<port of a primary>`
+/// reaches every primary at `ip:<its port>`: the link listens there, one
+/// proxy per primary, forwarding to `127.0.0.1:<the same port>` where the
+/// servers listen. Each process whose link may be cut alone gets its own
+/// loopback `ip` (127.0.0.2, 127.0.0.3, …; Linux routes all of 127/8).
+pub struct RedisLink {
+    proxies: Vec<Proxy>,
+    /// `redis://<proxy>/` of each proxy.
+    seeds: Vec<String>,
+}
+
+impl RedisLink {
+    /// A link to the one server on `127.0.0.1:port`.
+    pub fn server(port: u16) -> RedisLink {
+        RedisLink::of(vec![Proxy::start(([127, 0, 0, 1], port).into())])
+    }
+
+    /// A link from the client seeded at `ip` to the cluster's primaries on
+    /// `127.0.0.1:ports`; `ip` must not be 127.0.0.1, where the servers
+    /// listen on the same ports.
+    pub fn cluster(ip: Ipv4Addr, ports: &[u16]) -> RedisLink {
+        assert_ne!(ip, Ipv4Addr::LOCALHOST, "the servers listen there");
+        let proxies = ports
+            .iter()
+            .map(|&port| Proxy::start_on((ip, port).into(), ([127, 0, 0, 1], port).into()))
+            .collect();
+        RedisLink::of(proxies)
+    }
+
+    fn of(proxies: Vec<Proxy>) -> RedisLink {
+        let seeds = proxies
+            .iter()
+            .map(|p| format!("redis://{}/", p.addr()))
+            .collect();
+        RedisLink { proxies, seeds }
+    }
+
+    /// What the process is given as `queue.redis_url`: the server's
+    /// proxy, or every primary's proxy as seeds.
+    pub fn url(&self) -> String {
+        self.seeds.join(",")
+    }
+
+    /// The URL of the first proxy alone: a single seed.
+    pub fn seed(&self) -> &str {
+        &self.seeds[0]
+    }
+
+    /// Cuts the link to every server.
+    pub fn cut(&self) {
+        self.proxies.iter().for_each(Proxy::cut);
+    }
+
+    pub fn restore(&self) {
+        self.proxies.iter().for_each(Proxy::restore);
+    }
+
+    /// The proxies, one per server in the order of the ports given.
+    pub fn proxies(&self) -> &[Proxy] {
+        &self.proxies
+    }
 }
 
 impl Drop for Proxy {
@@ -89,6 +173,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         };
+        shared.forwarded.fetch_add(1, Ordering::SeqCst);
         if let Err(error) = pipe(client, server, &shared) {
             eprintln!("proxy: cannot forward a connection: {error}");
         }

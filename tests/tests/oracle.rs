@@ -73,7 +73,13 @@ fn redis_cluster_three_nodes_with_faults() {
         "redis_cluster_three_nodes_with_faults",
         Backend::Cluster { nodes: 3 },
         6,
-        &[KillNode, KillCoordinator, RestartRedis, CutReceivers],
+        &[
+            KillNode,
+            KillCoordinator,
+            RestartRedis,
+            CutRedis,
+            CutReceivers,
+        ],
     ));
 }
 

@@ -16,7 +16,8 @@ pub enum FaultKind {
     /// SIGKILL Redis (or one primary of the cluster) and start it again
     /// from its append-only file.
     RestartRedis,
-    /// Cut one relay process's link to Redis (TCP proxy), restore it.
+    /// Cut one relay process's link to Redis, or to every primary of the
+    /// Redis Cluster (TCP proxies), restore it.
     CutRedis,
     /// Cut the links from the relay to a third of the receivers.
     CutReceivers,

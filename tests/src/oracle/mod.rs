@@ -22,7 +22,7 @@ pub mod workload;
 
 use std::fs::File;
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use smarthost_testkit::redis::{RedisCluster, RedisServer};
 
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, RedisLink};
 use crate::scenario::{delivery_log, start_as, Setup};
 use check::{LogLine, Observed, Verdict};
 use client::Entry;
@@ -221,7 +221,9 @@ impl Drop for Tmpfs {
 struct Deployment {
     nodes: Vec<Setup>,
     coordinator: Option<Setup>,
-    redis_proxies: Vec<Proxy>,
+    /// Each process's own link to Redis, in the order they started, when
+    /// the run cuts them.
+    redis_links: Vec<RedisLink>,
     receiver_proxies: Vec<Proxy>,
     redis: Option<RedisServer>,
     cluster: Option<RedisCluster>,
@@ -256,13 +258,18 @@ impl Deployment {
             .fault_kinds
             .contains(&FaultKind::DiskFull)
             .then(|| Tmpfs::mount(&dir.path().join("disk"), "256m"));
+        let cuts_redis = plan.fault_kinds.contains(&FaultKind::CutRedis);
         let (redis, cluster) = match plan.backend {
             Backend::Local => (None, None),
             Backend::Redis { .. } => (Some(RedisServer::start()), None),
+            // Clients reach the primaries at the host they dialled, so
+            // that each process can have a link of its own to cut.
+            Backend::Cluster { .. } if cuts_redis => {
+                (None, Some(RedisCluster::start_without_endpoints()))
+            }
             Backend::Cluster { .. } => (None, Some(RedisCluster::start())),
         };
-        let cuts_redis = plan.fault_kinds.contains(&FaultKind::CutRedis);
-        let mut redis_proxies = Vec::new();
+        let mut redis_links = Vec::new();
         let lifetime = format!("{}s", plan.max_lifetime.as_secs());
         let spool = tmpfs
             .as_ref()
@@ -270,11 +277,16 @@ impl Deployment {
         let mut launch = |command: &'static str, id: &str| {
             let url = match (&redis, &cluster) {
                 (Some(redis), _) if cuts_redis => {
-                    let port = redis.port();
-                    redis_proxies.push(Proxy::start(([127, 0, 0, 1], port).into()));
-                    format!("redis://{}/", redis_proxies.last().unwrap().addr())
+                    redis_links.push(RedisLink::server(redis.port()));
+                    redis_links.last().unwrap().url()
                 }
                 (Some(redis), _) => redis.url(),
+                (_, Some(cluster)) if cuts_redis => {
+                    // 127.0.0.2 for the first process, .3 for the next, …
+                    let ip = Ipv4Addr::new(127, 0, 0, 2 + redis_links.len() as u8);
+                    redis_links.push(RedisLink::cluster(ip, &cluster.ports()));
+                    redis_links.last().unwrap().url()
+                }
                 (_, Some(cluster)) => cluster.urls(),
                 _ => String::new(),
             };
@@ -322,7 +334,7 @@ impl Deployment {
         Deployment {
             nodes,
             coordinator,
-            redis_proxies,
+            redis_links,
             receiver_proxies,
             redis,
             cluster,
@@ -454,15 +466,15 @@ fn inject(
         FaultKind::CutRedis => {
             let i = {
                 let d = deployment.lock().unwrap();
-                if d.redis_proxies.is_empty() {
+                if d.redis_links.is_empty() {
                     return "no Redis link to cut".into();
                 }
-                let i = fault.target % d.redis_proxies.len();
-                d.redis_proxies[i].cut();
+                let i = fault.target % d.redis_links.len();
+                d.redis_links[i].cut();
                 i
             };
             hold();
-            deployment.lock().unwrap().redis_proxies[i].restore();
+            deployment.lock().unwrap().redis_links[i].restore();
             format!("link {i} to Redis (0 is the first process started) cut and restored")
         }
         FaultKind::CutReceivers => {
