@@ -175,6 +175,17 @@ const REPORTS_AT_ONCE: usize = 32;
 /// built for it can still quote it.
 pub const BODY_GRACE: Duration = Duration::from_secs(60 * 60);
 
+/// How long `complete` keeps trying to record an outcome Redis does not
+/// take (a restart, a cut link) before it gives the delivery up to be
+/// attempted again; well within any lease (at least a second, 15 minutes by
+/// default) as long as the renewals get through.
+const COMPLETE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The first wait before an outcome is tried again; it doubles up to
+/// [`COMPLETE_RETRY_MAX`].
+const COMPLETE_RETRY: Duration = Duration::from_millis(250);
+const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(4);
+
 /// How often `complete` recomputes an outcome on a record another node
 /// changed meanwhile before it gives up (the lease then runs out and the
 /// delivery is attempted again).
@@ -1551,15 +1562,32 @@ impl Schedule for RedisSchedule {
         jitter: f64,
         report: Option<&ReportHook>,
     ) -> Result<Option<Completion>, SpoolError> {
-        let result = self
-            .complete_with(id, domain, outcome, now_ms, policy, jitter, report)
-            .await;
-        if result.is_err() {
-            // No longer running here: the lease lapses (or is put back as
-            // an orphan) and the delivery is attempted again.
-            self.held().remove(&(id.clone(), domain.to_string()));
+        // The attempt is over, maybe delivered: its outcome is tried again
+        // for a while, the lease still held here (and renewed), so that a
+        // Redis restart or a cut link does not make it an orphan that is
+        // delivered again.
+        let deadline = Instant::now() + COMPLETE_PATIENCE;
+        let mut wait = COMPLETE_RETRY;
+        loop {
+            let result = self
+                .complete_with(id, domain, outcome, now_ms, policy, jitter, report)
+                .await;
+            match &result {
+                Err(SpoolError::Unavailable(error)) if Instant::now() + wait < deadline => {
+                    tracing::warn!(message_id = %id, %domain, %error,
+                        "the delivery outcome is not recorded yet; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(COMPLETE_RETRY_MAX);
+                }
+                Err(_) => {
+                    // No longer running here: the lease lapses (or is put
+                    // back as an orphan) and the delivery is attempted again.
+                    self.held().remove(&(id.clone(), domain.to_string()));
+                    return result;
+                }
+                Ok(_) => return result,
+            }
         }
-        result
     }
 
     async fn expire(
@@ -2218,6 +2246,69 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(entries, 0, "nothing is left pending");
+    }
+
+    /// Redis restarting between a delivery and its outcome: the outcome is
+    /// recorded once Redis is back, and nothing is put back to be
+    /// delivered again meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outcome_waits_for_redis_to_come_back() {
+        let mut server = RedisServer::start();
+        let (spool, schedule) = node(&server).await;
+        queue(&spool, &schedule, 0..1).await;
+        let lease = Duration::from_secs(60);
+        let (record, _) = schedule
+            .take("example.org", 1, "node-a", lease)
+            .await
+            .unwrap()
+            .pop()
+            .expect("a delivery");
+
+        server.kill();
+        let completing = {
+            let (schedule, id) = (schedule.clone(), record.id.clone());
+            tokio::spawn(async move {
+                let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
+                schedule
+                    .complete(
+                        &id,
+                        "example.org",
+                        &delivered,
+                        now_ms(),
+                        &policy(),
+                        0.0,
+                        None,
+                    )
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let _server = tokio::task::spawn_blocking(move || {
+            server.restart();
+            server
+        })
+        .await
+        .unwrap();
+        let done = completing
+            .await
+            .unwrap()
+            .expect("recorded once Redis is back")
+            .expect("a completion");
+        assert_eq!(done.notes.len(), 1);
+        let left = schedule
+            .records(std::slice::from_ref(&record.id))
+            .await
+            .unwrap();
+        let left = left[0].as_ref().expect("the other domain is still due");
+        assert!(left.deliveries.iter().all(|d| d.domain != "example.org"));
+        assert!(
+            schedule
+                .take("example.org", 1, "node-b", lease)
+                .await
+                .unwrap()
+                .is_empty(),
+            "the delivery was given out again"
+        );
     }
 
     #[tokio::test]
