@@ -236,6 +236,10 @@ const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// actor must not hold its connection slot for as long as a disk is full.
 const WRITE_PATIENCE: Duration = Duration::from_secs(30);
 
+/// The most stored messages kept in memory to be scheduled again after a
+/// failed insert; beyond that a rescan finds them.
+const UNSCHEDULED_LIMIT: usize = 10_000;
+
 /// How many reports being built need each message.
 #[derive(Clone, Debug, Default)]
 struct Pins(Arc<std::sync::Mutex<HashMap<MessageId, usize>>>);
@@ -350,6 +354,11 @@ pub struct Queue {
     announcements: Announcements,
     /// Deliveries handed out and not yet reported or released.
     in_flight: usize,
+    /// Stored messages whose schedule insert failed, inserted again on the
+    /// next ticks.
+    unscheduled: Vec<Arc<MessageRecord>>,
+    /// An insert of `unscheduled` is under way.
+    inserting: bool,
     /// Set by [`Drain`]: nothing more is handed out, and these hear when
     /// `in_flight` is down to zero.
     draining: Option<Vec<oneshot::Sender<()>>>,
@@ -413,6 +422,8 @@ impl Queue {
             dispatcher: None,
             announcements: Announcements::default(),
             in_flight: 0,
+            unscheduled: Vec::new(),
+            inserting: false,
             draining: None,
         }
     }
@@ -469,19 +480,22 @@ impl Queue {
             let count = messages.len();
             // Records shared by the spool and the schedule, not copied.
             let records = spool.store_shared(messages).await?;
-            match schedule.insert_shared(records, now_ms()).await {
-                Ok(domains) => Ok(domains),
+            match schedule.insert_shared(records.clone(), now_ms()).await {
+                Ok(domains) => Ok((domains, Vec::new())),
                 Err(error) => {
-                    // Durable all the same; the next recovery schedules it.
-                    tracing::error!(%error, messages = count, "cannot schedule stored messages");
-                    Ok(Vec::new())
+                    // Durable all the same: inserted again on the next
+                    // ticks (or found by a rescan).
+                    tracing::error!(%error, messages = count,
+                        "cannot schedule stored messages yet; trying again");
+                    Ok((Vec::new(), records))
                 }
             }
         };
         ctx.spawn(store.into_actor(self).map(move |result, queue, ctx| {
             queue.batcher.finished();
             let result = match result {
-                Ok(domains) => {
+                Ok((domains, unscheduled)) => {
+                    queue.keep_unscheduled(unscheduled);
                     queue.announce(domains, ctx);
                     Ok(())
                 }
@@ -535,6 +549,7 @@ impl Queue {
     /// them, first takes back work whose lease ran out and promotes due
     /// retries.
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.insert_unscheduled(ctx);
         if self.ticking || (self.led && self.dispatcher.is_none()) {
             // Nothing to announce to (`smarthost coordinator`).
             return;
@@ -556,6 +571,52 @@ impl Queue {
                 Err(error) => tracing::warn!(%error, "cannot promote due deliveries"),
             }
         }));
+    }
+
+    /// Keeps stored messages whose schedule insert failed for the next
+    /// ticks, up to [`UNSCHEDULED_LIMIT`]; past that they wait for a rescan.
+    fn keep_unscheduled(&mut self, records: Vec<Arc<MessageRecord>>) {
+        let room = UNSCHEDULED_LIMIT.saturating_sub(self.unscheduled.len());
+        if records.len() > room {
+            tracing::warn!(
+                messages = records.len() - room,
+                "too many stored messages wait to be scheduled; the rest wait for a rescan"
+            );
+        }
+        self.unscheduled.extend(records.into_iter().take(room));
+    }
+
+    /// Inserts again what was stored but could not be scheduled (an insert
+    /// is idempotent): a message the client was told is queued does not
+    /// wait for the leader's rescan, which may be minutes away.
+    fn insert_unscheduled(&mut self, ctx: &mut Context<Self>) {
+        if self.inserting || self.unscheduled.is_empty() {
+            return;
+        }
+        self.inserting = true;
+        let records = std::mem::take(&mut self.unscheduled);
+        let schedule = self.schedule.clone();
+        let insert = async move {
+            let result = schedule.insert_shared(records.clone(), now_ms()).await;
+            (records, result)
+        };
+        ctx.spawn(
+            insert
+                .into_actor(self)
+                .map(|(records, result), queue, ctx| {
+                    queue.inserting = false;
+                    match result {
+                        Ok(domains) => {
+                            tracing::info!(messages = records.len(), "stored messages scheduled");
+                            queue.announce(domains, ctx);
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "cannot schedule stored messages yet");
+                            queue.keep_unscheduled(records);
+                        }
+                    }
+                }),
+        );
     }
 
     /// Extends the leases of the deliveries this node is running.

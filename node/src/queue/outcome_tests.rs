@@ -88,10 +88,13 @@ impl Spool for FlakySpool {
 }
 
 /// The in-memory schedule, with `records` (what the record writer reads)
-/// held back for a while on every call.
+/// held back for a while on every call, and `insert` failing while
+/// `fail_inserts` is set.
+#[derive(Default)]
 struct SlowRecords {
     inner: MemorySchedule,
     delay: Duration,
+    fail_inserts: AtomicBool,
 }
 
 #[async_trait]
@@ -101,6 +104,9 @@ impl Schedule for SlowRecords {
         records: Vec<MessageRecord>,
         now: u64,
     ) -> Result<Vec<String>, SpoolError> {
+        if self.fail_inserts.load(Ordering::SeqCst) {
+            return Err(SpoolError::Unavailable("insert: timed out".into()));
+        }
         self.inner.insert(records, now).await
     }
     async fn promote(&self, now: u64) -> Result<Vec<String>, SpoolError> {
@@ -255,8 +261,8 @@ async fn two_completions_of_one_message_in_one_write_are_both_answered() {
     // The writer reads the records late: by then both domains of the
     // message completed, so two writes in a row remove it.
     let schedule = Arc::new(SlowRecords {
-        inner: MemorySchedule::default(),
         delay: Duration::from_millis(300),
+        ..SlowRecords::default()
     });
     let queue = Queue::new(spool.clone()).with_schedule(schedule, "local", DEFAULT_LEASE);
     let (queue, domains) = start_with_message(queue).await;
@@ -467,4 +473,27 @@ async fn every_domain_with_due_work_is_announced_however_many() {
         );
         actix::clock::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A message stored but not scheduled (the insert failed after the store)
+/// is inserted again on the next ticks: it does not wait for a rescan.
+#[actix::test]
+async fn a_message_whose_insert_failed_is_scheduled_on_the_next_ticks() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = FlakySpool::new(dir.path());
+    let schedule = Arc::new(SlowRecords::default());
+    schedule.fail_inserts.store(true, Ordering::SeqCst);
+    let queue = Queue::new(spool.clone()).with_schedule(schedule.clone(), "local", DEFAULT_LEASE);
+    let (queue, domains) = start_with_message(queue).await;
+    assert_eq!(spool.list().await.unwrap().len(), 1, "stored");
+    let counts = queue.send(Stats).await.unwrap();
+    assert_eq!(counts.messages, 0, "not scheduled: {counts:?}");
+
+    schedule.fail_inserts.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while queue.send(Stats).await.unwrap().messages == 0 {
+        assert!(std::time::Instant::now() < deadline, "never scheduled");
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+    take_and_report(&queue, 0, &domains[0], RcptResult::Delivered).await;
 }
