@@ -12,6 +12,7 @@
 //! - `http`: a raw HTTP client for the relay's admin API.
 //! - `proxy`: a TCP proxy a test can cut (a node losing its link to Redis).
 //! - `oracle`: the oracle-checked workload with faults (`docs/reliability.md`).
+//! - `traffic`: numbered messages to three domains for the multi-node tests.
 
 use std::path::PathBuf;
 
@@ -24,6 +25,7 @@ pub mod relay;
 pub mod scenario;
 pub mod sink;
 pub mod smtp;
+pub mod traffic;
 
 /// The `smarthost` binary under test: `$SMARTHOST_BIN` when set, otherwise
 /// the one built next to the test binary (tests run from

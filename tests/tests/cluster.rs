@@ -5,17 +5,17 @@
 //! answering after a short pause so that connections overlap. The test of
 //! a cut link runs three `smarthost run` instead.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use smarthost_testkit::redis::RedisServer;
 use smarthost_tests::proxy::Proxy;
-use smarthost_tests::scenario::{delivered_per_node, dot_stuff, message, route, start_as, Setup};
+use smarthost_tests::scenario::{delivered_per_node, route, start_as, Setup};
 use smarthost_tests::sink::{Sink, SinkOptions};
-use smarthost_tests::smtp::Client;
+use smarthost_tests::traffic::{
+    arrivals, subject_and_recipient, submit, submit_all, wait_for_all, DOMAINS,
+};
 
-const DOMAINS: [&str; 3] = ["a.test", "b.test", "c.test"];
 /// The cluster-wide cap on connections to one domain.
 const CAP: u64 = 2;
 /// Client threads submitting at once.
@@ -78,68 +78,6 @@ fn sink() -> Sink {
     Sink::start(SinkOptions::default().delay(Duration::from_millis(20)))
 }
 
-/// Message `n` goes to the `n % 3`-th domain.
-fn subject_and_recipient(tag: &str, n: usize) -> (String, String) {
-    let domain = DOMAINS[n % DOMAINS.len()];
-    (format!("{tag} {n}"), format!("user{n}@{domain}"))
-}
-
-/// Submits one message; the code of the first reply that is not a go-ahead
-/// (or the final reply): `250` accepted, `4xx` refused for now.
-fn submit(addr: SocketAddr, subject: &str, to: &str) -> u16 {
-    let (mut c, greeting) = Client::connect(addr);
-    if greeting.code != 220 {
-        return greeting.code;
-    }
-    for (line, want) in [
-        ("EHLO app.example".to_string(), 250),
-        ("MAIL FROM:<app@sender.test>".to_string(), 250),
-        (format!("RCPT TO:<{to}>"), 250),
-        ("DATA".to_string(), 354),
-    ] {
-        let reply = c.cmd(&line);
-        if reply.code != want {
-            let _ = c.try_read_reply();
-            return reply.code;
-        }
-    }
-    c.send_raw(dot_stuff(&message(to, subject, "Hello.\r\n")).as_bytes());
-    c.send_raw(b".\r\n");
-    let code = c.read_reply().code;
-    c.send_raw(b"QUIT\r\n");
-    let _ = c.try_read_reply();
-    code
-}
-
-/// Submits messages `0..count` tagged `tag` round-robin to `addrs` from
-/// several threads; panics unless every one is accepted with `250`.
-fn submit_all(addrs: &[SocketAddr], tag: &str, count: usize) -> Vec<String> {
-    std::thread::scope(|scope| {
-        for t in 0..SUBMITTERS {
-            scope.spawn(move || {
-                for n in (t..count).step_by(SUBMITTERS) {
-                    let (subject, to) = subject_and_recipient(tag, n);
-                    let code = submit(addrs[n % addrs.len()], &subject, &to);
-                    assert_eq!(code, 250, "{subject} to {}", addrs[n % addrs.len()]);
-                }
-            });
-        }
-    });
-    (0..count)
-        .map(|n| subject_and_recipient(tag, n).0)
-        .collect()
-}
-
-/// How many times each subject arrived at the sink.
-fn arrivals(sink: &Sink) -> BTreeMap<String, usize> {
-    let mut got = BTreeMap::new();
-    for m in sink.messages() {
-        *got.entry(m.header("Subject").unwrap_or_default())
-            .or_default() += 1;
-    }
-    got
-}
-
 /// Waits (at most `timeout`) until every one of `subjects` arrived, then a
 /// little longer for late duplicates; panics on a loss or on more than a
 /// handful of duplicates, which it prints. Returns the duplicates.
@@ -149,26 +87,7 @@ fn assert_all_arrived(
     timeout: Duration,
     nodes: &[Setup],
 ) -> usize {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = arrivals(sink);
-        let missing: Vec<&String> = subjects.iter().filter(|s| !got.contains_key(*s)).collect();
-        if missing.is_empty() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            for setup in nodes {
-                eprintln!("--- node log ---\n{}", setup.relay.log());
-            }
-            panic!(
-                "{} of {} messages never arrived within {timeout:?}: {missing:?}; stats {:?}",
-                missing.len(),
-                subjects.len(),
-                sink.stats()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_all(sink, subjects, timeout, "every accepted message", nodes);
     // A delivery done twice would show up within a few retry ticks.
     std::thread::sleep(Duration::from_secs(3));
     let duplicates: Vec<(String, usize)> = arrivals(sink)
@@ -205,7 +124,7 @@ fn three_nodes_share_the_queue_and_the_domain_caps() {
     let sink = sink();
     let Cluster { nodes, coordinator } = cluster(&redis, &sink, "15m");
     let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
-    let subjects = submit_all(&addrs, "shared", 600);
+    let subjects = submit_all(&addrs, "shared", 600, SUBMITTERS);
     let duplicates = assert_all_arrived(&sink, &subjects, Duration::from_secs(90), &nodes);
     eprintln!("duplicates: {duplicates}");
     print_spread(&nodes);
@@ -235,7 +154,7 @@ fn a_node_killed_mid_run_loses_nothing() {
         coordinator,
     } = cluster(&redis, &sink, "10m");
     let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
-    let subjects = submit_all(&addrs, "killed", 300);
+    let subjects = submit_all(&addrs, "killed", 300, SUBMITTERS);
     sink.wait_for(100, Duration::from_secs(60));
     nodes[0].relay.kill();
     let killed = Instant::now();
@@ -285,7 +204,7 @@ fn a_node_cut_from_redis_stops_accepting_while_the_others_carry_on() {
     let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
     let (others, cut) = (&addrs[..2], addrs[2]);
 
-    let mut accepted = submit_all(&addrs, "before", 30);
+    let mut accepted = submit_all(&addrs, "before", 30, SUBMITTERS);
 
     proxy.cut();
     let mut refused = Vec::new();
@@ -296,7 +215,7 @@ fn a_node_cut_from_redis_stops_accepting_while_the_others_carry_on() {
         eprintln!("{subject}: {code}");
         refused.push(subject);
     }
-    let during = submit_all(others, "during", 60);
+    let during = submit_all(others, "during", 60, SUBMITTERS);
     accepted.extend(during.iter().cloned());
     // The other two deliver what they took while the node is still cut off.
     let deadline = Instant::now() + Duration::from_secs(60);

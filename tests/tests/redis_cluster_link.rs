@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 
 use smarthost_testkit::redis::RedisCluster;
 use smarthost_tests::proxy::RedisLink;
-use smarthost_tests::scenario::{delivered_per_node, dot_stuff, message, route, start_as, Setup};
+use smarthost_tests::scenario::{delivered_per_node, route, start_as, Setup};
 use smarthost_tests::sink::{Sink, SinkOptions};
-use smarthost_tests::smtp::Client;
+use smarthost_tests::traffic::{
+    arrivals, subject_and_recipient, submit, submit_all, wait_for_all, DOMAINS,
+};
 
-const DOMAINS: [&str; 3] = ["a.test", "b.test", "c.test"];
 /// Client threads submitting at once.
 const SUBMITTERS: usize = 4;
 /// The loopback address the cut node reaches the cluster at.
@@ -57,92 +58,6 @@ fn start(command: &'static str, seeds: &str, sink: &Sink, id: &str) -> Setup {
     )
 }
 
-/// Message `n` of `tag` goes to the `n % 3`-th domain.
-fn subject_and_recipient(tag: &str, n: usize) -> (String, String) {
-    let domain = DOMAINS[n % DOMAINS.len()];
-    (format!("{tag} {n}"), format!("user{n}@{domain}"))
-}
-
-/// Submits one message; the code of the first reply that is not a
-/// go-ahead (or the final reply): `250` accepted, `4xx` refused for now.
-fn submit(addr: SocketAddr, subject: &str, to: &str) -> u16 {
-    let (mut c, greeting) = Client::connect(addr);
-    if greeting.code != 220 {
-        return greeting.code;
-    }
-    for (line, want) in [
-        ("EHLO app.example".to_string(), 250),
-        ("MAIL FROM:<app@sender.test>".to_string(), 250),
-        (format!("RCPT TO:<{to}>"), 250),
-        ("DATA".to_string(), 354),
-    ] {
-        let reply = c.cmd(&line);
-        if reply.code != want {
-            let _ = c.try_read_reply();
-            return reply.code;
-        }
-    }
-    c.send_raw(dot_stuff(&message(to, subject, "Hello.\r\n")).as_bytes());
-    c.send_raw(b".\r\n");
-    let code = c.read_reply().code;
-    c.send_raw(b"QUIT\r\n");
-    let _ = c.try_read_reply();
-    code
-}
-
-/// Submits messages `0..count` of `tag` round-robin to `addrs` from
-/// several threads; panics unless every one is accepted.
-fn submit_all(addrs: &[SocketAddr], tag: &str, count: usize) -> Vec<String> {
-    std::thread::scope(|scope| {
-        for t in 0..SUBMITTERS {
-            scope.spawn(move || {
-                for n in (t..count).step_by(SUBMITTERS) {
-                    let (subject, to) = subject_and_recipient(tag, n);
-                    let addr = addrs[n % addrs.len()];
-                    assert_eq!(submit(addr, &subject, &to), 250, "{subject} to {addr}");
-                }
-            });
-        }
-    });
-    (0..count)
-        .map(|n| subject_and_recipient(tag, n).0)
-        .collect()
-}
-
-/// How many times each subject arrived at the sink.
-fn arrivals(sink: &Sink) -> BTreeMap<String, usize> {
-    let mut got = BTreeMap::new();
-    for m in sink.messages() {
-        *got.entry(m.header("Subject").unwrap_or_default())
-            .or_default() += 1;
-    }
-    got
-}
-
-/// Waits (at most `timeout`) until every one of `subjects` arrived.
-fn wait_for(sink: &Sink, subjects: &[String], timeout: Duration, what: &str, nodes: &[Setup]) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = arrivals(sink);
-        let missing: Vec<&String> = subjects.iter().filter(|s| !got.contains_key(*s)).collect();
-        if missing.is_empty() {
-            return;
-        }
-        if Instant::now() >= deadline {
-            for setup in nodes {
-                eprintln!("--- node log ---\n{}", setup.relay.log());
-            }
-            panic!(
-                "{what}: {} of {} messages did not arrive within {timeout:?}: {missing:?}; sink {:?}",
-                missing.len(),
-                subjects.len(),
-                sink.stats()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_node_cut_from_the_redis_cluster_answers_451_and_loses_nothing() {
     let cluster = RedisCluster::start_without_endpoints();
@@ -162,7 +77,7 @@ fn a_node_cut_from_the_redis_cluster_answers_451_and_loses_nothing() {
     // Traffic flows through all three; the cut node's messages (every key
     // of a message carries the message's own hash tag, so they spread
     // over the primaries) go through its proxies, one per primary.
-    let mut accepted = submit_all(&addrs, "before", 60);
+    let mut accepted = submit_all(&addrs, "before", 60, SUBMITTERS);
     let forwarded: Vec<usize> = link.proxies().iter().map(|p| p.forwarded()).collect();
     eprintln!("connections of the cut node through its proxies: {forwarded:?}");
     assert!(
@@ -188,8 +103,8 @@ fn a_node_cut_from_the_redis_cluster_answers_451_and_loses_nothing() {
     }
     eprintln!("while cut: {refused:?}");
     // The others take mail and deliver it meanwhile.
-    let during = submit_all(others, "during", 30);
-    wait_for(
+    let during = submit_all(others, "during", 30, SUBMITTERS);
+    wait_for_all(
         &sink,
         &during,
         Duration::from_secs(60),
@@ -230,9 +145,9 @@ fn a_node_cut_from_the_redis_cluster_answers_451_and_loses_nothing() {
         restored.elapsed(),
         refused.len()
     );
-    accepted.extend(submit_all(&[cut], "after", 15));
+    accepted.extend(submit_all(&[cut], "after", 15, SUBMITTERS));
 
-    wait_for(
+    wait_for_all(
         &sink,
         &accepted,
         Duration::from_secs(90),
