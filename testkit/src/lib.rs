@@ -3,8 +3,11 @@
 //! - [`redis`]: a real `redis-server` in its own process on a free loopback
 //!   port, with its own data directory, that a test can kill, pause, resume
 //!   and restart. Tests of the Redis spool and of the coordinator use it;
-//!   [`redis::RedisCluster`] joins three into a Redis Cluster.
+//!   [`redis::RedisCluster`] joins three into a Redis Cluster. With
+//!   `SMARTHOST_TEST_REDIS=container` the server runs in a Docker
+//!   container instead (`container.rs`, through testcontainers).
 
+mod container;
 pub mod redis;
 
 /// A free port on loopback: nothing listens on it once this returns, so

@@ -5,14 +5,60 @@
 //! [`RedisCluster::start_without_endpoints`] each client reaches the
 //! primaries at the host it dialled, so a test can put its own proxies
 //! between one client and the cluster.
+//!
+//! With `SMARTHOST_TEST_REDIS=container` a [`RedisServer`] runs in a Docker
+//! container instead (see `container.rs`), with the same settings and
+//! the same kill, restart, pause and resume; [`RedisCluster`] always runs
+//! processes, because its nodes announce their own addresses to each other
+//! and to clients.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+use crate::container::RedisContainer;
 use crate::free_port;
 use std::time::{Duration, Instant};
+
+/// Where a [`RedisServer`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A `redis-server` child process on the test machine: the default,
+    /// quick and with nothing to set up but the Debian package.
+    Process,
+    /// A container of a Docker engine, started through testcontainers.
+    Container,
+}
+
+impl Backend {
+    /// The back end `SMARTHOST_TEST_REDIS` asks for: `process` (the
+    /// default when unset) or `container`. Any other value stops the test,
+    /// so that a typo cannot quietly run the other one.
+    pub fn from_env() -> Backend {
+        match std::env::var("SMARTHOST_TEST_REDIS") {
+            Err(std::env::VarError::NotPresent) => Backend::Process,
+            Ok(v) if v.is_empty() || v == "process" => Backend::Process,
+            Ok(v) if v == "container" => Backend::Container,
+            Ok(v) => panic!("SMARTHOST_TEST_REDIS={v:?}: expected \"process\" or \"container\""),
+            Err(e) => panic!("SMARTHOST_TEST_REDIS: {e}"),
+        }
+    }
+}
+
+/// The settings every test server starts with, whatever its back end:
+/// no snapshots, the append-only file with an fsync per write, and no
+/// eviction (the spool must never lose a key to memory pressure).
+const SETTINGS: [&str; 8] = [
+    "--save",
+    "",
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "always",
+    "--maxmemory-policy",
+    "noeviction",
+];
 
 /// How long a starting server (which may be replaying its AOF) gets to
 /// answer `PING`.
@@ -22,11 +68,21 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
     extra_args: Vec<String>,
+    backend: Backend,
     child: Option<Child>,
+    /// The container of the container back end; it outlives a kill, so a
+    /// restart finds its data.
+    container: Option<RedisContainer>,
+    /// Whether the container's `redis-server` runs (not killed).
+    container_running: bool,
+    /// The Docker network of the container back end: one per primary,
+    /// shared by its replicas.
+    network: String,
 }
 
 impl RedisServer {
-    /// A server with `--appendonly yes --appendfsync always`.
+    /// A server with `--appendonly yes --appendfsync always`, on the
+    /// back end `SMARTHOST_TEST_REDIS` names ([`Backend::from_env`]).
     pub fn start() -> RedisServer {
         RedisServer::start_with(&[])
     }
@@ -34,24 +90,59 @@ impl RedisServer {
     /// A server with more arguments after the defaults (a later
     /// `--appendfsync everysec` overrides the default one).
     pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        RedisServer::start_on(Backend::from_env(), extra_args)
+    }
+
+    /// [`RedisServer::start_with`] on the given back end, whatever the
+    /// environment says.
+    pub fn start_on(backend: Backend, extra_args: &[&str]) -> RedisServer {
+        RedisServer::start_in(backend, extra_args, None)
+    }
+
+    /// A server on `backend`; a container joins `network`, or a new
+    /// network of its own when that is `None`.
+    fn start_in(backend: Backend, extra_args: &[&str], network: Option<&str>) -> RedisServer {
         let port = free_port();
+        let network = match network {
+            Some(network) => network.to_string(),
+            None => format!("smarthost-test-redis-{}-{port}", std::process::id()),
+        };
         let mut server = RedisServer {
             dir: tempfile::tempdir().expect("a data directory for redis-server"),
             port,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            backend,
             child: None,
+            container: None,
+            container_running: false,
+            network,
         };
         server.spawn();
         server
     }
 
-    /// A replica of this server (`--replicaof`), returned once this
-    /// server reports it in sync.
+    /// A replica of this server (`--replicaof`) on the same back end,
+    /// returned once this server reports it in sync. A container replica
+    /// reaches its primary's container over the primary's network.
     pub fn start_replica(&self) -> RedisServer {
-        let replica =
-            RedisServer::start_with(&["--replicaof", "127.0.0.1", &self.port.to_string()]);
+        let (host, port) = match &self.container {
+            Some(container) => {
+                let (ip, port) = container.bridge_address();
+                (ip.to_string(), port)
+            }
+            None => ("127.0.0.1".to_string(), self.port),
+        };
+        let replica = RedisServer::start_in(
+            self.backend,
+            &["--replicaof", &host, &port.to_string()],
+            Some(&self.network),
+        );
         self.wait_for_replica();
         replica
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Waits (bounded) until this server has a replica whose link is up.
@@ -80,13 +171,47 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        match self.backend {
+            Backend::Process => self.spawn_process(),
+            Backend::Container => self.spawn_container(),
+        }
+    }
+
+    fn spawn_container(&mut self) {
+        match &self.container {
+            Some(container) => container.start_again(),
+            None => {
+                // Inside the container: every address of its own network
+                // namespace (the port is published on 127.0.0.1 only), a
+                // data directory of the image's redis-server package.
+                let mut args: Vec<String> = [
+                    "--port",
+                    "6379",
+                    "--bind",
+                    "0.0.0.0",
+                    "--protected-mode",
+                    "no",
+                    "--dir",
+                    "/var/lib/redis",
+                ]
+                .iter()
+                .chain(SETTINGS.iter())
+                .map(|s| s.to_string())
+                .collect();
+                args.extend(self.extra_args.iter().cloned());
+                self.container = Some(RedisContainer::start(self.port, &args, &self.network));
+            }
+        }
+        self.container_running = true;
+        self.wait_until_ready();
+    }
+
+    fn spawn_process(&mut self) {
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "yes"])
-            .args(["--appendfsync", "always"])
+            .args(SETTINGS)
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -118,7 +243,10 @@ impl RedisServer {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+                let log = match &self.container {
+                    Some(container) => container.log(),
+                    None => std::fs::read_to_string(self.log_file()).unwrap_or_default(),
+                };
                 panic!(
                     "redis-server on port {} did not answer PING within {START_TIMEOUT:?} \
                      (exit status {exited:?}); its log:\n{log}",
@@ -132,6 +260,12 @@ impl RedisServer {
     /// Kills the server at once (SIGKILL): what it had not written to its
     /// AOF is lost, as in a crash.
     pub fn kill(&mut self) {
+        if let Some(container) = &self.container {
+            if self.container_running {
+                container.kill();
+                self.container_running = false;
+            }
+        }
         if let Some(mut child) = self.child.take() {
             // A paused server must be able to die.
             let _ = Command::new("kill")
@@ -145,11 +279,17 @@ impl RedisServer {
     /// Stops the server without closing its connections (SIGSTOP): it
     /// accepts nothing and answers nothing until [`RedisServer::resume`].
     pub fn pause(&self) {
-        self.signal("-STOP");
+        match &self.container {
+            Some(container) => container.pause(),
+            None => self.signal("-STOP"),
+        }
     }
 
     pub fn resume(&self) {
-        self.signal("-CONT");
+        match &self.container {
+            Some(container) => container.resume(),
+            None => self.signal("-CONT"),
+        }
     }
 
     fn signal(&self, signal: &str) {
@@ -172,7 +312,11 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        self.kill();
+        match self.container.take() {
+            // Removed at once, running or not.
+            Some(container) => drop(container),
+            None => self.kill(),
+        }
     }
 }
 
@@ -303,7 +447,7 @@ impl RedisCluster {
                     node_timeout_ms,
                 ];
                 args.extend_from_slice(extra_args);
-                RedisServer::start_with(&args)
+                RedisServer::start_on(Backend::Process, &args)
             })
             .collect();
         let mut cluster = RedisCluster {
