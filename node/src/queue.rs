@@ -907,17 +907,11 @@ impl Queue {
             if changes.is_empty() {
                 return outcome;
             }
-            // Received now: a report may have waited here across failed
-            // writes, and a Redis Cluster spool refuses a message received
-            // longer ago than its store window (see `spool::redis`).
             let received = now_ms();
             let new: Vec<NewMessage> = with_reports
                 .iter()
                 .flat_map(|(_, built)| built.iter().cloned())
-                .map(|mut m| {
-                    m.record.received_ms = received;
-                    m
-                })
+                .map(|m| received_now(m, received))
                 .collect();
             let records: Vec<MessageRecord> = new.iter().map(|m| m.record.clone()).collect();
             // One call: the local spool makes the lot, reports included,
@@ -1013,6 +1007,15 @@ impl Actor for Queue {
     }
 }
 
+/// A report stamped as received at `now` when it is stored: it may wait
+/// long after it was built (across failed writes, or kept with its record),
+/// and a Redis Cluster spool refuses a message received longer ago than its
+/// store window (see `spool::redis`).
+fn received_now(mut report: NewMessage, now: u64) -> NewMessage {
+    report.record.received_ms = now;
+    report
+}
+
 /// Builds reports from the spool's copy of the original and queues them
 /// through the Queue actor, like any mail.
 struct QueueReporter {
@@ -1050,11 +1053,8 @@ impl Reporter for QueueReporter {
     }
 
     async fn queue(&self, reports: Vec<NewMessage>) -> Result<(), SpoolError> {
-        for mut report in reports {
-            // Received now: reports kept with a record may be queued long
-            // after they were built, and a Redis Cluster spool refuses a
-            // message received longer ago than its store window.
-            report.record.received_ms = now_ms();
+        for report in reports {
+            let report = received_now(report, now_ms());
             let report_id = report.record.id.clone();
             match self.queue.send(Enqueue(report)).await {
                 Ok(Ok(())) => tracing::info!(report_id = %report_id, "delivery report queued"),

@@ -871,12 +871,16 @@ impl KeptReports {
         envelope::encode(&out)
     }
 
+    /// The message and first report id named by a pending `entry`.
+    fn parse_entry(entry: &str) -> Option<(MessageId, MessageId)> {
+        let (message, first) = entry.split_once(':')?;
+        Some((MessageId(message.to_string()), MessageId(first.to_string())))
+    }
+
     /// The reports kept under `entry`, as read back from `bytes`.
     fn decode(entry: &str, bytes: &[u8]) -> Result<KeptReports, SpoolError> {
-        let (message, first) = entry
-            .split_once(':')
+        let (message, first) = Self::parse_entry(entry)
             .ok_or_else(|| SpoolError::Corrupt(format!("pending report entry {entry:?}")))?;
-        let (message, first) = (MessageId(message.to_string()), MessageId(first.to_string()));
         let reports: Vec<ReportIn> = envelope::decode(bytes)
             .map_err(|e| SpoolError::Corrupt(format!("reports of {message}: {e}")))?;
         Ok(KeptReports {
@@ -1616,13 +1620,7 @@ impl Schedule for RedisSchedule {
         }
         let keys: Vec<Option<String>> = entries
             .iter()
-            .map(|e| {
-                let (message, first) = e.split_once(':')?;
-                Some(report_key(
-                    &MessageId(message.to_string()),
-                    &MessageId(first.to_string()),
-                ))
-            })
+            .map(|e| KeptReports::parse_entry(e).map(|(m, first)| report_key(&m, &first)))
             .collect();
         let mut pipe = redis::pipe();
         for key in keys.iter().flatten() {
