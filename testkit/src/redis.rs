@@ -60,6 +60,17 @@ const SETTINGS: [&str; 8] = [
     "noeviction",
 ];
 
+/// Settings that keep a server's whole write history in its append-only
+/// file, each command after the time it ran (`#TS:` lines): no rewrites,
+/// which would fold the history into a snapshot. For tests that must
+/// explain afterwards what happened to a key.
+pub const HISTORY_ARGS: [&str; 4] = [
+    "--aof-timestamp-enabled",
+    "yes",
+    "--auto-aof-rewrite-percentage",
+    "0",
+];
+
 /// How long a starting server (which may be replaying its AOF) gets to
 /// answer `PING`.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -164,6 +175,13 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Where the server keeps its append-only file (`appendonlydir`): its
+    /// write history, whole if the server started with [`HISTORY_ARGS`]. (A server in a
+    /// container keeps it inside the container.)
+    pub fn append_only_dir(&self) -> PathBuf {
+        self.dir.path().join("appendonlydir")
     }
 
     fn log_file(&self) -> PathBuf {
@@ -412,12 +430,17 @@ impl RedisCluster {
     /// (`cluster-announce-ip`/`-port`) every client would get the same
     /// ones, and one client's link could not be cut alone.
     pub fn start_without_endpoints() -> RedisCluster {
-        RedisCluster::start_nodes(
-            3,
-            0,
-            "5000",
-            &["--cluster-preferred-endpoint-type", "unknown-endpoint"],
-        )
+        RedisCluster::start_with(false, &[])
+    }
+
+    /// Three primaries with more arguments for each server, announcing
+    /// their addresses or not ([`RedisCluster::start_without_endpoints`]).
+    pub fn start_with(announce_endpoints: bool, extra_args: &[&str]) -> RedisCluster {
+        let mut args = Vec::from(extra_args);
+        if !announce_endpoints {
+            args.extend(["--cluster-preferred-endpoint-type", "unknown-endpoint"]);
+        }
+        RedisCluster::start_nodes(3, 0, "5000", &args)
     }
 
     /// Three primaries, each with one replica (six servers), and a node
@@ -585,6 +608,14 @@ impl RedisCluster {
     /// The URL of one node, enough as the only seed.
     pub fn url(&self) -> String {
         self.nodes[0].url()
+    }
+
+    /// Each server's append-only directory, by port.
+    pub fn append_only_dirs(&self) -> Vec<(u16, PathBuf)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.port(), n.append_only_dir()))
+            .collect()
     }
 
     pub fn ports(&self) -> Vec<u16> {

@@ -16,6 +16,7 @@
 pub mod check;
 pub mod client;
 pub mod faults;
+pub mod history;
 pub mod receiver;
 pub mod rng;
 pub mod workload;
@@ -30,7 +31,7 @@ use std::sync::{Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use smarthost_testkit::redis::{RedisCluster, RedisServer};
+use smarthost_testkit::redis::{RedisCluster, RedisServer, HISTORY_ARGS};
 
 use crate::proxy::{Proxy, RedisLink};
 use crate::scenario::{delivery_log, start_as, Setup};
@@ -261,13 +262,15 @@ impl Deployment {
         let cuts_redis = plan.fault_kinds.contains(&FaultKind::CutRedis);
         let (redis, cluster) = match plan.backend {
             Backend::Local => (None, None),
-            Backend::Redis { .. } => (Some(RedisServer::start()), None),
+            // Servers keep their whole write history, which explains a
+            // failed run ([`history`]).
+            Backend::Redis { .. } => (Some(RedisServer::start_with(&HISTORY_ARGS)), None),
             // Clients reach the primaries at the host they dialled, so
             // that each process can have a link of its own to cut.
-            Backend::Cluster { .. } if cuts_redis => {
-                (None, Some(RedisCluster::start_without_endpoints()))
-            }
-            Backend::Cluster { .. } => (None, Some(RedisCluster::start())),
+            Backend::Cluster { .. } => (
+                None,
+                Some(RedisCluster::start_with(!cuts_redis, &HISTORY_ARGS)),
+            ),
         };
         let mut redis_links = Vec::new();
         let lifetime = format!("{}s", plan.max_lifetime.as_secs());
@@ -670,7 +673,7 @@ pub fn run(plan: &Plan) -> Outcome {
         let kept = plan
             .artifacts
             .as_ref()
-            .map(|dir| keep_logs(dir, plan, &deployment, &summary));
+            .map(|dir| keep_logs(dir, plan, &deployment, &summary, &verdict.violations));
         drop(deployment);
         panic!(
             "oracle {}: the relay broke its promise with seed {} on {:?} ({} violations); \
@@ -691,12 +694,53 @@ pub fn run(plan: &Plan) -> Outcome {
     }
 }
 
+/// The queue ids in the violations' text: runs of at least 20 lowercase
+/// hex digits.
+fn message_ids(violations: &[String]) -> Vec<String> {
+    let mut ids: Vec<String> = violations
+        .iter()
+        .flat_map(|v| {
+            v.split(|c: char| !matches!(c, '0'..='9' | 'a'..='f'))
+                .filter(|t| t.len() >= 20)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 /// Copies every process's log and delivery log and the summary to
 /// `dir/<name>-<seed>/`.
-fn keep_logs(dir: &Path, plan: &Plan, deployment: &Deployment, summary: &str) -> PathBuf {
+/// On Redis, `redis-history.txt` gives every write to the keys of the
+/// messages the violations name ([`history::trace`]).
+fn keep_logs(
+    dir: &Path,
+    plan: &Plan,
+    deployment: &Deployment,
+    summary: &str,
+    violations: &[String],
+) -> PathBuf {
     let dir = dir.join(format!("{}-{}", plan.name, plan.seed));
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("summary.txt"), summary);
+    let servers: Vec<(String, PathBuf)> = match (&deployment.redis, &deployment.cluster) {
+        (Some(redis), _) => vec![(redis.port().to_string(), redis.append_only_dir())],
+        (_, Some(cluster)) => cluster
+            .append_only_dirs()
+            .into_iter()
+            .map(|(port, dir)| (port.to_string(), dir))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !servers.is_empty() {
+        let ids = message_ids(violations);
+        let _ = std::fs::write(
+            dir.join("redis-history.txt"),
+            history::trace(&servers, &ids),
+        );
+    }
     let named = deployment
         .nodes
         .iter()
