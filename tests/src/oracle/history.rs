@@ -108,8 +108,7 @@ fn files_in_order(dir: &Path) -> Vec<PathBuf> {
 
 fn mentions(args: &[Vec<u8>], id: &str) -> bool {
     let id = id.as_bytes();
-    args.iter()
-        .any(|a| a.windows(id.len()).any(|w| w == id))
+    args.iter().any(|a| a.windows(id.len()).any(|w| w == id))
 }
 
 /// The ids of reports kept with a record of one of `ids`: a report's own
@@ -254,6 +253,51 @@ mod tests {
                 "200 7001 ZREM smarthost:{index} cccc3333dddd4444",
                 "200 7001 DEL smarthost:{m:aaaa1111}:record",
             ]
+        );
+    }
+
+    /// The files a real server writes, across a restart, read back.
+    #[test]
+    fn a_real_servers_history_is_traced_with_times_across_a_restart() {
+        use smarthost_testkit::redis::{command, RedisServer, HISTORY_ARGS};
+        let mut redis = RedisServer::start_with(&HISTORY_ARGS);
+        let port = redis.port();
+        let set = ["SET", "smarthost:{m:aaaa1111}:record", "r1"];
+        assert_eq!(command(port, &set).as_deref(), Some("+OK"));
+        let zadd = ["ZADD", "smarthost:{index}", "5", "aaaa1111"];
+        assert_eq!(command(port, &zadd).as_deref(), Some(":1"));
+        command(port, &["SET", "unrelated", "x"]);
+        redis.restart();
+        let del = ["DEL", "smarthost:{m:aaaa1111}:record"];
+        assert_eq!(command(port, &del).as_deref(), Some(":1"));
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let trace = trace(
+            &[("one".to_string(), redis.append_only_dir())],
+            &["aaaa1111".to_string()],
+        );
+        let lines: Vec<(u64, &str)> = trace
+            .lines()
+            .map(|l| {
+                let (at, rest) = l.split_once(' ').unwrap();
+                (at.parse().expect("every command dated"), rest)
+            })
+            .collect();
+        let commands: Vec<&str> = lines.iter().map(|(_, c)| *c).collect();
+        assert_eq!(
+            commands,
+            vec![
+                "one SET smarthost:{m:aaaa1111}:record r1",
+                "one ZADD smarthost:{index} 5 aaaa1111",
+                "one DEL smarthost:{m:aaaa1111}:record",
+            ],
+            "{trace}"
+        );
+        assert!(
+            lines.iter().all(|(at, _)| at.abs_diff(before) < 60),
+            "{trace}"
         );
     }
 }
