@@ -13,6 +13,13 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Files laid over this one, in order, before the environment: keys
+    /// they set replace the file's (an array such as `[[smtp.users]]` as a
+    /// whole). Relative paths start at the including file's folder. For
+    /// credentials kept apart from the rest, e.g. in a Kubernetes Secret.
+    /// Read from the file given with `--config` only; included files
+    /// include nothing further.
+    pub include: Vec<PathBuf>,
     pub node: NodeConfig,
     pub smtp: SmtpConfig,
     pub queue: QueueConfig,
@@ -398,6 +405,30 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn toml_source(text: &str) -> config::File<config::FileSourceString, config::FileFormat> {
+    config::File::from_str(text, config::FileFormat::Toml)
+}
+
+/// The `include` key of one file's text (none when it has no such key).
+fn includes(text: &str, origin: &str) -> Result<Vec<PathBuf>, ConfigError> {
+    let file = config::Config::builder()
+        .add_source(toml_source(text))
+        .build()
+        .map_err(|e| ConfigError::from_source(e, origin))?;
+    match file.get::<Vec<PathBuf>>("include") {
+        Ok(paths) => Ok(paths),
+        Err(config::ConfigError::NotFound(_)) => Ok(Vec::new()),
+        Err(e) => Err(ConfigError::from_source(e, origin)),
+    }
+}
+
 impl ConfigError {
     /// One line per problem, each starting with the key it is about.
     pub fn messages(&self) -> Vec<String> {
@@ -538,13 +569,26 @@ impl Config {
         let mut builder = config::Config::builder();
         let origin = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                builder =
-                    builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
-                path.display().to_string()
+                let text = read_file(path)?;
+                let includes = includes(&text, &path.display().to_string())?;
+                builder = builder.add_source(toml_source(&text));
+                let folder = path.parent().unwrap_or(Path::new(""));
+                for include in &includes {
+                    let include = folder.join(include);
+                    let text = read_file(&include)?;
+                    let origin = include.display().to_string();
+                    if !self::includes(&text, &origin)?.is_empty() {
+                        return Err(ConfigError::Value {
+                            key: "include".into(),
+                            message: format!("{origin} is included and may not include others"),
+                        });
+                    }
+                    builder = builder.add_source(toml_source(&text));
+                }
+                match includes.len() {
+                    0 => path.display().to_string(),
+                    _ => format!("{} (with its includes)", path.display()),
+                }
             }
             None => "the environment".to_string(),
         };
@@ -1144,6 +1188,84 @@ mod tests {
 
     fn invalid(toml: &str) -> Vec<String> {
         load(toml, &[]).unwrap().validate().unwrap_err()
+    }
+
+    /// Writes `files` (name, text) into a new folder and loads the first
+    /// with `env`.
+    fn load_files(files: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_from(
+            Some(&dir.path().join(files[0].0)),
+            environment().source(Some(env)),
+        )
+    }
+
+    #[test]
+    fn included_files_lay_their_keys_over_the_file_and_under_the_environment() {
+        let main = r#"
+            include = ["secret/credentials.toml"]
+            [smtp]
+            max_recipients = 7
+            max_connections = 10
+            [[smtp.users]]
+            name = "replaced"
+            password_hash = "x"
+        "#;
+        let credentials = r#"
+            [smtp]
+            max_connections = 20
+            [[smtp.users]]
+            name = "app"
+            password_hash = "h1"
+            [[smtp.users]]
+            name = "billing"
+            password_hash = "h2"
+        "#;
+        let files = [("smarthost.toml", main), ("secret/credentials.toml", credentials)];
+        let config = load_files(&files, &[("SMARTHOST__SMTP__MAX_CONNECTIONS", "30")]).unwrap();
+        let users: Vec<&str> = config.smtp.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(users, ["app", "billing"], "the included array replaces the file's");
+        assert_eq!(config.smtp.max_recipients, 7, "keys not included stay");
+        assert_eq!(config.smtp.max_connections, 30, "the environment comes last");
+        assert_eq!(config.include, [PathBuf::from("secret/credentials.toml")]);
+    }
+
+    #[test]
+    fn a_missing_or_nested_include_is_refused_with_its_path() {
+        let missing = load_files(&[("a.toml", "include = [\"nowhere.toml\"]")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.starts_with("cannot read ") && missing.contains("nowhere.toml"),
+            "{missing}"
+        );
+        let nested = load_files(
+            &[
+                ("a.toml", "include = [\"b.toml\"]"),
+                ("b.toml", "include = [\"c.toml\"]"),
+                ("c.toml", ""),
+            ],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            nested.starts_with("include: ") && nested.contains("b.toml is included"),
+            "{nested}"
+        );
+        let bad = load_files(&[("a.toml", "include = [\"b.toml\"]"), ("b.toml", "[smtp")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("b.toml"), "a syntax error names the included file: {bad}");
     }
 
     #[test]
