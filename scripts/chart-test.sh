@@ -56,8 +56,13 @@ values["tls"]["key"] = open(f"{work}/tls.key").read()
 yaml.safe_dump(values, open(f"{work}/values-tls.yaml", "w"))
 PY
 
+# What a credentials Secret (credentials.existingSecret) would hold.
+printf '[[smtp.users]]\nname = "app"\npassword_hash = "%s"\n' \
+  "$("$binary" hash-password chart-test-secret)" > "$work/credentials.toml"
+
 # The smarthost.toml of rendered manifests, with the TLS paths pointed at
-# the test's pair (the pods mount it at /etc/smarthost/tls).
+# the test's pair (the pods mount it at /etc/smarthost/tls) and the
+# credentials include at the test's file.
 extract_config() {
   "$TOOLS_PY" - "$1" "$2" "$work" <<'PY'
 import base64, sys, yaml
@@ -68,7 +73,8 @@ for doc in yaml.safe_load_all(open(rendered)):
         text = doc.get("stringData", {}).get("smarthost.toml") or data["smarthost.toml"]
         if doc["kind"] == "Secret" and "stringData" not in doc:
             text = base64.b64decode(text).decode()
-        open(out, "w").write(text.replace("/etc/smarthost/tls/", work + "/"))
+        text = text.replace("/etc/smarthost/tls/", work + "/")
+        open(out, "w").write(text.replace("/etc/smarthost/credentials/", work + "/"))
         break
 else:
     sys.exit("no -config ConfigMap or Secret rendered")
@@ -87,6 +93,10 @@ for case in "${cases[@]}"; do
   check "smarthost check-config of the rendered smarthost.toml ($name)" sh -c \
     "$(declare -f extract_config); TOOLS_PY='$TOOLS_PY' work='$work' extract_config '$work/$name.yaml' '$work/$name.toml' && '$binary' check-config '$work/$name.toml'"
 done
+
+# The credentials Secret is mounted and included (full).
+check "credentials Secret mounted and included (full)" sh -c \
+  "grep -q 'secretName: smarthost-credentials' '$work/values-full.yaml' && grep -q 'include = \[\"$work/credentials.toml\"\]' '$work/values-full.toml'"
 
 # The ServiceMonitor is a custom resource that kubernetes-validate has no
 # schema for: at least its shape is checked here.

@@ -97,6 +97,7 @@ schema = obj({
     "fullnameOverride": STR,
     "config": config,
     "configInSecret": BOOL,
+    "credentials": obj({"existingSecret": STR}),
     "tls": obj({"enabled": BOOL, "existingSecret": STR, "cert": STR, "key": STR}),
     "smtp": obj({"containerPort": PORT, "service": obj({
         "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT,

@@ -93,6 +93,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := set $admin "listen" (printf "0.0.0.0:%d" (int .Values.admin.containerPort)) -}}
 # smarthost.toml rendered by the Helm chart from .Values.config;
 # every key is described in docs/configuration.md.
+{{- if .Values.credentials.existingSecret }}
+# Laid over this file: the Secret {{ .Values.credentials.existingSecret }}.
+include = ["/etc/smarthost/credentials/credentials.toml"]
+{{- end }}
 [node]
 {{- include "smarthost.tomlKeys" (dict "table" $node) }}
 

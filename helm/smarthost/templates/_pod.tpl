@@ -118,6 +118,11 @@ containers:
         mountPath: /etc/smarthost/tls
         readOnly: true
       {{- end }}
+      {{- if $v.credentials.existingSecret }}
+      - name: credentials
+        mountPath: /etc/smarthost/credentials
+        readOnly: true
+      {{- end }}
 volumes:
   - name: config
     {{- if $v.configInSecret }}
@@ -134,5 +139,13 @@ volumes:
   - name: tls
     secret:
       secretName: {{ $v.tls.existingSecret | default (printf "%s-tls" (include "smarthost.fullname" $root)) }}
+  {{- end }}
+  {{- if $v.credentials.existingSecret }}
+  - name: credentials
+    secret:
+      secretName: {{ $v.credentials.existingSecret }}
+      items:
+        - key: credentials.toml
+          path: credentials.toml
   {{- end }}
 {{- end -}}
