@@ -72,7 +72,8 @@ pub fn verify_password_in(phc: &str, secret: &str, memory: &mut Memory) -> bool 
     let Ok(hash) = PasswordHash::new(phc) else {
         return false;
     };
-    let (Ok(algorithm), Ok(params)) = (Algorithm::try_from(hash.algorithm), Params::try_from(&hash))
+    let (Ok(algorithm), Ok(params)) =
+        (Algorithm::try_from(hash.algorithm), Params::try_from(&hash))
     else {
         return false;
     };
@@ -381,7 +382,12 @@ mod tests {
                 .to_string();
             phc.replace(
                 &format!("m={},t=1,p=1", Params::MIN_M_COST),
-                &format!("m={},t={},p={}", params.m_cost(), params.t_cost(), params.p_cost()),
+                &format!(
+                    "m={},t={},p={}",
+                    params.m_cost(),
+                    params.t_cost(),
+                    params.p_cost()
+                ),
             )
         };
         assert_eq!(check_password_hash(&with(19456, 2, 1)), Ok(()));

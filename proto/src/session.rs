@@ -365,16 +365,30 @@ impl Session {
         }
         self.state = State::Command;
         match why {
-            AuthRefusal::Busy => reply(454, 4, 7, 0, "Too many logins in progress, try again later"),
+            AuthRefusal::Busy => {
+                reply(454, 4, 7, 0, "Too many logins in progress, try again later")
+            }
             AuthRefusal::UserBlocked => {
                 self.errors += 1;
-                reply(454, 4, 7, 0, "Too many failed logins for this user, try again later")
+                reply(
+                    454,
+                    4,
+                    7,
+                    0,
+                    "Too many failed logins for this user, try again later",
+                )
             }
             AuthRefusal::AddressBlocked => {
                 self.state = State::Closed;
                 self.input.clear();
                 self.tail_len = 0;
-                reply(421, 4, 7, 0, "Too many failed logins from your address, try again later")
+                reply(
+                    421,
+                    4,
+                    7,
+                    0,
+                    "Too many failed logins from your address, try again later",
+                )
             }
         }
     }

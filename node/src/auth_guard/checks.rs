@@ -147,10 +147,7 @@ impl Slot {
                 .pop()
                 .unwrap_or_default();
             let result = check(&mut memory);
-            areas
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(memory);
+            areas.lock().unwrap_or_else(|e| e.into_inner()).push(memory);
             drop(permit);
             result
         });

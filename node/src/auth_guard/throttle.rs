@@ -140,7 +140,11 @@ mod tests {
                 assert_eq!(failed.standing, expected, "step {i} at {now} ms");
                 assert_eq!(failed.newly_blocked, newly, "step {i} at {now} ms");
             }
-            assert_eq!(record.standing(now, policy), expected, "step {i} at {now} ms");
+            assert_eq!(
+                record.standing(now, policy),
+                expected,
+                "step {i} at {now} ms"
+            );
         }
     }
 

@@ -656,10 +656,7 @@ fn awaiting_auth() -> Session {
     s.tls_established();
     s.push_input(b"EHLO c\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\n");
     assert!(matches!(s.next_action(), Some(Action::Reply(r)) if r.code == 250));
-    assert!(matches!(
-        s.next_action(),
-        Some(Action::Authenticate { .. })
-    ));
+    assert!(matches!(s.next_action(), Some(Action::Authenticate { .. })));
     s
 }
 
