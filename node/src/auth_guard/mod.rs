@@ -31,7 +31,6 @@ pub use ledger::{Ledger, LocalLedger, RedisLedger, Subject};
 pub use throttle::{failure_delay, Policy, Standing};
 
 use ledger::Look;
-use throttle::Failed;
 
 /// Counters of the checks and the throttles, for the metrics.
 #[derive(Debug, Default)]
@@ -106,9 +105,15 @@ pub struct GuardSettings {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
     /// Run the check; `trusted`: the address logged in as the user lately.
-    Check { trusted: bool },
-    AddressBlocked { for_ms: u64 },
-    UserBlocked { for_ms: u64 },
+    Check {
+        trusted: bool,
+    },
+    AddressBlocked {
+        for_ms: u64,
+    },
+    UserBlocked {
+        for_ms: u64,
+    },
 }
 
 /// Why [`AuthGuard::check`] ran no check.
@@ -116,8 +121,12 @@ pub enum Admission {
 pub enum Refusal {
     /// No check slot came free in time.
     Busy,
-    AddressBlocked { for_ms: u64 },
-    UserBlocked { for_ms: u64 },
+    AddressBlocked {
+        for_ms: u64,
+    },
+    UserBlocked {
+        for_ms: u64,
+    },
 }
 
 /// The steps of a login around a check, on one ledger.
@@ -278,15 +287,15 @@ impl AuthGuard {
             }
         };
         let mut most = 0;
-        for (subject, Failed { standing, newly_blocked }) in subjects.iter().zip(&failed) {
-            most = most.max(match standing {
-                Standing::Open { failures } => *failures,
+        // The address comes first, then the user name, if any.
+        for (index, (subject, failed)) in subjects.iter().zip(&failed).enumerate() {
+            most = most.max(match failed.standing {
+                Standing::Open { failures } => failures,
                 Standing::Blocked { .. } => subject.policy.max_failures,
             });
-            if *newly_blocked {
+            if failed.newly_blocked {
                 let seconds = subject.policy.block_for.as_secs();
-                let is_address = subject.key.contains(":a:");
-                if is_address {
+                if index == 0 {
                     GuardStats::bump(&self.stats.address_blocks);
                     tracing::warn!(scope = self.settings.scope, address = %address_key(ip),
                         failures = subject.policy.max_failures, block_seconds = seconds,
@@ -408,7 +417,10 @@ mod tests {
     #[test]
     fn ipv6_addresses_count_by_their_64() {
         assert_eq!(address_key("192.0.2.7".parse().unwrap()), "192.0.2.7");
-        assert_eq!(address_key("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7");
+        assert_eq!(
+            address_key("::ffff:192.0.2.7".parse().unwrap()),
+            "192.0.2.7"
+        );
         assert_eq!(
             address_key("2001:db8:1:2:3:4:5:6".parse().unwrap()),
             address_key("2001:db8:1:2:ffff::1".parse().unwrap())
