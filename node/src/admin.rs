@@ -14,7 +14,10 @@
 //! With `[[admin.operators]]` configured every `/api/*` request needs
 //! `Authorization: Bearer <token>` of one of them; viewers may read, admins
 //! may also write. Tokens are checked with argon2 on the blocking pool, a
-//! few at a time, and not kept. Without operators the API is open.
+//! few at a time (`admin.max_token_checks`; more wait briefly or get `503`),
+//! and not kept. Wrong tokens from one address wait a growing delay before
+//! their `401`, and enough of them block the address for a while: `429`
+//! with `Retry-After`, without a check. Without operators the API is open.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,17 +27,22 @@ use actix_web::dev::ServerHandle;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::auth::{Access, Operator, OperatorDb};
+use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
 use crate::config::check_domain_name;
 use crate::queue::{QueueStats, Stats, Suspend};
 use crate::spool::{Quarantined, Spool};
 use smarthost_coordinator::{GetStatus, Status};
 
-/// At most this many argon2 verifications at once: each takes tens of MiB,
-/// and a flood of bad tokens must not take the node's memory.
-const MAX_VERIFICATIONS: usize = 4;
+/// Token checks that may wait for a slot (`admin.max_token_checks` run).
+pub const TOKEN_CHECK_QUEUE: usize = 16;
+/// The longest wait for a slot before `503`.
+pub const TOKEN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The delay before the `401` of the first wrong token in the window; it
+/// doubles with each further one.
+pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -48,7 +56,10 @@ pub struct AdminEnv {
     pub spool: Option<Arc<dyn Spool>>,
     /// True while SMTP is accepted.
     pub ready: watch::Receiver<bool>,
-    verifications: Arc<Semaphore>,
+    /// The bound on token checks running at once.
+    checks: Arc<PasswordChecks>,
+    /// Wrong tokens per address: delays and blocks.
+    guard: Arc<AuthGuard>,
 }
 
 impl AdminEnv {
@@ -65,12 +76,39 @@ impl AdminEnv {
             cluster: None,
             spool: None,
             ready,
-            verifications: Arc::new(Semaphore::new(MAX_VERIFICATIONS)),
+            checks: Arc::new(PasswordChecks::new(
+                2,
+                TOKEN_CHECK_QUEUE,
+                TOKEN_CHECK_WAIT,
+                Default::default(),
+            )),
+            guard: Arc::new(AuthGuard::local(
+                GuardSettings {
+                    scope: "admin",
+                    address: Policy {
+                        max_failures: 10,
+                        window: std::time::Duration::from_secs(900),
+                        block_for: std::time::Duration::from_secs(900),
+                    },
+                    user: None,
+                    trust_for: std::time::Duration::from_secs(900),
+                    failure_delay: TOKEN_FAILURE_DELAY,
+                },
+                Default::default(),
+            )),
         }
     }
 }
 
 impl AdminEnv {
+    /// Checks tokens in these slots and throttles wrong ones with this
+    /// guard (the configured ones; [`AdminEnv::new`] has defaults).
+    pub fn with_guard(mut self, checks: PasswordChecks, guard: AuthGuard) -> Self {
+        self.checks = Arc::new(checks);
+        self.guard = Arc::new(guard);
+        self
+    }
+
     /// Answers `/api/cluster` from this coordinator.
     pub fn with_cluster(mut self, coordinator: Recipient<GetStatus>) -> Self {
         self.cluster = Some(coordinator);
@@ -169,8 +207,10 @@ pub enum ApiError {
     QueueGone,
     #[error("this node runs on the local backend: it is not part of a cluster")]
     NoCluster,
-    #[error("the token check failed")]
-    CheckFailed,
+    #[error("too many token checks in progress, try again later")]
+    Busy,
+    #[error("too many wrong tokens from this address, try again in {0} s")]
+    Blocked(u64),
     #[error("{0}")]
     Spool(String),
 }
@@ -183,15 +223,25 @@ impl ResponseError for ApiError {
             ApiError::BadDomain(_) => StatusCode::BAD_REQUEST,
             ApiError::QueueGone => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NoCluster => StatusCode::NOT_FOUND,
-            ApiError::CheckFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Blocked(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Spool(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::Unauthorized(_) = self {
-            response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"smarthost\""));
+        match self {
+            ApiError::Unauthorized(_) => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"smarthost\""));
+            }
+            ApiError::Busy => {
+                response.insert_header((header::RETRY_AFTER, "1"));
+            }
+            ApiError::Blocked(seconds) => {
+                response.insert_header((header::RETRY_AFTER, seconds.to_string()));
+            }
+            _ => {}
         }
         response.json(ErrorBody {
             error: self.to_string(),
@@ -228,17 +278,28 @@ async fn authorize(
             "the Authorization header is not \"Bearer <token>\"",
         ))?
         .to_string();
-    let _permit = env
-        .verifications
-        .acquire()
-        .await
-        .map_err(|_| ApiError::CheckFailed)?;
+    let ip = request
+        .peer_addr()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |peer| {
+            peer.ip().to_canonical()
+        });
     let operators = env.operators.clone();
-    let operator = web::block(move || operators.identify(&token))
+    let (operator, _) = env
+        .guard
+        .check(&env.checks, ip, None, move |memory| {
+            operators.identify_in(&token, memory)
+        })
         .await
-        .map_err(|_| ApiError::CheckFailed)?;
+        .map_err(|refusal| match refusal {
+            Refusal::Busy => ApiError::Busy,
+            Refusal::AddressBlocked { for_ms } | Refusal::UserBlocked { for_ms } => {
+                ApiError::Blocked(for_ms.div_ceil(1000))
+            }
+        })?;
     let Some(operator) = operator else {
         tracing::warn!(peer = ?request.peer_addr(), "admin API: unknown token");
+        let delay = env.guard.failed(ip, None, false).await;
+        tokio::time::sleep(delay).await;
         return Err(ApiError::Unauthorized("the token is not valid"));
     };
     if !operator.role.allows(access) {

@@ -3,18 +3,54 @@
 //!
 //! `smarthost hash-password` writes the hashes that `[[smtp.users]]` and
 //! `[[admin.operators]]` hold; the clear secret is never stored.
+//!
+//! A check fills `m` KiB of argon2 memory. The checks of a running node
+//! use [`Memory`] areas that [`crate::auth_guard::PasswordChecks`] hands
+//! out and takes back, so the memory they need is allocated once per
+//! concurrent check and reused, never once per thread of the blocking pool
+//! (the allocator keeps what a thread used, and a flood of logins grew the
+//! process by gigabytes that way). Hashes whose cost would make one check
+//! too dear are refused at load ([`check_password_hash`]).
 
 use std::collections::HashMap;
 use std::fmt;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params};
+use argon2::password_hash::{Output, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 
 use crate::config::{AdminOperator, OperatorRole, SmtpUser};
 
+/// The most memory one check may use: 64 MiB (`m=65536`). Every
+/// concurrent check holds this much at worst; the hashes that
+/// `smarthost hash-password` writes use 19 MiB.
+pub const MAX_HASH_MEMORY_KIB: u32 = 64 * 1024;
+/// The most passes over the memory one check may make (CPU per check).
+pub const MAX_HASH_PASSES: u32 = 8;
+/// The most lanes; this build computes them one after the other.
+pub const MAX_HASH_LANES: u32 = 4;
+
+/// The argon2 memory of one check, kept between checks so that it is
+/// allocated once and reused. It grows to the largest cost it has served.
+#[derive(Default)]
+pub struct Memory(Vec<Block>);
+
+impl Memory {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.0.len() * Block::SIZE
+    }
+
+    fn blocks(&mut self, count: usize) -> &mut [Block] {
+        if self.0.len() < count {
+            self.0.resize(count, Block::default());
+        }
+        &mut self.0[..count]
+    }
+}
+
 /// Hashes a password with argon2id (the crate's default cost: 19 MiB, two
-/// passes) and a random 16-byte salt, as a PHC string
-/// (`$argon2id$v=19$m=19456,t=2,p=1$…`).
+/// passes, one lane, which OWASP recommends as the least for argon2id) and
+/// a random 16-byte salt, as a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`).
 pub fn hash_password(secret: &str) -> String {
     let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
         .expect("16 bytes is a valid salt length");
@@ -25,14 +61,44 @@ pub fn hash_password(secret: &str) -> String {
 }
 
 /// Whether `secret` matches the argon2 PHC string `phc`. The cost parameters
-/// are taken from the hash. A malformed hash matches nothing.
+/// are taken from the hash. A malformed hash matches nothing. Allocates its
+/// own memory: a running node uses [`verify_password_in`].
 pub fn verify_password(phc: &str, secret: &str) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(hash) if Algorithm::try_from(hash.algorithm).is_ok() => Argon2::default()
-            .verify_password(secret.as_bytes(), &hash)
-            .is_ok(),
-        _ => false,
+    verify_password_in(phc, secret, &mut Memory::default())
+}
+
+/// [`verify_password`] in the given memory, which grows if it must.
+pub fn verify_password_in(phc: &str, secret: &str, memory: &mut Memory) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) =
+        (Algorithm::try_from(hash.algorithm), Params::try_from(&hash))
+    else {
+        return false;
+    };
+    let version = match hash.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(version)) => version,
+        Some(Err(_)) => return false,
+    };
+    let (Some(salt), Some(expected)) = (hash.salt, hash.hash) else {
+        return false;
+    };
+    let mut salt_bytes = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
+        return false;
+    };
+    let blocks = memory.blocks(params.block_count());
+    let mut out = vec![0u8; expected.len()];
+    if Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(secret.as_bytes(), salt, &mut out, blocks)
+        .is_err()
+    {
+        return false;
     }
+    // `Output` compares in constant time.
+    Output::new(&out).is_ok_and(|computed| computed == expected)
 }
 
 /// Checks that `phc` is an argon2 hash in PHC form that
@@ -47,7 +113,27 @@ pub fn check_password_hash(phc: &str) -> Result<(), String> {
             hash.algorithm
         )
     })?;
-    Params::try_from(&hash).map_err(|e| format!("bad argon2 parameters ({e}); {HINT}"))?;
+    let params =
+        Params::try_from(&hash).map_err(|e| format!("bad argon2 parameters ({e}); {HINT}"))?;
+    if params.m_cost() > MAX_HASH_MEMORY_KIB {
+        return Err(format!(
+            "the memory cost m={} KiB is above the {MAX_HASH_MEMORY_KIB} KiB (64 MiB) \
+             that one check may use; {HINT}",
+            params.m_cost()
+        ));
+    }
+    if params.t_cost() > MAX_HASH_PASSES {
+        return Err(format!(
+            "the time cost t={} is above the {MAX_HASH_PASSES} passes that one check may make; {HINT}",
+            params.t_cost()
+        ));
+    }
+    if params.p_cost() > MAX_HASH_LANES {
+        return Err(format!(
+            "the parallelism p={} is above {MAX_HASH_LANES}; {HINT}",
+            params.p_cost()
+        ));
+    }
     if hash.salt.is_none() || hash.hash.is_none() {
         return Err(format!("the salt or the hash is missing; {HINT}"));
     }
@@ -70,18 +156,23 @@ impl UserDb {
                 .iter()
                 .map(|u| (u.name.clone(), u.password_hash.clone()))
                 .collect(),
-            decoy: hash_password(&String::from_utf8_lossy(&rand::random::<[u8; 16]>())),
+            decoy: decoy_hash(users.iter().map(|u| u.password_hash.as_str())),
         }
     }
 
     /// Whether `user` exists and `password` is theirs. An unknown user costs
-    /// one argon2 verification, like a known one whose hash has the default
-    /// cost.
+    /// one argon2 verification, like a known one. Allocates its own memory:
+    /// a running node uses [`UserDb::verify_in`].
     pub fn verify(&self, user: &str, password: &str) -> bool {
+        self.verify_in(user, password, &mut Memory::default())
+    }
+
+    /// [`UserDb::verify`] in the given memory.
+    pub fn verify_in(&self, user: &str, password: &str, memory: &mut Memory) -> bool {
         match self.users.get(user) {
-            Some(phc) => verify_password(phc, password),
+            Some(phc) => verify_password_in(phc, password, memory),
             None => {
-                let _ = verify_password(&self.decoy, password);
+                let _ = verify_password_in(&self.decoy, password, memory);
                 false
             }
         }
@@ -90,6 +181,27 @@ impl UserDb {
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
+}
+
+/// A hash of a random secret with the cost of the dearest of `hashes` (the
+/// default cost when there are none), so that checking an unknown user
+/// takes as long as checking the slowest known one.
+fn decoy_hash<'a>(hashes: impl Iterator<Item = &'a str>) -> String {
+    let params = hashes
+        .filter_map(|phc| {
+            let hash = PasswordHash::new(phc).ok()?;
+            Params::try_from(&hash).ok()
+        })
+        .max_by_key(|p| u64::from(p.m_cost()) * u64::from(p.t_cost()))
+        .and_then(|p| Params::new(p.m_cost(), p.t_cost(), p.p_cost(), None).ok())
+        .unwrap_or_default();
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
+        .expect("16 bytes is a valid salt length");
+    let secret: [u8; 16] = rand::random();
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password(&secret, &salt)
+        .expect("parameters of a valid hash")
+        .to_string()
 }
 
 /// Lists the user names only, never the hashes.
@@ -159,9 +271,14 @@ impl OperatorDb {
     /// matches, so the time taken does not tell which one did: one argon2
     /// verification per operator. Blocking; call it off the async threads.
     pub fn identify(&self, token: &str) -> Option<Operator> {
+        self.identify_in(token, &mut Memory::default())
+    }
+
+    /// [`OperatorDb::identify`] in the given memory.
+    pub fn identify_in(&self, token: &str, memory: &mut Memory) -> Option<Operator> {
         let mut found = None;
         for (operator, phc) in &self.operators {
-            if verify_password(phc, token) && found.is_none() {
+            if verify_password_in(phc, token, memory) && found.is_none() {
                 found = Some(operator.clone());
             }
         }
@@ -235,6 +352,73 @@ mod tests {
         assert!(!db.verify("App", "pw"));
         assert!(!db.verify("nobody", "pw"));
         assert!(!format!("{db:?}").contains("argon2"));
+    }
+
+    #[test]
+    fn one_memory_serves_hashes_of_every_cost() {
+        let mut memory = Memory::default();
+        let small = cheap_hash("a");
+        assert!(verify_password_in(&small, "a", &mut memory));
+        assert_eq!(memory.bytes(), 8 * 1024);
+        let default = hash_password("b");
+        assert!(verify_password_in(&default, "b", &mut memory));
+        assert!(!verify_password_in(&default, "a", &mut memory));
+        assert_eq!(memory.bytes(), 19456 * 1024);
+        // It does not shrink: the next dear check allocates nothing.
+        assert!(verify_password_in(&small, "a", &mut memory));
+        assert_eq!(memory.bytes(), 19456 * 1024);
+    }
+
+    #[test]
+    fn hashes_dearer_than_a_check_may_be_are_refused() {
+        let with = |m, t, p| {
+            let salt = SaltString::encode_b64(&[7u8; 16]).unwrap();
+            // The hash itself is not computed: only its parameters matter.
+            let params = Params::new(m, t, p, None).unwrap();
+            let cheap = Params::new(Params::MIN_M_COST, 1, 1, None).unwrap();
+            let phc = Argon2::new(Algorithm::Argon2id, Version::V0x13, cheap)
+                .hash_password(b"x", &salt)
+                .unwrap()
+                .to_string();
+            phc.replace(
+                &format!("m={},t=1,p=1", Params::MIN_M_COST),
+                &format!(
+                    "m={},t={},p={}",
+                    params.m_cost(),
+                    params.t_cost(),
+                    params.p_cost()
+                ),
+            )
+        };
+        assert_eq!(check_password_hash(&with(19456, 2, 1)), Ok(()));
+        assert_eq!(check_password_hash(&with(65536, 8, 4)), Ok(()));
+        for (phc, says) in [
+            (with(65537, 2, 1), "m=65537 KiB is above the 65536 KiB"),
+            (with(19456, 9, 1), "t=9 is above the 8 passes"),
+            (with(19456, 2, 5), "p=5 is above 4"),
+        ] {
+            let err = check_password_hash(&phc).unwrap_err();
+            assert!(err.contains(says), "{phc}: {err}");
+            assert!(err.contains("hash-password"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_user_costs_what_the_dearest_known_one_does() {
+        let db = UserDb::new(&[
+            SmtpUser {
+                name: "a".to_string(),
+                password_hash: cheap_hash("pw"),
+            },
+            SmtpUser {
+                name: "b".to_string(),
+                password_hash: hash_password("pw"),
+            },
+        ]);
+        let mut memory = Memory::default();
+        assert!(!db.verify_in("nobody", "pw", &mut memory));
+        assert_eq!(memory.bytes(), 19456 * 1024, "the decoy has b's cost");
+        assert!(db.decoy.contains("m=19456,t=2,p=1"), "{}", db.decoy);
     }
 
     #[test]

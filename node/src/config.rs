@@ -62,9 +62,37 @@ pub struct SmtpConfig {
     pub users: Vec<SmtpUser>,
     /// Offer AUTH on connections without TLS (off: passwords never travel in clear).
     pub allow_plaintext_auth: bool,
-    /// How long a failed AUTH waits before its 535 reply.
+    /// How long a failed AUTH waits before its 535 reply: this after the
+    /// first failure of the address in `auth_failure_window`, doubling with
+    /// each further one, at most 16 times this.
     #[serde(with = "human::duration")]
     pub auth_failure_delay: Duration,
+    /// Password checks (argon2) that run at once on this node; each holds
+    /// the memory cost of its hash (19 MiB for `smarthost hash-password`).
+    pub max_password_checks: usize,
+    /// AUTH commands that may wait for a check slot; past it `454 4.7.0`.
+    pub password_check_queue: usize,
+    /// The longest wait for a check slot; then `454 4.7.0`.
+    #[serde(with = "human::duration")]
+    pub password_check_wait: Duration,
+    /// Failed logins are forgotten this long after the last one.
+    #[serde(with = "human::duration")]
+    pub auth_failure_window: Duration,
+    /// The failed login from one address (an IPv6 /64) that makes this
+    /// many in the window blocks the address for `auth_block_duration`
+    /// (`421 4.7.0`, no check runs); 0: never.
+    pub auth_address_max_failures: u32,
+    /// The failed login for one user name (from any addresses) that makes
+    /// this many blocks the name for `auth_block_duration` (`454 4.7.0`),
+    /// except from addresses that logged in as it within
+    /// `auth_trust_duration`; 0: never.
+    pub auth_user_max_failures: u32,
+    #[serde(with = "human::duration")]
+    pub auth_block_duration: Duration,
+    /// How long a login as a user exempts its address from that user
+    /// name's block.
+    #[serde(with = "human::duration")]
+    pub auth_trust_duration: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -219,6 +247,15 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Who may use `/api/*`. None: the API is open (keep `listen` on loopback).
     pub operators: Vec<AdminOperator>,
+    /// Token checks (argon2, one per operator) that run at once; more wait
+    /// (up to 16, at most 5 s) or get `503`.
+    pub max_token_checks: usize,
+    /// The wrong token from one address that makes this many (forgotten
+    /// `token_block_duration` after the last one) blocks the address for
+    /// `token_block_duration`: `429`, no check runs; 0: never.
+    pub token_max_failures: u32,
+    #[serde(with = "human::duration")]
+    pub token_block_duration: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -315,6 +352,14 @@ impl Default for SmtpConfig {
             users: Vec::new(),
             allow_plaintext_auth: false,
             auth_failure_delay: Duration::from_secs(1),
+            max_password_checks: 4,
+            password_check_queue: 32,
+            password_check_wait: Duration::from_secs(5),
+            auth_failure_window: Duration::from_secs(15 * 60),
+            auth_address_max_failures: 10,
+            auth_user_max_failures: 20,
+            auth_block_duration: Duration::from_secs(15 * 60),
+            auth_trust_duration: Duration::from_secs(7 * 86400),
         }
     }
 }
@@ -368,6 +413,9 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:8025".parse().expect("literal address"),
             operators: Vec::new(),
+            max_token_checks: 2,
+            token_max_failures: 10,
+            token_block_duration: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -699,6 +747,16 @@ impl Config {
             ),
             None => {}
         }
+        errors.positive("smtp.max_password_checks", smtp.max_password_checks as u64);
+        for (key, duration) in [
+            ("smtp.auth_failure_window", smtp.auth_failure_window),
+            ("smtp.auth_block_duration", smtp.auth_block_duration),
+            ("smtp.auth_trust_duration", smtp.auth_trust_duration),
+        ] {
+            if duration.is_zero() {
+                errors.add(key, "must be longer than 0s");
+            }
+        }
         for (i, user) in smtp.users.iter().enumerate() {
             let key = format!("smtp.users[{i}]");
             if user.name.is_empty() {
@@ -722,6 +780,10 @@ impl Config {
                 "admin.listen",
                 format!("{} is also in smtp.listen", admin.listen),
             );
+        }
+        errors.positive("admin.max_token_checks", admin.max_token_checks as u64);
+        if admin.token_block_duration.is_zero() {
+            errors.add("admin.token_block_duration", "must be longer than 0s");
         }
         for (i, operator) in admin.operators.iter().enumerate() {
             let key = format!("admin.operators[{i}]");

@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: the one typed configuration, loaded and validated once.
 //! - [`auth`]: argon2 password hashes and the SMTP AUTH user table.
+//! - [`auth_guard`]: the bound on password checks at once and the
+//!   throttle of failed logins (per address and user, local or in Redis).
 //! - [`telemetry`]: logs to standard error, text or JSON.
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
 //! - [`queue`]: the `Queue` actor, which batches enqueues into group commits,
@@ -28,6 +30,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod auth;
+pub mod auth_guard;
 pub mod bounce;
 pub mod cli;
 pub mod config;

@@ -18,6 +18,9 @@ use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::admin::{self, AdminEnv};
 use crate::auth::{OperatorDb, UserDb};
+use crate::auth_guard::{
+    AuthGuard, GuardSettings, GuardStats, Ledger, LocalLedger, PasswordChecks, Policy, RedisLedger,
+};
 use crate::bounce::ReportSettings;
 use crate::config::{check_domain_name, Config, DomainKind, QueueBackend};
 use crate::delivery::connection::DeliveryEnv;
@@ -185,7 +188,15 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     // Probes, the cluster view and the shared queue's counts; ready while
     // it runs.
     let (ready, is_ready) = watch::channel(true);
-    let admin = start_admin(&config, &queue, &spool, Some(&coordinator), is_ready)?;
+    let ledger = login_ledger(&config).await?;
+    let admin = start_admin(
+        &config,
+        &queue,
+        &spool,
+        Some(&coordinator),
+        is_ready,
+        ledger,
+    )?;
     tracing::info!(node = %config.node.id, "coordinator running");
     wait_for_signal().await;
     ready.send_replace(false);
@@ -268,12 +279,14 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     }
 
     let (ready, is_ready) = watch::channel(false);
+    let ledger = login_ledger(&config).await?;
     let admin = start_admin(
         &config,
         &queue,
         &admin_spool,
         coordinator.as_ref(),
         is_ready,
+        ledger.clone(),
     )?;
 
     let listener = Listener::bind(
@@ -282,7 +295,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             config.smtp.max_connections,
             config.smtp.max_connections_per_ip,
         ),
-        Arc::new(session_env(&config, queue.clone().recipient())?),
+        Arc::new(session_env(&config, queue.clone().recipient(), ledger)?),
     )
     .await?
     .start();
@@ -334,13 +347,38 @@ fn start_admin(
     spool: &Arc<dyn Spool>,
     coordinator: Option<&Addr<Coordinator>>,
     is_ready: watch::Receiver<bool>,
+    ledger: Arc<dyn Ledger>,
 ) -> Result<actix_web::dev::ServerHandle, Box<dyn Error>> {
+    let admin = &config.admin;
+    let stats = Arc::new(GuardStats::default());
+    let guard = AuthGuard::new(
+        GuardSettings {
+            scope: "admin",
+            address: Policy {
+                max_failures: admin.token_max_failures,
+                window: admin.token_block_duration,
+                block_for: admin.token_block_duration,
+            },
+            user: None,
+            trust_for: admin.token_block_duration,
+            failure_delay: admin::TOKEN_FAILURE_DELAY,
+        },
+        ledger,
+        stats.clone(),
+    );
+    let checks = PasswordChecks::new(
+        admin.max_token_checks,
+        admin::TOKEN_CHECK_QUEUE,
+        admin::TOKEN_CHECK_WAIT,
+        stats,
+    );
     let env = AdminEnv::new(
         queue.clone().recipient(),
         queue.clone().recipient(),
         OperatorDb::new(&config.admin.operators),
         is_ready,
     )
+    .with_guard(checks, guard)
     .with_spool(spool.clone());
     let env = match coordinator {
         Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
@@ -393,9 +431,28 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings, Box<dyn Error>
     })
 }
 
+/// Where the failed logins of SMTP AUTH and the admin API are counted: in
+/// Redis on the Redis backend, so that every node sees the blocks, else in
+/// this process.
+async fn login_ledger(config: &Config) -> Result<Arc<dyn Ledger>, Box<dyn Error>> {
+    Ok(match config.queue.backend {
+        QueueBackend::Local => Arc::new(LocalLedger::default()),
+        QueueBackend::Redis => Arc::new(
+            RedisLedger::open(
+                &config.queue.redis_url,
+                config.queue.redis_cluster,
+                config.queue.redis_response_timeout,
+            )
+            .await
+            .map_err(|e| format!("queue.redis_url: {e}"))?,
+        ),
+    })
+}
+
 fn session_env(
     config: &Config,
     queue: Recipient<crate::queue::Enqueue>,
+    ledger: Arc<dyn Ledger>,
 ) -> Result<SessionEnv, Box<dyn Error>> {
     let smtp = &config.smtp;
     let tls = smtp.tls.as_ref().map(tls::acceptor).transpose()?;
@@ -406,6 +463,8 @@ fn session_env(
         // Validated at load; the routing form is lower case with A-labels.
         .map(|d| check_domain_name(&d.name).unwrap_or_else(|_| d.name.to_ascii_lowercase()))
         .collect();
+    // The counters of the SMTP logins, for the metrics.
+    let stats = Arc::new(GuardStats::default());
     let session = SessionConfig {
         hostname: config.node.hostname.clone(),
         max_message_size: smtp.max_message_size,
@@ -423,7 +482,31 @@ fn session_env(
         relay_networks: smtp.relay_networks.clone(),
         tls,
         users: Arc::new(UserDb::new(&smtp.users)),
-        auth_failure_delay: smtp.auth_failure_delay,
+        checks: Arc::new(PasswordChecks::new(
+            smtp.max_password_checks,
+            smtp.password_check_queue,
+            smtp.password_check_wait,
+            stats.clone(),
+        )),
+        guard: Arc::new(AuthGuard::new(
+            GuardSettings {
+                scope: "smtp",
+                address: Policy {
+                    max_failures: smtp.auth_address_max_failures,
+                    window: smtp.auth_failure_window,
+                    block_for: smtp.auth_block_duration,
+                },
+                user: Some(Policy {
+                    max_failures: smtp.auth_user_max_failures,
+                    window: smtp.auth_failure_window,
+                    block_for: smtp.auth_block_duration,
+                }),
+                trust_for: smtp.auth_trust_duration,
+                failure_delay: smtp.auth_failure_delay,
+            },
+            ledger,
+            stats,
+        )),
         idle_timeout: smtp.connection_timeout,
         queue,
     })

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use smarthost_proto::envelope::{ClientInfo, MessageId, MessageRecord};
 use smarthost_proto::received;
 use smarthost_proto::session::{
-    Action, IncomingMessage, PeerInfo, Session, SessionConfig, StoreFailure,
+    Action, AuthRefusal, IncomingMessage, PeerInfo, Session, SessionConfig, StoreFailure,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::auth::UserDb;
+use crate::auth_guard::{AuthGuard, PasswordChecks, Refusal};
 use crate::queue::Enqueue;
 use crate::spool::NewMessage;
 
@@ -33,7 +34,10 @@ pub struct SessionEnv {
     pub relay_networks: Vec<IpNet>,
     pub tls: Option<TlsAcceptor>,
     pub users: Arc<UserDb>,
-    pub auth_failure_delay: Duration,
+    /// The node's bound on password checks running at once.
+    pub checks: Arc<PasswordChecks>,
+    /// Failed logins per address and user name: delays and blocks.
+    pub guard: Arc<AuthGuard>,
     pub idle_timeout: Duration,
     pub queue: Recipient<Enqueue>,
 }
@@ -151,8 +155,11 @@ async fn drive(
                     session.tls_established();
                 }
                 Action::Authenticate { username, password } => {
-                    let ok = check_password(env, username, password).await;
-                    out.extend_from_slice(&session.auth_result(ok).to_wire());
+                    let reply = match check_password(env, ip, username, password).await {
+                        Ok(ok) => session.auth_result(ok),
+                        Err(refusal) => session.auth_refused(refusal),
+                    };
+                    out.extend_from_slice(&reply.to_wire());
                 }
                 Action::Message(message) => {
                     let result = store(env, ip, message).await;
@@ -225,20 +232,37 @@ async fn start_tls(conn: &mut Connection, env: &SessionEnv) -> Result<(), End> {
 }
 
 /// Verifies a password off the async threads (argon2 is deliberately slow)
-/// and makes a failure wait, to slow down guessing.
-async fn check_password(env: &SessionEnv, username: String, password: String) -> bool {
+/// in one of the node's few check slots, unless failed logins blocked the
+/// address or the user name; a failure waits a delay that grows with the
+/// failures, to slow down guessing.
+async fn check_password(
+    env: &SessionEnv,
+    ip: IpAddr,
+    username: String,
+    password: String,
+) -> Result<bool, AuthRefusal> {
     let users = env.users.clone();
     let user = username.clone();
-    let ok = tokio::task::spawn_blocking(move || users.verify(&user, &password))
+    let (ok, trusted) = env
+        .guard
+        .check(&env.checks, ip, Some(&username), move |memory| {
+            users.verify_in(&user, &password, memory)
+        })
         .await
-        .unwrap_or(false);
+        .map_err(|refusal| match refusal {
+            Refusal::Busy => AuthRefusal::Busy,
+            Refusal::AddressBlocked { .. } => AuthRefusal::AddressBlocked,
+            Refusal::UserBlocked { .. } => AuthRefusal::UserBlocked,
+        })?;
     if ok {
         tracing::info!(user = %username, "authenticated");
+        env.guard.succeeded(ip, Some(&username)).await;
     } else {
         tracing::warn!(user = %username, "authentication failed");
-        tokio::time::sleep(env.auth_failure_delay).await;
+        let delay = env.guard.failed(ip, Some(&username), trusted).await;
+        tokio::time::sleep(delay).await;
     }
-    ok
+    Ok(ok)
 }
 
 /// Prepends our `Received:` line and hands the message to the queue; the

@@ -84,6 +84,18 @@ pub struct IncomingMessage {
     pub data: Vec<u8>,
 }
 
+/// Why the shell refused to check credentials ([`Session::auth_refused`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthRefusal {
+    /// Every password check slot is taken and the wait ran out.
+    Busy,
+    /// Failed logins for this user name are blocked for a while (from this
+    /// address).
+    UserBlocked,
+    /// Failed logins from this address are blocked for a while.
+    AddressBlocked,
+}
+
 /// Why the shell could not store a message (answered with `451 4.3.0`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreFailure {
@@ -340,6 +352,44 @@ impl Session {
         } else {
             self.errors += 1;
             reply(535, 5, 7, 8, "Authentication credentials invalid")
+        }
+    }
+
+    /// The shell did not check the credentials of [`Action::Authenticate`]:
+    /// too many checks are running, or failed logins blocked the user name
+    /// or the client's address for a while. A blocked address ends the
+    /// session (`421`); the others may try again later (`454`, RFC 4954).
+    pub fn auth_refused(&mut self, why: AuthRefusal) -> Reply {
+        if !matches!(self.state, State::AwaitAuth(_)) {
+            return bad_sequence("No authentication in progress");
+        }
+        self.state = State::Command;
+        match why {
+            AuthRefusal::Busy => {
+                reply(454, 4, 7, 0, "Too many logins in progress, try again later")
+            }
+            AuthRefusal::UserBlocked => {
+                self.errors += 1;
+                reply(
+                    454,
+                    4,
+                    7,
+                    0,
+                    "Too many failed logins for this user, try again later",
+                )
+            }
+            AuthRefusal::AddressBlocked => {
+                self.state = State::Closed;
+                self.input.clear();
+                self.tail_len = 0;
+                reply(
+                    421,
+                    4,
+                    7,
+                    0,
+                    "Too many failed logins from your address, try again later",
+                )
+            }
         }
     }
 

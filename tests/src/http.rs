@@ -30,8 +30,38 @@ impl Response {
 /// Sends `method path` with an empty body (and `Authorization: Bearer
 /// <token>` when given) and reads the whole answer.
 pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Response {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    exchange(stream, addr, method, path, token)
+}
+
+/// [`request`] from a chosen loopback source address (127.0.0.0/8 all
+/// belongs to `lo`), to test per-address rules.
+pub fn request_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Response {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .expect("bind the source address");
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    exchange(socket.into(), addr, method, path, token)
+}
+
+fn exchange(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Response {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();

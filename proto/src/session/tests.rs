@@ -650,6 +650,53 @@ fn sasl_challenges_on_the_wire() {
     assert_eq!(r.to_wire(), b"334 \r\n");
 }
 
+/// A session waiting for the verdict on `AUTH PLAIN user:secret`.
+fn awaiting_auth() -> Session {
+    let mut s = Session::new(Arc::new(config()), stranger());
+    s.tls_established();
+    s.push_input(b"EHLO c\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\n");
+    assert!(matches!(s.next_action(), Some(Action::Reply(r)) if r.code == 250));
+    assert!(matches!(s.next_action(), Some(Action::Authenticate { .. })));
+    s
+}
+
+#[test]
+fn refused_logins_have_precise_replies() {
+    let table: [(AuthRefusal, &[u8], bool); 3] = [
+        (
+            AuthRefusal::Busy,
+            b"454 4.7.0 Too many logins in progress, try again later\r\n",
+            false,
+        ),
+        (
+            AuthRefusal::UserBlocked,
+            b"454 4.7.0 Too many failed logins for this user, try again later\r\n",
+            false,
+        ),
+        (
+            AuthRefusal::AddressBlocked,
+            b"421 4.7.0 Too many failed logins from your address, try again later\r\n",
+            true,
+        ),
+    ];
+    for (why, wire, closes) in table {
+        let mut s = awaiting_auth();
+        // Pipelined input waits for the verdict, and a blocked address
+        // ends the session with it unread.
+        s.push_input(b"NOOP\r\n");
+        assert_eq!(s.auth_refused(why).to_wire(), wire, "{why:?}");
+        assert_eq!(s.is_closed(), closes, "{why:?}");
+        if closes {
+            assert_eq!(s.next_action(), None);
+        } else {
+            assert!(matches!(s.next_action(), Some(Action::Reply(r)) if r.code == 250));
+        }
+    }
+    let mut s = Session::new(Arc::new(config()), stranger());
+    assert_eq!(s.auth_refused(AuthRefusal::AddressBlocked).code, 503);
+    assert!(!s.is_closed());
+}
+
 #[test]
 fn answers_nobody_asked_for_change_nothing() {
     let mut s = Session::new(Arc::new(config()), stranger());
