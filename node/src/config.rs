@@ -1292,12 +1292,22 @@ mod tests {
             name = "billing"
             password_hash = "h2"
         "#;
-        let files = [("smarthost.toml", main), ("secret/credentials.toml", credentials)];
+        let files = [
+            ("smarthost.toml", main),
+            ("secret/credentials.toml", credentials),
+        ];
         let config = load_files(&files, &[("SMARTHOST__SMTP__MAX_CONNECTIONS", "30")]).unwrap();
         let users: Vec<&str> = config.smtp.users.iter().map(|u| u.name.as_str()).collect();
-        assert_eq!(users, ["app", "billing"], "the included array replaces the file's");
+        assert_eq!(
+            users,
+            ["app", "billing"],
+            "the included array replaces the file's"
+        );
         assert_eq!(config.smtp.max_recipients, 7, "keys not included stay");
-        assert_eq!(config.smtp.max_connections, 30, "the environment comes last");
+        assert_eq!(
+            config.smtp.max_connections, 30,
+            "the environment comes last"
+        );
         assert_eq!(config.include, [PathBuf::from("secret/credentials.toml")]);
     }
 
@@ -1324,10 +1334,16 @@ mod tests {
             nested.starts_with("include: ") && nested.contains("b.toml is included"),
             "{nested}"
         );
-        let bad = load_files(&[("a.toml", "include = [\"b.toml\"]"), ("b.toml", "[smtp")], &[])
-            .unwrap_err()
-            .to_string();
-        assert!(bad.contains("b.toml"), "a syntax error names the included file: {bad}");
+        let bad = load_files(
+            &[("a.toml", "include = [\"b.toml\"]"), ("b.toml", "[smtp")],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("b.toml"),
+            "a syntax error names the included file: {bad}"
+        );
     }
 
     #[test]
