@@ -178,7 +178,7 @@ async fn drive(
         }
         // Pipelined input may have grown the body; a message refused at
         // its end holds nothing any more.
-        account_body(&mut session, &mut body, 0);
+        account_body(env, &mut session, &mut body, 0);
         send(conn, &mut out).await?;
         if session.is_closed() {
             return Ok(());
@@ -196,7 +196,7 @@ async fn drive(
                 }
                 Ok(Ok(0)) => return Err(End::ClientGone),
                 Ok(Ok(n)) => {
-                    account_body(&mut session, &mut body, n as u64);
+                    account_body(env, &mut session, &mut body, n as u64);
                     session.push_input(&buf[..n]);
                 }
                 Ok(Err(error)) => return Err(End::Failed(error)),
@@ -213,7 +213,7 @@ async fn reserve_body(env: &SessionEnv, declared: Option<u64>) -> Option<Reserva
     let want = declared.unwrap_or(0).min(env.config.max_message_size);
     let reservation = env.body_memory.reserve(want, env.body_memory_wait).await;
     if reservation.is_none() {
-        tracing::warn!(
+        tracing::info!(
             in_use = env.body_memory.used(),
             limit = env.body_memory.limit(),
             "no memory for a message body within smtp.body_memory_wait: 452"
@@ -225,15 +225,22 @@ async fn reserve_body(env: &SessionEnv, declared: Option<u64>) -> Option<Reserva
 /// Keeps the body's reservation as large as what the session holds plus
 /// `incoming` octets about to be pushed, and lets the session drop the
 /// body when the budget cannot cover it. Outside DATA the reservation is
-/// given back.
-fn account_body(session: &mut Session, body: &mut Option<Reservation>, incoming: u64) {
+/// given back. Octets past `max_message_size` are not kept (that message
+/// gets `552`), so they are not counted either.
+fn account_body(
+    env: &SessionEnv,
+    session: &mut Session,
+    body: &mut Option<Reservation>,
+    incoming: u64,
+) {
     let Some(size) = session.data_size() else {
         *body = None;
         return;
     };
     if let Some(reservation) = body {
-        if !reservation.grow_to(size + incoming) {
-            tracing::warn!(
+        let held = (size + incoming).min(env.config.max_message_size);
+        if !reservation.grow_to(held) {
+            tracing::info!(
                 size,
                 held = reservation.bytes(),
                 "no memory left for a message body under way: it is read to its end and refused with 452"

@@ -611,7 +611,7 @@ impl Session {
             return Ok(postmaster.clone());
         }
         let hostname = self.config.hostname.to_ascii_lowercase();
-        if self.config.local_domains.iter().any(|d| *d == hostname) {
+        if self.config.local_domains.contains(&hostname) {
             return Ok(Mailbox {
                 local_part: "postmaster".to_string(),
                 domain: hostname,
