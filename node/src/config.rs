@@ -93,6 +93,19 @@ pub struct SmtpConfig {
     /// name's block.
     #[serde(with = "human::duration")]
     pub auth_trust_duration: Duration,
+    /// The mailbox that takes mail for `postmaster` and
+    /// `postmaster@<node.hostname>` from anyone (RFC 5321 4.5.1). Unset:
+    /// `bounce.copy_to`; neither set: such mail gets `550 5.1.1`.
+    pub postmaster: Option<String>,
+    /// Memory for message bodies being received, summed over every
+    /// session of the node. Past it, a new DATA waits `body_memory_wait`
+    /// and then gets `452 4.3.1`; a message under way that needs more is
+    /// read to its end and refused with `452 4.3.1`.
+    #[serde(with = "human::size")]
+    pub max_body_memory: u64,
+    /// How long a new DATA waits for body memory before `452 4.3.1`.
+    #[serde(with = "human::duration")]
+    pub body_memory_wait: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -360,6 +373,9 @@ impl Default for SmtpConfig {
             auth_user_max_failures: 20,
             auth_block_duration: Duration::from_secs(15 * 60),
             auth_trust_duration: Duration::from_secs(7 * 86400),
+            postmaster: None,
+            max_body_memory: 256_000_000,
+            body_memory_wait: Duration::from_secs(5),
         }
     }
 }
@@ -719,6 +735,16 @@ impl Config {
         if smtp.connection_timeout.is_zero() {
             errors.add("smtp.connection_timeout", "must be longer than 0s");
         }
+        if smtp.max_body_memory < smtp.max_message_size {
+            errors.add(
+                "smtp.max_body_memory",
+                format!(
+                    "{} bytes is less than smtp.max_message_size ({} bytes): \
+                     one message of the largest size must fit",
+                    smtp.max_body_memory, smtp.max_message_size
+                ),
+            );
+        }
         if smtp.max_message_size > smtp.max_session_size {
             errors.add(
                 "smtp.max_message_size",
@@ -755,6 +781,28 @@ impl Config {
         ] {
             if duration.is_zero() {
                 errors.add(key, "must be longer than 0s");
+            }
+        }
+        if let Some(postmaster) = &smtp.postmaster {
+            match mailbox(postmaster) {
+                Err(e) => errors.add("smtp.postmaster", e),
+                Ok(m) if m.needs_smtputf8() => errors.add(
+                    "smtp.postmaster",
+                    format!("{postmaster:?} must be an ASCII address"),
+                ),
+                Ok(m)
+                    if m.local_part.eq_ignore_ascii_case("postmaster")
+                        && m.domain.eq_ignore_ascii_case(&self.node.hostname) =>
+                {
+                    errors.add(
+                        "smtp.postmaster",
+                        format!(
+                            "{postmaster:?} is this node's own postmaster address, \
+                             which would send such mail round in a loop"
+                        ),
+                    )
+                }
+                Ok(_) => {}
             }
         }
         for (i, user) in smtp.users.iter().enumerate() {
@@ -1082,6 +1130,28 @@ pub fn check_domain_name(name: &str) -> Result<String, String> {
         }
     }
     Ok(ascii)
+}
+
+/// A configured address as the SMTP grammar reads it (`user@example.com`,
+/// no angle brackets).
+pub fn mailbox(address: &str) -> Result<smarthost_proto::address::Mailbox, String> {
+    match smarthost_proto::address::parse_forward_path(&format!("<{address}>")) {
+        Ok(smarthost_proto::address::Path::Mailbox(path)) => Ok(path.mailbox),
+        _ => Err(format!(
+            "{address:?} is not a mail address such as \"postmaster@example.com\""
+        )),
+    }
+}
+
+/// The mailbox for this node's postmaster: `smtp.postmaster`, else
+/// `bounce.copy_to` (both validated at load).
+pub fn postmaster(config: &Config) -> Option<smarthost_proto::address::Mailbox> {
+    let text = config
+        .smtp
+        .postmaster
+        .as_ref()
+        .or(config.bounce.copy_to.as_ref())?;
+    mailbox(text).ok()
 }
 
 fn check_address(address: &str) -> Result<(), String> {
@@ -1735,6 +1805,66 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_postmaster_is_a_usable_address_and_falls_back_to_the_bounce_copy() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(postmaster(&config), None);
+        let config = load("[bounce]\ncopy_to = \"reports@example.com\"", &[]).unwrap();
+        assert_eq!(
+            postmaster(&config).unwrap().to_string(),
+            "reports@example.com"
+        );
+        let config = load(
+            "[smtp]\npostmaster = \"Ops@Example.com\"\n[bounce]\ncopy_to = \"reports@example.com\"",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(postmaster(&config).unwrap().to_string(), "Ops@example.com");
+        for (value, why) in [
+            ("postmaster", "is not a mail address"),
+            ("ops", "is not a mail address"),
+            ("a b@example.com", "is not a mail address"),
+            ("jörg@example.com", "must be an ASCII address"),
+            (
+                "PostMaster@relay.example",
+                "this node's own postmaster address",
+            ),
+        ] {
+            let errors = invalid(&format!(
+                "[node]\nhostname = \"relay.example\"\n[smtp]\npostmaster = {value:?}"
+            ));
+            assert_eq!(errors.len(), 1, "{value}: {errors:?}");
+            assert!(
+                errors[0].starts_with("smtp.postmaster: ") && errors[0].contains(why),
+                "{value}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_memory_has_a_default_and_must_hold_the_largest_message() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.smtp.max_body_memory, 256_000_000);
+        assert_eq!(config.smtp.body_memory_wait, Duration::from_secs(5));
+        let config = load(
+            "[smtp]\nmax_body_memory = \"20MB\"\nbody_memory_wait = \"250ms\"",
+            &[("SMARTHOST__SMTP__MAX_BODY_MEMORY", "30MB")],
+        )
+        .unwrap();
+        assert_eq!(config.smtp.max_body_memory, 30_000_000);
+        assert_eq!(config.smtp.body_memory_wait, Duration::from_millis(250));
+        assert_eq!(config.validate(), Ok(()));
+        let errors = invalid("[smtp]\nmax_body_memory = \"9MB\"");
+        assert_eq!(
+            errors,
+            [
+                "smtp.max_body_memory: 9000000 bytes is less than smtp.max_message_size \
+              (10000000 bytes): one message of the largest size must fit"
+            ]
+        );
     }
 
     #[test]

@@ -80,7 +80,11 @@ impl DeliveryLog {
                 attempt: completion.attempt,
                 latency_ms,
             };
-            serde_json::to_writer(&mut self.file, &line)?;
+            // Remote replies and addresses are chosen by others: the same
+            // escaping as the JSON log, so a line is one line on any viewer.
+            let json = serde_json::to_vec(&line)?;
+            self.file
+                .write_all(&crate::telemetry::escape_json_extras(&json))?;
             self.file.write_all(b"\n")?;
         }
         self.file.flush()
@@ -151,5 +155,46 @@ mod tests {
         assert_eq!(line["latency_ms"], 42);
         assert!(lines[1]["remote_host"].is_null());
         assert_eq!(lines[1]["tls"], false);
+    }
+
+    #[test]
+    fn a_hostile_remote_reply_stays_on_one_line_with_its_exact_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("delivery.log");
+        let mut log = DeliveryLog::open(&path).unwrap();
+        let record = message(0, 10).record;
+        let reply = "550 no\r\n{\"forged\":1}\x1b[2J\u{85}\u{9b}\x7f\u{2028}";
+        let outcome = MessageOutcome {
+            recipients: vec![RcptOutcome {
+                recipient: 0,
+                result: RcptResult::Failed,
+                reply: reply.into(),
+            }],
+            remote: None,
+            latency: Duration::from_millis(1),
+        };
+        let policy = RetryPolicy {
+            intervals: vec![Duration::from_secs(1)],
+            max_lifetime: Duration::from_secs(60),
+            delay_notification: Duration::from_secs(30),
+        };
+        let completion = apply_outcome(
+            &record,
+            "example.org",
+            &outcome,
+            record.received_ms,
+            &policy,
+            0.0,
+        );
+        log.write(&completion, Some(&outcome)).unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+        assert!(
+            !text.trim_end().contains(crate::telemetry::must_escape),
+            "{text:?}"
+        );
+        let line: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(line["reply"], reply);
     }
 }

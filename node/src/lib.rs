@@ -21,6 +21,7 @@
 //! - [`delivery_log`]: one JSON line per attempt and recipient.
 //! - [`listener`]: the Listener actor: accepts connections under the limits.
 //! - [`session`]: the I/O shell of one SMTP session around `proto::session`.
+//! - [`body_memory`]: the node-wide budget for message bodies in memory.
 //! - [`tls`]: the STARTTLS server configuration.
 //! - [`admin`]: the admin HTTP server: health, readiness, the queue API.
 //! - [`admin_client`]: the client side of that API, for `smarthost queue`.
@@ -31,6 +32,7 @@ pub mod admin;
 pub mod admin_client;
 pub mod auth;
 pub mod auth_guard;
+pub mod body_memory;
 pub mod bounce;
 pub mod cli;
 pub mod config;

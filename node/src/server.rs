@@ -33,6 +33,7 @@ use smarthost_coordinator::{
     self as coordinator, Coordinator, CoordinatorOptions, LeaderTick, Shutdown,
 };
 
+use crate::body_memory::BodyMemory;
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover};
@@ -476,6 +477,7 @@ fn session_env(
         auth_available: !smtp.users.is_empty(),
         allow_plaintext_auth: smtp.allow_plaintext_auth,
         local_domains,
+        postmaster: crate::config::postmaster(config),
     };
     Ok(SessionEnv {
         config: Arc::new(session),
@@ -509,6 +511,8 @@ fn session_env(
         )),
         idle_timeout: smtp.connection_timeout,
         queue,
+        body_memory: BodyMemory::new(smtp.max_body_memory),
+        body_memory_wait: smtp.body_memory_wait,
     })
 }
 

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::auth::UserDb;
 use crate::auth_guard::{AuthGuard, PasswordChecks, Refusal};
+use crate::body_memory::{BodyMemory, Reservation};
 use crate::queue::Enqueue;
 use crate::spool::NewMessage;
 
@@ -40,6 +41,10 @@ pub struct SessionEnv {
     pub guard: Arc<AuthGuard>,
     pub idle_timeout: Duration,
     pub queue: Recipient<Enqueue>,
+    /// The node's budget for bodies in memory (`smtp.max_body_memory`).
+    pub body_memory: Arc<BodyMemory>,
+    /// How long a new DATA may wait for it (`smtp.body_memory_wait`).
+    pub body_memory_wait: Duration,
 }
 
 impl SessionEnv {
@@ -140,6 +145,9 @@ async fn drive(
 ) -> Result<(), End> {
     let mut out = session.greeting().to_wire();
     let mut buf = vec![0u8; 16 * 1024];
+    // The share of the body budget the message under way holds, from
+    // DATA until it is stored or refused.
+    let mut body: Option<Reservation> = None;
     loop {
         while let Some(action) = session.next_action() {
             match action {
@@ -161,12 +169,23 @@ async fn drive(
                     };
                     out.extend_from_slice(&reply.to_wire());
                 }
+                Action::ReserveBody { declared } => {
+                    // What pipelined commands got so far goes out first:
+                    // the client may be waiting for it, not for us.
+                    send(conn, &mut out).await?;
+                    body = reserve_body(env, declared).await;
+                    out.extend_from_slice(&session.body_reserved(body.is_some()).to_wire());
+                }
                 Action::Message(message) => {
                     let result = store(env, ip, message).await;
+                    body = None;
                     out.extend_from_slice(&session.message_stored(result).to_wire());
                 }
             }
         }
+        // Pipelined input may have grown the body; a message refused at
+        // its end holds nothing any more.
+        account_body(env, &mut session, &mut body, 0);
         send(conn, &mut out).await?;
         if session.is_closed() {
             return Ok(());
@@ -183,11 +202,58 @@ async fn drive(
                     return send(conn, &mut out).await;
                 }
                 Ok(Ok(0)) => return Err(End::ClientGone),
-                Ok(Ok(n)) => session.push_input(&buf[..n]),
+                Ok(Ok(n)) => {
+                    account_body(env, &mut session, &mut body, n as u64);
+                    session.push_input(&buf[..n]);
+                }
                 Ok(Err(error)) => return Err(End::Failed(error)),
             },
             // Wakes the loop so an idle session can be closed at once.
             _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// A share of the body budget for a new DATA: the declared size (capped
+/// by the reservation itself at the budget) or a first step.
+async fn reserve_body(env: &SessionEnv, declared: Option<u64>) -> Option<Reservation> {
+    let want = declared.unwrap_or(0).min(env.config.max_message_size);
+    let reservation = env.body_memory.reserve(want, env.body_memory_wait).await;
+    if reservation.is_none() {
+        tracing::info!(
+            in_use = env.body_memory.used(),
+            limit = env.body_memory.limit(),
+            "no memory for a message body within smtp.body_memory_wait: 452"
+        );
+    }
+    reservation
+}
+
+/// Keeps the body's reservation as large as what the session holds plus
+/// `incoming` octets about to be pushed, and lets the session drop the
+/// body when the budget cannot cover it. Outside DATA the reservation is
+/// given back. Octets past `max_message_size` are not kept (that message
+/// gets `552`), so they are not counted either.
+fn account_body(
+    env: &SessionEnv,
+    session: &mut Session,
+    body: &mut Option<Reservation>,
+    incoming: u64,
+) {
+    let Some(size) = session.data_size() else {
+        *body = None;
+        return;
+    };
+    if let Some(reservation) = body {
+        let held = (size + incoming).min(env.config.max_message_size);
+        if !reservation.grow_to(held) {
+            tracing::info!(
+                size,
+                held = reservation.bytes(),
+                "no memory left for a message body under way: it is read to its end and refused with 452"
+            );
+            session.discard_body();
+            *body = None;
         }
     }
 }
@@ -297,10 +363,9 @@ async fn store(
         for_rcpt,
         now.as_secs(),
     );
-    let mut body = Vec::with_capacity(header.len() + data.len());
-    body.extend_from_slice(header.as_bytes());
-    body.extend_from_slice(&data);
-    drop(data);
+    // In place: a second copy of a large body would double what it takes.
+    let mut body = data;
+    body.splice(0..0, header.bytes());
     let sender = envelope
         .sender
         .as_ref()

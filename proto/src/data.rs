@@ -5,6 +5,11 @@
 //! variants end a message, and that disagreement is what SMTP smuggling
 //! exploits. The reader goes on to the real end and the message is refused
 //! there, so both sides stay in step.
+//!
+//! A NUL octet anywhere (RFC 5321 allows none outside BINARYMIME, which is
+//! not offered) is handled the same way: read to the end, then refused.
+//! Many programs that handle mail after us cut strings at a NUL, so a
+//! message with one could read differently to each of them.
 
 /// Longest line allowed in the message, CRLF included (RFC 5321 4.5.3.1.6).
 pub const MAX_DATA_LINE: usize = 1000;
@@ -14,10 +19,15 @@ pub const MAX_DATA_LINE: usize = 1000;
 pub enum DataError {
     #[error("bare CR or LF in message data")]
     BareLineEnding,
+    #[error("NUL octet in message data")]
+    Nul,
     #[error("line longer than {MAX_DATA_LINE} octets")]
     LineTooLong,
     #[error("message larger than the size limit")]
     TooBig,
+    /// The shell had no memory left for it ([`DataReader::discard`]).
+    #[error("no memory left for the message")]
+    OverBudget,
 }
 
 /// How far one call to [`DataReader::feed`] got.
@@ -68,7 +78,10 @@ pub struct DataReader {
     in_headers: bool,
     received: usize,
     bare_line_ending: bool,
+    nul: bool,
     line_too_long: bool,
+    /// Read on to the end, keep nothing: the message will be refused.
+    discarded: bool,
 }
 
 impl DataReader {
@@ -84,7 +97,9 @@ impl DataReader {
             in_headers: true,
             received: 0,
             bare_line_ending: false,
+            nul: false,
             line_too_long: false,
+            discarded: false,
         }
     }
 
@@ -114,14 +129,26 @@ impl DataReader {
         self.size
     }
 
+    /// Lets go of the body kept so far and keeps no more; the message is
+    /// still read to its end, where [`Self::finish`] refuses it with
+    /// [`DataError::OverBudget`] (after any error about its content).
+    pub fn discard(&mut self) {
+        self.discarded = true;
+        self.body = Vec::new();
+    }
+
     /// The message, or why it must be refused. Call once [`Self::is_done`].
     pub fn finish(self) -> Result<ReceivedData, DataError> {
         if self.bare_line_ending {
             Err(DataError::BareLineEnding)
+        } else if self.nul {
+            Err(DataError::Nul)
         } else if self.line_too_long {
             Err(DataError::LineTooLong)
         } else if self.size > self.max_size {
             Err(DataError::TooBig)
+        } else if self.discarded {
+            Err(DataError::OverBudget)
         } else {
             Ok(ReceivedData {
                 body: self.body,
@@ -131,6 +158,9 @@ impl DataReader {
     }
 
     fn step(&mut self, b: u8) {
+        if b == 0 {
+            self.nul = true;
+        }
         self.line_len += 1;
         if self.line_len > MAX_DATA_LINE {
             self.line_too_long = true;
@@ -184,7 +214,7 @@ impl DataReader {
     fn keep(&mut self, bytes: &[u8]) -> State {
         for &b in bytes {
             self.size += 1;
-            if self.size <= self.max_size {
+            if self.size <= self.max_size && !self.discarded {
                 self.body.push(b);
             }
         }
@@ -296,6 +326,50 @@ mod tests {
     }
 
     #[test]
+    fn nul_never_ends_data_and_the_message_is_refused_at_its_end() {
+        // (input without the final end, bytes of it that end data)
+        let variants: &[&[u8]] = &[
+            b"\0",
+            b"a\0b\r\n",
+            b"Subject: x\0\r\n\r\nbody\r\n",
+            b"\0.\0\r\n",
+            b"a\r\n\0.\0\r\nb\r\n",
+            b"a\r\n.\0\r\n",
+            b"a\r\n\0.\r\n",
+            b"a\r\n.\r\0\n",
+            b"..\0\r\n",
+            b"body\r\n\0",
+        ];
+        for &chunk in CHUNKS {
+            for &v in variants {
+                let mut full = v.to_vec();
+                if !full.ends_with(b"\r\n") {
+                    full.extend_from_slice(b"\r\n");
+                }
+                let before_end = full.len();
+                full.extend_from_slice(b".\r\nMAIL FROM:<>\r\n");
+                let (r, used) = run(&full, chunk, 1 << 20);
+                assert!(r.is_done(), "{v:?} by {chunk}");
+                assert_eq!(used, before_end + 3, "{v:?} by {chunk}");
+                let want = if v == b"a\r\n.\r\0\n" {
+                    // The CR there is bare too: smuggling is named first.
+                    DataError::BareLineEnding
+                } else {
+                    DataError::Nul
+                };
+                assert_eq!(r.finish(), Err(want), "{v:?} by {chunk}");
+            }
+        }
+        // 8-bit text without NUL is fine.
+        let (r, _) = run(
+            "Subject: é\r\n\r\n\u{80}\u{ff}\r\n.\r\n".as_bytes(),
+            1,
+            1 << 20,
+        );
+        assert!(r.finish().is_ok());
+    }
+
+    #[test]
     fn long_lines_are_refused_at_the_end() {
         let mut ok = vec![b'x'; MAX_DATA_LINE - 2];
         ok.extend_from_slice(b"\r\n.\r\n");
@@ -327,6 +401,34 @@ mod tests {
         // Exactly at the limit is fine.
         let (r, _) = run(b"12345678\r\n.\r\n", 1, 10);
         assert_eq!(r.finish().unwrap().body, b"12345678\r\n");
+    }
+
+    #[test]
+    fn a_discarded_message_is_read_to_its_end_and_refused_there() {
+        let mut input = b"Subject: x\r\n\r\n".to_vec();
+        for _ in 0..100 {
+            input.extend_from_slice(b"0123456789\r\n");
+        }
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        for at in [0, 1, 17, 500, input.len() - 9] {
+            let mut r = DataReader::new(1 << 20);
+            let first = r.feed(&input[..at]);
+            assert!(!first.done);
+            r.discard();
+            assert!(r.body.is_empty() && r.body.capacity() == 0);
+            let rest = r.feed(&input[at..]);
+            assert!(rest.done, "discarded at {at}");
+            assert_eq!(at + rest.consumed, input.len() - 6, "QUIT is left");
+            assert!(r.body.is_empty(), "nothing kept after discard");
+            assert_eq!(r.size(), input.len() as u64 - 9);
+            assert_eq!(r.finish(), Err(DataError::OverBudget));
+        }
+        // An error about the content is named first.
+        let mut r = DataReader::new(1 << 20);
+        r.feed(b"a\0\r\n");
+        r.discard();
+        r.feed(b".\r\n");
+        assert_eq!(r.finish(), Err(DataError::Nul));
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //!
 //! Memory stays bounded as long as the shell drains `next_action` after
 //! each push: command lines are cut at [`MAX_COMMAND_LINE`] octets and a
-//! message body at `max_message_size`.
+//! message body at `max_message_size`. What bodies take across all
+//! sessions is the shell's to bound: it is asked for memory before `354`
+//! ([`Action::ReserveBody`]) and can make the session let go of a body
+//! under way ([`Session::discard_body`], answered with `452 4.3.1`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -47,6 +50,11 @@ pub struct SessionConfig {
     pub allow_plaintext_auth: bool,
     /// Routing form (lowercase A-labels).
     pub local_domains: Vec<String>,
+    /// Where mail for `postmaster` and `postmaster@<hostname>` goes
+    /// (RFC 5321 4.5.1: it must be accepted from anyone). `None`: such
+    /// mail is refused with `550 5.1.1`, unless the hostname is a local
+    /// domain, whose own `postmaster` mailbox then takes it.
+    pub postmaster: Option<Mailbox>,
 }
 
 /// The client at the other end.
@@ -69,6 +77,11 @@ pub enum Action {
     StartTls(Reply),
     /// Verify the credentials, then call [`Session::auth_result`].
     Authenticate { username: String, password: String },
+    /// Find memory for a message body of `declared` octets (the client's
+    /// `SIZE=`, if it gave one), then call [`Session::body_reserved`]. While
+    /// the body arrives, [`Session::data_size`] says how much is held;
+    /// when no more memory can be had, call [`Session::discard_body`].
+    ReserveBody { declared: Option<u64> },
     /// Store the message durably, then call [`Session::message_stored`].
     Message(IncomingMessage),
 }
@@ -110,6 +123,8 @@ enum State {
     AuthLoginUser,
     AuthLoginPass(String),
     AwaitAuth(String),
+    /// `DATA` accepted so far; waiting for [`Session::body_reserved`].
+    AwaitBody,
     Data(Box<DataReader>),
     AwaitStore,
     AwaitTls,
@@ -132,6 +147,8 @@ pub struct Session {
     tls: bool,
     auth_user: Option<String>,
     transaction: Option<Envelope>,
+    /// `SIZE=` of the current transaction's MAIL command.
+    declared_size: Option<u64>,
     session_bytes: u64,
     errors: u32,
 }
@@ -161,6 +178,7 @@ impl Session {
             tls: false,
             auth_user: None,
             transaction: None,
+            declared_size: None,
             session_bytes: 0,
             errors: 0,
         }
@@ -284,9 +302,11 @@ impl Session {
     /// the shell) is needed.
     pub fn next_action(&mut self) -> Option<Action> {
         match &mut self.state {
-            State::Closed | State::AwaitTls | State::AwaitAuth(_) | State::AwaitStore => {
-                return None
-            }
+            State::Closed
+            | State::AwaitTls
+            | State::AwaitAuth(_)
+            | State::AwaitBody
+            | State::AwaitStore => return None,
             State::Data(reader) => {
                 if !reader.is_done() {
                     let p = reader.feed(&self.input);
@@ -390,6 +410,41 @@ impl Session {
                     "Too many failed logins from your address, try again later",
                 )
             }
+        }
+    }
+
+    /// The shell's answer to [`Action::ReserveBody`]: `354` and on to the
+    /// message, or `452 4.3.1` when no memory could be had (the
+    /// transaction stays; the client may try DATA again later).
+    pub fn body_reserved(&mut self, ok: bool) -> Reply {
+        if !matches!(self.state, State::AwaitBody) {
+            return bad_sequence("No DATA waiting for memory");
+        }
+        if ok {
+            self.state = State::Data(Box::new(DataReader::new(self.config.max_message_size)));
+            Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".to_string()])
+        } else {
+            self.state = State::Command;
+            self.errors += 1;
+            insufficient_storage()
+        }
+    }
+
+    /// Octets of the message under way received so far (`None` outside
+    /// DATA): what the shell must have memory for.
+    pub fn data_size(&self) -> Option<u64> {
+        match &self.state {
+            State::Data(reader) => Some(reader.size()),
+            _ => None,
+        }
+    }
+
+    /// No more memory for the message under way: what it holds is freed,
+    /// the rest is read without being kept, and its end is answered with
+    /// `452 4.3.1` (so client and server stay in step).
+    pub fn discard_body(&mut self) {
+        if let State::Data(reader) = &mut self.state {
+            reader.discard();
         }
     }
 
@@ -542,6 +597,7 @@ impl Session {
         if sender.as_ref().is_some_and(|(_, utf8)| *utf8) && !params.smtputf8 {
             return reply(553, 5, 6, 7, "Address needs SMTPUTF8");
         }
+        self.declared_size = params.size;
         self.transaction = Some(Envelope {
             sender: sender.map(|(m, _)| m),
             recipients: Vec::new(),
@@ -558,13 +614,14 @@ impl Session {
             return bad_sequence("Need MAIL command first");
         };
         let (address, smtputf8, check_relay) = match path {
-            Path::Postmaster => {
-                let postmaster = Mailbox {
-                    local_part: "postmaster".to_string(),
-                    domain: self.config.hostname.to_ascii_lowercase(),
-                };
-                (postmaster, false, false)
-            }
+            Path::Postmaster => match self.postmaster() {
+                Ok(postmaster) => (postmaster, false, false),
+                Err(refusal) => return refusal,
+            },
+            Path::Mailbox(p) if self.is_our_postmaster(&p.mailbox) => match self.postmaster() {
+                Ok(postmaster) => (postmaster, false, false),
+                Err(refusal) => return refusal,
+            },
             Path::Mailbox(p) => (p.mailbox, p.smtputf8, true),
             Path::Null => return reply(501, 5, 1, 3, "Bad recipient address syntax"),
         };
@@ -585,6 +642,38 @@ impl Session {
             });
         }
         reply(250, 2, 1, 5, "Ok")
+    }
+
+    /// `postmaster@<our hostname>`, in any case: the same mailbox as the
+    /// bare `postmaster`, which must never be relayed to another host.
+    fn is_our_postmaster(&self, mailbox: &Mailbox) -> bool {
+        mailbox.local_part.eq_ignore_ascii_case("postmaster")
+            && mailbox.domain.eq_ignore_ascii_case(&self.config.hostname)
+    }
+
+    /// The mailbox that takes mail for this host's postmaster: the
+    /// configured one, else `postmaster@<hostname>` when the hostname is a
+    /// local domain (delivered there), else none (`550 5.1.1`). Mail to it
+    /// is taken from anyone, without relay rights: its destination is the
+    /// operator's choice, not the client's.
+    fn postmaster(&self) -> Result<Mailbox, Reply> {
+        if let Some(postmaster) = &self.config.postmaster {
+            return Ok(postmaster.clone());
+        }
+        let hostname = self.config.hostname.to_ascii_lowercase();
+        if self.config.local_domains.contains(&hostname) {
+            return Ok(Mailbox {
+                local_part: "postmaster".to_string(),
+                domain: hostname,
+            });
+        }
+        Err(reply(
+            550,
+            5,
+            1,
+            1,
+            "No postmaster mailbox is configured on this host",
+        ))
     }
 
     /// Local domains take mail from anyone; everything else needs a trusted
@@ -611,11 +700,10 @@ impl Session {
                 self.answer(reply(554, 5, 5, 1, "No valid recipients"))
             }
             Some(_) => {
-                self.state = State::Data(Box::new(DataReader::new(self.config.max_message_size)));
-                Action::Reply(Reply::plain(
-                    354,
-                    vec!["End data with <CR><LF>.<CR><LF>".to_string()],
-                ))
+                self.state = State::AwaitBody;
+                Action::ReserveBody {
+                    declared: self.declared_size,
+                }
             }
         }
     }
@@ -631,6 +719,9 @@ impl Session {
             Err(DataError::BareLineEnding) => {
                 return self.answer(reply(554, 5, 6, 0, "Bare CR or LF in message data"))
             }
+            Err(DataError::Nul) => {
+                return self.answer(reply(554, 5, 6, 0, "Message contains NUL characters"))
+            }
             Err(DataError::LineTooLong) => {
                 return self.answer(reply(500, 5, 5, 2, "Line too long"))
             }
@@ -643,6 +734,7 @@ impl Session {
                     "Message size exceeds fixed maximum message size",
                 ))
             }
+            Err(DataError::OverBudget) => return self.answer(insufficient_storage()),
         };
         if data.received_headers > self.config.max_hop_count {
             return self.answer(reply(554, 5, 4, 6, "Too many hops (mail loop?)"));
@@ -774,6 +866,11 @@ impl Session {
         self.state = State::AwaitAuth(username.clone());
         Action::Authenticate { username, password }
     }
+}
+
+/// `452 4.3.1`: the node has no memory left for message bodies now.
+fn insufficient_storage() -> Reply {
+    reply(452, 4, 3, 1, "Insufficient system storage")
 }
 
 fn command_error_reply(e: &CommandError) -> Reply {

@@ -27,6 +27,7 @@ fn config(tls_available: bool) -> SessionConfig {
         auth_available: true,
         allow_plaintext_auth: true,
         local_domains: vec!["example.net".into()],
+        postmaster: None,
     }
 }
 
@@ -101,6 +102,10 @@ fn drive(config: SessionConfig, pieces: &[Vec<u8>], answers: &[bool]) -> Vec<Str
                 Action::Authenticate { username, password } => {
                     let r = s.auth_result(answers.next().unwrap_or(true));
                     format!("auth {username} {password} {r}")
+                }
+                Action::ReserveBody { declared } => {
+                    let r = s.body_reserved(answers.next().unwrap_or(true));
+                    format!("reserve {declared:?} {r}")
                 }
                 Action::Message(m) => {
                     assert!(m.data.len() as u64 <= MAX_MESSAGE);

@@ -27,6 +27,7 @@ fuzz_target!(|input: &[u8]| {
         auth_available: knobs & 4 != 0,
         allow_plaintext_auth: knobs & 8 != 0,
         local_domains: vec!["example.net".into()],
+        postmaster: None,
     };
     let peer = PeerInfo {
         ip: "192.0.2.1".parse().unwrap(),
@@ -46,6 +47,9 @@ fuzz_target!(|input: &[u8]| {
                 Action::StartTls(_) => session.tls_established(),
                 Action::Authenticate { .. } => {
                     session.auth_result(answer & 1 != 0);
+                }
+                Action::ReserveBody { .. } => {
+                    session.body_reserved(answer & 1 != 0);
                 }
                 Action::Message(m) => {
                     assert!(m.data.len() <= 4_096);

@@ -15,6 +15,10 @@ fn config() -> SessionConfig {
         auth_available: true,
         allow_plaintext_auth: false,
         local_domains: vec!["example.net".into(), "xn--bcher-kva.example".into()],
+        postmaster: Some(Mailbox {
+            local_part: "ops".into(),
+            domain: "remote.example".into(),
+        }),
     }
 }
 
@@ -55,12 +59,27 @@ fn drain(s: &mut Session, out: &mut Vec<String>, messages: &mut Vec<IncomingMess
                 let r = s.auth_result(password == "secret");
                 out.push(code(&r));
             }
+            Action::ReserveBody { .. } => {
+                let r = s.body_reserved(true);
+                out.push(code(&r));
+            }
             Action::Message(m) => {
                 out.push("message".into());
                 messages.push(m);
                 let r = s.message_stored(Ok(MessageId::new(1, 2)));
                 out.push(code(&r));
             }
+        }
+    }
+}
+
+/// Takes the replies to `n` commands; memory for a body is always found.
+fn replies(s: &mut Session, n: usize) {
+    for i in 0..n {
+        match s.next_action() {
+            Some(Action::Reply(_)) => {}
+            Some(Action::ReserveBody { .. }) => assert_eq!(s.body_reserved(true).code, 354),
+            other => panic!("reply {i}: {other:?}"),
         }
     }
 }
@@ -183,7 +202,7 @@ fn a_whole_transaction() {
     assert_eq!(e.ret, Some(crate::envelope::Ret::Headers));
     assert_eq!(e.envid.as_deref(), Some("x+2By"));
     let rcpts: Vec<String> = e.recipients.iter().map(|r| r.address.to_string()).collect();
-    assert_eq!(rcpts, ["User@example.net", "postmaster@mx.example.net"]);
+    assert_eq!(rcpts, ["User@example.net", "ops@remote.example"]);
     assert!(e.recipients[0].notify.unwrap().failure);
     assert_eq!(
         e.recipients[0].orcpt.as_deref(),
@@ -192,12 +211,144 @@ fn a_whole_transaction() {
 }
 
 #[test]
+fn postmaster_is_taken_from_anyone_and_goes_to_the_configured_mailbox() {
+    let rcpt = |config: SessionConfig, peer: PeerInfo, line: &str| -> (String, Option<String>) {
+        let mut s = Session::new(Arc::new(config), peer);
+        s.push_input(
+            format!("EHLO c\r\nMAIL FROM:<a@remote.example>\r\n{line}\r\nDATA\r\n.\r\n").as_bytes(),
+        );
+        let mut out = Vec::new();
+        let mut messages = Vec::new();
+        drain(&mut s, &mut out, &mut messages);
+        let to = messages
+            .first()
+            .map(|m| m.envelope.recipients[0].address.to_string());
+        (out[2].clone(), to)
+    };
+    let none = || SessionConfig {
+        postmaster: None,
+        ..config()
+    };
+    let hostname_local = || SessionConfig {
+        postmaster: None,
+        local_domains: vec!["mx.example.net".into()],
+        ..config()
+    };
+    let ops = Some("ops@remote.example".to_string());
+    let ours = Some("postmaster@mx.example.net".to_string());
+    let cases: &[(SessionConfig, PeerInfo, &str, &str, Option<String>)] = &[
+        (
+            config(),
+            stranger(),
+            "RCPT TO:<postmaster>",
+            "250 2.1.5",
+            ops.clone(),
+        ),
+        (
+            config(),
+            stranger(),
+            "RCPT TO:<PostMaster>",
+            "250 2.1.5",
+            ops.clone(),
+        ),
+        (
+            config(),
+            stranger(),
+            "RCPT TO:<postmaster@mx.example.net>",
+            "250 2.1.5",
+            ops.clone(),
+        ),
+        (
+            config(),
+            stranger(),
+            "RCPT TO:<POSTMASTER@MX.Example.NET>",
+            "250 2.1.5",
+            ops.clone(),
+        ),
+        (
+            config(),
+            trusted(),
+            "RCPT TO:<postmaster@mx.example.net>",
+            "250 2.1.5",
+            ops.clone(),
+        ),
+        // Another host's postmaster is an ordinary remote mailbox.
+        (
+            config(),
+            stranger(),
+            "RCPT TO:<postmaster@remote.example>",
+            "550 5.7.1",
+            None,
+        ),
+        (
+            config(),
+            trusted(),
+            "RCPT TO:<postmaster@remote.example>",
+            "250 2.1.5",
+            Some("postmaster@remote.example".into()),
+        ),
+        // A local domain's postmaster is that domain's.
+        (
+            config(),
+            stranger(),
+            "RCPT TO:<postmaster@example.net>",
+            "250 2.1.5",
+            Some("postmaster@example.net".into()),
+        ),
+        // None configured: refused, never relayed, for everyone.
+        (
+            none(),
+            stranger(),
+            "RCPT TO:<postmaster>",
+            "550 5.1.1",
+            None,
+        ),
+        (none(), trusted(), "RCPT TO:<postmaster>", "550 5.1.1", None),
+        (
+            none(),
+            trusted(),
+            "RCPT TO:<postmaster@mx.example.net>",
+            "550 5.1.1",
+            None,
+        ),
+        (
+            hostname_local(),
+            stranger(),
+            "RCPT TO:<postmaster>",
+            "250 2.1.5",
+            ours.clone(),
+        ),
+        (
+            hostname_local(),
+            stranger(),
+            "RCPT TO:<Postmaster@mx.example.net>",
+            "250 2.1.5",
+            ours,
+        ),
+    ];
+    for (config, peer, line, want, to) in cases {
+        let (got, delivered_to) = rcpt(config.clone(), peer.clone(), line);
+        assert_eq!(&got, want, "{line} from {peer:?}");
+        assert_eq!(&delivered_to, to, "{line} from {peer:?}");
+    }
+    let mut s = Session::new(Arc::new(none()), stranger());
+    s.push_input(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\n");
+    s.next_action();
+    s.next_action();
+    let Some(Action::Reply(r)) = s.next_action() else {
+        panic!("a reply to RCPT")
+    };
+    assert_eq!(
+        r.to_wire(),
+        b"550 5.1.1 No postmaster mailbox is configured on this host\r\n"
+    );
+}
+
+#[test]
 fn queued_reply_names_the_id() {
     let mut s = Session::new(Arc::new(config()), stranger());
     s.push_input(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@example.net>\r\nDATA\r\n.\r\n");
-    for _ in 0..4 {
-        assert!(matches!(s.next_action(), Some(Action::Reply(_))));
-    }
+    replies(&mut s, 4);
     let Some(Action::Message(m)) = s.next_action() else {
         panic!("no message");
     };
@@ -740,10 +891,38 @@ fn end_of_data_replies() {
         (&big, &["552 5.3.4"]),
         (&five, &["message", "250 2.0.0"]),
         (&six, &["554 5.4.6"]),
+        ("a\0b\r\n.\r\n", &["554 5.6.0"]),
+        ("\0.\0\r\n.\r\n", &["554 5.6.0"]),
+        (
+            "a\r\n\0.\0\r\nMAIL FROM:<x@y.example>\r\n.\r\n",
+            &["554 5.6.0"],
+        ),
+        ("é 8-bit\r\n.\r\n", &["message", "250 2.0.0"]),
     ];
     for (data, want) in cases {
         run(config(), stranger(), &transaction(data, want));
     }
+}
+
+#[test]
+fn nul_in_data_is_refused_at_the_end_with_its_own_text() {
+    let mut s = Session::new(Arc::new(config()), stranger());
+    s.push_input(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@example.net>\r\nDATA\r\n");
+    replies(&mut s, 4);
+    // `\0.\0` at the start of a line neither ends the data nor hides a
+    // command: the whole message, up to the real end, is refused.
+    s.push_input(b"Subject: x\r\n\r\n\0.\0\r\nQUIT\r\n");
+    assert_eq!(s.next_action(), None);
+    s.push_input(b".\r\nNOOP\r\n");
+    let Some(Action::Reply(r)) = s.next_action() else {
+        panic!("a reply to the end of data")
+    };
+    assert_eq!(
+        r.to_wire(),
+        b"554 5.6.0 Message contains NUL characters\r\n"
+    );
+    assert!(matches!(s.next_action(), Some(Action::Reply(r)) if code(&r) == "250 2.0.0"));
+    assert!(!s.is_closed());
 }
 
 #[test]
@@ -769,9 +948,7 @@ fn smuggled_commands_are_never_executed() {
 fn store_failure_is_a_temporary_error() {
     let mut s = Session::new(Arc::new(config()), stranger());
     s.push_input(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@example.net>\r\nDATA\r\nx\r\n.\r\nRCPT TO:<u@example.net>\r\n");
-    for _ in 0..4 {
-        assert!(matches!(s.next_action(), Some(Action::Reply(_))));
-    }
+    replies(&mut s, 4);
     assert!(matches!(s.next_action(), Some(Action::Message(_))));
     let r = s.message_stored(Err(StoreFailure::Unavailable));
     assert_eq!(code(&r), "451 4.3.0");
@@ -866,9 +1043,7 @@ fn too_many_errors_close_the_session() {
 fn a_large_message_in_one_push_is_not_buffered() {
     let mut s = Session::new(Arc::new(config()), stranger());
     s.push_input(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@example.net>\r\nDATA\r\n");
-    for _ in 0..4 {
-        s.next_action();
-    }
+    replies(&mut s, 4);
     let mut body = b"x\r\n".repeat(1 << 18);
     body.extend_from_slice(b".\r\nNOOP\r\n");
     s.push_input(&body);
@@ -894,4 +1069,69 @@ fn idle_only_between_transactions_and_shutdown_closes() {
     assert!(s.is_idle());
     assert_eq!(code(&s.shutdown_reply()), "421 4.3.2");
     assert!(s.is_closed());
+}
+
+#[test]
+fn data_asks_for_memory_first_and_a_refusal_keeps_the_transaction() {
+    let mut s = Session::new(Arc::new(config()), stranger());
+    s.push_input(
+        b"EHLO c\r\nMAIL FROM:<a@remote.example> SIZE=5000\r\nRCPT TO:<u@example.net>\r\nDATA\r\n",
+    );
+    replies(&mut s, 3);
+    assert_eq!(
+        s.next_action(),
+        Some(Action::ReserveBody {
+            declared: Some(5000)
+        })
+    );
+    assert_eq!(s.next_action(), None, "waits for the answer");
+    assert_eq!(s.data_size(), None);
+    assert_eq!(
+        s.body_reserved(false).to_wire(),
+        b"452 4.3.1 Insufficient system storage\r\n"
+    );
+    assert_eq!(code(&s.body_reserved(true)), "503 5.5.1", "nothing waits");
+    // The transaction stays: DATA again, and this time there is memory.
+    s.push_input(b"DATA\r\n");
+    assert_eq!(
+        s.next_action(),
+        Some(Action::ReserveBody {
+            declared: Some(5000)
+        })
+    );
+    assert_eq!(s.body_reserved(true).code, 354);
+    assert_eq!(s.data_size(), Some(0));
+    s.push_input(b"Subject: x\r\n\r\nbody\r\n");
+    assert_eq!(s.data_size(), Some(20));
+    s.push_input(b".\r\nMAIL FROM:<>\r\n");
+    assert!(matches!(s.next_action(), Some(Action::Message(m)) if m.data.len() == 20));
+    s.message_stored(Ok(MessageId::new(1, 2)));
+    assert_eq!(s.data_size(), None);
+    // A MAIL without SIZE declares nothing.
+    s.push_input(b"RCPT TO:<u@example.net>\r\nDATA\r\n");
+    replies(&mut s, 2);
+    assert_eq!(
+        s.next_action(),
+        Some(Action::ReserveBody { declared: None })
+    );
+}
+
+#[test]
+fn a_body_discarded_half_way_is_read_to_its_end_and_refused_with_452() {
+    let mut s = Session::new(Arc::new(config()), trusted());
+    s.push_input(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@example.net>\r\nDATA\r\n");
+    replies(&mut s, 4);
+    s.push_input(b"Subject: x\r\n\r\nfirst part\r\n");
+    assert_eq!(s.next_action(), None);
+    s.discard_body();
+    // Looks like commands, but it is message text.
+    s.push_input(b"RSET\r\nMAIL FROM:<x@y.example>\r\n");
+    assert_eq!(s.next_action(), None);
+    s.push_input(b".\r\nNOOP\r\n");
+    let Some(Action::Reply(r)) = s.next_action() else {
+        panic!("a reply to the end of data")
+    };
+    assert_eq!(r.to_wire(), b"452 4.3.1 Insufficient system storage\r\n");
+    assert!(matches!(s.next_action(), Some(Action::Reply(r)) if code(&r) == "250 2.0.0"));
+    assert!(s.is_idle());
 }
