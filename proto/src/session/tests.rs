@@ -848,3 +848,23 @@ fn idle_only_between_transactions_and_shutdown_closes() {
     assert_eq!(code(&s.shutdown_reply()), "421 4.3.2");
     assert!(s.is_closed());
 }
+
+#[test]
+fn receiving_data_lasts_from_354_to_the_final_dot() {
+    let mut s = Session::new(Arc::new(config()), trusted());
+    let (mut out, mut messages) = (Vec::new(), Vec::new());
+    let steps: &[(&str, bool)] = &[
+        ("EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n", false),
+        ("RCPT TO:<x@example.net>\r\n", false),
+        ("DATA\r\n", true),
+        ("Subject: x\r\n\r\nbody\r\n", true),
+        (".", true),
+        ("\r\n", false),
+    ];
+    for (input, receiving) in steps {
+        s.push_input(input.as_bytes());
+        drain(&mut s, &mut out, &mut messages);
+        assert_eq!(s.is_receiving_data(), *receiving, "after {input:?}: {out:?}");
+    }
+    assert_eq!(messages.len(), 1);
+}
