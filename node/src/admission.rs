@@ -268,7 +268,8 @@ mod tests {
     fn a_full_node_evicts_the_longest_idle_anonymous_session() {
         // (step, admit from, trusted, expected: Ok(evicted id) or refusal)
         let mut a = Admission::new(Policy::new(4, 10, 0.5));
-        let steps: &[(&str, u8, bool, Result<Option<u64>, Refusal>)] = &[
+        type Step<'a> = (&'a str, u8, bool, Result<Option<u64>, Refusal>);
+        let steps: &[Step] = &[
             ("anonymous 1", 2, false, Ok(None)),
             ("anonymous 2", 3, false, Ok(None)),
             ("share full: evicts 1", 4, false, Ok(Some(1))),
@@ -320,7 +321,9 @@ mod tests {
         assert_eq!(second.evict, Some(first.id));
         assert_eq!(a.open(), 2);
         // The first is being closed: it is not chosen again.
-        let third = a.admit(ip(3), false, |id| (id == first.id).then_some(0).or(Some(id)));
+        let third = a.admit(ip(3), false, |id| {
+            (id == first.id).then_some(0).or(Some(id))
+        });
         assert_eq!(third.unwrap().evict, Some(second.id));
         a.release(first.id);
         a.release(second.id);

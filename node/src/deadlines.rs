@@ -135,10 +135,7 @@ impl Deadlines {
                     let earned = u128::from(self.bytes) * 1_000_000_000
                         / u128::from(self.limits.min_data_rate);
                     let earned = Duration::from_nanos(u64::try_from(earned).unwrap_or(u64::MAX));
-                    consider(
-                        self.started + self.limits.idle + earned,
-                        Expired::DataRate,
-                    );
+                    consider(self.started + self.limits.idle + earned, Expired::DataRate);
                 }
             }
         }
@@ -189,16 +186,41 @@ mod tests {
         use Expired::*;
         // (case, in DATA, arrivals, checked at, expected)
         let trickle: Vec<(f64, usize)> = (1..=40).map(|i| (i as f64 * 2.0, 1)).collect();
-        let cases: &[(&str, bool, &[(f64, usize)], f64, Option<Expired>)] = &[
+        type Case<'a> = (&'a str, bool, &'a [(f64, usize)], f64, Option<Expired>);
+        let cases: &[Case] = &[
             ("quiet before the idle limit", false, &[], 9.9, None),
             ("silent client", false, &[], 10.0, Some(Idle)),
-            ("a byte resets the idle limit", false, &[(8.0, 1)], 17.9, None),
+            (
+                "a byte resets the idle limit",
+                false,
+                &[(8.0, 1)],
+                17.9,
+                None,
+            ),
             ("silent after a byte", false, &[(8.0, 1)], 18.0, Some(Idle)),
-            ("trickled command line", false, &trickle, 100.0, Some(Command)),
-            ("trickle still inside the command limit", false, &trickle[..14], 29.0, None),
+            (
+                "trickled command line",
+                false,
+                &trickle,
+                100.0,
+                Some(Command),
+            ),
+            (
+                "trickle still inside the command limit",
+                false,
+                &trickle[..14],
+                29.0,
+                None,
+            ),
             ("silent after 354", true, &[], 10.0, Some(Idle)),
             ("fast message", true, &[(1.0, 100_000)], 100.0, Some(Idle)),
-            ("fast message within the idle limit", true, &[(1.0, 100_000), (9.0, 10)], 18.9, None),
+            (
+                "fast message within the idle limit",
+                true,
+                &[(1.0, 100_000), (9.0, 10)],
+                18.9,
+                None,
+            ),
             // 1 byte every 2 s: the 10 s of credit plus 1/100 s per byte
             // run out long before the idle limit does.
             ("trickled message", true, &trickle, 100.0, Some(DataRate)),
@@ -208,7 +230,11 @@ mod tests {
         }
         let steady: Vec<(f64, usize)> = (1..=660).map(|i| (i as f64, 200)).collect();
         assert_eq!(run(true, &steady, 661.0), Some(Data), "the overall cap");
-        assert_eq!(run(true, &steady[..590], 590.5), None, "the cap not yet reached");
+        assert_eq!(
+            run(true, &steady[..590], 590.5),
+            None,
+            "the cap not yet reached"
+        );
     }
 
     #[test]

@@ -45,8 +45,8 @@ pub fn raise_nofile() -> std::io::Result<NofileLimit> {
         }
     }
     Ok(NofileLimit {
-        soft: limit.rlim_cur as u64,
-        hard: limit.rlim_max as u64,
+        soft: limit.rlim_cur,
+        hard: limit.rlim_max,
     })
 }
 

@@ -120,9 +120,7 @@ impl AcceptBackoff {
 }
 
 /// Accepts from `socket` for ever, pausing after failures.
-fn accept_stream(
-    socket: TcpListener,
-) -> impl futures_util::Stream<Item = (TcpStream, SocketAddr)> {
+fn accept_stream(socket: TcpListener) -> impl futures_util::Stream<Item = (TcpStream, SocketAddr)> {
     stream::unfold(
         (socket, AcceptBackoff::default()),
         |(socket, mut backoff)| async move {
@@ -172,27 +170,13 @@ impl Status {
 /// A session's place in the listener: it reports progress, login and
 /// refusals, hears about eviction, and frees the place when dropped.
 pub struct Slot {
-    listener: Option<Addr<Listener>>,
+    listener: Addr<Listener>,
     id: u64,
     epoch: Instant,
     status: Arc<Status>,
 }
 
 impl Slot {
-    /// A slot that reports to nobody (for sessions run outside a listener).
-    pub fn detached() -> Slot {
-        Slot {
-            listener: None,
-            id: 0,
-            epoch: Instant::now(),
-            status: Arc::new(Status {
-                progress_ms: AtomicU64::new(0),
-                busy: AtomicBool::new(false),
-                evict: Notify::new(),
-            }),
-        }
-    }
-
     /// A command was completed: the session is waiting for the next one.
     pub fn progressed(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
@@ -206,15 +190,11 @@ impl Slot {
     }
 
     pub fn authenticated(&self) {
-        if let Some(listener) = &self.listener {
-            listener.do_send(Authenticated { id: self.id });
-        }
+        self.listener.do_send(Authenticated { id: self.id });
     }
 
     pub fn refused(&self, refusal: Refusal) {
-        if let Some(listener) = &self.listener {
-            listener.do_send(Refused(refusal));
-        }
+        self.listener.do_send(Refused(refusal));
     }
 
     /// Completes when the listener evicts this session to make room.
@@ -225,9 +205,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(listener) = &self.listener {
-            listener.do_send(SessionEnded { id: self.id });
-        }
+        self.listener.do_send(SessionEnded { id: self.id });
     }
 }
 
@@ -359,7 +337,7 @@ impl StreamHandler<(TcpStream, SocketAddr)> for Listener {
         });
         self.slots.insert(id, status.clone());
         let slot = Slot {
-            listener: Some(ctx.address()),
+            listener: ctx.address(),
             id,
             epoch: self.epoch,
             status,

@@ -30,10 +30,10 @@ use smarthost_coordinator::{
     self as coordinator, Coordinator, CoordinatorOptions, LeaderTick, Shutdown,
 };
 
-use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::admission::Policy;
 use crate::deadlines::Limits;
 use crate::fd_limit;
+use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover};
 use crate::schedule::RedisSchedule;

@@ -123,10 +123,7 @@ pub async fn run(
     let _ = socket.set_nodelay(true);
     let ip = peer.ip().to_canonical();
     let relay_allowed = env.relay_allowed(ip);
-    let session = Session::new(
-        env.config.clone(),
-        PeerInfo { ip, relay_allowed },
-    );
+    let session = Session::new(env.config.clone(), PeerInfo { ip, relay_allowed });
     let span = tracing::info_span!("smtp", %peer);
     async move {
         tracing::debug!("session opened");
@@ -167,7 +164,11 @@ enum BeforeGreeting {
 /// that sends anything meanwhile does not wait for the server as SMTP
 /// requires, which is what spam engines and flooders do. It gets `554
 /// 5.5.0` and the connection closes.
-async fn greeting_delay(mut socket: TcpStream, delay: Duration, env: &SessionEnv) -> BeforeGreeting {
+async fn greeting_delay(
+    mut socket: TcpStream,
+    delay: Duration,
+    env: &SessionEnv,
+) -> BeforeGreeting {
     if delay.is_zero() {
         return BeforeGreeting::Silent(socket);
     }

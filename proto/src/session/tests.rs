@@ -864,7 +864,11 @@ fn receiving_data_lasts_from_354_to_the_final_dot() {
     for (input, receiving) in steps {
         s.push_input(input.as_bytes());
         drain(&mut s, &mut out, &mut messages);
-        assert_eq!(s.is_receiving_data(), *receiving, "after {input:?}: {out:?}");
+        assert_eq!(
+            s.is_receiving_data(),
+            *receiving,
+            "after {input:?}: {out:?}"
+        );
     }
     assert_eq!(messages.len(), 1);
 }
