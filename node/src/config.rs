@@ -1328,6 +1328,50 @@ mod tests {
     }
 
     #[test]
+    fn session_limits_have_defaults_and_are_checked() {
+        let config = load("", &[]).unwrap();
+        let smtp = &config.smtp;
+        assert_eq!(smtp.max_connections_per_ip, 20);
+        assert_eq!(smtp.command_timeout, Duration::from_secs(60));
+        assert_eq!(smtp.data_timeout, Duration::from_secs(600));
+        assert_eq!(smtp.min_data_rate, 500);
+        assert_eq!(smtp.tls_handshake_timeout, Duration::from_secs(10));
+        assert_eq!(smtp.greeting_delay, Duration::from_millis(500));
+        assert_eq!(smtp.anonymous_connection_share, 0.8);
+        let config = load(
+            "[smtp]\nmin_data_rate = \"1KB\"\nanonymous_connection_share = 0.5",
+            &[("SMARTHOST__SMTP__GREETING_DELAY", "0s")],
+        )
+        .unwrap();
+        assert_eq!(config.smtp.min_data_rate, 1000);
+        assert_eq!(config.smtp.anonymous_connection_share, 0.5);
+        assert!(config.smtp.greeting_delay.is_zero());
+        config.validate().unwrap();
+        let errors = invalid(
+            "[smtp]\ncommand_timeout = \"0s\"\ndata_timeout = \"0s\"\n\
+             tls_handshake_timeout = \"0s\"\nanonymous_connection_share = 0.0\n\
+             connection_timeout = \"1s\"\ngreeting_delay = \"2s\"",
+        );
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "smtp.command_timeout",
+                "smtp.data_timeout",
+                "smtp.tls_handshake_timeout",
+                "smtp.anonymous_connection_share",
+                "smtp.greeting_delay",
+            ],
+            "{errors:?}"
+        );
+        assert!(invalid("[smtp]\nanonymous_connection_share = 1.5")[0]
+            .contains("between 0 (excluded) and 1"),);
+    }
+
+    #[test]
     fn validation_reports_every_problem_with_its_key() {
         let errors = invalid(
             r#"
