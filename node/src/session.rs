@@ -233,6 +233,8 @@ async fn drive(
                     session.tls_established();
                 }
                 Action::Authenticate { username, password } => {
+                    // Not to be evicted while its login is being checked.
+                    slot.busy();
                     let ok = check_password(env, username, password).await;
                     if ok {
                         slot.authenticated();
