@@ -38,6 +38,9 @@ config = obj({
                  "shutdown_grace": DUR}),
     "smtp": obj({
         "max_connections": POS, "max_connections_per_ip": POS, "connection_timeout": DUR,
+        "anonymous_connection_share": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "command_timeout": DUR, "data_timeout": DUR, "min_data_rate": SIZE,
+        "tls_handshake_timeout": DUR, "greeting_delay": DUR,
         "max_message_size": SIZE, "max_session_size": SIZE, "max_recipients": POS,
         "require_tls": BOOL, "max_hop_count": POS,
         "relay_networks": {"type": "array", "items": NET},

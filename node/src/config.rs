@@ -47,9 +47,33 @@ pub struct NodeConfig {
 pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
     pub max_connections: usize,
+    /// Clients outside `relay_networks` only.
     pub max_connections_per_ip: usize,
+    /// Clients outside `relay_networks` that have not authenticated hold at
+    /// most this share of `max_connections`; the rest is kept for trusted
+    /// and authenticated clients.
+    pub anonymous_connection_share: f64,
+    /// A client silent this long is dropped (`421 4.4.2`).
     #[serde(with = "human::duration")]
     pub connection_timeout: Duration,
+    /// A command line must be complete this long after the server began to
+    /// wait for it, however slowly its bytes come.
+    #[serde(with = "human::duration")]
+    pub command_timeout: Duration,
+    /// The whole message after `354` must arrive within this.
+    #[serde(with = "human::duration")]
+    pub data_timeout: Duration,
+    /// Bytes per second a message must average after the first
+    /// `connection_timeout` of credit; 0: no minimum.
+    #[serde(with = "human::size")]
+    pub min_data_rate: u64,
+    /// The TLS handshake after STARTTLS must finish within this.
+    #[serde(with = "human::duration")]
+    pub tls_handshake_timeout: Duration,
+    /// Clients outside `relay_networks` wait this long for the greeting;
+    /// one that talks first is refused (`554 5.5.0`). 0s: no wait.
+    #[serde(with = "human::duration")]
+    pub greeting_delay: Duration,
     #[serde(with = "human::size")]
     pub max_message_size: u64,
     #[serde(with = "human::size")]
@@ -353,8 +377,14 @@ impl Default for SmtpConfig {
         SmtpConfig {
             listen: vec!["127.0.0.1:2525".parse().expect("literal address")],
             max_connections: 1000,
-            max_connections_per_ip: 50,
+            max_connections_per_ip: 20,
+            anonymous_connection_share: 0.8,
             connection_timeout: Duration::from_secs(60),
+            command_timeout: Duration::from_secs(60),
+            data_timeout: Duration::from_secs(600),
+            min_data_rate: 500,
+            tls_handshake_timeout: Duration::from_secs(10),
+            greeting_delay: Duration::from_millis(500),
             max_message_size: 10_000_000,
             max_session_size: 50_000_000,
             max_recipients: 100,
@@ -732,8 +762,33 @@ impl Config {
         errors.positive("smtp.max_hop_count", smtp.max_hop_count as u64);
         errors.positive("smtp.max_message_size", smtp.max_message_size);
         errors.positive("smtp.max_session_size", smtp.max_session_size);
-        if smtp.connection_timeout.is_zero() {
-            errors.add("smtp.connection_timeout", "must be longer than 0s");
+        for (key, value) in [
+            ("smtp.connection_timeout", smtp.connection_timeout),
+            ("smtp.command_timeout", smtp.command_timeout),
+            ("smtp.data_timeout", smtp.data_timeout),
+            ("smtp.tls_handshake_timeout", smtp.tls_handshake_timeout),
+        ] {
+            if value.is_zero() {
+                errors.add(key, "must be longer than 0s");
+            }
+        }
+        if !(smtp.anonymous_connection_share > 0.0 && smtp.anonymous_connection_share <= 1.0) {
+            errors.add(
+                "smtp.anonymous_connection_share",
+                format!(
+                    "{} is not a share between 0 (excluded) and 1, such as 0.8",
+                    smtp.anonymous_connection_share
+                ),
+            );
+        }
+        if smtp.greeting_delay >= smtp.connection_timeout {
+            errors.add(
+                "smtp.greeting_delay",
+                format!(
+                    "{:?} is not shorter than smtp.connection_timeout ({:?})",
+                    smtp.greeting_delay, smtp.connection_timeout
+                ),
+            );
         }
         if smtp.max_body_memory < smtp.max_message_size {
             errors.add(
@@ -1540,6 +1595,50 @@ mod tests {
     fn toml_syntax_errors_name_the_file() {
         let err = load("[smtp\n", &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn session_limits_have_defaults_and_are_checked() {
+        let config = load("", &[]).unwrap();
+        let smtp = &config.smtp;
+        assert_eq!(smtp.max_connections_per_ip, 20);
+        assert_eq!(smtp.command_timeout, Duration::from_secs(60));
+        assert_eq!(smtp.data_timeout, Duration::from_secs(600));
+        assert_eq!(smtp.min_data_rate, 500);
+        assert_eq!(smtp.tls_handshake_timeout, Duration::from_secs(10));
+        assert_eq!(smtp.greeting_delay, Duration::from_millis(500));
+        assert_eq!(smtp.anonymous_connection_share, 0.8);
+        let config = load(
+            "[smtp]\nmin_data_rate = \"1KB\"\nanonymous_connection_share = 0.5",
+            &[("SMARTHOST__SMTP__GREETING_DELAY", "0s")],
+        )
+        .unwrap();
+        assert_eq!(config.smtp.min_data_rate, 1000);
+        assert_eq!(config.smtp.anonymous_connection_share, 0.5);
+        assert!(config.smtp.greeting_delay.is_zero());
+        config.validate().unwrap();
+        let errors = invalid(
+            "[smtp]\ncommand_timeout = \"0s\"\ndata_timeout = \"0s\"\n\
+             tls_handshake_timeout = \"0s\"\nanonymous_connection_share = 0.0\n\
+             connection_timeout = \"1s\"\ngreeting_delay = \"2s\"",
+        );
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "smtp.command_timeout",
+                "smtp.data_timeout",
+                "smtp.tls_handshake_timeout",
+                "smtp.anonymous_connection_share",
+                "smtp.greeting_delay",
+            ],
+            "{errors:?}"
+        );
+        assert!(invalid("[smtp]\nanonymous_connection_share = 1.5")[0]
+            .contains("between 0 (excluded) and 1"),);
     }
 
     #[test]

@@ -19,7 +19,11 @@
 //!   (one per outbound connection) and local drop directories.
 //! - [`bounce`]: delivery status notifications for failures and delays.
 //! - [`delivery_log`]: one JSON line per attempt and recipient.
-//! - [`listener`]: the Listener actor: accepts connections under the limits.
+//! - [`listener`]: the Listener actor: accepts connections under the limits,
+//!   backs off when `accept()` fails.
+//! - [`admission`]: which connections are admitted, refused or evicted (pure).
+//! - [`deadlines`]: the idle, command and DATA deadlines of a session (pure).
+//! - [`fd_limit`]: the open-file limit raised and checked at start-up.
 //! - [`session`]: the I/O shell of one SMTP session around `proto::session`.
 //! - [`body_memory`]: the node-wide budget for message bodies in memory.
 //! - [`tls`]: the STARTTLS server configuration.
@@ -30,15 +34,18 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod admission;
 pub mod auth;
 pub mod auth_guard;
 pub mod body_memory;
 pub mod bounce;
 pub mod cli;
 pub mod config;
+pub mod deadlines;
 pub mod delivery;
 pub mod delivery_log;
 pub mod dispatcher;
+pub mod fd_limit;
 pub mod limits;
 pub mod listener;
 pub mod queue;

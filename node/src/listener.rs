@@ -1,23 +1,36 @@
 //! The Listener actor: accepts SMTP connections on every configured address,
-//! enforces the node's connection limits and runs one session per connection.
+//! admits them under the node's connection policy ([`crate::admission`]) and
+//! runs one session per connection.
 //!
 //! Sessions are plain async tasks (see [`crate::session`]); each holds a
-//! guard that tells the listener when it ends, so the counts stay right
-//! however a session finishes.
+//! [`Slot`] that tells the listener when it ends, when it authenticates and
+//! when it is idle, so the counts stay right however a session finishes and
+//! the longest-idle anonymous session can be evicted to make room.
+//!
+//! Failures of `accept()` (out of file descriptors above all) pause
+//! accepting with a growing pause and are logged once per interval with a
+//! count; refusals are likewise counted and logged once per interval, so
+//! neither a flood nor a descriptor shortage can flood the log.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::stream;
 use smarthost_proto::reply::{EnhancedStatus, Reply};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 
+use crate::admission::{Admission, Admitted, Policy, Refusal, RefusalCounts};
 use crate::session::{self, SessionEnv};
+
+/// How often counted refusals and accept failures are logged, at most.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Stop accepting and ask open sessions to finish.
 #[derive(Message)]
@@ -34,72 +47,175 @@ pub struct WaitDrained(pub oneshot::Sender<()>);
 #[rtype(result = "usize")]
 pub struct OpenSessions;
 
-/// Sent by a session's guard when the session ends.
+/// Sent by a session's slot when the session ends.
 #[derive(Message)]
 #[rtype(result = "()")]
 struct SessionEnded {
-    ip: IpAddr,
+    id: u64,
 }
 
-/// Why a connection was turned away.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refusal {
-    NodeFull,
-    AddressFull,
+/// Sent by a session when its client logged in.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Authenticated {
+    id: u64,
 }
 
-/// The node-wide and per-address connection counts.
-#[derive(Debug)]
-pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+/// Sent by a session that turned its client away (an early talker).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Refused(Refusal);
+
+/// Accept failures: how long to pause before the next `accept()` and when
+/// to log. Failing again at once would spin a core and write a log line
+/// per attempt; the pause grows from [`AcceptBackoff::FIRST_PAUSE`] to
+/// [`AcceptBackoff::MAX_PAUSE`] while failures go on, and one line per
+/// [`REPORT_INTERVAL`] says how many there were.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    pause: Duration,
+    unreported: u64,
+    last_report: Option<Instant>,
 }
 
-impl ConnectionLimits {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Self {
-        ConnectionLimits {
-            max_total,
-            max_per_ip,
-            total: 0,
-            per_ip: HashMap::new(),
-        }
+impl AcceptBackoff {
+    pub const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    pub const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+    /// An accept failed at `now`: the pause before the next attempt, and
+    /// the number of failures to log now (none when logged recently).
+    pub fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        self.pause = if self.pause.is_zero() {
+            Self::FIRST_PAUSE
+        } else {
+            (self.pause * 2).min(Self::MAX_PAUSE)
+        };
+        self.unreported += 1;
+        (self.pause, self.report(now))
     }
 
-    /// Counts a new connection from `ip`, or says why it may not open.
-    pub fn admit(&mut self, ip: IpAddr) -> Result<(), Refusal> {
-        if self.total >= self.max_total {
-            return Err(Refusal::NodeFull);
+    /// An accept succeeded: the pause starts over. When failures went
+    /// unlogged and the interval allows, their count to log as a recovery.
+    pub fn succeeded(&mut self, now: Instant) -> Option<u64> {
+        if self.pause.is_zero() {
+            return None;
         }
-        let count = self.per_ip.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
-            return Err(Refusal::AddressFull);
+        self.pause = Duration::ZERO;
+        if self.unreported == 0 {
+            return None;
         }
-        *count += 1;
-        self.total += 1;
-        Ok(())
+        self.report(now)
     }
 
-    pub fn release(&mut self, ip: IpAddr) {
-        if let Some(count) = self.per_ip.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_ip.remove(&ip);
+    fn report(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last_report
+            .is_some_and(|last| now.duration_since(last) < REPORT_INTERVAL)
+        {
+            return None;
+        }
+        self.last_report = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
+
+/// Accepts from `socket` for ever, pausing after failures.
+fn accept_stream(socket: TcpListener) -> impl futures_util::Stream<Item = (TcpStream, SocketAddr)> {
+    stream::unfold(
+        (socket, AcceptBackoff::default()),
+        |(socket, mut backoff)| async move {
+            loop {
+                match socket.accept().await {
+                    Ok(accepted) => {
+                        if let Some(failures) = backoff.succeeded(Instant::now()) {
+                            tracing::info!(failures, "accepting connections again");
+                        }
+                        return Some((accepted, (socket, backoff)));
+                    }
+                    Err(error) => {
+                        let (pause, report) = backoff.failed(Instant::now());
+                        if let Some(failures) = report {
+                            tracing::warn!(
+                                %error,
+                                failures,
+                                pause_ms = pause.as_millis() as u64,
+                                "accept failed; pausing accepts (failures counted since the last report)"
+                            );
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                }
             }
-            self.total -= 1;
-        }
+        },
+    )
+}
+
+/// What a session and the listener share about it.
+#[derive(Debug)]
+struct Status {
+    /// When the session last completed a command, in ms since the
+    /// listener's epoch.
+    progress_ms: AtomicU64,
+    /// Receiving or storing a message: not to be evicted.
+    busy: AtomicBool,
+    evict: Notify,
+}
+
+impl Status {
+    fn idle_since(&self) -> Option<u64> {
+        (!self.busy.load(Ordering::Relaxed)).then(|| self.progress_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A session's place in the listener: it reports progress, login and
+/// refusals, hears about eviction, and frees the place when dropped.
+pub struct Slot {
+    listener: Addr<Listener>,
+    id: u64,
+    epoch: Instant,
+    status: Arc<Status>,
+}
+
+impl Slot {
+    /// A command was completed: the session is waiting for the next one.
+    pub fn progressed(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.status.progress_ms.store(ms, Ordering::Relaxed);
+        self.status.busy.store(false, Ordering::Relaxed);
     }
 
-    pub fn total(&self) -> usize {
-        self.total
+    /// The session receives or stores a message.
+    pub fn busy(&self) {
+        self.status.busy.store(true, Ordering::Relaxed);
+    }
+
+    pub fn authenticated(&self) {
+        self.listener.do_send(Authenticated { id: self.id });
+    }
+
+    pub fn refused(&self, refusal: Refusal) {
+        self.listener.do_send(Refused(refusal));
+    }
+
+    /// Completes when the listener evicts this session to make room.
+    pub async fn evicted(&self) {
+        self.status.evict.notified().await
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.listener.do_send(SessionEnded { id: self.id });
     }
 }
 
 pub struct Listener {
     sockets: Vec<TcpListener>,
     accepting: Vec<SpawnHandle>,
-    limits: ConnectionLimits,
+    admission: Admission,
+    slots: HashMap<u64, Arc<Status>>,
+    refusals: RefusalCounts,
+    epoch: Instant,
     env: Arc<SessionEnv>,
     shutdown: watch::Sender<bool>,
     drain_waiters: Vec<oneshot::Sender<()>>,
@@ -109,7 +225,7 @@ impl Listener {
     /// Binds every address first, so a busy port is an error at start-up.
     pub async fn bind(
         addresses: &[SocketAddr],
-        limits: ConnectionLimits,
+        policy: Policy,
         env: Arc<SessionEnv>,
     ) -> io::Result<Listener> {
         let mut sockets = Vec::with_capacity(addresses.len());
@@ -122,7 +238,10 @@ impl Listener {
         Ok(Listener {
             sockets,
             accepting: Vec::new(),
-            limits,
+            admission: Admission::new(policy),
+            slots: HashMap::new(),
+            refusals: RefusalCounts::default(),
+            epoch: Instant::now(),
             env,
             shutdown: watch::channel(false).0,
             drain_waiters: Vec::new(),
@@ -131,8 +250,8 @@ impl Listener {
 
     fn refuse(&self, mut socket: TcpStream, refusal: Refusal) {
         let text = match refusal {
-            Refusal::NodeFull => "Too many connections, try again later",
             Refusal::AddressFull => "Too many connections from your address, try again later",
+            _ => "Too many connections, try again later",
         };
         let reply = Reply::new(
             421,
@@ -146,10 +265,26 @@ impl Listener {
     }
 
     fn wake_drain_waiters(&mut self) {
-        if self.limits.total() == 0 {
+        if self.admission.open() == 0 {
             for waiter in self.drain_waiters.drain(..) {
                 let _ = waiter.send(());
             }
+        }
+    }
+
+    /// One line per interval for everything refused or evicted in it.
+    fn report_refusals(&mut self) {
+        if let Some(counts) = self.refusals.take() {
+            tracing::warn!(
+                node_full = counts.node_full,
+                address_full = counts.address_full,
+                early_talker = counts.early_talker,
+                evicted = counts.evicted,
+                open_sessions = self.admission.open(),
+                anonymous_sessions = self.admission.anonymous(),
+                interval_s = REPORT_INTERVAL.as_secs(),
+                "connections refused or evicted"
+            );
         }
     }
 }
@@ -162,65 +297,82 @@ impl Actor for Listener {
             if let Ok(address) = socket.local_addr() {
                 tracing::info!(%address, "listening for SMTP");
             }
-            let accepted = stream::unfold(socket, |socket| async move {
-                let next = socket.accept().await;
-                Some((next, socket))
-            });
-            self.accepting.push(ctx.add_stream(accepted));
+            self.accepting.push(ctx.add_stream(accept_stream(socket)));
         }
+        ctx.run_interval(REPORT_INTERVAL, |listener, _| listener.report_refusals());
+    }
+
+    fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
+        self.report_refusals();
+        Running::Stop
     }
 }
 
-impl StreamHandler<io::Result<(TcpStream, SocketAddr)>> for Listener {
-    /// A new connection: admit it under the limits or answer 421 and close.
-    fn handle(&mut self, item: io::Result<(TcpStream, SocketAddr)>, ctx: &mut Self::Context) {
-        let (socket, peer) = match item {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of descriptors and the like: log, keep accepting.
-                tracing::warn!(%error, "accept failed");
+impl StreamHandler<(TcpStream, SocketAddr)> for Listener {
+    /// A new connection: admit it under the policy (evicting an idle
+    /// anonymous session when it must) or answer 421 and close.
+    fn handle(&mut self, (socket, peer): (TcpStream, SocketAddr), ctx: &mut Self::Context) {
+        let ip: IpAddr = peer.ip().to_canonical();
+        let trusted = self.env.relay_allowed(ip);
+        let slots = &self.slots;
+        let admitted = self.admission.admit(ip, trusted, |id| {
+            slots.get(&id).and_then(|status| status.idle_since())
+        });
+        let Admitted { id, evict } = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                self.refusals.add(refusal);
+                self.refuse(socket, refusal);
                 return;
             }
         };
-        let ip = peer.ip().to_canonical();
-        if let Err(refusal) = self.limits.admit(ip) {
-            tracing::info!(%peer, ?refusal, "connection refused");
-            self.refuse(socket, refusal);
-            return;
+        if let Some(victim) = evict.and_then(|victim| self.slots.get(&victim)) {
+            victim.evict.notify_one();
+            self.refusals.add(Refusal::Evicted);
         }
-        let guard = SessionGuard {
+        let status = Arc::new(Status {
+            progress_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            busy: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        self.slots.insert(id, status.clone());
+        let slot = Slot {
             listener: ctx.address(),
-            ip,
+            id,
+            epoch: self.epoch,
+            status,
         };
         let env = self.env.clone();
         let shutdown = self.shutdown.subscribe();
-        actix::spawn(async move {
-            let _guard = guard;
-            session::run(socket, peer, env, shutdown).await;
-        });
+        actix::spawn(session::run(socket, peer, env, shutdown, slot));
     }
 
     fn finished(&mut self, _ctx: &mut Self::Context) {}
-}
-
-/// Tells the listener that its session ended, whichever way it ended.
-struct SessionGuard {
-    listener: Addr<Listener>,
-    ip: IpAddr,
-}
-
-impl Drop for SessionGuard {
-    fn drop(&mut self) {
-        self.listener.do_send(SessionEnded { ip: self.ip });
-    }
 }
 
 impl Handler<SessionEnded> for Listener {
     type Result = ();
 
     fn handle(&mut self, msg: SessionEnded, _ctx: &mut Self::Context) {
-        self.limits.release(msg.ip);
+        self.admission.release(msg.id);
+        self.slots.remove(&msg.id);
         self.wake_drain_waiters();
+    }
+}
+
+impl Handler<Authenticated> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, msg: Authenticated, _ctx: &mut Self::Context) {
+        self.admission.authenticated(msg.id);
+    }
+}
+
+impl Handler<Refused> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, msg: Refused, _ctx: &mut Self::Context) {
+        self.refusals.add(msg.0);
     }
 }
 
@@ -233,7 +385,7 @@ impl Handler<StopAccepting> for Listener {
             ctx.cancel_future(handle);
         }
         let _ = self.shutdown.send(true);
-        tracing::info!(open_sessions = self.limits.total(), "stopped accepting");
+        tracing::info!(open_sessions = self.admission.open(), "stopped accepting");
     }
 }
 
@@ -250,7 +402,7 @@ impl Handler<OpenSessions> for Listener {
     type Result = usize;
 
     fn handle(&mut self, _msg: OpenSessions, _ctx: &mut Self::Context) -> usize {
-        self.limits.total()
+        self.admission.open()
     }
 }
 
@@ -259,26 +411,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn limits_count_per_node_and_per_address() {
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let mut limits = ConnectionLimits::new(3, 2);
-        assert_eq!(limits.admit(a), Ok(()));
-        assert_eq!(limits.admit(a), Ok(()));
-        assert_eq!(limits.admit(a), Err(Refusal::AddressFull));
-        assert_eq!(limits.admit(b), Ok(()));
-        assert_eq!(limits.admit(b), Err(Refusal::NodeFull));
-        limits.release(a);
-        assert_eq!(limits.total(), 2);
-        assert_eq!(limits.admit(b), Ok(()));
-        assert_eq!(limits.admit(b), Err(Refusal::NodeFull));
+    fn accept_failures_pause_longer_and_are_logged_once_per_interval() {
+        let t0 = Instant::now();
+        let mut b = AcceptBackoff::default();
+        let ms = Duration::from_millis;
+        // A burst of failures 1 ms apart (plus the pause): pauses double
+        // up to 1 s, only the first failure is logged at once.
+        let mut now = t0;
+        let mut pauses = Vec::new();
+        let mut reports = Vec::new();
+        for _ in 0..10 {
+            let (pause, report) = b.failed(now);
+            pauses.push(pause.as_millis());
+            reports.extend(report);
+            now += pause + ms(1);
+        }
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        assert_eq!(reports, [1], "one line so far: {reports:?}");
+        // More than the interval later the next failure reports the count.
+        let (_, report) = b.failed(t0 + REPORT_INTERVAL + ms(1));
+        assert_eq!(report, Some(10));
+        // A success starts the pause over; the recovery is reported only
+        // when the interval allows.
+        assert_eq!(b.succeeded(t0 + REPORT_INTERVAL + ms(2)), None);
+        assert_eq!(b.failed(t0 + REPORT_INTERVAL + ms(3)), (ms(10), None));
+        assert_eq!(b.succeeded(t0 + REPORT_INTERVAL * 3), Some(1));
+        assert_eq!(b.succeeded(t0 + REPORT_INTERVAL * 4), None);
     }
 
     #[test]
-    fn releasing_an_unknown_address_changes_nothing() {
-        let mut limits = ConnectionLimits::new(1, 1);
-        limits.release("127.0.0.9".parse().unwrap());
-        assert_eq!(limits.total(), 0);
-        assert_eq!(limits.admit("127.0.0.9".parse().unwrap()), Ok(()));
+    fn a_listener_that_never_failed_reports_nothing() {
+        let mut b = AcceptBackoff::default();
+        assert_eq!(b.succeeded(Instant::now()), None);
     }
 }

@@ -33,9 +33,12 @@ use smarthost_coordinator::{
     self as coordinator, Coordinator, CoordinatorOptions, LeaderTick, Shutdown,
 };
 
+use crate::admission;
 use crate::body_memory::BodyMemory;
+use crate::deadlines::Limits;
+use crate::fd_limit;
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
-use crate::listener::{ConnectionLimits, Listener, OpenSessions, StopAccepting, WaitDrained};
+use crate::listener::{Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover};
 use crate::schedule::RedisSchedule;
 use crate::scheduler::RetryPolicy;
@@ -207,7 +210,21 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
+/// Raises the open-file limit and refuses limits that cannot fit in it,
+/// before anything opens a file.
+fn check_file_limit(config: &Config) -> Result<(), Box<dyn Error>> {
+    let limit = fd_limit::raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+    fd_limit::check(
+        config.smtp.max_connections,
+        config.delivery.max_connections,
+        limit,
+    )?;
+    tracing::info!(soft = limit.soft, hard = limit.hard, "open-file limit");
+    Ok(())
+}
+
 async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
+    check_file_limit(&config)?;
     let config = Arc::new(config);
     let (queue, spool, limits, location) = match config.queue.backend {
         QueueBackend::Local => {
@@ -292,9 +309,10 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
 
     let listener = Listener::bind(
         &config.smtp.listen,
-        ConnectionLimits::new(
+        admission::Policy::new(
             config.smtp.max_connections,
             config.smtp.max_connections_per_ip,
+            config.smtp.anonymous_connection_share,
         ),
         Arc::new(session_env(&config, queue.clone().recipient(), ledger)?),
     )
@@ -509,7 +527,14 @@ fn session_env(
             ledger,
             stats,
         )),
-        idle_timeout: smtp.connection_timeout,
+        limits: Limits {
+            idle: smtp.connection_timeout,
+            command: smtp.command_timeout,
+            data: smtp.data_timeout,
+            min_data_rate: smtp.min_data_rate,
+        },
+        tls_handshake_timeout: smtp.tls_handshake_timeout,
+        greeting_delay: smtp.greeting_delay,
         queue,
         body_memory: BodyMemory::new(smtp.max_body_memory),
         body_memory_wait: smtp.body_memory_wait,

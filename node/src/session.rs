@@ -4,15 +4,22 @@
 //!
 //! Replies are gathered while pipelined commands are still buffered and
 //! written in one go when the session needs more input (RFC 2920).
+//!
+//! Every wait has a deadline ([`crate::deadlines`]): a silent client, a
+//! command line or a message that trickles in too slowly, a TLS handshake
+//! that does not finish and a client that does not read its replies all end
+//! the session. A client outside `relay_networks` waits `greeting_delay`
+//! for the greeting and is refused if it talks first.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::Recipient;
 use ipnet::IpNet;
 use smarthost_proto::envelope::{ClientInfo, MessageId, MessageRecord};
 use smarthost_proto::received;
+use smarthost_proto::reply::{EnhancedStatus, Reply};
 use smarthost_proto::session::{
     Action, AuthRefusal, IncomingMessage, PeerInfo, Session, SessionConfig, StoreFailure,
 };
@@ -23,9 +30,12 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::admission;
 use crate::auth::UserDb;
 use crate::auth_guard::{AuthGuard, PasswordChecks, Refusal};
 use crate::body_memory::{BodyMemory, Reservation};
+use crate::deadlines::{Deadlines, Expired, Limits};
+use crate::listener::Slot;
 use crate::queue::Enqueue;
 use crate::spool::NewMessage;
 
@@ -39,7 +49,11 @@ pub struct SessionEnv {
     pub checks: Arc<PasswordChecks>,
     /// Failed logins per address and user name: delays and blocks.
     pub guard: Arc<AuthGuard>,
-    pub idle_timeout: Duration,
+    /// Idle, command and DATA limits.
+    pub limits: Limits,
+    pub tls_handshake_timeout: Duration,
+    /// How long clients outside `relay_networks` wait for the greeting.
+    pub greeting_delay: Duration,
     pub queue: Recipient<Enqueue>,
     /// The node's budget for bodies in memory (`smtp.max_body_memory`).
     pub body_memory: Arc<BodyMemory>,
@@ -52,7 +66,8 @@ impl SessionEnv {
         &self.config.hostname
     }
 
-    fn relay_allowed(&self, ip: IpAddr) -> bool {
+    /// The client is in `relay_networks`.
+    pub fn relay_allowed(&self, ip: IpAddr) -> bool {
         self.relay_networks.iter().any(|net| net.contains(&ip))
     }
 }
@@ -105,35 +120,96 @@ enum End {
 }
 
 /// Runs one session to its end. Never panics on client input; every error
-/// is logged and ends only this session.
+/// is logged and ends only this session. `slot` is its place in the
+/// listener, freed when the session ends.
 pub async fn run(
     socket: TcpStream,
     peer: SocketAddr,
     env: Arc<SessionEnv>,
     shutdown: watch::Receiver<bool>,
+    slot: Slot,
 ) {
     let _ = socket.set_nodelay(true);
     let ip = peer.ip().to_canonical();
-    let session = Session::new(
-        env.config.clone(),
-        PeerInfo {
-            ip,
-            relay_allowed: env.relay_allowed(ip),
-        },
-    );
+    let relay_allowed = env.relay_allowed(ip);
+    let session = Session::new(env.config.clone(), PeerInfo { ip, relay_allowed });
     let span = tracing::info_span!("smtp", %peer);
     async move {
         tracing::debug!("session opened");
+        let delay = if relay_allowed {
+            Duration::ZERO
+        } else {
+            env.greeting_delay
+        };
+        let socket = match greeting_delay(socket, delay, &env).await {
+            BeforeGreeting::Silent(socket) => socket,
+            BeforeGreeting::Talked => {
+                slot.refused(admission::Refusal::EarlyTalker);
+                tracing::debug!("client talked before the greeting");
+                return;
+            }
+            BeforeGreeting::Gone => return,
+        };
         let mut conn = Connection::Plain(socket);
-        match drive(&mut conn, session, ip, &env, shutdown).await {
+        match drive(&mut conn, session, ip, &env, shutdown, &slot).await {
             Ok(()) | Err(End::ClientGone) => {}
             Err(End::Failed(error)) => tracing::debug!(%error, "session ended by an I/O error"),
         }
-        conn.close().await;
+        let _ = tokio::time::timeout(env.limits.idle, conn.close()).await;
         tracing::debug!("session closed");
     }
     .instrument(span)
     .await
+}
+
+/// What a client did while it waited for the greeting.
+enum BeforeGreeting {
+    Silent(TcpStream),
+    Talked,
+    Gone,
+}
+
+/// Waits `delay` before the greeting (postscreen's "greet pause"): a client
+/// that sends anything meanwhile does not wait for the server as SMTP
+/// requires, which is what spam engines and flooders do. It gets `554
+/// 5.5.0` and the connection closes.
+async fn greeting_delay(
+    mut socket: TcpStream,
+    delay: Duration,
+    env: &SessionEnv,
+) -> BeforeGreeting {
+    if delay.is_zero() {
+        return BeforeGreeting::Silent(socket);
+    }
+    let mut probe = [0u8; 1];
+    match tokio::time::timeout(delay, socket.peek(&mut probe)).await {
+        Err(_silent) => BeforeGreeting::Silent(socket),
+        Ok(Ok(0)) | Ok(Err(_)) => BeforeGreeting::Gone,
+        Ok(Ok(_)) => {
+            let reply = Reply::new(
+                554,
+                EnhancedStatus(5, 5, 0),
+                format!(
+                    "{} Error: talked before the greeting; wait for the server",
+                    env.hostname()
+                ),
+            );
+            let _ = tokio::time::timeout(delay.max(Duration::from_secs(1)), async {
+                let _ = socket.write_all(&reply.to_wire()).await;
+                let _ = socket.shutdown().await;
+                // Reads what the client sent, so that closing sends a FIN
+                // after the reply rather than a reset that may discard it.
+                let mut sink = [0u8; 4096];
+                for _ in 0..16 {
+                    if !matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            BeforeGreeting::Talked
+        }
+    }
 }
 
 async fn drive(
@@ -142,29 +218,42 @@ async fn drive(
     ip: IpAddr,
     env: &SessionEnv,
     mut shutdown: watch::Receiver<bool>,
+    slot: &Slot,
 ) -> Result<(), End> {
     let mut out = session.greeting().to_wire();
     let mut buf = vec![0u8; 16 * 1024];
     // The share of the body budget the message under way holds, from
     // DATA until it is stored or refused.
     let mut body: Option<Reservation> = None;
+    let mut clock = Deadlines::new(env.limits, Instant::now());
+    let write_limit = env.limits.idle;
     loop {
+        // A command was answered: the next one gets its own deadline.
+        let mut answered = false;
         while let Some(action) = session.next_action() {
+            answered = true;
             match action {
                 Action::Reply(reply) => out.extend_from_slice(&reply.to_wire()),
                 Action::Close(reply) => {
                     out.extend_from_slice(&reply.to_wire());
-                    return send(conn, &mut out).await;
+                    return send(conn, &mut out, write_limit).await;
                 }
                 Action::StartTls(reply) => {
                     out.extend_from_slice(&reply.to_wire());
-                    send(conn, &mut out).await?;
+                    send(conn, &mut out, write_limit).await?;
                     start_tls(conn, env).await?;
                     session.tls_established();
                 }
                 Action::Authenticate { username, password } => {
+                    // Not to be evicted while its login is being checked.
+                    slot.busy();
                     let reply = match check_password(env, ip, username, password).await {
-                        Ok(ok) => session.auth_result(ok),
+                        Ok(ok) => {
+                            if ok {
+                                slot.authenticated();
+                            }
+                            session.auth_result(ok)
+                        }
                         Err(refusal) => session.auth_refused(refusal),
                     };
                     out.extend_from_slice(&reply.to_wire());
@@ -172,7 +261,7 @@ async fn drive(
                 Action::ReserveBody { declared } => {
                     // What pipelined commands got so far goes out first:
                     // the client may be waiting for it, not for us.
-                    send(conn, &mut out).await?;
+                    send(conn, &mut out, write_limit).await?;
                     body = reserve_body(env, declared).await;
                     out.extend_from_slice(&session.body_reserved(body.is_some()).to_wire());
                 }
@@ -186,23 +275,31 @@ async fn drive(
         // Pipelined input may have grown the body; a message refused at
         // its end holds nothing any more.
         account_body(env, &mut session, &mut body, 0);
-        send(conn, &mut out).await?;
+        send(conn, &mut out, write_limit).await?;
         if session.is_closed() {
             return Ok(());
         }
         if *shutdown.borrow() && session.is_idle() {
             out.extend_from_slice(&session.shutdown_reply().to_wire());
-            return send(conn, &mut out).await;
+            return send(conn, &mut out, write_limit).await;
         }
+        let now = Instant::now();
+        if session.is_receiving_data() {
+            if !clock.in_data() {
+                clock.data(now);
+                slot.busy();
+            }
+        } else if answered || clock.in_data() {
+            clock.command(now);
+            slot.progressed();
+        }
+        let (deadline, limit) = clock.deadline();
         tokio::select! {
-            read = tokio::time::timeout(env.idle_timeout, conn.read(&mut buf)) => match read {
-                Err(_elapsed) => {
-                    tracing::info!("client idle too long");
-                    out.extend_from_slice(&session.timeout_reply().to_wire());
-                    return send(conn, &mut out).await;
-                }
+            read = tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)) => match read {
+                Err(_elapsed) => return timed_out(conn, &mut out, env, limit).await,
                 Ok(Ok(0)) => return Err(End::ClientGone),
                 Ok(Ok(n)) => {
+                    clock.received(n, Instant::now());
                     account_body(env, &mut session, &mut body, n as u64);
                     session.push_input(&buf[..n]);
                 }
@@ -210,6 +307,16 @@ async fn drive(
             },
             // Wakes the loop so an idle session can be closed at once.
             _ = shutdown.changed() => {}
+            () = slot.evicted() => {
+                tracing::debug!("idle session closed to make room");
+                let reply = Reply::new(
+                    421,
+                    EnhancedStatus(4, 7, 0),
+                    format!("{} Too many connections, closing idle session", env.hostname()),
+                );
+                out.extend_from_slice(&reply.to_wire());
+                return send(conn, &mut out, write_limit).await;
+            }
         }
     }
 }
@@ -258,13 +365,35 @@ fn account_body(
     }
 }
 
-async fn send(conn: &mut Connection, out: &mut Vec<u8>) -> Result<(), End> {
+/// A limit ran out: `421 4.4.2` and the end of the session.
+async fn timed_out(
+    conn: &mut Connection,
+    out: &mut Vec<u8>,
+    env: &SessionEnv,
+    limit: Expired,
+) -> Result<(), End> {
+    tracing::info!(limit = limit.name(), "client too slow, session closed");
+    let reply = Reply::new(
+        421,
+        EnhancedStatus(4, 4, 2),
+        format!("{} {}", env.hostname(), limit.reply_text()),
+    );
+    out.extend_from_slice(&reply.to_wire());
+    send(conn, out, env.limits.idle).await
+}
+
+/// Writes what is gathered; a client that does not read its replies within
+/// `limit` is given up.
+async fn send(conn: &mut Connection, out: &mut Vec<u8>, limit: Duration) -> Result<(), End> {
     if out.is_empty() {
         return Ok(());
     }
-    let result = conn.write_all(out).await;
+    let result = tokio::time::timeout(limit, conn.write_all(out)).await;
     out.clear();
-    result.map_err(End::Failed)
+    match result {
+        Ok(written) => written.map_err(End::Failed),
+        Err(_elapsed) => Err(End::ClientGone),
+    }
 }
 
 /// Replaces the plain connection with TLS over the same socket. Whatever
@@ -282,7 +411,7 @@ async fn start_tls(conn: &mut Connection, env: &SessionEnv) -> Result<(), End> {
             return Err(End::Failed(std::io::Error::other("TLS already active")));
         }
     };
-    match tokio::time::timeout(env.idle_timeout, acceptor.accept(socket)).await {
+    match tokio::time::timeout(env.tls_handshake_timeout, acceptor.accept(socket)).await {
         Ok(Ok(tls)) => {
             let (_, state) = tls.get_ref();
             tracing::debug!(version = ?state.protocol_version(), "TLS established");
@@ -293,7 +422,10 @@ async fn start_tls(conn: &mut Connection, env: &SessionEnv) -> Result<(), End> {
             tracing::info!(%error, "TLS handshake failed");
             Err(End::ClientGone)
         }
-        Err(_elapsed) => Err(End::ClientGone),
+        Err(_elapsed) => {
+            tracing::debug!("TLS handshake not finished in time");
+            Err(End::ClientGone)
+        }
     }
 }
 

@@ -213,6 +213,12 @@ impl Session {
         matches!(self.state, State::Command) && self.transaction.is_none() && self.input.is_empty()
     }
 
+    /// `true` after `354` until the message has ended: the shell holds
+    /// the transfer to its own deadlines (overall and minimum rate).
+    pub fn is_receiving_data(&self) -> bool {
+        matches!(&self.state, State::Data(reader) if !reader.is_done())
+    }
+
     /// `421 4.3.2`, for the shell to write when the node shuts down.
     pub fn shutdown_reply(&mut self) -> Reply {
         self.state = State::Closed;

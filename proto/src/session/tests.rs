@@ -1135,3 +1135,27 @@ fn a_body_discarded_half_way_is_read_to_its_end_and_refused_with_452() {
     assert!(matches!(s.next_action(), Some(Action::Reply(r)) if code(&r) == "250 2.0.0"));
     assert!(s.is_idle());
 }
+
+#[test]
+fn receiving_data_lasts_from_354_to_the_final_dot() {
+    let mut s = Session::new(Arc::new(config()), trusted());
+    let (mut out, mut messages) = (Vec::new(), Vec::new());
+    let steps: &[(&str, bool)] = &[
+        ("EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n", false),
+        ("RCPT TO:<x@example.net>\r\n", false),
+        ("DATA\r\n", true),
+        ("Subject: x\r\n\r\nbody\r\n", true),
+        (".", true),
+        ("\r\n", false),
+    ];
+    for (input, receiving) in steps {
+        s.push_input(input.as_bytes());
+        drain(&mut s, &mut out, &mut messages);
+        assert_eq!(
+            s.is_receiving_data(),
+            *receiving,
+            "after {input:?}: {out:?}"
+        );
+    }
+    assert_eq!(messages.len(), 1);
+}
