@@ -45,6 +45,10 @@ config = obj({
         "require_tls": BOOL, "max_hop_count": POS,
         "relay_networks": {"type": "array", "items": NET},
         "allow_plaintext_auth": BOOL, "auth_failure_delay": DUR,
+        "max_password_checks": POS, "password_check_queue": NONNEG, "password_check_wait": DUR,
+        "auth_failure_window": DUR, "auth_address_max_failures": NONNEG,
+        "auth_user_max_failures": NONNEG, "auth_block_duration": DUR, "auth_trust_duration": DUR,
+        "postmaster": NESTR, "max_body_memory": SIZE, "body_memory_wait": DUR,
         "users": {"type": "array", "items": obj(
             {"name": NESTR, "password_hash": {"type": "string", "pattern": r"^\$argon2"}},
             ["name", "password_hash"])},
@@ -74,7 +78,8 @@ config = obj({
     "admin": obj({"operators": {"type": "array", "items": obj(
         {"name": NESTR, "token_hash": {"type": "string", "pattern": r"^\$argon2"},
          "role": {"type": "string", "enum": ["admin", "viewer"]}},
-        ["name", "token_hash", "role"])}}),
+        ["name", "token_hash", "role"])},
+        "max_token_checks": POS, "token_max_failures": NONNEG, "token_block_duration": DUR}),
     "log": obj({"format": {"type": "string", "enum": ["text", "json"]}, "level": NESTR}),
 })
 
