@@ -140,12 +140,20 @@ fn render(c: &Command) -> String {
         .iter()
         .zip(&c.lens)
         .map(|(a, len)| {
-            let text = String::from_utf8_lossy(a);
+            // Records are binary: control bytes are shown escaped, so the
+            // trace stays one line per command and plain text.
+            let text: String = String::from_utf8_lossy(a)
+                .chars()
+                .flat_map(|c| match c.is_control() {
+                    true => c.escape_default().collect::<Vec<_>>(),
+                    false => vec![c],
+                })
+                .collect();
             if *len > a.len() || text.chars().count() > SHOWN {
                 let cut: String = text.chars().take(SHOWN).collect();
                 format!("{cut}…({len} bytes)")
             } else {
-                text.into_owned()
+                text
             }
         })
         .collect::<Vec<_>>()
