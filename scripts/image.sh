@@ -33,7 +33,7 @@ command -v podman >/dev/null 2>&1 || missing+=(podman catatonit)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
 command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 if ((${#missing[@]})); then
-  echo "installing container tools: ${missing[*]}"
+  echo "installing container tools: ${missing[*]}" >&2
   { $sudo apt-get update -qq &&
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
       -o DPkg::Lock::Timeout=300 "${missing[@]}" >/dev/null; } || {
@@ -61,7 +61,7 @@ ensure_base() {
   if [ -z "$extra" ] && podman pull -q "docker.io/library/$tag" >/dev/null 2>&1; then
     return
   fi
-  echo "making $tag from Debian packages (mmdebstrap, a few minutes, once)"
+  echo "making $tag from Debian packages (mmdebstrap, a few minutes, once)" >&2
   local tmp
   tmp="$(mktemp -d)"
   local args=(--variant=minbase --quiet)
