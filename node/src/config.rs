@@ -762,16 +762,12 @@ impl Config {
         errors.positive("smtp.max_hop_count", smtp.max_hop_count as u64);
         errors.positive("smtp.max_message_size", smtp.max_message_size);
         errors.positive("smtp.max_session_size", smtp.max_session_size);
-        for (key, value) in [
+        errors.nonzero([
             ("smtp.connection_timeout", smtp.connection_timeout),
             ("smtp.command_timeout", smtp.command_timeout),
             ("smtp.data_timeout", smtp.data_timeout),
             ("smtp.tls_handshake_timeout", smtp.tls_handshake_timeout),
-        ] {
-            if value.is_zero() {
-                errors.add(key, "must be longer than 0s");
-            }
-        }
+        ]);
         if !(smtp.anonymous_connection_share > 0.0 && smtp.anonymous_connection_share <= 1.0) {
             errors.add(
                 "smtp.anonymous_connection_share",
@@ -829,15 +825,11 @@ impl Config {
             None => {}
         }
         errors.positive("smtp.max_password_checks", smtp.max_password_checks as u64);
-        for (key, duration) in [
+        errors.nonzero([
             ("smtp.auth_failure_window", smtp.auth_failure_window),
             ("smtp.auth_block_duration", smtp.auth_block_duration),
             ("smtp.auth_trust_duration", smtp.auth_trust_duration),
-        ] {
-            if duration.is_zero() {
-                errors.add(key, "must be longer than 0s");
-            }
-        }
+        ]);
         if let Some(postmaster) = &smtp.postmaster {
             match mailbox(postmaster) {
                 Err(e) => errors.add("smtp.postmaster", e),
@@ -885,9 +877,7 @@ impl Config {
             );
         }
         errors.positive("admin.max_token_checks", admin.max_token_checks as u64);
-        if admin.token_block_duration.is_zero() {
-            errors.add("admin.token_block_duration", "must be longer than 0s");
-        }
+        errors.nonzero([("admin.token_block_duration", admin.token_block_duration)]);
         for (i, operator) in admin.operators.iter().enumerate() {
             let key = format!("admin.operators[{i}]");
             if operator.name.trim().is_empty() {
@@ -909,9 +899,7 @@ impl Config {
         if queue.lease < Duration::from_secs(1) {
             errors.add("queue.lease", "must be at least 1s");
         }
-        if queue.rescan_interval.is_zero() {
-            errors.add("queue.rescan_interval", "must be longer than 0s");
-        }
+        errors.nonzero([("queue.rescan_interval", queue.rescan_interval)]);
         if queue.node_timeout < Duration::from_secs(1) {
             errors.add("queue.node_timeout", "must be at least 1s");
         }
@@ -924,20 +912,17 @@ impl Config {
                 "needs at least one interval such as \"15m\"",
             );
         }
-        for (i, interval) in queue.retry_intervals.iter().enumerate() {
-            if interval.is_zero() {
-                errors.add(
-                    format!("queue.retry_intervals[{i}]"),
-                    "must be longer than 0s",
-                );
-            }
-        }
-        if queue.max_lifetime.is_zero() {
-            errors.add("queue.max_lifetime", "must be longer than 0s");
-        }
-        if queue.redis_response_timeout.is_zero() {
-            errors.add("queue.redis_response_timeout", "must be longer than 0s");
-        }
+        errors.nonzero(
+            queue
+                .retry_intervals
+                .iter()
+                .enumerate()
+                .map(|(i, interval)| (format!("queue.retry_intervals[{i}]"), *interval)),
+        );
+        errors.nonzero([
+            ("queue.max_lifetime", queue.max_lifetime),
+            ("queue.redis_response_timeout", queue.redis_response_timeout),
+        ]);
         if queue.redis_require_fsync && queue.backend != QueueBackend::Redis {
             errors.add(
                 "queue.redis_require_fsync",
@@ -978,16 +963,12 @@ impl Config {
             }
         }
         errors.positive("delivery.mx_port", delivery.mx_port as u64);
-        for (key, timeout) in [
+        errors.nonzero([
             ("delivery.connect_timeout", delivery.connect_timeout),
             ("delivery.greeting_timeout", delivery.greeting_timeout),
             ("delivery.command_timeout", delivery.command_timeout),
             ("delivery.data_timeout", delivery.data_timeout),
-        ] {
-            if timeout.is_zero() {
-                errors.add(key, "must be longer than 0s");
-            }
-        }
+        ]);
         if delivery.connection_lease < Duration::from_secs(1) {
             errors.add("delivery.connection_lease", "must be at least 1s");
         }
@@ -1062,6 +1043,18 @@ impl Errors {
     fn positive(&mut self, key: &str, value: u64) {
         if value == 0 {
             self.add(key, "must be greater than 0");
+        }
+    }
+
+    /// Each `(key, duration)` that is zero is an error of its key.
+    fn nonzero<K: std::fmt::Display>(
+        &mut self,
+        durations: impl IntoIterator<Item = (K, Duration)>,
+    ) {
+        for (key, duration) in durations {
+            if duration.is_zero() {
+                self.add(key, "must be longer than 0s");
+            }
         }
     }
 
