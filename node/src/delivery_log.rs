@@ -99,6 +99,24 @@ mod tests {
     use crate::delivery::{RcptOutcome, RemoteInfo};
     use crate::scheduler::{apply_outcome, RetryPolicy};
     use crate::spool::suite::message;
+    use smarthost_proto::envelope::MessageRecord;
+
+    /// What the queue records for `outcome` of `record`'s first attempt.
+    fn complete(record: &MessageRecord, outcome: &MessageOutcome) -> Completion {
+        let policy = RetryPolicy {
+            intervals: vec![Duration::from_secs(1)],
+            max_lifetime: Duration::from_secs(60),
+            delay_notification: Duration::from_secs(30),
+        };
+        apply_outcome(
+            record,
+            "example.org",
+            outcome,
+            record.received_ms,
+            &policy,
+            0.0,
+        )
+    }
 
     #[test]
     fn one_json_line_per_recipient_with_every_field() {
@@ -119,19 +137,7 @@ mod tests {
             }),
             latency: Duration::from_millis(42),
         };
-        let policy = RetryPolicy {
-            intervals: vec![Duration::from_secs(1)],
-            max_lifetime: Duration::from_secs(60),
-            delay_notification: Duration::from_secs(30),
-        };
-        let completion = apply_outcome(
-            &record,
-            "example.org",
-            &outcome,
-            record.received_ms,
-            &policy,
-            0.0,
-        );
+        let completion = complete(&record, &outcome);
         log.write(&completion, Some(&outcome)).unwrap();
         log.write(&completion, None).unwrap();
         drop(log);
@@ -173,19 +179,7 @@ mod tests {
             remote: None,
             latency: Duration::from_millis(1),
         };
-        let policy = RetryPolicy {
-            intervals: vec![Duration::from_secs(1)],
-            max_lifetime: Duration::from_secs(60),
-            delay_notification: Duration::from_secs(30),
-        };
-        let completion = apply_outcome(
-            &record,
-            "example.org",
-            &outcome,
-            record.received_ms,
-            &policy,
-            0.0,
-        );
+        let completion = complete(&record, &outcome);
         log.write(&completion, Some(&outcome)).unwrap();
         drop(log);
         let text = std::fs::read_to_string(&path).unwrap();
