@@ -1389,6 +1389,10 @@ mod tests {
         )
     }
 
+    fn load_files_err(files: &[(&str, &str)]) -> String {
+        load_files(files, &[]).unwrap_err().to_string()
+    }
+
     #[test]
     fn included_files_lay_their_keys_over_the_file_and_under_the_environment() {
         let main = r#"
@@ -1431,33 +1435,21 @@ mod tests {
 
     #[test]
     fn a_missing_or_nested_include_is_refused_with_its_path() {
-        let missing = load_files(&[("a.toml", "include = [\"nowhere.toml\"]")], &[])
-            .unwrap_err()
-            .to_string();
+        let missing = load_files_err(&[("a.toml", "include = [\"nowhere.toml\"]")]);
         assert!(
             missing.starts_with("cannot read ") && missing.contains("nowhere.toml"),
             "{missing}"
         );
-        let nested = load_files(
-            &[
-                ("a.toml", "include = [\"b.toml\"]"),
-                ("b.toml", "include = [\"c.toml\"]"),
-                ("c.toml", ""),
-            ],
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let nested = load_files_err(&[
+            ("a.toml", "include = [\"b.toml\"]"),
+            ("b.toml", "include = [\"c.toml\"]"),
+            ("c.toml", ""),
+        ]);
         assert!(
             nested.starts_with("include: ") && nested.contains("b.toml is included"),
             "{nested}"
         );
-        let bad = load_files(
-            &[("a.toml", "include = [\"b.toml\"]"), ("b.toml", "[smtp")],
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let bad = load_files_err(&[("a.toml", "include = [\"b.toml\"]"), ("b.toml", "[smtp")]);
         assert!(
             bad.contains("b.toml"),
             "a syntax error names the included file: {bad}"

@@ -72,6 +72,17 @@ fn assert_reply(reply: &Reply, code: u16, status: &str, text: &str) {
 }
 
 /// `VmRSS` and `VmHWM` (the peak) of a process, in KiB.
+/// The right password from a blocked address: `421 4.7.0`, no check.
+fn assert_address_blocked(client: &mut Client) {
+    let reply = client.cmd(&auth_plain("app", PASSWORD));
+    assert_reply(
+        &reply,
+        421,
+        "4.7.0",
+        "Too many failed logins from your address",
+    );
+}
+
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
@@ -188,13 +199,7 @@ fn guessing_from_one_address_is_blocked_and_the_user_still_logs_in() {
     assert!(client.is_closed());
     // Even the right password: the address is blocked, not the guess.
     let mut client = session_from(attacker, relay.smtp);
-    let reply = client.cmd(&auth_plain("app", PASSWORD));
-    assert_reply(
-        &reply,
-        421,
-        "4.7.0",
-        "Too many failed logins from your address",
-    );
+    assert_address_blocked(&mut client);
 
     // The real user, from its own address, is not affected.
     let mut client = session_from(loopback(1), relay.smtp);
@@ -343,13 +348,7 @@ fn on_redis_a_block_is_shared_by_the_nodes() {
     }
     // The other node refuses the address at once, without a check.
     let mut client = session_from(attacker, second.smtp);
-    let reply = client.cmd(&auth_plain("app", PASSWORD));
-    assert_reply(
-        &reply,
-        421,
-        "4.7.0",
-        "Too many failed logins from your address",
-    );
+    assert_address_blocked(&mut client);
     assert_eq!(log_lines_with(&second, "authentication failed"), 0);
     // Both let the real user in from its own address.
     session_from(loopback(1), first.smtp).expect(&auth_plain("app", PASSWORD), 235);
