@@ -137,6 +137,7 @@ where
     Fut: Future<Output = Arc<dyn Spool>>,
 {
     let spool = open().await;
+    receive_from_now();
     assert!(
         spool.list().await.expect("list").is_empty(),
         "the suite needs an empty spool"
