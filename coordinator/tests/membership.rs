@@ -23,7 +23,9 @@ fn ids(nodes: &[smarthost_coordinator::membership::NodeSeen]) -> Vec<&str> {
 async fn a_node_that_stops_heartbeating_is_dead_after_the_ttl() {
     let server = RedisServer::start();
     let redis = connect(&server).await;
-    let ttl = Duration::from_millis(400);
+    // Long enough that a loaded machine's stall between the last
+    // heartbeat and the check below does not outlast it.
+    let ttl = Duration::from_millis(1500);
     let nodes: Vec<Membership> = ["n1", "n2", "n3"]
         .into_iter()
         .map(|id| Membership::new(redis.clone(), id, ttl))
@@ -45,6 +47,8 @@ async fn a_node_that_stops_heartbeating_is_dead_after_the_ttl() {
         nodes[1].heartbeat().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    nodes[0].heartbeat().await.unwrap();
+    nodes[1].heartbeat().await.unwrap();
     let live = nodes[0].live_nodes().await.unwrap();
     let dead = nodes[0].dead_nodes().await.unwrap();
     assert_eq!(ids(&live), ["n1", "n2"]);
