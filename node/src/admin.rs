@@ -3,6 +3,8 @@
 //!
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 while SMTP is accepted, 503 once shutdown began.
+//! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]); open, like
+//!   the probes.
 //! - `GET /api/queue`: the queue counts ([`QueueStats`]) as JSON.
 //! - `POST /api/domains/{domain}/suspend` and `…/resume`: hold or release a
 //!   domain's deliveries.
@@ -12,7 +14,8 @@
 //!   the node that leads, as this node's coordinator last saw them.
 //!
 //! With `[[admin.operators]]` configured every `/api/*` request needs
-//! `Authorization: Bearer <token>` of one of them; viewers may read, admins
+//! `Authorization: Bearer <token>` of one of them (the probes and
+//! `/metrics` stay open); viewers may read, admins
 //! may also write. Tokens are checked with argon2 on the blocking pool, a
 //! few at a time (`admin.max_token_checks`; more wait briefly or get `503`),
 //! and not kept. Wrong tokens from one address wait a growing delay before
@@ -31,7 +34,9 @@ use tokio::sync::watch;
 
 use crate::auth::{Access, Operator, OperatorDb};
 use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
+use crate::auth_guard::GuardStats;
 use crate::config::check_domain_name;
+use crate::metrics::Scrape;
 use crate::queue::{QueueStats, Stats, Suspend};
 use crate::spool::{Quarantined, Spool};
 use smarthost_coordinator::{GetStatus, Status};
@@ -60,6 +65,10 @@ pub struct AdminEnv {
     checks: Arc<PasswordChecks>,
     /// Wrong tokens per address: delays and blocks.
     guard: Arc<AuthGuard>,
+    /// The process's recorder, rendered at `/metrics`.
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The SMTP login counters, shown at `/metrics`.
+    smtp_logins: Option<Arc<GuardStats>>,
 }
 
 impl AdminEnv {
@@ -96,6 +105,8 @@ impl AdminEnv {
                 },
                 Default::default(),
             )),
+            metrics: crate::metrics::install(),
+            smtp_logins: None,
         }
     }
 }
@@ -112,6 +123,12 @@ impl AdminEnv {
     /// Answers `/api/cluster` from this coordinator.
     pub fn with_cluster(mut self, coordinator: Recipient<GetStatus>) -> Self {
         self.cluster = Some(coordinator);
+        self
+    }
+
+    /// Shows these SMTP login counters at `/metrics`.
+    pub fn with_smtp_logins(mut self, stats: Arc<GuardStats>) -> Self {
+        self.smtp_logins = Some(stats);
         self
     }
 
@@ -147,6 +164,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
     config
         .service(web::resource("/healthz").get(healthz))
         .service(web::resource("/readyz").get(readyz))
+        .service(web::resource("/metrics").get(metrics_page))
         .service(web::resource("/api/queue").get(queue))
         .service(web::resource("/api/cluster").get(cluster))
         .service(web::resource("/api/quarantine").get(quarantine))
@@ -318,6 +336,39 @@ async fn readyz(env: web::Data<AdminEnv>) -> HttpResponse {
     } else {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "not ready" }))
     }
+}
+
+/// The Prometheus page. The queue is shown by the process that answers
+/// for it: always on the local backend, on Redis only while this node's
+/// coordinator leads, so that a sum over the pods counts it once.
+async fn metrics_page(env: web::Data<AdminEnv>) -> HttpResponse {
+    let leader = match &env.cluster {
+        Some(coordinator) => Some(
+            coordinator
+                .send(GetStatus)
+                .await
+                .is_ok_and(|status| status.leader),
+        ),
+        None => None,
+    };
+    let queue = match leader {
+        Some(false) => None,
+        _ => env.stats.send(Stats).await.ok(),
+    };
+    let mut logins = Vec::with_capacity(2);
+    if let Some(smtp) = &env.smtp_logins {
+        logins.push(("smtp", smtp.snapshot()));
+    }
+    logins.push(("admin", env.guard.stats().snapshot()));
+    let page = Scrape {
+        queue,
+        leader,
+        logins,
+    }
+    .render(&env.metrics);
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(page)
 }
 
 async fn queue(

@@ -39,6 +39,18 @@ pub enum Refusal {
     Evicted,
 }
 
+impl Refusal {
+    /// The name in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NodeFull => "node_full",
+            Refusal::AddressFull => "address_full",
+            Refusal::EarlyTalker => "early_talker",
+            Refusal::Evicted => "evicted",
+        }
+    }
+}
+
 /// The limits (`[smtp]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {

@@ -27,7 +27,9 @@
 //! - [`session`]: the I/O shell of one SMTP session around `proto::session`.
 //! - [`body_memory`]: the node-wide budget for message bodies in memory.
 //! - [`tls`]: the STARTTLS server configuration.
-//! - [`admin`]: the admin HTTP server: health, readiness, the queue API.
+//! - [`admin`]: the admin HTTP server: health, readiness, the queue API,
+//!   `/metrics`.
+//! - [`metrics`]: the Prometheus metrics: names, recorder, scraped states.
 //! - [`admin_client`]: the client side of that API, for `smarthost queue`.
 //! - [`cli`]: the `smarthost` command line.
 //! - [`server`]: starts the actors of a node.
@@ -48,6 +50,7 @@ pub mod dispatcher;
 pub mod fd_limit;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod queue;
 #[cfg(test)]
 mod redis_cluster_tests;

@@ -248,6 +248,12 @@ impl Listener {
         })
     }
 
+    /// Counts a refusal for the aggregated log line and the metrics.
+    fn count_refusal(&mut self, refusal: Refusal) {
+        self.refusals.add(refusal);
+        crate::metrics::connection_refused(refusal.label());
+    }
+
     fn refuse(&self, mut socket: TcpStream, refusal: Refusal) {
         let text = match refusal {
             Refusal::AddressFull => "Too many connections from your address, try again later",
@@ -321,14 +327,14 @@ impl StreamHandler<(TcpStream, SocketAddr)> for Listener {
         let Admitted { id, evict } = match admitted {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                self.refusals.add(refusal);
+                self.count_refusal(refusal);
                 self.refuse(socket, refusal);
                 return;
             }
         };
         if let Some(victim) = evict.and_then(|victim| self.slots.get(&victim)) {
             victim.evict.notify_one();
-            self.refusals.add(Refusal::Evicted);
+            self.count_refusal(Refusal::Evicted);
         }
         let status = Arc::new(Status {
             progress_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
@@ -336,6 +342,7 @@ impl StreamHandler<(TcpStream, SocketAddr)> for Listener {
             evict: Notify::new(),
         });
         self.slots.insert(id, status.clone());
+        crate::metrics::connection_admitted(self.admission.open());
         let slot = Slot {
             listener: ctx.address(),
             id,
@@ -356,6 +363,7 @@ impl Handler<SessionEnded> for Listener {
     fn handle(&mut self, msg: SessionEnded, _ctx: &mut Self::Context) {
         self.admission.release(msg.id);
         self.slots.remove(&msg.id);
+        crate::metrics::sessions_open(self.admission.open());
         self.wake_drain_waiters();
     }
 }
@@ -372,7 +380,7 @@ impl Handler<Refused> for Listener {
     type Result = ();
 
     fn handle(&mut self, msg: Refused, _ctx: &mut Self::Context) {
-        self.refusals.add(msg.0);
+        self.count_refusal(msg.0);
     }
 }
 

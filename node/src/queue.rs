@@ -479,7 +479,9 @@ impl Queue {
         let store = async move {
             let count = messages.len();
             // Records shared by the spool and the schedule, not copied.
+            let started = std::time::Instant::now();
             let records = spool.store_shared(messages).await?;
+            crate::metrics::spool_store(started.elapsed());
             match schedule.insert_shared(records.clone(), now_ms()).await {
                 Ok(domains) => Ok((domains, Vec::new())),
                 Err(error) => {
@@ -742,7 +744,9 @@ impl Queue {
         }
     }
 
+    /// Counts and logs a recorded outcome: once per completion.
     fn log(&mut self, completion: &Completion, outcome: Option<&MessageOutcome>) {
+        crate::metrics::outcomes(completion, outcome, now_ms());
         if let Some(log) = &mut self.settings.log {
             if let Err(error) = log.write(completion, outcome) {
                 tracing::warn!(%error, "cannot write the delivery log");

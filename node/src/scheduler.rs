@@ -120,7 +120,7 @@ pub fn apply_outcome(
         let (result, reply) = match result {
             RcptResult::Deferred if expired => (
                 RcptResult::Failed,
-                format!("delivery time expired after {attempt} attempts; last error: {reply}"),
+                format!("{EXPIRED} after {attempt} attempts; last error: {reply}"),
             ),
             other => (other, reply),
         };
@@ -164,6 +164,9 @@ pub fn apply_outcome(
     }
 }
 
+/// How the reply of a recipient failed by the lifetime begins.
+pub const EXPIRED: &str = "delivery time expired";
+
 /// Fails every recipient of the delivery of `domain` without an attempt:
 /// the message has been queued longer than it may be.
 pub fn expire_delivery(record: &MessageRecord, domain: &str) -> Completion {
@@ -173,7 +176,7 @@ pub fn expire_delivery(record: &MessageRecord, domain: &str) -> Completion {
             let delivery = record.deliveries.remove(position);
             let last = delivery.last_error.as_deref().unwrap_or("never attempted");
             let reply = format!(
-                "delivery time expired after {} attempts; last error: {last}",
+                "{EXPIRED} after {} attempts; last error: {last}",
                 delivery.attempts
             );
             let notes = delivery

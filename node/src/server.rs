@@ -200,6 +200,7 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
         Some(&coordinator),
         is_ready,
         ledger,
+        None,
     )?;
     tracing::info!(node = %config.node.id, "coordinator running");
     wait_for_signal().await;
@@ -298,13 +299,15 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
 
     let (ready, is_ready) = watch::channel(false);
     let ledger = login_ledger(&config).await?;
+    let sessions = Arc::new(session_env(&config, queue.clone().recipient(), ledger.clone())?);
     let admin = start_admin(
         &config,
         &queue,
         &admin_spool,
         coordinator.as_ref(),
         is_ready,
-        ledger.clone(),
+        ledger,
+        Some(sessions.guard.stats().clone()),
     )?;
 
     let listener = Listener::bind(
@@ -314,7 +317,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             config.smtp.max_connections_per_ip,
             config.smtp.anonymous_connection_share,
         ),
-        Arc::new(session_env(&config, queue.clone().recipient(), ledger)?),
+        sessions,
     )
     .await?
     .start();
@@ -359,7 +362,8 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
 }
 
 /// The admin API on `admin.listen`, answering from this process's queue
-/// and, on the Redis backend, its coordinator.
+/// and, on the Redis backend, its coordinator; `/metrics` shows the SMTP
+/// login counters when there is a listener.
 fn start_admin(
     config: &Config,
     queue: &Addr<Queue>,
@@ -367,6 +371,7 @@ fn start_admin(
     coordinator: Option<&Addr<Coordinator>>,
     is_ready: watch::Receiver<bool>,
     ledger: Arc<dyn Ledger>,
+    smtp_logins: Option<Arc<GuardStats>>,
 ) -> Result<actix_web::dev::ServerHandle, Box<dyn Error>> {
     let admin = &config.admin;
     let stats = Arc::new(GuardStats::default());
@@ -401,6 +406,10 @@ fn start_admin(
     .with_spool(spool.clone());
     let env = match coordinator {
         Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
+        None => env,
+    };
+    let env = match smtp_logins {
+        Some(stats) => env.with_smtp_logins(stats),
         None => env,
     };
     let admin = admin::start(config.admin.listen, env).map_err(|e| {

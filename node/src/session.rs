@@ -470,6 +470,7 @@ async fn store(
     ip: IpAddr,
     message: IncomingMessage,
 ) -> Result<MessageId, StoreFailure> {
+    let started = std::time::Instant::now();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -515,14 +516,17 @@ async fn store(
     match env.queue.send(Enqueue(NewMessage { record, body })).await {
         Ok(Ok(())) => {
             tracing::info!(message_id = %id, from = %sender, recipients, size, "message accepted");
+            crate::metrics::message_received(recipients, size, started.elapsed());
             Ok(id)
         }
         Ok(Err(error)) => {
             tracing::error!(%error, "message not stored");
+            crate::metrics::message_not_stored();
             Err(StoreFailure::Unavailable)
         }
         Err(error) => {
             tracing::error!(%error, "queue unreachable");
+            crate::metrics::message_not_stored();
             Err(StoreFailure::Unavailable)
         }
     }

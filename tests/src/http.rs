@@ -21,6 +21,23 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The samples of a Prometheus text page, `name{labels}` → value.
+    pub fn samples(&self) -> std::collections::BTreeMap<String, f64> {
+        self.body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let (key, value) = l
+                    .rsplit_once(' ')
+                    .unwrap_or_else(|| panic!("not a sample: {l:?}"));
+                let value = value
+                    .parse()
+                    .unwrap_or_else(|e| panic!("not a number ({e}): {l:?}"));
+                (key.to_string(), value)
+            })
+            .collect()
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))

@@ -191,9 +191,11 @@ fn operators_need_a_valid_token_and_viewers_may_only_read() {
     let admin = relay.admin_addr();
     let suspend = "/api/domains/example.org/suspend";
 
-    // The probes stay open.
+    // The probes and the metrics stay open.
     assert_eq!(http::get(admin, "/healthz", None).status, 200);
     assert_eq!(http::get(admin, "/readyz", None).status, 200);
+    let metrics = http::get(admin, "/metrics", None);
+    assert_eq!(metrics.status, 200, "{metrics:?}");
 
     let refused = http::get(admin, "/api/queue", None);
     assert_eq!(refused.status, 401, "{refused:?}");

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use smarthost_testkit::redis::RedisServer;
+use smarthost_tests::http;
 use smarthost_tests::proxy::Proxy;
 use smarthost_tests::scenario::{delivered_per_node, route, start_as, Setup};
 use smarthost_tests::sink::{Sink, SinkOptions};
@@ -140,6 +141,46 @@ fn three_nodes_share_the_queue_and_the_domain_caps() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "coord   alive  leader\nnode-a  alive\nnode-b  alive\nnode-c  alive\n"
+    );
+    assert_metrics_add_up(&nodes, &coordinator, &sink, subjects.len());
+}
+
+/// The nodes' `/metrics` count what they took and delivered; only the
+/// leading coordinator shows the shared queue, so a sum over all counts it
+/// once.
+fn assert_metrics_add_up(nodes: &[Setup], coordinator: &Setup, sink: &Sink, accepted: usize) {
+    let scrape = |setup: &Setup| {
+        let page = http::get(setup.relay.admin_addr(), "/metrics", None);
+        assert_eq!(page.status, 200, "{page:?}");
+        page.samples()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let leader = scrape(coordinator);
+        if leader.get("smarthost_queue_messages") == Some(&0.0) {
+            break leader;
+        }
+        assert!(Instant::now() < deadline, "the queue never emptied: {leader:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(leader.get("smarthost_coordinator_leader"), Some(&1.0));
+    let (mut received, mut delivered) = (0.0, 0.0);
+    for node in nodes {
+        let samples = scrape(node);
+        assert_eq!(samples.get("smarthost_coordinator_leader"), Some(&0.0));
+        assert!(
+            !samples.keys().any(|k| k.starts_with("smarthost_queue_")),
+            "a node that does not lead shows no queue: {samples:#?}"
+        );
+        received += samples["smarthost_messages_received_total"];
+        delivered += samples["smarthost_recipient_outcomes_total{outcome=\"delivered\"}"];
+    }
+    assert_eq!(received, accepted as f64);
+    // At least once: a duplicate may have been delivered and recorded.
+    let arrived: usize = sink.messages().iter().map(|m| m.rcpt_tos.len()).sum();
+    assert!(
+        (accepted as f64..=arrived as f64).contains(&delivered),
+        "{delivered} delivered by the nodes' count, {accepted} accepted, {arrived} arrived"
     );
 }
 

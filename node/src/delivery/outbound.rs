@@ -383,6 +383,8 @@ enum HostError {
 /// policy asks.
 pub struct Outbound {
     conn: Connection,
+    /// Counts this connection as open until it is dropped.
+    _open: crate::metrics::OutboundOpen,
     caps: Capabilities,
     remote: RemoteInfo,
     settings: OutboundSettings,
@@ -573,6 +575,7 @@ impl Outbound {
 
         Ok(Outbound {
             conn,
+            _open: crate::metrics::OutboundOpen::new(),
             caps,
             remote: RemoteInfo {
                 host: hop.name.clone(),

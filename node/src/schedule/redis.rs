@@ -139,6 +139,7 @@ use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
 use super::{dedup, Job, ReportHook, Schedule};
 use crate::bounce;
+use crate::metrics::RedisFailure;
 use crate::delivery::MessageOutcome;
 use crate::scheduler::{apply_outcome, expire_delivery, Completion, RetryPolicy, SchedulerCounts};
 use crate::spool::local::body_bytes;
@@ -467,11 +468,19 @@ impl RedisSchedule {
     async fn run(&self, what: &str, pipe: &Pipeline) -> Result<Vec<Value>, SpoolError> {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.conn.clone();
+        let started = std::time::Instant::now();
         let first = tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn))
-            .await
-            .map_err(|_| {
-                SpoolError::Unavailable(format!("redis {what}: no reply within {:?}", self.timeout))
-            })?;
+            .await;
+        let failure = match &first {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => None,
+            Ok(Err(_)) => Some(RedisFailure::Error),
+            Err(_) => Some(RedisFailure::Timeout),
+        };
+        crate::metrics::redis_request("schedule", started.elapsed(), failure);
+        let first = first.map_err(|_| {
+            SpoolError::Unavailable(format!("redis {what}: no reply within {:?}", self.timeout))
+        })?;
         match first {
             Ok(values) => Ok(values),
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {

@@ -177,6 +177,7 @@ use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
+use crate::metrics::RedisFailure;
 use super::{ListCursor, NewMessage, Quarantined, Spool, SpoolError};
 
 /// The sorted set of all stored messages by receive time.
@@ -913,7 +914,15 @@ impl RedisSpool {
     ) -> Result<T, SpoolError> {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let timeout = self.options.response_timeout;
-        let result = match tokio::time::timeout(timeout, request).await {
+        let started = std::time::Instant::now();
+        let reply = tokio::time::timeout(timeout, request).await;
+        let failure = match &reply {
+            Ok(Ok(_)) => None,
+            Ok(Err(_)) => Some(RedisFailure::Error),
+            Err(_) => Some(RedisFailure::Timeout),
+        };
+        crate::metrics::redis_request("spool", started.elapsed(), failure);
+        let result = match reply {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => Err(SpoolError::Unavailable(format!("redis {what}: {e}"))),
             Err(_) => Err(SpoolError::Unavailable(format!(

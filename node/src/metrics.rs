@@ -1,0 +1,480 @@
+//! Prometheus metrics, served by the admin server at `/metrics`.
+//!
+//! Events (a connection, a message stored, a recipient's outcome, a Redis
+//! request) are counted where they happen, through the `metrics` crate's
+//! process-wide recorder ([`install`]). What is a state rather than an
+//! event (the queue, the leader, the login counters) is read when the
+//! page is scraped and written by [`Scrape`], so a domain that left the
+//! queue leaves the page too.
+//!
+//! The names are the constants below; `docs/metrics.md` lists them all.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::auth_guard::GuardCounts;
+use crate::delivery::{MessageOutcome, RcptResult};
+use crate::queue::QueueStats;
+use crate::scheduler::{Completion, EXPIRED};
+
+/// SMTP connections admitted.
+pub const SMTP_CONNECTIONS: &str = "smarthost_smtp_connections_total";
+/// SMTP connections refused or closed by the admission policy, by `reason`.
+pub const SMTP_REFUSED: &str = "smarthost_smtp_connections_refused_total";
+/// SMTP sessions open now.
+pub const SMTP_SESSIONS: &str = "smarthost_smtp_sessions";
+/// Messages answered `250` after DATA.
+pub const MESSAGES_RECEIVED: &str = "smarthost_messages_received_total";
+/// Recipients of those messages.
+pub const RECIPIENTS_RECEIVED: &str = "smarthost_recipients_received_total";
+/// Message bytes of those messages (with the `Received:` header added).
+pub const BYTES_RECEIVED: &str = "smarthost_received_bytes_total";
+/// Messages whose store failed after DATA (answered `451`).
+pub const MESSAGES_NOT_STORED: &str = "smarthost_messages_not_stored_total";
+/// From the final dot to the message being durable: what a client waits
+/// for its `250`.
+pub const ACCEPT_SECONDS: &str = "smarthost_message_accept_seconds";
+/// Recipients' outcomes, by `outcome`: `delivered`, `deferred`, `failed`
+/// (a permanent reply) and `expired` (failed by the lifetime).
+pub const RECIPIENT_OUTCOMES: &str = "smarthost_recipient_outcomes_total";
+/// One delivery attempt (connection, transaction) to a destination.
+pub const ATTEMPT_SECONDS: &str = "smarthost_delivery_attempt_seconds";
+/// From reception to delivery, per delivered recipient.
+pub const DELIVERY_DELAY_SECONDS: &str = "smarthost_delivery_delay_seconds";
+/// Outgoing SMTP connections open now.
+pub const OUTBOUND_CONNECTIONS: &str = "smarthost_outbound_connections";
+/// One store call of the spool (a batch of messages, fsync or Redis
+/// acknowledgement included).
+pub const SPOOL_STORE_SECONDS: &str = "smarthost_spool_store_seconds";
+/// One Redis request (a round trip) by `component`: `spool`, `schedule`.
+pub const REDIS_REQUEST_SECONDS: &str = "smarthost_redis_request_seconds";
+/// Redis requests that failed, by `component` and `kind` (`error`,
+/// `timeout`).
+pub const REDIS_ERRORS: &str = "smarthost_redis_errors_total";
+
+/// Buckets for waits a client or an operator feels: 1 ms to 2 minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0,
+];
+/// Buckets for the time mail spends queued: 1 s to 2 days.
+const DELAY_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0, 172800.0,
+];
+
+/// How many domains the queue gauges name, the longest queues first; the
+/// rest are summed under `domain="(other)"`, so the page stays small with
+/// 50 k domains queued.
+pub const TOP_DOMAINS: usize = 50;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns its handle; later
+/// calls (a test starting several servers in one process) get the same.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = builder().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was installed already; /metrics stays empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn builder() -> PrometheusBuilder {
+    let delay = metrics_exporter_prometheus::Matcher::Full(DELIVERY_DELAY_SECONDS.to_string());
+    PrometheusBuilder::new()
+        .set_buckets(LATENCY_BUCKETS)
+        .expect("the buckets are not empty")
+        .set_buckets_for_metric(delay, DELAY_BUCKETS)
+        .expect("the buckets are not empty")
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(SMTP_CONNECTIONS, "SMTP connections admitted");
+    describe_counter!(
+        SMTP_REFUSED,
+        "SMTP connections refused or evicted by the admission policy"
+    );
+    describe_gauge!(SMTP_SESSIONS, "SMTP sessions open");
+    describe_counter!(MESSAGES_RECEIVED, "messages answered 250 after DATA");
+    describe_counter!(RECIPIENTS_RECEIVED, "recipients of the messages received");
+    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "bytes of the messages received");
+    describe_counter!(MESSAGES_NOT_STORED, "messages whose store failed after DATA");
+    describe_histogram!(
+        ACCEPT_SECONDS,
+        Unit::Seconds,
+        "from the final dot to the message being durable"
+    );
+    describe_counter!(RECIPIENT_OUTCOMES, "recipient outcomes recorded, by outcome");
+    describe_histogram!(ATTEMPT_SECONDS, Unit::Seconds, "one delivery attempt");
+    describe_histogram!(
+        DELIVERY_DELAY_SECONDS,
+        Unit::Seconds,
+        "from reception to delivery, per recipient"
+    );
+    describe_gauge!(OUTBOUND_CONNECTIONS, "outgoing SMTP connections open");
+    describe_histogram!(SPOOL_STORE_SECONDS, Unit::Seconds, "one spool store call");
+    describe_histogram!(REDIS_REQUEST_SECONDS, Unit::Seconds, "one Redis round trip");
+    describe_counter!(REDIS_ERRORS, "Redis requests that failed or timed out");
+}
+
+/// Counts an SMTP connection admitted, with the sessions now open.
+pub fn connection_admitted(open: usize) {
+    metrics::counter!(SMTP_CONNECTIONS).increment(1);
+    sessions_open(open);
+}
+
+/// Counts a connection the admission policy refused or evicted.
+pub fn connection_refused(reason: &'static str) {
+    metrics::counter!(SMTP_REFUSED, "reason" => reason).increment(1);
+}
+
+/// Sets how many SMTP sessions are open.
+pub fn sessions_open(open: usize) {
+    metrics::gauge!(SMTP_SESSIONS).set(open as f64);
+}
+
+/// Counts a message answered `250` after DATA, `took` after its final dot.
+pub fn message_received(recipients: usize, bytes: u64, took: Duration) {
+    metrics::counter!(MESSAGES_RECEIVED).increment(1);
+    metrics::counter!(RECIPIENTS_RECEIVED).increment(recipients as u64);
+    metrics::counter!(BYTES_RECEIVED).increment(bytes);
+    metrics::histogram!(ACCEPT_SECONDS).record(took);
+}
+
+/// Counts a message whose store failed after DATA.
+pub fn message_not_stored() {
+    metrics::counter!(MESSAGES_NOT_STORED).increment(1);
+}
+
+/// Counts one store call of the spool.
+pub fn spool_store(took: Duration) {
+    metrics::histogram!(SPOOL_STORE_SECONDS).record(took);
+}
+
+/// Counts the outcomes of one recorded completion: an attempt's
+/// (`attempt` set) or an expiry sweep's.
+pub fn outcomes(completion: &Completion, attempt: Option<&MessageOutcome>, now_ms: u64) {
+    if let Some(attempt) = attempt {
+        metrics::histogram!(ATTEMPT_SECONDS).record(attempt.latency);
+    }
+    let delay = Duration::from_millis(now_ms.saturating_sub(completion.record.received_ms));
+    for note in &completion.notes {
+        let outcome = match note.result {
+            RcptResult::Delivered => {
+                metrics::histogram!(DELIVERY_DELAY_SECONDS).record(delay);
+                "delivered"
+            }
+            RcptResult::Deferred => "deferred",
+            RcptResult::Failed if note.reply.starts_with(EXPIRED) => "expired",
+            RcptResult::Failed => "failed",
+        };
+        metrics::counter!(RECIPIENT_OUTCOMES, "outcome" => outcome).increment(1);
+    }
+}
+
+/// Counts one Redis round trip of `component` that took `took`.
+pub fn redis_request(component: &'static str, took: Duration, failed: Option<RedisFailure>) {
+    metrics::histogram!(REDIS_REQUEST_SECONDS, "component" => component).record(took);
+    if let Some(failure) = failed {
+        let kind = match failure {
+            RedisFailure::Error => "error",
+            RedisFailure::Timeout => "timeout",
+        };
+        metrics::counter!(REDIS_ERRORS, "component" => component, "kind" => kind).increment(1);
+    }
+}
+
+/// How a Redis request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisFailure {
+    Error,
+    Timeout,
+}
+
+/// Counts one open outgoing connection while it lives.
+#[derive(Debug)]
+pub struct OutboundOpen(());
+
+impl OutboundOpen {
+    pub fn new() -> Self {
+        metrics::gauge!(OUTBOUND_CONNECTIONS).increment(1.0);
+        OutboundOpen(())
+    }
+}
+
+impl Default for OutboundOpen {
+    fn default() -> Self {
+        OutboundOpen::new()
+    }
+}
+
+impl Drop for OutboundOpen {
+    fn drop(&mut self) {
+        metrics::gauge!(OUTBOUND_CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// What is read when the page is scraped.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    /// The queue, when this process answers for it: on the local backend
+    /// always, on Redis only on the leader, so that a sum over the pods
+    /// counts the shared queue once.
+    pub queue: Option<QueueStats>,
+    /// Whether this process's coordinator leads; `None` without one.
+    pub leader: Option<bool>,
+    /// The login counters by scope (`smtp`, `admin`).
+    pub logins: Vec<(&'static str, GuardCounts)>,
+}
+
+impl Scrape {
+    /// The page: these states, then every recorded event.
+    pub fn render(&self, handle: &PrometheusHandle) -> String {
+        handle.run_upkeep();
+        let mut page = self.states();
+        page.push_str(&handle.render());
+        page
+    }
+
+    /// The states in the Prometheus text format.
+    pub fn states(&self) -> String {
+        let mut out = String::new();
+        if let Some(leader) = self.leader {
+            family(
+                &mut out,
+                "smarthost_coordinator_leader",
+                "gauge",
+                "1 while this process's coordinator leads the cluster",
+            );
+            let _ = writeln!(out, "smarthost_coordinator_leader {}", u8::from(leader));
+        }
+        if let Some(queue) = &self.queue {
+            queue_states(&mut out, queue);
+        }
+        if !self.logins.is_empty() {
+            login_counters(&mut out, &self.logins);
+        }
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn queue_states(out: &mut String, queue: &QueueStats) {
+    family(
+        out,
+        "smarthost_queue_messages",
+        "gauge",
+        "messages with deliveries left (cluster-wide on Redis)",
+    );
+    let _ = writeln!(out, "smarthost_queue_messages {}", queue.messages);
+    family(
+        out,
+        "smarthost_queue_deliveries",
+        "gauge",
+        "deliveries (message x domain) left, by state",
+    );
+    for (state, n) in [
+        ("ready", queue.ready),
+        ("deferred", queue.deferred),
+        ("in_flight", queue.in_flight),
+    ] {
+        let _ = writeln!(out, "smarthost_queue_deliveries{{state=\"{state}\"}} {n}");
+    }
+    family(
+        out,
+        "smarthost_queue_domain_deliveries",
+        "gauge",
+        "deliveries left for the domains with the longest queues",
+    );
+    let mut domains: Vec<(&String, &usize)> = queue.deliveries_by_domain.iter().collect();
+    domains.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    for (domain, n) in domains.iter().take(TOP_DOMAINS) {
+        let _ = writeln!(
+            out,
+            "smarthost_queue_domain_deliveries{{domain=\"{}\"}} {n}",
+            label_value(domain)
+        );
+    }
+    let rest: usize = domains.iter().skip(TOP_DOMAINS).map(|(_, n)| **n).sum();
+    if domains.len() > TOP_DOMAINS {
+        let _ = writeln!(
+            out,
+            "smarthost_queue_domain_deliveries{{domain=\"(other)\"}} {rest}"
+        );
+    }
+    family(
+        out,
+        "smarthost_queue_waiting_stores",
+        "gauge",
+        "received messages waiting for a store call on this node",
+    );
+    let _ = writeln!(out, "smarthost_queue_waiting_stores {}", queue.waiting);
+}
+
+fn login_counters(out: &mut String, logins: &[(&'static str, GuardCounts)]) {
+    let counters: [(&str, &str, fn(&GuardCounts) -> u64); 5] = [
+        (
+            "smarthost_login_checks_total",
+            "password or token checks run",
+            |c| c.checks_run,
+        ),
+        (
+            "smarthost_login_failures_total",
+            "checks that did not match",
+            |c| c.failures,
+        ),
+        (
+            "smarthost_login_busy_total",
+            "attempts refused because every check slot was taken",
+            |c| c.checks_refused_busy,
+        ),
+        (
+            "smarthost_login_blocked_total",
+            "attempts refused unchecked from a blocked address or user",
+            |c| c.refused_address_blocked + c.refused_user_blocked,
+        ),
+        (
+            "smarthost_login_blocks_total",
+            "blocks of an address or user that began",
+            |c| c.address_blocks + c.user_blocks,
+        ),
+    ];
+    for (name, help, value) in counters {
+        family(out, name, "counter", help);
+        for (scope, counts) in logins {
+            let _ = writeln!(out, "{name}{{scope=\"{scope}\"}} {}", value(counts));
+        }
+    }
+}
+
+/// A label value with `\`, `"` and line feeds escaped, as the text format
+/// asks.
+fn label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// The samples of a page, `name{labels}` → value.
+    fn samples(page: &str) -> BTreeMap<String, f64> {
+        page.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (key, value) = l.rsplit_once(' ').expect("name value");
+                (key.to_string(), value.parse().expect("a number"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn queue_gauges_name_the_longest_queues_and_sum_the_rest() {
+        let mut by_domain = BTreeMap::new();
+        for n in 0..(TOP_DOMAINS + 10) {
+            by_domain.insert(format!("d{n:03}.test"), n + 1);
+        }
+        let scrape = Scrape {
+            queue: Some(QueueStats {
+                messages: 7,
+                deliveries_by_domain: by_domain,
+                ready: 1,
+                deferred: 2,
+                in_flight: 3,
+                ..QueueStats::default()
+            }),
+            leader: Some(true),
+            logins: Vec::new(),
+        };
+        let page = scrape.states();
+        let s = samples(&page);
+        assert_eq!(s["smarthost_queue_messages"], 7.0);
+        assert_eq!(s["smarthost_queue_deliveries{state=\"deferred\"}"], 2.0);
+        assert_eq!(s["smarthost_coordinator_leader"], 1.0);
+        let named: Vec<_> = s
+            .keys()
+            .filter(|k| k.starts_with("smarthost_queue_domain_deliveries{domain=\"d"))
+            .collect();
+        assert_eq!(named.len(), TOP_DOMAINS);
+        assert!(s.contains_key("smarthost_queue_domain_deliveries{domain=\"d059.test\"}"));
+        assert!(!s.contains_key("smarthost_queue_domain_deliveries{domain=\"d000.test\"}"));
+        // The ten shortest: 1 + 2 + … + 10.
+        assert_eq!(
+            s["smarthost_queue_domain_deliveries{domain=\"(other)\"}"],
+            55.0
+        );
+    }
+
+    #[test]
+    fn a_node_that_does_not_lead_shows_no_queue() {
+        let scrape = Scrape {
+            queue: None,
+            leader: Some(false),
+            logins: vec![("smtp", GuardCounts::default())],
+        };
+        let s = samples(&scrape.states());
+        assert_eq!(s["smarthost_coordinator_leader"], 0.0);
+        assert!(!s.keys().any(|k| k.starts_with("smarthost_queue")));
+        assert_eq!(s["smarthost_login_failures_total{scope=\"smtp\"}"], 0.0);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn recorded_events_are_rendered_with_their_labels() {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            metrics::counter!(RECIPIENT_OUTCOMES, "outcome" => "delivered").increment(3);
+            redis_request("spool", Duration::from_millis(3), Some(RedisFailure::Timeout));
+            let open = OutboundOpen::new();
+            metrics::histogram!(ACCEPT_SECONDS).record(0.02);
+            drop(open);
+            let _still = OutboundOpen::new();
+        });
+        let page = Scrape::default().render(&handle);
+        let s = samples(&page);
+        assert_eq!(
+            s["smarthost_recipient_outcomes_total{outcome=\"delivered\"}"],
+            3.0
+        );
+        assert_eq!(
+            s["smarthost_redis_errors_total{component=\"spool\",kind=\"timeout\"}"],
+            1.0
+        );
+        assert_eq!(s["smarthost_outbound_connections"], 1.0);
+        assert_eq!(s["smarthost_message_accept_seconds_count"], 1.0);
+        assert_eq!(s["smarthost_message_accept_seconds_bucket{le=\"0.025\"}"], 1.0);
+        assert_eq!(s["smarthost_message_accept_seconds_bucket{le=\"0.01\"}"], 0.0);
+        assert!(page.contains("# TYPE smarthost_message_accept_seconds histogram"));
+    }
+}

@@ -1,0 +1,135 @@
+//! `/metrics` against the real relay, scraped while mail flows and after:
+//! its counters agree with what the clients were told and what the sinks
+//! received.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use smarthost_tests::http;
+use smarthost_tests::scenario::{message, route, start, submit};
+use smarthost_tests::sink::{Sink, SinkOptions};
+
+fn scrape(admin: SocketAddr) -> BTreeMap<String, f64> {
+    let page = http::get(admin, "/metrics", None);
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(
+        page.header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{page:?}"
+    );
+    page.samples()
+}
+
+fn value(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+    samples.get(key).copied().unwrap_or(0.0)
+}
+
+const DELIVERED: &str = "smarthost_recipient_outcomes_total{outcome=\"delivered\"}";
+const DEFERRED: &str = "smarthost_recipient_outcomes_total{outcome=\"deferred\"}";
+const FAILED: &str = "smarthost_recipient_outcomes_total{outcome=\"failed\"}";
+const EXPIRED: &str = "smarthost_recipient_outcomes_total{outcome=\"expired\"}";
+
+#[test]
+fn the_counters_agree_with_the_clients_and_the_sinks() {
+    let sink = Sink::start(SinkOptions::default().script(json!({
+        "rcpt": {"fail@dest.test": 550, "later@dest.test": [451, 250]}
+    })));
+    let bounces = Sink::start(SinkOptions::default());
+    let setup = start(
+        &format!("smart_host = \"{}\"", sink.smart_host()),
+        &route("sender.test", &bounces),
+        Some("1s"),
+    );
+    let admin = setup.relay.admin_addr();
+    let before = scrape(admin);
+    assert_eq!(value(&before, "smarthost_queue_messages"), 0.0);
+    assert_eq!(value(&before, "smarthost_messages_received_total"), 0.0);
+
+    // Twelve messages: one with a recipient the sink refuses, one with a
+    // recipient it takes on the second try, ten to two domains each.
+    let mut recipients = 0;
+    for n in 0..12 {
+        let to: Vec<String> = match n {
+            0 => vec!["fail@dest.test".into(), "first@dest.test".into()],
+            1 => vec!["later@dest.test".into()],
+            n => vec![format!("user{n}@dest.test"), format!("user{n}@other.test")],
+        };
+        let to: Vec<&str> = to.iter().map(String::as_str).collect();
+        submit(
+            &setup.relay,
+            "app@sender.test",
+            &to,
+            &message(to[0], &format!("message {n}"), "Counted.\r\n"),
+        );
+        recipients += to.len();
+    }
+    // Everything but the refused recipient, and one report to the sender.
+    let delivered_wanted = (recipients - 1 + 1) as f64;
+
+    // Scraped as the queue drains: counters only grow.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = scrape(admin);
+    let end = loop {
+        let now = scrape(admin);
+        for (key, old) in &last {
+            if key.contains("_total") && !key.contains("le=") {
+                let new = value(&now, key);
+                assert!(new >= *old, "{key} went from {old} to {new}");
+            }
+        }
+        let drained = value(&now, "smarthost_queue_messages") == 0.0
+            && value(&now, DELIVERED) >= delivered_wanted
+            && value(&now, "smarthost_smtp_sessions") == 0.0;
+        if drained {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queue did not drain within 30 s: {now:#?}"
+        );
+        last = now;
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // What the clients were told.
+    assert_eq!(value(&end, "smarthost_messages_received_total"), 12.0);
+    assert_eq!(
+        value(&end, "smarthost_recipients_received_total"),
+        recipients as f64
+    );
+    assert_eq!(value(&end, "smarthost_message_accept_seconds_count"), 12.0);
+    assert_eq!(value(&end, "smarthost_messages_not_stored_total"), 0.0);
+    assert!(value(&end, "smarthost_smtp_connections_total") >= 12.0);
+    assert!(value(&end, "smarthost_spool_store_seconds_count") >= 1.0);
+
+    // What the sinks received, recipient by recipient.
+    let taken: usize = sink
+        .messages()
+        .iter()
+        .chain(bounces.messages().iter())
+        .map(|m| m.rcpt_tos.len())
+        .sum();
+    assert_eq!(value(&end, DELIVERED), taken as f64, "{end:#?}");
+    assert_eq!(value(&end, DELIVERED), delivered_wanted);
+    assert_eq!(value(&end, FAILED), 1.0);
+    assert_eq!(value(&end, DEFERRED), 1.0);
+    assert_eq!(value(&end, EXPIRED), 0.0);
+    assert_eq!(
+        value(&end, "smarthost_delivery_delay_seconds_count"),
+        delivered_wanted
+    );
+    assert!(value(&end, "smarthost_delivery_attempt_seconds_count") >= 2.0);
+    for state in ["ready", "deferred", "in_flight"] {
+        let key = format!("smarthost_queue_deliveries{{state=\"{state}\"}}");
+        assert_eq!(value(&end, &key), 0.0, "{key}");
+    }
+    // The local backend has no coordinator, and nothing from Redis.
+    assert!(!end.contains_key("smarthost_coordinator_leader"));
+    assert!(!end.keys().any(|k| k.starts_with("smarthost_redis_errors")));
+    assert_eq!(
+        value(&end, "smarthost_login_failures_total{scope=\"smtp\"}"),
+        0.0
+    );
+}
