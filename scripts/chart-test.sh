@@ -101,6 +101,12 @@ check "credentials Secret mounted and included (full)" sh -c \
 # The ServiceMonitor is a custom resource that kubernetes-validate has no
 # schema for: at least its shape is checked here.
 check "ServiceMonitor rendered (full)" grep -q '^kind: ServiceMonitor$' "$work/values-full.yaml"
+# It scrapes the coordinators too: the leading one shows the shared queue.
+check "ServiceMonitor selects nodes and coordinators, each with a headless admin Service (full)" sh -c \
+  "grep -q 'values: \[node, coordinator\]' '$work/values-full.yaml' && grep -q 'name: rel-smarthost-coordinator-admin' '$work/values-full.yaml'"
+# The HPA's queue metric is one smarthost exports.
+check "HPA scales on smarthost_queue_deliveries{state=ready} (full)" sh -c \
+  "grep -A4 'name: smarthost_queue_deliveries' '$work/values-full.yaml' | grep -q 'state: ready'"
 # The terminationGracePeriodSeconds covers preStop and shutdown_grace.
 check "grace period = preStop 5 + shutdown_grace 60 + 5 (full)" \
   grep -q 'terminationGracePeriodSeconds: 70$' "$work/values-full.yaml"

@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::auth::{Access, Operator, OperatorDb};
-use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
 use crate::auth_guard::GuardStats;
+use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
 use crate::config::check_domain_name;
 use crate::metrics::Scrape;
 use crate::queue::{QueueStats, Stats, Suspend};

@@ -57,8 +57,7 @@ pub const REDIS_ERRORS: &str = "smarthost_redis_errors_total";
 
 /// Buckets for waits a client or an operator feels: 1 ms to 2 minutes.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 /// Buckets for the time mail spends queued: 1 s to 2 days.
 const DELAY_BUCKETS: &[f64] = &[
@@ -107,14 +106,24 @@ fn describe() {
     describe_gauge!(SMTP_SESSIONS, "SMTP sessions open");
     describe_counter!(MESSAGES_RECEIVED, "messages answered 250 after DATA");
     describe_counter!(RECIPIENTS_RECEIVED, "recipients of the messages received");
-    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "bytes of the messages received");
-    describe_counter!(MESSAGES_NOT_STORED, "messages whose store failed after DATA");
+    describe_counter!(
+        BYTES_RECEIVED,
+        Unit::Bytes,
+        "bytes of the messages received"
+    );
+    describe_counter!(
+        MESSAGES_NOT_STORED,
+        "messages whose store failed after DATA"
+    );
     describe_histogram!(
         ACCEPT_SECONDS,
         Unit::Seconds,
         "from the final dot to the message being durable"
     );
-    describe_counter!(RECIPIENT_OUTCOMES, "recipient outcomes recorded, by outcome");
+    describe_counter!(
+        RECIPIENT_OUTCOMES,
+        "recipient outcomes recorded, by outcome"
+    );
     describe_histogram!(ATTEMPT_SECONDS, Unit::Seconds, "one delivery attempt");
     describe_histogram!(
         DELIVERY_DELAY_SECONDS,
@@ -325,8 +334,11 @@ fn queue_states(out: &mut String, queue: &QueueStats) {
     let _ = writeln!(out, "smarthost_queue_waiting_stores {}", queue.waiting);
 }
 
+/// A login counter: its name, its help and how to read it.
+type LoginCounter = (&'static str, &'static str, fn(&GuardCounts) -> u64);
+
 fn login_counters(out: &mut String, logins: &[(&'static str, GuardCounts)]) {
-    let counters: [(&str, &str, fn(&GuardCounts) -> u64); 5] = [
+    let counters: [LoginCounter; 5] = [
         (
             "smarthost_login_checks_total",
             "password or token checks run",
@@ -444,6 +456,34 @@ mod tests {
     }
 
     #[test]
+    fn every_metric_is_documented() {
+        let docs = include_str!("../../docs/metrics.md");
+        let source = include_str!("metrics.rs");
+        let names: std::collections::BTreeSet<&str> = source
+            .match_indices("smarthost_")
+            .map(|(at, _)| {
+                let rest = &source[at..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                    .unwrap_or(rest.len());
+                let name = &rest[..end];
+                ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .fold(name, |n, suffix| n.strip_suffix(suffix).unwrap_or(n))
+            })
+            // A prefix a test looks for is not a name.
+            .filter(|name| name.split('_').count() >= 3)
+            .collect();
+        assert!(names.len() > 20, "{names:?}");
+        for name in names {
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "{name} is not in docs/metrics.md"
+            );
+        }
+    }
+
+    #[test]
     fn label_values_are_escaped() {
         assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
@@ -452,14 +492,19 @@ mod tests {
     fn recorded_events_are_rendered_with_their_labels() {
         let recorder = builder().build_recorder();
         let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
+        // One connection closed, one still open when the page is rendered.
+        let _open = metrics::with_local_recorder(&recorder, || {
             describe();
             metrics::counter!(RECIPIENT_OUTCOMES, "outcome" => "delivered").increment(3);
-            redis_request("spool", Duration::from_millis(3), Some(RedisFailure::Timeout));
+            redis_request(
+                "spool",
+                Duration::from_millis(3),
+                Some(RedisFailure::Timeout),
+            );
             let open = OutboundOpen::new();
             metrics::histogram!(ACCEPT_SECONDS).record(0.02);
             drop(open);
-            let _still = OutboundOpen::new();
+            OutboundOpen::new()
         });
         let page = Scrape::default().render(&handle);
         let s = samples(&page);
@@ -473,8 +518,14 @@ mod tests {
         );
         assert_eq!(s["smarthost_outbound_connections"], 1.0);
         assert_eq!(s["smarthost_message_accept_seconds_count"], 1.0);
-        assert_eq!(s["smarthost_message_accept_seconds_bucket{le=\"0.025\"}"], 1.0);
-        assert_eq!(s["smarthost_message_accept_seconds_bucket{le=\"0.01\"}"], 0.0);
+        assert_eq!(
+            s["smarthost_message_accept_seconds_bucket{le=\"0.025\"}"],
+            1.0
+        );
+        assert_eq!(
+            s["smarthost_message_accept_seconds_bucket{le=\"0.01\"}"],
+            0.0
+        );
         assert!(page.contains("# TYPE smarthost_message_accept_seconds histogram"));
     }
 }

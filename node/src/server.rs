@@ -299,7 +299,11 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
 
     let (ready, is_ready) = watch::channel(false);
     let ledger = login_ledger(&config).await?;
-    let sessions = Arc::new(session_env(&config, queue.clone().recipient(), ledger.clone())?);
+    let sessions = Arc::new(session_env(
+        &config,
+        queue.clone().recipient(),
+        ledger.clone(),
+    )?);
     let admin = start_admin(
         &config,
         &queue,

@@ -160,7 +160,10 @@ fn assert_metrics_add_up(nodes: &[Setup], coordinator: &Setup, sink: &Sink, acce
         if leader.get("smarthost_queue_messages") == Some(&0.0) {
             break leader;
         }
-        assert!(Instant::now() < deadline, "the queue never emptied: {leader:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "the queue never emptied: {leader:#?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(leader.get("smarthost_coordinator_leader"), Some(&1.0));

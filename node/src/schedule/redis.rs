@@ -139,8 +139,8 @@ use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
 use super::{dedup, Job, ReportHook, Schedule};
 use crate::bounce;
-use crate::metrics::RedisFailure;
 use crate::delivery::MessageOutcome;
+use crate::metrics::RedisFailure;
 use crate::scheduler::{apply_outcome, expire_delivery, Completion, RetryPolicy, SchedulerCounts};
 use crate::spool::local::body_bytes;
 use crate::spool::redis::{self as spool_redis, body_key, record_key, INDEX_KEY};
@@ -469,8 +469,8 @@ impl RedisSchedule {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
-        let first = tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn))
-            .await;
+        let first =
+            tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await;
         let failure = match &first {
             Ok(Ok(_)) => None,
             Ok(Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => None,

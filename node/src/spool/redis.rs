@@ -177,8 +177,8 @@ use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use crate::metrics::RedisFailure;
 use super::{ListCursor, NewMessage, Quarantined, Spool, SpoolError};
+use crate::metrics::RedisFailure;
 
 /// The sorted set of all stored messages by receive time.
 pub const INDEX_KEY: &str = "smarthost:{index}:messages";
