@@ -159,3 +159,19 @@ echo "STARTTLS with the chart's certificate: message delivered"
 
 "$TOOLS_PY" helm/tests/kube_mail.py "$work/sink" "${nodes[@]}" \
   --kill t-node-pod-2-smarthost --drain t-node-pod-1-smarthost
+
+# /metrics on the pods: exactly one coordinator leads and shows the shared
+# queue, the other shows neither; node 0 counts the messages it took.
+metrics_ok() {
+  local leaders=0 queues=0 page pod
+  for pod in t-coordinator-pod-0 t-coordinator-pod-1; do
+    page="$(curl -sf -m 2 "http://$(pod_ip "$pod"):8025/metrics")" || return 1
+    if grep -q '^smarthost_coordinator_leader 1$' <<<"$page"; then leaders=$((leaders + 1)); fi
+    if grep -q '^smarthost_queue_messages ' <<<"$page"; then queues=$((queues + 1)); fi
+  done
+  [ "$leaders" = 1 ] && [ "$queues" = 1 ]
+}
+wait_for "one leading coordinator showing the queue at /metrics" 60 metrics_ok
+curl -sf -m 2 "http://${nodes[0]}:8025/metrics" | grep -Eq '^smarthost_messages_received_total [1-9]' ||
+  { echo "error: node 0's /metrics counts no message received" >&2; exit 1; }
+echo "metrics: one leader shows the queue; node 0 counts what it received"
