@@ -76,11 +76,15 @@ cargo build --workspace --bins
 # the image built around that binary and the chart played with podman.
 ./scripts/chart-test.sh
 ./scripts/kube-test.sh
+# A Docker engine for the tests that start containers through
+# testcontainers (docs/testing.md). docker-redis.sh installs docker.io and
+# mmdebstrap when missing, starts dockerd when no engine answers and builds
+# the Redis image once per machine; docker-smarthost.sh hands the image
+# kube-test.sh built to Docker (tests/tests/containers.rs runs it). Both
+# fail loudly rather than skip.
+./scripts/docker-redis.sh >/dev/null
+./scripts/docker-smarthost.sh >/dev/null
 cargo test --workspace
 # The Redis spool and schedule suites a second time, their Redis in Docker
-# containers started through testcontainers (docs/testing.md). The script
-# installs docker.io and mmdebstrap when missing, starts dockerd when no
-# engine answers and builds the Redis image once per machine; it fails
-# loudly rather than skip.
-./scripts/docker-redis.sh >/dev/null
+# containers.
 SMARTHOST_TEST_REDIS=container cargo test -p smarthost-node --lib -- spool::redis schedule::redis

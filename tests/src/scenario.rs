@@ -3,6 +3,7 @@
 //! over SMTP, and checks of the delivery log and of delivery status
 //! notifications. Every wait is bounded.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -107,7 +108,12 @@ pub fn dot_stuff(content: &str) -> String {
 /// Submits `content` (CRLF line ends, as the author wrote it) and returns
 /// the queue id from the 250 reply.
 pub fn submit(relay: &Relay, from: &str, to: &[&str], content: &str) -> String {
-    let (mut c, greeting) = Client::connect(relay.smtp);
+    submit_to(relay.smtp, from, to, content)
+}
+
+/// [`submit`] to the SMTP server at `addr`.
+pub fn submit_to(addr: SocketAddr, from: &str, to: &[&str], content: &str) -> String {
+    let (mut c, greeting) = Client::connect(addr);
     assert_eq!(greeting.code, 220);
     c.expect("EHLO app.example", 250);
     let body = if content.is_ascii() {
