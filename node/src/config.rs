@@ -718,6 +718,16 @@ impl Config {
                     self.log.level
                 ),
             );
+        } else if let Some(word) = bare_target(&self.log.level) {
+            errors.add(
+                "log.level",
+                format!(
+                    "`{word}` is not a level ({}); as a bare word it would name a log \
+                     target and silence every other line (for a target write \
+                     \"{word}=debug\")",
+                    LOG_LEVELS.join(", ")
+                ),
+            );
         }
         errors.into_result()
     }
@@ -1191,6 +1201,20 @@ pub fn mailbox(address: &str) -> Result<smarthost_proto::address::Mailbox, Strin
     }
 }
 
+/// The levels `log.level` may name alone.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// The first directive of a `tracing` filter that is a bare word other
+/// than a level, such as a misspelt level (`"chatty"`): valid filter
+/// syntax, but it would enable one target and nothing else.
+fn bare_target(filter: &str) -> Option<&str> {
+    filter.split(',').map(str::trim).find(|directive| {
+        !directive.is_empty()
+            && !directive.contains(['=', '[', '{'])
+            && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+    })
+}
+
 /// The mailbox for this node's postmaster: `smtp.postmaster`, else
 /// `bounce.copy_to` (both validated at load).
 pub fn postmaster(config: &Config) -> Option<smarthost_proto::address::Mailbox> {
@@ -1364,6 +1388,26 @@ mod tests {
 
     fn load_err(toml: &str, env: &[(&str, &str)]) -> String {
         load(toml, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_log_level_must_be_a_level_or_a_target_directive() {
+        for good in [
+            "info",
+            "WARN",
+            "smarthost=debug,info",
+            "off",
+            "info,actix_web=warn",
+        ] {
+            let toml = format!("[log]\nlevel = {good:?}");
+            assert_eq!(load(&toml, &[]).unwrap().validate(), Ok(()), "{good}");
+        }
+        for bad in ["chatty", "info,verbose"] {
+            let errors = invalid(&format!("[log]\nlevel = {bad:?}"));
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            assert!(errors[0].starts_with("log.level: `"), "{bad}: {errors:?}");
+            assert!(errors[0].contains("is not a level"), "{bad}: {errors:?}");
+        }
     }
 
     fn invalid(toml: &str) -> Vec<String> {

@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -12,6 +12,7 @@ use crate::delivery::{MessageOutcome, RcptResult};
 use crate::scheduler::Completion;
 
 pub struct DeliveryLog {
+    path: PathBuf,
     file: BufWriter<File>,
 }
 
@@ -41,8 +42,20 @@ impl DeliveryLog {
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(DeliveryLog {
+            path: path.to_path_buf(),
             file: BufWriter::new(file),
         })
+    }
+
+    /// Opens the file at the log's path again (after a rotation moved the
+    /// old one away); on failure the old file stays in use.
+    pub fn reopen(&mut self) -> io::Result<()> {
+        *self = DeliveryLog::open(&self.path)?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Writes the lines of one attempt (or of an expiry, without outcome).

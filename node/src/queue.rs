@@ -60,6 +60,11 @@ pub struct Recover;
 #[rtype(result = "QueueStats")]
 pub struct Stats;
 
+/// Opens the delivery log file again, for log rotation (SIGHUP).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReopenLog;
+
 /// Tells the queue where to announce domains with due work.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -1195,6 +1200,20 @@ impl Handler<Stats> for Queue {
                     }
                 }),
         )
+    }
+}
+
+impl Handler<ReopenLog> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, _: ReopenLog, _: &mut Context<Self>) {
+        if let Some(log) = &mut self.settings.log {
+            match log.reopen() {
+                Ok(()) => tracing::info!(path = %log.path().display(), "delivery log reopened"),
+                Err(error) => tracing::error!(path = %log.path().display(), %error,
+                    "cannot reopen the delivery log; writing on to the old file"),
+            }
+        }
     }
 }
 

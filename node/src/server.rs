@@ -39,7 +39,7 @@ use crate::deadlines::Limits;
 use crate::fd_limit;
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{Listener, OpenSessions, StopAccepting, WaitDrained};
-use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover};
+use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover, ReopenLog};
 use crate::schedule::RedisSchedule;
 use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
@@ -203,7 +203,7 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
         None,
     )?;
     tracing::info!(node = %config.node.id, "coordinator running");
-    wait_for_signal().await;
+    wait_for_signal(&queue).await;
     ready.send_replace(false);
     let _ = coordinator.send(Shutdown).await;
     admin.stop(true).await;
@@ -328,7 +328,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     ready.send_replace(true);
     tracing::info!(hostname = %config.node.hostname, "smarthost ready");
 
-    wait_for_signal().await;
+    wait_for_signal(&queue).await;
     let deadline = tokio::time::Instant::now() + config.node.shutdown_grace;
     ready.send_replace(false);
     listener.send(StopAccepting).await?;
@@ -554,15 +554,32 @@ fn session_env(
     })
 }
 
-async fn wait_for_signal() {
+/// Returns at SIGTERM or Ctrl-C; at SIGHUP has `queue` reopen the
+/// delivery log (log rotation) and goes on waiting.
+async fn wait_for_signal(queue: &Addr<Queue>) {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
-            }
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => Some(hangup),
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGHUP; the delivery log is not reopened");
+            None
         }
+    };
+    let hung_up = async |hangup: &mut Option<tokio::signal::unix::Signal>| match hangup {
+        Some(hangup) => hangup.recv().await,
+        None => std::future::pending().await,
+    };
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => loop {
+            tokio::select! {
+                _ = term.recv() => return tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => return tracing::info!("interrupt received"),
+                _ = hung_up(&mut hangup) => {
+                    tracing::info!("SIGHUP received: reopening the delivery log");
+                    queue.do_send(ReopenLog);
+                }
+            }
+        },
         Err(error) => {
             tracing::warn!(%error, "cannot watch SIGTERM; Ctrl-C only");
             let _ = tokio::signal::ctrl_c().await;

@@ -299,10 +299,15 @@ impl Relay {
 
     /// Asks the relay to shut down, as an operator or Kubernetes would.
     pub fn send_sigterm(&self) {
+        self.send_signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal` (such as `libc::SIGHUP`) to the relay process.
+    pub fn send_signal(&self, signal: libc::c_int) {
         let pid = self.pid() as i32;
         // SAFETY: kill(2) with a pid we own and a valid signal number.
         unsafe {
-            libc::kill(pid, libc::SIGTERM);
+            libc::kill(pid, signal);
         }
     }
 

@@ -441,3 +441,53 @@ fn mail_goes_to_the_next_mx_when_the_first_does_not_answer() {
     assert_eq!(ours[0]["remote_ip"], "127.0.0.1", "{}", ours[0]);
     assert_eq!(ours[0]["remote_host"], "mx2.fallback.test", "{}", ours[0]);
 }
+
+#[test]
+fn sighup_reopens_the_delivery_log_for_rotation() {
+    let sink = Sink::start(SinkOptions::default());
+    let setup = start(&format!("smart_host = \"{}\"", sink.smart_host()), "", None);
+    let delivered = |id: String| {
+        move |lines: &[Value]| {
+            lines_for(lines, &id)
+                .iter()
+                .any(|l| l["outcome"] == "delivered")
+        }
+    };
+    let before = submit(
+        &setup.relay,
+        "app@sender.test",
+        &["user@example.org"],
+        &message("user@example.org", "before", "Before the rotation.\r\n"),
+    );
+    wait_for_log(&setup.log_file, ARRIVAL, delivered(before.clone()));
+
+    // Rotate as logrotate does: move the file away, then SIGHUP.
+    let rotated = setup.log_file.with_extension("log.1");
+    std::fs::rename(&setup.log_file, &rotated).unwrap();
+    setup.relay.send_signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !setup.log_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new delivery log after SIGHUP:\n{}",
+            setup.relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = submit(
+        &setup.relay,
+        "app@sender.test",
+        &["user@example.org"],
+        &message("user@example.org", "after", "After the rotation.\r\n"),
+    );
+    let new_lines = wait_for_log(&setup.log_file, ARRIVAL, delivered(after.clone()));
+    assert!(lines_for(&new_lines, &before).is_empty(), "{new_lines:?}");
+    let old_lines = delivery_log(&rotated);
+    assert!(!lines_for(&old_lines, &before).is_empty(), "{old_lines:?}");
+    assert!(lines_for(&old_lines, &after).is_empty(), "{old_lines:?}");
+    assert!(setup.relay.log().contains("delivery log reopened"));
+    assert_eq!(
+        smarthost_tests::http::get(setup.relay.admin_addr(), "/healthz", None).status,
+        200
+    );
+}
