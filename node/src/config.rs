@@ -585,6 +585,35 @@ impl ConfigError {
     }
 }
 
+/// The most unknown keys one load names.
+const MAX_UNKNOWN_KEYS: usize = 50;
+
+/// `merged` without `key` (`section.name` or a top-level `name`); `None`
+/// for a key it cannot take out (inside an array of tables).
+fn without_key(merged: &config::Config, key: &str) -> Option<config::Config> {
+    use config::Source;
+    let mut map = merged.collect().ok()?;
+    match key.split_once('.') {
+        None => {
+            map.remove(key)?;
+        }
+        Some((section, name)) if !section.contains('[') && !name.contains(['.', '[']) => {
+            let table = map.remove(section)?;
+            let mut table = table.into_table().ok()?;
+            table.remove(name)?;
+            map.insert(section.to_string(), table.into());
+        }
+        Some(_) => return None,
+    }
+    map.into_iter()
+        .try_fold(config::Config::builder(), |builder, (name, value)| {
+            builder.set_override(name, value)
+        })
+        .ok()?
+        .build()
+        .ok()
+}
+
 /// The key path and the bare message of an error from the `config` crate.
 fn key_and_message(err: config::ConfigError) -> (String, String) {
     match err {
@@ -686,13 +715,34 @@ impl Config {
             }
             None => "the environment".to_string(),
         };
-        let merged = builder
+        let mut merged = builder
             .add_source(env)
             .build()
             .map_err(|e| ConfigError::from_source(e, &origin))?;
-        merged
-            .try_deserialize()
-            .map_err(|e| ConfigError::from_source(e, &origin))
+        // Every unknown key is named, not only the first: each is taken
+        // out and the rest deserialized again.
+        let mut unknown = Vec::new();
+        loop {
+            let err = match merged.clone().try_deserialize() {
+                Ok(config) if unknown.is_empty() => return Ok(config),
+                Ok(_) => return Err(ConfigError::Invalid(unknown)),
+                Err(e) => ConfigError::from_source(e, &origin),
+            };
+            let without = match &err {
+                ConfigError::Value { key, message }
+                    if message.starts_with("unknown ") && unknown.len() < MAX_UNKNOWN_KEYS =>
+                {
+                    without_key(&merged, key)
+                }
+                _ => None,
+            };
+            unknown.push(err.to_string());
+            match without {
+                Some(rest) => merged = rest,
+                None if unknown.len() == 1 => return Err(err),
+                None => return Err(ConfigError::Invalid(unknown)),
+            }
+        }
     }
 
     /// Checks that the values make a working configuration. Returns every
@@ -1604,6 +1654,37 @@ mod tests {
         assert!(
             err.starts_with("queue.paths: unknown key in [queue]"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn every_unknown_key_is_named_at_once() {
+        let err = load(
+            "[smtp]\nbogus_one = 1\nmax_recipient = 5\n[queue]\nbogus_two = 2\n[smpt]\nlisten = []",
+            &[],
+        )
+        .unwrap_err();
+        let messages = err.messages();
+        let keys: Vec<&str> = messages
+            .iter()
+            .map(|m| m.split(':').next().unwrap())
+            .collect();
+        assert_eq!(keys.len(), 4, "{messages:?}");
+        for key in [
+            "smtp.bogus_one",
+            "smtp.max_recipient",
+            "queue.bogus_two",
+            "smpt",
+        ] {
+            assert!(keys.contains(&key), "{key} in {messages:?}");
+        }
+        // With a type error among them, that is named as well.
+        let err = load("[smtp]\nbogus = 1\nmax_recipients = \"many\"", &[]).unwrap_err();
+        let messages = err.messages();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages[1].starts_with("smtp.max_recipients: "),
+            "{messages:?}"
         );
     }
 
