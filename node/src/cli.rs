@@ -278,6 +278,11 @@ fn format_summary(stats: &QueueStats) -> String {
     if stats.deliveries_by_domain.is_empty() {
         out.push_str("deliveries by domain: none\n");
     }
+    let suspended: Vec<&str> = stats.suspended.iter().map(String::as_str).collect();
+    match suspended.as_slice() {
+        [] => out.push_str("suspended domains: none\n"),
+        names => out.push_str(&format!("suspended domains: {}\n", names.join(", "))),
+    }
     out
 }
 
@@ -424,6 +429,9 @@ mod tests {
             messages: 3,
             deliveries_by_domain: [("held.test".to_string(), 3)].into_iter().collect(),
             deferred: 3,
+            suspended: ["held.test".to_string(), "idle.test".to_string()]
+                .into_iter()
+                .collect(),
             ..QueueStats::default()
         };
         let text = format_summary(&stats);
@@ -433,5 +441,11 @@ mod tests {
             text.contains("deliveries by domain\n  held.test  3\n"),
             "{text}"
         );
+        assert!(
+            text.ends_with("suspended domains: held.test, idle.test\n"),
+            "{text}"
+        );
+        let none = format_summary(&QueueStats::default());
+        assert!(none.ends_with("suspended domains: none\n"), "{none}");
     }
 }

@@ -137,6 +137,9 @@ pub struct QueueStats {
     pub waiting: usize,
     /// Store calls made so far.
     pub store_calls: u64,
+    /// Domains an operator suspended (absent from older nodes' answers).
+    #[serde(default)]
+    pub suspended: BTreeSet<String>,
 }
 
 /// The most one store call takes.
@@ -1197,6 +1200,7 @@ impl Handler<Stats> for Queue {
                         in_flight: counts.in_flight,
                         waiting: queue.batcher.waiting(),
                         store_calls: queue.store_calls,
+                        suspended: counts.suspended,
                     }
                 }),
         )

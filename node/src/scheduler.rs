@@ -253,6 +253,8 @@ pub struct SchedulerCounts {
     pub deferred: usize,
     pub in_flight: usize,
     pub deliveries_by_domain: BTreeMap<String, usize>,
+    /// Domains an operator suspended, whether or not mail waits for them.
+    pub suspended: BTreeSet<String>,
 }
 
 impl Scheduler {
@@ -537,6 +539,7 @@ impl Scheduler {
                 .iter()
                 .map(|(domain, &n)| (domain.clone(), n))
                 .collect(),
+            suspended: self.suspended.iter().cloned().collect(),
         }
     }
 }

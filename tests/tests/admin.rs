@@ -169,12 +169,17 @@ fn a_suspended_domain_keeps_its_mail_until_resumed() {
     let summary = queue_ok(&relay, &["summary"]);
     assert_eq!(count(&summary, "messages"), Some(3), "{summary}");
     assert_eq!(count(&summary, "held.test"), Some(3), "{summary}");
+    assert!(
+        summary.contains("suspended domains: held.test\n"),
+        "{summary}"
+    );
 
     let said = queue_ok(&relay, &["resume", "held.test"]);
     assert!(said.contains("held.test resumed"), "{said}");
     let arrived = sink.wait_for(3, Duration::from_secs(30));
     assert_eq!(arrived.len(), 3);
-    wait_for_summary(&relay, 0);
+    let summary = wait_for_summary(&relay, 0);
+    assert!(summary.contains("suspended domains: none\n"), "{summary}");
 }
 
 #[test]

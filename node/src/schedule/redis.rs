@@ -1818,13 +1818,16 @@ impl Schedule for RedisSchedule {
         let mut pipe = redis::pipe();
         pipe.cmd("SMEMBERS").arg(ACTIVE_KEY);
         pipe.cmd("ZCARD").arg(INDEX_KEY);
+        pipe.cmd("SMEMBERS").arg(SUSPENDED_KEY);
         let reply = self.run("counts", &pipe).await?;
         let mut reply = reply.into_iter();
         let mut domains: Vec<String> = parse("counts", reply.next().unwrap_or(Value::Nil))?;
         domains.sort();
         let messages: i64 = parse("counts", reply.next().unwrap_or(Value::Nil))?;
+        let suspended: Vec<String> = parse("counts", reply.next().unwrap_or(Value::Nil))?;
         let mut counts = SchedulerCounts {
             messages: messages as usize,
+            suspended: suspended.into_iter().collect(),
             ..SchedulerCounts::default()
         };
         if domains.is_empty() {

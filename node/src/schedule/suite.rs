@@ -274,8 +274,17 @@ async fn a_suspended_domain_keeps_its_work_until_resumed(f: Fixture) {
     assert!(take(s, "example.org", 5).await.is_empty());
     assert!(!s.has_ready("example.org").await.unwrap());
     assert_eq!(s.ready_domains().await.unwrap(), ["example.net"]);
+    // Listed as suspended, and a domain without mail too.
+    s.suspend("idle.example").await.unwrap();
+    let suspended = s.counts().await.unwrap().suspended;
+    assert_eq!(
+        suspended.into_iter().collect::<Vec<_>>(),
+        ["example.org", "idle.example"]
+    );
     assert!(s.resume("example.org").await.unwrap());
     assert_eq!(take(s, "example.org", 5).await.len(), 1);
+    s.resume("idle.example").await.unwrap();
+    assert!(s.counts().await.unwrap().suspended.is_empty());
 }
 
 async fn counts_follow_the_deliveries(f: Fixture) {
