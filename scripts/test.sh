@@ -85,6 +85,7 @@ cargo build --workspace --bins
 ./scripts/docker-redis.sh >/dev/null
 ./scripts/docker-smarthost.sh >/dev/null
 cargo test --workspace
-# The Redis spool and schedule suites a second time, their Redis in Docker
-# containers.
+# The Redis spool and schedule suites and the black-box tests of nodes on
+# one Redis a second time, their Redis in Docker containers.
 SMARTHOST_TEST_REDIS=container cargo test -p smarthost-node --lib -- spool::redis schedule::redis
+SMARTHOST_TEST_REDIS=container cargo test -p smarthost-tests --test cluster --test redis_node
