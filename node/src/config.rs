@@ -585,8 +585,8 @@ impl ConfigError {
     }
 }
 
-/// The most unknown keys one load names.
-const MAX_UNKNOWN_KEYS: usize = 50;
+/// The most bad keys one load names.
+const MAX_BAD_KEYS: usize = 50;
 
 /// `merged` without `key` (`section.name` or a top-level `name`); `None`
 /// for a key it cannot take out (inside an array of tables).
@@ -719,28 +719,27 @@ impl Config {
             .add_source(env)
             .build()
             .map_err(|e| ConfigError::from_source(e, &origin))?;
-        // Every unknown key is named, not only the first: each is taken
-        // out and the rest deserialized again.
-        let mut unknown = Vec::new();
+        // Every bad key (unknown, or a value of the wrong type) is named,
+        // not only the first: each is taken out and the rest deserialized
+        // again, in whatever order serde meets them.
+        let mut bad = Vec::new();
         loop {
             let err = match merged.clone().try_deserialize() {
-                Ok(config) if unknown.is_empty() => return Ok(config),
-                Ok(_) => return Err(ConfigError::Invalid(unknown)),
+                Ok(config) if bad.is_empty() => return Ok(config),
+                Ok(_) => return Err(ConfigError::Invalid(bad)),
                 Err(e) => ConfigError::from_source(e, &origin),
             };
             let without = match &err {
-                ConfigError::Value { key, message }
-                    if message.starts_with("unknown ") && unknown.len() < MAX_UNKNOWN_KEYS =>
-                {
+                ConfigError::Value { key, .. } if bad.len() < MAX_BAD_KEYS => {
                     without_key(&merged, key)
                 }
                 _ => None,
             };
-            unknown.push(err.to_string());
+            bad.push(err.to_string());
             match without {
                 Some(rest) => merged = rest,
-                None if unknown.len() == 1 => return Err(err),
-                None => return Err(ConfigError::Invalid(unknown)),
+                None if bad.len() == 1 => return Err(err),
+                None => return Err(ConfigError::Invalid(bad)),
             }
         }
     }
@@ -1678,13 +1677,24 @@ mod tests {
         ] {
             assert!(keys.contains(&key), "{key} in {messages:?}");
         }
-        // With a type error among them, that is named as well.
-        let err = load("[smtp]\nbogus = 1\nmax_recipients = \"many\"", &[]).unwrap_err();
-        let messages = err.messages();
-        assert_eq!(messages.len(), 2, "{messages:?}");
-        assert!(
-            messages[1].starts_with("smtp.max_recipients: "),
-            "{messages:?}"
+        // Values of the wrong type among them are named as well, whichever
+        // comes first.
+        let err = load(
+            "[smtp]\nbogus = 1\nmax_recipients = \"many\"\n[queue]\nmax_lifetime = 3",
+            &[],
+        )
+        .unwrap_err();
+        let mut keys: Vec<String> = err
+            .messages()
+            .iter()
+            .map(|m| m.split(':').next().unwrap().to_string())
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["queue.max_lifetime", "smtp.bogus", "smtp.max_recipients"],
+            "{:?}",
+            err.messages()
         );
     }
 
