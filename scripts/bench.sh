@@ -48,7 +48,9 @@ wait_port() {
   return 1
 }
 
-cargo build --release --bin smarthost --quiet
+# SMARTHOST_BIN runs another build (say, of an older commit) instead.
+bin="${SMARTHOST_BIN:-./target/release/smarthost}"
+[ -n "${SMARTHOST_BIN:-}" ] || cargo build --release --bin smarthost --quiet
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -145,14 +147,14 @@ listen = "127.0.0.1:$node_admin"
 level = "warn"
 ${delivery/delivery.log/delivery-$n.log}
 TOML
-  ./target/release/smarthost run --config "$work/node$n.toml" >"$work/node$n.log" 2>&1 &
+  "$bin" run --config "$work/node$n.toml" >"$work/node$n.log" 2>&1 &
   pids+=($!)
 done
 for n in $(seq "$nodes"); do
   wait_port "${ports[$((n - 1))]}" || { cat "$work/node$n.log" >&2; exit 1; }
 done
 if [ "$mode" = accept ]; then
-  ./target/release/smarthost queue suspend example.org --config "$work/node1.toml" >/dev/null
+  "$bin" queue suspend example.org --config "$work/node1.toml" >/dev/null
 fi
 
 [ "$backend" != local ] && calls_before=$(redis_calls)
