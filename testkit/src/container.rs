@@ -26,6 +26,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use testcontainers::bollard::models::PortBinding;
+use testcontainers::core::ContainerRequest;
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
@@ -66,12 +67,38 @@ where
     })
 }
 
-fn image() -> (String, String) {
-    let image = std::env::var("SMARTHOST_TEST_REDIS_IMAGE").unwrap_or(DEFAULT_IMAGE.into());
+/// The image that the environment variable `variable` names, else
+/// `default`, as (name, tag); no tag is `latest`.
+pub fn image_from_env(variable: &str, default: &str) -> (String, String) {
+    let image = std::env::var(variable).unwrap_or(default.into());
     match image.rsplit_once(':') {
         Some((name, tag)) if !name.is_empty() && !tag.contains('/') => (name.into(), tag.into()),
         _ => (image, "latest".into()),
     }
+}
+
+/// Publishes each `(container port, host port)` of `request` on 127.0.0.1
+/// alone: testcontainers would publish on every address.
+pub fn publish_on_loopback(
+    request: ContainerRequest<GenericImage>,
+    ports: &[(u16, u16)],
+) -> ContainerRequest<GenericImage> {
+    let bindings: HashMap<String, Option<Vec<PortBinding>>> = ports
+        .iter()
+        .map(|&(inside, host)| {
+            let binding = PortBinding {
+                host_ip: Some("127.0.0.1".into()),
+                host_port: Some(host.to_string()),
+            };
+            (format!("{inside}/tcp"), Some(vec![binding]))
+        })
+        .collect();
+    ports
+        .iter()
+        .fold(request, |r, &(inside, host)| {
+            r.with_mapped_port(host, inside.tcp())
+        })
+        .with_host_config_modifier(move |config| config.port_bindings = Some(bindings.clone()))
 }
 
 /// One `redis-server` container; removed (with its data) when dropped.
@@ -86,26 +113,15 @@ impl RedisContainer {
     /// created if it does not exist. Panics with what to run when the
     /// engine or the image is missing.
     pub(crate) fn start(host_port: u16, args: &[String], network: &str) -> RedisContainer {
-        let (name, tag) = image();
+        let (name, tag) = image_from_env("SMARTHOST_TEST_REDIS_IMAGE", DEFAULT_IMAGE);
         let mut cmd = vec!["redis-server".to_string()];
         cmd.extend(args.iter().cloned());
         let request = GenericImage::new(name.clone(), tag.clone())
             .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
             .with_cmd(cmd)
             .with_network(network)
-            .with_mapped_port(host_port, REDIS_PORT.tcp())
-            // testcontainers publishes on every address; loopback only.
-            .with_host_config_modifier(move |config| {
-                let binding = PortBinding {
-                    host_ip: Some("127.0.0.1".into()),
-                    host_port: Some(host_port.to_string()),
-                };
-                config.port_bindings = Some(HashMap::from([(
-                    format!("{REDIS_PORT}/tcp"),
-                    Some(vec![binding]),
-                )]));
-            })
             .with_startup_timeout(CONTAINER_START_TIMEOUT);
+        let request = publish_on_loopback(request, &[(REDIS_PORT, host_port)]);
         let container = block(request.start()).unwrap_or_else(|e| {
             panic!(
                 "cannot start a Redis container from {name}:{tag} on 127.0.0.1:{host_port}: {e}\n\

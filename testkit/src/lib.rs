@@ -7,7 +7,7 @@
 //!   `SMARTHOST_TEST_REDIS=container` the server runs in a Docker
 //!   container instead (`container.rs`, through testcontainers).
 
-mod container;
+pub mod container;
 pub mod redis;
 
 /// A free port on loopback: nothing listens on it once this returns, so

@@ -12,54 +12,23 @@
 //! `scripts/docker-smarthost.sh`; the Redis image comes from
 //! `scripts/docker-redis.sh`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use smarthost_testkit::container::{image_from_env, publish_on_loopback};
 use smarthost_tests::http;
 use smarthost_tests::relay::free_port;
 use smarthost_tests::scenario::{message, submit_to};
-use testcontainers::bollard::models::PortBinding;
-use testcontainers::core::{IntoContainerPort, Mount, WaitFor};
+use testcontainers::core::{Mount, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
 const SMTP_PORT: u16 = 2525;
 const ADMIN_PORT: u16 = 8025;
 const START_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn image(variable: &str, default: &str) -> (String, String) {
-    let image = std::env::var(variable).unwrap_or(default.into());
-    match image.rsplit_once(':') {
-        Some((name, tag)) if !name.is_empty() && !tag.contains('/') => (name.into(), tag.into()),
-        _ => (image, "latest".into()),
-    }
-}
-
-/// Publishes each `(container port, host port)` on 127.0.0.1 only.
-fn on_loopback(
-    request: testcontainers::core::ContainerRequest<GenericImage>,
-    ports: &[(u16, u16)],
-) -> testcontainers::core::ContainerRequest<GenericImage> {
-    let bindings: HashMap<String, Option<Vec<PortBinding>>> = ports
-        .iter()
-        .map(|&(inside, host)| {
-            let binding = PortBinding {
-                host_ip: Some("127.0.0.1".into()),
-                host_port: Some(host.to_string()),
-            };
-            (format!("{inside}/tcp"), Some(vec![binding]))
-        })
-        .collect();
-    ports
-        .iter()
-        .fold(request, |r, &(inside, host)| {
-            r.with_mapped_port(host, inside.tcp())
-        })
-        .with_host_config_modifier(move |config| config.port_bindings = Some(bindings.clone()))
-}
 
 /// The configuration of every smarthost container: the shared queue on
 /// the Redis container, `drop.test` delivered into `/drop`.
@@ -83,7 +52,7 @@ struct Smarthost {
 
 /// `smarthost COMMAND` from the image, as node `id`, on `network`.
 async fn smarthost(command: &str, id: &str, network: &str, config: &str, drop: &Path) -> Smarthost {
-    let (name, tag) = image("SMARTHOST_TEST_IMAGE", "smarthost-test/smarthost:local");
+    let (name, tag) = image_from_env("SMARTHOST_TEST_IMAGE", "smarthost-test/smarthost:local");
     let ready = if command == "coordinator" {
         "coordinator running"
     } else {
@@ -98,7 +67,7 @@ async fn smarthost(command: &str, id: &str, network: &str, config: &str, drop: &
         .with_mount(Mount::bind_mount(drop.display().to_string(), "/drop"))
         .with_network(network)
         .with_startup_timeout(START_TIMEOUT);
-    let request = on_loopback(request, &[(SMTP_PORT, smtp), (ADMIN_PORT, admin)]);
+    let request = publish_on_loopback(request, &[(SMTP_PORT, smtp), (ADMIN_PORT, admin)]);
     let container = request.start().await.unwrap_or_else(|e| {
         panic!(
             "cannot start smarthost {command} from {name}:{tag}: {e}\n\
@@ -114,7 +83,10 @@ async fn smarthost(command: &str, id: &str, network: &str, config: &str, drop: &
 }
 
 async fn redis(network: &str, name: &str) -> ContainerAsync<GenericImage> {
-    let (image, tag) = image("SMARTHOST_TEST_REDIS_IMAGE", "smarthost-test/redis:7.0");
+    let (image, tag) = image_from_env(
+        "SMARTHOST_TEST_REDIS_IMAGE",
+        smarthost_testkit::container::DEFAULT_IMAGE,
+    );
     GenericImage::new(image.clone(), tag.clone())
         .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
         .with_cmd([
