@@ -74,7 +74,10 @@ config = obj({
         "drop_dir": NESTR, "smart_host": NESTR, "max_connections": POS, "rate": RATE,
         "tls": TLS, "auth": obj({"user": NESTR, "password": STR}, ["user", "password"]),
     }, ["name"])},
-    "bounce": obj({"copy_to": nullable({"type": "string", "pattern": "@"})}),
+    "bounce": obj({
+        "copy_to": nullable({"type": "string", "pattern": "@"}),
+        "double_bounce_to": nullable({"type": "string", "pattern": "@"}),
+    }),
     "admin": obj({"operators": {"type": "array", "items": obj(
         {"name": NESTR, "token_hash": {"type": "string", "pattern": r"^\$argon2"},
          "role": {"type": "string", "enum": ["admin", "viewer"]}},

@@ -1,7 +1,8 @@
 //! Delivery status notifications (RFC 3464) for what could not be
 //! delivered or is late: built from a completion and queued like any mail,
 //! from the null sender `<>`, to the original sender and, for failures, to
-//! `bounce.copy_to`.
+//! `bounce.copy_to`. A message from `<>` that fails (most often a report
+//! itself: a double bounce) cannot go back; it goes to the postmaster.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -23,6 +24,9 @@ use crate::spool::NewMessage;
 pub struct ReportSettings {
     pub hostname: String,
     pub copy_to: Option<Mailbox>,
+    /// Where failures of messages from `<>` are reported; `None`: they are
+    /// only logged.
+    pub double_bounce_to: Option<Mailbox>,
     /// For `Will-Retry-Until` in delay reports.
     pub max_lifetime: Duration,
 }
@@ -32,16 +36,41 @@ impl Default for ReportSettings {
         ReportSettings {
             hostname: "localhost".to_string(),
             copy_to: None,
+            double_bounce_to: None,
             max_lifetime: Duration::from_secs(2 * 86400),
         }
     }
 }
 
-/// Whether a completion calls for any report. Never for a message from
-/// `<>`: reports are not answered with reports.
-pub fn needs_report(completion: &Completion) -> bool {
-    dsn::may_send_dsn(&completion.record.envelope)
-        && (completion.failed().next().is_some() || !completion.delayed.is_empty())
+/// A double bounce returns the failed message whole when it is a report
+/// (at most the original's cap plus the report around it), so the
+/// postmaster sees whose mail it was.
+const DOUBLE_BOUNCE_RETURN_CAP: usize = 2 * dsn::DEFAULT_RETURN_CAP;
+
+/// Whether a completion calls for any report. A message from `<>` is
+/// never answered to its sender; its failures go to the postmaster, but
+/// never those of the postmaster's own notices (no triple bounce).
+pub fn needs_report(completion: &Completion, settings: &ReportSettings) -> bool {
+    if dsn::may_send_dsn(&completion.record.envelope) {
+        completion.failed().next().is_some() || !completion.delayed.is_empty()
+    } else {
+        !double_bounced(completion, settings).is_empty()
+    }
+}
+
+/// The failures of a message from `<>` that go to the postmaster: all but
+/// those of the postmaster itself.
+fn double_bounced<'a>(
+    completion: &'a Completion,
+    settings: &ReportSettings,
+) -> Vec<&'a RecipientNote> {
+    let Some(postmaster) = &settings.double_bounce_to else {
+        return Vec::new();
+    };
+    completion
+        .failed()
+        .filter(|n| recipient(completion, n.recipient).is_some_and(|r| r.address != *postmaster))
+        .collect()
 }
 
 fn recipient(completion: &Completion, index: u32) -> Option<&Recipient> {
@@ -94,7 +123,26 @@ pub fn reports(
     now_ms: u64,
 ) -> Vec<NewMessage> {
     if !dsn::may_send_dsn(&completion.record.envelope) {
-        return Vec::new();
+        let failed = double_bounced(completion, settings);
+        let Some(postmaster) = settings
+            .double_bounce_to
+            .as_ref()
+            .filter(|_| !failed.is_empty())
+        else {
+            return Vec::new();
+        };
+        let blocks = failed
+            .iter()
+            .filter_map(|n| block(completion, n, DsnAction::Failed, now_ms / 1000, settings))
+            .collect();
+        return vec![report_message(
+            completion,
+            original,
+            settings,
+            now_ms,
+            blocks,
+            Addressing::Postmaster(postmaster),
+        )];
     }
     let sender = completion
         .record
@@ -138,7 +186,14 @@ pub fn reports(
             .iter()
             .filter_map(|n| block(completion, n, action, now_unix, settings))
             .collect();
-        report_message(completion, original, settings, now_ms, blocks, to)
+        report_message(
+            completion,
+            original,
+            settings,
+            now_ms,
+            blocks,
+            Addressing::Sender(to),
+        )
     };
 
     let mut messages = Vec::new();
@@ -173,6 +228,14 @@ pub fn reports(
     messages
 }
 
+/// Who a report goes to.
+enum Addressing<'a> {
+    /// The original sender (and copies).
+    Sender(Vec<Mailbox>),
+    /// The postmaster alone, for a message from `<>`.
+    Postmaster(&'a Mailbox),
+}
+
 /// One report, queued from `<>`.
 fn report_message(
     completion: &Completion,
@@ -180,9 +243,17 @@ fn report_message(
     settings: &ReportSettings,
     now_ms: u64,
     blocks: Vec<DsnRecipient>,
-    to: Vec<Mailbox>,
+    addressing: Addressing,
 ) -> NewMessage {
     let id = MessageId::new(now_ms, rand::random());
+    let (to, postmaster, return_cap) = match addressing {
+        Addressing::Sender(to) => (to, None, dsn::DEFAULT_RETURN_CAP),
+        Addressing::Postmaster(postmaster) => (
+            vec![postmaster.clone()],
+            Some(postmaster),
+            DOUBLE_BOUNCE_RETURN_CAP,
+        ),
+    };
     let body = dsn::build(&DsnReport {
         reporting_mta: &settings.hostname,
         dsn_id: id.as_str(),
@@ -191,7 +262,8 @@ fn report_message(
         arrival_unix: completion.record.received_ms / 1000,
         original,
         recipients: blocks,
-        return_cap: dsn::DEFAULT_RETURN_CAP,
+        return_cap,
+        postmaster,
     });
     let envelope = Envelope {
         sender: None,
@@ -240,7 +312,15 @@ mod tests {
                 local_part: "postmaster".into(),
                 domain: "copy.test".into(),
             }),
+            double_bounce_to: None,
             max_lifetime: Duration::from_secs(3600),
+        }
+    }
+
+    fn postmaster() -> Mailbox {
+        Mailbox {
+            local_part: "hostmaster".into(),
+            domain: "relay.test".into(),
         }
     }
 
@@ -294,7 +374,7 @@ mod tests {
         let original = message(0, 200);
         let record = &original.record;
         let c = no_such_user(record);
-        assert!(needs_report(&c));
+        assert!(needs_report(&c, &settings(false)));
         let reports = reports(&c, &original.body, &settings(true), record.received_ms);
         assert_eq!(reports.len(), 1);
         let report = &reports[0];
@@ -323,8 +403,74 @@ mod tests {
         original.record.envelope.sender = None;
         let record = &original.record;
         let c = no_such_user(record);
-        assert!(!needs_report(&c));
+        assert!(!needs_report(&c, &settings(true)));
         assert!(reports(&c, &original.body, &settings(true), record.received_ms).is_empty());
+    }
+
+    #[test]
+    fn a_failed_message_from_the_null_sender_goes_whole_to_the_postmaster() {
+        let mut original = message(0, 200);
+        original.record.envelope.sender = None;
+        // A failed report is as large as the original's cap plus its own parts.
+        original
+            .body
+            .extend(std::iter::repeat_n(b'x', dsn::DEFAULT_RETURN_CAP));
+        original.body.extend_from_slice(b"\r\n");
+        let record = &original.record;
+        let c = no_such_user(record);
+        let with_postmaster = ReportSettings {
+            double_bounce_to: Some(postmaster()),
+            ..settings(true)
+        };
+        assert!(needs_report(&c, &with_postmaster));
+        let reports = reports(&c, &original.body, &with_postmaster, record.received_ms);
+        assert_eq!(reports.len(), 1, "to the postmaster only, not the copy");
+        let notice = &reports[0];
+        assert_eq!(notice.record.envelope.sender, None);
+        let to: Vec<String> = notice
+            .record
+            .envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.to_string())
+            .collect();
+        assert_eq!(to, ["hostmaster@relay.test"]);
+        let body = text(notice);
+        assert!(body.contains("To: <hostmaster@relay.test>"), "{body}");
+        assert!(body.contains("Subject: Postmaster Notice"), "{body}");
+        assert!(body.contains("Final-Recipient: rfc822; a@example.org"));
+        assert!(body.contains("Status: 5.1.1"));
+        assert!(
+            body.contains("Content-Type: message/rfc822"),
+            "returned whole"
+        );
+        assert!(notice.body.len() > dsn::DEFAULT_RETURN_CAP);
+    }
+
+    #[test]
+    fn a_postmaster_notice_that_fails_is_not_reported_again() {
+        let mut original = message(0, 200);
+        original.record.envelope.sender = None;
+        original.record.envelope.recipients[0].address = postmaster();
+        let record = &original.record;
+        let with_postmaster = ReportSettings {
+            double_bounce_to: Some(postmaster()),
+            ..settings(false)
+        };
+        let outcome = MessageOutcome {
+            recipients: vec![RcptOutcome {
+                recipient: 0,
+                result: RcptResult::Failed,
+                reply: "550 5.1.1 no such user".into(),
+            }],
+            remote: None,
+            latency: Duration::ZERO,
+        };
+        let domain = &record.deliveries[0].domain.clone();
+        let c = apply_outcome(record, domain, &outcome, record.received_ms, &policy(), 0.0);
+        assert_eq!(c.failed().count(), 1);
+        assert!(!needs_report(&c, &with_postmaster));
+        assert!(reports(&c, &original.body, &with_postmaster, record.received_ms).is_empty());
     }
 
     #[test]

@@ -276,6 +276,9 @@ pub struct DomainConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct BounceConfig {
     pub copy_to: Option<String>,
+    /// Where failures of messages from `<>` (double bounces) are reported;
+    /// unset: the postmaster ([`postmaster`]).
+    pub double_bounce_to: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -753,9 +756,12 @@ impl Config {
         self.validate_queue(&mut errors);
         self.validate_delivery(&mut errors);
         self.validate_domains(&mut errors);
-        if let Some(copy_to) = &self.bounce.copy_to {
-            if let Err(e) = check_address(copy_to) {
-                errors.add("bounce.copy_to", e);
+        for (key, value) in [
+            ("bounce.copy_to", &self.bounce.copy_to),
+            ("bounce.double_bounce_to", &self.bounce.double_bounce_to),
+        ] {
+            if let Some(Err(e)) = value.as_deref().map(check_address) {
+                errors.add(key, e);
             }
         }
         self.validate_admin(&mut errors);
@@ -1273,6 +1279,15 @@ pub fn postmaster(config: &Config) -> Option<smarthost_proto::address::Mailbox> 
         .as_ref()
         .or(config.bounce.copy_to.as_ref())?;
     mailbox(text).ok()
+}
+
+/// Where double bounces go: `bounce.double_bounce_to`, else the
+/// postmaster; `None`: they are logged and dropped.
+pub fn double_bounce_to(config: &Config) -> Option<smarthost_proto::address::Mailbox> {
+    match &config.bounce.double_bounce_to {
+        Some(text) => mailbox(text).ok(),
+        None => postmaster(config),
+    }
 }
 
 fn check_address(address: &str) -> Result<(), String> {
@@ -2024,6 +2039,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn double_bounces_go_to_their_own_address_else_the_postmaster() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(double_bounce_to(&config), None);
+        let config = load("[smtp]\npostmaster = \"ops@example.com\"", &[]).unwrap();
+        assert_eq!(
+            double_bounce_to(&config).unwrap().to_string(),
+            "ops@example.com"
+        );
+        let config = load(
+            "[smtp]\npostmaster = \"ops@example.com\"\n[bounce]\ndouble_bounce_to = \"mail-admin@example.com\"",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(
+            double_bounce_to(&config).unwrap().to_string(),
+            "mail-admin@example.com"
+        );
+        let errors = invalid("[bounce]\ndouble_bounce_to = \"mail-admin\"");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("bounce.double_bounce_to: ")),
+            "{errors:?}"
+        );
     }
 
     #[test]

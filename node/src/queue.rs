@@ -824,7 +824,7 @@ impl Queue {
         let id = completion.record.id.clone();
         let (done, is_done) = oneshot::channel();
         let addr = ctx.address();
-        if bounce::needs_report(&completion) {
+        if bounce::needs_report(&completion, &self.settings.reports) {
             self.writer.pins.pin(&id);
             let spool = self.spool.clone();
             let settings = self.settings.reports.clone();
@@ -1038,10 +1038,14 @@ struct QueueReporter {
 
 #[async_trait::async_trait]
 impl Reporter for QueueReporter {
+    fn needs(&self, completion: &Completion) -> bool {
+        bounce::needs_report(completion, &self.settings)
+    }
+
     async fn build(&self, completions: &[Completion]) -> Result<Vec<NewMessage>, SpoolError> {
         let mut reports = Vec::new();
         for completion in merge_by_message(completions.to_vec()) {
-            if !bounce::needs_report(&completion) {
+            if !self.needs(&completion) {
                 continue;
             }
             let id = &completion.record.id;

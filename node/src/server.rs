@@ -457,6 +457,7 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings, Box<dyn Error>
         reports: ReportSettings {
             hostname: config.node.hostname.clone(),
             copy_to,
+            double_bounce_to: crate::config::double_bounce_to(config),
             max_lifetime: config.queue.max_lifetime,
         },
         log: Some(log),

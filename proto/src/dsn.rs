@@ -103,6 +103,9 @@ pub struct DsnReport<'a> {
     /// When the sender gave no `RET=`, an original larger than this is
     /// returned as its header section only ([`DEFAULT_RETURN_CAP`]).
     pub return_cap: usize,
+    /// Set for a double bounce: the original came from `<>`, so the report
+    /// goes to this postmaster instead, and says so.
+    pub postmaster: Option<&'a Mailbox>,
 }
 
 /// Whether the recipient asked (or by default gets) a report of `action`.
@@ -181,7 +184,9 @@ pub fn build(report: &DsnReport) -> Vec<u8> {
         .recipients
         .iter()
         .any(|r| r.action == DsnAction::Delayed);
-    let subject = if any_failed {
+    let subject = if report.postmaster.is_some() {
+        "Postmaster Notice: Undeliverable Mail From <>"
+    } else if any_failed {
         "Undelivered Mail Returned to Sender"
     } else if any_delayed {
         "Delayed Mail (still being retried)"
@@ -201,8 +206,8 @@ pub fn build(report: &DsnReport) -> Vec<u8> {
         "From",
         &format!("Mail Delivery System <MAILER-DAEMON@{host}>"),
     );
-    if let Some(sender) = &report.envelope.sender {
-        field("To", &format!("<{sender}>"));
+    if let Some(to) = report.postmaster.or(report.envelope.sender.as_ref()) {
+        field("To", &format!("<{to}>"));
     }
     field("Subject", subject);
     field("Date", &rfc5322_date(report.date_unix));
@@ -229,7 +234,13 @@ pub fn build(report: &DsnReport) -> Vec<u8> {
 fn notification_part(report: &DsnReport, any_failed: bool, any_delayed: bool) -> Vec<u8> {
     let host = one_line(report.reporting_mta);
     let mut text = format!("This is the mail system at host {host}.\r\n\r\n");
-    let intro = if any_failed {
+    let intro = if report.postmaster.is_some() {
+        "A message from the null sender <> could not be delivered to one or more \
+         recipients. It has no return address (it is most often a delivery report \
+         itself), so it comes to the postmaster instead of being returned. The \
+         reasons are given below; the message is attached."
+            .to_string()
+    } else if any_failed {
         "Your message could not be delivered to one or more recipients. \
          The reasons are given below; the message is attached."
             .to_string()
@@ -613,6 +624,7 @@ mod tests {
             original: ORIGINAL,
             recipients,
             return_cap: DEFAULT_RETURN_CAP,
+            postmaster: None,
         }
     }
 

@@ -265,6 +265,88 @@ fn a_permanent_failure_bounces_to_the_sender_with_a_copy() {
     }
 }
 
+/// A report refused by the sender's server cannot go back to anyone:
+/// it goes to the postmaster (`bounce.double_bounce_to`), whole, once;
+/// and when the postmaster refuses too, nothing more is sent.
+#[test]
+fn a_report_that_cannot_be_delivered_goes_to_the_postmaster_once() {
+    let sink = Sink::start(SinkOptions::default().script(json!({"rcpt": {"fail@dest.test": 550}})));
+    let senders =
+        Sink::start(SinkOptions::default().script(json!({"rcpt": {"app@sender.test": 550}})));
+    let admin =
+        Sink::start(SinkOptions::default().script(json!({"rcpt": {"refuses@admin.test": 550}})));
+    let start_relay = |postmaster: &str| {
+        start(
+            &format!("smart_host = \"{}\"", sink.smart_host()),
+            &format!(
+                "{}\n{}\n[bounce]\ndouble_bounce_to = \"{postmaster}\"\n",
+                route("sender.test", &senders),
+                route("admin.test", &admin)
+            ),
+            None,
+        )
+    };
+
+    let setup = start_relay("hostmaster@admin.test");
+    let id = submit(
+        &setup.relay,
+        "app@sender.test",
+        &["fail@dest.test"],
+        &message("fail@dest.test", "doomed", "This will not arrive.\r\n"),
+    );
+    let got = admin.wait_for(1, ARRIVAL);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(admin.messages().len(), 1, "one notice: {got:#?}");
+    let notice = &got[0];
+    assert_eq!(notice.rcpt_tos, ["hostmaster@admin.test"]);
+    // The notice names the report's failure, and returns the report whole,
+    // which names the original failure and its message.
+    assert_failure_report(notice, "app@sender.test");
+    let text = String::from_utf8_lossy(&notice.body);
+    assert!(text.contains("Subject: Postmaster Notice"), "{text}");
+    assert!(text.contains("Content-Type: message/rfc822"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("final-recipient: rfc822; fail@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("Subject: doomed"), "{text}");
+    assert!(sink.messages().is_empty());
+    let lines = wait_for_log(&setup.log_file, Duration::from_secs(10), |lines| {
+        lines_for(lines, &id)
+            .iter()
+            .any(|l| l["outcome"] == "failed")
+    });
+    assert_eq!(lines_for(&lines, &id).len(), 1, "{lines:#?}");
+    drop(setup);
+
+    // The postmaster refuses its notice: no triple bounce, and the queue
+    // ends empty.
+    let setup = start_relay("refuses@admin.test");
+    submit(
+        &setup.relay,
+        "app@sender.test",
+        &["fail@dest.test"],
+        &message("fail@dest.test", "doomed again", "Nor will this.\r\n"),
+    );
+    wait_for_log(&setup.log_file, Duration::from_secs(20), |lines| {
+        lines
+            .iter()
+            .any(|l| l["recipient"] == "refuses@admin.test" && l["outcome"] == "failed")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        admin.messages().len(),
+        1,
+        "nothing more reached the postmaster"
+    );
+    let failed_notices = delivery_log(&setup.log_file)
+        .into_iter()
+        .filter(|l| l["recipient"] == "refuses@admin.test")
+        .count();
+    assert_eq!(failed_notices, 1);
+}
+
 #[test]
 fn required_tls_needs_a_trusted_certificate() {
     let dir = tempfile::tempdir().unwrap();

@@ -43,6 +43,9 @@ pub type Job = (Arc<MessageRecord>, usize);
 /// them fails ([`Schedule::send_pending_reports`]).
 #[async_trait]
 pub trait Reporter: Send + Sync {
+    /// Whether a completion calls for any report at all.
+    fn needs(&self, completion: &Completion) -> bool;
+
     /// The report messages that these completions of one message call for
     /// (none, one or several); an error leaves the outcome unrecorded.
     async fn build(&self, completions: &[Completion]) -> Result<Vec<NewMessage>, SpoolError>;

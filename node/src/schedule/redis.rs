@@ -138,7 +138,6 @@ use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
 use super::{dedup, Job, ReportHook, Schedule};
-use crate::bounce;
 use crate::delivery::MessageOutcome;
 use crate::metrics::RedisFailure;
 use crate::scheduler::{apply_outcome, expire_delivery, Completion, RetryPolicy, SchedulerCounts};
@@ -962,7 +961,7 @@ impl RedisSchedule {
             // An error leaves the record and the lease: the delivery is
             // attempted again once the lease runs out.
             let reports = match report {
-                Some(report) if bounce::needs_report(&completion) => {
+                Some(report) if report.needs(&completion) => {
                     KeptReports::new(id, report.build(std::slice::from_ref(&completion)).await?)
                 }
                 _ => None,
@@ -1236,7 +1235,7 @@ impl RedisSchedule {
                 }
                 let mut reports = None;
                 if let Some(report) = report {
-                    if completions.iter().any(bounce::needs_report) {
+                    if completions.iter().any(|c| report.needs(c)) {
                         let built = report.build(&completions);
                         match self.while_renewing(&claimed, &mut held_until, built).await {
                             Ok(built) => reports = KeptReports::new(&id, built),

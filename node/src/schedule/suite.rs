@@ -437,6 +437,10 @@ impl Recorder {
 
 #[async_trait::async_trait]
 impl super::Reporter for Recorder {
+    fn needs(&self, completion: &Completion) -> bool {
+        crate::bounce::needs_report(completion, &crate::bounce::ReportSettings::default())
+    }
+
     async fn build(
         &self,
         completions: &[Completion],

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::client::{Answer, Entry};
 use super::receiver::{Arrival, Stray};
-use super::workload::{fate_of, SENDER_DOMAIN};
+use super::workload::{fate_of, POSTMASTER, SENDER_DOMAIN};
 
 /// One line of a relay's delivery log, as far as the oracle cares.
 #[derive(Clone, Debug)]
@@ -51,6 +51,9 @@ pub struct Counts {
     pub bounced: usize,
     /// Failed recipients of messages from `<>`: no report, by rule.
     pub dropped: usize,
+    /// Recipients whose failure report could not be delivered and went to
+    /// the postmaster instead (a double bounce); not reported to the sender.
+    pub double_bounced: usize,
     /// Recipients the receiver would have taken that expired (faults only).
     pub expired: usize,
     pub duplicate_deliveries: usize,
@@ -59,6 +62,8 @@ pub struct Counts {
     /// Uncertain messages that arrived after all.
     pub uncertain_arrived: usize,
     pub reports: usize,
+    /// Notices to the postmaster.
+    pub notices: usize,
 }
 
 /// The oracle's verdict.
@@ -76,6 +81,9 @@ struct Fates {
     delivered: usize,
     /// Statuses of the failure reports naming it.
     reports: Vec<String>,
+    /// Statuses of its failures in notices to the postmaster: its report
+    /// failed, or (from `<>`) it did.
+    double_bounced: Vec<String>,
     logged_delivered: usize,
     logged_failed: usize,
 }
@@ -86,6 +94,8 @@ struct Index<'a> {
     delivered: HashMap<(String, String), usize>,
     /// (oracle id, recipient) → report statuses.
     reported: HashMap<(String, String), Vec<String>>,
+    /// (oracle id, recipient) → statuses in notices to the postmaster.
+    double_bounced: HashMap<(String, String), Vec<String>>,
     /// (queue id, recipient) → (delivered, failed) lines.
     logged: HashMap<(String, String), (usize, usize)>,
 }
@@ -99,16 +109,23 @@ impl<'a> Index<'a> {
             .collect();
         let mut delivered: HashMap<(String, String), usize> = HashMap::new();
         let mut reported: HashMap<(String, String), Vec<String>> = HashMap::new();
+        let mut double_bounced: HashMap<(String, String), Vec<String>> = HashMap::new();
         for arrival in observed.arrivals {
             match (&arrival.report, &arrival.oracle_id) {
                 (Some(Ok(report)), _) => {
+                    // A notice names the failures of the report it returns,
+                    // or those of a message from `<>`.
+                    let (report, into) = match &report.inner {
+                        Some(inner) if is_notice(arrival) => (&**inner, &mut double_bounced),
+                        _ if is_notice(arrival) => (report, &mut double_bounced),
+                        _ => (report, &mut reported),
+                    };
                     let Some(id) = report.envid.clone().or(report.oracle_id.clone()) else {
                         continue;
                     };
                     for (rcpt, action, status) in &report.recipients {
                         if action == "failed" {
-                            reported
-                                .entry((id.clone(), rcpt.clone()))
+                            into.entry((id.clone(), rcpt.clone()))
                                 .or_default()
                                 .push(status.clone());
                         }
@@ -137,6 +154,7 @@ impl<'a> Index<'a> {
             entries,
             delivered,
             reported,
+            double_bounced,
             logged,
         }
     }
@@ -154,6 +172,7 @@ impl<'a> Index<'a> {
         Fates {
             delivered: self.delivered.get(&key).copied().unwrap_or(0),
             reports: self.reported.get(&key).cloned().unwrap_or_default(),
+            double_bounced: self.double_bounced.get(&key).cloned().unwrap_or_default(),
             logged_delivered,
             logged_failed,
         }
@@ -169,9 +188,15 @@ pub fn unresolved(observed: &Observed) -> usize {
             let f = index.fates(entry, rcpt);
             f.delivered == 0
                 && f.reports.is_empty()
+                && f.double_bounced.is_empty()
                 && !(entry.sender.is_none() && f.logged_failed > 0)
         })
         .count()
+}
+
+/// A notice to the postmaster (a double bounce), not a report to a sender.
+fn is_notice(arrival: &Arrival) -> bool {
+    arrival.domain == SENDER_DOMAIN && arrival.rcpts == [POSTMASTER]
 }
 
 fn promised(ledger: &[Entry]) -> impl Iterator<Item = (&Entry, &str)> {
@@ -202,9 +227,12 @@ pub fn check(observed: &Observed) -> Verdict {
         let f = index.fates(entry, rcpt);
         let fate = fate_of(rcpt);
         let reports = f.reports.len();
+        let double_bounced = f.double_bounced.len();
+        // Every failure status it got, to its sender or the postmaster.
+        let statuses: Vec<&String> = f.reports.iter().chain(&f.double_bounced).collect();
         let what = format!(
             "{} {rcpt} (fate {}, from {}, queue id {}, submitted at {:?}): delivered {}×, \
-             reported {}× {:?}, relay log delivered {}× failed {}×",
+             reported {}× {:?}, to the postmaster {}× {:?}, relay log delivered {}× failed {}×",
             entry.oracle_id,
             fate.map_or("?".into(), |f| f.to_string()),
             entry.sender.as_deref().unwrap_or("<>"),
@@ -216,11 +244,13 @@ pub fn check(observed: &Observed) -> Verdict {
             f.delivered,
             reports,
             f.reports,
+            double_bounced,
+            f.double_bounced,
             f.logged_delivered,
             f.logged_failed
         );
         let dropped = entry.sender.is_none() && f.logged_failed > 0 && f.delivered == 0;
-        if f.delivered == 0 && reports == 0 && !dropped {
+        if f.delivered == 0 && statuses.is_empty() && !dropped {
             if entry.sender.is_none() && observed.kills {
                 // From `<>` a failure leaves only its delivery log line,
                 // which a kill right after the outcome was stored loses.
@@ -240,15 +270,21 @@ pub fn check(observed: &Observed) -> Verdict {
         if dropped {
             c.dropped += 1;
         }
-        if f.delivered > 0 && (reports > 0 || dropped) {
+        if double_bounced > 0 {
+            c.double_bounced += 1;
+            if entry.sender.is_some() && reports == 0 {
+                notes.push(format!("REPORT UNDELIVERABLE, TO THE POSTMASTER: {what}"));
+            }
+        }
+        let all_expired = !statuses.is_empty() && statuses.iter().all(|s| *s == "5.4.7");
+        if f.delivered > 0 && (!statuses.is_empty() || dropped) {
             // A fault can hide a done delivery from the relay (its `250`
             // lost, or the process killed before it stored the outcome);
             // it tries again, and when the lifetime has run out meanwhile
             // it reports the recipient expired: at-least-once, seen from
             // the other side.
-            let expired = !f.reports.is_empty() && f.reports.iter().all(|s| s == "5.4.7");
             let knew = f.logged_delivered > 0 && (observed.logged_when_stored || !observed.kills);
-            if observed.faults && expired && !knew {
+            if observed.faults && all_expired && !knew {
                 notes.push(format!("DELIVERED, THEN EXPIRED AFTER A FAULT: {what}"));
             } else {
                 violations.push(format!("DELIVERED AND FAILED: {what}"));
@@ -257,9 +293,12 @@ pub fn check(observed: &Observed) -> Verdict {
         if entry.sender.is_none() && reports > 0 {
             violations.push(format!("REPORT FOR A MESSAGE FROM <>: {what}"));
         }
-        if f.delivered > 1 || reports > 1 {
+        // A report that arrived and also went to the postmaster counts
+        // once as a duplicate report.
+        let reported_twice = reports > 1 || (reports > 0 && double_bounced > 0);
+        if f.delivered > 1 || reported_twice || double_bounced > 1 {
             c.duplicate_deliveries += f.delivered.saturating_sub(1);
-            c.duplicate_reports += reports.saturating_sub(1);
+            c.duplicate_reports += statuses.len().saturating_sub(1);
             let line = format!("DUPLICATE: {what}");
             if observed.faults {
                 notes.push(line);
@@ -273,13 +312,12 @@ pub fn check(observed: &Observed) -> Verdict {
                 if f.delivered > 0 {
                     violations.push(format!("DELIVERED ALTHOUGH REFUSED: {what}"));
                 }
-                if f.reports.iter().any(|s| !s.starts_with('5')) {
+                if statuses.iter().any(|s| !s.starts_with('5')) {
                     violations.push(format!("A FAILURE REPORT WITHOUT 5.x.x: {what}"));
                 }
             }
-            Some(_) if reports > 0 || dropped => {
-                let expired = f.reports.iter().all(|s| s == "5.4.7");
-                if observed.faults && expired {
+            Some(_) if !statuses.is_empty() || dropped => {
+                if observed.faults && (all_expired || statuses.is_empty()) {
                     c.expired += 1;
                     notes.push(format!("EXPIRED UNDER FAULTS: {what}"));
                 } else {
@@ -296,7 +334,7 @@ pub fn check(observed: &Observed) -> Verdict {
         }
         let unlogged = if f.delivered > 0 && f.logged_delivered == 0 {
             Some(format!("ARRIVED BUT NOT IN THE RELAY'S LOG: {what}"))
-        } else if reports > 0 && f.logged_failed == 0 {
+        } else if !statuses.is_empty() && f.logged_failed == 0 {
             Some(format!("REPORTED BUT NOT LOGGED AS FAILED: {what}"))
         } else {
             None
@@ -311,6 +349,11 @@ pub fn check(observed: &Observed) -> Verdict {
     // Nothing arrives that was never promised.
     let mut uncertain_arrived = HashSet::new();
     for arrival in observed.arrivals {
+        if is_notice(arrival) {
+            c.notices += 1;
+            check_notice(arrival, &index, &mut violations);
+            continue;
+        }
         if arrival.domain == SENDER_DOMAIN {
             c.reports += 1;
             check_report(arrival, &index, &mut violations);
@@ -451,6 +494,78 @@ fn check_report(arrival: &Arrival, index: &Index, violations: &mut Vec<String>) 
     }
 }
 
+/// A notice to the postmaster: from `<>`, naming failures only; it returns
+/// either a failed report to a sender (whose failures it names) or a
+/// message from `<>` (whose failures it names itself).
+fn check_notice(arrival: &Arrival, index: &Index, violations: &mut Vec<String>) {
+    let notice = match &arrival.report {
+        Some(Ok(report)) => report,
+        Some(Err(why)) => {
+            violations.push(format!("AN UNREADABLE NOTICE TO THE POSTMASTER: {why}"));
+            return;
+        }
+        None => return,
+    };
+    if !arrival.mail_from.is_empty() {
+        violations.push(format!("A NOTICE NOT FROM <>: {:?}", arrival.mail_from));
+    }
+    if let Some((rcpt, action, status)) = notice.recipients.iter().find(|r| r.1 != "failed") {
+        violations.push(format!(
+            "A NOTICE TO THE POSTMASTER THAT IS NOT A FAILURE: {rcpt} {action} {status}"
+        ));
+    }
+    // The message the notice is about, and the recipients it failed for.
+    let (about, failed) = match &notice.inner {
+        Some(report) => (report.as_ref(), &report.recipients),
+        None => (notice, &notice.recipients),
+    };
+    let Some(entry) = about
+        .envid
+        .as_deref()
+        .or(about.oracle_id.as_deref())
+        .and_then(|id| index.entries.get(id))
+    else {
+        violations.push(format!(
+            "A NOTICE FOR NO SUBMITTED MESSAGE: envid {:?}, X-Oracle-Id {:?}",
+            about.envid, about.oracle_id
+        ));
+        return;
+    };
+    match (&notice.inner, &entry.sender) {
+        // The report went to the sender, and that failed.
+        (Some(_), Some(sender)) => {
+            let sender = sender.to_ascii_lowercase();
+            if notice.recipients.iter().any(|(r, _, _)| *r != sender) {
+                violations.push(format!(
+                    "A NOTICE FOR {} ABOUT A REPORT NOT TO ITS SENDER {sender:?}: {:?}",
+                    entry.oracle_id, notice.recipients
+                ));
+            }
+        }
+        (None, None) => {}
+        (_, sender) => violations.push(format!(
+            "A NOTICE FOR {} (from {sender:?}) THAT {} A REPORT",
+            entry.oracle_id,
+            if notice.inner.is_some() {
+                "RETURNS"
+            } else {
+                "DOES NOT RETURN"
+            }
+        )),
+    }
+    for (rcpt, _, _) in failed {
+        let promised =
+            matches!(entry.answer, Answer::Accepted { .. }) && entry.accepted.contains(rcpt);
+        let maybe = matches!(entry.answer, Answer::Uncertain { .. });
+        if !promised && !maybe {
+            violations.push(format!(
+                "A NOTICE FOR A RECIPIENT NEVER PROMISED: {} {rcpt} ({:?})",
+                entry.oracle_id, entry.answer
+            ));
+        }
+    }
+}
+
 impl Verdict {
     /// The run's summary and, when it failed, the differences.
     pub fn render(&self, limit: usize) -> String {
@@ -537,7 +652,25 @@ mod tests {
                     .iter()
                     .map(|(r, s)| (r.to_string(), "failed".into(), s.to_string()))
                     .collect(),
+                inner: None,
             })),
+        }
+    }
+
+    /// The postmaster's notice that the report `returned` to `to` failed.
+    fn notice(returned: Arrival, to: &str) -> Arrival {
+        let Some(Ok(inner)) = returned.report else {
+            panic!("not a report")
+        };
+        Arrival {
+            rcpts: vec![POSTMASTER.into()],
+            report: Some(Ok(Report {
+                envid: None,
+                oracle_id: inner.oracle_id.clone(),
+                recipients: vec![(to.into(), "failed".into(), "5.4.7".into())],
+                inner: Some(Box::new(inner)),
+            })),
+            ..returned
         }
     }
 
@@ -645,6 +778,46 @@ mod tests {
         let v = run(&ledger[..1], &arrivals[..2], &log, true);
         assert!(v.violations.is_empty(), "{}", v.render(10));
         assert_eq!(v.counts.duplicate_deliveries, 1);
+    }
+
+    #[test]
+    fn a_report_that_went_to_the_postmaster_is_not_lost() {
+        let bad = "r0x0.p@d1.test";
+        let sender = "s0@bounce.test";
+        let ledger = [entry(0, Some(sender), &[bad], accepted("Q0"))];
+        let log = [line("Q0", bad, "failed")];
+        let arrivals = [notice(report("1-0", sender, &[(bad, "5.1.1")]), sender)];
+        let v = run(&ledger, &arrivals, &log, false);
+        assert!(v.violations.is_empty(), "{}", v.render(10));
+        assert_eq!(
+            (v.counts.lost, v.counts.bounced, v.counts.double_bounced),
+            (0, 0, 1)
+        );
+        assert_eq!(v.counts.notices, 1);
+        // Arriving as well as going to the postmaster is a duplicate report.
+        let both = [
+            arrivals[0].clone(),
+            report("1-0", sender, &[(bad, "5.1.1")]),
+        ];
+        let v = run(&ledger, &both, &log, false);
+        assert!(
+            v.violations.iter().any(|v| v.starts_with("DUPLICATE")),
+            "{}",
+            v.render(10)
+        );
+        // A notice about a report to someone else is caught.
+        let stray = [notice(
+            report("1-0", sender, &[(bad, "5.1.1")]),
+            "other@bounce.test",
+        )];
+        let v = run(&ledger, &stray, &log, false);
+        assert!(
+            v.violations
+                .iter()
+                .any(|v| v.contains("ABOUT A REPORT NOT TO ITS SENDER")),
+            "{}",
+            v.render(10)
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ use client::Entry;
 use faults::{Fault, FaultKind};
 use receiver::Receivers;
 use rng::Rng;
-use workload::{Shape, SENDER_DOMAIN};
+use workload::{Shape, POSTMASTER, SENDER_DOMAIN};
 
 /// How long a Redis queue may take to empty once every recipient has its
 /// outcome: an index entry orphaned by a kill is cleaned by the first
@@ -297,6 +297,7 @@ impl Deployment {
                 ("SMARTHOST__QUEUE__RETRY_INTERVALS", "1s"),
                 ("SMARTHOST__QUEUE__MAX_LIFETIME", &lifetime),
                 ("SMARTHOST__QUEUE__DELAY_NOTIFICATION", "1h"),
+                ("SMARTHOST__BOUNCE__DOUBLE_BOUNCE_TO", POSTMASTER),
                 ("SMARTHOST__NODE__ID", id),
             ];
             if let Some(spool) = &spool {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mail_parser::{MessageParser, MimeHeaders};
+use mail_parser::{MessageParser, MimeHeaders, PartType};
 
 use super::workload::{digest, fate_of, Fate, SENDER_DOMAIN};
 use crate::sink::strip_first_received;
@@ -53,6 +53,9 @@ pub struct Report {
     pub oracle_id: Option<String>,
     /// `(final recipient, action, status)`, lower case.
     pub recipients: Vec<(String, String, String)>,
+    /// In a double bounce (a notice to the postmaster), the failed report
+    /// it returns, when it returns one.
+    pub inner: Option<Box<Report>>,
 }
 
 /// A recipient the relay sent that no fate can be read from.
@@ -414,7 +417,13 @@ pub fn parse_report(body: &[u8]) -> Result<Report, String> {
         })
         .ok_or("no message/delivery-status part")?;
     let text = String::from_utf8_lossy(status.contents()).replace("\r\n", "\n");
-    let mut report = Report::default();
+    let mut report = Report {
+        inner: parsed.parts.iter().find_map(|p| match &p.body {
+            PartType::Message(returned) => parse_report(returned.raw_message()).ok().map(Box::new),
+            _ => None,
+        }),
+        ..Report::default()
+    };
     for (i, block) in text.split("\n\n").enumerate() {
         let mut fields: HashMap<String, String> = HashMap::new();
         for line in block.lines() {
@@ -483,6 +492,73 @@ mod tests {
             ]
         );
         assert!(parse_report(b"Subject: hi\r\n\r\nno report\r\n").is_err());
+    }
+
+    /// A notice to the postmaster as the relay builds it: a report about
+    /// a failed report, which names the original failure.
+    #[test]
+    fn a_notice_returns_the_failed_report_it_is_about() {
+        use smarthost_proto::address::Mailbox;
+        use smarthost_proto::dsn::{build, DsnAction, DsnRecipient, DsnReport};
+        use smarthost_proto::envelope::{Envelope, Recipient};
+        use smarthost_proto::reply::EnhancedStatus;
+
+        let mailbox = |text: &str| {
+            let (local_part, domain) = text.split_once('@').unwrap();
+            Mailbox {
+                local_part: local_part.into(),
+                domain: domain.into(),
+            }
+        };
+        let recipient = |text: &str| Recipient {
+            address: mailbox(text),
+            notify: None,
+            orcpt: None,
+        };
+        let report = |envelope: &Envelope, original: &[u8], postmaster: Option<&Mailbox>| {
+            build(&DsnReport {
+                reporting_mta: "relay.test",
+                dsn_id: "0192f3a1b2c3d4e5f60718293a4b",
+                date_unix: 1_795_888_950,
+                envelope,
+                arrival_unix: 1_795_888_842,
+                original,
+                recipients: envelope
+                    .recipients
+                    .iter()
+                    .map(|r| DsnRecipient::new(r, DsnAction::Failed, EnhancedStatus(5, 4, 7)))
+                    .collect(),
+                return_cap: 1 << 20,
+                postmaster,
+            })
+        };
+        let original = b"Subject: hi\r\nX-Oracle-Id: 4-2\r\n\r\nbody\r\n";
+        let message = Envelope {
+            sender: Some(mailbox("s2@bounce.test")),
+            recipients: vec![recipient("r2x0.tf@d1.test")],
+            envid: Some("4-2".into()),
+            ..Envelope::default()
+        };
+        let failed_report = report(&message, original, None);
+        let from_null = Envelope {
+            sender: None,
+            recipients: vec![recipient("s2@bounce.test")],
+            ..Envelope::default()
+        };
+        let postmaster = mailbox(super::super::workload::POSTMASTER);
+        let notice = parse_report(&report(&from_null, &failed_report, Some(&postmaster))).unwrap();
+        assert_eq!(
+            notice.recipients,
+            [("s2@bounce.test".into(), "failed".into(), "5.4.7".into())]
+        );
+        let inner = notice.inner.expect("the failed report, returned");
+        assert_eq!(inner.envid.as_deref(), Some("4-2"));
+        assert_eq!(inner.oracle_id.as_deref(), Some("4-2"));
+        assert_eq!(
+            inner.recipients,
+            [("r2x0.tf@d1.test".into(), "failed".into(), "5.4.7".into())]
+        );
+        assert!(inner.inner.is_none(), "the original is no report");
     }
 
     #[test]

@@ -11,6 +11,10 @@ use super::rng::Rng;
 /// The domain of the senders; its receiver takes every report (DSN).
 pub const SENDER_DOMAIN: &str = "bounce.test";
 
+/// Where the relay sends double bounces (`bounce.double_bounce_to`): the
+/// failures of messages from `<>`, reports among them.
+pub const POSTMASTER: &str = "postmaster@bounce.test";
+
 /// What the receiving server does with one recipient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fate {
