@@ -43,6 +43,7 @@ config = obj({
         "tls_handshake_timeout": DUR, "greeting_delay": DUR,
         "max_message_size": SIZE, "max_session_size": SIZE, "max_recipients": POS,
         "require_tls": BOOL, "max_hop_count": POS,
+        "junk_command_limit": NONNEG,
         "relay_networks": {"type": "array", "items": NET},
         "allow_plaintext_auth": BOOL, "auth_failure_delay": DUR,
         "max_password_checks": POS, "password_check_queue": NONNEG, "password_check_wait": DUR,

@@ -81,6 +81,9 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     pub require_tls: bool,
     pub max_hop_count: usize,
+    /// NOOP, RSET, VRFY and HELP a client may send before each further
+    /// one counts as an error (20 errors close the session).
+    pub junk_command_limit: u32,
     pub relay_networks: Vec<IpNet>,
     pub tls: Option<TlsConfig>,
     pub users: Vec<SmtpUser>,
@@ -393,6 +396,7 @@ impl Default for SmtpConfig {
             max_recipients: 100,
             require_tls: false,
             max_hop_count: 50,
+            junk_command_limit: 100,
             relay_networks: vec!["127.0.0.0/8".parse().expect("literal network")],
             tls: None,
             users: Vec::new(),

@@ -504,6 +504,7 @@ fn session_env(
         max_session_size: smtp.max_session_size,
         max_recipients: smtp.max_recipients,
         max_hop_count: smtp.max_hop_count,
+        junk_command_limit: smtp.junk_command_limit,
         require_tls: smtp.require_tls,
         tls_available: tls.is_some(),
         auth_available: !smtp.users.is_empty(),

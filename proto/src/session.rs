@@ -41,6 +41,10 @@ pub struct SessionConfig {
     pub max_session_size: u64,
     pub max_recipients: usize,
     pub max_hop_count: usize,
+    /// NOOP, RSET, VRFY and HELP commands a client may send before each
+    /// further one counts as an error (Postfix's
+    /// `smtpd_junk_command_limit`); a stored message starts the count again.
+    pub junk_command_limit: u32,
     pub require_tls: bool,
     /// STARTTLS may be offered.
     pub tls_available: bool,
@@ -151,6 +155,9 @@ pub struct Session {
     declared_size: Option<u64>,
     session_bytes: u64,
     errors: u32,
+    /// NOOP, RSET, VRFY and HELP since the session began or the last
+    /// stored message.
+    junk: u32,
 }
 
 fn status(class: u8, subject: u16, detail: u16) -> EnhancedStatus {
@@ -181,6 +188,7 @@ impl Session {
             declared_size: None,
             session_bytes: 0,
             errors: 0,
+            junk: 0,
         }
     }
 
@@ -462,7 +470,10 @@ impl Session {
         self.state = State::Command;
         self.transaction = None;
         match result {
-            Ok(id) => reply(250, 2, 0, 0, format!("Ok: queued as {id}")),
+            Ok(id) => {
+                self.junk = 0;
+                reply(250, 2, 0, 0, format!("Ok: queued as {id}"))
+            }
             Err(StoreFailure::Unavailable) => {
                 self.errors += 1;
                 reply(451, 4, 3, 0, "Temporary failure, please try again later")
@@ -504,6 +515,17 @@ impl Session {
             Ok(cmd) => cmd,
             Err(e) => return self.answer(command_error_reply(&e)),
         };
+        if matches!(
+            cmd,
+            Command::Noop | Command::Rset | Command::Vrfy(_) | Command::Help
+        ) {
+            // Commands that move no mail: past the limit each is an error,
+            // so a client cannot hold its slot with them for ever.
+            self.junk += 1;
+            if self.junk > self.config.junk_command_limit {
+                self.errors += 1;
+            }
+        }
         match cmd {
             Command::Helo(name) => self.hello(name, false),
             Command::Ehlo(name) => self.hello(name, true),

@@ -22,6 +22,7 @@ fn config(tls_available: bool) -> SessionConfig {
         max_session_size: 6_000,
         max_recipients: 4,
         max_hop_count: 3,
+        junk_command_limit: 100,
         require_tls: false,
         tls_available,
         auth_available: true,

@@ -603,3 +603,38 @@ fn limits_that_cannot_fit_the_open_file_limit_are_refused() {
         "{text}"
     );
 }
+
+/// A trusted client that only sends commands that move no mail holds its
+/// slot for `junk_command_limit` of them and twenty more (each an error),
+/// then gets `421 4.7.0` and the connection closes; a stored message starts
+/// the count again, so a client that sends mail between them is never cut.
+#[test]
+fn commands_that_move_no_mail_end_the_session_past_the_junk_limit() {
+    let relay = Relay::start("junk_command_limit = 5", "");
+    let (mut client, greeting) = Client::connect(relay.smtp);
+    assert_eq!(greeting.code, 220);
+    client.expect("EHLO junk.example", 250);
+    for _ in 0..5 {
+        client.expect("NOOP", 250);
+    }
+    let reply = client.send_message(
+        "app@sender.test",
+        &["user@dest.test"],
+        "Subject: real mail\r\n\r\nBetween the NOOPs.\r\n",
+    );
+    assert_eq!(reply.code, 250, "{reply:?}");
+    for verb in ["NOOP", "RSET", "HELP", "NOOP", "RSET"] {
+        client.expect(verb, if verb == "HELP" { 214 } else { 250 });
+    }
+    // Past the limit each one still gets its answer, and counts as an error.
+    for _ in 0..20 {
+        client.expect("NOOP", 250);
+    }
+    let reply = client.cmd("NOOP");
+    assert_eq!(
+        (reply.code, reply.status()),
+        (421, Some("4.7.0")),
+        "{reply:?}"
+    );
+    assert!(client.is_closed());
+}

@@ -22,6 +22,7 @@ fuzz_target!(|input: &[u8]| {
         max_session_size: 16_384,
         max_recipients: 8,
         max_hop_count: 5,
+        junk_command_limit: u32::from(knobs >> 4),
         require_tls: knobs & 1 != 0,
         tls_available: knobs & 2 != 0,
         auth_available: knobs & 4 != 0,

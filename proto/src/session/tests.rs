@@ -10,6 +10,7 @@ fn config() -> SessionConfig {
         max_session_size: 50_000,
         max_recipients: 3,
         max_hop_count: 5,
+        junk_command_limit: 10,
         require_tls: false,
         tls_available: true,
         auth_available: true,
@@ -1037,6 +1038,35 @@ fn too_many_errors_close_the_session() {
     }
     want.push("close 421 4.7.0");
     run(config(), stranger(), &with_tls(&[(&bad, &want)]));
+}
+
+#[test]
+fn commands_that_move_no_mail_count_as_errors_past_the_junk_limit() {
+    // The limit is 10 here: ten of them are free, twenty more are the
+    // twenty errors, and the session closes.
+    let junk = ["NOOP\r\n", "RSET\r\n", "VRFY u\r\n", "HELP\r\n"]
+        .repeat(8)
+        .concat();
+    let mut want: Vec<&str> = ["250 2.0.0", "250 2.0.0", "252 2.5.0", "214 2.0.0"]
+        .repeat(8)
+        .into_iter()
+        .take(30)
+        .collect();
+    want.push("close 421 4.7.0");
+    run(config(), stranger(), &[EHLO, (&junk, &want)]);
+    // A stored message starts the count again.
+    let nine = "NOOP\r\n".repeat(9);
+    let message = "MAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.net>\r\nDATA\r\nhi\r\n.\r\n";
+    let mut steps: Vec<Step> = vec![EHLO];
+    for _ in 0..5 {
+        steps.push((&nine, &["250 2.0.0"; 9]));
+        steps.push((
+            message,
+            &["250 2.1.0", "250 2.1.5", "354", "message", "250 2.0.0"],
+        ));
+    }
+    steps.push(("XYZZY\r\n", &["500 5.5.1"]));
+    run(config(), stranger(), &steps);
 }
 
 #[test]
