@@ -136,12 +136,12 @@ coordinator="$(pod_ip t-coordinator-pod-0)"
 wait_for "coordinator ready" 120 curl -sf -m 2 "http://$coordinator:8025/readyz"
 # One leader and all five processes alive in the shared membership.
 cluster_ok() {
-  curl -sf -m 2 "http://$coordinator:8025/api/cluster" | "$TOOLS_PY" -c '
+  curl -sf -m 2 "http://$coordinator:8025/api/v1/cluster" | "$TOOLS_PY" -c '
 import json, sys
 c = json.load(sys.stdin)
 sys.exit(0 if c["leader"] and len(c["live"]) == 5 else 1)'
 }
-wait_for "a leader and five live members in /api/cluster" 120 cluster_ok
+wait_for "a leader and five live members in /api/v1/cluster" 120 cluster_ok
 echo "chart played: 3 nodes (${nodes[*]}), 2 coordinators, Redis and sink on $net"
 
 # The rendered configuration is what the pods run.

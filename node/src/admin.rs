@@ -5,13 +5,17 @@
 //! - `GET /readyz`: 200 while SMTP is accepted, 503 once shutdown began.
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]); open, like
 //!   the probes.
-//! - `GET /api/queue`: the queue counts ([`QueueStats`]) as JSON.
-//! - `POST /api/domains/{domain}/suspend` and `…/resume`: hold or release a
-//!   domain's deliveries.
-//! - `GET /api/quarantine?limit=N`: what the spool set aside as unreadable
-//!   (at most `N`, default 1000, oldest first), as JSON.
-//! - `GET /api/cluster`: on the Redis backend, the live and dead nodes and
-//!   the node that leads, as this node's coordinator last saw them.
+//! - `GET /api/v1/queue`: the queue counts ([`QueueStats`]) as JSON.
+//! - `GET /api/v1/messages/{id}`: one queued message ([`MessageView`]).
+//! - `POST /api/v1/domains/{domain}/suspend` and `…/resume`: hold or
+//!   release a domain's deliveries.
+//! - `GET /api/v1/quarantine?limit=N`: what the spool set aside as
+//!   unreadable (at most `N`, default 1000, oldest first), as JSON.
+//! - `GET /api/v1/cluster`: on the Redis backend, the live and dead nodes
+//!   and the node that leads, as this node's coordinator last saw them.
+//!
+//! `docs/openapi.json` describes them. The same routes answer under
+//! `/api/` without the version, as in earlier releases.
 //!
 //! With `[[admin.operators]]` configured every `/api/*` request needs
 //! `Authorization: Bearer <token>` of one of them (the probes and
@@ -37,9 +41,10 @@ use crate::auth_guard::GuardStats;
 use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
 use crate::config::check_domain_name;
 use crate::metrics::Scrape;
-use crate::queue::{QueueStats, Stats, Suspend};
+use crate::queue::{MessageView, QueueStats, ShowMessage, Stats, Suspend};
 use crate::spool::{Quarantined, Spool};
 use smarthost_coordinator::{GetStatus, Status};
+use smarthost_proto::envelope::MessageId;
 
 /// Token checks that may wait for a slot (`admin.max_token_checks` run).
 pub const TOKEN_CHECK_QUEUE: usize = 16;
@@ -54,6 +59,8 @@ pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_m
 pub struct AdminEnv {
     pub stats: Recipient<Stats>,
     pub suspend: Recipient<Suspend>,
+    /// The queue, for one message; `None`: no message is found.
+    pub messages: Option<Recipient<ShowMessage>>,
     pub operators: Arc<OperatorDb>,
     /// This node's coordinator; `None` on the local backend.
     pub cluster: Option<Recipient<GetStatus>>,
@@ -81,6 +88,7 @@ impl AdminEnv {
         AdminEnv {
             stats,
             suspend,
+            messages: None,
             operators: Arc::new(operators),
             cluster: None,
             spool: None,
@@ -120,7 +128,7 @@ impl AdminEnv {
         self
     }
 
-    /// Answers `/api/cluster` from this coordinator.
+    /// Answers `/api/v1/cluster` from this coordinator.
     pub fn with_cluster(mut self, coordinator: Recipient<GetStatus>) -> Self {
         self.cluster = Some(coordinator);
         self
@@ -132,7 +140,13 @@ impl AdminEnv {
         self
     }
 
-    /// Answers `/api/quarantine` from this spool.
+    /// Answers `/api/v1/messages/{id}` from this queue.
+    pub fn with_messages(mut self, queue: Recipient<ShowMessage>) -> Self {
+        self.messages = Some(queue);
+        self
+    }
+
+    /// Answers `/api/v1/quarantine` from this spool.
     pub fn with_spool(mut self, spool: Arc<dyn Spool>) -> Self {
         self.spool = Some(spool);
         self
@@ -165,11 +179,24 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(web::resource("/healthz").get(healthz))
         .service(web::resource("/readyz").get(readyz))
         .service(web::resource("/metrics").get(metrics_page))
-        .service(web::resource("/api/queue").get(queue))
-        .service(web::resource("/api/cluster").get(cluster))
-        .service(web::resource("/api/quarantine").get(quarantine))
-        .service(web::resource("/api/domains/{domain}/suspend").post(suspend))
-        .service(web::resource("/api/domains/{domain}/resume").post(resume));
+        // The versioned API first: a scope takes every path under it.
+        .service(web::scope(API_V1).configure(api))
+        // The paths of earlier releases, for their scripts.
+        .service(web::scope("/api").configure(api));
+}
+
+/// Where the current API lives.
+pub const API_V1: &str = "/api/v1";
+
+/// The operator API, under [`API_V1`] (and `/api`).
+fn api(config: &mut web::ServiceConfig) {
+    config
+        .service(web::resource("/queue").get(queue))
+        .service(web::resource("/messages/{id}").get(message))
+        .service(web::resource("/cluster").get(cluster))
+        .service(web::resource("/quarantine").get(quarantine))
+        .service(web::resource("/domains/{domain}/suspend").post(suspend))
+        .service(web::resource("/domains/{domain}/resume").post(resume));
 }
 
 /// The body of a suspend or resume answer.
@@ -180,7 +207,7 @@ pub struct DomainState {
     pub suspended: bool,
 }
 
-/// The body of `/api/cluster`.
+/// The body of `/api/v1/cluster`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {
     /// The node that answered.
@@ -231,6 +258,10 @@ pub enum ApiError {
     Blocked(u64),
     #[error("{0}")]
     Spool(String),
+    #[error("{0:?} is not a message id (28 lower-case hex digits)")]
+    BadMessageId(String),
+    #[error("message {0} is not in the queue")]
+    NoMessage(String),
 }
 
 impl ResponseError for ApiError {
@@ -244,6 +275,8 @@ impl ResponseError for ApiError {
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Blocked(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Spool(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadMessageId(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoMessage(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -384,6 +417,36 @@ async fn queue(
     Ok(web::Json(stats))
 }
 
+/// A message id as the relay makes them ([`MessageId::new`]); nothing
+/// else reaches the queue's keys.
+fn message_id(text: &str) -> Result<MessageId, ApiError> {
+    let valid = text.len() == 28
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if valid {
+        Ok(MessageId(text.to_string()))
+    } else {
+        Err(ApiError::BadMessageId(text.chars().take(64).collect()))
+    }
+}
+
+async fn message(
+    request: HttpRequest,
+    id: web::Path<String>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<MessageView>, ApiError> {
+    authorize(&env, &request, Access::Read).await?;
+    let id = message_id(&id)?;
+    let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
+    match queue.send(ShowMessage(id.clone())).await {
+        Ok(Ok(Some(view))) => Ok(web::Json(view)),
+        Ok(Ok(None)) => Err(ApiError::NoMessage(id.to_string())),
+        Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
+        Err(_) => Err(ApiError::QueueGone),
+    }
+}
+
 async fn cluster(
     request: HttpRequest,
     env: web::Data<AdminEnv>,
@@ -397,13 +460,13 @@ async fn cluster(
     Ok(web::Json(status.into()))
 }
 
-/// The query of `/api/quarantine`.
+/// The query of `/api/v1/quarantine`.
 #[derive(Debug, Deserialize)]
 struct QuarantineQuery {
     limit: Option<usize>,
 }
 
-/// The most entries `/api/quarantine` lists when no limit is given.
+/// The most entries `/api/v1/quarantine` lists when no limit is given.
 const QUARANTINE_LIMIT: usize = 1000;
 
 async fn quarantine(
@@ -577,26 +640,40 @@ mod tests {
         let (env, seen) = env(&operators(), true);
         let app =
             http::init_service(App::new().app_data(web::Data::new(env)).configure(routes)).await;
-        let suspend = "/api/domains/Held.Test/suspend";
-        assert_eq!(status!(app, "GET", "/api/queue", None), 401);
-        assert_eq!(status!(app, "GET", "/api/queue", Some("wrong")), 401);
-        assert_eq!(status!(app, "GET", "/api/queue", Some("viewer-token")), 200);
-        assert_eq!(status!(app, "GET", "/api/queue", Some("admin-token")), 200);
+        let suspend = "/api/v1/domains/Held.Test/suspend";
+        assert_eq!(status!(app, "GET", "/api/v1/queue", None), 401);
+        assert_eq!(status!(app, "GET", "/api/v1/queue", Some("wrong")), 401);
+        assert_eq!(
+            status!(app, "GET", "/api/v1/queue", Some("viewer-token")),
+            200
+        );
+        assert_eq!(
+            status!(app, "GET", "/api/v1/queue", Some("admin-token")),
+            200
+        );
         assert_eq!(status!(app, "POST", suspend, None), 401);
         assert_eq!(status!(app, "POST", suspend, Some("wrong")), 401);
         assert_eq!(status!(app, "POST", suspend, Some("viewer-token")), 403);
         assert_eq!(status!(app, "POST", suspend, Some("admin-token")), 200);
         assert_eq!(
-            status!(app, "POST", "/api/domains/a_b/resume", Some("admin-token")),
+            status!(
+                app,
+                "POST",
+                "/api/v1/domains/a_b/resume",
+                Some("admin-token")
+            ),
             400
         );
-        assert_eq!(status!(app, "POST", "/api/queue", Some("admin-token")), 405);
+        assert_eq!(
+            status!(app, "POST", "/api/v1/queue", Some("admin-token")),
+            405
+        );
         assert_eq!(status!(app, "GET", "/healthz", None), 200);
         assert_eq!(status!(app, "GET", "/readyz", None), 200);
         // A node on the local backend is no cluster: a viewer hears so.
-        assert_eq!(status!(app, "GET", "/api/cluster", None), 401);
+        assert_eq!(status!(app, "GET", "/api/v1/cluster", None), 401);
         assert_eq!(
-            status!(app, "GET", "/api/cluster", Some("viewer-token")),
+            status!(app, "GET", "/api/v1/cluster", Some("viewer-token")),
             404
         );
         // Only the admin's valid request reached the queue, normalised.
@@ -608,11 +685,11 @@ mod tests {
         let (env, seen) = env(&[], false);
         let app =
             http::init_service(App::new().app_data(web::Data::new(env)).configure(routes)).await;
-        let request = http::TestRequest::get().uri("/api/queue").to_request();
+        let request = http::TestRequest::get().uri("/api/v1/queue").to_request();
         let stats: serde_json::Value = http::call_and_read_body_json(&app, request).await;
         assert_eq!(stats["messages"], 2);
         let request = http::TestRequest::post()
-            .uri("/api/domains/b%C3%BCcher.example/resume")
+            .uri("/api/v1/domains/b%C3%BCcher.example/resume")
             .to_request();
         let state: DomainState = http::call_and_read_body_json(&app, request).await;
         assert_eq!(

@@ -7,8 +7,8 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::admin::{ClusterView, DomainState, ErrorBody};
-use crate::queue::QueueStats;
+use crate::admin::{ClusterView, DomainState, ErrorBody, API_V1};
+use crate::queue::{MessageView, QueueStats};
 use crate::spool::Quarantined;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,16 +47,22 @@ impl AdminClient {
     }
 
     pub async fn queue_stats(&self) -> Result<QueueStats, ClientError> {
-        self.call(self.http.get(self.url("/api/queue"))).await
+        self.call(self.http.get(self.url("/queue"))).await
+    }
+
+    /// One queued message; a message not in the queue is `HTTP 404`.
+    pub async fn message(&self, id: &str) -> Result<MessageView, ClientError> {
+        self.call(self.http.get(self.url(&format!("/messages/{id}"))))
+            .await
     }
 
     pub async fn cluster(&self) -> Result<ClusterView, ClientError> {
-        self.call(self.http.get(self.url("/api/cluster"))).await
+        self.call(self.http.get(self.url("/cluster"))).await
     }
 
     /// What the spool set aside as unreadable, at most `limit`.
     pub async fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, ClientError> {
-        let path = format!("/api/quarantine?limit={limit}");
+        let path = format!("/quarantine?limit={limit}");
         self.call(self.http.get(self.url(&path))).await
     }
 
@@ -67,12 +73,13 @@ impl AdminClient {
         suspended: bool,
     ) -> Result<DomainState, ClientError> {
         let action = if suspended { "suspend" } else { "resume" };
-        let path = format!("/api/domains/{domain}/{action}");
+        let path = format!("/domains/{domain}/{action}");
         self.call(self.http.post(self.url(&path))).await
     }
 
+    /// The URL of `path` under the current API version.
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{API_V1}{path}", self.base)
     }
 
     async fn call<T: DeserializeOwned>(

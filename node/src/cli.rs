@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::admin::ClusterView;
 use crate::admin_client::{AdminClient, ClientError};
 use crate::config::{Config, ConfigError};
-use crate::queue::QueueStats;
+use crate::queue::{MessageView, QueueStats};
 use crate::server::Role;
 use crate::spool::Quarantined;
 
@@ -72,6 +72,15 @@ enum Command {
 enum QueueAction {
     /// Counts of messages and deliveries, by state and by domain.
     Summary,
+    /// One queued message: its envelope, and where each recipient stands.
+    Show {
+        /// The queue id (`queued as …` in the reply to the message).
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The answer of the admin API, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The nodes of the cluster (Redis backend): which are alive, which are
     /// dead, and which leads.
     Nodes,
@@ -129,6 +138,17 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             let result = actix::System::new().block_on(async move {
                 let stats = AdminClient::new(listen, token).queue_stats().await?;
                 Ok::<_, ClientError>(format_summary(&stats))
+            });
+            return print_result(result);
+        }
+        QueueAction::Show { id, json } => {
+            let result = actix::System::new().block_on(async move {
+                let view = AdminClient::new(listen, token).message(&id).await?;
+                Ok::<_, ClientError>(if json {
+                    serde_json::to_string_pretty(&view).expect("plain data") + "\n"
+                } else {
+                    format_message(&view)
+                })
             });
             return print_result(result);
         }
@@ -245,6 +265,60 @@ fn format_quarantine(listed: &[Quarantined]) -> String {
         out.push_str(&format!(
             "{at}  {:>9} B  {:<width$}  {}\n",
             q.bytes, q.location, q.reason
+        ));
+    }
+    out
+}
+
+/// A message as a header block and a table of its recipients.
+fn format_message(view: &MessageView) -> String {
+    let time = |ms: u64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string()
+    };
+    let sender = if view.sender.is_empty() {
+        "<>"
+    } else {
+        &view.sender
+    };
+    let mut out = format!(
+        "message   {}\nreceived  {}\nsize      {} B\nsender    {sender}\nclient    {} ({}{}{})\n",
+        view.id,
+        time(view.received_ms),
+        view.size,
+        view.client.ip,
+        view.client.helo,
+        view.client
+            .user
+            .as_ref()
+            .map_or(String::new(), |u| format!(", user {u}")),
+        if view.client.tls { ", TLS" } else { "" },
+    );
+    if let Some(envid) = &view.envid {
+        out.push_str(&format!("envid     {envid}\n"));
+    }
+    out.push('\n');
+    let width = view
+        .recipients
+        .iter()
+        .map(|r| r.address.len())
+        .max()
+        .unwrap_or(0)
+        .max("RECIPIENT".len());
+    out.push_str(&format!(
+        "{:<width$}  {:<9}  {:>8}  {:<20}  LAST REPLY\n",
+        "RECIPIENT", "STATE", "ATTEMPTS", "NEXT ATTEMPT"
+    ));
+    for r in &view.recipients {
+        out.push_str(&format!(
+            "{:<width$}  {:<9}  {:>8}  {:<20}  {}\n",
+            r.address,
+            r.state,
+            r.attempts,
+            r.next_attempt_ms.map_or("-".to_string(), time),
+            r.last_reply.as_deref().unwrap_or("-"),
         ));
     }
     out
@@ -395,6 +469,38 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["smarthost", "queue", "suspend"]).is_err());
         assert!(Cli::try_parse_from(["smarthost", "queue"]).is_err());
+    }
+
+    #[test]
+    fn a_message_is_shown_as_a_header_and_a_recipient_table() {
+        let view: MessageView = serde_json::from_value(serde_json::json!({
+            "id": "0192f3a1b2c3d4e5f60718293a4b",
+            "received_ms": 1_795_888_842_000u64,
+            "size": 2048,
+            "sender": "",
+            "envid": null,
+            "client": {"ip": "10.0.0.5", "helo": "app.example", "user": "app", "tls": true},
+            "recipients": [
+                {"address": "a@now.example", "domain": "now.example", "state": "done",
+                 "attempts": 0, "next_attempt_ms": null, "last_reply": null},
+                {"address": "b@later.example", "domain": "later.example", "state": "deferred",
+                 "attempts": 2, "next_attempt_ms": 1_795_889_742_000u64,
+                 "last_reply": "451 4.3.0 try again later"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            format_message(&view),
+            "message   0192f3a1b2c3d4e5f60718293a4b\n\
+             received  2026-11-28T18:00:42Z\n\
+             size      2048 B\n\
+             sender    <>\n\
+             client    10.0.0.5 (app.example, user app, TLS)\n\
+             \n\
+             RECIPIENT        STATE      ATTEMPTS  NEXT ATTEMPT          LAST REPLY\n\
+             a@now.example    done              0  -                     -\n\
+             b@later.example  deferred          2  2026-11-28T18:15:42Z  451 4.3.0 try again later\n"
+        );
     }
 
     #[test]

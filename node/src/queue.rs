@@ -60,6 +60,12 @@ pub struct Recover;
 #[rtype(result = "QueueStats")]
 pub struct Stats;
 
+/// One queued message, for the operator; `None`: it is not (or no longer)
+/// queued.
+#[derive(Message)]
+#[rtype(result = "Result<Option<MessageView>, SpoolError>")]
+pub struct ShowMessage(pub MessageId);
+
 /// Opens the delivery log file again, for log rotation (SIGHUP).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -123,7 +129,7 @@ struct Reported {
     done: oneshot::Sender<()>,
 }
 
-/// What [`Stats`] answers (and the admin API's `GET /api/queue`).
+/// What [`Stats`] answers (and the admin API's `GET /api/v1/queue`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
     /// Messages with deliveries left.
@@ -1183,6 +1189,22 @@ impl Handler<LeaderTick> for Queue {
 }
 
 /// Answers the current counts.
+impl Handler<ShowMessage> for Queue {
+    type Result = ResponseFuture<Result<Option<MessageView>, SpoolError>>;
+
+    fn handle(&mut self, msg: ShowMessage, _: &mut Context<Self>) -> Self::Result {
+        let schedule = self.schedule.clone();
+        Box::pin(async move {
+            let found = schedule.records(std::slice::from_ref(&msg.0)).await?;
+            let Some(record) = found.into_iter().next().flatten() else {
+                return Ok(None);
+            };
+            let suspended = schedule.suspended().await?;
+            Ok(Some(MessageView::of(&record, &suspended)))
+        })
+    }
+}
+
 impl Handler<Stats> for Queue {
     type Result = ResponseActFuture<Self, QueueStats>;
 
@@ -1645,6 +1667,9 @@ mod tests {
 
 #[cfg(test)]
 mod outcome_tests;
+mod view;
+
+pub use view::{ClientView, MessageView, RecipientView};
 
 #[cfg(test)]
 mod leader_tests {

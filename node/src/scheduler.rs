@@ -528,6 +528,11 @@ impl Scheduler {
 
     /// Kept up to date by every operation; only the per-domain map is
     /// copied (one entry per domain with pending work).
+    /// The domains an operator suspended.
+    pub fn suspended(&self) -> BTreeSet<String> {
+        self.suspended.iter().cloned().collect()
+    }
+
     pub fn counts(&self) -> SchedulerCounts {
         SchedulerCounts {
             messages: self.records.len(),

@@ -407,7 +407,8 @@ fn start_admin(
         is_ready,
     )
     .with_guard(checks, guard)
-    .with_spool(spool.clone());
+    .with_spool(spool.clone())
+    .with_messages(queue.clone().recipient());
     let env = match coordinator {
         Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
         None => env,

@@ -140,8 +140,11 @@ fn queue_summary_counts_accepted_messages() {
     let summary = wait_for_summary(&relay, 2);
     assert_eq!(count(&summary, "deferred.test"), Some(2), "{summary}");
 
-    let json = http::get(relay.admin_addr(), "/api/queue", None).json();
+    let json = http::get(relay.admin_addr(), "/api/v1/queue", None).json();
     assert_eq!(json["messages"], 2, "{json}");
+    // The unversioned path of earlier releases answers the same.
+    let old = http::get(relay.admin_addr(), "/api/queue", None).json();
+    assert_eq!(old["deliveries_by_domain"], json["deliveries_by_domain"]);
     assert_eq!(json["deliveries_by_domain"]["deferred.test"], 2, "{json}");
     for key in ["ready", "deferred", "in_flight", "waiting", "store_calls"] {
         assert!(json[key].is_u64(), "{key} in {json}");
@@ -194,7 +197,7 @@ fn operators_need_a_valid_token_and_viewers_may_only_read() {
         ),
     );
     let admin = relay.admin_addr();
-    let suspend = "/api/domains/example.org/suspend";
+    let suspend = "/api/v1/domains/example.org/suspend";
 
     // The probes and the metrics stay open.
     assert_eq!(http::get(admin, "/healthz", None).status, 200);
@@ -202,17 +205,17 @@ fn operators_need_a_valid_token_and_viewers_may_only_read() {
     let metrics = http::get(admin, "/metrics", None);
     assert_eq!(metrics.status, 200, "{metrics:?}");
 
-    let refused = http::get(admin, "/api/queue", None);
+    let refused = http::get(admin, "/api/v1/queue", None);
     assert_eq!(refused.status, 401, "{refused:?}");
     assert!(refused.header("www-authenticate").is_some(), "{refused:?}");
     assert_eq!(
-        http::get(admin, "/api/queue", Some("wrong-token")).status,
+        http::get(admin, "/api/v1/queue", Some("wrong-token")).status,
         401
     );
     assert_eq!(http::post(admin, suspend, None).status, 401);
     assert_eq!(http::post(admin, suspend, Some("wrong-token")).status, 401);
 
-    let seen = http::get(admin, "/api/queue", Some("viewer-secret-token"));
+    let seen = http::get(admin, "/api/v1/queue", Some("viewer-secret-token"));
     assert_eq!(seen.status, 200, "{seen:?}");
     assert_eq!(seen.json()["messages"], 0);
     let forbidden = http::post(admin, suspend, Some("viewer-secret-token"));
@@ -252,4 +255,188 @@ fn operators_need_a_valid_token_and_viewers_may_only_read() {
         "{}",
         text(&output)
     );
+}
+
+/// `queue show` and `GET /api/v1/messages/{id}`: a message deferred for
+/// one domain and delivered to another shows each recipient where it
+/// stands, with the deferral's reply; a malformed id is `400`, an unknown
+/// one `404`, and a delivered message is no longer there.
+#[test]
+fn a_queued_message_shows_each_recipient_where_it_stands() {
+    let sink = Sink::start(SinkOptions::default());
+    let later = Sink::start(SinkOptions::default().script(serde_json::json!({"rcpt": {
+        "b@later.test": 451
+    }})));
+    let relay = Relay::start(
+        "",
+        &format!(
+            "[[domains]]\nname = \"now.test\"\nsmart_host = \"{}\"\n\n\
+             [[domains]]\nname = \"later.test\"\nsmart_host = \"{}\"\n",
+            sink.smart_host(),
+            later.smart_host()
+        ),
+    );
+    let (mut c, _) = Client::connect(relay.smtp);
+    c.expect("EHLO app.example", 250);
+    c.expect("MAIL FROM:<app@sender.test> ENVID=order-17", 250);
+    c.expect("RCPT TO:<a@now.test>", 250);
+    c.expect("RCPT TO:<b@later.test>", 250);
+    let id = queued_id(&c.send_data("Subject: half now\r\n\r\nHello.\r\n"));
+    c.expect("QUIT", 221);
+    sink.wait_for(1, Duration::from_secs(20));
+
+    let admin = relay.admin_addr();
+    let path = format!("/api/v1/messages/{id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let view = loop {
+        let view = http::get(admin, &path, None).json();
+        if view["recipients"][1]["attempts"].as_u64() >= Some(1) {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "never attempted: {view}");
+        std::thread::sleep(POLL);
+    };
+    assert_eq!(view["id"], id.as_str(), "{view}");
+    assert_eq!(view["sender"], "app@sender.test");
+    assert_eq!(view["envid"], "order-17");
+    assert_eq!(view["client"]["helo"], "app.example");
+    let a = &view["recipients"][0];
+    assert_eq!(
+        (&a["address"], &a["state"]),
+        (&"a@now.test".into(), &"done".into()),
+        "{view}"
+    );
+    let b = &view["recipients"][1];
+    assert_eq!(b["state"], "deferred", "{view}");
+    assert!(
+        b["last_reply"].as_str().unwrap().starts_with("451"),
+        "{view}"
+    );
+    assert!(b["next_attempt_ms"].as_u64().unwrap() > view["received_ms"].as_u64().unwrap());
+
+    let table = queue_ok(&relay, &["show", &id]);
+    assert!(table.contains(&format!("message   {id}")), "{table}");
+    assert!(table.contains("sender    app@sender.test"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("b@later.test"))
+        .unwrap();
+    assert!(row.contains("deferred") && row.contains("451"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&queue_ok(&relay, &["show", &id, "--json"])).unwrap();
+    assert_eq!(json["recipients"], view["recipients"]);
+
+    let bad = http::get(admin, "/api/v1/messages/..%2F..%2Fetc", None);
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert!(bad.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not a message id"));
+    let gone = http::get(admin, "/api/v1/messages/0000000000000000000000000000", None);
+    assert_eq!(gone.status, 404, "{gone:?}");
+    let output = queue(&relay, &["show", "0000000000000000000000000000"], None);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("HTTP 404"), "{}", text(&output));
+
+    // A suspended domain shows as such.
+    queue_ok(&relay, &["suspend", "later.test"]);
+    let view = http::get(admin, &path, None).json();
+    assert_eq!(view["recipients"][1]["state"], "suspended", "{view}");
+}
+
+/// The routes `node/src/admin.rs` registers, as (method, path): the open
+/// ones in `routes`, the API ones in `api` under `/api/v1`.
+fn served_routes() -> std::collections::BTreeSet<(String, String)> {
+    let source = include_str!("../../node/src/admin.rs");
+    let mut routes = std::collections::BTreeSet::new();
+    let mut prefix = None;
+    for line in source.lines() {
+        if line.starts_with("pub fn routes(") {
+            prefix = Some("");
+        } else if line.starts_with("fn api(") {
+            prefix = Some("/api/v1");
+        } else if line == "}" {
+            prefix = None;
+        }
+        let (Some(prefix), Some((_, rest))) = (prefix, line.split_once("web::resource(\"")) else {
+            continue;
+        };
+        let path = rest.split('"').next().unwrap();
+        for method in ["get", "post", "delete", "put"] {
+            if rest.contains(&format!(").{method}(")) {
+                routes.insert((method.to_string(), format!("{prefix}{path}")));
+            }
+        }
+    }
+    routes
+}
+
+/// `docs/openapi.json` describes exactly the routes the admin server
+/// registers, and each operation, called on the real relay, answers with
+/// a status the file documents and a body that has the documented fields.
+#[test]
+fn the_openapi_file_matches_the_routes_and_their_answers() {
+    let spec: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/openapi.json")).unwrap();
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, operations) in spec["paths"].as_object().unwrap() {
+        for method in operations.as_object().unwrap().keys() {
+            documented.insert((method.clone(), path.clone()));
+        }
+    }
+    let served = served_routes();
+    assert!(served.len() >= 9, "{served:?}");
+    assert_eq!(
+        documented, served,
+        "docs/openapi.json against node/src/admin.rs"
+    );
+
+    // Every operation, with an admin token, on a relay holding one message.
+    let dead = free_port();
+    let relay = Relay::start(
+        "",
+        &format!(
+            "[[domains]]\nname = \"deferred.test\"\nsmart_host = \"[127.0.0.1]:{dead}\"\n\n\
+             [[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{}\"\nrole = \"admin\"\n",
+            token_hash("admin-secret-token"),
+        ),
+    );
+    let id = submit(&relay, "a@deferred.test", "documented");
+    let schemas = &spec["components"]["schemas"];
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{id}", &id)
+            .replace("{domain}", "deferred.test");
+        let open = spec["paths"][path][method]["security"] == serde_json::json!([]);
+        let token = (!open).then_some("admin-secret-token");
+        let answer = http::request(relay.admin_addr(), &method.to_uppercase(), &concrete, token);
+        let documented = &spec["paths"][path][method]["responses"][answer.status.to_string()];
+        assert!(
+            documented.is_object(),
+            "{method} {concrete} answered {} which docs/openapi.json does not list: {answer:?}",
+            answer.status
+        );
+        let Some(schema) = documented["content"]["application/json"]["schema"].as_object() else {
+            continue;
+        };
+        let schema = match schema.get("$ref").and_then(|r| r.as_str()) {
+            Some(r) => &schemas[r.rsplit('/').next().unwrap()],
+            None => &serde_json::Value::Object(schema.clone()),
+        };
+        let body = answer.json();
+        for field in schema["required"].as_array().into_iter().flatten() {
+            let field = field.as_str().unwrap();
+            assert!(
+                body.get(field).is_some(),
+                "{method} {concrete}: no {field:?} in {body}"
+            );
+        }
+        // Without a token the API refuses as documented.
+        if !open {
+            let refused =
+                http::request(relay.admin_addr(), &method.to_uppercase(), &concrete, None);
+            assert_eq!(refused.status, 401, "{method} {concrete}");
+            assert!(spec["paths"][path][method]["responses"]["401"].is_object());
+        }
+    }
 }

@@ -270,7 +270,7 @@ fn a_flood_of_wrong_admin_tokens_is_bounded_and_throttled() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
-                http::get(admin, "/api/queue", Some(&format!("wrong-{i}"))).status
+                http::get(admin, "/api/v1/queue", Some(&format!("wrong-{i}"))).status
             })
         })
         .collect();
@@ -301,7 +301,7 @@ fn a_flood_of_wrong_admin_tokens_is_bounded_and_throttled() {
     );
 
     // The address is blocked now: even the right token waits.
-    let blocked = http::get(admin, "/api/queue", Some("wrong-again"));
+    let blocked = http::get(admin, "/api/v1/queue", Some("wrong-again"));
     assert_eq!(blocked.status, 429, "{}", blocked.body);
     let retry: u64 = blocked.header("Retry-After").unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "Retry-After: {retry}");
@@ -310,9 +310,9 @@ fn a_flood_of_wrong_admin_tokens_is_bounded_and_throttled() {
         "{}",
         blocked.body
     );
-    assert_eq!(http::get(admin, "/api/queue", Some(&token)).status, 429);
+    assert_eq!(http::get(admin, "/api/v1/queue", Some(&token)).status, 429);
     // From another address the operator gets in.
-    let other = http::request_from(loopback(2), admin, "GET", "/api/queue", Some(&token));
+    let other = http::request_from(loopback(2), admin, "GET", "/api/v1/queue", Some(&token));
     assert_eq!(other.status, 200, "{}", other.body);
     assert_eq!(log_lines_with(&relay, "address blocked"), 1);
 }

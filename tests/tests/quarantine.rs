@@ -1,6 +1,6 @@
 //! A record the node cannot read (here: a record version from a newer
 //! release) is set aside on the Redis backend instead of stalling its
-//! domain, and operators see it in `GET /api/quarantine` and
+//! domain, and operators see it in `GET /api/v1/quarantine` and
 //! `smarthost queue quarantine`.
 
 use std::process::Command;
@@ -82,7 +82,7 @@ fn an_unreadable_record_is_quarantined_and_listed_for_operators() {
     assert!(listed.contains("version 99"), "{listed}");
     assert!(!listed.contains(&good), "{listed}");
 
-    let json = http::get(setup.relay.admin_addr(), "/api/quarantine", None).json();
+    let json = http::get(setup.relay.admin_addr(), "/api/v1/quarantine", None).json();
     let entries = json.as_array().expect("a list");
     assert_eq!(entries.len(), 1, "{json}");
     assert_eq!(entries[0]["location"], bad.as_str(), "{json}");

@@ -99,7 +99,7 @@ fn sigterm_finishes_deliveries_under_way_and_none_is_sent_twice() {
     let every: Vec<String> = (0..sent).map(|n| format!("in flight {n}")).collect();
     // Until the queue is empty: whatever it holds is sent before the end.
     let deadline = Instant::now() + ARRIVAL;
-    while http::get(setup.relay.admin_addr(), "/api/queue", None).json()["messages"] != 0 {
+    while http::get(setup.relay.admin_addr(), "/api/v1/queue", None).json()["messages"] != 0 {
         assert!(
             Instant::now() < deadline,
             "still queued; arrived: {:?}",

@@ -164,6 +164,9 @@ impl Schedule for SlowRecords {
     async fn counts(&self) -> Result<SchedulerCounts, SpoolError> {
         self.inner.counts().await
     }
+    async fn suspended(&self) -> Result<std::collections::BTreeSet<String>, SpoolError> {
+        self.inner.suspended().await
+    }
     async fn records(
         &self,
         ids: &[MessageId],

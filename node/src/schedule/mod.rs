@@ -14,6 +14,7 @@
 //! Every method may fail only for the Redis backend ([`SpoolError`]: the
 //! same errors the spool reports, so callers branch on one type).
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -163,6 +164,9 @@ pub trait Schedule: Send + Sync + 'static {
 
     async fn counts(&self) -> Result<SchedulerCounts, SpoolError>;
 
+    /// The domains an operator suspended (few: one per operator action).
+    async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError>;
+
     /// The current records of these messages (`None`: no longer pending),
     /// for the writer that persists them.
     async fn records(
@@ -295,6 +299,10 @@ impl Schedule for MemorySchedule {
 
     async fn counts(&self) -> Result<SchedulerCounts, SpoolError> {
         Ok(self.lock().counts())
+    }
+
+    async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError> {
+        Ok(self.lock().suspended())
     }
 
     async fn records(

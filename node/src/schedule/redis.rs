@@ -126,7 +126,7 @@
 //! is its own request (`insert` three, four on a rescan, `release` two, a
 //! `complete` that defers three).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -1856,6 +1856,15 @@ impl Schedule for RedisSchedule {
         }
         counts.deliveries_by_domain = by_domain;
         Ok(counts)
+    }
+
+    async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SMEMBERS").arg(SUSPENDED_KEY);
+        let reply = self.run("suspended", &pipe).await?;
+        let domains: Vec<String> =
+            parse("suspended", reply.into_iter().next().unwrap_or(Value::Nil))?;
+        Ok(domains.into_iter().collect())
     }
 
     async fn records(

@@ -281,10 +281,15 @@ async fn a_suspended_domain_keeps_its_work_until_resumed(f: Fixture) {
         suspended.into_iter().collect::<Vec<_>>(),
         ["example.org", "idle.example"]
     );
+    assert_eq!(
+        s.suspended().await.unwrap(),
+        s.counts().await.unwrap().suspended
+    );
     assert!(s.resume("example.org").await.unwrap());
     assert_eq!(take(s, "example.org", 5).await.len(), 1);
     s.resume("idle.example").await.unwrap();
     assert!(s.counts().await.unwrap().suspended.is_empty());
+    assert!(s.suspended().await.unwrap().is_empty());
 }
 
 async fn counts_follow_the_deliveries(f: Fixture) {

@@ -24,7 +24,7 @@ pub struct Observed<'a> {
     pub arrivals: &'a [Arrival],
     pub strays: &'a [Stray],
     pub log: &'a [LogLine],
-    /// `messages` of `/api/queue` on each node that holds a queue
+    /// `messages` of `/api/v1/queue` on each node that holds a queue
     /// (`None`: it did not answer).
     pub queued: &'a [Option<u64>],
     /// Whether any fault was injected: only then may a recipient be

@@ -360,7 +360,7 @@ impl Deployment {
             .collect()
     }
 
-    /// `messages` of `/api/queue`: of each node on the local spool, of
+    /// `messages` of `/api/v1/queue`: of each node on the local spool, of
     /// the first node on the shared queue.
     fn queued(&self) -> Vec<Option<u64>> {
         self.queue_counts()
@@ -369,7 +369,7 @@ impl Deployment {
             .collect()
     }
 
-    /// The whole `/api/queue` answer of the same nodes.
+    /// The whole `/api/v1/queue` answer of the same nodes.
     fn queue_counts(&self) -> Vec<Option<serde_json::Value>> {
         let nodes = match self.cluster.is_some() || self.redis.is_some() {
             true => &self.nodes[..1],
@@ -395,7 +395,7 @@ fn read_log(path: &Path) -> Vec<LogLine> {
         .collect()
 }
 
-/// The answer of `GET /api/queue`, or `None` when the node does not
+/// The answer of `GET /api/v1/queue`, or `None` when the node does not
 /// answer (it may be restarting).
 fn queue_counts(admin: SocketAddr) -> Option<serde_json::Value> {
     use std::io::Read;
@@ -405,7 +405,7 @@ fn queue_counts(admin: SocketAddr) -> Option<serde_json::Value> {
         .ok()?;
     stream
         .write_all(
-            format!("GET /api/queue HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+            format!("GET /api/v1/queue HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
         )
         .ok()?;
