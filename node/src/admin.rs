@@ -7,6 +7,7 @@
 //!   the probes.
 //! - `GET /api/v1/queue`: the queue counts ([`QueueStats`]) as JSON.
 //! - `GET /api/v1/messages/{id}`: one queued message ([`MessageView`]).
+//! - `POST /api/v1/messages/{id}/retry`: its deferred deliveries due now.
 //! - `POST /api/v1/domains/{domain}/suspend` and `…/resume`: hold or
 //!   release a domain's deliveries.
 //! - `GET /api/v1/quarantine?limit=N`: what the spool set aside as
@@ -41,7 +42,7 @@ use crate::auth_guard::GuardStats;
 use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
 use crate::config::check_domain_name;
 use crate::metrics::Scrape;
-use crate::queue::{MessageView, QueueStats, ShowMessage, Stats, Suspend};
+use crate::queue::{MessageView, QueueStats, RetryMessage, ShowMessage, Stats, Suspend};
 use crate::spool::{Quarantined, Spool};
 use smarthost_coordinator::{GetStatus, Status};
 use smarthost_proto::envelope::MessageId;
@@ -54,13 +55,20 @@ pub const TOKEN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// doubles with each further one.
 pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// The queue's answers about single messages.
+#[derive(Clone)]
+pub struct MessageQueue {
+    pub show: Recipient<ShowMessage>,
+    pub retry: Recipient<RetryMessage>,
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AdminEnv {
     pub stats: Recipient<Stats>,
     pub suspend: Recipient<Suspend>,
     /// The queue, for one message; `None`: no message is found.
-    pub messages: Option<Recipient<ShowMessage>>,
+    pub messages: Option<MessageQueue>,
     pub operators: Arc<OperatorDb>,
     /// This node's coordinator; `None` on the local backend.
     pub cluster: Option<Recipient<GetStatus>>,
@@ -140,8 +148,8 @@ impl AdminEnv {
         self
     }
 
-    /// Answers `/api/v1/messages/{id}` from this queue.
-    pub fn with_messages(mut self, queue: Recipient<ShowMessage>) -> Self {
+    /// Answers `/api/v1/messages/…` from this queue.
+    pub fn with_messages(mut self, queue: MessageQueue) -> Self {
         self.messages = Some(queue);
         self
     }
@@ -193,6 +201,7 @@ fn api(config: &mut web::ServiceConfig) {
     config
         .service(web::resource("/queue").get(queue))
         .service(web::resource("/messages/{id}").get(message))
+        .service(web::resource("/messages/{id}/retry").post(retry))
         .service(web::resource("/cluster").get(cluster))
         .service(web::resource("/quarantine").get(quarantine))
         .service(web::resource("/domains/{domain}/suspend").post(suspend))
@@ -439,12 +448,47 @@ async fn message(
     authorize(&env, &request, Access::Read).await?;
     let id = message_id(&id)?;
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    match queue.send(ShowMessage(id.clone())).await {
+    match queue.show.send(ShowMessage(id.clone())).await {
         Ok(Ok(Some(view))) => Ok(web::Json(view)),
         Ok(Ok(None)) => Err(ApiError::NoMessage(id.to_string())),
         Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
         Err(_) => Err(ApiError::QueueGone),
     }
+}
+
+/// The body of a retry answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retried {
+    pub id: String,
+    /// Deferred deliveries (one per destination domain) made due now;
+    /// those in flight, ready or suspended are left as they are.
+    pub deliveries: usize,
+}
+
+async fn retry(
+    request: HttpRequest,
+    id: web::Path<String>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<Retried>, ApiError> {
+    let operator = authorize(&env, &request, Access::Write).await?;
+    let id = message_id(&id)?;
+    let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
+    let deliveries = match queue.retry.send(RetryMessage(id.clone())).await {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => return Err(ApiError::NoMessage(id.to_string())),
+        Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
+        Err(_) => return Err(ApiError::QueueGone),
+    };
+    tracing::info!(
+        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        message_id = %id,
+        deliveries,
+        "admin API: message retried"
+    );
+    Ok(web::Json(Retried {
+        id: id.to_string(),
+        deliveries,
+    }))
 }
 
 async fn cluster(

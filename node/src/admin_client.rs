@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::admin::{ClusterView, DomainState, ErrorBody, API_V1};
+use crate::admin::{ClusterView, DomainState, ErrorBody, Retried, API_V1};
 use crate::queue::{MessageView, QueueStats};
 use crate::spool::Quarantined;
 
@@ -53,6 +53,12 @@ impl AdminClient {
     /// One queued message; a message not in the queue is `HTTP 404`.
     pub async fn message(&self, id: &str) -> Result<MessageView, ClientError> {
         self.call(self.http.get(self.url(&format!("/messages/{id}"))))
+            .await
+    }
+
+    /// Makes a queued message's deferred deliveries due now.
+    pub async fn retry(&self, id: &str) -> Result<Retried, ClientError> {
+        self.call(self.http.post(self.url(&format!("/messages/{id}/retry"))))
             .await
     }
 

@@ -84,6 +84,12 @@ enum QueueAction {
     /// The nodes of the cluster (Redis backend): which are alive, which are
     /// dead, and which leads.
     Nodes,
+    /// Try a message's deferred deliveries now instead of at their next
+    /// retry time.
+    Retry {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// Hold the deliveries of a domain (they stay queued and still expire).
     Suspend {
         #[arg(value_name = "DOMAIN")]
@@ -148,6 +154,20 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                     serde_json::to_string_pretty(&view).expect("plain data") + "\n"
                 } else {
                     format_message(&view)
+                })
+            });
+            return print_result(result);
+        }
+        QueueAction::Retry { id } => {
+            let result = actix::System::new().block_on(async move {
+                let retried = AdminClient::new(listen, token).retry(&id).await?;
+                Ok::<_, ClientError>(match retried.deliveries {
+                    0 => format!(
+                        "{}: nothing deferred to retry (its deliveries are due, in flight or suspended)\n",
+                        retried.id
+                    ),
+                    1 => format!("{}: 1 deferred delivery is due now\n", retried.id),
+                    n => format!("{}: {n} deferred deliveries are due now\n", retried.id),
                 })
             });
             return print_result(result);

@@ -66,6 +66,12 @@ pub struct Stats;
 #[rtype(result = "Result<Option<MessageView>, SpoolError>")]
 pub struct ShowMessage(pub MessageId);
 
+/// Makes a message's deferred deliveries due now; answers how many
+/// (`None`: the message is not queued).
+#[derive(Message)]
+#[rtype(result = "Result<Option<usize>, SpoolError>")]
+pub struct RetryMessage(pub MessageId);
+
 /// Opens the delivery log file again, for log rotation (SIGHUP).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -1202,6 +1208,17 @@ impl Handler<ShowMessage> for Queue {
             let suspended = schedule.suspended().await?;
             Ok(Some(MessageView::of(&record, &suspended)))
         })
+    }
+}
+
+/// The deliveries made due go out at the next promote: this node's tick,
+/// or the leader's on a cluster (both every 500 ms).
+impl Handler<RetryMessage> for Queue {
+    type Result = ResponseFuture<Result<Option<usize>, SpoolError>>;
+
+    fn handle(&mut self, msg: RetryMessage, _: &mut Context<Self>) -> Self::Result {
+        let schedule = self.schedule.clone();
+        Box::pin(async move { schedule.retry(&msg.0, now_ms()).await })
     }
 }
 

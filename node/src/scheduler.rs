@@ -366,6 +366,26 @@ impl Scheduler {
         domains
     }
 
+    /// Makes the deferred deliveries of a message due at `now_ms` (an
+    /// operator's retry); the next promote hands them out. Returns how
+    /// many; `None` when the message is not queued. Work in flight, ready
+    /// or suspended is left as it is.
+    pub fn retry(&mut self, id: &MessageId, now_ms: u64) -> Option<usize> {
+        let record = self.records.get(id)?.clone();
+        let mut made_due = 0;
+        for delivery in &record.deliveries {
+            let key = (id.clone(), delivery.domain.clone());
+            if let Some(&Place::Deferred(due)) = self.places.get(&key) {
+                if due > now_ms {
+                    self.unfile(&key);
+                    self.defer(key, now_ms);
+                    made_due += 1;
+                }
+            }
+        }
+        Some(made_due)
+    }
+
     /// When the next deferred delivery comes due.
     pub fn next_due(&self) -> Option<u64> {
         self.deferred.first().map(|(due, _, _)| *due)

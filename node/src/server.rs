@@ -408,7 +408,10 @@ fn start_admin(
     )
     .with_guard(checks, guard)
     .with_spool(spool.clone())
-    .with_messages(queue.clone().recipient());
+    .with_messages(admin::MessageQueue {
+        show: queue.clone().recipient(),
+        retry: queue.clone().recipient(),
+    });
     let env = match coordinator {
         Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
         None => env,

@@ -440,3 +440,64 @@ fn the_openapi_file_matches_the_routes_and_their_answers() {
         }
     }
 }
+
+/// A message deferred with an hour to wait goes out at once after
+/// `queue retry`; a viewer may not retry, and a retry of a message with
+/// nothing deferred says so.
+#[test]
+fn a_retry_sends_a_deferred_message_now() {
+    let sink = Sink::start(
+        SinkOptions::default().script(serde_json::json!({"rcpt": {"b@later.test": [451, 250]}})),
+    );
+    let relay = Relay::start_with_env(
+        "",
+        &format!(
+            "[[domains]]\nname = \"later.test\"\nsmart_host = \"{}\"\n\n\
+             [[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{}\"\nrole = \"admin\"\n\n\
+             [[admin.operators]]\nname = \"noc\"\ntoken_hash = \"{}\"\nrole = \"viewer\"\n",
+            sink.smart_host(),
+            token_hash("admin-secret-token"),
+            token_hash("viewer-secret-token"),
+        ),
+        &[("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h")],
+    );
+    let id = submit(&relay, "b@later.test", "retried by hand");
+    let admin = relay.admin_addr();
+    let path = format!("/api/v1/messages/{id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http::get(admin, &path, Some("viewer-secret-token")).json()["recipients"][0]["state"]
+        != "deferred"
+    {
+        assert!(Instant::now() < deadline, "never deferred");
+        std::thread::sleep(POLL);
+    }
+
+    let refused = http::post(admin, &format!("{path}/retry"), Some("viewer-secret-token"));
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let started = Instant::now();
+    let said = relay.cli(
+        &["queue", "retry", &id],
+        &[("SMARTHOST_TOKEN", "admin-secret-token")],
+    );
+    assert!(said.status.success(), "{}", text(&said));
+    assert_eq!(
+        String::from_utf8_lossy(&said.stdout),
+        format!("{id}: 1 deferred delivery is due now\n")
+    );
+    let arrived = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(arrived.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "an hour's wait cut to {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut gone = http::get(admin, &path, Some("viewer-secret-token"));
+    while gone.status != 404 {
+        assert!(Instant::now() < deadline, "still queued: {gone:?}");
+        std::thread::sleep(POLL);
+        gone = http::get(admin, &path, Some("viewer-secret-token"));
+    }
+    let again = http::post(admin, &format!("{path}/retry"), Some("admin-secret-token"));
+    assert_eq!(again.status, 404, "{again:?}");
+}

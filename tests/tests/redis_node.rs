@@ -244,3 +244,45 @@ fn submit_until_accepted(setup: &Setup, tag: &str, subjects: &mut Vec<String>) {
         return;
     }
 }
+
+/// On a shared queue any node shows and retries any message: one node
+/// accepts a message the smart host defers (with an hour to wait), a
+/// second node shows where it stands and retries it, and it is
+/// delivered once.
+#[test]
+fn any_node_shows_and_retries_a_message_of_the_shared_queue() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(
+        SinkOptions::default()
+            .script(serde_json::json!({"rcpt": {"user@example.org": [451, 250]}})),
+    );
+    let hour = [("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h")];
+    let a = node(&redis, &sink.smart_host(), "node-a", &hour);
+    let b = node(&redis, &sink.smart_host(), "node-b", &hour);
+    let (mut c, _) = Client::connect(a.relay.smtp);
+    c.expect("EHLO app.example", 250);
+    let text = message("user@example.org", "shown and retried", "Hello.\r\n");
+    let id = queued_id(&c.send_message("app@sender.test", &["user@example.org"], &text));
+    let _ = c.cmd("QUIT");
+
+    let path = format!("/api/v1/messages/{id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let view = loop {
+        let view = smarthost_tests::http::get(b.relay.admin_addr(), &path, None).json();
+        if view["recipients"][0]["state"] == "deferred" {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "never deferred: {view}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(view["recipients"][0]["attempts"], 1, "{view}");
+    assert!(sink.messages().is_empty());
+
+    let retried = smarthost_tests::http::post(b.relay.admin_addr(), &format!("{path}/retry"), None);
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(retried.json()["deliveries"], 1);
+    let arrived = sink.wait_for(1, ARRIVAL);
+    assert_eq!(arrived.len(), 1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sink.messages().len(), 1, "delivered once");
+}

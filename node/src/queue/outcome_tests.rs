@@ -167,6 +167,13 @@ impl Schedule for SlowRecords {
     async fn suspended(&self) -> Result<std::collections::BTreeSet<String>, SpoolError> {
         self.inner.suspended().await
     }
+    async fn retry(
+        &self,
+        id: &smarthost_proto::envelope::MessageId,
+        now_ms: u64,
+    ) -> Result<Option<usize>, SpoolError> {
+        self.inner.retry(id, now_ms).await
+    }
     async fn records(
         &self,
         ids: &[MessageId],

@@ -164,6 +164,11 @@ pub trait Schedule: Send + Sync + 'static {
 
     async fn counts(&self) -> Result<SchedulerCounts, SpoolError>;
 
+    /// Makes the deferred deliveries of a message due now (an operator's
+    /// retry): the next promote hands them out. Returns how many; `None`
+    /// when the message is not queued.
+    async fn retry(&self, id: &MessageId, now_ms: u64) -> Result<Option<usize>, SpoolError>;
+
     /// The domains an operator suspended (few: one per operator action).
     async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError>;
 
@@ -303,6 +308,10 @@ impl Schedule for MemorySchedule {
 
     async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError> {
         Ok(self.lock().suspended())
+    }
+
+    async fn retry(&self, id: &MessageId, now_ms: u64) -> Result<Option<usize>, SpoolError> {
+        Ok(self.lock().retry(id, now_ms))
     }
 
     async fn records(

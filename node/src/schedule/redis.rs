@@ -1858,6 +1858,49 @@ impl Schedule for RedisSchedule {
         Ok(counts)
     }
 
+    /// Lowers the message's entries in its domains' deferred sets to now
+    /// (`ZADD XX LT`: an entry in flight or ready is not touched) and the
+    /// domains' timers with them, so the next promote moves them.
+    async fn retry(&self, id: &MessageId, now_ms: u64) -> Result<Option<usize>, SpoolError> {
+        let Some(record) = self
+            .records(std::slice::from_ref(id))
+            .await?
+            .pop()
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let domains: BTreeSet<&str> = record
+            .deliveries
+            .iter()
+            .map(|d| d.domain.as_str())
+            .collect();
+        if domains.is_empty() {
+            return Ok(Some(0));
+        }
+        let mut pipe = redis::pipe();
+        for domain in &domains {
+            pipe.cmd("ZADD")
+                .arg(domain_keys(domain).deferred)
+                .arg("XX")
+                .arg("LT")
+                .arg("CH")
+                .arg(now_ms)
+                .arg(id.as_str());
+        }
+        let timers: Vec<(String, u64)> = domains.iter().map(|d| (d.to_string(), now_ms)).collect();
+        for cmd in Self::mark_cmds(&[], &timers) {
+            pipe.add_command(cmd).ignore();
+        }
+        let changed = self.run("retry", &pipe).await?;
+        let mut made_due = 0;
+        for value in changed {
+            let n: i64 = parse("retry", value)?;
+            made_due += n as usize;
+        }
+        Ok(Some(made_due))
+    }
+
     async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SMEMBERS").arg(SUSPENDED_KEY);

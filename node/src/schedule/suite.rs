@@ -94,6 +94,7 @@ where
     take_hands_out_due_work_once_and_release_puts_it_back(make().await).await;
     take_respects_the_maximum_and_keeps_order(make().await).await;
     a_deferred_delivery_comes_back_after_its_interval(make().await).await;
+    a_retry_makes_deferred_work_due_now_and_leaves_the_rest(make().await).await;
     the_message_is_done_when_every_delivery_is(make().await).await;
     expiry_reaches_due_deferred_and_suspended_work_but_not_work_in_flight(make().await).await;
     a_suspended_domain_keeps_its_work_until_resumed(make().await).await;
@@ -171,6 +172,31 @@ async fn a_deferred_delivery_comes_back_after_its_interval(f: Fixture) {
         .unwrap();
     assert_eq!(c.attempt, 2);
     assert_eq!(c.next_attempt_ms, Some(t0 + 3 * SECOND));
+}
+
+async fn a_retry_makes_deferred_work_due_now_and_leaves_the_rest(f: Fixture) {
+    let s = &*f.schedule;
+    let r = record(0);
+    let t0 = r.received_ms;
+    insert(&f, &[0], t0).await;
+    // example.org deferred until t0 + 1 s; example.net in flight.
+    take(s, "example.org", 1).await;
+    take(s, "example.net", 1).await;
+    let deferred = outcome(&[(0, RcptResult::Deferred)]);
+    complete(s, &r.id, "example.org", &deferred, t0)
+        .await
+        .unwrap();
+    assert!(s.promote(t0 + 10).await.unwrap().is_empty());
+
+    assert_eq!(s.retry(&r.id, t0 + 10).await.unwrap(), Some(1));
+    assert_eq!(s.promote(t0 + 10).await.unwrap(), ["example.org"]);
+    let (again, _) = take(s, "example.org", 1).await.pop().unwrap();
+    assert_eq!(again.id, r.id);
+    // Nothing deferred is left: in flight both, a retry changes nothing.
+    assert_eq!(s.retry(&r.id, t0 + 20).await.unwrap(), Some(0));
+    assert_eq!(s.counts().await.unwrap().in_flight, 2);
+    let unknown = record(7).id;
+    assert_eq!(s.retry(&unknown, t0 + 20).await.unwrap(), None);
 }
 
 async fn the_message_is_done_when_every_delivery_is(f: Fixture) {
