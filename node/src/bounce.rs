@@ -365,6 +365,12 @@ mod tests {
         )
     }
 
+    /// Who a report goes to.
+    fn to(message: &NewMessage) -> Vec<String> {
+        let recipients = &message.record.envelope.recipients;
+        recipients.iter().map(|r| r.address.to_string()).collect()
+    }
+
     fn text(message: &NewMessage) -> String {
         String::from_utf8_lossy(&message.body).into_owned()
     }
@@ -379,14 +385,7 @@ mod tests {
         assert_eq!(reports.len(), 1);
         let report = &reports[0];
         assert_eq!(report.record.envelope.sender, None);
-        let to: Vec<String> = report
-            .record
-            .envelope
-            .recipients
-            .iter()
-            .map(|r| r.address.to_string())
-            .collect();
-        assert_eq!(to, ["app@sender.example", "postmaster@copy.test"]);
+        assert_eq!(to(report), ["app@sender.example", "postmaster@copy.test"]);
         let body = text(report);
         assert!(body.contains("report-type=delivery-status"), "{body}");
         assert!(body.contains("Action: failed"));
@@ -427,14 +426,7 @@ mod tests {
         assert_eq!(reports.len(), 1, "to the postmaster only, not the copy");
         let notice = &reports[0];
         assert_eq!(notice.record.envelope.sender, None);
-        let to: Vec<String> = notice
-            .record
-            .envelope
-            .recipients
-            .iter()
-            .map(|r| r.address.to_string())
-            .collect();
-        assert_eq!(to, ["hostmaster@relay.test"]);
+        assert_eq!(to(notice), ["hostmaster@relay.test"]);
         let body = text(notice);
         assert!(body.contains("To: <hostmaster@relay.test>"), "{body}");
         assert!(body.contains("Subject: Postmaster Notice"), "{body}");

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::client::{Answer, Entry};
-use super::receiver::{Arrival, Stray};
+use super::receiver::{Arrival, Report, Stray};
 use super::workload::{fate_of, POSTMASTER, SENDER_DOMAIN};
 
 /// One line of a relay's delivery log, as far as the oracle cares.
@@ -157,6 +157,28 @@ impl<'a> Index<'a> {
             double_bounced,
             logged,
         }
+    }
+
+    /// The submitted message a report (`kind`) is about, by its envelope
+    /// id or returned `X-Oracle-Id`; a violation when there is none.
+    fn about(
+        &self,
+        report: &Report,
+        kind: &str,
+        violations: &mut Vec<String>,
+    ) -> Option<&'a Entry> {
+        let found = report
+            .envid
+            .as_deref()
+            .or(report.oracle_id.as_deref())
+            .and_then(|id| self.entries.get(id).copied());
+        if found.is_none() {
+            violations.push(format!(
+                "A {kind} FOR NO SUBMITTED MESSAGE: envid {:?}, X-Oracle-Id {:?}",
+                report.envid, report.oracle_id
+            ));
+        }
+        found
     }
 
     fn fates(&self, entry: &Entry, rcpt: &str) -> Fates {
@@ -430,6 +452,14 @@ pub fn check(observed: &Observed) -> Verdict {
     v
 }
 
+/// Whether a report or notice names a recipient the relay never accepted
+/// (one of an uncertain message may have been).
+fn never_promised(entry: &Entry, rcpt: &String) -> bool {
+    let promised = matches!(entry.answer, Answer::Accepted { .. }) && entry.accepted.contains(rcpt);
+    let maybe = matches!(entry.answer, Answer::Uncertain { .. });
+    !promised && !maybe
+}
+
 fn check_report(arrival: &Arrival, index: &Index, violations: &mut Vec<String>) {
     let report = match &arrival.report {
         Some(Ok(report)) => report,
@@ -452,16 +482,7 @@ fn check_report(arrival: &Arrival, index: &Index, violations: &mut Vec<String>) 
             ));
         }
     }
-    let Some(entry) = report
-        .envid
-        .as_deref()
-        .or(report.oracle_id.as_deref())
-        .and_then(|id| index.entries.get(id))
-    else {
-        violations.push(format!(
-            "A REPORT FOR NO SUBMITTED MESSAGE: envid {:?}, X-Oracle-Id {:?}",
-            report.envid, report.oracle_id
-        ));
+    let Some(entry) = index.about(report, "REPORT", violations) else {
         return;
     };
     let sender = entry
@@ -482,10 +503,7 @@ fn check_report(arrival: &Arrival, index: &Index, violations: &mut Vec<String>) 
                 entry.oracle_id
             ));
         }
-        let promised =
-            matches!(entry.answer, Answer::Accepted { .. }) && entry.accepted.contains(rcpt);
-        let maybe = matches!(entry.answer, Answer::Uncertain { .. });
-        if !promised && !maybe {
+        if never_promised(entry, rcpt) {
             violations.push(format!(
                 "A REPORT FOR A RECIPIENT NEVER PROMISED: {} {rcpt} ({:?})",
                 entry.oracle_id, entry.answer
@@ -519,16 +537,7 @@ fn check_notice(arrival: &Arrival, index: &Index, violations: &mut Vec<String>) 
         Some(report) => (report.as_ref(), &report.recipients),
         None => (notice, &notice.recipients),
     };
-    let Some(entry) = about
-        .envid
-        .as_deref()
-        .or(about.oracle_id.as_deref())
-        .and_then(|id| index.entries.get(id))
-    else {
-        violations.push(format!(
-            "A NOTICE FOR NO SUBMITTED MESSAGE: envid {:?}, X-Oracle-Id {:?}",
-            about.envid, about.oracle_id
-        ));
+    let Some(entry) = index.about(about, "NOTICE", violations) else {
         return;
     };
     match (&notice.inner, &entry.sender) {
@@ -554,10 +563,7 @@ fn check_notice(arrival: &Arrival, index: &Index, violations: &mut Vec<String>) 
         )),
     }
     for (rcpt, _, _) in failed {
-        let promised =
-            matches!(entry.answer, Answer::Accepted { .. }) && entry.accepted.contains(rcpt);
-        let maybe = matches!(entry.answer, Answer::Uncertain { .. });
-        if !promised && !maybe {
+        if never_promised(entry, rcpt) {
             violations.push(format!(
                 "A NOTICE FOR A RECIPIENT NEVER PROMISED: {} {rcpt} ({:?})",
                 entry.oracle_id, entry.answer
