@@ -84,7 +84,8 @@ config = obj({
          "role": {"type": "string", "enum": ["admin", "viewer"]}},
         ["name", "token_hash", "role"])},
         "max_token_checks": POS, "token_max_failures": NONNEG, "token_block_duration": DUR}),
-    "log": obj({"format": {"type": "string", "enum": ["text", "json"]}, "level": NESTR}),
+    "log": obj({"format": {"type": "string", "enum": ["text", "json"]}, "level": NESTR,
+            "session_log_dir": nullable(NESTR)}),
 })
 
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}

@@ -333,6 +333,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter such as `info` or `smarthost=debug`.
     pub level: String,
+    /// Where the W3C SMTP session log goes, a file per UTC day; unset: it
+    /// is not kept.
+    pub session_log_dir: Option<PathBuf>,
 }
 
 /// Deserializes a unit enum from one of its names (in any case), with an
@@ -478,6 +481,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Text,
             level: "info".to_string(),
+            session_log_dir: None,
         }
     }
 }

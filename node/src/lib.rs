@@ -58,6 +58,7 @@ pub mod schedule;
 pub mod scheduler;
 pub mod server;
 pub mod session;
+pub mod session_log;
 pub mod spool;
 pub mod telemetry;
 pub mod throttle;

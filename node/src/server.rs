@@ -43,6 +43,7 @@ use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover, ReopenLog};
 use crate::schedule::RedisSchedule;
 use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
+use crate::session_log::SessionLog;
 use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
 use crate::tls;
 
@@ -557,6 +558,12 @@ fn session_env(
         queue,
         body_memory: BodyMemory::new(smtp.max_body_memory),
         body_memory_wait: smtp.body_memory_wait,
+        session_log: match &config.log.session_log_dir {
+            Some(dir) => Some(SessionLog::start(dir, &config.node.hostname).map_err(|e| {
+                format!("log.session_log_dir: cannot create {}: {e}", dir.display())
+            })?),
+            None => None,
+        },
     })
 }
 

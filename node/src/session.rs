@@ -37,6 +37,7 @@ use crate::body_memory::{BodyMemory, Reservation};
 use crate::deadlines::{Deadlines, Expired, Limits};
 use crate::listener::Slot;
 use crate::queue::Enqueue;
+use crate::session_log::{Entry as SessionLogEntry, SessionLog};
 use crate::spool::NewMessage;
 
 /// What every session of a node shares.
@@ -59,6 +60,8 @@ pub struct SessionEnv {
     pub body_memory: Arc<BodyMemory>,
     /// How long a new DATA may wait for it (`smtp.body_memory_wait`).
     pub body_memory_wait: Duration,
+    /// The W3C session log (`log.session_log_dir`), when kept.
+    pub session_log: Option<SessionLog>,
 }
 
 impl SessionEnv {
@@ -130,6 +133,7 @@ pub async fn run(
     slot: Slot,
 ) {
     let _ = socket.set_nodelay(true);
+    let server = socket.local_addr().unwrap_or(peer);
     let ip = peer.ip().to_canonical();
     let relay_allowed = env.relay_allowed(ip);
     let session = Session::new(env.config.clone(), PeerInfo { ip, relay_allowed });
@@ -151,7 +155,12 @@ pub async fn run(
             BeforeGreeting::Gone => return,
         };
         let mut conn = Connection::Plain(socket);
-        match drive(&mut conn, session, ip, &env, shutdown, &slot).await {
+        let answers = Answers {
+            env: &env,
+            client: ip,
+            server,
+        };
+        match drive(&mut conn, session, &answers, shutdown, &slot).await {
             Ok(()) | Err(End::ClientGone) => {}
             Err(End::Failed(error)) => tracing::debug!(%error, "session ended by an I/O error"),
         }
@@ -212,14 +221,51 @@ async fn greeting_delay(
     }
 }
 
+/// Where replies to commands go: to the client, and with the command
+/// they answer to the session log when it is kept.
+struct Answers<'a> {
+    env: &'a SessionEnv,
+    client: IpAddr,
+    server: SocketAddr,
+}
+
+impl Answers<'_> {
+    /// Adds `reply` to `out`; a final one is logged with its command,
+    /// `since` being when that command's last octets arrived.
+    fn give(&self, out: &mut Vec<u8>, session: &mut Session, reply: &Reply, since: Instant) {
+        let wire = reply.to_wire();
+        if let Some(log) = &self.env.session_log {
+            if !matches!(reply.code, 334 | 354) {
+                if let Some(command) = session.take_logged() {
+                    log.record(SessionLogEntry {
+                        at: std::time::SystemTime::now(),
+                        client: self.client,
+                        user: session.auth_user().map(str::to_string),
+                        server: self.server,
+                        verb: command.verb,
+                        args: command.args,
+                        status: reply.code,
+                        sent: wire.len() as u64,
+                        received: command.bytes,
+                        took: since.elapsed(),
+                    });
+                }
+            }
+        }
+        out.extend_from_slice(&wire);
+    }
+}
+
 async fn drive(
     conn: &mut Connection,
     mut session: Session,
-    ip: IpAddr,
-    env: &SessionEnv,
+    answers: &Answers<'_>,
     mut shutdown: watch::Receiver<bool>,
     slot: &Slot,
 ) -> Result<(), End> {
+    let (env, ip) = (answers.env, answers.client);
+    // When the input being answered arrived.
+    let mut since = Instant::now();
     let mut out = session.greeting().to_wire();
     let mut buf = vec![0u8; 16 * 1024];
     // The share of the body budget the message under way holds, from
@@ -233,13 +279,13 @@ async fn drive(
         while let Some(action) = session.next_action() {
             answered = true;
             match action {
-                Action::Reply(reply) => out.extend_from_slice(&reply.to_wire()),
+                Action::Reply(reply) => answers.give(&mut out, &mut session, &reply, since),
                 Action::Close(reply) => {
-                    out.extend_from_slice(&reply.to_wire());
+                    answers.give(&mut out, &mut session, &reply, since);
                     return send(conn, &mut out, write_limit).await;
                 }
                 Action::StartTls(reply) => {
-                    out.extend_from_slice(&reply.to_wire());
+                    answers.give(&mut out, &mut session, &reply, since);
                     send(conn, &mut out, write_limit).await?;
                     start_tls(conn, env).await?;
                     session.tls_established();
@@ -256,19 +302,21 @@ async fn drive(
                         }
                         Err(refusal) => session.auth_refused(refusal),
                     };
-                    out.extend_from_slice(&reply.to_wire());
+                    answers.give(&mut out, &mut session, &reply, since);
                 }
                 Action::ReserveBody { declared } => {
                     // What pipelined commands got so far goes out first:
                     // the client may be waiting for it, not for us.
                     send(conn, &mut out, write_limit).await?;
                     body = reserve_body(env, declared).await;
-                    out.extend_from_slice(&session.body_reserved(body.is_some()).to_wire());
+                    let reply = session.body_reserved(body.is_some());
+                    answers.give(&mut out, &mut session, &reply, since);
                 }
                 Action::Message(message) => {
                     let result = store(env, ip, message).await;
                     body = None;
-                    out.extend_from_slice(&session.message_stored(result).to_wire());
+                    let reply = session.message_stored(result);
+                    answers.give(&mut out, &mut session, &reply, since);
                 }
             }
         }
@@ -299,7 +347,8 @@ async fn drive(
                 Err(_elapsed) => return timed_out(conn, &mut out, env, limit).await,
                 Ok(Ok(0)) => return Err(End::ClientGone),
                 Ok(Ok(n)) => {
-                    clock.received(n, Instant::now());
+                    since = Instant::now();
+                    clock.received(n, since);
                     account_body(env, &mut session, &mut body, n as u64);
                     session.push_input(&buf[..n]);
                 }

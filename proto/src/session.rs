@@ -33,6 +33,19 @@ pub const MAX_COMMAND_LINE: usize = 1000;
 /// Error replies after which the session gives up on the client.
 pub const MAX_ERRORS: u32 = 20;
 
+/// The command a final reply answers, for the session log: its verb, its
+/// arguments (an AUTH's credentials left out) and the octets it took
+/// (for DATA, the message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Logged {
+    pub verb: String,
+    pub args: String,
+    pub bytes: u64,
+}
+
+/// The longest argument text kept for the log.
+const LOGGED_ARGS: usize = 256;
+
 /// What the node decided for this listener, shared by its sessions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -158,6 +171,31 @@ pub struct Session {
     /// NOOP, RSET, VRFY and HELP since the session began or the last
     /// stored message.
     junk: u32,
+    /// The command the next final reply answers.
+    logged: Option<Logged>,
+}
+
+/// A command line as the log keeps it: the verb upper-cased, the rest as
+/// sent (lossy UTF-8, cut at [`LOGGED_ARGS`]), but for AUTH only its
+/// mechanism.
+fn logged(line: &[u8], auth: bool) -> Logged {
+    let text = String::from_utf8_lossy(line);
+    let (verb, args) = text.trim().split_once(' ').unwrap_or((text.trim(), ""));
+    let args = args.trim();
+    let args = if auth {
+        args.split(' ').next().unwrap_or_default()
+    } else {
+        args
+    };
+    Logged {
+        verb: verb
+            .chars()
+            .take(16)
+            .collect::<String>()
+            .to_ascii_uppercase(),
+        args: args.chars().take(LOGGED_ARGS).collect(),
+        bytes: line.len() as u64 + 2,
+    }
 }
 
 fn status(class: u8, subject: u16, detail: u16) -> EnhancedStatus {
@@ -189,6 +227,7 @@ impl Session {
             session_bytes: 0,
             errors: 0,
             junk: 0,
+            logged: None,
         }
     }
 
@@ -462,6 +501,18 @@ impl Session {
         }
     }
 
+    /// The command a final reply (not `334` or `354`) answers, once: the
+    /// shell logs the pair. `None` for replies to no command (greeting,
+    /// timeouts) and for the lines inside an AUTH exchange.
+    pub fn take_logged(&mut self) -> Option<Logged> {
+        self.logged.take()
+    }
+
+    /// The user that logged in, if one did.
+    pub fn auth_user(&self) -> Option<&str> {
+        self.auth_user.as_deref()
+    }
+
     /// The shell's answer to [`Action::Message`]; ends the transaction.
     pub fn message_stored(&mut self, result: Result<MessageId, StoreFailure>) -> Reply {
         if !matches!(self.state, State::AwaitStore) {
@@ -502,6 +553,7 @@ impl Session {
             Ok(c) => Some(c.verb()),
             Err(e) => e.verb(),
         };
+        self.logged = Some(logged(line, matches!(parsed, Ok(Command::Auth { .. }))));
         let exempt = matches!(
             verb,
             None | Some(
@@ -742,6 +794,11 @@ impl Session {
         };
         let envelope = self.transaction.take().unwrap_or_default();
         self.session_bytes = self.session_bytes.saturating_add(reader.size());
+        self.logged = Some(Logged {
+            verb: "DATA".into(),
+            args: String::new(),
+            bytes: reader.size(),
+        });
         let data = match reader.finish() {
             Ok(data) => data,
             Err(DataError::BareLineEnding) => {

@@ -1189,3 +1189,54 @@ fn receiving_data_lasts_from_354_to_the_final_dot() {
     }
     assert_eq!(messages.len(), 1);
 }
+
+#[test]
+fn each_final_reply_names_its_command_once_and_never_a_password() {
+    let mut s = Session::new(Arc::new(config()), trusted());
+    s.tls_established();
+    let mut log = Vec::new();
+    let mut step = |s: &mut Session, input: &[u8]| {
+        s.push_input(input);
+        while let Some(action) = s.next_action() {
+            let code = match action {
+                Action::Reply(r) | Action::Close(r) => r.code,
+                Action::Authenticate { .. } => s.auth_result(false).code,
+                Action::ReserveBody { .. } => s.body_reserved(true).code,
+                Action::Message(_) => s.message_stored(Ok(MessageId::new(1, 2))).code,
+                Action::StartTls(r) => r.code,
+            };
+            if !matches!(code, 334 | 354) {
+                log.push((s.take_logged(), code));
+            }
+        }
+    };
+    step(&mut s, b"ehlo client.example\r\n");
+    step(&mut s, b"AUTH PLAIN AHVzZXIAc2VjcmV0\r\n");
+    step(&mut s, b"AUTH LOGIN\r\n");
+    step(&mut s, b"dXNlcg==\r\n");
+    step(&mut s, b"c2VjcmV0\r\n");
+    step(
+        &mut s,
+        b"MAIL FROM:<a@b.example> SIZE=10\r\nRCPT TO:<u@example.net>\r\nDATA\r\n",
+    );
+    step(&mut s, b"hello\r\n.\r\n");
+    let seen: Vec<(String, String, u64, u16)> = log
+        .into_iter()
+        .map(|(l, code)| {
+            let l = l.expect("a command for every final reply");
+            (l.verb, l.args, l.bytes, code)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("EHLO".into(), "client.example".into(), 21, 250),
+            ("AUTH".into(), "PLAIN".into(), 29, 535),
+            ("AUTH".into(), "LOGIN".into(), 12, 535),
+            ("MAIL".into(), "FROM:<a@b.example> SIZE=10".into(), 33, 250),
+            ("RCPT".into(), "TO:<u@example.net>".into(), 25, 250),
+            ("DATA".into(), "".into(), 7, 250),
+        ]
+    );
+    assert_eq!(s.take_logged(), None, "taken once");
+}
