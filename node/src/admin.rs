@@ -8,6 +8,7 @@
 //! - `GET /api/v1/queue`: the queue counts ([`QueueStats`]) as JSON.
 //! - `GET /api/v1/messages/{id}`: one queued message ([`MessageView`]).
 //! - `POST /api/v1/messages/{id}/retry`: its deferred deliveries due now.
+//! - `DELETE /api/v1/messages/{id}?notify=bounce|silent`: out of the queue.
 //! - `POST /api/v1/domains/{domain}/suspend` and `…/resume`: hold or
 //!   release a domain's deliveries.
 //! - `GET /api/v1/quarantine?limit=N`: what the spool set aside as
@@ -42,7 +43,9 @@ use crate::auth_guard::GuardStats;
 use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
 use crate::config::check_domain_name;
 use crate::metrics::Scrape;
-use crate::queue::{MessageView, QueueStats, RetryMessage, ShowMessage, Stats, Suspend};
+use crate::queue::{
+    DeleteMessage, Deleted, MessageView, QueueStats, RetryMessage, ShowMessage, Stats, Suspend,
+};
 use crate::spool::{Quarantined, Spool};
 use smarthost_coordinator::{GetStatus, Status};
 use smarthost_proto::envelope::MessageId;
@@ -60,6 +63,7 @@ pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_m
 pub struct MessageQueue {
     pub show: Recipient<ShowMessage>,
     pub retry: Recipient<RetryMessage>,
+    pub delete: Recipient<DeleteMessage>,
 }
 
 /// What the handlers share.
@@ -200,7 +204,11 @@ pub const API_V1: &str = "/api/v1";
 fn api(config: &mut web::ServiceConfig) {
     config
         .service(web::resource("/queue").get(queue))
-        .service(web::resource("/messages/{id}").get(message))
+        .service(
+            web::resource("/messages/{id}")
+                .get(message)
+                .delete(delete_message),
+        )
         .service(web::resource("/messages/{id}/retry").post(retry))
         .service(web::resource("/cluster").get(cluster))
         .service(web::resource("/quarantine").get(quarantine))
@@ -271,6 +279,8 @@ pub enum ApiError {
     BadMessageId(String),
     #[error("message {0} is not in the queue")]
     NoMessage(String),
+    #[error("notify={0:?}: expected bounce or silent")]
+    BadNotify(String),
 }
 
 impl ResponseError for ApiError {
@@ -286,6 +296,7 @@ impl ResponseError for ApiError {
             ApiError::Spool(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadMessageId(_) => StatusCode::BAD_REQUEST,
             ApiError::NoMessage(_) => StatusCode::NOT_FOUND,
+            ApiError::BadNotify(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -454,6 +465,49 @@ async fn message(
         Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
         Err(_) => Err(ApiError::QueueGone),
     }
+}
+
+/// The query of a delete.
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    notify: Option<String>,
+}
+
+async fn delete_message(
+    request: HttpRequest,
+    id: web::Path<String>,
+    query: web::Query<DeleteQuery>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<Deleted>, ApiError> {
+    let operator = authorize(&env, &request, Access::Write).await?;
+    let id = message_id(&id)?;
+    let notify = match query.notify.as_deref() {
+        None | Some("bounce") => true,
+        Some("silent") => false,
+        Some(other) => return Err(ApiError::BadNotify(other.chars().take(32).collect())),
+    };
+    let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
+    let deleted = match queue
+        .delete
+        .send(DeleteMessage {
+            id: id.clone(),
+            notify,
+        })
+        .await
+    {
+        Ok(Ok(Some(deleted))) => deleted,
+        Ok(Ok(None)) => return Err(ApiError::NoMessage(id.to_string())),
+        Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
+        Err(_) => return Err(ApiError::QueueGone),
+    };
+    tracing::info!(
+        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        message_id = %id,
+        recipients = deleted.recipients,
+        notify,
+        "admin API: message deleted"
+    );
+    Ok(web::Json(deleted))
 }
 
 /// The body of a retry answer.

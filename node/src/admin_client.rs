@@ -8,7 +8,7 @@ use actix_web::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::admin::{ClusterView, DomainState, ErrorBody, Retried, API_V1};
-use crate::queue::{MessageView, QueueStats};
+use crate::queue::{Deleted, MessageView, QueueStats};
 use crate::spool::Quarantined;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,6 +60,13 @@ impl AdminClient {
     pub async fn retry(&self, id: &str) -> Result<Retried, ClientError> {
         self.call(self.http.post(self.url(&format!("/messages/{id}/retry"))))
             .await
+    }
+
+    /// Deletes a queued message; `notify`: its sender gets a report.
+    pub async fn delete(&self, id: &str, notify: bool) -> Result<Deleted, ClientError> {
+        let notify = if notify { "bounce" } else { "silent" };
+        let path = format!("/messages/{id}?notify={notify}");
+        self.call(self.http.delete(self.url(&path))).await
     }
 
     pub async fn cluster(&self) -> Result<ClusterView, ClientError> {

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::admin::ClusterView;
 use crate::admin_client::{AdminClient, ClientError};
 use crate::config::{Config, ConfigError};
-use crate::queue::{MessageView, QueueStats};
+use crate::queue::{Deleted, MessageView, QueueStats};
 use crate::server::Role;
 use crate::spool::Quarantined;
 
@@ -89,6 +89,15 @@ enum QueueAction {
     Retry {
         #[arg(value_name = "ID")]
         id: String,
+    },
+    /// Delete a message from the queue. Its sender gets a non-delivery
+    /// report for the recipients deleted, unless --silent.
+    Delete {
+        #[arg(value_name = "ID")]
+        id: String,
+        /// No report to the sender.
+        #[arg(long)]
+        silent: bool,
     },
     /// Hold the deliveries of a domain (they stay queued and still expire).
     Suspend {
@@ -169,6 +178,13 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                     1 => format!("{}: 1 deferred delivery is due now\n", retried.id),
                     n => format!("{}: {n} deferred deliveries are due now\n", retried.id),
                 })
+            });
+            return print_result(result);
+        }
+        QueueAction::Delete { id, silent } => {
+            let result = actix::System::new().block_on(async move {
+                let deleted = AdminClient::new(listen, token).delete(&id, !silent).await?;
+                Ok::<_, ClientError>(format_deleted(&deleted))
             });
             return print_result(result);
         }
@@ -287,6 +303,29 @@ fn format_quarantine(listed: &[Quarantined]) -> String {
             q.bytes, q.location, q.reason
         ));
     }
+    out
+}
+
+/// What a delete did, in a sentence.
+fn format_deleted(deleted: &Deleted) -> String {
+    let mut out = format!(
+        "{}: {} recipient{} deleted{}",
+        deleted.id,
+        deleted.recipients,
+        if deleted.recipients == 1 { "" } else { "s" },
+        if deleted.notified {
+            ", the sender gets a report"
+        } else {
+            ", silently"
+        }
+    );
+    if deleted.in_flight > 0 {
+        out.push_str(&format!(
+            "; {} under way, left to finish (delivery attempts in flight)",
+            deleted.in_flight
+        ));
+    }
+    out.push('\n');
     out
 }
 

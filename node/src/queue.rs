@@ -37,7 +37,7 @@ use smarthost_proto::envelope::{MessageId, MessageRecord};
 use tokio::sync::oneshot;
 
 use crate::bounce::{self, ReportSettings};
-use crate::delivery::MessageOutcome;
+use crate::delivery::{MessageOutcome, RcptResult};
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::DomainReady;
 use crate::schedule::{MemorySchedule, ReportHook, Reporter, Schedule};
@@ -65,6 +65,31 @@ pub struct Stats;
 #[derive(Message)]
 #[rtype(result = "Result<Option<MessageView>, SpoolError>")]
 pub struct ShowMessage(pub MessageId);
+
+/// Deletes a message from the queue: its deliveries not in flight fail at
+/// once with [`DELETED`], reported to the sender when `notify`; those in
+/// flight finish their attempt. `None`: the message is not queued.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Deleted>, SpoolError>")]
+pub struct DeleteMessage {
+    pub id: MessageId,
+    pub notify: bool,
+}
+
+/// What a delete did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Deleted {
+    pub id: String,
+    /// Recipients failed now.
+    pub recipients: usize,
+    /// Deliveries (one per destination domain) left to the attempt under way.
+    pub in_flight: usize,
+    /// Whether the sender gets a report of the deleted recipients.
+    pub notified: bool,
+}
+
+/// The failure of a deleted recipient, in the delivery log and the report.
+pub const DELETED: &str = "deleted from the queue by an operator";
 
 /// Makes a message's deferred deliveries due now; answers how many
 /// (`None`: the message is not queued).
@@ -759,7 +784,7 @@ impl Queue {
             return;
         }
         for completion in merge_by_message(expired) {
-            let done = self.follow_up(completion, ctx);
+            let done = self.follow_up(completion, true, ctx);
             ctx.spawn(done.into_actor(self));
         }
     }
@@ -828,15 +853,18 @@ impl Queue {
     /// Builds the reports a completion calls for, then writes them and the
     /// message's new state in one spool write; the future ends when that
     /// is durable (or the write kept failing for [`WRITE_PATIENCE`]).
+    /// `reports: false` (an operator's silent delete) writes the state
+    /// alone.
     fn follow_up(
         &mut self,
         completion: Completion,
+        reports: bool,
         ctx: &mut Context<Self>,
     ) -> impl std::future::Future<Output = ()> + 'static {
         let id = completion.record.id.clone();
         let (done, is_done) = oneshot::channel();
         let addr = ctx.address();
-        if bounce::needs_report(&completion, &self.settings.reports) {
+        if reports && bounce::needs_report(&completion, &self.settings.reports) {
             self.writer.pins.pin(&id);
             let spool = self.spool.clone();
             let settings = self.settings.reports.clone();
@@ -1211,6 +1239,90 @@ impl Handler<ShowMessage> for Queue {
     }
 }
 
+impl Handler<DeleteMessage> for Queue {
+    type Result = ResponseActFuture<Self, Result<Option<Deleted>, SpoolError>>;
+
+    /// Takes the message's deliveries not in flight, then completes each
+    /// as failed like an attempt would: the same record writes, reports
+    /// and delivery log lines.
+    fn handle(&mut self, msg: DeleteMessage, ctx: &mut Context<Self>) -> Self::Result {
+        let schedule = self.schedule.clone();
+        let policy = self.settings.retry.clone();
+        let (holder, lease) = (self.holder.clone(), self.lease);
+        let writes = schedule.writes_records();
+        let hook = (writes && msg.notify).then(|| self.report_hook(ctx));
+        let notify = msg.notify;
+        let work = async move {
+            let Some(taken) = schedule.take_message(&msg.id, &holder, lease).await? else {
+                return Ok(None);
+            };
+            let mut done = Vec::new();
+            for domain in &taken.domains {
+                let Some(index) = taken
+                    .record
+                    .deliveries
+                    .iter()
+                    .position(|d| &d.domain == domain)
+                else {
+                    continue;
+                };
+                let outcome = MessageOutcome::all_of(
+                    &taken.record,
+                    index,
+                    RcptResult::Failed,
+                    DELETED,
+                    Duration::ZERO,
+                );
+                let completion = schedule
+                    .complete(
+                        &msg.id,
+                        domain,
+                        &outcome,
+                        now_ms(),
+                        &policy,
+                        0.0,
+                        hook.as_ref(),
+                    )
+                    .await?;
+                if let Some(completion) = completion {
+                    done.push((completion, outcome));
+                }
+            }
+            Ok(Some((msg.id, done, taken.in_flight)))
+        };
+        Box::pin(work.into_actor(self).then(move |result, queue, ctx| {
+            let mut follow_ups = Vec::new();
+            let answer = result.map(|taken| {
+                taken.map(|(id, done, in_flight)| {
+                    let mut recipients = 0;
+                    for (completion, outcome) in done {
+                        recipients += completion.failed().count();
+                        queue.log(&completion, Some(&outcome));
+                        if !writes {
+                            follow_ups.push(queue.follow_up(completion, notify, ctx));
+                        }
+                    }
+                    tracing::info!(message_id = %id, recipients, in_flight, notified = notify,
+                        "message deleted from the queue by an operator");
+                    Deleted {
+                        id: id.to_string(),
+                        recipients,
+                        in_flight,
+                        notified: notify,
+                    }
+                })
+            });
+            async move {
+                for done in follow_ups {
+                    done.await;
+                }
+                answer
+            }
+            .into_actor(queue)
+        }))
+    }
+}
+
 /// The deliveries made due go out at the next promote: this node's tick,
 /// or the leader's on a cluster (both every 500 ms).
 impl Handler<RetryMessage> for Queue {
@@ -1339,7 +1451,7 @@ impl Handler<Report> for Queue {
                     let follow_up = match completion {
                         Ok(Some(completion)) => {
                             queue.log(&completion, Some(&msg.outcome));
-                            (!writes).then(|| queue.follow_up(completion, ctx))
+                            (!writes).then(|| queue.follow_up(completion, true, ctx))
                         }
                         Ok(None) => None,
                         Err(error) => {

@@ -245,6 +245,16 @@ pub struct Scheduler {
     deliveries_by_domain: HashMap<String, usize>,
 }
 
+/// The deliveries of one message an operator took ([`Scheduler::take_message`]).
+#[derive(Clone, Debug)]
+pub struct TakenMessage {
+    pub record: Arc<MessageRecord>,
+    /// The domains taken: in flight now, to be completed by the taker.
+    pub domains: Vec<String>,
+    /// Deliveries left to the attempts under way.
+    pub in_flight: usize,
+}
+
 /// Counts for the operator.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SchedulerCounts {
@@ -384,6 +394,32 @@ impl Scheduler {
             }
         }
         Some(made_due)
+    }
+
+    /// Takes every delivery of a message that is not in flight (ready,
+    /// deferred, or held by a suspension) into flight, for an operator's
+    /// delete that completes them. `None` when the message is not queued.
+    pub fn take_message(&mut self, id: &MessageId) -> Option<TakenMessage> {
+        let record = self.records.get(id)?.clone();
+        let mut taken = TakenMessage {
+            record: record.clone(),
+            domains: Vec::new(),
+            in_flight: 0,
+        };
+        for delivery in &record.deliveries {
+            let key = (id.clone(), delivery.domain.clone());
+            match self.places.get(&key) {
+                Some(Place::InFlight) => taken.in_flight += 1,
+                Some(_) => {
+                    self.unfile(&key);
+                    self.places.insert(key, Place::InFlight);
+                    self.in_flight_len += 1;
+                    taken.domains.push(delivery.domain.clone());
+                }
+                None => {}
+            }
+        }
+        Some(taken)
     }
 
     /// When the next deferred delivery comes due.

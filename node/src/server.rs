@@ -412,6 +412,7 @@ fn start_admin(
     .with_messages(admin::MessageQueue {
         show: queue.clone().recipient(),
         retry: queue.clone().recipient(),
+        delete: queue.clone().recipient(),
     });
     let env = match coordinator {
         Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),

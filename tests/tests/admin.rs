@@ -345,26 +345,23 @@ fn a_queued_message_shows_each_recipient_where_it_stands() {
 }
 
 /// The routes `node/src/admin.rs` registers, as (method, path): the open
-/// ones in `routes`, the API ones in `api` under `/api/v1`.
+/// ones in `routes`, the API ones in `api` under `/api/v1`; a resource's
+/// methods follow it, on its line or the next ones.
 fn served_routes() -> std::collections::BTreeSet<(String, String)> {
     let source = include_str!("../../node/src/admin.rs");
+    let body = |head: &str| {
+        let start = source.find(head).expect("the function is there");
+        let end = start + source[start..].find("\n}\n").expect("its end");
+        &source[start..end]
+    };
     let mut routes = std::collections::BTreeSet::new();
-    let mut prefix = None;
-    for line in source.lines() {
-        if line.starts_with("pub fn routes(") {
-            prefix = Some("");
-        } else if line.starts_with("fn api(") {
-            prefix = Some("/api/v1");
-        } else if line == "}" {
-            prefix = None;
-        }
-        let (Some(prefix), Some((_, rest))) = (prefix, line.split_once("web::resource(\"")) else {
-            continue;
-        };
-        let path = rest.split('"').next().unwrap();
-        for method in ["get", "post", "delete", "put"] {
-            if rest.contains(&format!(").{method}(")) {
-                routes.insert((method.to_string(), format!("{prefix}{path}")));
+    for (head, prefix) in [("pub fn routes(", ""), ("fn api(", "/api/v1")] {
+        for resource in body(head).split("web::resource(\"").skip(1) {
+            let path = resource.split('"').next().unwrap();
+            for method in ["get", "post", "delete", "put"] {
+                if resource.contains(&format!(".{method}(")) {
+                    routes.insert((method.to_string(), format!("{prefix}{path}")));
+                }
             }
         }
     }
@@ -500,4 +497,91 @@ fn a_retry_sends_a_deferred_message_now() {
     }
     let again = http::post(admin, &format!("{path}/retry"), Some("admin-secret-token"));
     assert_eq!(again.status, 404, "{again:?}");
+}
+
+/// `queue delete` takes a waiting message out of the queue: by default
+/// its sender gets a non-delivery report naming the operator's delete,
+/// with `--silent` nobody hears; a viewer may not delete, and a notify
+/// that is neither `bounce` nor `silent` is `400`.
+#[test]
+fn a_deleted_message_is_reported_to_its_sender_unless_silent() {
+    let dead = free_port();
+    let bounces = Sink::start(SinkOptions::default());
+    let relay = Relay::start_with_env(
+        "",
+        &format!(
+            "[[domains]]\nname = \"deferred.test\"\nsmart_host = \"[127.0.0.1]:{dead}\"\n\n\
+             [[domains]]\nname = \"sender.test\"\nsmart_host = \"{}\"\n\n\
+             [[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{}\"\nrole = \"admin\"\n\n\
+             [[admin.operators]]\nname = \"noc\"\ntoken_hash = \"{}\"\nrole = \"viewer\"\n",
+            bounces.smart_host(),
+            token_hash("admin-secret-token"),
+            token_hash("viewer-secret-token"),
+        ),
+        &[("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h")],
+    );
+    let admin = relay.admin_addr();
+    let viewer = Some("viewer-secret-token");
+    let wait_deferred = |id: &str| {
+        let path = format!("/api/v1/messages/{id}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http::get(admin, &path, viewer).json()["recipients"][0]["state"] != "deferred" {
+            assert!(Instant::now() < deadline, "never deferred");
+            std::thread::sleep(POLL);
+        }
+    };
+    let delete = |args: &[&str]| {
+        let mut all = vec!["queue", "delete"];
+        all.extend_from_slice(args);
+        let output = relay.cli(&all, &[("SMARTHOST_TOKEN", "admin-secret-token")]);
+        assert!(output.status.success(), "{}", text(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    let id = submit(&relay, "a@deferred.test", "deleted with a report");
+    wait_deferred(&id);
+    let path = format!("/api/v1/messages/{id}");
+    let refused = http::request(admin, "DELETE", &path, viewer);
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let bad = http::request(
+        admin,
+        "DELETE",
+        &format!("{path}?notify=maybe"),
+        Some("admin-secret-token"),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(
+        delete(&[&id]),
+        format!("{id}: 1 recipient deleted, the sender gets a report\n")
+    );
+    let reports = bounces.wait_for(1, Duration::from_secs(20));
+    assert_eq!(reports[0].rcpt_tos, ["app@sender.test"]);
+    smarthost_tests::scenario::assert_failure_report(&reports[0], "a@deferred.test");
+    let report = String::from_utf8_lossy(&reports[0].body);
+    assert!(
+        report.contains("deleted from the queue by an operator"),
+        "{report}"
+    );
+    assert_eq!(http::get(admin, &path, viewer).status, 404);
+
+    let id = submit(&relay, "b@deferred.test", "deleted silently");
+    wait_deferred(&id);
+    assert_eq!(
+        delete(&[&id, "--silent"]),
+        format!("{id}: 1 recipient deleted, silently\n")
+    );
+    assert_eq!(
+        http::get(admin, &format!("/api/v1/messages/{id}"), viewer).status,
+        404
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(bounces.messages().len(), 1, "no report for a silent delete");
+    let summary = queue(&relay, &["summary"], viewer);
+    assert_eq!(
+        count(&String::from_utf8_lossy(&summary.stdout), "messages"),
+        Some(0)
+    );
+    assert!(relay
+        .log()
+        .contains("message deleted from the queue by an operator"));
 }

@@ -286,3 +286,44 @@ fn any_node_shows_and_retries_a_message_of_the_shared_queue() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(sink.messages().len(), 1, "delivered once");
 }
+
+/// On a shared queue any node deletes any message: the message one node
+/// accepted (deferred for an hour) is deleted through another, whose
+/// report reaches the sender; the queue ends empty on both.
+#[test]
+fn any_node_deletes_a_message_of_the_shared_queue_and_the_sender_hears() {
+    let redis = RedisServer::start();
+    let sink = Sink::start(
+        SinkOptions::default().script(serde_json::json!({"rcpt": {"user@example.org": [451]}})),
+    );
+    let hour = [("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h")];
+    let a = node(&redis, &sink.smart_host(), "node-a", &hour);
+    let b = node(&redis, &sink.smart_host(), "node-b", &hour);
+    let (mut c, _) = Client::connect(a.relay.smtp);
+    c.expect("EHLO app.example", 250);
+    let text = message("user@example.org", "deleted elsewhere", "Hello.\r\n");
+    let id = queued_id(&c.send_message("app@sender.test", &["user@example.org"], &text));
+    let _ = c.cmd("QUIT");
+
+    let path = format!("/api/v1/messages/{id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while smarthost_tests::http::get(b.relay.admin_addr(), &path, None).json()["recipients"][0]
+        ["state"]
+        != "deferred"
+    {
+        assert!(Instant::now() < deadline, "never deferred");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deleted = smarthost_tests::http::request(b.relay.admin_addr(), "DELETE", &path, None);
+    assert_eq!(deleted.status, 200, "{deleted:?}");
+    assert_eq!(deleted.json()["recipients"], 1);
+    let report = sink.wait_for(1, ARRIVAL);
+    assert_eq!(report[0].rcpt_tos, ["app@sender.test"]);
+    assert_eq!(report[0].mail_from, "");
+    for node in [&a, &b] {
+        let gone = smarthost_tests::http::get(node.relay.admin_addr(), &path, None);
+        assert_eq!(gone.status, 404, "{gone:?}");
+    }
+    let queued = smarthost_tests::http::get(a.relay.admin_addr(), "/api/v1/queue", None).json();
+    assert_eq!(queued["messages"], 0, "{queued}");
+}

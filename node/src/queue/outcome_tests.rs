@@ -167,6 +167,14 @@ impl Schedule for SlowRecords {
     async fn suspended(&self) -> Result<std::collections::BTreeSet<String>, SpoolError> {
         self.inner.suspended().await
     }
+    async fn take_message(
+        &self,
+        id: &smarthost_proto::envelope::MessageId,
+        holder: &str,
+        lease: std::time::Duration,
+    ) -> Result<Option<crate::scheduler::TakenMessage>, SpoolError> {
+        self.inner.take_message(id, holder, lease).await
+    }
     async fn retry(
         &self,
         id: &smarthost_proto::envelope::MessageId,

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 
 use crate::delivery::MessageOutcome;
-use crate::scheduler::{Completion, RetryPolicy, Scheduler, SchedulerCounts};
+use crate::scheduler::{Completion, RetryPolicy, Scheduler, SchedulerCounts, TakenMessage};
 use crate::spool::{NewMessage, SpoolError};
 
 pub mod redis;
@@ -163,6 +163,17 @@ pub trait Schedule: Send + Sync + 'static {
     async fn resume(&self, domain: &str) -> Result<bool, SpoolError>;
 
     async fn counts(&self) -> Result<SchedulerCounts, SpoolError>;
+
+    /// Takes the deliveries of a message that are not in flight (ready,
+    /// deferred or suspended) under `holder`'s lease, for an operator's
+    /// delete, which completes each like an attempt. `None` when the
+    /// message is not queued.
+    async fn take_message(
+        &self,
+        id: &MessageId,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<Option<TakenMessage>, SpoolError>;
 
     /// Makes the deferred deliveries of a message due now (an operator's
     /// retry): the next promote hands them out. Returns how many; `None`
@@ -312,6 +323,15 @@ impl Schedule for MemorySchedule {
 
     async fn retry(&self, id: &MessageId, now_ms: u64) -> Result<Option<usize>, SpoolError> {
         Ok(self.lock().retry(id, now_ms))
+    }
+
+    async fn take_message(
+        &self,
+        id: &MessageId,
+        _holder: &str,
+        _lease: Duration,
+    ) -> Result<Option<TakenMessage>, SpoolError> {
+        Ok(self.lock().take_message(id))
     }
 
     async fn records(

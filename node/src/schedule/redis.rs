@@ -140,7 +140,9 @@ use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 use super::{dedup, Job, ReportHook, Schedule};
 use crate::delivery::MessageOutcome;
 use crate::metrics::RedisFailure;
-use crate::scheduler::{apply_outcome, expire_delivery, Completion, RetryPolicy, SchedulerCounts};
+use crate::scheduler::{
+    apply_outcome, expire_delivery, Completion, RetryPolicy, SchedulerCounts, TakenMessage,
+};
 use crate::spool::local::body_bytes;
 use crate::spool::redis::{self as spool_redis, body_key, record_key, INDEX_KEY};
 use crate::spool::{ListCursor, NewMessage, RedisSpool, SpoolError};
@@ -1856,6 +1858,65 @@ impl Schedule for RedisSchedule {
         }
         counts.deliveries_by_domain = by_domain;
         Ok(counts)
+    }
+
+    /// Claims the message in each of its domains (the expiry's claim
+    /// script: wherever it waits, unless leased) under `holder`'s lease,
+    /// held here like a take so that `complete` files it and the lease is
+    /// renewed meanwhile; a node that dies leaves it to the reclaim.
+    async fn take_message(
+        &self,
+        id: &MessageId,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<Option<TakenMessage>, SpoolError> {
+        let Some(bytes) = self.fetch(std::slice::from_ref(id)).await?.pop().flatten() else {
+            return Ok(None);
+        };
+        let Some(record) = self.decode_or_quarantine(id, &bytes).await? else {
+            return Ok(None);
+        };
+        let domains: Vec<String> = record.deliveries.iter().map(|d| d.domain.clone()).collect();
+        let mut pipe = redis::pipe();
+        // The leases' timers first, for a node that dies after the claim.
+        let until = now_ms().saturating_add(lease.as_millis() as u64);
+        let timers: Vec<(String, u64)> = domains.iter().map(|d| (d.clone(), until)).collect();
+        for cmd in Self::mark_cmds(&[], &timers) {
+            pipe.add_command(cmd).ignore();
+        }
+        for domain in &domains {
+            let k = domain_keys(domain);
+            let mut cmd = evalsha(
+                &self.scripts.claim,
+                &[&k.ready, &k.deferred, &k.leases, &k.holders],
+            );
+            cmd.arg(holder)
+                .arg(lease.as_millis() as u64)
+                .arg(id.as_str());
+            pipe.add_command(cmd);
+        }
+        let replies = self.run("take message", &pipe).await?;
+        let mut taken = TakenMessage {
+            record: Arc::new(record),
+            domains: Vec::new(),
+            in_flight: 0,
+        };
+        for (domain, value) in domains.into_iter().zip(replies) {
+            let (_, ids): (u64, Vec<String>) = parse("take message", value)?;
+            if ids.is_empty() {
+                taken.in_flight += 1;
+                continue;
+            }
+            self.held().insert(
+                (id.clone(), domain.clone()),
+                Held {
+                    holder: holder.to_string(),
+                    record: bytes.clone(),
+                },
+            );
+            taken.domains.push(domain);
+        }
+        Ok(Some(taken))
     }
 
     /// Lowers the message's entries in its domains' deferred sets to now

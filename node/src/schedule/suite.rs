@@ -95,6 +95,7 @@ where
     take_respects_the_maximum_and_keeps_order(make().await).await;
     a_deferred_delivery_comes_back_after_its_interval(make().await).await;
     a_retry_makes_deferred_work_due_now_and_leaves_the_rest(make().await).await;
+    taking_a_message_leaves_work_in_flight_to_its_holder(make().await).await;
     the_message_is_done_when_every_delivery_is(make().await).await;
     expiry_reaches_due_deferred_and_suspended_work_but_not_work_in_flight(make().await).await;
     a_suspended_domain_keeps_its_work_until_resumed(make().await).await;
@@ -197,6 +198,62 @@ async fn a_retry_makes_deferred_work_due_now_and_leaves_the_rest(f: Fixture) {
     assert_eq!(s.counts().await.unwrap().in_flight, 2);
     let unknown = record(7).id;
     assert_eq!(s.retry(&unknown, t0 + 20).await.unwrap(), None);
+}
+
+async fn taking_a_message_leaves_work_in_flight_to_its_holder(f: Fixture) {
+    let s = &*f.schedule;
+    let (r, other) = (record(0), record(3));
+    let t0 = r.received_ms;
+    insert(&f, &[0, 3], t0).await;
+    // Message 0: example.org in flight, example.net deferred; message 3
+    // (the same domains) stays as it is.
+    take(s, "example.org", 1).await;
+    take(s, "example.net", 2).await;
+    let deferred = outcome(&[(1, RcptResult::Deferred)]);
+    complete(s, &r.id, "example.net", &deferred, t0)
+        .await
+        .unwrap();
+    s.release(&other.id, "example.net").await.unwrap();
+
+    let taken = s
+        .take_message(&r.id, "node-a", LEASE)
+        .await
+        .unwrap()
+        .expect("queued");
+    assert_eq!(taken.record.id, r.id);
+    assert_eq!(taken.domains, ["example.net"]);
+    assert_eq!(taken.in_flight, 1);
+    // Taken: no longer handed out or promoted, and completed like an attempt.
+    s.promote(t0 + 60 * SECOND).await.unwrap();
+    let handed: Vec<MessageId> = take(s, "example.net", 10)
+        .await
+        .into_iter()
+        .map(|(record, _)| record.id.clone())
+        .collect();
+    assert_eq!(handed, std::slice::from_ref(&other.id));
+    let failed = outcome(&[(1, RcptResult::Failed)]);
+    let c = complete(s, &r.id, "example.net", &failed, t0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(c.failed().count(), 1);
+    assert_eq!(
+        c.record.deliveries.len(),
+        1,
+        "example.org is left in flight"
+    );
+    assert_eq!(
+        s.take_message(&r.id, "node-a", LEASE)
+            .await
+            .unwrap()
+            .unwrap()
+            .domains,
+        Vec::<String>::new()
+    );
+    assert!(s
+        .take_message(&record(9).id, "node-a", LEASE)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 async fn the_message_is_done_when_every_delivery_is(f: Fixture) {
