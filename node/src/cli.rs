@@ -392,6 +392,7 @@ fn format_summary(stats: &QueueStats) -> String {
         ("in flight".to_string(), stats.in_flight),
         ("waiting".to_string(), stats.waiting),
         ("store calls".to_string(), stats.store_calls as usize),
+        ("pending reports".to_string(), stats.pending_reports),
     ];
     let head = rows.len();
     rows.extend(
@@ -600,10 +601,11 @@ mod tests {
             ..QueueStats::default()
         };
         let text = format_summary(&stats);
-        assert!(text.starts_with("messages     3\n"), "{text}");
-        assert!(text.contains("deferred     3\n"), "{text}");
+        assert!(text.starts_with("messages         3\n"), "{text}");
+        assert!(text.contains("deferred         3\n"), "{text}");
+        assert!(text.contains("pending reports  0\n"), "{text}");
         assert!(
-            text.contains("deliveries by domain\n  held.test  3\n"),
+            text.contains("deliveries by domain\n  held.test      3\n"),
             "{text}"
         );
         assert!(

@@ -332,6 +332,17 @@ fn queue_states(out: &mut String, queue: &QueueStats) {
         "received messages waiting for a store call on this node",
     );
     let _ = writeln!(out, "smarthost_queue_waiting_stores {}", queue.waiting);
+    family(
+        out,
+        "smarthost_queue_pending_reports",
+        "gauge",
+        "delivery reports recorded with an outcome and not queued yet",
+    );
+    let _ = writeln!(
+        out,
+        "smarthost_queue_pending_reports {}",
+        queue.pending_reports
+    );
 }
 
 /// A login counter: its name, its help and how to read it.

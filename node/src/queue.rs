@@ -177,6 +177,10 @@ pub struct QueueStats {
     /// Domains an operator suspended (absent from older nodes' answers).
     #[serde(default)]
     pub suspended: BTreeSet<String>,
+    /// Delivery reports recorded but not queued yet (Redis backend); they
+    /// are queued on a later pass of the leader.
+    #[serde(default)]
+    pub pending_reports: usize,
 }
 
 /// The most one store call takes.
@@ -1356,6 +1360,7 @@ impl Handler<Stats> for Queue {
                         waiting: queue.batcher.waiting(),
                         store_calls: queue.store_calls,
                         suspended: counts.suspended,
+                        pending_reports: counts.pending_reports,
                     }
                 }),
         )

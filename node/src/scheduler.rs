@@ -265,6 +265,9 @@ pub struct SchedulerCounts {
     pub deliveries_by_domain: BTreeMap<String, usize>,
     /// Domains an operator suspended, whether or not mail waits for them.
     pub suspended: BTreeSet<String>,
+    /// Messages whose delivery reports were recorded with an outcome but
+    /// not queued yet (a shared schedule queues them on a later pass).
+    pub pending_reports: usize,
 }
 
 impl Scheduler {
@@ -601,6 +604,8 @@ impl Scheduler {
                 .map(|(domain, &n)| (domain.clone(), n))
                 .collect(),
             suspended: self.suspended.iter().cloned().collect(),
+            // Reports are queued with their outcome here (`follow_up`).
+            pending_reports: 0,
         }
     }
 }

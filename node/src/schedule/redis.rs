@@ -1043,6 +1043,63 @@ impl RedisSchedule {
         Ok(completion)
     }
 
+    /// Reads the kept reports of `entries` (taken by a pass) and queues
+    /// them; entries whose reports are gone are dropped.
+    async fn queue_pending(
+        &self,
+        entries: Vec<String>,
+        reporter: &ReportHook,
+    ) -> Result<usize, SpoolError> {
+        let keys: Vec<Option<String>> = entries
+            .iter()
+            .map(|e| KeptReports::parse_entry(e).map(|(m, first)| report_key(&m, &first)))
+            .collect();
+        let mut pipe = redis::pipe();
+        for key in keys.iter().flatten() {
+            pipe.cmd("GET").arg(key);
+        }
+        let mut values = self.run("pending reports: read", &pipe).await?.into_iter();
+        let (mut found, mut dropped) = (Vec::new(), Vec::new());
+        for (entry, key) in entries.into_iter().zip(keys) {
+            let bytes: Option<Vec<u8>> = match key {
+                Some(_) => parse("GET reports", values.next().unwrap_or(Value::Nil))?,
+                None => None,
+            };
+            match bytes.map(|b| KeptReports::decode(&entry, &b)) {
+                Some(Ok(kept)) => found.push(kept),
+                // Taken again after a grace; an operator can read it.
+                Some(Err(error)) => {
+                    tracing::error!(%entry, %error, "cannot read delivery reports kept with a record")
+                }
+                // Its record was never written, or the reports were queued.
+                None => dropped.push(entry),
+            }
+        }
+        if !dropped.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM")
+                .arg(PENDING_REPORTS_KEY)
+                .arg(dropped)
+                .ignore();
+            self.run("pending reports: drop", &pipe).await?;
+        }
+        let messages = found.len();
+        let queued = self.queue_kept(reporter, found).await;
+        if queued > 0 {
+            tracing::info!(
+                messages = queued,
+                "queued delivery reports kept with their records"
+            );
+        }
+        if queued < messages {
+            return Err(SpoolError::Unavailable(format!(
+                "{} of {messages} messages' pending reports could not be queued",
+                messages - queued
+            )));
+        }
+        Ok(queued)
+    }
+
     /// The oldest index entries received by `cutoff` whose records can be
     /// read, at most [`EXPIRY_BATCH`] of them, with their records. Entries
     /// whose record is gone are deleted once older than the grace
@@ -1628,54 +1685,24 @@ impl Schedule for RedisSchedule {
         if entries.is_empty() {
             return Ok(0);
         }
-        let keys: Vec<Option<String>> = entries
-            .iter()
-            .map(|e| KeptReports::parse_entry(e).map(|(m, first)| report_key(&m, &first)))
-            .collect();
-        let mut pipe = redis::pipe();
-        for key in keys.iter().flatten() {
-            pipe.cmd("GET").arg(key);
-        }
-        let mut values = self.run("pending reports: read", &pipe).await?.into_iter();
-        let (mut found, mut dropped) = (Vec::new(), Vec::new());
-        for (entry, key) in entries.into_iter().zip(keys) {
-            let bytes: Option<Vec<u8>> = match key {
-                Some(_) => parse("GET reports", values.next().unwrap_or(Value::Nil))?,
-                None => None,
-            };
-            match bytes.map(|b| KeptReports::decode(&entry, &b)) {
-                Some(Ok(kept)) => found.push(kept),
-                // Taken again after a grace; an operator can read it.
-                Some(Err(error)) => {
-                    tracing::error!(%entry, %error, "cannot read delivery reports kept with a record")
-                }
-                // Its record was never written, or the reports were queued.
-                None => dropped.push(entry),
+        let result = self.queue_pending(entries.clone(), reporter).await;
+        if result.is_err() {
+            // Taken entries wait a grace before another pass takes them;
+            // a pass that failed puts them back for the next one instead,
+            // so that a run of faults delays a report by passes, not by
+            // graces.
+            let mut put_back = redis::cmd("ZADD");
+            put_back.arg(PENDING_REPORTS_KEY).arg("XX");
+            for entry in &entries {
+                put_back.arg(cutoff).arg(entry);
+            }
+            let mut pipe = redis::pipe();
+            pipe.add_command(put_back).ignore();
+            if let Err(error) = self.run("pending reports: put back", &pipe).await {
+                tracing::debug!(%error, "pending reports wait for their grace");
             }
         }
-        if !dropped.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM")
-                .arg(PENDING_REPORTS_KEY)
-                .arg(dropped)
-                .ignore();
-            self.run("pending reports: drop", &pipe).await?;
-        }
-        let messages = found.len();
-        let queued = self.queue_kept(reporter, found).await;
-        if queued > 0 {
-            tracing::info!(
-                messages = queued,
-                "queued delivery reports kept with their records"
-            );
-        }
-        if queued < messages {
-            return Err(SpoolError::Unavailable(format!(
-                "{} of {messages} messages' pending reports could not be queued",
-                messages - queued
-            )));
-        }
-        Ok(queued)
+        result
     }
 
     /// Renews in the domains where this instance holds leases, and looks
@@ -1820,15 +1847,18 @@ impl Schedule for RedisSchedule {
         pipe.cmd("SMEMBERS").arg(ACTIVE_KEY);
         pipe.cmd("ZCARD").arg(INDEX_KEY);
         pipe.cmd("SMEMBERS").arg(SUSPENDED_KEY);
+        pipe.cmd("ZCARD").arg(PENDING_REPORTS_KEY);
         let reply = self.run("counts", &pipe).await?;
         let mut reply = reply.into_iter();
         let mut domains: Vec<String> = parse("counts", reply.next().unwrap_or(Value::Nil))?;
         domains.sort();
         let messages: i64 = parse("counts", reply.next().unwrap_or(Value::Nil))?;
         let suspended: Vec<String> = parse("counts", reply.next().unwrap_or(Value::Nil))?;
+        let pending: i64 = parse("counts", reply.next().unwrap_or(Value::Nil))?;
         let mut counts = SchedulerCounts {
             messages: messages as usize,
             suspended: suspended.into_iter().collect(),
+            pending_reports: pending as usize,
             ..SchedulerCounts::default()
         };
         if domains.is_empty() {
@@ -2368,6 +2398,72 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(entries, 0, "nothing is left pending");
+    }
+
+    /// A pass over the pending reports that cannot queue them puts them
+    /// back for the next pass, rather than a whole grace later.
+    #[tokio::test]
+    async fn a_pending_report_pass_that_fails_leaves_it_to_the_next_pass() {
+        use std::sync::Mutex;
+
+        let server = RedisServer::start();
+        let (spool, schedule) = node(&server).await;
+        queue(&spool, &schedule, 0..1).await;
+        let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
+        let refusing = Recorder::new(reports.clone());
+        refusing.failures.store(1, Ordering::SeqCst);
+        let (record, _) = schedule
+            .take("example.org", 1, "node-a", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .pop()
+            .expect("a delivery");
+        let failed = outcome(&[(0, RcptResult::Failed), (1, RcptResult::Failed)]);
+        schedule
+            .complete(
+                &record.id,
+                "example.org",
+                &failed,
+                now_ms(),
+                &policy(),
+                0.0,
+                Some(&refusing.hook()),
+            )
+            .await
+            .unwrap()
+            .expect("a completion");
+        // Kept long ago: past the grace.
+        let mut conn = raw(&server).await;
+        let entries: Vec<String> = redis::cmd("ZRANGE")
+            .arg(PENDING_REPORTS_KEY)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        let _: () = redis::cmd("ZADD")
+            .arg(PENDING_REPORTS_KEY)
+            .arg(1)
+            .arg(&entries[0])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+
+        assert_eq!(schedule.counts().await.unwrap().pending_reports, 1);
+        let failing = Recorder::new(reports.clone());
+        failing.failures.store(1, Ordering::SeqCst);
+        assert!(schedule
+            .send_pending_reports(&failing.hook())
+            .await
+            .is_err());
+        let fine = Recorder::new(reports.clone()).hook();
+        assert_eq!(schedule.send_pending_reports(&fine).await.unwrap(), 1);
+        assert_eq!(
+            *reports.lock().unwrap(),
+            vec![(record.id.clone(), "example.org".to_string())]
+        );
+        assert_eq!(schedule.counts().await.unwrap().pending_reports, 0);
     }
 
     /// Redis restarting between a delivery and its outcome: the outcome is

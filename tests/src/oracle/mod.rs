@@ -360,12 +360,16 @@ impl Deployment {
             .collect()
     }
 
-    /// `messages` of `/api/v1/queue`: of each node on the local spool, of
+    /// `messages` of `/api/v1/queue`, with the reports recorded but not
+    /// queued yet (`pending_reports`): of each node on the local spool, of
     /// the first node on the shared queue.
     fn queued(&self) -> Vec<Option<u64>> {
         self.queue_counts()
             .iter()
-            .map(|c| c.as_ref().and_then(|c| c["messages"].as_u64()))
+            .map(|c| {
+                let c = c.as_ref()?;
+                Some(c["messages"].as_u64()? + c["pending_reports"].as_u64().unwrap_or(0))
+            })
             .collect()
     }
 
