@@ -46,7 +46,7 @@ use crate::metrics::Scrape;
 use crate::queue::{
     DeleteMessage, Deleted, MessageView, QueueStats, RetryMessage, ShowMessage, Stats, Suspend,
 };
-use crate::spool::{Quarantined, Spool};
+use crate::spool::{Quarantined, Spool, SpoolError};
 use smarthost_coordinator::{GetStatus, Status};
 use smarthost_proto::envelope::MessageId;
 
@@ -459,8 +459,17 @@ async fn message(
     authorize(&env, &request, Access::Read).await?;
     let id = message_id(&id)?;
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    match queue.show.send(ShowMessage(id.clone())).await {
-        Ok(Ok(Some(view))) => Ok(web::Json(view)),
+    let view = queue_answer(&id, queue.show.send(ShowMessage(id.clone())).await)?;
+    Ok(web::Json(view))
+}
+
+/// The queue's answer about one message: `None` (not queued) is `404`.
+fn queue_answer<T>(
+    id: &MessageId,
+    answer: Result<Result<Option<T>, SpoolError>, actix::MailboxError>,
+) -> Result<T, ApiError> {
+    match answer {
+        Ok(Ok(Some(value))) => Ok(value),
         Ok(Ok(None)) => Err(ApiError::NoMessage(id.to_string())),
         Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
         Err(_) => Err(ApiError::QueueGone),
@@ -487,19 +496,11 @@ async fn delete_message(
         Some(other) => return Err(ApiError::BadNotify(other.chars().take(32).collect())),
     };
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    let deleted = match queue
-        .delete
-        .send(DeleteMessage {
-            id: id.clone(),
-            notify,
-        })
-        .await
-    {
-        Ok(Ok(Some(deleted))) => deleted,
-        Ok(Ok(None)) => return Err(ApiError::NoMessage(id.to_string())),
-        Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
-        Err(_) => return Err(ApiError::QueueGone),
+    let message = DeleteMessage {
+        id: id.clone(),
+        notify,
     };
+    let deleted = queue_answer(&id, queue.delete.send(message).await)?;
     tracing::info!(
         operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
         message_id = %id,
@@ -527,12 +528,7 @@ async fn retry(
     let operator = authorize(&env, &request, Access::Write).await?;
     let id = message_id(&id)?;
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    let deliveries = match queue.retry.send(RetryMessage(id.clone())).await {
-        Ok(Ok(Some(n))) => n,
-        Ok(Ok(None)) => return Err(ApiError::NoMessage(id.to_string())),
-        Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
-        Err(_) => return Err(ApiError::QueueGone),
-    };
+    let deliveries = queue_answer(&id, queue.retry.send(RetryMessage(id.clone())).await)?;
     tracing::info!(
         operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
         message_id = %id,

@@ -2336,20 +2336,16 @@ mod tests {
         assert_eq!(unique.len(), 8, "every delivery reported: {reported:?}");
     }
 
-    /// A failure is recorded with its report; when the report cannot be
-    /// queued then, it is queued later, once past the grace, and once.
-    #[tokio::test]
-    async fn a_report_not_queued_with_its_outcome_is_queued_later_once() {
-        use std::sync::Mutex;
+    type Reported = Arc<std::sync::Mutex<Vec<(MessageId, String)>>>;
 
-        let server = RedisServer::start();
-        let (spool, schedule) = node(&server).await;
-        queue(&spool, &schedule, 0..1).await;
-        let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
+    /// Message 0 fails at example.org; its report is recorded with the
+    /// outcome but cannot be queued then (the reporter refuses once).
+    async fn a_failure_whose_report_waits(
+        schedule: &RedisSchedule,
+        reports: &Reported,
+    ) -> (Arc<MessageRecord>, Completion) {
         let refusing = Recorder::new(reports.clone());
         refusing.failures.store(1, Ordering::SeqCst);
-        let refusing = refusing.hook();
-
         let (record, _) = schedule
             .take("example.org", 1, "node-a", Duration::from_secs(60))
             .await
@@ -2365,11 +2361,23 @@ mod tests {
                 now_ms(),
                 &policy(),
                 0.0,
-                Some(&refusing),
+                Some(&refusing.hook()),
             )
             .await
             .expect("the outcome is recorded though its report waits")
             .expect("a completion");
+        (record, completion)
+    }
+
+    /// A failure is recorded with its report; when the report cannot be
+    /// queued then, it is queued later, once past the grace, and once.
+    #[tokio::test]
+    async fn a_report_not_queued_with_its_outcome_is_queued_later_once() {
+        let server = RedisServer::start();
+        let (spool, schedule) = node(&server).await;
+        queue(&spool, &schedule, 0..1).await;
+        let reports: Reported = Default::default();
+        let (record, completion) = a_failure_whose_report_waits(&schedule, &reports).await;
         assert_eq!(completion.failed().count(), 1);
         let left = schedule
             .records(std::slice::from_ref(&record.id))
@@ -2404,34 +2412,11 @@ mod tests {
     /// back for the next pass, rather than a whole grace later.
     #[tokio::test]
     async fn a_pending_report_pass_that_fails_leaves_it_to_the_next_pass() {
-        use std::sync::Mutex;
-
         let server = RedisServer::start();
         let (spool, schedule) = node(&server).await;
         queue(&spool, &schedule, 0..1).await;
-        let reports = Arc::new(Mutex::new(Vec::<(MessageId, String)>::new()));
-        let refusing = Recorder::new(reports.clone());
-        refusing.failures.store(1, Ordering::SeqCst);
-        let (record, _) = schedule
-            .take("example.org", 1, "node-a", Duration::from_secs(60))
-            .await
-            .unwrap()
-            .pop()
-            .expect("a delivery");
-        let failed = outcome(&[(0, RcptResult::Failed), (1, RcptResult::Failed)]);
-        schedule
-            .complete(
-                &record.id,
-                "example.org",
-                &failed,
-                now_ms(),
-                &policy(),
-                0.0,
-                Some(&refusing.hook()),
-            )
-            .await
-            .unwrap()
-            .expect("a completion");
+        let reports: Reported = Default::default();
+        let (record, _) = a_failure_whose_report_waits(&schedule, &reports).await;
         // Kept long ago: past the grace.
         let mut conn = raw(&server).await;
         let entries: Vec<String> = redis::cmd("ZRANGE")
