@@ -245,6 +245,36 @@ fn submit_until_accepted(setup: &Setup, tag: &str, subjects: &mut Vec<String>) {
     }
 }
 
+/// Two nodes on one Redis whose mail goes to `sink`, retrying after an
+/// hour, and a message to user@example.org accepted by the first; returns
+/// the nodes and the message's path in the admin API once the second node
+/// shows it deferred after one attempt.
+fn deferred_on_two_nodes(
+    redis: &RedisServer,
+    sink: &Sink,
+    subject: &str,
+) -> (Setup, Setup, String) {
+    let hour = [("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h")];
+    let a = node(redis, &sink.smart_host(), "node-a", &hour);
+    let b = node(redis, &sink.smart_host(), "node-b", &hour);
+    let (mut c, _) = Client::connect(a.relay.smtp);
+    c.expect("EHLO app.example", 250);
+    let text = message("user@example.org", subject, "Hello.\r\n");
+    let id = queued_id(&c.send_message("app@sender.test", &["user@example.org"], &text));
+    let _ = c.cmd("QUIT");
+    let path = format!("/api/v1/messages/{id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = smarthost_tests::http::get(b.relay.admin_addr(), &path, None).json();
+        if view["recipients"][0]["state"] == "deferred" {
+            assert_eq!(view["recipients"][0]["attempts"], 1, "{view}");
+            return (a, b, path);
+        }
+        assert!(Instant::now() < deadline, "never deferred: {view}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// On a shared queue any node shows and retries any message: one node
 /// accepts a message the smart host defers (with an hour to wait), a
 /// second node shows where it stands and retries it, and it is
@@ -256,26 +286,7 @@ fn any_node_shows_and_retries_a_message_of_the_shared_queue() {
         SinkOptions::default()
             .script(serde_json::json!({"rcpt": {"user@example.org": [451, 250]}})),
     );
-    let hour = [("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h")];
-    let a = node(&redis, &sink.smart_host(), "node-a", &hour);
-    let b = node(&redis, &sink.smart_host(), "node-b", &hour);
-    let (mut c, _) = Client::connect(a.relay.smtp);
-    c.expect("EHLO app.example", 250);
-    let text = message("user@example.org", "shown and retried", "Hello.\r\n");
-    let id = queued_id(&c.send_message("app@sender.test", &["user@example.org"], &text));
-    let _ = c.cmd("QUIT");
-
-    let path = format!("/api/v1/messages/{id}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let view = loop {
-        let view = smarthost_tests::http::get(b.relay.admin_addr(), &path, None).json();
-        if view["recipients"][0]["state"] == "deferred" {
-            break view;
-        }
-        assert!(Instant::now() < deadline, "never deferred: {view}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(view["recipients"][0]["attempts"], 1, "{view}");
+    let (_a, b, path) = deferred_on_two_nodes(&redis, &sink, "shown and retried");
     assert!(sink.messages().is_empty());
 
     let retried = smarthost_tests::http::post(b.relay.admin_addr(), &format!("{path}/retry"), None);
@@ -296,24 +307,7 @@ fn any_node_deletes_a_message_of_the_shared_queue_and_the_sender_hears() {
     let sink = Sink::start(
         SinkOptions::default().script(serde_json::json!({"rcpt": {"user@example.org": [451]}})),
     );
-    let hour = [("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h")];
-    let a = node(&redis, &sink.smart_host(), "node-a", &hour);
-    let b = node(&redis, &sink.smart_host(), "node-b", &hour);
-    let (mut c, _) = Client::connect(a.relay.smtp);
-    c.expect("EHLO app.example", 250);
-    let text = message("user@example.org", "deleted elsewhere", "Hello.\r\n");
-    let id = queued_id(&c.send_message("app@sender.test", &["user@example.org"], &text));
-    let _ = c.cmd("QUIT");
-
-    let path = format!("/api/v1/messages/{id}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while smarthost_tests::http::get(b.relay.admin_addr(), &path, None).json()["recipients"][0]
-        ["state"]
-        != "deferred"
-    {
-        assert!(Instant::now() < deadline, "never deferred");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (a, b, path) = deferred_on_two_nodes(&redis, &sink, "deleted elsewhere");
     let deleted = smarthost_tests::http::request(b.relay.admin_addr(), "DELETE", &path, None);
     assert_eq!(deleted.status, 200, "{deleted:?}");
     assert_eq!(deleted.json()["recipients"], 1);
