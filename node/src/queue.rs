@@ -177,8 +177,8 @@ pub struct QueueStats {
     /// Domains an operator suspended (absent from older nodes' answers).
     #[serde(default)]
     pub suspended: BTreeSet<String>,
-    /// Delivery reports recorded but not queued yet (Redis backend); they
-    /// are queued on a later pass of the leader.
+    /// Entries of delivery reports recorded but not known to be queued
+    /// (Redis backend); the leader's next passes queue or drop them.
     #[serde(default)]
     pub pending_reports: usize,
 }

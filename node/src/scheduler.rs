@@ -265,8 +265,8 @@ pub struct SchedulerCounts {
     pub deliveries_by_domain: BTreeMap<String, usize>,
     /// Domains an operator suspended, whether or not mail waits for them.
     pub suspended: BTreeSet<String>,
-    /// Messages whose delivery reports were recorded with an outcome but
-    /// not queued yet (a shared schedule queues them on a later pass).
+    /// Entries of delivery reports recorded with an outcome but not known
+    /// to be queued (a shared schedule queues or drops them on a later pass).
     pub pending_reports: usize,
 }
 
