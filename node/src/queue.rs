@@ -1261,13 +1261,20 @@ impl Handler<DeleteMessage> for Queue {
                 return Ok(None);
             };
             let mut done = Vec::new();
+            // The first failure to record; the domains after it are put
+            // back untouched rather than left in flight.
+            let mut failed = None;
             for domain in &taken.domains {
-                let Some(index) = taken
+                let index = taken
                     .record
                     .deliveries
                     .iter()
-                    .position(|d| &d.domain == domain)
-                else {
+                    .position(|d| &d.domain == domain);
+                let (Some(index), None) = (index, &failed) else {
+                    if let Err(error) = schedule.release(&msg.id, domain).await {
+                        tracing::warn!(message_id = %msg.id, %domain, %error,
+                            "cannot put back a delivery a delete left; its lease runs out");
+                    }
                     continue;
                 };
                 let outcome = MessageOutcome::all_of(
@@ -1287,17 +1294,23 @@ impl Handler<DeleteMessage> for Queue {
                         0.0,
                         hook.as_ref(),
                     )
-                    .await?;
-                if let Some(completion) = completion {
-                    done.push((completion, outcome));
+                    .await;
+                match completion {
+                    Ok(Some(completion)) => done.push((completion, outcome)),
+                    Ok(None) => {}
+                    Err(error) => failed = Some(error),
                 }
             }
-            Ok(Some((msg.id, done, taken.in_flight)))
+            Ok(Some((msg.id, done, taken.in_flight, failed)))
         };
         Box::pin(work.into_actor(self).then(move |result, queue, ctx| {
             let mut follow_ups = Vec::new();
+            let mut failed = None;
             let answer = result.map(|taken| {
-                taken.map(|(id, done, in_flight)| {
+                taken.map(|(id, done, in_flight, error)| {
+                    // What was recorded is logged and written even when a
+                    // later domain failed.
+                    failed = error;
                     let mut recipients = 0;
                     for (completion, outcome) in done {
                         recipients += completion.failed().count();
@@ -1320,7 +1333,10 @@ impl Handler<DeleteMessage> for Queue {
                 for done in follow_ups {
                     done.await;
                 }
-                answer
+                match failed {
+                    Some(error) => Err(error),
+                    None => answer,
+                }
             }
             .into_actor(queue)
         }))
