@@ -13,11 +13,43 @@ pub mod redis;
 /// A free port on loopback: nothing listens on it once this returns, so
 /// a server started next can bind it (unless another process takes it
 /// first).
+///
+/// The port is drawn below the kernel's ephemeral range, which outgoing
+/// connections take their local ports from: a server a test kills and
+/// starts again on the same port would otherwise find it taken by some
+/// other test's client in between.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    free_port_on(std::net::Ipv4Addr::LOCALHOST)
+}
+
+/// [`free_port`] on the given address.
+pub fn free_port_on(ip: std::net::Ipv4Addr) -> u16 {
+    use rand::Rng;
+    let below = ephemeral_low().saturating_sub(1);
+    // Room for a Redis Cluster bus port at port + 10000 as well.
+    let (low, high) = (10_000u16, below.saturating_sub(10_000));
+    if high > low {
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let port = rng.random_range(low..=high);
+            if std::net::TcpListener::bind((ip, port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    std::net::TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
         .port()
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default if it
+/// cannot be read).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A counter of what `total` grew by since the previous call (the first

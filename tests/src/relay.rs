@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -13,13 +13,7 @@ use smarthost_proto::envelope::{MessageId, MessageRecord};
 
 use crate::smarthost_bin;
 
-/// A free TCP port on 127.0.0.1 (bound, read, released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+pub use smarthost_testkit::free_port;
 
 /// Keeps a test relay's outbound traffic on this machine and its files in
 /// its own directory: unless the test says otherwise, DNS questions go to a
