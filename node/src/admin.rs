@@ -6,6 +6,8 @@
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]); open, like
 //!   the probes.
 //! - `GET /api/v1/queue`: the queue counts ([`QueueStats`]) as JSON.
+//! - `GET /api/v1/messages?domain=&state=&cursor=&limit=`: a page of the
+//!   queued messages ([`MessagePage`]), of one domain or of all.
 //! - `GET /api/v1/messages/{id}`: one queued message ([`MessageView`]).
 //! - `POST /api/v1/messages/{id}/retry`: its deferred deliveries due now.
 //! - `DELETE /api/v1/messages/{id}?notify=bounce|silent`: out of the queue.
@@ -44,7 +46,8 @@ use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusa
 use crate::config::check_domain_name;
 use crate::metrics::Scrape;
 use crate::queue::{
-    DeleteMessage, Deleted, MessageView, QueueStats, RetryMessage, ShowMessage, Stats, Suspend,
+    DeleteMessage, Deleted, ListMessages, Listing, MessagePage, MessageView, PageCursor,
+    QueueStats, RetryMessage, ShowMessage, Stats, Suspend, LISTED_STATES,
 };
 use crate::spool::{Quarantined, Spool, SpoolError};
 use smarthost_coordinator::{GetStatus, Status};
@@ -61,6 +64,7 @@ pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_m
 /// The queue's answers about single messages.
 #[derive(Clone)]
 pub struct MessageQueue {
+    pub list: Recipient<ListMessages>,
     pub show: Recipient<ShowMessage>,
     pub retry: Recipient<RetryMessage>,
     pub delete: Recipient<DeleteMessage>,
@@ -204,6 +208,7 @@ pub const API_V1: &str = "/api/v1";
 fn api(config: &mut web::ServiceConfig) {
     config
         .service(web::resource("/queue").get(queue))
+        .service(web::resource("/messages").get(messages))
         .service(
             web::resource("/messages/{id}")
                 .get(message)
@@ -281,6 +286,8 @@ pub enum ApiError {
     NoMessage(String),
     #[error("notify={0:?}: expected bounce or silent")]
     BadNotify(String),
+    #[error("{0}")]
+    BadQuery(String),
 }
 
 impl ResponseError for ApiError {
@@ -297,6 +304,7 @@ impl ResponseError for ApiError {
             ApiError::BadMessageId(_) => StatusCode::BAD_REQUEST,
             ApiError::NoMessage(_) => StatusCode::NOT_FOUND,
             ApiError::BadNotify(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -440,14 +448,80 @@ async fn queue(
 /// A message id as the relay makes them ([`MessageId::new`]); nothing
 /// else reaches the queue's keys.
 fn message_id(text: &str) -> Result<MessageId, ApiError> {
-    let valid = text.len() == 28
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if valid {
-        Ok(MessageId(text.to_string()))
-    } else {
-        Err(ApiError::BadMessageId(text.chars().take(64).collect()))
+    MessageId::parse(text).ok_or_else(|| ApiError::BadMessageId(text.chars().take(64).collect()))
+}
+
+/// Messages per page unless `limit` says otherwise.
+pub const DEFAULT_PAGE: usize = 100;
+/// The largest page.
+pub const MAX_PAGE: usize = 1000;
+
+/// The query of a listing.
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    domain: Option<String>,
+    state: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+impl ListQuery {
+    /// The listing and the page size it asks for, or what is wrong with it.
+    fn listing(self) -> Result<(Listing, usize), ApiError> {
+        let cut = |text: &str| text.chars().take(64).collect::<String>();
+        let domain = match self.domain.as_deref() {
+            None | Some("") => None,
+            Some(domain) => Some(check_domain_name(domain).map_err(ApiError::BadDomain)?),
+        };
+        let state = match self.state {
+            Some(state) if !LISTED_STATES.contains(&state.as_str()) => {
+                return Err(ApiError::BadQuery(format!(
+                    "state={:?}: expected one of {}",
+                    cut(&state),
+                    LISTED_STATES.join(", ")
+                )))
+            }
+            state => state,
+        };
+        let after = match self.cursor.as_deref() {
+            None | Some("") => None,
+            Some(token) => Some(PageCursor::parse(token, domain.is_some()).ok_or_else(|| {
+                ApiError::BadQuery(format!(
+                    "cursor={:?} is not a cursor of this listing (pass next_cursor back as it \
+                     came, with the same domain)",
+                    cut(token)
+                ))
+            })?),
+        };
+        let limit = self.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::BadQuery(format!(
+                "limit={limit}: expected 1 to {MAX_PAGE}"
+            )));
+        }
+        Ok((
+            Listing {
+                domain,
+                state,
+                after,
+            },
+            limit,
+        ))
+    }
+}
+
+async fn messages(
+    request: HttpRequest,
+    query: web::Query<ListQuery>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<MessagePage>, ApiError> {
+    authorize(&env, &request, Access::Read).await?;
+    let (listing, limit) = query.into_inner().listing()?;
+    let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
+    match queue.list.send(ListMessages { listing, limit }).await {
+        Ok(Ok(page)) => Ok(web::Json(page)),
+        Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
+        Err(_) => Err(ApiError::QueueGone),
     }
 }
 

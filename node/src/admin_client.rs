@@ -8,7 +8,7 @@ use actix_web::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::admin::{ClusterView, DomainState, ErrorBody, Retried, API_V1};
-use crate::queue::{Deleted, MessageView, QueueStats};
+use crate::queue::{Deleted, MessagePage, MessageView, QueueStats};
 use crate::spool::Quarantined;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,6 +48,27 @@ impl AdminClient {
 
     pub async fn queue_stats(&self) -> Result<QueueStats, ClientError> {
         self.call(self.http.get(self.url("/queue"))).await
+    }
+
+    /// One page of the queued messages, of `domain` (the routing form) or
+    /// of all, with a delivery in `state` if given, after `cursor`.
+    pub async fn messages(
+        &self,
+        domain: Option<&str>,
+        state: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<MessagePage, ClientError> {
+        // Domains, states and cursors need no escaping: the first is
+        // checked to the routing form, the others are fixed words and
+        // digits.
+        let mut path = format!("/messages?limit={limit}");
+        for (name, value) in [("domain", domain), ("state", state), ("cursor", cursor)] {
+            if let Some(value) = value {
+                path.push_str(&format!("&{name}={value}"));
+            }
+        }
+        self.call(self.http.get(self.url(&path))).await
     }
 
     /// One queued message; a message not in the queue is `HTTP 404`.

@@ -72,6 +72,24 @@ enum Command {
 enum QueueAction {
     /// Counts of messages and deliveries, by state and by domain.
     Summary,
+    /// The queued messages, oldest first: each with its sender and where
+    /// each recipient stands. Fetched a page at a time.
+    List {
+        /// Only messages with a delivery pending in this domain.
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Option<String>,
+        /// Only messages with a delivery (in --domain, if given) in this
+        /// state.
+        #[arg(long, value_parser = crate::queue::LISTED_STATES)]
+        state: Option<String>,
+        /// List at most this many messages (default: all).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// One JSON object per message and line (the admin API's message
+        /// view), instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// One queued message: its envelope, and where each recipient stands.
     Show {
         /// The queue id (`queued as …` in the reply to the message).
@@ -153,6 +171,56 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             let result = actix::System::new().block_on(async move {
                 let stats = AdminClient::new(listen, token).queue_stats().await?;
                 Ok::<_, ClientError>(format_summary(&stats))
+            });
+            return print_result(result);
+        }
+        QueueAction::List {
+            domain,
+            state,
+            limit,
+            json,
+        } => {
+            let domain = match domain.as_deref().map(crate::config::check_domain_name) {
+                None => None,
+                Some(Ok(domain)) => Some(domain),
+                Some(Err(why)) => {
+                    eprintln!("error: {why}");
+                    return ExitCode::from(2);
+                }
+            };
+            let result = actix::System::new().block_on(async move {
+                let client = AdminClient::new(listen, token);
+                let mut left = limit.unwrap_or(usize::MAX);
+                let mut cursor: Option<String> = None;
+                let mut shown = 0;
+                let stdout = std::io::stdout();
+                while left > 0 {
+                    let size = left.min(crate::admin::MAX_PAGE);
+                    let page = client
+                        .messages(domain.as_deref(), state.as_deref(), cursor.as_deref(), size)
+                        .await?;
+                    // Printed page by page: a long queue is never held whole.
+                    let mut out = stdout.lock();
+                    for view in &page.messages {
+                        let text = if json {
+                            serde_json::to_string(view).expect("plain data") + "\n"
+                        } else {
+                            format_listed(view, shown == 0)
+                        };
+                        let _ = out.write_all(text.as_bytes());
+                        shown += 1;
+                    }
+                    left = left.saturating_sub(page.messages.len());
+                    match page.next_cursor {
+                        Some(next) => cursor = Some(next),
+                        None => break,
+                    }
+                }
+                Ok::<_, ClientError>(if json || shown > 0 {
+                    String::new()
+                } else {
+                    "no messages\n".to_string()
+                })
             });
             return print_result(result);
         }
@@ -383,6 +451,39 @@ fn format_message(view: &MessageView) -> String {
     out
 }
 
+/// One message of `queue list`, as `mailq` shows it: a line with its id,
+/// arrival, size and sender, then one indented line per recipient with
+/// its state and last reply. `first`: a header line goes before it.
+fn format_listed(view: &MessageView, first: bool) -> String {
+    let arrival = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(view.received_ms),
+    );
+    let sender = if view.sender.is_empty() {
+        "<>"
+    } else {
+        &view.sender
+    };
+    let mut out = String::new();
+    if first {
+        out.push_str(&format!(
+            "{:<28}  {:<20}  {:>10}  SENDER / RECIPIENTS\n",
+            "ID", "ARRIVAL", "SIZE"
+        ));
+    }
+    out.push_str(&format!(
+        "{:<28}  {arrival:<20}  {:>10}  {sender}\n",
+        view.id, view.size
+    ));
+    for r in &view.recipients {
+        out.push_str(&format!("    {}  {}", r.address, r.state));
+        if let Some(reply) = &r.last_reply {
+            out.push_str(&format!("  ({reply})"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The queue counts as an aligned table, domains in name order.
 fn format_summary(stats: &QueueStats) -> String {
     let mut rows = vec![
@@ -561,6 +662,34 @@ mod tests {
              a@now.example    done              0  -                     -\n\
              b@later.example  deferred          2  2026-11-28T18:15:42Z  451 4.3.0 try again later\n"
         );
+    }
+
+    #[test]
+    fn a_listed_message_is_a_line_and_its_recipients_under_it() {
+        let view: MessageView = serde_json::from_value(serde_json::json!({
+            "id": "0192f3a1b2c3d4e5f60718293a4b",
+            "received_ms": 1_795_888_842_000u64,
+            "size": 2048,
+            "sender": "app@sender.example",
+            "envid": null,
+            "client": {"ip": "10.0.0.5", "helo": "app.example", "user": null, "tls": false},
+            "recipients": [
+                {"address": "a@now.example", "domain": "now.example", "state": "queued",
+                 "attempts": 0, "next_attempt_ms": 1_795_888_842_000u64, "last_reply": null},
+                {"address": "b@later.example", "domain": "later.example", "state": "deferred",
+                 "attempts": 2, "next_attempt_ms": 1_795_889_742_000u64,
+                 "last_reply": "451 4.3.0 try again later"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            format_listed(&view, true),
+            "ID                            ARRIVAL                     SIZE  SENDER / RECIPIENTS\n\
+             0192f3a1b2c3d4e5f60718293a4b  2026-11-28T18:00:42Z        2048  app@sender.example\n    \
+             a@now.example  queued\n    \
+             b@later.example  deferred  (451 4.3.0 try again later)\n"
+        );
+        assert!(format_listed(&view, false).starts_with("0192f3a1b2c3d4e5f60718293a4b  "));
     }
 
     #[test]

@@ -66,6 +66,17 @@ pub struct Stats;
 #[rtype(result = "Result<Option<MessageView>, SpoolError>")]
 pub struct ShowMessage(pub MessageId);
 
+/// One page of the queue's messages, for the operator. Each page costs
+/// what it lists, whatever the length of the queue: the whole queue is
+/// paged through the spool's receive-order index, a domain through the
+/// schedule's per-domain listing.
+#[derive(Message)]
+#[rtype(result = "Result<MessagePage, SpoolError>")]
+pub struct ListMessages {
+    pub listing: Listing,
+    pub limit: usize,
+}
+
 /// Deletes a message from the queue: its deliveries not in flight fail at
 /// once with [`DELETED`], reported to the sender when `notify`; those in
 /// flight finish their attempt. `None`: the message is not queued.
@@ -1243,6 +1254,53 @@ impl Handler<ShowMessage> for Queue {
     }
 }
 
+impl Handler<ListMessages> for Queue {
+    type Result = ResponseFuture<Result<MessagePage, SpoolError>>;
+
+    fn handle(&mut self, msg: ListMessages, _: &mut Context<Self>) -> Self::Result {
+        let (schedule, spool) = (self.schedule.clone(), self.spool.clone());
+        Box::pin(async move {
+            let ListMessages { listing, limit } = msg;
+            let (ids, next) = match (&listing.domain, &listing.after) {
+                (Some(domain), after) => {
+                    let after = match after {
+                        Some(PageCursor::Domain(id)) => Some(id),
+                        _ => None,
+                    };
+                    let ids = schedule.domain_messages(domain, after, limit).await?;
+                    let next = (ids.len() == limit)
+                        .then(|| ids.last().cloned().map(PageCursor::Domain))
+                        .flatten();
+                    (ids, next)
+                }
+                (None, after) => {
+                    let after = match after {
+                        Some(PageCursor::Queue(cursor)) => Some(cursor),
+                        _ => None,
+                    };
+                    let (records, next) = spool.list_page(after, limit).await?;
+                    let ids = records.into_iter().map(|r| r.id).collect();
+                    (ids, next.map(PageCursor::Queue))
+                }
+            };
+            // The schedule's records are the current ones; a message done
+            // since it was listed is left out.
+            let records = schedule.records(&ids).await?;
+            let suspended = schedule.suspended().await?;
+            let messages = records
+                .into_iter()
+                .flatten()
+                .filter(|record| listing.wants(record, &suspended))
+                .map(|record| MessageView::of(&record, &suspended))
+                .collect();
+            Ok(MessagePage {
+                messages,
+                next_cursor: next.map(|cursor| cursor.token()),
+            })
+        })
+    }
+}
+
 impl Handler<DeleteMessage> for Queue {
     type Result = ResponseActFuture<Self, Result<Option<Deleted>, SpoolError>>;
 
@@ -1819,7 +1877,9 @@ mod tests {
 mod outcome_tests;
 mod view;
 
-pub use view::{ClientView, MessageView, RecipientView};
+pub use view::{
+    ClientView, Listing, MessagePage, MessageView, PageCursor, RecipientView, LISTED_STATES,
+};
 
 #[cfg(test)]
 mod leader_tests {

@@ -242,7 +242,9 @@ pub struct Scheduler {
     suspended: HashSet<String>,
     ready_len: usize,
     in_flight_len: usize,
-    deliveries_by_domain: HashMap<String, usize>,
+    /// The messages with a delivery pending in each domain, by id (which
+    /// starts with the receive time): the domain's count, and its listing.
+    by_domain: HashMap<String, BTreeSet<MessageId>>,
 }
 
 /// The deliveries of one message an operator took ([`Scheduler::take_message`]).
@@ -291,12 +293,10 @@ impl Scheduler {
                 // A record naming one domain twice: one delivery.
                 continue;
             }
-            match self.deliveries_by_domain.get_mut(&delivery.domain) {
-                Some(count) => *count += 1,
-                None => {
-                    self.deliveries_by_domain.insert(delivery.domain.clone(), 1);
-                }
-            }
+            self.by_domain
+                .entry(delivery.domain.clone())
+                .or_default()
+                .insert(record.id.clone());
             if delivery.next_attempt_ms <= now_ms {
                 self.push_ready(key, false);
                 if !self.suspended.contains(&delivery.domain) {
@@ -465,6 +465,7 @@ impl Scheduler {
                 // Never filed without its record; forget it rather than panic.
                 None => {
                     self.places.remove(&key);
+                    self.leave_domain(&key);
                 }
             }
         }
@@ -549,15 +550,8 @@ impl Scheduler {
         let was_filed = self.unfile(&key).is_some();
         match completion.next_attempt_ms {
             Some(next) if !completion.message_done() => self.defer(key, next),
-            _ if was_filed => {
-                // The delivery is over.
-                if let Some(count) = self.deliveries_by_domain.get_mut(&completion.domain) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.deliveries_by_domain.remove(&completion.domain);
-                    }
-                }
-            }
+            // The delivery is over.
+            _ if was_filed => self.leave_domain(&key),
             _ => {}
         }
         if completion.message_done() {
@@ -567,6 +561,32 @@ impl Scheduler {
             return;
         }
         self.records.insert(id.clone(), completion.record.clone());
+    }
+
+    /// A delivery is over: its message leaves the domain's listing.
+    fn leave_domain(&mut self, (id, domain): &Key) {
+        if let Some(ids) = self.by_domain.get_mut(domain) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_domain.remove(domain);
+            }
+        }
+    }
+
+    /// Up to `limit` messages with a delivery pending in `domain`, in id
+    /// (so receive) order, after `after`: a page of the domain's listing.
+    pub fn domain_messages(
+        &self,
+        domain: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Vec<MessageId> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let Some(ids) = self.by_domain.get(domain) else {
+            return Vec::new();
+        };
+        let from = after.map_or(Unbounded, Excluded);
+        ids.range((from, Unbounded)).take(limit).cloned().collect()
     }
 
     /// The current record of a message still pending.
@@ -599,9 +619,9 @@ impl Scheduler {
             deferred: self.deferred.len(),
             in_flight: self.in_flight_len,
             deliveries_by_domain: self
-                .deliveries_by_domain
+                .by_domain
                 .iter()
-                .map(|(domain, &n)| (domain.clone(), n))
+                .map(|(domain, ids)| (domain.clone(), ids.len()))
                 .collect(),
             suspended: self.suspended.iter().cloned().collect(),
             // Reports are queued with their outcome here (`follow_up`).

@@ -410,6 +410,7 @@ fn start_admin(
     .with_guard(checks, guard)
     .with_spool(spool.clone())
     .with_messages(admin::MessageQueue {
+        list: queue.clone().recipient(),
         show: queue.clone().recipient(),
         retry: queue.clone().recipient(),
         delete: queue.clone().recipient(),

@@ -30,6 +30,17 @@ impl MessageId {
         ))
     }
 
+    /// An id in the form [`MessageId::new`] makes (28 lower-case hex
+    /// digits), as an operator or a client hands one back; `None` for
+    /// anything else, so that nothing else reaches the queue's keys.
+    pub fn parse(text: &str) -> Option<MessageId> {
+        let valid = text.len() == 28
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        valid.then(|| MessageId(text.to_string()))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

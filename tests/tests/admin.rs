@@ -585,3 +585,177 @@ fn a_deleted_message_is_reported_to_its_sender_unless_silent() {
         .log()
         .contains("message deleted from the queue by an operator"));
 }
+
+/// Every page of `GET /api/v1/messages` with `query`, following
+/// `next_cursor`: the ids of each page.
+fn list_pages(relay: &Relay, query: &str) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..50 {
+        let path = format!("/api/v1/messages?{query}{cursor}");
+        let answer = http::get(relay.admin_addr(), &path, None);
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+        let page = answer.json();
+        let ids: Vec<String> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        if !ids.is_empty() {
+            pages.push(ids);
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return pages,
+        }
+    }
+    panic!("{query}: more than 50 pages");
+}
+
+/// The queue is listed a page at a time, whole or by domain and state,
+/// on the local spool and on Redis; bad queries get a precise `400`.
+fn messages_are_listed_in_pages(env: &[(&str, &str)]) {
+    let dead = free_port();
+    let mut env = env.to_vec();
+    env.push(("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h"));
+    let relay = Relay::start_with_env(
+        "",
+        &format!(
+            "[[domains]]\nname = \"a.test\"\nsmart_host = \"[127.0.0.1]:{dead}\"\n\n\
+             [[domains]]\nname = \"b.test\"\nsmart_host = \"[127.0.0.1]:{dead}\"\n"
+        ),
+        &env,
+    );
+    queue_ok(&relay, &["suspend", "b.test"]);
+    let mut ids: Vec<String> = (0..3)
+        .map(|n| submit(&relay, "x@a.test", &format!("to a {n}")))
+        .collect();
+    for n in 0..2 {
+        let (mut c, _) = Client::connect(relay.smtp);
+        c.expect("EHLO app.example", 250);
+        let reply = c.send_message(
+            "app@sender.test",
+            &["y@b.test", "z@a.test"],
+            &format!("Subject: to both {n}\r\n\r\nHello.\r\n"),
+        );
+        ids.push(queued_id(&reply));
+        c.expect("QUIT", 221);
+    }
+    let (to_a, to_b) = (ids.clone(), ids[3..].to_vec());
+
+    // The whole queue, two at a time, in receive order.
+    let pages = list_pages(&relay, "limit=2");
+    assert!(pages.iter().all(|p| p.len() <= 2), "{pages:?}");
+    let listed: Vec<String> = pages.concat();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(listed, sorted, "receive order");
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(listed, all);
+
+    // By domain, in id order.
+    let mut a: Vec<String> = list_pages(&relay, "domain=a.test&limit=2").concat();
+    let mut want_a = to_a.clone();
+    want_a.sort();
+    assert_eq!(a, want_a);
+    assert_eq!(list_pages(&relay, "domain=B.TEST").concat(), to_b);
+    // By state: b.test is suspended; a.test's attempts fail and wait an
+    // hour.
+    assert_eq!(list_pages(&relay, "state=suspended").concat(), to_b);
+    assert!(list_pages(&relay, "domain=a.test&state=suspended").is_empty());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        a = list_pages(&relay, "domain=a.test&state=deferred").concat();
+        if a == want_a {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never all deferred: {a:?}");
+        std::thread::sleep(POLL);
+    }
+    let page = http::get(relay.admin_addr(), "/api/v1/messages?domain=b.test", None).json();
+    let both = &page["messages"][0];
+    assert_eq!(both["recipients"][0]["state"], "suspended", "{page}");
+    assert_eq!(both["recipients"][1]["state"], "deferred", "{page}");
+
+    // The command line: a table, or one JSON object per line.
+    let table = queue_ok(&relay, &["list"]);
+    assert!(table.starts_with("ID "), "{table}");
+    for id in &ids {
+        assert!(table.contains(&format!("\n{id}  ")), "{id} in {table}");
+    }
+    assert!(table.contains("    y@b.test  suspended"), "{table}");
+    let json = queue_ok(&relay, &["list", "--domain", "b.test", "--json"]);
+    let listed: Vec<String> = json
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(listed, to_b);
+    let two = queue_ok(&relay, &["list", "--limit", "2", "--json"]);
+    assert_eq!(two.lines().count(), 2, "{two}");
+    assert_eq!(
+        queue_ok(&relay, &["list", "--domain", "c.test"]),
+        "no messages\n"
+    );
+
+    // A deleted message leaves every listing.
+    queue_ok(&relay, &["delete", "--silent", &to_b[0]]);
+    assert_eq!(list_pages(&relay, "domain=b.test").concat(), &to_b[1..]);
+    assert_eq!(list_pages(&relay, "").concat().len(), 4);
+
+    // Bad queries.
+    let cursor = http::get(relay.admin_addr(), "/api/v1/messages?limit=1", None).json()
+        ["next_cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (query, error) in [
+        (
+            "state=bounced".to_string(),
+            "state=\"bounced\": expected one of queued, deferred, suspended",
+        ),
+        ("limit=0".to_string(), "limit=0: expected 1 to 1000"),
+        ("limit=1001".to_string(), "limit=1001: expected 1 to 1000"),
+        (
+            "cursor=zzz".to_string(),
+            "cursor=\"zzz\" is not a cursor of this listing",
+        ),
+        (
+            format!("domain=a.test&cursor={cursor}"),
+            "is not a cursor of this listing",
+        ),
+        ("domain=-a-.test".to_string(), "-a-.test"),
+    ] {
+        let answer = http::get(
+            relay.admin_addr(),
+            &format!("/api/v1/messages?{query}"),
+            None,
+        );
+        assert_eq!(answer.status, 400, "{query}: {answer:?}");
+        let said = answer.json()["error"].as_str().unwrap().to_string();
+        assert!(said.contains(error), "{query}: {said}");
+    }
+    let output = queue(&relay, &["list", "--state", "bounced"], None);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+}
+
+#[test]
+fn messages_are_listed_in_pages_on_the_local_spool() {
+    messages_are_listed_in_pages(&[]);
+}
+
+#[test]
+fn messages_are_listed_in_pages_on_redis() {
+    let redis = smarthost_testkit::redis::RedisServer::start();
+    let url = redis.url();
+    messages_are_listed_in_pages(&[
+        ("SMARTHOST__QUEUE__BACKEND", "redis"),
+        ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
+    ]);
+}

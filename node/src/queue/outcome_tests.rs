@@ -182,6 +182,14 @@ impl Schedule for SlowRecords {
     ) -> Result<Option<usize>, SpoolError> {
         self.inner.retry(id, now_ms).await
     }
+    async fn domain_messages(
+        &self,
+        domain: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError> {
+        self.inner.domain_messages(domain, after, limit).await
+    }
     async fn records(
         &self,
         ids: &[MessageId],

@@ -1,11 +1,16 @@
 //! One queued message as an operator sees it (`GET /api/v1/messages/{id}`,
 //! `smarthost queue show`): its envelope, and per recipient where it
 //! stands. A pure function of the record and the suspended domains.
+//!
+//! Pages of messages (`GET /api/v1/messages`, `smarthost queue list`) are
+//! made of the same views, with the cursor that continues them.
 
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
-use smarthost_proto::envelope::{DeliveryState, MessageRecord};
+use smarthost_proto::envelope::{Delivery, DeliveryState, MessageId, MessageRecord};
+
+use crate::spool::ListCursor;
 
 /// A queued message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,15 +65,7 @@ impl MessageView {
                     .deliveries
                     .iter()
                     .find(|d| d.recipients.contains(&(index as u32)));
-                let state = match delivery {
-                    None => "done",
-                    Some(d) if suspended.contains(&d.domain) => "suspended",
-                    Some(d) => match d.state {
-                        DeliveryState::Queued => "queued",
-                        DeliveryState::Deferred => "deferred",
-                        DeliveryState::Suspended => "suspended",
-                    },
-                };
+                let state = delivery.map_or("done", |d| state_of(d, suspended));
                 RecipientView {
                     address: rcpt.address.to_string(),
                     domain: rcpt.address.domain.clone(),
@@ -100,10 +97,145 @@ impl MessageView {
     }
 }
 
+/// Where a pending delivery stands: `queued`, `deferred` or `suspended`.
+fn state_of(delivery: &Delivery, suspended: &BTreeSet<String>) -> &'static str {
+    if suspended.contains(&delivery.domain) {
+        return "suspended";
+    }
+    match delivery.state {
+        DeliveryState::Queued => "queued",
+        DeliveryState::Deferred => "deferred",
+        DeliveryState::Suspended => "suspended",
+    }
+}
+
+/// The states a listing can ask for.
+pub const LISTED_STATES: [&str; 3] = ["queued", "deferred", "suspended"];
+
+/// Which messages a listing wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Only messages with a delivery pending in this domain (the routing
+    /// form: lower case, A-labels); `None`: the whole queue.
+    pub domain: Option<String>,
+    /// Only messages with a delivery in this state (one of
+    /// [`LISTED_STATES`]), in `domain` when one is given.
+    pub state: Option<String>,
+    /// Where the previous page ended.
+    pub after: Option<PageCursor>,
+}
+
+impl Listing {
+    /// Whether `record` is one the listing wants; its domain is already
+    /// known to match.
+    pub fn wants(&self, record: &MessageRecord, suspended: &BTreeSet<String>) -> bool {
+        let Some(state) = &self.state else {
+            return true;
+        };
+        record.deliveries.iter().any(|d| {
+            self.domain
+                .as_ref()
+                .is_none_or(|domain| &d.domain == domain)
+                && state_of(d, suspended) == state
+        })
+    }
+}
+
+/// Where a page of a listing ended. The whole queue is listed in receive
+/// order, a domain in id order (which starts with the receive time), so
+/// the two cursors differ; both are opaque to clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageCursor {
+    Queue(ListCursor),
+    Domain(MessageId),
+}
+
+impl PageCursor {
+    /// The text a client sends back: `<received ms>-<id>` or `<id>`.
+    pub fn token(&self) -> String {
+        match self {
+            PageCursor::Queue(c) => format!("{}-{}", c.received_ms, c.id),
+            PageCursor::Domain(id) => id.to_string(),
+        }
+    }
+
+    /// The cursor of a listing of the whole queue (`by_domain` false) or of
+    /// one domain; `None` when `token` is not one this listing made.
+    pub fn parse(token: &str, by_domain: bool) -> Option<PageCursor> {
+        if by_domain {
+            return MessageId::parse(token).map(PageCursor::Domain);
+        }
+        let (received, rest) = token.split_once('-')?;
+        Some(PageCursor::Queue(ListCursor {
+            received_ms: received.parse().ok()?,
+            id: MessageId::parse(rest)?,
+        }))
+    }
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePage {
+    /// Fewer than asked for when a state filter left some out, or at the
+    /// end.
+    pub messages: Vec<MessageView>,
+    /// Pass it as `cursor` for the next page; `None`: this was the last.
+    pub next_cursor: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::spool::suite::message;
+
+    #[test]
+    fn cursors_come_back_as_they_were_given() {
+        let id = MessageId::new(1_700_000_000_123, 42);
+        let queue = PageCursor::Queue(ListCursor {
+            received_ms: 1_700_000_000_123,
+            id: id.clone(),
+        });
+        assert_eq!(PageCursor::parse(&queue.token(), false), Some(queue));
+        let domain = PageCursor::Domain(id.clone());
+        assert_eq!(PageCursor::parse(&domain.token(), true), Some(domain));
+        // A cursor of one kind of listing is not one of the other.
+        let queue_token = format!("5-{id}");
+        assert_eq!(PageCursor::parse(&queue_token, true), None);
+        assert_eq!(PageCursor::parse(id.as_str(), false), None);
+        for bad in [
+            "",
+            "-",
+            "x-",
+            "12-",
+            "12-XYZ",
+            "1-0000",
+            "abc-0123456789abcdef0123456789",
+        ] {
+            assert_eq!(PageCursor::parse(bad, false), None, "{bad}");
+            assert_eq!(PageCursor::parse(bad, true), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_state_filter_looks_at_the_listed_domain_only() {
+        // Message 0: example.org and example.net, both queued.
+        let mut record = message(0, 100).record;
+        record.deliveries[0].state = DeliveryState::Deferred;
+        let none = BTreeSet::new();
+        let listing = |domain: Option<&str>, state: &str| Listing {
+            domain: domain.map(str::to_string),
+            state: Some(state.to_string()),
+            after: None,
+        };
+        assert!(listing(None, "deferred").wants(&record, &none));
+        assert!(listing(None, "queued").wants(&record, &none));
+        assert!(listing(Some("example.org"), "deferred").wants(&record, &none));
+        assert!(!listing(Some("example.net"), "deferred").wants(&record, &none));
+        assert!(!listing(None, "suspended").wants(&record, &none));
+        let held = BTreeSet::from(["example.net".to_string()]);
+        assert!(listing(Some("example.net"), "suspended").wants(&record, &held));
+        assert!(Listing::default().wants(&record, &none));
+    }
 
     #[test]
     fn each_recipient_shows_the_state_of_its_domain() {

@@ -183,6 +183,16 @@ pub trait Schedule: Send + Sync + 'static {
     /// The domains an operator suspended (few: one per operator action).
     async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError>;
 
+    /// Up to `limit` messages with a delivery pending in `domain`, in id
+    /// (so receive) order after `after`: one page of the domain's listing,
+    /// whose cost is the page, not the domain's queue.
+    async fn domain_messages(
+        &self,
+        domain: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError>;
+
     /// The current records of these messages (`None`: no longer pending),
     /// for the writer that persists them.
     async fn records(
@@ -332,6 +342,15 @@ impl Schedule for MemorySchedule {
         _lease: Duration,
     ) -> Result<Option<TakenMessage>, SpoolError> {
         Ok(self.lock().take_message(id))
+    }
+
+    async fn domain_messages(
+        &self,
+        domain: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError> {
+        Ok(self.lock().domain_messages(domain, after, limit))
     }
 
     async fn records(

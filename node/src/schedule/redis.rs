@@ -15,6 +15,7 @@
 //! | `smarthost:{d:<domain>}:leases` | sorted set | id → lease expiry (ms, Redis clock) |
 //! | `smarthost:{d:<domain>}:holders` | hash | id → holder of the lease |
 //! | `smarthost:{d:<domain>}:suspended` | string | present while the domain is suspended |
+//! | `smarthost:{d:<domain>}:messages` | sorted set | id → 0: every id queued in the domain (ready, deferred or leased), for listing in id order (`ZRANGE BYLEX`) |
 //! | `smarthost:{domains}:active` | set | domains that hold work (ready, deferred or leased) |
 //! | `smarthost:{domains}:ready` | set | domains that may have ready work |
 //! | `smarthost:{domains}:timers` | sorted set | domain → when it next needs a look (ms): its earliest deferred attempt or lease expiry |
@@ -226,6 +227,7 @@ struct DomainKeys {
     leases: String,
     holders: String,
     suspended: String,
+    messages: String,
 }
 
 fn domain_keys(domain: &str) -> DomainKeys {
@@ -239,6 +241,7 @@ fn domain_keys(domain: &str) -> DomainKeys {
         leases: key("leases"),
         holders: key("holders"),
         suspended: key("suspended"),
+        messages: key("messages"),
     }
 }
 
@@ -807,7 +810,7 @@ impl RedisSchedule {
         let k = domain_keys(domain);
         let mut cmd = evalsha(
             &self.scripts.file,
-            &[&k.ready, &k.deferred, &k.leases, &k.holders],
+            &[&k.ready, &k.deferred, &k.leases, &k.holders, &k.messages],
         );
         cmd.arg(id.as_str())
             .arg(holder)
@@ -1208,7 +1211,7 @@ impl RedisSchedule {
             let k = domain_keys(domain);
             let mut cmd = evalsha(
                 &self.scripts.claim,
-                &[&k.ready, &k.deferred, &k.leases, &k.holders],
+                &[&k.ready, &k.deferred, &k.leases, &k.holders, &k.messages],
             );
             cmd.arg(holder)
                 .arg(self.expiry_claim.as_millis() as u64)
@@ -1453,7 +1456,7 @@ impl Schedule for RedisSchedule {
             let k = domain_keys(domain);
             let mut cmd = evalsha(
                 &self.scripts.insert,
-                &[&k.ready, &k.deferred, &k.leases, &k.suspended],
+                &[&k.ready, &k.deferred, &k.leases, &k.suspended, &k.messages],
             );
             for (id, next, due) in entries {
                 cmd.arg(id).arg(*next).arg(if *due { "1" } else { "0" });
@@ -1918,7 +1921,7 @@ impl Schedule for RedisSchedule {
             let k = domain_keys(domain);
             let mut cmd = evalsha(
                 &self.scripts.claim,
-                &[&k.ready, &k.deferred, &k.leases, &k.holders],
+                &[&k.ready, &k.deferred, &k.leases, &k.holders, &k.messages],
             );
             cmd.arg(holder)
                 .arg(lease.as_millis() as u64)
@@ -1999,6 +2002,30 @@ impl Schedule for RedisSchedule {
         let domains: Vec<String> =
             parse("suspended", reply.into_iter().next().unwrap_or(Value::Nil))?;
         Ok(domains.into_iter().collect())
+    }
+
+    async fn domain_messages(
+        &self,
+        domain: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let from = after.map_or("-".to_string(), |id| format!("({id}"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(domain_keys(domain).messages)
+            .arg(from)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let mut values = self.run("domain messages", &pipe).await?;
+        let ids: Vec<String> = parse("domain messages", values.pop().unwrap_or(Value::Nil))?;
+        Ok(ids.into_iter().map(MessageId).collect())
     }
 
     async fn records(
@@ -2799,7 +2826,7 @@ mod tests {
                 .collect();
             let mut cmd = evalsha(
                 &s.scripts.claim,
-                &[&k.ready, &k.deferred, &k.leases, &k.holders],
+                &[&k.ready, &k.deferred, &k.leases, &k.holders, &k.messages],
             );
             cmd.arg("sweep").arg(60_000).arg(&claimed);
             cmd.query_async::<Value>(&mut conn).await.unwrap();

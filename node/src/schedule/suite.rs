@@ -100,6 +100,80 @@ where
     expiry_reaches_due_deferred_and_suspended_work_but_not_work_in_flight(make().await).await;
     a_suspended_domain_keeps_its_work_until_resumed(make().await).await;
     counts_follow_the_deliveries(make().await).await;
+    a_domain_is_listed_in_pages_of_what_it_holds(make().await).await;
+}
+
+/// Every page of `domain`'s listing, `limit` at a time.
+async fn list_domain(s: &dyn Schedule, domain: &str, limit: usize) -> Vec<Vec<MessageId>> {
+    let mut pages = Vec::new();
+    let mut after: Option<MessageId> = None;
+    for _ in 0..100 {
+        let page = s
+            .domain_messages(domain, after.as_ref(), limit)
+            .await
+            .expect("domain messages");
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().cloned();
+        pages.push(page);
+    }
+    pages
+}
+
+async fn a_domain_is_listed_in_pages_of_what_it_holds(f: Fixture) {
+    let s = &*f.schedule;
+    let t0 = record(0).received_ms;
+    // Messages 0..12, all due; example.org holds those with n % 3 of 0
+    // or 2.
+    insert(&f, &(0..12).collect::<Vec<_>>(), t0 + 60 * SECOND).await;
+    let ids = |numbers: &[u64]| numbers.iter().map(|&n| record(n).id).collect::<Vec<_>>();
+    assert_eq!(
+        list_domain(s, "example.org", 3).await,
+        [ids(&[0, 2, 3]), ids(&[5, 6, 8]), ids(&[9, 11])]
+    );
+    assert!(list_domain(s, "nowhere.example", 3).await.is_empty());
+
+    // Delivered to example.org: gone from its listing, still in
+    // example.net's. Deferred, in flight or taken by an operator: listed.
+    let taken = take(s, "example.org", 3).await;
+    assert_eq!(taken.len(), 3);
+    let delivered = outcome(&[(0, RcptResult::Delivered)]);
+    complete(s, &record(0).id, "example.org", &delivered, t0)
+        .await
+        .unwrap();
+    let deferred = outcome(&[(1, RcptResult::Deferred)]);
+    complete(s, &record(2).id, "example.org", &deferred, t0)
+        .await
+        .unwrap();
+    s.take_message(&record(5).id, "node-a", LEASE)
+        .await
+        .unwrap()
+        .expect("queued");
+    let org: Vec<MessageId> = list_domain(s, "example.org", 4)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(org, ids(&[2, 3, 5, 6, 8, 9, 11]));
+    assert_eq!(
+        list_domain(s, "example.net", 100).await,
+        [ids(&[0, 1, 3, 4, 6, 7, 9, 10])]
+    );
+    let counts = s.counts().await.unwrap();
+    assert_eq!(counts.deliveries_by_domain["example.org"], org.len());
+
+    // Failed for good (the operator's delete of message 5): gone.
+    let failed = outcome(&[(1, RcptResult::Failed)]);
+    complete(s, &record(5).id, "example.org", &failed, t0)
+        .await
+        .unwrap();
+    let org: Vec<MessageId> = list_domain(s, "example.org", 100)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(org, ids(&[2, 3, 6, 8, 9, 11]));
 }
 
 async fn take_hands_out_due_work_once_and_release_puts_it_back(f: Fixture) {

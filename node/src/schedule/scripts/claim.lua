@@ -1,7 +1,7 @@
 -- Leases each id that is not leased already, wherever it waits (ready,
 -- deferred, suspended or in no key at all), so that one expiry sweep alone
--- expires it.
--- KEYS: ready, deferred, leases, holders
+-- expires it; a claimed id is listed in the domain's messages.
+-- KEYS: ready, deferred, leases, holders, messages
 -- ARGV: holder, lease ms, ids...
 -- Returns {lease expiry ms, {ids claimed}}.
 -- Complexity: O(n log N) for n ids.
@@ -15,6 +15,7 @@ for i = 3, #ARGV do
     redis.call('ZREM', KEYS[2], id)
     redis.call('ZADD', KEYS[3], expiry, id)
     redis.call('HSET', KEYS[4], id, ARGV[1])
+    redis.call('ZADD', KEYS[5], 0, id)
     claimed[#claimed + 1] = id
   end
 end

@@ -1,6 +1,7 @@
 -- Files a delivery after an attempt or an expiry: drops its lease and puts
--- it in deferred (or nowhere when it is done).
--- KEYS: ready, deferred, leases, holders
+-- it in deferred (or nowhere when it is done, and then out of the domain's
+-- messages).
+-- KEYS: ready, deferred, leases, holders, messages
 -- ARGV: id, holder ('' = nobody may hold it), next attempt ms ('' = done)
 -- Returns {filed 1/0, 1 if the domain holds no work at all now}.
 -- Complexity: O(log N).
@@ -14,7 +15,11 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[5], ARGV[1])
+end
 local left = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
 if left == 0 then return {1, 1} end
 return {1, 0}

@@ -1,6 +1,8 @@
 -- Files new deliveries unless they are already queued (ready, deferred or
--- leased): due ones at the back of ready, the others in deferred.
--- KEYS: ready, deferred, leases, suspended
+-- leased): due ones at the back of ready, the others in deferred. Every id
+-- is listed in the domain's messages, queued already or not (a rescan
+-- lists what an earlier release queued).
+-- KEYS: ready, deferred, leases, suspended, messages
 -- ARGV: (id, next attempt ms, due 1/0)...
 -- Returns {suspended 1/0, timer}: timer is the domain's next timer ms (the
 -- earliest of its next deferred attempt and its next lease expiry) when
@@ -11,6 +13,7 @@ local score = nil
 local queued = false
 for i = 1, #ARGV, 3 do
   local id = ARGV[i]
+  redis.call('ZADD', KEYS[5], 0, id)
   if redis.call('ZSCORE', KEYS[3], id) or redis.call('ZSCORE', KEYS[2], id) then
     queued = true
   elseif not redis.call('ZSCORE', KEYS[1], id) then
