@@ -171,6 +171,9 @@ pub fn report_key(id: &MessageId, report: &MessageId) -> String {
 /// The most messages whose pending reports one call queues.
 const PENDING_BATCH: usize = 100;
 
+/// The most batches of [`PENDING_BATCH`] one pass takes.
+const PENDING_BATCHES: usize = 10;
+
 /// How many messages' reports are queued at once.
 const REPORTS_AT_ONCE: usize = 32;
 
@@ -751,6 +754,24 @@ impl RedisSchedule {
         vec![zadd]
     }
 
+    /// Forgets the entries of reports whose record write lost a race or
+    /// found the record gone: their reports were never written, and left
+    /// in place each would take a pass's room. One that stays (this
+    /// fails) is dropped by a pass.
+    async fn forget_unwritten(&self, entries: Vec<String>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM")
+            .arg(PENDING_REPORTS_KEY)
+            .arg(entries)
+            .ignore();
+        if let Err(error) = self.run("pending reports: forget unwritten", &pipe).await {
+            tracing::debug!(%error, "entries of unwritten reports wait for a pass");
+        }
+    }
+
     /// Queues reports written with their records, several messages at
     /// once, and forgets those queued; the others stay for
     /// [`Schedule::send_pending_reports`]. Returns how many were queued.
@@ -939,6 +960,8 @@ impl RedisSchedule {
             None => (String::new(), None),
         };
         let mut races = 0;
+        // Entries of reports whose record write lost: forgotten below.
+        let mut unwritten = Vec::new();
         // The record is gone: the message is done (a completion whose domain
         // step failed, or another node's), so its index entry goes too.
         let mut gone = false;
@@ -976,7 +999,11 @@ impl RedisSchedule {
             let steps = vec![Self::pending_cmd(&reports), vec![write]];
             let reply = self.ordered("complete: record", steps).await?;
             let reply = reply.into_iter().flatten().last().unwrap_or(Value::Nil);
-            match Self::parse_record_write(reply)? {
+            let write = Self::parse_record_write(reply)?;
+            if !matches!(write, RecordWrite::Written) {
+                unwritten.extend(reports.as_ref().map(|r| r.entry.clone()));
+            }
+            match write {
                 RecordWrite::Written => {
                     kept = reports;
                     break Some(completion);
@@ -988,6 +1015,7 @@ impl RedisSchedule {
                 RecordWrite::Changed(current) => {
                     races += 1;
                     if races == MAX_RECORD_RACES {
+                        self.forget_unwritten(unwritten).await;
                         return Err(SpoolError::Unavailable(format!(
                             "record of {id} keeps changing under complete"
                         )));
@@ -996,6 +1024,7 @@ impl RedisSchedule {
                 }
             }
         };
+        self.forget_unwritten(unwritten).await;
         // Then the domain: the lease goes, the delivery is filed, and a
         // retry gives the domain its timer (after the script: see "The
         // domain sets" in the module doc).
@@ -1044,6 +1073,44 @@ impl RedisSchedule {
             }
         }
         Ok(completion)
+    }
+
+    /// One batch of [`Schedule::send_pending_reports`]: how many entries
+    /// it took, and how many messages' reports it queued.
+    async fn pending_batch(&self, reporter: &ReportHook) -> Result<(usize, usize), SpoolError> {
+        let now = now_ms();
+        let cutoff = now.saturating_sub(self.report_grace.as_millis() as u64);
+        let mut take = evalsha(&self.scripts.pending_reports, &[PENDING_REPORTS_KEY]);
+        take.arg(cutoff).arg(now).arg(PENDING_BATCH);
+        let mut pipe = redis::pipe();
+        pipe.add_command(take);
+        let reply = self.run("pending reports", &pipe).await?;
+        let entries: Vec<String> = parse(
+            "pending reports",
+            reply.into_iter().next().unwrap_or(Value::Nil),
+        )?;
+        if entries.is_empty() {
+            return Ok((0, 0));
+        }
+        let taken = entries.len();
+        let result = self.queue_pending(entries.clone(), reporter).await;
+        if result.is_err() {
+            // Taken entries wait a grace before another pass takes them;
+            // a pass that failed puts them back for the next one instead,
+            // so that a run of faults delays a report by passes, not by
+            // graces.
+            let mut put_back = redis::cmd("ZADD");
+            put_back.arg(PENDING_REPORTS_KEY).arg("XX");
+            for entry in &entries {
+                put_back.arg(cutoff).arg(entry);
+            }
+            let mut pipe = redis::pipe();
+            pipe.add_command(put_back).ignore();
+            if let Err(error) = self.run("pending reports: put back", &pipe).await {
+                tracing::debug!(%error, "pending reports wait for their grace");
+            }
+        }
+        result.map(|queued| (taken, queued))
     }
 
     /// Reads the kept reports of `entries` (taken by a pass) and queues
@@ -1253,6 +1320,7 @@ impl RedisSchedule {
             claimed.keys().map(|id| (id.clone(), None)).collect();
         let mut expired: BTreeMap<MessageId, Vec<Completion>> = BTreeMap::new();
         let mut kept: Vec<KeptReports> = Vec::new();
+        let mut unwritten = Vec::new();
         let mut put_back: Vec<MessageId> = Vec::new();
         for _ in 0..MAX_RECORD_RACES {
             if pending.is_empty() {
@@ -1334,11 +1402,15 @@ impl RedisSchedule {
                         expired.insert(id, completions);
                         kept.extend(reports);
                     }
-                    RecordWrite::Gone => {}
-                    RecordWrite::Changed(current) => pending.push((id, Some(current))),
+                    RecordWrite::Gone => unwritten.extend(reports.map(|r| r.entry)),
+                    RecordWrite::Changed(current) => {
+                        unwritten.extend(reports.map(|r| r.entry));
+                        pending.push((id, Some(current)));
+                    }
                 }
             }
         }
+        self.forget_unwritten(unwritten).await;
         if let Some(report) = report {
             self.queue_kept(report, kept).await;
         }
@@ -1674,38 +1746,17 @@ impl Schedule for RedisSchedule {
     }
 
     async fn send_pending_reports(&self, reporter: &ReportHook) -> Result<usize, SpoolError> {
-        let now = now_ms();
-        let cutoff = now.saturating_sub(self.report_grace.as_millis() as u64);
-        let mut take = evalsha(&self.scripts.pending_reports, &[PENDING_REPORTS_KEY]);
-        take.arg(cutoff).arg(now).arg(PENDING_BATCH);
-        let mut pipe = redis::pipe();
-        pipe.add_command(take);
-        let reply = self.run("pending reports", &pipe).await?;
-        let entries: Vec<String> = parse(
-            "pending reports",
-            reply.into_iter().next().unwrap_or(Value::Nil),
-        )?;
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let result = self.queue_pending(entries.clone(), reporter).await;
-        if result.is_err() {
-            // Taken entries wait a grace before another pass takes them;
-            // a pass that failed puts them back for the next one instead,
-            // so that a run of faults delays a report by passes, not by
-            // graces.
-            let mut put_back = redis::cmd("ZADD");
-            put_back.arg(PENDING_REPORTS_KEY).arg("XX");
-            for entry in &entries {
-                put_back.arg(cutoff).arg(entry);
-            }
-            let mut pipe = redis::pipe();
-            pipe.add_command(put_back).ignore();
-            if let Err(error) = self.run("pending reports: put back", &pipe).await {
-                tracing::debug!(%error, "pending reports wait for their grace");
+        // A backlog (entries left by faults) drains by several batches a
+        // pass, so that a report behind it waits passes, not minutes.
+        let mut queued = 0;
+        for _ in 0..PENDING_BATCHES {
+            let (taken, sent) = self.pending_batch(reporter).await?;
+            queued += sent;
+            if taken < PENDING_BATCH {
+                break;
             }
         }
-        result
+        Ok(queued)
     }
 
     /// Renews in the domains where this instance holds leases, and looks
@@ -2143,7 +2194,7 @@ mod tests {
     use super::*;
     use crate::delivery::RcptResult;
     use crate::schedule::suite::{self, complete, outcome, policy, Fixture, Recorder};
-    use crate::spool::suite::message;
+    use crate::spool::suite::{id, message};
     use crate::spool::Spool;
     use smarthost_testkit::redis::RedisServer;
 
@@ -2474,6 +2525,87 @@ mod tests {
         assert_eq!(
             *reports.lock().unwrap(),
             vec![(record.id.clone(), "example.org".to_string())]
+        );
+        assert_eq!(schedule.counts().await.unwrap().pending_reports, 0);
+    }
+
+    /// A backlog of entries left by faults (reports already queued, record
+    /// writes that lost) is older than a report still waiting: one pass
+    /// drains it by several batches and queues the report behind it.
+    #[tokio::test]
+    async fn a_backlog_of_stale_entries_does_not_hold_back_a_waiting_report() {
+        let server = RedisServer::start();
+        let (spool, schedule) = node(&server).await;
+        queue(&spool, &schedule, 0..1).await;
+        let reports: Reported = Default::default();
+        let (record, _) = a_failure_whose_report_waits(&schedule, &reports).await;
+        let mut conn = raw(&server).await;
+        let entries: Vec<String> = redis::cmd("ZRANGE")
+            .arg(PENDING_REPORTS_KEY)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        let stale = 3 * PENDING_BATCH + 50;
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(PENDING_REPORTS_KEY);
+        for n in 0..stale {
+            zadd.arg(n + 1)
+                .arg(format!("{}:{}", id(9000 + n as u64), id(n as u64)));
+        }
+        zadd.arg(stale + 10).arg(&entries[0]);
+        let _: () = zadd.query_async(&mut conn).await.unwrap();
+        assert_eq!(schedule.counts().await.unwrap().pending_reports, stale + 1);
+
+        let fine = Recorder::new(reports.clone()).hook();
+        assert_eq!(schedule.send_pending_reports(&fine).await.unwrap(), 1);
+        assert_eq!(
+            *reports.lock().unwrap(),
+            vec![(record.id.clone(), "example.org".to_string())]
+        );
+        assert_eq!(schedule.counts().await.unwrap().pending_reports, 0);
+    }
+
+    /// A failure recorded after its record changed under it (another
+    /// domain's outcome first): the write that lost takes its report's
+    /// entry with it, so nothing is left for a pass to drop.
+    #[tokio::test]
+    async fn a_record_write_that_loses_a_race_leaves_no_pending_entry() {
+        let server = RedisServer::start();
+        let (spool, schedule) = node(&server).await;
+        queue(&spool, &schedule, 0..1).await;
+        let lease = Duration::from_secs(60);
+        let mut taken = Vec::new();
+        for domain in ["example.org", "example.net"] {
+            let (record, _) = schedule
+                .take(domain, 1, "node-a", lease)
+                .await
+                .unwrap()
+                .pop()
+                .expect("a delivery");
+            taken.push(record);
+        }
+        let delivered = outcome(&[(1, RcptResult::Delivered)]);
+        let reports: Reported = Default::default();
+        let hook = Recorder::new(reports.clone()).hook();
+        let run = |domain: &'static str, outcome: MessageOutcome| {
+            let (schedule, id, hook) = (schedule.clone(), taken[0].id.clone(), hook.clone());
+            async move {
+                schedule
+                    .complete(&id, domain, &outcome, now_ms(), &policy(), 0.0, Some(&hook))
+                    .await
+                    .unwrap()
+                    .expect("a completion")
+            }
+        };
+        run("example.net", delivered).await;
+        let failed = run("example.org", outcome(&[(0, RcptResult::Failed)])).await;
+        assert!(failed.message_done());
+        assert_eq!(
+            *reports.lock().unwrap(),
+            vec![(taken[0].id.clone(), "example.org".to_string())]
         );
         assert_eq!(schedule.counts().await.unwrap().pending_reports, 0);
     }
