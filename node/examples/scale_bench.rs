@@ -18,9 +18,13 @@
 //! (one message per call), `take` (one delivery), `complete` (delivered:
 //! the message is removed), `promote` (with nothing due, and moving
 //! [`SAMPLE`] due retries), an expiry sweep page (up to 1000 messages past
-//! their lifetime, and a sweep that finds none) and a rescan page (1000
-//! records listed from the middle of the spool and inserted again). The
-//! probes leave the queue size as it was.
+//! their lifetime, and a sweep that finds none), a rescan page (1000
+//! records listed from the middle of the spool and inserted again), and
+//! the operator's listing: pages of [`LIST_PAGE`] messages of the whole
+//! queue and of the first domain, from cursors spread over the queue, as
+//! `GET /api/v1/messages` reads them (ids, then the current records). The
+//! probes leave the queue size as it was. With DOMAINS = 1 the first
+//! domain holds the whole queue.
 //!
 //! `start` measures, in a fresh process, what a node does at start-up with
 //! that queue: the local spool opened (its log replayed) and every message
@@ -51,6 +55,10 @@ const SAMPLE: u64 = 200;
 const FILL_BATCH: u64 = 1000;
 /// The page of an expiry sweep and of a rescan.
 const PAGE: u64 = 1000;
+/// The page of an operator's listing (the API's default), and how many
+/// pages are timed per row.
+const LIST_PAGE: usize = 100;
+const LIST_PAGES: u64 = 20;
 const HOLDER: &str = "bench";
 const LEASE: Duration = Duration::from_secs(15 * 60);
 const DAY_MS: u64 = 86_400_000;
@@ -416,6 +424,48 @@ async fn probe_ops(backend: &Backend, fill: &mut Fill) -> Result<(), Error> {
     backend.schedule.insert(records, fill.now_ms).await?;
     let mut rescan = vec![started.elapsed()];
     row(size, &format!("rescan page ({listed})"), &mut rescan);
+
+    // The operator's listing, from cursors spread over the queue.
+    let cursor = |i: u64| {
+        let n = fill.expired + i * (size - fill.expired) / LIST_PAGES;
+        ListCursor {
+            received_ms: fill.base_ms + n,
+            id: MessageId::new(fill.base_ms + n, n),
+        }
+    };
+    let mut whole = Vec::new();
+    let mut listed = 0;
+    for i in 0..LIST_PAGES {
+        let started = Instant::now();
+        let (page, _) = backend.spool.list_page(Some(&cursor(i)), LIST_PAGE).await?;
+        let ids: Vec<MessageId> = page.into_iter().map(|r| r.id).collect();
+        listed += backend.schedule.records(&ids).await?.len();
+        whole.push(started.elapsed());
+    }
+    let per_page = listed as u64 / LIST_PAGES;
+    row(
+        size,
+        &format!("list page ({per_page}, whole queue)"),
+        &mut whole,
+    );
+    let first = domain(0, fill.domains);
+    let mut one = Vec::new();
+    listed = 0;
+    for i in 0..LIST_PAGES {
+        let started = Instant::now();
+        let ids = backend
+            .schedule
+            .domain_messages(&first, Some(&cursor(i).id), LIST_PAGE)
+            .await?;
+        listed += backend.schedule.records(&ids).await?.len();
+        one.push(started.elapsed());
+    }
+    let per_page = listed as u64 / LIST_PAGES;
+    row(
+        size,
+        &format!("list page ({per_page}, one domain)"),
+        &mut one,
+    );
     Ok(())
 }
 
