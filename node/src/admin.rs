@@ -11,6 +11,10 @@
 //! - `GET /api/v1/messages/{id}`: one queued message ([`MessageView`]).
 //! - `POST /api/v1/messages/{id}/retry`: its deferred deliveries due now.
 //! - `DELETE /api/v1/messages/{id}?notify=bounce|silent`: out of the queue.
+//! - `POST /api/v1/messages/retry?domain=&cursor=&limit=` and
+//!   `DELETE /api/v1/messages?domain=&notify=&cursor=&limit=`: the same
+//!   for one domain's deliveries, a page of the domain's listing per call
+//!   ([`BulkRetried`], [`BulkDeleted`]); the caller follows `next_cursor`.
 //! - `POST /api/v1/domains/{domain}/suspend` and `…/resume`: hold or
 //!   release a domain's deliveries.
 //! - `GET /api/v1/quarantine?limit=N`: what the spool set aside as
@@ -47,7 +51,7 @@ use crate::config::check_domain_name;
 use crate::metrics::Scrape;
 use crate::queue::{
     DeleteMessage, Deleted, ListMessages, Listing, MessagePage, MessageView, PageCursor,
-    QueueStats, RetryMessage, ShowMessage, Stats, Suspend, LISTED_STATES,
+    QueueStats, RetryIn, RetryMessage, ShowMessage, Stats, Suspend, LISTED_STATES,
 };
 use crate::spool::{Quarantined, Spool, SpoolError};
 use smarthost_coordinator::{GetStatus, Status};
@@ -67,6 +71,7 @@ pub struct MessageQueue {
     pub list: Recipient<ListMessages>,
     pub show: Recipient<ShowMessage>,
     pub retry: Recipient<RetryMessage>,
+    pub retry_in: Recipient<RetryIn>,
     pub delete: Recipient<DeleteMessage>,
 }
 
@@ -208,7 +213,13 @@ pub const API_V1: &str = "/api/v1";
 fn api(config: &mut web::ServiceConfig) {
     config
         .service(web::resource("/queue").get(queue))
-        .service(web::resource("/messages").get(messages))
+        .service(
+            web::resource("/messages")
+                .get(messages)
+                .delete(delete_messages),
+        )
+        // Before `/messages/{id}`, which would take its path.
+        .service(web::resource("/messages/retry").post(retry_messages))
         .service(
             web::resource("/messages/{id}")
                 .get(message)
@@ -564,15 +575,12 @@ async fn delete_message(
 ) -> Result<web::Json<Deleted>, ApiError> {
     let operator = authorize(&env, &request, Access::Write).await?;
     let id = message_id(&id)?;
-    let notify = match query.notify.as_deref() {
-        None | Some("bounce") => true,
-        Some("silent") => false,
-        Some(other) => return Err(ApiError::BadNotify(other.chars().take(32).collect())),
-    };
+    let notify = notify(query.notify.as_deref())?;
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
     let message = DeleteMessage {
         id: id.clone(),
         notify,
+        only: None,
     };
     let deleted = queue_answer(&id, queue.delete.send(message).await)?;
     tracing::info!(
@@ -613,6 +621,170 @@ async fn retry(
         id: id.to_string(),
         deliveries,
     }))
+}
+
+/// The query of a retry or delete by domain: one page of the domain's
+/// listing per call.
+#[derive(Debug, Deserialize)]
+struct BulkQuery {
+    domain: Option<String>,
+    notify: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+impl BulkQuery {
+    /// The domain, the listing page to work on and whether to notify.
+    fn page(self) -> Result<(String, ListMessages, bool), ApiError> {
+        let notify = notify(self.notify.as_deref())?;
+        let (listing, limit) = ListQuery {
+            domain: self.domain,
+            state: None,
+            cursor: self.cursor,
+            limit: self.limit,
+        }
+        .listing()?;
+        let domain = listing.domain.clone().ok_or_else(|| {
+            ApiError::BadQuery(
+                "domain= is required: a retry or delete of many messages works on one domain"
+                    .into(),
+            )
+        })?;
+        Ok((domain, ListMessages { listing, limit }, notify))
+    }
+}
+
+/// `notify=` of a delete: a report to the sender unless `silent`.
+fn notify(value: Option<&str>) -> Result<bool, ApiError> {
+    match value {
+        None | Some("bounce") => Ok(true),
+        Some("silent") => Ok(false),
+        Some(other) => Err(ApiError::BadNotify(other.chars().take(32).collect())),
+    }
+}
+
+/// One page of the domain's listing, from the queue.
+async fn domain_page(queue: &MessageQueue, page: ListMessages) -> Result<MessagePage, ApiError> {
+    match queue.list.send(page).await {
+        Ok(Ok(page)) => Ok(page),
+        Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
+        Err(_) => Err(ApiError::QueueGone),
+    }
+}
+
+/// The body of a retry by domain: what one page did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkRetried {
+    pub domain: String,
+    /// Messages of the page looked at.
+    pub examined: usize,
+    /// Deferred deliveries to the domain made due now.
+    pub deliveries: usize,
+    /// The next page's cursor; `null`: the domain's listing is done.
+    pub next_cursor: Option<String>,
+}
+
+async fn retry_messages(
+    request: HttpRequest,
+    query: web::Query<BulkQuery>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<BulkRetried>, ApiError> {
+    let operator = authorize(&env, &request, Access::Write).await?;
+    let (domain, page, _) = query.into_inner().page()?;
+    let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
+    let page = domain_page(queue, page).await?;
+    let ids: Vec<MessageId> = page
+        .messages
+        .iter()
+        .filter_map(|m| MessageId::parse(&m.id))
+        .collect();
+    let retry = RetryIn {
+        domain: domain.clone(),
+        ids,
+    };
+    let deliveries = match queue.retry_in.send(retry).await {
+        Ok(Ok(made_due)) => made_due,
+        Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
+        Err(_) => return Err(ApiError::QueueGone),
+    };
+    tracing::info!(
+        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        %domain,
+        examined = page.messages.len(),
+        deliveries,
+        "admin API: domain retried"
+    );
+    Ok(web::Json(BulkRetried {
+        domain,
+        examined: page.messages.len(),
+        deliveries,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// The body of a delete by domain: what one page did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkDeleted {
+    pub domain: String,
+    /// Messages of the page looked at.
+    pub examined: usize,
+    /// Recipients at the domain failed now.
+    pub recipients: usize,
+    /// Deliveries to the domain left to the attempt under way.
+    pub in_flight: usize,
+    /// Whether the senders get reports of the deleted recipients.
+    pub notified: bool,
+    /// The next page's cursor; `null`: the domain's listing is done.
+    pub next_cursor: Option<String>,
+}
+
+/// Fails the domain's deliveries of one page of its messages, each like
+/// `DELETE /messages/{id}` restricted to that domain: a message's other
+/// domains are left as they are.
+async fn delete_messages(
+    request: HttpRequest,
+    query: web::Query<BulkQuery>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<BulkDeleted>, ApiError> {
+    let operator = authorize(&env, &request, Access::Write).await?;
+    let (domain, page, notify) = query.into_inner().page()?;
+    let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
+    let page = domain_page(queue, page).await?;
+    let mut deleted = BulkDeleted {
+        domain: domain.clone(),
+        examined: page.messages.len(),
+        recipients: 0,
+        in_flight: 0,
+        notified: notify,
+        next_cursor: page.next_cursor,
+    };
+    for id in page.messages.iter().filter_map(|m| MessageId::parse(&m.id)) {
+        let message = DeleteMessage {
+            id: id.clone(),
+            notify,
+            only: Some(domain.clone()),
+        };
+        match queue.delete.send(message).await {
+            Ok(Ok(Some(one))) => {
+                deleted.recipients += one.recipients;
+                deleted.in_flight += one.in_flight;
+            }
+            // Done since it was listed.
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
+            Err(_) => return Err(ApiError::QueueGone),
+        }
+    }
+    tracing::info!(
+        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        %domain,
+        examined = deleted.examined,
+        recipients = deleted.recipients,
+        in_flight = deleted.in_flight,
+        notify,
+        "admin API: domain's messages deleted"
+    );
+    Ok(web::Json(deleted))
 }
 
 async fn cluster(

@@ -7,7 +7,9 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use crate::admin::{ClusterView, DomainState, ErrorBody, Retried, API_V1};
+use crate::admin::{
+    BulkDeleted, BulkRetried, ClusterView, DomainState, ErrorBody, Retried, API_V1,
+};
 use crate::queue::{Deleted, MessagePage, MessageView, QueueStats};
 use crate::spool::Quarantined;
 
@@ -87,6 +89,37 @@ impl AdminClient {
     pub async fn delete(&self, id: &str, notify: bool) -> Result<Deleted, ClientError> {
         let notify = if notify { "bounce" } else { "silent" };
         let path = format!("/messages/{id}?notify={notify}");
+        self.call(self.http.delete(self.url(&path))).await
+    }
+
+    /// One page of a retry of `domain` (in its routing form, which needs
+    /// no escaping), from `cursor`.
+    pub async fn retry_domain(
+        &self,
+        domain: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<BulkRetried, ClientError> {
+        let mut path = format!("/messages/retry?domain={domain}&limit={limit}");
+        if let Some(cursor) = cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        self.call(self.http.post(self.url(&path))).await
+    }
+
+    /// One page of a delete of `domain`'s deliveries, from `cursor`.
+    pub async fn delete_domain(
+        &self,
+        domain: &str,
+        notify: bool,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<BulkDeleted, ClientError> {
+        let notify = if notify { "bounce" } else { "silent" };
+        let mut path = format!("/messages?domain={domain}&notify={notify}&limit={limit}");
+        if let Some(cursor) = cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
         self.call(self.http.delete(self.url(&path))).await
     }
 

@@ -103,16 +103,42 @@ enum QueueAction {
     /// dead, and which leads.
     Nodes,
     /// Try a message's deferred deliveries now instead of at their next
-    /// retry time.
+    /// retry time; or, with --domain, every deferred delivery to a domain.
     Retry {
-        #[arg(value_name = "ID")]
-        id: String,
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "domain",
+            conflicts_with = "domain"
+        )]
+        id: Option<String>,
+        /// Every message with a delivery to this domain, a page at a time,
+        /// with progress on stderr.
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Option<String>,
+        /// Messages per page with --domain.
+        #[arg(long, value_name = "N", default_value_t = 100,
+              value_parser = clap::value_parser!(u64).range(1..=1000))]
+        batch: u64,
     },
-    /// Delete a message from the queue. Its sender gets a non-delivery
-    /// report for the recipients deleted, unless --silent.
+    /// Delete a message from the queue; or, with --domain, every
+    /// recipient at a domain (a message's other domains stay queued). The
+    /// senders get non-delivery reports for the recipients deleted, unless
+    /// --silent.
     Delete {
-        #[arg(value_name = "ID")]
-        id: String,
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "domain",
+            conflicts_with = "domain"
+        )]
+        id: Option<String>,
+        /// Every message with a delivery to this domain, a page at a time,
+        /// with progress on stderr.
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Option<String>,
+        /// Messages per page with --domain.
+        #[arg(long, value_name = "N", default_value_t = 100,
+              value_parser = clap::value_parser!(u64).range(1..=1000))]
+        batch: u64,
         /// No report to the sender.
         #[arg(long)]
         silent: bool,
@@ -180,13 +206,10 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             limit,
             json,
         } => {
-            let domain = match domain.as_deref().map(crate::config::check_domain_name) {
+            let domain = match domain.as_deref().map(routing_form) {
                 None => None,
-                Some(Ok(domain)) => Some(domain),
-                Some(Err(why)) => {
-                    eprintln!("error: {why}");
-                    return ExitCode::from(2);
-                }
+                Some(Some(domain)) => Some(domain),
+                Some(None) => return ExitCode::from(2),
             };
             let result = actix::System::new().block_on(async move {
                 let client = AdminClient::new(listen, token);
@@ -235,7 +258,89 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             });
             return print_result(result);
         }
-        QueueAction::Retry { id } => {
+        QueueAction::Retry {
+            domain: Some(domain),
+            batch,
+            ..
+        } => {
+            let Some(domain) = routing_form(&domain) else {
+                return ExitCode::from(2);
+            };
+            let result = actix::System::new().block_on(async move {
+                let client = AdminClient::new(listen, token);
+                let (mut examined, mut deliveries) = (0, 0);
+                let mut cursor: Option<String> = None;
+                loop {
+                    let page = client
+                        .retry_domain(&domain, cursor.as_deref(), batch as usize)
+                        .await?;
+                    examined += page.examined;
+                    deliveries += page.deliveries;
+                    eprintln!(
+                        "{domain}: {examined} messages looked at, {deliveries} deferred deliveries due now"
+                    );
+                    match page.next_cursor {
+                        Some(next) => cursor = Some(next),
+                        None => break,
+                    }
+                }
+                Ok::<_, ClientError>(format!(
+                    "{domain}: {} due now, of {} queued for the domain\n",
+                    plural(deliveries, "deferred delivery", "deferred deliveries"),
+                    plural(examined, "message", "messages"),
+                ))
+            });
+            return print_result(result);
+        }
+        QueueAction::Delete {
+            domain: Some(domain),
+            batch,
+            silent,
+            ..
+        } => {
+            let Some(domain) = routing_form(&domain) else {
+                return ExitCode::from(2);
+            };
+            let result = actix::System::new().block_on(async move {
+                let client = AdminClient::new(listen, token);
+                let (mut examined, mut recipients, mut in_flight) = (0, 0, 0);
+                let mut cursor: Option<String> = None;
+                loop {
+                    let page = client
+                        .delete_domain(&domain, !silent, cursor.as_deref(), batch as usize)
+                        .await?;
+                    examined += page.examined;
+                    recipients += page.recipients;
+                    in_flight += page.in_flight;
+                    eprintln!(
+                        "{domain}: {examined} messages looked at, {recipients} recipients deleted"
+                    );
+                    match page.next_cursor {
+                        Some(next) => cursor = Some(next),
+                        None => break,
+                    }
+                }
+                let mut out = format!(
+                    "{domain}: {} deleted from {}{}",
+                    plural(recipients, "recipient", "recipients"),
+                    plural(examined, "message", "messages"),
+                    if silent {
+                        ", silently"
+                    } else {
+                        ", the senders get reports"
+                    }
+                );
+                if in_flight > 0 {
+                    out.push_str(&format!(
+                        "; {in_flight} under way, left to finish (delivery attempts in flight)"
+                    ));
+                }
+                out.push('\n');
+                Ok::<_, ClientError>(out)
+            });
+            return print_result(result);
+        }
+        QueueAction::Retry { id: Some(id), .. } => {
             let result = actix::System::new().block_on(async move {
                 let retried = AdminClient::new(listen, token).retry(&id).await?;
                 Ok::<_, ClientError>(match retried.deliveries {
@@ -249,7 +354,11 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             });
             return print_result(result);
         }
-        QueueAction::Delete { id, silent } => {
+        QueueAction::Delete {
+            id: Some(id),
+            silent,
+            ..
+        } => {
             let result = actix::System::new().block_on(async move {
                 let deleted = AdminClient::new(listen, token).delete(&id, !silent).await?;
                 Ok::<_, ClientError>(format_deleted(&deleted))
@@ -270,15 +379,14 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             });
             return print_result(result);
         }
+        QueueAction::Retry { .. } | QueueAction::Delete { .. } => {
+            unreachable!("clap asks for an id or --domain")
+        }
         QueueAction::Suspend { domain } => (domain, true),
         QueueAction::Resume { domain } => (domain, false),
     };
-    let domain = match crate::config::check_domain_name(&domain) {
-        Ok(domain) => domain,
-        Err(why) => {
-            eprintln!("error: {why}");
-            return ExitCode::from(2);
-        }
+    let Some(domain) = routing_form(&domain) else {
+        return ExitCode::from(2);
     };
     let result = actix::System::new().block_on(async move {
         let state = AdminClient::new(listen, token)
@@ -372,6 +480,22 @@ fn format_quarantine(listed: &[Quarantined]) -> String {
         ));
     }
     out
+}
+
+/// `domain` in its routing form, or `None` after saying what is wrong.
+fn routing_form(domain: &str) -> Option<String> {
+    match crate::config::check_domain_name(domain) {
+        Ok(domain) => Some(domain),
+        Err(why) => {
+            eprintln!("error: {why}");
+            None
+        }
+    }
+}
+
+/// `n` and the noun that goes with it.
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// What a delete did, in a sentence.

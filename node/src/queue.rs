@@ -85,6 +85,8 @@ pub struct ListMessages {
 pub struct DeleteMessage {
     pub id: MessageId,
     pub notify: bool,
+    /// Only the message's delivery to this domain (a delete by domain).
+    pub only: Option<String>,
 }
 
 /// What a delete did.
@@ -107,6 +109,15 @@ pub const DELETED: &str = "deleted from the queue by an operator";
 #[derive(Message)]
 #[rtype(result = "Result<Option<usize>, SpoolError>")]
 pub struct RetryMessage(pub MessageId);
+
+/// Makes the deferred deliveries of `ids` in `domain` due now (a page of
+/// an operator's retry of a domain); answers how many.
+#[derive(Message)]
+#[rtype(result = "Result<usize, SpoolError>")]
+pub struct RetryIn {
+    pub domain: String,
+    pub ids: Vec<MessageId>,
+}
 
 /// Opens the delivery log file again, for log rotation (SIGHUP).
 #[derive(Message)]
@@ -1315,7 +1326,10 @@ impl Handler<DeleteMessage> for Queue {
         let hook = (writes && msg.notify).then(|| self.report_hook(ctx));
         let notify = msg.notify;
         let work = async move {
-            let Some(taken) = schedule.take_message(&msg.id, &holder, lease).await? else {
+            let Some(taken) = schedule
+                .take_message(&msg.id, msg.only.as_deref(), &holder, lease)
+                .await?
+            else {
                 return Ok(None);
             };
             let mut done = Vec::new();
@@ -1409,6 +1423,15 @@ impl Handler<RetryMessage> for Queue {
     fn handle(&mut self, msg: RetryMessage, _: &mut Context<Self>) -> Self::Result {
         let schedule = self.schedule.clone();
         Box::pin(async move { schedule.retry(&msg.0, now_ms()).await })
+    }
+}
+
+impl Handler<RetryIn> for Queue {
+    type Result = ResponseFuture<Result<usize, SpoolError>>;
+
+    fn handle(&mut self, msg: RetryIn, _: &mut Context<Self>) -> Self::Result {
+        let schedule = self.schedule.clone();
+        Box::pin(async move { schedule.retry_in(&msg.domain, &msg.ids, now_ms()).await })
     }
 }
 

@@ -399,10 +399,29 @@ impl Scheduler {
         Some(made_due)
     }
 
+    /// Makes the deferred deliveries of these messages in `domain` due at
+    /// `now_ms` (an operator's retry of a domain, a page at a time).
+    /// Returns how many; messages without such a delivery are skipped.
+    pub fn retry_in(&mut self, domain: &str, ids: &[MessageId], now_ms: u64) -> usize {
+        let mut made_due = 0;
+        for id in ids {
+            let key = (id.clone(), domain.to_string());
+            if let Some(&Place::Deferred(due)) = self.places.get(&key) {
+                if due > now_ms {
+                    self.unfile(&key);
+                    self.defer(key, now_ms);
+                    made_due += 1;
+                }
+            }
+        }
+        made_due
+    }
+
     /// Takes every delivery of a message that is not in flight (ready,
-    /// deferred, or held by a suspension) into flight, for an operator's
-    /// delete that completes them. `None` when the message is not queued.
-    pub fn take_message(&mut self, id: &MessageId) -> Option<TakenMessage> {
+    /// deferred, or held by a suspension) into flight, or only its
+    /// delivery to `only`, for an operator's delete that completes them.
+    /// `None` when the message is not queued.
+    pub fn take_message(&mut self, id: &MessageId, only: Option<&str>) -> Option<TakenMessage> {
         let record = self.records.get(id)?.clone();
         let mut taken = TakenMessage {
             record: record.clone(),
@@ -410,6 +429,9 @@ impl Scheduler {
             in_flight: 0,
         };
         for delivery in &record.deliveries {
+            if only.is_some_and(|only| only != delivery.domain) {
+                continue;
+            }
             let key = (id.clone(), delivery.domain.clone());
             match self.places.get(&key) {
                 Some(Place::InFlight) => taken.in_flight += 1,

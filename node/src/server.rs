@@ -413,6 +413,7 @@ fn start_admin(
         list: queue.clone().recipient(),
         show: queue.clone().recipient(),
         retry: queue.clone().recipient(),
+        retry_in: queue.clone().recipient(),
         delete: queue.clone().recipient(),
     });
     let env = match coordinator {

@@ -759,3 +759,161 @@ fn messages_are_listed_in_pages_on_redis() {
         ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
     ]);
 }
+
+/// `queue retry --domain` makes every deferred delivery to a domain due
+/// now and `queue delete --domain` fails every recipient at a domain, a
+/// page at a time with progress on stderr, leaving each message's other
+/// domain as it was; a viewer may do neither, and a bulk call without a
+/// domain is a precise `400`.
+fn a_domain_is_retried_and_deleted_a_page_at_a_time(env: &[(&str, &str)]) {
+    const MESSAGES: usize = 5;
+    // later.test refuses each recipient once, then takes it; other.test
+    // never answers.
+    let script: serde_json::Map<String, serde_json::Value> = (0..MESSAGES)
+        .map(|n| (format!("x{n}@later.test"), serde_json::json!([451, 250])))
+        .collect();
+    let sink = Sink::start(SinkOptions::default().script(serde_json::json!({ "rcpt": script })));
+    let bounces = Sink::start(SinkOptions::default());
+    let dead = free_port();
+    let mut env = env.to_vec();
+    env.push(("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h"));
+    let relay = Relay::start_with_env(
+        "",
+        &format!(
+            "[[domains]]\nname = \"later.test\"\nsmart_host = \"{}\"\n\n\
+             [[domains]]\nname = \"other.test\"\nsmart_host = \"[127.0.0.1]:{dead}\"\n\n\
+             [[domains]]\nname = \"sender.test\"\nsmart_host = \"{}\"\n\n\
+             [[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{}\"\nrole = \"admin\"\n\n\
+             [[admin.operators]]\nname = \"noc\"\ntoken_hash = \"{}\"\nrole = \"viewer\"\n",
+            sink.smart_host(),
+            bounces.smart_host(),
+            token_hash("admin-secret-token"),
+            token_hash("viewer-secret-token"),
+        ),
+        &env,
+    );
+    let admin = relay.admin_addr();
+    let (ops, viewer) = (Some("admin-secret-token"), Some("viewer-secret-token"));
+    for n in 0..MESSAGES {
+        let (mut c, _) = Client::connect(relay.smtp);
+        c.expect("EHLO app.example", 250);
+        let reply = c.send_message(
+            "app@sender.test",
+            &[&format!("x{n}@later.test"), &format!("y{n}@other.test")],
+            &format!("Subject: to both {n}\r\n\r\nHello.\r\n"),
+        );
+        assert_eq!(reply.code, 250, "{reply:?}");
+        c.expect("QUIT", 221);
+    }
+    // Every delivery deferred, an hour to wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = http::get(admin, "/api/v1/queue", viewer).json();
+        if counts["deferred"] == 2 * MESSAGES as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never all deferred: {counts}");
+        std::thread::sleep(POLL);
+    }
+
+    let refused = http::post(admin, "/api/v1/messages/retry?domain=later.test", viewer);
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let refused = http::request(
+        admin,
+        "DELETE",
+        "/api/v1/messages?domain=other.test",
+        viewer,
+    );
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let unfiltered = http::post(admin, "/api/v1/messages/retry", ops);
+    assert_eq!(unfiltered.status, 400, "{unfiltered:?}");
+    assert!(
+        unfiltered.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("domain= is required"),
+        "{unfiltered:?}"
+    );
+
+    let run = |args: &[&str]| {
+        let mut all = vec!["queue"];
+        all.extend_from_slice(args);
+        let output = relay.cli(&all, &[("SMARTHOST_TOKEN", "admin-secret-token")]);
+        assert!(output.status.success(), "{}", text(&output));
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // other.test first, while later.test waits its hour too.
+    let (said, progress) = run(&["delete", "--domain", "other.test", "--batch", "2"]);
+    assert_eq!(
+        said,
+        "other.test: 5 recipients deleted from 5 messages, the senders get reports\n"
+    );
+    assert_eq!(progress.lines().count(), 3, "{progress}");
+    let reports = bounces.wait_for(MESSAGES, Duration::from_secs(20));
+    for report in &reports {
+        let body = String::from_utf8_lossy(&report.body);
+        assert!(body.contains("@other.test"), "{body}");
+        assert!(
+            !body.contains("@later.test"),
+            "only other.test is reported: {body}"
+        );
+        assert!(
+            body.contains("deleted from the queue by an operator"),
+            "{body}"
+        );
+    }
+    let counts = http::get(admin, "/api/v1/queue", viewer).json();
+    assert_eq!(counts["messages"], MESSAGES as u64, "{counts}");
+    assert_eq!(counts["deferred"], MESSAGES as u64, "{counts}");
+    assert!(
+        counts["deliveries_by_domain"].get("other.test").is_none(),
+        "{counts}"
+    );
+
+    let (said, progress) = run(&["retry", "--domain", "later.test", "--batch", "2"]);
+    assert_eq!(
+        said,
+        "later.test: 5 deferred deliveries due now, of 5 messages queued for the domain\n"
+    );
+    assert_eq!(
+        progress.lines().collect::<Vec<_>>(),
+        [
+            "later.test: 2 messages looked at, 2 deferred deliveries due now",
+            "later.test: 4 messages looked at, 4 deferred deliveries due now",
+            "later.test: 5 messages looked at, 5 deferred deliveries due now",
+        ]
+    );
+    let arrived = sink.wait_for(MESSAGES, Duration::from_secs(20));
+    let mut to: Vec<String> = arrived.iter().flat_map(|m| m.rcpt_tos.clone()).collect();
+    to.sort();
+    assert_eq!(
+        to,
+        (0..MESSAGES)
+            .map(|n| format!("x{n}@later.test"))
+            .collect::<Vec<_>>()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http::get(admin, "/api/v1/queue", viewer).json()["messages"] != 0 {
+        assert!(Instant::now() < deadline, "the queue never emptied");
+        std::thread::sleep(POLL);
+    }
+    assert_eq!(bounces.messages().len(), MESSAGES, "one report per message");
+}
+
+#[test]
+fn a_domain_is_retried_and_deleted_a_page_at_a_time_on_the_local_spool() {
+    a_domain_is_retried_and_deleted_a_page_at_a_time(&[]);
+}
+
+#[test]
+fn a_domain_is_retried_and_deleted_a_page_at_a_time_on_redis() {
+    let redis = smarthost_testkit::redis::RedisServer::start();
+    let url = redis.url();
+    a_domain_is_retried_and_deleted_a_page_at_a_time(&[
+        ("SMARTHOST__QUEUE__BACKEND", "redis"),
+        ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
+    ]);
+}

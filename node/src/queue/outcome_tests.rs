@@ -170,10 +170,19 @@ impl Schedule for SlowRecords {
     async fn take_message(
         &self,
         id: &smarthost_proto::envelope::MessageId,
+        only: Option<&str>,
         holder: &str,
         lease: std::time::Duration,
     ) -> Result<Option<crate::scheduler::TakenMessage>, SpoolError> {
-        self.inner.take_message(id, holder, lease).await
+        self.inner.take_message(id, only, holder, lease).await
+    }
+    async fn retry_in(
+        &self,
+        domain: &str,
+        ids: &[MessageId],
+        now_ms: u64,
+    ) -> Result<usize, SpoolError> {
+        self.inner.retry_in(domain, ids, now_ms).await
     }
     async fn retry(
         &self,

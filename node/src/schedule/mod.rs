@@ -165,12 +165,13 @@ pub trait Schedule: Send + Sync + 'static {
     async fn counts(&self) -> Result<SchedulerCounts, SpoolError>;
 
     /// Takes the deliveries of a message that are not in flight (ready,
-    /// deferred or suspended) under `holder`'s lease, for an operator's
-    /// delete, which completes each like an attempt. `None` when the
-    /// message is not queued.
+    /// deferred or suspended), or only its delivery to `only`, under
+    /// `holder`'s lease, for an operator's delete, which completes each
+    /// like an attempt. `None` when the message is not queued.
     async fn take_message(
         &self,
         id: &MessageId,
+        only: Option<&str>,
         holder: &str,
         lease: Duration,
     ) -> Result<Option<TakenMessage>, SpoolError>;
@@ -179,6 +180,18 @@ pub trait Schedule: Send + Sync + 'static {
     /// retry): the next promote hands them out. Returns how many; `None`
     /// when the message is not queued.
     async fn retry(&self, id: &MessageId, now_ms: u64) -> Result<Option<usize>, SpoolError>;
+
+    /// Makes the deferred deliveries of `ids` in `domain` due now (an
+    /// operator's retry of a domain, one page of its listing at a time):
+    /// the next promote hands them out. Returns how many; deliveries in
+    /// flight, ready or suspended, and messages not queued there, are
+    /// left as they are.
+    async fn retry_in(
+        &self,
+        domain: &str,
+        ids: &[MessageId],
+        now_ms: u64,
+    ) -> Result<usize, SpoolError>;
 
     /// The domains an operator suspended (few: one per operator action).
     async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError>;
@@ -338,10 +351,20 @@ impl Schedule for MemorySchedule {
     async fn take_message(
         &self,
         id: &MessageId,
+        only: Option<&str>,
         _holder: &str,
         _lease: Duration,
     ) -> Result<Option<TakenMessage>, SpoolError> {
-        Ok(self.lock().take_message(id))
+        Ok(self.lock().take_message(id, only))
+    }
+
+    async fn retry_in(
+        &self,
+        domain: &str,
+        ids: &[MessageId],
+        now_ms: u64,
+    ) -> Result<usize, SpoolError> {
+        Ok(self.lock().retry_in(domain, ids, now_ms))
     }
 
     async fn domain_messages(

@@ -1951,6 +1951,7 @@ impl Schedule for RedisSchedule {
     async fn take_message(
         &self,
         id: &MessageId,
+        only: Option<&str>,
         holder: &str,
         lease: Duration,
     ) -> Result<Option<TakenMessage>, SpoolError> {
@@ -1960,7 +1961,12 @@ impl Schedule for RedisSchedule {
         let Some(record) = self.decode_or_quarantine(id, &bytes).await? else {
             return Ok(None);
         };
-        let domains: Vec<String> = record.deliveries.iter().map(|d| d.domain.clone()).collect();
+        let domains: Vec<String> = record
+            .deliveries
+            .iter()
+            .map(|d| d.domain.clone())
+            .filter(|domain| only.is_none_or(|only| only == domain))
+            .collect();
         let mut pipe = redis::pipe();
         // The leases' timers first, for a node that dies after the claim.
         let until = now_ms().saturating_add(lease.as_millis() as u64);
@@ -2044,6 +2050,38 @@ impl Schedule for RedisSchedule {
             made_due += n as usize;
         }
         Ok(Some(made_due))
+    }
+
+    /// As `retry`, for a page of one domain: one `ZADD XX LT CH` of every
+    /// id, and the domain's timer.
+    async fn retry_in(
+        &self,
+        domain: &str,
+        ids: &[MessageId],
+        now_ms: u64,
+    ) -> Result<usize, SpoolError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(domain_keys(domain).deferred)
+            .arg("XX")
+            .arg("LT")
+            .arg("CH");
+        for id in ids {
+            zadd.arg(now_ms).arg(id.as_str());
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(zadd);
+        for cmd in Self::mark_cmds(&[], &[(domain.to_string(), now_ms)]) {
+            pipe.add_command(cmd).ignore();
+        }
+        let changed = self.run("retry a domain", &pipe).await?;
+        let made_due: i64 = parse(
+            "retry a domain",
+            changed.into_iter().next().unwrap_or(Value::Nil),
+        )?;
+        Ok(made_due as usize)
     }
 
     async fn suspended(&self) -> Result<BTreeSet<String>, SpoolError> {

@@ -101,6 +101,7 @@ where
     a_suspended_domain_keeps_its_work_until_resumed(make().await).await;
     counts_follow_the_deliveries(make().await).await;
     a_domain_is_listed_in_pages_of_what_it_holds(make().await).await;
+    a_domain_retry_and_take_touch_that_domain_only(make().await).await;
 }
 
 /// Every page of `domain`'s listing, `limit` at a time.
@@ -146,7 +147,7 @@ async fn a_domain_is_listed_in_pages_of_what_it_holds(f: Fixture) {
     complete(s, &record(2).id, "example.org", &deferred, t0)
         .await
         .unwrap();
-    s.take_message(&record(5).id, "node-a", LEASE)
+    s.take_message(&record(5).id, None, "node-a", LEASE)
         .await
         .unwrap()
         .expect("queued");
@@ -274,6 +275,61 @@ async fn a_retry_makes_deferred_work_due_now_and_leaves_the_rest(f: Fixture) {
     assert_eq!(s.retry(&unknown, t0 + 20).await.unwrap(), None);
 }
 
+/// An operator's retry of a domain makes due the deferred work of the
+/// messages named there and nowhere else; a take of one message's
+/// delivery to a domain leaves its other domains waiting.
+async fn a_domain_retry_and_take_touch_that_domain_only(f: Fixture) {
+    let s = &*f.schedule;
+    // The last one received: every message is due.
+    let t0 = record(3).received_ms;
+    // 0 and 3 go to example.org and example.net, 1 to example.net and
+    // example.com: every delivery deferred.
+    insert(&f, &[0, 1, 3], t0).await;
+    for (domain, n) in [("example.org", 2), ("example.net", 3), ("example.com", 1)] {
+        for (record, _) in take(s, domain, n).await {
+            let index = record
+                .deliveries
+                .iter()
+                .position(|d| d.domain == domain)
+                .unwrap();
+            let rcpt = record.deliveries[index].recipients[0];
+            let deferred = outcome(&[(rcpt, RcptResult::Deferred)]);
+            complete(s, &record.id, domain, &deferred, t0)
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(s.counts().await.unwrap().deferred, 6);
+    let early = s.promote(t0 + 10).await.unwrap();
+    assert!(early.is_empty(), "{early:?}");
+
+    let named = [record(0).id, record(1).id, record(3).id, record(9).id];
+    assert_eq!(s.retry_in("example.org", &named, t0 + 10).await.unwrap(), 2);
+    assert_eq!(s.promote(t0 + 10).await.unwrap(), ["example.org"]);
+    assert_eq!(s.retry_in("example.org", &named, t0 + 10).await.unwrap(), 0);
+    let mut handed: Vec<MessageId> = take(s, "example.org", 10)
+        .await
+        .into_iter()
+        .map(|(record, _)| record.id.clone())
+        .collect();
+    handed.sort();
+    assert_eq!(handed, [record(0).id, record(3).id]);
+    assert_eq!(s.counts().await.unwrap().deferred, 4);
+
+    let taken = s
+        .take_message(&record(1).id, Some("example.com"), "node-a", LEASE)
+        .await
+        .unwrap()
+        .expect("queued");
+    assert_eq!(taken.domains, ["example.com"]);
+    assert_eq!(taken.in_flight, 0);
+    assert_eq!(
+        s.counts().await.unwrap().deferred,
+        3,
+        "example.net waits on"
+    );
+}
+
 async fn taking_a_message_leaves_work_in_flight_to_its_holder(f: Fixture) {
     let s = &*f.schedule;
     let (r, other) = (record(0), record(3));
@@ -290,7 +346,7 @@ async fn taking_a_message_leaves_work_in_flight_to_its_holder(f: Fixture) {
     s.release(&other.id, "example.net").await.unwrap();
 
     let taken = s
-        .take_message(&r.id, "node-a", LEASE)
+        .take_message(&r.id, None, "node-a", LEASE)
         .await
         .unwrap()
         .expect("queued");
@@ -316,7 +372,7 @@ async fn taking_a_message_leaves_work_in_flight_to_its_holder(f: Fixture) {
         "example.org is left in flight"
     );
     assert_eq!(
-        s.take_message(&r.id, "node-a", LEASE)
+        s.take_message(&r.id, None, "node-a", LEASE)
             .await
             .unwrap()
             .unwrap()
@@ -324,7 +380,7 @@ async fn taking_a_message_leaves_work_in_flight_to_its_holder(f: Fixture) {
         Vec::<String>::new()
     );
     assert!(s
-        .take_message(&record(9).id, "node-a", LEASE)
+        .take_message(&record(9).id, None, "node-a", LEASE)
         .await
         .unwrap()
         .is_none());
