@@ -17,6 +17,8 @@
 //!   ([`BulkRetried`], [`BulkDeleted`]); the caller follows `next_cursor`.
 //! - `POST /api/v1/domains/{domain}/suspend` and `…/resume`: hold or
 //!   release a domain's deliveries.
+//! - `GET /api/v1/sessions`: this node's live SMTP sessions
+//!   ([`SessionView`]).
 //! - `GET /api/v1/quarantine?limit=N`: what the spool set aside as
 //!   unreadable (at most `N`, default 1000, oldest first), as JSON.
 //! - `GET /api/v1/cluster`: on the Redis backend, the live and dead nodes
@@ -53,6 +55,7 @@ use crate::queue::{
     DeleteMessage, Deleted, ListMessages, Listing, MessagePage, MessageView, PageCursor,
     QueueStats, RetryIn, RetryMessage, ShowMessage, Stats, Suspend, LISTED_STATES,
 };
+use crate::sessions::{SessionView, Sessions};
 use crate::spool::{Quarantined, Spool, SpoolError};
 use smarthost_coordinator::{GetStatus, Status};
 use smarthost_proto::envelope::MessageId;
@@ -97,6 +100,8 @@ pub struct AdminEnv {
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The SMTP login counters, shown at `/metrics`.
     smtp_logins: Option<Arc<GuardStats>>,
+    /// This node's live SMTP sessions; `None`: no listener here.
+    sessions: Option<Sessions>,
 }
 
 impl AdminEnv {
@@ -136,6 +141,7 @@ impl AdminEnv {
             )),
             metrics: crate::metrics::install(),
             smtp_logins: None,
+            sessions: None,
         }
     }
 }
@@ -170,6 +176,12 @@ impl AdminEnv {
     /// Answers `/api/v1/quarantine` from this spool.
     pub fn with_spool(mut self, spool: Arc<dyn Spool>) -> Self {
         self.spool = Some(spool);
+        self
+    }
+
+    /// Answers `/api/v1/sessions` from this node's listener.
+    pub fn with_sessions(mut self, sessions: Sessions) -> Self {
+        self.sessions = Some(sessions);
         self
     }
 }
@@ -226,6 +238,7 @@ fn api(config: &mut web::ServiceConfig) {
                 .delete(delete_message),
         )
         .service(web::resource("/messages/{id}/retry").post(retry))
+        .service(web::resource("/sessions").get(sessions))
         .service(web::resource("/cluster").get(cluster))
         .service(web::resource("/quarantine").get(quarantine))
         .service(web::resource("/domains/{domain}/suspend").post(suspend))
@@ -785,6 +798,20 @@ async fn delete_messages(
         "admin API: domain's messages deleted"
     );
     Ok(web::Json(deleted))
+}
+
+/// The live SMTP sessions of this node, the longest connected first.
+async fn sessions(
+    request: HttpRequest,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<Vec<SessionView>>, ApiError> {
+    authorize(&env, &request, Access::Read).await?;
+    Ok(web::Json(
+        env.sessions
+            .as_ref()
+            .map(Sessions::snapshot)
+            .unwrap_or_default(),
+    ))
 }
 
 async fn cluster(

@@ -11,6 +11,7 @@ use crate::admin::{
     BulkDeleted, BulkRetried, ClusterView, DomainState, ErrorBody, Retried, API_V1,
 };
 use crate::queue::{Deleted, MessagePage, MessageView, QueueStats};
+use crate::sessions::SessionView;
 use crate::spool::Quarantined;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -121,6 +122,11 @@ impl AdminClient {
             path.push_str(&format!("&cursor={cursor}"));
         }
         self.call(self.http.delete(self.url(&path))).await
+    }
+
+    /// The live SMTP sessions.
+    pub async fn sessions(&self) -> Result<Vec<SessionView>, ClientError> {
+        self.call(self.http.get(self.url("/sessions"))).await
     }
 
     pub async fn cluster(&self) -> Result<ClusterView, ClientError> {

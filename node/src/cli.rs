@@ -15,6 +15,7 @@ use crate::admin_client::{AdminClient, ClientError};
 use crate::config::{Config, ConfigError};
 use crate::queue::{Deleted, MessageView, QueueStats};
 use crate::server::Role;
+use crate::sessions::SessionView;
 use crate::spool::Quarantined;
 
 #[derive(Debug, Parser)]
@@ -55,6 +56,16 @@ enum Command {
         token: Option<String>,
         #[command(subcommand)]
         action: QueueAction,
+    },
+    /// The live SMTP sessions of a running node (through its admin API):
+    /// client, HELO, user, TLS, how long connected, messages accepted.
+    Sessions {
+        /// The bearer token of an operator in [[admin.operators]].
+        #[arg(long, env = "SMARTHOST_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The answer of the admin API, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the argon2id hash of a password or token, for [[smtp.users]]
     /// and [[admin.operators]].
@@ -181,8 +192,29 @@ pub fn main() -> ExitCode {
             (file, config) => check_config(file.or(config).as_deref()),
         },
         Command::Queue { token, action } => queue(cli.config.as_deref(), token, action),
+        Command::Sessions { token, json } => sessions(cli.config.as_deref(), token, json),
         Command::HashPassword { secret, stdin } => hash_password(secret, stdin),
     }
+}
+
+fn sessions(path: Option<&Path>, token: Option<String>, json: bool) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return config_failed(path, &e),
+    };
+    let client = AdminClient::new(config.admin.listen, token.filter(|t| !t.is_empty()));
+    let result = actix::System::new().block_on(async move {
+        let views = client.sessions().await?;
+        Ok::<_, ClientError>(if json {
+            serde_json::to_string_pretty(&views).expect("plain data") + "\n"
+        } else {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            format_sessions(&views, now)
+        })
+    });
+    print_result(result)
 }
 
 fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> ExitCode {
@@ -478,6 +510,61 @@ fn format_quarantine(listed: &[Quarantined]) -> String {
             "{at}  {:>9} B  {:<width$}  {}\n",
             q.bytes, q.location, q.reason
         ));
+    }
+    out
+}
+
+/// The live sessions as a table, one line each.
+fn format_sessions(views: &[SessionView], now_ms: u64) -> String {
+    if views.is_empty() {
+        return "no SMTP sessions\n".to_string();
+    }
+    let rows: Vec<[String; 7]> = views
+        .iter()
+        .map(|v| {
+            let connected =
+                std::time::Duration::from_secs(now_ms.saturating_sub(v.connected_ms) / 1000);
+            [
+                v.node.clone(),
+                v.client.clone(),
+                v.helo.clone().unwrap_or_else(|| "-".into()),
+                v.user.clone().unwrap_or_else(|| "-".into()),
+                if v.tls { "yes" } else { "no" }.into(),
+                humantime::format_duration(connected).to_string(),
+                v.messages.to_string(),
+            ]
+        })
+        .collect();
+    let head = [
+        "NODE",
+        "CLIENT",
+        "HELO",
+        "USER",
+        "TLS",
+        "CONNECTED",
+        "MESSAGES",
+    ];
+    let mut widths = head.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 7]| {
+        let mut out = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(head);
+    for row in &rows {
+        out.push_str(&line(row.each_ref().map(String::as_str)));
     }
     out
 }
@@ -814,6 +901,32 @@ mod tests {
              b@later.example  deferred  (451 4.3.0 try again later)\n"
         );
         assert!(format_listed(&view, false).starts_with("0192f3a1b2c3d4e5f60718293a4b  "));
+    }
+
+    #[test]
+    fn sessions_are_a_table_with_a_line_each() {
+        let session =
+            |client: &str, helo: Option<&str>, user: Option<&str>, messages| SessionView {
+                node: "node-a".into(),
+                client: client.into(),
+                server: "127.0.0.1:2525".into(),
+                helo: helo.map(str::to_string),
+                user: user.map(str::to_string),
+                tls: user.is_some(),
+                connected_ms: 1_000_000,
+                messages,
+            };
+        let views = [
+            session("10.0.0.5:40000", Some("app.example"), Some("app"), 3),
+            session("[2001:db8::1]:40001", None, None, 0),
+        ];
+        assert_eq!(
+            format_sessions(&views, 1_000_000 + 125_000),
+            "NODE    CLIENT               HELO         USER  TLS  CONNECTED  MESSAGES\n\
+             node-a  10.0.0.5:40000       app.example  app   yes  2m 5s      3\n\
+             node-a  [2001:db8::1]:40001  -            -     no   2m 5s      0\n"
+        );
+        assert_eq!(format_sessions(&[], 0), "no SMTP sessions\n");
     }
 
     #[test]

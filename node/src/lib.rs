@@ -59,6 +59,7 @@ pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod session_log;
+pub mod sessions;
 pub mod spool;
 pub mod telemetry;
 pub mod throttle;

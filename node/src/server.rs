@@ -44,6 +44,7 @@ use crate::schedule::RedisSchedule;
 use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
 use crate::session_log::SessionLog;
+use crate::sessions::Sessions;
 use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
 use crate::tls;
 
@@ -312,7 +313,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         coordinator.as_ref(),
         is_ready,
         ledger,
-        Some(sessions.guard.stats().clone()),
+        Some((sessions.guard.stats().clone(), sessions.live.clone())),
     )?;
 
     let listener = Listener::bind(
@@ -376,7 +377,7 @@ fn start_admin(
     coordinator: Option<&Addr<Coordinator>>,
     is_ready: watch::Receiver<bool>,
     ledger: Arc<dyn Ledger>,
-    smtp_logins: Option<Arc<GuardStats>>,
+    smtp: Option<(Arc<GuardStats>, Sessions)>,
 ) -> Result<actix_web::dev::ServerHandle, Box<dyn Error>> {
     let admin = &config.admin;
     let stats = Arc::new(GuardStats::default());
@@ -420,8 +421,8 @@ fn start_admin(
         Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
         None => env,
     };
-    let env = match smtp_logins {
-        Some(stats) => env.with_smtp_logins(stats),
+    let env = match smtp {
+        Some((stats, live)) => env.with_smtp_logins(stats).with_sessions(live),
         None => env,
     };
     let admin = admin::start(config.admin.listen, env).map_err(|e| {
@@ -567,6 +568,7 @@ fn session_env(
             })?),
             None => None,
         },
+        live: Sessions::new(&config.node.id),
     })
 }
 

@@ -38,6 +38,7 @@ use crate::deadlines::{Deadlines, Expired, Limits};
 use crate::listener::Slot;
 use crate::queue::Enqueue;
 use crate::session_log::{Entry as SessionLogEntry, SessionLog};
+use crate::sessions::{Sessions, Tracked};
 use crate::spool::NewMessage;
 
 /// What every session of a node shares.
@@ -62,6 +63,8 @@ pub struct SessionEnv {
     pub body_memory_wait: Duration,
     /// The W3C session log (`log.session_log_dir`), when kept.
     pub session_log: Option<SessionLog>,
+    /// The live sessions, for the admin API.
+    pub live: Sessions,
 }
 
 impl SessionEnv {
@@ -159,6 +162,7 @@ pub async fn run(
             env: &env,
             client: ip,
             server,
+            live: env.live.open(peer, server),
         };
         match drive(&mut conn, session, &answers, shutdown, &slot).await {
             Ok(()) | Err(End::ClientGone) => {}
@@ -227,6 +231,8 @@ struct Answers<'a> {
     env: &'a SessionEnv,
     client: IpAddr,
     server: SocketAddr,
+    /// The session's entry among the live ones.
+    live: Tracked,
 }
 
 impl Answers<'_> {
@@ -314,11 +320,19 @@ async fn drive(
                 }
                 Action::Message(message) => {
                     let result = store(env, ip, message).await;
+                    if result.is_ok() {
+                        answers.live.message_accepted();
+                    }
                     body = None;
                     let reply = session.message_stored(result);
                     answers.give(&mut out, &mut session, &reply, since);
                 }
             }
+        }
+        if answered {
+            answers
+                .live
+                .show(session.helo(), session.auth_user(), session.is_tls());
         }
         // Pipelined input may have grown the body; a message refused at
         // its end holds nothing any more.

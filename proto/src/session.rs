@@ -513,6 +513,16 @@ impl Session {
         self.auth_user.as_deref()
     }
 
+    /// The name the client gave in its last HELO or EHLO.
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    /// The session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
     /// The shell's answer to [`Action::Message`]; ends the transaction.
     pub fn message_stored(&mut self, result: Result<MessageId, StoreFailure>) -> Reply {
         if !matches!(self.state, State::AwaitStore) {

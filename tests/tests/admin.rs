@@ -917,3 +917,73 @@ fn a_domain_is_retried_and_deleted_a_page_at_a_time_on_redis() {
         ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
     ]);
 }
+
+/// `GET /api/v1/sessions` and `smarthost sessions` show each live SMTP
+/// session with what it did so far, and forget it when it ends.
+#[test]
+fn live_sessions_are_shown_until_they_end() {
+    let sink = Sink::start(SinkOptions::default());
+    let relay = Relay::start(
+        "",
+        &format!(
+            "[[domains]]\nname = \"dest.test\"\nsmart_host = \"{}\"\n",
+            sink.smart_host()
+        ),
+    );
+    let (quiet, _) = Client::connect(relay.smtp);
+    let (mut busy, _) = Client::connect(relay.smtp);
+    busy.expect("EHLO app.example", 250);
+    for n in 0..2 {
+        let reply = busy.send_message(
+            "app@sender.test",
+            &["a@dest.test"],
+            &format!("Subject: {n}\r\n\r\nHello.\r\n"),
+        );
+        assert_eq!(reply.code, 250, "{reply:?}");
+    }
+
+    let said = relay.cli(&["sessions", "--json"], &[]);
+    assert!(said.status.success(), "{}", text(&said));
+    let views: Vec<serde_json::Value> = serde_json::from_slice(&said.stdout).unwrap();
+    assert_eq!(views.len(), 2, "{views:?}");
+    let busy_view = views
+        .iter()
+        .find(|v| v["helo"] == "app.example")
+        .expect("the session that said EHLO");
+    assert_eq!(busy_view["messages"], 2, "{busy_view}");
+    assert_eq!(busy_view["tls"], false);
+    assert_eq!(busy_view["user"], serde_json::Value::Null);
+    assert!(
+        !busy_view["node"].as_str().unwrap().is_empty(),
+        "{busy_view}"
+    );
+    assert_eq!(busy_view["server"], relay.smtp.to_string());
+    assert!(busy_view["client"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let quiet_view = views.iter().find(|v| v["helo"].is_null()).unwrap();
+    assert_eq!(quiet_view["messages"], 0);
+
+    let table = relay.cli(&["sessions"], &[]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.starts_with("NODE "), "{table}");
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.contains("app.example"), "{table}");
+
+    busy.expect("QUIT", 221);
+    drop(quiet);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = http::get(relay.admin_addr(), "/api/v1/sessions", None).json();
+        if left == serde_json::json!([]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sessions still shown: {left}");
+        std::thread::sleep(POLL);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&relay.cli(&["sessions"], &[]).stdout),
+        "no SMTP sessions\n"
+    );
+}
