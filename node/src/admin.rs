@@ -17,8 +17,8 @@
 //!   ([`BulkRetried`], [`BulkDeleted`]); the caller follows `next_cursor`.
 //! - `POST /api/v1/domains/{domain}/suspend` and `…/resume`: hold or
 //!   release a domain's deliveries.
-//! - `GET /api/v1/sessions`: this node's live SMTP sessions
-//!   ([`SessionView`]).
+//! - `GET /api/v1/sessions`: the live SMTP sessions ([`SessionView`]) of
+//!   this node, and on the Redis backend of the whole cluster.
 //! - `GET /api/v1/quarantine?limit=N`: what the spool set aside as
 //!   unreadable (at most `N`, default 1000, oldest first), as JSON.
 //! - `GET /api/v1/cluster`: on the Redis backend, the live and dead nodes
@@ -55,7 +55,7 @@ use crate::queue::{
     DeleteMessage, Deleted, ListMessages, Listing, MessagePage, MessageView, PageCursor,
     QueueStats, RetryIn, RetryMessage, ShowMessage, Stats, Suspend, LISTED_STATES,
 };
-use crate::sessions::{SessionView, Sessions};
+use crate::sessions::{Board, SessionView, Sessions};
 use crate::spool::{Quarantined, Spool, SpoolError};
 use smarthost_coordinator::{GetStatus, Status};
 use smarthost_proto::envelope::MessageId;
@@ -102,6 +102,8 @@ pub struct AdminEnv {
     smtp_logins: Option<Arc<GuardStats>>,
     /// This node's live SMTP sessions; `None`: no listener here.
     sessions: Option<Sessions>,
+    /// Every node's sessions, on the Redis backend.
+    board: Option<Board>,
 }
 
 impl AdminEnv {
@@ -142,6 +144,7 @@ impl AdminEnv {
             metrics: crate::metrics::install(),
             smtp_logins: None,
             sessions: None,
+            board: None,
         }
     }
 }
@@ -182,6 +185,13 @@ impl AdminEnv {
     /// Answers `/api/v1/sessions` from this node's listener.
     pub fn with_sessions(mut self, sessions: Sessions) -> Self {
         self.sessions = Some(sessions);
+        self
+    }
+
+    /// Answers `/api/v1/sessions` for the whole cluster: this node's own
+    /// and the other live nodes' from the board.
+    pub fn with_board(mut self, board: Board) -> Self {
+        self.board = Some(board);
         self
     }
 }
@@ -800,18 +810,34 @@ async fn delete_messages(
     Ok(web::Json(deleted))
 }
 
-/// The live SMTP sessions of this node, the longest connected first.
+/// The live SMTP sessions, the longest connected first: of this node,
+/// and on the Redis backend of every other live node (as each last
+/// published them, at most [`crate::sessions::PUBLISH_EVERY`] ago).
 async fn sessions(
     request: HttpRequest,
     env: web::Data<AdminEnv>,
 ) -> Result<web::Json<Vec<SessionView>>, ApiError> {
     authorize(&env, &request, Access::Read).await?;
-    Ok(web::Json(
-        env.sessions
-            .as_ref()
-            .map(Sessions::snapshot)
-            .unwrap_or_default(),
-    ))
+    let mut views = env
+        .sessions
+        .as_ref()
+        .map(Sessions::snapshot)
+        .unwrap_or_default();
+    if let (Some(board), Some(coordinator)) = (&env.board, &env.cluster) {
+        let status = coordinator
+            .send(GetStatus)
+            .await
+            .map_err(|_| ApiError::QueueGone)?;
+        let others: Vec<String> = status
+            .live
+            .into_iter()
+            .filter(|node| node != &status.node_id || env.sessions.is_none())
+            .collect();
+        let published = board.read(&others).await.map_err(ApiError::Spool)?;
+        views.extend(published);
+        crate::sessions::sort(&mut views);
+    }
+    Ok(web::Json(views))
 }
 
 async fn cluster(

@@ -44,7 +44,7 @@ use crate::schedule::RedisSchedule;
 use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
 use crate::session_log::SessionLog;
-use crate::sessions::Sessions;
+use crate::sessions::{Board, Sessions};
 use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
 use crate::tls;
 
@@ -181,6 +181,30 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
     Ok((queue, spool))
 }
 
+/// What the admin API shows of SMTP: this process's logins and live
+/// sessions (when it listens), and the board of the cluster's sessions.
+#[derive(Default)]
+struct Listened {
+    logins: Option<Arc<GuardStats>>,
+    sessions: Option<Sessions>,
+    board: Option<Board>,
+}
+
+/// The board of every node's SMTP sessions, on the Redis backend.
+async fn sessions_board(config: &Config) -> Result<Option<Board>, Box<dyn Error>> {
+    if config.queue.backend != QueueBackend::Redis {
+        return Ok(None);
+    }
+    let board = Board::open(
+        &config.queue.redis_url,
+        config.queue.redis_cluster,
+        config.queue.redis_response_timeout,
+    )
+    .await
+    .map_err(|e| format!("queue.redis_url: {e}"))?;
+    Ok(Some(board))
+}
+
 /// `smarthost coordinator`: membership, leadership and, while it leads, the
 /// cluster-wide jobs, until SIGTERM. Its queue accepts no mail; it stores
 /// the reports of expired messages, which the nodes deliver.
@@ -195,6 +219,7 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     // it runs.
     let (ready, is_ready) = watch::channel(true);
     let ledger = login_ledger(&config).await?;
+    let board = sessions_board(&config).await?;
     let admin = start_admin(
         &config,
         &queue,
@@ -202,7 +227,10 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
         Some(&coordinator),
         is_ready,
         ledger,
-        None,
+        Listened {
+            board,
+            ..Listened::default()
+        },
     )?;
     tracing::info!(node = %config.node.id, "coordinator running");
     wait_for_signal(&queue).await;
@@ -306,6 +334,10 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         queue.clone().recipient(),
         ledger.clone(),
     )?);
+    let board = sessions_board(&config).await?;
+    if let Some(board) = &board {
+        actix::spawn(board.clone().publish(sessions.live.clone()));
+    }
     let admin = start_admin(
         &config,
         &queue,
@@ -313,7 +345,11 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         coordinator.as_ref(),
         is_ready,
         ledger,
-        Some((sessions.guard.stats().clone(), sessions.live.clone())),
+        Listened {
+            logins: Some(sessions.guard.stats().clone()),
+            sessions: Some(sessions.live.clone()),
+            board,
+        },
     )?;
 
     let listener = Listener::bind(
@@ -377,7 +413,7 @@ fn start_admin(
     coordinator: Option<&Addr<Coordinator>>,
     is_ready: watch::Receiver<bool>,
     ledger: Arc<dyn Ledger>,
-    smtp: Option<(Arc<GuardStats>, Sessions)>,
+    listened: Listened,
 ) -> Result<actix_web::dev::ServerHandle, Box<dyn Error>> {
     let admin = &config.admin;
     let stats = Arc::new(GuardStats::default());
@@ -421,8 +457,16 @@ fn start_admin(
         Some(coordinator) => env.with_cluster(coordinator.clone().recipient()),
         None => env,
     };
-    let env = match smtp {
-        Some((stats, live)) => env.with_smtp_logins(stats).with_sessions(live),
+    let env = match listened.logins {
+        Some(stats) => env.with_smtp_logins(stats),
+        None => env,
+    };
+    let env = match listened.sessions {
+        Some(live) => env.with_sessions(live),
+        None => env,
+    };
+    let env = match listened.board {
+        Some(board) => env.with_board(board),
         None => env,
     };
     let admin = admin::start(config.admin.listen, env).map_err(|e| {

@@ -4,13 +4,21 @@
 //! its entry as it goes (HELO, login, TLS, messages) and leaves when it
 //! ends; the registry holds one small entry per live session, so it is
 //! bounded by `smtp.max_connections`.
+//!
+//! On the Redis backend each node also publishes its sessions on a board
+//! ([`Board`]): one key per node, `smarthost:{sessions}:<node id>`, the
+//! JSON list, written again when it changed and kept alive otherwise, with
+//! a TTL so that a node that died drops off. A node answers for the
+//! cluster by reading the keys of the live nodes (`MGET`, one slot).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
+use smarthost_coordinator::redis::Connection;
 
 /// One live session, as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +53,8 @@ pub struct Sessions {
 struct Registry {
     next: u64,
     live: HashMap<u64, SessionView>,
+    /// Bumped at every change, so that a publisher sees whether to write.
+    version: u64,
 }
 
 impl Sessions {
@@ -77,6 +87,7 @@ impl Sessions {
         };
         let mut registry = self.lock();
         registry.next += 1;
+        registry.version += 1;
         let id = registry.next;
         registry.live.insert(id, view);
         Tracked {
@@ -87,9 +98,19 @@ impl Sessions {
 
     /// The live sessions, the longest connected first.
     pub fn snapshot(&self) -> Vec<SessionView> {
-        let mut views: Vec<SessionView> = self.lock().live.values().cloned().collect();
-        views.sort_by(|a, b| (a.connected_ms, &a.client).cmp(&(b.connected_ms, &b.client)));
-        views
+        self.versioned().1
+    }
+
+    /// The live sessions and the version they are at.
+    fn versioned(&self) -> (u64, Vec<SessionView>) {
+        let registry = self.lock();
+        let mut views: Vec<SessionView> = registry.live.values().cloned().collect();
+        sort(&mut views);
+        (registry.version, views)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     pub fn len(&self) -> usize {
@@ -111,28 +132,126 @@ impl Tracked {
     /// Sets what the session shows now.
     pub fn show(&self, helo: Option<&str>, user: Option<&str>, tls: bool) {
         let mut registry = self.sessions.lock();
-        if let Some(view) = registry.live.get_mut(&self.id) {
-            if view.helo.as_deref() != helo {
-                view.helo = helo.map(str::to_string);
-            }
-            if view.user.as_deref() != user {
-                view.user = user.map(str::to_string);
-            }
-            view.tls = tls;
+        let Some(view) = registry.live.get_mut(&self.id) else {
+            return;
+        };
+        if view.helo.as_deref() == helo && view.user.as_deref() == user && view.tls == tls {
+            return;
         }
+        view.helo = helo.map(str::to_string);
+        view.user = user.map(str::to_string);
+        view.tls = tls;
+        registry.version += 1;
     }
 
     /// One more message accepted.
     pub fn message_accepted(&self) {
-        if let Some(view) = self.sessions.lock().live.get_mut(&self.id) {
+        let mut registry = self.sessions.lock();
+        if let Some(view) = registry.live.get_mut(&self.id) {
             view.messages += 1;
+            registry.version += 1;
         }
     }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.sessions.lock().live.remove(&self.id);
+        let mut registry = self.sessions.lock();
+        registry.live.remove(&self.id);
+        registry.version += 1;
+    }
+}
+
+/// The longest connected first.
+pub fn sort(views: &mut [SessionView]) {
+    views.sort_by(|a, b| {
+        (a.connected_ms, &a.node, &a.client).cmp(&(b.connected_ms, &b.node, &b.client))
+    });
+}
+
+/// How often a node publishes its sessions (when they changed) or keeps
+/// its key alive.
+pub const PUBLISH_EVERY: Duration = Duration::from_secs(2);
+/// How long a node's key outlives its last write: a node that stopped
+/// drops off within it.
+pub const BOARD_TTL: Duration = Duration::from_secs(10);
+
+/// The key of `node`'s sessions on the board.
+pub fn board_key(node: &str) -> String {
+    format!("smarthost:{{sessions}}:{node}")
+}
+
+/// The sessions of every node, on Redis.
+#[derive(Clone)]
+pub struct Board {
+    conn: Connection,
+}
+
+impl Board {
+    /// Connects to the server at `url` (a Redis Cluster with `cluster`).
+    pub async fn open(url: &str, cluster: bool, timeout: Duration) -> Result<Board, String> {
+        let conn = crate::spool::redis::connect(url, cluster, timeout).await?;
+        Ok(Board { conn })
+    }
+
+    /// Publishes `sessions` every [`PUBLISH_EVERY`] until the process
+    /// ends: the list when it changed, else only the key's TTL. A failure
+    /// is logged once and tried again at the next turn.
+    pub async fn publish(self, sessions: Sessions) {
+        let key = board_key(sessions.node());
+        let ttl = BOARD_TTL.as_millis() as u64;
+        let mut written: Option<u64> = None;
+        let mut failing = false;
+        let mut every = tokio::time::interval(PUBLISH_EVERY);
+        loop {
+            every.tick().await;
+            let (version, views) = sessions.versioned();
+            let mut conn = self.conn.clone();
+            let result: redis::RedisResult<()> = if written == Some(version) {
+                conn.pexpire(&key, ttl as i64).await
+            } else {
+                let json = serde_json::to_string(&views).expect("plain data");
+                conn.pset_ex(&key, json, ttl).await
+            };
+            match result {
+                Ok(()) => {
+                    written = Some(version);
+                    failing = false;
+                }
+                Err(error) => {
+                    written = None;
+                    if !failing {
+                        tracing::warn!(%error, "cannot publish this node's SMTP sessions");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
+
+    /// The published sessions of `nodes`, the longest connected first; a
+    /// node without a key (stopped, or not yet published) shows none.
+    pub async fn read(&self, nodes: &[String]) -> Result<Vec<SessionView>, String> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = nodes.iter().map(|n| board_key(n)).collect();
+        let mut conn = self.conn.clone();
+        let lists: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis sessions: {e}"))?;
+        let mut views = Vec::new();
+        for (node, list) in nodes.iter().zip(lists) {
+            let Some(list) = list else { continue };
+            match serde_json::from_str::<Vec<SessionView>>(&list) {
+                Ok(list) => views.extend(list),
+                Err(error) => tracing::warn!(%node, %error, "unreadable sessions on the board"),
+            }
+        }
+        sort(&mut views);
+        Ok(views)
     }
 }
 

@@ -143,6 +143,55 @@ fn three_nodes_share_the_queue_and_the_domain_caps() {
         "coord   alive  leader\nnode-a  alive\nnode-b  alive\nnode-c  alive\n"
     );
     assert_metrics_add_up(&nodes, &coordinator, &sink, subjects.len());
+    the_sessions_of_every_node_are_shown_by_any(&nodes, &coordinator);
+}
+
+/// A session on node-a and one on node-c are listed by node-b and by the
+/// coordinator (from the board, within a publishing period), each with
+/// its node, and leave the list when they end.
+fn the_sessions_of_every_node_are_shown_by_any(nodes: &[Setup], coordinator: &Setup) {
+    use smarthost_tests::smtp::Client;
+    let open = |node: &Setup, helo: &str| {
+        let (mut client, _) = Client::connect(node.relay.smtp);
+        client.expect(&format!("EHLO {helo}"), 250);
+        client
+    };
+    let mut a = open(&nodes[0], "client-a.example");
+    let mut c = open(&nodes[2], "client-c.example");
+    let shown = |asked: &Setup| -> Vec<(String, String)> {
+        let views = http::get(asked.relay.admin_addr(), "/api/v1/sessions", None).json();
+        let mut pairs: Vec<(String, String)> = views
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["node"].as_str().unwrap().to_string(),
+                    v["helo"].as_str().unwrap_or("-").to_string(),
+                )
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    };
+    let expected = vec![
+        ("node-a".to_string(), "client-a.example".to_string()),
+        ("node-c".to_string(), "client-c.example".to_string()),
+    ];
+    for asked in [&nodes[1], coordinator] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while shown(asked) != expected {
+            assert!(Instant::now() < deadline, "{:?}", shown(asked));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    a.expect("QUIT", 221);
+    c.expect("QUIT", 221);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !shown(&nodes[1]).is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", shown(&nodes[1]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The nodes' `/metrics` count what they took and delivered; only the
