@@ -22,9 +22,13 @@
 //! records listed from the middle of the spool and inserted again), and
 //! the operator's listing: pages of [`LIST_PAGE`] messages of the whole
 //! queue and of the first domain, from cursors spread over the queue, as
-//! `GET /api/v1/messages` reads them (ids, then the current records). The
-//! probes leave the queue size as it was. With DOMAINS = 1 the first
-//! domain holds the whole queue.
+//! `GET /api/v1/messages` reads them (ids, then the current records); and
+//! an operator's retry and delete of that domain, a page at a time (the
+//! page's ids, then its deferred deliveries made due, or each message's
+//! delivery there taken and failed as `DELETE /api/v1/messages?domain=`
+//! does). The probes leave the queue size as it was, but for the
+//! [`DELETE_PAGES`] pages deleted. With DOMAINS = 1 the first domain holds
+//! the whole queue.
 //!
 //! `start` measures, in a fresh process, what a node does at start-up with
 //! that queue: the local spool opened (its log replayed) and every message
@@ -59,6 +63,8 @@ const PAGE: u64 = 1000;
 /// pages are timed per row.
 const LIST_PAGE: usize = 100;
 const LIST_PAGES: u64 = 20;
+/// Pages of a domain deleted per row (they leave the queue).
+const DELETE_PAGES: u64 = 3;
 const HOLDER: &str = "bench";
 const LEASE: Duration = Duration::from_secs(15 * 60);
 const DAY_MS: u64 = 86_400_000;
@@ -465,6 +471,78 @@ async fn probe_ops(backend: &Backend, fill: &mut Fill) -> Result<(), Error> {
         size,
         &format!("list page ({per_page}, one domain)"),
         &mut one,
+    );
+
+    // An operator's retry of the domain, a page at a time.
+    let mut retry = Vec::new();
+    let mut made_due = 0;
+    for i in 0..LIST_PAGES {
+        let started = Instant::now();
+        let ids = backend
+            .schedule
+            .domain_messages(&first, Some(&cursor(i).id), LIST_PAGE)
+            .await?;
+        made_due += backend.schedule.retry_in(&first, &ids, fill.now_ms).await?;
+        retry.push(started.elapsed());
+    }
+    row(
+        size,
+        &format!("retry page ({LIST_PAGE}, one domain; {made_due} made due)"),
+        &mut retry,
+    );
+
+    // And a delete of the domain: each message's delivery there taken and
+    // failed, as the admin API does.
+    let mut delete = Vec::new();
+    let mut deleted = 0;
+    for i in 0..DELETE_PAGES {
+        let started = Instant::now();
+        let ids = backend
+            .schedule
+            .domain_messages(
+                &first,
+                Some(&cursor(i * LIST_PAGES / DELETE_PAGES).id),
+                LIST_PAGE,
+            )
+            .await?;
+        for id in &ids {
+            let Some(taken) = backend
+                .schedule
+                .take_message(id, Some(&first), HOLDER, LEASE)
+                .await?
+            else {
+                continue;
+            };
+            for domain in &taken.domains {
+                let Some(index) = taken
+                    .record
+                    .deliveries
+                    .iter()
+                    .position(|d| &d.domain == domain)
+                else {
+                    continue;
+                };
+                let outcome = MessageOutcome::all_of(
+                    &taken.record,
+                    index,
+                    RcptResult::Failed,
+                    "deleted",
+                    Duration::ZERO,
+                );
+                let done = backend
+                    .schedule
+                    .complete(id, domain, &outcome, now_ms(), &policy, 0.0, None)
+                    .await?;
+                backend.persist(done.map(|c| c.record)).await;
+                deleted += 1;
+            }
+        }
+        delete.push(started.elapsed());
+    }
+    row(
+        size,
+        &format!("delete page ({LIST_PAGE}, one domain; {deleted} deleted)"),
+        &mut delete,
     );
     Ok(())
 }
