@@ -2524,6 +2524,38 @@ mod tests {
         assert_eq!(entries, 0, "nothing is left pending");
     }
 
+    /// The one pending-report entry, with a connection to move it.
+    async fn the_pending_entry(
+        server: &RedisServer,
+    ) -> (redis::aio::MultiplexedConnection, String) {
+        let mut conn = raw(server).await;
+        let mut entries: Vec<String> = redis::cmd("ZRANGE")
+            .arg(PENDING_REPORTS_KEY)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        (conn, entries.pop().unwrap())
+    }
+
+    /// A pass queues the report that waits for `record`'s example.org
+    /// failure, once, and leaves no entry pending.
+    async fn queued_once_by_the_next_pass(
+        schedule: &RedisSchedule,
+        reports: &Reported,
+        record: &MessageRecord,
+    ) {
+        let fine = Recorder::new(reports.clone()).hook();
+        assert_eq!(schedule.send_pending_reports(&fine).await.unwrap(), 1);
+        assert_eq!(
+            *reports.lock().unwrap(),
+            vec![(record.id.clone(), "example.org".to_string())]
+        );
+        assert_eq!(schedule.counts().await.unwrap().pending_reports, 0);
+    }
+
     /// A pass over the pending reports that cannot queue them puts them
     /// back for the next pass, rather than a whole grace later.
     #[tokio::test]
@@ -2534,19 +2566,11 @@ mod tests {
         let reports: Reported = Default::default();
         let (record, _) = a_failure_whose_report_waits(&schedule, &reports).await;
         // Kept long ago: past the grace.
-        let mut conn = raw(&server).await;
-        let entries: Vec<String> = redis::cmd("ZRANGE")
-            .arg(PENDING_REPORTS_KEY)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(entries.len(), 1);
+        let (mut conn, entry) = the_pending_entry(&server).await;
         let _: () = redis::cmd("ZADD")
             .arg(PENDING_REPORTS_KEY)
             .arg(1)
-            .arg(&entries[0])
+            .arg(&entry)
             .query_async(&mut conn)
             .await
             .unwrap();
@@ -2558,13 +2582,7 @@ mod tests {
             .send_pending_reports(&failing.hook())
             .await
             .is_err());
-        let fine = Recorder::new(reports.clone()).hook();
-        assert_eq!(schedule.send_pending_reports(&fine).await.unwrap(), 1);
-        assert_eq!(
-            *reports.lock().unwrap(),
-            vec![(record.id.clone(), "example.org".to_string())]
-        );
-        assert_eq!(schedule.counts().await.unwrap().pending_reports, 0);
+        queued_once_by_the_next_pass(&schedule, &reports, &record).await;
     }
 
     /// A backlog of entries left by faults (reports already queued, record
@@ -2577,15 +2595,7 @@ mod tests {
         queue(&spool, &schedule, 0..1).await;
         let reports: Reported = Default::default();
         let (record, _) = a_failure_whose_report_waits(&schedule, &reports).await;
-        let mut conn = raw(&server).await;
-        let entries: Vec<String> = redis::cmd("ZRANGE")
-            .arg(PENDING_REPORTS_KEY)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(entries.len(), 1);
+        let (mut conn, entry) = the_pending_entry(&server).await;
         let stale = 3 * PENDING_BATCH + 50;
         let mut zadd = redis::cmd("ZADD");
         zadd.arg(PENDING_REPORTS_KEY);
@@ -2593,17 +2603,11 @@ mod tests {
             zadd.arg(n + 1)
                 .arg(format!("{}:{}", id(9000 + n as u64), id(n as u64)));
         }
-        zadd.arg(stale + 10).arg(&entries[0]);
+        zadd.arg(stale + 10).arg(&entry);
         let _: () = zadd.query_async(&mut conn).await.unwrap();
         assert_eq!(schedule.counts().await.unwrap().pending_reports, stale + 1);
 
-        let fine = Recorder::new(reports.clone()).hook();
-        assert_eq!(schedule.send_pending_reports(&fine).await.unwrap(), 1);
-        assert_eq!(
-            *reports.lock().unwrap(),
-            vec![(record.id.clone(), "example.org".to_string())]
-        );
-        assert_eq!(schedule.counts().await.unwrap().pending_reports, 0);
+        queued_once_by_the_next_pass(&schedule, &reports, &record).await;
     }
 
     /// A failure recorded after its record changed under it (another
