@@ -79,6 +79,27 @@ enum Command {
     },
 }
 
+/// What a retry or a delete works on: one message, or every message with
+/// a delivery to a domain.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The queue id (`queued as …` in the reply to the message).
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "domain",
+        conflicts_with = "domain"
+    )]
+    id: Option<String>,
+    /// Every message with a delivery to this domain, a page at a time,
+    /// with progress on stderr.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Option<String>,
+    /// Messages per page with --domain.
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    batch: u64,
+}
+
 #[derive(Debug, Subcommand)]
 enum QueueAction {
     /// Counts of messages and deliveries, by state and by domain.
@@ -116,40 +137,16 @@ enum QueueAction {
     /// Try a message's deferred deliveries now instead of at their next
     /// retry time; or, with --domain, every deferred delivery to a domain.
     Retry {
-        #[arg(
-            value_name = "ID",
-            required_unless_present = "domain",
-            conflicts_with = "domain"
-        )]
-        id: Option<String>,
-        /// Every message with a delivery to this domain, a page at a time,
-        /// with progress on stderr.
-        #[arg(long, value_name = "DOMAIN")]
-        domain: Option<String>,
-        /// Messages per page with --domain.
-        #[arg(long, value_name = "N", default_value_t = 100,
-              value_parser = clap::value_parser!(u64).range(1..=1000))]
-        batch: u64,
+        #[command(flatten)]
+        target: Target,
     },
     /// Delete a message from the queue; or, with --domain, every
     /// recipient at a domain (a message's other domains stay queued). The
     /// senders get non-delivery reports for the recipients deleted, unless
     /// --silent.
     Delete {
-        #[arg(
-            value_name = "ID",
-            required_unless_present = "domain",
-            conflicts_with = "domain"
-        )]
-        id: Option<String>,
-        /// Every message with a delivery to this domain, a page at a time,
-        /// with progress on stderr.
-        #[arg(long, value_name = "DOMAIN")]
-        domain: Option<String>,
-        /// Messages per page with --domain.
-        #[arg(long, value_name = "N", default_value_t = 100,
-              value_parser = clap::value_parser!(u64).range(1..=1000))]
-        batch: u64,
+        #[command(flatten)]
+        target: Target,
         /// No report to the sender.
         #[arg(long)]
         silent: bool,
@@ -291,9 +288,12 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             return print_result(result);
         }
         QueueAction::Retry {
-            domain: Some(domain),
-            batch,
-            ..
+            target:
+                Target {
+                    domain: Some(domain),
+                    batch,
+                    ..
+                },
         } => {
             let Some(domain) = routing_form(&domain) else {
                 return ExitCode::from(2);
@@ -325,10 +325,13 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             return print_result(result);
         }
         QueueAction::Delete {
-            domain: Some(domain),
-            batch,
+            target:
+                Target {
+                    domain: Some(domain),
+                    batch,
+                    ..
+                },
             silent,
-            ..
         } => {
             let Some(domain) = routing_form(&domain) else {
                 return ExitCode::from(2);
@@ -372,7 +375,9 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             });
             return print_result(result);
         }
-        QueueAction::Retry { id: Some(id), .. } => {
+        QueueAction::Retry {
+            target: Target { id: Some(id), .. },
+        } => {
             let result = actix::System::new().block_on(async move {
                 let retried = AdminClient::new(listen, token).retry(&id).await?;
                 Ok::<_, ClientError>(match retried.deliveries {
@@ -387,9 +392,8 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             return print_result(result);
         }
         QueueAction::Delete {
-            id: Some(id),
+            target: Target { id: Some(id), .. },
             silent,
-            ..
         } => {
             let result = actix::System::new().block_on(async move {
                 let deleted = AdminClient::new(listen, token).delete(&id, !silent).await?;
