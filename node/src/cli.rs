@@ -103,7 +103,11 @@ struct Target {
 #[derive(Debug, Subcommand)]
 enum QueueAction {
     /// Counts of messages and deliveries, by state and by domain.
-    Summary,
+    Summary {
+        /// The answer of the admin API, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The queued messages, oldest first: each with its sender and where
     /// each recipient stands. Fetched a page at a time.
     List {
@@ -133,7 +137,11 @@ enum QueueAction {
     },
     /// The nodes of the cluster (Redis backend): which are alive, which are
     /// dead, and which leads.
-    Nodes,
+    Nodes {
+        /// The answer of the admin API, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Try a message's deferred deliveries now instead of at their next
     /// retry time; or, with --domain, every deferred delivery to a domain.
     Retry {
@@ -167,6 +175,9 @@ enum QueueAction {
         /// List at most this many.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+        /// The answer of the admin API, as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -202,14 +213,10 @@ fn sessions(path: Option<&Path>, token: Option<String>, json: bool) -> ExitCode 
     let client = AdminClient::new(config.admin.listen, token.filter(|t| !t.is_empty()));
     let result = actix::System::new().block_on(async move {
         let views = client.sessions().await?;
-        Ok::<_, ClientError>(if json {
-            serde_json::to_string_pretty(&views).expect("plain data") + "\n"
-        } else {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            format_sessions(&views, now)
-        })
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Ok::<_, ClientError>(json_or(json, &views, |v: &Vec<_>| format_sessions(v, now)))
     });
     print_result(result)
 }
@@ -222,10 +229,10 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
     let listen = config.admin.listen;
     let token = token.filter(|t| !t.is_empty());
     let (domain, suspended) = match action {
-        QueueAction::Summary => {
+        QueueAction::Summary { json } => {
             let result = actix::System::new().block_on(async move {
                 let stats = AdminClient::new(listen, token).queue_stats().await?;
-                Ok::<_, ClientError>(format_summary(&stats))
+                Ok::<_, ClientError>(json_or(json, &stats, format_summary))
             });
             return print_result(result);
         }
@@ -279,11 +286,7 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
         QueueAction::Show { id, json } => {
             let result = actix::System::new().block_on(async move {
                 let view = AdminClient::new(listen, token).message(&id).await?;
-                Ok::<_, ClientError>(if json {
-                    serde_json::to_string_pretty(&view).expect("plain data") + "\n"
-                } else {
-                    format_message(&view)
-                })
+                Ok::<_, ClientError>(json_or(json, &view, format_message))
             });
             return print_result(result);
         }
@@ -401,17 +404,17 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             });
             return print_result(result);
         }
-        QueueAction::Nodes => {
+        QueueAction::Nodes { json } => {
             let result = actix::System::new().block_on(async move {
                 let view = AdminClient::new(listen, token).cluster().await?;
-                Ok::<_, ClientError>(format_nodes(&view))
+                Ok::<_, ClientError>(json_or(json, &view, format_nodes))
             });
             return print_result(result);
         }
-        QueueAction::Quarantine { limit } => {
+        QueueAction::Quarantine { limit, json } => {
             let result = actix::System::new().block_on(async move {
                 let listed = AdminClient::new(listen, token).quarantined(limit).await?;
-                Ok::<_, ClientError>(format_quarantine(&listed))
+                Ok::<_, ClientError>(json_or(json, &listed, |l: &Vec<_>| format_quarantine(l)))
             });
             return print_result(result);
         }
@@ -516,6 +519,15 @@ fn format_quarantine(listed: &[Quarantined]) -> String {
         ));
     }
     out
+}
+
+/// `value` as the API gave it (pretty JSON) with `json`, else `table` of it.
+fn json_or<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce(&T) -> String) -> String {
+    if json {
+        serde_json::to_string_pretty(value).expect("plain data") + "\n"
+    } else {
+        table(value)
+    }
 }
 
 /// The live sessions as a table, one line each.

@@ -149,6 +149,14 @@ fn queue_summary_counts_accepted_messages() {
     for key in ["ready", "deferred", "in_flight", "waiting", "store_calls"] {
         assert!(json[key].is_u64(), "{key} in {json}");
     }
+    // `--json` prints the API's answer.
+    let printed: serde_json::Value =
+        serde_json::from_str(&queue_ok(&relay, &["summary", "--json"])).unwrap();
+    assert_eq!(printed["messages"], 2, "{printed}");
+    assert_eq!(
+        printed["deliveries_by_domain"],
+        json["deliveries_by_domain"]
+    );
 }
 
 #[test]

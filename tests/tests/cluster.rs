@@ -142,6 +142,10 @@ fn three_nodes_share_the_queue_and_the_domain_caps() {
         String::from_utf8_lossy(&out.stdout),
         "coord   alive  leader\nnode-a  alive\nnode-b  alive\nnode-c  alive\n"
     );
+    let out = nodes[1].relay.cli(&["queue", "nodes", "--json"], &[]);
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["leader"], "coord", "{view}");
+    assert_eq!(view["live"].as_array().map(Vec::len), Some(4), "{view}");
     assert_metrics_add_up(&nodes, &coordinator, &sink, subjects.len());
     the_sessions_of_every_node_are_shown_by_any(&nodes, &coordinator);
 }

@@ -95,6 +95,12 @@ fn an_unreadable_record_is_quarantined_and_listed_for_operators() {
     );
     assert!(entries[0]["bytes"].as_u64().unwrap() > 0, "{json}");
     assert!(entries[0]["at_ms"].as_u64().unwrap() > 0, "{json}");
+    let printed = setup.relay.cli(&["queue", "quarantine", "--json"], &[]);
+    let printed: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
+    assert_eq!(
+        printed, json,
+        "`queue quarantine --json` prints the API's answer"
+    );
 
     // The record is out of the queue; the other message is still there,
     // retried as before.
