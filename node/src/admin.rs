@@ -196,11 +196,44 @@ impl AdminEnv {
     }
 }
 
+/// The admin server, and the open routes' own on `admin.metrics_listen`.
+pub struct Servers {
+    pub api: ServerHandle,
+    pub open: Option<ServerHandle>,
+}
+
+impl Servers {
+    /// Stops both, `graceful`ly or not.
+    pub async fn stop(&self, graceful: bool) {
+        if let Some(open) = &self.open {
+            open.stop(graceful).await;
+        }
+        self.api.stop(graceful).await;
+    }
+}
+
 /// Binds `listen` and serves the admin API in the current actix system
 /// until the returned handle stops it. Signals are left to the caller.
 pub fn start(listen: SocketAddr, env: AdminEnv) -> std::io::Result<ServerHandle> {
+    serve(listen, env, routes, "the admin server stopped")
+}
+
+/// Binds `listen` (`admin.metrics_listen`) and serves the open routes
+/// alone there, until the returned handle stops it.
+pub fn start_open(listen: SocketAddr, env: AdminEnv) -> std::io::Result<ServerHandle> {
+    serve(listen, env, open_routes, "the metrics server stopped")
+}
+
+/// Serves `configure`'s routes on `listen` with one worker, leaving
+/// signals to the caller.
+fn serve(
+    listen: SocketAddr,
+    env: AdminEnv,
+    configure: fn(&mut web::ServiceConfig),
+    stopped: &'static str,
+) -> std::io::Result<ServerHandle> {
     let env = web::Data::new(env);
-    let server = HttpServer::new(move || App::new().app_data(env.clone()).configure(routes))
+    let server = HttpServer::new(move || App::new().app_data(env.clone()).configure(configure))
         .workers(1)
         .disable_signals()
         .shutdown_timeout(1)
@@ -209,19 +242,25 @@ pub fn start(listen: SocketAddr, env: AdminEnv) -> std::io::Result<ServerHandle>
     let handle = server.handle();
     actix::spawn(async move {
         if let Err(error) = server.await {
-            tracing::error!(%error, "the admin server stopped");
+            tracing::error!(%error, "{stopped}");
         }
     });
     Ok(handle)
 }
 
-/// The routes, on an app whose data holds an [`AdminEnv`].
-pub fn routes(config: &mut web::ServiceConfig) {
+/// The routes that need no token: the probes and the metrics.
+pub fn open_routes(config: &mut web::ServiceConfig) {
     // Resources rather than bare routes: another method gets 405, not 404.
     config
         .service(web::resource("/healthz").get(healthz))
         .service(web::resource("/readyz").get(readyz))
-        .service(web::resource("/metrics").get(metrics_page))
+        .service(web::resource("/metrics").get(metrics_page));
+}
+
+/// The routes, on an app whose data holds an [`AdminEnv`].
+pub fn routes(config: &mut web::ServiceConfig) {
+    open_routes(config);
+    config
         // The versioned API first: a scope takes every path under it.
         .service(web::scope(API_V1).configure(api))
         // The paths of earlier releases, for their scripts.

@@ -288,6 +288,10 @@ pub struct BounceConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// A second address for the open routes alone (`/metrics`, `/healthz`,
+    /// `/readyz`), for Prometheus and the kubelet, so that `listen` can stay
+    /// on loopback; unset: only `listen` serves them.
+    pub metrics_listen: Option<SocketAddr>,
     /// Who may use `/api/*`. None: the API is open (keep `listen` on loopback).
     pub operators: Vec<AdminOperator>,
     /// Token checks (argon2, one per operator) that run at once; more wait
@@ -468,6 +472,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:8025".parse().expect("literal address"),
+            metrics_listen: None,
             operators: Vec::new(),
             max_token_checks: 2,
             token_max_failures: 10,
@@ -948,6 +953,16 @@ impl Config {
                 "admin.listen",
                 format!("{} is also in smtp.listen", admin.listen),
             );
+        }
+        if let Some(metrics) = admin.metrics_listen {
+            if metrics == admin.listen {
+                errors.add("admin.metrics_listen", format!("{metrics} is admin.listen"));
+            } else if self.smtp.listen.contains(&metrics) {
+                errors.add(
+                    "admin.metrics_listen",
+                    format!("{metrics} is also in smtp.listen"),
+                );
+            }
         }
         errors.positive("admin.max_token_checks", admin.max_token_checks as u64);
         errors.nonzero([("admin.token_block_duration", admin.token_block_duration)]);
@@ -1932,6 +1947,27 @@ mod tests {
         assert_eq!(errors, ["queue.redis_url: no redis URL"]);
         let err = load_err("[queue]\nredis_cluster = \"maybe\"", &[]);
         assert!(err.contains("redis_cluster"), "{err}");
+    }
+
+    #[test]
+    fn the_open_routes_may_have_an_address_of_their_own() {
+        assert_eq!(load("", &[]).unwrap().admin.metrics_listen, None);
+        let config = load("[admin]\nmetrics_listen = \"0.0.0.0:9090\"", &[]).unwrap();
+        assert_eq!(
+            config.admin.metrics_listen,
+            Some("0.0.0.0:9090".parse().unwrap())
+        );
+        config.validate().unwrap();
+        assert_eq!(
+            invalid("[admin]\nmetrics_listen = \"127.0.0.1:8025\""),
+            ["admin.metrics_listen: 127.0.0.1:8025 is admin.listen"]
+        );
+        assert_eq!(
+            invalid("[admin]\nmetrics_listen = \"127.0.0.1:2525\""),
+            ["admin.metrics_listen: 127.0.0.1:2525 is also in smtp.listen"]
+        );
+        let env = load("", &[("SMARTHOST__ADMIN__METRICS_LISTEN", "[::]:9090")]).unwrap();
+        assert_eq!(env.admin.metrics_listen, Some("[::]:9090".parse().unwrap()));
     }
 
     #[test]

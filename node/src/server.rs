@@ -414,7 +414,7 @@ fn start_admin(
     is_ready: watch::Receiver<bool>,
     ledger: Arc<dyn Ledger>,
     listened: Listened,
-) -> Result<actix_web::dev::ServerHandle, Box<dyn Error>> {
+) -> Result<admin::Servers, Box<dyn Error>> {
     let admin = &config.admin;
     let stats = Arc::new(GuardStats::default());
     let guard = AuthGuard::new(
@@ -469,12 +469,22 @@ fn start_admin(
         Some(board) => env.with_board(board),
         None => env,
     };
-    let admin = admin::start(config.admin.listen, env).map_err(|e| {
+    let open = match config.admin.metrics_listen {
+        Some(listen) => {
+            let open = admin::start_open(listen, env.clone())
+                .map_err(|e| format!("admin.metrics_listen: cannot listen on {listen}: {e}"))?;
+            tracing::info!(%listen, "metrics and probes listening");
+            Some(open)
+        }
+        None => None,
+    };
+    let api = admin::start(config.admin.listen, env).map_err(|e| {
         format!(
             "admin.listen: cannot listen on {}: {e}",
             config.admin.listen
         )
     })?;
+    let admin = admin::Servers { api, open };
     if config.admin.operators.is_empty() && !config.admin.listen.ip().is_loopback() {
         tracing::warn!(
             listen = %config.admin.listen,

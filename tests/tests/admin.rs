@@ -353,7 +353,7 @@ fn a_queued_message_shows_each_recipient_where_it_stands() {
 }
 
 /// The routes `node/src/admin.rs` registers, as (method, path): the open
-/// ones in `routes`, the API ones in `api` under `/api/v1`; a resource's
+/// ones in `open_routes`, the API ones in `api` under `/api/v1`; a resource's
 /// methods follow it, on its line or the next ones.
 fn served_routes() -> std::collections::BTreeSet<(String, String)> {
     let source = include_str!("../../node/src/admin.rs");
@@ -363,7 +363,7 @@ fn served_routes() -> std::collections::BTreeSet<(String, String)> {
         &source[start..end]
     };
     let mut routes = std::collections::BTreeSet::new();
-    for (head, prefix) in [("pub fn routes(", ""), ("fn api(", "/api/v1")] {
+    for (head, prefix) in [("pub fn open_routes(", ""), ("fn api(", "/api/v1")] {
         for resource in body(head).split("web::resource(\"").skip(1) {
             let path = resource.split('"').next().unwrap();
             for method in ["get", "post", "delete", "put"] {

@@ -133,3 +133,37 @@ fn the_counters_agree_with_the_clients_and_the_sinks() {
         0.0
     );
 }
+
+/// With `admin.metrics_listen` the probes and `/metrics` answer on an
+/// address of their own, which serves nothing of the operator API; they
+/// still answer on `admin.listen`.
+#[test]
+fn the_metrics_and_probes_can_listen_apart_from_the_api() {
+    let port = smarthost_tests::relay::free_port();
+    let open: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let relay = smarthost_tests::relay::Relay::start_with_env(
+        "",
+        "",
+        &[(
+            "SMARTHOST__ADMIN__METRICS_LISTEN",
+            open.to_string().as_str(),
+        )],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http::get(open, "/readyz", None).status != 200 {
+        assert!(Instant::now() < deadline, "never ready on {open}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http::get(open, "/healthz", None).status, 200);
+    let samples = scrape(open);
+    assert!(
+        samples.keys().any(|k| k.starts_with("smarthost_")),
+        "{samples:?}"
+    );
+    for path in ["/api/v1/queue", "/api/v1/sessions", "/api/queue"] {
+        assert_eq!(http::get(open, path, None).status, 404, "{path} on {open}");
+    }
+    let admin = relay.admin_addr();
+    assert_eq!(http::get(admin, "/api/v1/queue", None).status, 200);
+    assert!(!scrape(admin).is_empty());
+}
