@@ -20,7 +20,9 @@
 //! - `GET /api/v1/sessions`: the live SMTP sessions ([`SessionView`]) of
 //!   this node, and on the Redis backend of the whole cluster.
 //! - `GET /api/v1/quarantine?limit=N`: what the spool set aside as
-//!   unreadable (at most `N`, default 1000, oldest first), as JSON.
+//!   unreadable (at most `N`, default 1000, oldest first), as JSON;
+//!   `POST /api/v1/quarantine/{location}/replay` takes a message back once
+//!   it reads again, `DELETE /api/v1/quarantine/{location}` drops it.
 //! - `GET /api/v1/cluster`: on the Redis backend, the live and dead nodes
 //!   and the node that leads, as this node's coordinator last saw them.
 //!
@@ -53,7 +55,8 @@ use crate::config::check_domain_name;
 use crate::metrics::Scrape;
 use crate::queue::{
     DeleteMessage, Deleted, ListMessages, Listing, MessagePage, MessageView, PageCursor,
-    QueueStats, RetryIn, RetryMessage, ShowMessage, Stats, Suspend, LISTED_STATES,
+    QueueStats, ReplayQuarantined, Replayed, RetryIn, RetryMessage, ShowMessage, Stats, Suspend,
+    LISTED_STATES,
 };
 use crate::sessions::{Board, SessionView, Sessions};
 use crate::spool::{Quarantined, Spool, SpoolError};
@@ -71,6 +74,7 @@ pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_m
 /// The queue's answers about single messages.
 #[derive(Clone)]
 pub struct MessageQueue {
+    pub replay: Recipient<ReplayQuarantined>,
     pub list: Recipient<ListMessages>,
     pub show: Recipient<ShowMessage>,
     pub retry: Recipient<RetryMessage>,
@@ -290,6 +294,8 @@ fn api(config: &mut web::ServiceConfig) {
         .service(web::resource("/sessions").get(sessions))
         .service(web::resource("/cluster").get(cluster))
         .service(web::resource("/quarantine").get(quarantine))
+        .service(web::resource("/quarantine/{location}").delete(delete_quarantined))
+        .service(web::resource("/quarantine/{location}/replay").post(replay_quarantined))
         .service(web::resource("/domains/{domain}/suspend").post(suspend))
         .service(web::resource("/domains/{domain}/resume").post(resume));
 }
@@ -361,6 +367,11 @@ pub enum ApiError {
     BadNotify(String),
     #[error("{0}")]
     BadQuery(String),
+    #[error("nothing is set aside as {0:?}")]
+    NotQuarantined(String),
+    /// The request is understood but cannot be done as things are.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ResponseError for ApiError {
@@ -378,6 +389,8 @@ impl ResponseError for ApiError {
             ApiError::NoMessage(_) => StatusCode::NOT_FOUND,
             ApiError::BadNotify(_) => StatusCode::BAD_REQUEST,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotQuarantined(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -915,6 +928,70 @@ async fn quarantine(
         .await
         .map_err(|e| ApiError::Spool(e.to_string()))?;
     Ok(web::Json(listed))
+}
+
+/// Takes a quarantined message back into the queue once it reads again
+/// (after an upgrade); `409` with the reason when it still does not, or
+/// when the spool keeps no message there (the local spool's damaged
+/// journal bytes).
+async fn replay_quarantined(
+    request: HttpRequest,
+    location: web::Path<String>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<Replayed>, ApiError> {
+    let operator = authorize(&env, &request, Access::Write).await?;
+    let location = location.into_inner();
+    let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
+    let replayed = match queue.replay.send(ReplayQuarantined(location.clone())).await {
+        Ok(Ok(Some(replayed))) => replayed,
+        Ok(Ok(None)) => return Err(ApiError::NotQuarantined(cut(&location))),
+        Ok(Err(SpoolError::Corrupt(why))) => return Err(ApiError::Conflict(why)),
+        Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
+        Err(_) => return Err(ApiError::QueueGone),
+    };
+    tracing::info!(
+        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        %location,
+        message_id = %replayed.id,
+        "admin API: quarantined message taken back"
+    );
+    Ok(web::Json(replayed))
+}
+
+/// The body of a quarantine delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineDeleted {
+    pub location: String,
+    pub deleted: bool,
+}
+
+/// Drops what was set aside for good: the message in it is lost.
+async fn delete_quarantined(
+    request: HttpRequest,
+    location: web::Path<String>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<QuarantineDeleted>, ApiError> {
+    let operator = authorize(&env, &request, Access::Write).await?;
+    let location = location.into_inner();
+    let spool = env.spool.as_ref().ok_or(ApiError::QueueGone)?;
+    let deleted = spool
+        .delete_quarantined(&location)
+        .await
+        .map_err(|e| ApiError::Spool(e.to_string()))?;
+    if !deleted {
+        return Err(ApiError::NotQuarantined(cut(&location)));
+    }
+    tracing::warn!(
+        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        %location,
+        "admin API: a quarantined entry was deleted; what it held is gone"
+    );
+    Ok(web::Json(QuarantineDeleted { location, deleted }))
+}
+
+/// At most 64 characters of what a client sent, for an error.
+fn cut(text: &str) -> String {
+    text.chars().take(64).collect()
 }
 
 async fn suspend(

@@ -8,9 +8,10 @@ use actix_web::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::admin::{
-    BulkDeleted, BulkRetried, ClusterView, DomainState, ErrorBody, Retried, API_V1,
+    BulkDeleted, BulkRetried, ClusterView, DomainState, ErrorBody, QuarantineDeleted, Retried,
+    API_V1,
 };
-use crate::queue::{Deleted, MessagePage, MessageView, QueueStats};
+use crate::queue::{Deleted, MessagePage, MessageView, QueueStats, Replayed};
 use crate::sessions::SessionView;
 use crate::spool::Quarantined;
 
@@ -137,6 +138,22 @@ impl AdminClient {
     pub async fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, ClientError> {
         let path = format!("/quarantine?limit={limit}");
         self.call(self.http.get(self.url(&path))).await
+    }
+
+    /// Takes a quarantined message back into the queue; `location` as
+    /// listed (letters, digits and dots: no escaping needed).
+    pub async fn replay_quarantined(&self, location: &str) -> Result<Replayed, ClientError> {
+        let path = format!("/quarantine/{location}/replay");
+        self.call(self.http.post(self.url(&path))).await
+    }
+
+    /// Drops a quarantined entry for good.
+    pub async fn delete_quarantined(
+        &self,
+        location: &str,
+    ) -> Result<QuarantineDeleted, ClientError> {
+        let path = format!("/quarantine/{location}");
+        self.call(self.http.delete(self.url(&path))).await
     }
 
     /// Suspends (`true`) or resumes a domain, given in its routing form.

@@ -171,13 +171,33 @@ enum QueueAction {
     },
     /// What the spool set aside as unreadable (a record of a newer
     /// release, a damaged journal frame), oldest first.
+    #[command(args_conflicts_with_subcommands = true)]
     Quarantine {
+        #[command(subcommand)]
+        action: Option<QuarantineAction>,
         /// List at most this many.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
         /// The answer of the admin API, as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// What to do with one quarantined entry (without one: list them).
+#[derive(Debug, Subcommand)]
+enum QuarantineAction {
+    /// Take a quarantined message back into the queue, once this release
+    /// reads it (a record written by a newer release, after the upgrade).
+    Replay {
+        /// The entry as `smarthost queue quarantine` lists it.
+        #[arg(value_name = "LOCATION")]
+        location: String,
+    },
+    /// Drop a quarantined entry for good: the message in it is lost.
+    Delete {
+        #[arg(value_name = "LOCATION")]
+        location: String,
     },
 }
 
@@ -411,7 +431,48 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             });
             return print_result(result);
         }
-        QueueAction::Quarantine { limit, json } => {
+        QueueAction::Quarantine {
+            action: Some(mut action),
+            ..
+        } => {
+            let (QuarantineAction::Replay { location } | QuarantineAction::Delete { location }) =
+                &mut action;
+            // The local spool lists its files under `quarantine/`.
+            if let Some(name) = location.strip_prefix("quarantine/") {
+                *location = name.to_string();
+            }
+            if location.is_empty()
+                || !location
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.')
+            {
+                eprintln!("error: {location:?} is not an entry `smarthost queue quarantine` lists");
+                return ExitCode::from(2);
+            }
+            let result = actix::System::new().block_on(async move {
+                let client = AdminClient::new(listen, token);
+                Ok::<_, ClientError>(match action {
+                    QuarantineAction::Replay { location } => {
+                        let replayed = client.replay_quarantined(&location).await?;
+                        format!(
+                            "{location}: message {} is queued again ({})\n",
+                            replayed.id,
+                            plural(replayed.deliveries, "delivery", "deliveries")
+                        )
+                    }
+                    QuarantineAction::Delete { location } => {
+                        client.delete_quarantined(&location).await?;
+                        format!("{location}: deleted\n")
+                    }
+                })
+            });
+            return print_result(result);
+        }
+        QueueAction::Quarantine {
+            action: None,
+            limit,
+            json,
+        } => {
             let result = actix::System::new().block_on(async move {
                 let listed = AdminClient::new(listen, token).quarantined(limit).await?;
                 Ok::<_, ClientError>(json_or(json, &listed, |l: &Vec<_>| format_quarantine(l)))

@@ -119,6 +119,22 @@ pub struct RetryIn {
     pub ids: Vec<MessageId>,
 }
 
+/// Takes back a message the spool set aside ([`Spool::replay_quarantined`])
+/// and schedules its deliveries; `None`: nothing is set aside there.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Replayed>, SpoolError>")]
+pub struct ReplayQuarantined(pub String);
+
+/// What a replay took back.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Replayed {
+    pub location: String,
+    /// The queue id of the message taken back.
+    pub id: String,
+    /// Its deliveries (one per destination domain) scheduled again.
+    pub deliveries: usize,
+}
+
 /// Opens the delivery log file again, for log rotation (SIGHUP).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -1423,6 +1439,37 @@ impl Handler<RetryMessage> for Queue {
     fn handle(&mut self, msg: RetryMessage, _: &mut Context<Self>) -> Self::Result {
         let schedule = self.schedule.clone();
         Box::pin(async move { schedule.retry(&msg.0, now_ms()).await })
+    }
+}
+
+impl Handler<ReplayQuarantined> for Queue {
+    type Result = ResponseActFuture<Self, Result<Option<Replayed>, SpoolError>>;
+
+    fn handle(&mut self, msg: ReplayQuarantined, _: &mut Context<Self>) -> Self::Result {
+        let (spool, schedule) = (self.spool.clone(), self.schedule.clone());
+        let work = async move {
+            let Some(record) = spool.replay_quarantined(&msg.0).await? else {
+                return Ok(None);
+            };
+            let replayed = Replayed {
+                location: msg.0,
+                id: record.id.to_string(),
+                deliveries: record.deliveries.len(),
+            };
+            let domains = schedule.insert(vec![record], now_ms()).await?;
+            Ok(Some((replayed, domains)))
+        };
+        Box::pin(work.into_actor(self).map(|result, queue, ctx| {
+            result.map(|taken| {
+                taken.map(|(replayed, domains)| {
+                    tracing::info!(location = %replayed.location, message_id = %replayed.id,
+                        deliveries = replayed.deliveries,
+                        "a quarantined message was taken back into the queue");
+                    queue.announce(domains, ctx);
+                    replayed
+                })
+            })
+        }))
     }
 }
 

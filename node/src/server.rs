@@ -447,6 +447,7 @@ fn start_admin(
     .with_guard(checks, guard)
     .with_spool(spool.clone())
     .with_messages(admin::MessageQueue {
+        replay: queue.clone().recipient(),
         list: queue.clone().recipient(),
         show: queue.clone().recipient(),
         retry: queue.clone().recipient(),

@@ -411,7 +411,8 @@ fn the_openapi_file_matches_the_routes_and_their_answers() {
     for (method, path) in &documented {
         let concrete = path
             .replace("{id}", &id)
-            .replace("{domain}", "deferred.test");
+            .replace("{domain}", "deferred.test")
+            .replace("{location}", "00000000000000000001.journal.64.bad");
         let open = spec["paths"][path][method]["security"] == serde_json::json!([]);
         let token = (!open).then_some("admin-secret-token");
         let answer = http::request(relay.admin_addr(), &method.to_uppercase(), &concrete, token);

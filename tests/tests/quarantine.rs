@@ -115,4 +115,66 @@ fn an_unreadable_record_is_quarantined_and_listed_for_operators() {
         1,
         "logged once:\n{log}"
     );
+
+    // A replay is refused, with the reason, while the record still
+    // cannot be read...
+    let quarantine = |args: &[&str]| {
+        let mut all = vec!["queue", "quarantine"];
+        all.extend_from_slice(args);
+        let output = setup.relay.cli(&all, &[]);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, _, said) = quarantine(&["replay", &bad]);
+    assert!(
+        !ok && said.contains("409") && said.contains("version 99"),
+        "{said}"
+    );
+    // ...and takes the message back once it reads, as after an upgrade to
+    // a release that knows its version (here: the version byte restored).
+    let restore_version = "local r = redis.call('HGET', KEYS[1], 'record') \
+         redis.call('HSET', KEYS[1], 'record', string.char(1) .. string.sub(r, 2)) return 1";
+    assert_eq!(
+        redis_cli(&redis, &["EVAL", restore_version, "1", &quarantined]),
+        "1"
+    );
+    let (ok, said, err) = quarantine(&["replay", &bad]);
+    assert!(ok, "{said}{err}");
+    assert_eq!(
+        said,
+        format!("{bad}: message {bad} is queued again (1 delivery)\n")
+    );
+    assert_eq!(redis_cli(&redis, &["EXISTS", &quarantined]), "0");
+    assert_eq!(redis_cli(&redis, &["EXISTS", &key]), "1");
+    let admin = setup.relay.admin_addr();
+    let view = http::get(admin, &format!("/api/v1/messages/{bad}"), None);
+    assert_eq!(view.status, 200, "{view:?}");
+    assert_eq!(view.json()["recipients"][0]["address"], "a@example.org");
+    assert_eq!(quarantine(&[]).1, "quarantine: empty\n");
+    let again = http::post(admin, &format!("/api/v1/quarantine/{bad}/replay"), None);
+    assert_eq!(again.status, 404, "{again:?}");
+
+    // Another unreadable record, deleted for good.
+    let worse = submit(&setup, "c@example.org", "worse");
+    let worse_key = format!("smarthost:{{m:{worse}}}:record");
+    assert_ne!(redis_cli(&redis, &["STRLEN", &worse_key]), "0");
+    redis_cli(&redis, &["SETRANGE", &worse_key, "0", "c"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !quarantine(&[]).1.contains(&worse) {
+        assert!(Instant::now() < deadline, "never quarantined");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, said, err) = quarantine(&["delete", &worse]);
+    assert!(ok, "{said}{err}");
+    assert_eq!(said, format!("{worse}: deleted\n"));
+    let worse_quarantined = format!("smarthost:{{m:{worse}}}:quarantined");
+    assert_eq!(redis_cli(&redis, &["EXISTS", &worse_quarantined]), "0");
+    assert_eq!(quarantine(&[]).1, "quarantine: empty\n");
+    let (ok, _, said) = quarantine(&["delete", &worse]);
+    assert!(!ok && said.contains("404"), "{said}");
+    let (ok, _, said) = quarantine(&["delete", "../etc/passwd"]);
+    assert!(!ok && said.contains("is not an entry"), "{said}");
 }

@@ -389,6 +389,21 @@ fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
         .map_err(|e| io_error(format_args!("syncing directory {}", dir.display()), e))
 }
 
+/// The file of the quarantine directory `dir` named `name`, if `name` is
+/// one the quarantine makes (`<segment file>.<offset>.bad`: letters,
+/// digits and dots, never a path).
+fn quarantine_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    // As listed, or the file's name alone.
+    let name = name
+        .strip_prefix(QUARANTINE_DIR)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .unwrap_or(name);
+    let plain = !name.starts_with('.')
+        && name.ends_with(".bad")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
+    plain.then(|| dir.join(name))
+}
+
 /// The `*.bad` files of the quarantine directory `dir`, in name order, at
 /// most `limit`; none when the directory does not exist.
 fn list_quarantine(dir: &Path, limit: usize) -> Result<Vec<super::Quarantined>, SpoolError> {
@@ -1452,6 +1467,48 @@ impl Spool for LocalSpool {
         .await
     }
 
+    /// The local quarantine keeps damaged journal bytes, not records: a
+    /// file listed there is not a message that can be taken back.
+    async fn replay_quarantined(
+        &self,
+        location: &str,
+    ) -> Result<Option<MessageRecord>, SpoolError> {
+        let location = location.to_string();
+        let listed = self
+            .blocking(move |inner| {
+                let dir = inner.state()?.dir.join(QUARANTINE_DIR);
+                Ok(quarantine_file(&dir, &location).is_some_and(|path| path.exists()))
+            })
+            .await?;
+        match listed {
+            true => Err(SpoolError::Corrupt(
+                "the local spool sets aside damaged journal bytes, whose messages were lost; \
+                 there is no message to take back (the file stays for inspection, or delete it)"
+                    .into(),
+            )),
+            false => Ok(None),
+        }
+    }
+
+    async fn delete_quarantined(&self, location: &str) -> Result<bool, SpoolError> {
+        let location = location.to_string();
+        self.blocking(move |inner| {
+            let dir = inner.state()?.dir.join(QUARANTINE_DIR);
+            let Some(path) = quarantine_file(&dir, &location) else {
+                return Ok(false);
+            };
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    sync_dir(&dir)?;
+                    Ok(true)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(io_error(format_args!("removing {}", path.display()), e)),
+            }
+        })
+        .await
+    }
+
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
         let id = id.clone();
         self.blocking(move |inner| {
@@ -1533,6 +1590,52 @@ mod tests {
 
     fn ids(records: &[MessageRecord]) -> Vec<MessageId> {
         records.iter().map(|r| r.id.clone()).collect()
+    }
+
+    /// A set-aside frame holds no message to take back; it can be
+    /// deleted, by the name listed or the file's own, and nothing outside
+    /// the quarantine directory can be named.
+    #[tokio::test]
+    async fn set_aside_frames_are_deleted_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), &LocalSpoolOptions::default());
+        let quarantine = dir.path().join(QUARANTINE_DIR);
+        fs::create_dir_all(&quarantine).unwrap();
+        for name in [
+            "00000000000000000001.journal.64.bad",
+            "00000000000000000002.journal.8.bad",
+        ] {
+            fs::write(quarantine.join(name), [0u8; 16]).unwrap();
+        }
+        fs::write(dir.path().join("outside.bad"), b"not to be touched").unwrap();
+        let listed = "quarantine/00000000000000000001.journal.64.bad";
+        let err = spool.replay_quarantined(listed).await.unwrap_err();
+        assert!(
+            matches!(&err, SpoolError::Corrupt(why) if why.contains("no message")),
+            "{err}"
+        );
+        assert!(spool
+            .replay_quarantined("nothing.bad")
+            .await
+            .unwrap()
+            .is_none());
+
+        assert!(spool.delete_quarantined(listed).await.unwrap());
+        assert!(!spool.delete_quarantined(listed).await.unwrap(), "gone");
+        assert!(spool
+            .delete_quarantined("00000000000000000002.journal.8.bad")
+            .await
+            .unwrap());
+        for name in [
+            "../outside.bad",
+            "quarantine/../outside.bad",
+            ".bad",
+            "notes.txt",
+        ] {
+            assert!(!spool.delete_quarantined(name).await.unwrap(), "{name}");
+        }
+        assert!(dir.path().join("outside.bad").exists());
+        assert!(spool.quarantined(10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

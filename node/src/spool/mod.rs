@@ -155,6 +155,26 @@ pub trait Spool: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Takes back what was set aside under `location` (a name
+    /// [`Spool::quarantined`] listed) once it reads again, after an
+    /// upgrade to a release that knows its format: the message is stored
+    /// again and its record returned, for the schedule. `Ok(None)`:
+    /// nothing is set aside there. `Corrupt` when it still cannot be read,
+    /// or when what this spool sets aside is not a message it can take
+    /// back.
+    async fn replay_quarantined(
+        &self,
+        _location: &str,
+    ) -> Result<Option<MessageRecord>, SpoolError> {
+        Ok(None)
+    }
+
+    /// Drops what was set aside under `location` for good; `false` when
+    /// nothing was.
+    async fn delete_quarantined(&self, _location: &str) -> Result<bool, SpoolError> {
+        Ok(false)
+    }
+
     /// The body of a stored message.
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError>;
 

@@ -189,6 +189,7 @@ pub const QUARANTINE_KEY: &str = "smarthost:{index}:quarantine";
 
 /// See `scripts/quarantine.lua`.
 const QUARANTINE: &str = include_str!("scripts/quarantine.lua");
+const RESTORE: &str = include_str!("scripts/restore.lua");
 
 /// How many response timeouts (`queue.redis_response_timeout`) after the
 /// receive time a cluster `store` may get its last reply: its wait behind
@@ -1335,6 +1336,85 @@ impl Spool for RedisSpool {
             });
         }
         Ok(listed)
+    }
+
+    /// Reads the record in the message's quarantine hash; when it decodes,
+    /// the index entry goes back first (see "Consistency"), then the
+    /// record and body move back to their keys, then the quarantine
+    /// index entry goes.
+    async fn replay_quarantined(
+        &self,
+        location: &str,
+    ) -> Result<Option<MessageRecord>, SpoolError> {
+        let Some(id) = MessageId::parse(location) else {
+            return Ok(None);
+        };
+        let key = quarantined_key(&id);
+        let bytes: Option<Vec<u8>> = self
+            .query_cmd("replay", redis::cmd("HGET").arg(&key).arg("record"))
+            .await?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let record = decode_record(&id, &bytes)?;
+        let _: i64 = self
+            .query_cmd(
+                "replay",
+                redis::cmd("ZADD")
+                    .arg(INDEX_KEY)
+                    .arg("NX")
+                    .arg(record.received_ms)
+                    .arg(id.as_str()),
+            )
+            .await?;
+        let restored: i64 = self
+            .query_cmd(
+                "replay",
+                redis::cmd("EVAL")
+                    .arg(RESTORE)
+                    .arg(3)
+                    .arg(record_key(&id))
+                    .arg(body_key(&id))
+                    .arg(&key)
+                    .arg(&bytes),
+            )
+            .await?;
+        match restored {
+            1 => {}
+            2 => {
+                return Err(SpoolError::Corrupt(format!(
+                    "message {id} is queued already; its quarantined copy stays (delete it)"
+                )))
+            }
+            // Taken back or deleted meanwhile.
+            _ => return Ok(None),
+        }
+        let _: i64 = self
+            .query_cmd(
+                "replay",
+                redis::cmd("ZREM").arg(QUARANTINE_KEY).arg(id.as_str()),
+            )
+            .await?;
+        Ok(Some(record))
+    }
+
+    async fn delete_quarantined(&self, location: &str) -> Result<bool, SpoolError> {
+        let Some(id) = MessageId::parse(location) else {
+            return Ok(false);
+        };
+        let deleted: i64 = self
+            .query_cmd(
+                "delete quarantined",
+                redis::cmd("DEL").arg(quarantined_key(&id)),
+            )
+            .await?;
+        let _: i64 = self
+            .query_cmd(
+                "delete quarantined",
+                redis::cmd("ZREM").arg(QUARANTINE_KEY).arg(id.as_str()),
+            )
+            .await?;
+        Ok(deleted == 1)
     }
 
     async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
