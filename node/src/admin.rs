@@ -345,8 +345,12 @@ pub struct ErrorBody {
 pub enum ApiError {
     #[error("{0}")]
     Unauthorized(&'static str),
-    #[error("operator {0:?} has the viewer role and may only read")]
-    Forbidden(String),
+    #[error("operator {name:?} has the {role} role, which may not do this ({allowed})")]
+    Forbidden {
+        name: String,
+        role: &'static str,
+        allowed: &'static str,
+    },
     #[error("{0}")]
     BadDomain(String),
     #[error("the queue is not running")]
@@ -378,7 +382,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::BadDomain(_) => StatusCode::BAD_REQUEST,
             ApiError::QueueGone => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NoCluster => StatusCode::NOT_FOUND,
@@ -468,7 +472,14 @@ async fn authorize(
         return Err(ApiError::Unauthorized("the token is not valid"));
     };
     if !operator.role.allows(access) {
-        return Err(ApiError::Forbidden(operator.name));
+        return Err(ApiError::Forbidden {
+            role: operator.role.name(),
+            allowed: match access {
+                Access::Admin => "admins only",
+                _ => "a viewer may only read",
+            },
+            name: operator.name,
+        });
     }
     Ok(Some(operator))
 }
@@ -971,7 +982,7 @@ async fn delete_quarantined(
     location: web::Path<String>,
     env: web::Data<AdminEnv>,
 ) -> Result<web::Json<QuarantineDeleted>, ApiError> {
-    let operator = authorize(&env, &request, Access::Write).await?;
+    let operator = authorize(&env, &request, Access::Admin).await?;
     let location = location.into_inner();
     let spool = env.spool.as_ref().ok_or(ApiError::QueueGone)?;
     let deleted = spool

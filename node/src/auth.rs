@@ -218,8 +218,10 @@ impl fmt::Debug for UserDb {
 pub enum Access {
     /// Looks (`GET`).
     Read,
-    /// Changes something (`POST`).
+    /// Changes the mail (`POST`, `DELETE`): operators and admins.
     Write,
+    /// Drops what no report can name: admins only.
+    Admin,
 }
 
 impl OperatorRole {
@@ -227,8 +229,18 @@ impl OperatorRole {
     pub fn allows(self, access: Access) -> bool {
         match (self, access) {
             (OperatorRole::Admin, _) => true,
+            (OperatorRole::Operator, Access::Read | Access::Write) => true,
+            (OperatorRole::Operator, Access::Admin) => false,
             (OperatorRole::Viewer, Access::Read) => true,
-            (OperatorRole::Viewer, Access::Write) => false,
+            (OperatorRole::Viewer, Access::Write | Access::Admin) => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OperatorRole::Admin => "admin",
+            OperatorRole::Operator => "operator",
+            OperatorRole::Viewer => "viewer",
         }
     }
 }
@@ -425,8 +437,13 @@ mod tests {
     fn viewers_read_and_admins_also_write() {
         assert!(OperatorRole::Admin.allows(Access::Read));
         assert!(OperatorRole::Admin.allows(Access::Write));
+        assert!(OperatorRole::Admin.allows(Access::Admin));
+        assert!(OperatorRole::Operator.allows(Access::Read));
+        assert!(OperatorRole::Operator.allows(Access::Write));
+        assert!(!OperatorRole::Operator.allows(Access::Admin));
         assert!(OperatorRole::Viewer.allows(Access::Read));
         assert!(!OperatorRole::Viewer.allows(Access::Write));
+        assert!(!OperatorRole::Viewer.allows(Access::Admin));
     }
 
     #[test]

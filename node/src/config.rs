@@ -318,8 +318,12 @@ pub struct AdminOperator {
 /// What an operator may do through the admin API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OperatorRole {
-    /// Read the queue and change it (suspend, resume).
+    /// Everything an operator may, and what drops mail without a trace
+    /// (a quarantined entry, which no report can name).
     Admin,
+    /// Read, and steer the mail: retry, delete (with a report unless
+    /// silent), suspend and resume, take quarantined messages back.
+    Operator,
     /// Read only.
     Viewer,
 }
@@ -365,7 +369,7 @@ named_values!(QueueBackend { "local" => Local, "redis" => Redis });
 named_values!(TlsPolicy { "opportunistic" => Opportunistic, "required" => Required, "disabled" => Disabled });
 named_values!(DomainKind { "remote" => Remote, "local" => Local });
 named_values!(LogFormat { "text" => Text, "json" => Json });
-named_values!(OperatorRole { "admin" => Admin, "viewer" => Viewer });
+named_values!(OperatorRole { "admin" => Admin, "operator" => Operator, "viewer" => Viewer });
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -2023,14 +2027,22 @@ mod tests {
         let config = load(
             &format!(
                 "[[admin.operators]]\nname = \"ops\"\ntoken_hash = \"{hash}\"\nrole = \"admin\"\n\
-                 [[admin.operators]]\nname = \"noc\"\ntoken_hash = \"{hash}\"\nrole = \"Viewer\"\n"
+                 [[admin.operators]]\nname = \"noc\"\ntoken_hash = \"{hash}\"\nrole = \"Viewer\"\n\
+                 [[admin.operators]]\nname = \"desk\"\ntoken_hash = \"{hash}\"\nrole = \"operator\"\n"
             ),
             &[],
         )
         .unwrap();
         assert_eq!(config.validate(), Ok(()));
         let roles: Vec<OperatorRole> = config.admin.operators.iter().map(|o| o.role).collect();
-        assert_eq!(roles, [OperatorRole::Admin, OperatorRole::Viewer]);
+        assert_eq!(
+            roles,
+            [
+                OperatorRole::Admin,
+                OperatorRole::Viewer,
+                OperatorRole::Operator
+            ]
+        );
 
         let errors = invalid(&format!(
             "[[admin.operators]]\nname = \"ops\"\ntoken_hash = \"secret\"\nrole = \"admin\"\n\
@@ -2058,7 +2070,7 @@ mod tests {
             &[],
         );
         assert!(err.starts_with("admin.operators[0].role: "), "{err}");
-        assert!(err.contains("\"admin\", \"viewer\""), "{err}");
+        assert!(err.contains("\"admin\", \"operator\", \"viewer\""), "{err}");
         let err = load_err(
             "[[admin.operators]]\nname = \"ops\"\nrole = \"admin\"\n",
             &[],
