@@ -783,9 +783,15 @@ fn messages_are_listed_in_pages_on_the_local_spool() {
 
 #[test]
 fn messages_are_listed_in_pages_on_redis() {
+    on_redis(messages_are_listed_in_pages);
+}
+
+/// Runs `test` with the environment of a relay whose queue is on a Redis
+/// server of its own.
+fn on_redis(test: fn(&[(&str, &str)])) {
     let redis = smarthost_testkit::redis::RedisServer::start();
     let url = redis.url();
-    messages_are_listed_in_pages(&[
+    test(&[
         ("SMARTHOST__QUEUE__BACKEND", "redis"),
         ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
     ]);
@@ -941,12 +947,7 @@ fn a_domain_is_retried_and_deleted_a_page_at_a_time_on_the_local_spool() {
 
 #[test]
 fn a_domain_is_retried_and_deleted_a_page_at_a_time_on_redis() {
-    let redis = smarthost_testkit::redis::RedisServer::start();
-    let url = redis.url();
-    a_domain_is_retried_and_deleted_a_page_at_a_time(&[
-        ("SMARTHOST__QUEUE__BACKEND", "redis"),
-        ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
-    ]);
+    on_redis(a_domain_is_retried_and_deleted_a_page_at_a_time);
 }
 
 /// `GET /api/v1/sessions` and `smarthost sessions` show each live SMTP
