@@ -98,6 +98,10 @@ struct Target {
     #[arg(long, value_name = "N", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch: u64,
+    /// The answer of the admin API, as JSON (with --domain: each page's,
+    /// one per line).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,11 +167,17 @@ enum QueueAction {
     Suspend {
         #[arg(value_name = "DOMAIN")]
         domain: String,
+        /// The answer of the admin API, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Release the deliveries of a suspended domain.
     Resume {
         #[arg(value_name = "DOMAIN")]
         domain: String,
+        /// The answer of the admin API, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// What the spool set aside as unreadable (a record of a newer
     /// release, a damaged journal frame), oldest first.
@@ -248,7 +258,7 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
     };
     let listen = config.admin.listen;
     let token = token.filter(|t| !t.is_empty());
-    let (domain, suspended) = match action {
+    let (domain, suspended, json) = match action {
         QueueAction::Summary { json } => {
             let result = actix::System::new().block_on(async move {
                 let stats = AdminClient::new(listen, token).queue_stats().await?;
@@ -315,6 +325,7 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                 Target {
                     domain: Some(domain),
                     batch,
+                    json,
                     ..
                 },
         } => {
@@ -329,6 +340,7 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                     let page = client
                         .retry_domain(&domain, cursor.as_deref(), batch as usize)
                         .await?;
+                    json_line(json, &page);
                     examined += page.examined;
                     deliveries += page.deliveries;
                     eprintln!(
@@ -338,6 +350,9 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                         Some(next) => cursor = Some(next),
                         None => break,
                     }
+                }
+                if json {
+                    return Ok(String::new());
                 }
                 Ok::<_, ClientError>(format!(
                     "{domain}: {} due now, of {} queued for the domain\n",
@@ -352,6 +367,7 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                 Target {
                     domain: Some(domain),
                     batch,
+                    json,
                     ..
                 },
             silent,
@@ -367,6 +383,7 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                     let page = client
                         .delete_domain(&domain, !silent, cursor.as_deref(), batch as usize)
                         .await?;
+                    json_line(json, &page);
                     examined += page.examined;
                     recipients += page.recipients;
                     in_flight += page.in_flight;
@@ -377,6 +394,9 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                         Some(next) => cursor = Some(next),
                         None => break,
                     }
+                }
+                if json {
+                    return Ok(String::new());
                 }
                 let mut out = format!(
                     "{domain}: {} deleted from {}{}",
@@ -399,28 +419,34 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
             return print_result(result);
         }
         QueueAction::Retry {
-            target: Target { id: Some(id), .. },
+            target: Target {
+                id: Some(id), json, ..
+            },
         } => {
             let result = actix::System::new().block_on(async move {
                 let retried = AdminClient::new(listen, token).retry(&id).await?;
-                Ok::<_, ClientError>(match retried.deliveries {
-                    0 => format!(
-                        "{}: nothing deferred to retry (its deliveries are due, in flight or suspended)\n",
-                        retried.id
-                    ),
-                    1 => format!("{}: 1 deferred delivery is due now\n", retried.id),
-                    n => format!("{}: {n} deferred deliveries are due now\n", retried.id),
-                })
+                Ok::<_, ClientError>(json_or(json, &retried, |retried| {
+                    match retried.deliveries {
+                        0 => format!(
+                            "{}: nothing deferred to retry (its deliveries are due, in flight or suspended)\n",
+                            retried.id
+                        ),
+                        1 => format!("{}: 1 deferred delivery is due now\n", retried.id),
+                        n => format!("{}: {n} deferred deliveries are due now\n", retried.id),
+                    }
+                }))
             });
             return print_result(result);
         }
         QueueAction::Delete {
-            target: Target { id: Some(id), .. },
+            target: Target {
+                id: Some(id), json, ..
+            },
             silent,
         } => {
             let result = actix::System::new().block_on(async move {
                 let deleted = AdminClient::new(listen, token).delete(&id, !silent).await?;
-                Ok::<_, ClientError>(format_deleted(&deleted))
+                Ok::<_, ClientError>(json_or(json, &deleted, format_deleted))
             });
             return print_result(result);
         }
@@ -482,8 +508,8 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
         QueueAction::Retry { .. } | QueueAction::Delete { .. } => {
             unreachable!("clap asks for an id or --domain")
         }
-        QueueAction::Suspend { domain } => (domain, true),
-        QueueAction::Resume { domain } => (domain, false),
+        QueueAction::Suspend { domain, json } => (domain, true, json),
+        QueueAction::Resume { domain, json } => (domain, false, json),
     };
     let Some(domain) = routing_form(&domain) else {
         return ExitCode::from(2);
@@ -492,12 +518,14 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
         let state = AdminClient::new(listen, token)
             .set_suspended(&domain, suspended)
             .await?;
-        let verb = if state.suspended {
-            "suspended: its deliveries are held"
-        } else {
-            "resumed: its deliveries go out again"
-        };
-        Ok(format!("{} {verb}\n", state.domain))
+        Ok(json_or(json, &state, |state| {
+            let verb = if state.suspended {
+                "suspended: its deliveries are held"
+            } else {
+                "resumed: its deliveries go out again"
+            };
+            format!("{} {verb}\n", state.domain)
+        }))
     });
     print_result(result)
 }
@@ -580,6 +608,16 @@ fn format_quarantine(listed: &[Quarantined]) -> String {
         ));
     }
     out
+}
+
+/// With `json`, prints one page of a bulk operation's answers as a line
+/// of JSON at once (a long run shows its progress).
+fn json_line<T: serde::Serialize>(json: bool, page: &T) {
+    if json {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", serde_json::to_string(page).expect("plain data"));
+        let _ = out.flush();
+    }
 }
 
 /// `value` as the API gave it (pretty JSON) with `json`, else `table` of it.
@@ -909,7 +947,7 @@ mod tests {
         match cli.command {
             Command::Queue {
                 token,
-                action: QueueAction::Resume { domain },
+                action: QueueAction::Resume { domain, .. },
             } => assert_eq!(
                 (token.as_deref(), domain.as_str()),
                 (Some("t"), "a.example")

@@ -185,8 +185,12 @@ fn a_suspended_domain_keeps_its_mail_until_resumed() {
         "{summary}"
     );
 
-    let said = queue_ok(&relay, &["resume", "held.test"]);
-    assert!(said.contains("held.test resumed"), "{said}");
+    let said = queue_ok(&relay, &["resume", "held.test", "--json"]);
+    let state: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert_eq!(
+        state,
+        serde_json::json!({"domain": "held.test", "suspended": false})
+    );
     let arrived = sink.wait_for(3, Duration::from_secs(30));
     assert_eq!(arrived.len(), 3);
     let summary = wait_for_summary(&relay, 0);
@@ -937,6 +941,13 @@ fn a_domain_is_retried_and_deleted_a_page_at_a_time(env: &[(&str, &str)]) {
         assert!(Instant::now() < deadline, "the queue never emptied");
         std::thread::sleep(POLL);
     }
+    // With --json, each page's answer on a line of its own.
+    let (said, _) = run(&["retry", "--domain", "later.test", "--json"]);
+    let page: serde_json::Value = serde_json::from_str(said.trim_end()).unwrap();
+    assert_eq!(
+        page,
+        serde_json::json!({"domain": "later.test", "examined": 0, "deliveries": 0, "next_cursor": null})
+    );
     assert_eq!(bounces.messages().len(), MESSAGES, "one report per message");
 }
 
