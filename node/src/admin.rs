@@ -54,9 +54,9 @@ use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusa
 use crate::config::check_domain_name;
 use crate::metrics::Scrape;
 use crate::queue::{
-    DeleteMessage, Deleted, ListMessages, Listing, MessagePage, MessageView, PageCursor,
-    QueueStats, ReplayQuarantined, Replayed, RetryIn, RetryMessage, ShowMessage, Stats, Suspend,
-    LISTED_STATES,
+    DeleteMessage, Deleted, DomainMessages, ListMessages, Listing, MessagePage, MessageView,
+    PageCursor, QueueStats, ReplayQuarantined, Replayed, RetryIn, RetryMessage, ShowMessage, Stats,
+    Suspend, LISTED_STATES,
 };
 use crate::sessions::{Board, SessionView, Sessions};
 use crate::spool::{Quarantined, Spool, SpoolError};
@@ -76,6 +76,7 @@ pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_m
 pub struct MessageQueue {
     pub replay: Recipient<ReplayQuarantined>,
     pub list: Recipient<ListMessages>,
+    pub domain_ids: Recipient<DomainMessages>,
     pub show: Recipient<ShowMessage>,
     pub retry: Recipient<RetryMessage>,
     pub retry_in: Recipient<RetryIn>,
@@ -545,7 +546,7 @@ async fn queue(
 /// A message id as the relay makes them ([`MessageId::new`]); nothing
 /// else reaches the queue's keys.
 fn message_id(text: &str) -> Result<MessageId, ApiError> {
-    MessageId::parse(text).ok_or_else(|| ApiError::BadMessageId(text.chars().take(64).collect()))
+    MessageId::parse(text).ok_or_else(|| ApiError::BadMessageId(cut(text)))
 }
 
 /// Messages per page unless `limit` says otherwise.
@@ -565,7 +566,6 @@ struct ListQuery {
 impl ListQuery {
     /// The listing and the page size it asks for, or what is wrong with it.
     fn listing(self) -> Result<(Listing, usize), ApiError> {
-        let cut = |text: &str| text.chars().take(64).collect::<String>();
         let domain = match self.domain.as_deref() {
             None | Some("") => None,
             Some(domain) => Some(check_domain_name(domain).map_err(ApiError::BadDomain)?),
@@ -615,11 +615,8 @@ async fn messages(
     authorize(&env, &request, Access::Read).await?;
     let (listing, limit) = query.into_inner().listing()?;
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    match queue.list.send(ListMessages { listing, limit }).await {
-        Ok(Ok(page)) => Ok(web::Json(page)),
-        Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
-        Err(_) => Err(ApiError::QueueGone),
-    }
+    let page = answered(queue.list.send(ListMessages { listing, limit }).await)?;
+    Ok(web::Json(page))
 }
 
 async fn message(
@@ -634,17 +631,27 @@ async fn message(
     Ok(web::Json(view))
 }
 
+/// The queue's answer: its spool's failure is `503`, as is a queue that
+/// stopped.
+fn answered<T>(answer: Result<Result<T, SpoolError>, actix::MailboxError>) -> Result<T, ApiError> {
+    match answer {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
+        Err(_) => Err(ApiError::QueueGone),
+    }
+}
+
 /// The queue's answer about one message: `None` (not queued) is `404`.
 fn queue_answer<T>(
     id: &MessageId,
     answer: Result<Result<Option<T>, SpoolError>, actix::MailboxError>,
 ) -> Result<T, ApiError> {
-    match answer {
-        Ok(Ok(Some(value))) => Ok(value),
-        Ok(Ok(None)) => Err(ApiError::NoMessage(id.to_string())),
-        Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
-        Err(_) => Err(ApiError::QueueGone),
-    }
+    answered(answer)?.ok_or_else(|| ApiError::NoMessage(id.to_string()))
+}
+
+/// The operator a request came from, for the log (`-`: an open API).
+fn who(operator: &Option<Operator>) -> &str {
+    operator.as_ref().map_or("-", |o| o.name.as_str())
 }
 
 /// The query of a delete.
@@ -670,7 +677,7 @@ async fn delete_message(
     };
     let deleted = queue_answer(&id, queue.delete.send(message).await)?;
     tracing::info!(
-        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        operator = who(&operator),
         message_id = %id,
         recipients = deleted.recipients,
         notify,
@@ -698,7 +705,7 @@ async fn retry(
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
     let deliveries = queue_answer(&id, queue.retry.send(RetryMessage(id.clone())).await)?;
     tracing::info!(
-        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        operator = who(&operator),
         message_id = %id,
         deliveries,
         "admin API: message retried"
@@ -720,8 +727,8 @@ struct BulkQuery {
 }
 
 impl BulkQuery {
-    /// The domain, the listing page to work on and whether to notify.
-    fn page(self) -> Result<(String, ListMessages, bool), ApiError> {
+    /// The page of the domain's listing to work on, and whether to notify.
+    fn page(self) -> Result<(DomainMessages, bool), ApiError> {
         let notify = notify(self.notify.as_deref())?;
         let (listing, limit) = ListQuery {
             domain: self.domain,
@@ -730,13 +737,24 @@ impl BulkQuery {
             limit: self.limit,
         }
         .listing()?;
-        let domain = listing.domain.clone().ok_or_else(|| {
-            ApiError::BadQuery(
+        let Some(domain) = listing.domain else {
+            return Err(ApiError::BadQuery(
                 "domain= is required: a retry or delete of many messages works on one domain"
                     .into(),
-            )
-        })?;
-        Ok((domain, ListMessages { listing, limit }, notify))
+            ));
+        };
+        let after = match listing.after {
+            Some(PageCursor::Domain(id)) => Some(id),
+            _ => None,
+        };
+        Ok((
+            DomainMessages {
+                domain,
+                after,
+                limit,
+            },
+            notify,
+        ))
     }
 }
 
@@ -749,13 +767,18 @@ fn notify(value: Option<&str>) -> Result<bool, ApiError> {
     }
 }
 
-/// One page of the domain's listing, from the queue.
-async fn domain_page(queue: &MessageQueue, page: ListMessages) -> Result<MessagePage, ApiError> {
-    match queue.list.send(page).await {
-        Ok(Ok(page)) => Ok(page),
-        Ok(Err(error)) => Err(ApiError::Spool(error.to_string())),
-        Err(_) => Err(ApiError::QueueGone),
-    }
+/// The ids of one page of the domain's listing (the schedule's index;
+/// no record is read), and the cursor of the next page.
+async fn domain_page(
+    queue: &MessageQueue,
+    page: DomainMessages,
+) -> Result<(Vec<MessageId>, Option<String>), ApiError> {
+    let limit = page.limit;
+    let ids = answered(queue.domain_ids.send(page).await)?;
+    let next = (ids.len() == limit)
+        .then(|| ids.last().map(|id| PageCursor::Domain(id.clone()).token()))
+        .flatten();
+    Ok((ids, next))
 }
 
 /// The body of a retry by domain: what one page did.
@@ -776,35 +799,28 @@ async fn retry_messages(
     env: web::Data<AdminEnv>,
 ) -> Result<web::Json<BulkRetried>, ApiError> {
     let operator = authorize(&env, &request, Access::Write).await?;
-    let (domain, page, _) = query.into_inner().page()?;
+    let (page, _) = query.into_inner().page()?;
+    let domain = page.domain.clone();
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    let page = domain_page(queue, page).await?;
-    let ids: Vec<MessageId> = page
-        .messages
-        .iter()
-        .filter_map(|m| MessageId::parse(&m.id))
-        .collect();
+    let (ids, next_cursor) = domain_page(queue, page).await?;
+    let examined = ids.len();
     let retry = RetryIn {
         domain: domain.clone(),
         ids,
     };
-    let deliveries = match queue.retry_in.send(retry).await {
-        Ok(Ok(made_due)) => made_due,
-        Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
-        Err(_) => return Err(ApiError::QueueGone),
-    };
+    let deliveries = answered(queue.retry_in.send(retry).await)?;
     tracing::info!(
-        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        operator = who(&operator),
         %domain,
-        examined = page.messages.len(),
+        examined,
         deliveries,
         "admin API: domain retried"
     );
     Ok(web::Json(BulkRetried {
         domain,
-        examined: page.messages.len(),
+        examined,
         deliveries,
-        next_cursor: page.next_cursor,
+        next_cursor,
     }))
 }
 
@@ -833,36 +849,32 @@ async fn delete_messages(
     env: web::Data<AdminEnv>,
 ) -> Result<web::Json<BulkDeleted>, ApiError> {
     let operator = authorize(&env, &request, Access::Write).await?;
-    let (domain, page, notify) = query.into_inner().page()?;
+    let (page, notify) = query.into_inner().page()?;
+    let domain = page.domain.clone();
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    let page = domain_page(queue, page).await?;
+    let (ids, next_cursor) = domain_page(queue, page).await?;
     let mut deleted = BulkDeleted {
         domain: domain.clone(),
-        examined: page.messages.len(),
+        examined: ids.len(),
         recipients: 0,
         in_flight: 0,
         notified: notify,
-        next_cursor: page.next_cursor,
+        next_cursor,
     };
-    for id in page.messages.iter().filter_map(|m| MessageId::parse(&m.id)) {
+    for id in ids {
         let message = DeleteMessage {
-            id: id.clone(),
+            id,
             notify,
             only: Some(domain.clone()),
         };
-        match queue.delete.send(message).await {
-            Ok(Ok(Some(one))) => {
-                deleted.recipients += one.recipients;
-                deleted.in_flight += one.in_flight;
-            }
-            // Done since it was listed.
-            Ok(Ok(None)) => {}
-            Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
-            Err(_) => return Err(ApiError::QueueGone),
+        // `None`: done since it was listed.
+        if let Some(one) = answered(queue.delete.send(message).await)? {
+            deleted.recipients += one.recipients;
+            deleted.in_flight += one.in_flight;
         }
     }
     tracing::info!(
-        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        operator = who(&operator),
         %domain,
         examined = deleted.examined,
         recipients = deleted.recipients,
@@ -954,14 +966,11 @@ async fn replay_quarantined(
     let location = location.into_inner();
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
     let replayed = match queue.replay.send(ReplayQuarantined(location.clone())).await {
-        Ok(Ok(Some(replayed))) => replayed,
-        Ok(Ok(None)) => return Err(ApiError::NotQuarantined(cut(&location))),
         Ok(Err(SpoolError::Corrupt(why))) => return Err(ApiError::Conflict(why)),
-        Ok(Err(error)) => return Err(ApiError::Spool(error.to_string())),
-        Err(_) => return Err(ApiError::QueueGone),
+        answer => answered(answer)?.ok_or_else(|| ApiError::NotQuarantined(cut(&location)))?,
     };
     tracing::info!(
-        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        operator = who(&operator),
         %location,
         message_id = %replayed.id,
         "admin API: quarantined message taken back"
@@ -993,7 +1002,7 @@ async fn delete_quarantined(
         return Err(ApiError::NotQuarantined(cut(&location)));
     }
     tracing::warn!(
-        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        operator = who(&operator),
         %location,
         "admin API: a quarantined entry was deleted; what it held is gone"
     );
@@ -1037,7 +1046,7 @@ async fn set_suspended(
         .await
         .map_err(|_| ApiError::QueueGone)?;
     tracing::info!(
-        operator = operator.as_ref().map_or("-", |o| o.name.as_str()),
+        operator = who(&operator),
         %domain,
         suspended,
         "admin API: domain {}",

@@ -243,9 +243,7 @@ fn sessions(path: Option<&Path>, token: Option<String>, json: bool) -> ExitCode 
     let client = AdminClient::new(config.admin.listen, token.filter(|t| !t.is_empty()));
     let result = actix::System::new().block_on(async move {
         let views = client.sessions().await?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = crate::now_ms();
         Ok::<_, ClientError>(json_or(json, &views, |v: &Vec<_>| format_sessions(v, now)))
     });
     print_result(result)

@@ -64,3 +64,11 @@ pub mod spool;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;
+
+/// Wall-clock milliseconds since the Unix epoch, as records, leases and
+/// timers keep time (0 for a clock set before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -27,9 +27,10 @@
 //! message that resolve in either order both end in a write of the newest
 //! record, never of a stale one.
 
+use crate::now_ms;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use smarthost_coordinator::LeaderTick;
@@ -109,6 +110,17 @@ pub const DELETED: &str = "deleted from the queue by an operator";
 #[derive(Message)]
 #[rtype(result = "Result<Option<usize>, SpoolError>")]
 pub struct RetryMessage(pub MessageId);
+
+/// Up to `limit` messages with a delivery pending in `domain`, in id
+/// order after `after`: one page of the domain's listing, ids only
+/// ([`Schedule::domain_messages`]).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<MessageId>, SpoolError>")]
+pub struct DomainMessages {
+    pub domain: String,
+    pub after: Option<MessageId>,
+    pub limit: usize,
+}
 
 /// Makes the deferred deliveries of `ids` in `domain` due now (a page of
 /// an operator's retry of a domain); answers how many.
@@ -377,13 +389,6 @@ const LEASE_CHECK: Duration = Duration::from_secs(5);
 
 /// Messages a rescan lists per step (one step per leader tick).
 const RESCAN_PAGE: usize = 2000;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
 
 /// What happens after delivery: retries, reports and the delivery log.
 pub struct DeliverySettings {
@@ -1470,6 +1475,19 @@ impl Handler<ReplayQuarantined> for Queue {
                 })
             })
         }))
+    }
+}
+
+impl Handler<DomainMessages> for Queue {
+    type Result = ResponseFuture<Result<Vec<MessageId>, SpoolError>>;
+
+    fn handle(&mut self, msg: DomainMessages, _: &mut Context<Self>) -> Self::Result {
+        let schedule = self.schedule.clone();
+        Box::pin(async move {
+            schedule
+                .domain_messages(&msg.domain, msg.after.as_ref(), msg.limit)
+                .await
+        })
     }
 }
 

@@ -385,17 +385,11 @@ impl Scheduler {
     /// or suspended is left as it is.
     pub fn retry(&mut self, id: &MessageId, now_ms: u64) -> Option<usize> {
         let record = self.records.get(id)?.clone();
-        let mut made_due = 0;
-        for delivery in &record.deliveries {
-            let key = (id.clone(), delivery.domain.clone());
-            if let Some(&Place::Deferred(due)) = self.places.get(&key) {
-                if due > now_ms {
-                    self.unfile(&key);
-                    self.defer(key, now_ms);
-                    made_due += 1;
-                }
-            }
-        }
+        let made_due = record
+            .deliveries
+            .iter()
+            .filter(|d| self.make_due((id.clone(), d.domain.clone()), now_ms))
+            .count();
         Some(made_due)
     }
 
@@ -403,18 +397,22 @@ impl Scheduler {
     /// `now_ms` (an operator's retry of a domain, a page at a time).
     /// Returns how many; messages without such a delivery are skipped.
     pub fn retry_in(&mut self, domain: &str, ids: &[MessageId], now_ms: u64) -> usize {
-        let mut made_due = 0;
-        for id in ids {
-            let key = (id.clone(), domain.to_string());
-            if let Some(&Place::Deferred(due)) = self.places.get(&key) {
-                if due > now_ms {
-                    self.unfile(&key);
-                    self.defer(key, now_ms);
-                    made_due += 1;
-                }
+        ids.iter()
+            .filter(|id| self.make_due(((*id).clone(), domain.to_string()), now_ms))
+            .count()
+    }
+
+    /// Files a deferred delivery as due at `now_ms`; `false` when it is
+    /// not deferred past then.
+    fn make_due(&mut self, key: (MessageId, String), now_ms: u64) -> bool {
+        match self.places.get(&key) {
+            Some(&Place::Deferred(due)) if due > now_ms => {
+                self.unfile(&key);
+                self.defer(key, now_ms);
+                true
             }
+            _ => false,
         }
-        made_due
     }
 
     /// Takes every delivery of a message that is not in flight (ready,

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -80,9 +80,7 @@ impl Sessions {
             helo: None,
             user: None,
             tls: false,
-            connected_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            connected_ms: crate::now_ms(),
             messages: 0,
         };
         let mut registry = self.lock();
@@ -111,14 +109,6 @@ impl Sessions {
 
     pub fn node(&self) -> &str {
         &self.node
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().live.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -285,8 +275,8 @@ mod tests {
         assert_eq!((quiet.helo.as_deref(), quiet.messages), (None, 0));
 
         drop(first);
-        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions.snapshot().len(), 1);
         drop(second);
-        assert!(sessions.is_empty());
+        assert!(sessions.snapshot().is_empty());
     }
 }

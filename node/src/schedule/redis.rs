@@ -127,10 +127,11 @@
 //! is its own request (`insert` three, four on a rescan, `release` two, a
 //! `complete` that defers three).
 
+use crate::now_ms;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
@@ -246,13 +247,6 @@ fn domain_keys(domain: &str) -> DomainKeys {
         suspended: key("suspended"),
         messages: key("messages"),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 struct Scripts {

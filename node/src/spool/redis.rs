@@ -166,9 +166,10 @@
 //! came back, following the slot map): once the server is back, the next
 //! operations succeed without reopening the spool.
 
+use crate::now_ms;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
@@ -476,13 +477,6 @@ pub(crate) fn dangling<'e>(
 /// The URL (or seed list) without passwords, for logs and messages.
 pub(crate) fn redact(url: &str) -> String {
     smarthost_coordinator::redis::redact(url)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A transaction's `EXEC` reply: the replies of its commands.
