@@ -115,7 +115,10 @@ fn message(n: u64, domain: String, received_ms: u64, next_ms: u64) -> NewMessage
     for delivery in &mut record.deliveries {
         delivery.next_attempt_ms = next_ms;
     }
-    NewMessage { record, body }
+    NewMessage {
+        record,
+        body: body.into(),
+    }
 }
 
 fn policy() -> RetryPolicy {

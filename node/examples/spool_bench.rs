@@ -54,7 +54,7 @@ fn message(n: u64) -> NewMessage {
     );
     NewMessage {
         record,
-        body: vec![b'x'; BODY],
+        body: vec![b'x'; BODY].into(),
     }
 }
 

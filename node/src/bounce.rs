@@ -291,7 +291,10 @@ fn report_message(
         tls: false,
     };
     let record = MessageRecord::new(id, now_ms, body.len() as u64, client, envelope);
-    NewMessage { record, body }
+    NewMessage {
+        record,
+        body: body.into(),
+    }
 }
 
 #[cfg(test)]
@@ -372,7 +375,7 @@ mod tests {
     }
 
     fn text(message: &NewMessage) -> String {
-        String::from_utf8_lossy(&message.body).into_owned()
+        String::from_utf8_lossy(message.body.head()).into_owned()
     }
 
     #[test]
@@ -381,7 +384,12 @@ mod tests {
         let record = &original.record;
         let c = no_such_user(record);
         assert!(needs_report(&c, &settings(false)));
-        let reports = reports(&c, &original.body, &settings(true), record.received_ms);
+        let reports = reports(
+            &c,
+            original.body.head(),
+            &settings(true),
+            record.received_ms,
+        );
         assert_eq!(reports.len(), 1);
         let report = &reports[0];
         assert_eq!(report.record.envelope.sender, None);
@@ -403,7 +411,13 @@ mod tests {
         let record = &original.record;
         let c = no_such_user(record);
         assert!(!needs_report(&c, &settings(true)));
-        assert!(reports(&c, &original.body, &settings(true), record.received_ms).is_empty());
+        assert!(reports(
+            &c,
+            original.body.head(),
+            &settings(true),
+            record.received_ms
+        )
+        .is_empty());
     }
 
     #[test]
@@ -411,10 +425,10 @@ mod tests {
         let mut original = message(0, 200);
         original.record.envelope.sender = None;
         // A failed report is as large as the original's cap plus its own parts.
-        original
-            .body
-            .extend(std::iter::repeat_n(b'x', dsn::DEFAULT_RETURN_CAP));
-        original.body.extend_from_slice(b"\r\n");
+        let mut body = original.body.into_head();
+        body.extend(std::iter::repeat_n(b'x', dsn::DEFAULT_RETURN_CAP));
+        body.extend_from_slice(b"\r\n");
+        original.body = body.into();
         let record = &original.record;
         let c = no_such_user(record);
         let with_postmaster = ReportSettings {
@@ -422,7 +436,12 @@ mod tests {
             ..settings(true)
         };
         assert!(needs_report(&c, &with_postmaster));
-        let reports = reports(&c, &original.body, &with_postmaster, record.received_ms);
+        let reports = reports(
+            &c,
+            original.body.head(),
+            &with_postmaster,
+            record.received_ms,
+        );
         assert_eq!(reports.len(), 1, "to the postmaster only, not the copy");
         let notice = &reports[0];
         assert_eq!(notice.record.envelope.sender, None);
@@ -436,7 +455,7 @@ mod tests {
             body.contains("Content-Type: message/rfc822"),
             "returned whole"
         );
-        assert!(notice.body.len() > dsn::DEFAULT_RETURN_CAP);
+        assert!(notice.body.len() > dsn::DEFAULT_RETURN_CAP as u64);
     }
 
     #[test]
@@ -462,7 +481,13 @@ mod tests {
         let c = apply_outcome(record, domain, &outcome, record.received_ms, &policy(), 0.0);
         assert_eq!(c.failed().count(), 1);
         assert!(!needs_report(&c, &with_postmaster));
-        assert!(reports(&c, &original.body, &with_postmaster, record.received_ms).is_empty());
+        assert!(reports(
+            &c,
+            original.body.head(),
+            &with_postmaster,
+            record.received_ms
+        )
+        .is_empty());
     }
 
     #[test]
@@ -474,16 +499,25 @@ mod tests {
         });
         let record = &original.record;
         let c = no_such_user(record);
-        let reports = reports(&c, &original.body, &settings(true), record.received_ms);
+        let reports = reports(
+            &c,
+            original.body.head(),
+            &settings(true),
+            record.received_ms,
+        );
         assert_eq!(reports.len(), 1);
         assert_eq!(
             reports[0].record.envelope.recipients[0].address.to_string(),
             "postmaster@copy.test"
         );
         let c = no_such_user(record);
-        assert!(
-            super::reports(&c, &original.body, &settings(false), record.received_ms).is_empty()
-        );
+        assert!(super::reports(
+            &c,
+            original.body.head(),
+            &settings(false),
+            record.received_ms
+        )
+        .is_empty());
     }
 
     #[test]
@@ -493,7 +527,7 @@ mod tests {
         let late = record.received_ms + 600_000;
         let c = completion(record, RcptResult::Deferred, "451 4.3.0 try later", late);
         assert_eq!(c.delayed, [0]);
-        let reports = reports(&c, &original.body, &settings(true), late);
+        let reports = reports(&c, original.body.head(), &settings(true), late);
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].record.envelope.recipients.len(), 1);
         let body = text(&reports[0]);
@@ -509,7 +543,7 @@ mod tests {
         let late = record.received_ms + 3_600_000;
         let c = completion(record, RcptResult::Deferred, "connection refused", late);
         assert_eq!(c.notes[0].result, RcptResult::Failed);
-        let reports = reports(&c, &original.body, &settings(false), late);
+        let reports = reports(&c, original.body.head(), &settings(false), late);
         let body = text(&reports[0]);
         assert!(body.contains("Status: 5.4.7"), "{body}");
     }

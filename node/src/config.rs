@@ -133,6 +133,12 @@ pub struct SmtpConfig {
     /// How long a new DATA waits for body memory before `452 4.3.1`.
     #[serde(with = "human::duration")]
     pub body_memory_wait: Duration,
+    /// A body is written to disk while it arrives once this much of it is
+    /// held, so that no session holds more.
+    #[serde(with = "human::size")]
+    pub body_spill_threshold: u64,
+    /// Where those bodies go (nameless files); unset: `<queue.path>/incoming`.
+    pub body_spill_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -424,6 +430,8 @@ impl Default for SmtpConfig {
             postmaster: None,
             max_body_memory: 256_000_000,
             body_memory_wait: Duration::from_secs(5),
+            body_spill_threshold: 256 * 1024,
+            body_spill_dir: None,
         }
     }
 }
@@ -608,6 +616,9 @@ impl ConfigError {
 /// The most bad keys one load names.
 const MAX_BAD_KEYS: usize = 50;
 
+/// The smallest `smtp.body_spill_threshold`: one read from the socket.
+pub const MIN_SPILL_THRESHOLD: u64 = 16 * 1024;
+
 /// `merged` without `key` (`section.name` or a top-level `name`); `None`
 /// for a key it cannot take out (inside an array of tables).
 fn without_key(merged: &config::Config, key: &str) -> Option<config::Config> {
@@ -691,6 +702,14 @@ fn environment() -> config::Environment {
 }
 
 impl Config {
+    /// `smtp.body_spill_dir`, or `incoming` in the queue's directory.
+    pub fn spill_dir(&self) -> PathBuf {
+        self.smtp
+            .body_spill_dir
+            .clone()
+            .unwrap_or_else(|| self.queue.path.join("incoming"))
+    }
+
     /// Loads the configuration: the defaults, then the TOML file when one is
     /// given, then `SMARTHOST__SECTION__KEY` environment variables
     /// (`SMARTHOST__SMTP__MAX_RECIPIENTS=5`; lists are comma-separated).
@@ -865,6 +884,16 @@ impl Config {
                 format!(
                     "{:?} is not shorter than smtp.connection_timeout ({:?})",
                     smtp.greeting_delay, smtp.connection_timeout
+                ),
+            );
+        }
+        if smtp.body_spill_threshold < MIN_SPILL_THRESHOLD {
+            errors.add(
+                "smtp.body_spill_threshold",
+                format!(
+                    "{} bytes is less than {MIN_SPILL_THRESHOLD}: bodies would go to disk in \
+                     pieces smaller than a read",
+                    smtp.body_spill_threshold
                 ),
             );
         }

@@ -60,6 +60,7 @@ pub mod server;
 pub mod session;
 pub mod session_log;
 pub mod sessions;
+pub mod spill;
 pub mod spool;
 pub mod telemetry;
 pub mod throttle;

@@ -281,7 +281,7 @@ impl<W> Batcher<W> {
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some((message, _)) = self.pending.front() {
-            let size = message.body.len();
+            let size = usize::try_from(message.body.len()).unwrap_or(usize::MAX);
             if !batch.is_empty()
                 && (batch.len() == self.limits.max_messages || bytes + size > self.limits.max_bytes)
             {

@@ -45,6 +45,7 @@ use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
 use crate::session_log::SessionLog;
 use crate::sessions::{Board, Sessions};
+use crate::spill::SpillConfig;
 use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
 use crate::tls;
 
@@ -618,6 +619,14 @@ fn session_env(
         queue,
         body_memory: BodyMemory::new(smtp.max_body_memory),
         body_memory_wait: smtp.body_memory_wait,
+        spill: {
+            let spill = SpillConfig {
+                dir: config.spill_dir(),
+                threshold: smtp.body_spill_threshold,
+            };
+            spill.check()?;
+            spill
+        },
         session_log: match &config.log.session_log_dir {
             Some(dir) => Some(SessionLog::start(dir, &config.node.hostname).map_err(|e| {
                 format!("log.session_log_dir: cannot create {}: {e}", dir.display())

@@ -39,7 +39,8 @@ use crate::listener::Slot;
 use crate::queue::Enqueue;
 use crate::session_log::{Entry as SessionLogEntry, SessionLog};
 use crate::sessions::{Sessions, Tracked};
-use crate::spool::NewMessage;
+use crate::spill::{Spill, SpillConfig};
+use crate::spool::{Body, NewMessage};
 
 /// What every session of a node shares.
 pub struct SessionEnv {
@@ -61,6 +62,8 @@ pub struct SessionEnv {
     pub body_memory: Arc<BodyMemory>,
     /// How long a new DATA may wait for it (`smtp.body_memory_wait`).
     pub body_memory_wait: Duration,
+    /// Where large bodies go while they arrive.
+    pub spill: SpillConfig,
     /// The W3C session log (`log.session_log_dir`), when kept.
     pub session_log: Option<SessionLog>,
     /// The live sessions, for the admin API.
@@ -273,10 +276,12 @@ async fn drive(
     // When the input being answered arrived.
     let mut since = Instant::now();
     let mut out = session.greeting().to_wire();
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; READ_SIZE as usize];
     // The share of the body budget the message under way holds, from
     // DATA until it is stored or refused.
     let mut body: Option<Reservation> = None;
+    // What of the message under way is already on disk.
+    let mut spill: Option<Spill> = None;
     let mut clock = Deadlines::new(env.limits, Instant::now());
     let write_limit = env.limits.idle;
     loop {
@@ -319,7 +324,7 @@ async fn drive(
                     answers.give(&mut out, &mut session, &reply, since);
                 }
                 Action::Message(message) => {
-                    let result = store(env, ip, message).await;
+                    let result = store(env, ip, message, spill.take()).await;
                     if result.is_ok() {
                         answers.live.message_accepted();
                     }
@@ -334,8 +339,9 @@ async fn drive(
                 .live
                 .show(session.helo(), session.auth_user(), session.is_tls());
         }
-        // Pipelined input may have grown the body; a message refused at
-        // its end holds nothing any more.
+        // Pipelined input may have grown the body; a large one goes to
+        // disk, and a message refused at its end holds nothing any more.
+        spill_body(env, &mut session, &mut spill).await;
         account_body(env, &mut session, &mut body, 0);
         send(conn, &mut out, write_limit).await?;
         if session.is_closed() {
@@ -384,10 +390,45 @@ async fn drive(
     }
 }
 
+/// Writes what the message under way holds to disk once it holds
+/// `smtp.body_spill_threshold`, so that no body is held whole; drops the
+/// file of a message that ended. A file that cannot be written makes the
+/// message fail as if memory had run out (`452 4.3.1` at its end).
+async fn spill_body(env: &SessionEnv, session: &mut Session, spill: &mut Option<Spill>) {
+    let Some(kept) = session.kept_body_len() else {
+        *spill = None;
+        return;
+    };
+    if (kept as u64) < env.spill.threshold {
+        return;
+    }
+    let bytes = session.take_body_so_far();
+    let written = match spill {
+        Some(spill) => spill.append(&bytes).await,
+        None => match Spill::create(&env.spill.dir).await {
+            Ok(created) => spill.insert(created).append(&bytes).await,
+            Err(error) => Err(error),
+        },
+    };
+    if let Err(error) = written {
+        tracing::error!(dir = %env.spill.dir.display(), %error,
+            "cannot write a message body to disk: it is read to its end and refused with 452");
+        session.discard_body();
+        *spill = None;
+    }
+}
+
+/// Bytes read from the socket at a time.
+const READ_SIZE: u64 = 16 * 1024;
+
 /// A share of the body budget for a new DATA: the declared size (capped
-/// by the reservation itself at the budget) or a first step.
+/// by the reservation itself at the budget, and at the spill threshold
+/// past which the body goes to disk) or a first step.
 async fn reserve_body(env: &SessionEnv, declared: Option<u64>) -> Option<Reservation> {
-    let want = declared.unwrap_or(0).min(env.config.max_message_size);
+    let want = declared
+        .unwrap_or(0)
+        .min(env.config.max_message_size)
+        .min(env.spill.threshold.saturating_add(READ_SIZE));
     let reservation = env.body_memory.reserve(want, env.body_memory_wait).await;
     if reservation.is_none() {
         tracing::info!(
@@ -399,26 +440,27 @@ async fn reserve_body(env: &SessionEnv, declared: Option<u64>) -> Option<Reserva
     reservation
 }
 
-/// Keeps the body's reservation as large as what the session holds plus
-/// `incoming` octets about to be pushed, and lets the session drop the
-/// body when the budget cannot cover it. Outside DATA the reservation is
-/// given back. Octets past `max_message_size` are not kept (that message
-/// gets `552`), so they are not counted either.
+/// Keeps the body's reservation as large as what the session holds in
+/// memory plus `incoming` octets about to be pushed, and lets the session
+/// drop the body when the budget cannot cover it. Outside DATA the
+/// reservation is given back. Octets past `max_message_size` are not kept
+/// (that message gets `552`), so they are not counted either; octets
+/// written to disk are not held.
 fn account_body(
     env: &SessionEnv,
     session: &mut Session,
     body: &mut Option<Reservation>,
     incoming: u64,
 ) {
-    let Some(size) = session.data_size() else {
+    let Some(kept) = session.kept_body_len() else {
         *body = None;
         return;
     };
     if let Some(reservation) = body {
-        let held = (size + incoming).min(env.config.max_message_size);
+        let held = (kept as u64 + incoming).min(env.config.max_message_size);
         if !reservation.grow_to(held) {
             tracing::info!(
-                size,
+                kept,
                 held = reservation.bytes(),
                 "no memory left for a message body under way: it is read to its end and refused with 452"
             );
@@ -532,6 +574,7 @@ async fn store(
     env: &SessionEnv,
     ip: IpAddr,
     message: IncomingMessage,
+    spill: Option<Spill>,
 ) -> Result<MessageId, StoreFailure> {
     let started = std::time::Instant::now();
     let now = SystemTime::now()
@@ -559,9 +602,22 @@ async fn store(
         for_rcpt,
         now.as_secs(),
     );
-    // In place: a second copy of a large body would double what it takes.
-    let mut body = data;
-    body.splice(0..0, header.bytes());
+    let body = match spill {
+        None => {
+            // In place: a second copy of the body would double what it takes.
+            let mut body = data;
+            body.splice(0..0, header.bytes());
+            Body::from(body)
+        }
+        Some(spill) => match spill.finish(header.into_bytes(), &data).await {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::error!(%error, "cannot write the end of a message body to disk");
+                crate::metrics::message_not_stored();
+                return Err(StoreFailure::Unavailable);
+            }
+        },
+    };
     let sender = envelope
         .sender
         .as_ref()
@@ -574,7 +630,7 @@ async fn store(
         auth_user,
         tls,
     };
-    let size = body.len() as u64;
+    let size = body.len();
     let record = MessageRecord::new(id.clone(), now_ms, size, client, envelope);
     match env.queue.send(Enqueue(NewMessage { record, body })).await {
         Ok(Ok(())) => {

@@ -42,7 +42,7 @@ fn message(n: u64) -> NewMessage {
     let record = MessageRecord::new(MessageId::new(received, n), received, 10, client, envelope);
     NewMessage {
         record,
-        body: b"Subject: x\r\n\r\nx\r\n".to_vec(),
+        body: b"Subject: x\r\n\r\nx\r\n".to_vec().into(),
     }
 }
 

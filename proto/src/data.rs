@@ -129,6 +129,19 @@ impl DataReader {
         self.size
     }
 
+    /// Octets kept in memory now: received, not yet taken by
+    /// [`Self::take_kept`].
+    pub fn kept_len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Hands over the octets kept so far, so that a large message can go
+    /// to disk while it arrives instead of being held whole; what
+    /// [`Self::finish`] returns is then only what came after the last take.
+    pub fn take_kept(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.body)
+    }
+
     /// Lets go of the body kept so far and keeps no more; the message is
     /// still read to its end, where [`Self::finish`] refuses it with
     /// [`DataError::OverBudget`] (after any error about its content).
@@ -254,6 +267,36 @@ mod tests {
     }
 
     const CHUNKS: &[usize] = &[1, 2, 3, 5, 7, 64, 100_000];
+
+    #[test]
+    fn what_is_taken_on_the_way_and_what_is_left_make_the_whole_body() {
+        let mut input = Vec::new();
+        for n in 0..500 {
+            input.extend_from_slice(format!("..line {n} of the message\r\n").as_bytes());
+        }
+        input.extend_from_slice(b".\r\n");
+        let (whole, _) = run(&input, 100_000, 1 << 20);
+        let whole = whole.finish().unwrap().body;
+        for &chunk in CHUNKS {
+            let mut r = DataReader::new(1 << 20);
+            let mut taken = Vec::new();
+            for piece in input.chunks(chunk) {
+                if r.feed(piece).done {
+                    break;
+                }
+                if r.kept_len() >= 1000 {
+                    taken.extend_from_slice(&r.take_kept());
+                    assert_eq!(r.kept_len(), 0);
+                }
+            }
+            assert!(
+                r.size() > taken.len() as u64,
+                "by {chunk}: the size counts what was taken"
+            );
+            taken.extend_from_slice(&r.finish().unwrap().body);
+            assert_eq!(taken, whole, "by {chunk}");
+        }
+    }
 
     #[test]
     fn ends_only_at_crlf_dot_crlf() {

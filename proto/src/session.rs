@@ -110,7 +110,8 @@ pub struct IncomingMessage {
     pub helo: String,
     pub auth_user: Option<String>,
     pub tls: bool,
-    /// As received: unstuffed, CRLF line endings, no trace header added.
+    /// As received: unstuffed, CRLF line endings, no trace header added;
+    /// without what the shell took with [`Session::take_body_so_far`].
     pub data: Vec<u8>,
 }
 
@@ -489,6 +490,25 @@ impl Session {
         match &self.state {
             State::Data(reader) => Some(reader.size()),
             _ => None,
+        }
+    }
+
+    /// Octets of the message under way held in memory (`None` outside
+    /// DATA).
+    pub fn kept_body_len(&self) -> Option<usize> {
+        match &self.state {
+            State::Data(reader) => Some(reader.kept_len()),
+            _ => None,
+        }
+    }
+
+    /// Takes the octets of the message under way received so far, for the
+    /// shell to write to disk; the message's [`IncomingMessage::data`] is
+    /// then only what arrives after. Empty outside DATA.
+    pub fn take_body_so_far(&mut self) -> Vec<u8> {
+        match &mut self.state {
+            State::Data(reader) => reader.take_kept(),
+            _ => Vec::new(),
         }
     }
 

@@ -893,7 +893,8 @@ impl KeptReports {
             .iter()
             .map(|r| ReportOut {
                 record: &r.record,
-                body: &r.body,
+                // Reports are built in memory, never spilled.
+                body: r.body.head(),
             })
             .collect();
         envelope::encode(&out)
@@ -919,7 +920,7 @@ impl KeptReports {
                 .into_iter()
                 .map(|r| NewMessage {
                     record: r.record,
-                    body: r.body,
+                    body: r.body.into(),
                 })
                 .collect(),
         })

@@ -670,7 +670,7 @@ impl super::Reporter for Recorder {
             .map(|c| {
                 let mut report = message(0, 0);
                 report.record.id = MessageId::new(0, rand::random());
-                report.body = format!("{} {}", c.record.id, c.domain).into_bytes();
+                report.body = format!("{} {}", c.record.id, c.domain).into_bytes().into();
                 report
             })
             .collect())
@@ -692,7 +692,7 @@ impl super::Reporter for Recorder {
         }
         let mut queued = self.queued.lock().unwrap();
         for report in reports {
-            let body = String::from_utf8(report.body).unwrap();
+            let body = String::from_utf8(report.body.into_head()).unwrap();
             let (id, domain) = body.split_once(' ').unwrap();
             queued.push((MessageId(id.to_string()), domain.to_string()));
         }

@@ -56,7 +56,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{page_of, Change, ListCursor, NewMessage, Spool, SpoolError};
+use super::{page_of, Body, Change, ListCursor, NewMessage, SpilledPart, Spool, SpoolError};
 
 /// How long `open` waits for a lock that another holder is letting go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -253,11 +253,26 @@ fn push_frame(buf: &mut Vec<u8>, entry: &JournalEntry, key: &Key) -> Result<u64,
     Ok(FRAME_HEADER + payload_len as u64)
 }
 
+/// The start of a [`JournalEntry::Message`] payload up to its body's
+/// bytes: it encodes to exactly the bytes that come before them, so that a
+/// body on disk ([`SpilledPart`]) is copied into the journal after it
+/// without ever being held whole.
+#[derive(Serialize)]
+enum MessageHead<'a> {
+    Message {
+        record: &'a MessageRecord,
+        body_len: u64,
+    },
+}
+
 /// The frames of one journal write, built before the state is locked:
 /// new messages first, then changes to stored ones.
 #[derive(Default)]
 struct Frames {
     buf: Vec<u8>,
+    /// The parts of bodies on disk, each written where `buf` is at
+    /// `.0`, in order: the bytes written are `buf` with these spliced in.
+    spliced: Vec<(usize, SpilledPart)>,
     /// Each new message's record, its frame's offset in `buf` and length,
     /// and its body's length.
     messages: Vec<(Arc<MessageRecord>, u64, u64, u64)>,
@@ -266,20 +281,78 @@ struct Frames {
 }
 
 impl Frames {
+    /// Bytes in the write: `buf` and the spliced parts.
+    fn len(&self) -> u64 {
+        self.buf.len() as u64 + self.spliced.iter().map(|(_, p)| p.len()).sum::<u64>()
+    }
+
     fn push_message(&mut self, message: NewMessage, key: &Key) -> Result<(), SpoolError> {
-        let body_len = message.body.len() as u64;
-        let entry = JournalEntry::Message {
-            record: message.record,
-            body: message.body,
-        };
-        let offset = self.buf.len() as u64;
-        let len = push_frame(&mut self.buf, &entry, key)?;
-        let JournalEntry::Message { record, .. } = entry else {
-            unreachable!("built above")
+        let body_len = message.body.len();
+        let offset = self.len();
+        let NewMessage { record, body } = message;
+        let len = match body.rest() {
+            None => {
+                let entry = JournalEntry::Message {
+                    record,
+                    body: body.into_head(),
+                };
+                let len = push_frame(&mut self.buf, &entry, key)?;
+                let JournalEntry::Message { record, .. } = entry else {
+                    unreachable!("built above")
+                };
+                self.messages
+                    .push((Arc::new(record), offset, len, body_len));
+                return Ok(());
+            }
+            Some(rest) => self.push_spilled(&record, &body, rest, key)?,
         };
         self.messages
             .push((Arc::new(record), offset, len, body_len));
         Ok(())
+    }
+
+    /// The frame of a message whose body is partly on disk: its header,
+    /// the entry up to the body and the body's head go into `buf`, the
+    /// part on disk is spliced in after them. The checksum is taken over
+    /// the file's bytes first, so the frame is whole once written.
+    fn push_spilled(
+        &mut self,
+        record: &MessageRecord,
+        body: &Body,
+        rest: &SpilledPart,
+        key: &Key,
+    ) -> Result<u64, SpoolError> {
+        let start = self.buf.len();
+        let payload_start = start + FRAME_HEADER as usize;
+        self.buf.resize(payload_start, 0);
+        let head = MessageHead::Message {
+            record,
+            body_len: body.len(),
+        };
+        envelope::encode_into(&head, &mut self.buf);
+        self.buf.extend_from_slice(body.head());
+        let payload_len = (self.buf.len() - payload_start) as u64 + rest.len();
+        let Ok(len) = u32::try_from(payload_len) else {
+            self.buf.truncate(start);
+            return Err(SpoolError::Unavailable(format!(
+                "journal entry of {payload_len} bytes is too large"
+            )));
+        };
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(key);
+        hasher.update(&self.buf[payload_start..]);
+        if let Err(err) = rest.for_each_chunk(|chunk| {
+            hasher.update(chunk);
+            Ok(())
+        }) {
+            self.buf.truncate(start);
+            return Err(err);
+        }
+        let crc = hasher.finalize();
+        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.buf[start + 4..payload_start].copy_from_slice(&crc.to_le_bytes());
+        self.spliced.push((self.buf.len(), rest.clone()));
+        Ok(FRAME_HEADER + payload_len)
     }
 
     fn push_change(&mut self, change: Change, key: &Key) -> Result<(), SpoolError> {
@@ -290,7 +363,7 @@ impl Frames {
             },
             Change::Remove(id) => JournalEntry::Remove { id: id.clone() },
         };
-        let offset = self.buf.len() as u64;
+        let offset = self.len();
         let len = push_frame(&mut self.buf, &entry, key)?;
         self.changes.push((change, offset, len));
         Ok(())
@@ -574,19 +647,22 @@ impl State {
         if frames.buf.is_empty() {
             return Ok(Vec::new());
         }
+        let total = frames.len();
         let mut buf = frames.buf;
+        let mut spliced = frames.spliced;
         let mut shift = 0;
         if !frames.messages.is_empty() && !frames.changes.is_empty() {
             let mut grouped = Vec::with_capacity(buf.len() + 32);
-            let group = JournalEntry::Group {
-                len: buf.len() as u64,
-            };
+            let group = JournalEntry::Group { len: total };
             shift = push_frame(&mut grouped, &group, &self.key)?;
             grouped.extend_from_slice(&buf);
             buf = grouped;
+            for (at, _) in &mut spliced {
+                *at += shift as usize;
+            }
         }
-        let rotated = self.rotate_if_full(buf.len() as u64)?;
-        let start = self.append(&buf)? + shift;
+        let rotated = self.rotate_if_full(total + shift)?;
+        let start = self.append_spliced(&buf, &spliced)? + shift;
         let segment = self.active;
         let at = |offset: u64, len: u64| Loc {
             segment,
@@ -623,13 +699,41 @@ impl State {
     /// durable. Returns the offset it was written at. On failure the
     /// segment is cut back to where it ended.
     fn append(&mut self, buf: &[u8]) -> Result<u64, SpoolError> {
+        self.append_spliced(buf, &[])
+    }
+
+    /// [`Self::append`] of `buf` with the parts of bodies on disk spliced
+    /// in where [`Frames::spliced`] says, copied a chunk at a time.
+    fn append_spliced(
+        &mut self,
+        buf: &[u8],
+        spliced: &[(usize, SpilledPart)],
+    ) -> Result<u64, SpoolError> {
         self.clean_tail()?;
         let path = self.path(self.active);
         let segment = self.active_segment();
         let start = segment.len;
-        let written = segment
-            .file
-            .write_all_at(buf, start)
+        let mut at = start;
+        let mut done = 0;
+        let mut write = |bytes: &[u8]| -> Result<(), SpoolError> {
+            segment
+                .file
+                .write_all_at(bytes, at)
+                .map_err(|e| SpoolError::Unavailable(e.to_string()))?;
+            at += bytes.len() as u64;
+            Ok(())
+        };
+        let mut written = Ok(());
+        for (splice_at, part) in spliced {
+            written = write(&buf[done..*splice_at]).and_then(|()| part.for_each_chunk(&mut write));
+            done = *splice_at;
+            if written.is_err() {
+                break;
+            }
+        }
+        let written = written
+            .and_then(|()| write(&buf[done..]))
+            .map_err(|e| io::Error::other(e.to_string()))
             .and_then(|()| segment.file.sync_data());
         if let Err(err) = written {
             let file = segment.file.clone();
@@ -640,7 +744,7 @@ impl State {
             }
             return Err(io_error(format_args!("writing {}", path.display()), err));
         }
-        segment.len += buf.len() as u64;
+        segment.len = at;
         Ok(start)
     }
 
@@ -1584,12 +1688,56 @@ mod tests {
         let m = message(n, 500);
         JournalEntry::Message {
             record: m.record,
-            body: m.body,
+            body: m.body.into_head(),
         }
     }
 
     fn ids(records: &[MessageRecord]) -> Vec<MessageId> {
         records.iter().map(|r| r.id.clone()).collect()
+    }
+
+    /// Around every size at which bincode's length prefix grows.
+    #[test]
+    fn a_message_head_and_its_body_encode_as_the_whole_entry() {
+        let record = message(1, 0).record;
+        for len in [0, 1, 250, 251, 252, 65_535, 65_536, 65_537, 300_000] {
+            let body = vec![b'x'; len];
+            let whole = envelope::encode(&JournalEntry::Message {
+                record: record.clone(),
+                body: body.clone(),
+            });
+            let mut head = envelope::encode(&MessageHead::Message {
+                record: &record,
+                body_len: len as u64,
+            });
+            head.extend_from_slice(&body);
+            assert!(head == whole, "a body of {len} bytes");
+        }
+    }
+
+    /// A torn write of a spilled body is cut off at the next open like
+    /// any other, and the messages written before it stay.
+    #[tokio::test]
+    async fn a_torn_spilled_body_is_cut_off_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), &options(64 << 20));
+        spool.store(vec![message(1, 500)]).await.unwrap();
+        spool
+            .store(vec![suite::spilled(2, 3 * super::super::BODY_CHUNK)])
+            .await
+            .unwrap();
+        drop(spool);
+        let segment = segment_files(dir.path()).pop().unwrap();
+        let len = fs::metadata(&segment).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap()
+            .set_len(len - 1000)
+            .unwrap();
+        let spool = open(dir.path(), &options(64 << 20));
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(1)]);
+        assert_eq!(spool.read_body(&id(1)).await.unwrap(), message(1, 500).body);
     }
 
     /// A set-aside frame holds no message to take back; it can be
@@ -1752,7 +1900,7 @@ mod tests {
             &mut frame,
             &JournalEntry::Message {
                 record: m.record,
-                body: m.body,
+                body: m.body.into_head(),
             },
             &key_of(&segment),
         )
@@ -2092,7 +2240,9 @@ mod tests {
         push_frame(&mut forged, &JournalEntry::Remove { id: id(5) }, &[0; 8]).unwrap();
         push_frame(&mut forged, &new_message(99), &[0; 8]).unwrap();
         let mut carrier = message(20, 500);
-        carrier.body.extend(&forged);
+        let mut body = carrier.body.into_head();
+        body.extend(&forged);
+        carrier.body = body.into();
         spool.store(vec![carrier]).await.unwrap();
         let carrier_at = *ends.last().unwrap();
         for n in 21..25 {

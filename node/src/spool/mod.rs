@@ -22,7 +22,166 @@ pub use local::{LocalSpool, LocalSpoolOptions};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewMessage {
     pub record: MessageRecord,
-    pub body: Vec<u8>,
+    pub body: Body,
+}
+
+/// How much of a spilled body is read into memory at a time.
+pub const BODY_CHUNK: usize = 256 * 1024;
+
+/// A message body: its first bytes in memory and, for a large message,
+/// the rest on disk ([`SpilledPart`]), so that it is never held whole.
+#[derive(Clone, Debug, Default)]
+pub struct Body {
+    head: Vec<u8>,
+    rest: Option<SpilledPart>,
+}
+
+/// The part of a body written to a file while it arrived. The file is an
+/// unlinked temporary one: it goes away with the last handle, also when
+/// the process dies.
+#[derive(Clone, Debug)]
+pub struct SpilledPart {
+    file: Arc<std::fs::File>,
+    len: u64,
+}
+
+impl SpilledPart {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Up to [`BODY_CHUNK`] bytes from `at` on (none at the end). Reads
+    /// from disk.
+    pub fn chunk_at(&self, at: u64) -> Result<Vec<u8>, SpoolError> {
+        use std::os::unix::fs::FileExt;
+        let mut chunk = vec![0u8; BODY_CHUNK.min(self.len.saturating_sub(at) as usize)];
+        self.file.read_exact_at(&mut chunk, at).map_err(|e| {
+            SpoolError::Unavailable(format!("reading a message body from disk: {e}"))
+        })?;
+        Ok(chunk)
+    }
+
+    /// Hands the bytes to `f` in order, [`BODY_CHUNK`] at a time. Reads
+    /// from disk: call it where blocking is fine.
+    pub fn for_each_chunk(
+        &self,
+        mut f: impl FnMut(&[u8]) -> Result<(), SpoolError>,
+    ) -> Result<(), SpoolError> {
+        use std::os::unix::fs::FileExt;
+        let mut chunk = vec![0u8; BODY_CHUNK.min(self.len as usize)];
+        let mut at = 0u64;
+        while at < self.len {
+            let n = chunk.len().min((self.len - at) as usize);
+            self.file.read_exact_at(&mut chunk[..n], at).map_err(|e| {
+                SpoolError::Unavailable(format!("reading a message body from disk: {e}"))
+            })?;
+            f(&chunk[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Body {
+    /// `head` followed by the first `len` bytes of `file`.
+    pub fn spilled(head: Vec<u8>, file: std::fs::File, len: u64) -> Body {
+        Body {
+            head,
+            rest: Some(SpilledPart {
+                file: Arc::new(file),
+                len,
+            }),
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.head.len() as u64 + self.rest.as_ref().map_or(0, SpilledPart::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes held in memory: the whole body unless part is on disk.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// [`Body::head`], taken: the whole body when nothing is on disk.
+    pub fn into_head(self) -> Vec<u8> {
+        self.head
+    }
+
+    /// What follows [`Body::head`] on disk, if anything.
+    pub fn rest(&self) -> Option<&SpilledPart> {
+        self.rest.as_ref()
+    }
+
+    /// Hands the whole body to `f` in order (see
+    /// [`SpilledPart::for_each_chunk`]).
+    pub fn for_each_chunk(
+        &self,
+        mut f: impl FnMut(&[u8]) -> Result<(), SpoolError>,
+    ) -> Result<(), SpoolError> {
+        if !self.head.is_empty() {
+            f(&self.head)?;
+        }
+        match &self.rest {
+            Some(rest) => rest.for_each_chunk(f),
+            None => Ok(()),
+        }
+    }
+
+    /// The whole body in memory, read from disk if part of it is there.
+    pub fn to_vec(&self) -> Result<Vec<u8>, SpoolError> {
+        if self.rest.is_none() {
+            return Ok(self.head.clone());
+        }
+        let mut out = Vec::with_capacity(self.len() as usize);
+        self.for_each_chunk(|chunk| {
+            out.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(head: Vec<u8>) -> Body {
+        Body { head, rest: None }
+    }
+}
+
+/// Equal when the bytes are: a spilled body is read to compare it.
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        match (&self.rest, &other.rest) {
+            (None, None) => self.head == other.head,
+            _ => self.len() == other.len() && self.to_vec().ok() == other.to_vec().ok(),
+        }
+    }
+}
+
+impl Eq for Body {}
+
+impl PartialEq<Body> for Vec<u8> {
+    fn eq(&self, other: &Body) -> bool {
+        other == self
+    }
+}
+
+/// Equal to the same bytes in memory.
+impl PartialEq<Vec<u8>> for Body {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        match &self.rest {
+            None => self.head == *other,
+            Some(_) => self.to_vec().is_ok_and(|bytes| bytes == *other),
+        }
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]

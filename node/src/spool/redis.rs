@@ -191,6 +191,12 @@ pub const QUARANTINE_KEY: &str = "smarthost:{index}:quarantine";
 /// See `scripts/quarantine.lua`.
 const QUARANTINE: &str = include_str!("scripts/quarantine.lua");
 const RESTORE: &str = include_str!("scripts/restore.lua");
+const PLACE_BODY: &str = include_str!("scripts/place_body.lua");
+
+/// How long a body written in parts waits under its staging key for the
+/// store that puts it in place; past it, a node that died half way has
+/// left nothing behind.
+const STAGING_TTL_SECS: u64 = 3600;
 
 /// How many response timeouts (`queue.redis_response_timeout`) after the
 /// receive time a cluster `store` may get its last reply: its wait behind
@@ -234,6 +240,12 @@ pub fn record_key(id: &MessageId) -> String {
 
 pub fn body_key(id: &MessageId) -> String {
     format!("smarthost:{{m:{id}}}:body")
+}
+
+/// Where a large body is written in parts before its store (see
+/// `scripts/place_body.lua`).
+pub fn staging_key(id: &MessageId) -> String {
+    format!("smarthost:{{m:{id}}}:body-parts")
 }
 
 /// The record, body, reason and time of a message set aside as unreadable.
@@ -442,6 +454,17 @@ fn encode_body(body: &[u8]) -> Vec<u8> {
     envelope::encode(&BodyOut { bytes: body })
 }
 
+/// What [`encode_body`] puts before a body of `len` bytes: the body is
+/// then stored in parts, with these bytes in front of the first.
+#[derive(Serialize)]
+struct BodyHead {
+    len: u64,
+}
+
+fn encode_body_head(len: u64) -> Vec<u8> {
+    envelope::encode(&BodyHead { len })
+}
+
 /// An entry of the index as `ZRANGE … WITHSCORES` answers it.
 fn index_entry((id, score): (String, f64)) -> ListCursor {
     ListCursor {
@@ -521,14 +544,28 @@ fn check_replicas(what: &str, acknowledged: i64, wanted: u32) -> Result<(), Spoo
     )))
 }
 
-/// The writes of a new message's keys (one slot).
+/// The writes of a new message's keys (one slot). A body partly on disk
+/// was staged by [`RedisSpool::stage_body`] and is put in place with the
+/// record by one script.
 fn message_writes(m: &NewMessage) -> Vec<Cmd> {
+    let id = &m.record.id;
+    if m.body.rest().is_some() {
+        let staged = encode_body_head(m.body.len()).len() as u64 + m.body.len();
+        let mut place = redis::cmd("EVAL");
+        place
+            .arg(PLACE_BODY)
+            .arg(3)
+            .arg(staging_key(id))
+            .arg(body_key(id))
+            .arg(record_key(id))
+            .arg(staged)
+            .arg(envelope::encode(&m.record));
+        return vec![place];
+    }
     let mut record = redis::cmd("SET");
-    record
-        .arg(record_key(&m.record.id))
-        .arg(envelope::encode(&m.record));
+    record.arg(record_key(id)).arg(envelope::encode(&m.record));
     let mut body = redis::cmd("SET");
-    body.arg(body_key(&m.record.id)).arg(encode_body(&m.body));
+    body.arg(body_key(id)).arg(encode_body(m.body.head()));
     vec![record, body]
 }
 
@@ -1045,6 +1082,34 @@ impl RedisSpool {
         Ok(replies.into_iter().next().unwrap_or(Value::Nil))
     }
 
+    /// Writes a body that is partly on disk to its staging key, a chunk
+    /// per request, so that it is never held whole; nothing for a body in
+    /// memory. No durability wait here: the store's own wait, later on the
+    /// same connection, covers these writes too.
+    async fn stage_body(&self, m: &NewMessage) -> Result<(), SpoolError> {
+        let Some(rest) = m.body.rest() else {
+            return Ok(());
+        };
+        let key = staging_key(&m.record.id);
+        let mut first = encode_body_head(m.body.len());
+        first.extend_from_slice(m.body.head());
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(first).arg("EX").arg(STAGING_TTL_SECS);
+        self.query_cmd::<Value>("store: body", &set).await?;
+        let mut at = 0;
+        while at < rest.len() {
+            let part = rest.clone();
+            let chunk = tokio::task::spawn_blocking(move || part.chunk_at(at))
+                .await
+                .map_err(|e| SpoolError::Unavailable(format!("reading a body: {e}")))??;
+            at += chunk.len() as u64;
+            let mut append = redis::cmd("APPEND");
+            append.arg(&key).arg(chunk);
+            self.query_cmd::<Value>("store: body", &append).await?;
+        }
+        Ok(())
+    }
+
     /// `store` on Redis Cluster: the index entries, then every message in
     /// its own slot, both while the batch is within its window (see
     /// "Consistency" in the module doc).
@@ -1162,6 +1227,9 @@ impl Spool for RedisSpool {
             return Ok(());
         }
         self.guard.admit().await?;
+        for m in &batch {
+            self.stage_body(m).await?;
+        }
         // The index entries first: see "Consistency" in the module doc.
         let mut zadd = redis::cmd("ZADD");
         zadd.arg(INDEX_KEY);
@@ -1511,7 +1579,7 @@ mod tests {
         assert_eq!(body[0], RECORD_VERSION);
         assert_eq!(decode_body(&id(7), &body).unwrap(), m.body);
         // The body is one byte string, not a byte per element.
-        assert!(body.len() < m.body.len() + 8, "{} bytes", body.len());
+        assert!(body.len() < m.body.head().len() + 8, "{} bytes", body.len());
         let score: f64 = redis::cmd("ZSCORE")
             .arg(INDEX_KEY)
             .arg(id(7).as_str())
@@ -1519,6 +1587,66 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(score as u64, m.record.received_ms);
+    }
+
+    #[test]
+    fn a_body_head_and_its_body_encode_as_the_whole_value() {
+        for len in [0, 1, 250, 251, 252, 65_535, 65_536, 65_537, 300_000] {
+            let body = vec![b'x'; len];
+            let mut head = encode_body_head(len as u64);
+            head.extend_from_slice(&body);
+            assert!(head == encode_body(&body), "a body of {len} bytes");
+        }
+    }
+
+    /// A body staged in parts whose staging key is gone by the time of the
+    /// store (it expired, or the server lost it) fails the store, and no
+    /// record is left without its body.
+    #[tokio::test]
+    async fn a_staged_body_that_is_not_whole_stores_nothing() {
+        let server = RedisServer::start();
+        let spool = open(&server).await;
+        let m = suite::spilled(1, 2 * crate::spool::BODY_CHUNK);
+        spool.stage_body(&m).await.unwrap();
+        let mut conn = raw(&server).await;
+        let staged = get(&mut conn, &staging_key(&id(1))).await;
+        assert_eq!(
+            decode_body(&id(1), &staged).unwrap(),
+            m.body.to_vec().unwrap()
+        );
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(staging_key(&id(1)))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0 && ttl <= STAGING_TTL_SECS as i64, "{ttl}");
+        // Cut short, as if a part had been lost.
+        set(&mut conn, &staging_key(&id(1)), &staged[..staged.len() - 1]).await;
+        let place = message_writes(&m);
+        let error = spool.transaction("store", place).await.unwrap_err();
+        assert!(error.to_string().contains("INCOMPLETE"), "{error}");
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(record_key(&id(1)))
+            .arg(body_key(&id(1)))
+            .arg(staging_key(&id(1)))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0, "neither record nor body, and no staged parts");
+
+        // Whole, it is put in place with no expiry left on the body.
+        spool.store(vec![m.clone()]).await.unwrap();
+        assert_eq!(
+            spool.read_body(&id(1)).await.unwrap(),
+            m.body.to_vec().unwrap()
+        );
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(body_key(&id(1)))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(ttl, -1, "the body does not expire");
+        assert_eq!(spool.list().await.unwrap(), vec![m.record]);
     }
 
     #[tokio::test]

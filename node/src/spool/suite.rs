@@ -16,7 +16,7 @@ use smarthost_proto::envelope::{
     ClientInfo, DeliveryState, Envelope, MessageId, MessageRecord, Recipient,
 };
 
-use super::{Change, ListCursor, NewMessage, Spool, SpoolError};
+use super::{Body, Change, ListCursor, NewMessage, Spool, SpoolError, BODY_CHUNK};
 
 const BASE_MS: u64 = 1_700_000_000_000;
 
@@ -101,7 +101,10 @@ pub fn message(n: u64, body_len: usize) -> NewMessage {
     };
     let received = received_base() + n;
     let record = MessageRecord::new(id(n), received, body.len() as u64, client, envelope);
-    NewMessage { record, body }
+    NewMessage {
+        record,
+        body: body.into(),
+    }
 }
 
 /// Everything a spool holds: records by id and their bodies.
@@ -369,5 +372,88 @@ where
             .remove(&id(n))
             .await
             .expect("remove a same-ms message");
+    }
+
+    // Bodies partly on disk, of sizes around the chunk size, stored alone,
+    // in a batch with bodies in memory, and with changes to others; read
+    // back whole, also after a reopen.
+    receive_from_now();
+    let sizes = [
+        0,
+        1,
+        BODY_CHUNK - 1,
+        BODY_CHUNK,
+        BODY_CHUNK + 1,
+        3 * BODY_CHUNK + 7,
+    ];
+    let spilled_batch: Vec<NewMessage> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| spilled(8000 + i as u64, len))
+        .chain([message(8100, 500)])
+        .collect();
+    spool
+        .store(vec![spilled(8200, 2 * BODY_CHUNK)])
+        .await
+        .expect("store a spilled body alone");
+    spool
+        .store(spilled_batch.clone())
+        .await
+        .expect("store spilled bodies");
+    let mut changed = message(8100, 500).record;
+    changed.deliveries[0].attempts = 2;
+    let failed = spool
+        .store_and_apply(
+            vec![spilled(8300, BODY_CHUNK + 100)],
+            vec![Change::Update(Arc::new(changed.clone()))],
+        )
+        .await
+        .expect("store a spilled body with a change");
+    assert!(failed.is_empty(), "{failed:?}");
+    let expected: Vec<(MessageId, Vec<u8>)> = spilled_batch
+        .iter()
+        .chain(&[
+            spilled(8200, 2 * BODY_CHUNK),
+            spilled(8300, BODY_CHUNK + 100),
+        ])
+        .map(|m| {
+            (
+                m.record.id.clone(),
+                m.body.to_vec().expect("read the spilled body"),
+            )
+        })
+        .collect();
+    for (id, body) in &expected {
+        assert_eq!(&spool.read_body(id).await.unwrap(), body, "{id}");
+    }
+    drop(spool);
+    let spool = open().await;
+    for (id, body) in &expected {
+        assert_eq!(
+            &spool.read_body(id).await.unwrap(),
+            body,
+            "{id} after a reopen"
+        );
+        let record = listed_id(&*spool, id).await.expect("listed after a reopen");
+        assert_eq!(record.size, body.len() as u64);
+    }
+    assert_eq!(listed_id(&*spool, &id(8100)).await, Some(changed));
+    for (id, _) in &expected {
+        spool.remove(id).await.expect("remove a spilled message");
+    }
+}
+
+/// Test message `n` of [`message`] with all but the first bytes of its
+/// body in a nameless file, as a large body received over SMTP is.
+pub fn spilled(n: u64, body_len: usize) -> NewMessage {
+    use std::io::Write;
+    let m = message(n, body_len);
+    let bytes = m.body.into_head();
+    let (head, rest) = bytes.split_at(bytes.len().min(20));
+    let mut file = tempfile::tempfile().expect("a temporary file");
+    file.write_all(rest).expect("write the body");
+    NewMessage {
+        record: m.record,
+        body: Body::spilled(head.to_vec(), file, rest.len() as u64),
     }
 }
