@@ -1,9 +1,9 @@
 //! The node-wide budget for message bodies held in memory.
 //!
-//! A body is kept whole in memory from `DATA` until the spool has it. Each
-//! connection is already limited to `smtp.max_message_size`, but a
-//! thousand connections sending at once would together need a thousand
-//! times that. Every session therefore takes the bytes it receives in
+//! A body is kept in memory from `DATA` until the spool has it, up to
+//! `smtp.body_spill_threshold` (past it, it goes to disk:
+//! [`crate::spill`]). A thousand connections sending at once would together
+//! need a thousand times that. Every session therefore takes the bytes it receives in
 //! DATA from one shared budget (`smtp.max_body_memory`) and gives them
 //! back when its message is stored or refused.
 //!

@@ -616,8 +616,9 @@ impl ConfigError {
 /// The most bad keys one load names.
 const MAX_BAD_KEYS: usize = 50;
 
-/// The smallest `smtp.body_spill_threshold`: one read from the socket.
-pub const MIN_SPILL_THRESHOLD: u64 = 16 * 1024;
+/// The smallest `smtp.body_spill_threshold`: four reads from the socket,
+/// so that what goes to disk at a time is not tiny.
+pub const MIN_SPILL_THRESHOLD: u64 = 64 * 1024;
 
 /// `merged` without `key` (`section.name` or a top-level `name`); `None`
 /// for a key it cannot take out (inside an array of tables).

@@ -34,6 +34,9 @@ pub const RECIPIENTS_RECEIVED: &str = "smarthost_recipients_received_total";
 pub const BYTES_RECEIVED: &str = "smarthost_received_bytes_total";
 /// Messages whose store failed after DATA (answered `451`).
 pub const MESSAGES_NOT_STORED: &str = "smarthost_messages_not_stored_total";
+/// Message bytes written to disk while they arrived
+/// (`smtp.body_spill_threshold`).
+pub const BYTES_SPILLED: &str = "smarthost_spilled_bytes_total";
 /// From the final dot to the message being durable: what a client waits
 /// for its `250`.
 pub const ACCEPT_SECONDS: &str = "smarthost_message_accept_seconds";
@@ -115,6 +118,11 @@ fn describe() {
         MESSAGES_NOT_STORED,
         "messages whose store failed after DATA"
     );
+    describe_counter!(
+        BYTES_SPILLED,
+        Unit::Bytes,
+        "message bytes written to disk while they arrived"
+    );
     describe_histogram!(
         ACCEPT_SECONDS,
         Unit::Seconds,
@@ -158,6 +166,11 @@ pub fn message_received(recipients: usize, bytes: u64, took: Duration) {
     metrics::counter!(RECIPIENTS_RECEIVED).increment(recipients as u64);
     metrics::counter!(BYTES_RECEIVED).increment(bytes);
     metrics::histogram!(ACCEPT_SECONDS).record(took);
+}
+
+/// Counts message bytes written to disk while they arrived.
+pub fn body_spilled(bytes: usize) {
+    metrics::counter!(BYTES_SPILLED).increment(bytes as u64);
 }
 
 /// Counts a message whose store failed after DATA.

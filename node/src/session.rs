@@ -390,8 +390,9 @@ async fn drive(
     }
 }
 
-/// Writes what the message under way holds to disk once it holds
-/// `smtp.body_spill_threshold`, so that no body is held whole; drops the
+/// Writes what the message under way holds to disk once one more read
+/// could take it to `smtp.body_spill_threshold`, so that a session never
+/// holds more than that of its body; drops the
 /// file of a message that ended. A file that cannot be written makes the
 /// message fail as if memory had run out (`452 4.3.1` at its end).
 async fn spill_body(env: &SessionEnv, session: &mut Session, spill: &mut Option<Spill>) {
@@ -399,7 +400,9 @@ async fn spill_body(env: &SessionEnv, session: &mut Session, spill: &mut Option<
         *spill = None;
         return;
     };
-    if (kept as u64) < env.spill.threshold {
+    if (kept as u64) + READ_SIZE < env.spill.threshold
+        || env.spill.threshold >= env.config.max_message_size
+    {
         return;
     }
     let bytes = session.take_body_so_far();
@@ -422,13 +425,13 @@ async fn spill_body(env: &SessionEnv, session: &mut Session, spill: &mut Option<
 const READ_SIZE: u64 = 16 * 1024;
 
 /// A share of the body budget for a new DATA: the declared size (capped
-/// by the reservation itself at the budget, and at the spill threshold
-/// past which the body goes to disk) or a first step.
+/// by the reservation itself at the budget, and at the spill threshold,
+/// the most a session holds) or a first step.
 async fn reserve_body(env: &SessionEnv, declared: Option<u64>) -> Option<Reservation> {
     let want = declared
         .unwrap_or(0)
         .min(env.config.max_message_size)
-        .min(env.spill.threshold.saturating_add(READ_SIZE));
+        .min(env.spill.threshold);
     let reservation = env.body_memory.reserve(want, env.body_memory_wait).await;
     if reservation.is_none() {
         tracing::info!(

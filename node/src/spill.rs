@@ -1,10 +1,10 @@
 //! Large message bodies go to disk while they arrive.
 //!
-//! A session keeps the body of the message under way in memory until it
-//! passes `smtp.body_spill_threshold`; from then on what it has received is
-//! appended to an unlinked file in `smtp.body_spill_dir` each time it holds
-//! that much again, so a session holds at most about the threshold whatever
-//! the size of its message. The spool then copies the file into its own
+//! A session keeps the body of the message under way in memory until one
+//! more read could take it to `smtp.body_spill_threshold`; then what it
+//! holds is appended to a nameless file in `smtp.body_spill_dir` and it
+//! starts again from nothing, so a session never holds more than the
+//! threshold whatever the size of its message. The spool then copies the file into its own
 //! storage a chunk at a time ([`crate::spool::Body`]). The file has no name:
 //! it goes away when the message is stored or refused, and when the process
 //! dies, so a crash leaves nothing to clean up.
@@ -62,6 +62,7 @@ impl Spill {
     pub async fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.file.write_all(bytes).await?;
         self.len += bytes.len() as u64;
+        crate::metrics::body_spilled(bytes.len());
         Ok(())
     }
 

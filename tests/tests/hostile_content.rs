@@ -294,9 +294,11 @@ fn body(n: usize) -> Vec<u8> {
 
 #[test]
 fn body_memory_budget_gives_452_to_the_message_over_it() {
-    // Budget 10 MB; A and B declare 4 MB each and hold it from DATA on.
+    // Budget 10 MB; A and B declare 4 MB each and hold it from DATA on
+    // (bodies are kept in memory: the spill threshold is the size limit).
     let mut relay = Relay::start(
-        "max_message_size = \"4MB\"\nmax_body_memory = \"10MB\"\nbody_memory_wait = \"300ms\"",
+        "max_message_size = \"4MB\"\nmax_body_memory = \"10MB\"\nbody_memory_wait = \"300ms\"\n\
+         body_spill_threshold = \"4MB\"",
         "",
     );
     let (mut a, r) = to_data(&relay, "MAIL FROM:<a@example.com> SIZE=4000000");
@@ -370,16 +372,19 @@ fn peak_rss(pid: u32) -> u64 {
     kb * 1024
 }
 
-#[test]
-fn body_memory_stays_bounded_under_many_concurrent_large_messages() {
-    // 48 MB of bodies at once against 8 MB. Each DATA first takes 256 KiB,
-    // so all 24 get their 354 at once.
-    const CLIENTS: usize = 24;
-    const SIZE: usize = 2_000_000;
-    const BUDGET: u64 = 8_000_000;
+/// 24 clients send 2 MB each at once, 100 KB at a time each, against a
+/// body budget of 8 MB; returns how many were stored, the relay's peak RSS
+/// growth in bytes, and the relay, stopped.
+fn many_concurrent_large_messages(spill_threshold: &str) -> (usize, u64, Relay) {
+    // Each DATA first takes 256 KiB, so all 24 get their 354 at once.
     let mut relay = Relay::start(
-        "max_message_size = \"2MB\"\nmax_body_memory = \"8MB\"\nbody_memory_wait = \"1s\"",
-        "",
+        &format!(
+            "max_message_size = \"2MB\"\nmax_body_memory = \"8MB\"\nbody_memory_wait = \"1s\"\n\
+             body_spill_threshold = \"{spill_threshold}\""
+        ),
+        // Delivery holds the body it sends in memory: one at a time here,
+        // so that what is measured is reception.
+        "[delivery]\nmax_connections = 1\n",
     );
     let before = peak_rss(relay.pid());
     // Every client is inside DATA before any body byte is sent.
@@ -411,18 +416,50 @@ fn body_memory_stays_bounded_under_many_concurrent_large_messages() {
     }
     let peak = peak_rss(relay.pid());
     relay.terminate(Duration::from_secs(20));
-    assert!(stored >= 1, "the budget lets some through");
-    assert!(
-        stored < CLIENTS,
-        "40 MB of bodies cannot all fit in 8 MB at once"
-    );
-    assert_eq!(relay.spool_records().len(), stored);
     let grown = peak.saturating_sub(before);
     eprintln!(
         "{stored}/{CLIENTS} stored; RSS peak {} MB, grown {} MB",
         peak >> 20,
         grown >> 20
     );
+    (stored, grown, relay)
+}
+
+const CLIENTS: usize = 24;
+const SIZE: usize = 2_000_000;
+const BUDGET: u64 = 8_000_000;
+
+#[test]
+fn body_memory_stays_bounded_under_many_concurrent_large_messages() {
+    // 48 MB of bodies at once against 8 MB, all kept in memory.
+    let (stored, grown, relay) = many_concurrent_large_messages("2MB");
+    assert!(stored >= 1, "the budget lets some through");
+    assert!(
+        stored < CLIENTS,
+        "40 MB of bodies cannot all fit in 8 MB at once"
+    );
+    assert_eq!(relay.spool_records().len(), stored);
+    assert!(
+        grown < 3 * BUDGET,
+        "RSS grew by {grown} bytes, more than three times the {BUDGET}-byte budget"
+    );
+}
+
+#[test]
+fn bodies_written_to_disk_as_they_arrive_all_fit_the_budget() {
+    // The same 48 MB, but no session holds more than 256 KiB of its body:
+    // every message is stored, whole, and memory stays within the budget.
+    let (stored, grown, relay) = many_concurrent_large_messages("256KiB");
+    assert_eq!(stored, CLIENTS, "every message fits");
+    let records = relay.spool_records();
+    assert_eq!(records.len(), CLIENTS);
+    let whole = body(SIZE);
+    for record in &records {
+        let stored = relay.spool_body(&record.id);
+        assert!(stored.starts_with(b"Received: "), "{}", record.id);
+        assert!(stored.ends_with(&whole), "{} stored whole", record.id);
+        assert_eq!(record.size, stored.len() as u64);
+    }
     assert!(
         grown < 3 * BUDGET,
         "RSS grew by {grown} bytes, more than three times the {BUDGET}-byte budget"

@@ -54,11 +54,11 @@ impl SpilledPart {
         self.len == 0
     }
 
-    /// Up to [`BODY_CHUNK`] bytes from `at` on (none at the end). Reads
-    /// from disk.
-    pub fn chunk_at(&self, at: u64) -> Result<Vec<u8>, SpoolError> {
+    /// Up to `size` bytes from `at` on (none at the end). Reads from
+    /// disk.
+    pub fn chunk_at(&self, at: u64, size: usize) -> Result<Vec<u8>, SpoolError> {
         use std::os::unix::fs::FileExt;
-        let mut chunk = vec![0u8; BODY_CHUNK.min(self.len.saturating_sub(at) as usize)];
+        let mut chunk = vec![0u8; size.min(self.len.saturating_sub(at) as usize)];
         self.file.read_exact_at(&mut chunk, at).map_err(|e| {
             SpoolError::Unavailable(format!("reading a message body from disk: {e}"))
         })?;
