@@ -23,7 +23,7 @@ use actix::prelude::*;
 use futures_util::stream;
 use smarthost_proto::reply::{EnhancedStatus, Reply};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::admission::{Admission, Admitted, Policy, Refusal, RefusalCounts};
@@ -221,6 +221,23 @@ pub struct Listener {
     drain_waiters: Vec<oneshot::Sender<()>>,
 }
 
+/// Connections the kernel completes and holds for us while the listener
+/// is busy. The usual 128 is too few for a burst of clients at a relay
+/// that serves a thousand at once: past it the kernel drops the clients'
+/// handshakes, and a client that thinks it is connected then waits for a
+/// greeting that never comes. (The kernel caps it at `net.core.somaxconn`.)
+const LISTEN_BACKLOG: u32 = 1024;
+
+fn listen(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Listener {
     /// Binds every address first, so a busy port is an error at start-up.
     pub async fn bind(
@@ -230,7 +247,7 @@ impl Listener {
     ) -> io::Result<Listener> {
         let mut sockets = Vec::with_capacity(addresses.len());
         for address in addresses {
-            let socket = TcpListener::bind(address).await.map_err(|e| {
+            let socket = listen(*address).map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
             })?;
             sockets.push(socket);

@@ -407,17 +407,20 @@ async fn spill_body(env: &SessionEnv, session: &mut Session, spill: &mut Option<
     }
     let bytes = session.take_body_so_far();
     let written = match spill {
-        Some(spill) => spill.append(&bytes).await,
+        Some(spill) => spill.append(bytes).await,
         None => match Spill::create(&env.spill.dir).await {
-            Ok(created) => spill.insert(created).append(&bytes).await,
+            Ok(created) => spill.insert(created).append(bytes).await,
             Err(error) => Err(error),
         },
     };
-    if let Err(error) = written {
-        tracing::error!(dir = %env.spill.dir.display(), %error,
-            "cannot write a message body to disk: it is read to its end and refused with 452");
-        session.discard_body();
-        *spill = None;
+    match written {
+        Ok(buffer) => session.reuse_body_buffer(buffer),
+        Err(error) => {
+            tracing::error!(dir = %env.spill.dir.display(), %error,
+                "cannot write a message body to disk: it is read to its end and refused with 452");
+            session.discard_body();
+            *spill = None;
+        }
     }
 }
 
@@ -612,7 +615,7 @@ async fn store(
             body.splice(0..0, header.bytes());
             Body::from(body)
         }
-        Some(spill) => match spill.finish(header.into_bytes(), &data).await {
+        Some(spill) => match spill.finish(header.into_bytes(), data).await {
             Ok(body) => body,
             Err(error) => {
                 tracing::error!(%error, "cannot write the end of a message body to disk");

@@ -9,9 +9,10 @@
 //! it goes away when the message is stored or refused, and when the process
 //! dies, so a crash leaves nothing to clean up.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
 
 use crate::spool::Body;
 
@@ -42,7 +43,8 @@ impl SpillConfig {
 /// The part of the message under way already on disk.
 #[derive(Debug)]
 pub struct Spill {
-    file: tokio::fs::File,
+    /// Shared only with the write under way.
+    file: Arc<File>,
     len: u64,
 }
 
@@ -54,25 +56,31 @@ impl Spill {
             .await
             .map_err(std::io::Error::other)??;
         Ok(Spill {
-            file: tokio::fs::File::from_std(file),
+            file: Arc::new(file),
             len: 0,
         })
     }
 
-    pub async fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(bytes).await?;
-        self.len += bytes.len() as u64;
-        crate::metrics::body_spilled(bytes.len());
-        Ok(())
+    /// Writes `bytes` after what is there, without copying them, and
+    /// hands the buffer back for reuse.
+    pub async fn append(&mut self, bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
+        let (file, at, len) = (self.file.clone(), self.len, bytes.len());
+        let bytes =
+            tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at).map(|()| bytes))
+                .await
+                .map_err(std::io::Error::other)??;
+        self.len += len as u64;
+        crate::metrics::body_spilled(len);
+        Ok(bytes)
     }
 
     /// The whole body: `head` (our trace header) in memory, then what was
     /// spilled and the `tail` received after it, on disk.
-    pub async fn finish(mut self, head: Vec<u8>, tail: &[u8]) -> std::io::Result<Body> {
-        self.append(tail).await?;
-        self.file.flush().await?;
-        let len = self.len;
-        Ok(Body::spilled(head, self.file.into_std().await, len))
+    pub async fn finish(mut self, head: Vec<u8>, tail: Vec<u8>) -> std::io::Result<Body> {
+        drop(self.append(tail).await?);
+        let file = Arc::try_unwrap(self.file)
+            .map_err(|_| std::io::Error::other("the spill file is still being written"))?;
+        Ok(Body::spilled(head, file, self.len))
     }
 }
 
@@ -92,12 +100,12 @@ mod tests {
         let mut expected = b"Received: by us\r\n".to_vec();
         for n in 0..2000u32 {
             let line = format!("line {n} of a message that goes to disk\r\n");
-            spill.append(line.as_bytes()).await.unwrap();
+            spill.append(line.clone().into_bytes()).await.unwrap();
             expected.extend_from_slice(line.as_bytes());
         }
         expected.extend_from_slice(b"the end\r\n");
         let body = spill
-            .finish(b"Received: by us\r\n".to_vec(), b"the end\r\n")
+            .finish(b"Received: by us\r\n".to_vec(), b"the end\r\n".to_vec())
             .await
             .unwrap();
         assert!(body.rest().is_some(), "spilled");

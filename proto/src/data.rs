@@ -105,14 +105,26 @@ impl DataReader {
 
     /// Takes bytes up to and including the terminating `.CRLF`.
     pub fn feed(&mut self, input: &[u8]) -> Progress {
-        for (i, &b) in input.iter().enumerate() {
+        let mut i = 0;
+        while i < input.len() {
             if self.state == State::Done {
                 return Progress {
                     consumed: i,
                     done: true,
                 };
             }
-            self.step(b);
+            // Inside a line, everything up to the next CR, LF or NUL is
+            // plain text: taken in one go rather than byte by byte.
+            if self.state == State::InLine {
+                let run = memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
+                if run > 0 {
+                    self.keep_text(&input[i..i + run]);
+                    i += run;
+                    continue;
+                }
+            }
+            self.step(input[i]);
+            i += 1;
         }
         Progress {
             consumed: input.len(),
@@ -140,6 +152,16 @@ impl DataReader {
     /// [`Self::finish`] returns is then only what came after the last take.
     pub fn take_kept(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.body)
+    }
+
+    /// Takes back the buffer [`Self::take_kept`] handed over, emptied, to
+    /// keep the next bytes in: a message going to disk in pieces then
+    /// reuses one buffer instead of growing a new one for each piece.
+    pub fn reuse(&mut self, mut buffer: Vec<u8>) {
+        if self.body.is_empty() && !self.discarded {
+            buffer.clear();
+            self.body = buffer;
+        }
     }
 
     /// Lets go of the body kept so far and keeps no more; the message is
@@ -234,6 +256,26 @@ impl DataReader {
         State::InLine
     }
 
+    /// What [`Self::step`] does for each byte of `text` inside a line
+    /// when none is CR, LF or NUL, for all of them at once.
+    fn keep_text(&mut self, text: &[u8]) {
+        let start = self.line_len;
+        if start < self.prefix.len() {
+            let n = (self.prefix.len() - start).min(text.len());
+            self.prefix[start..start + n].copy_from_slice(&text[..n]);
+        }
+        self.line_len += text.len();
+        if self.line_len > MAX_DATA_LINE {
+            self.line_too_long = true;
+        }
+        if !self.discarded {
+            let room = self.max_size.saturating_sub(self.size);
+            let kept = (text.len() as u64).min(room) as usize;
+            self.body.extend_from_slice(&text[..kept]);
+        }
+        self.size += text.len() as u64;
+    }
+
     fn end_of_line(&mut self) {
         if self.in_headers {
             if self.line_len == 2 {
@@ -268,6 +310,46 @@ mod tests {
 
     const CHUNKS: &[usize] = &[1, 2, 3, 5, 7, 64, 100_000];
 
+    /// The reader fed one byte at a time through [`DataReader::step`]
+    /// alone: what the fast path of `feed` must agree with.
+    fn by_steps(input: &[u8], max: u64) -> (DataReader, usize) {
+        let mut r = DataReader::new(max);
+        let mut used = 0;
+        for &b in input {
+            if r.is_done() {
+                break;
+            }
+            r.step(b);
+            used += 1;
+        }
+        (r, used)
+    }
+
+    proptest::proptest! {
+        /// Whatever the input and however it is cut, `feed` ends in the
+        /// same state as stepping byte by byte: body, size, flags, line
+        /// length and `Received:` count alike.
+        #[test]
+        fn feeding_runs_of_text_agrees_with_stepping_byte_by_byte(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    &b"a"[..], b"text ", b"\r\n", b"\r", b"\n", b".", b"..", b"\0",
+                    b"Received: x", b"RECEIVED:", b"\r\n.\r\n", b"\r\n\r\n",
+                    &[b'x'; 300][..], &[b'y'; 997][..],
+                ]),
+                0..80,
+            ),
+            chunk in 1usize..200,
+            max in proptest::sample::select(vec![0u64, 10, 1000, 1 << 20]),
+        ) {
+            let input: Vec<u8> = pieces.concat();
+            let (expected, expected_used) = by_steps(&input, max);
+            let (got, used) = run(&input, chunk, max);
+            proptest::prop_assert_eq!(used, expected_used);
+            proptest::prop_assert_eq!(format!("{got:?}"), format!("{expected:?}"));
+        }
+    }
+
     #[test]
     fn what_is_taken_on_the_way_and_what_is_left_make_the_whole_body() {
         let mut input = Vec::new();
@@ -285,8 +367,12 @@ mod tests {
                     break;
                 }
                 if r.kept_len() >= 1000 {
-                    taken.extend_from_slice(&r.take_kept());
+                    let piece = r.take_kept();
+                    taken.extend_from_slice(&piece);
+                    let capacity = piece.capacity();
+                    r.reuse(piece);
                     assert_eq!(r.kept_len(), 0);
+                    assert_eq!(r.body.capacity(), capacity, "the buffer is reused");
                 }
             }
             assert!(

@@ -512,6 +512,15 @@ impl Session {
         }
     }
 
+    /// Gives back the buffer [`Session::take_body_so_far`] handed over,
+    /// once its bytes are on disk, for the next ones (see
+    /// [`crate::data::DataReader::reuse`]).
+    pub fn reuse_body_buffer(&mut self, buffer: Vec<u8>) {
+        if let State::Data(reader) = &mut self.state {
+            reader.reuse(buffer);
+        }
+    }
+
     /// No more memory for the message under way: what it holds is freed,
     /// the rest is read without being kept, and its end is answered with
     /// `452 4.3.1` (so client and server stay in step).
