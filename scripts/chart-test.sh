@@ -104,6 +104,14 @@ check "ServiceMonitor rendered (full)" grep -q '^kind: ServiceMonitor$' "$work/v
 # It scrapes the coordinators too: the leading one shows the shared queue.
 check "ServiceMonitor selects nodes and coordinators, each with a headless admin Service (full)" sh -c \
   "grep -q 'values: \[node, coordinator\]' '$work/values-full.yaml' && grep -q 'name: rel-smarthost-coordinator-admin' '$work/values-full.yaml'"
+# With admin.metricsPort, the probes, the ServiceMonitor and the headless
+# Services use the metrics listener, and the config asks for it.
+check "admin.metricsPort: metrics_listen, probes and ServiceMonitor on port metrics (full)" sh -c \
+  "grep -q '^metrics_listen = \"0.0.0.0:9090\"' '$work/values-full.toml' \
+   && [ \"\$(grep -c 'port: metrics' '$work/values-full.yaml')\" -ge 5 ] \
+   && grep -A1 'path: /metrics' '$work/values-full.yaml' | grep -q 'interval' \
+   && grep -B1 'path: /metrics' '$work/values-full.yaml' | grep -q 'port: metrics' \
+   && ! grep -A2 'readinessProbe' '$work/values-full.yaml' | grep -q 'port: admin'"
 # The HPA's queue metric is one smarthost exports.
 check "HPA scales on smarthost_queue_deliveries{state=ready} (full)" sh -c \
   "grep -A4 'name: smarthost_queue_deliveries' '$work/values-full.yaml' | grep -q 'state: ready'"

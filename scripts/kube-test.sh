@@ -128,12 +128,17 @@ podman kube play --network "$net" "$work/play.yaml" >/dev/null
 nodes=()
 for i in 0 1 2; do
   ip="$(pod_ip "t-node-pod-$i")"
-  wait_for "node $i ready at $ip" 120 curl -sf -m 2 "http://$ip:8025/readyz"
-  curl -sf -m 2 "http://$ip:8025/healthz" | grep -q alive
+  # The probes on the metrics listener (admin.metricsPort 9090).
+  wait_for "node $i ready at $ip" 120 curl -sf -m 2 "http://$ip:9090/readyz"
+  curl -sf -m 2 "http://$ip:9090/healthz" | grep -q alive
   nodes+=("$ip")
 done
 coordinator="$(pod_ip t-coordinator-pod-0)"
-wait_for "coordinator ready" 120 curl -sf -m 2 "http://$coordinator:8025/readyz"
+wait_for "coordinator ready" 120 curl -sf -m 2 "http://$coordinator:9090/readyz"
+# The metrics listener serves no API; the API port does.
+api_status="$(curl -s -o /dev/null -w '%{http_code}' -m 2 "http://$coordinator:9090/api/v1/queue")"
+[ "$api_status" = 404 ] ||
+  { echo "error: the metrics port answered /api/v1/queue with $api_status, not 404" >&2; exit 1; }
 # One leader and all five processes alive in the shared membership.
 cluster_ok() {
   curl -sf -m 2 "http://$coordinator:8025/api/v1/cluster" | "$TOOLS_PY" -c '
@@ -165,13 +170,13 @@ echo "STARTTLS with the chart's certificate: message delivered"
 metrics_ok() {
   local leaders=0 queues=0 page pod
   for pod in t-coordinator-pod-0 t-coordinator-pod-1; do
-    page="$(curl -sf -m 2 "http://$(pod_ip "$pod"):8025/metrics")" || return 1
+    page="$(curl -sf -m 2 "http://$(pod_ip "$pod"):9090/metrics")" || return 1
     if grep -q '^smarthost_coordinator_leader 1$' <<<"$page"; then leaders=$((leaders + 1)); fi
     if grep -q '^smarthost_queue_messages ' <<<"$page"; then queues=$((queues + 1)); fi
   done
   [ "$leaders" = 1 ] && [ "$queues" = 1 ]
 }
 wait_for "one leading coordinator showing the queue at /metrics" 60 metrics_ok
-curl -sf -m 2 "http://${nodes[0]}:8025/metrics" | grep -Eq '^smarthost_messages_received_total [1-9]' ||
+curl -sf -m 2 "http://${nodes[0]}:9090/metrics" | grep -Eq '^smarthost_messages_received_total [1-9]' ||
   { echo "error: node 0's /metrics counts no message received" >&2; exit 1; }
 echo "metrics: one leader shows the queue; node 0 counts what it received"

@@ -50,6 +50,7 @@ config = obj({
         "auth_failure_window": DUR, "auth_address_max_failures": NONNEG,
         "auth_user_max_failures": NONNEG, "auth_block_duration": DUR, "auth_trust_duration": DUR,
         "postmaster": NESTR, "max_body_memory": SIZE, "body_memory_wait": DUR,
+        "body_spill_threshold": SIZE, "body_spill_dir": NESTR,
         "users": {"type": "array", "items": obj(
             {"name": NESTR, "password_hash": {"type": "string", "pattern": r"^\$argon2"}},
             ["name", "password_hash"])},
@@ -81,7 +82,7 @@ config = obj({
     }),
     "admin": obj({"operators": {"type": "array", "items": obj(
         {"name": NESTR, "token_hash": {"type": "string", "pattern": r"^\$argon2"},
-         "role": {"type": "string", "enum": ["admin", "viewer"]}},
+         "role": {"type": "string", "enum": ["admin", "operator", "viewer"]}},
         ["name", "token_hash", "role"])},
         "max_token_checks": POS, "token_max_failures": NONNEG, "token_block_duration": DUR}),
     "log": obj({"format": {"type": "string", "enum": ["text", "json"]}, "level": NESTR,
@@ -117,7 +118,9 @@ schema = obj({
         "externalTrafficPolicyLocal": BOOL,
         "loadBalancerSourceRanges": {"type": "array", "items": NET},
         "annotations": {"type": "object"}})}),
-    "admin": obj({"containerPort": PORT, "service": obj({"port": PORT})}),
+    "admin": obj({"containerPort": PORT,
+                  "metricsPort": {"type": "integer", "minimum": 0, "maximum": 65535},
+                  "service": obj({"port": PORT})}),
     "preStopSeconds": NONNEG,
     "dataSizeLimit": {"type": "string"},
     "node": component(),
@@ -130,7 +133,8 @@ schema = obj({
         "queueDepth": obj({"enabled": BOOL, "metricName": NESTR, "selector": {"type": "object"},
                            "targetPerPod": {"type": ["string", "integer"]}})}),
     "serviceMonitor": obj({"enabled": BOOL, "interval": STR, "labels": {"type": "object"}}),
-    "networkPolicy": obj({"enabled": BOOL, "smtpFrom": {"type": "array", "items": NET}}),
+    "networkPolicy": obj({"enabled": BOOL, "smtpFrom": {"type": "array", "items": NET},
+                          "metricsFrom": {"type": "array", "items": {"type": "object"}}}),
     "redis": obj({
         "external": obj({"url": STR, "cluster": BOOL, "existingSecret": nullable(
             obj({"name": K8S_NAME, "key": NESTR}, ["name", "key"]))}),

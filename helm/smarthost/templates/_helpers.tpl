@@ -91,6 +91,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := set $delivery "log_file" "/var/lib/smarthost/delivery.log" -}}
 {{- $admin := $c.admin | default dict -}}
 {{- $_ := set $admin "listen" (printf "0.0.0.0:%d" (int .Values.admin.containerPort)) -}}
+{{- if gt (int .Values.admin.metricsPort) 0 }}{{ $_ := set $admin "metrics_listen" (printf "0.0.0.0:%d" (int .Values.admin.metricsPort)) }}{{ end -}}
 # smarthost.toml rendered by the Helm chart from .Values.config;
 # every key is described in docs/configuration.md.
 {{- if .Values.credentials.existingSecret }}
@@ -139,3 +140,8 @@ key = "/etc/smarthost/tls/tls.key"
 [log]
 {{- include "smarthost.tomlKeys" (dict "table" ($c.log | default dict)) }}
 {{ end -}}
+
+{{/* The container port of the probes and /metrics: the metrics listener when there is one. */}}
+{{- define "smarthost.metricsPortName" -}}
+{{- if gt (int .Values.admin.metricsPort) 0 }}metrics{{ else }}admin{{ end -}}
+{{- end -}}

@@ -76,16 +76,21 @@ containers:
       - name: admin
         containerPort: {{ $v.admin.containerPort }}
         protocol: TCP
+      {{- if gt (int $v.admin.metricsPort) 0 }}
+      - name: metrics
+        containerPort: {{ $v.admin.metricsPort }}
+        protocol: TCP
+      {{- end }}
     readinessProbe:
       httpGet:
         path: /readyz
-        port: admin
+        port: {{ include "smarthost.metricsPortName" $root }}
       periodSeconds: 5
       failureThreshold: 1
     livenessProbe:
       httpGet:
         path: /healthz
-        port: admin
+        port: {{ include "smarthost.metricsPortName" $root }}
       initialDelaySeconds: 10
       periodSeconds: 10
       failureThreshold: 3
