@@ -54,9 +54,9 @@ use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusa
 use crate::config::check_domain_name;
 use crate::metrics::Scrape;
 use crate::queue::{
-    DeleteMessage, Deleted, DomainMessages, ListMessages, Listing, MessagePage, MessageView,
-    PageCursor, QueueStats, ReplayQuarantined, Replayed, RetryIn, RetryMessage, ShowMessage, Stats,
-    Suspend, LISTED_STATES,
+    DeleteMessage, Deleted, Index, IndexedMessages, ListMessages, Listing, MessagePage,
+    MessageView, PageCursor, QueueStats, ReplayQuarantined, Replayed, RetryIn, RetryMessage,
+    ShowMessage, Stats, Suspend, LISTED_STATES,
 };
 use crate::sessions::{Board, SessionView, Sessions};
 use crate::spool::{Quarantined, Spool, SpoolError};
@@ -76,7 +76,7 @@ pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_m
 pub struct MessageQueue {
     pub replay: Recipient<ReplayQuarantined>,
     pub list: Recipient<ListMessages>,
-    pub domain_ids: Recipient<DomainMessages>,
+    pub indexed_ids: Recipient<IndexedMessages>,
     pub show: Recipient<ShowMessage>,
     pub retry: Recipient<RetryMessage>,
     pub retry_in: Recipient<RetryIn>,
@@ -558,6 +558,7 @@ pub const MAX_PAGE: usize = 1000;
 #[derive(Debug, Deserialize)]
 struct ListQuery {
     domain: Option<String>,
+    sender: Option<String>,
     state: Option<String>,
     cursor: Option<String>,
     limit: Option<usize>,
@@ -570,6 +571,11 @@ impl ListQuery {
             None | Some("") => None,
             Some(domain) => Some(check_domain_name(domain).map_err(ApiError::BadDomain)?),
         };
+        let sender = match self.sender.as_deref() {
+            None | Some("") => None,
+            Some(sender) => Some(sender_filter(sender)?),
+        };
+        let indexed = domain.is_some() || sender.is_some();
         let state = match self.state {
             Some(state) if !LISTED_STATES.contains(&state.as_str()) => {
                 return Err(ApiError::BadQuery(format!(
@@ -582,10 +588,10 @@ impl ListQuery {
         };
         let after = match self.cursor.as_deref() {
             None | Some("") => None,
-            Some(token) => Some(PageCursor::parse(token, domain.is_some()).ok_or_else(|| {
+            Some(token) => Some(PageCursor::parse(token, indexed).ok_or_else(|| {
                 ApiError::BadQuery(format!(
                     "cursor={:?} is not a cursor of this listing (pass next_cursor back as it \
-                     came, with the same domain)",
+                     came, with the same domain and sender)",
                     cut(token)
                 ))
             })?),
@@ -599,6 +605,7 @@ impl ListQuery {
         Ok((
             Listing {
                 domain,
+                sender,
                 state,
                 after,
             },
@@ -716,40 +723,73 @@ async fn retry(
     }))
 }
 
-/// The query of a retry or delete by domain: one page of the domain's
+/// `sender=` of a listing: an address (with or without its angle
+/// brackets), or `<>` for the null reverse path; as the listing indexes it.
+fn sender_filter(value: &str) -> Result<String, ApiError> {
+    let path = if value.starts_with('<') {
+        value.to_string()
+    } else {
+        format!("<{value}>")
+    };
+    match smarthost_proto::address::parse_reverse_path(&path) {
+        Ok(sender) => Ok(smarthost_proto::envelope::sender_key(
+            sender.as_ref().map(|p| &p.mailbox),
+        )),
+        Err(error) => Err(ApiError::BadQuery(format!(
+            "sender={:?}: {error}",
+            cut(value)
+        ))),
+    }
+}
+
+/// The query of a retry or delete by domain or sender: one page of its
 /// listing per call.
 #[derive(Debug, Deserialize)]
 struct BulkQuery {
     domain: Option<String>,
+    sender: Option<String>,
     notify: Option<String>,
     cursor: Option<String>,
     limit: Option<usize>,
 }
 
 impl BulkQuery {
-    /// The page of the domain's listing to work on, and whether to notify.
-    fn page(self) -> Result<(DomainMessages, bool), ApiError> {
+    /// The page of the domain's or the sender's listing to work on, and
+    /// whether to notify.
+    fn page(self) -> Result<(IndexedMessages, bool), ApiError> {
         let notify = notify(self.notify.as_deref())?;
         let (listing, limit) = ListQuery {
             domain: self.domain,
+            sender: self.sender,
             state: None,
             cursor: self.cursor,
             limit: self.limit,
         }
         .listing()?;
-        let Some(domain) = listing.domain else {
-            return Err(ApiError::BadQuery(
-                "domain= is required: a retry or delete of many messages works on one domain"
-                    .into(),
-            ));
-        };
+        let index =
+            match (listing.domain, listing.sender) {
+                (Some(domain), None) => Index::Domain(domain),
+                (None, Some(sender)) => Index::Sender(sender),
+                (Some(_), Some(_)) => return Err(ApiError::BadQuery(
+                    "domain= and sender= together: a retry or delete of many messages works on \
+                     one domain or one sender"
+                        .into(),
+                )),
+                (None, None) => {
+                    return Err(ApiError::BadQuery(
+                        "domain= or sender= is required: a retry or delete of many messages works \
+                     on one domain or one sender"
+                            .into(),
+                    ))
+                }
+            };
         let after = match listing.after {
-            Some(PageCursor::Domain(id)) => Some(id),
+            Some(PageCursor::Indexed(id)) => Some(id),
             _ => None,
         };
         Ok((
-            DomainMessages {
-                domain,
+            IndexedMessages {
+                index,
                 after,
                 limit,
             },
@@ -767,29 +807,41 @@ fn notify(value: Option<&str>) -> Result<bool, ApiError> {
     }
 }
 
-/// The ids of one page of the domain's listing (the schedule's index;
-/// no record is read), and the cursor of the next page.
-async fn domain_page(
+/// The ids of one page of the domain's or sender's listing (the
+/// schedule's index; no record is read), and the cursor of the next page.
+async fn indexed_page(
     queue: &MessageQueue,
-    page: DomainMessages,
+    page: IndexedMessages,
 ) -> Result<(Vec<MessageId>, Option<String>), ApiError> {
     let limit = page.limit;
-    let ids = answered(queue.domain_ids.send(page).await)?;
+    let ids = answered(queue.indexed_ids.send(page).await)?;
     let next = (ids.len() == limit)
-        .then(|| ids.last().map(|id| PageCursor::Domain(id.clone()).token()))
+        .then(|| ids.last().map(|id| PageCursor::Indexed(id.clone()).token()))
         .flatten();
     Ok((ids, next))
 }
 
-/// The body of a retry by domain: what one page did.
+/// The domain or sender a bulk answer is about.
+fn index_fields(index: &Index) -> (Option<String>, Option<String>) {
+    match index {
+        Index::Domain(domain) => (Some(domain.clone()), None),
+        Index::Sender(sender) => (None, Some(sender.clone())),
+    }
+}
+
+/// The body of a retry by domain or sender: what one page did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BulkRetried {
-    pub domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
     /// Messages of the page looked at.
     pub examined: usize,
-    /// Deferred deliveries to the domain made due now.
+    /// Deferred deliveries made due now: to the domain, or (by sender) to
+    /// any of the messages' domains.
     pub deliveries: usize,
-    /// The next page's cursor; `null`: the domain's listing is done.
+    /// The next page's cursor; `null`: the listing is done.
     pub next_cursor: Option<String>,
 }
 
@@ -800,49 +852,68 @@ async fn retry_messages(
 ) -> Result<web::Json<BulkRetried>, ApiError> {
     let operator = authorize(&env, &request, Access::Write).await?;
     let (page, _) = query.into_inner().page()?;
-    let domain = page.domain.clone();
+    let index = page.index.clone();
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    let (ids, next_cursor) = domain_page(queue, page).await?;
+    let (ids, next_cursor) = indexed_page(queue, page).await?;
     let examined = ids.len();
-    let retry = RetryIn {
-        domain: domain.clone(),
-        ids,
+    let deliveries = match &index {
+        Index::Domain(domain) => {
+            let retry = RetryIn {
+                domain: domain.clone(),
+                ids,
+            };
+            answered(queue.retry_in.send(retry).await)?
+        }
+        Index::Sender(_) => {
+            let mut deliveries = 0;
+            for id in ids {
+                // `None`: done since it was listed.
+                deliveries += answered(queue.retry.send(RetryMessage(id)).await)?.unwrap_or(0);
+            }
+            deliveries
+        }
     };
-    let deliveries = answered(queue.retry_in.send(retry).await)?;
+    let (domain, sender) = index_fields(&index);
     tracing::info!(
         operator = who(&operator),
-        %domain,
+        domain = domain.as_deref(),
+        sender = sender.as_deref(),
         examined,
         deliveries,
-        "admin API: domain retried"
+        "admin API: messages retried"
     );
     Ok(web::Json(BulkRetried {
         domain,
+        sender,
         examined,
         deliveries,
         next_cursor,
     }))
 }
 
-/// The body of a delete by domain: what one page did.
+/// The body of a delete by domain or sender: what one page did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BulkDeleted {
-    pub domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
     /// Messages of the page looked at.
     pub examined: usize,
-    /// Recipients at the domain failed now.
+    /// Recipients failed now: at the domain, or (by sender) all of the
+    /// messages' pending ones.
     pub recipients: usize,
-    /// Deliveries to the domain left to the attempt under way.
+    /// Deliveries left to the attempt under way.
     pub in_flight: usize,
     /// Whether the senders get reports of the deleted recipients.
     pub notified: bool,
-    /// The next page's cursor; `null`: the domain's listing is done.
+    /// The next page's cursor; `null`: the listing is done.
     pub next_cursor: Option<String>,
 }
 
-/// Fails the domain's deliveries of one page of its messages, each like
-/// `DELETE /messages/{id}` restricted to that domain: a message's other
-/// domains are left as they are.
+/// Fails the pending deliveries of one page of messages, each like
+/// `DELETE /messages/{id}`: by domain restricted to that domain (a
+/// message's other domains are left as they are), by sender whole.
 async fn delete_messages(
     request: HttpRequest,
     query: web::Query<BulkQuery>,
@@ -850,11 +921,13 @@ async fn delete_messages(
 ) -> Result<web::Json<BulkDeleted>, ApiError> {
     let operator = authorize(&env, &request, Access::Write).await?;
     let (page, notify) = query.into_inner().page()?;
-    let domain = page.domain.clone();
+    let index = page.index.clone();
     let queue = env.messages.as_ref().ok_or(ApiError::QueueGone)?;
-    let (ids, next_cursor) = domain_page(queue, page).await?;
+    let (ids, next_cursor) = indexed_page(queue, page).await?;
+    let (domain, sender) = index_fields(&index);
     let mut deleted = BulkDeleted {
         domain: domain.clone(),
+        sender: sender.clone(),
         examined: ids.len(),
         recipients: 0,
         in_flight: 0,
@@ -865,7 +938,7 @@ async fn delete_messages(
         let message = DeleteMessage {
             id,
             notify,
-            only: Some(domain.clone()),
+            only: domain.clone(),
         };
         // `None`: done since it was listed.
         if let Some(one) = answered(queue.delete.send(message).await)? {
@@ -875,12 +948,13 @@ async fn delete_messages(
     }
     tracing::info!(
         operator = who(&operator),
-        %domain,
+        domain = domain.as_deref(),
+        sender = sender.as_deref(),
         examined = deleted.examined,
         recipients = deleted.recipients,
         in_flight = deleted.in_flight,
         notify,
-        "admin API: domain's messages deleted"
+        "admin API: messages deleted"
     );
     Ok(web::Json(deleted))
 }

@@ -17,6 +17,19 @@ use crate::spool::Quarantined;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Which messages a listing or a bulk call is about.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Filter<'a> {
+    pub domain: Option<&'a str>,
+    pub sender: Option<&'a str>,
+}
+
+impl Filter<'_> {
+    fn query(&self) -> Vec<(&str, Option<&str>)> {
+        vec![("domain", self.domain), ("sender", self.sender)]
+    }
+}
+
 /// Why a call did not give an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -54,25 +67,42 @@ impl AdminClient {
         self.call(self.http.get(self.url("/queue"))).await
     }
 
-    /// One page of the queued messages, of `domain` (the routing form) or
-    /// of all, with a delivery in `state` if given, after `cursor`.
+    /// One page of the queued messages, of `domain` (the routing form),
+    /// of `sender`, or of all, with a delivery in `state` if given, after
+    /// `cursor`.
     pub async fn messages(
         &self,
-        domain: Option<&str>,
+        filter: &Filter<'_>,
         state: Option<&str>,
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<MessagePage, ClientError> {
-        // Domains, states and cursors need no escaping: the first is
-        // checked to the routing form, the others are fixed words and
-        // digits.
-        let mut path = format!("/messages?limit={limit}");
-        for (name, value) in [("domain", domain), ("state", state), ("cursor", cursor)] {
-            if let Some(value) = value {
-                path.push_str(&format!("&{name}={value}"));
-            }
-        }
-        self.call(self.http.get(self.url(&path))).await
+        let limit = limit.to_string();
+        let mut query = filter.query();
+        query.extend([
+            ("state", state),
+            ("cursor", cursor),
+            ("limit", Some(&limit)),
+        ]);
+        let request = self.with_query(self.http.get(self.url("/messages")), &query)?;
+        self.call(request).await
+    }
+
+    /// `request` with the given parameters as its query, escaped.
+    fn with_query(
+        &self,
+        request: awc::ClientRequest,
+        params: &[(&str, Option<&str>)],
+    ) -> Result<awc::ClientRequest, ClientError> {
+        let given: Vec<(&str, &str)> = params
+            .iter()
+            .filter_map(|(name, value)| value.map(|v| (*name, v)))
+            .collect();
+        let url = request.get_uri().to_string();
+        request.query(&given).map_err(|e| ClientError::Body {
+            url,
+            reason: format!("cannot encode the query: {e}"),
+        })
     }
 
     /// One queued message; a message not in the queue is `HTTP 404`.
@@ -94,35 +124,40 @@ impl AdminClient {
         self.call(self.http.delete(self.url(&path))).await
     }
 
-    /// One page of a retry of `domain` (in its routing form, which needs
-    /// no escaping), from `cursor`.
-    pub async fn retry_domain(
+    /// One page of a retry of a domain's or a sender's messages, from
+    /// `cursor`.
+    pub async fn retry_many(
         &self,
-        domain: &str,
+        filter: &Filter<'_>,
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<BulkRetried, ClientError> {
-        let mut path = format!("/messages/retry?domain={domain}&limit={limit}");
-        if let Some(cursor) = cursor {
-            path.push_str(&format!("&cursor={cursor}"));
-        }
-        self.call(self.http.post(self.url(&path))).await
+        let limit = limit.to_string();
+        let mut query = filter.query();
+        query.extend([("cursor", cursor), ("limit", Some(&limit))]);
+        let request = self.with_query(self.http.post(self.url("/messages/retry")), &query)?;
+        self.call(request).await
     }
 
-    /// One page of a delete of `domain`'s deliveries, from `cursor`.
-    pub async fn delete_domain(
+    /// One page of a delete of a domain's deliveries or a sender's
+    /// messages, from `cursor`.
+    pub async fn delete_many(
         &self,
-        domain: &str,
+        filter: &Filter<'_>,
         notify: bool,
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<BulkDeleted, ClientError> {
         let notify = if notify { "bounce" } else { "silent" };
-        let mut path = format!("/messages?domain={domain}&notify={notify}&limit={limit}");
-        if let Some(cursor) = cursor {
-            path.push_str(&format!("&cursor={cursor}"));
-        }
-        self.call(self.http.delete(self.url(&path))).await
+        let limit = limit.to_string();
+        let mut query = filter.query();
+        query.extend([
+            ("notify", Some(notify)),
+            ("cursor", cursor),
+            ("limit", Some(&limit)),
+        ]);
+        let request = self.with_query(self.http.delete(self.url("/messages")), &query)?;
+        self.call(request).await
     }
 
     /// The live SMTP sessions.

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::admin::ClusterView;
-use crate::admin_client::{AdminClient, ClientError};
+use crate::admin_client::{AdminClient, ClientError, Filter};
 use crate::config::{Config, ConfigError};
 use crate::queue::{Deleted, MessageView, QueueStats};
 use crate::server::Role;
@@ -79,27 +79,31 @@ enum Command {
     },
 }
 
-/// What a retry or a delete works on: one message, or every message with
-/// a delivery to a domain.
+/// What a retry or a delete works on: one message, every message with a
+/// delivery to a domain, or every message of a sender.
 #[derive(Debug, clap::Args)]
 struct Target {
     /// The queue id (`queued as …` in the reply to the message).
     #[arg(
         value_name = "ID",
-        required_unless_present = "domain",
-        conflicts_with = "domain"
+        required_unless_present_any = ["domain", "sender"],
+        conflicts_with_all = ["domain", "sender"]
     )]
     id: Option<String>,
     /// Every message with a delivery to this domain, a page at a time,
     /// with progress on stderr.
-    #[arg(long, value_name = "DOMAIN")]
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "sender")]
     domain: Option<String>,
-    /// Messages per page with --domain.
+    /// Every message of this sender (`<>` for bounces), a page at a time,
+    /// with progress on stderr.
+    #[arg(long, value_name = "ADDRESS")]
+    sender: Option<String>,
+    /// Messages per page with --domain or --sender.
     #[arg(long, value_name = "N", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch: u64,
-    /// The answer of the admin API, as JSON (with --domain: each page's,
-    /// one per line).
+    /// The answer of the admin API, as JSON (with --domain or --sender:
+    /// each page's, one per line).
     #[arg(long)]
     json: bool,
 }
@@ -118,6 +122,9 @@ enum QueueAction {
         /// Only messages with a delivery pending in this domain.
         #[arg(long, value_name = "DOMAIN")]
         domain: Option<String>,
+        /// Only messages of this sender (`<>` for bounces).
+        #[arg(long, value_name = "ADDRESS")]
+        sender: Option<String>,
         /// Only messages with a delivery (in --domain, if given) in this
         /// state.
         #[arg(long, value_parser = crate::queue::LISTED_STATES)]
@@ -266,6 +273,7 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
         }
         QueueAction::List {
             domain,
+            sender,
             state,
             limit,
             json,
@@ -283,8 +291,12 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                 let stdout = std::io::stdout();
                 while left > 0 {
                     let size = left.min(crate::admin::MAX_PAGE);
+                    let filter = Filter {
+                        domain: domain.as_deref(),
+                        sender: sender.as_deref(),
+                    };
                     let page = client
-                        .messages(domain.as_deref(), state.as_deref(), cursor.as_deref(), size)
+                        .messages(&filter, state.as_deref(), cursor.as_deref(), size)
                         .await?;
                     // Printed page by page: a long queue is never held whole.
                     let mut out = stdout.lock();
@@ -321,28 +333,33 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
         QueueAction::Retry {
             target:
                 Target {
-                    domain: Some(domain),
+                    id: None,
+                    domain,
+                    sender,
                     batch,
                     json,
-                    ..
                 },
         } => {
-            let Some(domain) = routing_form(&domain) else {
+            let Some((label, domain)) = bulk_target(domain, sender.as_deref()) else {
                 return ExitCode::from(2);
             };
             let result = actix::System::new().block_on(async move {
                 let client = AdminClient::new(listen, token);
+                let filter = Filter {
+                    domain: domain.as_deref(),
+                    sender: sender.as_deref(),
+                };
                 let (mut examined, mut deliveries) = (0, 0);
                 let mut cursor: Option<String> = None;
                 loop {
                     let page = client
-                        .retry_domain(&domain, cursor.as_deref(), batch as usize)
+                        .retry_many(&filter, cursor.as_deref(), batch as usize)
                         .await?;
                     json_line(json, &page);
                     examined += page.examined;
                     deliveries += page.deliveries;
                     eprintln!(
-                        "{domain}: {examined} messages looked at, {deliveries} deferred deliveries due now"
+                        "{label}: {examined} messages looked at, {deliveries} deferred deliveries due now"
                     );
                     match page.next_cursor {
                         Some(next) => cursor = Some(next),
@@ -352,8 +369,13 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                 if json {
                     return Ok(String::new());
                 }
+                let of = if filter.domain.is_some() {
+                    "for the domain"
+                } else {
+                    "from the sender"
+                };
                 Ok::<_, ClientError>(format!(
-                    "{domain}: {} due now, of {} queued for the domain\n",
+                    "{label}: {} due now, of {} queued {of}\n",
                     plural(deliveries, "deferred delivery", "deferred deliveries"),
                     plural(examined, "message", "messages"),
                 ))
@@ -363,30 +385,35 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
         QueueAction::Delete {
             target:
                 Target {
-                    domain: Some(domain),
+                    id: None,
+                    domain,
+                    sender,
                     batch,
                     json,
-                    ..
                 },
             silent,
         } => {
-            let Some(domain) = routing_form(&domain) else {
+            let Some((label, domain)) = bulk_target(domain, sender.as_deref()) else {
                 return ExitCode::from(2);
             };
             let result = actix::System::new().block_on(async move {
                 let client = AdminClient::new(listen, token);
+                let filter = Filter {
+                    domain: domain.as_deref(),
+                    sender: sender.as_deref(),
+                };
                 let (mut examined, mut recipients, mut in_flight) = (0, 0, 0);
                 let mut cursor: Option<String> = None;
                 loop {
                     let page = client
-                        .delete_domain(&domain, !silent, cursor.as_deref(), batch as usize)
+                        .delete_many(&filter, !silent, cursor.as_deref(), batch as usize)
                         .await?;
                     json_line(json, &page);
                     examined += page.examined;
                     recipients += page.recipients;
                     in_flight += page.in_flight;
                     eprintln!(
-                        "{domain}: {examined} messages looked at, {recipients} recipients deleted"
+                        "{label}: {examined} messages looked at, {recipients} recipients deleted"
                     );
                     match page.next_cursor {
                         Some(next) => cursor = Some(next),
@@ -397,7 +424,7 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                     return Ok(String::new());
                 }
                 let mut out = format!(
-                    "{domain}: {} deleted from {}{}",
+                    "{label}: {} deleted from {}{}",
                     plural(recipients, "recipient", "recipients"),
                     plural(examined, "message", "messages"),
                     if silent {
@@ -502,9 +529,6 @@ fn queue(path: Option<&Path>, token: Option<String>, action: QueueAction) -> Exi
                 Ok::<_, ClientError>(json_or(json, &listed, |l: &Vec<_>| format_quarantine(l)))
             });
             return print_result(result);
-        }
-        QueueAction::Retry { .. } | QueueAction::Delete { .. } => {
-            unreachable!("clap asks for an id or --domain")
         }
         QueueAction::Suspend { domain, json } => (domain, true, json),
         QueueAction::Resume { domain, json } => (domain, false, json),
@@ -690,6 +714,21 @@ fn routing_form(domain: &str) -> Option<String> {
             eprintln!("error: {why}");
             None
         }
+    }
+}
+
+/// What a bulk retry or delete works on: its name for the progress lines,
+/// and the domain in its routing form (`None`: by sender). `None` after
+/// an error message when the domain is not one.
+fn bulk_target(domain: Option<String>, sender: Option<&str>) -> Option<(String, Option<String>)> {
+    match (domain, sender) {
+        (Some(domain), _) => {
+            let domain = routing_form(&domain)?;
+            Some((domain.clone(), Some(domain)))
+        }
+        (None, Some(sender)) => Some((sender.to_string(), None)),
+        // Clap asks for an id, a domain or a sender.
+        (None, None) => None,
     }
 }
 

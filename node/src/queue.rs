@@ -111,13 +111,22 @@ pub const DELETED: &str = "deleted from the queue by an operator";
 #[rtype(result = "Result<Option<usize>, SpoolError>")]
 pub struct RetryMessage(pub MessageId);
 
-/// Up to `limit` messages with a delivery pending in `domain`, in id
-/// order after `after`: one page of the domain's listing, ids only
-/// ([`Schedule::domain_messages`]).
+/// An index of the schedule that lists messages by id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Index {
+    /// The messages with a delivery pending in a domain
+    /// ([`Schedule::domain_messages`]).
+    Domain(String),
+    /// The pending messages of a sender ([`Schedule::sender_messages`]).
+    Sender(String),
+}
+
+/// Up to `limit` messages of `index`, in id order after `after`: one page
+/// of its listing, ids only.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<MessageId>, SpoolError>")]
-pub struct DomainMessages {
-    pub domain: String,
+pub struct IndexedMessages {
+    pub index: Index,
     pub after: Option<MessageId>,
     pub limit: usize,
 }
@@ -1293,15 +1302,22 @@ impl Handler<ListMessages> for Queue {
         let (schedule, spool) = (self.schedule.clone(), self.spool.clone());
         Box::pin(async move {
             let ListMessages { listing, limit } = msg;
-            let (ids, next) = match (&listing.domain, &listing.after) {
-                (Some(domain), after) => {
+            let (ids, next) = match (listing.index(), &listing.after) {
+                (Some(index), after) => {
                     let after = match after {
-                        Some(PageCursor::Domain(id)) => Some(id),
+                        Some(PageCursor::Indexed(id)) => Some(id),
                         _ => None,
                     };
-                    let ids = schedule.domain_messages(domain, after, limit).await?;
+                    let ids = match &index {
+                        Index::Domain(domain) => {
+                            schedule.domain_messages(domain, after, limit).await?
+                        }
+                        Index::Sender(sender) => {
+                            schedule.sender_messages(sender, after, limit).await?
+                        }
+                    };
                     let next = (ids.len() == limit)
-                        .then(|| ids.last().cloned().map(PageCursor::Domain))
+                        .then(|| ids.last().cloned().map(PageCursor::Indexed))
                         .flatten();
                     (ids, next)
                 }
@@ -1478,15 +1494,17 @@ impl Handler<ReplayQuarantined> for Queue {
     }
 }
 
-impl Handler<DomainMessages> for Queue {
+impl Handler<IndexedMessages> for Queue {
     type Result = ResponseFuture<Result<Vec<MessageId>, SpoolError>>;
 
-    fn handle(&mut self, msg: DomainMessages, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: IndexedMessages, _: &mut Context<Self>) -> Self::Result {
         let schedule = self.schedule.clone();
         Box::pin(async move {
-            schedule
-                .domain_messages(&msg.domain, msg.after.as_ref(), msg.limit)
-                .await
+            let after = msg.after.as_ref();
+            match &msg.index {
+                Index::Domain(domain) => schedule.domain_messages(domain, after, msg.limit).await,
+                Index::Sender(sender) => schedule.sender_messages(sender, after, msg.limit).await,
+            }
         })
     }
 }

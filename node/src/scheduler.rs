@@ -245,6 +245,9 @@ pub struct Scheduler {
     /// The messages with a delivery pending in each domain, by id (which
     /// starts with the receive time): the domain's count, and its listing.
     by_domain: HashMap<String, BTreeSet<MessageId>>,
+    /// The pending messages of each sender (`Envelope::sender_key`), by
+    /// id: the sender's listing.
+    by_sender: HashMap<String, BTreeSet<MessageId>>,
 }
 
 /// The deliveries of one message an operator took ([`Scheduler::take_message`]).
@@ -307,6 +310,10 @@ impl Scheduler {
             }
         }
         self.by_age.insert((record.received_ms, record.id.clone()));
+        self.by_sender
+            .entry(record.envelope.sender_key())
+            .or_default()
+            .insert(record.id.clone());
         self.records.insert(record.id.clone(), record);
         ready
     }
@@ -577,6 +584,13 @@ impl Scheduler {
         if completion.message_done() {
             if let Some(old) = self.records.remove(id) {
                 self.by_age.remove(&(old.received_ms, id.clone()));
+                let sender = old.envelope.sender_key();
+                if let Some(ids) = self.by_sender.get_mut(&sender) {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        self.by_sender.remove(&sender);
+                    }
+                }
             }
             return;
         }
@@ -603,6 +617,22 @@ impl Scheduler {
     ) -> Vec<MessageId> {
         use std::ops::Bound::{Excluded, Unbounded};
         let Some(ids) = self.by_domain.get(domain) else {
+            return Vec::new();
+        };
+        let from = after.map_or(Unbounded, Excluded);
+        ids.range((from, Unbounded)).take(limit).cloned().collect()
+    }
+
+    /// Up to `limit` pending messages of `sender` (`Envelope::sender_key`)
+    /// in id (so receive) order, after `after`: a page of its listing.
+    pub fn sender_messages(
+        &self,
+        sender: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Vec<MessageId> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let Some(ids) = self.by_sender.get(sender) else {
             return Vec::new();
         };
         let from = after.map_or(Unbounded, Excluded);

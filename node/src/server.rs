@@ -450,7 +450,7 @@ fn start_admin(
     .with_messages(admin::MessageQueue {
         replay: queue.clone().recipient(),
         list: queue.clone().recipient(),
-        domain_ids: queue.clone().recipient(),
+        indexed_ids: queue.clone().recipient(),
         show: queue.clone().recipient(),
         retry: queue.clone().recipient(),
         retry_in: queue.clone().recipient(),

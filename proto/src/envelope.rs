@@ -100,6 +100,19 @@ pub struct Envelope {
     pub envid: Option<String>,
 }
 
+impl Envelope {
+    /// The sender as the queue's listings know it ([`sender_key`]).
+    pub fn sender_key(&self) -> String {
+        sender_key(self.sender.as_ref())
+    }
+}
+
+/// A sender as the queue's listings index it: the address as parsed
+/// (domain in its routing form), or `<>` for the null reverse path.
+pub fn sender_key(sender: Option<&Mailbox>) -> String {
+    sender.map_or_else(|| "<>".to_string(), ToString::to_string)
+}
+
 /// Who handed the message to us.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientInfo {

@@ -872,7 +872,7 @@ fn a_domain_is_retried_and_deleted_a_page_at_a_time(env: &[(&str, &str)]) {
         unfiltered.json()["error"]
             .as_str()
             .unwrap()
-            .contains("domain= is required"),
+            .contains("domain= or sender= is required"),
         "{unfiltered:?}"
     );
 
@@ -959,6 +959,131 @@ fn a_domain_is_retried_and_deleted_a_page_at_a_time_on_the_local_spool() {
 #[test]
 fn a_domain_is_retried_and_deleted_a_page_at_a_time_on_redis() {
     on_redis(a_domain_is_retried_and_deleted_a_page_at_a_time);
+}
+
+/// The messages of one sender are listed, retried and deleted a page at
+/// a time (`?sender=`, `queue list|retry|delete --sender`), the address
+/// matched with its domain in any case; the other sender's stay.
+fn a_sender_is_listed_retried_and_deleted_a_page_at_a_time(env: &[(&str, &str)]) {
+    // Each recipient is refused once, then taken.
+    let script: serde_json::Map<String, serde_json::Value> = (0..5)
+        .map(|n| (format!("x{n}@later.test"), serde_json::json!([451, 250])))
+        .collect();
+    let sink = Sink::start(SinkOptions::default().script(serde_json::json!({ "rcpt": script })));
+    let mut env = env.to_vec();
+    env.push(("SMARTHOST__QUEUE__RETRY_INTERVALS", "1h"));
+    let relay = Relay::start_with_env(
+        "",
+        &format!(
+            "[[domains]]\nname = \"later.test\"\nsmart_host = \"{}\"\n",
+            sink.smart_host()
+        ),
+        &env,
+    );
+    let admin = relay.admin_addr();
+    let mut alice = Vec::new();
+    let mut bob = Vec::new();
+    for n in 0..5 {
+        let from = if n < 3 {
+            "alice@app.test"
+        } else {
+            "Bob@App.Test"
+        };
+        let (mut c, _) = Client::connect(relay.smtp);
+        c.expect("EHLO app.example", 250);
+        let reply = c.send_message(
+            from,
+            &[&format!("x{n}@later.test")],
+            &format!("Subject: from {from} {n}\r\n\r\nHello.\r\n"),
+        );
+        let id = queued_id(&reply);
+        if n < 3 {
+            alice.push(id)
+        } else {
+            bob.push(id)
+        }
+        c.expect("QUIT", 221);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http::get(admin, "/api/v1/queue", None).json()["deferred"] != 5 {
+        assert!(Instant::now() < deadline, "never all deferred");
+        std::thread::sleep(POLL);
+    }
+    alice.sort();
+    bob.sort();
+    let pages = list_pages(&relay, "sender=alice@app.test&limit=2");
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1]);
+    assert_eq!(pages.concat(), alice);
+    assert_eq!(list_pages(&relay, "sender=Bob@APP.TEST").concat(), bob);
+    assert_eq!(
+        list_pages(&relay, "sender=%3CBob@app.test%3E").concat(),
+        bob
+    );
+    assert!(
+        list_pages(&relay, "sender=bob@app.test").is_empty(),
+        "local parts keep their case"
+    );
+    assert_eq!(
+        list_pages(&relay, "sender=alice@app.test&domain=later.test").concat(),
+        alice
+    );
+    let bad = http::get(admin, "/api/v1/messages?sender=no-domain", None);
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert!(
+        bad.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("sender=\"no-domain\""),
+        "{bad:?}"
+    );
+    let both = http::post(
+        admin,
+        "/api/v1/messages/retry?sender=alice@app.test&domain=later.test",
+        None,
+    );
+    assert_eq!(both.status, 400, "{both:?}");
+
+    let run = |args: &[&str]| {
+        let mut all = vec!["queue"];
+        all.extend_from_slice(args);
+        let output = relay.cli(&all, &[]);
+        assert!(output.status.success(), "{}", text(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let listed = run(&["list", "--sender", "alice@app.test", "--json"]);
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    assert_eq!(
+        run(&["retry", "--sender", "alice@app.test", "--batch", "2"]),
+        "alice@app.test: 3 deferred deliveries due now, of 3 messages queued from the sender\n"
+    );
+    let arrived = sink.wait_for(3, Duration::from_secs(20));
+    let mut to: Vec<String> = arrived.iter().flat_map(|m| m.rcpt_tos.clone()).collect();
+    to.sort();
+    assert_eq!(to, ["x0@later.test", "x1@later.test", "x2@later.test"]);
+    assert_eq!(
+        run(&["delete", "--sender", "Bob@app.test", "--silent"]),
+        "Bob@app.test: 2 recipients deleted from 2 messages, silently\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http::get(admin, "/api/v1/queue", None).json()["messages"] != 0 {
+        assert!(Instant::now() < deadline, "the queue never emptied");
+        std::thread::sleep(POLL);
+    }
+    assert_eq!(
+        run(&["list", "--sender", "alice@app.test"]),
+        "no messages\n"
+    );
+    assert_eq!(sink.messages().len(), 3, "Bob's were deleted, not sent");
+}
+
+#[test]
+fn a_sender_is_listed_retried_and_deleted_a_page_at_a_time_on_the_local_spool() {
+    a_sender_is_listed_retried_and_deleted_a_page_at_a_time(&[]);
+}
+
+#[test]
+fn a_sender_is_listed_retried_and_deleted_a_page_at_a_time_on_redis() {
+    on_redis(a_sender_is_listed_retried_and_deleted_a_page_at_a_time);
 }
 
 /// `GET /api/v1/sessions` and `smarthost sessions` show each live SMTP

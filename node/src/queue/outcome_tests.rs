@@ -199,6 +199,14 @@ impl Schedule for SlowRecords {
     ) -> Result<Vec<MessageId>, SpoolError> {
         self.inner.domain_messages(domain, after, limit).await
     }
+    async fn sender_messages(
+        &self,
+        sender: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError> {
+        self.inner.sender_messages(sender, after, limit).await
+    }
     async fn records(
         &self,
         ids: &[MessageId],

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use smarthost_proto::envelope::{Delivery, DeliveryState, MessageId, MessageRecord};
 
+use super::Index;
 use crate::spool::ListCursor;
 
 /// A queued message.
@@ -118,6 +119,9 @@ pub struct Listing {
     /// Only messages with a delivery pending in this domain (the routing
     /// form: lower case, A-labels); `None`: the whole queue.
     pub domain: Option<String>,
+    /// Only messages from this sender
+    /// ([`smarthost_proto::envelope::sender_key`]).
+    pub sender: Option<String>,
     /// Only messages with a delivery in this state (one of
     /// [`LISTED_STATES`]), in `domain` when one is given.
     pub state: Option<String>,
@@ -126,9 +130,27 @@ pub struct Listing {
 }
 
 impl Listing {
-    /// Whether `record` is one the listing wants; its domain is already
-    /// known to match.
+    /// The index the listing walks: the domain's when one is given (the
+    /// sender is then a filter), else the sender's; `None`: the whole
+    /// queue.
+    pub fn index(&self) -> Option<Index> {
+        match (&self.domain, &self.sender) {
+            (Some(domain), _) => Some(Index::Domain(domain.clone())),
+            (None, Some(sender)) => Some(Index::Sender(sender.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether `record` is one the listing wants; the index it came from
+    /// is already known to match.
     pub fn wants(&self, record: &MessageRecord, suspended: &BTreeSet<String>) -> bool {
+        if self
+            .sender
+            .as_ref()
+            .is_some_and(|sender| record.envelope.sender_key() != *sender)
+        {
+            return false;
+        }
         let Some(state) = &self.state else {
             return true;
         };
@@ -142,12 +164,12 @@ impl Listing {
 }
 
 /// Where a page of a listing ended. The whole queue is listed in receive
-/// order, a domain in id order (which starts with the receive time), so
-/// the two cursors differ; both are opaque to clients.
+/// order, a domain or a sender in id order (which starts with the receive
+/// time), so the two cursors differ; both are opaque to clients.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PageCursor {
     Queue(ListCursor),
-    Domain(MessageId),
+    Indexed(MessageId),
 }
 
 impl PageCursor {
@@ -155,15 +177,16 @@ impl PageCursor {
     pub fn token(&self) -> String {
         match self {
             PageCursor::Queue(c) => format!("{}-{}", c.received_ms, c.id),
-            PageCursor::Domain(id) => id.to_string(),
+            PageCursor::Indexed(id) => id.to_string(),
         }
     }
 
-    /// The cursor of a listing of the whole queue (`by_domain` false) or of
-    /// one domain; `None` when `token` is not one this listing made.
-    pub fn parse(token: &str, by_domain: bool) -> Option<PageCursor> {
-        if by_domain {
-            return MessageId::parse(token).map(PageCursor::Domain);
+    /// The cursor of a listing of the whole queue (`indexed` false) or of
+    /// one domain or sender; `None` when `token` is not one this listing
+    /// made.
+    pub fn parse(token: &str, indexed: bool) -> Option<PageCursor> {
+        if indexed {
+            return MessageId::parse(token).map(PageCursor::Indexed);
         }
         let (received, rest) = token.split_once('-')?;
         Some(PageCursor::Queue(ListCursor {
@@ -196,7 +219,7 @@ mod tests {
             id: id.clone(),
         });
         assert_eq!(PageCursor::parse(&queue.token(), false), Some(queue));
-        let domain = PageCursor::Domain(id.clone());
+        let domain = PageCursor::Indexed(id.clone());
         assert_eq!(PageCursor::parse(&domain.token(), true), Some(domain));
         // A cursor of one kind of listing is not one of the other.
         let queue_token = format!("5-{id}");
@@ -217,6 +240,34 @@ mod tests {
     }
 
     #[test]
+    fn a_sender_filter_wants_that_sender_only_and_a_domain_comes_first() {
+        let record = message(0, 100).record;
+        let none = BTreeSet::new();
+        let listing = |domain: Option<&str>, sender: Option<&str>| Listing {
+            domain: domain.map(str::to_string),
+            sender: sender.map(str::to_string),
+            state: None,
+            after: None,
+        };
+        let ours = "app@sender.example";
+        assert!(listing(None, Some(ours)).wants(&record, &none));
+        assert!(!listing(None, Some("other@sender.example")).wants(&record, &none));
+        assert!(!listing(None, Some("<>")).wants(&record, &none));
+        let mut bounce = record.clone();
+        bounce.envelope.sender = None;
+        assert!(listing(None, Some("<>")).wants(&bounce, &none));
+        assert_eq!(
+            listing(None, Some(ours)).index(),
+            Some(Index::Sender(ours.into()))
+        );
+        assert_eq!(
+            listing(Some("example.org"), Some(ours)).index(),
+            Some(Index::Domain("example.org".into()))
+        );
+        assert_eq!(listing(None, None).index(), None);
+    }
+
+    #[test]
     fn a_state_filter_looks_at_the_listed_domain_only() {
         // Message 0: example.org and example.net, both queued.
         let mut record = message(0, 100).record;
@@ -224,6 +275,7 @@ mod tests {
         let none = BTreeSet::new();
         let listing = |domain: Option<&str>, state: &str| Listing {
             domain: domain.map(str::to_string),
+            sender: None,
             state: Some(state.to_string()),
             after: None,
         };

@@ -206,6 +206,17 @@ pub trait Schedule: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<MessageId>, SpoolError>;
 
+    /// Up to `limit` pending messages of `sender` (as
+    /// [`smarthost_proto::envelope::Envelope::sender_key`] gives it), in id
+    /// order after `after`: one page of the sender's listing. The ids may
+    /// include messages done meanwhile; their records are gone.
+    async fn sender_messages(
+        &self,
+        sender: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError>;
+
     /// The current records of these messages (`None`: no longer pending),
     /// for the writer that persists them.
     async fn records(
@@ -374,6 +385,15 @@ impl Schedule for MemorySchedule {
         limit: usize,
     ) -> Result<Vec<MessageId>, SpoolError> {
         Ok(self.lock().domain_messages(domain, after, limit))
+    }
+
+    async fn sender_messages(
+        &self,
+        sender: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError> {
+        Ok(self.lock().sender_messages(sender, after, limit))
     }
 
     async fn records(

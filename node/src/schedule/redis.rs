@@ -234,6 +234,23 @@ struct DomainKeys {
     messages: String,
 }
 
+/// The pending messages of a sender (`Envelope::sender_key`), by id: a
+/// sorted set of ids, all scored 0, read in lexical (so receive) order.
+/// Added to when the messages are inserted, trimmed when they are done;
+/// an id whose message is gone another way is dropped when a listing
+/// finds it.
+pub fn sender_messages_key(sender: &str) -> String {
+    format!("smarthost:{{s:{sender}}}:messages")
+}
+
+/// A `ZREM` of a done message from its sender's listing.
+fn sender_zrem(record: &MessageRecord) -> Cmd {
+    let mut zrem = redis::cmd("ZREM");
+    zrem.arg(sender_messages_key(&record.envelope.sender_key()))
+        .arg(record.id.as_str());
+    zrem
+}
+
 fn domain_keys(domain: &str) -> DomainKeys {
     let key = |what: &str| format!("smarthost:{{d:{domain}}}:{what}");
     DomainKeys {
@@ -1030,6 +1047,9 @@ impl RedisSchedule {
             zrem.arg(INDEX_KEY).arg(id.as_str());
             step.push(zrem);
         }
+        if let Some(done) = completion.as_ref().filter(|c| c.message_done()) {
+            step.push(sender_zrem(&done.record));
+        }
         let timer = next.map(|n| (domain.to_string(), n));
         let after = Self::mark_cmds(&[], timer.as_slice());
         let domain_step = self.ordered("complete: domain", vec![step, after]).await;
@@ -1432,14 +1452,16 @@ impl RedisSchedule {
                     filed_in.push(Some(domain.clone()));
                 }
             }
-            if expired
+            if let Some(done) = expired
                 .get(id)
                 .and_then(|c| c.last())
-                .is_some_and(Completion::message_done)
+                .filter(|c| c.message_done())
             {
                 let mut zrem = redis::cmd("ZREM");
                 zrem.arg(INDEX_KEY).arg(id.as_str());
                 step.push(zrem);
+                filed_in.push(None);
+                step.push(sender_zrem(&done.record));
                 filed_in.push(None);
             }
         }
@@ -1518,6 +1540,25 @@ impl Schedule for RedisSchedule {
             cmds.extend(Self::mark_cmds(&due, &timers));
             cmds
         };
+        // The senders' listings, before the messages are filed: a message
+        // that can be taken is always listed.
+        let mut by_sender: Vec<(String, Vec<&str>)> = Vec::new();
+        for record in &records {
+            let sender = record.envelope.sender_key();
+            match by_sender.iter_mut().find(|(s, _)| *s == sender) {
+                Some((_, ids)) => ids.push(record.id.as_str()),
+                None => by_sender.push((sender, vec![record.id.as_str()])),
+            }
+        }
+        let mut first = sets();
+        for (sender, ids) in &by_sender {
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(sender_messages_key(sender));
+            for id in ids {
+                zadd.arg(0).arg(*id);
+            }
+            first.push(zadd);
+        }
         let mut scripts = Vec::with_capacity(by_domain.len());
         for (domain, entries) in &by_domain {
             let k = domain_keys(domain);
@@ -1530,9 +1571,7 @@ impl Schedule for RedisSchedule {
             }
             scripts.push(cmd);
         }
-        let replies = self
-            .ordered("insert", vec![sets(), scripts, sets()])
-            .await?;
+        let replies = self.ordered("insert", vec![first, scripts, sets()]).await?;
         let replies = replies.into_iter().nth(1).unwrap_or_default();
         let mut ready = Vec::new();
         let mut restored = Vec::new();
@@ -2110,6 +2149,50 @@ impl Schedule for RedisSchedule {
         let mut values = self.run("domain messages", &pipe).await?;
         let ids: Vec<String> = parse("domain messages", values.pop().unwrap_or(Value::Nil))?;
         Ok(ids.into_iter().map(MessageId).collect())
+    }
+
+    /// The ids of the sender's sorted set after `after`; those whose
+    /// record is gone (done, or deleted some way that left the entry) are
+    /// dropped from it on the way, but still returned, so that the page's
+    /// last id stays the cursor.
+    async fn sender_messages(
+        &self,
+        sender: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = sender_messages_key(sender);
+        let from = after.map_or("-".to_string(), |id| format!("({id}"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(&key)
+            .arg(from)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let mut values = self.run("sender messages", &pipe).await?;
+        let ids: Vec<MessageId> =
+            parse::<Vec<String>>("sender messages", values.pop().unwrap_or(Value::Nil))?
+                .into_iter()
+                .map(MessageId)
+                .collect();
+        let gone: Vec<&str> = ids
+            .iter()
+            .zip(self.fetch(&ids).await?)
+            .filter(|(_, record)| record.is_none())
+            .map(|(id, _)| id.as_str())
+            .collect();
+        if !gone.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM").arg(&key).arg(&gone).ignore();
+            self.run("sender messages: gone", &pipe).await?;
+        }
+        Ok(ids)
     }
 
     async fn records(

@@ -102,6 +102,90 @@ where
     counts_follow_the_deliveries(make().await).await;
     a_domain_is_listed_in_pages_of_what_it_holds(make().await).await;
     a_domain_retry_and_take_touch_that_domain_only(make().await).await;
+    a_sender_is_listed_in_pages_of_its_pending_messages(make().await).await;
+}
+
+/// Every page of `sender`'s listing, `limit` at a time, without the
+/// messages that are done.
+async fn list_sender(s: &dyn Schedule, sender: &str, limit: usize) -> Vec<MessageId> {
+    let mut listed = Vec::new();
+    let mut after: Option<MessageId> = None;
+    for _ in 0..100 {
+        let page = s
+            .sender_messages(sender, after.as_ref(), limit)
+            .await
+            .expect("sender messages");
+        assert!(page.len() <= limit);
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        let records = s.records(&page).await.expect("records");
+        listed.extend(
+            page.into_iter()
+                .zip(records)
+                .filter(|(_, r)| r.is_some())
+                .map(|(id, _)| id),
+        );
+        after = Some(last);
+    }
+    listed
+}
+
+async fn a_sender_is_listed_in_pages_of_its_pending_messages(f: Fixture) {
+    let s = &*f.schedule;
+    // Messages 20..29 from s0 (even) and s1 (odd), 29 from <>.
+    let sender = |n: u64| match n {
+        29 => None,
+        n => Some(smarthost_proto::address::Mailbox {
+            local_part: format!("s{}", n % 2),
+            domain: "sender.example".into(),
+        }),
+    };
+    let messages: Vec<_> = (20..30)
+        .map(|n| {
+            let mut m = message(n, 100);
+            m.record.envelope.sender = sender(n);
+            m
+        })
+        .collect();
+    if let Some(spool) = &f.spool {
+        spool.store(messages.clone()).await.expect("store");
+    }
+    let t0 = record(20).received_ms;
+    let records = messages.iter().map(|m| m.record.clone()).collect();
+    s.insert(records, t0).await.expect("insert");
+    let ids = |numbers: &[u64]| numbers.iter().map(|&n| record(n).id).collect::<Vec<_>>();
+    assert_eq!(
+        list_sender(s, "s0@sender.example", 2).await,
+        ids(&[20, 22, 24, 26, 28])
+    );
+    assert_eq!(
+        list_sender(s, "s1@sender.example", 100).await,
+        ids(&[21, 23, 25, 27])
+    );
+    assert_eq!(list_sender(s, "<>", 3).await, ids(&[29]));
+    assert!(list_sender(s, "nobody@sender.example", 3).await.is_empty());
+
+    // Message 22 fails for good in both its domains: it leaves the
+    // listing; 24, failed in one of two, stays.
+    let domains = ["example.org", "example.net", "example.com"];
+    for (n, recipients) in [(22u64, &[0u32, 1][..]), (24, &[0][..])] {
+        let taken = s
+            .take_message(&record(n).id, None, "node-a", LEASE)
+            .await
+            .expect("take a message")
+            .expect("queued");
+        for &recipient in recipients {
+            let domain = domains[((n + u64::from(recipient)) % 3) as usize];
+            assert!(taken.domains.iter().any(|d| d == domain), "{domain}");
+            let failed = outcome(&[(recipient, RcptResult::Failed)]);
+            complete(s, &record(n).id, domain, &failed, t0).await;
+        }
+    }
+    assert_eq!(
+        list_sender(s, "s0@sender.example", 2).await,
+        ids(&[20, 24, 26, 28])
+    );
 }
 
 /// Every page of `domain`'s listing, `limit` at a time.
