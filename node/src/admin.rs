@@ -294,6 +294,8 @@ fn api(config: &mut web::ServiceConfig) {
         .service(web::resource("/messages/{id}/retry").post(retry))
         .service(web::resource("/sessions").get(sessions))
         .service(web::resource("/cluster").get(cluster))
+        // The name the CLI's `queue nodes` goes by; the same view.
+        .service(web::resource("/nodes").get(cluster))
         .service(web::resource("/quarantine").get(quarantine))
         .service(web::resource("/quarantine/{location}").delete(delete_quarantined))
         .service(web::resource("/quarantine/{location}/replay").post(replay_quarantined))

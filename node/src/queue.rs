@@ -226,6 +226,10 @@ pub struct QueueStats {
     pub messages: usize,
     /// Deliveries (message × destination domain) left, by domain.
     pub deliveries_by_domain: BTreeMap<String, usize>,
+    /// How long the oldest message with a delivery pending in each domain
+    /// has waited, in seconds (absent from older nodes' answers).
+    #[serde(default)]
+    pub oldest_age_by_domain: BTreeMap<String, u64>,
     pub ready: usize,
     pub deferred: usize,
     pub in_flight: usize,
@@ -1518,6 +1522,14 @@ impl Handler<RetryIn> for Queue {
     }
 }
 
+/// Seconds since each receive time, at `now_ms`.
+fn ages(received: &BTreeMap<String, u64>, now_ms: u64) -> BTreeMap<String, u64> {
+    received
+        .iter()
+        .map(|(domain, ms)| (domain.clone(), now_ms.saturating_sub(*ms) / 1000))
+        .collect()
+}
+
 impl Handler<Stats> for Queue {
     type Result = ResponseActFuture<Self, QueueStats>;
 
@@ -1534,6 +1546,7 @@ impl Handler<Stats> for Queue {
                     QueueStats {
                         messages: counts.messages,
                         deliveries_by_domain: counts.deliveries_by_domain,
+                        oldest_age_by_domain: ages(&counts.oldest_by_domain, now_ms()),
                         ready: counts.ready,
                         deferred: counts.deferred,
                         in_flight: counts.in_flight,

@@ -268,6 +268,9 @@ pub struct SchedulerCounts {
     pub deferred: usize,
     pub in_flight: usize,
     pub deliveries_by_domain: BTreeMap<String, usize>,
+    /// When the oldest message with a delivery pending in each domain was
+    /// received (ms since the epoch): how long the domain's mail waits.
+    pub oldest_by_domain: BTreeMap<String, u64>,
     /// Domains an operator suspended, whether or not mail waits for them.
     pub suspended: BTreeSet<String>,
     /// Entries of delivery reports recorded with an outcome but not known
@@ -672,6 +675,11 @@ impl Scheduler {
                 .by_domain
                 .iter()
                 .map(|(domain, ids)| (domain.clone(), ids.len()))
+                .collect(),
+            oldest_by_domain: self
+                .by_domain
+                .iter()
+                .filter_map(|(domain, ids)| Some((domain.clone(), ids.first()?.received_ms()?)))
                 .collect(),
             suspended: self.suspended.iter().cloned().collect(),
             // Reports are queued with their outcome here (`follow_up`).

@@ -44,6 +44,14 @@ impl MessageId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// When the message was received, in ms since the epoch, as the id's
+    /// first 12 hex digits carry it; `None` for an id not made by
+    /// [`MessageId::new`].
+    pub fn received_ms(&self) -> Option<u64> {
+        let hex = self.0.get(..12)?;
+        u64::from_str_radix(hex, 16).ok()
+    }
 }
 
 impl fmt::Display for MessageId {
@@ -255,6 +263,17 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_carries_its_receive_time() {
+        let id = MessageId::new(1_764_000_000_123, 0xdead_beef);
+        assert_eq!(id.received_ms(), Some(1_764_000_000_123));
+        assert_eq!(MessageId("zz".into()).received_ms(), None);
+        assert_eq!(
+            MessageId("xyz0000000000000000000000000".into()).received_ms(),
+            None
+        );
+    }
 
     fn rcpt(local: &str, domain: &str) -> Recipient {
         Recipient {

@@ -1958,19 +1958,26 @@ impl Schedule for RedisSchedule {
             pipe.cmd("ZCARD").arg(&k.ready);
             pipe.cmd("ZCARD").arg(&k.deferred);
             pipe.cmd("ZCARD").arg(&k.leases);
+            // The oldest message listed for the domain: ids start with
+            // the receive time.
+            pipe.cmd("ZRANGE").arg(&k.messages).arg(0).arg(0);
         }
         let values = self.run("counts", &pipe).await?;
-        let values: Vec<i64> = values
-            .into_iter()
-            .map(|v| parse("counts", v))
-            .collect::<Result<_, _>>()?;
         let mut by_domain = BTreeMap::new();
-        for (domain, n) in domains.into_iter().zip(values.chunks(3)) {
-            let (ready, deferred, leased) = (n[0] as usize, n[1] as usize, n[2] as usize);
+        for (domain, n) in domains.into_iter().zip(values.chunks(4)) {
+            let count = |i: usize| parse::<i64>("counts", n[i].clone()).map(|v| v as usize);
+            let (ready, deferred, leased) = (count(0)?, count(1)?, count(2)?);
             counts.ready += ready;
             counts.deferred += deferred;
             counts.in_flight += leased;
             if ready + deferred + leased > 0 {
+                let oldest: Vec<String> = parse("counts", n[3].clone())?;
+                if let Some(ms) = oldest
+                    .first()
+                    .and_then(|id| MessageId(id.clone()).received_ms())
+                {
+                    counts.oldest_by_domain.insert(domain.clone(), ms);
+                }
                 by_domain.insert(domain, ready + deferred + leased);
             }
         }

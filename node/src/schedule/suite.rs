@@ -607,6 +607,17 @@ async fn counts_follow_the_deliveries(f: Fixture) {
             ("example.org".to_string(), 2)
         ]
     );
+    // Ids start with the receive time: message 0 is the oldest in
+    // example.org and example.net, 1 in example.com.
+    let received = |n: u64| record(n).id.received_ms().expect("an id with a time");
+    assert_eq!(
+        counts.oldest_by_domain.into_iter().collect::<Vec<_>>(),
+        [
+            ("example.com".to_string(), received(1)),
+            ("example.net".to_string(), received(0)),
+            ("example.org".to_string(), received(0))
+        ]
+    );
     assert_eq!(s.reclaim_expired_leases().await.unwrap(), 0, "none ran out");
 }
 
