@@ -6,7 +6,8 @@
 Opens CLIENTS connections, takes each through EHLO, MAIL, RCPT and DATA,
 then sends every body at the same time in 64 KiB pieces and reads the
 replies. Meanwhile it samples the server's resident memory (VmRSS) every
-50 ms. Prints the replies by code and the RSS before, at peak and after.
+50 ms. Prints the replies by code and the RSS before, once every client is in DATA (before
+any body byte), at peak and after; the bodies' share is peak minus in DATA.
 Every wait is bounded (--timeout seconds per reply).
 """
 
@@ -93,6 +94,10 @@ async def main():
     tasks = [asyncio.create_task(client(i, args, start, results)) for i in range(args.clients)]
     # Give every client time to reach DATA (or its refusal) first.
     await asyncio.sleep(max(1.0, args.clients / 200))
+    # What the sessions cost before any body byte: the bodies' share of
+    # the peak is what comes on top.
+    at_data = rss(args.pid)
+    peak[0] = at_data
     t0 = time.monotonic()
     start.set()
     await asyncio.gather(*tasks)
@@ -105,7 +110,8 @@ async def main():
           f"seconds={elapsed:.1f}")
     for code, n in sorted(results.items()):
         print(f"  {n:5d} x {code}")
-    print(f"RSS before={before // mb} MB peak={peak[0] // mb} MB after={after // mb} MB")
+    print(f"RSS before={before // mb} MB in DATA={at_data // mb} MB peak={peak[0] // mb} MB "
+          f"after={after // mb} MB; bodies: {(peak[0] - at_data) // mb} MB")
 
 
 asyncio.run(main())

@@ -23,6 +23,9 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+# The dashboard's browser test drives headless Chromium through WebDriver.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   echo "installing test dependencies: ${missing[*]}"
   # The dnsmasq and redis-server packages ship system services that would
@@ -60,7 +63,7 @@ if ((${#missing[@]})); then
     done
   fi
 fi
-for tool in swaks python3 dnsmasq redis-server redis-cli; do
+for tool in swaks python3 dnsmasq redis-server redis-cli chromium chromedriver; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is required by the tests" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || {

@@ -262,9 +262,47 @@ pub fn open_routes(config: &mut web::ServiceConfig) {
         .service(web::resource("/metrics").get(metrics_page));
 }
 
+/// The dashboard: a static page and its script, shipped in the binary.
+/// They hold no data; the script asks the API with the operator's token.
+fn dashboard(config: &mut web::ServiceConfig) {
+    config
+        .service(web::resource("/").get(dashboard_page))
+        .service(web::resource("/dashboard.js").get(dashboard_script));
+}
+
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+
+/// Headers for the dashboard's files: nothing but its own script runs,
+/// nothing frames it, no token leaves in a referrer.
+fn dashboard_file(content_type: &str, body: &'static str) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header((
+            "Content-Security-Policy",
+            "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; \
+             form-action 'none'",
+        ))
+        .insert_header(("X-Frame-Options", "DENY"))
+        .insert_header(("Referrer-Policy", "no-referrer"))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header(("Cache-Control", "no-cache"))
+        .body(body)
+}
+
+async fn dashboard_page() -> HttpResponse {
+    dashboard_file("text/html; charset=utf-8", DASHBOARD_HTML)
+}
+
+async fn dashboard_script() -> HttpResponse {
+    dashboard_file("text/javascript; charset=utf-8", DASHBOARD_JS)
+}
+
 /// The routes, on an app whose data holds an [`AdminEnv`].
 pub fn routes(config: &mut web::ServiceConfig) {
     open_routes(config);
+    dashboard(config);
     config
         // The versioned API first: a scope takes every path under it.
         .service(web::scope(API_V1).configure(api))
@@ -278,6 +316,7 @@ pub const API_V1: &str = "/api/v1";
 /// The operator API, under [`API_V1`] (and `/api`).
 fn api(config: &mut web::ServiceConfig) {
     config
+        .service(web::resource("/whoami").get(whoami))
         .service(web::resource("/queue").get(queue))
         .service(
             web::resource("/messages")
@@ -335,6 +374,32 @@ impl From<Status> for ClusterView {
             last_error: status.last_error,
         }
     }
+}
+
+/// Who a token belongs to, for the dashboard to show what the role may do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whoami {
+    /// The operator's name; `null` when the API is open (no operators).
+    pub name: Option<String>,
+    /// `viewer`, `operator` or `admin` (an open API allows everything).
+    pub role: String,
+}
+
+async fn whoami(
+    request: HttpRequest,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<Whoami>, ApiError> {
+    let operator = authorize(&env, &request, Access::Read).await?;
+    Ok(web::Json(match operator {
+        Some(operator) => Whoami {
+            name: Some(operator.name),
+            role: operator.role.name().to_string(),
+        },
+        None => Whoami {
+            name: None,
+            role: "admin".to_string(),
+        },
+    }))
 }
 
 /// The body of every error answer.

@@ -389,7 +389,11 @@ fn served_routes() -> std::collections::BTreeSet<(String, String)> {
         &source[start..end]
     };
     let mut routes = std::collections::BTreeSet::new();
-    for (head, prefix) in [("pub fn open_routes(", ""), ("fn api(", "/api/v1")] {
+    for (head, prefix) in [
+        ("pub fn open_routes(", ""),
+        ("fn dashboard(", ""),
+        ("fn api(", "/api/v1"),
+    ] {
         for resource in body(head).split("web::resource(\"").skip(1) {
             let path = resource.split('"').next().unwrap();
             for method in ["get", "post", "delete", "put"] {
