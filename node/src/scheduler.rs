@@ -250,6 +250,20 @@ pub struct Scheduler {
     by_sender: HashMap<String, BTreeSet<MessageId>>,
 }
 
+/// Up to `limit` of `ids` after `after`, in order: a page of a listing.
+fn page_after(
+    ids: Option<&BTreeSet<MessageId>>,
+    after: Option<&MessageId>,
+    limit: usize,
+) -> Vec<MessageId> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let Some(ids) = ids else {
+        return Vec::new();
+    };
+    let from = after.map_or(Unbounded, Excluded);
+    ids.range((from, Unbounded)).take(limit).cloned().collect()
+}
+
 /// The deliveries of one message an operator took ([`Scheduler::take_message`]).
 #[derive(Clone, Debug)]
 pub struct TakenMessage {
@@ -618,12 +632,7 @@ impl Scheduler {
         after: Option<&MessageId>,
         limit: usize,
     ) -> Vec<MessageId> {
-        use std::ops::Bound::{Excluded, Unbounded};
-        let Some(ids) = self.by_domain.get(domain) else {
-            return Vec::new();
-        };
-        let from = after.map_or(Unbounded, Excluded);
-        ids.range((from, Unbounded)).take(limit).cloned().collect()
+        page_after(self.by_domain.get(domain), after, limit)
     }
 
     /// Up to `limit` pending messages of `sender` (`Envelope::sender_key`)
@@ -634,12 +643,7 @@ impl Scheduler {
         after: Option<&MessageId>,
         limit: usize,
     ) -> Vec<MessageId> {
-        use std::ops::Bound::{Excluded, Unbounded};
-        let Some(ids) = self.by_sender.get(sender) else {
-            return Vec::new();
-        };
-        let from = after.map_or(Unbounded, Excluded);
-        ids.range((from, Unbounded)).take(limit).cloned().collect()
+        page_after(self.by_sender.get(sender), after, limit)
     }
 
     /// The current record of a message still pending.

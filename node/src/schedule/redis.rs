@@ -545,6 +545,33 @@ impl RedisSchedule {
     /// one request per step, each after the one before (the commands of a
     /// step are sent at once, in no order across slots). Empty steps are
     /// skipped.
+    /// Up to `limit` ids of the sorted set `key` (all scored 0) after
+    /// `after`, in lexical (so receive) order: a page of a listing.
+    async fn lex_page(
+        &self,
+        what: &str,
+        key: &str,
+        after: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, SpoolError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let from = after.map_or("-".to_string(), |id| format!("({id}"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(key)
+            .arg(from)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let mut values = self.run(what, &pipe).await?;
+        let ids: Vec<String> = parse(what, values.pop().unwrap_or(Value::Nil))?;
+        Ok(ids.into_iter().map(MessageId).collect())
+    }
+
     async fn ordered(
         &self,
         what: &str,
@@ -2140,22 +2167,13 @@ impl Schedule for RedisSchedule {
         after: Option<&MessageId>,
         limit: usize,
     ) -> Result<Vec<MessageId>, SpoolError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let from = after.map_or("-".to_string(), |id| format!("({id}"));
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGE")
-            .arg(domain_keys(domain).messages)
-            .arg(from)
-            .arg("+")
-            .arg("BYLEX")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit);
-        let mut values = self.run("domain messages", &pipe).await?;
-        let ids: Vec<String> = parse("domain messages", values.pop().unwrap_or(Value::Nil))?;
-        Ok(ids.into_iter().map(MessageId).collect())
+        self.lex_page(
+            "domain messages",
+            &domain_keys(domain).messages,
+            after,
+            limit,
+        )
+        .await
     }
 
     /// The ids of the sender's sorted set after `after`; those whose
@@ -2168,26 +2186,8 @@ impl Schedule for RedisSchedule {
         after: Option<&MessageId>,
         limit: usize,
     ) -> Result<Vec<MessageId>, SpoolError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
         let key = sender_messages_key(sender);
-        let from = after.map_or("-".to_string(), |id| format!("({id}"));
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGE")
-            .arg(&key)
-            .arg(from)
-            .arg("+")
-            .arg("BYLEX")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit);
-        let mut values = self.run("sender messages", &pipe).await?;
-        let ids: Vec<MessageId> =
-            parse::<Vec<String>>("sender messages", values.pop().unwrap_or(Value::Nil))?
-                .into_iter()
-                .map(MessageId)
-                .collect();
+        let ids = self.lex_page("sender messages", &key, after, limit).await?;
         let gone: Vec<&str> = ids
             .iter()
             .zip(self.fetch(&ids).await?)
