@@ -163,12 +163,15 @@ async fn the_dashboard_signs_in_shows_the_queue_and_acts_as_the_role_allows() {
     }
 
     let driver = Driver::start();
+    // A profile of the test's own, removed with it.
+    let profile = tempfile::tempdir().unwrap();
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
         "goog:chromeOptions".into(),
         serde_json::json!({
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", "--window-size=1280,1100"]
+                     "--disable-dev-shm-usage", "--window-size=1280,1100",
+                     format!("--user-data-dir={}", profile.path().display())]
         }),
     );
     let browser = ClientBuilder::rustls()
