@@ -744,32 +744,35 @@ impl BodyEncoder {
         BodyEncoder::default()
     }
 
-    /// Appends the encoded form of `chunk` to `out`.
+    /// Appends the encoded form of `chunk` to `out`. Runs of bytes that
+    /// are neither CR nor LF are copied whole: this is the hot path of
+    /// every delivery.
     pub fn encode(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         out.reserve(chunk.len() + chunk.len() / 32);
-        for &b in chunk {
-            match b {
-                b'\r' => {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let run = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+            if run > 0 {
+                if self.line_start && rest[0] == b'.' {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(&rest[..run]);
+                self.line_start = false;
+                self.after_cr = false;
+            }
+            let Some(&end) = rest.get(run) else { break };
+            if end == b'\r' {
+                out.extend_from_slice(b"\r\n");
+                self.line_start = true;
+                self.after_cr = true;
+            } else {
+                if !self.after_cr {
                     out.extend_from_slice(b"\r\n");
                     self.line_start = true;
-                    self.after_cr = true;
                 }
-                b'\n' => {
-                    if !self.after_cr {
-                        out.extend_from_slice(b"\r\n");
-                        self.line_start = true;
-                    }
-                    self.after_cr = false;
-                }
-                _ => {
-                    if self.line_start && b == b'.' {
-                        out.push(b'.');
-                    }
-                    out.push(b);
-                    self.line_start = false;
-                    self.after_cr = false;
-                }
+                self.after_cr = false;
             }
+            rest = &rest[run + 1..];
         }
     }
 

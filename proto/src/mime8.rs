@@ -34,7 +34,7 @@ pub enum DowngradeError {
 
 /// Whether any octet has the high bit set.
 pub fn is_8bit(body: &[u8]) -> bool {
-    body.iter().any(|&b| b >= 0x80)
+    !body.is_ascii()
 }
 
 /// A message with only 7-bit octets that says the same, or the message

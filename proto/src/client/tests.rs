@@ -664,6 +664,23 @@ mod properties {
             prop_assert_eq!(parsed[0].to_string(), reply.to_string());
         }
 
+        /// Encoding runs at once gives what the rule, byte by byte, gives,
+        /// however the body is cut.
+        #[test]
+        fn encoding_runs_agrees_with_the_byte_by_byte_rule(
+            body in proptest::collection::vec(prop_oneof![
+                Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a'), Just(0xe9u8)], 0..300),
+            cut in 1usize..40,
+        ) {
+            let mut out = Vec::new();
+            let mut encoder = BodyEncoder::new();
+            for chunk in body.chunks(cut) {
+                encoder.encode(chunk, &mut out);
+            }
+            encoder.finish(&mut out);
+            prop_assert_eq!(out, encoded_byte_by_byte(&body));
+        }
+
         /// Whatever the body, the server reads back its CRLF form.
         #[test]
         fn encoded_bodies_round_trip(body in proptest::collection::vec(
@@ -676,4 +693,35 @@ mod properties {
             prop_assert!(reader.finish().is_ok());
         }
     }
+}
+
+/// The encoding rule one byte at a time: CR, LF and CRLF each end a line
+/// with CRLF, a dot that starts a line is doubled, `.CRLF` ends it all.
+fn encoded_byte_by_byte(body: &[u8]) -> Vec<u8> {
+    let (mut out, mut line_start, mut after_cr) = (Vec::new(), true, false);
+    for &b in body {
+        match b {
+            b'\r' => {
+                out.extend_from_slice(b"\r\n");
+                (line_start, after_cr) = (true, true);
+            }
+            b'\n' if after_cr => after_cr = false,
+            b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                line_start = true;
+            }
+            _ => {
+                if line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                (line_start, after_cr) = (false, false);
+            }
+        }
+    }
+    if !line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
 }
