@@ -250,6 +250,7 @@ impl DataReader {
         for &b in bytes {
             self.size += 1;
             if self.size <= self.max_size && !self.discarded {
+                grow_to_hold(&mut self.body, 1);
                 self.body.push(b);
             }
         }
@@ -271,6 +272,7 @@ impl DataReader {
         if !self.discarded {
             let room = self.max_size.saturating_sub(self.size);
             let kept = (text.len() as u64).min(room) as usize;
+            grow_to_hold(&mut self.body, kept);
             self.body.extend_from_slice(&text[..kept]);
         }
         self.size += text.len() as u64;
@@ -285,6 +287,18 @@ impl DataReader {
             }
         }
         self.line_len = 0;
+    }
+}
+
+/// Makes room for `more` octets in steps of powers of two, so that the
+/// buffer never holds more than twice what it keeps and never more than
+/// the next power of two: a body the shell takes at 256 KiB then never
+/// grows a 512 KiB block, as `Vec`'s own doubling from an odd first size
+/// would.
+fn grow_to_hold(body: &mut Vec<u8>, more: usize) {
+    let needed = body.len() + more;
+    if needed > body.capacity() {
+        body.reserve_exact(needed.next_power_of_two() - body.len());
     }
 }
 
@@ -347,6 +361,29 @@ mod tests {
             let (got, used) = run(&input, chunk, max);
             proptest::prop_assert_eq!(used, expected_used);
             proptest::prop_assert_eq!(format!("{got:?}"), format!("{expected:?}"));
+        }
+    }
+
+    #[test]
+    fn the_buffer_never_grows_past_the_next_power_of_two_of_what_it_keeps() {
+        let line = b"a line of odd length in a message body, 57 octets long\r\n";
+        // A first piece of 1,500 octets is where `Vec`'s doubling goes
+        // 192,000 -> 384,000 for 193,500 kept.
+        for &chunk in CHUNKS.iter().chain(&[1500]) {
+            let mut r = DataReader::new(1 << 20);
+            let mut input = Vec::new();
+            while input.len() < 300_000 {
+                input.extend_from_slice(line);
+            }
+            for piece in input.chunks(chunk) {
+                r.feed(piece);
+                let (kept, capacity) = (r.kept_len(), r.body.capacity());
+                assert!(
+                    capacity <= kept.next_power_of_two().max(8),
+                    "by {chunk}: {capacity} held for {kept}"
+                );
+            }
+            assert_eq!(r.kept_len(), input.len());
         }
     }
 

@@ -361,6 +361,12 @@ fn body_memory_budget_gives_452_to_the_message_over_it() {
     }
 }
 
+/// Starts the peak resident memory of a process again from what it holds
+/// now, so that [`peak_rss`] measures what comes after, not the start.
+fn reset_peak_rss(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("resetting VmHWM");
+}
+
 /// The peak resident memory of a process so far, in bytes (`VmHWM`).
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -374,7 +380,7 @@ fn peak_rss(pid: u32) -> u64 {
 
 /// 24 clients send 2 MB each at once, 100 KB at a time each, against a
 /// body budget of 8 MB; returns how many were stored, the relay's peak RSS
-/// growth in bytes, and the relay, stopped.
+/// growth in bytes from the first DATA on, and the relay, stopped.
 fn many_concurrent_large_messages(spill_threshold: &str) -> (usize, u64, Relay) {
     // Each DATA first takes 256 KiB, so all 24 get their 354 at once.
     let mut relay = Relay::start(
@@ -386,6 +392,7 @@ fn many_concurrent_large_messages(spill_threshold: &str) -> (usize, u64, Relay) 
         // so that what is measured is reception.
         "[delivery]\nmax_connections = 1\n",
     );
+    reset_peak_rss(relay.pid());
     let before = peak_rss(relay.pid());
     // Every client is inside DATA before any body byte is sent.
     let mut clients: Vec<Client> = (0..CLIENTS)
@@ -440,8 +447,8 @@ fn body_memory_stays_bounded_under_many_concurrent_large_messages() {
     );
     assert_eq!(relay.spool_records().len(), stored);
     assert!(
-        grown < 3 * BUDGET,
-        "RSS grew by {grown} bytes, more than three times the {BUDGET}-byte budget"
+        grown < 2 * BUDGET,
+        "RSS grew by {grown} bytes, more than twice the {BUDGET}-byte budget"
     );
 }
 
@@ -460,8 +467,12 @@ fn bodies_written_to_disk_as_they_arrive_all_fit_the_budget() {
         assert!(stored.ends_with(&whole), "{} stored whole", record.id);
         assert_eq!(record.size, stored.len() as u64);
     }
+    // Delivery, outside the budget, reads the one body it sends out of its
+    // journal frame: up to two copies of one message, and 1 MB for the
+    // rest of the process.
+    let delivery = 2 * SIZE as u64 + 1_000_000;
     assert!(
-        grown < 3 * BUDGET,
-        "RSS grew by {grown} bytes, more than three times the {BUDGET}-byte budget"
+        grown < BUDGET + delivery,
+        "RSS grew by {grown} bytes: more than the {BUDGET}-byte budget and {delivery} for delivery"
     );
 }

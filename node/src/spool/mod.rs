@@ -25,8 +25,11 @@ pub struct NewMessage {
     pub body: Body,
 }
 
-/// How much of a spilled body is read into memory at a time.
-pub const BODY_CHUNK: usize = 256 * 1024;
+/// How much of a spilled body is read into memory at a time: below the
+/// size from which the allocator maps blocks (128 KiB, set at start), so
+/// that the buffer comes from the heap and is not mapped, faulted in and
+/// unmapped again for every message.
+pub const BODY_CHUNK: usize = 64 * 1024;
 
 /// A message body: its first bytes in memory and, for a large message,
 /// the rest on disk ([`SpilledPart`]), so that it is never held whole.
