@@ -60,6 +60,12 @@ pub fn lease_holder(node: &str, instance: &str) -> String {
     format!("{node}@{instance}")
 }
 
+/// The node of a [`lease_holder`]; a holder without an instance is a node
+/// id already. The instance has no `@`; a node id may.
+pub fn holder_node(holder: &str) -> &str {
+    holder.rsplit_once('@').map_or(holder, |(node, _)| node)
+}
+
 /// Whether a node last seen at `last_seen_ms` is alive at `now_ms`: its
 /// heartbeat is at most `ttl` old. A heartbeat from the future (the Redis
 /// clock stepped back) counts as fresh.
@@ -446,6 +452,16 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_holder_names_its_node() {
+        let instance = new_instance();
+        assert!(!instance.contains('@'));
+        for node in ["smarthost-0", "a@b", ""] {
+            assert_eq!(holder_node(&lease_holder(node, &instance)), node);
+        }
+        assert_eq!(holder_node("node-a"), "node-a", "a bare node id");
+    }
 
     #[test]
     fn alive_or_dead() {

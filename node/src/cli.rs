@@ -908,25 +908,42 @@ fn format_summary(stats: &QueueStats) -> String {
     if stats.deliveries_by_domain.is_empty() {
         out.push_str("deliveries by domain: none\n");
     }
-    if !stats.oldest_age_by_domain.is_empty() {
-        out.push_str("oldest waiting, by domain\n");
-        let width = stats
-            .oldest_age_by_domain
-            .keys()
-            .map(String::len)
-            .max()
-            .unwrap_or(0);
-        for (domain, age) in &stats.oldest_age_by_domain {
-            let age = humantime::format_duration(std::time::Duration::from_secs(*age));
-            out.push_str(&format!("  {domain:<width$}  {age}\n"));
-        }
-    }
+    keyed_block(
+        &mut out,
+        "oldest waiting, by domain",
+        &stats.oldest_age_by_domain,
+        |age| humantime::format_duration(std::time::Duration::from_secs(*age)).to_string(),
+    );
+    keyed_block(
+        &mut out,
+        "in flight, by node",
+        &stats.in_flight_by_node,
+        usize::to_string,
+    );
     let suspended: Vec<&str> = stats.suspended.iter().map(String::as_str).collect();
     match suspended.as_slice() {
         [] => out.push_str("suspended domains: none\n"),
         names => out.push_str(&format!("suspended domains: {}\n", names.join(", "))),
     }
     out
+}
+
+/// `title`, then one aligned line per entry; nothing when there is none.
+fn keyed_block<V>(
+    out: &mut String,
+    title: &str,
+    entries: &std::collections::BTreeMap<String, V>,
+    show: impl Fn(&V) -> String,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    out.push_str(title);
+    out.push('\n');
+    let width = entries.keys().map(String::len).max().unwrap_or(0);
+    for (key, value) in entries {
+        out.push_str(&format!("  {key:<width$}  {}\n", show(value)));
+    }
 }
 
 fn check_config(path: Option<&Path>) -> ExitCode {
@@ -1159,6 +1176,10 @@ mod tests {
             deliveries_by_domain: [("held.test".to_string(), 3)].into_iter().collect(),
             oldest_age_by_domain: [("held.test".to_string(), 7500)].into_iter().collect(),
             deferred: 3,
+            in_flight: 3,
+            in_flight_by_node: [("node-a".to_string(), 1), ("smarthost-1".to_string(), 2)]
+                .into_iter()
+                .collect(),
             suspended: ["held.test".to_string(), "idle.test".to_string()]
                 .into_iter()
                 .collect(),
@@ -1174,6 +1195,10 @@ mod tests {
         );
         assert!(
             text.contains("oldest waiting, by domain\n  held.test  2h 5m\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("in flight, by node\n  node-a       1\n  smarthost-1  2\n"),
             "{text}"
         );
         assert!(

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use smarthost_coordinator::membership::holder_node;
 use smarthost_coordinator::LeaderTick;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 use tokio::sync::oneshot;
@@ -233,6 +234,11 @@ pub struct QueueStats {
     pub ready: usize,
     pub deferred: usize,
     pub in_flight: usize,
+    /// Deliveries in flight by the node delivering them. The queue itself
+    /// belongs to no node on Redis: any node takes any ready delivery
+    /// (absent from older nodes' answers).
+    #[serde(default)]
+    pub in_flight_by_node: BTreeMap<String, usize>,
     /// Enqueues waiting for a store call.
     pub waiting: usize,
     /// Store calls made so far.
@@ -535,6 +541,13 @@ impl Queue {
 
     pub fn with_settings(mut self, settings: DeliverySettings) -> Self {
         self.settings = settings;
+        self
+    }
+
+    /// Names the node in the leases it takes and in the queue's counts
+    /// (`with_schedule` names it for a shared schedule).
+    pub fn with_holder(mut self, holder: impl Into<String>) -> Self {
+        self.holder = holder.into();
         self
     }
 
@@ -1522,6 +1535,27 @@ impl Handler<RetryIn> for Queue {
     }
 }
 
+/// Deliveries in flight by node: from the holders of a shared schedule's
+/// leases, or all of them this process's (`own`) when the schedule is its
+/// alone (`by_holder` is `None`).
+fn by_node(
+    by_holder: Option<BTreeMap<String, usize>>,
+    in_flight: usize,
+    own: &str,
+) -> BTreeMap<String, usize> {
+    let by_holder = by_holder.unwrap_or_else(|| {
+        (in_flight > 0)
+            .then(|| (own.to_string(), in_flight))
+            .into_iter()
+            .collect()
+    });
+    let mut by_node = BTreeMap::new();
+    for (holder, n) in by_holder {
+        *by_node.entry(holder_node(&holder).to_string()).or_insert(0) += n;
+    }
+    by_node
+}
+
 /// Seconds since each receive time, at `now_ms`.
 fn ages(received: &BTreeMap<String, u64>, now_ms: u64) -> BTreeMap<String, u64> {
     received
@@ -1550,6 +1584,11 @@ impl Handler<Stats> for Queue {
                         ready: counts.ready,
                         deferred: counts.deferred,
                         in_flight: counts.in_flight,
+                        in_flight_by_node: by_node(
+                            counts.in_flight_by_holder,
+                            counts.in_flight,
+                            &queue.holder,
+                        ),
                         waiting: queue.batcher.waiting(),
                         store_calls: queue.store_calls,
                         suspended: counts.suspended,
@@ -1769,6 +1808,31 @@ mod tests {
     use super::*;
     use crate::spool::suite::{id, message};
     use crate::spool::{LocalSpool, LocalSpoolOptions};
+
+    #[test]
+    fn work_in_flight_is_counted_by_node() {
+        let holders = |pairs: &[(&str, usize)]| -> BTreeMap<String, usize> {
+            pairs.iter().map(|&(h, n)| (h.to_string(), n)).collect()
+        };
+        // A shared schedule: two processes of node-a (one restarted, its
+        // leases not yet reclaimed) and one of node-b.
+        let shared = by_node(
+            Some(holders(&[
+                ("node-a@1", 2),
+                ("node-a@2", 3),
+                ("node-b@1", 4),
+            ])),
+            9,
+            "node-b@1",
+        );
+        assert_eq!(shared, holders(&[("node-a", 5), ("node-b", 4)]));
+        // Leases counted, then gone before their holders were read: none
+        // is this process's for it.
+        assert!(by_node(Some(BTreeMap::new()), 2, "coord@1").is_empty());
+        // A schedule of this process alone.
+        assert_eq!(by_node(None, 7, "node-a@1"), holders(&[("node-a", 7)]));
+        assert!(by_node(None, 0, "node-a@1").is_empty());
+    }
 
     fn waiters(batch: &[(NewMessage, u64)]) -> Vec<u64> {
         batch.iter().map(|(_, w)| *w).collect()

@@ -287,6 +287,10 @@ pub struct SchedulerCounts {
     pub oldest_by_domain: BTreeMap<String, u64>,
     /// Domains an operator suspended, whether or not mail waits for them.
     pub suspended: BTreeSet<String>,
+    /// Deliveries in flight by the holder of their lease, for a schedule
+    /// shared by processes; `None` for one that belongs to one process
+    /// (every lease is its own).
+    pub in_flight_by_holder: Option<BTreeMap<String, usize>>,
     /// Entries of delivery reports recorded with an outcome but not known
     /// to be queued (a shared schedule queues or drops them on a later pass).
     pub pending_reports: usize,
@@ -686,6 +690,7 @@ impl Scheduler {
                 .filter_map(|(domain, ids)| Some((domain.clone(), ids.first()?.received_ms()?)))
                 .collect(),
             suspended: self.suspended.iter().cloned().collect(),
+            in_flight_by_holder: None,
             // Reports are queued with their outcome here (`follow_up`).
             pending_reports: 0,
         }

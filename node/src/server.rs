@@ -266,7 +266,12 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             })
             .await??;
             let spool: Arc<dyn Spool> = Arc::new(spool);
-            let queue = Queue::new(spool.clone()).with_settings(delivery_settings(&config)?);
+            let queue = Queue::new(spool.clone())
+                .with_settings(delivery_settings(&config)?)
+                .with_holder(coordinator::membership::lease_holder(
+                    &config.node.id,
+                    &INSTANCE,
+                ));
             // The node runs on the local backend: the limits are this node's.
             let limits: Arc<dyn DomainLimits> = Arc::new(LocalLimits::new());
             (

@@ -160,6 +160,42 @@ fn queue_summary_counts_accepted_messages() {
 }
 
 #[test]
+fn work_in_flight_is_shown_by_node() {
+    // The sink pauses before each reply: the delivery stays in flight.
+    let sink = Sink::start(SinkOptions::default().delay(Duration::from_secs(2)));
+    let relay = Relay::start(
+        "",
+        &format!(
+            "[[domains]]\nname = \"slow.test\"\nsmart_host = \"{}\"\n",
+            sink.smart_host()
+        ),
+    );
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    submit(&relay, "a@slow.test", "slow");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let json = loop {
+        let json = http::get(relay.admin_addr(), "/api/v1/queue", None).json();
+        if json["in_flight"] == 1 {
+            break json;
+        }
+        assert!(Instant::now() < deadline, "never in flight: {json}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // On the local backend every delivery is this node's (`node.id`, by
+    // default the host name).
+    assert_eq!(
+        json["in_flight_by_node"],
+        serde_json::json!({ node.trim(): 1 }),
+        "{json}"
+    );
+    let summary = queue_ok(&relay, &["summary"]);
+    assert!(
+        summary.contains(&format!("in flight, by node\n  {}  1\n", node.trim())),
+        "{summary}"
+    );
+}
+
+#[test]
 fn a_suspended_domain_keeps_its_mail_until_resumed() {
     let sink = Sink::start(SinkOptions::default());
     let relay = Relay::start(

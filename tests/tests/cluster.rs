@@ -125,9 +125,11 @@ fn three_nodes_share_the_queue_and_the_domain_caps() {
     let sink = sink();
     let Cluster { nodes, coordinator } = cluster(&redis, &sink, "15m");
     let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.relay.smtp).collect();
+    let watch = WorkInFlight::watch(coordinator.relay.admin_addr());
     let subjects = submit_all(&addrs, "shared", 600, SUBMITTERS);
     let duplicates = assert_all_arrived(&sink, &subjects, Duration::from_secs(90), &nodes);
     eprintln!("duplicates: {duplicates}");
+    watch.assert_spread_over(&["node-a", "node-b", "node-c"]);
     print_spread(&nodes);
     assert_cap_held(&sink);
     assert!(
@@ -148,6 +150,56 @@ fn three_nodes_share_the_queue_and_the_domain_caps() {
     assert_eq!(view["live"].as_array().map(Vec::len), Some(4), "{view}");
     assert_metrics_add_up(&nodes, &coordinator, &sink, subjects.len());
     the_sessions_of_every_node_are_shown_by_any(&nodes, &coordinator);
+}
+
+/// `in_flight_by_node` of `GET /api/v1/queue`, sampled every 50 ms (for at
+/// most 3 minutes) while the cluster works.
+struct WorkInFlight {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<Vec<serde_json::Value>>,
+}
+
+impl WorkInFlight {
+    fn watch(admin: SocketAddr) -> WorkInFlight {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(180);
+            let mut samples = Vec::new();
+            while !stopped.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let queue = http::get(admin, "/api/v1/queue", None).json();
+                if queue["in_flight"].as_u64() > Some(0) {
+                    samples.push(queue["in_flight_by_node"].clone());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            samples
+        });
+        WorkInFlight { stop, sampler }
+    }
+
+    /// Work was seen in flight, only on these nodes, and on more than one
+    /// of them.
+    fn assert_spread_over(self, nodes: &[&str]) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.sampler.join().unwrap();
+        assert!(!samples.is_empty(), "no work ever seen in flight");
+        let mut seen = std::collections::BTreeSet::new();
+        for sample in &samples {
+            let by_node = sample.as_object().expect("in_flight_by_node: an object");
+            for (node, n) in by_node {
+                assert!(nodes.contains(&node.as_str()), "{node} in {sample}");
+                assert!(n.as_u64() > Some(0), "{sample}");
+                seen.insert(node.clone());
+            }
+        }
+        eprintln!(
+            "in flight by node: {} samples, nodes {seen:?}",
+            samples.len()
+        );
+        assert!(seen.len() >= 2, "work in flight on {seen:?} only");
+    }
 }
 
 /// A session on node-a and one on node-c are listed by node-b and by the

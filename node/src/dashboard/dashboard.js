@@ -109,6 +109,9 @@ async function showQueue() {
                              ["in flight", "in_flight"], ["pending reports", "pending_reports"]]) {
     counts.appendChild(row([name, cell(stats[key], "num")]));
   }
+  for (const [node, n] of Object.entries(stats.in_flight_by_node || {})) {
+    counts.appendChild(row(["in flight on " + node, cell(n, "num")]));
+  }
   const domains = $("domains");
   domains.textContent = "";
   const names = new Set([...Object.keys(stats.deliveries_by_domain), ...stats.suspended]);

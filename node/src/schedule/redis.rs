@@ -371,6 +371,25 @@ pub struct RedisSchedule {
 }
 
 impl RedisSchedule {
+    /// How many leases each holder has in `domains`: what each node has in
+    /// flight. Reads the holders of leased work only, a few per domain.
+    async fn holders_of(&self, domains: &[String]) -> Result<BTreeMap<String, usize>, SpoolError> {
+        let mut by_holder = BTreeMap::new();
+        if domains.is_empty() {
+            return Ok(by_holder);
+        }
+        let mut pipe = redis::pipe();
+        for domain in domains {
+            pipe.cmd("HVALS").arg(domain_keys(domain).holders);
+        }
+        for holders in self.run("counts", &pipe).await? {
+            for holder in parse::<Vec<String>>("counts", holders)? {
+                *by_holder.entry(holder).or_insert(0) += 1;
+            }
+        }
+        Ok(by_holder)
+    }
+
     /// A schedule on the server of `spool`, whose records it shares.
     /// Loads the scripts (one round trip).
     pub async fn new(spool: &RedisSpool) -> Result<RedisSchedule, SpoolError> {
@@ -1977,6 +1996,7 @@ impl Schedule for RedisSchedule {
             ..SchedulerCounts::default()
         };
         if domains.is_empty() {
+            counts.in_flight_by_holder = Some(BTreeMap::new());
             return Ok(counts);
         }
         let mut pipe = redis::pipe();
@@ -1991,12 +2011,16 @@ impl Schedule for RedisSchedule {
         }
         let values = self.run("counts", &pipe).await?;
         let mut by_domain = BTreeMap::new();
+        let mut leased_domains = Vec::new();
         for (domain, n) in domains.into_iter().zip(values.chunks(4)) {
             let count = |i: usize| parse::<i64>("counts", n[i].clone()).map(|v| v as usize);
             let (ready, deferred, leased) = (count(0)?, count(1)?, count(2)?);
             counts.ready += ready;
             counts.deferred += deferred;
             counts.in_flight += leased;
+            if leased > 0 {
+                leased_domains.push(domain.clone());
+            }
             if ready + deferred + leased > 0 {
                 let oldest: Vec<String> = parse("counts", n[3].clone())?;
                 if let Some(ms) = oldest
@@ -2009,6 +2033,7 @@ impl Schedule for RedisSchedule {
             }
         }
         counts.deliveries_by_domain = by_domain;
+        counts.in_flight_by_holder = Some(self.holders_of(&leased_domains).await?);
         Ok(counts)
     }
 

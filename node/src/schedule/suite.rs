@@ -599,6 +599,17 @@ async fn counts_follow_the_deliveries(f: Fixture) {
     assert_eq!(counts.ready, 5);
     assert_eq!(counts.in_flight, 1);
     assert_eq!(counts.deferred, 0);
+    // A schedule shared through a store names who holds the work; one in
+    // memory belongs to one process, which holds it all.
+    let holders = counts
+        .in_flight_by_holder
+        .clone()
+        .map(|by_holder| by_holder.into_iter().collect::<Vec<_>>());
+    if f.spool.is_some() {
+        assert_eq!(holders, Some(vec![("node-a".to_string(), 1)]));
+    } else {
+        assert_eq!(holders, None);
+    }
     assert_eq!(
         counts.deliveries_by_domain.into_iter().collect::<Vec<_>>(),
         [
