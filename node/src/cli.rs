@@ -18,6 +18,8 @@ use crate::server::Role;
 use crate::sessions::SessionView;
 use crate::spool::Quarantined;
 
+mod send;
+
 #[derive(Debug, Parser)]
 #[command(name = "smarthost", version, about = "An SMTP relay for applications")]
 struct Cli {
@@ -67,6 +69,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send one message to a running node over SMTP: the body from a file
+    /// or standard input, with attachments. Prints the queue id.
+    Send(send::SendArgs),
     /// Print the argon2id hash of a password or token, for [[smtp.users]]
     /// and [[admin.operators]].
     HashPassword {
@@ -238,6 +243,7 @@ pub fn main() -> ExitCode {
         },
         Command::Queue { token, action } => queue(cli.config.as_deref(), token, action),
         Command::Sessions { token, json } => sessions(cli.config.as_deref(), token, json),
+        Command::Send(args) => send::send(cli.config.as_deref(), args),
         Command::HashPassword { secret, stdin } => hash_password(secret, stdin),
     }
 }

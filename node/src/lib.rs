@@ -42,6 +42,7 @@ pub mod auth_guard;
 pub mod body_memory;
 pub mod bounce;
 pub mod cli;
+pub mod compose;
 pub mod config;
 pub mod deadlines;
 pub mod delivery;

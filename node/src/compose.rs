@@ -1,0 +1,446 @@
+//! Builds a MIME message from its parts: what an application hands over
+//! instead of a message of its own (`smarthost send`; the HTTP send API
+//! takes the same fields).
+//!
+//! Pure: the parts in, the envelope and the message's bytes out, or the
+//! field at fault. Addresses are checked as SMTP checks them, and nothing
+//! a caller gives can add a header line of its own (no CR, LF or other
+//! control characters in names, subject or header values). The MIME
+//! structure and its encodings are `mail-builder`'s: text and HTML as
+//! `multipart/alternative`, attachments and inline parts in a
+//! `multipart/mixed` around it.
+
+use std::borrow::Cow;
+
+use mail_builder::headers::address::Address;
+use mail_builder::headers::text::Text;
+use mail_builder::MessageBuilder;
+use smarthost_proto::address::{parse_reverse_path, Mailbox};
+
+/// An address with an optional display name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named {
+    pub name: Option<String>,
+    pub email: String,
+}
+
+impl From<&str> for Named {
+    fn from(email: &str) -> Named {
+        Named {
+            name: None,
+            email: email.to_string(),
+        }
+    }
+}
+
+/// A file carried with the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub content: Vec<u8>,
+    /// Shown in the HTML body (`cid:`) rather than as a file.
+    pub content_id: Option<String>,
+}
+
+/// What a message is made of.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Parts {
+    pub from: Option<Named>,
+    pub to: Vec<Named>,
+    pub cc: Vec<Named>,
+    /// Recipients not named in the headers.
+    pub bcc: Vec<Named>,
+    pub reply_to: Option<Named>,
+    pub subject: String,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    /// Further header lines, in order.
+    pub headers: Vec<(String, String)>,
+    pub attachments: Vec<Attachment>,
+}
+
+/// A message ready to queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Composed {
+    pub sender: Mailbox,
+    /// To, Cc and Bcc, each address once.
+    pub recipients: Vec<Mailbox>,
+    /// RFC 5322, CRLF line ends.
+    pub message: Vec<u8>,
+}
+
+/// What is wrong, and where (`to[1]`, `headers[0].name`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ComposeError {
+    pub field: String,
+    pub message: String,
+}
+
+fn fault(field: impl Into<String>, message: impl Into<String>) -> ComposeError {
+    ComposeError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Header fields the parts set, or the relay does: a caller's header may
+/// not name them.
+const RESERVED_HEADERS: &[&str] = &[
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "reply-to",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "content-disposition",
+    "received",
+    "return-path",
+    "sender",
+];
+
+/// Builds the message. `hostname` goes into the `Message-ID`; `now_secs`
+/// (seconds since the epoch) is the `Date`; `unique` makes the
+/// `Message-ID` unique (the queue id of the message, say).
+pub fn compose(
+    parts: &Parts,
+    hostname: &str,
+    now_secs: u64,
+    unique: &str,
+) -> Result<Composed, ComposeError> {
+    let from = parts
+        .from
+        .as_ref()
+        .ok_or_else(|| fault("from", "a sender is required"))?;
+    let sender = mailbox("from", from)?;
+    let mut recipients: Vec<Mailbox> = Vec::new();
+    for (list, named) in [("to", &parts.to), ("cc", &parts.cc), ("bcc", &parts.bcc)] {
+        for (i, address) in named.iter().enumerate() {
+            let mailbox = mailbox(&format!("{list}[{i}]"), address)?;
+            if !recipients.contains(&mailbox) {
+                recipients.push(mailbox);
+            }
+        }
+    }
+    if recipients.is_empty() {
+        return Err(fault(
+            "to",
+            "at least one recipient (to, cc or bcc) is required",
+        ));
+    }
+    if let Some(reply_to) = &parts.reply_to {
+        mailbox("reply_to", reply_to)?;
+    }
+    one_line("subject", &parts.subject)?;
+    for (i, (name, value)) in parts.headers.iter().enumerate() {
+        header_name(&format!("headers[{i}].name"), name)?;
+        one_line(&format!("headers[{i}].value"), value)?;
+    }
+    for (i, attachment) in parts.attachments.iter().enumerate() {
+        check_attachment(i, attachment)?;
+    }
+
+    let mut builder = MessageBuilder::new()
+        .from(address(from))
+        .subject(parts.subject.as_str())
+        .date(now_secs as i64)
+        .message_id(format!("{unique}@{hostname}"));
+    if !parts.to.is_empty() {
+        builder = builder.to(Address::new_list(parts.to.iter().map(address).collect()));
+    }
+    if !parts.cc.is_empty() {
+        builder = builder.cc(Address::new_list(parts.cc.iter().map(address).collect()));
+    }
+    if let Some(reply_to) = &parts.reply_to {
+        builder = builder.reply_to(address(reply_to));
+    }
+    for (name, value) in &parts.headers {
+        builder = builder.header(name.as_str(), Text::new(value.as_str()));
+    }
+    match (&parts.text, &parts.html) {
+        (None, None) => builder = builder.text_body(""),
+        (text, html) => {
+            if let Some(text) = text {
+                builder = builder.text_body(text.as_str());
+            }
+            if let Some(html) = html {
+                builder = builder.html_body(html.as_str());
+            }
+        }
+    }
+    for attachment in &parts.attachments {
+        let content = attachment.content.as_slice();
+        let content_type = attachment.content_type.as_str();
+        builder = match &attachment.content_id {
+            Some(cid) => builder.inline(content_type, cid.as_str(), content),
+            None => builder.attachment(content_type, attachment.filename.as_str(), content),
+        };
+    }
+    let message = builder
+        .write_to_vec()
+        .map_err(|e| fault("message", e.to_string()))?;
+    Ok(Composed {
+        sender,
+        recipients,
+        message,
+    })
+}
+
+fn address(named: &Named) -> Address<'_> {
+    Address::new_address(
+        named.name.as_deref().map(Cow::Borrowed),
+        named.email.as_str(),
+    )
+}
+
+/// The address as SMTP would take it in `MAIL FROM`/`RCPT TO`, and a
+/// display name that stays on one line.
+fn mailbox(field: &str, named: &Named) -> Result<Mailbox, ComposeError> {
+    if let Some(name) = &named.name {
+        one_line(&format!("{field}.name"), name)?;
+    }
+    let email = named.email.trim();
+    if email.is_empty() || email.contains(['<', '>']) {
+        return Err(fault(field, format!("not an address: {:?}", named.email)));
+    }
+    match parse_reverse_path(&format!("<{email}>")) {
+        Ok(Some(path)) => Ok(path.mailbox),
+        Ok(None) => Err(fault(field, "an address is required")),
+        Err(e) => Err(fault(field, format!("{e}: {email:?}"))),
+    }
+}
+
+/// Text for one header line: no control characters but tab.
+fn one_line(field: &str, text: &str) -> Result<(), ComposeError> {
+    match text.chars().find(|c| c.is_control() && *c != '\t') {
+        Some(c) => Err(fault(
+            field,
+            format!("control character {c:?} not allowed in a header"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A header field name (RFC 5322 `ftext`) the parts do not set already.
+fn header_name(field: &str, name: &str) -> Result<(), ComposeError> {
+    if name.is_empty() || !name.bytes().all(|b| (33..=126).contains(&b) && b != b':') {
+        return Err(fault(field, format!("not a header field name: {name:?}")));
+    }
+    if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        return Err(fault(
+            field,
+            format!("{name} is set from the message's fields, not as a header"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_attachment(i: usize, attachment: &Attachment) -> Result<(), ComposeError> {
+    let field = |name: &str| format!("attachments[{i}].{name}");
+    if attachment.filename.trim().is_empty() && attachment.content_id.is_none() {
+        return Err(fault(field("filename"), "a file name is required"));
+    }
+    one_line(&field("filename"), &attachment.filename)?;
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    match attachment.content_type.split_once('/') {
+        Some((kind, subtype)) if token(kind) && token(subtype) => {}
+        _ => {
+            return Err(fault(
+                field("content_type"),
+                format!("not a media type: {:?}", attachment.content_type),
+            ))
+        }
+    }
+    if let Some(cid) = &attachment.content_id {
+        if cid.is_empty() || cid.contains(['<', '>']) || cid.chars().any(char::is_control) {
+            return Err(fault(
+                field("content_id"),
+                format!("not a content id: {cid:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use mail_parser::MimeHeaders;
+
+    use super::*;
+
+    fn parts() -> Parts {
+        Parts {
+            from: Some(Named {
+                name: Some("Shop Café".into()),
+                email: "shop@app.example".into(),
+            }),
+            to: vec!["Alice@Example.ORG".into(), "bob@example.net".into()],
+            cc: vec!["carol@example.com".into()],
+            bcc: vec!["audit@app.example".into(), "bob@example.net".into()],
+            subject: "Your order ✓".into(),
+            text: Some("Thank you.\n".into()),
+            html: Some("<p>Thank you.</p><img src=\"cid:logo\">".into()),
+            headers: vec![("X-Order".into(), "1234".into())],
+            attachments: vec![
+                Attachment {
+                    filename: "invoice.pdf".into(),
+                    content_type: "application/pdf".into(),
+                    content: (0..=255u8).cycle().take(5000).collect(),
+                    content_id: None,
+                },
+                Attachment {
+                    filename: "logo.png".into(),
+                    content_type: "image/png".into(),
+                    content: vec![0x89, b'P', b'N', b'G', 0, 1, 2],
+                    content_id: Some("logo".into()),
+                },
+            ],
+            ..Parts::default()
+        }
+    }
+
+    #[test]
+    fn a_message_with_every_part_parses_back() {
+        let composed = compose(&parts(), "relay.test", 1_700_000_000, "abc123").unwrap();
+        assert_eq!(composed.sender.to_string(), "shop@app.example");
+        let recipients: Vec<String> = composed
+            .recipients
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            recipients,
+            [
+                "Alice@example.org",
+                "bob@example.net",
+                "carol@example.com",
+                "audit@app.example"
+            ],
+            "once each, domains in routing form"
+        );
+        let message = mail_parser::MessageParser::default()
+            .parse(&composed.message)
+            .expect("parses");
+        assert_eq!(message.subject(), Some("Your order ✓"));
+        assert_eq!(message.message_id(), Some("abc123@relay.test"));
+        assert_eq!(
+            message.date().map(|d| d.to_timestamp()),
+            Some(1_700_000_000)
+        );
+        assert_eq!(
+            message
+                .from()
+                .and_then(|a| a.first())
+                .and_then(|a| a.name()),
+            Some("Shop Café")
+        );
+        assert_eq!(message.to().map(|a| a.iter().count()), Some(2));
+        assert!(message.bcc().is_none(), "Bcc stays out of the headers");
+        assert_eq!(message.header_raw("X-Order").map(str::trim), Some("1234"));
+        // Line ends go out as CRLF.
+        assert_eq!(message.body_text(0).as_deref(), Some("Thank you.\r\n"));
+        assert!(message.body_html(0).unwrap().contains("cid:logo"));
+        let invoice = message
+            .attachments()
+            .find(|a| a.attachment_name() == Some("invoice.pdf"))
+            .expect("the invoice");
+        assert_eq!(
+            invoice.contents(),
+            parts().attachments[0].content.as_slice()
+        );
+        let logo = message
+            .attachments()
+            .find(|a| a.content_id() == Some("logo"))
+            .expect("the inline logo");
+        assert_eq!(logo.contents(), parts().attachments[1].content.as_slice());
+        let text = String::from_utf8_lossy(&composed.message);
+        assert!(!text.contains("audit@"), "{text}");
+        assert!(text.lines().all(|l| l.len() <= 998), "line length");
+    }
+
+    #[test]
+    fn bad_parts_name_their_field() {
+        type Change = fn(&mut Parts);
+        let table: &[(Change, &str)] = &[
+            (|p| p.from = None, "from"),
+            (|p| p.from = Some("not an address".into()), "from"),
+            (|p| p.to[1] = "bob@".into(), "to[1]"),
+            (|p| p.cc = vec!["<carol@example.com>".into()], "cc[0]"),
+            (
+                |p| {
+                    p.to.clear();
+                    p.cc.clear();
+                    p.bcc.clear();
+                },
+                "to",
+            ),
+            (
+                |p| p.subject = "hi\r\nBcc: victim@example.org".into(),
+                "subject",
+            ),
+            (
+                |p| {
+                    p.to[0] = Named {
+                        name: Some("A\nB".into()),
+                        email: "a@example.org".into(),
+                    }
+                },
+                "to[0].name",
+            ),
+            (
+                |p| p.headers = vec![("X Bad".into(), "v".into())],
+                "headers[0].name",
+            ),
+            (
+                |p| p.headers = vec![("Bcc".into(), "x@example.org".into())],
+                "headers[0].name",
+            ),
+            (
+                |p| p.headers = vec![("X-Ok".into(), "a\rb".into())],
+                "headers[0].value",
+            ),
+            (
+                |p| p.attachments[0].content_type = "pdf".into(),
+                "attachments[0].content_type",
+            ),
+            (
+                |p| p.attachments[0].filename = " ".into(),
+                "attachments[0].filename",
+            ),
+            (
+                |p| p.attachments[1].content_id = Some("<x>".into()),
+                "attachments[1].content_id",
+            ),
+        ];
+        for (i, (change, field)) in table.iter().enumerate() {
+            let mut p = parts();
+            change(&mut p);
+            let error = compose(&p, "relay.test", 0, "x").unwrap_err();
+            assert_eq!(error.field, *field, "case {i}: {error}");
+        }
+    }
+
+    #[test]
+    fn no_body_gives_an_empty_text_part() {
+        let p = Parts {
+            from: Some("a@example.org".into()),
+            to: vec!["b@example.org".into()],
+            ..Parts::default()
+        };
+        let composed = compose(&p, "relay.test", 0, "x").unwrap();
+        let message = mail_parser::MessageParser::default()
+            .parse(&composed.message)
+            .unwrap();
+        assert_eq!(message.body_text(0).as_deref().map(str::trim), Some(""));
+    }
+}

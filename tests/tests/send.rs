@@ -1,0 +1,170 @@
+//! `smarthost send` against the real binary: a message built from the
+//! command line (text, HTML, an attachment, a header, Bcc) goes through
+//! the relay to a real sink, and Python's `email` package, a MIME parser
+//! independent of ours, reads it back with the attachment byte for byte.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use smarthost_tests::relay::Relay;
+use smarthost_tests::sink::{Sink, SinkOptions};
+
+/// What Python's `email` parser makes of a message: subject, the media
+/// types of its parts in order, and each attachment's name and bytes (hex).
+const READ_BACK: &str = r#"
+import email, email.policy, json, sys
+m = email.message_from_bytes(sys.stdin.buffer.read(), policy=email.policy.default)
+print(json.dumps({
+    "subject": m["subject"],
+    "defects": [str(d) for d in m.defects],
+    "types": [p.get_content_type() for p in m.walk()],
+    "text": m.get_body(("plain",)).get_content(),
+    "html": m.get_body(("html",)).get_content(),
+    "attachments": {a.get_filename(): a.get_payload(decode=True).hex() for a in m.iter_attachments()},
+    "job": m["X-Job"],
+    "bcc": m["Bcc"],
+}))
+"#;
+
+fn read_back(message: &[u8]) -> serde_json::Value {
+    let mut python = Command::new("python3")
+        .args(["-c", READ_BACK])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    python.stdin.take().unwrap().write_all(message).unwrap();
+    let out = python.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_message_from_the_command_line_arrives_as_valid_mime() {
+    let sink = Sink::start(SinkOptions::default());
+    let relay = Relay::start(
+        "",
+        &format!(
+            "[[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
+            sink.smart_host()
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body.txt");
+    std::fs::write(&body, "Hello,\n\n.the report is attached.\n").unwrap();
+    let html = dir.path().join("body.html");
+    std::fs::write(&html, "<p>Hello, the <b>report</b> is attached.</p>\n").unwrap();
+    let report = dir.path().join("report.pdf");
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    std::fs::write(&report, &bytes).unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let out = relay.cli(
+        &[
+            "send",
+            "--from",
+            "app@sender.test",
+            "--to",
+            "alice@example.org",
+            "--cc",
+            "bob@example.org",
+            "--bcc",
+            "audit@example.org",
+            "--subject",
+            "Monthly report ✓",
+            "--body",
+            &path(&body),
+            "--html",
+            &path(&html),
+            "--attach",
+            &path(&report),
+            "--header",
+            "X-Job: 42",
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("queued as "), "{stdout}");
+
+    let received = sink.wait_for(1, Duration::from_secs(20));
+    let message = &received[0];
+    let mut rcpts = message.rcpt_tos.clone();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        ["alice@example.org", "audit@example.org", "bob@example.org"]
+    );
+    let parsed = read_back(&message.body);
+    assert_eq!(parsed["defects"], serde_json::json!([]), "{parsed}");
+    assert_eq!(parsed["subject"], "Monthly report ✓", "{parsed}");
+    assert_eq!(parsed["job"], "42");
+    assert_eq!(parsed["bcc"], serde_json::Value::Null, "Bcc is not shown");
+    assert_eq!(
+        parsed["types"],
+        serde_json::json!([
+            "multipart/mixed",
+            "multipart/alternative",
+            "text/plain",
+            "text/html",
+            "application/pdf"
+        ]),
+        "{parsed}"
+    );
+    assert_eq!(
+        parsed["text"].as_str().unwrap().replace("\r\n", "\n"),
+        "Hello,\n\n.the report is attached.\n"
+    );
+    assert!(parsed["html"].as_str().unwrap().contains("<b>report</b>"));
+    assert_eq!(
+        parsed["attachments"]["report.pdf"].as_str(),
+        Some(hex(&bytes).as_str()),
+        "the attachment byte for byte"
+    );
+    assert!(message.header("Message-ID").is_some() && message.header("Date").is_some());
+}
+
+#[test]
+fn a_bad_address_is_named_and_nothing_is_sent() {
+    let mut relay = Relay::start("", "");
+    let out = relay.cli(
+        &[
+            "send",
+            "--from",
+            "app@sender.test",
+            "--to",
+            "bob@",
+            "--body",
+            "/dev/null",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: to[0]: "), "{stderr}");
+    let out = relay.cli(
+        &[
+            "send",
+            "--from",
+            "app@sender.test",
+            "--to",
+            "bob@example.org",
+            "--subject",
+            "a\nBcc: x@example.org",
+            "--body",
+            "/dev/null",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("error: subject: control character"),
+        "{out:?}"
+    );
+    relay.terminate(Duration::from_secs(20));
+    assert!(relay.spool_records().is_empty(), "nothing queued");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
