@@ -1,6 +1,5 @@
 //! Builds a MIME message from its parts: what an application hands over
-//! instead of a message of its own (`smarthost send`; the HTTP send API
-//! takes the same fields).
+//! instead of a message of its own (`smarthost send`).
 //!
 //! Pure: the parts in, the envelope and the message's bytes out, or the
 //! field at fault. Addresses are checked as SMTP checks them, and nothing
