@@ -371,25 +371,6 @@ pub struct RedisSchedule {
 }
 
 impl RedisSchedule {
-    /// How many leases each holder has in `domains`: what each node has in
-    /// flight. Reads the holders of leased work only, a few per domain.
-    async fn holders_of(&self, domains: &[String]) -> Result<BTreeMap<String, usize>, SpoolError> {
-        let mut by_holder = BTreeMap::new();
-        if domains.is_empty() {
-            return Ok(by_holder);
-        }
-        let mut pipe = redis::pipe();
-        for domain in domains {
-            pipe.cmd("HVALS").arg(domain_keys(domain).holders);
-        }
-        for holders in self.run("counts", &pipe).await? {
-            for holder in parse::<Vec<String>>("counts", holders)? {
-                *by_holder.entry(holder).or_insert(0) += 1;
-            }
-        }
-        Ok(by_holder)
-    }
-
     /// A schedule on the server of `spool`, whose records it shares.
     /// Loads the scripts (one round trip).
     pub async fn new(spool: &RedisSpool) -> Result<RedisSchedule, SpoolError> {
@@ -2008,18 +1989,20 @@ impl Schedule for RedisSchedule {
             // The oldest message listed for the domain: ids start with
             // the receive time.
             pipe.cmd("ZRANGE").arg(&k.messages).arg(0).arg(0);
+            // Who holds its leases: as many as are in flight, a few.
+            pipe.cmd("HVALS").arg(&k.holders);
         }
         let values = self.run("counts", &pipe).await?;
         let mut by_domain = BTreeMap::new();
-        let mut leased_domains = Vec::new();
-        for (domain, n) in domains.into_iter().zip(values.chunks(4)) {
+        let mut by_holder = BTreeMap::new();
+        for (domain, n) in domains.into_iter().zip(values.chunks(5)) {
             let count = |i: usize| parse::<i64>("counts", n[i].clone()).map(|v| v as usize);
             let (ready, deferred, leased) = (count(0)?, count(1)?, count(2)?);
             counts.ready += ready;
             counts.deferred += deferred;
             counts.in_flight += leased;
-            if leased > 0 {
-                leased_domains.push(domain.clone());
+            for holder in parse::<Vec<String>>("counts", n[4].clone())? {
+                *by_holder.entry(holder).or_insert(0) += 1;
             }
             if ready + deferred + leased > 0 {
                 let oldest: Vec<String> = parse("counts", n[3].clone())?;
@@ -2033,7 +2016,7 @@ impl Schedule for RedisSchedule {
             }
         }
         counts.deliveries_by_domain = by_domain;
-        counts.in_flight_by_holder = Some(self.holders_of(&leased_domains).await?);
+        counts.in_flight_by_holder = Some(by_holder);
         Ok(counts)
     }
 
@@ -2345,6 +2328,14 @@ mod tests {
     use crate::spool::suite::{id, message};
     use crate::spool::Spool;
     use smarthost_testkit::redis::RedisServer;
+
+    /// What an empty shared schedule counts: nothing, and no holder.
+    fn empty_counts() -> SchedulerCounts {
+        SchedulerCounts {
+            in_flight_by_holder: Some(BTreeMap::new()),
+            ..SchedulerCounts::default()
+        }
+    }
 
     async fn flush(server: &RedisServer) {
         let mut conn = redis::Client::open(server.url())
@@ -2920,7 +2911,7 @@ mod tests {
             .expect("done");
         assert!(done.message_done());
         assert!(complete(&*a, &id, "example.net", &net, t0).await.is_none());
-        assert_eq!(b.counts().await.unwrap(), SchedulerCounts::default());
+        assert_eq!(b.counts().await.unwrap(), empty_counts());
         // The body stays a while for a report, then Redis drops it.
         assert!(spool.read_body(&id).await.is_ok());
         assert!(spool.list().await.unwrap().is_empty());
@@ -3576,7 +3567,7 @@ mod tests {
             assert!(q.reason.contains("version 99"), "{q:?}");
             assert!(q.bytes > 100, "record and body: {q:?}");
         }
-        assert_eq!(s.counts().await.unwrap(), SchedulerCounts::default());
+        assert_eq!(s.counts().await.unwrap(), empty_counts());
     }
 
     #[tokio::test]
