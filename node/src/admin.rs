@@ -48,7 +48,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::auth::{Access, Operator, OperatorDb};
+use crate::auth::{Access, Memory, Operator, OperatorDb};
 use crate::auth_guard::GuardStats;
 use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
 use crate::config::check_domain_name;
@@ -109,6 +109,8 @@ pub struct AdminEnv {
     sessions: Option<Sessions>,
     /// Every node's sessions, on the Redis backend.
     board: Option<Board>,
+    /// The send API; `None` where no queue runs (a coordinator alone).
+    send: Option<crate::send_api::SendEnv>,
 }
 
 impl AdminEnv {
@@ -150,6 +152,7 @@ impl AdminEnv {
             smtp_logins: None,
             sessions: None,
             board: None,
+            send: None,
         }
     }
 }
@@ -160,6 +163,12 @@ impl AdminEnv {
     pub fn with_guard(mut self, checks: PasswordChecks, guard: AuthGuard) -> Self {
         self.checks = Arc::new(checks);
         self.guard = Arc::new(guard);
+        self
+    }
+
+    /// Serves `POST /api/v1/send` into this queue.
+    pub fn with_send(mut self, send: crate::send_api::SendEnv) -> Self {
+        self.send = Some(send);
         self
     }
 
@@ -318,6 +327,7 @@ fn api(config: &mut web::ServiceConfig) {
     config
         .service(web::resource("/whoami").get(whoami))
         .service(web::resource("/queue").get(queue))
+        .service(web::resource("/send").post(send_message))
         .service(
             web::resource("/messages")
                 .get(messages)
@@ -493,17 +503,13 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Lets the request through when no operator is configured, or when its
-/// token belongs to an operator whose role allows `access`; answers the
-/// operator (none for an open API).
-async fn authorize(
+/// Whose bearer token this request carries, by `lookup` (argon2 checks,
+/// run in the bounded slots and throttled per address like SMTP logins).
+pub(crate) async fn identify<T: Send + 'static>(
     env: &AdminEnv,
     request: &HttpRequest,
-    access: Access,
-) -> Result<Option<Operator>, ApiError> {
-    if env.operators.is_empty() {
-        return Ok(None);
-    }
+    lookup: impl FnOnce(&str, &mut Memory) -> Option<T> + Send + 'static,
+) -> Result<T, ApiError> {
     let Some(header) = request.headers().get(header::AUTHORIZATION) else {
         return Err(ApiError::Unauthorized("a bearer token is required"));
     };
@@ -515,17 +521,10 @@ async fn authorize(
             "the Authorization header is not \"Bearer <token>\"",
         ))?
         .to_string();
-    let ip = request
-        .peer_addr()
-        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |peer| {
-            peer.ip().to_canonical()
-        });
-    let operators = env.operators.clone();
-    let (operator, _) = env
+    let ip = client_ip(request);
+    let (found, _) = env
         .guard
-        .check(&env.checks, ip, None, move |memory| {
-            operators.identify_in(&token, memory)
-        })
+        .check(&env.checks, ip, None, move |memory| lookup(&token, memory))
         .await
         .map_err(|refusal| match refusal {
             Refusal::Busy => ApiError::Busy,
@@ -533,12 +532,42 @@ async fn authorize(
                 ApiError::Blocked(for_ms.div_ceil(1000))
             }
         })?;
-    let Some(operator) = operator else {
-        tracing::warn!(peer = ?request.peer_addr(), "admin API: unknown token");
-        let delay = env.guard.failed(ip, None, false).await;
-        tokio::time::sleep(delay).await;
-        return Err(ApiError::Unauthorized("the token is not valid"));
-    };
+    match found {
+        Some(found) => Ok(found),
+        None => {
+            tracing::warn!(peer = ?request.peer_addr(), "admin API: unknown token");
+            let delay = env.guard.failed(ip, None, false).await;
+            tokio::time::sleep(delay).await;
+            Err(ApiError::Unauthorized("the token is not valid"))
+        }
+    }
+}
+
+/// The client's address (unspecified if unknown).
+pub(crate) fn client_ip(request: &HttpRequest) -> std::net::IpAddr {
+    request
+        .peer_addr()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |peer| {
+            peer.ip().to_canonical()
+        })
+}
+
+/// Lets the request through when no operator is configured, or when its
+/// token belongs to an operator whose role allows `access`; answers the
+/// operator (none for an open API).
+async fn authorize(
+    env: &AdminEnv,
+    request: &HttpRequest,
+    access: Access,
+) -> Result<Option<Operator>, ApiError> {
+    if env.operators.is_empty() {
+        return Ok(None);
+    }
+    let operators = env.operators.clone();
+    let operator = identify(env, request, move |token, memory| {
+        operators.identify_in(token, memory)
+    })
+    .await?;
     if !operator.role.allows(access) {
         return Err(ApiError::Forbidden {
             role: operator.role.name(),
@@ -608,6 +637,69 @@ async fn queue(
         .await
         .map_err(|_| ApiError::QueueGone)?;
     Ok(web::Json(stats))
+}
+
+/// `POST /send`: a message from an application's JSON, with its key.
+async fn send_message(
+    request: HttpRequest,
+    mut payload: web::Payload,
+    env: web::Data<AdminEnv>,
+) -> Result<HttpResponse, ApiError> {
+    use futures_util::StreamExt as _;
+    let Some(send) = env.send.clone() else {
+        return Err(ApiError::QueueGone);
+    };
+    let keys = send.keys.clone();
+    let holder = identify(&env, &request, move |token, memory| {
+        keys.identify_in(token, memory)
+    })
+    .await?;
+    let fault = |fault: crate::send_api::SendFault| {
+        let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::BAD_REQUEST);
+        HttpResponse::build(status).json(fault)
+    };
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if !json {
+        return Ok(fault(crate::send_api::SendFault {
+            status: 415,
+            code: "unsupported_media_type",
+            field: None,
+            message: "send JSON (Content-Type: application/json)".into(),
+        }));
+    }
+    // Read only once the key is known, and only up to what a message of
+    // the largest size takes in base64 within JSON.
+    let limit = (send.max_message_size as usize / 3 + 1) * 4 + 64 * 1024;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadQuery(format!("reading the request: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Ok(fault(crate::send_api::SendFault {
+                status: 413,
+                code: "message_too_large",
+                field: None,
+                message: format!("a request over {limit} octets (smtp.max_message_size in base64)"),
+            }));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let parts = match crate::send_api::parse_request(&body) {
+        Ok(parts) => parts,
+        Err(f) => return Ok(fault(f)),
+    };
+    match crate::send_api::send(&send, &holder, client_ip(&request), parts).await {
+        Ok((id, recipients)) => Ok(HttpResponse::Ok()
+            .json(serde_json::json!({ "id": id.to_string(), "recipients": recipients }))),
+        Err(f) => Ok(fault(f)),
+    }
 }
 
 /// A message id as the relay makes them ([`MessageId::new`]); nothing

@@ -27,6 +27,7 @@ pub struct Config {
     pub domains: Vec<DomainConfig>,
     pub bounce: BounceConfig,
     pub admin: AdminConfig,
+    pub api: ApiConfig,
     pub log: LogConfig,
 }
 
@@ -309,6 +310,27 @@ pub struct AdminConfig {
     pub token_max_failures: u32,
     #[serde(with = "human::duration")]
     pub token_block_duration: Duration,
+}
+
+/// The HTTP send API (`POST /api/v1/send` on the admin server).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The applications that may send; none: every send is refused (`401`).
+    pub keys: Vec<ApiKey>,
+}
+
+/// An application's key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    pub name: String,
+    /// The argon2 PHC string of the key's bearer token, from
+    /// `smarthost hash-password`.
+    pub token_hash: String,
+    /// The senders it may use: addresses (`noreply@app.example`) or whole
+    /// domains (`app.example`). At least one.
+    pub senders: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -802,6 +824,7 @@ impl Config {
             }
         }
         self.validate_admin(&mut errors);
+        self.validate_api(&mut errors);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             errors.add(
                 "log.level",
@@ -1012,6 +1035,35 @@ impl Config {
             }
             if let Err(e) = crate::auth::check_password_hash(&operator.token_hash) {
                 errors.add(format!("{key}.token_hash"), e);
+            }
+        }
+    }
+
+    fn validate_api(&self, errors: &mut Errors) {
+        let keys = &self.api.keys;
+        for (i, key) in keys.iter().enumerate() {
+            let at = format!("api.keys[{i}]");
+            if key.name.trim().is_empty() {
+                errors.add(format!("{at}.name"), "must not be empty");
+            } else if keys[..i].iter().any(|k| k.name == key.name) {
+                errors.add(
+                    format!("{at}.name"),
+                    format!("key {:?} is listed twice", key.name),
+                );
+            }
+            if let Err(e) = crate::auth::check_password_hash(&key.token_hash) {
+                errors.add(format!("{at}.token_hash"), e);
+            }
+            if key.senders.is_empty() {
+                errors.add(
+                    format!("{at}.senders"),
+                    "must name at least one address or domain",
+                );
+            }
+            for (j, sender) in key.senders.iter().enumerate() {
+                if let Err(e) = crate::send_api::SenderRule::parse(sender) {
+                    errors.add(format!("{at}.senders[{j}]"), e);
+                }
             }
         }
     }
@@ -2046,6 +2098,39 @@ mod tests {
                 "smtp.tls.key",
                 "smtp.users[0].password_hash",
                 "smtp.users[1].name",
+            ],
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn api_keys_need_unique_names_usable_hashes_and_senders() {
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Tt0Yl1xFw1v0BA6fyKUsI0VR5Ko9ZtVN4Nh2Ajm9b1Q";
+        let config = load(
+            &format!(
+                "[[api.keys]]\nname = \"shop\"\ntoken_hash = \"{hash}\"\n\
+                 senders = [\"shop.example\", \"alerts@ops.example\"]\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.api.keys[0].senders.len(), 2);
+        let errors = invalid(&format!(
+            "[[api.keys]]\nname = \"shop\"\ntoken_hash = \"secret\"\nsenders = []\n\
+             [[api.keys]]\nname = \"shop\"\ntoken_hash = \"{hash}\"\nsenders = [\"a@\"]\n"
+        ));
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "api.keys[0].token_hash",
+                "api.keys[0].senders",
+                "api.keys[1].name",
+                "api.keys[1].senders[0]",
             ],
             "{errors:#?}"
         );

@@ -452,6 +452,13 @@ fn start_admin(
     )
     .with_guard(checks, guard)
     .with_spool(spool.clone())
+    .with_send(crate::send_api::SendEnv {
+        keys: Arc::new(crate::send_api::ApiKeys::new(&config.api.keys)),
+        queue: queue.clone().recipient(),
+        hostname: config.node.hostname.clone(),
+        max_recipients: config.smtp.max_recipients,
+        max_message_size: config.smtp.max_message_size,
+    })
     .with_messages(admin::MessageQueue {
         replay: queue.clone().recipient(),
         list: queue.clone().recipient(),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::Recipient;
 use ipnet::IpNet;
-use smarthost_proto::envelope::{ClientInfo, MessageId, MessageRecord};
+use smarthost_proto::envelope::{ClientInfo, MessageId};
 use smarthost_proto::received;
 use smarthost_proto::reply::{EnhancedStatus, Reply};
 use smarthost_proto::session::{
@@ -40,7 +40,7 @@ use crate::queue::Enqueue;
 use crate::session_log::{Entry as SessionLogEntry, SessionLog};
 use crate::sessions::{Sessions, Tracked};
 use crate::spill::{Spill, SpillConfig};
-use crate::spool::{Body, NewMessage};
+use crate::spool::Body;
 
 /// What every session of a node shares.
 pub struct SessionEnv {
@@ -624,35 +624,11 @@ async fn store(
             }
         },
     };
-    let sender = envelope
-        .sender
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    let recipients = envelope.recipients.len();
     let client = ClientInfo {
         ip,
         helo,
         auth_user,
         tls,
     };
-    let size = body.len();
-    let record = MessageRecord::new(id.clone(), now_ms, size, client, envelope);
-    match env.queue.send(Enqueue(NewMessage { record, body })).await {
-        Ok(Ok(())) => {
-            tracing::info!(message_id = %id, from = %sender, recipients, size, "message accepted");
-            crate::metrics::message_received(recipients, size, started.elapsed());
-            Ok(id)
-        }
-        Ok(Err(error)) => {
-            tracing::error!(%error, "message not stored");
-            crate::metrics::message_not_stored();
-            Err(StoreFailure::Unavailable)
-        }
-        Err(error) => {
-            tracing::error!(%error, "queue unreachable");
-            crate::metrics::message_not_stored();
-            Err(StoreFailure::Unavailable)
-        }
-    }
+    crate::submit::enqueue(&env.queue, id, now_ms, client, envelope, body, started).await
 }

@@ -49,7 +49,41 @@ impl Response {
 pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Response {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    exchange(stream, addr, method, path, token)
+    exchange(stream, addr, method, path, token, None)
+}
+
+/// Sends `method path` with `body` of `content_type` (and the token when
+/// given) and reads the whole answer.
+pub fn send_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> Response {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    exchange(
+        stream,
+        addr,
+        method,
+        path,
+        token,
+        Some((content_type, body)),
+    )
+}
+
+/// An argon2id hash of `token` at the lowest cost, so that debug builds
+/// check it fast; for `[[admin.operators]]` and `[[api.keys]]`.
+pub fn token_hash(token: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::encode_b64(b"a test salt, 16").unwrap();
+    let params = argon2::Params::new(argon2::Params::MIN_M_COST, 1, 1, None).unwrap();
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(token.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
 }
 
 /// [`request`] from a chosen loopback source address (127.0.0.0/8 all
@@ -69,7 +103,7 @@ pub fn request_from(
     socket
         .connect_timeout(&addr.into(), Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    exchange(socket.into(), addr, method, path, token)
+    exchange(socket.into(), addr, method, path, token, None)
 }
 
 fn exchange(
@@ -78,18 +112,26 @@ fn exchange(
     method: &str,
     path: &str,
     token: Option<&str>,
+    body: Option<(&str, &[u8])>,
 ) -> Response {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
+    let length = body.map_or(0, |(_, bytes)| bytes.len());
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {length}\r\n"
     );
+    if let Some((content_type, _)) = body {
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
     if let Some(token) = token {
         head.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).unwrap();
+    if let Some((_, bytes)) = body {
+        stream.write_all(bytes).unwrap();
+    }
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read the answer");
     let text = String::from_utf8_lossy(&raw);

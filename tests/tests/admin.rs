@@ -5,9 +5,7 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHasher, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
-use smarthost_tests::http;
+use smarthost_tests::http::{self, token_hash};
 use smarthost_tests::relay::{free_port, Relay};
 use smarthost_tests::sink::{Sink, SinkOptions};
 use smarthost_tests::smtp::{queued_id, Client};
@@ -75,17 +73,6 @@ fn submit(relay: &Relay, to: &str, subject: &str) -> String {
     let id = queued_id(&reply);
     c.expect("QUIT", 221);
     id
-}
-
-/// An argon2id hash of `token` at the lowest cost, so that the debug
-/// binary checks it quickly; the relay takes the cost from the hash.
-fn token_hash(token: &str) -> String {
-    let salt = SaltString::encode_b64(token.as_bytes()).unwrap();
-    let params = Params::new(Params::MIN_M_COST, 1, 1, None).unwrap();
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-        .hash_password(token.as_bytes(), &salt)
-        .unwrap()
-        .to_string()
 }
 
 #[test]

@@ -1,12 +1,15 @@
-//! `smarthost send` against the real binary: a message built from the
-//! command line (text, HTML, an attachment, a header, Bcc) goes through
-//! the relay to a real sink, and Python's `email` package, a MIME parser
-//! independent of ours, reads it back with the attachment byte for byte.
+//! `smarthost send` and `POST /api/v1/send` against the real binary: a
+//! message built from the command line or from JSON (text, HTML, an
+//! attachment, a header, Bcc) goes through the relay to a real sink, and
+//! Python's `email` package, a MIME parser independent of ours, reads it
+//! back with the attachment byte for byte. Bad requests get a precise
+//! answer and queue nothing.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use smarthost_tests::http;
 use smarthost_tests::relay::Relay;
 use smarthost_tests::sink::{Sink, SinkOptions};
 
@@ -167,4 +170,156 @@ fn a_bad_address_is_named_and_nothing_is_sent() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A relay with one application key, `shop`, that may send as anyone at
+/// shop.example and as alerts@ops.example, routing example.org to `sink`.
+fn relay_with_a_key(sink: &Sink) -> Relay {
+    Relay::start(
+        "",
+        &format!(
+            "[[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n\n\
+             [[api.keys]]\nname = \"shop\"\ntoken_hash = \"{}\"\n\
+             senders = [\"shop.example\", \"alerts@ops.example\"]\n",
+            sink.smart_host(),
+            http::token_hash("shop-token")
+        ),
+    )
+}
+
+fn send_json(relay: &Relay, token: Option<&str>, json: &serde_json::Value) -> http::Response {
+    http::send_body(
+        relay.admin_addr(),
+        "POST",
+        "/api/v1/send",
+        token,
+        "application/json",
+        json.to_string().as_bytes(),
+    )
+}
+
+#[test]
+fn a_json_send_with_html_and_an_attachment_arrives_as_valid_mime() {
+    use base64::Engine as _;
+    let sink = Sink::start(SinkOptions::default());
+    let relay = relay_with_a_key(&sink);
+    let bytes: Vec<u8> = (0..=255u8).rev().cycle().take(100_000).collect();
+    let answer = send_json(
+        &relay,
+        Some("shop-token"),
+        &serde_json::json!({
+            "from": {"name": "The Shop", "email": "orders@shop.example"},
+            "to": ["alice@example.org"],
+            "bcc": ["audit@example.org"],
+            "subject": "Your invoice ✓",
+            "text": "Hello,\nyour invoice is attached.\n",
+            "html": "<p>Hello, your <b>invoice</b> is attached.</p>",
+            "headers": {"X-Job": "42"},
+            "attachments": [{
+                "filename": "report.pdf",
+                "content_type": "application/pdf",
+                "content": base64::engine::general_purpose::STANDARD.encode(&bytes),
+            }],
+        }),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let json = answer.json();
+    assert_eq!(json["recipients"], 2, "{json}");
+    let id = json["id"].as_str().unwrap().to_string();
+
+    let received = sink.wait_for(1, Duration::from_secs(20));
+    let message = &received[0];
+    let mut rcpts = message.rcpt_tos.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, ["alice@example.org", "audit@example.org"]);
+    let received_line = message.header("Received").unwrap();
+    assert!(
+        received_line.contains("with HTTP") && received_line.contains(&id),
+        "{received_line}"
+    );
+    let parsed = read_back(&message.body);
+    assert_eq!(parsed["defects"], serde_json::json!([]), "{parsed}");
+    assert_eq!(parsed["subject"], "Your invoice ✓");
+    assert_eq!(parsed["job"], "42");
+    assert_eq!(parsed["bcc"], serde_json::Value::Null);
+    assert_eq!(
+        parsed["attachments"]["report.pdf"].as_str(),
+        Some(hex(&bytes).as_str()),
+        "the attachment byte for byte"
+    );
+    assert!(parsed["html"].as_str().unwrap().contains("<b>invoice</b>"));
+}
+
+#[test]
+fn bad_sends_get_a_precise_answer_and_queue_nothing() {
+    let sink = Sink::start(SinkOptions::default());
+    let mut relay = relay_with_a_key(&sink);
+    let good =
+        serde_json::json!({"from": "alerts@ops.example", "to": ["a@example.org"], "text": "x"});
+    // No key, a wrong key.
+    let answer = send_json(&relay, None, &good);
+    assert_eq!(answer.status, 401, "{answer:?}");
+    let answer = send_json(&relay, Some("not-the-token"), &good);
+    assert_eq!(answer.status, 401, "{answer:?}");
+    // (status, code, field) for each bad request.
+    let cases: Vec<(serde_json::Value, u16, &str, Option<&str>)> = vec![
+        (
+            serde_json::json!({"from": "sales@ops.example", "to": ["a@example.org"]}),
+            403,
+            "sender_not_allowed",
+            Some("from"),
+        ),
+        (
+            serde_json::json!({"from": "alerts@ops.example", "to": ["a@"]}),
+            400,
+            "invalid_field",
+            Some("to[0]"),
+        ),
+        (
+            serde_json::json!({"from": "alerts@ops.example", "to": ["a@example.org"],
+                               "subject": "a\r\nBcc: b@example.org"}),
+            400,
+            "invalid_field",
+            Some("subject"),
+        ),
+        (
+            serde_json::json!({"from": "alerts@ops.example"}),
+            400,
+            "invalid_field",
+            Some("to"),
+        ),
+        (
+            serde_json::json!({"from": "alerts@ops.example", "to": ["a@example.org"],
+                               "attachments": [{"filename": "a", "content_type": "text/plain",
+                                                "content": "%%%"}]}),
+            400,
+            "invalid_field",
+            Some("attachments[0].content"),
+        ),
+        (
+            serde_json::json!({"from": "alerts@ops.example", "to": "a@example.org"}),
+            400,
+            "invalid_json",
+            None,
+        ),
+    ];
+    for (json, status, code, field) in cases {
+        let answer = send_json(&relay, Some("shop-token"), &json);
+        assert_eq!(answer.status, status, "{json}: {answer:?}");
+        let body = answer.json();
+        assert_eq!(body["code"], code, "{json}: {body}");
+        assert_eq!(body["field"].as_str(), field, "{json}: {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    let answer = http::send_body(
+        relay.admin_addr(),
+        "POST",
+        "/api/v1/send",
+        Some("shop-token"),
+        "text/plain",
+        b"hello",
+    );
+    assert_eq!(answer.status, 415, "{answer:?}");
+    relay.terminate(Duration::from_secs(20));
+    assert!(relay.spool_records().is_empty(), "nothing queued");
 }

@@ -1,0 +1,420 @@
+//! `POST /api/v1/send`: an application sends a message in one HTTP call,
+//! as JSON parts the relay turns into MIME ([`crate::compose`]), with a key
+//! of its own (`[[api.keys]]`) that names the senders it may use. The
+//! message is queued like SMTP mail: the answer, with the queue id, comes
+//! once the spool has it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use actix::Recipient;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use smarthost_proto::address::{parse_domain, Mailbox};
+use smarthost_proto::envelope::{ClientInfo, Envelope, MessageId, Recipient as Rcpt};
+use smarthost_proto::received;
+
+use crate::auth::{verify_password_in, Memory};
+use crate::compose::{compose, Attachment, Named, Parts};
+use crate::config::ApiKey;
+use crate::queue::Enqueue;
+use crate::spool::Body;
+
+/// A sender a key may use: one address, or every address of a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SenderRule {
+    Address(Mailbox),
+    Domain(String),
+}
+
+impl SenderRule {
+    pub fn parse(text: &str) -> Result<SenderRule, String> {
+        let text = text.trim();
+        if text.contains('@') {
+            let (local, domain) = text.rsplit_once('@').unwrap_or_default();
+            let (domain, _) = parse_domain(domain).map_err(|e| format!("{text:?}: {e}"))?;
+            if local.is_empty() {
+                return Err(format!("{text:?}: no local part"));
+            }
+            Ok(SenderRule::Address(Mailbox {
+                local_part: local.to_string(),
+                domain,
+            }))
+        } else {
+            let (domain, _) = parse_domain(text).map_err(|e| format!("{text:?}: {e}"))?;
+            Ok(SenderRule::Domain(domain))
+        }
+    }
+
+    /// Local parts compare without regard to case, as almost every
+    /// mailbox does; domains are in routing form already.
+    pub fn allows(&self, sender: &Mailbox) -> bool {
+        match self {
+            SenderRule::Domain(domain) => sender.domain == *domain,
+            SenderRule::Address(address) => {
+                address.domain == sender.domain
+                    && address.local_part.eq_ignore_ascii_case(&sender.local_part)
+            }
+        }
+    }
+}
+
+/// An application that may send.
+#[derive(Clone, Debug)]
+pub struct KeyHolder {
+    pub name: String,
+    pub senders: Vec<SenderRule>,
+}
+
+impl KeyHolder {
+    pub fn may_send_as(&self, sender: &Mailbox) -> bool {
+        self.senders.iter().any(|rule| rule.allows(sender))
+    }
+}
+
+/// The keys of `[[api.keys]]`: hashes only, as for operators.
+pub struct ApiKeys {
+    keys: Vec<(KeyHolder, String)>,
+}
+
+impl ApiKeys {
+    /// Keys that passed validation (a sender that does not parse is left
+    /// out of its key's rules).
+    pub fn new(keys: &[ApiKey]) -> ApiKeys {
+        ApiKeys {
+            keys: keys
+                .iter()
+                .map(|key| {
+                    let senders = key
+                        .senders
+                        .iter()
+                        .filter_map(|s| SenderRule::parse(s).ok())
+                        .collect();
+                    let holder = KeyHolder {
+                        name: key.name.clone(),
+                        senders,
+                    };
+                    (holder, key.token_hash.clone())
+                })
+                .collect(),
+        }
+    }
+
+    /// The holder of this token. Every hash is checked, so the time taken
+    /// does not tell which matched. Blocking.
+    pub fn identify_in(&self, token: &str, memory: &mut Memory) -> Option<KeyHolder> {
+        let mut found = None;
+        for (holder, phc) in &self.keys {
+            if verify_password_in(phc, token, memory) && found.is_none() {
+                found = Some(holder.clone());
+            }
+        }
+        found
+    }
+}
+
+/// Lists names only, never the hashes.
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.keys.iter().map(|(h, _)| h.name.as_str()).collect();
+        f.debug_struct("ApiKeys").field("keys", &names).finish()
+    }
+}
+
+/// What the send route needs.
+#[derive(Clone)]
+pub struct SendEnv {
+    pub keys: Arc<ApiKeys>,
+    pub queue: Recipient<Enqueue>,
+    pub hostname: String,
+    pub max_recipients: usize,
+    pub max_message_size: u64,
+}
+
+/// An address as JSON: `"a@example.org"` or `{"name": "A", "email": "a@example.org"}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Address {
+    Plain(String),
+    Named { name: Option<String>, email: String },
+}
+
+impl From<Address> for Named {
+    fn from(address: Address) -> Named {
+        match address {
+            Address::Plain(email) => Named { name: None, email },
+            Address::Named { name, email } => Named { name, email },
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachmentRequest {
+    #[serde(default)]
+    filename: String,
+    content_type: String,
+    /// Base64.
+    content: String,
+    #[serde(default)]
+    content_id: Option<String>,
+}
+
+/// The JSON of a send.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendRequest {
+    from: Address,
+    #[serde(default)]
+    to: Vec<Address>,
+    #[serde(default)]
+    cc: Vec<Address>,
+    #[serde(default)]
+    bcc: Vec<Address>,
+    #[serde(default)]
+    reply_to: Option<Address>,
+    #[serde(default)]
+    subject: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    html: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    attachments: Vec<AttachmentRequest>,
+}
+
+/// Why a send is refused: the HTTP status, a code for programs, the field
+/// at fault if one is, and a sentence.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct SendFault {
+    #[serde(skip)]
+    pub status: u16,
+    pub code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(rename = "error")]
+    pub message: String,
+}
+
+impl SendFault {
+    fn new(status: u16, code: &'static str, field: Option<String>, message: String) -> SendFault {
+        SendFault {
+            status,
+            code,
+            field,
+            message,
+        }
+    }
+}
+
+/// The parts of a JSON send, or what is wrong with it.
+pub fn parse_request(json: &[u8]) -> Result<Parts, SendFault> {
+    let request: SendRequest = serde_json::from_slice(json).map_err(|e| {
+        SendFault::new(
+            400,
+            "invalid_json",
+            None,
+            format!("not a send request: {e}"),
+        )
+    })?;
+    let mut attachments = Vec::with_capacity(request.attachments.len());
+    for (i, a) in request.attachments.into_iter().enumerate() {
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(a.content.trim())
+            .map_err(|e| {
+                SendFault::new(
+                    400,
+                    "invalid_field",
+                    Some(format!("attachments[{i}].content")),
+                    format!("not base64: {e}"),
+                )
+            })?;
+        attachments.push(Attachment {
+            filename: a.filename,
+            content_type: a.content_type,
+            content,
+            content_id: a.content_id,
+        });
+    }
+    let list = |addresses: Vec<Address>| addresses.into_iter().map(Named::from).collect();
+    Ok(Parts {
+        from: Some(request.from.into()),
+        to: list(request.to),
+        cc: list(request.cc),
+        bcc: list(request.bcc),
+        reply_to: request.reply_to.map(Named::from),
+        subject: request.subject,
+        text: request.text,
+        html: request.html,
+        headers: request.headers.into_iter().collect(),
+        attachments,
+    })
+}
+
+/// Builds, checks and queues the message `holder` sends from `ip`;
+/// answers its queue id and how many recipients it has.
+pub async fn send(
+    env: &SendEnv,
+    holder: &KeyHolder,
+    ip: IpAddr,
+    parts: Parts,
+) -> Result<(MessageId, usize), SendFault> {
+    let started = Instant::now();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let now_ms = now.as_millis() as u64;
+    let id = MessageId::new(now_ms, rand::random());
+    let composed = compose(&parts, &env.hostname, now.as_secs(), &id.to_string())
+        .map_err(|e| SendFault::new(400, "invalid_field", Some(e.field), e.message))?;
+    if !holder.may_send_as(&composed.sender) {
+        return Err(SendFault::new(
+            403,
+            "sender_not_allowed",
+            Some("from".into()),
+            format!("key {:?} may not send as {}", holder.name, composed.sender),
+        ));
+    }
+    let recipients = composed.recipients.len();
+    if recipients > env.max_recipients {
+        return Err(SendFault::new(
+            400,
+            "too_many_recipients",
+            Some("to".into()),
+            format!(
+                "{recipients} recipients, more than smtp.max_recipients ({})",
+                env.max_recipients
+            ),
+        ));
+    }
+    let for_rcpt = match composed.recipients.as_slice() {
+        [only] => Some(only),
+        _ => None,
+    };
+    let mut body = received::received_header(
+        &env.hostname,
+        "api",
+        ip,
+        "HTTP",
+        &id,
+        for_rcpt,
+        now.as_secs(),
+    )
+    .into_bytes();
+    body.extend_from_slice(&composed.message);
+    if body.len() as u64 > env.max_message_size {
+        return Err(SendFault::new(
+            413,
+            "message_too_large",
+            None,
+            format!(
+                "{} octets, more than smtp.max_message_size ({})",
+                body.len(),
+                env.max_message_size
+            ),
+        ));
+    }
+    let smtputf8 =
+        composed.sender.needs_smtputf8() || composed.recipients.iter().any(Mailbox::needs_smtputf8);
+    let envelope = Envelope {
+        sender: Some(composed.sender),
+        recipients: composed
+            .recipients
+            .into_iter()
+            .map(|address| Rcpt {
+                address,
+                notify: None,
+                orcpt: None,
+            })
+            .collect(),
+        smtputf8,
+        ..Envelope::default()
+    };
+    let client = ClientInfo {
+        ip,
+        helo: "api".into(),
+        auth_user: Some(holder.name.clone()),
+        tls: false,
+    };
+    crate::submit::enqueue(
+        &env.queue,
+        id,
+        now_ms,
+        client,
+        envelope,
+        Body::from(body),
+        started,
+    )
+    .await
+    .map(|id| (id, recipients))
+    .map_err(|_| {
+        SendFault::new(
+            503,
+            "unavailable",
+            None,
+            "the queue cannot take the message now; try again".into(),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sender_rules_take_addresses_and_domains() {
+        let mailbox = |text: &str| {
+            let (local_part, domain) = text.split_once('@').unwrap();
+            Mailbox {
+                local_part: local_part.into(),
+                domain: domain.into(),
+            }
+        };
+        let holder = KeyHolder {
+            name: "shop".into(),
+            senders: vec![
+                SenderRule::parse("NoReply@Shop.Example").unwrap(),
+                SenderRule::parse("news.example").unwrap(),
+            ],
+        };
+        assert!(holder.may_send_as(&mailbox("noreply@shop.example")));
+        assert!(holder.may_send_as(&mailbox("anyone@news.example")));
+        assert!(!holder.may_send_as(&mailbox("sales@shop.example")));
+        assert!(!holder.may_send_as(&mailbox("a@sub.news.example")));
+        for bad in ["@shop.example", "a@", "not a domain", "a@b@"] {
+            assert!(SenderRule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_requests_become_parts_or_name_what_is_wrong() {
+        let parts = parse_request(
+            br#"{"from": {"name": "Shop", "email": "shop@app.example"},
+                 "to": ["a@example.org"], "subject": "Hi", "text": "Hello",
+                 "headers": {"X-Order": "1"},
+                 "attachments": [{"filename": "a.txt", "content_type": "text/plain",
+                                  "content": "aGVsbG8="}]}"#,
+        )
+        .unwrap();
+        assert_eq!(parts.from.unwrap().name.as_deref(), Some("Shop"));
+        assert_eq!(parts.attachments[0].content, b"hello");
+        assert_eq!(parts.headers, [("X-Order".to_string(), "1".to_string())]);
+
+        let fault = parse_request(br#"{"from": "a@b.example", "to": 5}"#).unwrap_err();
+        assert_eq!((fault.status, fault.code), (400, "invalid_json"));
+        let fault = parse_request(br#"{"from": "a@b.example", "sender": "x"}"#).unwrap_err();
+        assert!(
+            fault.message.contains("unknown field `sender`"),
+            "{fault:?}"
+        );
+        let fault = parse_request(
+            br#"{"from": "a@b.example", "attachments": [{"content_type": "text/plain", "content": "!!"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(fault.field.as_deref(), Some("attachments[0].content"));
+    }
+}
