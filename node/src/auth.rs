@@ -17,6 +17,7 @@ use std::fmt;
 
 use argon2::password_hash::{Output, PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
+use smarthost_proto::address::SenderRule;
 
 use crate::config::{AdminOperator, OperatorRole, SmtpUser};
 
@@ -143,6 +144,8 @@ pub fn check_password_hash(phc: &str) -> Result<(), String> {
 /// The users that may authenticate, from `[[smtp.users]]`.
 pub struct UserDb {
     users: HashMap<String, String>,
+    /// The senders of users limited to some (`senders` in the config).
+    senders: HashMap<String, Vec<SenderRule>>,
     /// Checked against for unknown user names, so that they cost the same
     /// argon2 work as known ones and a client cannot tell them apart by the
     /// reply time.
@@ -155,6 +158,18 @@ impl UserDb {
             users: users
                 .iter()
                 .map(|u| (u.name.clone(), u.password_hash.clone()))
+                .collect(),
+            senders: users
+                .iter()
+                .filter(|u| !u.senders.is_empty())
+                .map(|u| {
+                    let rules = u
+                        .senders
+                        .iter()
+                        .filter_map(|s| SenderRule::parse(s).ok())
+                        .collect();
+                    (u.name.clone(), rules)
+                })
                 .collect(),
             decoy: decoy_hash(users.iter().map(|u| u.password_hash.as_str())),
         }
@@ -180,6 +195,11 @@ impl UserDb {
 
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
+    }
+
+    /// The senders `user` may use, if limited to some.
+    pub fn senders_of(&self, user: &str) -> Option<&[SenderRule]> {
+        self.senders.get(user).map(Vec::as_slice)
     }
 }
 
@@ -358,6 +378,7 @@ mod tests {
         let db = UserDb::new(&[SmtpUser {
             name: "app".to_string(),
             password_hash: hash_password("pw"),
+            senders: Vec::new(),
         }]);
         assert!(db.verify("app", "pw"));
         assert!(!db.verify("app", "wrong"));
@@ -421,10 +442,12 @@ mod tests {
             SmtpUser {
                 name: "a".to_string(),
                 password_hash: cheap_hash("pw"),
+                senders: Vec::new(),
             },
             SmtpUser {
                 name: "b".to_string(),
                 password_hash: hash_password("pw"),
+                senders: Vec::new(),
             },
         ]);
         let mut memory = Memory::default();

@@ -157,6 +157,10 @@ pub struct SmtpUser {
     pub name: String,
     /// An argon2 PHC string from `smarthost hash-password`.
     pub password_hash: String,
+    /// The senders the user may use in `MAIL FROM`: addresses or whole
+    /// domains. Empty (the default): any sender.
+    #[serde(default)]
+    pub senders: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1000,6 +1004,11 @@ impl Config {
             if let Err(e) = crate::auth::check_password_hash(&user.password_hash) {
                 errors.add(format!("{key}.password_hash"), e);
             }
+            for (j, sender) in user.senders.iter().enumerate() {
+                if let Err(e) = smarthost_proto::address::SenderRule::parse(sender) {
+                    errors.add(format!("{key}.senders[{j}]"), e);
+                }
+            }
         }
     }
 
@@ -1061,7 +1070,7 @@ impl Config {
                 );
             }
             for (j, sender) in key.senders.iter().enumerate() {
-                if let Err(e) = crate::send_api::SenderRule::parse(sender) {
+                if let Err(e) = smarthost_proto::address::SenderRule::parse(sender) {
                     errors.add(format!("{at}.senders[{j}]"), e);
                 }
             }

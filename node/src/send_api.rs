@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use actix::Recipient;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use smarthost_proto::address::{parse_domain, Mailbox};
+use smarthost_proto::address::{Mailbox, SenderRule};
 use smarthost_proto::envelope::{ClientInfo, Envelope, MessageId, Recipient as Rcpt};
 use smarthost_proto::received;
 
@@ -21,45 +21,6 @@ use crate::compose::{compose, Attachment, Named, Parts};
 use crate::config::ApiKey;
 use crate::queue::Enqueue;
 use crate::spool::Body;
-
-/// A sender a key may use: one address, or every address of a domain.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SenderRule {
-    Address(Mailbox),
-    Domain(String),
-}
-
-impl SenderRule {
-    pub fn parse(text: &str) -> Result<SenderRule, String> {
-        let text = text.trim();
-        if text.contains('@') {
-            let (local, domain) = text.rsplit_once('@').unwrap_or_default();
-            let (domain, _) = parse_domain(domain).map_err(|e| format!("{text:?}: {e}"))?;
-            if local.is_empty() {
-                return Err(format!("{text:?}: no local part"));
-            }
-            Ok(SenderRule::Address(Mailbox {
-                local_part: local.to_string(),
-                domain,
-            }))
-        } else {
-            let (domain, _) = parse_domain(text).map_err(|e| format!("{text:?}: {e}"))?;
-            Ok(SenderRule::Domain(domain))
-        }
-    }
-
-    /// Local parts compare without regard to case, as almost every
-    /// mailbox does; domains are in routing form already.
-    pub fn allows(&self, sender: &Mailbox) -> bool {
-        match self {
-            SenderRule::Domain(domain) => sender.domain == *domain,
-            SenderRule::Address(address) => {
-                address.domain == sender.domain
-                    && address.local_part.eq_ignore_ascii_case(&sender.local_part)
-            }
-        }
-    }
-}
 
 /// An application that may send.
 #[derive(Clone, Debug)]

@@ -309,7 +309,12 @@ async fn drive(
                             if ok {
                                 slot.authenticated();
                             }
-                            session.auth_result(ok)
+                            let reply = session.auth_result(ok);
+                            let user = session.auth_user().unwrap_or_default();
+                            if let Some(rules) = env.users.senders_of(user) {
+                                session.restrict_senders(rules.to_vec());
+                            }
+                            reply
                         }
                         Err(refusal) => session.auth_refused(refusal),
                     };

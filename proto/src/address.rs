@@ -56,6 +56,46 @@ impl fmt::Display for Mailbox {
     }
 }
 
+/// A sender an application key or an SMTP user may use: one address, or
+/// every address of a domain (not its subdomains).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SenderRule {
+    Address(Mailbox),
+    Domain(String),
+}
+
+impl SenderRule {
+    pub fn parse(text: &str) -> Result<SenderRule, String> {
+        let text = text.trim();
+        if text.contains('@') {
+            let (local, domain) = text.rsplit_once('@').unwrap_or_default();
+            let (domain, _) = parse_domain(domain).map_err(|e| format!("{text:?}: {e}"))?;
+            if local.is_empty() {
+                return Err(format!("{text:?}: no local part"));
+            }
+            Ok(SenderRule::Address(Mailbox {
+                local_part: local.to_string(),
+                domain,
+            }))
+        } else {
+            let (domain, _) = parse_domain(text).map_err(|e| format!("{text:?}: {e}"))?;
+            Ok(SenderRule::Domain(domain))
+        }
+    }
+
+    /// Local parts compare without regard to case, as almost every
+    /// mailbox does; domains are in routing form already.
+    pub fn allows(&self, sender: &Mailbox) -> bool {
+        match self {
+            SenderRule::Domain(domain) => sender.domain == *domain,
+            SenderRule::Address(address) => {
+                address.domain == sender.domain
+                    && address.local_part.eq_ignore_ascii_case(&sender.local_part)
+            }
+        }
+    }
+}
+
 /// A mailbox read from a path, with what the path told us besides it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PathMailbox {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
-use crate::address::{Mailbox, Path};
+use crate::address::{Mailbox, Path, SenderRule};
 use crate::command::{self, Command, CommandError, ParamError, Verb};
 use crate::data::{DataError, DataReader};
 use crate::envelope::{BodyType, Envelope, MessageId, Recipient};
@@ -164,6 +164,8 @@ pub struct Session {
     esmtp: bool,
     tls: bool,
     auth_user: Option<String>,
+    /// The senders the logged-in user may use; `None`: any.
+    sender_rules: Option<Vec<SenderRule>>,
     transaction: Option<Envelope>,
     /// `SIZE=` of the current transaction's MAIL command.
     declared_size: Option<u64>,
@@ -223,6 +225,7 @@ impl Session {
             esmtp: false,
             tls: false,
             auth_user: None,
+            sender_rules: None,
             transaction: None,
             declared_size: None,
             session_bytes: 0,
@@ -426,6 +429,15 @@ impl Session {
         } else {
             self.errors += 1;
             reply(535, 5, 7, 8, "Authentication credentials invalid")
+        }
+    }
+
+    /// The user who just logged in may send only as these senders
+    /// (`[[smtp.users]] senders`): any other `MAIL FROM`, the null sender
+    /// too, gets `550 5.7.1`, so a leaked password cannot send as anyone.
+    pub fn restrict_senders(&mut self, rules: Vec<SenderRule>) {
+        if self.auth_user.is_some() {
+            self.sender_rules = Some(rules);
         }
     }
 
@@ -715,6 +727,24 @@ impl Session {
         }
         if sender.as_ref().is_some_and(|(_, utf8)| *utf8) && !params.smtputf8 {
             return reply(553, 5, 6, 7, "Address needs SMTPUTF8");
+        }
+        if let Some(rules) = &self.sender_rules {
+            let allowed = sender
+                .as_ref()
+                .is_some_and(|(mailbox, _)| rules.iter().any(|rule| rule.allows(mailbox)));
+            if !allowed {
+                let who = sender
+                    .as_ref()
+                    .map(|(m, _)| m.to_string())
+                    .unwrap_or_default();
+                return reply(
+                    550,
+                    5,
+                    7,
+                    1,
+                    format!("Sender <{who}> not allowed for this user"),
+                );
+            }
         }
         self.declared_size = params.size;
         self.transaction = Some(Envelope {

@@ -207,3 +207,57 @@ async fn lettre_plain_and_starttls() {
     assert!(tls_bodies[0].contains("Subject: lettre tls"));
     assert!(tls_bodies[0].contains("with ESMTPSA"));
 }
+
+/// Logs in as `shop` over STARTTLS and tries each sender, printing the
+/// code each MAIL FROM gets.
+const SENDER_TRIES: &str = r#"
+import smtplib, ssl, sys
+port, cafile = int(sys.argv[1]), sys.argv[2]
+with smtplib.SMTP("127.0.0.1", port, local_hostname="shop.example", timeout=15) as s:
+    s.starttls(context=ssl.create_default_context(cafile=cafile))
+    s.login("shop", "s3cret")
+    for sender in sys.argv[3:]:
+        code, text = s.mail(sender)
+        print(sender, code, text.decode())
+        s.rset()
+"#;
+
+#[test]
+fn a_user_limited_to_its_senders_cannot_send_as_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::create(dir.path());
+    let hash = smarthost_node::auth::hash_password("s3cret");
+    let mut relay = Relay::start(
+        "relay_networks = []",
+        &format!(
+            "{}[[smtp.users]]\nname = \"shop\"\npassword_hash = \"{hash}\"\n\
+             senders = [\"shop.example\", \"alerts@ops.example\"]\n",
+            ca.smtp_tls_section()
+        ),
+    );
+    let out = run(Command::new("python3").args([
+        "-c",
+        SENDER_TRIES,
+        &relay.smtp.port().to_string(),
+        &ca.ca_cert.display().to_string(),
+        "orders@shop.example",
+        "alerts@ops.example",
+        "ceo@ops.example",
+        "someone@bank.example",
+        "",
+    ]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "orders@shop.example 250 2.1.0 Ok",
+            "alerts@ops.example 250 2.1.0 Ok",
+            "ceo@ops.example 550 5.7.1 Sender <ceo@ops.example> not allowed for this user",
+            "someone@bank.example 550 5.7.1 Sender <someone@bank.example> not allowed for this user",
+            " 550 5.7.1 Sender <> not allowed for this user",
+        ],
+        "{out}"
+    );
+    relay.terminate(Duration::from_secs(20));
+    assert!(relay.spool_records().is_empty());
+}

@@ -1240,3 +1240,45 @@ fn each_final_reply_names_its_command_once_and_never_a_password() {
     );
     assert_eq!(s.take_logged(), None, "taken once");
 }
+
+#[test]
+fn a_user_limited_to_some_senders_may_use_only_those() {
+    let mut s = awaiting_auth();
+    assert_eq!(s.auth_result(true).code, 235);
+    s.restrict_senders(vec![
+        SenderRule::parse("app@shop.example").unwrap(),
+        SenderRule::parse("news.example").unwrap(),
+    ]);
+    // (MAIL FROM, reply): allowed ones open a transaction, RSET ends it.
+    let table: &[(&str, &[u8])] = &[
+        ("<App@shop.example>", b"250 2.1.0 Ok\r\n"),
+        ("<anyone@news.example>", b"250 2.1.0 Ok\r\n"),
+        (
+            "<ceo@shop.example>",
+            b"550 5.7.1 Sender <ceo@shop.example> not allowed for this user\r\n",
+        ),
+        (
+            "<x@sub.news.example>",
+            b"550 5.7.1 Sender <x@sub.news.example> not allowed for this user\r\n",
+        ),
+        ("<>", b"550 5.7.1 Sender <> not allowed for this user\r\n"),
+    ];
+    for (sender, expected) in table {
+        s.push_input(format!("MAIL FROM:{sender}\r\nRSET\r\n").as_bytes());
+        let Some(Action::Reply(r)) = s.next_action() else {
+            panic!("{sender}: no reply")
+        };
+        assert_eq!(
+            String::from_utf8_lossy(&r.to_wire()),
+            String::from_utf8_lossy(expected),
+            "{sender}"
+        );
+        assert!(matches!(s.next_action(), Some(Action::Reply(r)) if r.code == 250));
+    }
+    // Without a login, restrictions are not taken.
+    let mut anonymous = Session::new(Arc::new(config()), trusted());
+    anonymous.restrict_senders(vec![SenderRule::parse("shop.example").unwrap()]);
+    anonymous.push_input(b"EHLO c\r\nMAIL FROM:<a@elsewhere.example>\r\n");
+    assert!(matches!(anonymous.next_action(), Some(Action::Reply(r)) if r.code == 250));
+    assert!(matches!(anonymous.next_action(), Some(Action::Reply(r)) if r.code == 250));
+}
