@@ -658,23 +658,25 @@ async fn send_message(
         let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::BAD_REQUEST);
         HttpResponse::build(status).json(fault)
     };
-    let json = request
+    let media_type = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
-    if !json {
-        return Ok(fault(crate::send_api::SendFault {
-            status: 415,
-            code: "unsupported_media_type",
-            field: None,
-            message: "send JSON (Content-Type: application/json)".into(),
-        }));
-    }
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let raw = match media_type.as_str() {
+        "application/json" => false,
+        "message/rfc822" => true,
+        _ => {
+            return Ok(fault(crate::send_api::SendFault {
+                status: 415,
+                code: "unsupported_media_type",
+                field: None,
+                message: "send application/json or message/rfc822".into(),
+            }))
+        }
+    };
     // Read only once the key is known, and only up to what a message of
     // the largest size takes in base64 within JSON.
     let limit = (send.max_message_size as usize / 3 + 1) * 4 + 64 * 1024;
@@ -691,11 +693,15 @@ async fn send_message(
         }
         body.extend_from_slice(&chunk);
     }
-    let parts = match crate::send_api::parse_request(&body) {
-        Ok(parts) => parts,
-        Err(f) => return Ok(fault(f)),
+    let message = if raw {
+        crate::send_api::Message::Raw(body.to_vec())
+    } else {
+        match crate::send_api::parse_request(&body) {
+            Ok(parts) => crate::send_api::Message::Parts(Box::new(parts)),
+            Err(f) => return Ok(fault(f)),
+        }
     };
-    match crate::send_api::send(&send, &holder, client_ip(&request), parts).await {
+    match crate::send_api::send(&send, &holder, client_ip(&request), message).await {
         Ok((id, recipients)) => Ok(HttpResponse::Ok()
             .json(serde_json::json!({ "id": id.to_string(), "recipients": recipients }))),
         Err(f) => Ok(fault(f)),

@@ -191,6 +191,109 @@ pub fn compose(
     })
 }
 
+/// A message the caller wrote whole (RFC 5322): its envelope comes from
+/// its headers, the sender from `From`, the recipients from `To`, `Cc` and
+/// `Bcc`; `Bcc` lines are taken out, line ends made CRLF, and a `Date` and
+/// a `Message-ID` added when it has none. NUL is refused, as in DATA.
+pub fn from_raw(
+    raw: &[u8],
+    hostname: &str,
+    now_secs: u64,
+    unique: &str,
+) -> Result<Composed, ComposeError> {
+    if raw.contains(&0) {
+        return Err(fault("message", "NUL octets are not allowed"));
+    }
+    let message = crlf(raw);
+    let parsed = mail_parser::MessageParser::default()
+        .parse_headers(&message)
+        .ok_or_else(|| fault("message", "no header fields"))?;
+    let named = |a: &mail_parser::Addr<'_>| Named {
+        name: None,
+        email: a.address().unwrap_or_default().to_string(),
+    };
+    let from = parsed
+        .from()
+        .and_then(|from| from.first())
+        .map(named)
+        .ok_or_else(|| fault("From", "a From header with an address is required"))?;
+    let sender = mailbox("From", &from)?;
+    let mut recipients: Vec<Mailbox> = Vec::new();
+    for (header, list) in [
+        ("To", parsed.to()),
+        ("Cc", parsed.cc()),
+        ("Bcc", parsed.bcc()),
+    ] {
+        for (i, address) in list.into_iter().flat_map(|l| l.iter()).enumerate() {
+            let mailbox = mailbox(&format!("{header}[{i}]"), &named(address))?;
+            if !recipients.contains(&mailbox) {
+                recipients.push(mailbox);
+            }
+        }
+    }
+    if recipients.is_empty() {
+        return Err(fault(
+            "To",
+            "at least one recipient (To, Cc or Bcc) is required",
+        ));
+    }
+    let mut added = String::new();
+    if parsed.date().is_none() {
+        let date = mail_builder::headers::date::Date::new(now_secs as i64).to_rfc822();
+        added.push_str(&format!("Date: {date}\r\n"));
+    }
+    if parsed.message_id().is_none() {
+        added.push_str(&format!("Message-ID: <{unique}@{hostname}>\r\n"));
+    }
+    let mut out = added.into_bytes();
+    out.extend_from_slice(&without_field(&message, "bcc"));
+    Ok(Composed {
+        sender,
+        recipients,
+        message: out,
+    })
+}
+
+/// `bytes` with every CR and LF that is not part of a CRLF made a CRLF.
+fn crlf(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32);
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\r' if bytes.get(i + 1) == Some(&b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                i += 1;
+            }
+            b'\r' | b'\n' => out.extend_from_slice(b"\r\n"),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The message without the header fields called `name` (any case), their
+/// folded lines included; the body is left as it is.
+fn without_field(message: &[u8], name: &str) -> Vec<u8> {
+    let head_len = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message.len(), |at| at + 2);
+    let mut out = Vec::with_capacity(message.len());
+    let mut dropping = false;
+    for line in message[..head_len].split_inclusive(|&b| b == b'\n') {
+        if !line.starts_with(b" ") && !line.starts_with(b"\t") {
+            let field = line.split(|&b| b == b':').next().unwrap_or_default();
+            dropping = field.trim_ascii().eq_ignore_ascii_case(name.as_bytes());
+        }
+        if !dropping {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(&message[head_len..]);
+    out
+}
+
 fn address(named: &Named) -> Address<'_> {
     Address::new_address(
         named.name.as_deref().map(Cow::Borrowed),
@@ -426,6 +529,54 @@ mod tests {
             change(&mut p);
             let error = compose(&p, "relay.test", 0, "x").unwrap_err();
             assert_eq!(error.field, *field, "case {i}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_raw_message_gives_its_envelope_and_loses_its_bcc() {
+        let raw = b"From: Shop <shop@app.example>\nTo: a@example.org, B <b@example.net>\n\
+Bcc: audit@app.example,\n  second@app.example\nSubject: hi\n\nbody\nBcc: in the body stays\n";
+        let composed = from_raw(raw, "relay.test", 1_700_000_000, "u1").unwrap();
+        assert_eq!(composed.sender.to_string(), "shop@app.example");
+        let recipients: Vec<String> = composed
+            .recipients
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            recipients,
+            [
+                "a@example.org",
+                "b@example.net",
+                "audit@app.example",
+                "second@app.example"
+            ]
+        );
+        let text = String::from_utf8(composed.message).unwrap();
+        assert!(text.starts_with("Date: "), "{text}");
+        assert!(text.contains("Message-ID: <u1@relay.test>\r\n"), "{text}");
+        assert!(
+            !text.contains("audit@") && !text.contains("second@"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\r\n\r\nbody\r\nBcc: in the body stays\r\n"),
+            "{text}"
+        );
+        assert!(!text.replace("\r\n", "").contains('\n'), "CRLF only");
+
+        let table: &[(&[u8], &str)] = &[
+            (b"To: a@example.org\r\n\r\nx", "From"),
+            (b"From: a@example.org\r\n\r\nx", "To"),
+            (b"From: a@example.org\r\nTo: b@\r\n\r\nx", "To[0]"),
+            (
+                b"From: a@example.org\r\nTo: b@example.org\r\n\r\nx\0",
+                "message",
+            ),
+        ];
+        for (raw, field) in table {
+            let error = from_raw(raw, "relay.test", 0, "u").unwrap_err();
+            assert_eq!(error.field, *field, "{error}");
         }
     }
 

@@ -13,11 +13,11 @@ use actix::Recipient;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use smarthost_proto::address::{Mailbox, SenderRule};
-use smarthost_proto::envelope::{ClientInfo, Envelope, MessageId, Recipient as Rcpt};
+use smarthost_proto::envelope::{BodyType, ClientInfo, Envelope, MessageId, Recipient as Rcpt};
 use smarthost_proto::received;
 
 use crate::auth::{verify_password_in, Memory};
-use crate::compose::{compose, Attachment, Named, Parts};
+use crate::compose::{compose, from_raw, Attachment, Named, Parts};
 use crate::config::ApiKey;
 use crate::queue::Enqueue;
 use crate::spool::Body;
@@ -216,13 +216,22 @@ pub fn parse_request(json: &[u8]) -> Result<Parts, SendFault> {
     })
 }
 
+/// What a send carries.
+pub enum Message {
+    /// JSON parts, built into MIME here.
+    Parts(Box<Parts>),
+    /// A whole RFC 5322 message (`Content-Type: message/rfc822`), its
+    /// envelope from its headers.
+    Raw(Vec<u8>),
+}
+
 /// Builds, checks and queues the message `holder` sends from `ip`;
 /// answers its queue id and how many recipients it has.
 pub async fn send(
     env: &SendEnv,
     holder: &KeyHolder,
     ip: IpAddr,
-    parts: Parts,
+    message: Message,
 ) -> Result<(MessageId, usize), SendFault> {
     let started = Instant::now();
     let now = SystemTime::now()
@@ -230,8 +239,13 @@ pub async fn send(
         .unwrap_or_default();
     let now_ms = now.as_millis() as u64;
     let id = MessageId::new(now_ms, rand::random());
-    let composed = compose(&parts, &env.hostname, now.as_secs(), &id.to_string())
-        .map_err(|e| SendFault::new(400, "invalid_field", Some(e.field), e.message))?;
+    let unique = id.to_string();
+    let composed = match &message {
+        Message::Parts(parts) => compose(parts, &env.hostname, now.as_secs(), &unique),
+        Message::Raw(raw) => from_raw(raw, &env.hostname, now.as_secs(), &unique),
+    }
+    .map_err(|e| SendFault::new(400, "invalid_field", Some(e.field), e.message))?;
+    drop(message);
     if !holder.may_send_as(&composed.sender) {
         return Err(SendFault::new(
             403,
@@ -292,6 +306,11 @@ pub async fn send(
                 orcpt: None,
             })
             .collect(),
+        body: if body.is_ascii() {
+            BodyType::SevenBit
+        } else {
+            BodyType::EightBitMime
+        },
         smtputf8,
         ..Envelope::default()
     };

@@ -323,3 +323,46 @@ fn bad_sends_get_a_precise_answer_and_queue_nothing() {
     relay.terminate(Duration::from_secs(20));
     assert!(relay.spool_records().is_empty(), "nothing queued");
 }
+
+#[test]
+fn a_raw_message_is_sent_to_its_headers_recipients_without_its_bcc() {
+    let sink = Sink::start(SinkOptions::default());
+    let relay = relay_with_a_key(&sink);
+    let raw = "From: Alerts <alerts@ops.example>\nTo: alice@example.org\n\
+               Bcc: audit@example.org\nSubject: disk full\n\n\
+               /var is at 98 %.\n.\nA line with a dot above.\n";
+    let answer = http::send_body(
+        relay.admin_addr(),
+        "POST",
+        "/api/v1/send",
+        Some("shop-token"),
+        "message/rfc822",
+        raw.as_bytes(),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.json()["recipients"], 2);
+    let received = sink.wait_for(1, Duration::from_secs(20));
+    let message = &received[0];
+    let mut rcpts = message.rcpt_tos.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, ["alice@example.org", "audit@example.org"]);
+    let text = message.text();
+    assert!(!text.contains("audit@"), "Bcc taken out: {text}");
+    assert!(message.header("Message-ID").is_some() && message.header("Date").is_some());
+    assert!(
+        text.ends_with("\r\n\r\n/var is at 98 %.\r\n.\r\nA line with a dot above.\r\n"),
+        "{text}"
+    );
+
+    // A raw message without a From is refused, naming the header.
+    let answer = http::send_body(
+        relay.admin_addr(),
+        "POST",
+        "/api/v1/send",
+        Some("shop-token"),
+        "message/rfc822",
+        b"To: alice@example.org\r\n\r\nhi\r\n",
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert_eq!(answer.json()["field"], "From");
+}
