@@ -580,6 +580,45 @@ Bcc: audit@app.example,\n  second@app.example\nSubject: hi\n\nbody\nBcc: in the 
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the header lines and line ends, the result has CRLF
+        /// line ends only, no Bcc field in its head, and the body as sent.
+        #[test]
+        fn bcc_never_survives_and_line_ends_are_crlf(
+            fields in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "Bcc: x@example.org", "BCC:y@example.org", "bcc :z@example.org",
+                    " ,folded@example.org", "\t, folded2@example.org", "X-Bcc: kept", "Subject: s",
+                    "Cc: c@example.org",
+                ]),
+                0..8,
+            ),
+            ends in proptest::collection::vec(
+                proptest::sample::select(vec!["\r\n", "\n", "\r"]), 12),
+            body in "[a-z .\r\n]{0,40}",
+        ) {
+            let mut raw = String::from("From: a@example.org\r\nTo: b@example.org");
+            for (i, field) in fields.iter().enumerate() {
+                raw.push_str(ends[i % ends.len()]);
+                raw.push_str(field);
+            }
+            raw.push_str("\r\n\r\n");
+            raw.push_str(&body);
+            let out = from_raw(raw.as_bytes(), "relay.test", 0, "u").unwrap().message;
+            let text = String::from_utf8(out).unwrap();
+            proptest::prop_assert!(!text.replace("\r\n", "").contains(['\r', '\n']));
+            let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+            for line in head.split("\r\n") {
+                let name = line.split(':').next().unwrap().trim().to_ascii_lowercase();
+                proptest::prop_assert!(name != "bcc", "{}", text);
+                for hidden in ["x@example.org", "y@example.org", "z@example.org"] {
+                    proptest::prop_assert!(!line.contains(hidden), "{}", text);
+                }
+            }
+            proptest::prop_assert_eq!(rest, String::from_utf8(crlf(body.as_bytes())).unwrap());
+        }
+    }
+
     #[test]
     fn no_body_gives_an_empty_text_part() {
         let p = Parts {
