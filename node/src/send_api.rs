@@ -4,10 +4,11 @@
 //! message is queued like SMTP mail: the answer, with the queue id, comes
 //! once the spool has it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher as _;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::Recipient;
 use base64::Engine as _;
@@ -38,7 +39,18 @@ impl KeyHolder {
 /// The keys of `[[api.keys]]`: hashes only, as for operators.
 pub struct ApiKeys {
     keys: Vec<(KeyHolder, String)>,
+    /// Tokens that passed the argon2 check lately, by a keyed hash of the
+    /// token (never the token itself), so that an application sending
+    /// many messages pays the check once per [`TRUSTED_FOR`], not per send.
+    trusted: std::sync::Mutex<HashMap<u64, (KeyHolder, Instant)>>,
+    hasher: std::hash::RandomState,
 }
+
+/// How long a token that passed is taken without another argon2 check.
+pub const TRUSTED_FOR: Duration = Duration::from_secs(300);
+
+/// Tokens remembered at most: more keys than any configuration has.
+const MAX_TRUSTED: usize = 1024;
 
 impl ApiKeys {
     /// Keys that passed validation (a sender that does not parse is left
@@ -60,7 +72,38 @@ impl ApiKeys {
                     (holder, key.token_hash.clone())
                 })
                 .collect(),
+            trusted: Default::default(),
+            hasher: Default::default(),
         }
+    }
+
+    /// The holder of a token that passed within [`TRUSTED_FOR`], if any.
+    pub fn trusted(&self, token: &str, now: Instant) -> Option<KeyHolder> {
+        let tag = self.hasher.hash_one(token);
+        let mut trusted = self.trusted.lock().expect("not poisoned");
+        match trusted.get(&tag) {
+            Some((holder, since)) if now.duration_since(*since) < TRUSTED_FOR => {
+                Some(holder.clone())
+            }
+            Some(_) => {
+                trusted.remove(&tag);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers that `token` passed the check as `holder`'s at `now`.
+    pub fn trust(&self, token: &str, holder: &KeyHolder, now: Instant) {
+        let tag = self.hasher.hash_one(token);
+        let mut trusted = self.trusted.lock().expect("not poisoned");
+        if trusted.len() >= MAX_TRUSTED {
+            trusted.retain(|_, (_, since)| now.duration_since(*since) < TRUSTED_FOR);
+            if trusted.len() >= MAX_TRUSTED {
+                return;
+            }
+        }
+        trusted.insert(tag, (holder.clone(), now));
     }
 
     /// The holder of this token. Every hash is checked, so the time taken
@@ -368,6 +411,36 @@ mod tests {
         for bad in ["@shop.example", "a@", "not a domain", "a@b@"] {
             assert!(SenderRule::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_token_that_passed_is_trusted_for_a_while_and_only_it() {
+        let keys = ApiKeys::new(&[]);
+        let holder = KeyHolder {
+            name: "shop".into(),
+            senders: Vec::new(),
+        };
+        let t0 = Instant::now();
+        assert!(keys.trusted("secret", t0).is_none());
+        keys.trust("secret", &holder, t0);
+        assert_eq!(
+            keys.trusted("secret", t0 + Duration::from_secs(1))
+                .map(|h| h.name),
+            Some("shop".into())
+        );
+        assert!(keys.trusted("secreT", t0).is_none(), "another token");
+        assert!(
+            keys.trusted("secret", t0 + TRUSTED_FOR).is_none(),
+            "expired"
+        );
+        assert!(keys.trusted("secret", t0).is_none(), "and forgotten");
+        // Bounded: past the limit, expired ones make room, fresh ones do not.
+        for n in 0..MAX_TRUSTED + 10 {
+            keys.trust(&format!("t{n}"), &holder, t0);
+        }
+        assert!(keys.trusted(&format!("t{}", MAX_TRUSTED + 5), t0).is_none());
+        keys.trust("late", &holder, t0 + TRUSTED_FOR);
+        assert!(keys.trusted("late", t0 + TRUSTED_FOR).is_some());
     }
 
     #[test]
