@@ -162,14 +162,7 @@ impl UserDb {
             senders: users
                 .iter()
                 .filter(|u| !u.senders.is_empty())
-                .map(|u| {
-                    let rules = u
-                        .senders
-                        .iter()
-                        .filter_map(|s| SenderRule::parse(s).ok())
-                        .collect();
-                    (u.name.clone(), rules)
-                })
+                .map(|u| (u.name.clone(), SenderRule::parse_list(&u.senders)))
                 .collect(),
             decoy: decoy_hash(users.iter().map(|u| u.password_hash.as_str())),
         }

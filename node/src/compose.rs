@@ -118,21 +118,10 @@ pub fn compose(
         .as_ref()
         .ok_or_else(|| fault("from", "a sender is required"))?;
     let sender = mailbox("from", from)?;
-    let mut recipients: Vec<Mailbox> = Vec::new();
-    for (list, named) in [("to", &parts.to), ("cc", &parts.cc), ("bcc", &parts.bcc)] {
-        for (i, address) in named.iter().enumerate() {
-            let mailbox = mailbox(&format!("{list}[{i}]"), address)?;
-            if !recipients.contains(&mailbox) {
-                recipients.push(mailbox);
-            }
-        }
-    }
-    if recipients.is_empty() {
-        return Err(fault(
-            "to",
-            "at least one recipient (to, cc or bcc) is required",
-        ));
-    }
+    let recipients = recipients(
+        [("to", &parts.to), ("cc", &parts.cc), ("bcc", &parts.bcc)]
+            .map(|(list, named)| (list, named.clone())),
+    )?;
     if let Some(reply_to) = &parts.reply_to {
         mailbox("reply_to", reply_to)?;
     }
@@ -218,25 +207,17 @@ pub fn from_raw(
         .map(named)
         .ok_or_else(|| fault("From", "a From header with an address is required"))?;
     let sender = mailbox("From", &from)?;
-    let mut recipients: Vec<Mailbox> = Vec::new();
-    for (header, list) in [
-        ("To", parsed.to()),
-        ("Cc", parsed.cc()),
-        ("Bcc", parsed.bcc()),
-    ] {
-        for (i, address) in list.into_iter().flat_map(|l| l.iter()).enumerate() {
-            let mailbox = mailbox(&format!("{header}[{i}]"), &named(address))?;
-            if !recipients.contains(&mailbox) {
-                recipients.push(mailbox);
-            }
-        }
-    }
-    if recipients.is_empty() {
-        return Err(fault(
-            "To",
-            "at least one recipient (To, Cc or Bcc) is required",
-        ));
-    }
+    let recipients = recipients(
+        [
+            ("To", parsed.to()),
+            ("Cc", parsed.cc()),
+            ("Bcc", parsed.bcc()),
+        ]
+        .map(|(header, list)| {
+            let named: Vec<Named> = list.into_iter().flat_map(|l| l.iter()).map(named).collect();
+            (header, named)
+        }),
+    )?;
     let mut added = String::new();
     if parsed.date().is_none() {
         let date = mail_builder::headers::date::Date::new(now_secs as i64).to_rfc822();
@@ -252,6 +233,28 @@ pub fn from_raw(
         recipients,
         message: out,
     })
+}
+
+/// The recipients of three lists (To, Cc, Bcc, named as the caller names
+/// them), each address once; at least one.
+fn recipients(lists: [(&str, Vec<Named>); 3]) -> Result<Vec<Mailbox>, ComposeError> {
+    let mut recipients: Vec<Mailbox> = Vec::new();
+    for (list, named) in &lists {
+        for (i, address) in named.iter().enumerate() {
+            let mailbox = mailbox(&format!("{list}[{i}]"), address)?;
+            if !recipients.contains(&mailbox) {
+                recipients.push(mailbox);
+            }
+        }
+    }
+    if recipients.is_empty() {
+        let [(first, _), (second, _), (third, _)] = &lists;
+        return Err(fault(
+            *first,
+            format!("at least one recipient ({first}, {second} or {third}) is required"),
+        ));
+    }
+    Ok(recipients)
 }
 
 /// `bytes` with every CR and LF that is not part of a CRLF made a CRLF.

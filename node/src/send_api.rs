@@ -60,14 +60,9 @@ impl ApiKeys {
             keys: keys
                 .iter()
                 .map(|key| {
-                    let senders = key
-                        .senders
-                        .iter()
-                        .filter_map(|s| SenderRule::parse(s).ok())
-                        .collect();
                     let holder = KeyHolder {
                         name: key.name.clone(),
-                        senders,
+                        senders: SenderRule::parse_list(&key.senders),
                     };
                     (holder, key.token_hash.clone())
                 })

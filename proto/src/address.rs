@@ -83,6 +83,15 @@ impl SenderRule {
         }
     }
 
+    /// The rules of a configured list; one that does not parse (refused
+    /// by validation before) is left out.
+    pub fn parse_list(texts: &[String]) -> Vec<SenderRule> {
+        texts
+            .iter()
+            .filter_map(|t| SenderRule::parse(t).ok())
+            .collect()
+    }
+
     /// Local parts compare without regard to case, as almost every
     /// mailbox does; domains are in routing form already.
     pub fn allows(&self, sender: &Mailbox) -> bool {
