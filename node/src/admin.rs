@@ -672,7 +672,11 @@ async fn send_message(
     };
     let fault = |fault: crate::send_api::SendFault| {
         let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::BAD_REQUEST);
-        HttpResponse::build(status).json(fault)
+        let mut response = HttpResponse::build(status);
+        if let Some(secs) = fault.retry_after {
+            response.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        response.json(fault)
     };
     let media_type = request
         .headers()
@@ -690,6 +694,7 @@ async fn send_message(
                 code: "unsupported_media_type",
                 field: None,
                 message: "send application/json or message/rfc822".into(),
+                retry_after: None,
             }))
         }
     };
@@ -705,6 +710,7 @@ async fn send_message(
                 code: "message_too_large",
                 field: None,
                 message: format!("a request over {limit} octets (smtp.max_message_size in base64)"),
+                retry_after: None,
             }));
         }
         body.extend_from_slice(&chunk);
@@ -717,9 +723,42 @@ async fn send_message(
             Err(f) => return Ok(fault(f)),
         }
     };
-    match crate::send_api::send(&send, &holder, client_ip(&request), message).await {
-        Ok((id, recipients)) => Ok(HttpResponse::Ok()
-            .json(serde_json::json!({ "id": id.to_string(), "recipients": recipients }))),
+    let retried = match request.headers().get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value
+                .to_str()
+                .map_err(|e| e.to_string())
+                .and_then(|key| crate::idempotency::check_key(key).map(|()| key));
+            match key {
+                Ok(key) => Some(crate::send_api::Retried {
+                    key,
+                    fingerprint: crate::idempotency::sha256_hex(&[media_type.as_bytes(), &body]),
+                }),
+                Err(e) => {
+                    return Ok(fault(crate::send_api::SendFault {
+                        status: 400,
+                        code: "invalid_field",
+                        field: Some("Idempotency-Key".into()),
+                        message: e,
+                        retry_after: None,
+                    }))
+                }
+            }
+        }
+    };
+    let ip = client_ip(&request);
+    match crate::send_api::send_once(&send, &holder, ip, message, retried).await {
+        Ok(sent) => {
+            let mut response = HttpResponse::Ok();
+            if sent.replayed {
+                response.insert_header(("Idempotent-Replayed", "true"));
+            }
+            Ok(response.json(serde_json::json!({
+                "id": sent.id,
+                "recipients": sent.recipients,
+            })))
+        }
         Err(f) => Ok(fault(f)),
     }
 }

@@ -20,6 +20,7 @@ use argon2::{Algorithm, Argon2, Block, Params, Version};
 use smarthost_proto::address::SenderRule;
 
 use crate::config::{AdminOperator, OperatorRole, SmtpUser};
+use crate::quota::Quota;
 
 /// The most memory one check may use: 64 MiB (`m=65536`). Every
 /// concurrent check holds this much at worst; the hashes that
@@ -146,6 +147,8 @@ pub struct UserDb {
     users: HashMap<String, String>,
     /// The senders of users limited to some (`senders` in the config).
     senders: HashMap<String, Vec<SenderRule>>,
+    /// The quotas of users that have some.
+    quotas: HashMap<String, Vec<Quota>>,
     /// Checked against for unknown user names, so that they cost the same
     /// argon2 work as known ones and a client cannot tell them apart by the
     /// reply time.
@@ -163,6 +166,14 @@ impl UserDb {
                 .iter()
                 .filter(|u| !u.senders.is_empty())
                 .map(|u| (u.name.clone(), SenderRule::parse_list(&u.senders)))
+                .collect(),
+            quotas: users
+                .iter()
+                .map(|u| {
+                    let quotas = Quota::list(u.messages_per_minute, u.messages_per_day);
+                    (u.name.clone(), quotas)
+                })
+                .filter(|(_, quotas)| !quotas.is_empty())
                 .collect(),
             decoy: decoy_hash(users.iter().map(|u| u.password_hash.as_str())),
         }
@@ -193,6 +204,11 @@ impl UserDb {
     /// The senders `user` may use, if limited to some.
     pub fn senders_of(&self, user: &str) -> Option<&[SenderRule]> {
         self.senders.get(user).map(Vec::as_slice)
+    }
+
+    /// The sending quotas of `user` (none: no limit).
+    pub fn quotas_of(&self, user: &str) -> &[Quota] {
+        self.quotas.get(user).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -372,6 +388,8 @@ mod tests {
             name: "app".to_string(),
             password_hash: hash_password("pw"),
             senders: Vec::new(),
+            messages_per_minute: None,
+            messages_per_day: None,
         }]);
         assert!(db.verify("app", "pw"));
         assert!(!db.verify("app", "wrong"));
@@ -436,11 +454,15 @@ mod tests {
                 name: "a".to_string(),
                 password_hash: cheap_hash("pw"),
                 senders: Vec::new(),
+                messages_per_minute: None,
+                messages_per_day: None,
             },
             SmtpUser {
                 name: "b".to_string(),
                 password_hash: hash_password("pw"),
                 senders: Vec::new(),
+                messages_per_minute: None,
+                messages_per_day: None,
             },
         ]);
         let mut memory = Memory::default();

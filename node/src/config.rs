@@ -161,6 +161,12 @@ pub struct SmtpUser {
     /// domains. Empty (the default): any sender.
     #[serde(default)]
     pub senders: Vec<String>,
+    /// At most so many messages a minute, as for `[[api.keys]]`.
+    #[serde(default)]
+    pub messages_per_minute: Option<u32>,
+    /// At most so many messages a day.
+    #[serde(default)]
+    pub messages_per_day: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -335,6 +341,13 @@ pub struct ApiKey {
     /// The senders it may use: addresses (`noreply@app.example`) or whole
     /// domains (`app.example`). At least one.
     pub senders: Vec<String>,
+    /// At most so many messages a minute (a burst of as many, refilled
+    /// evenly), for the whole cluster; absent or 0: no limit.
+    #[serde(default)]
+    pub messages_per_minute: Option<u32>,
+    /// At most so many messages a day, the same way.
+    #[serde(default)]
+    pub messages_per_day: Option<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

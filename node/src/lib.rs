@@ -49,10 +49,12 @@ pub mod delivery;
 pub mod delivery_log;
 pub mod dispatcher;
 pub mod fd_limit;
+pub mod idempotency;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod queue;
+pub mod quota;
 #[cfg(test)]
 mod redis_cluster_tests;
 pub mod schedule;

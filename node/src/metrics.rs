@@ -34,6 +34,7 @@ pub const RECIPIENTS_RECEIVED: &str = "smarthost_recipients_received_total";
 pub const BYTES_RECEIVED: &str = "smarthost_received_bytes_total";
 /// Messages whose store failed after DATA (answered `451`).
 pub const MESSAGES_NOT_STORED: &str = "smarthost_messages_not_stored_total";
+pub const QUOTA_REFUSALS: &str = "smarthost_quota_refusals_total";
 /// Message bytes written to disk while they arrived
 /// (`smtp.body_spill_threshold`).
 pub const BYTES_SPILLED: &str = "smarthost_spilled_bytes_total";
@@ -119,6 +120,10 @@ fn describe() {
         "messages whose store failed after DATA"
     );
     describe_counter!(
+        QUOTA_REFUSALS,
+        "messages refused because their key or user had sent its quota"
+    );
+    describe_counter!(
         BYTES_SPILLED,
         Unit::Bytes,
         "message bytes written to disk while they arrived"
@@ -176,6 +181,11 @@ pub fn body_spilled(bytes: usize) {
 /// Counts a message whose store failed after DATA.
 pub fn message_not_stored() {
     metrics::counter!(MESSAGES_NOT_STORED).increment(1);
+}
+
+/// Counts a message refused by a quota; `via` is `api` or `smtp`.
+pub fn quota_refused(via: &'static str) {
+    metrics::counter!(QUOTA_REFUSALS, "via" => via).increment(1);
 }
 
 /// Counts one store call of the spool.

@@ -20,7 +20,9 @@ use smarthost_proto::received;
 use crate::auth::{verify_password_in, Memory};
 use crate::compose::{compose, from_raw, Attachment, Named, Parts};
 use crate::config::ApiKey;
+use crate::idempotency::{Answer, Claim, Idempotency};
 use crate::queue::Enqueue;
+use crate::quota::{Quota, Quotas};
 use crate::spool::Body;
 
 /// An application that may send.
@@ -28,6 +30,8 @@ use crate::spool::Body;
 pub struct KeyHolder {
     pub name: String,
     pub senders: Vec<SenderRule>,
+    /// Its sending quotas (none: no limit).
+    pub quotas: Vec<Quota>,
 }
 
 impl KeyHolder {
@@ -63,6 +67,7 @@ impl ApiKeys {
                     let holder = KeyHolder {
                         name: key.name.clone(),
                         senders: SenderRule::parse_list(&key.senders),
+                        quotas: Quota::list(key.messages_per_minute, key.messages_per_day),
                     };
                     (holder, key.token_hash.clone())
                 })
@@ -127,6 +132,10 @@ impl std::fmt::Debug for ApiKeys {
 pub struct SendEnv {
     pub keys: Arc<ApiKeys>,
     pub queue: Recipient<Enqueue>,
+    /// Where the keys' quotas are counted.
+    pub quotas: Arc<dyn Quotas>,
+    /// Where `Idempotency-Key`s are kept.
+    pub idempotency: Arc<dyn Idempotency>,
     pub hostname: String,
     pub max_recipients: usize,
     pub max_message_size: u64,
@@ -197,6 +206,10 @@ pub struct SendFault {
     pub field: Option<String>,
     #[serde(rename = "error")]
     pub message: String,
+    /// Seconds until a refused send may pass (`429`), also the
+    /// `Retry-After` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 impl SendFault {
@@ -206,7 +219,17 @@ impl SendFault {
             code,
             field,
             message,
+            retry_after: None,
         }
+    }
+
+    fn unavailable() -> SendFault {
+        SendFault::new(
+            503,
+            "unavailable",
+            None,
+            "the queue cannot take the message now; try again".into(),
+        )
     }
 }
 
@@ -261,6 +284,100 @@ pub enum Message {
     /// A whole RFC 5322 message (`Content-Type: message/rfc822`), its
     /// envelope from its headers.
     Raw(Vec<u8>),
+}
+
+/// A send as it came: its `Idempotency-Key`, if any, and a fingerprint
+/// of its media type and body.
+pub struct Retried<'a> {
+    pub key: &'a str,
+    pub fingerprint: String,
+}
+
+/// What a send answers: the queue id, the recipients, and whether the
+/// answer is that of an earlier request with the same `Idempotency-Key`.
+#[derive(Debug)]
+pub struct Sent {
+    pub id: String,
+    pub recipients: usize,
+    pub replayed: bool,
+}
+
+/// [`send`], once per `Idempotency-Key`: a request with a key that was
+/// answered gets the same answer and queues nothing; one while another
+/// with its key is under way gets `409`; one with a key used for another
+/// request gets `422`.
+pub async fn send_once(
+    env: &SendEnv,
+    holder: &KeyHolder,
+    ip: IpAddr,
+    message: Message,
+    retried: Option<Retried<'_>>,
+) -> Result<Sent, SendFault> {
+    let Some(Retried { key, fingerprint }) = retried else {
+        let (id, recipients) = send(env, holder, ip, message).await?;
+        return Ok(Sent {
+            id: id.to_string(),
+            recipients,
+            replayed: false,
+        });
+    };
+    let field = || Some("Idempotency-Key".to_string());
+    let scope = holder.name.as_str();
+    match env.idempotency.claim(scope, key, &fingerprint).await {
+        Ok(Claim::Claimed) => {}
+        Ok(Claim::Answered(answer)) if answer.fingerprint == fingerprint => {
+            return Ok(Sent {
+                id: answer.id,
+                recipients: answer.recipients,
+                replayed: true,
+            })
+        }
+        Ok(Claim::Answered(_)) => {
+            return Err(SendFault::new(
+                422,
+                "idempotency_key_reused",
+                field(),
+                "this key was used for another request".into(),
+            ))
+        }
+        Ok(Claim::InProgress) => {
+            return Err(SendFault {
+                retry_after: Some(1),
+                ..SendFault::new(
+                    409,
+                    "idempotency_key_in_use",
+                    field(),
+                    "a request with this key is under way".into(),
+                )
+            })
+        }
+        Err(error) => {
+            tracing::warn!(%error, "idempotency key not checked");
+            return Err(SendFault::unavailable());
+        }
+    }
+    let result = send(env, holder, ip, message).await;
+    let kept = match &result {
+        Ok((id, recipients)) => {
+            let answer = Answer {
+                fingerprint,
+                id: id.to_string(),
+                recipients: *recipients,
+            };
+            env.idempotency.answer(scope, key, &answer).await
+        }
+        Err(_) => env.idempotency.release(scope, key).await,
+    };
+    if let Err(error) = kept {
+        // The claim lapses by itself; until then a retry gets 409.
+        tracing::warn!(%error, key = %holder.name, "idempotency key not updated");
+    }
+    let (id, recipients) = result?;
+    Ok(Sent {
+        id: id.to_string(),
+        recipients,
+        replayed: false,
+    })
 }
 
 /// Builds, checks and queues the message `holder` sends from `ip`;
@@ -352,6 +469,33 @@ pub async fn send(
         smtputf8,
         ..Envelope::default()
     };
+    match env
+        .quotas
+        .take(&format!("key:{}", holder.name), &holder.quotas)
+        .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(wait)) => {
+            let secs = crate::quota::retry_after_secs(wait);
+            crate::metrics::quota_refused("api");
+            return Err(SendFault {
+                retry_after: Some(secs),
+                ..SendFault::new(
+                    429,
+                    "quota_exceeded",
+                    None,
+                    format!(
+                        "key {:?} has sent its quota of messages; try again in {secs} s",
+                        holder.name
+                    ),
+                )
+            });
+        }
+        Err(error) => {
+            tracing::warn!(%error, key = %holder.name, "quota not checked");
+            return Err(SendFault::unavailable());
+        }
+    }
     let client = ClientInfo {
         ip,
         helo: "api".into(),
@@ -369,14 +513,7 @@ pub async fn send(
     )
     .await
     .map(|id| (id, recipients))
-    .map_err(|_| {
-        SendFault::new(
-            503,
-            "unavailable",
-            None,
-            "the queue cannot take the message now; try again".into(),
-        )
-    })
+    .map_err(|_| SendFault::unavailable())
 }
 
 #[cfg(test)]
@@ -398,6 +535,7 @@ mod tests {
                 SenderRule::parse("NoReply@Shop.Example").unwrap(),
                 SenderRule::parse("news.example").unwrap(),
             ],
+            quotas: Vec::new(),
         };
         assert!(holder.may_send_as(&mailbox("noreply@shop.example")));
         assert!(holder.may_send_as(&mailbox("anyone@news.example")));
@@ -414,6 +552,7 @@ mod tests {
         let holder = KeyHolder {
             name: "shop".into(),
             senders: Vec::new(),
+            quotas: Vec::new(),
         };
         let t0 = Instant::now();
         assert!(keys.trusted("secret", t0).is_none());

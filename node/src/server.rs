@@ -37,9 +37,11 @@ use crate::admission;
 use crate::body_memory::BodyMemory;
 use crate::deadlines::Limits;
 use crate::fd_limit;
+use crate::idempotency::{Idempotency, LocalIdempotency, RedisIdempotency};
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{Listener, OpenSessions, StopAccepting, WaitDrained};
 use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover, ReopenLog};
+use crate::quota::{LocalQuotas, Quotas, RedisQuotas};
 use crate::schedule::RedisSchedule;
 use crate::scheduler::RetryPolicy;
 use crate::session::SessionEnv;
@@ -219,7 +221,7 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     // Probes, the cluster view and the shared queue's counts; ready while
     // it runs.
     let (ready, is_ready) = watch::channel(true);
-    let ledger = login_ledger(&config).await?;
+    let shared = shared_state(&config).await?;
     let board = sessions_board(&config).await?;
     let admin = start_admin(
         &config,
@@ -227,7 +229,7 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
         &spool,
         Some(&coordinator),
         is_ready,
-        ledger,
+        shared,
         Listened {
             board,
             ..Listened::default()
@@ -334,11 +336,11 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     }
 
     let (ready, is_ready) = watch::channel(false);
-    let ledger = login_ledger(&config).await?;
+    let shared = shared_state(&config).await?;
     let sessions = Arc::new(session_env(
         &config,
         queue.clone().recipient(),
-        ledger.clone(),
+        shared.clone(),
     )?);
     let board = sessions_board(&config).await?;
     if let Some(board) = &board {
@@ -350,7 +352,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         &admin_spool,
         coordinator.as_ref(),
         is_ready,
-        ledger,
+        shared,
         Listened {
             logins: Some(sessions.guard.stats().clone()),
             sessions: Some(sessions.live.clone()),
@@ -418,7 +420,7 @@ fn start_admin(
     spool: &Arc<dyn Spool>,
     coordinator: Option<&Addr<Coordinator>>,
     is_ready: watch::Receiver<bool>,
-    ledger: Arc<dyn Ledger>,
+    shared: Shared,
     listened: Listened,
 ) -> Result<admin::Servers, Box<dyn Error>> {
     let admin = &config.admin;
@@ -435,7 +437,7 @@ fn start_admin(
             trust_for: admin.token_block_duration,
             failure_delay: admin::TOKEN_FAILURE_DELAY,
         },
-        ledger,
+        shared.ledger,
         stats.clone(),
     );
     let checks = PasswordChecks::new(
@@ -455,6 +457,8 @@ fn start_admin(
     .with_send(crate::send_api::SendEnv {
         keys: Arc::new(crate::send_api::ApiKeys::new(&config.api.keys)),
         queue: queue.clone().recipient(),
+        quotas: shared.quotas,
+        idempotency: shared.idempotency,
         hostname: config.node.hostname.clone(),
         max_recipients: config.smtp.max_recipients,
         max_message_size: config.smtp.max_message_size,
@@ -542,28 +546,56 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings, Box<dyn Error>
     })
 }
 
-/// Where the failed logins of SMTP AUTH and the admin API are counted: in
-/// Redis on the Redis backend, so that every node sees the blocks, else in
-/// this process.
-async fn login_ledger(config: &Config) -> Result<Arc<dyn Ledger>, Box<dyn Error>> {
-    Ok(match config.queue.backend {
-        QueueBackend::Local => Arc::new(LocalLedger::default()),
-        QueueBackend::Redis => Arc::new(
-            RedisLedger::open(
-                &config.queue.redis_url,
-                config.queue.redis_cluster,
-                config.queue.redis_response_timeout,
-            )
-            .await
-            .map_err(|e| format!("queue.redis_url: {e}"))?,
-        ),
+/// What the nodes keep in common besides the queue: the failed logins of
+/// SMTP AUTH and the admin API, and the sending quotas. In Redis on the
+/// Redis backend, so that every node sees the same, else in this process.
+#[derive(Clone)]
+struct Shared {
+    ledger: Arc<dyn Ledger>,
+    quotas: Arc<dyn Quotas>,
+    idempotency: Arc<dyn Idempotency>,
+}
+
+async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
+    let queue = &config.queue;
+    Ok(match queue.backend {
+        QueueBackend::Local => Shared {
+            ledger: Arc::new(LocalLedger::default()),
+            quotas: Arc::new(LocalQuotas::default()),
+            idempotency: Arc::new(LocalIdempotency::default()),
+        },
+        QueueBackend::Redis => {
+            let (url, cluster, timeout) = (
+                &queue.redis_url,
+                queue.redis_cluster,
+                queue.redis_response_timeout,
+            );
+            let redis = |e: String| format!("queue.redis_url: {e}");
+            Shared {
+                ledger: Arc::new(
+                    RedisLedger::open(url, cluster, timeout)
+                        .await
+                        .map_err(redis)?,
+                ),
+                quotas: Arc::new(
+                    RedisQuotas::open(url, cluster, timeout)
+                        .await
+                        .map_err(redis)?,
+                ),
+                idempotency: Arc::new(
+                    RedisIdempotency::open(url, cluster, timeout)
+                        .await
+                        .map_err(redis)?,
+                ),
+            }
+        }
     })
 }
 
 fn session_env(
     config: &Config,
     queue: Recipient<crate::queue::Enqueue>,
-    ledger: Arc<dyn Ledger>,
+    shared: Shared,
 ) -> Result<SessionEnv, Box<dyn Error>> {
     let smtp = &config.smtp;
     let tls = smtp.tls.as_ref().map(tls::acceptor).transpose()?;
@@ -617,7 +649,7 @@ fn session_env(
                 trust_for: smtp.auth_trust_duration,
                 failure_delay: smtp.auth_failure_delay,
             },
-            ledger,
+            shared.ledger,
             stats,
         )),
         limits: Limits {
@@ -629,6 +661,7 @@ fn session_env(
         tls_handshake_timeout: smtp.tls_handshake_timeout,
         greeting_delay: smtp.greeting_delay,
         queue,
+        quotas: shared.quotas,
         body_memory: BodyMemory::new(smtp.max_body_memory),
         body_memory_wait: smtp.body_memory_wait,
         spill: {

@@ -37,6 +37,7 @@ use crate::body_memory::{BodyMemory, Reservation};
 use crate::deadlines::{Deadlines, Expired, Limits};
 use crate::listener::Slot;
 use crate::queue::Enqueue;
+use crate::quota::Quotas;
 use crate::session_log::{Entry as SessionLogEntry, SessionLog};
 use crate::sessions::{Sessions, Tracked};
 use crate::spill::{Spill, SpillConfig};
@@ -58,6 +59,8 @@ pub struct SessionEnv {
     /// How long clients outside `relay_networks` wait for the greeting.
     pub greeting_delay: Duration,
     pub queue: Recipient<Enqueue>,
+    /// Where the users' sending quotas are counted.
+    pub quotas: Arc<dyn Quotas>,
     /// The node's budget for bodies in memory (`smtp.max_body_memory`).
     pub body_memory: Arc<BodyMemory>,
     /// How long a new DATA may wait for it (`smtp.body_memory_wait`).
@@ -600,6 +603,22 @@ async fn store(
         tls,
         data,
     } = message;
+    if let Some(user) = &auth_user {
+        let quotas = env.users.quotas_of(user);
+        match env.quotas.take(&format!("user:{user}"), quotas).await {
+            Ok(Ok(())) => {}
+            Ok(Err(wait)) => {
+                let retry_after_secs = crate::quota::retry_after_secs(wait);
+                tracing::info!(%user, retry_after_secs, "sending quota reached");
+                crate::metrics::quota_refused("smtp");
+                return Err(StoreFailure::OverQuota { retry_after_secs });
+            }
+            Err(error) => {
+                tracing::warn!(%error, %user, "quota not checked");
+                return Err(StoreFailure::Unavailable);
+            }
+        }
+    }
     let for_rcpt = match envelope.recipients.as_slice() {
         [only] => Some(&only.address),
         _ => None,

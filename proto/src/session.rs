@@ -127,10 +127,14 @@ pub enum AuthRefusal {
     AddressBlocked,
 }
 
-/// Why the shell could not store a message (answered with `451 4.3.0`).
+/// Why the shell did not store a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreFailure {
+    /// The queue could not take it (`451 4.3.0`).
     Unavailable,
+    /// The logged-in user has sent its quota of messages; one more passes
+    /// in this many seconds (`450 4.7.1`).
+    OverQuota { retry_after_secs: u64 },
 }
 
 #[derive(Debug)]
@@ -579,6 +583,16 @@ impl Session {
             Err(StoreFailure::Unavailable) => {
                 self.errors += 1;
                 reply(451, 4, 3, 0, "Temporary failure, please try again later")
+            }
+            Err(StoreFailure::OverQuota { retry_after_secs }) => {
+                self.errors += 1;
+                reply(
+                    450,
+                    4,
+                    7,
+                    1,
+                    format!("Sending quota reached, try again in {retry_after_secs} s"),
+                )
             }
         }
     }

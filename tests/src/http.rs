@@ -49,7 +49,7 @@ impl Response {
 pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Response {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    exchange(stream, addr, method, path, token, None)
+    exchange(stream, addr, (method, path, &[]), token, None)
 }
 
 /// Sends `method path` with `body` of `content_type` (and the token when
@@ -62,13 +62,25 @@ pub fn send_body(
     content_type: &str,
     body: &[u8],
 ) -> Response {
+    send_with(addr, method, path, token, &[], content_type, body)
+}
+
+/// [`send_body`] with more request headers.
+pub fn send_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    content_type: &str,
+    body: &[u8],
+) -> Response {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     exchange(
         stream,
         addr,
-        method,
-        path,
+        (method, path, headers),
         token,
         Some((content_type, body)),
     )
@@ -103,14 +115,14 @@ pub fn request_from(
     socket
         .connect_timeout(&addr.into(), Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    exchange(socket.into(), addr, method, path, token, None)
+    exchange(socket.into(), addr, (method, path, &[]), token, None)
 }
 
+/// One request: `(method, path, extra headers)`.
 fn exchange(
     mut stream: TcpStream,
     addr: SocketAddr,
-    method: &str,
-    path: &str,
+    (method, path, headers): (&str, &str, &[(&str, &str)]),
     token: Option<&str>,
     body: Option<(&str, &[u8])>,
 ) -> Response {
@@ -126,6 +138,9 @@ fn exchange(
     }
     if let Some(token) = token {
         head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).unwrap();

@@ -957,6 +957,22 @@ fn store_failure_is_a_temporary_error() {
 }
 
 #[test]
+fn a_spent_quota_is_a_temporary_error_that_says_when() {
+    let mut s = Session::new(Arc::new(config()), trusted());
+    s.push_input(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<u@example.net>\r\nDATA\r\nx\r\n.\r\n");
+    replies(&mut s, 4);
+    assert!(matches!(s.next_action(), Some(Action::Message(_))));
+    let r = s.message_stored(Err(StoreFailure::OverQuota {
+        retry_after_secs: 12,
+    }));
+    assert_eq!(code(&r), "450 4.7.1");
+    assert!(r.to_string().contains("try again in 12 s"), "{r}");
+    // The transaction is over; the session goes on.
+    s.push_input(b"MAIL FROM:<>\r\n");
+    assert!(matches!(s.next_action(), Some(Action::Reply(r)) if code(&r) == "250 2.1.0"));
+}
+
+#[test]
 fn session_size_limit() {
     let config = SessionConfig {
         max_message_size: 100,
