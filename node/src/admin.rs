@@ -72,6 +72,12 @@ pub const TOKEN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs
 pub const TOKEN_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The queue's answers about single messages.
+mod suppressions;
+
+pub use suppressions::{
+    Added as SuppressionsAdded, Page as SuppressionPage, Removed as SuppressionRemoved,
+};
+
 #[derive(Clone)]
 pub struct MessageQueue {
     pub replay: Recipient<ReplayQuarantined>,
@@ -329,6 +335,12 @@ fn api(config: &mut web::ServiceConfig) {
         .service(web::resource("/queue").get(queue))
         .service(web::resource("/send").post(send_message))
         .service(
+            web::resource("/suppressions")
+                .get(suppressions::list)
+                .post(suppressions::add),
+        )
+        .service(web::resource("/suppressions/{address}").delete(suppressions::remove))
+        .service(
             web::resource("/messages")
                 .get(messages)
                 .delete(delete_messages),
@@ -451,6 +463,8 @@ pub enum ApiError {
     BadQuery(String),
     #[error("nothing is set aside as {0:?}")]
     NotQuarantined(String),
+    #[error("{0} is not on this suppression list")]
+    NotSuppressed(String),
     /// The request is understood but cannot be done as things are.
     #[error("{0}")]
     Conflict(String),
@@ -472,6 +486,7 @@ impl ResponseError for ApiError {
             ApiError::BadNotify(_) => StatusCode::BAD_REQUEST,
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::NotQuarantined(_) => StatusCode::NOT_FOUND,
+            ApiError::NotSuppressed(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
@@ -754,10 +769,14 @@ async fn send_message(
             if sent.replayed {
                 response.insert_header(("Idempotent-Replayed", "true"));
             }
-            Ok(response.json(serde_json::json!({
+            let mut json = serde_json::json!({
                 "id": sent.id,
                 "recipients": sent.recipients,
-            })))
+            });
+            if !sent.suppressed.is_empty() {
+                json["suppressed"] = serde_json::json!(sent.suppressed);
+            }
+            Ok(response.json(json))
         }
         Err(f) => Ok(fault(f)),
     }

@@ -15,6 +15,21 @@ use crate::queue::{Deleted, MessagePage, MessageView, QueueStats, Replayed};
 use crate::sessions::SessionView;
 use crate::spool::Quarantined;
 
+pub use crate::admin::{SuppressionPage, SuppressionRemoved, SuppressionsAdded};
+
+/// A path segment with everything but unreserved characters and `@`
+/// percent-encoded.
+fn encode_path(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which messages a listing or a bulk call is about.
@@ -191,6 +206,50 @@ impl AdminClient {
         self.call(self.http.delete(self.url(&path))).await
     }
 
+    /// A page of the suppression list of `account` (the global one when
+    /// `None`), after `cursor`.
+    pub async fn suppressions(
+        &self,
+        account: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<SuppressionPage, ClientError> {
+        let limit = limit.to_string();
+        let query = [
+            ("account", account),
+            ("cursor", cursor),
+            ("limit", Some(limit.as_str())),
+        ];
+        let request = self.with_query(self.http.get(self.url("/suppressions")), &query)?;
+        self.call(request).await
+    }
+
+    /// Adds `text` (one address per line) to the suppression list of
+    /// `account`, as an import.
+    pub async fn suppress(
+        &self,
+        account: Option<&str>,
+        reason: Option<&str>,
+        text: String,
+    ) -> Result<SuppressionsAdded, ClientError> {
+        let query = [("account", account), ("reason", reason)];
+        let request = self.with_query(self.http.post(self.url("/suppressions")), &query)?;
+        self.call_with(request, Some(("text/plain", text.into_bytes())))
+            .await
+    }
+
+    /// Takes `address` off the suppression list of `account`.
+    pub async fn unsuppress(
+        &self,
+        account: Option<&str>,
+        address: &str,
+    ) -> Result<SuppressionRemoved, ClientError> {
+        let path = format!("/suppressions/{}", encode_path(address));
+        let request =
+            self.with_query(self.http.delete(self.url(&path)), &[("account", account)])?;
+        self.call(request).await
+    }
+
     /// Suspends (`true`) or resumes a domain, given in its routing form.
     pub async fn set_suspended(
         &self,
@@ -211,12 +270,27 @@ impl AdminClient {
         &self,
         request: awc::ClientRequest,
     ) -> Result<T, ClientError> {
+        self.call_with(request, None).await
+    }
+
+    /// [`AdminClient::call`] with a body of the given media type.
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        request: awc::ClientRequest,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<T, ClientError> {
         let request = match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
         };
         let url = request.get_uri().to_string();
-        let mut response = request.send().await.map_err(|e| ClientError::Unreachable {
+        let sent = match body {
+            Some((media_type, bytes)) => request
+                .insert_header((actix_web::http::header::CONTENT_TYPE, media_type))
+                .send_body(bytes),
+            None => request.send(),
+        };
+        let mut response = sent.await.map_err(|e| ClientError::Unreachable {
             url: url.clone(),
             reason: e.to_string(),
         })?;

@@ -19,6 +19,7 @@ use crate::sessions::SessionView;
 use crate::spool::Quarantined;
 
 mod send;
+mod suppression;
 
 #[derive(Debug, Parser)]
 #[command(name = "smarthost", version, about = "An SMTP relay for applications")]
@@ -72,6 +73,10 @@ enum Command {
     /// Send one message to a running node over SMTP: the body from a file
     /// or standard input, with attachments. Prints the queue id.
     Send(send::SendArgs),
+    /// The suppression list of a running node (through its admin API):
+    /// addresses mail is no longer sent to, globally or per application
+    /// key or SMTP user.
+    Suppression(suppression::SuppressionArgs),
     /// Print the argon2id hash of a password or token, for [[smtp.users]]
     /// and [[admin.operators]].
     HashPassword {
@@ -244,6 +249,7 @@ pub fn main() -> ExitCode {
         Command::Queue { token, action } => queue(cli.config.as_deref(), token, action),
         Command::Sessions { token, json } => sessions(cli.config.as_deref(), token, json),
         Command::Send(args) => send::send(cli.config.as_deref(), args),
+        Command::Suppression(args) => suppression::suppression(cli.config.as_deref(), args),
         Command::HashPassword { secret, stdin } => hash_password(secret, stdin),
     }
 }

@@ -28,6 +28,7 @@ pub struct Config {
     pub bounce: BounceConfig,
     pub admin: AdminConfig,
     pub api: ApiConfig,
+    pub suppression: SuppressionConfig,
     pub log: LogConfig,
 }
 
@@ -328,6 +329,24 @@ pub struct AdminConfig {
 pub struct ApiConfig {
     /// The applications that may send; none: every send is refused (`401`).
     pub keys: Vec<ApiKey>,
+}
+
+/// The suppression list.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SuppressionConfig {
+    /// Recipients a server answers with `5.1.x` (no such mailbox or
+    /// domain) are added to the list of the message's account (the
+    /// global one for mail from no account).
+    pub learn_from_bounces: bool,
+}
+
+impl Default for SuppressionConfig {
+    fn default() -> Self {
+        SuppressionConfig {
+            learn_from_bounces: true,
+        }
+    }
 }
 
 /// An application's key.

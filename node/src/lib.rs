@@ -67,6 +67,7 @@ pub mod sessions;
 pub mod spill;
 pub mod spool;
 pub mod submit;
+pub mod suppression;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;

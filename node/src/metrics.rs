@@ -35,6 +35,8 @@ pub const BYTES_RECEIVED: &str = "smarthost_received_bytes_total";
 /// Messages whose store failed after DATA (answered `451`).
 pub const MESSAGES_NOT_STORED: &str = "smarthost_messages_not_stored_total";
 pub const QUOTA_REFUSALS: &str = "smarthost_quota_refusals_total";
+pub const RECIPIENTS_SUPPRESSED: &str = "smarthost_recipients_suppressed_total";
+pub const SUPPRESSIONS_ADDED: &str = "smarthost_suppressions_added_total";
 /// Message bytes written to disk while they arrived
 /// (`smtp.body_spill_threshold`).
 pub const BYTES_SPILLED: &str = "smarthost_spilled_bytes_total";
@@ -124,6 +126,14 @@ fn describe() {
         "messages refused because their key or user had sent its quota"
     );
     describe_counter!(
+        RECIPIENTS_SUPPRESSED,
+        "recipients not sent to because they are on the suppression list"
+    );
+    describe_counter!(
+        SUPPRESSIONS_ADDED,
+        "addresses added to the suppression list"
+    );
+    describe_counter!(
         BYTES_SPILLED,
         Unit::Bytes,
         "message bytes written to disk while they arrived"
@@ -186,6 +196,18 @@ pub fn message_not_stored() {
 /// Counts a message refused by a quota; `via` is `api` or `smtp`.
 pub fn quota_refused(via: &'static str) {
     metrics::counter!(QUOTA_REFUSALS, "via" => via).increment(1);
+}
+
+/// Counts a recipient held back by the suppression list; `via` is `api`
+/// (left out of a send) or `delivery` (failed without a connection).
+pub fn recipient_suppressed(via: &'static str) {
+    metrics::counter!(RECIPIENTS_SUPPRESSED, "via" => via).increment(1);
+}
+
+/// Counts addresses added to the suppression list; `source` is `bounce`
+/// or `api`.
+pub fn suppressions_added(source: &'static str, count: usize) {
+    metrics::counter!(SUPPRESSIONS_ADDED, "source" => source).increment(count as u64);
 }
 
 /// Counts one store call of the spool.

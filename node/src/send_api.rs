@@ -24,6 +24,7 @@ use crate::idempotency::{Answer, Claim, Idempotency};
 use crate::queue::Enqueue;
 use crate::quota::{Quota, Quotas};
 use crate::spool::Body;
+use crate::suppression::{address_key, Suppressions};
 
 /// An application that may send.
 #[derive(Clone, Debug)]
@@ -136,6 +137,8 @@ pub struct SendEnv {
     pub quotas: Arc<dyn Quotas>,
     /// Where `Idempotency-Key`s are kept.
     pub idempotency: Arc<dyn Idempotency>,
+    /// Addresses not to send to.
+    pub suppressions: Arc<dyn Suppressions>,
     pub hostname: String,
     pub max_recipients: usize,
     pub max_message_size: u64,
@@ -300,6 +303,8 @@ pub struct Sent {
     pub id: String,
     pub recipients: usize,
     pub replayed: bool,
+    /// Recipients left out because they are on the suppression list.
+    pub suppressed: Vec<String>,
 }
 
 /// [`send`], once per `Idempotency-Key`: a request with a key that was
@@ -314,12 +319,7 @@ pub async fn send_once(
     retried: Option<Retried<'_>>,
 ) -> Result<Sent, SendFault> {
     let Some(Retried { key, fingerprint }) = retried else {
-        let (id, recipients) = send(env, holder, ip, message).await?;
-        return Ok(Sent {
-            id: id.to_string(),
-            recipients,
-            replayed: false,
-        });
+        return send(env, holder, ip, message).await;
     };
     let field = || Some("Idempotency-Key".to_string());
     let scope = holder.name.as_str();
@@ -330,6 +330,7 @@ pub async fn send_once(
                 id: answer.id,
                 recipients: answer.recipients,
                 replayed: true,
+                suppressed: Vec::new(),
             })
         }
         Ok(Claim::Answered(_)) => {
@@ -358,11 +359,11 @@ pub async fn send_once(
     }
     let result = send(env, holder, ip, message).await;
     let kept = match &result {
-        Ok((id, recipients)) => {
+        Ok(sent) => {
             let answer = Answer {
                 fingerprint,
-                id: id.to_string(),
-                recipients: *recipients,
+                id: sent.id.clone(),
+                recipients: sent.recipients,
             };
             env.idempotency.answer(scope, key, &answer).await
         }
@@ -372,22 +373,17 @@ pub async fn send_once(
         // The claim lapses by itself; until then a retry gets 409.
         tracing::warn!(%error, key = %holder.name, "idempotency key not updated");
     }
-    let (id, recipients) = result?;
-    Ok(Sent {
-        id: id.to_string(),
-        recipients,
-        replayed: false,
-    })
+    result
 }
 
-/// Builds, checks and queues the message `holder` sends from `ip`;
-/// answers its queue id and how many recipients it has.
+/// Builds, checks and queues the message `holder` sends from `ip`, without
+/// its suppressed recipients; answers its queue id and recipients.
 pub async fn send(
     env: &SendEnv,
     holder: &KeyHolder,
     ip: IpAddr,
     message: Message,
-) -> Result<(MessageId, usize), SendFault> {
+) -> Result<Sent, SendFault> {
     let started = Instant::now();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -409,6 +405,8 @@ pub async fn send(
             format!("key {:?} may not send as {}", holder.name, composed.sender),
         ));
     }
+    let mut composed = composed;
+    let suppressed = leave_out_suppressed(env, &holder.name, &mut composed.recipients).await?;
     let recipients = composed.recipients.len();
     if recipients > env.max_recipients {
         return Err(SendFault::new(
@@ -512,8 +510,53 @@ pub async fn send(
         started,
     )
     .await
-    .map(|id| (id, recipients))
+    .map(|id| Sent {
+        id: id.to_string(),
+        recipients,
+        replayed: false,
+        suppressed,
+    })
     .map_err(|_| SendFault::unavailable())
+}
+
+/// Takes the recipients on the suppression list (the global one or the
+/// key's) out of `recipients` and names them; `422` when none is left. If
+/// the list cannot be read the send goes on: delivery looks again.
+async fn leave_out_suppressed(
+    env: &SendEnv,
+    account: &str,
+    recipients: &mut Vec<Mailbox>,
+) -> Result<Vec<String>, SendFault> {
+    let keys: Vec<String> = recipients.iter().map(address_key).collect();
+    let found = match env.suppressions.find(Some(account), &keys).await {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::warn!(%error, "suppression list not read; delivery checks it");
+            return Ok(Vec::new());
+        }
+    };
+    let mut suppressed = Vec::new();
+    let mut hits = found.into_iter();
+    recipients.retain(|recipient| {
+        let hit = hits.next().unwrap_or(false);
+        if hit {
+            crate::metrics::recipient_suppressed("api");
+            suppressed.push(recipient.to_string());
+        }
+        !hit
+    });
+    if recipients.is_empty() && !suppressed.is_empty() {
+        return Err(SendFault::new(
+            422,
+            "recipients_suppressed",
+            Some("to".into()),
+            format!(
+                "every recipient is on the suppression list: {}",
+                suppressed.join(", ")
+            ),
+        ));
+    }
+    Ok(suppressed)
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ use crate::session_log::SessionLog;
 use crate::sessions::{Board, Sessions};
 use crate::spill::SpillConfig;
 use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
+use crate::suppression::{LocalSuppressions, RedisSuppressions, Suppressions};
 use crate::tls;
 
 /// What a process runs.
@@ -311,6 +312,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
         QueueBackend::Local => None,
     };
+    let shared = shared_state(&config).await?;
     let stopping = Arc::new(AtomicBool::new(false));
     let env = DeliveryEnv {
         config: config.clone(),
@@ -320,6 +322,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         tls: TlsClients::new(&config.delivery)?,
         node_slots: Arc::new(Semaphore::new(config.delivery.max_connections)),
         limits,
+        suppressions: shared.suppressions.clone(),
         stopping: stopping.clone(),
     };
     let dispatcher = Dispatcher::new(Arc::new(env)).start();
@@ -336,7 +339,6 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     }
 
     let (ready, is_ready) = watch::channel(false);
-    let shared = shared_state(&config).await?;
     let sessions = Arc::new(session_env(
         &config,
         queue.clone().recipient(),
@@ -459,6 +461,7 @@ fn start_admin(
         queue: queue.clone().recipient(),
         quotas: shared.quotas,
         idempotency: shared.idempotency,
+        suppressions: shared.suppressions,
         hostname: config.node.hostname.clone(),
         max_recipients: config.smtp.max_recipients,
         max_message_size: config.smtp.max_message_size,
@@ -554,6 +557,7 @@ struct Shared {
     ledger: Arc<dyn Ledger>,
     quotas: Arc<dyn Quotas>,
     idempotency: Arc<dyn Idempotency>,
+    suppressions: Arc<dyn Suppressions>,
 }
 
 async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
@@ -563,6 +567,12 @@ async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
             ledger: Arc::new(LocalLedger::default()),
             quotas: Arc::new(LocalQuotas::default()),
             idempotency: Arc::new(LocalIdempotency::default()),
+            suppressions: {
+                let path = queue.path.join("suppressions.jsonl");
+                let list =
+                    tokio::task::spawn_blocking(move || LocalSuppressions::open(&path)).await??;
+                Arc::new(list)
+            },
         },
         QueueBackend::Redis => {
             let (url, cluster, timeout) = (
@@ -584,6 +594,11 @@ async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
                 ),
                 idempotency: Arc::new(
                     RedisIdempotency::open(url, cluster, timeout)
+                        .await
+                        .map_err(redis)?,
+                ),
+                suppressions: Arc::new(
+                    RedisSuppressions::open(url, cluster, timeout)
                         .await
                         .map_err(redis)?,
                 ),

@@ -13,16 +13,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use actix::prelude::*;
-use smarthost_proto::envelope::MessageRecord;
+use std::collections::HashMap;
+
+use smarthost_proto::envelope::{MessageId, MessageRecord};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::delivery::outbound::{Outbound, OutboundSettings, TlsClients};
 use crate::delivery::route::{RouteError, Router};
-use crate::delivery::{maildir, DomainPolicy, Job, MessageOutcome, RcptResult, Route};
+use crate::delivery::{maildir, DomainPolicy, Job, MessageOutcome, RcptOutcome, RcptResult, Route};
 use crate::limits::{first_renewal, ConnectionLease, DomainLimits, LeaseHealth, LimitError};
 use crate::queue::{Queue, Release, Report};
 use crate::spool::{Spool, SpoolError};
+use crate::suppression::{address_key, is_hard_bounce, Entry, Scope, Source, Suppressions};
 use crate::throttle::{ConnectionDone, DomainThrottle, RatePermit};
 
 /// What every delivery of a node shares.
@@ -36,6 +39,8 @@ pub struct DeliveryEnv {
     pub node_slots: Arc<Semaphore>,
     /// Per-domain connection caps and rates (this node's or the cluster's).
     pub limits: Arc<dyn DomainLimits>,
+    /// Addresses not to send to.
+    pub suppressions: Arc<dyn Suppressions>,
     /// Set when the node stops: a connection finishes the message it is
     /// sending and hands back the rest untried.
     pub stopping: Arc<AtomicBool>,
@@ -185,10 +190,14 @@ async fn run(work: Work) {
 
 async fn report(
     env: &DeliveryEnv,
+    held: &HeldBack,
     record: &MessageRecord,
     delivery: usize,
-    outcome: MessageOutcome,
+    mut outcome: MessageOutcome,
 ) {
+    if let Some(suppressed) = held.get(&record.id) {
+        outcome.recipients.extend(suppressed.iter().cloned());
+    }
     let domain = record.deliveries[delivery].domain.clone();
     let _ = env
         .queue
@@ -203,6 +212,7 @@ async fn report(
 /// Gives every job the same outcome (no route, no connection).
 async fn report_all(
     env: &DeliveryEnv,
+    held: &HeldBack,
     jobs: &[(Arc<MessageRecord>, usize)],
     result: RcptResult,
     text: &str,
@@ -210,7 +220,7 @@ async fn report_all(
 ) {
     for (record, delivery) in jobs {
         let outcome = MessageOutcome::all_of(record, *delivery, result, text, started.elapsed());
-        report(env, record, *delivery, outcome).await;
+        report(env, held, record, *delivery, outcome).await;
     }
 }
 
@@ -221,6 +231,7 @@ async fn report_all(
 /// once and open a connection per attempt.
 async fn body_or_report(
     env: &DeliveryEnv,
+    held: &HeldBack,
     record: &MessageRecord,
     delivery: usize,
     started: Instant,
@@ -241,7 +252,7 @@ async fn body_or_report(
         ),
     };
     let outcome = MessageOutcome::all_of(record, delivery, result, &text, started.elapsed());
-    report(env, record, delivery, outcome).await;
+    report(env, held, record, delivery, outcome).await;
     None
 }
 
@@ -260,12 +271,13 @@ async fn deliver_remote(
     lease: &HeldLease,
 ) {
     let started = Instant::now();
+    let (jobs, held) = screen(env, jobs).await;
     // The first readable body before any connection: messages that cannot
     // be read cost none.
     let mut jobs = jobs.into_iter();
     let mut first = None;
     for (record, delivery) in jobs.by_ref() {
-        if let Some(body) = body_or_report(env, &record, delivery, started).await {
+        if let Some(body) = body_or_report(env, &held, &record, delivery, started).await {
             first = Some((record, delivery, body));
             break;
         }
@@ -282,10 +294,10 @@ async fn deliver_remote(
     let hops = match env.router.next_hops(policy).await {
         Ok(hops) => hops,
         Err(RouteError::Permanent(why)) => {
-            return report_all(env, &all(), RcptResult::Failed, &why, started).await;
+            return report_all(env, &held, &all(), RcptResult::Failed, &why, started).await;
         }
         Err(RouteError::Temporary(why)) => {
-            return report_all(env, &all(), RcptResult::Deferred, &why, started).await;
+            return report_all(env, &held, &all(), RcptResult::Deferred, &why, started).await;
         }
     };
     let settings = OutboundSettings::with_tls(&env.config, policy, &env.tls);
@@ -293,7 +305,8 @@ async fn deliver_remote(
         Ok(connection) => connection,
         Err(error) => {
             tracing::info!(domain = %policy.domain, %error, "no connection");
-            return report_all(env, &all(), error.result(), &error.to_string(), started).await;
+            let text = error.to_string();
+            return report_all(env, &held, &all(), error.result(), &text, started).await;
         }
     };
     let (record, delivery, body) = first;
@@ -307,7 +320,7 @@ async fn deliver_remote(
         }
         let body = match body {
             Some(body) => body,
-            None => match body_or_report(env, &record, delivery, Instant::now()).await {
+            None => match body_or_report(env, &held, &record, delivery, Instant::now()).await {
                 Some(body) => body,
                 None => continue,
             },
@@ -328,7 +341,8 @@ async fn deliver_remote(
             body: Arc::new(body),
         };
         let outcome = connection.send(&job).await;
-        report(env, &record, delivery, outcome).await;
+        learn_hard_bounces(env, &record, &outcome).await;
+        report(env, &held, &record, delivery, outcome).await;
     }
     connection.quit().await;
 }
@@ -340,13 +354,14 @@ async fn deliver_local(
     env: &DeliveryEnv,
     lease: &HeldLease,
 ) {
+    let (jobs, held) = screen(env, jobs).await;
     for (record, delivery) in jobs {
         if !lease.usable() {
             release(env, &record, delivery);
             continue;
         }
         let started = Instant::now();
-        let Some(body) = body_or_report(env, &record, delivery, started).await else {
+        let Some(body) = body_or_report(env, &held, &record, delivery, started).await else {
             continue;
         };
         let dir = dir.to_path_buf();
@@ -375,7 +390,121 @@ async fn deliver_local(
             ),
         };
         let outcome = MessageOutcome::all_of(&record, delivery, result, &text, started.elapsed());
-        report(env, &record, delivery, outcome).await;
+        report(env, &held, &record, delivery, outcome).await;
+    }
+}
+
+/// The outcomes of recipients the suppression list held back, by
+/// message: reported with the rest of the message's outcome.
+type HeldBack = HashMap<MessageId, Vec<RcptOutcome>>;
+
+/// Takes the suppressed recipients out of `jobs`, with one lookup per
+/// sending account: a job left with none is reported failed at once,
+/// without a connection; one left with some goes on with a copy of its
+/// record that names only those. When the list cannot be read, mail goes
+/// out as if nothing were suppressed.
+async fn screen(
+    env: &DeliveryEnv,
+    jobs: Vec<(Arc<MessageRecord>, usize)>,
+) -> (Vec<(Arc<MessageRecord>, usize)>, HeldBack) {
+    let mut by_account: HashMap<Option<&str>, Vec<(usize, u32, String)>> = HashMap::new();
+    for (i, (record, delivery)) in jobs.iter().enumerate() {
+        let account = record.client.auth_user.as_deref();
+        for &recipient in &record.deliveries[*delivery].recipients {
+            let address = &record.envelope.recipients[recipient as usize].address;
+            by_account
+                .entry(account)
+                .or_default()
+                .push((i, recipient, address_key(address)));
+        }
+    }
+    let mut suppressed: HashMap<usize, Vec<RcptOutcome>> = HashMap::new();
+    for (account, asked) in &by_account {
+        let addresses: Vec<String> = asked.iter().map(|(_, _, a)| a.clone()).collect();
+        match env.suppressions.find(*account, &addresses).await {
+            Ok(found) => {
+                for ((job, recipient, address), _) in
+                    asked.iter().zip(found).filter(|(_, hit)| *hit)
+                {
+                    crate::metrics::recipient_suppressed("delivery");
+                    suppressed.entry(*job).or_default().push(RcptOutcome {
+                        recipient: *recipient,
+                        result: RcptResult::Failed,
+                        reply: format!(
+                            "550 5.1.1 <{address}>: recipient is on the suppression list"
+                        ),
+                    });
+                }
+            }
+            Err(error) => tracing::warn!(%error, "suppression list not read; sending anyway"),
+        }
+    }
+    if suppressed.is_empty() {
+        return (jobs, HeldBack::new());
+    }
+    let mut held = HeldBack::new();
+    let mut left = Vec::with_capacity(jobs.len());
+    for (i, (record, delivery)) in jobs.into_iter().enumerate() {
+        let Some(outcomes) = suppressed.remove(&i) else {
+            left.push((record, delivery));
+            continue;
+        };
+        let remaining: Vec<u32> = record.deliveries[delivery]
+            .recipients
+            .iter()
+            .copied()
+            .filter(|r| !outcomes.iter().any(|o| o.recipient == *r))
+            .collect();
+        if remaining.is_empty() {
+            let outcome = MessageOutcome {
+                recipients: outcomes,
+                remote: None,
+                latency: std::time::Duration::ZERO,
+            };
+            report(env, &held, &record, delivery, outcome).await;
+            continue;
+        }
+        let mut copy = (*record).clone();
+        copy.deliveries[delivery].recipients = remaining;
+        held.insert(record.id.clone(), outcomes);
+        left.push((Arc::new(copy), delivery));
+    }
+    (left, held)
+}
+
+/// Adds the recipients the server said do not exist (`5.1.x`) to the
+/// suppression list of the message's account (the global one for mail
+/// from no account).
+async fn learn_hard_bounces(env: &DeliveryEnv, record: &MessageRecord, outcome: &MessageOutcome) {
+    if !env.config.suppression.learn_from_bounces {
+        return;
+    }
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let entries: Vec<Entry> = outcome
+        .recipients
+        .iter()
+        .filter(|o| o.result == RcptResult::Failed && is_hard_bounce(&o.reply))
+        .filter_map(|o| {
+            let recipient = record.envelope.recipients.get(o.recipient as usize)?;
+            Some(Entry {
+                address: address_key(&recipient.address),
+                reason: o.reply.clone(),
+                source: Source::Bounce,
+                at_ms,
+            })
+        })
+        .collect();
+    if entries.is_empty() {
+        return;
+    }
+    let scope = Scope::of(record.client.auth_user.as_deref());
+    let count = entries.len();
+    match env.suppressions.add(&scope, entries).await {
+        Ok(_) => crate::metrics::suppressions_added("bounce", count),
+        Err(error) => tracing::warn!(%error, "hard bounces not added to the suppression list"),
     }
 }
 
