@@ -20,6 +20,8 @@
 //! - [`bounce`]: delivery status notifications for failures and delays.
 //! - [`badmail`]: what can neither be delivered nor bounced, kept with its
 //!   reason until an operator replays or deletes it.
+//! - [`pickup`]: the Pickup actor: queues `.eml` files dropped in a
+//!   directory.
 //! - [`delivery_log`]: one JSON line per attempt and recipient.
 //! - [`listener`]: the Listener actor: accepts connections under the limits,
 //!   backs off when `accept()` fails.
@@ -56,6 +58,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod pickup;
 pub mod queue;
 pub mod quota;
 #[cfg(test)]

@@ -16,11 +16,12 @@ use smarthost_proto::address::{parse_forward_path, Path};
 use smarthost_proto::session::SessionConfig;
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use crate::admin::{self, AdminEnv};
+use crate::admin::{self, AdminEnv, BadmailEnv};
 use crate::auth::{OperatorDb, UserDb};
 use crate::auth_guard::{
     AuthGuard, GuardSettings, GuardStats, Ledger, LocalLedger, PasswordChecks, Policy, RedisLedger,
 };
+use crate::badmail::Badmail;
 use crate::bounce::ReportSettings;
 use crate::config::{check_domain_name, Config, DomainKind, QueueBackend};
 use crate::delivery::connection::DeliveryEnv;
@@ -28,6 +29,7 @@ use crate::delivery::outbound::TlsClients;
 use crate::delivery::route::Router;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::Dispatcher;
+use crate::pickup::{Intake, Pickup, PickupEnv, StopPolling};
 use smarthost_coordinator::membership::{Join, Membership};
 use smarthost_coordinator::{
     self as coordinator, Coordinator, CoordinatorOptions, LeaderTick, Shutdown,
@@ -184,13 +186,15 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
     Ok((queue, spool))
 }
 
-/// What the admin API shows of SMTP: this process's logins and live
-/// sessions (when it listens), and the board of the cluster's sessions.
+/// What the admin API shows of the node in this process: its SMTP
+/// logins and live sessions (when it listens), the board of the
+/// cluster's sessions, and badmail (when a queue takes mail here).
 #[derive(Default)]
 struct Listened {
     logins: Option<Arc<GuardStats>>,
     sessions: Option<Sessions>,
     board: Option<Board>,
+    badmail: Option<BadmailEnv>,
 }
 
 /// The board of every node's SMTP sessions, on the Redis backend.
@@ -346,6 +350,8 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     if let Some(board) = &board {
         actix::spawn(board.clone().publish(sessions.live.clone()));
     }
+    let badmail = open_badmail(&config, queue.clone().recipient()).await?;
+    let pickup = start_pickup(&config, &badmail)?;
     let admin = start_admin(
         &config,
         &queue,
@@ -357,6 +363,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             logins: Some(sessions.guard.stats().clone()),
             sessions: Some(sessions.live.clone()),
             board,
+            badmail: Some(badmail),
         },
     )?;
 
@@ -378,6 +385,9 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     let deadline = tokio::time::Instant::now() + config.node.shutdown_grace;
     ready.send_replace(false);
     listener.send(StopAccepting).await?;
+    if let Some(pickup) = &pickup {
+        pickup.send(StopPolling).await?;
+    }
     let (drained, is_drained) = oneshot::channel();
     listener.send(WaitDrained(drained)).await?;
     if tokio::time::timeout_at(deadline, is_drained).await.is_err() {
@@ -488,6 +498,10 @@ fn start_admin(
         Some(board) => env.with_board(board),
         None => env,
     };
+    let env = match listened.badmail {
+        Some(badmail) => env.with_badmail(badmail),
+        None => env,
+    };
     let open = match config.admin.metrics_listen {
         Some(listen) => {
             let open = admin::start_open(listen, env.clone())
@@ -512,6 +526,46 @@ fn start_admin(
     }
     tracing::info!(listen = %config.admin.listen, "admin API listening");
     Ok(admin)
+}
+
+/// Opens badmail (`badmail.dir`) and the intake that queues whole
+/// messages, for pickup files and for replays.
+async fn open_badmail(
+    config: &Config,
+    queue: Recipient<crate::queue::Enqueue>,
+) -> Result<BadmailEnv, Box<dyn Error>> {
+    let dir = config.badmail_dir();
+    let opened = dir.clone();
+    let store = tokio::task::spawn_blocking(move || Badmail::open(&opened))
+        .await?
+        .map_err(|e| format!("badmail.dir: cannot open {}: {e}", dir.display()))?;
+    Ok(BadmailEnv {
+        store: Arc::new(store),
+        intake: Arc::new(Intake {
+            queue,
+            hostname: config.node.hostname.clone(),
+            max_message_size: config.smtp.max_message_size,
+            max_recipients: config.smtp.max_recipients,
+        }),
+    })
+}
+
+/// Starts watching `pickup.dir`, if it is set.
+fn start_pickup(
+    config: &Config,
+    badmail: &BadmailEnv,
+) -> Result<Option<Addr<Pickup>>, Box<dyn Error>> {
+    let Some(dir) = &config.pickup.dir else {
+        return Ok(None);
+    };
+    let env = PickupEnv::new(
+        dir,
+        &config.node.id,
+        badmail.intake.clone(),
+        badmail.store.clone(),
+    )
+    .map_err(|e| format!("pickup.dir: cannot use {}: {e}", dir.display()))?;
+    Ok(Some(Pickup::new(env, config.pickup.poll_interval).start()))
 }
 
 /// Retries, reports and the delivery log, from `[queue]`, `[bounce]` and
