@@ -201,6 +201,23 @@ impl Badmail {
         Ok(name)
     }
 
+    /// Keeps `message` with `note` as `name` unless that entry exists
+    /// already (the same failure reported again); `true` if kept now.
+    pub fn keep_once(&self, name: &str, message: &[u8], note: Note) -> io::Result<bool> {
+        if !valid_name(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a badmail name"),
+            ));
+        }
+        if self.message_path(name).exists() {
+            return Ok(false);
+        }
+        write_durably(&self.message_path(name), message)?;
+        self.write_note(name, message.len() as u64, note)?;
+        Ok(true)
+    }
+
     fn write_note(&self, name: &str, bytes: u64, note: Note) -> io::Result<()> {
         let entry = Entry {
             name: name.to_string(),

@@ -157,7 +157,10 @@ async fn claim_node_id(
 
 /// The shared queue on Redis: spool, schedule and a queue whose
 /// cluster-wide jobs run when this node leads.
-async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn Error>> {
+async fn redis_queue(
+    config: &Config,
+    badmail: Option<Arc<Badmail>>,
+) -> Result<(Queue, Arc<dyn Spool>), Box<dyn Error>> {
     let spool = RedisSpool::open_with(
         &config.queue.redis_url,
         RedisSpoolOptions {
@@ -175,7 +178,7 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
         .map_err(|e| format!("queue.redis_url: {e}"))?;
     let spool: Arc<dyn Spool> = Arc::new(spool);
     let queue = Queue::new(spool.clone())
-        .with_settings(delivery_settings(config)?)
+        .with_settings(delivery_settings(config, badmail)?)
         .with_schedule(
             Arc::new(schedule),
             coordinator::membership::lease_holder(&config.node.id, &INSTANCE),
@@ -219,7 +222,9 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     if config.queue.backend != QueueBackend::Redis {
         return Err("the coordinator runs with queue.backend = \"redis\"; a node on the local backend needs none".into());
     }
-    let (queue, spool) = redis_queue(&config).await?;
+    // Failures no report covers stay in the delivery log here: badmail is
+    // a node's.
+    let (queue, spool) = redis_queue(&config, None).await?;
     let queue = queue.start();
     let coordinator = start_coordinator(&config, true, queue.clone().recipient()).await?;
     // Probes, the cluster view and the shared queue's counts; ready while
@@ -264,6 +269,7 @@ fn check_file_limit(config: &Config) -> Result<(), Box<dyn Error>> {
 async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     check_file_limit(&config)?;
     let config = Arc::new(config);
+    let badmail = open_badmail(&config).await?;
     let (queue, spool, limits, location) = match config.queue.backend {
         QueueBackend::Local => {
             let path = config.queue.path.clone();
@@ -273,7 +279,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             .await??;
             let spool: Arc<dyn Spool> = Arc::new(spool);
             let queue = Queue::new(spool.clone())
-                .with_settings(delivery_settings(&config)?)
+                .with_settings(delivery_settings(&config, Some(badmail.clone()))?)
                 .with_holder(coordinator::membership::lease_holder(
                     &config.node.id,
                     &INSTANCE,
@@ -289,7 +295,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
         QueueBackend::Redis => {
             let url = &config.queue.redis_url;
-            let (queue, spool) = redis_queue(&config).await?;
+            let (queue, spool) = redis_queue(&config, Some(badmail.clone())).await?;
             // Caps and rates hold for every node on this Redis.
             let limits = RedisLimits::open(
                 url,
@@ -350,7 +356,15 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     if let Some(board) = &board {
         actix::spawn(board.clone().publish(sessions.live.clone()));
     }
-    let badmail = open_badmail(&config, queue.clone().recipient()).await?;
+    let badmail = BadmailEnv {
+        store: badmail,
+        intake: Arc::new(Intake {
+            queue: queue.clone().recipient(),
+            hostname: config.node.hostname.clone(),
+            max_message_size: config.smtp.max_message_size,
+            max_recipients: config.smtp.max_recipients,
+        }),
+    };
     let pickup = start_pickup(&config, &badmail)?;
     let admin = start_admin(
         &config,
@@ -528,26 +542,14 @@ fn start_admin(
     Ok(admin)
 }
 
-/// Opens badmail (`badmail.dir`) and the intake that queues whole
-/// messages, for pickup files and for replays.
-async fn open_badmail(
-    config: &Config,
-    queue: Recipient<crate::queue::Enqueue>,
-) -> Result<BadmailEnv, Box<dyn Error>> {
+/// Opens badmail (`badmail.dir`).
+async fn open_badmail(config: &Config) -> Result<Arc<Badmail>, Box<dyn Error>> {
     let dir = config.badmail_dir();
     let opened = dir.clone();
     let store = tokio::task::spawn_blocking(move || Badmail::open(&opened))
         .await?
         .map_err(|e| format!("badmail.dir: cannot open {}: {e}", dir.display()))?;
-    Ok(BadmailEnv {
-        store: Arc::new(store),
-        intake: Arc::new(Intake {
-            queue,
-            hostname: config.node.hostname.clone(),
-            max_message_size: config.smtp.max_message_size,
-            max_recipients: config.smtp.max_recipients,
-        }),
-    })
+    Ok(Arc::new(store))
 }
 
 /// Starts watching `pickup.dir`, if it is set.
@@ -569,8 +571,11 @@ fn start_pickup(
 }
 
 /// Retries, reports and the delivery log, from `[queue]`, `[bounce]` and
-/// `[delivery]`.
-fn delivery_settings(config: &Config) -> Result<DeliverySettings, Box<dyn Error>> {
+/// `[delivery]`; what no report covers goes to `badmail`.
+fn delivery_settings(
+    config: &Config,
+    badmail: Option<Arc<Badmail>>,
+) -> Result<DeliverySettings, Box<dyn Error>> {
     let copy_to = match &config.bounce.copy_to {
         Some(text) => match parse_forward_path(&format!("<{text}>")) {
             Ok(Path::Mailbox(path)) => Some(path.mailbox),
@@ -595,6 +600,7 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings, Box<dyn Error>
             copy_to,
             double_bounce_to: crate::config::double_bounce_to(config),
             max_lifetime: config.queue.max_lifetime,
+            badmail,
         },
         log: Some(log),
     })

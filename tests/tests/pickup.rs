@@ -3,7 +3,8 @@
 //! one with headers only) arrive at a real SMTP sink with their envelope
 //! and are removed; a file that cannot be queued goes to badmail with its
 //! reason, where the admin API and `smarthost badmail` list, replay and
-//! delete it. Names that could reach outside badmail are refused.
+//! delete it; so does a failed report from `<>` with no postmaster to
+//! tell. Names that could reach outside badmail are refused.
 
 use std::path::Path;
 use std::process::Output;
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use smarthost_tests::http;
 use smarthost_tests::relay::Relay;
+use smarthost_tests::scenario::{dot_stuff, message};
 use smarthost_tests::sink::{ReceivedMessage, Sink, SinkOptions};
+use smarthost_tests::smtp::{queued_id, Client};
 
 /// Writes `name` into `dir` as a writer should: under a temporary name,
 /// then renamed into place.
@@ -276,6 +279,65 @@ fn a_badmail_entry_is_replayed_once_its_cause_is_gone_and_deleted_for_good() {
             .next()
             .is_none(),
         "no file is left"
+    );
+}
+
+#[test]
+fn a_failed_report_with_no_postmaster_to_tell_is_kept_and_replayed_to_the_sink() {
+    let sink = Sink::start(SinkOptions::default().script(serde_json::json!({
+        "rcpt": {"gone@example.org": ["550 5.1.1 no such user", 250]}
+    })));
+    // No smtp.postmaster, bounce.copy_to or bounce.double_bounce_to.
+    let relay = Relay::start(
+        "",
+        &format!(
+            "[[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
+            sink.smart_host()
+        ),
+    );
+    let (mut client, greeting) = Client::connect(relay.smtp);
+    assert_eq!(greeting.code, 220);
+    client.expect("EHLO app.example", 250);
+    let report = message("gone@example.org", "a failed report", "Undeliverable.\r\n");
+    let reply = client.send_message("", &["gone@example.org"], &dot_stuff(&report));
+    queued_id(&reply);
+    client.expect("QUIT", 221);
+
+    let listing = badmail_with(&relay, 1, None);
+    let entry = &listing["entries"][0];
+    assert_eq!(entry["source"], "report", "{listing}");
+    assert_eq!(
+        entry["envelope"],
+        serde_json::json!({"sender": "<>", "recipients": ["gone@example.org"]}),
+        "{listing}"
+    );
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("gone@example.org: 550 5.1.1 no such user"),
+        "{reason}"
+    );
+    assert!(sink.messages().is_empty(), "refused, not delivered");
+    let metrics = http::get(relay.admin_addr(), "/metrics", None).samples();
+    assert_eq!(
+        metrics.get("smarthost_badmail_total{source=\"report\"}"),
+        Some(&1.0),
+        "{metrics:?}"
+    );
+
+    // The recipient takes it now: replayed with its envelope, it arrives.
+    let name = entry["name"].as_str().unwrap();
+    let replayed = relay.cli(&["badmail", "replay", name], &[]);
+    assert!(replayed.status.success(), "{}", text(&replayed));
+    let received = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(received[0].mail_from, "", "still from <>");
+    assert_eq!(received[0].rcpt_tos, ["gone@example.org"]);
+    assert_eq!(
+        received[0].header("Subject").as_deref(),
+        Some("a failed report")
+    );
+    assert_eq!(
+        badmail_with(&relay, 0, None)["entries"],
+        serde_json::json!([])
     );
 }
 
