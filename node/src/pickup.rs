@@ -430,6 +430,7 @@ impl Handler<StopPolling> for Pickup {
 
 /// A file to take: already claimed (left from an earlier pass or
 /// process), or one to claim.
+#[derive(Debug, PartialEq, Eq)]
 enum Candidate {
     Claimed(String),
     InPlace(String),
@@ -440,7 +441,8 @@ enum Candidate {
 /// was full. Stops early when the queue fails.
 async fn pass(env: Arc<PickupEnv>) -> bool {
     let scan = env.clone();
-    let candidates = match tokio::task::spawn_blocking(move || candidates(&scan)).await {
+    let found = tokio::task::spawn_blocking(move || candidates(&scan.dir, &scan.claimed)).await;
+    let candidates = match found {
         Ok(Ok(candidates)) => candidates,
         Ok(Err(error)) => {
             tracing::warn!(dir = %env.dir.display(), %error, "cannot read the pickup directory");
@@ -457,10 +459,10 @@ async fn pass(env: Arc<PickupEnv>) -> bool {
     full
 }
 
-/// What to take this pass.
-fn candidates(env: &PickupEnv) -> std::io::Result<Vec<Candidate>> {
+/// What to take this pass from `dir`, this node's `claimed` files first.
+fn candidates(dir: &Path, claimed: &Path) -> std::io::Result<Vec<Candidate>> {
     let mut out = Vec::new();
-    for item in std::fs::read_dir(&env.claimed)? {
+    for item in std::fs::read_dir(claimed)? {
         if out.len() >= MAX_FILES_PER_PASS {
             return Ok(out);
         }
@@ -469,7 +471,7 @@ fn candidates(env: &PickupEnv) -> std::io::Result<Vec<Candidate>> {
         }
     }
     let settled = SystemTime::now() - SETTLE;
-    for item in std::fs::read_dir(&env.dir)?.take(MAX_SCANNED_PER_PASS) {
+    for item in std::fs::read_dir(dir)?.take(MAX_SCANNED_PER_PASS) {
         if out.len() >= MAX_FILES_PER_PASS {
             break;
         }
@@ -734,6 +736,48 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+    }
+
+    #[test]
+    fn a_pass_takes_claimed_files_first_settled_eml_files_only_and_a_bounded_number() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path();
+        let claimed = dir.join(CLAIMED_DIR).join("node-1");
+        std::fs::create_dir_all(&claimed).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(60);
+        let write = |path: &Path, settled: bool| {
+            std::fs::write(path, b"x").unwrap();
+            if settled {
+                let file = std::fs::File::options().write(true).open(path).unwrap();
+                file.set_modified(old).unwrap();
+            }
+        };
+        write(&claimed.join("left.eml"), true);
+        write(&dir.join("ready.eml"), true);
+        write(&dir.join("READY2.EML"), true);
+        write(&dir.join("young.eml"), false);
+        write(&dir.join("writing.eml.tmp"), true);
+        write(&dir.join(".hidden.eml"), true);
+        std::fs::create_dir(dir.join("folder.eml")).unwrap();
+        std::os::unix::fs::symlink(dir.join("ready.eml"), dir.join("link.eml")).unwrap();
+        let found = candidates(dir, &claimed).unwrap();
+        assert_eq!(found[0], Candidate::Claimed("left.eml".into()));
+        let mut rest: Vec<String> = found[1..]
+            .iter()
+            .map(|c| match c {
+                Candidate::InPlace(name) => name.clone(),
+                Candidate::Claimed(name) => panic!("claimed twice: {name}"),
+            })
+            .collect();
+        rest.sort();
+        assert_eq!(rest, ["READY2.EML", "ready.eml"]);
+
+        for n in 0..MAX_FILES_PER_PASS + 20 {
+            write(&dir.join(format!("bulk-{n}.eml")), true);
+        }
+        let found = candidates(dir, &claimed).unwrap();
+        assert_eq!(found.len(), MAX_FILES_PER_PASS, "bounded");
+        assert_eq!(found[0], Candidate::Claimed("left.eml".into()));
     }
 
     #[test]

@@ -181,6 +181,49 @@ fn dropped_files_are_queued_with_their_envelope_and_bad_ones_kept_in_badmail() {
 }
 
 #[test]
+fn a_node_takes_again_what_it_had_claimed_and_leaves_other_nodes_claims_alone() {
+    let sink = Sink::start(SinkOptions::default());
+    let pickup = tempfile::tempdir().unwrap();
+    // As a node that stopped while taking a file leaves it; beside it, a
+    // file another node sharing the directory is taking.
+    let mine = pickup.path().join(".taking").join("node-a");
+    let theirs = pickup.path().join(".taking").join("node-b");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(
+        mine.join("left.eml"),
+        "From: app@sender.test\r\nTo: grace@example.org\r\nSubject: claimed before\r\n\r\nx\r\n",
+    )
+    .unwrap();
+    std::fs::write(
+        theirs.join("busy.eml"),
+        "From: app@sender.test\r\nTo: heidi@example.org\r\nSubject: not ours\r\n\r\nx\r\n",
+    )
+    .unwrap();
+    let _relay = Relay::start_with_env(
+        "",
+        &format!(
+            "[pickup]\ndir = {:?}\npoll_interval = \"100ms\"\n\n\
+             [[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
+            pickup.path().display().to_string(),
+            sink.smart_host()
+        ),
+        &[("SMARTHOST__NODE__ID", "node-a")],
+    );
+    let received = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(received[0].rcpt_tos, ["grace@example.org"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mine.join("left.eml").exists() {
+        assert!(Instant::now() < deadline, "the claimed file stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Many passes later another node's claim is still its own.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(theirs.join("busy.eml").exists());
+    assert_eq!(sink.messages().len(), 1);
+}
+
+#[test]
 fn a_badmail_entry_is_replayed_once_its_cause_is_gone_and_deleted_for_good() {
     let sink = Sink::start(SinkOptions::default());
     let pickup = tempfile::tempdir().unwrap();
