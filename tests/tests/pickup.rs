@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use smarthost_testkit::redis::RedisServer;
 use smarthost_tests::http;
 use smarthost_tests::relay::Relay;
 use smarthost_tests::scenario::{dot_stuff, message};
@@ -221,6 +222,68 @@ fn a_node_takes_again_what_it_had_claimed_and_leaves_other_nodes_claims_alone() 
     std::thread::sleep(Duration::from_secs(1));
     assert!(theirs.join("busy.eml").exists());
     assert_eq!(sink.messages().len(), 1);
+}
+
+/// Whether a file called `name` is in `dir` or claimed in it.
+fn still_there(dir: &Path, name: &str) -> bool {
+    dir.join(name).exists()
+        || std::fs::read_dir(dir.join(".taking"))
+            .unwrap()
+            .any(|node| node.unwrap().path().join(name).exists())
+}
+
+#[test]
+fn a_file_the_queue_cannot_take_stays_until_it_can() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let sink = Sink::start(SinkOptions::default());
+    let pickup = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with_env(
+        "",
+        &format!(
+            "[pickup]\ndir = {:?}\npoll_interval = \"200ms\"\n\n\
+             [[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
+            pickup.path().display().to_string(),
+            sink.smart_host()
+        ),
+        &[
+            ("SMARTHOST__QUEUE__BACKEND", "redis"),
+            ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
+            ("SMARTHOST__QUEUE__REDIS_RESPONSE_TIMEOUT", "1s"),
+        ],
+    );
+    // The shared queue is down: the file is not taken. (Killed rather than
+    // paused: a store that timed out may still be carried out once the
+    // server wakes, and the file queued again makes a second copy, the
+    // at-least-once of a client that got 451.)
+    redis.kill();
+    drop_file(
+        pickup.path(),
+        "wait.eml",
+        b"From: app@sender.test\r\nTo: ivan@example.org\r\nSubject: wait\r\n\r\nx\r\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay
+        .log()
+        .matches("the queue did not take a pickup file")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(still_there(pickup.path(), "wait.eml"), "{}", relay.log());
+    assert!(sink.messages().is_empty());
+
+    redis.restart();
+    let received = sink.wait_for(1, Duration::from_secs(30));
+    assert_eq!(received[0].rcpt_tos, ["ivan@example.org"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while still_there(pickup.path(), "wait.eml") {
+        assert!(Instant::now() < deadline, "the file stays once queued");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(sink.messages().len(), 1, "queued once");
 }
 
 #[test]
