@@ -23,6 +23,10 @@
 //!   unreadable (at most `N`, default 1000, oldest first), as JSON;
 //!   `POST /api/v1/quarantine/{location}/replay` takes a message back once
 //!   it reads again, `DELETE /api/v1/quarantine/{location}` drops it.
+//! - `GET /api/v1/badmail?limit=N`: what could neither be delivered nor
+//!   bounced ([`crate::badmail`]), oldest first, with its reason;
+//!   `POST /api/v1/badmail/{name}/replay` queues it again,
+//!   `DELETE /api/v1/badmail/{name}` drops it.
 //! - `GET /api/v1/cluster`: on the Redis backend, the live and dead nodes
 //!   and the node that leads, as this node's coordinator last saw them.
 //!
@@ -51,8 +55,10 @@ use tokio::sync::watch;
 use crate::auth::{Access, Memory, Operator, OperatorDb};
 use crate::auth_guard::GuardStats;
 use crate::auth_guard::{AuthGuard, GuardSettings, PasswordChecks, Policy, Refusal};
+use crate::badmail::{Badmail, Entry as BadmailEntry, Source as BadmailSource};
 use crate::config::check_domain_name;
 use crate::metrics::Scrape;
+use crate::pickup::{Intake, Refused};
 use crate::queue::{
     DeleteMessage, Deleted, Index, IndexedMessages, ListMessages, Listing, MessagePage,
     MessageView, PageCursor, QueueStats, ReplayQuarantined, Replayed, RetryIn, RetryMessage,
@@ -117,6 +123,16 @@ pub struct AdminEnv {
     board: Option<Board>,
     /// The send API; `None` where no queue runs (a coordinator alone).
     send: Option<crate::send_api::SendEnv>,
+    /// Badmail and a way to queue its entries again; `None` where no queue
+    /// runs.
+    badmail: Option<BadmailEnv>,
+}
+
+/// What the badmail routes work with.
+#[derive(Clone)]
+pub struct BadmailEnv {
+    pub store: Arc<Badmail>,
+    pub intake: Arc<Intake>,
 }
 
 impl AdminEnv {
@@ -159,6 +175,7 @@ impl AdminEnv {
             sessions: None,
             board: None,
             send: None,
+            badmail: None,
         }
     }
 }
@@ -175,6 +192,12 @@ impl AdminEnv {
     /// Serves `POST /api/v1/send` into this queue.
     pub fn with_send(mut self, send: crate::send_api::SendEnv) -> Self {
         self.send = Some(send);
+        self
+    }
+
+    /// Answers `/api/v1/badmail` from this store, replaying into `intake`.
+    pub fn with_badmail(mut self, badmail: BadmailEnv) -> Self {
+        self.badmail = Some(badmail);
         self
     }
 
@@ -360,6 +383,9 @@ fn api(config: &mut web::ServiceConfig) {
         .service(web::resource("/quarantine").get(quarantine))
         .service(web::resource("/quarantine/{location}").delete(delete_quarantined))
         .service(web::resource("/quarantine/{location}/replay").post(replay_quarantined))
+        .service(web::resource("/badmail").get(badmail))
+        .service(web::resource("/badmail/{name}").delete(delete_badmail))
+        .service(web::resource("/badmail/{name}/replay").post(replay_badmail))
         .service(web::resource("/domains/{domain}/suspend").post(suspend))
         .service(web::resource("/domains/{domain}/resume").post(resume));
 }
@@ -465,6 +491,10 @@ pub enum ApiError {
     NotQuarantined(String),
     #[error("{0} is not on this suppression list")]
     NotSuppressed(String),
+    #[error("{0:?} is not a badmail entry's name (letters, digits, - and _)")]
+    BadName(String),
+    #[error("badmail holds no entry {0:?}")]
+    NotInBadmail(String),
     /// The request is understood but cannot be done as things are.
     #[error("{0}")]
     Conflict(String),
@@ -487,6 +517,8 @@ impl ResponseError for ApiError {
             ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::NotQuarantined(_) => StatusCode::NOT_FOUND,
             ApiError::NotSuppressed(_) => StatusCode::NOT_FOUND,
+            ApiError::BadName(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotInBadmail(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
@@ -1320,6 +1352,162 @@ async fn delete_quarantined(
         "admin API: a quarantined entry was deleted; what it held is gone"
     );
     Ok(web::Json(QuarantineDeleted { location, deleted }))
+}
+
+/// The query of `/api/v1/badmail`.
+#[derive(Debug, Deserialize)]
+struct BadmailQuery {
+    limit: Option<usize>,
+}
+
+/// The body of `/api/v1/badmail`: the oldest entries, and how many there
+/// are in all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadmailList {
+    pub total: usize,
+    pub entries: Vec<BadmailEntry>,
+}
+
+/// The body of a badmail replay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadmailReplayed {
+    pub name: String,
+    /// The queue id of the message queued again.
+    pub id: String,
+}
+
+/// The body of a badmail delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadmailDeleted {
+    pub name: String,
+    pub deleted: bool,
+}
+
+/// `name` if it is one badmail makes, never a path.
+fn badmail_name(name: web::Path<String>) -> Result<String, ApiError> {
+    let name = name.into_inner();
+    if crate::badmail::valid_name(&name) {
+        Ok(name)
+    } else {
+        Err(ApiError::BadName(cut(&name)))
+    }
+}
+
+/// Runs `work` on the store, on the blocking pool.
+async fn on_badmail<T: Send + 'static>(
+    env: &AdminEnv,
+    work: impl FnOnce(&Badmail) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let badmail = env.badmail.as_ref().ok_or(ApiError::QueueGone)?;
+    let store = badmail.store.clone();
+    web::block(move || work(&store))
+        .await
+        .map_err(|_| ApiError::QueueGone)?
+        .map_err(|e| ApiError::Spool(format!("badmail: {e}")))
+}
+
+async fn badmail(
+    request: HttpRequest,
+    query: web::Query<BadmailQuery>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<BadmailList>, ApiError> {
+    authorize(&env, &request, Access::Read).await?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadQuery(format!(
+            "limit={limit}: expected 1 to {MAX_PAGE}"
+        )));
+    }
+    if env.badmail.is_none() {
+        return Ok(web::Json(BadmailList {
+            total: 0,
+            entries: Vec::new(),
+        }));
+    }
+    let (entries, total) = on_badmail(&env, move |store| store.list(limit)).await?;
+    Ok(web::Json(BadmailList { total, entries }))
+}
+
+/// Queues an entry again and drops it once the queue has the message: a
+/// pickup file is read again as one, a report goes with its envelope.
+/// `409` with the reason when it still cannot be queued.
+async fn replay_badmail(
+    request: HttpRequest,
+    name: web::Path<String>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<BadmailReplayed>, ApiError> {
+    let operator = authorize(&env, &request, Access::Write).await?;
+    let name = badmail_name(name)?;
+    let wanted = name.clone();
+    let (entry, message) = on_badmail(&env, move |store| store.read(&wanted))
+        .await?
+        .ok_or_else(|| ApiError::NotInBadmail(name.clone()))?;
+    let intake = &env.badmail.as_ref().ok_or(ApiError::QueueGone)?.intake;
+    let queued = match (entry.source, &entry.envelope) {
+        (BadmailSource::Pickup, _) => intake.queue_file(&message).await,
+        (BadmailSource::Report, Some(kept)) => match kept.to_envelope(&message) {
+            Ok(envelope) => intake.queue_as_is(envelope, message).await,
+            Err(reason) => Err(Refused::Bad {
+                reason,
+                envelope: None,
+            }),
+        },
+        (BadmailSource::Report, None) => Err(Refused::Bad {
+            reason: "the entry's envelope is not known".into(),
+            envelope: None,
+        }),
+    };
+    let id = match queued {
+        Ok(id) => id,
+        Err(Refused::Bad { reason, .. }) => {
+            return Err(ApiError::Conflict(format!(
+                "still cannot be queued: {reason}"
+            )))
+        }
+        Err(Refused::Unavailable) => {
+            return Err(ApiError::Spool(
+                "the queue cannot take the message now; try again".into(),
+            ))
+        }
+    };
+    let done = name.clone();
+    if let Err(error) = on_badmail(&env, move |store| store.delete(&done)).await {
+        tracing::error!(badmail = %name, message_id = %id, %error,
+            "badmail entry queued again but not removed");
+    }
+    tracing::info!(
+        operator = who(&operator),
+        badmail = %name,
+        message_id = %id,
+        "admin API: badmail entry queued again"
+    );
+    Ok(web::Json(BadmailReplayed {
+        name,
+        id: id.to_string(),
+    }))
+}
+
+/// Drops a badmail entry for good: no report names it.
+async fn delete_badmail(
+    request: HttpRequest,
+    name: web::Path<String>,
+    env: web::Data<AdminEnv>,
+) -> Result<web::Json<BadmailDeleted>, ApiError> {
+    let operator = authorize(&env, &request, Access::Admin).await?;
+    let name = badmail_name(name)?;
+    let wanted = name.clone();
+    if !on_badmail(&env, move |store| store.delete(&wanted)).await? {
+        return Err(ApiError::NotInBadmail(name));
+    }
+    tracing::warn!(
+        operator = who(&operator),
+        badmail = %name,
+        "admin API: a badmail entry was deleted"
+    );
+    Ok(web::Json(BadmailDeleted {
+        name,
+        deleted: true,
+    }))
 }
 
 /// At most 64 characters of what a client sent, for an error.

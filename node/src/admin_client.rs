@@ -8,8 +8,8 @@ use actix_web::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::admin::{
-    BulkDeleted, BulkRetried, ClusterView, DomainState, ErrorBody, QuarantineDeleted, Retried,
-    API_V1,
+    BadmailDeleted, BadmailList, BadmailReplayed, BulkDeleted, BulkRetried, ClusterView,
+    DomainState, ErrorBody, QuarantineDeleted, Retried, API_V1,
 };
 use crate::queue::{Deleted, MessagePage, MessageView, QueueStats, Replayed};
 use crate::sessions::SessionView;
@@ -248,6 +248,25 @@ impl AdminClient {
         let request =
             self.with_query(self.http.delete(self.url(&path)), &[("account", account)])?;
         self.call(request).await
+    }
+
+    /// The oldest `limit` badmail entries, and how many there are.
+    pub async fn badmail(&self, limit: usize) -> Result<BadmailList, ClientError> {
+        let path = format!("/badmail?limit={limit}");
+        self.call(self.http.get(self.url(&path))).await
+    }
+
+    /// Queues a badmail entry again; `name` as listed (letters, digits,
+    /// `-` and `_`: no escaping needed).
+    pub async fn replay_badmail(&self, name: &str) -> Result<BadmailReplayed, ClientError> {
+        let path = format!("/badmail/{name}/replay");
+        self.call(self.http.post(self.url(&path))).await
+    }
+
+    /// Drops a badmail entry for good.
+    pub async fn delete_badmail(&self, name: &str) -> Result<BadmailDeleted, ClientError> {
+        let path = format!("/badmail/{name}");
+        self.call(self.http.delete(self.url(&path))).await
     }
 
     /// Suspends (`true`) or resumes a domain, given in its routing form.

@@ -2,9 +2,11 @@
 //! delivered or is late: built from a completion and queued like any mail,
 //! from the null sender `<>`, to the original sender and, for failures, to
 //! `bounce.copy_to`. A message from `<>` that fails (most often a report
-//! itself: a double bounce) cannot go back; it goes to the postmaster.
+//! itself: a double bounce) cannot go back; it goes to the postmaster, and
+//! with no postmaster (or when the postmaster's notice fails) to badmail.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use smarthost_proto::address::Mailbox;
@@ -15,6 +17,7 @@ use smarthost_proto::envelope::{
 use smarthost_proto::mime8;
 use smarthost_proto::reply::EnhancedStatus;
 
+use crate::badmail::{Badmail, KeptEnvelope, Note, Source};
 use crate::delivery::RcptResult;
 use crate::scheduler::{Completion, RecipientNote};
 use crate::spool::NewMessage;
@@ -24,11 +27,14 @@ use crate::spool::NewMessage;
 pub struct ReportSettings {
     pub hostname: String,
     pub copy_to: Option<Mailbox>,
-    /// Where failures of messages from `<>` are reported; `None`: they are
-    /// only logged.
+    /// Where failures of messages from `<>` are reported; `None`: they go
+    /// to badmail.
     pub double_bounce_to: Option<Mailbox>,
     /// For `Will-Retry-Until` in delay reports.
     pub max_lifetime: Duration,
+    /// Where failures that no report covers are kept ([`unreported`]);
+    /// `None`: they are only in the delivery log.
+    pub badmail: Option<Arc<Badmail>>,
 }
 
 impl Default for ReportSettings {
@@ -38,6 +44,7 @@ impl Default for ReportSettings {
             copy_to: None,
             double_bounce_to: None,
             max_lifetime: Duration::from_secs(2 * 86400),
+            badmail: None,
         }
     }
 }
@@ -55,7 +62,68 @@ pub fn needs_report(completion: &Completion, settings: &ReportSettings) -> bool 
         completion.failed().next().is_some() || !completion.delayed.is_empty()
     } else {
         !double_bounced(completion, settings).is_empty()
+            || (settings.badmail.is_some() && !unreported(completion, settings).is_empty())
     }
+}
+
+/// The failures of a message from `<>` that no report covers: all of them
+/// when there is no postmaster to tell, else those of the postmaster's
+/// own notices. They are kept in badmail rather than dropped.
+pub fn unreported<'a>(
+    completion: &'a Completion,
+    settings: &ReportSettings,
+) -> Vec<&'a RecipientNote> {
+    if dsn::may_send_dsn(&completion.record.envelope) {
+        return Vec::new();
+    }
+    let postmaster = settings.double_bounce_to.as_ref();
+    completion
+        .failed()
+        .filter(|n| {
+            postmaster.is_none_or(|postmaster| {
+                recipient(completion, n.recipient).is_some_and(|r| r.address == *postmaster)
+            })
+        })
+        .collect()
+}
+
+/// The badmail entry of a completion's [`unreported`] failures, if any:
+/// its name is the same however often the completion is reported (a
+/// write tried again keeps one entry), and its note names each recipient
+/// with its reply.
+pub fn badmail_entry(completion: &Completion, settings: &ReportSettings) -> Option<(String, Note)> {
+    let failed = unreported(completion, settings);
+    let first = failed.first()?;
+    let record = &completion.record;
+    let name = format!(
+        "{:013}-report-{}-{}",
+        record.received_ms, record.id, first.recipient
+    );
+    let failed: Vec<(&Recipient, &str)> = failed
+        .iter()
+        .filter_map(|n| Some((recipient(completion, n.recipient)?, n.reply.as_str())))
+        .collect();
+    let why = match settings.double_bounce_to {
+        None => {
+            "a message from <> failed and no postmaster is set to be told \
+                 (bounce.double_bounce_to, smtp.postmaster, bounce.copy_to)"
+        }
+        Some(_) => "a notice to the postmaster failed",
+    };
+    let replies: Vec<String> = failed
+        .iter()
+        .map(|(r, reply)| format!("{}: {reply}", r.address))
+        .collect();
+    let note = Note {
+        source: Source::Report,
+        reason: format!("{why}: {}", replies.join("; ")),
+        file: None,
+        envelope: Some(KeptEnvelope {
+            sender: "<>".into(),
+            recipients: failed.iter().map(|(r, _)| r.address.to_string()).collect(),
+        }),
+    };
+    Some((name, note))
 }
 
 /// The failures of a message from `<>` that go to the postmaster: all but
@@ -317,6 +385,7 @@ mod tests {
             }),
             double_bounce_to: None,
             max_lifetime: Duration::from_secs(3600),
+            badmail: None,
         }
     }
 
@@ -488,6 +557,55 @@ mod tests {
             record.received_ms
         )
         .is_empty());
+    }
+
+    #[test]
+    fn failures_no_report_covers_are_for_badmail_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let badmail = Arc::new(Badmail::open(dir.path()).unwrap());
+        let mut original = message(0, 200);
+        original.record.envelope.sender = None;
+        let record = &original.record;
+        let c = no_such_user(record);
+        // No postmaster: the failure is kept, with the envelope to replay.
+        let keeping = ReportSettings {
+            badmail: Some(badmail.clone()),
+            ..settings(false)
+        };
+        assert!(!needs_report(&c, &settings(false)), "nowhere to keep it");
+        assert!(needs_report(&c, &keeping));
+        assert!(reports(&c, original.body.head(), &keeping, 0).is_empty());
+        let (name, note) = badmail_entry(&c, &keeping).unwrap();
+        assert!(crate::badmail::valid_name(&name), "{name}");
+        assert_eq!(badmail_entry(&c, &keeping).unwrap().0, name, "stable");
+        assert_eq!(note.source, Source::Report);
+        assert!(
+            note.reason.contains("a@example.org: 550 5.1.1"),
+            "{}",
+            note.reason
+        );
+        let envelope = note.envelope.unwrap();
+        assert_eq!(
+            (envelope.sender.as_str(), envelope.recipients),
+            ("<>", vec!["a@example.org".to_string()])
+        );
+        // With a postmaster the failure is reported, not kept...
+        let reported = ReportSettings {
+            double_bounce_to: Some(postmaster()),
+            ..keeping.clone()
+        };
+        assert!(badmail_entry(&c, &reported).is_none());
+        // ...unless it is the postmaster's own notice that failed.
+        let mut notice = message(0, 200);
+        notice.record.envelope.sender = None;
+        notice.record.envelope.recipients[0].address = postmaster();
+        let c = no_such_user(&notice.record);
+        assert!(reports(&c, notice.body.head(), &reported, 0).is_empty());
+        let (_, note) = badmail_entry(&c, &reported).unwrap();
+        assert!(note.reason.starts_with("a notice to the postmaster failed"));
+        // A sender's message is reported to the sender, never kept.
+        let original = message(0, 200);
+        assert!(badmail_entry(&no_such_user(&original.record), &keeping).is_none());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::admin::ClusterView;
+use crate::admin::{BadmailList, ClusterView};
 use crate::admin_client::{AdminClient, ClientError, Filter};
 use crate::config::{Config, ConfigError};
 use crate::queue::{Deleted, MessageView, QueueStats};
@@ -59,6 +59,16 @@ enum Command {
         token: Option<String>,
         #[command(subcommand)]
         action: QueueAction,
+    },
+    /// What a running node could neither deliver nor bounce (bad pickup
+    /// files, failed reports from <>), through its admin API: list, queue
+    /// again, delete.
+    Badmail {
+        /// The bearer token of an operator in [[admin.operators]].
+        #[arg(long, env = "SMARTHOST_TOKEN", hide_env_values = true, global = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        action: BadmailAction,
     },
     /// The live SMTP sessions of a running node (through its admin API):
     /// client, HELO, user, TLS, how long connected, messages accepted.
@@ -228,6 +238,32 @@ enum QuarantineAction {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum BadmailAction {
+    /// The entries, oldest first: when, source, size, name and reason.
+    List {
+        /// List at most this many.
+        #[arg(long, default_value_t = 100,
+              value_parser = clap::value_parser!(u64).range(1..=crate::admin::MAX_PAGE as u64))]
+        limit: u64,
+        /// The answer of the admin API, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue an entry again (a pickup file is read again as one), and drop
+    /// it once queued.
+    Replay {
+        /// The entry as `smarthost badmail list` shows it.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Drop an entry for good.
+    Delete {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
 /// The entry point of the `smarthost` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -247,6 +283,7 @@ pub fn main() -> ExitCode {
             (file, config) => check_config(file.or(config).as_deref()),
         },
         Command::Queue { token, action } => queue(cli.config.as_deref(), token, action),
+        Command::Badmail { token, action } => badmail(cli.config.as_deref(), token, action),
         Command::Sessions { token, json } => sessions(cli.config.as_deref(), token, json),
         Command::Send(args) => send::send(cli.config.as_deref(), args),
         Command::Suppression(args) => suppression::suppression(cli.config.as_deref(), args),
@@ -264,6 +301,38 @@ fn sessions(path: Option<&Path>, token: Option<String>, json: bool) -> ExitCode 
         let views = client.sessions().await?;
         let now = crate::now_ms();
         Ok::<_, ClientError>(json_or(json, &views, |v: &Vec<_>| format_sessions(v, now)))
+    });
+    print_result(result)
+}
+
+fn badmail(path: Option<&Path>, token: Option<String>, action: BadmailAction) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return config_failed(path, &e),
+    };
+    let client_of = move || AdminClient::new(config.admin.listen, token.filter(|t| !t.is_empty()));
+    if let BadmailAction::Replay { name } | BadmailAction::Delete { name } = &action {
+        if !crate::badmail::valid_name(name) {
+            eprintln!("error: {name:?} is not an entry `smarthost badmail list` shows");
+            return ExitCode::from(2);
+        }
+    }
+    let result = actix::System::new().block_on(async move {
+        let client = client_of();
+        Ok::<_, ClientError>(match action {
+            BadmailAction::List { limit, json } => {
+                let listed = client.badmail(limit as usize).await?;
+                json_or(json, &listed, format_badmail)
+            }
+            BadmailAction::Replay { name } => {
+                let replayed = client.replay_badmail(&name).await?;
+                format!("{name}: queued again as {}\n", replayed.id)
+            }
+            BadmailAction::Delete { name } => {
+                client.delete_badmail(&name).await?;
+                format!("{name}: deleted\n")
+            }
+        })
     });
     print_result(result)
 }
@@ -640,6 +709,40 @@ fn format_quarantine(listed: &[Quarantined]) -> String {
         out.push_str(&format!(
             "{at}  {:>9} B  {:<width$}  {}\n",
             q.bytes, q.location, q.reason
+        ));
+    }
+    out
+}
+
+/// One line per entry: when (UTC), source, size, name, reason; and how
+/// many are not shown.
+fn format_badmail(listed: &BadmailList) -> String {
+    if listed.entries.is_empty() {
+        return "badmail: empty\n".to_string();
+    }
+    let width = listed
+        .entries
+        .iter()
+        .map(|e| e.name.len())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for entry in &listed.entries {
+        let at = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(entry.at_ms),
+        );
+        out.push_str(&format!(
+            "{at}  {:<6}  {:>9} B  {:<width$}  {}\n",
+            entry.source.name(),
+            entry.bytes,
+            entry.name,
+            entry.reason
+        ));
+    }
+    if listed.total > listed.entries.len() {
+        out.push_str(&format!(
+            "… and {} more (--limit)\n",
+            listed.total - listed.entries.len()
         ));
     }
     out

@@ -77,7 +77,7 @@ pub struct ComposeError {
     pub message: String,
 }
 
-fn fault(field: impl Into<String>, message: impl Into<String>) -> ComposeError {
+pub(crate) fn fault(field: impl Into<String>, message: impl Into<String>) -> ComposeError {
     ComposeError {
         field: field.into(),
         message: message.into(),
@@ -258,7 +258,7 @@ fn recipients(lists: [(&str, Vec<Named>); 3]) -> Result<Vec<Mailbox>, ComposeErr
 }
 
 /// `bytes` with every CR and LF that is not part of a CRLF made a CRLF.
-fn crlf(bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn crlf(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32);
     let mut i = 0;
     while i < bytes.len() {

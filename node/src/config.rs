@@ -30,6 +30,8 @@ pub struct Config {
     pub api: ApiConfig,
     pub suppression: SuppressionConfig,
     pub log: LogConfig,
+    pub pickup: PickupConfig,
+    pub badmail: BadmailConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -392,6 +394,26 @@ pub enum OperatorRole {
     Viewer,
 }
 
+/// The pickup directory: applications drop `.eml` files there instead of
+/// speaking SMTP, as with the IIS SMTP Service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PickupConfig {
+    /// The directory watched; unset: no pickup.
+    pub dir: Option<PathBuf>,
+    /// How often it is looked at.
+    #[serde(with = "human::duration")]
+    pub poll_interval: Duration,
+}
+
+/// Where what can neither be delivered nor bounced is kept.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BadmailConfig {
+    /// Unset: `badmail` in `queue.path`.
+    pub dir: Option<PathBuf>,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogFormat {
     #[default]
@@ -547,6 +569,15 @@ impl Default for AdminConfig {
             max_token_checks: 2,
             token_max_failures: 10,
             token_block_duration: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl Default for PickupConfig {
+    fn default() -> Self {
+        PickupConfig {
+            dir: None,
+            poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -769,6 +800,14 @@ impl Config {
             .unwrap_or_else(|| self.queue.path.join("incoming"))
     }
 
+    /// `badmail.dir`, or `badmail` in the queue's directory.
+    pub fn badmail_dir(&self) -> PathBuf {
+        self.badmail
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.queue.path.join("badmail"))
+    }
+
     /// Loads the configuration: the defaults, then the TOML file when one is
     /// given, then `SMARTHOST__SECTION__KEY` environment variables
     /// (`SMARTHOST__SMTP__MAX_RECIPIENTS=5`; lists are comma-separated).
@@ -861,6 +900,7 @@ impl Config {
         }
         self.validate_admin(&mut errors);
         self.validate_api(&mut errors);
+        self.validate_pickup(&mut errors);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             errors.add(
                 "log.level",
@@ -1076,6 +1116,23 @@ impl Config {
             }
             if let Err(e) = crate::auth::check_password_hash(&operator.token_hash) {
                 errors.add(format!("{key}.token_hash"), e);
+            }
+        }
+    }
+
+    fn validate_pickup(&self, errors: &mut Errors) {
+        errors.nonzero([("pickup.poll_interval", self.pickup.poll_interval)]);
+        if let Some(dir) = &self.pickup.dir {
+            if dir.as_os_str().is_empty() {
+                errors.add(
+                    "pickup.dir",
+                    "must not be empty (leave it out for no pickup)",
+                );
+            } else if *dir == self.badmail_dir() {
+                errors.add(
+                    "pickup.dir",
+                    format!("{} is also the badmail directory", dir.display()),
+                );
             }
         }
     }
@@ -2251,6 +2308,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn pickup_is_off_unless_a_dir_is_given_and_badmail_sits_in_the_queue() {
+        let config = load("[queue]\npath = \"/var/spool/smarthost\"", &[]).unwrap();
+        assert_eq!(config.pickup.dir, None);
+        assert_eq!(config.pickup.poll_interval, Duration::from_secs(1));
+        assert_eq!(
+            config.badmail_dir(),
+            PathBuf::from("/var/spool/smarthost/badmail")
+        );
+        let config = load(
+            "[pickup]\ndir = \"/srv/pickup\"\npoll_interval = \"250ms\"\n\
+             [badmail]\ndir = \"/srv/badmail\"",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.pickup.dir, Some(PathBuf::from("/srv/pickup")));
+        assert_eq!(config.pickup.poll_interval, Duration::from_millis(250));
+        assert_eq!(config.badmail_dir(), PathBuf::from("/srv/badmail"));
+
+        let errors = invalid(
+            "[pickup]\ndir = \"/srv/x\"\npoll_interval = \"0s\"\n[badmail]\ndir = \"/srv/x\"",
+        );
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors
+            .iter()
+            .any(|e| e.starts_with("pickup.poll_interval: ")));
+        assert!(errors
+            .iter()
+            .any(|e| e.starts_with("pickup.dir: ") && e.contains("badmail")));
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //! - [`delivery`]: routes, the outbound SMTP client, the Delivery actor
 //!   (one per outbound connection) and local drop directories.
 //! - [`bounce`]: delivery status notifications for failures and delays.
+//! - [`badmail`]: what can neither be delivered nor bounced, kept with its
+//!   reason until an operator replays or deletes it.
+//! - [`pickup`]: the Pickup actor: queues `.eml` files dropped in a
+//!   directory.
 //! - [`delivery_log`]: one JSON line per attempt and recipient.
 //! - [`listener`]: the Listener actor: accepts connections under the limits,
 //!   backs off when `accept()` fails.
@@ -39,6 +43,7 @@ pub mod admin_client;
 pub mod admission;
 pub mod auth;
 pub mod auth_guard;
+pub mod badmail;
 pub mod body_memory;
 pub mod bounce;
 pub mod cli;
@@ -53,6 +58,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod pickup;
 pub mod queue;
 pub mod quota;
 #[cfg(test)]

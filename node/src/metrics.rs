@@ -61,6 +61,11 @@ pub const REDIS_REQUEST_SECONDS: &str = "smarthost_redis_request_seconds";
 /// `timeout`).
 pub const REDIS_ERRORS: &str = "smarthost_redis_errors_total";
 
+/// Messages kept in badmail, by `source`: `pickup`, `report`.
+pub const BADMAIL_KEPT: &str = "smarthost_badmail_total";
+/// Entries in this node's badmail directory now.
+pub const BADMAIL_ENTRIES: &str = "smarthost_badmail_entries";
+
 /// Buckets for waits a client or an operator feels: 1 ms to 2 minutes.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -157,6 +162,11 @@ fn describe() {
     describe_histogram!(SPOOL_STORE_SECONDS, Unit::Seconds, "one spool store call");
     describe_histogram!(REDIS_REQUEST_SECONDS, Unit::Seconds, "one Redis round trip");
     describe_counter!(REDIS_ERRORS, "Redis requests that failed or timed out");
+    describe_counter!(
+        BADMAIL_KEPT,
+        "messages kept in badmail (neither deliverable nor reportable), by source"
+    );
+    describe_gauge!(BADMAIL_ENTRIES, "entries in the badmail directory");
 }
 
 /// Counts an SMTP connection admitted, with the sessions now open.
@@ -208,6 +218,17 @@ pub fn recipient_suppressed(via: &'static str) {
 /// or `api`.
 pub fn suppressions_added(source: &'static str, count: usize) {
     metrics::counter!(SUPPRESSIONS_ADDED, "source" => source).increment(count as u64);
+}
+
+/// Counts a message kept in badmail, with the entries now there.
+pub fn badmail_kept(source: crate::badmail::Source, entries: i64) {
+    metrics::counter!(BADMAIL_KEPT, "source" => source.name()).increment(1);
+    badmail_entries(entries);
+}
+
+/// Sets how many entries badmail holds.
+pub fn badmail_entries(entries: i64) {
+    metrics::gauge!(BADMAIL_ENTRIES).set(entries as f64);
 }
 
 /// Counts one store call of the spool.

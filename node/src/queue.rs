@@ -947,6 +947,7 @@ impl Queue {
                     // finished it; the report then carries no copy.
                     let body = spool.read_body(&id).await.unwrap_or_default();
                     let reports = bounce::reports(&completion, &body, &settings, now_ms());
+                    keep_unreported(&completion, body, &settings).await;
                     let _ = addr.send(Reported { id, reports, done }).await;
                 }
                 .into_actor(self),
@@ -1141,6 +1142,25 @@ fn received_now(mut report: NewMessage, now: u64) -> NewMessage {
     report
 }
 
+/// Keeps in badmail the failures of a completion that no report covers
+/// ([`bounce::unreported`]), before its outcome is written: a crash in
+/// between keeps the same entry again, under the same name.
+async fn keep_unreported(completion: &Completion, body: Vec<u8>, settings: &ReportSettings) {
+    let Some(badmail) = settings.badmail.clone() else {
+        return;
+    };
+    let Some((name, note)) = bounce::badmail_entry(completion, settings) else {
+        return;
+    };
+    let id = completion.record.id.clone();
+    match tokio::task::spawn_blocking(move || badmail.keep_once(&name, &body, note)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::error!(message_id = %id, %error,
+            "a failure no report covers could not be kept in badmail; it is only logged"),
+        Err(_) => {}
+    }
+}
+
 /// Builds reports from the spool's copy of the original and queues them
 /// through the Queue actor, like any mail.
 struct QueueReporter {
@@ -1177,6 +1197,7 @@ impl Reporter for QueueReporter {
                     "delivery report built");
                 reports.push(report);
             }
+            keep_unreported(&completion, body, &self.settings).await;
         }
         Ok(reports)
     }

@@ -14,7 +14,7 @@ use actix::Recipient;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use smarthost_proto::address::{Mailbox, SenderRule};
-use smarthost_proto::envelope::{BodyType, ClientInfo, Envelope, MessageId, Recipient as Rcpt};
+use smarthost_proto::envelope::{ClientInfo, MessageId};
 use smarthost_proto::received;
 
 use crate::auth::{verify_password_in, Memory};
@@ -446,27 +446,7 @@ pub async fn send(
             ),
         ));
     }
-    let smtputf8 =
-        composed.sender.needs_smtputf8() || composed.recipients.iter().any(Mailbox::needs_smtputf8);
-    let envelope = Envelope {
-        sender: Some(composed.sender),
-        recipients: composed
-            .recipients
-            .into_iter()
-            .map(|address| Rcpt {
-                address,
-                notify: None,
-                orcpt: None,
-            })
-            .collect(),
-        body: if body.is_ascii() {
-            BodyType::SevenBit
-        } else {
-            BodyType::EightBitMime
-        },
-        smtputf8,
-        ..Envelope::default()
-    };
+    let envelope = crate::submit::envelope_of(Some(composed.sender), composed.recipients, &body);
     match env
         .quotas
         .take(&format!("key:{}", holder.name), &holder.quotas)

@@ -16,11 +16,12 @@ use smarthost_proto::address::{parse_forward_path, Path};
 use smarthost_proto::session::SessionConfig;
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use crate::admin::{self, AdminEnv};
+use crate::admin::{self, AdminEnv, BadmailEnv};
 use crate::auth::{OperatorDb, UserDb};
 use crate::auth_guard::{
     AuthGuard, GuardSettings, GuardStats, Ledger, LocalLedger, PasswordChecks, Policy, RedisLedger,
 };
+use crate::badmail::Badmail;
 use crate::bounce::ReportSettings;
 use crate::config::{check_domain_name, Config, DomainKind, QueueBackend};
 use crate::delivery::connection::DeliveryEnv;
@@ -28,6 +29,7 @@ use crate::delivery::outbound::TlsClients;
 use crate::delivery::route::Router;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::Dispatcher;
+use crate::pickup::{Intake, Pickup, PickupEnv, StopPolling};
 use smarthost_coordinator::membership::{Join, Membership};
 use smarthost_coordinator::{
     self as coordinator, Coordinator, CoordinatorOptions, LeaderTick, Shutdown,
@@ -156,7 +158,10 @@ async fn claim_node_id(
 
 /// The shared queue on Redis: spool, schedule and a queue whose
 /// cluster-wide jobs run when this node leads.
-async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn Error>> {
+async fn redis_queue(
+    config: &Config,
+    badmail: Option<Arc<Badmail>>,
+) -> Result<(Queue, Arc<dyn Spool>), Box<dyn Error>> {
     let spool = RedisSpool::open_with(
         &config.queue.redis_url,
         RedisSpoolOptions {
@@ -174,7 +179,7 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
         .map_err(|e| format!("queue.redis_url: {e}"))?;
     let spool: Arc<dyn Spool> = Arc::new(spool);
     let queue = Queue::new(spool.clone())
-        .with_settings(delivery_settings(config)?)
+        .with_settings(delivery_settings(config, badmail)?)
         .with_schedule(
             Arc::new(schedule),
             coordinator::membership::lease_holder(&config.node.id, &INSTANCE),
@@ -185,13 +190,15 @@ async fn redis_queue(config: &Config) -> Result<(Queue, Arc<dyn Spool>), Box<dyn
     Ok((queue, spool))
 }
 
-/// What the admin API shows of SMTP: this process's logins and live
-/// sessions (when it listens), and the board of the cluster's sessions.
+/// What the admin API shows of the node in this process: its SMTP
+/// logins and live sessions (when it listens), the board of the
+/// cluster's sessions, and badmail (when a queue takes mail here).
 #[derive(Default)]
 struct Listened {
     logins: Option<Arc<GuardStats>>,
     sessions: Option<Sessions>,
     board: Option<Board>,
+    badmail: Option<BadmailEnv>,
 }
 
 /// The board of every node's SMTP sessions, on the Redis backend.
@@ -216,7 +223,9 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     if config.queue.backend != QueueBackend::Redis {
         return Err("the coordinator runs with queue.backend = \"redis\"; a node on the local backend needs none".into());
     }
-    let (queue, spool) = redis_queue(&config).await?;
+    // Failures no report covers stay in the delivery log here: badmail is
+    // a node's.
+    let (queue, spool) = redis_queue(&config, None).await?;
     let queue = queue.start();
     let coordinator = start_coordinator(&config, true, queue.clone().recipient()).await?;
     // Probes, the cluster view and the shared queue's counts; ready while
@@ -261,6 +270,7 @@ fn check_file_limit(config: &Config) -> Result<(), Box<dyn Error>> {
 async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     check_file_limit(&config)?;
     let config = Arc::new(config);
+    let badmail = open_badmail(&config).await?;
     let (queue, spool, limits, location) = match config.queue.backend {
         QueueBackend::Local => {
             let path = config.queue.path.clone();
@@ -270,7 +280,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             .await??;
             let spool: Arc<dyn Spool> = Arc::new(spool);
             let queue = Queue::new(spool.clone())
-                .with_settings(delivery_settings(&config)?)
+                .with_settings(delivery_settings(&config, Some(badmail.clone()))?)
                 .with_holder(coordinator::membership::lease_holder(
                     &config.node.id,
                     &INSTANCE,
@@ -286,7 +296,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
         QueueBackend::Redis => {
             let url = &config.queue.redis_url;
-            let (queue, spool) = redis_queue(&config).await?;
+            let (queue, spool) = redis_queue(&config, Some(badmail.clone())).await?;
             // Caps and rates hold for every node on this Redis.
             let limits = RedisLimits::open(
                 url,
@@ -348,6 +358,16 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     if let Some(board) = &board {
         actix::spawn(board.clone().publish(sessions.live.clone()));
     }
+    let badmail = BadmailEnv {
+        store: badmail,
+        intake: Arc::new(Intake {
+            queue: queue.clone().recipient(),
+            hostname: config.node.hostname.clone(),
+            max_message_size: config.smtp.max_message_size,
+            max_recipients: config.smtp.max_recipients,
+        }),
+    };
+    let pickup = start_pickup(&config, &badmail)?;
     let admin = start_admin(
         &config,
         &queue,
@@ -359,6 +379,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             logins: Some(sessions.guard.stats().clone()),
             sessions: Some(sessions.live.clone()),
             board,
+            badmail: Some(badmail),
         },
     )?;
 
@@ -380,6 +401,9 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     let deadline = tokio::time::Instant::now() + config.node.shutdown_grace;
     ready.send_replace(false);
     listener.send(StopAccepting).await?;
+    if let Some(pickup) = &pickup {
+        pickup.send(StopPolling).await?;
+    }
     let (drained, is_drained) = oneshot::channel();
     listener.send(WaitDrained(drained)).await?;
     if tokio::time::timeout_at(deadline, is_drained).await.is_err() {
@@ -491,6 +515,10 @@ fn start_admin(
         Some(board) => env.with_board(board),
         None => env,
     };
+    let env = match listened.badmail {
+        Some(badmail) => env.with_badmail(badmail),
+        None => env,
+    };
     let open = match config.admin.metrics_listen {
         Some(listen) => {
             let open = admin::start_open(listen, env.clone())
@@ -517,9 +545,40 @@ fn start_admin(
     Ok(admin)
 }
 
+/// Opens badmail (`badmail.dir`).
+async fn open_badmail(config: &Config) -> Result<Arc<Badmail>, Box<dyn Error>> {
+    let dir = config.badmail_dir();
+    let opened = dir.clone();
+    let store = tokio::task::spawn_blocking(move || Badmail::open(&opened))
+        .await?
+        .map_err(|e| format!("badmail.dir: cannot open {}: {e}", dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Starts watching `pickup.dir`, if it is set.
+fn start_pickup(
+    config: &Config,
+    badmail: &BadmailEnv,
+) -> Result<Option<Addr<Pickup>>, Box<dyn Error>> {
+    let Some(dir) = &config.pickup.dir else {
+        return Ok(None);
+    };
+    let env = PickupEnv::new(
+        dir,
+        &config.node.id,
+        badmail.intake.clone(),
+        badmail.store.clone(),
+    )
+    .map_err(|e| format!("pickup.dir: cannot use {}: {e}", dir.display()))?;
+    Ok(Some(Pickup::new(env, config.pickup.poll_interval).start()))
+}
+
 /// Retries, reports and the delivery log, from `[queue]`, `[bounce]` and
-/// `[delivery]`.
-fn delivery_settings(config: &Config) -> Result<DeliverySettings, Box<dyn Error>> {
+/// `[delivery]`; what no report covers goes to `badmail`.
+fn delivery_settings(
+    config: &Config,
+    badmail: Option<Arc<Badmail>>,
+) -> Result<DeliverySettings, Box<dyn Error>> {
     let copy_to = match &config.bounce.copy_to {
         Some(text) => match parse_forward_path(&format!("<{text}>")) {
             Ok(Path::Mailbox(path)) => Some(path.mailbox),
@@ -544,6 +603,7 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings, Box<dyn Error>
             copy_to,
             double_bounce_to: crate::config::double_bounce_to(config),
             max_lifetime: config.queue.max_lifetime,
+            badmail,
         },
         log: Some(log),
     })

@@ -3,11 +3,40 @@
 use std::time::Instant;
 
 use actix::Recipient;
-use smarthost_proto::envelope::{ClientInfo, Envelope, MessageId, MessageRecord};
+use smarthost_proto::address::Mailbox;
+use smarthost_proto::envelope::{
+    BodyType, ClientInfo, Envelope, MessageId, MessageRecord, Recipient as Rcpt,
+};
 use smarthost_proto::session::StoreFailure;
 
 use crate::queue::Enqueue;
 use crate::spool::{Body, NewMessage};
+
+/// The envelope of a message that came whole rather than over SMTP (the
+/// send API, the pickup directory): no DSN parameters, `8BITMIME` and
+/// `SMTPUTF8` as the bytes and addresses need them.
+pub fn envelope_of(sender: Option<Mailbox>, recipients: Vec<Mailbox>, body: &[u8]) -> Envelope {
+    let smtputf8 = sender.as_ref().is_some_and(Mailbox::needs_smtputf8)
+        || recipients.iter().any(Mailbox::needs_smtputf8);
+    Envelope {
+        sender,
+        recipients: recipients
+            .into_iter()
+            .map(|address| Rcpt {
+                address,
+                notify: None,
+                orcpt: None,
+            })
+            .collect(),
+        body: if body.is_ascii() {
+            BodyType::SevenBit
+        } else {
+            BodyType::EightBitMime
+        },
+        smtputf8,
+        ..Envelope::default()
+    }
+}
 
 /// Hands the message to the queue and answers once the spool has it
 /// durably: the `250` of SMTP, the `200` of the send API. `started` is when

@@ -465,7 +465,8 @@ fn the_openapi_file_matches_the_routes_and_their_answers() {
         let concrete = path
             .replace("{id}", &id)
             .replace("{domain}", "deferred.test")
-            .replace("{location}", "00000000000000000001.journal.64.bad");
+            .replace("{location}", "00000000000000000001.journal.64.bad")
+            .replace("{name}", "0000000000001-pickup-0");
         let open = spec["paths"][path][method]["security"] == serde_json::json!([]);
         let token = (!open).then_some("admin-secret-token");
         let answer = http::request(relay.admin_addr(), &method.to_uppercase(), &concrete, token);
