@@ -692,7 +692,6 @@ async fn send_message(
     mut payload: web::Payload,
     env: web::Data<AdminEnv>,
 ) -> Result<HttpResponse, ApiError> {
-    use futures_util::StreamExt as _;
     let Some(send) = env.send.clone() else {
         return Err(ApiError::QueueGone);
     };
@@ -725,13 +724,7 @@ async fn send_message(
         }
         response.json(fault)
     };
-    let media_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let media_type = media_type(&request);
     let raw = match media_type.as_str() {
         "application/json" => false,
         "message/rfc822" => true,
@@ -748,20 +741,15 @@ async fn send_message(
     // Read only once the key is known, and only up to what a message of
     // the largest size takes in base64 within JSON.
     let limit = (send.max_message_size as usize / 3 + 1) * 4 + 64 * 1024;
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadQuery(format!("reading the request: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Ok(fault(crate::send_api::SendFault {
-                status: 413,
-                code: "message_too_large",
-                field: None,
-                message: format!("a request over {limit} octets (smtp.max_message_size in base64)"),
-                retry_after: None,
-            }));
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let Some(body) = read_limited(&mut payload, limit).await? else {
+        return Ok(fault(crate::send_api::SendFault {
+            status: 413,
+            code: "message_too_large",
+            field: None,
+            message: format!("a request over {limit} octets (smtp.max_message_size in base64)"),
+            retry_after: None,
+        }));
+    };
     let message = if raw {
         crate::send_api::Message::Raw(body.to_vec())
     } else {
@@ -812,6 +800,34 @@ async fn send_message(
         }
         Err(f) => Ok(fault(f)),
     }
+}
+
+/// The request's media type, lower case, without parameters.
+fn media_type(request: &HttpRequest) -> String {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// The body of a request, read only up to `limit` octets: `None` past it.
+async fn read_limited(
+    payload: &mut web::Payload,
+    limit: usize,
+) -> Result<Option<web::BytesMut>, ApiError> {
+    use futures_util::StreamExt as _;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadQuery(format!("reading the request: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// A message id as the relay makes them ([`MessageId::new`]); nothing

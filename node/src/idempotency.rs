@@ -232,14 +232,7 @@ impl RedisIdempotency {
         &self,
         request: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, String> {
-        match tokio::time::timeout(self.timeout, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(format!("redis idempotency key: {e}")),
-            Err(_) => Err(format!(
-                "redis idempotency key: no reply within {:?}",
-                self.timeout
-            )),
-        }
+        crate::spool::redis::bounded(self.timeout, "idempotency key", request).await
     }
 }
 

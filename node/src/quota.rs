@@ -191,10 +191,9 @@ impl Quotas for RedisQuotas {
                 .arg(quota.period_us());
         }
         let mut conn = self.conn.clone();
-        let wait: u64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| format!("redis quota: no reply within {:?}", self.timeout))?
-            .map_err(|e| format!("redis quota: {e}"))?;
+        let wait: u64 =
+            crate::spool::redis::bounded(self.timeout, "quota", invocation.invoke_async(&mut conn))
+                .await?;
         Ok(match wait {
             0 => Ok(()),
             wait => Err(Duration::from_micros(wait)),

@@ -374,14 +374,7 @@ impl RedisSuppressions {
         &self,
         request: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, String> {
-        match tokio::time::timeout(self.timeout, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(format!("redis suppression list: {e}")),
-            Err(_) => Err(format!(
-                "redis suppression list: no reply within {:?}",
-                self.timeout
-            )),
-        }
+        crate::spool::redis::bounded(self.timeout, "suppression list", request).await
     }
 }
 

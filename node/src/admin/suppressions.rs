@@ -3,10 +3,10 @@
 //! page at a time in address order; added to as JSON or imported as text
 //! (one address per line); taken off one address at a time.
 
-use actix_web::{http::header, web, HttpRequest};
+use actix_web::{web, HttpRequest};
 use serde::{Deserialize, Serialize};
 
-use super::{authorize, cut, who, Access, AdminEnv, ApiError};
+use super::{authorize, cut, media_type, read_limited, who, Access, AdminEnv, ApiError};
 use crate::suppression::{parse_address, Entry, Scope, Source, Suppressions, MAX_PAGE};
 
 /// Entries per page unless `limit` says otherwise.
@@ -125,26 +125,14 @@ pub(super) async fn add(
     mut payload: web::Payload,
     env: web::Data<AdminEnv>,
 ) -> Result<web::Json<Added>, ApiError> {
-    use futures_util::StreamExt as _;
     let operator = authorize(&env, &request, Access::Write).await?;
     let list = list_of(&env)?;
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadQuery(format!("reading the request: {e}")))?;
-        if body.len() + chunk.len() > MAX_IMPORT {
-            return Err(ApiError::BadQuery(format!(
-                "more than {MAX_IMPORT} octets: import in parts"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    let media_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let Some(body) = read_limited(&mut payload, MAX_IMPORT).await? else {
+        return Err(ApiError::BadQuery(format!(
+            "more than {MAX_IMPORT} octets: import in parts"
+        )));
+    };
+    let media_type = media_type(&request);
     let text;
     let (addresses, account, reason): (Vec<&str>, Option<String>, Option<String>) =
         match media_type.as_str() {

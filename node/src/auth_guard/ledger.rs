@@ -187,11 +187,7 @@ impl RedisLedger {
         what: &str,
         request: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, String> {
-        match tokio::time::timeout(self.timeout, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(format!("redis {what}: {e}")),
-            Err(_) => Err(format!("redis {what}: no reply within {:?}", self.timeout)),
-        }
+        crate::spool::redis::bounded(self.timeout, what, request).await
     }
 }
 

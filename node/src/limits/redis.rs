@@ -166,14 +166,9 @@ impl RedisLimits {
         what: &str,
         request: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, LimitError> {
-        let timeout = self.options.response_timeout;
-        match tokio::time::timeout(timeout, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(LimitError::Unavailable(format!("redis {what}: {e}"))),
-            Err(_) => Err(LimitError::Unavailable(format!(
-                "redis {what}: no reply within {timeout:?}"
-            ))),
-        }
+        crate::spool::redis::bounded(self.options.response_timeout, what, request)
+            .await
+            .map_err(LimitError::Unavailable)
     }
 
     fn new_lease_id(&self) -> String {

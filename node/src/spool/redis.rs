@@ -612,6 +612,20 @@ pub(crate) async fn connect(
     Connection::connect(url, cluster, timeout).await
 }
 
+/// One round trip within `timeout`, reconnecting included: an error or no
+/// reply in time is a sentence naming `what`.
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    what: &str,
+    request: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("redis {what}: {e}")),
+        Err(_) => Err(format!("redis {what}: no reply within {timeout:?}")),
+    }
+}
+
 /// The Redis implementation of [`Spool`].
 pub struct RedisSpool {
     conn: Connection,
