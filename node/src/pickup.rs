@@ -240,6 +240,8 @@ pub struct Intake {
     pub hostname: String,
     pub max_message_size: u64,
     pub max_recipients: usize,
+    /// `smtp.max_hop_count`: more `Received:` fields is a loop.
+    pub max_hop_count: usize,
 }
 
 impl Intake {
@@ -264,6 +266,16 @@ impl Intake {
                 recipients: picked.recipients.iter().map(ToString::to_string).collect(),
             }),
         };
+        let hops = smarthost_proto::data::received_fields(&picked.message);
+        if hops > self.max_hop_count {
+            return Err(bad(
+                format!(
+                    "{hops} Received: fields, more than smtp.max_hop_count ({}): a mail loop?",
+                    self.max_hop_count
+                ),
+                &picked,
+            ));
+        }
         if picked.recipients.len() > self.max_recipients {
             return Err(bad(
                 format!(

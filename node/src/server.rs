@@ -365,6 +365,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             hostname: config.node.hostname.clone(),
             max_message_size: config.smtp.max_message_size,
             max_recipients: config.smtp.max_recipients,
+            max_hop_count: config.smtp.max_hop_count,
         }),
     };
     let pickup = start_pickup(&config, &badmail)?;

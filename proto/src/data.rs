@@ -64,6 +64,19 @@ enum State {
 
 const RECEIVED: &[u8] = b"received:";
 
+/// The `Received:` fields in the header section of a whole message (CRLF
+/// line ends), counted as [`DataReader`] counts them in DATA: for the hop
+/// limit of mail that did not come over SMTP.
+pub fn received_fields(message: &[u8]) -> usize {
+    message
+        .split(|&b| b == b'\n')
+        .take_while(|line| !line.is_empty() && *line != b"\r")
+        .filter(|line| {
+            line.len() > RECEIVED.len() && line[..RECEIVED.len()].eq_ignore_ascii_case(RECEIVED)
+        })
+        .count()
+}
+
 /// Reads the message after `354`, in fragments of any size.
 #[derive(Debug)]
 pub struct DataReader {
@@ -604,5 +617,9 @@ mod tests {
             let (r, _) = run(input, chunk, 1 << 20);
             assert_eq!(r.finish().unwrap().received_headers, 3);
         }
+        // The same count of a whole message, as a pickup file holds it.
+        assert_eq!(received_fields(&input[..input.len() - 3]), 3);
+        assert_eq!(received_fields(b"Received: a\r\n"), 1);
+        assert_eq!(received_fields(b"Subject: x\r\n\r\nReceived: a\r\n"), 0);
     }
 }

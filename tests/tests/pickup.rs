@@ -533,3 +533,36 @@ fn badmail_names_never_reach_outside_badmail_and_roles_are_kept() {
     assert_eq!(output.status.code(), Some(2), "{}", text(&output));
     assert!(outside.with_extension("eml").exists());
 }
+
+#[test]
+fn a_file_that_went_round_too_often_is_kept_as_a_loop() {
+    let sink = Sink::start(SinkOptions::default());
+    let pickup = tempfile::tempdir().unwrap();
+    let relay = Relay::start(
+        "max_hop_count = 3",
+        &format!(
+            "[pickup]\ndir = {:?}\npoll_interval = \"200ms\"\n\n\
+             [[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
+            pickup.path().display().to_string(),
+            sink.smart_host()
+        ),
+    );
+    let hops = |n: usize| -> Vec<u8> {
+        let mut file = "Received: from a by b\r\n".repeat(n).into_bytes();
+        file.extend_from_slice(
+            format!("From: app@sender.test\r\nTo: alice@example.org\r\nSubject: {n} hops\r\n\r\nHi.\r\n")
+                .as_bytes(),
+        );
+        file
+    };
+    // As in DATA: the fields the message came with are counted.
+    drop_file(pickup.path(), "three.eml", &hops(3));
+    drop_file(pickup.path(), "four.eml", &hops(4));
+    let listing = badmail_with(&relay, 1, None);
+    let entry = &listing["entries"][0];
+    assert_eq!(entry["file"], "four.eml", "{listing}");
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(reason.contains("mail loop"), "{reason}");
+    let received = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(received[0].header("Subject").as_deref(), Some("3 hops"));
+}
