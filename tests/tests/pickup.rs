@@ -33,6 +33,20 @@ fn text(output: &Output) -> String {
     )
 }
 
+/// A relay with `smtp_lines`, watching `pickup` every 200 ms, that routes
+/// example.org to `sink`.
+fn relay_with_pickup(smtp_lines: &str, pickup: &Path, sink: &Sink) -> Relay {
+    Relay::start(
+        smtp_lines,
+        &format!(
+            "[pickup]\ndir = {:?}\npoll_interval = \"200ms\"\n\n\
+             [[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
+            pickup.display().to_string(),
+            sink.smart_host()
+        ),
+    )
+}
+
 /// `GET /api/v1/badmail` until it lists `n` entries (at most 20 s).
 #[track_caller]
 fn badmail_with(relay: &Relay, n: u64, token: Option<&str>) -> serde_json::Value {
@@ -80,15 +94,7 @@ fn by_subject<'a>(messages: &'a [ReceivedMessage], subject: &str) -> &'a Receive
 fn dropped_files_are_queued_with_their_envelope_and_bad_ones_kept_in_badmail() {
     let sink = Sink::start(SinkOptions::default());
     let pickup = tempfile::tempdir().unwrap();
-    let relay = Relay::start(
-        "",
-        &format!(
-            "[pickup]\ndir = {:?}\npoll_interval = \"200ms\"\n\n\
-             [[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
-            pickup.path().display().to_string(),
-            sink.smart_host()
-        ),
-    );
+    let relay = relay_with_pickup("", pickup.path(), &sink);
     let dir = pickup.path();
     drop_file(
         dir,
@@ -290,15 +296,7 @@ fn a_file_the_queue_cannot_take_stays_until_it_can() {
 fn a_badmail_entry_is_replayed_once_its_cause_is_gone_and_deleted_for_good() {
     let sink = Sink::start(SinkOptions::default());
     let pickup = tempfile::tempdir().unwrap();
-    let mut relay = Relay::start(
-        "max_message_size = \"2KB\"",
-        &format!(
-            "[pickup]\ndir = {:?}\npoll_interval = \"200ms\"\n\n\
-             [[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
-            pickup.path().display().to_string(),
-            sink.smart_host()
-        ),
-    );
+    let mut relay = relay_with_pickup("max_message_size = \"2KB\"", pickup.path(), &sink);
     let lines = "0123456789abcdef".repeat(4) + "\r\n";
     let large = format!(
         "From: app@sender.test\r\nTo: erin@example.org\r\nSubject: large\r\n\r\n{}",
@@ -538,15 +536,7 @@ fn badmail_names_never_reach_outside_badmail_and_roles_are_kept() {
 fn a_file_that_went_round_too_often_is_kept_as_a_loop() {
     let sink = Sink::start(SinkOptions::default());
     let pickup = tempfile::tempdir().unwrap();
-    let relay = Relay::start(
-        "max_hop_count = 3",
-        &format!(
-            "[pickup]\ndir = {:?}\npoll_interval = \"200ms\"\n\n\
-             [[domains]]\nname = \"example.org\"\nsmart_host = \"{}\"\n",
-            pickup.path().display().to_string(),
-            sink.smart_host()
-        ),
-    );
+    let relay = relay_with_pickup("max_hop_count = 3", pickup.path(), &sink);
     let hops = |n: usize| -> Vec<u8> {
         let mut file = "Received: from a by b\r\n".repeat(n).into_bytes();
         file.extend_from_slice(
