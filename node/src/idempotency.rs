@@ -212,16 +212,14 @@ pub struct RedisIdempotency {
 }
 
 impl RedisIdempotency {
-    pub async fn open(
-        url: &str,
-        cluster: bool,
-        timeout: Duration,
-    ) -> Result<RedisIdempotency, String> {
-        Ok(RedisIdempotency {
-            conn: crate::spool::redis::connect(url, cluster, timeout).await?,
+    /// The store on `conn`, a connection the node's other shared stores
+    /// use too.
+    pub fn new(conn: Connection, timeout: Duration) -> RedisIdempotency {
+        RedisIdempotency {
+            conn,
             timeout,
             claim: Script::new(CLAIM),
-        })
+        }
     }
 
     pub fn key(scope: &str, key: &str) -> String {
@@ -358,9 +356,11 @@ mod tests {
     #[tokio::test]
     async fn redis_keys_follow_the_rules_and_expire() {
         let server = RedisServer::start();
-        let store = RedisIdempotency::open(&server.url(), false, Duration::from_secs(2))
+        let timeout = Duration::from_secs(2);
+        let conn = crate::spool::redis::connect(&server.url(), false, timeout)
             .await
             .unwrap();
+        let store = RedisIdempotency::new(conn, timeout);
         suite(&store).await;
         let mut conn = store.conn.clone();
         let ttl = |key: String| {

@@ -164,12 +164,14 @@ pub struct RedisQuotas {
 }
 
 impl RedisQuotas {
-    pub async fn open(url: &str, cluster: bool, timeout: Duration) -> Result<RedisQuotas, String> {
-        Ok(RedisQuotas {
-            conn: crate::spool::redis::connect(url, cluster, timeout).await?,
+    /// The store on `conn`, a connection the node's other shared stores
+    /// use too.
+    pub fn new(conn: Connection, timeout: Duration) -> RedisQuotas {
+        RedisQuotas {
+            conn,
             timeout,
             script: Script::new(TAKE),
-        })
+        }
     }
 
     pub fn key(holder: &str, quota: &Quota) -> String {
@@ -307,8 +309,12 @@ mod tests {
     async fn redis_quotas_follow_the_rule_and_are_shared_by_nodes() {
         let server = RedisServer::start();
         let url = server.url();
-        let open = || RedisQuotas::open(&url, false, Duration::from_secs(2));
-        let (n1, n2) = (open().await.unwrap(), open().await.unwrap());
+        let timeout = Duration::from_secs(2);
+        let open = || async {
+            let conn = crate::spool::redis::connect(&url, false, timeout).await;
+            RedisQuotas::new(conn.unwrap(), timeout)
+        };
+        let (n1, n2) = (open().await, open().await);
         suite(&n1).await;
         // Two nodes draw from one bucket: 10 messages, 5 through each.
         let quota = [per_minute(10)];
@@ -331,9 +337,11 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_redis_is_an_error_not_a_pass() {
         let server = RedisServer::start();
-        let quotas = RedisQuotas::open(&server.url(), false, Duration::from_millis(500))
+        let timeout = Duration::from_millis(500);
+        let conn = crate::spool::redis::connect(&server.url(), false, timeout)
             .await
             .unwrap();
+        let quotas = RedisQuotas::new(conn, timeout);
         drop(server);
         assert!(quotas.take("key:shop", &[per_minute(5)]).await.is_err());
     }

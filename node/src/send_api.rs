@@ -391,7 +391,7 @@ pub async fn send(
     let now_ms = now.as_millis() as u64;
     let id = MessageId::new(now_ms, rand::random());
     let unique = id.to_string();
-    let composed = match &message {
+    let mut composed = match &message {
         Message::Parts(parts) => compose(parts, &env.hostname, now.as_secs(), &unique),
         Message::Raw(raw) => from_raw(raw, &env.hostname, now.as_secs(), &unique),
     }
@@ -405,7 +405,6 @@ pub async fn send(
             format!("key {:?} may not send as {}", holder.name, composed.sender),
         ));
     }
-    let mut composed = composed;
     let suppressed = leave_out_suppressed(env, &holder.name, &mut composed.recipients).await?;
     let recipients = composed.recipients.len();
     if recipients > env.max_recipients {

@@ -636,33 +636,16 @@ async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
             },
         },
         QueueBackend::Redis => {
-            let (url, cluster, timeout) = (
-                &queue.redis_url,
-                queue.redis_cluster,
-                queue.redis_response_timeout,
-            );
-            let redis = |e: String| format!("queue.redis_url: {e}");
+            // One multiplexed connection for all of them.
+            let timeout = queue.redis_response_timeout;
+            let conn = crate::spool::redis::connect(&queue.redis_url, queue.redis_cluster, timeout)
+                .await
+                .map_err(|e| format!("queue.redis_url: {e}"))?;
             Shared {
-                ledger: Arc::new(
-                    RedisLedger::open(url, cluster, timeout)
-                        .await
-                        .map_err(redis)?,
-                ),
-                quotas: Arc::new(
-                    RedisQuotas::open(url, cluster, timeout)
-                        .await
-                        .map_err(redis)?,
-                ),
-                idempotency: Arc::new(
-                    RedisIdempotency::open(url, cluster, timeout)
-                        .await
-                        .map_err(redis)?,
-                ),
-                suppressions: Arc::new(
-                    RedisSuppressions::open(url, cluster, timeout)
-                        .await
-                        .map_err(redis)?,
-                ),
+                ledger: Arc::new(RedisLedger::new(conn.clone(), timeout)),
+                quotas: Arc::new(RedisQuotas::new(conn.clone(), timeout)),
+                idempotency: Arc::new(RedisIdempotency::new(conn.clone(), timeout)),
+                suppressions: Arc::new(RedisSuppressions::new(conn, timeout)),
             }
         }
     })

@@ -351,15 +351,10 @@ pub struct RedisSuppressions {
 }
 
 impl RedisSuppressions {
-    pub async fn open(
-        url: &str,
-        cluster: bool,
-        timeout: Duration,
-    ) -> Result<RedisSuppressions, String> {
-        Ok(RedisSuppressions {
-            conn: crate::spool::redis::connect(url, cluster, timeout).await?,
-            timeout,
-        })
+    /// The store on `conn`, a connection the node's other shared stores
+    /// use too.
+    pub fn new(conn: Connection, timeout: Duration) -> RedisSuppressions {
+        RedisSuppressions { conn, timeout }
     }
 
     fn addresses_key(scope: &Scope) -> String {
@@ -610,9 +605,11 @@ mod tests {
     #[tokio::test]
     async fn the_redis_list_follows_the_rules() {
         let server = RedisServer::start();
-        let list = RedisSuppressions::open(&server.url(), false, Duration::from_secs(2))
+        let timeout = Duration::from_secs(2);
+        let conn = crate::spool::redis::connect(&server.url(), false, timeout)
             .await
             .unwrap();
+        let list = RedisSuppressions::new(conn, timeout);
         suite(&list).await;
         // Large imports go in batches.
         let many: Vec<Entry> = (0..2500)

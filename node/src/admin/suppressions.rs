@@ -164,10 +164,7 @@ pub(super) async fn add(
         };
     let scope = Scope::of(account.as_deref());
     let reason = reason.unwrap_or_else(|| "added by an operator".into());
-    let at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
+    let at_ms = crate::now_ms();
     let mut entries = Vec::new();
     let mut invalid = Vec::new();
     for address in addresses {

@@ -172,14 +172,15 @@ fn redis_key(key: &str) -> String {
 }
 
 impl RedisLedger {
-    pub async fn open(url: &str, cluster: bool, timeout: Duration) -> Result<RedisLedger, String> {
-        let conn = crate::spool::redis::connect(url, cluster, timeout).await?;
-        Ok(RedisLedger {
+    /// The store on `conn`, a connection the node's other shared stores
+    /// use too.
+    pub fn new(conn: Connection, timeout: Duration) -> RedisLedger {
+        RedisLedger {
             conn,
             timeout,
             look: Script::new(include_str!("scripts/look.lua")),
             fail: Script::new(include_str!("scripts/fail.lua")),
-        })
+        }
     }
 
     async fn bounded<T>(
@@ -369,14 +370,20 @@ mod tests {
     #[tokio::test]
     async fn redis_ledger_suite_and_no_key_left_behind() {
         let server = RedisServer::start();
-        let ledger = RedisLedger::open(&server.url(), false, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let ledger = RedisLedger::new(
+            crate::spool::redis::connect(&server.url(), false, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            Duration::from_secs(5),
+        );
         suite(&ledger).await;
         // Two nodes share the records.
-        let other = RedisLedger::open(&server.url(), false, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let other = RedisLedger::new(
+            crate::spool::redis::connect(&server.url(), false, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            Duration::from_secs(5),
+        );
         let s = subjects(2);
         ledger.fail(&s[..1]).await.unwrap();
         let failed = other.fail(&s[..1]).await.unwrap();

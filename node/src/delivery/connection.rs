@@ -479,10 +479,7 @@ async fn learn_hard_bounces(env: &DeliveryEnv, record: &MessageRecord, outcome: 
     if !env.config.suppression.learn_from_bounces {
         return;
     }
-    let at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
+    let at_ms = crate::now_ms();
     let entries: Vec<Entry> = outcome
         .recipients
         .iter()
