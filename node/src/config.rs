@@ -32,6 +32,7 @@ pub struct Config {
     pub log: LogConfig,
     pub pickup: PickupConfig,
     pub badmail: BadmailConfig,
+    pub webhooks: WebhooksConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -404,6 +405,55 @@ pub struct PickupConfig {
     /// How often it is looked at.
     #[serde(with = "human::duration")]
     pub poll_interval: Duration,
+}
+
+/// Delivery webhooks: events about each recipient posted to applications.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    pub endpoints: Vec<WebhookEndpoint>,
+    /// An event not posted by then is dropped (and counted).
+    #[serde(with = "human::duration")]
+    pub max_age: Duration,
+    /// The longest wait between two posts of an event that failed.
+    #[serde(with = "human::duration")]
+    pub max_retry_interval: Duration,
+    /// How long a post may take.
+    #[serde(with = "human::duration")]
+    pub timeout: Duration,
+    /// At most so many events in one post.
+    pub batch_size: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            endpoints: Vec::new(),
+            max_age: Duration::from_secs(3 * 24 * 3600),
+            max_retry_interval: Duration::from_secs(600),
+            timeout: Duration::from_secs(10),
+            batch_size: 100,
+        }
+    }
+}
+
+/// One endpoint that takes events.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    /// Names the endpoint in the outbox, the logs and the metrics.
+    pub name: String,
+    /// `http://` or `https://`.
+    pub url: String,
+    /// The key of the posts' HMAC-SHA256 signature.
+    pub secret: String,
+    /// Events about mail of these application keys or SMTP users only;
+    /// empty: about all mail.
+    #[serde(default)]
+    pub accounts: Vec<String>,
+    /// These events only; empty: all of them.
+    #[serde(default)]
+    pub events: Vec<crate::webhooks::EventKind>,
 }
 
 /// Where what can neither be delivered nor bounced is kept.
@@ -901,6 +951,7 @@ impl Config {
         self.validate_admin(&mut errors);
         self.validate_api(&mut errors);
         self.validate_pickup(&mut errors);
+        self.validate_webhooks(&mut errors);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             errors.add(
                 "log.level",
@@ -1132,6 +1183,45 @@ impl Config {
                 errors.add(
                     "pickup.dir",
                     format!("{} is also the badmail directory", dir.display()),
+                );
+            }
+        }
+    }
+
+    fn validate_webhooks(&self, errors: &mut Errors) {
+        let webhooks = &self.webhooks;
+        errors.nonzero([
+            ("webhooks.max_age", webhooks.max_age),
+            ("webhooks.max_retry_interval", webhooks.max_retry_interval),
+            ("webhooks.timeout", webhooks.timeout),
+        ]);
+        errors.positive("webhooks.batch_size", webhooks.batch_size as u64);
+        let endpoints = &webhooks.endpoints;
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            let at = format!("webhooks.endpoints[{i}]");
+            let name = &endpoint.name;
+            if name.is_empty()
+                || name
+                    .chars()
+                    .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+            {
+                errors.add(format!("{at}.name"), "must be a word without spaces or `/`");
+            } else if endpoints[..i].iter().any(|e| e.name == *name) {
+                errors.add(format!("{at}.name"), format!("{name:?} is listed twice"));
+            }
+            match awc::http::Uri::try_from(endpoint.url.as_str()) {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some() => {}
+                _ => errors.add(
+                    format!("{at}.url"),
+                    format!("{:?} is not an http:// or https:// URL", endpoint.url),
+                ),
+            }
+            if endpoint.secret.len() < 16 {
+                errors.add(
+                    format!("{at}.secret"),
+                    "must be at least 16 characters (e.g. `openssl rand -hex 32`)",
                 );
             }
         }

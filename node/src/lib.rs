@@ -55,6 +55,7 @@ pub mod delivery_log;
 pub mod dispatcher;
 pub mod fd_limit;
 pub mod idempotency;
+pub mod journal;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
@@ -77,6 +78,7 @@ pub mod suppression;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;
+pub mod webhooks;
 
 /// Wall-clock milliseconds since the Unix epoch, as records, leases and
 /// timers keep time (0 for a clock set before 1970).

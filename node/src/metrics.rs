@@ -65,6 +65,16 @@ pub const REDIS_ERRORS: &str = "smarthost_redis_errors_total";
 pub const BADMAIL_KEPT: &str = "smarthost_badmail_total";
 /// Entries in this node's badmail directory now.
 pub const BADMAIL_ENTRIES: &str = "smarthost_badmail_entries";
+/// Webhook events written to the outbox (one per endpoint that wants it).
+pub const WEBHOOK_EVENTS: &str = "smarthost_webhook_events_total";
+/// Webhook events that could not be written to the outbox.
+pub const WEBHOOK_EVENTS_LOST: &str = "smarthost_webhook_events_lost_total";
+/// Webhook posts, by `endpoint` and `result`: `ok`, `failed`.
+pub const WEBHOOK_POSTS: &str = "smarthost_webhook_posts_total";
+/// Webhook events dropped after `webhooks.max_age`, by `endpoint`.
+pub const WEBHOOK_EVENTS_DROPPED: &str = "smarthost_webhook_events_dropped_total";
+/// Webhook events waiting in the outbox (the cluster's, on Redis).
+pub const WEBHOOK_OUTBOX: &str = "smarthost_webhook_outbox_events";
 
 /// Buckets for waits a client or an operator feels: 1 ms to 2 minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -167,6 +177,17 @@ fn describe() {
         "messages kept in badmail (neither deliverable nor reportable), by source"
     );
     describe_gauge!(BADMAIL_ENTRIES, "entries in the badmail directory");
+    describe_counter!(WEBHOOK_EVENTS, "webhook events written to the outbox");
+    describe_counter!(
+        WEBHOOK_EVENTS_LOST,
+        "webhook events the outbox could not take"
+    );
+    describe_counter!(WEBHOOK_POSTS, "webhook posts, by endpoint and result");
+    describe_counter!(
+        WEBHOOK_EVENTS_DROPPED,
+        "webhook events dropped after webhooks.max_age, by endpoint"
+    );
+    describe_gauge!(WEBHOOK_OUTBOX, "webhook events waiting in the outbox");
 }
 
 /// Counts an SMTP connection admitted, with the sessions now open.
@@ -229,6 +250,34 @@ pub fn badmail_kept(source: crate::badmail::Source, entries: i64) {
 /// Sets how many entries badmail holds.
 pub fn badmail_entries(entries: i64) {
     metrics::gauge!(BADMAIL_ENTRIES).set(entries as f64);
+}
+
+/// Counts webhook events written to the outbox.
+pub fn webhook_events_recorded(count: usize) {
+    metrics::counter!(WEBHOOK_EVENTS).increment(count as u64);
+}
+
+/// Counts webhook events the outbox could not take.
+pub fn webhook_events_lost(count: usize) {
+    metrics::counter!(WEBHOOK_EVENTS_LOST).increment(count as u64);
+}
+
+/// Counts one post of `events` webhook events to `endpoint`.
+pub fn webhook_post(endpoint: &str, ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    metrics::counter!(WEBHOOK_POSTS, "endpoint" => endpoint.to_string(), "result" => result)
+        .increment(1);
+}
+
+/// Counts webhook events dropped after `webhooks.max_age`.
+pub fn webhook_events_dropped(endpoint: &str, count: usize) {
+    metrics::counter!(WEBHOOK_EVENTS_DROPPED, "endpoint" => endpoint.to_string())
+        .increment(count as u64);
+}
+
+/// Sets how many webhook events wait in the outbox.
+pub fn webhook_outbox(events: u64) {
+    metrics::gauge!(WEBHOOK_OUTBOX).set(events as f64);
 }
 
 /// Counts one store call of the spool.

@@ -242,6 +242,7 @@ pub struct Intake {
     pub max_recipients: usize,
     /// `smtp.max_hop_count`: more `Received:` fields is a loop.
     pub max_hop_count: usize,
+    pub webhooks: crate::webhooks::Webhooks,
 }
 
 impl Intake {
@@ -339,6 +340,7 @@ impl Intake {
         };
         crate::submit::enqueue(
             &self.queue,
+            &self.webhooks,
             id,
             now.as_millis() as u64,
             client,

@@ -45,6 +45,7 @@ use crate::dispatcher::DomainReady;
 use crate::schedule::{MemorySchedule, ReportHook, Reporter, Schedule};
 use crate::scheduler::{Completion, RetryPolicy};
 use crate::spool::{Change, ListCursor, NewMessage, Spool, SpoolError};
+use crate::webhooks::Webhooks;
 
 /// Stores a new message; answers once it is durable.
 #[derive(Message)]
@@ -414,6 +415,8 @@ pub struct DeliverySettings {
     pub retry: RetryPolicy,
     pub reports: ReportSettings,
     pub log: Option<DeliveryLog>,
+    /// Written before the outcomes they report ([`crate::webhooks`]).
+    pub webhooks: Option<Webhooks>,
 }
 
 impl Default for DeliverySettings {
@@ -427,6 +430,7 @@ impl Default for DeliverySettings {
             },
             reports: ReportSettings::default(),
             log: None,
+            webhooks: None,
         }
     }
 }
@@ -808,6 +812,7 @@ impl Queue {
             spool: self.spool.clone(),
             settings: self.settings.reports.clone(),
             queue: ctx.address(),
+            webhooks: self.settings.webhooks.clone(),
         })
     }
 
@@ -856,9 +861,52 @@ impl Queue {
         if self.schedule.writes_records() {
             return;
         }
-        for completion in merge_by_message(expired) {
-            let done = self.follow_up(completion, true, ctx);
-            ctx.spawn(done.into_actor(self));
+        let events = self.record_events(&expired);
+        let follow = events.into_actor(self).map(|(), queue, ctx| {
+            for completion in merge_by_message(expired) {
+                let done = queue.follow_up(completion, true, ctx);
+                ctx.spawn(done.into_actor(queue));
+            }
+        });
+        ctx.spawn(follow);
+    }
+
+    /// Writes the webhook events of outcomes that this queue writes itself
+    /// (not through a [`Reporter`]), before it writes them. An outbox that
+    /// fails is tried again for a while; past that the outcomes are
+    /// written all the same, the events counted as lost: a delivery made
+    /// is not undone, and not made again.
+    fn record_events(
+        &self,
+        completions: &[Completion],
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let webhooks = self.settings.webhooks.clone();
+        let completions = webhooks
+            .as_ref()
+            .map(|_| completions.to_vec())
+            .unwrap_or_default();
+        async move {
+            let Some(webhooks) = webhooks else {
+                return;
+            };
+            let mut wait = WRITE_RETRY;
+            let deadline = Instant::now() + WRITE_PATIENCE;
+            loop {
+                match webhooks.record_outcomes(&completions).await {
+                    Ok(()) => return,
+                    Err(error) if Instant::now() + wait < deadline => {
+                        tracing::warn!(%error, "webhook events not recorded yet; trying again");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(WRITE_RETRY_MAX);
+                    }
+                    Err(error) => {
+                        let events: usize = completions.iter().map(|c| c.notes.len()).sum();
+                        tracing::error!(%error, events, "webhook events not recorded");
+                        crate::metrics::webhook_events_lost(events);
+                        return;
+                    }
+                }
+            }
         }
     }
 
@@ -1167,10 +1215,21 @@ struct QueueReporter {
     spool: Arc<dyn Spool>,
     settings: ReportSettings,
     queue: Addr<Queue>,
+    webhooks: Option<Webhooks>,
 }
 
 #[async_trait::async_trait]
 impl Reporter for QueueReporter {
+    async fn record_events(&self, completions: &[Completion]) -> Result<(), SpoolError> {
+        match &self.webhooks {
+            Some(webhooks) => webhooks
+                .record_outcomes(completions)
+                .await
+                .map_err(SpoolError::Unavailable),
+            None => Ok(()),
+        }
+    }
+
     fn needs(&self, completion: &Completion) -> bool {
         bounce::needs_report(completion, &self.settings)
     }
@@ -1705,11 +1764,11 @@ impl Handler<Report> for Queue {
         Box::pin(
             complete
                 .into_actor(self)
-                .then(move |(msg, completion), queue, ctx| {
-                    let follow_up = match completion {
+                .then(move |(msg, completion), queue, _| {
+                    let completion = match completion {
                         Ok(Some(completion)) => {
                             queue.log(&completion, Some(&msg.outcome));
-                            (!writes).then(|| queue.follow_up(completion, true, ctx))
+                            (!writes).then_some(completion)
                         }
                         Ok(None) => None,
                         Err(error) => {
@@ -1721,12 +1780,26 @@ impl Handler<Report> for Queue {
                             None
                         }
                     };
+                    // Written here: its events first, then the record.
+                    let events = completion
+                        .as_ref()
+                        .map(|completion| queue.record_events(std::slice::from_ref(completion)));
                     async move {
-                        if let Some(done) = follow_up {
-                            done.await;
+                        if let Some(events) = events {
+                            events.await;
                         }
                     }
                     .into_actor(queue)
+                    .then(move |(), queue, ctx| {
+                        let follow_up =
+                            completion.map(|completion| queue.follow_up(completion, true, ctx));
+                        async move {
+                            if let Some(done) = follow_up {
+                                done.await;
+                            }
+                        }
+                        .into_actor(queue)
+                    })
                     .map(|(), queue, _| queue.finished(1))
                 }),
         )

@@ -133,6 +133,8 @@ impl std::fmt::Debug for ApiKeys {
 pub struct SendEnv {
     pub keys: Arc<ApiKeys>,
     pub queue: Recipient<Enqueue>,
+    /// Where the `accepted` events go.
+    pub webhooks: crate::webhooks::Webhooks,
     /// Where the keys' quotas are counted.
     pub quotas: Arc<dyn Quotas>,
     /// Where `Idempotency-Key`s are kept.
@@ -481,6 +483,7 @@ pub async fn send(
     };
     crate::submit::enqueue(
         &env.queue,
+        &env.webhooks,
         id,
         now_ms,
         client,

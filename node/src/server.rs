@@ -30,6 +30,8 @@ use crate::delivery::route::Router;
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::Dispatcher;
 use crate::pickup::{Intake, Pickup, PickupEnv, StopPolling};
+use crate::webhooks::outbox::{LocalOutbox, RedisOutbox};
+use crate::webhooks::Webhooks;
 use smarthost_coordinator::membership::{Join, Membership};
 use smarthost_coordinator::{
     self as coordinator, Coordinator, CoordinatorOptions, LeaderTick, Shutdown,
@@ -161,6 +163,7 @@ async fn claim_node_id(
 async fn redis_queue(
     config: &Config,
     badmail: Option<Arc<Badmail>>,
+    webhooks: &Webhooks,
 ) -> Result<(Queue, Arc<dyn Spool>), Box<dyn Error>> {
     let spool = RedisSpool::open_with(
         &config.queue.redis_url,
@@ -179,7 +182,7 @@ async fn redis_queue(
         .map_err(|e| format!("queue.redis_url: {e}"))?;
     let spool: Arc<dyn Spool> = Arc::new(spool);
     let queue = Queue::new(spool.clone())
-        .with_settings(delivery_settings(config, badmail)?)
+        .with_settings(delivery_settings(config, badmail, webhooks)?)
         .with_schedule(
             Arc::new(schedule),
             coordinator::membership::lease_holder(&config.node.id, &INSTANCE),
@@ -225,13 +228,13 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     }
     // Failures no report covers stay in the delivery log here: badmail is
     // a node's.
-    let (queue, spool) = redis_queue(&config, None).await?;
+    let shared = shared_state(&config).await?;
+    let (queue, spool) = redis_queue(&config, None, &shared.webhooks).await?;
     let queue = queue.start();
     let coordinator = start_coordinator(&config, true, queue.clone().recipient()).await?;
     // Probes, the cluster view and the shared queue's counts; ready while
     // it runs.
     let (ready, is_ready) = watch::channel(true);
-    let shared = shared_state(&config).await?;
     let board = sessions_board(&config).await?;
     let admin = start_admin(
         &config,
@@ -271,6 +274,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     check_file_limit(&config)?;
     let config = Arc::new(config);
     let badmail = open_badmail(&config).await?;
+    let shared = shared_state(&config).await?;
     let (queue, spool, limits, location) = match config.queue.backend {
         QueueBackend::Local => {
             let path = config.queue.path.clone();
@@ -280,7 +284,11 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             .await??;
             let spool: Arc<dyn Spool> = Arc::new(spool);
             let queue = Queue::new(spool.clone())
-                .with_settings(delivery_settings(&config, Some(badmail.clone()))?)
+                .with_settings(delivery_settings(
+                    &config,
+                    Some(badmail.clone()),
+                    &shared.webhooks,
+                )?)
                 .with_holder(coordinator::membership::lease_holder(
                     &config.node.id,
                     &INSTANCE,
@@ -296,7 +304,8 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
         QueueBackend::Redis => {
             let url = &config.queue.redis_url;
-            let (queue, spool) = redis_queue(&config, Some(badmail.clone())).await?;
+            let (queue, spool) =
+                redis_queue(&config, Some(badmail.clone()), &shared.webhooks).await?;
             // Caps and rates hold for every node on this Redis.
             let limits = RedisLimits::open(
                 url,
@@ -322,14 +331,14 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
         QueueBackend::Local => None,
     };
-    let shared = shared_state(&config).await?;
     let stopping = Arc::new(AtomicBool::new(false));
+    let env_tls = TlsClients::new(&config.delivery)?;
     let env = DeliveryEnv {
         config: config.clone(),
         spool,
         queue: queue.clone(),
         router: Router::new(&config.delivery)?,
-        tls: TlsClients::new(&config.delivery)?,
+        tls: env_tls.clone(),
         node_slots: Arc::new(Semaphore::new(config.delivery.max_connections)),
         limits,
         suppressions: shared.suppressions.clone(),
@@ -366,9 +375,15 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             max_message_size: config.smtp.max_message_size,
             max_recipients: config.smtp.max_recipients,
             max_hop_count: config.smtp.max_hop_count,
+            webhooks: shared.webhooks.clone(),
         }),
     };
     let pickup = start_pickup(&config, &badmail)?;
+    // Every node posts the events of the outbox it shares.
+    let webhook_sender = shared.webhooks.enabled().then(|| {
+        crate::webhooks::sender::Sender::new(shared.webhooks.clone(), env_tls.verified.clone())
+            .start()
+    });
     let admin = start_admin(
         &config,
         &queue,
@@ -404,6 +419,9 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     listener.send(StopAccepting).await?;
     if let Some(pickup) = &pickup {
         pickup.send(StopPolling).await?;
+    }
+    if let Some(sender) = &webhook_sender {
+        sender.send(crate::webhooks::sender::StopSending).await?;
     }
     let (drained, is_drained) = oneshot::channel();
     listener.send(WaitDrained(drained)).await?;
@@ -484,6 +502,7 @@ fn start_admin(
     .with_send(crate::send_api::SendEnv {
         keys: Arc::new(crate::send_api::ApiKeys::new(&config.api.keys)),
         queue: queue.clone().recipient(),
+        webhooks: shared.webhooks.clone(),
         quotas: shared.quotas,
         idempotency: shared.idempotency,
         suppressions: shared.suppressions,
@@ -579,6 +598,7 @@ fn start_pickup(
 fn delivery_settings(
     config: &Config,
     badmail: Option<Arc<Badmail>>,
+    webhooks: &Webhooks,
 ) -> Result<DeliverySettings, Box<dyn Error>> {
     let copy_to = match &config.bounce.copy_to {
         Some(text) => match parse_forward_path(&format!("<{text}>")) {
@@ -607,6 +627,7 @@ fn delivery_settings(
             badmail,
         },
         log: Some(log),
+        webhooks: webhooks.enabled().then(|| webhooks.clone()),
     })
 }
 
@@ -619,6 +640,7 @@ struct Shared {
     quotas: Arc<dyn Quotas>,
     idempotency: Arc<dyn Idempotency>,
     suppressions: Arc<dyn Suppressions>,
+    webhooks: Webhooks,
 }
 
 async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
@@ -634,6 +656,12 @@ async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
                     tokio::task::spawn_blocking(move || LocalSuppressions::open(&path)).await??;
                 Arc::new(list)
             },
+            webhooks: {
+                let path = queue.path.join("webhooks.jsonl");
+                let outbox =
+                    tokio::task::spawn_blocking(move || LocalOutbox::open(&path)).await??;
+                Webhooks::new(config.webhooks.clone(), Arc::new(outbox))
+            },
         },
         QueueBackend::Redis => {
             // One multiplexed connection for all of them.
@@ -645,7 +673,11 @@ async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
                 ledger: Arc::new(RedisLedger::new(conn.clone(), timeout)),
                 quotas: Arc::new(RedisQuotas::new(conn.clone(), timeout)),
                 idempotency: Arc::new(RedisIdempotency::new(conn.clone(), timeout)),
-                suppressions: Arc::new(RedisSuppressions::new(conn, timeout)),
+                suppressions: Arc::new(RedisSuppressions::new(conn.clone(), timeout)),
+                webhooks: Webhooks::new(
+                    config.webhooks.clone(),
+                    Arc::new(RedisOutbox::new(conn, timeout)),
+                ),
             }
         }
     })
@@ -720,6 +752,7 @@ fn session_env(
         tls_handshake_timeout: smtp.tls_handshake_timeout,
         greeting_delay: smtp.greeting_delay,
         queue,
+        webhooks: shared.webhooks.clone(),
         quotas: shared.quotas,
         body_memory: BodyMemory::new(smtp.max_body_memory),
         body_memory_wait: smtp.body_memory_wait,

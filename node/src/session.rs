@@ -59,6 +59,8 @@ pub struct SessionEnv {
     /// How long clients outside `relay_networks` wait for the greeting.
     pub greeting_delay: Duration,
     pub queue: Recipient<Enqueue>,
+    /// Where the `accepted` events go.
+    pub webhooks: crate::webhooks::Webhooks,
     /// Where the users' sending quotas are counted.
     pub quotas: Arc<dyn Quotas>,
     /// The node's budget for bodies in memory (`smtp.max_body_memory`).
@@ -654,5 +656,15 @@ async fn store(
         auth_user,
         tls,
     };
-    crate::submit::enqueue(&env.queue, id, now_ms, client, envelope, body, started).await
+    crate::submit::enqueue(
+        &env.queue,
+        &env.webhooks,
+        id,
+        now_ms,
+        client,
+        envelope,
+        body,
+        started,
+    )
+    .await
 }

@@ -11,6 +11,7 @@ use smarthost_proto::session::StoreFailure;
 
 use crate::queue::Enqueue;
 use crate::spool::{Body, NewMessage};
+use crate::webhooks::Webhooks;
 
 /// The envelope of a message that came whole rather than over SMTP (the
 /// send API, the pickup directory): no DSN parameters, `8BITMIME` and
@@ -39,10 +40,13 @@ pub fn envelope_of(sender: Option<Mailbox>, recipients: Vec<Mailbox>, body: &[u8
 }
 
 /// Hands the message to the queue and answers once the spool has it
-/// durably: the `250` of SMTP, the `200` of the send API. `started` is when
-/// the message arrived, for the acceptance latency.
+/// durably, and its `accepted` webhook events are written: the `250` of
+/// SMTP, the `200` of the send API. `started` is when the message arrived,
+/// for the acceptance latency.
+#[allow(clippy::too_many_arguments)]
 pub async fn enqueue(
     queue: &Recipient<Enqueue>,
+    webhooks: &Webhooks,
     id: MessageId,
     now_ms: u64,
     client: ClientInfo,
@@ -58,8 +62,14 @@ pub async fn enqueue(
     let recipients = envelope.recipients.len();
     let size = body.len();
     let record = MessageRecord::new(id.clone(), now_ms, size, client, envelope);
+    let events = webhooks
+        .wanted(record.client.auth_user.as_deref())
+        .then(|| record.clone());
     match queue.send(Enqueue(NewMessage { record, body })).await {
         Ok(Ok(())) => {
+            if let Some(record) = events {
+                webhooks.record_accepted(&record).await;
+            }
             tracing::info!(message_id = %id, from = %sender, recipients, size, "message accepted");
             crate::metrics::message_received(recipients, size, started.elapsed());
             Ok(id)

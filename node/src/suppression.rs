@@ -92,6 +92,12 @@ pub struct Entry {
 
 /// The form an address is kept and looked up in: the local part lower
 /// case (almost every mailbox ignores case), the domain in routing form.
+/// The failure of a suppressed recipient (by its [`address_key`]): the
+/// bounce's text, and how a webhook event knows it.
+pub fn refusal(address_key: &str) -> String {
+    format!("550 5.1.1 <{address_key}>: recipient is on the suppression list")
+}
+
 pub fn address_key(mailbox: &Mailbox) -> String {
     format!(
         "{}@{}",

@@ -13,6 +13,8 @@
 //! - `proxy`: a TCP proxy a test can cut (a node losing its link to Redis).
 //! - `oracle`: the oracle-checked workload with faults (`docs/reliability.md`).
 //! - `traffic`: numbered messages to three domains for the multi-node tests.
+//! - `webhook`: a webhook endpoint that keeps what it is posted, and checks
+//!   the signatures.
 
 use std::path::PathBuf;
 
@@ -26,6 +28,7 @@ pub mod scenario;
 pub mod sink;
 pub mod smtp;
 pub mod traffic;
+pub mod webhook;
 
 /// The `smarthost` binary under test: `$SMARTHOST_BIN` when set, otherwise
 /// the one built next to the test binary (tests run from

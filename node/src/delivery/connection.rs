@@ -430,9 +430,7 @@ async fn screen(
                     suppressed.entry(*job).or_default().push(RcptOutcome {
                         recipient: *recipient,
                         result: RcptResult::Failed,
-                        reply: format!(
-                            "550 5.1.1 <{address}>: recipient is on the suppression list"
-                        ),
+                        reply: crate::suppression::refusal(address),
                     });
                 }
             }

@@ -54,6 +54,14 @@ pub trait Reporter: Send + Sync {
     /// Queues reports made by [`Reporter::build`] like any mail. The same
     /// report may come again after a crash (same message id).
     async fn queue(&self, reports: Vec<NewMessage>) -> Result<(), SpoolError>;
+
+    /// Writes the webhook events of these completions, before their
+    /// record is written; an error leaves the outcome unrecorded. The
+    /// same events may come again (a lost race, a crash): they are the
+    /// same events, with the same ids.
+    async fn record_events(&self, _completions: &[Completion]) -> Result<(), SpoolError> {
+        Ok(())
+    }
 }
 
 pub type ReportHook = Arc<dyn Reporter>;

@@ -1027,6 +1027,11 @@ impl RedisSchedule {
             let completion = apply_outcome(&record, domain, outcome, now_ms, policy, jitter);
             // An error leaves the record and the lease: the delivery is
             // attempted again once the lease runs out.
+            if let Some(report) = report {
+                report
+                    .record_events(std::slice::from_ref(&completion))
+                    .await?;
+            }
             let reports = match report {
                 Some(report) if report.needs(&completion) => {
                     KeptReports::new(id, report.build(std::slice::from_ref(&completion)).await?)
@@ -1407,6 +1412,14 @@ impl RedisSchedule {
                 }
                 let mut reports = None;
                 if let Some(report) = report {
+                    let events = report.record_events(&completions);
+                    if let Err(error) = self.while_renewing(&claimed, &mut held_until, events).await
+                    {
+                        tracing::warn!(message_id = %id, %error,
+                            "cannot record the webhook events of an expired message; it stays for the next sweep");
+                        put_back.push(id);
+                        continue;
+                    }
                     if completions.iter().any(|c| report.needs(c)) {
                         let built = report.build(&completions);
                         match self.while_renewing(&claimed, &mut held_until, built).await {
