@@ -56,7 +56,11 @@ fn an_unreadable_record_is_quarantined_and_listed_for_operators() {
     // The first byte of a record is its version: 99 is from a release this
     // one does not know.
     let key = format!("smarthost:{{m:{bad}}}:record");
-    assert_ne!(redis_cli(&redis, &["STRLEN", &key]), "0", "the record is stored");
+    assert_ne!(
+        redis_cli(&redis, &["STRLEN", &key]),
+        "0",
+        "the record is stored"
+    );
     // A deferral rewrites the record, and one under way may overwrite the
     // change: it is made again, while the record is still there, until the
     // node has set the record aside.
