@@ -11,8 +11,11 @@
 //!
 //! On the Redis backend the keys are in Redis, for every node: a retry that
 //! lands on another node finds the first answer. On the local backend they
-//! are in this process, at most [`LOCAL_CAPACITY`], and a restart forgets
-//! them.
+//! are in this process, at most [`LOCAL_CAPACITY`]; the answers are also
+//! written to a journal beside the spool (`idempotency.jsonl`, fsynced
+//! before the send is answered, replayed at start), so a restart keeps
+//! them. Claims are not written: one that dies with its process has lapsed
+//! anyway.
 //!
 //! # Redis keys
 //!
@@ -21,12 +24,16 @@
 //! | `smarthost:idem:<key name>:<SHA-256 of the Idempotency-Key, hex>` | `p <fingerprint>` while claimed, then `d <fingerprint> <message id> <recipients>` | [`CLAIM_FOR`], then [`KEPT_FOR`] |
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::Script;
+use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
+
+use crate::journal::Journal;
 
 /// How long an answer is kept.
 pub const KEPT_FOR: Duration = Duration::from_secs(24 * 3600);
@@ -123,10 +130,23 @@ fn answered(answer: &Answer) -> String {
     )
 }
 
-/// The keys of this process (the local backend).
-#[derive(Default)]
+/// The keys of this node (the local backend): in memory, the answers
+/// also in a journal file.
 pub struct LocalIdempotency {
-    state: Mutex<LocalState>,
+    state: Arc<Mutex<LocalState>>,
+    /// Written off the async threads; taken before `state` when both are.
+    journal: Arc<Mutex<Journal>>,
+}
+
+/// One line of the journal: an answer, and when it was given.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    name: String,
+    fingerprint: String,
+    id: String,
+    recipients: usize,
+    /// Wall-clock ms since the epoch ([`crate::now_ms`]).
+    at_ms: u64,
 }
 
 #[derive(Default)]
@@ -160,6 +180,90 @@ impl LocalState {
             }
         }
     }
+
+    /// Takes back an answer from the journal, unless it is older than
+    /// [`KEPT_FOR`].
+    fn replay(&mut self, record: Record, now: Instant, now_ms: u64) {
+        let age = Duration::from_millis(now_ms.saturating_sub(record.at_ms));
+        let Some(left) = KEPT_FOR.checked_sub(age).filter(|left| !left.is_zero()) else {
+            return;
+        };
+        let answer = Answer {
+            fingerprint: record.fingerprint,
+            id: record.id,
+            recipients: record.recipients,
+        };
+        self.set(record.name, answered(&answer), now, left);
+    }
+
+    /// The live answers, oldest first, as the journal keeps them.
+    fn records(&self, now: Instant, now_ms: u64) -> Vec<Record> {
+        self.order
+            .iter()
+            .filter(|(expires, _)| *expires > now)
+            .filter_map(|(expires, name)| {
+                let (value, current) = self.values.get(name)?;
+                if current != expires {
+                    // Set again since: the later entry stands.
+                    return None;
+                }
+                let Some(Claim::Answered(answer)) = parse(value) else {
+                    return None;
+                };
+                // Given KEPT_FOR before it expires.
+                let left = (*expires - now).as_millis() as u64;
+                Some(Record {
+                    name: name.clone(),
+                    fingerprint: answer.fingerprint,
+                    id: answer.id,
+                    recipients: answer.recipients,
+                    at_ms: (now_ms + left).saturating_sub(KEPT_FOR.as_millis() as u64),
+                })
+            })
+            .collect()
+    }
+}
+
+impl LocalIdempotency {
+    /// Opens (or starts) the journal at `path` and takes back the answers
+    /// in it that are still kept, at most [`LOCAL_CAPACITY`] (the newest).
+    pub fn open(path: &Path) -> Result<LocalIdempotency, String> {
+        let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+        let (now, now_ms) = (Instant::now(), crate::now_ms());
+        let mut state = LocalState::default();
+        let mut journal =
+            Journal::open(path, |record| state.replay(record, now, now_ms)).map_err(fail)?;
+        if journal.mostly_dead(state.values.len()) {
+            journal.rewrite(state.records(now, now_ms)).map_err(fail)?;
+        }
+        Ok(LocalIdempotency {
+            state: Arc::new(Mutex::new(state)),
+            journal: Arc::new(Mutex::new(journal)),
+        })
+    }
+}
+
+/// Writes `record` to the journal and fsyncs it, rewriting the journal
+/// first when most of its lines are dead (expired, replaced, or past the
+/// capacity).
+fn journal_answer(
+    journal: &Mutex<Journal>,
+    state: &Mutex<LocalState>,
+    record: Record,
+) -> Result<(), String> {
+    let mut journal = journal.lock().expect("not poisoned");
+    let live = state.lock().expect("not poisoned").values.len();
+    let written = if journal.mostly_dead(live) {
+        // The answer being written is in `state` already.
+        let records = state
+            .lock()
+            .expect("not poisoned")
+            .records(Instant::now(), crate::now_ms());
+        journal.rewrite(records)
+    } else {
+        journal.append(&[record])
+    };
+    written.map_err(|e| format!("{}: {e}", journal.path().display()))
 }
 
 fn name(scope: &str, key: &str) -> String {
@@ -183,9 +287,24 @@ impl Idempotency for LocalIdempotency {
     }
 
     async fn answer(&self, scope: &str, key: &str, answer: &Answer) -> Result<(), String> {
-        let mut state = self.state.lock().expect("not poisoned");
-        state.set(name(scope, key), answered(answer), Instant::now(), KEPT_FOR);
-        Ok(())
+        let name = name(scope, key);
+        let record = Record {
+            name: name.clone(),
+            fingerprint: answer.fingerprint.clone(),
+            id: answer.id.clone(),
+            recipients: answer.recipients,
+            at_ms: crate::now_ms(),
+        };
+        self.state.lock().expect("not poisoned").set(
+            name,
+            answered(answer),
+            Instant::now(),
+            KEPT_FOR,
+        );
+        let (journal, state) = (self.journal.clone(), self.state.clone());
+        tokio::task::spawn_blocking(move || journal_answer(&journal, &state, record))
+            .await
+            .map_err(|e| format!("idempotency journal: {e}"))?
     }
 
     async fn release(&self, scope: &str, key: &str) -> Result<(), String> {
@@ -329,7 +448,153 @@ mod tests {
 
     #[tokio::test]
     async fn local_keys_follow_the_rules() {
-        suite(&LocalIdempotency::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        suite(&LocalIdempotency::open(&dir.path().join("idempotency.jsonl")).unwrap()).await;
+    }
+
+    fn answer(id: &str) -> Answer {
+        Answer {
+            fingerprint: "f1".into(),
+            id: id.into(),
+            recipients: 1,
+        }
+    }
+
+    fn lines(path: &Path) -> usize {
+        std::fs::read_to_string(path).unwrap().lines().count()
+    }
+
+    #[tokio::test]
+    async fn local_answers_outlive_a_restart_and_claims_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idempotency.jsonl");
+        let store = LocalIdempotency::open(&path).unwrap();
+        assert_eq!(store.claim("shop", "k1", "f1").await, Ok(Claim::Claimed));
+        store.answer("shop", "k1", &answer("id-1")).await.unwrap();
+        assert_eq!(store.claim("shop", "k2", "f1").await, Ok(Claim::Claimed));
+        drop(store);
+        let store = LocalIdempotency::open(&path).unwrap();
+        assert_eq!(
+            store.claim("shop", "k1", "f1").await,
+            Ok(Claim::Answered(answer("id-1")))
+        );
+        // The claim died with the process.
+        assert_eq!(store.claim("shop", "k2", "f1").await, Ok(Claim::Claimed));
+        assert_eq!(store.claim("news", "k1", "f1").await, Ok(Claim::Claimed));
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_dropped_and_what_follows_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idempotency.jsonl");
+        let store = LocalIdempotency::open(&path).unwrap();
+        store.answer("shop", "k1", &answer("id-1")).await.unwrap();
+        drop(store);
+        // A crash mid-write.
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, b"{\"name\":\"shop:ab").unwrap();
+        let store = LocalIdempotency::open(&path).unwrap();
+        store.answer("shop", "k2", &answer("id-2")).await.unwrap();
+        drop(store);
+        let store = LocalIdempotency::open(&path).unwrap();
+        assert_eq!(
+            store.claim("shop", "k1", "f1").await,
+            Ok(Claim::Answered(answer("id-1")))
+        );
+        assert_eq!(
+            store.claim("shop", "k2", "f1").await,
+            Ok(Claim::Answered(answer("id-2")))
+        );
+        assert_eq!(lines(&path), 2);
+    }
+
+    /// A journal of answers to keys `k<i>` of `shop`, given at `at_ms(i)`.
+    fn write_journal(path: &Path, count: usize, at_ms: impl Fn(usize) -> u64) {
+        let mut text = String::new();
+        for i in 0..count {
+            let record = Record {
+                name: name("shop", &format!("k{i}")),
+                fingerprint: "f1".into(),
+                id: format!("id-{i}"),
+                recipients: 1,
+                at_ms: at_ms(i),
+            };
+            text += &serde_json::to_string(&record).unwrap();
+            text.push('\n');
+        }
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[tokio::test]
+    async fn answers_older_than_kept_for_are_dropped_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idempotency.jsonl");
+        let now_ms = crate::now_ms();
+        let kept_ms = KEPT_FOR.as_millis() as u64;
+        // 1500 answers past their time, then one an hour old.
+        write_journal(&path, 1501, |i| {
+            if i < 1500 {
+                now_ms - kept_ms - 1000
+            } else {
+                now_ms - 3_600_000
+            }
+        });
+        let store = LocalIdempotency::open(&path).unwrap();
+        assert_eq!(store.claim("shop", "k0", "f1").await, Ok(Claim::Claimed));
+        assert_eq!(
+            store.claim("shop", "k1500", "f1").await,
+            Ok(Claim::Answered(answer("id-1500")))
+        );
+        // Mostly dead: rewritten with the live answer, still an hour old.
+        assert_eq!(lines(&path), 1);
+        let record: Record =
+            serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        let at = now_ms - 3_600_000;
+        assert!(record.at_ms.abs_diff(at) < 5_000, "{}", record.at_ms);
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_rewritten_while_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idempotency.jsonl");
+        let store = LocalIdempotency::open(&path).unwrap();
+        for _ in 0..1100 {
+            store.answer("shop", "k1", &answer("id-1")).await.unwrap();
+        }
+        store.answer("shop", "k2", &answer("id-2")).await.unwrap();
+        assert!(lines(&path) < 1002, "{} lines", lines(&path));
+        drop(store);
+        let store = LocalIdempotency::open(&path).unwrap();
+        for (key, id) in [("k1", "id-1"), ("k2", "id-2")] {
+            assert_eq!(
+                store.claim("shop", key, "f1").await,
+                Ok(Claim::Answered(answer(id)))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_newest_answers_are_taken_back_up_to_the_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idempotency.jsonl");
+        let now_ms = crate::now_ms();
+        write_journal(&path, LOCAL_CAPACITY + 10, |i| now_ms - 200_000 + i as u64);
+        let store = LocalIdempotency::open(&path).unwrap();
+        assert_eq!(store.state.lock().unwrap().values.len(), LOCAL_CAPACITY);
+        let last = LOCAL_CAPACITY + 9;
+        assert_eq!(
+            store.claim("shop", &format!("k{last}"), "f1").await,
+            Ok(Claim::Answered(answer(&format!("id-{last}"))))
+        );
+        assert_eq!(
+            store.claim("shop", "k10", "f1").await,
+            Ok(Claim::Answered(answer("id-10")))
+        );
+        // The ten oldest are forgotten.
+        assert_eq!(store.claim("shop", "k9", "f1").await, Ok(Claim::Claimed));
     }
 
     #[test]

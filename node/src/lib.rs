@@ -23,6 +23,8 @@
 //! - [`pickup`]: the Pickup actor: queues `.eml` files dropped in a
 //!   directory.
 //! - [`delivery_log`]: one JSON line per attempt and recipient.
+//! - [`journal`]: the append-only JSON-line files of the local backend
+//!   (the suppression list, the answered idempotency keys).
 //! - [`listener`]: the Listener actor: accepts connections under the limits,
 //!   backs off when `accept()` fails.
 //! - [`admission`]: which connections are admitted, refused or evicted (pure).

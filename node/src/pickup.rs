@@ -5,8 +5,9 @@
 //! The envelope comes from `X-Sender:` / `X-Receiver:` lines at the top of
 //! the file (the IIS form; they are taken out of the message) or else from
 //! the headers, as the send API reads a raw message ([`from_raw`]). A file
-//! that cannot be queued (no recipient, a bad address, NUL octets, too
-//! large) goes to badmail with its reason ([`crate::badmail`]).
+//! that cannot be queued (no recipient, a bad address, NUL octets, a line
+//! longer than SMTP allows, too large) goes to badmail with its reason
+//! ([`crate::badmail`]).
 //!
 //! Writers should write `name.tmp` and rename it to `name.eml` when done;
 //! a file modified in the last [`SETTLE`] is left for a later pass anyway.
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use smarthost_proto::address::{parse_forward_path, parse_reverse_path, Mailbox, Path as SmtpPath};
 use smarthost_proto::envelope::{ClientInfo, Envelope, MessageId};
-use smarthost_proto::received;
+use smarthost_proto::{data, received};
 
 use crate::badmail::{Badmail, KeptEnvelope, Note, Source};
 use crate::compose::{crlf, fault, from_raw, ComposeError};
@@ -80,6 +81,18 @@ pub fn parse_pickup(
 ) -> Result<Picked, ComposeError> {
     if raw.contains(&0) {
         return Err(fault("message", "NUL octets are not allowed"));
+    }
+    // Line ends as they will be queued (CR, LF or CRLF), so the number is
+    // the line in the file.
+    let raw = &crlf(raw);
+    if let Some(line) = data::first_long_line(raw) {
+        return Err(fault(
+            "message",
+            format!(
+                "line {line} is longer than {} octets",
+                data::MAX_DATA_LINE - 2
+            ),
+        ));
     }
     match iis_envelope(raw)? {
         Some(IisEnvelope {
@@ -267,7 +280,7 @@ impl Intake {
                 recipients: picked.recipients.iter().map(ToString::to_string).collect(),
             }),
         };
-        let hops = smarthost_proto::data::received_fields(&picked.message);
+        let hops = data::received_fields(&picked.message);
         if hops > self.max_hop_count {
             return Err(bad(
                 format!(
@@ -750,6 +763,52 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+    }
+
+    #[test]
+    fn a_line_longer_than_998_octets_is_named_by_its_number_in_the_file() {
+        let line = |n: usize| "x".repeat(n);
+        // 998 octets and a line end, in any form, pass.
+        for end in ["\r\n", "\n", "\r"] {
+            let raw = format!(
+                "X-Sender: a@example.org{end}X-Receiver: b@example.org{end}{end}{}{end}",
+                line(998)
+            );
+            assert!(
+                parse_pickup(raw.as_bytes(), "relay.test", 0, "u").is_ok(),
+                "{end:?}"
+            );
+        }
+        for end in ["\r\n", "\n", "\r"] {
+            let raw = format!(
+                "From: a@example.org{end}To: b@example.org{end}{end}one{end}{}{end}three{end}",
+                line(999)
+            );
+            let error = parse_pickup(raw.as_bytes(), "relay.test", 0, "u").unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                "message: line 5 is longer than 998 octets",
+                "{end:?}"
+            );
+        }
+        // The last line, without a line end, and in the envelope lines.
+        let raw = format!(
+            "X-Sender: a@example.org\nX-Receiver: b@example.org\n\n{}",
+            line(1200)
+        );
+        assert_eq!(
+            parse_pickup(raw.as_bytes(), "relay.test", 0, "u")
+                .unwrap_err()
+                .message,
+            "line 4 is longer than 998 octets"
+        );
+        let raw = format!("X-Sender: {}@example.org\n\nx\n", line(990));
+        assert_eq!(
+            parse_pickup(raw.as_bytes(), "relay.test", 0, "u")
+                .unwrap_err()
+                .message,
+            "line 1 is longer than 998 octets"
+        );
     }
 
     #[test]

@@ -649,7 +649,12 @@ async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
         QueueBackend::Local => Shared {
             ledger: Arc::new(LocalLedger::default()),
             quotas: Arc::new(LocalQuotas::default()),
-            idempotency: Arc::new(LocalIdempotency::default()),
+            idempotency: {
+                let path = queue.path.join("idempotency.jsonl");
+                let store =
+                    tokio::task::spawn_blocking(move || LocalIdempotency::open(&path)).await??;
+                Arc::new(store)
+            },
             suppressions: {
                 let path = queue.path.join("suppressions.jsonl");
                 let list =

@@ -25,8 +25,7 @@
 //! `<scope>` is `global` or `a:<account>`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -34,6 +33,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::address::{parse_reverse_path, Mailbox};
+
+use crate::journal::Journal;
 
 /// Entries a listing returns at most.
 pub const MAX_PAGE: usize = 1000;
@@ -152,7 +153,7 @@ pub trait Suppressions: Send + Sync + 'static {
 /// One line of the local journal.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-enum Journal {
+enum Record {
     Add {
         scope: Option<String>,
         entry: Entry,
@@ -165,99 +166,55 @@ enum Journal {
 
 /// The list of this node (the local backend), kept in a journal file.
 pub struct LocalSuppressions {
-    path: PathBuf,
     state: Mutex<LocalState>,
 }
 
 struct LocalState {
     entries: BTreeMap<(Scope, String), Entry>,
-    /// Lines in the journal: it is rewritten when most are dead.
-    lines: usize,
-    file: std::fs::File,
+    journal: Journal,
 }
 
 impl LocalSuppressions {
-    /// Opens (or starts) the journal at `path` and replays it. A torn last
-    /// line (a crash mid-write) is dropped.
+    /// Opens (or starts) the journal at `path` and replays it.
     pub fn open(path: &Path) -> Result<LocalSuppressions, String> {
         let fail = |e: std::io::Error| format!("{}: {e}", path.display());
         let mut entries = BTreeMap::new();
-        let mut lines = 0;
-        if let Ok(file) = std::fs::File::open(path) {
-            for line in std::io::BufReader::new(file).lines() {
-                let line = line.map_err(fail)?;
-                let Ok(journal) = serde_json::from_str::<Journal>(&line) else {
-                    tracing::warn!(path = %path.display(), "unreadable suppression journal line skipped");
-                    continue;
-                };
-                lines += 1;
-                match journal {
-                    Journal::Add { scope, entry } => {
-                        entries.insert((Scope::of(scope.as_deref()), entry.address.clone()), entry);
-                    }
-                    Journal::Remove { scope, address } => {
-                        entries.remove(&(Scope::of(scope.as_deref()), address));
-                    }
-                }
+        let journal = Journal::open(path, |record| match record {
+            Record::Add { scope, entry } => {
+                entries.insert((Scope::of(scope.as_deref()), entry.address.clone()), entry);
             }
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(fail)?;
-        let mut state = LocalState {
-            entries,
-            lines,
-            file,
-        };
-        state.compact_if_mostly_dead(path).map_err(fail)?;
+            Record::Remove { scope, address } => {
+                entries.remove(&(Scope::of(scope.as_deref()), address));
+            }
+        })
+        .map_err(fail)?;
+        let mut state = LocalState { entries, journal };
+        state.compact_if_mostly_dead()?;
         Ok(LocalSuppressions {
-            path: path.to_path_buf(),
             state: Mutex::new(state),
         })
     }
 }
 
 impl LocalState {
-    fn write(&mut self, records: &[Journal]) -> std::io::Result<()> {
-        let mut buf = Vec::new();
-        for record in records {
-            serde_json::to_writer(&mut buf, record)?;
-            buf.push(b'\n');
-        }
-        self.file.write_all(&buf)?;
-        self.file.sync_data()?;
-        self.lines += records.len();
-        Ok(())
+    fn write(&mut self, records: &[Record]) -> Result<(), String> {
+        self.journal
+            .append(records)
+            .map_err(|e| format!("{}: {e}", self.journal.path().display()))
     }
 
-    /// Rewrites the journal with the live entries only, through a new
-    /// file renamed over the old one.
-    fn compact_if_mostly_dead(&mut self, path: &Path) -> std::io::Result<()> {
-        if self.lines <= 2 * self.entries.len() + 1000 {
+    /// Rewrites the journal with the live entries only.
+    fn compact_if_mostly_dead(&mut self) -> Result<(), String> {
+        if !self.journal.mostly_dead(self.entries.len()) {
             return Ok(());
         }
-        let new = path.with_extension("jsonl.new");
-        let mut file = std::fs::File::create(&new)?;
-        let mut buf = Vec::new();
-        for ((scope, _), entry) in &self.entries {
-            let record = Journal::Add {
-                scope: scope.account().map(str::to_string),
-                entry: entry.clone(),
-            };
-            serde_json::to_writer(&mut buf, &record)?;
-            buf.push(b'\n');
-        }
-        file.write_all(&buf)?;
-        file.sync_all()?;
-        std::fs::rename(&new, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        self.file = std::fs::OpenOptions::new().append(true).open(path)?;
-        self.lines = self.entries.len();
-        Ok(())
+        let records = self.entries.iter().map(|((scope, _), entry)| Record::Add {
+            scope: scope.account().map(str::to_string),
+            entry: entry.clone(),
+        });
+        self.journal
+            .rewrite(records)
+            .map_err(|e| format!("{}: {e}", self.journal.path().display()))
     }
 }
 
@@ -282,16 +239,14 @@ impl Suppressions for LocalSuppressions {
 
     async fn add(&self, scope: &Scope, entries: Vec<Entry>) -> Result<usize, String> {
         let mut state = self.state.lock().expect("not poisoned");
-        let records: Vec<Journal> = entries
+        let records: Vec<Record> = entries
             .iter()
-            .map(|entry| Journal::Add {
+            .map(|entry| Record::Add {
                 scope: scope.account().map(str::to_string),
                 entry: entry.clone(),
             })
             .collect();
-        state
-            .write(&records)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        state.write(&records)?;
         let mut added = 0;
         for entry in entries {
             let key = (scope.clone(), entry.address.clone());
@@ -299,9 +254,7 @@ impl Suppressions for LocalSuppressions {
                 added += 1;
             }
         }
-        state
-            .compact_if_mostly_dead(&self.path)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        state.compact_if_mostly_dead()?;
         Ok(added)
     }
 
@@ -311,17 +264,13 @@ impl Suppressions for LocalSuppressions {
         if !state.entries.contains_key(&key) {
             return Ok(false);
         }
-        let record = Journal::Remove {
+        let record = Record::Remove {
             scope: scope.account().map(str::to_string),
             address: address.to_string(),
         };
-        state
-            .write(&[record])
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        state.write(&[record])?;
         state.entries.remove(&key);
-        state
-            .compact_if_mostly_dead(&self.path)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        state.compact_if_mostly_dead()?;
         Ok(true)
     }
 
@@ -496,6 +445,7 @@ impl Suppressions for RedisSuppressions {
 mod tests {
     use super::*;
     use smarthost_testkit::redis::RedisServer;
+    use std::io::Write;
 
     fn entry(address: &str) -> Entry {
         Entry {
@@ -581,6 +531,15 @@ mod tests {
         assert_eq!(
             list.find(Some("shop"), &asked).await,
             Ok(vec![true, true, false])
+        );
+        // What is added after it is not lost with it.
+        list.add(&Scope::Global, vec![entry("b@x.example")])
+            .await
+            .unwrap();
+        let list = LocalSuppressions::open(&path).unwrap();
+        assert_eq!(
+            list.find(Some("shop"), &asked).await,
+            Ok(vec![true, true, true])
         );
     }
 

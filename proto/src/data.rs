@@ -77,6 +77,17 @@ pub fn received_fields(message: &[u8]) -> usize {
         .count()
 }
 
+/// The number (from 1) of the first line of a whole message (CRLF line
+/// ends) that DATA would refuse as too long: over [`MAX_DATA_LINE`]
+/// octets with its CRLF, so over 998 without. For mail that did not come
+/// over SMTP.
+pub fn first_long_line(message: &[u8]) -> Option<usize> {
+    message
+        .split(|&b| b == b'\n')
+        .position(|line| line.strip_suffix(b"\r").unwrap_or(line).len() + 2 > MAX_DATA_LINE)
+        .map(|index| index + 1)
+}
+
 /// Reads the message after `354`, in fragments of any size.
 #[derive(Debug)]
 pub struct DataReader {
@@ -560,6 +571,14 @@ mod tests {
             assert!(r.is_done());
             assert_eq!(r.finish(), Err(DataError::LineTooLong));
         }
+        // The same limit on a whole message, as a pickup file holds it.
+        assert_eq!(first_long_line(&ok[..ok.len() - 3]), None);
+        assert_eq!(first_long_line(&long[..long.len() - 3]), Some(1));
+        let mut message = b"Subject: x\r\n\r\n".to_vec();
+        message.extend_from_slice(&ok[..ok.len() - 3]);
+        message.extend_from_slice(&long[..long.len() - 5]);
+        assert_eq!(first_long_line(&message), Some(4), "the last line, unended");
+        assert_eq!(first_long_line(b""), None);
     }
 
     #[test]

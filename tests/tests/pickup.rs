@@ -2,9 +2,10 @@
 //! dropped in the directory (one with IIS `X-Sender`/`X-Receiver` lines,
 //! one with headers only) arrive at a real SMTP sink with their envelope
 //! and are removed; a file that cannot be queued goes to badmail with its
-//! reason, where the admin API and `smarthost badmail` list, replay and
-//! delete it; so does a failed report from `<>` with no postmaster to
-//! tell. Names that could reach outside badmail are refused.
+//! reason (a line over 998 octets named by its number), where the admin
+//! API and `smarthost badmail` list, replay and delete it; so does a
+//! failed report from `<>` with no postmaster to tell. Names that could
+//! reach outside badmail are refused.
 
 use std::path::Path;
 use std::process::Output;
@@ -555,4 +556,36 @@ fn a_file_that_went_round_too_often_is_kept_as_a_loop() {
     assert!(reason.contains("mail loop"), "{reason}");
     let received = sink.wait_for(1, Duration::from_secs(20));
     assert_eq!(received[0].header("Subject").as_deref(), Some("3 hops"));
+}
+
+#[test]
+fn a_file_with_a_line_over_998_octets_is_kept_with_that_line_named() {
+    let sink = Sink::start(SinkOptions::default());
+    let pickup = tempfile::tempdir().unwrap();
+    let relay = relay_with_pickup("", pickup.path(), &sink);
+    let file = |subject: &str, long: usize| -> Vec<u8> {
+        format!(
+            "X-Sender: app@sender.test\nX-Receiver: alice@example.org\n\
+             From: app@sender.test\nSubject: {subject}\n\nfirst\n{}\nlast\n",
+            "x".repeat(long)
+        )
+        .into_bytes()
+    };
+    // 998 octets is the most SMTP allows on a line (RFC 5321 4.5.3.1.6).
+    drop_file(pickup.path(), "fits.eml", &file("fits", 998));
+    drop_file(pickup.path(), "long.eml", &file("too long", 999));
+    let listing = badmail_with(&relay, 1, None);
+    let entry = &listing["entries"][0];
+    assert_eq!(entry["file"], "long.eml", "{listing}");
+    assert_eq!(
+        entry["reason"], "message: line 7 is longer than 998 octets",
+        "{listing}"
+    );
+    let received = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(received[0].header("Subject").as_deref(), Some("fits"));
+    assert!(received[0]
+        .text()
+        .contains(&format!("\r\n{}\r\n", "x".repeat(998))));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sink.messages().len(), 1, "nothing more arrived");
 }

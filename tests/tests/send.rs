@@ -3,7 +3,8 @@
 //! attachment, a header, Bcc) goes through the relay to a real sink, and
 //! Python's `email` package, a MIME parser independent of ours, reads it
 //! back with the attachment byte for byte. Bad requests get a precise
-//! answer and queue nothing.
+//! answer and queue nothing. An `Idempotency-Key` answered before a
+//! restart is answered the same after it.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -365,4 +366,47 @@ fn a_raw_message_is_sent_to_its_headers_recipients_without_its_bcc() {
     );
     assert_eq!(answer.status, 400, "{answer:?}");
     assert_eq!(answer.json()["field"], "From");
+}
+
+#[test]
+fn an_idempotency_key_is_answered_the_same_after_a_restart() {
+    let sink = Sink::start(SinkOptions::default());
+    let mut relay = relay_with_a_key(&sink);
+    let send = |relay: &Relay, key: &str| {
+        let json = serde_json::json!({
+            "from": "orders@shop.example", "to": ["alice@example.org"],
+            "subject": "order 42", "text": "Shipped.\n",
+        });
+        http::send_with(
+            relay.admin_addr(),
+            "POST",
+            "/api/v1/send",
+            Some("shop-token"),
+            &[("Idempotency-Key", key)],
+            "application/json",
+            json.to_string().as_bytes(),
+        )
+    };
+    let first = send(&relay, "order-42");
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.header("idempotent-replayed"), None);
+    sink.wait_for(1, Duration::from_secs(20));
+
+    let status = relay.terminate(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    relay.launch();
+    let again = send(&relay, "order-42");
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.json()["id"], first.json()["id"]);
+    assert_eq!(again.json()["recipients"], 1);
+    // Another key is another message.
+    let other = send(&relay, "order-43");
+    assert_eq!(other.status, 200, "{other:?}");
+    assert_eq!(other.header("idempotent-replayed"), None);
+    assert_ne!(other.json()["id"], first.json()["id"]);
+
+    sink.wait_for(2, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sink.messages().len(), 2, "the replayed send queued nothing");
 }

@@ -128,7 +128,8 @@ impl LocalState {
         let live = self.entries.values().map(|(entry, _)| Line::Add {
             entry: Box::new(entry.clone()),
         });
-        if journal.compact_if_mostly_dead(self.entries.len(), live)? {
+        if journal.mostly_dead(self.entries.len()) {
+            journal.rewrite(live)?;
             self.sync = Some(journal.sync_handle()?);
         }
         Ok(())
@@ -191,7 +192,7 @@ impl LocalInner {
                 return Ok(());
             }
             if let Some(journal) = &mut state.journal {
-                journal.append(&new)?;
+                journal.write(&new)?;
             }
             for line in new {
                 if let Line::Add { entry } = line {
@@ -262,7 +263,7 @@ impl Outbox for LocalOutbox {
         // Not synced: a line lost in a crash posts the event again.
         let fail = |e: std::io::Error| format!("webhook outbox: {e}");
         if let Some(journal) = &mut state.journal {
-            journal.append(&gone).map_err(fail)?;
+            journal.write(&gone).map_err(fail)?;
         }
         state.compact().map_err(fail)
     }
