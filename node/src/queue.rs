@@ -1509,8 +1509,8 @@ impl Handler<DeleteMessage> for Queue {
             }
             Ok(Some((msg.id, done, taken.in_flight, failed)))
         };
-        Box::pin(work.into_actor(self).then(move |result, queue, ctx| {
-            let mut follow_ups = Vec::new();
+        Box::pin(work.into_actor(self).then(move |result, queue, _| {
+            let mut to_write = Vec::new();
             let mut failed = None;
             let answer = result.map(|taken| {
                 taken.map(|(id, done, in_flight, error)| {
@@ -1522,7 +1522,7 @@ impl Handler<DeleteMessage> for Queue {
                         recipients += completion.failed().count();
                         queue.log(&completion, Some(&outcome));
                         if !writes {
-                            follow_ups.push(queue.follow_up(completion, notify, ctx));
+                            to_write.push(completion);
                         }
                     }
                     tracing::info!(message_id = %id, recipients, in_flight, notified = notify,
@@ -1535,16 +1535,31 @@ impl Handler<DeleteMessage> for Queue {
                     }
                 })
             });
+            // Written here: the events of a notified delete first (as a
+            // schedule that writes records does through its reporter).
+            let events = notify.then(|| queue.record_events(&to_write));
             async move {
-                for done in follow_ups {
-                    done.await;
-                }
-                match failed {
-                    Some(error) => Err(error),
-                    None => answer,
+                if let Some(events) = events {
+                    events.await;
                 }
             }
             .into_actor(queue)
+            .then(move |(), queue, ctx| {
+                let follow_ups: Vec<_> = to_write
+                    .into_iter()
+                    .map(|completion| queue.follow_up(completion, notify, ctx))
+                    .collect();
+                async move {
+                    for done in follow_ups {
+                        done.await;
+                    }
+                    match failed {
+                        Some(error) => Err(error),
+                        None => answer,
+                    }
+                }
+                .into_actor(queue)
+            })
         }))
     }
 }

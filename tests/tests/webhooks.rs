@@ -247,3 +247,95 @@ fn a_node_killed_mid_run_loses_no_event_on_redis() {
         ("SMARTHOST__QUEUE__NODE_TIMEOUT", "3s"),
     ]);
 }
+
+/// Mail that never gets through: one message deleted by an operator (its
+/// sender told), one left to expire. Each recipient's `deferred`, then its
+/// `bounced` (with the operator's reason) or `expired` event arrives.
+fn deleted_and_expired(env: &[(&str, &str)]) {
+    let sink = Sink::start(SinkOptions {
+        script: Some(serde_json::json!({"rcpt": {
+            "stuck@example.org": 451,
+            "late@example.org": 451,
+        }})),
+        ..SinkOptions::default()
+    });
+    let hook = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(hook, &dir.path().join("posts.jsonl"), 200);
+    let mut env = env.to_vec();
+    env.push(("SMARTHOST__QUEUE__MAX_LIFETIME", "6s"));
+    let setup = relay(&sink, hook, &env);
+    let stuck = submit(
+        &setup.relay,
+        "app@sender.test",
+        &["stuck@example.org"],
+        &dot_stuff(&message("stuck@example.org", "stuck", "Hello.\r\n")),
+    );
+    let late = submit(
+        &setup.relay,
+        "app@sender.test",
+        &["late@example.org"],
+        &dot_stuff(&message("late@example.org", "late", "Hello.\r\n")),
+    );
+    receiver.wait_for("/all", SECRET, Duration::from_secs(20), |got| {
+        by_recipient(got).contains_key(&key("stuck@example.org", "deferred"))
+    });
+    let out = setup.relay.cli(&["queue", "delete", &stuck], &[]);
+    assert!(out.status.success(), "{out:?}");
+
+    let got = receiver.wait_for("/all", SECRET, Duration::from_secs(40), |got| {
+        let seen = by_recipient(got);
+        seen.contains_key(&key("stuck@example.org", "bounced"))
+            && seen.contains_key(&key("late@example.org", "expired"))
+    });
+    let bounced = got
+        .iter()
+        .find(|g| g.event == "bounced")
+        .expect("a bounced event");
+    assert_eq!(bounced.message_id, stuck);
+    assert!(
+        bounced.reply.as_deref().unwrap().contains("operator"),
+        "{:?}",
+        bounced.json
+    );
+    let expired = got
+        .iter()
+        .find(|g| g.event == "expired")
+        .expect("an expired event");
+    assert_eq!(expired.message_id, late);
+    assert!(
+        expired
+            .reply
+            .as_deref()
+            .unwrap()
+            .starts_with("delivery time expired"),
+        "{:?}",
+        expired.json
+    );
+    // Neither is reported as anything else.
+    for g in &got {
+        assert!(
+            matches!(
+                g.event.as_str(),
+                "accepted" | "deferred" | "bounced" | "expired"
+            ),
+            "{:?}",
+            g.json
+        );
+    }
+}
+
+#[test]
+fn deleted_and_expired_mail_is_reported_on_the_local_spool() {
+    deleted_and_expired(&[]);
+}
+
+#[test]
+fn deleted_and_expired_mail_is_reported_on_redis() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    deleted_and_expired(&[
+        ("SMARTHOST__QUEUE__BACKEND", "redis"),
+        ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
+    ]);
+}

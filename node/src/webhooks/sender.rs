@@ -121,19 +121,22 @@ async fn one_pass(webhooks: &Webhooks, http: &awc::Client) -> Result<usize, Stri
     let mut by_endpoint: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     let mut dropped = Vec::new();
     for entry in taken {
-        let known = config.endpoints.iter().any(|e| e.name == entry.endpoint);
-        if !known || now.saturating_sub(entry.created_ms) > max_age {
+        if now.saturating_sub(entry.created_ms) > max_age {
             tracing::warn!(endpoint = %entry.endpoint, event = %entry.event.id,
-                "webhook event dropped: {}",
-                if known { "older than webhooks.max_age" } else { "no such endpoint any more" });
+                "webhook event dropped: older than webhooks.max_age");
             crate::metrics::webhook_events_dropped(&entry.endpoint, 1);
             dropped.push(entry.name());
-            continue;
+        } else if config.endpoints.iter().any(|e| e.name == entry.endpoint) {
+            by_endpoint
+                .entry(entry.endpoint.clone())
+                .or_default()
+                .push(entry);
+        } else {
+            // Another node may know the endpoint (a configuration being
+            // rolled out): left for it, or for max_age.
+            let due = now + config.max_retry_interval.as_millis() as u64;
+            outbox.retry(&entry, due).await?;
         }
-        by_endpoint
-            .entry(entry.endpoint.clone())
-            .or_default()
-            .push(entry);
     }
     outbox.done(&dropped).await?;
     let batches: Vec<(&WebhookEndpoint, Vec<Entry>)> = by_endpoint
