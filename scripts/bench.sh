@@ -23,6 +23,12 @@
 # between them. BACKEND=redis-cluster does the same on a Redis Cluster of
 # three primaries (no replicas) on free ports, each with the same fsync
 # settings; the commands are counted on all three.
+#
+# WEBHOOK=1 adds a delivery webhook for all mail, posted to a local HTTP
+# endpoint (tests/peers/webhook_receiver.py): every message makes an
+# `accepted` and, in relay mode, a `delivered` event, written to the outbox
+# before the step each reports. In relay mode the run also waits until the
+# endpoint has every event and reports how long after the last delivery.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-accept}
@@ -73,6 +79,18 @@ if [ "$mode" = relay ]; then
   wait_port "$sink_port"
   delivery="$delivery
 smart_host = \"[127.0.0.1]:$sink_port\""
+fi
+webhook=""
+if [ -n "${WEBHOOK:-}" ]; then
+  hook_port=$(free_port)
+  python3 tests/peers/webhook_receiver.py --listen "127.0.0.1:$hook_port" \
+    --out "$work/posts.jsonl" >/dev/null &
+  pids+=($!)
+  wait_port "$hook_port"
+  webhook="[[webhooks.endpoints]]
+name = \"bench\"
+url = \"http://127.0.0.1:$hook_port/events\"
+secret = \"bench-webhook-secret-0123456789\""
 fi
 backend=${BACKEND:-local}
 queue="path = \"$work/spool\""
@@ -146,6 +164,7 @@ listen = "127.0.0.1:$node_admin"
 [log]
 level = "warn"
 ${delivery/delivery.log/delivery-$n.log}
+$webhook
 TOML
   "$bin" run --config "$work/node$n.toml" >"$work/node$n.log" 2>&1 &
   pids+=($!)
@@ -178,11 +197,23 @@ if [ "$mode" = relay ]; then
   end=$(date +%s.%N)
 fi
 messages=$(( messages / nodes * nodes ))
+hooked=""
+if [ -n "$webhook" ] && [ "$mode" = relay ]; then
+  # Each event's "event" key, as it appears in the kept (JSON-quoted) body.
+  events() { grep -o '\\"event\\":' "$work/posts.jsonl" 2>/dev/null | wc -l; }
+  deadline=$((SECONDS + 600))
+  while [ "$(events)" -lt $(( messages * 2 )) ]; do
+    if [ $SECONDS -gt $deadline ]; then echo "not all webhook events posted within 600 s" >&2; exit 1; fi
+    sleep 0.5
+  done
+  hooked=$(python3 -c "import time; print(f'{time.time() - $end:.2f}')")
+fi
 calls=""
 [ "$backend" != local ] && calls=$(( $(redis_calls) - calls_before ))
-python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" <<'PY'
+python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" "$hooked" <<'PY'
 import sys
 nodes = int(sys.argv[10])
+hooked = sys.argv[11]
 mode, start, accepted, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 n, s, size, backend, calls = int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
 print(f"{mode} ({backend} backend, {nodes} node{'s' if nodes > 1 else ''}): {n} messages of {size} bytes, {s} parallel sessions")
@@ -191,4 +222,6 @@ if calls:
 print(f"  accepted in {accepted - start:.2f} s: {n / (accepted - start):.0f} messages/s")
 if mode == "relay":
     print(f"  delivered in {end - start:.2f} s: {n / (end - start):.0f} messages/s end to end")
+if hooked:
+    print(f"  webhook: all {2 * n} events (accepted, delivered) at the endpoint {hooked} s after the last delivery")
 PY

@@ -178,6 +178,21 @@ impl LocalOutbox {
 }
 
 impl LocalInner {
+    /// Removes entries; the lines saying so are not synced: one lost in a
+    /// crash posts its event again.
+    fn done(&self, names: &[String]) -> std::io::Result<()> {
+        let mut state = self.state.lock().expect("not poisoned");
+        let gone: Vec<Line> = names
+            .iter()
+            .filter(|name| state.remove(name))
+            .map(|name| Line::Done { name: name.clone() })
+            .collect();
+        if let Some(journal) = &mut state.journal {
+            journal.write(&gone)?;
+        }
+        state.compact()
+    }
+
     fn add(&self, entries: Vec<Entry>) -> std::io::Result<()> {
         let (written, sync) = {
             let mut state = self.state.lock().expect("not poisoned");
@@ -254,18 +269,17 @@ impl Outbox for LocalOutbox {
     }
 
     async fn done(&self, names: &[String]) -> Result<(), String> {
-        let mut state = self.state();
-        let gone: Vec<Line> = names
-            .iter()
-            .filter(|name| state.remove(name))
-            .map(|name| Line::Done { name: name.clone() })
-            .collect();
-        // Not synced: a line lost in a crash posts the event again.
-        let fail = |e: std::io::Error| format!("webhook outbox: {e}");
-        if let Some(journal) = &mut state.journal {
-            journal.write(&gone).map_err(fail)?;
+        if names.is_empty() {
+            return Ok(());
         }
-        state.compact().map_err(fail)
+        // A write, and now and then a rewrite with its syncs: off the
+        // runtime's threads, as an add is.
+        let inner = self.inner.clone();
+        let names = names.to_vec();
+        tokio::task::spawn_blocking(move || inner.done(&names))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("webhook outbox: {e}"))
     }
 
     async fn retry(&self, entry: &Entry, due_ms: u64) -> Result<(), String> {
