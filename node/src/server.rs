@@ -226,16 +226,25 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
     if config.queue.backend != QueueBackend::Redis {
         return Err("the coordinator runs with queue.backend = \"redis\"; a node on the local backend needs none".into());
     }
-    // Failures no report covers stay in the delivery log here: badmail is
-    // a node's.
     let shared = shared_state(&config).await?;
-    let (queue, spool) = redis_queue(&config, None, &shared.webhooks).await?;
+    // A failure its expiry sweep finds and no report covers is kept in
+    // badmail here too, when this process can have one; else it stays in
+    // the delivery log alone.
+    let badmail = match open_badmail(&config).await {
+        Ok(badmail) => Some(badmail),
+        Err(error) => {
+            tracing::warn!(%error, "no badmail: failures no report covers are only logged");
+            None
+        }
+    };
+    let (queue, spool) = redis_queue(&config, badmail.clone(), &shared.webhooks).await?;
     let queue = queue.start();
     let coordinator = start_coordinator(&config, true, queue.clone().recipient()).await?;
     // Probes, the cluster view and the shared queue's counts; ready while
     // it runs.
     let (ready, is_ready) = watch::channel(true);
     let board = sessions_board(&config).await?;
+    let shared_webhooks = shared.webhooks.clone();
     let admin = start_admin(
         &config,
         &queue,
@@ -245,6 +254,10 @@ async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
         shared,
         Listened {
             board,
+            badmail: badmail.map(|store| BadmailEnv {
+                store,
+                intake: intake(&config, &queue, &shared_webhooks),
+            }),
             ..Listened::default()
         },
     )?;
@@ -369,14 +382,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     }
     let badmail = BadmailEnv {
         store: badmail,
-        intake: Arc::new(Intake {
-            queue: queue.clone().recipient(),
-            hostname: config.node.hostname.clone(),
-            max_message_size: config.smtp.max_message_size,
-            max_recipients: config.smtp.max_recipients,
-            max_hop_count: config.smtp.max_hop_count,
-            webhooks: shared.webhooks.clone(),
-        }),
+        intake: intake(&config, &queue, &shared.webhooks),
     };
     let pickup = start_pickup(&config, &badmail)?;
     // Every node posts the events of the outbox it shares.
@@ -566,6 +572,18 @@ fn start_admin(
 }
 
 /// Opens badmail (`badmail.dir`).
+/// Where pickup files and replayed badmail enter the queue.
+fn intake(config: &Config, queue: &Addr<Queue>, webhooks: &Webhooks) -> Arc<Intake> {
+    Arc::new(Intake {
+        queue: queue.clone().recipient(),
+        hostname: config.node.hostname.clone(),
+        max_message_size: config.smtp.max_message_size,
+        max_recipients: config.smtp.max_recipients,
+        max_hop_count: config.smtp.max_hop_count,
+        webhooks: webhooks.clone(),
+    })
+}
+
 async fn open_badmail(config: &Config) -> Result<Arc<Badmail>, Box<dyn Error>> {
     let dir = config.badmail_dir();
     let opened = dir.clone();

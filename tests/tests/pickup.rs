@@ -51,7 +51,17 @@ fn relay_with_pickup(smtp_lines: &str, pickup: &Path, sink: &Sink) -> Relay {
 /// `GET /api/v1/badmail` until it lists `n` entries (at most 20 s).
 #[track_caller]
 fn badmail_with(relay: &Relay, n: u64, token: Option<&str>) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    badmail_within(relay, n, token, Duration::from_secs(20))
+}
+
+#[track_caller]
+fn badmail_within(
+    relay: &Relay,
+    n: u64,
+    token: Option<&str>,
+    limit: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
     loop {
         let answer = http::get(relay.admin_addr(), "/api/v1/badmail", token);
         assert_eq!(answer.status, 200, "{answer:?}");
@@ -588,4 +598,58 @@ fn a_file_with_a_line_over_998_octets_is_kept_with_that_line_named() {
         .contains(&format!("\r\n{}\r\n", "x".repeat(998))));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(sink.messages().len(), 1, "nothing more arrived");
+}
+
+/// A coordinator alone keeps badmail too: a message from `<>` that expires
+/// while its domain is suspended is failed by the coordinator's expiry
+/// sweep, with no postmaster to tell, and kept there with its reason.
+#[test]
+fn a_coordinator_keeps_what_its_expiry_sweep_cannot_report() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let start = |command: &'static str, id: &str| {
+        Relay::start_as(
+            command,
+            "",
+            "",
+            &[
+                ("SMARTHOST__QUEUE__BACKEND", "redis"),
+                ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
+                ("SMARTHOST__QUEUE__MAX_LIFETIME", "3s"),
+                ("SMARTHOST__NODE__ID", id),
+            ],
+        )
+    };
+    let node = start("node", "n1");
+    let coordinator = start("coordinator", "c1");
+    let suspended = node.cli(&["queue", "suspend", "example.org"], &[]);
+    assert!(suspended.status.success(), "{}", text(&suspended));
+
+    let (mut client, greeting) = Client::connect(node.smtp);
+    assert_eq!(greeting.code, 220);
+    client.expect("EHLO app.example", 250);
+    let report = message(
+        "held@example.org",
+        "an expiring report",
+        "Undeliverable.\r\n",
+    );
+    let id = queued_id(&client.send_message("", &["held@example.org"], &dot_stuff(&report)));
+    client.expect("QUIT", 221);
+
+    // The sweep runs every 30 s: the one after the message is 3 s old.
+    let listing = badmail_within(&coordinator, 1, None, Duration::from_secs(60));
+    let entry = &listing["entries"][0];
+    assert_eq!(entry["source"], "report", "{listing}");
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(reason.contains("delivery time expired"), "{reason}");
+    assert!(
+        coordinator.log().contains(&id),
+        "the coordinator expired it:\n{}",
+        coordinator.log()
+    );
+    assert_eq!(
+        http::get(node.admin_addr(), "/api/v1/badmail", None).json()["total"],
+        0,
+        "kept where it was found, once"
+    );
 }
