@@ -237,13 +237,18 @@ fn a_node_killed_mid_run_loses_no_event_on_the_local_spool() {
 
 #[test]
 fn a_node_killed_mid_run_loses_no_event_on_redis() {
+    on_redis(killed_mid_run);
+}
+
+/// Runs `test` with the node on a Redis of its own.
+fn on_redis(test: fn(&[(&str, &str)])) {
     let redis = RedisServer::start();
     let url = redis.url();
-    killed_mid_run(&[
+    test(&[
         ("SMARTHOST__QUEUE__BACKEND", "redis"),
         ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
-        // The node comes back under its id once its heartbeat is old,
-        // and takes over what it held.
+        // A node killed comes back under its id once its heartbeat is
+        // old, and takes over what it held.
         ("SMARTHOST__QUEUE__NODE_TIMEOUT", "3s"),
     ]);
 }
@@ -332,10 +337,5 @@ fn deleted_and_expired_mail_is_reported_on_the_local_spool() {
 
 #[test]
 fn deleted_and_expired_mail_is_reported_on_redis() {
-    let redis = RedisServer::start();
-    let url = redis.url();
-    deleted_and_expired(&[
-        ("SMARTHOST__QUEUE__BACKEND", "redis"),
-        ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
-    ]);
+    on_redis(deleted_and_expired);
 }
