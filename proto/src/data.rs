@@ -245,8 +245,13 @@ impl DataReader {
                 self.bare(b"\r");
                 self.keep(&[b])
             }
-            // A stuffed dot: `..` at the start of a line stands for `.`.
-            (State::Dot, b'.') => self.keep(b"."),
+            // A stuffed dot: `..` at the start of a line stands for `.`,
+            // and the added dot does not count against the line's length
+            // (RFC 5321 4.5.3.1.6).
+            (State::Dot, b'.') => {
+                self.line_len -= 1;
+                self.keep(b".")
+            }
             (State::Dot, b'\r') => State::DotCr,
             (State::Dot, b'\n') => self.bare(b".\n"),
             // A lone leading dot before text is dropped (RFC 5321 4.5.2).
@@ -570,6 +575,25 @@ mod tests {
             let (r, _) = run(&long, chunk, 1 << 20);
             assert!(r.is_done());
             assert_eq!(r.finish(), Err(DataError::LineTooLong));
+        }
+        // A line that starts with a dot is sent with one more: the longest
+        // line is still taken, one octet more is still refused.
+        let mut dotted = b"..".to_vec();
+        dotted.extend(vec![b'x'; MAX_DATA_LINE - 3]);
+        dotted.extend_from_slice(b"\r\n.\r\n");
+        let mut too_long = b"..".to_vec();
+        too_long.extend(vec![b'x'; MAX_DATA_LINE - 2]);
+        too_long.extend_from_slice(b"\r\n.\r\n");
+        for &chunk in CHUNKS {
+            let body = run(&dotted, chunk, 1 << 20)
+                .0
+                .finish()
+                .expect("998 octets")
+                .body;
+            assert_eq!(body.len(), MAX_DATA_LINE, "{chunk}: the line and its CRLF");
+            assert!(body.starts_with(b".x"));
+            let (r, _) = run(&too_long, chunk, 1 << 20);
+            assert_eq!(r.finish(), Err(DataError::LineTooLong), "{chunk}");
         }
         // The same limit on a whole message, as a pickup file holds it.
         assert_eq!(first_long_line(&ok[..ok.len() - 3]), None);

@@ -426,3 +426,33 @@ fn auth_over_tls_lets_an_outsider_relay() {
     );
     assert_eq!(reply.code, 250, "{reply:?}");
 }
+
+/// The longest line is 998 octets before its CRLF, not counting the dot a
+/// client adds to a line that starts with one (RFC 5321 4.5.3.1.6): such a
+/// line is taken, and kept with one dot; one octet more is refused.
+#[test]
+fn the_longest_line_is_taken_when_it_starts_with_a_dot() {
+    let mut relay = Relay::start("", "");
+    let line = format!(".{}", "x".repeat(997));
+    assert_eq!(line.len(), 998);
+    let (mut c, _) = Client::connect(relay.smtp);
+    c.expect("EHLO client.example", 250);
+    let stuffed = format!("Subject: dots\r\n\r\n.{line}\r\n");
+    let ok = c.send_message("a@example.com", &["b@example.org"], &stuffed);
+    assert_eq!(ok.code, 250, "{ok:?}");
+    let id = queued_id(&ok);
+
+    let longer = format!("Subject: dots\r\n\r\n.{line}x\r\n");
+    let refused = c.send_message("a@example.com", &["b@example.org"], &longer);
+    assert_eq!((refused.code, refused.status()), (500, Some("5.5.2")));
+    drop(c);
+
+    relay.terminate(Duration::from_secs(30));
+    let record = relay
+        .spool_records()
+        .into_iter()
+        .find(|r| r.id.as_str() == id)
+        .expect("the message is queued");
+    let body = String::from_utf8(relay.spool_body(&record.id)).unwrap();
+    assert!(body.ends_with(&format!("\r\n\r\n{line}\r\n")), "{body:?}");
+}
