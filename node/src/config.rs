@@ -423,6 +423,10 @@ pub struct WebhooksConfig {
     pub timeout: Duration,
     /// At most so many events in one post.
     pub batch_size: usize,
+    /// Events the outbox holds at most (the cluster's, on Redis): past it
+    /// new events are dropped and counted, so that an endpoint gone for
+    /// days cannot fill the disk or Redis.
+    pub max_waiting: u64,
 }
 
 impl Default for WebhooksConfig {
@@ -433,6 +437,7 @@ impl Default for WebhooksConfig {
             max_retry_interval: Duration::from_secs(600),
             timeout: Duration::from_secs(10),
             batch_size: 100,
+            max_waiting: 1_000_000,
         }
     }
 }
@@ -1196,6 +1201,7 @@ impl Config {
             ("webhooks.timeout", webhooks.timeout),
         ]);
         errors.positive("webhooks.batch_size", webhooks.batch_size as u64);
+        errors.positive("webhooks.max_waiting", webhooks.max_waiting);
         let endpoints = &webhooks.endpoints;
         for (i, endpoint) in endpoints.iter().enumerate() {
             let at = format!("webhooks.endpoints[{i}]");

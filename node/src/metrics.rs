@@ -71,7 +71,8 @@ pub const WEBHOOK_EVENTS: &str = "smarthost_webhook_events_total";
 pub const WEBHOOK_EVENTS_LOST: &str = "smarthost_webhook_events_lost_total";
 /// Webhook posts, by `endpoint` and `result`: `ok`, `failed`.
 pub const WEBHOOK_POSTS: &str = "smarthost_webhook_posts_total";
-/// Webhook events dropped after `webhooks.max_age`, by `endpoint`.
+/// Webhook events dropped, by `endpoint` and `reason`: `max_age` (not
+/// posted in time), `full` (the outbox held `webhooks.max_waiting`).
 pub const WEBHOOK_EVENTS_DROPPED: &str = "smarthost_webhook_events_dropped_total";
 /// Webhook events waiting in the outbox (the cluster's, on Redis).
 pub const WEBHOOK_OUTBOX: &str = "smarthost_webhook_outbox_events";
@@ -185,7 +186,7 @@ fn describe() {
     describe_counter!(WEBHOOK_POSTS, "webhook posts, by endpoint and result");
     describe_counter!(
         WEBHOOK_EVENTS_DROPPED,
-        "webhook events dropped after webhooks.max_age, by endpoint"
+        "webhook events dropped, by endpoint and reason"
     );
     describe_gauge!(WEBHOOK_OUTBOX, "webhook events waiting in the outbox");
 }
@@ -269,9 +270,9 @@ pub fn webhook_post(endpoint: &str, ok: bool) {
         .increment(1);
 }
 
-/// Counts webhook events dropped after `webhooks.max_age`.
-pub fn webhook_events_dropped(endpoint: &str, count: usize) {
-    metrics::counter!(WEBHOOK_EVENTS_DROPPED, "endpoint" => endpoint.to_string())
+/// Counts webhook events dropped; `reason` is `max_age` or `full`.
+pub fn webhook_events_dropped(endpoint: &str, reason: &'static str, count: usize) {
+    metrics::counter!(WEBHOOK_EVENTS_DROPPED, "endpoint" => endpoint.to_string(), "reason" => reason)
         .increment(count as u64);
 }
 

@@ -14,6 +14,7 @@
 pub mod outbox;
 pub mod sender;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -207,6 +208,9 @@ struct Inner {
     outbox: Arc<dyn Outbox>,
     /// Wakes the sender when events were added.
     added: tokio::sync::Notify,
+    /// Entries in the outbox when the sender last counted them (every
+    /// pass): against `max_waiting` without a count per event.
+    waiting: std::sync::atomic::AtomicU64,
 }
 
 impl Webhooks {
@@ -216,6 +220,7 @@ impl Webhooks {
                 config,
                 outbox,
                 added: tokio::sync::Notify::new(),
+                waiting: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -262,6 +267,21 @@ impl Webhooks {
             return Ok(());
         }
         let count = entries.len();
+        let waiting = self.inner.waiting.load(Ordering::Relaxed);
+        if waiting >= self.inner.config.max_waiting {
+            tracing::warn!(
+                waiting,
+                events = count,
+                "webhook events dropped: the outbox holds webhooks.max_waiting"
+            );
+            for entry in &entries {
+                crate::metrics::webhook_events_dropped(&entry.endpoint, "full", 1);
+            }
+            return Ok(());
+        }
+        self.inner
+            .waiting
+            .fetch_add(count as u64, Ordering::Relaxed);
         self.inner.outbox.add(entries).await?;
         crate::metrics::webhook_events_recorded(count);
         self.inner.added.notify_one();
@@ -305,6 +325,12 @@ impl Webhooks {
             tracing::error!(%error, events = count, "webhook events not recorded");
             crate::metrics::webhook_events_lost(count);
         }
+    }
+
+    /// What the sender counted in the outbox.
+    pub fn set_waiting(&self, waiting: u64) {
+        self.inner.waiting.store(waiting, Ordering::Relaxed);
+        crate::metrics::webhook_outbox(waiting);
     }
 
     /// Waits until events were added (or a moment passed).
@@ -490,6 +516,22 @@ mod tests {
         };
         let hooks = Webhooks::new(config, outbox.clone());
         assert!(hooks.wanted(Some("shop")));
+        // A full outbox takes no more.
+        let full = Webhooks::new(
+            WebhooksConfig {
+                endpoints: vec![endpoint("all", &[], &[])],
+                max_waiting: 2 * n as u64 + 1,
+                ..WebhooksConfig::default()
+            },
+            outbox.clone(),
+        );
+        full.set_waiting(outbox.count().await.unwrap());
+        let second = message(1, 10).record;
+        full.record_accepted(&second).await;
+        let held = 2 * n + second.envelope.recipients.len();
+        assert_eq!(outbox.count().await.unwrap(), held as u64, "below the most");
+        full.record_accepted(&message(2, 10).record).await;
+        assert_eq!(outbox.count().await.unwrap(), held as u64, "full");
         assert!(!hooks.wanted(Some("other")));
         assert!(!hooks.wanted(None));
     }

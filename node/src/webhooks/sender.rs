@@ -113,7 +113,7 @@ async fn one_pass(webhooks: &Webhooks, http: &awc::Client) -> Result<usize, Stri
     let lease = config.timeout * rounds as u32;
     let taken = outbox.take(now, pass_size(webhooks), lease).await?;
     let count = taken.len();
-    crate::metrics::webhook_outbox(outbox.count().await?);
+    webhooks.set_waiting(outbox.count().await?);
     if taken.is_empty() {
         return Ok(0);
     }
@@ -124,7 +124,7 @@ async fn one_pass(webhooks: &Webhooks, http: &awc::Client) -> Result<usize, Stri
         if now.saturating_sub(entry.created_ms) > max_age {
             tracing::warn!(endpoint = %entry.endpoint, event = %entry.event.id,
                 "webhook event dropped: older than webhooks.max_age");
-            crate::metrics::webhook_events_dropped(&entry.endpoint, 1);
+            crate::metrics::webhook_events_dropped(&entry.endpoint, "max_age", 1);
             dropped.push(entry.name());
         } else if config.endpoints.iter().any(|e| e.name == entry.endpoint) {
             by_endpoint
