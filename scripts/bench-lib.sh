@@ -50,7 +50,7 @@ bench_cleanup() {
     kill "$pid" 2>/dev/null || true
   done
   pids=()
-  [ -n "${work:-}" ] && rm -rf "$work"
+  if [ -n "${work:-}" ]; then rm -rf "$work"; fi
 }
 
 # Installs the named Debian packages. The packages may ship services
