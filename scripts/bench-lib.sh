@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell functions the benchmark scripts share (scripts/bench.sh,
 # scripts/compare.sh); source it from the repository root.
 #
@@ -57,7 +58,8 @@ bench_cleanup() {
 # (postfix does); none is started during the install (policy-rc.d answers
 # 101, "action forbidden"), and a policy-rc.d already there is put back.
 install_debian() { # PACKAGE...
-  local sudo="" policy=/usr/sbin/policy-rc.d saved="" status=0
+  local sudo="" policy=/usr/sbin/policy-rc.d saved="" status=0 apt_log
+  apt_log=$(mktemp)
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing $* (Debian packages)" >&2
   if [ -e "$policy" ]; then
@@ -68,7 +70,9 @@ install_debian() { # PACKAGE...
   $sudo chmod 755 "$policy"
   { $sudo apt-get update -qq &&
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
-      -o DPkg::Lock::Timeout=300 "$@" >/dev/null; } || status=$?
+      -o DPkg::Lock::Timeout=300 "$@"; } >"$apt_log" 2>&1 || status=$?
+  [ "$status" -eq 0 ] || cat "$apt_log" >&2
+  rm -f "$apt_log"
   if [ -n "$saved" ]; then $sudo mv "$saved" "$policy"; else $sudo rm -f "$policy"; fi
   return "$status"
 }
@@ -92,19 +96,21 @@ smarthost_binary() {
   echo "${CARGO_TARGET_DIR:-target}/release/smarthost"
 }
 
-start_sink() { # PORT OUTPUT: Postfix's smtp-sink, counters (-c) to OUTPUT
+start_sink() { # PORT OUTPUT: Postfix's smtp-sink, counters (-c) to OUTPUT; sets sink_pid
   /usr/sbin/smtp-sink -u nobody -c -m 1000 "127.0.0.1:$1" 1000 >"$2" 2>&1 &
   pids+=($!)
+  # shellcheck disable=SC2034 # the caller's to stop
   sink_pid=$!
   wait_port "$1"
 }
 
-start_redis() { # PORT [EXTRA ARGS]: a redis-server with an fsync per write
+start_redis() { # PORT [EXTRA ARGS]: a redis-server with an fsync per write; sets redis_pid
   local dir="$work/redis-$1"
   mkdir -p "$dir"
   redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly yes \
     --appendfsync always --dir "$dir" --daemonize no "${@:2}" >"$dir/log" 2>&1 &
   pids+=($!)
+  # shellcheck disable=SC2034 # the caller's to measure and stop
   redis_pid=$!
   redis_ports+=("$1")
   wait_port "$1"

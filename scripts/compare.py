@@ -259,6 +259,7 @@ def plot(rows, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
     sizes = sorted({d["size"] for d in rows})
     pers = sorted({d["per_connection"] for d in rows})
@@ -279,6 +280,9 @@ def plot(rows, path):
             xs = sorted({d["sessions"] for d in rows})
             ax.set_xticks(xs)
             ax.set_xticklabels([str(x) for x in xs])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}".replace(",", " ")))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{size_label(size)} messages, {per} per connection")
             ax.set_xlabel("parallel sessions")
             ax.set_ylabel("messages/s, end to end")

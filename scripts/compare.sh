@@ -100,6 +100,7 @@ postfix_start() { # SINK_PORT
   pf=$work/postfix
   rm -rf "$pf"
   mkdir -p "$pf/etc" "$pf/queue" "$pf/data"
+  chown postfix "$pf/data"
   pf_port=$(free_port)
   awk -v port="$pf_port" '
     /^[^#[:space:]]/ && NF >= 8 {
@@ -127,8 +128,10 @@ mynetworks = 127.0.0.0/8
 relayhost = [127.0.0.1]:$1
 biff = no
 CF
-  postfix -c "$pf/etc" start >"$pf/start.log" 2>&1 || { cat "$pf/start.log" >&2; return 1; }
-  wait_port "$pf_port" || { cat "$pf/start.log" "$pf/maillog" >&2 2>/dev/null; return 1; }
+  if ! postfix -c "$pf/etc" start >"$pf/start.log" 2>&1 || ! wait_port "$pf_port"; then
+    cat "$pf/start.log" "$pf/maillog" >&2 2>/dev/null
+    return 1
+  fi
   pf_master=$(tr -d ' ' <"$pf/queue/pid/master.pid")
 }
 
@@ -165,7 +168,7 @@ drive_load() { # SIZE SESSIONS PER MESSAGES PORT...
       s=$((sessions / n + (i < sessions % n ? 1 : 0)))
       m=$(((before + s) * messages / sessions - before * messages / sessions))
       before=$((before + s))
-      [ "$s" -gt 0 ] && [ "$m" -gt 0 ] || continue
+      if [ "$s" -eq 0 ] || [ "$m" -eq 0 ]; then continue; fi
       /usr/sbin/smtp-source -s "$s" -m "$m" -l "$size" -f app@example.com \
         -t user@example.org "127.0.0.1:${ports[$i]}" 2>>"$work/source.err" &
       pids+=($!)
@@ -305,7 +308,7 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
 cpu_model=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -r)" >&2
-echo "commit $commit; postfix $(postconf -h mail_version 2>/dev/null); $(redis-server --version | awk '{ print $1, $3 }')" >&2
+echo "commit $commit; postfix $(postconf -dh mail_version 2>/dev/null); $(redis-server --version | awk '{ print $1, $3 }')" >&2
 command="scripts/compare.sh"
 for v in SYSTEMS SIZES SESSIONS PER_CONNECTION MESSAGES_LARGE MESSAGES_SMALL OUT QUICK; do
   case "${!v:-}" in
