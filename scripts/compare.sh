@@ -195,16 +195,27 @@ drive_load() { # SIZE SESSIONS PER MESSAGES PORT...
   done
 }
 
-# Waits for the load, at most until DEADLINE (a $SECONDS value); ends what
-# is left after it. Returns 1 when a sender failed or had to be ended.
-wait_load() { # DEADLINE
-  local pid failed=0
-  for pid in "${load_pids[@]}"; do
-    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$1" ]; do sleep 0.05; done
-    if kill -0 "$pid" 2>/dev/null; then failed=1; stop_pid "$pid"; continue; fi
-    wait "$pid" || failed=1
-    stop_pid "$pid"
-  done
+# Waits for the load, at most SECONDS; a watchdog ends what is left after
+# that (only processes that are still this shell's children). Sets
+# load_done to the moment the last sender finished; returns 1 when a
+# sender failed or had to be ended.
+wait_load() { # SECONDS
+  local pid failed=0 watchdog
+  (
+    sleep "$1"
+    for pid in "${load_pids[@]}"; do
+      if [ "$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$$" ]; then
+        pkill -P "$pid" 2>/dev/null
+        kill "$pid" 2>/dev/null
+      fi
+    done
+  ) &
+  watchdog=$!
+  pids+=("$watchdog")
+  for pid in "${load_pids[@]}"; do wait "$pid" || failed=1; done
+  load_done=$(now)
+  stop_pid "$watchdog"
+  for pid in "${load_pids[@]}"; do stop_pid "$pid"; done
   return "$failed"
 }
 
@@ -258,9 +269,12 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
     >"$work/end" 2>"$work/wait.err" &
   waiter=$!
   pids+=("$waiter")
-  if wait_load $((SECONDS + cell_timeout)); then
-    accepted=$(now)
+  if wait_load "$cell_timeout"; then
+    accepted=$load_done
     if wait "$waiter"; then end=$(cat "$work/end"); else status=timeout; fi
+  elif python3 -c "import sys; sys.exit($load_done - $start < $cell_timeout)"; then
+    status=timeout
+    echo "  the senders did not finish within $cell_timeout s" >&2
   else
     status=failed
     sed -n 1,3p "$work/source.err" >&2
