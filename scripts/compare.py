@@ -13,6 +13,7 @@ matplotlib for the plot).
     compare.py record FILE KEY=VALUE...    appends one run as a JSON line
     compare.py report FILE OUTDIR [--plot] the table (Markdown, to stdout),
         OUTDIR/compare.json and compare.csv, and OUTDIR/compare.png
+    compare.py plot JSON PNG               the plot again, from compare.json
 """
 
 import csv
@@ -259,12 +260,12 @@ def plot(rows, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     sizes = sorted({d["size"] for d in rows})
     pers = sorted({d["per_connection"] for d in rows})
     fig, axes = plt.subplots(len(sizes), len(pers), figsize=(5.5 * len(pers), 4 * len(sizes)),
-                             squeeze=False, sharex=True)
+                             squeeze=False)
     systems = [s for s in LABELS if any(d["system"] == s for d in rows)]
     for i, size in enumerate(sizes):
         for j, per in enumerate(pers):
@@ -281,6 +282,7 @@ def plot(rows, path):
             ax.set_xticks(xs)
             ax.set_xticklabels([str(x) for x in xs])
             ax.xaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}".replace(",", " ")))
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{size_label(size)} messages, {per} per connection")
@@ -347,6 +349,8 @@ def main():
         record(args)
     elif cmd == "report":
         report(args)
+    elif cmd == "plot":
+        plot(json.load(open(args[0]))["runs"], args[1])
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -209,7 +209,7 @@ wait_load() { # SECONDS
         kill "$pid" 2>/dev/null
       fi
     done
-  ) &
+  ) 2>/dev/null &
   watchdog=$!
   pids+=("$watchdog")
   for pid in "${load_pids[@]}"; do wait "$pid" || failed=1; done
