@@ -19,7 +19,7 @@
 # from a fresh start (sink, relay, queue, Redis): message size 2 KB and
 # 100 KB, 20 and 200 parallel sessions, one message per connection (a new
 # connection each) and 20 per connection (`smtp-source -d -m 20`, run again
-# for each connection of a session). The default takes about ten minutes on
+# for each connection of a session). The default takes about six minutes on
 # 2 cores; QUICK=1 runs a small matrix (2 KB, 20 sessions, 1000 messages).
 #
 # Per run: messages/s from the first message sent to the last one received
