@@ -37,48 +37,19 @@ sessions=${3:-20}
 size=${4:-2048}
 case "$mode" in accept|relay) ;; *) echo "usage: $0 accept|relay [MESSAGES] [SESSIONS] [SIZE]" >&2; exit 2 ;; esac
 
-if [ ! -x /usr/sbin/smtp-source ]; then
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
-fi
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
-
-# SMARTHOST_BIN runs another build (say, of an older commit) instead.
-bin="${SMARTHOST_BIN:-./target/release/smarthost}"
-[ -n "${SMARTHOST_BIN:-}" ] || cargo build --release --bin smarthost --quiet
+. scripts/bench-lib.sh
+need_postfix_tools
+bin=$(smarthost_binary)
 work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
-port=$(free_port)
-admin_port=$(free_port)
 # Nothing leaves this machine: DNS goes to a loopback port where nothing
 # answers; relay mode names its smart host.
-delivery="[delivery]
-dns_servers = [\"127.0.0.1:$(free_port)\"]
-log_file = \"$work/delivery.log\""
+delivery=""
 if [ "$mode" = relay ]; then
   sink_port=$(free_port)
-  /usr/sbin/smtp-sink -u nobody -c "127.0.0.1:$sink_port" 1000 >/dev/null &
-  pids+=($!)
-  wait_port "$sink_port"
-  delivery="$delivery
-smart_host = \"[127.0.0.1]:$sink_port\""
+  start_sink "$sink_port" /dev/null
+  delivery="smart_host = \"[127.0.0.1]:$sink_port\""
 fi
 webhook=""
 if [ -n "${WEBHOOK:-}" ]; then
@@ -94,16 +65,6 @@ secret = \"bench-webhook-secret-0123456789\""
 fi
 backend=${BACKEND:-local}
 queue="path = \"$work/spool\""
-redis_ports=()
-start_redis() { # PORT [EXTRA ARGS]: a redis-server with an fsync per write
-  local dir="$work/redis-$1"
-  mkdir -p "$dir"
-  redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly yes \
-    --appendfsync always --dir "$dir" --daemonize no "${@:2}" >"$dir/log" 2>&1 &
-  pids+=($!)
-  redis_ports+=("$1")
-  wait_port "$1"
-}
 case "$backend" in
   local) ;;
   redis)
@@ -134,44 +95,13 @@ redis_cluster = true
 redis_url = \"${urls%,}\"" ;;
   *) echo "BACKEND is local, redis or redis-cluster" >&2; exit 2 ;;
 esac
-redis_calls() { # every command on every server, the INFO calls themselves left out
-  for p in "${redis_ports[@]}"; do redis-cli -p "$p" info commandstats; done |
-    awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sum += $3 } END { print sum + 0 }'
-}
 nodes=${NODES:-1}
 if [ "$nodes" -gt 1 ] && [ "$backend" = local ]; then
   echo "NODES=$nodes needs BACKEND=redis (nodes share the queue in Redis)" >&2
   exit 2
 fi
-ports=()
-for n in $(seq "$nodes"); do
-  node_port=$port
-  node_admin=$admin_port
-  if [ "$n" -gt 1 ]; then node_port=$(free_port); node_admin=$(free_port); fi
-  ports+=("$node_port")
-  cat >"$work/node$n.toml" <<TOML
-[node]
-id = "node-$n"
-hostname = "bench.test"
-[smtp]
-listen = ["127.0.0.1:$node_port"]
-max_connections = 1000
-max_connections_per_ip = 1000
-[queue]
-$queue
-[admin]
-listen = "127.0.0.1:$node_admin"
-[log]
-level = "warn"
-${delivery/delivery.log/delivery-$n.log}
-$webhook
-TOML
-  "$bin" run --config "$work/node$n.toml" >"$work/node$n.log" 2>&1 &
-  pids+=($!)
-done
-for n in $(seq "$nodes"); do
-  wait_port "${ports[$((n - 1))]}" || { cat "$work/node$n.log" >&2; exit 1; }
-done
+start_nodes "$bin" "$nodes" "$queue" "$delivery" "$webhook"
+ports=("${node_ports[@]}")
 if [ "$mode" = accept ]; then
   "$bin" queue suspend example.org --config "$work/node1.toml" >/dev/null
 fi

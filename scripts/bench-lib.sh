@@ -1,0 +1,167 @@
+# shellcheck shell=bash
+# Shell functions the benchmark scripts share (scripts/bench.sh,
+# scripts/compare.sh); source it from the repository root.
+#
+# The caller sets `work` to a temporary directory of its own. Every process
+# started here is kept in the array `pids`; stop_pid ends one of them,
+# bench_cleanup (for the caller's EXIT trap) ends the rest and removes
+# `work`. Ports are free loopback ports; nothing listens beyond 127.0.0.1.
+
+pids=()
+redis_ports=()
+node_ports=()
+node_admins=()
+node_pids=()
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # PORT: until something accepts on it, at most 10 s
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+# Ends one process this script started (and the children of a subshell),
+# politely first, and forgets its id so that a recycled id is never hit.
+stop_pid() { # PID
+  local pid=$1 kept=() p
+  if kill -0 "$pid" 2>/dev/null; then
+    pkill -TERM -P "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  for p in "${pids[@]}"; do [ "$p" = "$pid" ] || kept+=("$p"); done
+  pids=("${kept[@]}")
+}
+
+bench_cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do
+    pkill -KILL -P "$pid" 2>/dev/null || true
+    kill "$pid" 2>/dev/null || true
+  done
+  pids=()
+  if [ -n "${work:-}" ]; then rm -rf "$work"; fi
+}
+
+# Installs the named Debian packages. The packages may ship services
+# (postfix does); none is started during the install (policy-rc.d answers
+# 101, "action forbidden"), and a policy-rc.d already there is put back.
+install_debian() { # PACKAGE...
+  local sudo="" policy=/usr/sbin/policy-rc.d saved="" status=0 apt_log
+  apt_log=$(mktemp)
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing $* (Debian packages)" >&2
+  if [ -e "$policy" ]; then
+    saved=$(mktemp)
+    $sudo cp -p "$policy" "$saved"
+  fi
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+  $sudo chmod 755 "$policy"
+  { $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+      -o DPkg::Lock::Timeout=300 "$@"; } >"$apt_log" 2>&1 || status=$?
+  [ "$status" -eq 0 ] || cat "$apt_log" >&2
+  rm -f "$apt_log"
+  if [ -n "$saved" ]; then $sudo mv "$saved" "$policy"; else $sudo rm -f "$policy"; fi
+  return "$status"
+}
+
+# smtp-source and smtp-sink come with Postfix; installed when missing, with
+# no configuration and its service kept from starting.
+need_postfix_tools() {
+  [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/smtp-sink ] && return 0
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  install_debian postfix
+}
+
+# The binary under test: SMARTHOST_BIN runs another build (say, of an older
+# commit); otherwise the release build is made (or brought up to date).
+smarthost_binary() {
+  if [ -n "${SMARTHOST_BIN:-}" ]; then
+    echo "$SMARTHOST_BIN"
+    return
+  fi
+  cargo build --release --bin smarthost --quiet >&2
+  echo "${CARGO_TARGET_DIR:-target}/release/smarthost"
+}
+
+start_sink() { # PORT OUTPUT: Postfix's smtp-sink, counters (-c) to OUTPUT; sets sink_pid
+  /usr/sbin/smtp-sink -u nobody -c -m 1000 "127.0.0.1:$1" 1000 >"$2" 2>&1 &
+  pids+=($!)
+  # shellcheck disable=SC2034 # the caller's to stop
+  sink_pid=$!
+  wait_port "$1"
+}
+
+start_redis() { # PORT [EXTRA ARGS]: a redis-server with an fsync per write; sets redis_pid
+  local dir="$work/redis-$1"
+  mkdir -p "$dir"
+  redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly yes \
+    --appendfsync always --dir "$dir" --daemonize no "${@:2}" >"$dir/log" 2>&1 &
+  pids+=($!)
+  # shellcheck disable=SC2034 # the caller's to measure and stop
+  redis_pid=$!
+  redis_ports+=("$1")
+  wait_port "$1"
+}
+
+redis_calls() { # every command on every server started here, the INFO calls left out
+  local p
+  for p in "${redis_ports[@]}"; do redis-cli -p "$p" info commandstats; done |
+    awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sum += $3 } END { print sum + 0 }'
+}
+
+# Starts COUNT nodes of BINARY, each with its own SMTP and admin port, on
+# the queue QUEUE (the body of [queue]); DELIVERY is added to [delivery]
+# (say, a smart_host) and EXTRA after it (whole tables). Node n writes its
+# delivery log to $work/delivery-n.log. DNS goes to a loopback port where
+# nothing answers, so nothing leaves this machine. Sets node_ports,
+# node_admins and node_pids.
+start_nodes() { # BINARY COUNT QUEUE DELIVERY [EXTRA]
+  local bin=$1 count=$2 queue=$3 delivery=$4 extra=${5:-} n dns
+  dns=$(free_port)
+  node_ports=()
+  node_admins=()
+  node_pids=()
+  for n in $(seq "$count"); do
+    node_ports+=("$(free_port)")
+    node_admins+=("$(free_port)")
+    cat >"$work/node$n.toml" <<TOML
+[node]
+id = "node-$n"
+hostname = "bench.test"
+[smtp]
+listen = ["127.0.0.1:${node_ports[$((n - 1))]}"]
+max_connections = 1000
+max_connections_per_ip = 1000
+[queue]
+$queue
+[admin]
+listen = "127.0.0.1:${node_admins[$((n - 1))]}"
+[log]
+level = "warn"
+[delivery]
+dns_servers = ["127.0.0.1:$dns"]
+log_file = "$work/delivery-$n.log"
+$delivery
+$extra
+TOML
+    "$bin" run --config "$work/node$n.toml" >"$work/node$n.log" 2>&1 &
+    pids+=($!)
+    node_pids+=($!)
+  done
+  for n in $(seq "$count"); do
+    wait_port "${node_ports[$((n - 1))]}" || { cat "$work/node$n.log" >&2; return 1; }
+  done
+}

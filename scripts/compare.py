@@ -1,0 +1,361 @@
+"""Measurements and the report of scripts/compare.sh (standard library, and
+matplotlib for the plot).
+
+    compare.py cpu [--children] PID...     CPU seconds (user + system) of the
+        processes; --children adds the children they reaped and those
+        still running (a Postfix master and its daemons)
+    compare.py hwm PID...                  the largest peak RSS (VmHWM), KiB
+    compare.py hist PORT...                the accept-latency histogram of
+        the nodes with these admin ports, summed, as JSON
+    compare.py wait-sink FILE COUNT SECONDS
+        waits until smtp-sink's counters (-c, in FILE) show COUNT messages
+        and prints that moment (Unix time); exits 1 after SECONDS
+    compare.py record FILE KEY=VALUE...    appends one run as a JSON line
+    compare.py report FILE OUTDIR [--plot] the table (Markdown, to stdout),
+        OUTDIR/compare.json and compare.csv, and OUTDIR/compare.png
+    compare.py plot JSON PNG               the plot again, from compare.json
+"""
+
+import csv
+import json
+import os
+import re
+import sys
+import time
+import urllib.request
+
+HIST = "smarthost_message_accept_seconds"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def stat_fields(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name is in parentheses and may hold spaces.
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def cpu(args):
+    children = "--children" in args
+    pids = [int(a) for a in args if a != "--children"]
+    ticks = 0
+    for pid in pids:
+        try:
+            f = stat_fields(pid)
+        except OSError:
+            continue
+        # After ")": state is [0], utime [11], stime [12], cutime [13], cstime [14].
+        ticks += int(f[11]) + int(f[12])
+        if children:
+            ticks += int(f[13]) + int(f[14])
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    c = stat_fields(entry)
+                except OSError:
+                    continue
+                if int(c[1]) == pid:
+                    ticks += int(c[11]) + int(c[12])
+    print(f"{ticks / TICKS:.2f}")
+
+
+def hwm(args):
+    peak = 0
+    for pid in args:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+        except OSError:
+            pass
+    print(peak)
+
+
+def hist(args):
+    """Cumulative bucket counts by upper bound, summed over the nodes."""
+    buckets = {}
+    pattern = re.compile(HIST + r'_bucket\{le="([^"]+)"\} (\S+)')
+    for port in args:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            page = r.read().decode()
+        for m in pattern.finditer(page):
+            buckets[m.group(1)] = buckets.get(m.group(1), 0) + float(m.group(2))
+    print(json.dumps(buckets))
+
+
+def wait_sink(args):
+    path, want, seconds = args[0], int(args[1]), float(args[2])
+    deadline = time.time() + seconds
+    seen = 0
+    while time.time() < deadline:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 200))
+                found = re.findall(rb"mesg=(\d+)", f.read())
+            if found:
+                seen = int(found[-1])
+        except OSError:
+            pass
+        if seen >= want:
+            print(f"{time.time():.3f}")
+            return 0
+        time.sleep(0.01)
+    print(f"the sink counted {seen} of {want} messages in {seconds:.0f} s", file=sys.stderr)
+    return 1
+
+
+def record(args):
+    row = {}
+    for arg in args[1:]:
+        key, _, value = arg.partition("=")
+        if key.startswith("hist_"):
+            value = json.load(open(value)) if value and os.path.getsize(value) else None
+        row[key] = value
+    with open(args[0], "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def num(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def quantile(before, after, q):
+    """Upper bound of the bucket that holds quantile q of what was observed
+    between the two scrapes: bucket resolution, not an exact figure."""
+    if not after:
+        return None
+    before = before or {}
+    bounds = sorted(after, key=lambda le: float("inf") if le == "+Inf" else float(le))
+    counts = [after[le] - before.get(le, 0) for le in bounds]
+    total = counts[-1] if bounds[-1] == "+Inf" else max(counts, default=0)
+    if total <= 0:
+        return None
+    for le, c in zip(bounds, counts):
+        if c >= q * total:
+            return float("inf") if le == "+Inf" else float(le)
+    return float("inf")
+
+
+def derive(rows):
+    """Rates, ratios and per-message costs from the raw runs."""
+    out = []
+    for r in rows:
+        n = int(r["messages"])
+        start, accepted, end = num(r.get("start")), num(r.get("accepted")), num(r.get("end"))
+        d = {
+            "size": int(r["size"]),
+            "sessions": int(r["sessions"]),
+            "per_connection": int(r["per_connection"]),
+            "system": r["system"],
+            "messages": n,
+            "connections": int(r["connections"]),
+            "status": r["status"],
+            "seconds": round(end - start, 3) if end else None,
+            "messages_per_s": round(n / (end - start), 1) if end else None,
+            "accepted_per_s": round(n / (accepted - start), 1) if accepted else None,
+        }
+        for key, name in (("cpu_relay", "cpu_s_per_1000"), ("cpu_redis", "redis_cpu_s_per_1000")):
+            v = num(r.get(key))
+            d[name] = round(v / n * 1000, 3) if v is not None and r["status"] == "ok" else None
+        rss = num(r.get("rss_kib"))
+        d["peak_rss_mib"] = round(rss / 1024, 1) if rss else None
+        calls = num(r.get("redis_calls"))
+        d["redis_commands_per_message"] = round(calls / n, 1) if calls is not None and r["status"] == "ok" else None
+        d["delivered_logged"] = int(r["delivered_logged"]) if r.get("delivered_logged") else None
+        for q, name in ((0.5, "accept_p50_s"), (0.99, "accept_p99_s")):
+            d[name] = quantile(r.get("hist_before"), r.get("hist_after"), q)
+        out.append(d)
+    by_cell = {}
+    for d in out:
+        by_cell.setdefault((d["size"], d["sessions"], d["per_connection"]), {})[d["system"]] = d
+    for d in out:
+        cell = by_cell[(d["size"], d["sessions"], d["per_connection"])]
+        for ref in ("postfix", "direct"):
+            base = cell.get(ref, {}).get("messages_per_s")
+            d[f"vs_{ref}"] = round(d["messages_per_s"] / base, 2) if d["messages_per_s"] and base else None
+    return out
+
+
+LABELS = {
+    "direct": "direct (source → sink)",
+    "postfix": "Postfix 3.7",
+    "smarthost": "smarthost, local spool",
+    "redis": "smarthost, Redis, 1 node",
+    "redis3": "smarthost, Redis, 3 nodes",
+}
+
+
+def fmt(v, spec="{:.0f}", none="–"):
+    if v is None:
+        return none
+    if v == float("inf"):
+        return "> 120 s"
+    return spec.format(v)
+
+
+def ms(v):
+    if v is None:
+        return "–"
+    if v == float("inf"):
+        return "> 120 s"
+    return f"≤ {v * 1000:g} ms"
+
+
+def size_label(size):
+    return f"{size // 1024} KB" if size >= 1024 else f"{size} B"
+
+
+def table(rows):
+    head = ("| size | sessions | msgs/conn | system | msg/s | × Postfix | × direct "
+            "| accepted msg/s | CPU s/1k msgs | Redis CPU s/1k | peak RSS MiB "
+            "| Redis cmds/msg | accept p50 | accept p99 |")
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
+    for d in rows:
+        rate = fmt(d["messages_per_s"], "{:,.0f}").replace(",", " ")
+        if d["status"] != "ok":
+            rate = f"{d['status']}"
+        lines.append(
+            f"| {size_label(d['size'])} | {d['sessions']} | {d['per_connection']} "
+            f"| {LABELS.get(d['system'], d['system'])} | {rate} "
+            f"| {fmt(d['vs_postfix'], '{:.2f}')} | {fmt(d['vs_direct'], '{:.2f}')} "
+            f"| {fmt(d['accepted_per_s'], '{:,.0f}').replace(',', ' ')} "
+            f"| {fmt(d['cpu_s_per_1000'], '{:.2f}')} | {fmt(d['redis_cpu_s_per_1000'], '{:.2f}')} "
+            f"| {fmt(d['peak_rss_mib'], '{:.0f}')} | {fmt(d['redis_commands_per_message'], '{:.1f}')} "
+            f"| {ms(d['accept_p50_s'])} | {ms(d['accept_p99_s'])} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows):
+    """One line per cell: each system's messages/s end to end."""
+    systems = [s for s in LABELS if any(d["system"] == s for d in rows)]
+    cells = []
+    for d in rows:
+        cell = (d["size"], d["sessions"], d["per_connection"])
+        if cell not in cells:
+            cells.append(cell)
+    head = "| size | sessions | msgs/conn | " + " | ".join(LABELS[s] for s in systems) + " |"
+    lines = [head, "|" + " --- |" * (3 + len(systems))]
+    for cell in cells:
+        rates = []
+        for system in systems:
+            d = next((d for d in rows if (d["size"], d["sessions"], d["per_connection"]) == cell
+                      and d["system"] == system), None)
+            if d is None:
+                rates.append("")
+            elif d["status"] != "ok":
+                rates.append(d["status"])
+            else:
+                rates.append(fmt(d["messages_per_s"], "{:,.0f}").replace(",", " "))
+        lines.append(f"| {size_label(cell[0])} | {cell[1]} | {cell[2]} | " + " | ".join(rates) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    sizes = sorted({d["size"] for d in rows})
+    pers = sorted({d["per_connection"] for d in rows})
+    fig, axes = plt.subplots(len(sizes), len(pers), figsize=(5.5 * len(pers), 4 * len(sizes)),
+                             squeeze=False)
+    systems = [s for s in LABELS if any(d["system"] == s for d in rows)]
+    for i, size in enumerate(sizes):
+        for j, per in enumerate(pers):
+            ax = axes[i][j]
+            for system in systems:
+                pts = sorted((d["sessions"], d["messages_per_s"]) for d in rows
+                             if d["system"] == system and d["size"] == size
+                             and d["per_connection"] == per and d["messages_per_s"])
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[system])
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            xs = sorted({d["sessions"] for d in rows})
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}".replace(",", " ")))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"{size_label(size)} messages, {per} per connection")
+            ax.set_xlabel("parallel sessions")
+            ax.set_ylabel("messages/s, end to end")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("Loopback relay to smtp-sink, one run on one machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def report(args):
+    path, outdir = args[0], args[1]
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    meta = {}
+    if os.path.exists(path + ".meta"):
+        meta = json.load(open(path + ".meta"))
+    derived = derive(rows)
+    print("Messages/s end to end:")
+    print()
+    print(summary(derived))
+    print()
+    print(table(derived))
+    print()
+    print("msg/s: first message sent to the last one received by smtp-sink. "
+          "CPU: user + system seconds of the relay's processes (all of Postfix's; "
+          "the smarthost nodes) and of redis-server, per 1 000 messages. Peak RSS: "
+          "VmHWM of the largest smarthost node. accept p50/p99: smarthost's "
+          f"{HIST} histogram over the run, as the upper bound of its bucket.")
+    os.makedirs(outdir, exist_ok=True)
+    # A latency past the last bucket has no number: null in the files.
+    finite = [{k: (None if v == float("inf") else v) for k, v in d.items()} for d in derived]
+    with open(os.path.join(outdir, "compare.json"), "w") as f:
+        json.dump({"machine": meta, "runs": finite}, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(outdir, "compare.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(finite[0].keys()) if finite else [])
+        w.writeheader()
+        for d in finite:
+            w.writerow(d)
+    written = ["compare.json", "compare.csv"]
+    if "--plot" in args:
+        plot(derived, os.path.join(outdir, "compare.png"))
+        written.append("compare.png")
+    print(f"\nwritten to {outdir}: {', '.join(written)}", file=sys.stderr)
+
+
+def main():
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "cpu":
+        cpu(args)
+    elif cmd == "hwm":
+        hwm(args)
+    elif cmd == "hist":
+        hist(args)
+    elif cmd == "wait-sink":
+        return wait_sink(args)
+    elif cmd == "record":
+        record(args)
+    elif cmd == "report":
+        report(args)
+    elif cmd == "plot":
+        plot(json.load(open(args[0]))["runs"], args[1])
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
