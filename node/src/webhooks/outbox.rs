@@ -66,9 +66,10 @@ pub trait Outbox: Send + Sync {
     /// Removes entries that were posted (or dropped).
     async fn done(&self, names: &[String]) -> Result<(), String>;
 
-    /// Puts back an entry whose post failed, due at `due_ms`, with its
-    /// count of failures; nothing if it was removed meanwhile.
-    async fn retry(&self, entry: &Entry, due_ms: u64) -> Result<(), String>;
+    /// Puts back entries whose post failed, due at `due_ms`, with their
+    /// counts of failures, in one step; an entry removed meanwhile stays
+    /// removed.
+    async fn retry(&self, entries: &[Entry], due_ms: u64) -> Result<(), String>;
 
     /// How many entries wait.
     async fn count(&self) -> Result<u64, String>;
@@ -282,10 +283,12 @@ impl Outbox for LocalOutbox {
             .map_err(|e| format!("webhook outbox: {e}"))
     }
 
-    async fn retry(&self, entry: &Entry, due_ms: u64) -> Result<(), String> {
+    async fn retry(&self, entries: &[Entry], due_ms: u64) -> Result<(), String> {
         let mut state = self.state();
-        if state.entries.contains_key(&entry.name()) {
-            state.insert(entry.clone(), due_ms);
+        for entry in entries {
+            if state.entries.contains_key(&entry.name()) {
+                state.insert(entry.clone(), due_ms);
+            }
         }
         Ok(())
     }
@@ -398,16 +401,19 @@ impl Outbox for RedisOutbox {
         self.bounded(pipe.query_async::<()>(&mut conn)).await
     }
 
-    async fn retry(&self, entry: &Entry, due_ms: u64) -> Result<(), String> {
-        let json = serde_json::to_string(entry).map_err(|e| e.to_string())?;
-        let mut conn = self.conn.clone();
-        let mut invocation = RETRY.key(DUE_KEY);
-        invocation
-            .key(ENTRIES_KEY)
-            .arg(entry.name())
-            .arg(due_ms)
-            .arg(json);
-        self.bounded(invocation.invoke_async::<()>(&mut conn)).await
+    async fn retry(&self, entries: &[Entry], due_ms: u64) -> Result<(), String> {
+        for batch in entries.chunks(ADD_BATCH) {
+            let mut invocation = RETRY.key(DUE_KEY);
+            invocation.key(ENTRIES_KEY).arg(due_ms);
+            for entry in batch {
+                let json = serde_json::to_string(entry).map_err(|e| e.to_string())?;
+                invocation.arg(entry.name()).arg(json);
+            }
+            let mut conn = self.conn.clone();
+            self.bounded(invocation.invoke_async::<()>(&mut conn))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn count(&self) -> Result<u64, String> {
@@ -488,7 +494,10 @@ mod tests {
         let mut failed = again[0].clone();
         failed.failures = 3;
         let due = after_lease + 60_000;
-        outbox.retry(&failed, due).await.unwrap();
+        outbox
+            .retry(std::slice::from_ref(&failed), due)
+            .await
+            .unwrap();
         let mut done: Vec<String> = again[1..].iter().map(Entry::name).collect();
         outbox.done(&done).await.unwrap();
         assert_eq!(outbox.count().await, Ok(1));
@@ -504,7 +513,10 @@ mod tests {
         // A retry of an entry done meanwhile does not bring it back.
         done = vec![failed.name()];
         outbox.done(&done).await.unwrap();
-        outbox.retry(&failed, due).await.unwrap();
+        outbox
+            .retry(std::slice::from_ref(&failed), due)
+            .await
+            .unwrap();
         assert_eq!(outbox.count().await, Ok(0));
         assert!(outbox
             .take(u64::MAX / 2, 10, lease)
@@ -539,7 +551,7 @@ mod tests {
             // Leased and failed entries are due at once after a restart.
             let left = outbox.take(now, 10, Duration::from_secs(60)).await.unwrap();
             assert_eq!(left.len(), 10);
-            outbox.retry(&left[0], now + 3_600_000).await.unwrap();
+            outbox.retry(&left[..1], now + 3_600_000).await.unwrap();
         }
         let lines = std::fs::read_to_string(&path).unwrap().lines().count();
         assert!(lines < 3000, "rewritten when mostly done: {lines} lines");

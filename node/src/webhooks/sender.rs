@@ -120,6 +120,7 @@ async fn one_pass(webhooks: &Webhooks, http: &awc::Client) -> Result<usize, Stri
     let max_age = config.max_age.as_millis() as u64;
     let mut by_endpoint: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     let mut dropped = Vec::new();
+    let mut unknown = Vec::new();
     for entry in taken {
         if now.saturating_sub(entry.created_ms) > max_age {
             tracing::warn!(endpoint = %entry.endpoint, event = %entry.event.id,
@@ -134,11 +135,12 @@ async fn one_pass(webhooks: &Webhooks, http: &awc::Client) -> Result<usize, Stri
         } else {
             // Another node may know the endpoint (a configuration being
             // rolled out): left for it, or for max_age.
-            let due = now + config.max_retry_interval.as_millis() as u64;
-            outbox.retry(&entry, due).await?;
+            unknown.push(entry);
         }
     }
     outbox.done(&dropped).await?;
+    let later = now + config.max_retry_interval.as_millis() as u64;
+    outbox.retry(&unknown, later).await?;
     let batches: Vec<(&WebhookEndpoint, Vec<Entry>)> = by_endpoint
         .into_iter()
         .flat_map(|(name, entries)| {
@@ -186,11 +188,11 @@ async fn settle(
             tracing::warn!(endpoint = %endpoint.name, events = entries.len(), %error,
                 retry_in = ?wait, "webhook post failed");
             let due = crate::now_ms() + wait.as_millis() as u64;
-            for mut entry in entries {
-                entry.failures = failures;
-                outbox.retry(&entry, due).await?;
-            }
-            Ok(())
+            let entries: Vec<Entry> = entries
+                .into_iter()
+                .map(|entry| Entry { failures, ..entry })
+                .collect();
+            outbox.retry(&entries, due).await
         }
     }
 }
