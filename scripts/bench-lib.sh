@@ -126,7 +126,8 @@ redis_calls() { # every command on every server started here, the INFO calls lef
 # the queue QUEUE (the body of [queue]); DELIVERY is added to [delivery]
 # (say, a smart_host) and EXTRA after it (whole tables). Node n writes its
 # delivery log to $work/delivery-n.log. DNS goes to a loopback port where
-# nothing answers, so nothing leaves this machine. Sets node_ports,
+# nothing answers, so nothing leaves this machine. CPUS (a taskset CPU
+# list, e.g. 0 or 0,1) pins the nodes to those cores. Sets node_ports,
 # node_admins and node_pids.
 start_nodes() { # BINARY COUNT QUEUE DELIVERY [EXTRA]
   local bin=$1 count=$2 queue=$3 delivery=$4 extra=${5:-} n dns
@@ -157,7 +158,9 @@ log_file = "$work/delivery-$n.log"
 $delivery
 $extra
 TOML
-    "$bin" run --config "$work/node$n.toml" >"$work/node$n.log" 2>&1 &
+    local pin=()
+    [ -n "${CPUS:-}" ] && pin=(taskset -c "$CPUS")
+    "${pin[@]}" "$bin" run --config "$work/node$n.toml" >"$work/node$n.log" 2>&1 &
     pids+=($!)
     node_pids+=($!)
   done

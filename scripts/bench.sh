@@ -24,6 +24,9 @@
 # three primaries (no replicas) on free ports, each with the same fsync
 # settings; the commands are counted on all three.
 #
+# CPUS=0 (a taskset CPU list) pins the nodes to those cores, to measure
+# how the throughput grows with cores; the load tools are not pinned.
+#
 # WEBHOOK=1 adds a delivery webhook for all mail, posted to a local HTTP
 # endpoint (tests/peers/webhook_receiver.py): every message makes an
 # `accepted` and, in relay mode, a `delivered` event, written to the outbox
@@ -107,6 +110,7 @@ if [ "$mode" = accept ]; then
 fi
 
 [ "$backend" != local ] && calls_before=$(redis_calls)
+cpu_before=$(python3 scripts/compare.py cpu "${node_pids[@]}")
 start=$(date +%s.%N)
 sources=()
 for node_port in "${ports[@]}"; do
@@ -140,10 +144,12 @@ if [ -n "$webhook" ] && [ "$mode" = relay ]; then
 fi
 calls=""
 [ "$backend" != local ] && calls=$(( $(redis_calls) - calls_before ))
-python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" "$hooked" <<'PY'
+cpu=$(python3 -c "print($(python3 scripts/compare.py cpu "${node_pids[@]}") - $cpu_before)")
+python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" "$hooked" "$cpu" <<'PY'
 import sys
 nodes = int(sys.argv[10])
 hooked = sys.argv[11]
+cpu = float(sys.argv[12])
 mode, start, accepted, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 n, s, size, backend, calls = int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
 print(f"{mode} ({backend} backend, {nodes} node{'s' if nodes > 1 else ''}): {n} messages of {size} bytes, {s} parallel sessions")
@@ -152,6 +158,7 @@ if calls:
 print(f"  accepted in {accepted - start:.2f} s: {n / (accepted - start):.0f} messages/s")
 if mode == "relay":
     print(f"  delivered in {end - start:.2f} s: {n / (end - start):.0f} messages/s end to end")
+print(f"  smarthost CPU: {cpu:.2f} s, {cpu / n * 1000:.3f} s per 1,000 messages")
 if hooked:
     print(f"  webhook: all {2 * n} events (accepted, delivered) at the endpoint {hooked} s after the last delivery")
 PY

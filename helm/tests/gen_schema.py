@@ -35,7 +35,7 @@ def nullable(s):
 
 config = obj({
     "node": obj({"id": NESTR, "hostname": {"type": "string", "pattern": r"^\S+$"},
-                 "shutdown_grace": DUR}),
+                 "shutdown_grace": DUR, "threads": NONNEG}),
     "smtp": obj({
         "max_connections": POS, "max_connections_per_ip": POS, "connection_timeout": DUR,
         "anonymous_connection_share": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},

@@ -45,6 +45,8 @@ pub struct NodeConfig {
     /// How long open SMTP sessions may take to finish after SIGTERM.
     #[serde(with = "human::duration")]
     pub shutdown_grace: Duration,
+    /// Threads for SMTP sessions and outbound deliveries; 0: one per core.
+    pub threads: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -526,6 +528,7 @@ impl Default for NodeConfig {
             id: host_name(),
             hostname: host_name(),
             shutdown_grace: Duration::from_secs(30),
+            threads: 0,
         }
     }
 }

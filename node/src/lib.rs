@@ -27,6 +27,7 @@
 //!   (the suppression list, the answered idempotency keys).
 //! - [`listener`]: the Listener actor: accepts connections under the limits,
 //!   backs off when `accept()` fails.
+//! - [`workers`]: the threads that run sessions and outbound deliveries.
 //! - [`admission`]: which connections are admitted, refused or evicted (pure).
 //! - [`deadlines`]: the idle, command and DATA deadlines of a session (pure).
 //! - [`fd_limit`]: the open-file limit raised and checked at start-up.
@@ -81,6 +82,7 @@ pub mod telemetry;
 pub mod throttle;
 pub mod tls;
 pub mod webhooks;
+pub mod workers;
 
 /// Wall-clock milliseconds since the Unix epoch, as records, leases and
 /// timers keep time (0 for a clock set before 1970).

@@ -2,7 +2,8 @@
 //! admits them under the node's connection policy ([`crate::admission`]) and
 //! runs one session per connection.
 //!
-//! Sessions are plain async tasks (see [`crate::session`]); each holds a
+//! Sessions are plain async tasks (see [`crate::session`]) on the node's
+//! worker threads ([`crate::workers`]); each holds a
 //! [`Slot`] that tells the listener when it ends, when it authenticates and
 //! when it is idle, so the counts stay right however a session finishes and
 //! the longest-idle anonymous session can be evicted to make room.
@@ -28,6 +29,7 @@ use tokio::sync::{oneshot, watch, Notify};
 
 use crate::admission::{Admission, Admitted, Policy, Refusal, RefusalCounts};
 use crate::session::{self, SessionEnv};
+use crate::workers::Workers;
 
 /// How often counted refusals and accept failures are logged, at most.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -217,6 +219,7 @@ pub struct Listener {
     refusals: RefusalCounts,
     epoch: Instant,
     env: Arc<SessionEnv>,
+    workers: Workers,
     shutdown: watch::Sender<bool>,
     drain_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -244,6 +247,7 @@ impl Listener {
         addresses: &[SocketAddr],
         policy: Policy,
         env: Arc<SessionEnv>,
+        workers: Workers,
     ) -> io::Result<Listener> {
         let mut sockets = Vec::with_capacity(addresses.len());
         for address in addresses {
@@ -260,6 +264,7 @@ impl Listener {
             refusals: RefusalCounts::default(),
             epoch: Instant::now(),
             env,
+            workers,
             shutdown: watch::channel(false).0,
             drain_waiters: Vec::new(),
         })
@@ -368,7 +373,9 @@ impl StreamHandler<(TcpStream, SocketAddr)> for Listener {
         };
         let env = self.env.clone();
         let shutdown = self.shutdown.subscribe();
-        actix::spawn(session::run(socket, peer, env, shutdown, slot));
+        self.workers.spawn_connection(socket, peer, move |socket| {
+            session::run(socket, peer, env, shutdown, slot)
+        });
     }
 
     fn finished(&mut self, _ctx: &mut Self::Context) {}

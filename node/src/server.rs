@@ -55,6 +55,7 @@ use crate::spill::SpillConfig;
 use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
 use crate::suppression::{LocalSuppressions, RedisSuppressions, Suppressions};
 use crate::tls;
+use crate::workers::Workers;
 
 /// What a process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,6 +346,8 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         QueueBackend::Local => None,
     };
     let stopping = Arc::new(AtomicBool::new(false));
+    let workers = Workers::start(Workers::count_for(config.node.threads));
+    tracing::info!(threads = workers.threads(), "connection threads started");
     let env_tls = TlsClients::new(&config.delivery)?;
     let env = DeliveryEnv {
         config: config.clone(),
@@ -356,6 +359,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         limits,
         suppressions: shared.suppressions.clone(),
         stopping: stopping.clone(),
+        workers: workers.clone(),
     };
     let dispatcher = Dispatcher::new(Arc::new(env)).start();
     queue.send(Attach(dispatcher.recipient())).await?;
@@ -413,6 +417,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             config.smtp.anonymous_connection_share,
         ),
         sessions,
+        workers.clone(),
     )
     .await?
     .start();
@@ -458,6 +463,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         let _ = coordinator.send(Shutdown).await;
     }
     admin.stop(true).await;
+    workers.stop();
     tracing::info!("stopped");
     Ok(())
 }

@@ -141,15 +141,11 @@ impl DomainThrottle {
             }
             throttle.active += 1;
             throttle.last_busy = Instant::now();
-            Delivery::new(
-                throttle.policy.clone(),
-                jobs,
-                throttle.env.clone(),
-                ctx.address(),
-                permit,
-                lease,
-            )
-            .start();
+            let (policy, env, me) = (throttle.policy.clone(), throttle.env.clone(), ctx.address());
+            throttle
+                .env
+                .workers
+                .start_actor(move |_| Delivery::new(policy, jobs, env, me, permit, lease));
             throttle.fill(ctx);
         }));
     }

@@ -44,6 +44,8 @@ pub struct DeliveryEnv {
     /// Set when the node stops: a connection finishes the message it is
     /// sending and hands back the rest untried.
     pub stopping: Arc<AtomicBool>,
+    /// The threads the connections run on.
+    pub workers: crate::workers::Workers,
 }
 
 pub struct Delivery {

@@ -260,6 +260,9 @@ impl fmt::Display for IoFailure {
     }
 }
 
+/// How much of a body is encoded and written at once.
+const BODY_CHUNK: usize = 64 * 1024;
+
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -325,16 +328,23 @@ impl Connection {
     }
 
     /// Writes the body as DATA lines (`.CRLF` included), all within `limit`.
+    /// The end of data goes out with the last chunk: one write, one
+    /// segment for a small message.
     async fn write_body(&mut self, body: &[u8], limit: Duration) -> Result<(), IoFailure> {
         let deadline = tokio::time::Instant::now() + limit;
         let mut encoder = client::BodyEncoder::new();
-        let mut out = Vec::with_capacity(70 * 1024);
-        for chunk in body.chunks(64 * 1024) {
+        let mut out = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);
+        let mut chunks = body.chunks(BODY_CHUNK).peekable();
+        while let Some(chunk) = chunks.next() {
             out.clear();
             encoder.encode(chunk, &mut out);
-            self.write_by(&out, deadline, limit).await?;
+            if chunks.peek().is_some() {
+                self.write_by(&out, deadline, limit).await?;
+            }
         }
-        out.clear();
+        if body.is_empty() {
+            out.clear();
+        }
         encoder.finish(&mut out);
         self.write_by(&out, deadline, limit).await
     }

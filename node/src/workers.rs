@@ -1,0 +1,196 @@
+//! The threads that carry the node's connections: SMTP sessions and
+//! outbound deliveries, the work that grows with the traffic (socket I/O,
+//! TLS, parsing). The Queue, the throttles and the other actors stay on
+//! the system thread and are reached by messages, so their state never
+//! needs a lock.
+//!
+//! Each worker is an actix [`Arbiter`]: a thread with its own event loop.
+//! The system thread is one of the threads in turn: a connection it keeps
+//! costs no hand-over, and with one thread nothing is handed over at all.
+//! A connection stays on the thread it was given, so its socket is polled
+//! by one reactor; new ones go round the threads in turn, which spreads
+//! many short connections evenly.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix::Arbiter;
+use tokio::net::TcpStream;
+
+/// The worker threads, shared by the listener and the throttles.
+#[derive(Clone)]
+pub struct Workers {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The threads in turn, the caller's first; empty: everything runs
+    /// on the arbiter that asks.
+    arbiters: Vec<ArbiterHandle>,
+    /// The threads, to stop and join when the node stops.
+    threads: std::sync::Mutex<Vec<Arbiter>>,
+    /// The thread that started the workers, first in turn.
+    home: std::thread::ThreadId,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    /// Connections on `count` threads: the arbiter that calls this (the
+    /// system thread) is one of them, and `count - 1` more are started.
+    /// The calling thread's share skips the hand-over between threads,
+    /// and one thread (`count` ≤ 1) runs everything there.
+    pub fn start(count: usize) -> Workers {
+        let threads: Vec<Arbiter> = (1..count).map(|_| Arbiter::new()).collect();
+        let mut arbiters = Vec::new();
+        if !threads.is_empty() {
+            arbiters.push(Arbiter::current());
+            arbiters.extend(threads.iter().map(Arbiter::handle));
+        }
+        Workers {
+            inner: Arc::new(Inner {
+                arbiters,
+                threads: std::sync::Mutex::new(threads),
+                home: std::thread::current().id(),
+                next: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// One thread: connections run where they are started.
+    pub fn inline() -> Workers {
+        Workers::start(1)
+    }
+
+    /// The number of threads for `node.threads`: 0 means one per core.
+    pub fn count_for(configured: usize) -> usize {
+        if configured > 0 {
+            return configured;
+        }
+        std::thread::available_parallelism().map_or(1, usize::from)
+    }
+
+    /// The number of threads that run connections.
+    pub fn threads(&self) -> usize {
+        self.inner.arbiters.len().max(1)
+    }
+
+    /// The next thread in turn: `None` for the calling thread itself.
+    fn next(&self) -> Option<ArbiterHandle> {
+        let arbiters = &self.inner.arbiters;
+        if arbiters.is_empty() {
+            return None;
+        }
+        let turn = self.inner.next.fetch_add(1, Ordering::Relaxed) % arbiters.len();
+        if turn == 0 && std::thread::current().id() == self.inner.home {
+            return None;
+        }
+        Some(arbiters[turn].clone())
+    }
+
+    /// Runs `session` with `socket` on the next thread. A socket handed to
+    /// another thread leaves this thread's reactor and joins that one's,
+    /// so its readiness is polled where it is read.
+    pub fn spawn_connection<F, Fut>(&self, socket: TcpStream, peer: SocketAddr, session: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        let Some(worker) = self.next() else {
+            actix::spawn(session(socket));
+            return;
+        };
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "cannot hand a connection to a worker");
+                return;
+            }
+        };
+        let spawned = worker.spawn_fn(move || match TcpStream::from_std(socket) {
+            Ok(socket) => {
+                actix::spawn(session(socket));
+            }
+            Err(error) => tracing::warn!(%peer, %error, "cannot take a connection on a worker"),
+        });
+        if !spawned {
+            tracing::warn!(%peer, "a worker thread has stopped; connection dropped");
+        }
+    }
+
+    /// Starts the actor that `make` builds on the next thread.
+    pub fn start_actor<A, F>(&self, make: F) -> Addr<A>
+    where
+        A: Actor<Context = Context<A>>,
+        F: FnOnce(&mut Context<A>) -> A + Send + 'static,
+    {
+        match self.next() {
+            Some(worker) => A::start_in_arbiter(&worker, make),
+            None => A::create(make),
+        }
+    }
+
+    /// Stops the worker threads once what runs on them has finished, and
+    /// waits for them.
+    pub fn stop(&self) {
+        let threads =
+            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in &threads {
+            thread.stop();
+        }
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn connections_go_round_the_threads_the_callers_first() {
+        actix::System::new().block_on(async {
+            let workers = Workers::start(2);
+            assert_eq!(workers.threads(), 2);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let mut threads = Vec::new();
+            for _ in 0..4 {
+                let mut client = TcpStream::connect(address).await.unwrap();
+                let (socket, peer) = listener.accept().await.unwrap();
+                workers.spawn_connection(socket, peer, |mut socket| async move {
+                    let name = std::thread::current().id();
+                    let _ = socket.write_all(format!("{name:?}\n").as_bytes()).await;
+                });
+                let mut seen = String::new();
+                client.read_to_string(&mut seen).await.unwrap();
+                threads.push(seen);
+            }
+            let main = format!("{:?}\n", std::thread::current().id());
+            assert_eq!(threads[0], main, "{threads:?}");
+            assert_ne!(threads[1], main);
+            assert_eq!(threads[2], threads[0]);
+            assert_eq!(threads[3], threads[1]);
+            workers.stop();
+        });
+    }
+
+    #[test]
+    fn one_thread_runs_everything_where_it_is_asked() {
+        actix::System::new().block_on(async {
+            let workers = Workers::inline();
+            assert_eq!(workers.threads(), 1);
+            assert!(workers.next().is_none());
+            assert!(workers.next().is_none());
+        });
+    }
+
+    #[test]
+    fn count_zero_means_one_per_core() {
+        assert!(Workers::count_for(0) >= 1);
+        assert_eq!(Workers::count_for(3), 3);
+    }
+}
