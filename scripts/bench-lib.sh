@@ -122,6 +122,12 @@ redis_calls() { # every command on every server started here, the INFO calls lef
     awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sum += $3 } END { print sum + 0 }'
 }
 
+redis_stats() { # NAME CALLS per line, summed over the servers started here
+  local p
+  for p in "${redis_ports[@]}"; do redis-cli -p "$p" info commandstats; done |
+    awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sub("cmdstat_", "", $1); print $1, $3 }'
+}
+
 # Starts COUNT nodes of BINARY, each with its own SMTP and admin port, on
 # the queue QUEUE (the body of [queue]); DELIVERY is added to [delivery]
 # (say, a smart_host) and EXTRA after it (whole tables). Node n writes its

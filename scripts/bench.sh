@@ -24,6 +24,11 @@
 # three primaries (no replicas) on free ports, each with the same fsync
 # settings; the commands are counted on all three.
 #
+# REDIS_MONITOR=1 (Redis backends) also records every command with
+# MONITOR and says how many the nodes sent and how many their scripts ran
+# (INFO commandstats counts both alike). MONITOR slows Redis: count with
+# it, time without it.
+#
 # CPUS=0 (a taskset CPU list) pins the nodes to those cores, to measure
 # how the throughput grows with cores; the load tools are not pinned.
 #
@@ -109,7 +114,16 @@ if [ "$mode" = accept ]; then
   "$bin" queue suspend example.org --config "$work/node1.toml" >/dev/null
 fi
 
-[ "$backend" != local ] && calls_before=$(redis_calls)
+monitors=()
+[ "$backend" != local ] && calls_before=$(redis_calls) && redis_stats >"$work/stats-before"
+if [ -n "${REDIS_MONITOR:-}" ] && [ "$backend" != local ]; then
+  for p in "${redis_ports[@]}"; do
+    redis-cli -p "$p" monitor >"$work/monitor-$p.txt" &
+    pids+=($!)
+    monitors+=($!)
+  done
+fi
+
 cpu_before=$(python3 scripts/compare.py cpu "${node_pids[@]}")
 start=$(date +%s.%N)
 sources=()
@@ -143,7 +157,42 @@ if [ -n "$webhook" ] && [ "$mode" = relay ]; then
   hooked=$(python3 -c "import time; print(f'{time.time() - $end:.2f}')")
 fi
 calls=""
-[ "$backend" != local ] && calls=$(( $(redis_calls) - calls_before ))
+if [ "$backend" != local ]; then
+  calls=$(( $(redis_calls) - calls_before ))
+  redis_stats >"$work/stats-after"
+  if [ -n "${REDIS_MONITOR:-}" ]; then
+    kill "${monitors[@]}" 2>/dev/null || true
+    python3 - "$messages" "$work"/monitor-*.txt <<'PY' >&2
+import collections, re, sys
+n = int(sys.argv[1])
+sent, scripted = collections.Counter(), collections.Counter()
+for path in sys.argv[2:]:
+    for line in open(path, errors="replace"):
+        m = re.match(r'[\d.]+ \[\d+ ([^\]]+)\] "([^"]+)"', line)
+        if not m or m.group(2).lower() in ("info", "monitor"):
+            continue
+        (scripted if m.group(1) == "lua" else sent)[m.group(2).lower()] += 1
+print(f"  Redis commands sent by the nodes: {sum(sent.values()) / n:.2f} per message: " +
+      ", ".join(f"{k} {c / n:.2f}" for k, c in sent.most_common() if c / n >= 0.01))
+print(f"  and run by their scripts: {sum(scripted.values()) / n:.2f} per message")
+PY
+  fi
+  # Per command, per message: what the clients sent (calls from scripts
+  # are counted under their own names too, so they are shown apart).
+  python3 - "$work/stats-before" "$work/stats-after" "$messages" <<'PY' >&2
+import sys
+def load(path):
+    out = {}
+    for line in open(path):
+        name, calls = line.split()
+        out[name] = out.get(name, 0) + int(calls)
+    return out
+before, after, n = load(sys.argv[1]), load(sys.argv[2]), int(sys.argv[3])
+diff = sorted(((after[k] - before.get(k, 0), k) for k in after), reverse=True)
+print("  Redis commands per message, by name: " + ", ".join(
+    f"{k} {c / n:.2f}" for c, k in diff if c > 0))
+PY
+fi
 cpu=$(python3 -c "print($(python3 scripts/compare.py cpu "${node_pids[@]}") - $cpu_before)")
 python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" "$hooked" "$cpu" <<'PY'
 import sys

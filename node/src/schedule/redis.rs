@@ -357,6 +357,8 @@ pub struct RedisSchedule {
     timeout: Duration,
     scripts: Scripts,
     round_trips: AtomicU64,
+    /// Commands sent (a script call is one), for tests and benchmarks.
+    commands: AtomicU64,
     held: Mutex<HashMap<(MessageId, String), Held>>,
     /// Holds the deliveries an expiry sweep of this instance has claimed.
     expiry_holder: String,
@@ -379,6 +381,7 @@ impl RedisSchedule {
             timeout: spool.options().response_timeout,
             scripts: Scripts::new(),
             round_trips: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
             expiry_holder: format!("expiry/{:016x}", rand::random::<u64>()),
             expiry_claim: EXPIRY_CLAIM,
@@ -459,6 +462,18 @@ impl RedisSchedule {
         self.round_trips.load(Ordering::Relaxed)
     }
 
+    /// Commands sent to Redis since `new`: a script call counts one,
+    /// whatever it runs.
+    pub fn commands(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, pipe: &Pipeline) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.commands
+            .fetch_add(pipe.cmd_iter().count() as u64, Ordering::Relaxed);
+    }
+
     async fn load_scripts(&self) -> Result<(), SpoolError> {
         let mut pipe = redis::pipe();
         for code in Scripts::CODE {
@@ -468,7 +483,7 @@ impl RedisSchedule {
     }
 
     async fn once<T: FromRedisValue>(&self, what: &str, pipe: &Pipeline) -> Result<T, SpoolError> {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.count(pipe);
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
             Ok(result) => result.map_err(|e| SpoolError::Unavailable(format!("redis {what}: {e}"))),
@@ -484,7 +499,7 @@ impl RedisSchedule {
     /// script is safe to repeat after `NOSCRIPT`: a script that is not
     /// loaded did not run.
     async fn run(&self, what: &str, pipe: &Pipeline) -> Result<Vec<Value>, SpoolError> {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.count(pipe);
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
         let first =
@@ -866,11 +881,30 @@ impl RedisSchedule {
 
     /// The domain script that files (or drops, `next` = `None`) a delivery.
     fn file_cmd(&self, id: &MessageId, domain: &str, holder: &str, next: Option<u64>) -> Cmd {
+        self.file_and_forget_cmd(id, domain, holder, next, &[])
+    }
+
+    /// [`Self::file_cmd`], and the message leaves the listings `forget`
+    /// (the index, the sender's) in the same call. Only on one server: on
+    /// a Cluster they are in other slots than the domain's.
+    fn file_and_forget_cmd(
+        &self,
+        id: &MessageId,
+        domain: &str,
+        holder: &str,
+        next: Option<u64>,
+        forget: &[&str],
+    ) -> Cmd {
         let k = domain_keys(domain);
-        let mut cmd = evalsha(
-            &self.scripts.file,
-            &[&k.ready, &k.deferred, &k.leases, &k.holders, &k.messages],
-        );
+        let mut keys = vec![
+            k.ready.as_str(),
+            &k.deferred,
+            &k.leases,
+            &k.holders,
+            &k.messages,
+        ];
+        keys.extend_from_slice(forget);
+        let mut cmd = evalsha(&self.scripts.file, &keys);
         cmd.arg(id.as_str())
             .arg(holder)
             .arg(next.map(|n| n.to_string()).unwrap_or_default());
@@ -883,10 +917,22 @@ impl RedisSchedule {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("GET").arg(record_key(id));
+        if self.conn.is_cluster() {
+            // Each record in its own slot.
+            for id in ids {
+                pipe.cmd("GET").arg(record_key(id));
+            }
+        } else {
+            let get = pipe.cmd("MGET");
+            for id in ids {
+                get.arg(record_key(id));
+            }
         }
         let values = self.run("GET records", &pipe).await?;
+        if !self.conn.is_cluster() {
+            let values = values.into_iter().next().unwrap_or(Value::Nil);
+            return parse::<Vec<Option<Vec<u8>>>>("MGET records", values);
+        }
         values
             .into_iter()
             .map(|v| parse::<Option<Vec<u8>>>("GET record", v))
@@ -1073,15 +1119,25 @@ impl RedisSchedule {
         // retry gives the domain its timer (after the script: see "The
         // domain sets" in the module doc).
         let next = completion.as_ref().and_then(|c| c.next_attempt_ms);
-        let mut step = vec![self.file_cmd(id, domain, &holder, next)];
+        let mut forget = Vec::new();
         if gone || completion.as_ref().is_some_and(Completion::message_done) {
-            let mut zrem = redis::cmd("ZREM");
-            zrem.arg(INDEX_KEY).arg(id.as_str());
-            step.push(zrem);
+            forget.push(INDEX_KEY.to_string());
         }
         if let Some(done) = completion.as_ref().filter(|c| c.message_done()) {
-            step.push(sender_zrem(&done.record));
+            forget.push(sender_messages_key(&done.record.envelope.sender_key()));
         }
+        let step = if self.conn.is_cluster() {
+            let mut step = vec![self.file_cmd(id, domain, &holder, next)];
+            for key in &forget {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(key).arg(id.as_str());
+                step.push(zrem);
+            }
+            step
+        } else {
+            let forget: Vec<&str> = forget.iter().map(String::as_str).collect();
+            vec![self.file_and_forget_cmd(id, domain, &holder, next, &forget)]
+        };
         let timer = next.map(|n| (domain.to_string(), n));
         let after = Self::mark_cmds(&[], timer.as_slice());
         let domain_step = self.ordered("complete: domain", vec![step, after]).await;
@@ -1693,10 +1749,19 @@ impl Schedule for RedisSchedule {
             return Ok(Vec::new());
         }
         let ids: Vec<MessageId> = ids.into_iter().map(MessageId).collect();
-        // The records, all in one round trip with the timer.
+        // The records, all in one round trip with the timer: one MGET on
+        // one server, a GET per record (its own slot) on a Cluster.
+        let cluster = self.conn.is_cluster();
         let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("GET").arg(record_key(id));
+        if cluster {
+            for id in &ids {
+                pipe.cmd("GET").arg(record_key(id));
+            }
+        } else {
+            let get = pipe.cmd("MGET");
+            for id in &ids {
+                get.arg(record_key(id));
+            }
         }
         pipe.cmd("ZADD")
             .arg(TIMERS_KEY)
@@ -1704,7 +1769,10 @@ impl Schedule for RedisSchedule {
             .arg(expiry)
             .arg(domain)
             .ignore();
-        let records = self.run("take: records", &pipe).await?;
+        let mut records = self.run("take: records", &pipe).await?;
+        if !cluster {
+            records = parse("take: records", records.pop().unwrap_or(Value::Nil))?;
+        }
         let mut jobs = Vec::with_capacity(ids.len());
         let mut stale = Vec::new();
         for (id, bytes) in ids.into_iter().zip(records) {
@@ -2935,30 +3003,44 @@ mod tests {
         let server = RedisServer::start();
         let (spool, s) = node(&server).await;
         let mut trips = smarthost_testkit::since_last(|| s.round_trips());
+        let mut sent = smarthost_testkit::since_last(|| s.commands());
         let batch: Vec<_> = (0..30).map(|n| message(n * 3, 100)).collect();
         let records = batch.iter().map(|m| m.record.clone()).collect();
         spool.store(batch).await.unwrap();
         s.insert(records, u64::MAX / 2).await.unwrap();
         assert_eq!(trips(), 1, "insert of 30 messages");
+        assert_eq!(
+            sent(),
+            7,
+            "commands of an insert of 30: per batch, not per message"
+        );
         let jobs = s
             .take("example.org", 20, "node-a", Duration::from_secs(60))
             .await
             .unwrap();
         assert_eq!(jobs.len(), 20);
         assert_eq!(trips(), 2, "take of 20: the script, then the records");
+        assert_eq!(
+            sent(),
+            4,
+            "commands of a take of 20: the timer, the script, one MGET of the records, the timer again"
+        );
         let t0 = jobs[0].0.received_ms;
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
         complete(&*s, &jobs[0].0.id, "example.org", &deferred, t0)
             .await
             .unwrap();
         assert_eq!(trips(), 2, "complete: the record, then the domain");
+        assert_eq!(sent(), 3, "commands of a complete that defers");
         let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
         complete(&*s, &jobs[1].0.id, "example.org", &delivered, t0)
             .await
             .unwrap();
         assert_eq!(trips(), 2, "complete with its index entry");
+        assert_eq!(sent(), 2, "commands of a complete that finishes the message: the record script, the domain script that also drops the index and sender entries");
         s.release(&jobs[2].0.id, "example.org").await.unwrap();
         assert_eq!(trips(), 1, "release");
+        assert_eq!(sent(), 2, "commands of a release");
         // Work filed in ready gives no timer; the retry is not due yet.
         s.promote(t0).await.unwrap();
         assert_eq!(trips(), 1, "promote with no domain due: the timers");

@@ -36,6 +36,8 @@
 //! On one Redis server `store` and `remove` are each one `MULTI`/`EXEC`
 //! transaction: no reader sees half of one, and a server that dies in the
 //! middle of one drops the unfinished transaction when it replays its AOF.
+//! A `store` there is the index `ZADD` and one `MSET` of every record and
+//! body of the batch: four commands however many messages it holds.
 //!
 //! On Redis Cluster (`queue.redis_cluster`) the index lives in its own
 //! slot, so no transaction can span a message and its index entry. The
@@ -45,8 +47,9 @@
 //! bounce):
 //!
 //! - `store` adds the index entries of the batch first (one request), then
-//!   writes the message keys: one `MULTI`/`EXEC` per message, in its slot,
-//!   all sent at once;
+//!   writes the message keys: one `MSET` of record and body per message,
+//!   in its slot, atomic by itself (a body staged from disk is placed by
+//!   a script instead), all sent at once;
 //! - `remove` deletes the message keys first (one `DEL` in the message
 //!   slot), then the index entry.
 //!
@@ -548,10 +551,11 @@ fn check_replicas(what: &str, acknowledged: i64, wanted: u32) -> Result<(), Spoo
     )))
 }
 
-/// The writes of a new message's keys (one slot). A body partly on disk
-/// was staged by [`RedisSpool::stage_body`] and is put in place with the
-/// record by one script.
-fn message_writes(m: &NewMessage) -> Vec<Cmd> {
+/// The write of a new message's keys (one slot), one command and atomic
+/// by itself. A body partly on disk was staged by
+/// [`RedisSpool::stage_body`] and is put in place with the record by one
+/// script; any other is one `MSET` of record and body.
+fn message_write(m: &NewMessage) -> Cmd {
     let id = &m.record.id;
     if m.body.rest().is_some() {
         let staged = encode_body_head(m.body.len()).len() as u64 + m.body.len();
@@ -564,13 +568,21 @@ fn message_writes(m: &NewMessage) -> Vec<Cmd> {
             .arg(record_key(id))
             .arg(staged)
             .arg(envelope::encode(&m.record));
-        return vec![place];
+        return place;
     }
-    let mut record = redis::cmd("SET");
-    record.arg(record_key(id)).arg(envelope::encode(&m.record));
-    let mut body = redis::cmd("SET");
-    body.arg(body_key(id)).arg(encode_body(m.body.head()));
-    vec![record, body]
+    let mut set = redis::cmd("MSET");
+    add_message_keys(&mut set, m);
+    set
+}
+
+/// The record and body keys of a message in memory, with their values, as
+/// arguments of an `MSET`.
+fn add_message_keys(set: &mut Cmd, m: &NewMessage) {
+    let id = &m.record.id;
+    set.arg(record_key(id))
+        .arg(envelope::encode(&m.record))
+        .arg(body_key(id))
+        .arg(encode_body(m.body.head()));
 }
 
 fn parse_value<T: FromRedisValue>(value: Value) -> Result<T, String> {
@@ -1137,12 +1149,27 @@ impl RedisSpool {
         // Checked again after the index write, which took up to a timeout:
         // the message writes must still get a whole one.
         self.within_store_window(batch)?;
+        // One command per message (its own slot), atomic by itself; the
+        // transaction only carries a script's error back as a reply.
         let pipes: Vec<Pipeline> = batch
             .iter()
-            .map(|m| self.transaction_pipe(message_writes(m)))
+            .map(|m| {
+                if m.body.rest().is_some() {
+                    return self.transaction_pipe(vec![message_write(m)]);
+                }
+                let mut pipe = redis::pipe();
+                pipe.add_command(message_write(m));
+                self.add_wait(&mut pipe);
+                pipe
+            })
             .collect();
-        for replies in self.query_pipes("store", &pipes).await? {
-            self.transaction_replies("store", replies)?;
+        let replies = self.query_pipes("store", &pipes).await?;
+        for (m, replies) in batch.iter().zip(replies) {
+            if m.body.rest().is_some() {
+                self.transaction_replies("store", replies)?;
+            } else {
+                self.check_wait("store", &replies)?;
+            }
         }
         Ok(())
     }
@@ -1257,10 +1284,21 @@ impl Spool for RedisSpool {
         if self.conn.is_cluster() {
             return self.store_on_cluster(zadd, &batch).await;
         }
-        let mut commands = Vec::with_capacity(1 + 2 * batch.len());
-        commands.push(zadd);
+        // One server: every message in memory in one MSET, whatever its
+        // slot; a spilled body is placed by its own script.
+        let mut commands = vec![zadd];
+        let mut set = redis::cmd("MSET");
+        let mut in_memory = 0;
         for m in &batch {
-            commands.extend(message_writes(m));
+            if m.body.rest().is_some() {
+                commands.push(message_write(m));
+            } else {
+                add_message_keys(&mut set, m);
+                in_memory += 1;
+            }
+        }
+        if in_memory > 0 {
+            commands.push(set);
         }
         self.transaction("store", commands).await?;
         Ok(())
@@ -1640,7 +1678,7 @@ mod tests {
         assert!(ttl > 0 && ttl <= STAGING_TTL_SECS as i64, "{ttl}");
         // Cut short, as if a part had been lost.
         set(&mut conn, &staging_key(&id(1)), &staged[..staged.len() - 1]).await;
-        let place = message_writes(&m);
+        let place = vec![message_write(&m)];
         let error = spool.transaction("store", place).await.unwrap_err();
         assert!(error.to_string().contains("INCOMPLETE"), "{error}");
         let exists: i64 = redis::cmd("EXISTS")
@@ -1743,6 +1781,24 @@ mod tests {
         let batch: Vec<NewMessage> = (0..100).map(|n| message(n, 2048)).collect();
         spool.store(batch).await.unwrap();
         assert_eq!(trips(), 1, "a store of 100 messages");
+        // And few commands: the index, then every record and body at once.
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut raw(&server).await)
+            .await
+            .unwrap();
+        let calls = |name: &str| {
+            stats
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("cmdstat_{name}:calls=")))
+                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        assert_eq!(
+            (calls("zadd"), calls("mset"), calls("set")),
+            (1, 1, 0),
+            "{stats}"
+        );
         assert_eq!(spool.list().await.unwrap().len(), 100);
         assert_eq!(trips(), 2, "list");
         let (page, next) = spool.list_page(None, 40).await.unwrap();

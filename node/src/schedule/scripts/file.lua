@@ -1,10 +1,15 @@
 -- Files a delivery after an attempt or an expiry: drops its lease and puts
 -- it in deferred (or nowhere when it is done, and then out of the domain's
 -- messages).
--- KEYS: ready, deferred, leases, holders, messages
+-- KEYS: ready, deferred, leases, holders, messages, then (one server
+--       only) the listings a finished message leaves whatever the filing
+--       finds: the message index, the sender's messages
 -- ARGV: id, holder ('' = nobody may hold it), next attempt ms ('' = done)
 -- Returns {filed 1/0, 1 if the domain holds no work at all now}.
 -- Complexity: O(log N).
+for i = 6, #KEYS do
+  redis.call('ZREM', KEYS[i], ARGV[1])
+end
 local holder = redis.call('HGET', KEYS[4], ARGV[1])
 if ARGV[2] == '' then
   if holder then return {0, 0} end
