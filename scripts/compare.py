@@ -315,7 +315,10 @@ def report(args):
     print("msg/s: first message sent to the last one received by smtp-sink. "
           "CPU: user + system seconds of the relay's processes (all of Postfix's; "
           "the smarthost nodes) and of redis-server, per 1 000 messages. Peak RSS: "
-          "VmHWM of the largest smarthost node. accept p50/p99: smarthost's "
+          "VmHWM of the largest smarthost node. Redis cmds/msg: every command "
+          "redis-server ran (INFO commandstats), those its Lua scripts ran "
+          "included; what the nodes sent is fewer (bench.sh REDIS_MONITOR=1). "
+          "accept p50/p99: smarthost's "
           f"{HIST} histogram over the run, as the upper bound of its bucket.")
     os.makedirs(outdir, exist_ok=True)
     # A latency past the last bucket has no number: null in the files.

@@ -27,7 +27,8 @@
 # same cell; acceptance alone (until smtp-source is done); CPU seconds per
 # 1 000 messages of the relay (utime + stime from /proc; Postfix's master
 # and all its daemons) and of redis-server; the smarthost nodes' peak RSS
-# (VmHWM); Redis commands per message (INFO commandstats); acceptance
+# (VmHWM); Redis commands per message (INFO commandstats, the commands
+# its scripts run included); acceptance
 # latency p50/p99 from the nodes' smarthost_message_accept_seconds
 # histogram (bucket upper bounds, so bucket resolution).
 #
