@@ -13,7 +13,9 @@
 //! where the payload is a versioned [`envelope::encode`] of a [`JournalEntry`]:
 //! a new message with its body, a new record for a message, or a removal.
 //! A batch of new messages is written with one `write` and made durable with
-//! one `fdatasync` (group commit). New messages written with changes to
+//! one `fdatasync` (group commit), and every write that arrives while one
+//! is made durable goes into the next one together: the Queue's new
+//! messages and its record changes share an fsync when they meet. New messages written with changes to
 //! others (`store_and_apply`: delivery reports with the records they are
 //! about) are preceded by a group entry giving their length, so that a
 //! write torn by a crash is cut off whole, never kept in part. The key is random, made when the spool is
@@ -355,6 +357,31 @@ impl Frames {
         Ok(FRAME_HEADER + payload_len)
     }
 
+    /// Puts `other`'s frames after these, as one write.
+    fn append(&mut self, other: Frames) {
+        let shift = self.len();
+        let buf_shift = self.buf.len();
+        self.buf.extend_from_slice(&other.buf);
+        self.spliced.extend(
+            other
+                .spliced
+                .into_iter()
+                .map(|(at, part)| (at + buf_shift, part)),
+        );
+        self.messages.extend(
+            other
+                .messages
+                .into_iter()
+                .map(|(record, offset, len, body_len)| (record, offset + shift, len, body_len)),
+        );
+        self.changes.extend(
+            other
+                .changes
+                .into_iter()
+                .map(|(change, offset, len)| (change, offset + shift, len)),
+        );
+    }
+
     fn push_change(&mut self, change: Change, key: &Key) -> Result<(), SpoolError> {
         // The shared record stays in the index; the entry encodes a copy.
         let entry = match &change {
@@ -535,6 +562,8 @@ struct State {
     order: BTreeSet<ListCursor>,
     /// The key of the active segment, which every new frame is written with.
     key: Key,
+    /// Durable writes to the journal since open (each one fsync).
+    journal_writes: u64,
 }
 
 fn add_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
@@ -745,6 +774,7 @@ impl State {
             return Err(io_error(format_args!("writing {}", path.display()), err));
         }
         segment.len = at;
+        self.journal_writes += 1;
         Ok(start)
     }
 
@@ -1271,6 +1301,8 @@ fn read_body_at(
 #[derive(Debug)]
 struct Inner {
     state: Mutex<State>,
+    /// Writes waiting for the next journal write (group commit).
+    commits: Mutex<Commits>,
     /// The active segment's key (it never changes while the spool is
     /// open), so frames can be built before the state is locked.
     key: Key,
@@ -1284,6 +1316,114 @@ impl Inner {
             .lock()
             .map_err(|_| SpoolError::Unavailable("spool state poisoned by an earlier panic".into()))
     }
+
+    fn commits(&self) -> MutexGuard<'_, Commits> {
+        self.commits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a write; `true` when the caller is to run [`Inner::commit`]
+    /// (no commit is running, so none would take it).
+    fn enqueue(&self, write: PendingWrite) -> bool {
+        let mut commits = self.commits();
+        commits.pending.push(write);
+        !std::mem::replace(&mut commits.running, true)
+    }
+
+    /// Writes what is queued, as one journal write and one fsync, and
+    /// again while more arrived meanwhile.
+    fn commit(&self) {
+        /// A commit that panics lets the next write start another, rather
+        /// than leave every later write waiting for it.
+        struct Running<'a>(&'a Inner);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.commits().running = false;
+                }
+            }
+        }
+        let _running = Running(self);
+        loop {
+            let writes = {
+                let mut commits = self.commits();
+                if commits.pending.is_empty() {
+                    commits.running = false;
+                    return;
+                }
+                std::mem::take(&mut commits.pending)
+            };
+            self.write_together(writes);
+        }
+    }
+
+    /// One journal write for `writes`; each hears its own part of the
+    /// result. A change to an unknown message fails alone; a failed
+    /// write fails them all.
+    fn write_together(&self, writes: Vec<PendingWrite>) {
+        // New messages are encoded before the state is locked, so that
+        // encoding overlaps the write before.
+        let mut frames = Frames::default();
+        let mut parts = Vec::with_capacity(writes.len());
+        for write in writes {
+            let mut own = Frames::default();
+            let encoded = write
+                .batch
+                .into_iter()
+                .try_for_each(|message| own.push_message(message, &self.key));
+            match encoded {
+                Ok(()) => {
+                    let messages = own.messages.len();
+                    frames.append(own);
+                    parts.push((messages, write.changes, Vec::new(), write.reply));
+                }
+                Err(error) => {
+                    let _ = write.reply.send(Err(error));
+                }
+            }
+        }
+        let stored = self.state().and_then(|mut state| {
+            for (_, changes, failed, _) in &mut parts {
+                for change in std::mem::take(changes) {
+                    let id = change.id().clone();
+                    if !state.messages.contains_key(&id) {
+                        failed.push((id.clone(), SpoolError::NotFound(id)));
+                        continue;
+                    }
+                    frames.push_change(change, &self.key)?;
+                }
+            }
+            state.write(frames)
+        });
+        match stored {
+            Ok(stored) => {
+                let mut stored = stored.into_iter();
+                for (messages, _, failed, reply) in parts {
+                    let _ = reply.send(Ok((stored.by_ref().take(messages).collect(), failed)));
+                }
+            }
+            Err(error) => {
+                for (_, _, _, reply) in parts {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The writes waiting for the journal, and whether a commit runs.
+#[derive(Default)]
+struct Commits {
+    pending: Vec<PendingWrite>,
+    running: bool,
+}
+
+type WriteResult = Result<(Vec<Arc<MessageRecord>>, Vec<(MessageId, SpoolError)>), SpoolError>;
+
+/// New messages and changes to write, and who waits for them.
+struct PendingWrite {
+    batch: Vec<NewMessage>,
+    changes: Vec<Change>,
+    reply: tokio::sync::oneshot::Sender<WriteResult>,
 }
 
 /// The embedded spool: see the module documentation.
@@ -1373,6 +1513,7 @@ impl LocalSpool {
             messages: HashMap::new(),
             order: BTreeSet::new(),
             key,
+            journal_writes: 0,
         };
         for ((&n, file), header) in numbers.iter().zip(files).zip(headers) {
             let segment_path = state.path(n);
@@ -1427,6 +1568,7 @@ impl LocalSpool {
         Ok(LocalSpool {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
+                commits: Mutex::new(Commits::default()),
                 key,
                 _lock: lock,
             }),
@@ -1449,32 +1591,29 @@ impl LocalSpool {
     /// change to an unknown message fails alone (it is listed); a failed
     /// write fails everything (`Err`). Answers with the stored records
     /// and the failed changes.
-    async fn write(
-        &self,
-        batch: Vec<NewMessage>,
-        changes: Vec<Change>,
-    ) -> Result<(Vec<Arc<MessageRecord>>, Vec<(MessageId, SpoolError)>), SpoolError> {
-        self.blocking(move |inner| {
-            // New messages are encoded before the state is locked, so that
-            // concurrent stores overlap.
-            let mut frames = Frames::default();
-            for message in batch {
-                frames.push_message(message, &inner.key)?;
-            }
-            let mut state = inner.state()?;
-            let mut failed = Vec::new();
-            for change in changes {
-                let id = change.id().clone();
-                if !state.messages.contains_key(&id) {
-                    failed.push((id.clone(), SpoolError::NotFound(id)));
-                    continue;
-                }
-                frames.push_change(change, &inner.key)?;
-            }
-            let stored = state.write(frames)?;
-            Ok((stored, failed))
-        })
-        .await
+    ///
+    /// Writes that arrive while one is being made durable go together
+    /// into the next: the Queue's batch of new messages and its batch of
+    /// record changes share one fsync when they meet.
+    async fn write(&self, batch: Vec<NewMessage>, changes: Vec<Change>) -> WriteResult {
+        if batch.is_empty() && changes.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let write = PendingWrite {
+            batch,
+            changes,
+            reply,
+        };
+        if self.inner.enqueue(write) {
+            let inner = self.inner.clone();
+            // Detached: the commit answers every write it takes, also
+            // when the caller that started it has gone away.
+            tokio::task::spawn_blocking(move || inner.commit());
+        }
+        answer
+            .await
+            .map_err(|_| SpoolError::Unavailable("spool write task failed".into()))?
     }
 
     /// Applies one change to an existing message.
@@ -1713,6 +1852,61 @@ mod tests {
             head.extend_from_slice(&body);
             assert!(head == whole, "a body of {len} bytes");
         }
+    }
+
+    /// Writes that arrive while the journal is busy go into the next
+    /// journal write together, each answered with its own result.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_that_meet_share_one_journal_write() {
+        async fn until(what: &str, done: impl Fn() -> bool) {
+            for _ in 0..5000 {
+                if done() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            panic!("{what} within 5 s");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), &options(64 << 20));
+        spool.store(vec![message(1, 500)]).await.unwrap();
+        let writes = |spool: &LocalSpool| spool.inner.state().unwrap().journal_writes;
+        let before = writes(&spool);
+        // The journal is busy: the first write waits for it, the next two
+        // queue behind.
+        let busy = spool.inner.state.lock().unwrap();
+        let first = tokio::spawn({
+            let spool = spool.clone();
+            async move { spool.store(vec![message(2, 500)]).await }
+        });
+        until("the first write is taken", || {
+            let commits = spool.inner.commits();
+            commits.running && commits.pending.is_empty()
+        })
+        .await;
+        let second = tokio::spawn({
+            let spool = spool.clone();
+            async move { spool.store(vec![message(3, 500)]).await }
+        });
+        let third = tokio::spawn({
+            let spool = spool.clone();
+            async move {
+                spool
+                    .apply(vec![Change::Remove(id(1)), Change::Remove(id(9))])
+                    .await
+            }
+        });
+        until("two writes queue", || spool.inner.commits().pending.len() == 2).await;
+        drop(busy);
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        let failed = third.await.unwrap();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, id(9));
+        assert_eq!(writes(&spool) - before, 2, "the first alone, then the other two");
+        drop(spool);
+        let spool = open(dir.path(), &options(64 << 20));
+        assert_eq!(ids(&spool.list().await.unwrap()), [id(2), id(3)]);
     }
 
     /// A torn write of a spilled body is cut off at the next open like
