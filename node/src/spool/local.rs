@@ -1417,6 +1417,15 @@ struct Commits {
     running: bool,
 }
 
+impl std::fmt::Debug for Commits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commits")
+            .field("pending", &self.pending.len())
+            .field("running", &self.running)
+            .finish()
+    }
+}
+
 type WriteResult = Result<(Vec<Arc<MessageRecord>>, Vec<(MessageId, SpoolError)>), SpoolError>;
 
 /// New messages and changes to write, and who waits for them.
@@ -1896,14 +1905,21 @@ mod tests {
                     .await
             }
         });
-        until("two writes queue", || spool.inner.commits().pending.len() == 2).await;
+        until("two writes queue", || {
+            spool.inner.commits().pending.len() == 2
+        })
+        .await;
         drop(busy);
         first.await.unwrap().unwrap();
         second.await.unwrap().unwrap();
         let failed = third.await.unwrap();
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert_eq!(failed[0].0, id(9));
-        assert_eq!(writes(&spool) - before, 2, "the first alone, then the other two");
+        assert_eq!(
+            writes(&spool) - before,
+            2,
+            "the first alone, then the other two"
+        );
         drop(spool);
         let spool = open(dir.path(), &options(64 << 20));
         assert_eq!(ids(&spool.list().await.unwrap()), [id(2), id(3)]);
