@@ -1883,7 +1883,17 @@ mod tests {
         let before = writes(&spool);
         // The journal is busy: the first write waits for it, the next two
         // queue behind.
-        let busy = spool.inner.state.lock().unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let busy = std::thread::spawn({
+            let inner = spool.inner.clone();
+            move || {
+                let _state = inner.state.lock().unwrap();
+                locked.send(()).unwrap();
+                let _ = released.recv();
+            }
+        });
+        is_locked.recv().unwrap();
         let first = tokio::spawn({
             let spool = spool.clone();
             async move { spool.store(vec![message(2, 500)]).await }
@@ -1909,7 +1919,8 @@ mod tests {
             spool.inner.commits().pending.len() == 2
         })
         .await;
-        drop(busy);
+        release.send(()).unwrap();
+        busy.join().unwrap();
         first.await.unwrap().unwrap();
         second.await.unwrap().unwrap();
         let failed = third.await.unwrap();
