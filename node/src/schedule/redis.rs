@@ -917,8 +917,16 @@ impl RedisSchedule {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
+        self.read_records(&mut pipe, ids);
+        let values = self.run("GET records", &pipe).await?;
+        self.records_read(values)
+    }
+
+    /// Adds the reads of the records of `ids` to `pipe`: one `MGET` on
+    /// one server, a `GET` each on a Cluster (every record in its own
+    /// slot). [`Self::records_read`] takes their replies apart.
+    fn read_records(&self, pipe: &mut Pipeline, ids: &[MessageId]) {
         if self.conn.is_cluster() {
-            // Each record in its own slot.
             for id in ids {
                 pipe.cmd("GET").arg(record_key(id));
             }
@@ -928,10 +936,14 @@ impl RedisSchedule {
                 get.arg(record_key(id));
             }
         }
-        let values = self.run("GET records", &pipe).await?;
+    }
+
+    /// The records [`Self::read_records`] asked for, in order: the bytes,
+    /// if present. `values` are the pipeline's replies to those reads.
+    fn records_read(&self, values: Vec<Value>) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
         if !self.conn.is_cluster() {
             let values = values.into_iter().next().unwrap_or(Value::Nil);
-            return parse::<Vec<Option<Vec<u8>>>>("MGET records", values);
+            return parse("MGET records", values);
         }
         values
             .into_iter()
@@ -1749,34 +1761,19 @@ impl Schedule for RedisSchedule {
             return Ok(Vec::new());
         }
         let ids: Vec<MessageId> = ids.into_iter().map(MessageId).collect();
-        // The records, all in one round trip with the timer: one MGET on
-        // one server, a GET per record (its own slot) on a Cluster.
-        let cluster = self.conn.is_cluster();
+        // The records, all in one round trip with the timer.
         let mut pipe = redis::pipe();
-        if cluster {
-            for id in &ids {
-                pipe.cmd("GET").arg(record_key(id));
-            }
-        } else {
-            let get = pipe.cmd("MGET");
-            for id in &ids {
-                get.arg(record_key(id));
-            }
-        }
+        self.read_records(&mut pipe, &ids);
         pipe.cmd("ZADD")
             .arg(TIMERS_KEY)
             .arg("LT")
             .arg(expiry)
             .arg(domain)
             .ignore();
-        let mut records = self.run("take: records", &pipe).await?;
-        if !cluster {
-            records = parse("take: records", records.pop().unwrap_or(Value::Nil))?;
-        }
+        let records = self.records_read(self.run("take: records", &pipe).await?)?;
         let mut jobs = Vec::with_capacity(ids.len());
         let mut stale = Vec::new();
         for (id, bytes) in ids.into_iter().zip(records) {
-            let bytes: Option<Vec<u8>> = parse("GET record", bytes)?;
             let found = match &bytes {
                 Some(bytes) => self
                     .decode_or_quarantine(&id, bytes)
