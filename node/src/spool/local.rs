@@ -48,7 +48,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, IoSlice, IoSliceMut, Read, Seek, SeekFrom};
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{page_of, Body, Change, ListCursor, NewMessage, SpilledPart, Spool, SpoolError};
+use super::{page_of, Change, ListCursor, NewMessage, SpilledPart, Spool, SpoolError};
 
 /// How long `open` waits for a lock that another holder is letting go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -89,15 +89,19 @@ enum Checksum {
 
 impl Checksum {
     fn of(self, payload: &[u8]) -> u32 {
-        match self {
-            Checksum::Plain => crc32fast::hash(payload),
-            Checksum::Keyed(key) => {
-                let mut hasher = crc32fast::Hasher::new();
-                hasher.update(&key);
-                hasher.update(payload);
-                hasher.finalize()
-            }
+        self.of_parts(&[payload])
+    }
+
+    /// [`Checksum::of`] the parts one after the other.
+    fn of_parts(self, parts: &[&[u8]]) -> u32 {
+        let mut hasher = crc32fast::Hasher::new();
+        if let Checksum::Keyed(key) = self {
+            hasher.update(&key);
         }
+        for part in parts {
+            hasher.update(part);
+        }
+        hasher.finalize()
     }
 
     /// Where the first frame starts.
@@ -236,7 +240,8 @@ pub(crate) mod body_bytes {
 
 /// Appends one frame for `entry` to `buf` and returns the frame's length.
 /// The payload is encoded in place behind a header filled in afterwards,
-/// so a body is copied once, into `buf`, and not through a payload buffer.
+/// not through a payload buffer. New messages go through
+/// [`Frames::push_message`] instead, which leaves their bodies where they are.
 fn push_frame(buf: &mut Vec<u8>, entry: &JournalEntry, key: &Key) -> Result<u64, SpoolError> {
     let start = buf.len();
     let payload_start = start + FRAME_HEADER as usize;
@@ -257,8 +262,8 @@ fn push_frame(buf: &mut Vec<u8>, entry: &JournalEntry, key: &Key) -> Result<u64,
 
 /// The start of a [`JournalEntry::Message`] payload up to its body's
 /// bytes: it encodes to exactly the bytes that come before them, so that a
-/// body on disk ([`SpilledPart`]) is copied into the journal after it
-/// without ever being held whole.
+/// body is written into the journal after it from where it is (memory, or
+/// a [`SpilledPart`] on disk) without being copied into the frame.
 #[derive(Serialize)]
 enum MessageHead<'a> {
     Message {
@@ -267,14 +272,40 @@ enum MessageHead<'a> {
     },
 }
 
+/// A body in a journal write: the bytes in memory as received, or the
+/// part of them on disk.
+enum Part {
+    Memory(Vec<u8>),
+    Disk(SpilledPart),
+}
+
+impl Part {
+    fn len(&self) -> u64 {
+        match self {
+            Part::Memory(bytes) => bytes.len() as u64,
+            Part::Disk(part) => part.len(),
+        }
+    }
+
+    fn for_each_chunk(
+        &self,
+        mut f: impl FnMut(&[u8]) -> Result<(), SpoolError>,
+    ) -> Result<(), SpoolError> {
+        match self {
+            Part::Memory(bytes) => f(bytes),
+            Part::Disk(part) => part.for_each_chunk(f),
+        }
+    }
+}
+
 /// The frames of one journal write, built before the state is locked:
 /// new messages first, then changes to stored ones.
 #[derive(Default)]
 struct Frames {
     buf: Vec<u8>,
-    /// The parts of bodies on disk, each written where `buf` is at
-    /// `.0`, in order: the bytes written are `buf` with these spliced in.
-    spliced: Vec<(usize, SpilledPart)>,
+    /// The bodies, each written where `buf` is at `.0`, in order: the
+    /// bytes written are `buf` with these spliced in.
+    spliced: Vec<(usize, Part)>,
     /// Each new message's record, its frame's offset in `buf` and length,
     /// and its body's length.
     messages: Vec<(Arc<MessageRecord>, u64, u64, u64)>,
@@ -288,52 +319,30 @@ impl Frames {
         self.buf.len() as u64 + self.spliced.iter().map(|(_, p)| p.len()).sum::<u64>()
     }
 
+    /// A new message's frame: its header, record and body length go into
+    /// `buf`, the body is written from where it is, never copied into
+    /// `buf`. The checksum is taken over the body first (read from disk
+    /// for a spilled part), so the frame is whole once written.
     fn push_message(&mut self, message: NewMessage, key: &Key) -> Result<(), SpoolError> {
         let body_len = message.body.len();
         let offset = self.len();
         let NewMessage { record, body } = message;
-        let len = match body.rest() {
-            None => {
-                let entry = JournalEntry::Message {
-                    record,
-                    body: body.into_head(),
-                };
-                let len = push_frame(&mut self.buf, &entry, key)?;
-                let JournalEntry::Message { record, .. } = entry else {
-                    unreachable!("built above")
-                };
-                self.messages
-                    .push((Arc::new(record), offset, len, body_len));
-                return Ok(());
-            }
-            Some(rest) => self.push_spilled(&record, &body, rest, key)?,
-        };
-        self.messages
-            .push((Arc::new(record), offset, len, body_len));
-        Ok(())
-    }
-
-    /// The frame of a message whose body is partly on disk: its header,
-    /// the entry up to the body and the body's head go into `buf`, the
-    /// part on disk is spliced in after them. The checksum is taken over
-    /// the file's bytes first, so the frame is whole once written.
-    fn push_spilled(
-        &mut self,
-        record: &MessageRecord,
-        body: &Body,
-        rest: &SpilledPart,
-        key: &Key,
-    ) -> Result<u64, SpoolError> {
         let start = self.buf.len();
         let payload_start = start + FRAME_HEADER as usize;
         self.buf.resize(payload_start, 0);
         let head = MessageHead::Message {
-            record,
-            body_len: body.len(),
+            record: &record,
+            body_len,
         };
         envelope::encode_into(&head, &mut self.buf);
-        self.buf.extend_from_slice(body.head());
-        let payload_len = (self.buf.len() - payload_start) as u64 + rest.len();
+        let mut parts = Vec::with_capacity(2);
+        let rest = body.rest().cloned();
+        let in_memory = body.into_head();
+        if !in_memory.is_empty() {
+            parts.push(Part::Memory(in_memory));
+        }
+        parts.extend(rest.map(Part::Disk));
+        let payload_len = (self.buf.len() - payload_start) as u64 + body_len;
         let Ok(len) = u32::try_from(payload_len) else {
             self.buf.truncate(start);
             return Err(SpoolError::Unavailable(format!(
@@ -343,18 +352,28 @@ impl Frames {
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(key);
         hasher.update(&self.buf[payload_start..]);
-        if let Err(err) = rest.for_each_chunk(|chunk| {
-            hasher.update(chunk);
-            Ok(())
-        }) {
-            self.buf.truncate(start);
-            return Err(err);
+        for part in &parts {
+            if let Err(err) = part.for_each_chunk(|chunk| {
+                hasher.update(chunk);
+                Ok(())
+            }) {
+                self.buf.truncate(start);
+                return Err(err);
+            }
         }
         let crc = hasher.finalize();
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.buf[start + 4..payload_start].copy_from_slice(&crc.to_le_bytes());
-        self.spliced.push((self.buf.len(), rest.clone()));
-        Ok(FRAME_HEADER + payload_len)
+        let at = self.buf.len();
+        self.spliced
+            .extend(parts.into_iter().map(|part| (at, part)));
+        self.messages.push((
+            Arc::new(record),
+            offset,
+            FRAME_HEADER + payload_len,
+            body_len,
+        ));
+        Ok(())
     }
 
     /// Puts `other`'s frames after these, as one write.
@@ -731,51 +750,59 @@ impl State {
         self.append_spliced(buf, &[])
     }
 
-    /// [`Self::append`] of `buf` with the parts of bodies on disk spliced
-    /// in where [`Frames::spliced`] says, copied a chunk at a time.
-    fn append_spliced(
-        &mut self,
-        buf: &[u8],
-        spliced: &[(usize, SpilledPart)],
-    ) -> Result<u64, SpoolError> {
+    /// [`Self::append`] of `buf` with the bodies spliced in where
+    /// [`Frames::spliced`] says: those in memory go to the kernel as they
+    /// are, with the frames around them in one `pwritev`; those on disk
+    /// are copied a chunk at a time.
+    fn append_spliced(&mut self, buf: &[u8], spliced: &[(usize, Part)]) -> Result<u64, SpoolError> {
         self.clean_tail()?;
         let path = self.path(self.active);
         let segment = self.active_segment();
         let start = segment.len;
-        let mut at = start;
-        let mut done = 0;
-        let mut write = |bytes: &[u8]| -> Result<(), SpoolError> {
-            segment
-                .file
-                .write_all_at(bytes, at)
-                .map_err(|e| SpoolError::Unavailable(e.to_string()))?;
-            at += bytes.len() as u64;
-            Ok(())
-        };
-        let mut written = Ok(());
-        for (splice_at, part) in spliced {
-            written = write(&buf[done..*splice_at]).and_then(|()| part.for_each_chunk(&mut write));
-            done = *splice_at;
-            if written.is_err() {
-                break;
+        let file = segment.file.clone();
+        let written = (|| -> io::Result<u64> {
+            let mut at = start;
+            let mut slices = Vec::with_capacity(2 * spliced.len() + 1);
+            let mut done = 0;
+            for (splice_at, part) in spliced {
+                slices.push(IoSlice::new(&buf[done..*splice_at]));
+                done = *splice_at;
+                match part {
+                    Part::Memory(bytes) => slices.push(IoSlice::new(bytes)),
+                    Part::Disk(part) => {
+                        at = write_all_vectored_at(&file, &mut slices, at)?;
+                        slices.clear();
+                        part.for_each_chunk(|chunk| {
+                            file.write_all_at(chunk, at)
+                                .map_err(|e| SpoolError::Unavailable(e.to_string()))?;
+                            at += chunk.len() as u64;
+                            Ok(())
+                        })
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                    }
+                }
+            }
+            slices.push(IoSlice::new(&buf[done..]));
+            at = write_all_vectored_at(&file, &mut slices, at)?;
+            file.sync_data()?;
+            Ok(at)
+        })();
+        let segment = self.active_segment();
+        match written {
+            Ok(end) => {
+                segment.len = end;
+                self.journal_writes += 1;
+                Ok(start)
+            }
+            Err(err) => {
+                if let Err(cut) = file.set_len(start).and_then(|()| file.sync_data()) {
+                    tracing::warn!(segment = %path.display(), offset = start, error = %cut,
+                        "could not cut back a failed journal write; retrying before the next one");
+                    self.dirty_tail = true;
+                }
+                Err(io_error(format_args!("writing {}", path.display()), err))
             }
         }
-        let written = written
-            .and_then(|()| write(&buf[done..]))
-            .map_err(|e| io::Error::other(e.to_string()))
-            .and_then(|()| segment.file.sync_data());
-        if let Err(err) = written {
-            let file = segment.file.clone();
-            if let Err(cut) = file.set_len(start).and_then(|()| file.sync_data()) {
-                tracing::warn!(segment = %path.display(), offset = start, error = %cut,
-                    "could not cut back a failed journal write; retrying before the next one");
-                self.dirty_tail = true;
-            }
-            return Err(io_error(format_args!("writing {}", path.display()), err));
-        }
-        segment.len = at;
-        self.journal_writes += 1;
-        Ok(start)
     }
 
     /// Cuts off what a failed write left behind, if anything.
@@ -1275,27 +1302,85 @@ fn find_frame(file: &File, from: u64, end: u64, checksum: Checksum) -> io::Resul
     Ok(Found::Nothing)
 }
 
+/// Most buffers one `pwritev` takes on Linux (`IOV_MAX`).
+const MAX_SLICES: usize = 1024;
+
+/// Writes all of `slices` at `at`, as few calls as the kernel allows;
+/// returns the offset after them. Empty slices are fine.
+fn write_all_vectored_at(file: &File, slices: &mut [IoSlice<'_>], mut at: u64) -> io::Result<u64> {
+    let mut slices = slices;
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let n = slices.len().min(MAX_SLICES);
+        match rustix::io::pwritev(file, &slices[..n], at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                at += written as u64;
+                IoSlice::advance_slices(&mut slices, written);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(at)
+}
+
+/// Fills all of `slices` from `at` on, as few calls as the kernel allows.
+fn read_exact_vectored_at(
+    file: &File,
+    slices: &mut [IoSliceMut<'_>],
+    mut at: u64,
+) -> io::Result<()> {
+    let mut slices = slices;
+    IoSliceMut::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let n = slices.len().min(MAX_SLICES);
+        match rustix::io::preadv(file, &mut slices[..n], at) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(read) => {
+                at += read as u64;
+                IoSliceMut::advance_slices(&mut slices, read);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Reads the frame at `loc`, checks it, and returns its last `body_len`
-/// bytes: the body.
+/// bytes: the body, read into a buffer of its own rather than cut out of
+/// the frame's.
 fn read_body_at(
     file: &File,
     checksum: Checksum,
     loc: Loc,
     body_len: u64,
 ) -> Result<Vec<u8>, SpoolError> {
-    let mut frame = vec![0u8; loc.len as usize];
-    file.read_exact_at(&mut frame, loc.offset)
-        .map_err(|e| io_error("reading a message body", e))?;
-    let len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes"));
-    let crc = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
-    let payload = &frame[FRAME_HEADER as usize..];
-    if u64::from(len) != loc.len - FRAME_HEADER || checksum.of(payload) != crc {
-        return Err(SpoolError::Corrupt(format!(
+    let corrupt = || {
+        SpoolError::Corrupt(format!(
             "message body in segment {} at offset {} fails its checksum",
             loc.segment, loc.offset
-        )));
+        ))
+    };
+    let Some(head_len) = loc.len.checked_sub(body_len).filter(|&n| n >= FRAME_HEADER) else {
+        return Err(corrupt());
+    };
+    let mut head = vec![0u8; head_len as usize];
+    let mut body = vec![0u8; body_len as usize];
+    read_exact_vectored_at(
+        file,
+        &mut [IoSliceMut::new(&mut head), IoSliceMut::new(&mut body)],
+        loc.offset,
+    )
+    .map_err(|e| io_error("reading a message body", e))?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    let payload = [&head[FRAME_HEADER as usize..], &body[..]];
+    if u64::from(len) != loc.len - FRAME_HEADER || checksum.of_parts(&payload) != crc {
+        return Err(corrupt());
     }
-    Ok(frame.split_off(frame.len() - body_len as usize))
+    Ok(body)
 }
 
 #[derive(Debug)]
@@ -1938,6 +2023,47 @@ mod tests {
 
     /// A torn write of a spilled body is cut off at the next open like
     /// any other, and the messages written before it stay.
+    /// Bodies go to the journal from their own buffers: the frame buffer
+    /// holds only what comes before each. A write of more buffers than one
+    /// `pwritev` takes, with bodies on disk and empty ones among them,
+    /// reads back whole, before and after a reopen.
+    #[tokio::test]
+    async fn bodies_are_written_from_where_they_are() {
+        let key = [7u8; 8];
+        let mut frames = Frames::default();
+        frames.push_message(message(1, 100_000), &key).unwrap();
+        assert!(
+            frames.buf.len() < 1_000,
+            "{} bytes copied",
+            frames.buf.len()
+        );
+        assert_eq!(frames.messages[0].2, frames.len());
+
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), &options(64 << 20));
+        let batch: Vec<NewMessage> = (0..1_500u64)
+            .map(|n| match n % 500 {
+                7 => suite::spilled(n, 2 * super::super::BODY_CHUNK + 3),
+                8 => NewMessage {
+                    body: Vec::new().into(),
+                    ..message(n, 0)
+                },
+                _ => message(n, 40 + (n as usize * 13) % 3_000),
+            })
+            .collect();
+        let expected: Vec<Vec<u8>> = batch.iter().map(|m| m.body.to_vec().unwrap()).collect();
+        spool.store(batch).await.unwrap();
+        async fn reads_back(spool: &LocalSpool, expected: &[Vec<u8>]) {
+            for (n, body) in expected.iter().enumerate() {
+                let read = spool.read_body(&id(n as u64)).await.unwrap();
+                assert!(read == *body, "message {n}");
+            }
+        }
+        reads_back(&spool, &expected).await;
+        drop(spool);
+        reads_back(&open(dir.path(), &options(64 << 20)), &expected).await;
+    }
+
     #[tokio::test]
     async fn a_torn_spilled_body_is_cut_off_whole() {
         let dir = tempfile::tempdir().unwrap();
