@@ -18,7 +18,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::Recipient;
 use ipnet::IpNet;
 use smarthost_proto::envelope::{ClientInfo, MessageId};
-use smarthost_proto::received;
 use smarthost_proto::reply::{EnhancedStatus, Reply};
 use smarthost_proto::session::{
     Action, AuthRefusal, IncomingMessage, PeerInfo, Session, SessionConfig, StoreFailure,
@@ -287,6 +286,9 @@ async fn drive(
     let mut body: Option<Reservation> = None;
     // What of the message under way is already on disk.
     let mut spill: Option<Spill> = None;
+    // The id and arrival time of the message under way, from DATA on: its
+    // `Received:` line, written before the body, names them.
+    let mut arriving: Option<Arrival> = None;
     let mut clock = Deadlines::new(env.limits, Instant::now());
     let write_limit = env.limits.idle;
     loop {
@@ -330,11 +332,21 @@ async fn drive(
                     // the client may be waiting for it, not for us.
                     send(conn, &mut out, write_limit).await?;
                     body = reserve_body(env, declared).await;
-                    let reply = session.body_reserved(body.is_some());
+                    let reply = if body.is_some() {
+                        let arrival = Arrival::now();
+                        let reply = session.body_reserved(&arrival.id, arrival.at.as_secs());
+                        arriving = Some(arrival);
+                        reply
+                    } else {
+                        session.body_refused()
+                    };
                     answers.give(&mut out, &mut session, &reply, since);
                 }
                 Action::Message(message) => {
-                    let result = store(env, ip, message, spill.take()).await;
+                    // The session hands over a message only after a body
+                    // was reserved, so the arrival is there.
+                    let arrival = arriving.take().unwrap_or_else(Arrival::now);
+                    let result = store(env, ip, arrival, message, spill.take()).await;
                     if result.is_ok() {
                         answers.live.message_accepted();
                     }
@@ -584,20 +596,37 @@ async fn check_password(
     Ok(ok)
 }
 
-/// Prepends our `Received:` line and hands the message to the queue; the
-/// answer comes only once the spool has it durably.
+/// A message's id and the time its DATA began.
+struct Arrival {
+    id: MessageId,
+    /// Since the Unix epoch.
+    at: Duration,
+}
+
+impl Arrival {
+    fn now() -> Arrival {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Arrival {
+            id: MessageId::new(at.as_millis() as u64, rand::random()),
+            at,
+        }
+    }
+}
+
+/// Hands the message, which starts with our `Received:` line, to the
+/// queue; the answer comes only once the spool has it durably.
 async fn store(
     env: &SessionEnv,
     ip: IpAddr,
+    arrival: Arrival,
     message: IncomingMessage,
     spill: Option<Spill>,
 ) -> Result<MessageId, StoreFailure> {
     let started = std::time::Instant::now();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let now_ms = now.as_millis() as u64;
-    let id = MessageId::new(now_ms, rand::random());
+    let Arrival { id, at } = arrival;
+    let now_ms = at.as_millis() as u64;
     let IncomingMessage {
         envelope,
         helo,
@@ -621,27 +650,9 @@ async fn store(
             }
         }
     }
-    let for_rcpt = match envelope.recipients.as_slice() {
-        [only] => Some(&only.address),
-        _ => None,
-    };
-    let header = received::received_header(
-        env.hostname(),
-        &helo,
-        ip,
-        received::with_protocol(true, tls, auth_user.is_some()),
-        &id,
-        for_rcpt,
-        now.as_secs(),
-    );
     let body = match spill {
-        None => {
-            // In place: a second copy of the body would double what it takes.
-            let mut body = data;
-            body.splice(0..0, header.bytes());
-            Body::from(body)
-        }
-        Some(spill) => match spill.finish(header.into_bytes(), data).await {
+        None => Body::from(data),
+        Some(spill) => match spill.finish(data).await {
             Ok(body) => body,
             Err(error) => {
                 tracing::error!(%error, "cannot write the end of a message body to disk");

@@ -127,6 +127,15 @@ impl DataReader {
         }
     }
 
+    /// [`Self::new`], keeping the message after `prefix` (our trace
+    /// header) in the same buffer. The prefix counts against no limit and
+    /// is no `Received:` line of the client's.
+    pub fn after(prefix: Vec<u8>, max_size: u64) -> Self {
+        let mut reader = DataReader::new(max_size);
+        reader.body = prefix;
+        reader
+    }
+
     /// Takes bytes up to and including the terminating `.CRLF`.
     pub fn feed(&mut self, input: &[u8]) -> Progress {
         let mut i = 0;

@@ -26,6 +26,7 @@ use crate::address::{Mailbox, Path, SenderRule};
 use crate::command::{self, Command, CommandError, ParamError, Verb};
 use crate::data::{DataError, DataReader};
 use crate::envelope::{BodyType, Envelope, MessageId, Recipient};
+use crate::received;
 use crate::reply::{EnhancedStatus, Reply};
 
 /// Longest command line kept, CRLF included; longer lines get `500 5.5.2`.
@@ -95,7 +96,8 @@ pub enum Action {
     /// Verify the credentials, then call [`Session::auth_result`].
     Authenticate { username: String, password: String },
     /// Find memory for a message body of `declared` octets (the client's
-    /// `SIZE=`, if it gave one), then call [`Session::body_reserved`]. While
+    /// `SIZE=`, if it gave one), then call [`Session::body_reserved`] (or
+    /// [`Session::body_refused`]). While
     /// the body arrives, [`Session::data_size`] says how much is held;
     /// when no more memory can be had, call [`Session::discard_body`].
     ReserveBody { declared: Option<u64> },
@@ -110,8 +112,9 @@ pub struct IncomingMessage {
     pub helo: String,
     pub auth_user: Option<String>,
     pub tls: bool,
-    /// As received: unstuffed, CRLF line endings, no trace header added;
-    /// without what the shell took with [`Session::take_body_so_far`].
+    /// Our `Received:` line, then the message as received: unstuffed,
+    /// CRLF line endings; without what the shell took with
+    /// [`Session::take_body_so_far`].
     pub data: Vec<u8>,
 }
 
@@ -483,21 +486,42 @@ impl Session {
         }
     }
 
-    /// The shell's answer to [`Action::ReserveBody`]: `354` and on to the
-    /// message, or `452 4.3.1` when no memory could be had (the
-    /// transaction stays; the client may try DATA again later).
-    pub fn body_reserved(&mut self, ok: bool) -> Reply {
+    /// The shell's answer to [`Action::ReserveBody`] when it has the
+    /// memory: `354` and on to the message, which starts with our
+    /// `Received:` line for message `id` received at `unix_secs`. Written
+    /// first, it needs no copy of the body to put it in front later.
+    pub fn body_reserved(&mut self, id: &MessageId, unix_secs: u64) -> Reply {
         if !matches!(self.state, State::AwaitBody) {
             return bad_sequence("No DATA waiting for memory");
         }
-        if ok {
-            self.state = State::Data(Box::new(DataReader::new(self.config.max_message_size)));
-            Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".to_string()])
-        } else {
-            self.state = State::Command;
-            self.errors += 1;
-            insufficient_storage()
+        let for_rcpt = match self.transaction.as_ref().map(|t| t.recipients.as_slice()) {
+            Some([only]) => Some(&only.address),
+            _ => None,
+        };
+        let trace = received::received_header(
+            &self.config.hostname,
+            self.helo.as_deref().unwrap_or_default(),
+            self.peer.ip,
+            received::with_protocol(true, self.tls, self.auth_user.is_some()),
+            id,
+            for_rcpt,
+            unix_secs,
+        );
+        let reader = DataReader::after(trace.into_bytes(), self.config.max_message_size);
+        self.state = State::Data(Box::new(reader));
+        Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".to_string()])
+    }
+
+    /// The shell's answer to [`Action::ReserveBody`] when no memory could
+    /// be had: `452 4.3.1` (the transaction stays; the client may try
+    /// DATA again later).
+    pub fn body_refused(&mut self) -> Reply {
+        if !matches!(self.state, State::AwaitBody) {
+            return bad_sequence("No DATA waiting for memory");
         }
+        self.state = State::Command;
+        self.errors += 1;
+        insufficient_storage()
     }
 
     /// Octets of the message under way received so far (`None` outside

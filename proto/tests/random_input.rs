@@ -105,11 +105,17 @@ fn drive(config: SessionConfig, pieces: &[Vec<u8>], answers: &[bool]) -> Vec<Str
                     format!("auth {username} {password} {r}")
                 }
                 Action::ReserveBody { declared } => {
-                    let r = s.body_reserved(answers.next().unwrap_or(true));
+                    let r = if answers.next().unwrap_or(true) {
+                        s.body_reserved(&MessageId::new(1, 2), 0)
+                    } else {
+                        s.body_refused()
+                    };
                     format!("reserve {declared:?} {r}")
                 }
                 Action::Message(m) => {
-                    assert!(m.data.len() as u64 <= MAX_MESSAGE);
+                    // The message, after our trace header (a command
+                    // line's HELO name and recipient at most).
+                    assert!(m.data.len() as u64 <= MAX_MESSAGE + 2_048);
                     let result = if answers.next().unwrap_or(true) {
                         Ok(MessageId::new(1, 2))
                     } else {

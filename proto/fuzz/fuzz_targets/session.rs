@@ -50,10 +50,16 @@ fuzz_target!(|input: &[u8]| {
                     session.auth_result(answer & 1 != 0);
                 }
                 Action::ReserveBody { .. } => {
-                    session.body_reserved(answer & 1 != 0);
+                    if answer & 1 != 0 {
+                        session.body_reserved(&MessageId::new(1, 2), 0);
+                    } else {
+                        session.body_refused();
+                    }
                 }
                 Action::Message(m) => {
-                    assert!(m.data.len() <= 4_096);
+                    // The message, after our trace header (a command
+                    // line's HELO name and recipient at most).
+                    assert!(m.data.len() <= 4_096 + 2_048);
                     let result = if answer & 1 != 0 {
                         Ok(MessageId::new(1, 2))
                     } else {

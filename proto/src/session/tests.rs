@@ -37,6 +37,45 @@ fn trusted() -> PeerInfo {
     }
 }
 
+/// Memory for the body: the message starts with our trace header.
+fn reserved(s: &mut Session) -> Reply {
+    s.body_reserved(&MessageId::new(1_700_000_000_000, 7), 1_700_000_000)
+}
+
+/// The message without the `Received:` line we put first: up to the
+/// first line ending not followed by a fold.
+fn content(m: &IncomingMessage) -> &[u8] {
+    assert!(
+        m.data.starts_with(b"Received: from "),
+        "no trace header first"
+    );
+    let end = m
+        .data
+        .windows(3)
+        .position(|w| w[..2] == *b"\r\n" && w[2] != b'\t')
+        .map_or(m.data.len(), |at| at + 2);
+    &m.data[end..]
+}
+
+#[test]
+fn the_message_starts_with_our_received_line() {
+    let mut s = Session::new(Arc::new(config()), stranger());
+    s.push_input(b"EHLO client.example\r\nMAIL FROM:<>\r\nRCPT TO:<u@example.net>\r\nDATA\r\n");
+    replies(&mut s, 3);
+    assert!(matches!(s.next_action(), Some(Action::ReserveBody { .. })));
+    assert_eq!(reserved(&mut s).code, 354);
+    s.push_input(b"Received: by an.earlier.hop\r\nSubject: x\r\n\r\nhi\r\n.\r\n");
+    let Some(Action::Message(m)) = s.next_action() else {
+        panic!("no message");
+    };
+    let id = MessageId::new(1_700_000_000_000, 7);
+    let expected = format!(
+        "Received: from client.example ([192.0.2.10])\r\n\tby mx.example.net with ESMTP id {id}\r\n\tfor <u@example.net>; Tue, 14 Nov 2023 22:13:20 +0000\r\n\
+         Received: by an.earlier.hop\r\nSubject: x\r\n\r\nhi\r\n"
+    );
+    assert_eq!(String::from_utf8(m.data).unwrap(), expected);
+}
+
 fn code(r: &Reply) -> String {
     match r.status {
         Some(s) => format!("{} {}", r.code, s),
@@ -61,7 +100,7 @@ fn drain(s: &mut Session, out: &mut Vec<String>, messages: &mut Vec<IncomingMess
                 out.push(code(&r));
             }
             Action::ReserveBody { .. } => {
-                let r = s.body_reserved(true);
+                let r = reserved(s);
                 out.push(code(&r));
             }
             Action::Message(m) => {
@@ -79,7 +118,7 @@ fn replies(s: &mut Session, n: usize) {
     for i in 0..n {
         match s.next_action() {
             Some(Action::Reply(_)) => {}
-            Some(Action::ReserveBody { .. }) => assert_eq!(s.body_reserved(true).code, 354),
+            Some(Action::ReserveBody { .. }) => assert_eq!(reserved(s).code, 354),
             other => panic!("reply {i}: {other:?}"),
         }
     }
@@ -193,7 +232,7 @@ fn a_whole_transaction() {
     );
     assert_eq!(messages.len(), 1);
     let m = &messages[0];
-    assert_eq!(m.data, b"Subject: hi\r\n\r\nbody\r\n.dot\r\n");
+    assert_eq!(content(m), b"Subject: hi\r\n\r\nbody\r\n.dot\r\n");
     assert_eq!(m.helo, "client.example");
     assert_eq!(m.auth_user, None);
     assert!(!m.tls);
@@ -354,7 +393,7 @@ fn queued_reply_names_the_id() {
         panic!("no message");
     };
     assert_eq!(m.envelope.sender, None);
-    assert!(m.data.is_empty());
+    assert!(content(&m).is_empty());
     assert_eq!(s.next_action(), None, "waits for the store");
     let r = s.message_stored(Ok(MessageId("0123abc".into())));
     assert_eq!(r.to_wire(), b"250 2.0.0 Ok: queued as 0123abc\r\n");
@@ -1133,10 +1172,11 @@ fn data_asks_for_memory_first_and_a_refusal_keeps_the_transaction() {
     assert_eq!(s.next_action(), None, "waits for the answer");
     assert_eq!(s.data_size(), None);
     assert_eq!(
-        s.body_reserved(false).to_wire(),
+        s.body_refused().to_wire(),
         b"452 4.3.1 Insufficient system storage\r\n"
     );
-    assert_eq!(code(&s.body_reserved(true)), "503 5.5.1", "nothing waits");
+    assert_eq!(code(&reserved(&mut s)), "503 5.5.1", "nothing waits");
+    assert_eq!(code(&s.body_refused()), "503 5.5.1", "nothing waits");
     // The transaction stays: DATA again, and this time there is memory.
     s.push_input(b"DATA\r\n");
     assert_eq!(
@@ -1145,12 +1185,12 @@ fn data_asks_for_memory_first_and_a_refusal_keeps_the_transaction() {
             declared: Some(5000)
         })
     );
-    assert_eq!(s.body_reserved(true).code, 354);
+    assert_eq!(reserved(&mut s).code, 354);
     assert_eq!(s.data_size(), Some(0));
     s.push_input(b"Subject: x\r\n\r\nbody\r\n");
     assert_eq!(s.data_size(), Some(20));
     s.push_input(b".\r\nMAIL FROM:<>\r\n");
-    assert!(matches!(s.next_action(), Some(Action::Message(m)) if m.data.len() == 20));
+    assert!(matches!(s.next_action(), Some(Action::Message(m)) if content(&m).len() == 20));
     s.message_stored(Ok(MessageId::new(1, 2)));
     assert_eq!(s.data_size(), None);
     // A MAIL without SIZE declares nothing.
@@ -1217,7 +1257,7 @@ fn each_final_reply_names_its_command_once_and_never_a_password() {
             let code = match action {
                 Action::Reply(r) | Action::Close(r) => r.code,
                 Action::Authenticate { .. } => s.auth_result(false).code,
-                Action::ReserveBody { .. } => s.body_reserved(true).code,
+                Action::ReserveBody { .. } => reserved(s).code,
                 Action::Message(_) => s.message_stored(Ok(MessageId::new(1, 2))).code,
                 Action::StartTls(r) => r.code,
             };
