@@ -176,10 +176,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
-use redis::{Cmd, FromRedisValue, Pipeline, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisWrite, ToRedisArgs, Value};
 use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
+use std::io::Write as _;
 
 use super::{ListCursor, NewMessage, Quarantined, Spool, SpoolError};
 use crate::metrics::RedisFailure;
@@ -444,24 +445,28 @@ impl Settings {
     }
 }
 
-/// A body as it is stored: one byte string behind the version byte.
-#[derive(Serialize)]
-struct BodyOut<'a> {
-    #[serde(serialize_with = "super::local::body_bytes::serialize")]
-    bytes: &'a [u8],
-}
-
 #[derive(Deserialize)]
 struct BodyIn {
     #[serde(deserialize_with = "super::local::body_bytes::deserialize")]
     bytes: Vec<u8>,
 }
 
-fn encode_body(body: &[u8]) -> Vec<u8> {
-    envelope::encode(&BodyOut { bytes: body })
+/// A body in memory as a command argument: one byte string behind the
+/// version byte, as [`BodyIn`] reads it,
+/// written straight into the command rather than built in a buffer of
+/// their own first.
+struct StoredBody<'a>(&'a [u8]);
+
+impl ToRedisArgs for StoredBody<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        // Writes into the command's own buffer, which cannot fail.
+        let _ = arg.write_all(&encode_body_head(self.0.len() as u64));
+        let _ = arg.write_all(self.0);
+    }
 }
 
-/// What [`encode_body`] puts before a body of `len` bytes: the body is
+/// What [`StoredBody`] puts before a body of `len` bytes: the body is
 /// then stored in parts, with these bytes in front of the first.
 #[derive(Serialize)]
 struct BodyHead {
@@ -582,7 +587,7 @@ fn add_message_keys(set: &mut Cmd, m: &NewMessage) {
     set.arg(record_key(id))
         .arg(envelope::encode(&m.record))
         .arg(body_key(id))
-        .arg(encode_body(m.body.head()));
+        .arg(StoredBody(m.body.head()));
 }
 
 fn parse_value<T: FromRedisValue>(value: Value) -> Result<T, String> {
@@ -1645,6 +1650,17 @@ mod tests {
         assert_eq!(score as u64, m.record.received_ms);
     }
 
+    /// A body as it is stored, encoded whole: what the parts must add up to.
+    #[derive(Serialize)]
+    struct BodyOut<'a> {
+        #[serde(serialize_with = "crate::spool::local::body_bytes::serialize")]
+        bytes: &'a [u8],
+    }
+
+    fn encode_body(body: &[u8]) -> Vec<u8> {
+        envelope::encode(&BodyOut { bytes: body })
+    }
+
     #[test]
     fn a_body_head_and_its_body_encode_as_the_whole_value() {
         for len in [0, 1, 250, 251, 252, 65_535, 65_536, 65_537, 300_000] {
@@ -1652,6 +1668,13 @@ mod tests {
             let mut head = encode_body_head(len as u64);
             head.extend_from_slice(&body);
             assert!(head == encode_body(&body), "a body of {len} bytes");
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(StoredBody(&body));
+            let arg = cmd.args_iter().nth(1).map(|a| match a {
+                redis::Arg::Simple(bytes) => bytes.to_vec(),
+                _ => Vec::new(),
+            });
+            assert!(arg == Some(head.clone()), "as an argument, {len} bytes");
         }
     }
 
