@@ -280,13 +280,6 @@ enum Part {
 }
 
 impl Part {
-    fn len(&self) -> u64 {
-        match self {
-            Part::Memory(bytes) => bytes.len() as u64,
-            Part::Disk(part) => part.len(),
-        }
-    }
-
     fn for_each_chunk(
         &self,
         mut f: impl FnMut(&[u8]) -> Result<(), SpoolError>,
@@ -306,6 +299,9 @@ struct Frames {
     /// The bodies, each written where `buf` is at `.0`, in order: the
     /// bytes written are `buf` with these spliced in.
     spliced: Vec<(usize, Part)>,
+    /// Bytes in `spliced`, kept as they are added: every new message adds
+    /// a part, and a batch asks for the length at each.
+    spliced_len: u64,
     /// Each new message's record, its frame's offset in `buf` and length,
     /// and its body's length.
     messages: Vec<(Arc<MessageRecord>, u64, u64, u64)>,
@@ -316,7 +312,7 @@ struct Frames {
 impl Frames {
     /// Bytes in the write: `buf` and the spliced parts.
     fn len(&self) -> u64 {
-        self.buf.len() as u64 + self.spliced.iter().map(|(_, p)| p.len()).sum::<u64>()
+        self.buf.len() as u64 + self.spliced_len
     }
 
     /// A new message's frame: its header, record and body length go into
@@ -365,6 +361,7 @@ impl Frames {
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.buf[start + 4..payload_start].copy_from_slice(&crc.to_le_bytes());
         let at = self.buf.len();
+        self.spliced_len += body_len;
         self.spliced
             .extend(parts.into_iter().map(|part| (at, part)));
         self.messages.push((
@@ -381,6 +378,7 @@ impl Frames {
         let shift = self.len();
         let buf_shift = self.buf.len();
         self.buf.extend_from_slice(&other.buf);
+        self.spliced_len += other.spliced_len;
         self.spliced.extend(
             other
                 .spliced
