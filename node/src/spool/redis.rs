@@ -170,6 +170,7 @@
 //! operations succeed without reopening the spool.
 
 use crate::now_ms;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -180,7 +181,6 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisWrite, ToRedisArgs, Value};
 use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
-use std::io::Write as _;
 
 use super::{ListCursor, NewMessage, Quarantined, Spool, SpoolError};
 use crate::metrics::RedisFailure;
@@ -452,9 +452,8 @@ struct BodyIn {
 }
 
 /// A body in memory as a command argument: one byte string behind the
-/// version byte, as [`BodyIn`] reads it,
-/// written straight into the command rather than built in a buffer of
-/// their own first.
+/// version byte, as [`BodyIn`] reads it, written straight into the
+/// command rather than into a buffer of its own first.
 struct StoredBody<'a>(&'a [u8]);
 
 impl ToRedisArgs for StoredBody<'_> {
