@@ -993,7 +993,7 @@ impl Queue {
                 async move {
                     // The original may already be gone if another delivery
                     // finished it; the report then carries no copy.
-                    let body = spool.read_body(&id).await.unwrap_or_default();
+                    let body = read_whole_body(&*spool, &id).await.unwrap_or_default();
                     let reports = bounce::reports(&completion, &body, &settings, now_ms());
                     keep_unreported(&completion, body, &settings).await;
                     let _ = addr.send(Reported { id, reports, done }).await;
@@ -1190,6 +1190,18 @@ fn received_now(mut report: NewMessage, now: u64) -> NewMessage {
     report
 }
 
+/// The whole body of a stored message in memory, for a report that
+/// quotes it or a copy kept in badmail.
+async fn read_whole_body(spool: &dyn Spool, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
+    let body = spool.read_body(id).await?;
+    if body.rest().is_none() {
+        return Ok(body.into_head());
+    }
+    tokio::task::spawn_blocking(move || body.to_vec())
+        .await
+        .map_err(|e| SpoolError::Unavailable(e.to_string()))?
+}
+
 /// Keeps in badmail the failures of a completion that no report covers
 /// ([`bounce::unreported`]), before its outcome is written: a crash in
 /// between keeps the same entry again, under the same name.
@@ -1241,7 +1253,7 @@ impl Reporter for QueueReporter {
                 continue;
             }
             let id = &completion.record.id;
-            let body = match self.spool.read_body(id).await {
+            let body = match read_whole_body(&*self.spool, id).await {
                 Ok(body) => body,
                 Err(error @ SpoolError::Unavailable(_)) => return Err(error),
                 // Gone or unreadable: the report goes out without it.
@@ -1916,7 +1928,7 @@ mod tests {
 
     use super::*;
     use crate::spool::suite::{id, message};
-    use crate::spool::{LocalSpool, LocalSpoolOptions};
+    use crate::spool::{Body, LocalSpool, LocalSpoolOptions};
 
     #[test]
     fn work_in_flight_is_counted_by_node() {
@@ -2030,7 +2042,7 @@ mod tests {
         async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {
             self.inner.list().await
         }
-        async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
+        async fn read_body(&self, id: &MessageId) -> Result<Body, SpoolError> {
             self.inner.read_body(id).await
         }
     }

@@ -173,6 +173,7 @@ async fn redis_queue(
             cluster: config.queue.redis_cluster,
             min_replicas: config.queue.redis_min_replicas,
             require_fsync: config.queue.redis_require_fsync,
+            body_dir: config.spill_dir(),
             ..RedisSpoolOptions::default()
         },
     )

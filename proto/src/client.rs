@@ -424,6 +424,37 @@ impl Transaction {
         body: &[u8],
         eight_bit: &dyn EightBitPolicy,
     ) -> Result<Transaction, Refusal> {
+        let eight_bit_body = crate::mime8::is_8bit(body);
+        if !eight_bit_body || caps.eight_bit_mime {
+            return Transaction::planned(
+                caps,
+                envelope,
+                recipients,
+                body.len() as u64,
+                eight_bit_body,
+            );
+        }
+        let converted = eight_bit.downgrade(body).map_err(|why| {
+            let text = format!("8-bit message, no 8BITMIME, cannot convert: {why}");
+            Refusal::new(554, EnhancedStatus(5, 6, 3), text)
+        })?;
+        let mut tx =
+            Transaction::planned(caps, envelope, recipients, converted.len() as u64, false)?;
+        tx.downgraded = Some(converted);
+        Ok(tx)
+    }
+
+    /// [`Transaction::new`] for a body of `size` octets that is sent as
+    /// it is, without being held here: `eight_bit` when it has 8-bit
+    /// octets, which a server without 8BITMIME is not sent (5.6.3; a body
+    /// to convert goes through [`Transaction::new`]).
+    pub fn planned(
+        caps: &Capabilities,
+        envelope: &Envelope,
+        recipients: &[u32],
+        size: u64,
+        eight_bit: bool,
+    ) -> Result<Transaction, Refusal> {
         // Indices outside the envelope are skipped, in both lists alike.
         let (indices, rcpts): (Vec<u32>, Vec<&Recipient>) = recipients
             .iter()
@@ -442,19 +473,13 @@ impl Transaction {
                     .to_string(),
             ));
         }
-        let eight_bit_body = crate::mime8::is_8bit(body);
-        let downgraded = if eight_bit_body && !caps.eight_bit_mime {
-            match eight_bit.downgrade(body) {
-                Ok(converted) => Some(converted),
-                Err(why) => {
-                    let text = format!("8-bit message, no 8BITMIME, cannot convert: {why}");
-                    return Err(Refusal::new(554, EnhancedStatus(5, 6, 3), text));
-                }
-            }
-        } else {
-            None
-        };
-        let size = downgraded.as_ref().map_or(body.len(), Vec::len) as u64;
+        if eight_bit && !caps.eight_bit_mime {
+            return Err(Refusal::new(
+                554,
+                EnhancedStatus(5, 6, 3),
+                "8-bit message and the server does not offer 8BITMIME".to_string(),
+            ));
+        }
         if let Some(limit) = caps.size_limit() {
             if size > limit {
                 return Err(Refusal::new(
@@ -475,7 +500,7 @@ impl Transaction {
         if caps.size.is_some() {
             mail.push_str(&format!(" SIZE={size}"));
         }
-        if eight_bit_body && downgraded.is_none() {
+        if eight_bit {
             mail.push_str(" BODY=8BITMIME");
         }
         if caps.smtputf8 && (needs_utf8 || envelope.smtputf8) {
@@ -521,7 +546,7 @@ impl Transaction {
             pending: Default::default(),
             next_rcpt: 0,
             stage: Stage::Mail,
-            downgraded,
+            downgraded: None,
             done: false,
         })
     }
@@ -529,7 +554,12 @@ impl Transaction {
     /// The body to send: the converted one when an 8-bit body had to be
     /// made 7-bit, else `original`.
     pub fn body<'a>(&'a self, original: &'a [u8]) -> &'a [u8] {
-        self.downgraded.as_deref().unwrap_or(original)
+        self.converted().unwrap_or(original)
+    }
+
+    /// The body made 7-bit, when it had to be.
+    pub fn converted(&self) -> Option<&[u8]> {
+        self.downgraded.as_deref()
     }
 
     /// The first step: MAIL alone, or MAIL, every RCPT and DATA in one

@@ -245,19 +245,27 @@ pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
 
 /// Decodes a record written by [`encode`] (this or an older version).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
-    let (&version, body) = bytes.split_first().ok_or(RecordError::Empty)?;
-    if version != RECORD_VERSION {
-        return Err(RecordError::UnknownVersion(version));
-    }
-    let (value, used) = bincode::serde::decode_from_slice(body, bincode_config())
-        .map_err(|e| RecordError::Malformed(e.to_string()))?;
-    if used != body.len() {
+    let (value, used) = decode_prefix(bytes)?;
+    if used != bytes.len() {
         return Err(RecordError::Malformed(format!(
             "{} trailing bytes",
-            body.len() - used
+            bytes.len() - used
         )));
     }
     Ok(value)
+}
+
+/// Decodes the value at the start of `bytes`, written by [`encode`] in
+/// front of more, and says how many bytes it took (the version byte
+/// included): how a large value is read a part at a time.
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), RecordError> {
+    let (&version, rest) = bytes.split_first().ok_or(RecordError::Empty)?;
+    if version != RECORD_VERSION {
+        return Err(RecordError::UnknownVersion(version));
+    }
+    let (value, used) = bincode::serde::decode_from_slice(rest, bincode_config())
+        .map_err(|e| RecordError::Malformed(e.to_string()))?;
+    Ok((value, 1 + used))
 }
 
 #[cfg(test)]

@@ -337,7 +337,10 @@ impl Relay {
     /// The body of one spooled message (relay stopped).
     pub fn spool_body(&self, id: &MessageId) -> Vec<u8> {
         let id = id.clone();
-        self.with_spool(|spool| async move { spool.read_body(&id).await.expect("read a body") })
+        self.with_spool(|spool| async move {
+            let body = spool.read_body(&id).await.expect("read a body");
+            body.to_vec().expect("read the part on disk")
+        })
     }
 
     fn with_spool<T, F: std::future::Future<Output = T>>(

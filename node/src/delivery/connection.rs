@@ -24,7 +24,7 @@ use crate::delivery::route::{RouteError, Router};
 use crate::delivery::{maildir, DomainPolicy, Job, MessageOutcome, RcptOutcome, RcptResult, Route};
 use crate::limits::{first_renewal, ConnectionLease, DomainLimits, LeaseHealth, LimitError};
 use crate::queue::{Queue, Release, Report};
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{Body, Spool, SpoolError};
 use crate::suppression::{address_key, is_hard_bounce, Entry, Scope, Source, Suppressions};
 use crate::throttle::{ConnectionDone, DomainThrottle, RatePermit};
 
@@ -237,7 +237,7 @@ async fn body_or_report(
     record: &MessageRecord,
     delivery: usize,
     started: Instant,
-) -> Option<Vec<u8>> {
+) -> Option<Body> {
     let error = match env.spool.read_body(&record.id).await {
         Ok(body) => return Some(body),
         Err(error) => error,

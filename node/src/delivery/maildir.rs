@@ -15,6 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use smarthost_proto::address::Mailbox;
 use smarthost_proto::envelope::MessageId;
 
+use crate::spool::{Body, SpoolError};
+
 /// Tells deliveries within one process apart.
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
@@ -31,7 +33,7 @@ pub fn deliver(
     drop_dir: &Path,
     id: &MessageId,
     recipients: &[&Mailbox],
-    body: &[u8],
+    body: &Body,
 ) -> io::Result<PathBuf> {
     let tmp = drop_dir.join("tmp");
     let new = drop_dir.join("new");
@@ -88,14 +90,18 @@ fn create_unique(tmp: &Path, id: &MessageId) -> io::Result<(String, File)> {
     }
 }
 
-fn write_and_sync(file: &mut File, recipients: &[&Mailbox], body: &[u8]) -> io::Result<()> {
+fn write_and_sync(file: &mut File, recipients: &[&Mailbox], body: &Body) -> io::Result<()> {
     let mut head = String::new();
     for rcpt in recipients {
         head.push_str(&format!("Delivered-To: {rcpt}\r\n"));
     }
     let mut out = io::BufWriter::new(&mut *file);
     out.write_all(head.as_bytes())?;
-    out.write_all(body)?;
+    body.for_each_chunk(|chunk| {
+        out.write_all(chunk)
+            .map_err(|e| SpoolError::Unavailable(e.to_string()))
+    })
+    .map_err(io::Error::other)?;
     out.flush()?;
     drop(out);
     file.sync_all()
@@ -149,7 +155,7 @@ mod tests {
         let b = mailbox("john doe", "example.org");
         let body = b"Subject: hi\r\n\r\nhello\r\n";
 
-        let path = deliver(&drop_dir, &id, &[&a, &b], body).unwrap();
+        let path = deliver(&drop_dir, &id, &[&a, &b], &Body::from(body.to_vec())).unwrap();
 
         assert_eq!(path.parent().unwrap(), drop_dir.join("new"));
         assert_eq!(entries(&drop_dir.join("new")), vec![path.clone()]);
@@ -171,8 +177,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id = MessageId::new(1, 2);
         let a = mailbox("a", "example.org");
-        let first = deliver(dir.path(), &id, &[&a], b"one\r\n").unwrap();
-        let second = deliver(dir.path(), &id, &[&a], b"two\r\n").unwrap();
+        let first = deliver(dir.path(), &id, &[&a], &Body::from(b"one\r\n".to_vec())).unwrap();
+        let second = deliver(dir.path(), &id, &[&a], &Body::from(b"two\r\n".to_vec())).unwrap();
         assert_ne!(first, second);
         assert_eq!(entries(&dir.path().join("new")).len(), 2);
         assert_eq!(
@@ -196,7 +202,13 @@ mod tests {
                     let a = mailbox("a", "example.org");
                     for i in 0..10 {
                         let body = format!("{t}-{i}\r\n");
-                        deliver(&path, &MessageId::new(1, 1), &[&a], body.as_bytes()).unwrap();
+                        deliver(
+                            &path,
+                            &MessageId::new(1, 1),
+                            &[&a],
+                            &Body::from(body.into_bytes()),
+                        )
+                        .unwrap();
                     }
                 })
             })
@@ -214,6 +226,12 @@ mod tests {
         let file = dir.path().join("not-a-dir");
         fs::write(&file, b"x").unwrap();
         let a = mailbox("a", "example.org");
-        assert!(deliver(&file, &MessageId::new(1, 2), &[&a], b"x").is_err());
+        assert!(deliver(
+            &file,
+            &MessageId::new(1, 2),
+            &[&a],
+            &Body::from(b"x".to_vec())
+        )
+        .is_err());
     }
 }

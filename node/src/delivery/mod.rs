@@ -26,6 +26,7 @@ use smarthost_proto::envelope::MessageRecord;
 use crate::config::{
     parse_rate, parse_smart_host, Config, DomainAuth, DomainKind, SmartHost, TlsPolicy,
 };
+use crate::spool::Body;
 
 /// One message's delivery to one domain, with its body, ready to send.
 #[derive(Clone, Debug)]
@@ -33,7 +34,7 @@ pub struct Job {
     pub record: Arc<MessageRecord>,
     /// Index into `record.deliveries`.
     pub delivery: usize,
-    pub body: Arc<Vec<u8>>,
+    pub body: Arc<Body>,
 }
 
 impl Job {

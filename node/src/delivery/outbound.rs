@@ -18,7 +18,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use smarthost_proto::client::{
     self, AuthClient, AuthMechanism, AuthStep, Capabilities, Disposition, DowngradeWith,
-    EightBitPolicy, ReplyError, ReplyParser, Stage, Step, Transaction,
+    EightBitPolicy, Refusal, ReplyError, ReplyParser, Stage, Step, Transaction,
 };
 use smarthost_proto::mime8;
 use smarthost_proto::reply::Reply;
@@ -30,6 +30,7 @@ use tokio_rustls::TlsConnector;
 use super::route::NextHop;
 use super::{DomainPolicy, Job, MessageOutcome, RcptOutcome, RcptResult, RemoteInfo};
 use crate::config::{Config, DeliveryConfig, TlsPolicy};
+use crate::spool::{Body, SpoolError};
 
 /// The two TLS client configurations, built once from the configuration
 /// and shared by every connection.
@@ -245,6 +246,9 @@ enum IoFailure {
     Timeout(Duration),
     Closed,
     Reply(ReplyError),
+    /// The body could not be read on while it was sent: the data was cut
+    /// off without its end, so the server takes none of it.
+    Spool(SpoolError),
 }
 
 impl fmt::Display for IoFailure {
@@ -256,6 +260,7 @@ impl fmt::Display for IoFailure {
             }
             IoFailure::Closed => f.write_str("the server closed the connection"),
             IoFailure::Reply(e) => write!(f, "{e}"),
+            IoFailure::Spool(e) => write!(f, "{e}"),
         }
     }
 }
@@ -327,23 +332,43 @@ impl Connection {
         self.read_reply(limit).await
     }
 
-    /// Writes the body as DATA lines (`.CRLF` included), all within `limit`.
-    /// The end of data goes out with the last chunk: one write, one
-    /// segment for a small message.
-    async fn write_body(&mut self, body: &[u8], limit: Duration) -> Result<(), IoFailure> {
+    /// Writes the body as DATA lines (`.CRLF` included), all within `limit`:
+    /// `converted` when the body had to be made 7-bit, else `body`, whose
+    /// part on disk is read a chunk at a time as it goes. Each chunk is
+    /// written once the next is encoded, so the end of data goes out with
+    /// the last: one write, one segment for a small message.
+    async fn write_body(
+        &mut self,
+        body: &Body,
+        converted: Option<&[u8]>,
+        limit: Duration,
+    ) -> Result<(), IoFailure> {
         let deadline = tokio::time::Instant::now() + limit;
         let mut encoder = client::BodyEncoder::new();
         let mut out = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);
-        let mut chunks = body.chunks(BODY_CHUNK).peekable();
-        while let Some(chunk) = chunks.next() {
-            out.clear();
-            encoder.encode(chunk, &mut out);
-            if chunks.peek().is_some() {
+        let in_memory = converted.unwrap_or(body.head());
+        for chunk in in_memory.chunks(BODY_CHUNK) {
+            if !out.is_empty() {
                 self.write_by(&out, deadline, limit).await?;
+                out.clear();
             }
+            encoder.encode(chunk, &mut out);
         }
-        if body.is_empty() {
-            out.clear();
+        if let Some(rest) = body.rest().filter(|_| converted.is_none()) {
+            let mut at = 0;
+            while at < rest.len() {
+                let part = rest.clone();
+                let chunk = tokio::task::spawn_blocking(move || part.chunk_at(at, BODY_CHUNK))
+                    .await
+                    .map_err(|e| IoFailure::Spool(SpoolError::Unavailable(e.to_string())))?
+                    .map_err(IoFailure::Spool)?;
+                at += chunk.len() as u64;
+                if !out.is_empty() {
+                    self.write_by(&out, deadline, limit).await?;
+                    out.clear();
+                }
+                encoder.encode(&chunk, &mut out);
+            }
         }
         encoder.finish(&mut out);
         self.write_by(&out, deadline, limit).await
@@ -613,28 +638,22 @@ impl Outbound {
             return outcome;
         }
         let indices: Vec<u32> = job.recipients().map(|(i, _)| i).collect();
-        let mut tx = match Transaction::new(
-            &self.caps,
-            &job.record.envelope,
-            &indices,
-            &job.body,
-            &*self.settings.eight_bit,
-        ) {
+        let mut tx = match plan(&self.caps, job, &indices, &*self.settings.eight_bit).await {
             Ok(tx) => tx,
-            Err(refusal) => {
-                let mut outcome = MessageOutcome::all(
-                    job,
-                    RcptResult::Failed,
-                    refusal.to_string(),
-                    started.elapsed(),
-                );
+            Err((result, text)) => {
+                let mut outcome = MessageOutcome::all(job, result, text, started.elapsed());
                 outcome.remote = Some(self.remote.clone());
                 return outcome;
             }
         };
         if let Err(failure) = self.drive(&mut tx, &job.body).await {
             self.usable = false;
-            let text = format!("451 4.4.2 connection lost after {}: {failure}", tx.stage());
+            let text = match &failure {
+                IoFailure::Spool(error) => {
+                    format!("451 4.3.0 cannot read the message from the spool: {error}")
+                }
+                _ => format!("451 4.4.2 connection lost after {}: {failure}", tx.stage()),
+            };
             tracing::info!(host = %self.remote.host, %text, "connection lost");
             tx.abort(Disposition::Deferred, &text);
         }
@@ -657,7 +676,7 @@ impl Outbound {
         }
     }
 
-    async fn drive(&mut self, tx: &mut Transaction, body: &[u8]) -> Result<(), IoFailure> {
+    async fn drive(&mut self, tx: &mut Transaction, body: &Body) -> Result<(), IoFailure> {
         let settings = &self.settings;
         let mut step = tx.start();
         loop {
@@ -665,7 +684,7 @@ impl Outbound {
                 Step::Write(bytes) => self.conn.write(&bytes, settings.command_timeout).await?,
                 Step::WriteBody => {
                     self.conn
-                        .write_body(tx.body(body), settings.data_timeout)
+                        .write_body(body, tx.converted(), settings.data_timeout)
                         .await?
                 }
                 Step::Read => {}
@@ -704,6 +723,56 @@ impl Outbound {
             self.conn.quit(self.settings.command_timeout).await;
         }
     }
+}
+
+/// The transaction for `job` on a server with `caps`, or the result and
+/// reply for all its recipients when it cannot be sent there. A body with
+/// a part on disk is looked through on disk for 8-bit octets, and read
+/// whole only when it has them and must be converted.
+async fn plan(
+    caps: &Capabilities,
+    job: &Job,
+    indices: &[u32],
+    eight_bit: &dyn EightBitPolicy,
+) -> Result<Transaction, (RcptResult, String)> {
+    let refused = |refusal: Refusal| (RcptResult::Failed, refusal.to_string());
+    if job.body.rest().is_none() {
+        return Transaction::new(
+            caps,
+            &job.record.envelope,
+            indices,
+            job.body.head(),
+            eight_bit,
+        )
+        .map_err(refused);
+    }
+    let unreadable = |error: SpoolError| {
+        let text = format!("451 4.3.0 cannot read the message from the spool: {error}");
+        (RcptResult::Deferred, text)
+    };
+    let body = job.body.clone();
+    let has_8bit = tokio::task::spawn_blocking(move || {
+        let mut found = false;
+        body.for_each_chunk(|chunk| {
+            found |= mime8::is_8bit(chunk);
+            Ok(())
+        })
+        .map(|()| found)
+    })
+    .await
+    .map_err(|e| unreadable(SpoolError::Unavailable(e.to_string())))?
+    .map_err(unreadable)?;
+    if has_8bit && !caps.eight_bit_mime {
+        let body = job.body.clone();
+        let whole = tokio::task::spawn_blocking(move || body.to_vec())
+            .await
+            .map_err(|e| unreadable(SpoolError::Unavailable(e.to_string())))?
+            .map_err(unreadable)?;
+        return Transaction::new(caps, &job.record.envelope, indices, &whole, eight_bit)
+            .map_err(refused);
+    }
+    let size = job.body.len();
+    Transaction::planned(caps, &job.record.envelope, indices, size, has_8bit).map_err(refused)
 }
 
 /// The longest wait for the answer to QUIT: nothing depends on it.

@@ -13,6 +13,7 @@ use super::*;
 use crate::delivery::RcptResult;
 use crate::scheduler::SchedulerCounts;
 use crate::spool::suite::{id, message};
+use crate::spool::Body;
 use crate::spool::{LocalSpool, LocalSpoolOptions};
 
 /// A local spool that can be made to fail: `fail_new` fails every call
@@ -62,7 +63,7 @@ impl Spool for FlakySpool {
     async fn list(&self) -> Result<Vec<MessageRecord>, SpoolError> {
         self.inner.list().await
     }
-    async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
+    async fn read_body(&self, id: &MessageId) -> Result<Body, SpoolError> {
         if self.slow_bodies.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

@@ -58,7 +58,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{page_of, Change, ListCursor, NewMessage, SpilledPart, Spool, SpoolError};
+use super::{
+    page_of, Body, Change, ListCursor, NewMessage, SpilledPart, Spool, SpoolError, BODY_CHUNK,
+    READ_WHOLE_UP_TO,
+};
 
 /// How long `open` waits for a lock that another holder is letting go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -94,14 +97,20 @@ impl Checksum {
 
     /// [`Checksum::of`] the parts one after the other.
     fn of_parts(self, parts: &[&[u8]]) -> u32 {
-        let mut hasher = crc32fast::Hasher::new();
-        if let Checksum::Keyed(key) = self {
-            hasher.update(&key);
-        }
+        let mut hasher = self.hasher();
         for part in parts {
             hasher.update(part);
         }
         hasher.finalize()
+    }
+
+    /// A hasher to be fed the payload: [`Checksum::of`] a piece at a time.
+    fn hasher(self) -> crc32fast::Hasher {
+        let mut hasher = crc32fast::Hasher::new();
+        if let Checksum::Keyed(key) = self {
+            hasher.update(&key);
+        }
+        hasher
     }
 
     /// Where the first frame starts.
@@ -1355,30 +1364,104 @@ fn read_body_at(
     loc: Loc,
     body_len: u64,
 ) -> Result<Vec<u8>, SpoolError> {
-    let corrupt = || {
-        SpoolError::Corrupt(format!(
-            "message body in segment {} at offset {} fails its checksum",
-            loc.segment, loc.offset
-        ))
-    };
-    let Some(head_len) = loc.len.checked_sub(body_len).filter(|&n| n >= FRAME_HEADER) else {
-        return Err(corrupt());
-    };
-    let mut head = vec![0u8; head_len as usize];
+    let mut frame = FrameHead::new(loc, body_len)?;
     let mut body = vec![0u8; body_len as usize];
     read_exact_vectored_at(
         file,
-        &mut [IoSliceMut::new(&mut head), IoSliceMut::new(&mut body)],
+        &mut [
+            IoSliceMut::new(&mut frame.bytes),
+            IoSliceMut::new(&mut body),
+        ],
         loc.offset,
     )
     .map_err(|e| io_error("reading a message body", e))?;
-    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
-    let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
-    let payload = [&head[FRAME_HEADER as usize..], &body[..]];
-    if u64::from(len) != loc.len - FRAME_HEADER || checksum.of_parts(&payload) != crc {
-        return Err(corrupt());
-    }
+    frame.check(checksum, &[&body])?;
     Ok(body)
+}
+
+/// [`read_body_at`] for a body past [`READ_WHOLE_UP_TO`]: the frame is
+/// checked a chunk at a time, and the body handed back as its first chunk
+/// and its place in the segment, to be read again as it is sent (frames
+/// are never rewritten, and the handle outlives a compaction).
+fn read_large_body_at(
+    file: &Arc<File>,
+    checksum: Checksum,
+    loc: Loc,
+    body_len: u64,
+) -> Result<Body, SpoolError> {
+    let mut frame = FrameHead::new(loc, body_len)?;
+    let mut first = vec![0u8; (BODY_CHUNK as u64).min(body_len) as usize];
+    read_exact_vectored_at(
+        file,
+        &mut [
+            IoSliceMut::new(&mut frame.bytes),
+            IoSliceMut::new(&mut first),
+        ],
+        loc.offset,
+    )
+    .map_err(|e| io_error("reading a message body", e))?;
+    let rest_at = loc.offset + frame.bytes.len() as u64 + first.len() as u64;
+    let rest_len = body_len - first.len() as u64;
+    let rest = Body::stored(Vec::new(), file.clone(), rest_at, rest_len);
+    // Checked as it is read: only a chunk is held at a time.
+    let mut hasher = checksum.hasher();
+    hasher.update(&frame.bytes[FRAME_HEADER as usize..]);
+    hasher.update(&first);
+    rest.for_each_chunk(|chunk| {
+        hasher.update(chunk);
+        Ok(())
+    })?;
+    frame.check_crc(hasher.finalize())?;
+    Ok(Body::stored(first, file.clone(), rest_at, rest_len))
+}
+
+/// The part of a message frame before its body: the frame header and the
+/// message's head, checked with the body.
+struct FrameHead {
+    loc: Loc,
+    bytes: Vec<u8>,
+}
+
+impl FrameHead {
+    fn new(loc: Loc, body_len: u64) -> Result<FrameHead, SpoolError> {
+        let head_len = loc
+            .len
+            .checked_sub(body_len)
+            .filter(|&n| n >= FRAME_HEADER)
+            .ok_or_else(|| corrupt_body(loc))?;
+        Ok(FrameHead {
+            loc,
+            bytes: vec![0u8; head_len as usize],
+        })
+    }
+
+    /// Whether the frame with `body` after this head is what was written.
+    fn check(&self, checksum: Checksum, body: &[&[u8]]) -> Result<(), SpoolError> {
+        let mut hasher = checksum.hasher();
+        hasher.update(&self.bytes[FRAME_HEADER as usize..]);
+        for part in body {
+            hasher.update(part);
+        }
+        self.check_crc(hasher.finalize())
+    }
+
+    /// Whether the frame's length and `crc`, the checksum of its payload
+    /// as read, are those in its header.
+    fn check_crc(&self, crc: u32) -> Result<(), SpoolError> {
+        let len = u32::from_le_bytes(self.bytes[..4].try_into().expect("4 bytes"));
+        let stored = u32::from_le_bytes(self.bytes[4..8].try_into().expect("4 bytes"));
+        if u64::from(len) != self.loc.len - FRAME_HEADER || crc != stored {
+            return Err(corrupt_body(self.loc));
+        }
+        Ok(())
+    }
+}
+
+fn corrupt_body(loc: Loc) -> SpoolError {
+    SpoolError::Corrupt(format!(
+        "message body in segment {} at offset {} fails its checksum",
+        loc.segment, loc.offset
+    ))
 }
 
 #[derive(Debug)]
@@ -1844,7 +1927,7 @@ impl Spool for LocalSpool {
         .await
     }
 
-    async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
+    async fn read_body(&self, id: &MessageId) -> Result<Body, SpoolError> {
         let id = id.clone();
         self.blocking(move |inner| {
             let (file, checksum, loc, body_len) = {
@@ -1863,7 +1946,11 @@ impl Spool for LocalSpool {
             };
             // The file handle stays readable even if compaction deletes
             // the segment meanwhile, and frames are never rewritten.
-            read_body_at(&file, checksum, loc, body_len)
+            if body_len > READ_WHOLE_UP_TO {
+                read_large_body_at(&file, checksum, loc, body_len)
+            } else {
+                read_body_at(&file, checksum, loc, body_len).map(Body::from)
+            }
         })
         .await
     }
@@ -2628,6 +2715,34 @@ mod tests {
         assert_eq!(files, [old.clone(), dir.path().join(segment_name(2))]);
         key_of(&files[1]);
         assert_holds(&open(dir.path(), &opts), &[0, 2, 3]).await;
+    }
+
+    #[tokio::test]
+    async fn a_large_body_damaged_after_it_was_stored_is_refused_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), &options(1 << 24));
+        let len = 3 * READ_WHOLE_UP_TO as usize;
+        spool.store(vec![message(1, len)]).await.unwrap();
+        let body = spool.read_body(&id(1)).await.unwrap();
+        assert!(body.rest().is_some(), "read a chunk at a time");
+        assert_eq!(body, message(1, len).body);
+
+        // One byte well past the first chunk, which is read with the
+        // frame's head: only the check of the streamed rest can see it.
+        let segment = &segment_files(dir.path())[0];
+        let at = fs::metadata(segment).unwrap().len() - READ_WHOLE_UP_TO;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(segment)
+            .unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x20], at).unwrap();
+        match spool.read_body(&id(1)).await {
+            Err(SpoolError::Corrupt(why)) => assert!(why.contains("checksum"), "{why}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -31,6 +31,12 @@ pub struct NewMessage {
 /// unmapped again for every message.
 pub const BODY_CHUNK: usize = 64 * 1024;
 
+/// Bodies up to this size are read whole for delivery; a larger one comes
+/// back with its first [`BODY_CHUNK`] in memory and the rest in a file
+/// (see [`Spool::read_body`]), so that many deliveries of large messages
+/// at once do not hold them all.
+pub const READ_WHOLE_UP_TO: u64 = 256 * 1024;
+
 /// A message body: its first bytes in memory and, for a large message,
 /// the rest on disk ([`SpilledPart`]), so that it is never held whole.
 #[derive(Clone, Debug, Default)]
@@ -39,12 +45,15 @@ pub struct Body {
     rest: Option<SpilledPart>,
 }
 
-/// The part of a body written to a file while it arrived. The file is an
+/// The part of a body on disk: a file written while the body arrived (an
 /// unlinked temporary one: it goes away with the last handle, also when
-/// the process dies.
+/// the process dies), or the place of a stored body in the spool's own
+/// files, which are never rewritten while a handle is open.
 #[derive(Clone, Debug)]
 pub struct SpilledPart {
     file: Arc<std::fs::File>,
+    /// Where the part starts in `file`.
+    offset: u64,
     len: u64,
 }
 
@@ -62,9 +71,11 @@ impl SpilledPart {
     pub fn chunk_at(&self, at: u64, size: usize) -> Result<Vec<u8>, SpoolError> {
         use std::os::unix::fs::FileExt;
         let mut chunk = vec![0u8; size.min(self.len.saturating_sub(at) as usize)];
-        self.file.read_exact_at(&mut chunk, at).map_err(|e| {
-            SpoolError::Unavailable(format!("reading a message body from disk: {e}"))
-        })?;
+        self.file
+            .read_exact_at(&mut chunk, self.offset + at)
+            .map_err(|e| {
+                SpoolError::Unavailable(format!("reading a message body from disk: {e}"))
+            })?;
         Ok(chunk)
     }
 
@@ -79,9 +90,11 @@ impl SpilledPart {
         let mut at = 0u64;
         while at < self.len {
             let n = chunk.len().min((self.len - at) as usize);
-            self.file.read_exact_at(&mut chunk[..n], at).map_err(|e| {
-                SpoolError::Unavailable(format!("reading a message body from disk: {e}"))
-            })?;
+            self.file
+                .read_exact_at(&mut chunk[..n], self.offset + at)
+                .map_err(|e| {
+                    SpoolError::Unavailable(format!("reading a message body from disk: {e}"))
+                })?;
             f(&chunk[..n])?;
             at += n as u64;
         }
@@ -92,12 +105,14 @@ impl SpilledPart {
 impl Body {
     /// `head` followed by the first `len` bytes of `file`.
     pub fn spilled(head: Vec<u8>, file: std::fs::File, len: u64) -> Body {
+        Body::stored(head, Arc::new(file), 0, len)
+    }
+
+    /// `head` followed by the `len` bytes of `file` from `offset` on.
+    pub fn stored(head: Vec<u8>, file: Arc<std::fs::File>, offset: u64, len: u64) -> Body {
         Body {
             head,
-            rest: Some(SpilledPart {
-                file: Arc::new(file),
-                len,
-            }),
+            rest: Some(SpilledPart { file, offset, len }),
         }
     }
 
@@ -337,8 +352,10 @@ pub trait Spool: Send + Sync + 'static {
         Ok(false)
     }
 
-    /// The body of a stored message.
-    async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError>;
+    /// The body of a stored message, checked: whole in memory up to
+    /// [`READ_WHOLE_UP_TO`], else its first bytes in memory and the rest
+    /// on disk, to be read a chunk at a time as it is sent.
+    async fn read_body(&self, id: &MessageId) -> Result<Body, SpoolError>;
 
     /// Stores `batch` and applies `changes` to other messages as one step:
     /// a backend that can makes both durable together (the local spool:

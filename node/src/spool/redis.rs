@@ -171,6 +171,7 @@
 
 use crate::now_ms;
 use std::io::Write as _;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -182,7 +183,7 @@ use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{ListCursor, NewMessage, Quarantined, Spool, SpoolError};
+use super::{Body, ListCursor, NewMessage, Quarantined, Spool, SpoolError, READ_WHOLE_UP_TO};
 use crate::metrics::RedisFailure;
 
 /// The sorted set of all stored messages by receive time.
@@ -340,6 +341,9 @@ pub struct RedisSpoolOptions {
     /// How often the server's settings are read again (see "Guarded all
     /// the time" in the module doc).
     pub check_interval: Duration,
+    /// Where a body larger than [`READ_WHOLE_UP_TO`] is copied, in a
+    /// nameless file, while it is delivered.
+    pub body_dir: std::path::PathBuf,
 }
 
 impl Default for RedisSpoolOptions {
@@ -350,6 +354,7 @@ impl Default for RedisSpoolOptions {
             min_replicas: 0,
             require_fsync: false,
             check_interval: Duration::from_secs(5),
+            body_dir: std::env::temp_dir(),
         }
     }
 }
@@ -445,14 +450,8 @@ impl Settings {
     }
 }
 
-#[derive(Deserialize)]
-struct BodyIn {
-    #[serde(deserialize_with = "super::local::body_bytes::deserialize")]
-    bytes: Vec<u8>,
-}
-
 /// A body in memory as a command argument: one byte string behind the
-/// version byte, as [`BodyIn`] reads it, written straight into the
+/// version byte, as [`Spool::read_body`] reads it, written straight into the
 /// command rather than into a buffer of its own first.
 struct StoredBody<'a>(&'a [u8]);
 
@@ -467,7 +466,7 @@ impl ToRedisArgs for StoredBody<'_> {
 
 /// What [`StoredBody`] puts before a body of `len` bytes: the body is
 /// then stored in parts, with these bytes in front of the first.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct BodyHead {
     len: u64,
 }
@@ -488,10 +487,16 @@ fn decode_record(id: &MessageId, bytes: &[u8]) -> Result<MessageRecord, SpoolErr
     envelope::decode(bytes).map_err(|e| SpoolError::Corrupt(format!("record of {id}: {e}")))
 }
 
+/// A whole stored body as [`StoredBody`] wrote it.
+#[cfg(test)]
 fn decode_body(id: &MessageId, bytes: &[u8]) -> Result<Vec<u8>, SpoolError> {
-    envelope::decode::<BodyIn>(bytes)
-        .map(|b| b.bytes)
-        .map_err(|e| SpoolError::Corrupt(format!("body of {id}: {e}")))
+    let corrupt = |why: String| SpoolError::Corrupt(format!("body of {id}: {why}"));
+    let (BodyHead { len }, used) =
+        envelope::decode_prefix(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if (bytes.len() - used) as u64 != len {
+        return Err(corrupt(format!("{} bytes for {len}", bytes.len() - used)));
+    }
+    Ok(bytes[used..].to_vec())
 }
 
 /// The ids of the index entries among `missing` (their record is gone)
@@ -1116,6 +1121,62 @@ impl RedisSpool {
         Ok(replies.into_iter().next().unwrap_or(Value::Nil))
     }
 
+    /// The rest of a large body after its `head`, copied into a nameless
+    /// file in [`RedisSpoolOptions::body_dir`] a chunk per request, so
+    /// that a delivery never holds it whole ([`Spool::read_body`]).
+    async fn read_body_rest(
+        &self,
+        id: &MessageId,
+        key: &str,
+        head: Vec<u8>,
+        len: u64,
+    ) -> Result<Body, SpoolError> {
+        let unavailable = |e: std::io::Error| {
+            SpoolError::Unavailable(format!("copying the body of {id} to disk: {e}"))
+        };
+        let dir = self.options.body_dir.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).and_then(|()| tempfile::tempfile_in(dir))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|file| file)
+        .map_err(unavailable)?;
+        let file = Arc::new(file);
+        let start = (envelope::encode(&BodyHead { len }).len() + head.len()) as u64;
+        let rest_len = len - head.len() as u64;
+        let mut copied = 0u64;
+        while copied < rest_len {
+            let from = start + copied;
+            let to = from + (STAGING_CHUNK as u64).min(rest_len - copied) - 1;
+            let chunk: Vec<u8> = self
+                .query_cmd(
+                    "read_body",
+                    redis::cmd("GETRANGE").arg(key).arg(from).arg(to),
+                )
+                .await?;
+            if chunk.is_empty() {
+                // Removed while it was read.
+                return Err(SpoolError::NotFound(id.clone()));
+            }
+            let n = chunk.len() as u64;
+            if n < to + 1 - from {
+                return Err(SpoolError::Corrupt(format!(
+                    "body of {id}: {} of {len} bytes",
+                    head.len() as u64 + copied + n
+                )));
+            }
+            let (part, at) = (file.clone(), copied);
+            tokio::task::spawn_blocking(move || part.write_all_at(&chunk, at))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|written| written)
+                .map_err(unavailable)?;
+            copied += n;
+        }
+        Ok(Body::stored(head, file, 0, rest_len))
+    }
+
     /// Writes a body that is partly on disk to its staging key, a chunk
     /// per request, so that it is never held whole; nothing for a body in
     /// memory. No durability wait here: the store's own wait, later on the
@@ -1539,14 +1600,37 @@ impl Spool for RedisSpool {
         Ok(deleted == 1)
     }
 
-    async fn read_body(&self, id: &MessageId) -> Result<Vec<u8>, SpoolError> {
-        let value: Option<Vec<u8>> = self
-            .query_cmd("read_body", redis::cmd("GET").arg(body_key(id)))
+    async fn read_body(&self, id: &MessageId) -> Result<Body, SpoolError> {
+        let key = body_key(id);
+        // Room for the length in front: a body up to READ_WHOLE_UP_TO
+        // comes whole, in one round trip.
+        let first_end = READ_WHOLE_UP_TO + 15;
+        let mut first: Vec<u8> = self
+            .query_cmd(
+                "read_body",
+                redis::cmd("GETRANGE").arg(&key).arg(0).arg(first_end),
+            )
             .await?;
-        match value {
-            Some(bytes) => decode_body(id, &bytes),
-            None => Err(SpoolError::NotFound(id.clone())),
+        // A missing key reads as an empty string.
+        if first.is_empty() {
+            return Err(SpoolError::NotFound(id.clone()));
         }
+        let corrupt = |why: String| SpoolError::Corrupt(format!("body of {id}: {why}"));
+        let (BodyHead { len }, used) =
+            envelope::decode_prefix(&first).map_err(|e| corrupt(e.to_string()))?;
+        let held = (first.len() - used) as u64;
+        if held >= len {
+            if held > len {
+                return Err(corrupt(format!("{} trailing bytes", held - len)));
+            }
+            first.drain(..used);
+            return Ok(Body::from(first));
+        }
+        if (first.len() as u64) < first_end + 1 {
+            return Err(corrupt(format!("{held} of {len} bytes")));
+        }
+        self.read_body_rest(id, &key, first.split_off(used), len)
+            .await
     }
 }
 
@@ -1558,7 +1642,7 @@ mod tests {
     use smarthost_proto::envelope::RECORD_VERSION;
 
     use super::*;
-    use crate::spool::suite::{self, id, message};
+    use crate::spool::suite::{self, id, message, receive_from_now};
     use smarthost_testkit::redis::RedisServer;
 
     async fn open(server: &RedisServer) -> RedisSpool {
@@ -1680,6 +1764,49 @@ mod tests {
     /// A body staged in parts whose staging key is gone by the time of the
     /// store (it expired, or the server lost it) fails the store, and no
     /// record is left without its body.
+    #[tokio::test]
+    async fn a_large_body_is_read_into_a_file_and_a_cut_one_is_refused() {
+        let server = RedisServer::start();
+        let body_dir = tempfile::tempdir().unwrap();
+        let spool = RedisSpool::open_with(
+            &server.url(),
+            RedisSpoolOptions {
+                body_dir: body_dir.path().join("bodies"),
+                ..RedisSpoolOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        receive_from_now();
+        let len = 3 * STAGING_CHUNK + 5;
+        let m = message(1, len);
+        spool.store(vec![m.clone()]).await.unwrap();
+        let body = spool.read_body(&id(1)).await.unwrap();
+        assert!(body.rest().is_some(), "not held whole");
+        assert!(body.head().len() as u64 <= READ_WHOLE_UP_TO + 16);
+        assert_eq!(body, m.body);
+        // The copy has no name: nothing is left behind.
+        drop(body);
+        assert_eq!(fs_entries(&body_dir.path().join("bodies")), 0);
+
+        // Cut short within its first read and past it.
+        let mut conn = raw(&server).await;
+        let stored = get(&mut conn, &body_key(&id(1))).await;
+        for keep in [1000, 2 * STAGING_CHUNK] {
+            set(&mut conn, &body_key(&id(1)), &stored[..keep]).await;
+            match spool.read_body(&id(1)).await {
+                Err(SpoolError::Corrupt(why)) => {
+                    assert!(why.contains(&format!("of {len} bytes")), "{why}")
+                }
+                other => panic!("{keep}: expected Corrupt, got {other:?}"),
+            }
+        }
+    }
+
+    fn fs_entries(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir).map_or(0, |entries| entries.count())
+    }
+
     #[tokio::test]
     async fn a_staged_body_that_is_not_whole_stores_nothing() {
         let server = RedisServer::start();

@@ -16,7 +16,9 @@ use smarthost_proto::envelope::{
     ClientInfo, DeliveryState, Envelope, MessageId, MessageRecord, Recipient,
 };
 
-use super::{Body, Change, ListCursor, NewMessage, Spool, SpoolError, BODY_CHUNK};
+use super::{
+    Body, Change, ListCursor, NewMessage, Spool, SpoolError, BODY_CHUNK, READ_WHOLE_UP_TO,
+};
 
 const BASE_MS: u64 = 1_700_000_000_000;
 
@@ -114,7 +116,9 @@ async fn snapshot(spool: &dyn Spool) -> BTreeMap<MessageId, (MessageRecord, Vec<
         let body = spool
             .read_body(&record.id)
             .await
-            .expect("read_body of a listed message");
+            .expect("read_body of a listed message")
+            .to_vec()
+            .expect("read the part on disk");
         all.insert(record.id.clone(), (record, body));
     }
     all
@@ -385,6 +389,9 @@ where
         BODY_CHUNK,
         BODY_CHUNK + 1,
         3 * BODY_CHUNK + 7,
+        READ_WHOLE_UP_TO as usize,
+        READ_WHOLE_UP_TO as usize + 1,
+        5 * READ_WHOLE_UP_TO as usize + 13,
     ];
     let spilled_batch: Vec<NewMessage> = sizes
         .iter()
@@ -424,7 +431,20 @@ where
         })
         .collect();
     for (id, body) in &expected {
-        assert_eq!(&spool.read_body(id).await.unwrap(), body, "{id}");
+        let read = spool.read_body(id).await.unwrap();
+        assert_eq!(&read, body, "{id}");
+        // Whole up to READ_WHOLE_UP_TO; well past it, the rest stays on
+        // disk for delivery.
+        let len = body.len() as u64;
+        if len <= READ_WHOLE_UP_TO {
+            assert!(read.rest().is_none(), "{id}: {len} bytes are read whole");
+        } else if len > 2 * READ_WHOLE_UP_TO {
+            assert!(
+                read.rest().is_some(),
+                "{id}: {len} bytes are not read whole"
+            );
+        }
+        assert!(read.head().len() as u64 <= READ_WHOLE_UP_TO + 16, "{id}");
     }
     drop(spool);
     let spool = open().await;

@@ -509,6 +509,28 @@ fn an_eight_bit_body_goes_through_the_policy_for_a_seven_bit_server() {
 }
 
 #[test]
+fn a_planned_body_is_described_by_its_size_and_whether_it_is_eight_bit() {
+    let env = envelope(Some("a@b.example"), &["x@d.example"]);
+    let eight = Capabilities {
+        size: Some(5_000_000),
+        eight_bit_mime: true,
+        ..caps(false)
+    };
+    let mut tx = Transaction::planned(&eight, &env, &[0], 4_000_000, true).unwrap();
+    assert_eq!(tx.converted(), None);
+    assert_eq!(
+        tx.start(),
+        Step::Write(b"MAIL FROM:<a@b.example> SIZE=4000000 BODY=8BITMIME\r\n".to_vec())
+    );
+    let refused = Transaction::planned(&eight, &env, &[0], 5_000_001, false).unwrap_err();
+    assert_eq!(refused.reply.status, Some(EnhancedStatus(5, 3, 4)));
+    // What must be converted is not planned without its bytes.
+    let refused = Transaction::planned(&caps(false), &env, &[0], 10, true).unwrap_err();
+    assert_eq!(refused.reply.status, Some(EnhancedStatus(5, 6, 3)));
+    assert!(Transaction::planned(&caps(false), &env, &[0], 10, false).is_ok());
+}
+
+#[test]
 fn body_encoding_table() {
     let cases: &[(&[u8], &[u8])] = &[
         (b"", b".\r\n"),

@@ -17,6 +17,7 @@ const PYTHON: &str = "/usr/bin/python3";
 #[derive(Default)]
 struct SinkOptions {
     pipelining: bool,
+    no_8bitmime: bool,
     tls: Option<(PathBuf, PathBuf)>,
     /// (address, reply) for RCPT TO.
     replies: Vec<(&'static str, &'static str)>,
@@ -44,6 +45,9 @@ impl Sink {
             .arg(out.path());
         if options.pipelining {
             command.arg("--pipelining");
+        }
+        if options.no_8bitmime {
+            command.arg("--no-8bitmime");
         }
         if let Some((cert, key)) = &options.tls {
             command
@@ -154,7 +158,7 @@ fn job(recipients: &[&str], body: &[u8]) -> Job {
     Job {
         record: Arc::new(record),
         delivery: 0,
-        body: Arc::new(body.to_vec()),
+        body: Arc::new(Body::from(body.to_vec())),
     }
 }
 
@@ -258,6 +262,151 @@ async fn messages_with_dot_lines_arrive_byte_exact() {
     assert_eq!(record["helo"], "relay.test", "{record}");
     let (_, data) = sink.message(2);
     assert_eq!(data, b"Subject: lf\r\n\r\n.\r\nlast\r\n");
+}
+
+/// A body of `len` bytes in lines of many lengths, with a dot-line at
+/// the start of each 64 KiB of it (where the chunks it is read and sent
+/// in begin) and, with `eight_bit`, one 8-bit line near its end.
+fn long_body(len: usize, eight_bit: bool) -> Vec<u8> {
+    let mut body = b"Subject: long\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n".to_vec();
+    let mut n = 0usize;
+    while body.len() < len {
+        n += 1;
+        if body.len() % (64 * 1024) > 64 * 1024 - 80 {
+            // The next line starts at a chunk boundary or just past it.
+            let pad = 64 * 1024 - body.len() % (64 * 1024);
+            body.extend(std::iter::repeat_n(b'p', pad.saturating_sub(2)));
+            body.extend_from_slice(b"\r\n.\r\n..dots\r\n");
+            continue;
+        }
+        body.extend(std::iter::repeat_n(b'a' + (n % 26) as u8, n % 77));
+        body.extend_from_slice(b"\r\n");
+    }
+    if eight_bit {
+        body.extend_from_slice("caf\u{e9} cr\u{e8}me\r\n".as_bytes());
+    }
+    body.extend_from_slice(b"end\r\n");
+    body
+}
+
+/// `bytes` as a body with its first `head` bytes in memory and the rest
+/// in a file, as a spool gives a large one.
+fn body_on_disk(bytes: &[u8], head: usize) -> Body {
+    use std::io::Write;
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&bytes[head..]).unwrap();
+    Body::spilled(bytes[..head].to_vec(), file, (bytes.len() - head) as u64)
+}
+
+fn job_with_body(recipient: &str, body: Body) -> Job {
+    let mut job = job(&[recipient], b"");
+    job.body = Arc::new(body);
+    job
+}
+
+#[tokio::test]
+async fn a_body_on_disk_goes_out_a_chunk_at_a_time_byte_exact() {
+    let sink = Sink::start(SinkOptions::default());
+    let mut outbound = Outbound::connect(&[sink.hop()], &settings(TlsPolicy::Disabled, None))
+        .await
+        .unwrap();
+    let plain = long_body(700_000, false);
+    let eight_bit = long_body(300_000, true);
+    for (n, bytes) in [&plain, &eight_bit].into_iter().enumerate() {
+        let job = job_with_body("a@example.test", body_on_disk(bytes, 64 * 1024));
+        let outcome = outbound.send(&job).await;
+        assert_eq!(
+            results(&outcome),
+            vec![(0, RcptResult::Delivered)],
+            "{n}: {outcome:?}"
+        );
+    }
+    outbound.quit().await;
+    let (record, data) = sink.message(1);
+    assert!(data == plain, "the 7-bit body changed on the way");
+    assert!(
+        !record["mail_options"].to_string().contains("8BITMIME"),
+        "{record}"
+    );
+    let (record, data) = sink.message(2);
+    assert!(data == eight_bit, "the 8-bit body changed on the way");
+    assert!(
+        record["mail_options"].to_string().contains("BODY=8BITMIME"),
+        "{record}"
+    );
+}
+
+#[tokio::test]
+async fn an_8bit_body_on_disk_is_converted_for_a_server_without_8bitmime() {
+    let sink = Sink::start(SinkOptions {
+        no_8bitmime: true,
+        ..SinkOptions::default()
+    });
+    let mut outbound = Outbound::connect(&[sink.hop()], &settings(TlsPolicy::Disabled, None))
+        .await
+        .unwrap();
+    let bytes = long_body(300_000, true);
+    let job = job_with_body("a@example.test", body_on_disk(&bytes, 1000));
+    let outcome = outbound.send(&job).await;
+    assert_eq!(
+        results(&outcome),
+        vec![(0, RcptResult::Delivered)],
+        "{outcome:?}"
+    );
+    outbound.quit().await;
+    let (_, data) = sink.message(1);
+    assert!(data.is_ascii(), "sent as 7-bit");
+    assert_eq!(data, mime8::downgrade(&bytes).unwrap());
+}
+
+#[tokio::test]
+async fn a_body_that_cannot_be_read_to_its_end_is_not_sent() {
+    use std::io::Write;
+    let sink = Sink::start(SinkOptions::default());
+    let mut outbound = Outbound::connect(&[sink.hop()], &settings(TlsPolicy::Disabled, None))
+        .await
+        .unwrap();
+    let bytes = long_body(300_000, false);
+    // The file holds less than the body says: reading on fails part way.
+    let short = || {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes[1000..200_000]).unwrap();
+        Body::spilled(bytes[..1000].to_vec(), file, (bytes.len() - 1000) as u64)
+    };
+    // Found when the body is looked through before MAIL: deferred, and
+    // the connection stays good for the next message.
+    let outcome = outbound
+        .send(&job_with_body("a@example.test", short()))
+        .await;
+    assert_eq!(
+        results(&outcome),
+        vec![(0, RcptResult::Deferred)],
+        "{outcome:?}"
+    );
+    assert!(
+        outcome.recipients[0]
+            .reply
+            .starts_with("451 4.3.0 cannot read the message from the spool"),
+        "{outcome:?}"
+    );
+    assert!(outbound.is_usable());
+
+    // Failing while the data is on its way (the file changed after it was
+    // looked through): the data is cut off without its end.
+    let job = job_with_body("a@example.test", short());
+    let mut tx = Transaction::planned(
+        &outbound.caps,
+        &job.record.envelope,
+        &[0],
+        job.body.len(),
+        false,
+    )
+    .unwrap();
+    let failure = outbound.drive(&mut tx, &job.body).await.unwrap_err();
+    assert!(matches!(failure, IoFailure::Spool(_)), "{failure}");
+    drop(outbound);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received(), 0, "the server took none of it");
 }
 
 #[tokio::test]
