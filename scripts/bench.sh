@@ -194,11 +194,13 @@ print("  Redis commands per message, by name: " + ", ".join(
 PY
 fi
 cpu=$(python3 -c "print($(python3 scripts/compare.py cpu "${node_pids[@]}") - $cpu_before)")
-python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" "$hooked" "$cpu" <<'PY'
+hwm=$(python3 scripts/compare.py hwm "${node_pids[@]}")
+python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" "$hooked" "$cpu" "$hwm" <<'PY'
 import sys
 nodes = int(sys.argv[10])
 hooked = sys.argv[11]
 cpu = float(sys.argv[12])
+hwm = int(sys.argv[13])
 mode, start, accepted, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 n, s, size, backend, calls = int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
 print(f"{mode} ({backend} backend, {nodes} node{'s' if nodes > 1 else ''}): {n} messages of {size} bytes, {s} parallel sessions")
@@ -208,6 +210,7 @@ print(f"  accepted in {accepted - start:.2f} s: {n / (accepted - start):.0f} mes
 if mode == "relay":
     print(f"  delivered in {end - start:.2f} s: {n / (end - start):.0f} messages/s end to end")
 print(f"  smarthost CPU: {cpu:.2f} s, {cpu / n * 1000:.3f} s per 1,000 messages")
+print(f"  smarthost peak RSS: {hwm / 1024:.0f} MiB{' (the largest node)' if nodes > 1 else ''}")
 if hooked:
     print(f"  webhook: all {2 * n} events (accepted, delivered) at the endpoint {hooked} s after the last delivery")
 PY
