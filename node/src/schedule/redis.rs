@@ -93,7 +93,9 @@
 //! delivery is reclaimed to ready and attempted again with the new record
 //! (at-least-once), never lost. The opposite order could drop a delivery
 //! from every domain key while its record still lists it, where nothing
-//! would find it again.
+//! would find it again. On one server both steps are one script
+//! (`complete.lua`, which runs `write_record.lua` and then, unless the
+//! record changed, `file.lua`), so nothing lies between them.
 //!
 //! # A node that lost its lease
 //!
@@ -110,8 +112,9 @@
 //! # Round trips
 //!
 //! `take` is two (the script, then every record in one pipeline with the
-//! domain's timer); `complete` is two (the record, then the domain script
-//! with the index entry and the timer), plus two when it leaves the domain
+//! domain's timer); `complete` is one on one server (the script, then the
+//! timer), two on a Cluster (the record, then the domain script with the
+//! index entry and the timer), plus two when it leaves the domain
 //! without work (the active set, then a look); `insert` is one, plus one
 //! when it finds ids already deferred or leased (a rescan: their domains'
 //! timers are put back); `has_ready`, `release`, `suspend`, `resume` and
@@ -280,6 +283,7 @@ struct Scripts {
     state: Script,
     pop_timers: Script,
     pending_reports: Script,
+    complete: Script,
 }
 
 impl Scripts {
@@ -317,7 +321,20 @@ impl Scripts {
             state,
             pop_timers,
             pending_reports,
+            complete: Script::new(&Scripts::complete_code()),
         }
+    }
+
+    /// `complete.lua` behind the two scripts it runs, each wrapped as a
+    /// local function of its own keys and arguments.
+    fn complete_code() -> String {
+        format!(
+            "local function write_record(KEYS, ARGV)\n{}\nend\n\
+             local function file(KEYS, ARGV)\n{}\nend\n{}",
+            include_str!("scripts/write_record.lua"),
+            include_str!("scripts/file.lua"),
+            include_str!("scripts/complete.lua"),
+        )
     }
 }
 
@@ -479,6 +496,10 @@ impl RedisSchedule {
         for code in Scripts::CODE {
             pipe.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
         }
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(Scripts::complete_code())
+            .ignore();
         self.once("SCRIPT LOAD", &pipe).await.map(|_: Value| ())
     }
 
@@ -779,17 +800,82 @@ impl RedisSchedule {
         new: Option<&[u8]>,
         reports: Option<&KeptReports>,
     ) -> Cmd {
-        let (record, body) = (record_key(id), body_key(id));
-        let mut keys = vec![record.as_str(), body.as_str()];
-        keys.extend(reports.map(|r| r.key.as_str()));
+        let (keys, args) = Self::write_record_parts(id, expected, new, reports);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let mut cmd = evalsha(&self.scripts.write_record, &keys);
-        cmd.arg(expected)
-            .arg(new.unwrap_or_default())
-            .arg(BODY_GRACE.as_millis() as u64);
-        if let Some(reports) = reports {
-            cmd.arg(reports.encode());
-        }
+        cmd.arg(args);
         cmd
+    }
+
+    /// The keys and arguments of `write_record.lua`.
+    fn write_record_parts(
+        id: &MessageId,
+        expected: &[u8],
+        new: Option<&[u8]>,
+        reports: Option<&KeptReports>,
+    ) -> (Vec<String>, Vec<Vec<u8>>) {
+        let mut keys = vec![record_key(id), body_key(id)];
+        keys.extend(reports.map(|r| r.key.clone()));
+        let mut args = vec![
+            expected.to_vec(),
+            new.unwrap_or_default().to_vec(),
+            BODY_GRACE.as_millis().to_string().into_bytes(),
+        ];
+        args.extend(reports.map(KeptReports::encode));
+        (keys, args)
+    }
+
+    /// [`Self::write_record_cmd`] and then, unless the record changed
+    /// meanwhile, [`Self::file_and_forget_cmd`], as one script
+    /// (`complete.lua`): only on one server, where the record and the
+    /// domain can change in one call. The message leaves `done` when the
+    /// write finishes it, the index when its record is gone.
+    #[allow(clippy::too_many_arguments)]
+    fn complete_cmd(
+        &self,
+        id: &MessageId,
+        expected: &[u8],
+        new: Option<&[u8]>,
+        reports: Option<&KeptReports>,
+        domain: &str,
+        holder: &str,
+        next: Option<u64>,
+        done: &[&str],
+    ) -> Cmd {
+        let (write_keys, write_args) = Self::write_record_parts(id, expected, new, reports);
+        let (file_keys, file_args) = Self::file_parts(id, domain, holder, next);
+        let gone = [INDEX_KEY];
+        let mut keys: Vec<&str> = write_keys.iter().map(String::as_str).collect();
+        keys.extend(file_keys.iter().map(String::as_str));
+        keys.extend_from_slice(done);
+        keys.extend_from_slice(&gone);
+        let mut cmd = evalsha(&self.scripts.complete, &keys);
+        cmd.arg(write_keys.len())
+            .arg(write_args.len())
+            .arg(done.len())
+            .arg(gone.len())
+            .arg(write_args)
+            .arg(file_args);
+        cmd
+    }
+
+    /// The reply of `complete.lua`: the record write and, unless the
+    /// record changed, whether the delivery was filed and whether its
+    /// domain holds no work now.
+    fn parse_complete(value: Value) -> Result<(RecordWrite, Option<(bool, bool)>), SpoolError> {
+        let reply: Vec<Value> = parse("complete", value)?;
+        let mut reply = reply.into_iter();
+        let mut next = |what: &str| parse::<i64>(what, reply.next().unwrap_or(Value::Nil));
+        let write = match next("complete")? {
+            1 => {
+                let current = parse("complete", reply.next().unwrap_or(Value::Nil))?;
+                return Ok((RecordWrite::Changed(current), None));
+            }
+            0 => RecordWrite::Gone,
+            _ => RecordWrite::Written,
+        };
+        let (filed, empty) = (next("complete")?, next("complete")?);
+        Ok((write, Some((filed == 1, empty == 1))))
     }
 
     /// The entries of `kept`, before their records are written: a crash
@@ -895,20 +981,29 @@ impl RedisSchedule {
         next: Option<u64>,
         forget: &[&str],
     ) -> Cmd {
-        let k = domain_keys(domain);
-        let mut keys = vec![
-            k.ready.as_str(),
-            &k.deferred,
-            &k.leases,
-            &k.holders,
-            &k.messages,
-        ];
+        let (keys, args) = Self::file_parts(id, domain, holder, next);
+        let mut keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         keys.extend_from_slice(forget);
         let mut cmd = evalsha(&self.scripts.file, &keys);
-        cmd.arg(id.as_str())
-            .arg(holder)
-            .arg(next.map(|n| n.to_string()).unwrap_or_default());
+        cmd.arg(args);
         cmd
+    }
+
+    /// The domain keys and the arguments of `file.lua`.
+    fn file_parts(
+        id: &MessageId,
+        domain: &str,
+        holder: &str,
+        next: Option<u64>,
+    ) -> (Vec<String>, Vec<String>) {
+        let k = domain_keys(domain);
+        let keys = vec![k.ready, k.deferred, k.leases, k.holders, k.messages];
+        let args = vec![
+            id.as_str().to_string(),
+            holder.to_string(),
+            next.map(|n| n.to_string()).unwrap_or_default(),
+        ];
+        (keys, args)
     }
 
     /// Reads the records of `ids` in one pipeline: the bytes, if present.
@@ -1062,6 +1157,8 @@ impl RedisSchedule {
         // The record is gone: the message is done (a completion whose domain
         // step failed, or another node's), so its index entry goes too.
         let mut gone = false;
+        // What the filing answered when it ran with the record's write.
+        let mut filed_with_record = None;
         let completion = loop {
             let bytes = match expected.take() {
                 Some(bytes) => bytes,
@@ -1097,21 +1194,52 @@ impl RedisSchedule {
                 _ => None,
             };
             let new = (!completion.message_done()).then(|| envelope::encode(&*completion.record));
-            let write = self.write_record_cmd(id, &bytes, new.as_deref(), reports.as_ref());
-            let steps = vec![Self::pending_cmd(&reports), vec![write]];
-            let reply = self.ordered("complete: record", steps).await?;
-            let reply = reply.into_iter().flatten().last().unwrap_or(Value::Nil);
-            let write = Self::parse_record_write(reply)?;
+            let (write, filing) = if self.conn.is_cluster() {
+                let write = self.write_record_cmd(id, &bytes, new.as_deref(), reports.as_ref());
+                let steps = vec![Self::pending_cmd(&reports), vec![write]];
+                let reply = self.ordered("complete: record", steps).await?;
+                let reply = reply.into_iter().flatten().last().unwrap_or(Value::Nil);
+                (Self::parse_record_write(reply)?, None)
+            } else {
+                // One server: the record and the domain in one script.
+                let sender = sender_messages_key(&completion.record.envelope.sender_key());
+                let done: Vec<&str> = match completion.message_done() {
+                    true => vec![INDEX_KEY, &sender],
+                    false => Vec::new(),
+                };
+                let next = completion.next_attempt_ms;
+                let script = self.complete_cmd(
+                    id,
+                    &bytes,
+                    new.as_deref(),
+                    reports.as_ref(),
+                    domain,
+                    &holder,
+                    next,
+                    &done,
+                );
+                // A timer after the script, as a writer adds it (see "The
+                // domain sets"); one for a record that changed meanwhile
+                // only makes a look for nothing.
+                let timer = next.map(|n| (domain.to_string(), n));
+                let after = Self::mark_cmds(&[], timer.as_slice());
+                let steps = vec![Self::pending_cmd(&reports), vec![script], after];
+                let reply = self.ordered("complete", steps).await?;
+                let reply = reply.into_iter().nth(1).and_then(|r| r.into_iter().next());
+                Self::parse_complete(reply.unwrap_or(Value::Nil))?
+            };
             if !matches!(write, RecordWrite::Written) {
                 unwritten.extend(reports.as_ref().map(|r| r.entry.clone()));
             }
             match write {
                 RecordWrite::Written => {
                     kept = reports;
+                    filed_with_record = filing;
                     break Some(completion);
                 }
                 RecordWrite::Gone => {
                     gone = true;
+                    filed_with_record = filing;
                     break None;
                 }
                 RecordWrite::Changed(current) => {
@@ -1127,6 +1255,14 @@ impl RedisSchedule {
             }
         };
         self.forget_unwritten(unwritten).await;
+        if let Some((filed, empty)) = filed_with_record {
+            self.held().remove(&key);
+            if let (Some(kept), Some(report)) = (kept, report) {
+                self.queue_kept(report, vec![kept]).await;
+            }
+            self.after_filing(id, domain, filed, empty).await;
+            return Ok(completion);
+        }
         // Then the domain: the lease goes, the delivery is filed, and a
         // retry gives the domain its timer (after the script: see "The
         // domain sets" in the module doc).
@@ -1178,6 +1314,14 @@ impl RedisSchedule {
             .next()
             .and_then(|r| r.into_iter().next());
         let (filed, empty) = parse_filed(first.unwrap_or(Value::Nil))?;
+        self.after_filing(id, domain, filed, empty).await;
+        Ok(completion)
+    }
+
+    /// What follows the filing of a completed delivery: a word when the
+    /// lease was another node's, and a domain left without work leaves
+    /// the active set.
+    async fn after_filing(&self, id: &MessageId, domain: &str, filed: bool, empty: bool) {
         if !filed {
             tracing::warn!(message_id = %id, %domain,
                 "the lease of this delivery was lost to another holder; its outcome is recorded, the lease is left to its holder");
@@ -1187,7 +1331,6 @@ impl RedisSchedule {
                 tracing::warn!(%domain, %error, "cannot drop a domain without work from the active set");
             }
         }
-        Ok(completion)
     }
 
     /// One batch of [`Schedule::send_pending_reports`]: how many entries
@@ -3027,14 +3170,22 @@ mod tests {
         complete(&*s, &jobs[0].0.id, "example.org", &deferred, t0)
             .await
             .unwrap();
-        assert_eq!(trips(), 2, "complete: the record, then the domain");
-        assert_eq!(sent(), 3, "commands of a complete that defers");
+        assert_eq!(
+            trips(),
+            1,
+            "complete: the record and the domain in one script"
+        );
+        assert_eq!(
+            sent(),
+            2,
+            "commands of a complete that defers: the script, the timer"
+        );
         let delivered = outcome(&[(0, RcptResult::Delivered), (1, RcptResult::Delivered)]);
         complete(&*s, &jobs[1].0.id, "example.org", &delivered, t0)
             .await
             .unwrap();
-        assert_eq!(trips(), 2, "complete with its index entry");
-        assert_eq!(sent(), 2, "commands of a complete that finishes the message: the record script, the domain script that also drops the index and sender entries");
+        assert_eq!(trips(), 1, "complete with its index entry");
+        assert_eq!(sent(), 1, "commands of a complete that finishes the message: one script for the record, the domain, the index and sender entries");
         s.release(&jobs[2].0.id, "example.org").await.unwrap();
         assert_eq!(trips(), 1, "release");
         assert_eq!(sent(), 2, "commands of a release");
@@ -3686,7 +3837,7 @@ mod tests {
     /// the domain step after the record write fails: the retry finds the
     /// delivery finished and logs nothing, so the first call must.
     #[actix::test]
-    async fn an_outcome_is_logged_once_its_record_is_written_though_the_domain_step_fails() {
+    async fn an_outcome_the_server_refuses_for_a_while_is_recorded_and_logged_once() {
         use crate::delivery::MessageOutcome;
         use crate::delivery_log::DeliveryLog;
         use crate::queue::{DeliverySettings, Enqueue, Queue, Report, Take};
@@ -3717,21 +3868,33 @@ mod tests {
             .unwrap();
         let (record, delivery) = jobs.into_iter().next().expect("the delivery is due");
 
-        // From here the server refuses every key but the message's: the
-        // record write passes, the domain step after it fails.
-        let mut conn = redis::Client::open(server.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("default")
-            .arg("resetkeys")
-            .arg("~smarthost:{m:*")
-            .query_async::<()>(&mut conn)
-            .await
-            .unwrap();
+        // For a second the server refuses every key but the message's. On
+        // one server the record and the domain change in one script, so
+        // nothing is written until both can be: the completion is tried
+        // again meanwhile, and its outcome recorded and logged once.
+        let url = server.url();
+        let acl = move |keys: &'static str| {
+            let url = url.clone();
+            async move {
+                let mut conn = redis::Client::open(url)
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                let mut cmd = redis::cmd("ACL");
+                cmd.arg("SETUSER").arg("default");
+                match keys {
+                    "all" => cmd.arg("allkeys"),
+                    some => cmd.arg("resetkeys").arg(some),
+                };
+                cmd.query_async::<()>(&mut conn).await.unwrap();
+            }
+        };
+        acl("~smarthost:{m:*").await;
+        let restore = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            acl("all").await;
+        });
         let outcome = MessageOutcome::all_of(
             &record,
             delivery,
@@ -3747,13 +3910,7 @@ mod tests {
             })
             .await
             .unwrap();
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("default")
-            .arg("allkeys")
-            .query_async::<()>(&mut conn)
-            .await
-            .unwrap();
+        restore.await.unwrap();
 
         let stored = spool.list().await.unwrap();
         assert!(
