@@ -551,13 +551,8 @@ impl Transaction {
         })
     }
 
-    /// The body to send: the converted one when an 8-bit body had to be
-    /// made 7-bit, else `original`.
-    pub fn body<'a>(&'a self, original: &'a [u8]) -> &'a [u8] {
-        self.converted().unwrap_or(original)
-    }
-
-    /// The body made 7-bit, when it had to be.
+    /// The body made 7-bit, when it had to be: what is sent instead of
+    /// the stored one.
     pub fn converted(&self) -> Option<&[u8]> {
         self.downgraded.as_deref()
     }
