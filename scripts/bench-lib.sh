@@ -96,8 +96,8 @@ smarthost_binary() {
   echo "${CARGO_TARGET_DIR:-target}/release/smarthost"
 }
 
-start_sink() { # PORT OUTPUT: Postfix's smtp-sink, counters (-c) to OUTPUT; sets sink_pid
-  /usr/sbin/smtp-sink -u nobody -c -m 1000 "127.0.0.1:$1" 1000 >"$2" 2>&1 &
+start_sink() { # PORT OUTPUT [OPTIONS]: Postfix's smtp-sink, counters (-c) to OUTPUT; sets sink_pid
+  /usr/sbin/smtp-sink -u nobody -c -m 1000 "${@:3}" "127.0.0.1:$1" 1000 >"$2" 2>&1 &
   pids+=($!)
   # shellcheck disable=SC2034 # the caller's to stop
   sink_pid=$!

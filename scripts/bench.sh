@@ -12,6 +12,19 @@
 #       (smart host); the figure is from the first message sent to the last
 #       one delivered, as the delivery log records it.
 #
+#   scripts/bench.sh slow [DOMAINS] [PER_DOMAIN] [DELAY]
+#       delivery to a slow receiver, where a relay's capacity is its open
+#       connections: PER_DOMAIN messages to each of DOMAINS recipient
+#       domains (d1.bench.test, …), each domain's messages spread evenly
+#       over the nodes, relayed to an smtp-sink that waits DELAY seconds
+#       before it answers each DATA. Each node may open NODE_CONNECTIONS
+#       connections (delivery.max_connections, default 6), a domain
+#       DOMAIN_CONNECTIONS across the cluster (default 100), 20 messages a
+#       connection. The figure is messages/s from the first message sent
+#       to the last one delivered, against the ideal: NODES ×
+#       NODE_CONNECTIONS connections, each a message per DELAY (less when
+#       the domains' caps allow fewer). Defaults: 90, 10, 0.2.
+#
 # Defaults: 20000 messages, 20 sessions, 2048 bytes. Needs smtp-source and
 # smtp-sink (Debian package postfix; installed here if missing).
 #
@@ -40,10 +53,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-accept}
-messages=${2:-20000}
-sessions=${3:-20}
-size=${4:-2048}
-case "$mode" in accept|relay) ;; *) echo "usage: $0 accept|relay [MESSAGES] [SESSIONS] [SIZE]" >&2; exit 2 ;; esac
+if [ "$mode" = slow ]; then
+  domains=${2:-90}
+  per_domain=${3:-10}
+  delay=${4:-0.2}
+  messages=$((domains * per_domain))
+  sessions=$domains
+  size=2048
+else
+  messages=${2:-20000}
+  sessions=${3:-20}
+  size=${4:-2048}
+fi
+case "$mode" in accept|relay|slow) ;; *) echo "usage: $0 accept|relay [MESSAGES] [SESSIONS] [SIZE], or $0 slow [DOMAINS] [PER_DOMAIN] [DELAY]" >&2; exit 2 ;; esac
 
 . scripts/bench-lib.sh
 need_postfix_tools
@@ -58,6 +80,21 @@ if [ "$mode" = relay ]; then
   sink_port=$(free_port)
   start_sink "$sink_port" /dev/null
   delivery="smart_host = \"[127.0.0.1]:$sink_port\""
+elif [ "$mode" = slow ]; then
+  # smtp-sink waits whole seconds only: the aiosmtpd sink of the tests,
+  # which also counts each domain's peak connections.
+  sink_port=$(free_port)
+  delay_ms=$(python3 -c "print(round($delay * 1000))")
+  /usr/bin/python3 tests/peers/sink.py --listen "127.0.0.1:$sink_port" --dir "$work/sink" \
+    --pipelining --data-delay-ms "$delay_ms" >"$work/sink.out" 2>"$work/sink.log" &
+  pids+=($!)
+  wait_port "$sink_port"
+  node_connections=${NODE_CONNECTIONS:-6}
+  domain_connections=${DOMAIN_CONNECTIONS:-100}
+  delivery="smart_host = \"[127.0.0.1]:$sink_port\"
+max_connections = $node_connections
+max_connections_per_domain = $domain_connections
+max_messages_per_connection = 20"
 fi
 webhook=""
 if [ -n "${WEBHOOK:-}" ]; then
@@ -126,25 +163,40 @@ fi
 
 cpu_before=$(python3 scripts/compare.py cpu "${node_pids[@]}")
 start=$(date +%s.%N)
+# What is sent: each node its equal share (slow mode sends every message).
+[ "$mode" = slow ] || messages=$(( messages / nodes * nodes ))
 sources=()
-for node_port in "${ports[@]}"; do
-  /usr/sbin/smtp-source -s "$((sessions / nodes))" -m "$((messages / nodes))" -l "$size" \
-    -f app@example.com -t user@example.org "127.0.0.1:$node_port" &
-  sources+=($!)
-done
+if [ "$mode" = slow ]; then
+  # Each domain's messages round-robin over the nodes: node j gets its
+  # share, one session per domain and node.
+  for d in $(seq "$domains"); do
+    for j in $(seq 0 $((nodes - 1))); do
+      count=$(( per_domain / nodes + (j < per_domain % nodes ? 1 : 0) ))
+      [ "$count" -gt 0 ] || continue
+      /usr/sbin/smtp-source -s 1 -m "$count" -l "$size" -f app@example.com \
+        -t "user@d$d.bench.test" "127.0.0.1:${ports[$j]}" &
+      sources+=($!)
+    done
+  done
+else
+  for node_port in "${ports[@]}"; do
+    /usr/sbin/smtp-source -s "$((sessions / nodes))" -m "$((messages / nodes))" -l "$size" \
+      -f app@example.com -t user@example.org "127.0.0.1:$node_port" &
+    sources+=($!)
+  done
+fi
 for source in "${sources[@]}"; do wait "$source"; done
 accepted=$(date +%s.%N)
 end=$accepted
-if [ "$mode" = relay ]; then
+if [ "$mode" != accept ]; then
   deadline=$((SECONDS + 600))
   delivered() { cat "$work"/delivery-*.log 2>/dev/null | grep -c '"outcome":"delivered"' || true; }
-  while [ "$(delivered)" -lt $(( messages / nodes * nodes )) ]; do
+  while [ "$(delivered)" -lt "$messages" ]; do
     if [ $SECONDS -gt $deadline ]; then echo "not all messages delivered within 600 s" >&2; exit 1; fi
     sleep 0.05
   done
   end=$(date +%s.%N)
 fi
-messages=$(( messages / nodes * nodes ))
 hooked=""
 if [ -n "$webhook" ] && [ "$mode" = relay ]; then
   # Each event's "event" key, as it appears in the kept (JSON-quoted) body.
@@ -207,10 +259,37 @@ print(f"{mode} ({backend} backend, {nodes} node{'s' if nodes > 1 else ''}): {n} 
 if calls:
     print(f"  Redis commands: {int(calls)} in all, {int(calls) / n:.1f} per message")
 print(f"  accepted in {accepted - start:.2f} s: {n / (accepted - start):.0f} messages/s")
-if mode == "relay":
+if mode != "accept":
     print(f"  delivered in {end - start:.2f} s: {n / (end - start):.0f} messages/s end to end")
 print(f"  smarthost CPU: {cpu:.2f} s, {cpu / n * 1000:.3f} s per 1,000 messages")
 print(f"  smarthost peak RSS: {hwm / 1024:.0f} MiB{' (the largest node)' if nodes > 1 else ''}")
 if hooked:
     print(f"  webhook: all {2 * n} events (accepted, delivered) at the endpoint {hooked} s after the last delivery")
 PY
+if [ "$mode" = slow ]; then
+  # The ideal: every connection busy, a message per DELAY each, as far as
+  # the domains' caps allow that many connections.
+  per_node=()
+  for n in $(seq "$nodes"); do
+    per_node+=("$(grep -c '"outcome":"delivered"' "$work/delivery-$n.log" || true)")
+  done
+  python3 - "$start" "$end" "$messages" "$nodes" "$node_connections" "$domains" \
+    "$domain_connections" "$delay" "$work/sink/stats.json" "${per_node[@]}" <<'PY'
+import json, sys
+start, end = float(sys.argv[1]), float(sys.argv[2])
+n, nodes, conns, domains, cap = (int(a) for a in sys.argv[3:8])
+delay = float(sys.argv[8])
+stats = json.load(open(sys.argv[9]))
+connections = min(nodes * conns, domains * cap)
+ideal = connections / delay
+rate = n / (end - start)
+print(f"  slow receiver: {domains} domains, {delay} s per message, {conns} connections a node, "
+      f"{cap} a domain: ideal {ideal:.1f} messages/s ({connections} connections)")
+print(f"  {rate:.1f} messages/s, {rate / ideal:.2f} of the ideal; delivered by each node: "
+      + ", ".join(sys.argv[10:]))
+by_domain = stats["peak_concurrent_by_domain"]
+print(f"  at the receiver: {stats['peak_concurrent']} connections at most at once "
+      f"(of {nodes * conns}), {max(by_domain.values(), default=0)} for one domain at most "
+      f"(cap {cap}), {stats['connections_total']} connections in all")
+PY
+fi

@@ -30,6 +30,9 @@ over the whole run, "mail" and "data" count every MAIL and every DATA
 command. A reply is a code (250, 451, 550, ...) or a whole reply line
 ("452 4.2.2 Mailbox full"). Addresses not in "rcpt" are accepted.
 
+--data-delay-ms makes each message take that long: the reply to its end
+of data waits (a slow receiver; --delay-ms waits before every reply).
+
 It prints READY on stdout once it listens.
 """
 
@@ -149,6 +152,7 @@ class Handler:
     def __init__(self, args, script, stats):
         self.dir = args.dir
         self.no_8bitmime = args.no_8bitmime
+        self.data_delay = args.data_delay_ms / 1000.0
         self.pipelining = args.pipelining
         self.script = script
         self.stats = stats
@@ -186,6 +190,8 @@ class Handler:
         return scripted or "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         scripted = self.script.for_data()
         if scripted and not scripted.startswith("2"):
             return scripted
@@ -257,6 +263,8 @@ def main():
     parser.add_argument("--pipelining", action="store_true", help="offer PIPELINING")
     parser.add_argument("--script", help="JSON file of scripted replies")
     parser.add_argument("--delay-ms", type=int, default=0, help="wait before every reply")
+    parser.add_argument("--data-delay-ms", type=int, default=0,
+                        help="wait before the reply to each message's end of data")
     parser.add_argument("--hostname", default="sink.test", help="name in the greeting")
     args = parser.parse_args()
 
