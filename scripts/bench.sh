@@ -274,8 +274,8 @@ if [ "$mode" = slow ]; then
     per_node+=("$(grep -c '"outcome":"delivered"' "$work/delivery-$n.log" || true)")
   done
   python3 - "$start" "$end" "$messages" "$nodes" "$node_connections" "$domains" \
-    "$domain_connections" "$delay" "$work/sink/stats.json" "${per_node[@]}" <<'PY'
-import json, sys
+    "$domain_connections" "$delay" "$work/sink/stats.json" "${node_admins[*]}" "${per_node[@]}" <<'PY'
+import json, re, sys, urllib.request
 start, end = float(sys.argv[1]), float(sys.argv[2])
 n, nodes, conns, domains, cap = (int(a) for a in sys.argv[3:8])
 delay = float(sys.argv[8])
@@ -286,7 +286,18 @@ rate = n / (end - start)
 print(f"  slow receiver: {domains} domains, {delay} s per message, {conns} connections a node, "
       f"{cap} a domain: ideal {ideal:.1f} messages/s ({connections} connections)")
 print(f"  {rate:.1f} messages/s, {rate / ideal:.2f} of the ideal; delivered by each node: "
-      + ", ".join(sys.argv[10:]))
+      + ", ".join(sys.argv[11:]))
+# Each node's takes for new connections (its /metrics).
+for i, port in enumerate(sys.argv[10].split(), 1):
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    def value(pattern):
+        m = re.search(pattern + r" ([0-9.e+]+)", page)
+        return float(m.group(1)) if m else 0.0
+    work = value(r'smarthost_delivery_takes_total\{result="work"\}')
+    empty = value(r'smarthost_delivery_takes_total\{result="empty"\}')
+    total = value(r"smarthost_delivery_messages_per_connection_sum")
+    print(f"  node {i}: {work:.0f} takes with work ({total / work if work else 0:.1f} messages each), "
+          f"{empty:.0f} empty")
 by_domain = stats["peak_concurrent_by_domain"]
 print(f"  at the receiver: {stats['peak_concurrent']} connections at most at once "
       f"(of {nodes * conns}), {max(by_domain.values(), default=0)} for one domain at most "

@@ -52,6 +52,12 @@ pub const ATTEMPT_SECONDS: &str = "smarthost_delivery_attempt_seconds";
 pub const DELIVERY_DELAY_SECONDS: &str = "smarthost_delivery_delay_seconds";
 /// Outgoing SMTP connections open now.
 pub const OUTBOUND_CONNECTIONS: &str = "smarthost_outbound_connections";
+/// Takes of work for a new connection, by `result`: `work`, or `empty`
+/// when the domain had none left (another connection or node took it).
+pub const DELIVERY_TAKES: &str = "smarthost_delivery_takes_total";
+/// Messages a take gave one connection: few means the domain's work is
+/// spread thin over many connections.
+pub const MESSAGES_PER_CONNECTION: &str = "smarthost_delivery_messages_per_connection";
 /// One store call of the spool (a batch of messages, fsync or Redis
 /// acknowledgement included).
 pub const SPOOL_STORE_SECONDS: &str = "smarthost_spool_store_seconds";
@@ -111,11 +117,28 @@ pub fn install() -> PrometheusHandle {
 
 fn builder() -> PrometheusBuilder {
     let delay = metrics_exporter_prometheus::Matcher::Full(DELIVERY_DELAY_SECONDS.to_string());
+    let per_connection =
+        metrics_exporter_prometheus::Matcher::Full(MESSAGES_PER_CONNECTION.to_string());
     PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)
         .expect("the buckets are not empty")
         .set_buckets_for_metric(delay, DELAY_BUCKETS)
         .expect("the buckets are not empty")
+        .set_buckets_for_metric(per_connection, COUNT_BUCKETS)
+        .expect("the buckets are not empty")
+}
+
+/// Buckets of a count of messages.
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0];
+
+/// Counts a take of work for a new connection: `messages` given, none
+/// when the domain had nothing left.
+pub fn delivery_take(messages: usize) {
+    let result = if messages == 0 { "empty" } else { "work" };
+    metrics::counter!(DELIVERY_TAKES, "result" => result).increment(1);
+    if messages > 0 {
+        metrics::histogram!(MESSAGES_PER_CONNECTION).record(messages as f64);
+    }
 }
 
 fn describe() {
@@ -170,6 +193,14 @@ fn describe() {
         "from reception to delivery, per recipient"
     );
     describe_gauge!(OUTBOUND_CONNECTIONS, "outgoing SMTP connections open");
+    describe_counter!(
+        DELIVERY_TAKES,
+        "takes of work for a new connection, by result (work, empty)"
+    );
+    describe_histogram!(
+        MESSAGES_PER_CONNECTION,
+        "messages a take gave one new connection"
+    );
     describe_histogram!(SPOOL_STORE_SECONDS, Unit::Seconds, "one spool store call");
     describe_histogram!(REDIS_REQUEST_SECONDS, Unit::Seconds, "one Redis round trip");
     describe_counter!(REDIS_ERRORS, "Redis requests that failed or timed out");

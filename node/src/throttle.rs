@@ -127,6 +127,7 @@ impl DomainThrottle {
         ctx.spawn(take.into_actor(self).map(move |jobs, throttle, ctx| {
             throttle.taking = false;
             let jobs = jobs.unwrap_or_default();
+            crate::metrics::delivery_take(jobs.len());
             if jobs.is_empty() {
                 let limits = throttle.env.limits.clone();
                 let release = async move {

@@ -121,6 +121,20 @@ fn the_counters_agree_with_the_clients_and_the_sinks() {
         delivered_wanted
     );
     assert!(value(&end, "smarthost_delivery_attempt_seconds_count") >= 2.0);
+    // Every delivery taken once per attempt, by takes for new connections:
+    // two domains of ten messages, one of the other two, the refused
+    // recipient's retry and the report.
+    let takes = value(&end, "smarthost_delivery_takes_total{result=\"work\"}");
+    assert!(takes >= 3.0, "{end:#?}");
+    assert_eq!(
+        value(&end, "smarthost_delivery_messages_per_connection_count"),
+        takes
+    );
+    assert_eq!(
+        value(&end, "smarthost_delivery_messages_per_connection_sum"),
+        24.0,
+        "{end:#?}"
+    );
     for state in ["ready", "deferred", "in_flight"] {
         let key = format!("smarthost_queue_deliveries{{state=\"{state}\"}}");
         assert_eq!(value(&end, &key), 0.0, "{key}");
