@@ -1121,14 +1121,15 @@ impl RedisSpool {
         Ok(replies.into_iter().next().unwrap_or(Value::Nil))
     }
 
-    /// The rest of a large body after its `head`, copied into a nameless
-    /// file in [`RedisSpoolOptions::body_dir`] a chunk per request, so
-    /// that a delivery never holds it whole ([`Spool::read_body`]).
+    /// The rest of a large body of `len` bytes after its `head`, which
+    /// ends at `start` in the stored value, copied into a nameless file in
+    /// [`RedisSpoolOptions::body_dir`] a chunk per request, so that a
+    /// delivery never holds it whole ([`Spool::read_body`]).
     async fn read_body_rest(
         &self,
         id: &MessageId,
         key: &str,
-        head: Vec<u8>,
+        (head, start): (Vec<u8>, u64),
         len: u64,
     ) -> Result<Body, SpoolError> {
         let unavailable = |e: std::io::Error| {
@@ -1143,7 +1144,6 @@ impl RedisSpool {
         .and_then(|file| file)
         .map_err(unavailable)?;
         let file = Arc::new(file);
-        let start = (envelope::encode(&BodyHead { len }).len() + head.len()) as u64;
         let rest_len = len - head.len() as u64;
         let mut copied = 0u64;
         while copied < rest_len {
@@ -1629,7 +1629,8 @@ impl Spool for RedisSpool {
         if (first.len() as u64) < first_end + 1 {
             return Err(corrupt(format!("{held} of {len} bytes")));
         }
-        self.read_body_rest(id, &key, first.split_off(used), len)
+        let start = first.len() as u64;
+        self.read_body_rest(id, &key, (first.split_off(used), start), len)
             .await
     }
 }
