@@ -348,10 +348,7 @@ impl Connection {
         let mut out = Vec::with_capacity(BODY_CHUNK + BODY_CHUNK / 8);
         let in_memory = converted.unwrap_or(body.head());
         for chunk in in_memory.chunks(BODY_CHUNK) {
-            if !out.is_empty() {
-                self.write_by(&out, deadline, limit).await?;
-                out.clear();
-            }
+            self.write_pending(&mut out, deadline, limit).await?;
             encoder.encode(chunk, &mut out);
         }
         if let Some(rest) = body.rest().filter(|_| converted.is_none()) {
@@ -363,15 +360,26 @@ impl Connection {
                     .map_err(|e| IoFailure::Spool(SpoolError::Unavailable(e.to_string())))?
                     .map_err(IoFailure::Spool)?;
                 at += chunk.len() as u64;
-                if !out.is_empty() {
-                    self.write_by(&out, deadline, limit).await?;
-                    out.clear();
-                }
+                self.write_pending(&mut out, deadline, limit).await?;
                 encoder.encode(&chunk, &mut out);
             }
         }
         encoder.finish(&mut out);
         self.write_by(&out, deadline, limit).await
+    }
+
+    /// Writes what `out` holds, if anything, and empties it.
+    async fn write_pending(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+    ) -> Result<(), IoFailure> {
+        if !out.is_empty() {
+            self.write_by(out, deadline, limit).await?;
+            out.clear();
+        }
+        Ok(())
     }
 
     /// Writes `bytes` by `deadline`; a timeout names the whole `limit`

@@ -131,6 +131,7 @@
 //! `complete` that defers three).
 
 use crate::now_ms;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -807,21 +808,22 @@ impl RedisSchedule {
         cmd
     }
 
-    /// The keys and arguments of `write_record.lua`.
-    fn write_record_parts(
+    /// The keys and arguments of `write_record.lua`; the records are
+    /// borrowed, not copied.
+    fn write_record_parts<'a>(
         id: &MessageId,
-        expected: &[u8],
-        new: Option<&[u8]>,
+        expected: &'a [u8],
+        new: Option<&'a [u8]>,
         reports: Option<&KeptReports>,
-    ) -> (Vec<String>, Vec<Vec<u8>>) {
+    ) -> (Vec<String>, Vec<Cow<'a, [u8]>>) {
         let mut keys = vec![record_key(id), body_key(id)];
         keys.extend(reports.map(|r| r.key.clone()));
         let mut args = vec![
-            expected.to_vec(),
-            new.unwrap_or_default().to_vec(),
-            BODY_GRACE.as_millis().to_string().into_bytes(),
+            Cow::Borrowed(expected),
+            Cow::Borrowed(new.unwrap_or_default()),
+            Cow::Owned(BODY_GRACE.as_millis().to_string().into_bytes()),
         ];
-        args.extend(reports.map(KeptReports::encode));
+        args.extend(reports.map(|r| Cow::Owned(r.encode())));
         (keys, args)
     }
 

@@ -1364,18 +1364,10 @@ fn read_body_at(
     loc: Loc,
     body_len: u64,
 ) -> Result<Vec<u8>, SpoolError> {
-    let mut frame = FrameHead::new(loc, body_len)?;
-    let mut body = vec![0u8; body_len as usize];
-    read_exact_vectored_at(
-        file,
-        &mut [
-            IoSliceMut::new(&mut frame.bytes),
-            IoSliceMut::new(&mut body),
-        ],
-        loc.offset,
-    )
-    .map_err(|e| io_error("reading a message body", e))?;
-    frame.check(checksum, &[&body])?;
+    let (frame, body) = FrameHead::read(file, loc, body_len, body_len)?;
+    let mut hasher = frame.hasher(checksum);
+    hasher.update(&body);
+    frame.check_crc(hasher.finalize())?;
     Ok(body)
 }
 
@@ -1389,30 +1381,18 @@ fn read_large_body_at(
     loc: Loc,
     body_len: u64,
 ) -> Result<Body, SpoolError> {
-    let mut frame = FrameHead::new(loc, body_len)?;
-    let mut first = vec![0u8; (BODY_CHUNK as u64).min(body_len) as usize];
-    read_exact_vectored_at(
-        file,
-        &mut [
-            IoSliceMut::new(&mut frame.bytes),
-            IoSliceMut::new(&mut first),
-        ],
-        loc.offset,
-    )
-    .map_err(|e| io_error("reading a message body", e))?;
-    let rest_at = loc.offset + frame.bytes.len() as u64 + first.len() as u64;
-    let rest_len = body_len - first.len() as u64;
-    let rest = Body::stored(Vec::new(), file.clone(), rest_at, rest_len);
+    let first_len = (BODY_CHUNK as u64).min(body_len);
+    let (frame, first) = FrameHead::read(file, loc, body_len, first_len)?;
+    let rest_at = loc.offset + frame.bytes.len() as u64 + first_len;
+    let body = Body::stored(first, file.clone(), rest_at, body_len - first_len);
     // Checked as it is read: only a chunk is held at a time.
-    let mut hasher = checksum.hasher();
-    hasher.update(&frame.bytes[FRAME_HEADER as usize..]);
-    hasher.update(&first);
-    rest.for_each_chunk(|chunk| {
+    let mut hasher = frame.hasher(checksum);
+    body.for_each_chunk(|chunk| {
         hasher.update(chunk);
         Ok(())
     })?;
     frame.check_crc(hasher.finalize())?;
-    Ok(Body::stored(first, file.clone(), rest_at, rest_len))
+    Ok(body)
 }
 
 /// The part of a message frame before its body: the frame header and the
@@ -1423,26 +1403,36 @@ struct FrameHead {
 }
 
 impl FrameHead {
-    fn new(loc: Loc, body_len: u64) -> Result<FrameHead, SpoolError> {
+    /// The head of the frame at `loc`, whose body is `body_len` bytes, and
+    /// the first `first` bytes of that body, in one read.
+    fn read(
+        file: &File,
+        loc: Loc,
+        body_len: u64,
+        first: u64,
+    ) -> Result<(FrameHead, Vec<u8>), SpoolError> {
         let head_len = loc
             .len
             .checked_sub(body_len)
             .filter(|&n| n >= FRAME_HEADER)
             .ok_or_else(|| corrupt_body(loc))?;
-        Ok(FrameHead {
-            loc,
-            bytes: vec![0u8; head_len as usize],
-        })
+        let mut bytes = vec![0u8; head_len as usize];
+        let mut body = vec![0u8; first as usize];
+        read_exact_vectored_at(
+            file,
+            &mut [IoSliceMut::new(&mut bytes), IoSliceMut::new(&mut body)],
+            loc.offset,
+        )
+        .map_err(|e| io_error("reading a message body", e))?;
+        Ok((FrameHead { loc, bytes }, body))
     }
 
-    /// Whether the frame with `body` after this head is what was written.
-    fn check(&self, checksum: Checksum, body: &[&[u8]]) -> Result<(), SpoolError> {
+    /// A hasher fed the frame's payload up to the body: the body's bytes
+    /// go after, as they are read.
+    fn hasher(&self, checksum: Checksum) -> crc32fast::Hasher {
         let mut hasher = checksum.hasher();
         hasher.update(&self.bytes[FRAME_HEADER as usize..]);
-        for part in body {
-            hasher.update(part);
-        }
-        self.check_crc(hasher.finalize())
+        hasher
     }
 
     /// Whether the frame's length and `crc`, the checksum of its payload
