@@ -25,14 +25,21 @@ pub fn free_port() -> u16 {
 /// [`free_port`] on the given address.
 pub fn free_port_on(ip: std::net::Ipv4Addr) -> u16 {
     use rand::Rng;
+    // Ports handed out before in this process: free again until their
+    // server starts, so drawing one twice (say, for a relay's SMTP and
+    // admin listeners) would give both servers the same port.
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     let below = ephemeral_low().saturating_sub(1);
     // Room for a Redis Cluster bus port at port + 10000 as well.
     let (low, high) = (10_000u16, below.saturating_sub(10_000));
     if high > low {
         let mut rng = rand::rng();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..200 {
             let port = rng.random_range(low..=high);
-            if std::net::TcpListener::bind((ip, port)).is_ok() {
+            if !given.contains(&port) && std::net::TcpListener::bind((ip, port)).is_ok() {
+                given.insert(port);
                 return port;
             }
         }
