@@ -23,7 +23,12 @@
 #       connection. The figure is messages/s from the first message sent
 #       to the last one delivered, against the ideal: NODES ×
 #       NODE_CONNECTIONS connections, each a message per DELAY (less when
-#       the domains' caps allow fewer). Defaults: 90, 10, 0.2.
+#       the domains' caps allow fewer). Defaults: 90, 10, 0.2. SUBMIT_TO=1
+#       sends every message to node 1 instead: the others learn of the
+#       work from the shared queue alone. The receiver counts messages
+#       without storing them (--no-store), so that it is never the limit.
+#       The run prints each node's open connections over the run, sampled
+#       from /metrics every 0.25 s.
 #
 # Defaults: 20000 messages, 20 sessions, 2048 bytes. Needs smtp-source and
 # smtp-sink (Debian package postfix; installed here if missing).
@@ -86,7 +91,7 @@ elif [ "$mode" = slow ]; then
   sink_port=$(free_port)
   delay_ms=$(python3 -c "print(round($delay * 1000))")
   /usr/bin/python3 tests/peers/sink.py --listen "127.0.0.1:$sink_port" --dir "$work/sink" \
-    --pipelining --data-delay-ms "$delay_ms" >"$work/sink.out" 2>"$work/sink.log" &
+    --pipelining --no-store --data-delay-ms "$delay_ms" >"$work/sink.out" 2>"$work/sink.log" &
   pids+=($!)
   wait_port "$sink_port"
   node_connections=${NODE_CONNECTIONS:-6}
@@ -161,6 +166,11 @@ if [ -n "${REDIS_MONITOR:-}" ] && [ "$backend" != local ]; then
   done
 fi
 
+if [ "$mode" = slow ]; then
+  python3 scripts/compare.py sample "$work/open.txt" "${node_admins[@]}" &
+  pids+=($!)
+  sampler=$!
+fi
 cpu_before=$(python3 scripts/compare.py cpu "${node_pids[@]}")
 start=$(date +%s.%N)
 # What is sent: each node its equal share (slow mode sends every message).
@@ -173,8 +183,10 @@ if [ "$mode" = slow ]; then
     for j in $(seq 0 $((nodes - 1))); do
       count=$(( per_domain / nodes + (j < per_domain % nodes ? 1 : 0) ))
       [ "$count" -gt 0 ] || continue
+      target=${ports[$j]}
+      [ -n "${SUBMIT_TO:-}" ] && target=${ports[$((SUBMIT_TO - 1))]}
       /usr/sbin/smtp-source -s 1 -m "$count" -l "$size" -f app@example.com \
-        -t "user@d$d.bench.test" "127.0.0.1:${ports[$j]}" &
+        -t "user@d$d.bench.test" "127.0.0.1:$target" &
       sources+=($!)
     done
   done
@@ -267,6 +279,7 @@ if hooked:
     print(f"  webhook: all {2 * n} events (accepted, delivered) at the endpoint {hooked} s after the last delivery")
 PY
 if [ "$mode" = slow ]; then
+  kill "$sampler" 2>/dev/null || true
   # The ideal: every connection busy, a message per DELAY each, as far as
   # the domains' caps allow that many connections.
   per_node=()
@@ -296,11 +309,32 @@ for i, port in enumerate(sys.argv[10].split(), 1):
     work = value(r'smarthost_delivery_takes_total\{result="work"\}')
     empty = value(r'smarthost_delivery_takes_total\{result="empty"\}')
     total = value(r"smarthost_delivery_messages_per_connection_sum")
+    def mean(name, labels=""):
+        count = value(name + "_count" + labels)
+        return value(name + "_sum" + labels) / count if count else 0.0
+    attempt = mean("smarthost_delivery_attempt_seconds")
+    redis = mean("smarthost_redis_request_seconds", r'\{component="schedule"\}')
     print(f"  node {i}: {work:.0f} takes with work ({total / work if work else 0:.1f} messages each), "
-          f"{empty:.0f} empty")
+          f"{empty:.0f} empty; an attempt {attempt * 1000:.0f} ms, "
+          f"a schedule round trip {redis * 1000:.1f} ms on average")
 by_domain = stats["peak_concurrent_by_domain"]
 print(f"  at the receiver: {stats['peak_concurrent']} connections at most at once "
       f"(of {nodes * conns}), {max(by_domain.values(), default=0)} for one domain at most "
       f"(cap {cap}), {stats['connections_total']} connections in all")
+PY
+  python3 scripts/compare.py timeline "$work/open.txt" "$start" "$end" "$node_connections"
+  # How the domains were spread over the nodes: by how many nodes
+  # delivered to each.
+  python3 - "$work"/delivery-*.log <<'PY'
+import collections, json, sys
+served = collections.defaultdict(set)
+for node, path in enumerate(sys.argv[1:]):
+    for line in open(path):
+        entry = json.loads(line)
+        if entry.get("outcome") == "delivered":
+            served[entry["domain"]].add(node)
+spread = collections.Counter(len(nodes) for nodes in served.values())
+print("  domains delivered to by: " + ", ".join(
+    f"{k} node{'s' if k > 1 else ''} {spread[k]}" for k in sorted(spread)))
 PY
 fi

@@ -14,6 +14,11 @@ matplotlib for the plot).
     compare.py report FILE OUTDIR [--plot] the table (Markdown, to stdout),
         OUTDIR/compare.json and compare.csv, and OUTDIR/compare.png
     compare.py plot JSON PNG               the plot again, from compare.json
+    compare.py sample FILE PORT...         every 0.25 s until killed, appends
+        each node's open outgoing connections (by admin port) to FILE
+    compare.py timeline FILE START END SLOTS
+        from a sample FILE: each node's open connections against its SLOTS,
+        in tenths of the run from START to END (Unix times)
 """
 
 import csv
@@ -114,6 +119,57 @@ def record(args):
         row[key] = value
     with open(args[0], "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+OPEN = re.compile(r"^smarthost_outbound_connections (\S+)$", re.M)
+
+
+def sample(args):
+    path, ports = args[0], args[1:]
+    with open(path, "a") as out:
+        while True:
+            now = time.time()
+            counts = []
+            for port in ports:
+                try:
+                    url = f"http://127.0.0.1:{port}/metrics"
+                    with urllib.request.urlopen(url, timeout=2) as r:
+                        m = OPEN.search(r.read().decode())
+                    counts.append(str(round(float(m.group(1)))) if m else "0")
+                except OSError:
+                    counts.append("-")
+            out.write(f"{now:.3f} {' '.join(counts)}\n")
+            out.flush()
+            # Not more often: a scrape counts the queue, a few Redis
+            # commands per domain with work.
+            time.sleep(max(0.0, 0.25 - (time.time() - now)))
+
+
+def timeline(args):
+    """Mean open connections per node in each tenth of the run: where the
+    cluster's capacity sat idle (start, middle or tail)."""
+    path, start, end, slots = args[0], float(args[1]), float(args[2]), int(args[3])
+    rows = []
+    for line in open(path):
+        t, *counts = line.split()
+        if start <= float(t) <= end and "-" not in counts:
+            rows.append((float(t), [int(c) for c in counts]))
+    if not rows:
+        print("  no connection samples")
+        return
+    nodes = len(rows[0][1])
+    tenth = (end - start) / 10
+    cells = []
+    for i in range(10):
+        part = [c for t, c in rows if start + i * tenth <= t < start + (i + 1) * tenth]
+        if not part:
+            cells.append(["–"] * nodes)
+            continue
+        cells.append([f"{sum(c[n] for c in part) / len(part):.1f}" for n in range(nodes)])
+    print(f"  open connections (of {slots} a node), mean in each tenth of the run:")
+    for n in range(nodes):
+        overall = sum(c[n] for _, c in rows) / len(rows) / slots
+        print(f"    node {n + 1}: {' '.join(f'{row[n]:>4}' for row in cells)}   busy {overall:.2f}")
 
 
 def num(value):
@@ -352,6 +408,10 @@ def main():
         record(args)
     elif cmd == "report":
         report(args)
+    elif cmd == "sample":
+        sample(args)
+    elif cmd == "timeline":
+        timeline(args)
     elif cmd == "plot":
         plot(json.load(open(args[0]))["runs"], args[1])
     else:
