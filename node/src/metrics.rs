@@ -58,6 +58,12 @@ pub const DELIVERY_TAKES: &str = "smarthost_delivery_takes_total";
 /// Messages a take gave one connection: few means the domain's work is
 /// spread thin over many connections.
 pub const MESSAGES_PER_CONNECTION: &str = "smarthost_delivery_messages_per_connection";
+/// How long a domain with work waited in line for one of the node's
+/// connection slots (`delivery.max_connections`), when none was free.
+pub const SLOT_WAIT_SECONDS: &str = "smarthost_delivery_slot_wait_seconds";
+/// How long a node connection slot stood free before a connection
+/// carried mail on it.
+pub const SLOT_FREE_SECONDS: &str = "smarthost_delivery_slot_free_seconds";
 /// One store call of the spool (a batch of messages, fsync or Redis
 /// acknowledgement included).
 pub const SPOOL_STORE_SECONDS: &str = "smarthost_spool_store_seconds";
@@ -136,9 +142,21 @@ const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 100
 pub fn delivery_take(messages: usize) {
     let result = if messages == 0 { "empty" } else { "work" };
     metrics::counter!(DELIVERY_TAKES, "result" => result).increment(1);
-    if messages > 0 {
-        metrics::histogram!(MESSAGES_PER_CONNECTION).record(messages as f64);
-    }
+}
+
+/// A domain waited `took` in line for a node connection slot.
+pub fn slot_waited(took: Duration) {
+    metrics::histogram!(SLOT_WAIT_SECONDS).record(took);
+}
+
+/// A node connection slot stood free for `took` before it carried mail.
+pub fn slot_stood_free(took: Duration) {
+    metrics::histogram!(SLOT_FREE_SECONDS).record(took);
+}
+
+/// A delivery connection that carried `messages` has ended.
+pub fn connection_carried(messages: usize) {
+    metrics::histogram!(MESSAGES_PER_CONNECTION).record(messages as f64);
 }
 
 fn describe() {
@@ -199,7 +217,17 @@ fn describe() {
     );
     describe_histogram!(
         MESSAGES_PER_CONNECTION,
-        "messages a take gave one new connection"
+        "messages one delivery connection was given in all"
+    );
+    describe_histogram!(
+        SLOT_WAIT_SECONDS,
+        Unit::Seconds,
+        "a domain's wait in line for a node connection slot"
+    );
+    describe_histogram!(
+        SLOT_FREE_SECONDS,
+        Unit::Seconds,
+        "how long a node connection slot stood free before it carried mail"
     );
     describe_histogram!(SPOOL_STORE_SECONDS, Unit::Seconds, "one spool store call");
     describe_histogram!(REDIS_REQUEST_SECONDS, Unit::Seconds, "one Redis round trip");

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use rand::seq::SliceRandom;
 use smarthost_coordinator::membership::holder_node;
 use smarthost_coordinator::LeaderTick;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
@@ -691,7 +692,14 @@ impl Queue {
         ctx.spawn(work.into_actor(self).map(|due, queue, ctx| {
             queue.ticking = false;
             match due {
-                Ok(due) => queue.announce(due, ctx),
+                Ok(mut due) => {
+                    // Each node in its own order: domains wait in line for
+                    // the node's connection slots in the order they are
+                    // announced, and nodes that all went down one list
+                    // would all serve its first domains first.
+                    due.shuffle(&mut rand::rng());
+                    queue.announce(due, ctx)
+                }
                 Err(error) => tracing::warn!(%error, "cannot promote due deliveries"),
             }
         }));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use smarthost_proto::address::{parse_forward_path, Path};
 use smarthost_proto::session::SessionConfig;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch};
 
 use crate::admin::{self, AdminEnv, BadmailEnv};
 use crate::auth::{OperatorDb, UserDb};
@@ -356,7 +356,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         queue: queue.clone(),
         router: Router::new(&config.delivery)?,
         tls: env_tls.clone(),
-        node_slots: Arc::new(Semaphore::new(config.delivery.max_connections)),
+        node_slots: crate::delivery::slots::NodeSlots::new(config.delivery.max_connections),
         limits,
         suppressions: shared.suppressions.clone(),
         stopping: stopping.clone(),

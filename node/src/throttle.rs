@@ -5,15 +5,17 @@
 //!
 //! The limits themselves live behind [`DomainLimits`] (in-process or
 //! cluster-wide); the throttle opens a connection only under a lease and
-//! with a node-wide permit.
+//! with one of the node's slots.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::TryAcquireError;
 
 use crate::delivery::connection::{Delivery, DeliveryEnv};
+use crate::delivery::slots::Slot;
 use crate::delivery::DomainPolicy;
 use crate::dispatcher::{Dispatcher, ThrottleIdle};
 use crate::limits::{ConnectionLease, LimitError};
@@ -38,9 +40,6 @@ pub struct RatePermit;
 /// A throttle with no connection for this long stops.
 const IDLE_STOP: Duration = Duration::from_secs(30);
 
-/// When the node-wide connection limit is reached, look again after this.
-const NODE_FULL_RETRY: Duration = Duration::from_millis(200);
-
 /// When the domain's connection cap is reached by other nodes (whose
 /// connections end without telling this one), look again after this.
 const CAP_FULL_RETRY: Duration = Duration::from_millis(500);
@@ -48,14 +47,65 @@ const CAP_FULL_RETRY: Duration = Duration::from_millis(500);
 /// When the limits cannot be read, open nothing and look again after this.
 const LIMITS_RETRY: Duration = Duration::from_secs(2);
 
+/// The longest the messages a connection holds, beyond the one it is
+/// sending, should take to send. Work held longer waits on one connection
+/// while free slots (here or on other nodes) could send it.
+const HOLD: Duration = Duration::from_millis(100);
+
+/// How long a message to this domain takes on one connection, as its last
+/// connections measured it. It sizes each take: a slow receiver gets one
+/// message per take, so a domain's messages spread over every connection
+/// that may serve it and none waits behind another; a fast one gets
+/// `max_messages_per_connection` at once, one take per connection.
+#[derive(Debug, Default)]
+pub struct Pace {
+    /// Microseconds, a moving average; 0 until a message was sent.
+    micros: AtomicU64,
+}
+
+impl Pace {
+    /// Adds one message's send time to the average.
+    pub fn record(&self, took: Duration) {
+        let took = took.as_micros().clamp(1, u64::MAX as u128) as u64;
+        let old = self.micros.load(Ordering::Relaxed);
+        let new = if old == 0 { took } else { (old * 3 + took) / 4 };
+        self.micros.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The receiver could not be reached (no route, no connection): each
+    /// connection then fails all it holds at once, so the next takes give
+    /// it as much as it may carry instead of one connection per message.
+    /// Its first message sent brings the pace back.
+    pub fn unreachable(&self) {
+        self.micros.store(1, Ordering::Relaxed);
+    }
+
+    /// How many messages a take should give a connection that may carry
+    /// `room` more: as many as fit in [`HOLD`], at least one, and one
+    /// while the pace is unknown (the first message measures it).
+    pub fn batch(&self, room: usize) -> usize {
+        let micros = self.micros.load(Ordering::Relaxed);
+        if micros == 0 {
+            return room.min(1);
+        }
+        let fits = (HOLD.as_micros() as u64 / micros) as usize;
+        fits.clamp(1, room.max(1)).min(room)
+    }
+}
+
 pub struct DomainThrottle {
     policy: Arc<DomainPolicy>,
+    pace: Arc<Pace>,
     env: Arc<DeliveryEnv>,
     dispatcher: Addr<Dispatcher>,
     /// Open connections of this domain on this node.
     active: usize,
-    /// A lease or a `Take` is on its way.
+    /// A node slot, a lease or a `Take` is on its way.
     taking: bool,
+    /// A [`DomainThrottle::retry`] is pending.
+    retrying: bool,
+    /// An [`DomainThrottle::idle_check`] is pending.
+    idle_timer: bool,
     last_busy: Instant,
 }
 
@@ -67,26 +117,47 @@ impl DomainThrottle {
     ) -> Self {
         DomainThrottle {
             policy,
+            pace: Arc::default(),
             env,
             dispatcher,
             active: 0,
             taking: false,
+            retrying: false,
+            idle_timer: false,
             last_busy: Instant::now(),
         }
     }
 
     /// Opens connections while the limits allow and the queue has work:
-    /// a node-wide permit, then a lease on one of the domain's slots, then
-    /// work from the queue.
+    /// a node-wide slot, then a lease on one of the domain's slots, then
+    /// work from the queue. When the node's slots are all in use, the
+    /// throttle waits in line for one: a connection that ends hands its
+    /// slot to the domain that has waited longest, at once.
     fn fill(&mut self, ctx: &mut Context<Self>) {
         if self.taking || self.active >= self.policy.max_connections {
             return;
         }
-        let Ok(permit) = self.env.node_slots.clone().try_acquire_owned() else {
-            ctx.run_later(NODE_FULL_RETRY, |throttle, ctx| throttle.fill(ctx));
-            return;
-        };
         self.taking = true;
+        let slots = self.env.node_slots.clone();
+        match slots.try_take() {
+            Ok(slot) => self.lease(slot, ctx),
+            Err(TryAcquireError::NoPermits) => {
+                let wait = slots.take();
+                ctx.spawn(wait.into_actor(self).map(|slot, throttle, ctx| {
+                    match slot {
+                        Ok(slot) => throttle.lease(slot, ctx),
+                        // Closed: the node is stopping.
+                        Err(_) => throttle.taking = false,
+                    }
+                }));
+            }
+            Err(TryAcquireError::Closed) => self.taking = false,
+        }
+    }
+
+    /// Asks for a lease on one of the domain's slots, holding the node's
+    /// `slot`.
+    fn lease(&mut self, slot: Slot, ctx: &mut Context<Self>) {
         let limits = self.env.limits.clone();
         let domain = self.policy.domain.clone();
         let cap = self.policy.max_connections;
@@ -95,34 +166,42 @@ impl DomainThrottle {
             acquire
                 .into_actor(self)
                 .map(move |lease, throttle, ctx| match lease {
-                    Ok(Some(lease)) => throttle.take(lease, permit, ctx),
+                    Ok(Some(lease)) => throttle.take(lease, slot, ctx),
                     Ok(None) => {
                         throttle.taking = false;
-                        drop(permit);
-                        ctx.run_later(CAP_FULL_RETRY, |throttle, ctx| throttle.fill(ctx));
+                        drop(slot);
+                        throttle.retry(CAP_FULL_RETRY, ctx);
                     }
                     Err(error) => {
                         throttle.taking = false;
-                        drop(permit);
+                        drop(slot);
                         tracing::warn!(domain = %throttle.policy.domain, %error,
                             "no connection lease, opening no connection");
-                        ctx.run_later(LIMITS_RETRY, |throttle, ctx| throttle.fill(ctx));
+                        throttle.retry(LIMITS_RETRY, ctx);
                     }
                 }),
         );
     }
 
+    /// Fills again after `after`, unless a retry is already pending: wakes
+    /// that come meanwhile must not pile up timers.
+    fn retry(&mut self, after: Duration, ctx: &mut Context<Self>) {
+        if self.retrying {
+            return;
+        }
+        self.retrying = true;
+        ctx.run_later(after, |throttle, ctx| {
+            throttle.retrying = false;
+            throttle.fill(ctx);
+        });
+    }
+
     /// Takes work for a connection under `lease`; starts the connection
     /// if there is some, else gives the lease back.
-    fn take(
-        &mut self,
-        lease: ConnectionLease,
-        permit: OwnedSemaphorePermit,
-        ctx: &mut Context<Self>,
-    ) {
+    fn take(&mut self, lease: ConnectionLease, mut slot: Slot, ctx: &mut Context<Self>) {
         let take = self.env.queue.send(Take {
             domain: self.policy.domain.clone(),
-            max: self.policy.max_messages_per_connection,
+            max: self.pace.batch(self.policy.max_messages_per_connection),
         });
         ctx.spawn(take.into_actor(self).map(move |jobs, throttle, ctx| {
             throttle.taking = false;
@@ -136,34 +215,46 @@ impl DomainThrottle {
                     }
                 };
                 ctx.spawn(release.into_actor(throttle));
-                drop(permit);
+                drop(slot);
                 throttle.idle_check(ctx);
                 return;
             }
             throttle.active += 1;
             throttle.last_busy = Instant::now();
+            slot.carries_mail();
             let (policy, env, me) = (throttle.policy.clone(), throttle.env.clone(), ctx.address());
+            let pace = throttle.pace.clone();
             throttle
                 .env
                 .workers
-                .start_actor(move |_| Delivery::new(policy, jobs, env, me, permit, lease));
+                .start_actor(move |_| Delivery::new(policy, jobs, env, me, slot, lease, pace));
             throttle.fill(ctx);
         }));
     }
 
+    /// Stops the throttle once it has had no connection and nothing to do
+    /// for [`IDLE_STOP`]; one timer at a time, however many takes come
+    /// back empty.
     fn idle_check(&mut self, ctx: &mut Context<Self>) {
-        if self.active > 0 {
+        if self.active > 0 || self.idle_timer {
             return;
         }
-        ctx.run_later(IDLE_STOP, |throttle, ctx| {
-            if throttle.active == 0 && !throttle.taking && throttle.last_busy.elapsed() >= IDLE_STOP
-            {
-                throttle.dispatcher.do_send(ThrottleIdle {
-                    domain: throttle.policy.domain.clone(),
-                    throttle: ctx.address(),
-                });
-                ctx.stop();
+        self.idle_timer = true;
+        let wait = IDLE_STOP.saturating_sub(self.last_busy.elapsed());
+        ctx.run_later(wait, |throttle, ctx| {
+            throttle.idle_timer = false;
+            if throttle.active > 0 || throttle.taking {
+                return;
             }
+            if throttle.last_busy.elapsed() < IDLE_STOP {
+                throttle.idle_check(ctx);
+                return;
+            }
+            throttle.dispatcher.do_send(ThrottleIdle {
+                domain: throttle.policy.domain.clone(),
+                throttle: ctx.address(),
+            });
+            ctx.stop();
         });
     }
 }
@@ -214,5 +305,56 @@ impl Handler<RatePermit> for DomainThrottle {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_take_holds_what_the_receiver_sends_within_the_hold_time() {
+        let cases: &[(Option<u64>, usize, usize)] = &[
+            // (ms per message, room left on the connection, batch)
+            (None, 20, 1),
+            (None, 0, 0),
+            (Some(200), 20, 1),
+            (Some(100), 20, 1),
+            (Some(40), 20, 2),
+            (Some(10), 20, 10),
+            (Some(1), 20, 20),
+            (Some(1), 7, 7),
+            (Some(200), 0, 0),
+        ];
+        for &(ms, room, want) in cases {
+            let pace = Pace::default();
+            if let Some(ms) = ms {
+                pace.record(Duration::from_millis(ms));
+            }
+            assert_eq!(pace.batch(room), want, "{ms:?} ms a message, room {room}");
+        }
+    }
+
+    #[test]
+    fn the_pace_follows_the_receiver_as_it_slows_down() {
+        let pace = Pace::default();
+        pace.record(Duration::from_millis(2));
+        assert_eq!(pace.batch(20), 20);
+        for _ in 0..10 {
+            pace.record(Duration::from_millis(300));
+        }
+        assert_eq!(pace.batch(20), 1);
+        // A receiver that cannot be reached gets whole takes, and a slow
+        // one that comes back is paced again within a few messages.
+        pace.unreachable();
+        assert_eq!(pace.batch(20), 20);
+        for _ in 0..3 {
+            pace.record(Duration::from_millis(300));
+        }
+        assert_eq!(pace.batch(20), 1);
+        // A zero-length measurement is not "unknown".
+        let pace = Pace::default();
+        pace.record(Duration::ZERO);
+        assert_eq!(pace.batch(20), 20);
     }
 }

@@ -37,6 +37,9 @@ pub struct SinkOptions {
     pub script: Option<serde_json::Value>,
     /// A pause before every reply, to hold connections open.
     pub delay: Duration,
+    /// A pause before the reply to each message's end of data: a slow
+    /// receiver, whose time goes to messages, not to commands.
+    pub data_delay: Duration,
 }
 
 impl SinkOptions {
@@ -72,6 +75,11 @@ impl SinkOptions {
 
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    pub fn data_delay(mut self, delay: Duration) -> Self {
+        self.data_delay = delay;
         self
     }
 }
@@ -217,6 +225,12 @@ impl Sink {
         }
         if !options.delay.is_zero() {
             command.arg(format!("--delay-ms={}", options.delay.as_millis()));
+        }
+        if !options.data_delay.is_zero() {
+            command.arg(format!(
+                "--data-delay-ms={}",
+                options.data_delay.as_millis()
+            ));
         }
         let stderr = std::fs::File::create(dir.path().join("stderr")).expect("sink log");
         let mut child = command

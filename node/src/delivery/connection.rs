@@ -1,7 +1,10 @@
 //! The Delivery actor: one outbound connection (or one pass over a local
 //! drop directory) carrying up to `max_messages_per_connection` messages of
 //! one domain. It reports each message's outcome to the queue and waits
-//! until that is durable before it sends the next one.
+//! until that is durable before it sends the next one. It starts with the
+//! throttle's take and takes more from the queue as it runs out, sized by
+//! the domain's [`Pace`], so that it never holds more than a free slot
+//! elsewhere could be sending.
 //!
 //! It holds a lease on one of the domain's connection slots, renews it on
 //! a timer while it lives (if the lease expires) and gives it back when it
@@ -13,20 +16,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use actix::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use smarthost_proto::envelope::{MessageId, MessageRecord};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::delivery::outbound::{Outbound, OutboundSettings, TlsClients};
 use crate::delivery::route::{RouteError, Router};
+use crate::delivery::slots::{NodeSlots, Slot};
 use crate::delivery::{maildir, DomainPolicy, Job, MessageOutcome, RcptOutcome, RcptResult, Route};
 use crate::limits::{first_renewal, ConnectionLease, DomainLimits, LeaseHealth, LimitError};
-use crate::queue::{Queue, Release, Report};
+use crate::queue::{Queue, Release, Report, Take};
 use crate::spool::{Body, Spool, SpoolError};
 use crate::suppression::{address_key, is_hard_bounce, Entry, Scope, Source, Suppressions};
-use crate::throttle::{ConnectionDone, DomainThrottle, RatePermit};
+use crate::throttle::{ConnectionDone, DomainThrottle, Pace, RatePermit};
 
 /// What every delivery of a node shares.
 pub struct DeliveryEnv {
@@ -35,8 +38,8 @@ pub struct DeliveryEnv {
     pub queue: Addr<Queue>,
     pub router: Router,
     pub tls: TlsClients,
-    /// `delivery.max_connections`: one permit per open outbound connection.
-    pub node_slots: Arc<Semaphore>,
+    /// `delivery.max_connections`: one slot per open outbound connection.
+    pub node_slots: Arc<NodeSlots>,
     /// Per-domain connection caps and rates (this node's or the cluster's).
     pub limits: Arc<dyn DomainLimits>,
     /// Addresses not to send to.
@@ -86,8 +89,9 @@ struct Work {
     jobs: Vec<(Arc<MessageRecord>, usize)>,
     env: Arc<DeliveryEnv>,
     throttle: Addr<DomainThrottle>,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     lease: Arc<HeldLease>,
+    pace: Arc<Pace>,
 }
 
 impl Delivery {
@@ -96,8 +100,9 @@ impl Delivery {
         jobs: Vec<(Arc<MessageRecord>, usize)>,
         env: Arc<DeliveryEnv>,
         throttle: Addr<DomainThrottle>,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
         lease: ConnectionLease,
+        pace: Arc<Pace>,
     ) -> Self {
         let lease = Arc::new(HeldLease::new(lease));
         Delivery {
@@ -106,8 +111,9 @@ impl Delivery {
                 jobs,
                 env,
                 throttle,
-                permit,
+                slot,
                 lease: lease.clone(),
+                pace,
             }),
             lease,
         }
@@ -175,18 +181,20 @@ async fn run(work: Work) {
         jobs,
         env,
         throttle,
-        permit,
+        slot,
         lease,
+        pace,
     } = work;
-    match &policy.route {
-        Route::Local(dir) => deliver_local(dir, jobs, &env, &lease).await,
-        _ => deliver_remote(&policy, jobs, &env, &throttle, &lease).await,
-    }
+    let carried = match &policy.route {
+        Route::Local(dir) => deliver_local(dir, jobs, &env, &lease, &pace).await,
+        _ => deliver_remote(&policy, jobs, &env, &throttle, &lease, &pace).await,
+    };
+    crate::metrics::connection_carried(carried);
     lease.released.store(true, Ordering::SeqCst);
     if let Err(error) = env.limits.release(lease.lease.clone()).await {
         tracing::warn!(domain = %policy.domain, %error, "cannot release the connection lease");
     }
-    drop(permit);
+    drop(slot);
     throttle.do_send(ConnectionDone);
 }
 
@@ -265,58 +273,88 @@ fn release(env: &DeliveryEnv, record: &MessageRecord, delivery: usize) {
     });
 }
 
+/// Sends the jobs over one connection, taking more of the domain's work
+/// as they run out; answers how many messages the connection was given.
 async fn deliver_remote(
     policy: &DomainPolicy,
     jobs: Vec<(Arc<MessageRecord>, usize)>,
     env: &DeliveryEnv,
     throttle: &Addr<DomainThrottle>,
     lease: &HeldLease,
-) {
+    pace: &Pace,
+) -> usize {
     let started = Instant::now();
-    let (jobs, held) = screen(env, jobs).await;
+    let mut carried = jobs.len();
+    let (jobs, mut held) = screen(env, jobs).await;
     // The first readable body before any connection: messages that cannot
     // be read cost none.
-    let mut jobs = jobs.into_iter();
+    let mut jobs = VecDeque::from(jobs);
     let mut first = None;
-    for (record, delivery) in jobs.by_ref() {
+    while let Some((record, delivery)) = jobs.pop_front() {
         if let Some(body) = body_or_report(env, &held, &record, delivery, started).await {
             first = Some((record, delivery, body));
             break;
         }
     }
     let Some(first) = first else {
-        return;
+        return carried;
     };
-    let rest: Vec<(Arc<MessageRecord>, usize)> = jobs.collect();
-    let all = || {
+    let all = |jobs: &VecDeque<(Arc<MessageRecord>, usize)>| {
         let mut all = vec![(first.0.clone(), first.1)];
-        all.extend(rest.iter().cloned());
+        all.extend(jobs.iter().cloned());
         all
     };
     let hops = match env.router.next_hops(policy).await {
         Ok(hops) => hops,
         Err(RouteError::Permanent(why)) => {
-            return report_all(env, &held, &all(), RcptResult::Failed, &why, started).await;
+            pace.unreachable();
+            report_all(env, &held, &all(&jobs), RcptResult::Failed, &why, started).await;
+            return carried;
         }
         Err(RouteError::Temporary(why)) => {
-            return report_all(env, &held, &all(), RcptResult::Deferred, &why, started).await;
+            pace.unreachable();
+            report_all(env, &held, &all(&jobs), RcptResult::Deferred, &why, started).await;
+            return carried;
         }
     };
     let settings = OutboundSettings::with_tls(&env.config, policy, &env.tls);
     let mut connection = match Outbound::connect(&hops, &settings).await {
         Ok(connection) => connection,
         Err(error) => {
+            pace.unreachable();
             tracing::info!(domain = %policy.domain, %error, "no connection");
             let text = error.to_string();
-            return report_all(env, &held, &all(), error.result(), &text, started).await;
+            report_all(env, &held, &all(&jobs), error.result(), &text, started).await;
+            return carried;
         }
     };
     let (record, delivery, body) = first;
-    let queued = rest
-        .into_iter()
-        .map(|(record, delivery)| (record, delivery, None));
-    for (record, delivery, body) in std::iter::once((record, delivery, Some(body))).chain(queued) {
-        if !connection.is_usable() || !lease.usable() || env.stopping.load(Ordering::SeqCst) {
+    let mut next = Some((record, delivery, Some(body)));
+    loop {
+        let usable =
+            connection.is_usable() && lease.usable() && !env.stopping.load(Ordering::SeqCst);
+        let (record, delivery, body) = match next.take() {
+            Some(job) => job,
+            None => match jobs.pop_front() {
+                Some((record, delivery)) => (record, delivery, None),
+                None => {
+                    let room = policy.max_messages_per_connection.saturating_sub(carried);
+                    if !usable || room == 0 {
+                        break;
+                    }
+                    let more = take_more(env, policy, pace.batch(room)).await;
+                    if more.is_empty() {
+                        break;
+                    }
+                    carried += more.len();
+                    let (more, more_held) = screen(env, more).await;
+                    held.extend(more_held);
+                    jobs.extend(more);
+                    continue;
+                }
+            },
+        };
+        if !usable {
             release(env, &record, delivery);
             continue;
         }
@@ -342,11 +380,43 @@ async fn deliver_remote(
             delivery,
             body: Arc::new(body),
         };
-        let outcome = connection.send(&job).await;
+        // The next work is taken while this message goes out, so that the
+        // connection does not wait for the queue between messages.
+        let room = policy.max_messages_per_connection.saturating_sub(carried);
+        let ahead = jobs.is_empty() && room > 0;
+        let more = async {
+            match ahead {
+                true => take_more(env, policy, pace.batch(room)).await,
+                false => Vec::new(),
+            }
+        };
+        let (outcome, more) = tokio::join!(connection.send(&job), more);
+        if !more.is_empty() {
+            carried += more.len();
+            let (more, more_held) = screen(env, more).await;
+            held.extend(more_held);
+            jobs.extend(more);
+        }
+        pace.record(outcome.latency);
         learn_hard_bounces(env, &record, &outcome).await;
         report(env, &held, &record, delivery, outcome).await;
     }
     connection.quit().await;
+    carried
+}
+
+/// Up to `max` more due deliveries of the connection's domain; in flight
+/// from now on, like the first.
+async fn take_more(
+    env: &DeliveryEnv,
+    policy: &DomainPolicy,
+    max: usize,
+) -> Vec<(Arc<MessageRecord>, usize)> {
+    let take = Take {
+        domain: policy.domain.clone(),
+        max,
+    };
+    env.queue.send(take).await.unwrap_or_default()
 }
 
 /// Writes each message into the domain's drop directory.
@@ -355,7 +425,9 @@ async fn deliver_local(
     jobs: Vec<(Arc<MessageRecord>, usize)>,
     env: &DeliveryEnv,
     lease: &HeldLease,
-) {
+    pace: &Pace,
+) -> usize {
+    let carried = jobs.len();
     let (jobs, held) = screen(env, jobs).await;
     for (record, delivery) in jobs {
         if !lease.usable() {
@@ -392,8 +464,10 @@ async fn deliver_local(
             ),
         };
         let outcome = MessageOutcome::all_of(&record, delivery, result, &text, started.elapsed());
+        pace.record(outcome.latency);
         report(env, &held, &record, delivery, outcome).await;
     }
+    carried
 }
 
 /// The outcomes of recipients the suppression list held back, by

@@ -16,6 +16,7 @@ pub mod connection;
 pub mod maildir;
 pub mod outbound;
 pub mod route;
+pub mod slots;
 
 use std::net::IpAddr;
 use std::sync::Arc;
