@@ -346,10 +346,7 @@ async fn deliver_remote(
                     if more.is_empty() {
                         break;
                     }
-                    carried += more.len();
-                    let (more, more_held) = screen(env, more).await;
-                    held.extend(more_held);
-                    jobs.extend(more);
+                    carried += add_work(env, more, &mut jobs, &mut held).await;
                     continue;
                 }
             },
@@ -391,12 +388,7 @@ async fn deliver_remote(
             }
         };
         let (outcome, more) = tokio::join!(connection.send(&job), more);
-        if !more.is_empty() {
-            carried += more.len();
-            let (more, more_held) = screen(env, more).await;
-            held.extend(more_held);
-            jobs.extend(more);
-        }
+        carried += add_work(env, more, &mut jobs, &mut held).await;
         pace.record(outcome.latency);
         learn_hard_bounces(env, &record, &outcome).await;
         report(env, &held, &record, delivery, outcome).await;
@@ -417,6 +409,23 @@ async fn take_more(
         max,
     };
     env.queue.send(take).await.unwrap_or_default()
+}
+
+/// Screens work taken for a running connection and queues it behind what
+/// it holds; answers how many messages it was given.
+async fn add_work(
+    env: &DeliveryEnv,
+    more: Vec<(Arc<MessageRecord>, usize)>,
+    jobs: &mut VecDeque<(Arc<MessageRecord>, usize)>,
+    held: &mut HeldBack,
+) -> usize {
+    let given = more.len();
+    if given > 0 {
+        let (more, more_held) = screen(env, more).await;
+        held.extend(more_held);
+        jobs.extend(more);
+    }
+    given
 }
 
 /// Writes each message into the domain's drop directory.
