@@ -55,8 +55,9 @@ pub const OUTBOUND_CONNECTIONS: &str = "smarthost_outbound_connections";
 /// Takes of work for a new connection, by `result`: `work`, or `empty`
 /// when the domain had none left (another connection or node took it).
 pub const DELIVERY_TAKES: &str = "smarthost_delivery_takes_total";
-/// Messages a take gave one connection: few means the domain's work is
-/// spread thin over many connections.
+/// Messages one delivery connection was given in all, recorded when it
+/// closes: few means the domain's work is spread thin over many
+/// connections.
 pub const MESSAGES_PER_CONNECTION: &str = "smarthost_delivery_messages_per_connection";
 /// How long a domain with work waited in line for one of the node's
 /// connection slots (`delivery.max_connections`), when none was free.

@@ -85,11 +85,11 @@ impl Pace {
     /// while the pace is unknown (the first message measures it).
     pub fn batch(&self, room: usize) -> usize {
         let micros = self.micros.load(Ordering::Relaxed);
-        if micros == 0 {
-            return room.min(1);
-        }
-        let fits = (HOLD.as_micros() as u64 / micros) as usize;
-        fits.clamp(1, room.max(1)).min(room)
+        let fits = match micros {
+            0 => 1,
+            _ => (HOLD.as_micros() as u64 / micros).max(1) as usize,
+        };
+        fits.min(room)
     }
 }
 
