@@ -43,7 +43,7 @@ use crate::bounce::{self, ReportSettings};
 use crate::delivery::{MessageOutcome, RcptResult};
 use crate::delivery_log::DeliveryLog;
 use crate::dispatcher::DomainReady;
-use crate::schedule::{MemorySchedule, ReportHook, Reporter, Schedule};
+use crate::schedule::{MemorySchedule, ReadyNews, ReportHook, Reporter, Schedule};
 use crate::scheduler::{Completion, RetryPolicy};
 use crate::spool::{Change, ListCursor, NewMessage, Spool, SpoolError};
 use crate::webhooks::Webhooks;
@@ -398,6 +398,11 @@ const MAILBOX_CAPACITY: usize = 1024;
 /// (a throttle that missed an announcement hears again within a tick).
 const TICK: Duration = Duration::from_millis(500);
 
+/// How often the ready set is read while ready news arrives (every
+/// [`TICK`] while it does not): news is published at most once, so a
+/// domain whose news was lost waits at most this long.
+const READY_LOOK_WITH_NEWS: Duration = Duration::from_secs(5);
+
 /// How often every pending delivery is checked against `max_lifetime`.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
 
@@ -478,6 +483,10 @@ pub struct Queue {
     /// Set by [`Drain`]: nothing more is handed out, and these hear when
     /// `in_flight` is down to zero.
     draining: Option<Vec<oneshot::Sender<()>>>,
+    /// The schedule's ready news ([`Schedule::ready_news`]) arrives.
+    hearing_news: bool,
+    /// When the ready set was last read.
+    last_ready_look: Option<Instant>,
 }
 
 /// Domains with due work that the dispatcher has not heard of yet. Each
@@ -541,6 +550,8 @@ impl Queue {
             unscheduled: Vec::new(),
             inserting: false,
             draining: None,
+            hearing_news: false,
+            last_ready_look: None,
         }
     }
 
@@ -679,13 +690,26 @@ impl Queue {
             // Nothing to announce to (`smarthost coordinator`).
             return;
         }
-        self.ticking = true;
-        let schedule = self.schedule.clone();
         let housekeeping = !self.led;
+        let look = !self.hearing_news
+            || self
+                .last_ready_look
+                .is_none_or(|last| last.elapsed() >= READY_LOOK_WITH_NEWS);
+        if !housekeeping && !look {
+            return;
+        }
+        self.ticking = true;
+        if look {
+            self.last_ready_look = Some(Instant::now());
+        }
+        let schedule = self.schedule.clone();
         let work = async move {
             if housekeeping {
                 schedule.reclaim_expired_leases().await?;
                 schedule.promote(now_ms()).await?;
+            }
+            if !look {
+                return Ok(Vec::new());
             }
             schedule.ready_domains().await
         };
@@ -1731,10 +1755,41 @@ impl Handler<ReopenLog> for Queue {
 impl Handler<Attach> for Queue {
     type Result = ();
 
-    /// From now on, domains with due work are announced to the dispatcher.
+    /// From now on, domains with due work are announced to the dispatcher,
+    /// those other nodes give work too when the schedule says.
     fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) {
+        let first = self.dispatcher.is_none();
         self.dispatcher = Some(msg.0);
+        if first {
+            if let Some(news) = self.schedule.ready_news() {
+                let news = futures_util::stream::unfold(news, |mut news| async move {
+                    news.recv().await.map(|heard| (heard, news))
+                });
+                ctx.add_stream(news);
+            }
+        }
         self.tick(ctx);
+    }
+}
+
+impl StreamHandler<ReadyNews> for Queue {
+    fn handle(&mut self, news: ReadyNews, ctx: &mut Context<Self>) {
+        match news {
+            ReadyNews::Ready(domain) => self.announce(vec![domain], ctx),
+            ReadyNews::Listening => {
+                // What was published before is not heard: look now.
+                self.hearing_news = true;
+                self.last_ready_look = None;
+                self.tick(ctx);
+            }
+            ReadyNews::Deaf => self.hearing_news = false,
+        }
+    }
+
+    /// The schedule stopped its news (it never does while the queue runs):
+    /// the queue goes on looking at every tick.
+    fn finished(&mut self, _: &mut Context<Self>) {
+        self.hearing_news = false;
     }
 }
 

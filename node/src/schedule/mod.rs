@@ -25,10 +25,12 @@ use crate::delivery::MessageOutcome;
 use crate::scheduler::{Completion, RetryPolicy, Scheduler, SchedulerCounts, TakenMessage};
 use crate::spool::{NewMessage, SpoolError};
 
+pub mod news;
 pub mod redis;
 #[cfg(test)]
 pub mod suite;
 
+pub use self::news::ReadyNews;
 pub use self::redis::RedisSchedule;
 
 /// A due delivery handed out: the message's record and the index of the
@@ -74,6 +76,12 @@ pub trait Schedule: Send + Sync + 'static {
     /// the caller reports and persists the records it gets back.
     fn writes_records(&self) -> bool {
         false
+    }
+
+    /// Starts listening for domains that other nodes gave ready work
+    /// ([`news`]); `None` where the queue hears of all of them itself.
+    fn ready_news(&self) -> Option<tokio::sync::mpsc::Receiver<ReadyNews>> {
+        None
     }
 
     /// Extends to `lease` from now every lease `holder` holds through this

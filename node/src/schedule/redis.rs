@@ -52,6 +52,11 @@
 //! [`apply_outcome`]): a skewed clock moves a retry by the skew, it never
 //! hands one delivery out twice.
 //!
+//! `insert`, `promote`, `reclaim` and `release` also publish the domain
+//! when its line was empty before, so that the other nodes hear of the work
+//! at once ([`super::news`]); not on a Cluster, where a `PUBLISH` goes to
+//! every shard.
+//!
 //! # The domain sets
 //!
 //! The sets in `{domains}` say where to look, so that the work of a tick is
@@ -138,11 +143,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use redis::aio::ConnectionLike as _;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
 use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
+use super::news::{self, ReadyNews};
 use super::{dedup, Job, ReportHook, Schedule};
 use crate::delivery::MessageOutcome;
 use crate::metrics::RedisFailure;
@@ -388,6 +395,17 @@ pub struct RedisSchedule {
     /// Where the next lease renewal goes on looking for orphaned leases in
     /// the active set (`SSCAN` cursor).
     orphan_cursor: Mutex<u64>,
+    /// Where the scripts publish ready news ([`news`]); `None` on a
+    /// Cluster, where the nodes look at the ready set alone.
+    news: Option<NewsChannel>,
+}
+
+/// The ready news of one schedule: where it goes, who sends it, and where
+/// this node listens (set by [`RedisSchedule::with_ready_news`]).
+struct NewsChannel {
+    channel: String,
+    origin: String,
+    client: Option<redis::Client>,
 }
 
 impl RedisSchedule {
@@ -405,6 +423,11 @@ impl RedisSchedule {
             expiry_claim: EXPIRY_CLAIM,
             report_grace: spool_redis::dangling_grace(spool.options().response_timeout),
             orphan_cursor: Mutex::new(0),
+            news: (!spool.connection().is_cluster()).then(|| NewsChannel {
+                channel: news::channel(spool.connection().get_db()),
+                origin: format!("{:016x}", rand::random::<u64>()),
+                client: None,
+            }),
         };
         schedule.load_scripts().await?;
         Ok(schedule)
@@ -414,6 +437,26 @@ impl RedisSchedule {
     pub fn with_expiry_claim(mut self, claim: Duration) -> Self {
         self.expiry_claim = claim;
         self
+    }
+
+    /// Listens for ready news on the server of `url` (the spool's) when
+    /// the queue asks ([`Schedule::ready_news`]); a Cluster has none.
+    pub fn with_ready_news(mut self, url: &str) -> Result<Self, SpoolError> {
+        if let Some(news) = &mut self.news {
+            let client = redis::Client::open(url)
+                .map_err(|e| SpoolError::Unavailable(format!("redis ready news: {e}")))?;
+            news.client = Some(client);
+        }
+        Ok(self)
+    }
+
+    /// Adds the two arguments the scripts publish ready news of `domain`
+    /// with: the channel (empty: none) and the news.
+    fn news_args(&self, cmd: &mut Cmd, domain: &str) {
+        match &self.news {
+            Some(n) => cmd.arg(&n.channel).arg(news::news(&n.origin, domain)),
+            None => cmd.arg("").arg(""),
+        };
     }
 
     /// Pending reports are queued by [`Schedule::send_pending_reports`]
@@ -1697,6 +1740,7 @@ impl RedisSchedule {
                     let mut cmd =
                         evalsha(&self.scripts.release, &[&k.ready, &k.leases, &k.holders]);
                     cmd.arg(id.as_str()).arg(holder);
+                    self.news_args(&mut cmd, domain);
                     step.push(cmd);
                     filed_in.push(None);
                     ready.push(domain.clone());
@@ -1739,6 +1783,17 @@ impl RedisSchedule {
 
 #[async_trait]
 impl Schedule for RedisSchedule {
+    fn ready_news(&self) -> Option<tokio::sync::mpsc::Receiver<ReadyNews>> {
+        let n = self.news.as_ref()?;
+        let client = n.client.clone()?;
+        Some(news::listen(
+            client,
+            n.channel.clone(),
+            n.origin.clone(),
+            self.timeout,
+        ))
+    }
+
     async fn insert(
         &self,
         records: Vec<MessageRecord>,
@@ -1819,6 +1874,7 @@ impl Schedule for RedisSchedule {
                 &self.scripts.insert,
                 &[&k.ready, &k.deferred, &k.leases, &k.suspended, &k.messages],
             );
+            self.news_args(&mut cmd, domain);
             for (id, next, due) in entries {
                 cmd.arg(id).arg(*next).arg(if *due { "1" } else { "0" });
             }
@@ -1858,6 +1914,7 @@ impl Schedule for RedisSchedule {
                     &[&k.deferred, &k.ready, &k.suspended, &k.leases],
                 );
                 cmd.arg(now_ms).arg(DUE_PER_DOMAIN);
+                self.news_args(&mut cmd, domain);
                 cmd
             })
             .await?;
@@ -1972,6 +2029,7 @@ impl Schedule for RedisSchedule {
         let k = domain_keys(domain);
         let mut cmd = evalsha(&self.scripts.release, &[&k.ready, &k.leases, &k.holders]);
         cmd.arg(id.as_str()).arg(&held.holder);
+        self.news_args(&mut cmd, domain);
         let ready = [domain.to_string()];
         self.ordered("release", vec![vec![cmd], Self::mark_cmds(&ready, &[])])
             .await?;
@@ -2499,6 +2557,7 @@ impl Schedule for RedisSchedule {
                     &[&k.ready, &k.leases, &k.holders, &k.deferred],
                 );
                 cmd.arg(DUE_PER_DOMAIN);
+                self.news_args(&mut cmd, domain);
                 cmd
             })
             .await?;
@@ -3071,6 +3130,100 @@ mod tests {
             .unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].0.id, message(0, 100).record.id);
+    }
+
+    /// Everything `news` delivers up to a marker published now: one
+    /// server delivers in order, so nothing published before is missed.
+    async fn heard_so_far(
+        news: &mut tokio::sync::mpsc::Receiver<ReadyNews>,
+        server: &RedisServer,
+    ) -> Vec<String> {
+        let mut conn = raw(server).await;
+        redis::cmd("PUBLISH")
+            .arg(news::channel(0))
+            .arg(news::news("marker", "end.invalid"))
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap();
+        let mut heard = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), news.recv()).await;
+            match next.expect("the marker within 10 s").expect("news goes on") {
+                ReadyNews::Ready(domain) if domain == "end.invalid" => return heard,
+                ReadyNews::Ready(domain) => heard.push(domain),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn other_nodes_hear_of_a_domain_when_its_line_gets_work() {
+        let server = RedisServer::start();
+        let (spool, a) = node(&server).await;
+        let spool_b = RedisSpool::open(&server.url()).await.unwrap();
+        let b = RedisSchedule::new(&spool_b)
+            .await
+            .unwrap()
+            .with_ready_news(&server.url())
+            .unwrap();
+        let mut news = b.ready_news().expect("one server has news");
+        let first = tokio::time::timeout(Duration::from_secs(10), news.recv()).await;
+        assert_eq!(first.unwrap(), Some(ReadyNews::Listening));
+        let lease = Duration::from_secs(60);
+
+        // Message n goes to domains n % 3 and n + 1 % 3 of org, net, com.
+        queue(&spool, &a, 0..1).await;
+        let mut heard = heard_so_far(&mut news, &server).await;
+        heard.sort();
+        assert_eq!(heard, ["example.net", "example.org"], "new lines");
+        queue(&spool, &a, 1..2).await;
+        assert_eq!(
+            heard_so_far(&mut news, &server).await,
+            ["example.com"],
+            "net had work already"
+        );
+
+        // Its own news a node does not hear.
+        let mine = a.take("example.org", 10, "node-a", lease).await.unwrap();
+        assert_eq!(mine.len(), 1);
+        queue(&spool_b, &b, 2..3).await;
+        assert_eq!(heard_so_far(&mut news, &server).await, [] as [&str; 0]);
+
+        // Work handed back to an empty line.
+        let theirs = b.take("example.org", 10, "node-b", lease).await.unwrap();
+        assert_eq!(theirs.len(), 1);
+        a.release(&mine[0].0.id, "example.org").await.unwrap();
+        assert_eq!(heard_so_far(&mut news, &server).await, ["example.org"]);
+
+        // Retries due again, into an empty line and a busy one.
+        let mine = a.take("example.org", 10, "node-a", lease).await.unwrap();
+        assert_eq!(mine.len(), 1);
+        let later = message(3, 100);
+        let mut record = later.record.clone();
+        for delivery in &mut record.deliveries {
+            delivery.next_attempt_ms = 1_000;
+        }
+        spool.store(vec![later]).await.unwrap();
+        a.insert(vec![record], 0).await.unwrap();
+        assert_eq!(heard_so_far(&mut news, &server).await, [] as [&str; 0]);
+        a.promote(2_000).await.unwrap();
+        assert_eq!(
+            heard_so_far(&mut news, &server).await,
+            ["example.org"],
+            "net had work already"
+        );
+
+        // A suspended domain is no news.
+        assert_eq!(
+            a.take("example.com", 10, "node-a", lease)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        a.suspend("example.com").await.unwrap();
+        queue(&spool, &a, 4..5).await;
+        assert_eq!(heard_so_far(&mut news, &server).await, [] as [&str; 0]);
     }
 
     #[tokio::test]

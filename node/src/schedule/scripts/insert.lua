@@ -3,7 +3,10 @@
 -- is listed in the domain's messages, queued already or not (a rescan
 -- lists what an earlier release queued).
 -- KEYS: ready, deferred, leases, suspended, messages
--- ARGV: (id, next attempt ms, due 1/0)...
+-- ARGV: channel, news, (id, next attempt ms, due 1/0)...
+-- Publishes `news` on `channel` (unless it is '') when ready was empty and
+-- now has work, and the domain is not suspended: the other nodes hear of
+-- the domain at once (see `news.rs`).
 -- Returns {suspended 1/0, timer}: timer is the domain's next timer ms (the
 -- earliest of its next deferred attempt and its next lease expiry) when
 -- an id was already deferred or leased (a rescan: the caller puts the
@@ -11,7 +14,8 @@
 -- Complexity: O(n log N) for n ids.
 local score = nil
 local queued = false
-for i = 1, #ARGV, 3 do
+local woke = false
+for i = 3, #ARGV, 3 do
   local id = ARGV[i]
   redis.call('ZADD', KEYS[5], 0, id)
   if redis.call('ZSCORE', KEYS[3], id) or redis.call('ZSCORE', KEYS[2], id) then
@@ -21,7 +25,7 @@ for i = 1, #ARGV, 3 do
       if score == nil then
         local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
         score = 0
-        if #last > 0 then score = tonumber(last[2]) + 1 end
+        if #last > 0 then score = tonumber(last[2]) + 1 else woke = true end
       end
       redis.call('ZADD', KEYS[1], score, id)
       score = score + 1
@@ -37,4 +41,6 @@ if queued then
     if #first > 0 and (timer < 0 or tonumber(first[2]) < timer) then timer = tonumber(first[2]) end
   end
 end
-return {redis.call('EXISTS', KEYS[4]), timer}
+local suspended = redis.call('EXISTS', KEYS[4])
+if woke and suspended == 0 and ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return {suspended, timer}

@@ -1,7 +1,8 @@
 -- Puts up to `limit` deliveries whose lease ran out (Redis clock) back at
 -- the front of ready, in lease order.
 -- KEYS: ready, leases, holders, deferred
--- ARGV: limit
+-- ARGV: limit, channel, news
+-- Publishes `news` on `channel` (unless it is '') when ready was empty.
 -- Returns {reclaimed, the domain's next timer ms or -1} (see promote.lua).
 -- Complexity: O((k + 1) log N) for k reclaimed.
 local t = redis.call('TIME')
@@ -11,6 +12,7 @@ if #expired > 0 then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   local score = 0
   if #first > 0 then score = tonumber(first[2]) - 1 end
+  if #first == 0 and ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
   for i = #expired, 1, -1 do
     redis.call('ZREM', KEYS[2], expired[i])
     redis.call('HDEL', KEYS[3], expired[i])
