@@ -166,7 +166,8 @@ pub trait Schedule: Send + Sync + 'static {
         Ok(0)
     }
 
-    /// Every domain with due work that `take` would hand out.
+    /// Domains with due work that `take` would hand out: every one, or on
+    /// a shared schedule with very many, the next of them in turn.
     async fn ready_domains(&self) -> Result<Vec<String>, SpoolError>;
 
     /// Whether `domain` has due work that `take` would hand out.

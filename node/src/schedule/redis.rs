@@ -61,7 +61,8 @@
 //!
 //! The sets in `{domains}` say where to look, so that the work of a tick is
 //! in proportion to the domains that need it, not to every domain ever
-//! seen: `ready_domains` reads the ready set, `promote` and
+//! seen: `ready_domains` reads the ready set (about 2,000 domains a
+//! call at most, the next ones at the next call), `promote` and
 //! `reclaim_expired_leases` take the due domains out of the timers. They
 //! live in another slot than the domains, so they cannot change in the same
 //! script; two rules keep them from hiding work:
@@ -127,7 +128,8 @@
 //! no domain is due, else three (the timers, the domain scripts, the
 //! timers and ready set back);
 //! `ready_domains` is two (the ready set, then the size of each listed
-//! domain), plus two when it drops a domain. [`RedisSchedule::round_trips`]
+//! domain), plus one per further page of a set over about 1,000 domains,
+//! plus two when it drops a domain. [`RedisSchedule::round_trips`]
 //! counts them. On Redis Cluster a pipeline over several slots is split by
 //! the connection into requests sent at once (still one round trip, see
 //! [`smarthost_coordinator::redis`]), so its commands are not ordered
@@ -229,6 +231,12 @@ const DUE_DOMAINS: usize = 1000;
 
 /// The most deliveries one domain script promotes or reclaims per call.
 const DUE_PER_DOMAIN: usize = 1000;
+
+/// About the most domains one `ready_domains` looks at (`SSCAN` pages of
+/// [`READY_PAGE`]); the next call goes on from there. A node can serve
+/// only so many domains at once, and each looked at costs a command.
+const READY_LOOK: usize = 2000;
+const READY_PAGE: usize = 1000;
 
 /// Active domains that one lease renewal looks at for orphaned leases of
 /// its holder besides the domains it holds leases in (`SSCAN COUNT`): the
@@ -395,6 +403,8 @@ pub struct RedisSchedule {
     /// Where the next lease renewal goes on looking for orphaned leases in
     /// the active set (`SSCAN` cursor).
     orphan_cursor: Mutex<u64>,
+    /// Where the next `ready_domains` goes on in the ready set (`SSCAN`).
+    ready_cursor: Mutex<u64>,
     /// Where the scripts publish ready news ([`news`]); `None` on a
     /// Cluster, where the nodes look at the ready set alone.
     news: Option<NewsChannel>,
@@ -423,6 +433,7 @@ impl RedisSchedule {
             expiry_claim: EXPIRY_CLAIM,
             report_grace: spool_redis::dangling_grace(spool.options().response_timeout),
             orphan_cursor: Mutex::new(0),
+            ready_cursor: Mutex::new(0),
             news: (!spool.connection().is_cluster()).then(|| NewsChannel {
                 channel: news::channel(spool.connection().get_db()),
                 origin: format!("{:016x}", rand::random::<u64>()),
@@ -2169,19 +2180,48 @@ impl Schedule for RedisSchedule {
         Ok(renewed)
     }
 
-    /// The ready set without the suspended domains, each checked for
-    /// ready work; a domain listed without any is dropped from the set,
-    /// then looked at again (see "The domain sets" in the module doc).
+    /// The next page of the ready set (all of it when it holds up to
+    /// about [`READY_LOOK`] domains) without the suspended domains, each
+    /// checked for ready work; a domain listed without any is dropped from
+    /// the set, then looked at again (see "The domain sets" in the module
+    /// doc).
     async fn ready_domains(&self) -> Result<Vec<String>, SpoolError> {
+        let mut cursor = *self.ready_cursor.lock().unwrap_or_else(|e| e.into_inner());
         let mut pipe = redis::pipe();
-        pipe.cmd("SMEMBERS").arg(READY_KEY);
         pipe.cmd("SMEMBERS").arg(SUSPENDED_KEY);
+        pipe.cmd("SSCAN")
+            .arg(READY_KEY)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(READY_PAGE);
         let reply = self.run("ready domains", &pipe).await?;
         let mut reply = reply.into_iter();
-        let mut listed: Vec<String> = parse("SMEMBERS", reply.next().unwrap_or(Value::Nil))?;
         let suspended: Vec<String> = parse("SMEMBERS", reply.next().unwrap_or(Value::Nil))?;
+        let mut listed = BTreeSet::new();
+        let mut page = reply.next().unwrap_or(Value::Nil);
+        loop {
+            let (next, domains): (u64, Vec<String>) = parse("SSCAN", page)?;
+            listed.extend(domains);
+            cursor = next;
+            if cursor == 0 || listed.len() >= READY_LOOK {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            pipe.cmd("SSCAN")
+                .arg(READY_KEY)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(READY_PAGE);
+            page = self
+                .run("ready domains", &pipe)
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or(Value::Nil);
+        }
+        *self.ready_cursor.lock().unwrap_or_else(|e| e.into_inner()) = cursor;
+        let mut listed: Vec<String> = listed.into_iter().collect();
         listed.retain(|d| !suspended.contains(d));
-        listed.sort();
         let (mut ready, idle) = self.split_by_ready(listed).await?;
         if !idle.is_empty() {
             let mut pipe = redis::pipe();
@@ -3224,6 +3264,35 @@ mod tests {
         a.suspend("example.com").await.unwrap();
         queue(&spool, &a, 4..5).await;
         assert_eq!(heard_so_far(&mut news, &server).await, [] as [&str; 0]);
+    }
+
+    #[tokio::test]
+    async fn a_look_at_very_many_ready_domains_is_bounded_and_all_come_in_turn() {
+        let server = RedisServer::start();
+        let (spool, s) = node(&server).await;
+        let domains = 3 * READY_LOOK;
+        let batch: Vec<_> = (0..domains as u64)
+            .map(|n| message_to(n, &format!("d{n}.example")))
+            .collect();
+        for chunk in batch.chunks(1000) {
+            let records = chunk.iter().map(|m| m.record.clone()).collect();
+            spool.store(chunk.to_vec()).await.unwrap();
+            s.insert(records, u64::MAX / 2).await.unwrap();
+        }
+        let mut seen = HashSet::new();
+        let mut looks = 0;
+        while seen.len() < domains {
+            looks += 1;
+            assert!(looks <= 6, "{} of {domains} domains in 6 looks", seen.len());
+            let look = s.ready_domains().await.unwrap();
+            assert!(
+                look.len() < 2 * READY_LOOK,
+                "look {looks}: {} domains",
+                look.len()
+            );
+            seen.extend(look);
+        }
+        assert!(looks >= 2, "one look read all {domains} domains");
     }
 
     #[tokio::test]
