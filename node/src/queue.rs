@@ -394,14 +394,11 @@ type Waiter = oneshot::Sender<Result<(), SpoolError>>;
 /// Senders block on a full mailbox (`send().await`) instead of piling up.
 const MAILBOX_CAPACITY: usize = 1024;
 
-/// How often due retries are promoted and domains with work re-announced
-/// (a throttle that missed an announcement hears again within a tick).
+/// How often due retries are promoted and domains with work re-announced:
+/// a throttle that missed an announcement hears again within a tick, and
+/// so does a node whose throttle went idle while other nodes kept the
+/// domain's line busy (ready news comes only when a line was empty).
 const TICK: Duration = Duration::from_millis(500);
-
-/// How often the ready set is read while ready news arrives (every
-/// [`TICK`] while it does not): news is published at most once, so a
-/// domain whose news was lost waits at most this long.
-const READY_LOOK_WITH_NEWS: Duration = Duration::from_secs(5);
 
 /// How often every pending delivery is checked against `max_lifetime`.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
@@ -483,10 +480,6 @@ pub struct Queue {
     /// Set by [`Drain`]: nothing more is handed out, and these hear when
     /// `in_flight` is down to zero.
     draining: Option<Vec<oneshot::Sender<()>>>,
-    /// The schedule's ready news ([`Schedule::ready_news`]) arrives.
-    hearing_news: bool,
-    /// When the ready set was last read.
-    last_ready_look: Option<Instant>,
 }
 
 /// Domains with due work that the dispatcher has not heard of yet. Each
@@ -550,8 +543,6 @@ impl Queue {
             unscheduled: Vec::new(),
             inserting: false,
             draining: None,
-            hearing_news: false,
-            last_ready_look: None,
         }
     }
 
@@ -690,26 +681,13 @@ impl Queue {
             // Nothing to announce to (`smarthost coordinator`).
             return;
         }
-        let housekeeping = !self.led;
-        let look = !self.hearing_news
-            || self
-                .last_ready_look
-                .is_none_or(|last| last.elapsed() >= READY_LOOK_WITH_NEWS);
-        if !housekeeping && !look {
-            return;
-        }
         self.ticking = true;
-        if look {
-            self.last_ready_look = Some(Instant::now());
-        }
         let schedule = self.schedule.clone();
+        let housekeeping = !self.led;
         let work = async move {
             if housekeeping {
                 schedule.reclaim_expired_leases().await?;
                 schedule.promote(now_ms()).await?;
-            }
-            if !look {
-                return Ok(Vec::new());
             }
             schedule.ready_domains().await
         };
@@ -1776,21 +1754,16 @@ impl StreamHandler<ReadyNews> for Queue {
     fn handle(&mut self, news: ReadyNews, ctx: &mut Context<Self>) {
         match news {
             ReadyNews::Ready(domain) => self.announce(vec![domain], ctx),
-            ReadyNews::Listening => {
-                // What was published before is not heard: look now.
-                self.hearing_news = true;
-                self.last_ready_look = None;
-                self.tick(ctx);
-            }
-            ReadyNews::Deaf => self.hearing_news = false,
+            // What was published while nobody listened: look now.
+            ReadyNews::Listening => self.tick(ctx),
+            // The ticks look meanwhile.
+            ReadyNews::Deaf => {}
         }
     }
 
     /// The schedule stopped its news (it never does while the queue runs):
-    /// the queue goes on looking at every tick.
-    fn finished(&mut self, _: &mut Context<Self>) {
-        self.hearing_news = false;
-    }
+    /// the ticks go on looking, and the queue must not stop with it.
+    fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
 impl Handler<Take> for Queue {

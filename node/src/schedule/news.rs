@@ -10,10 +10,12 @@
 //! announces the domain as it announces its own inserts. A node skips its
 //! own news: it announced what it inserted itself.
 //!
-//! Pub/sub delivers at most once, and nothing while the subscription is
-//! down, so the news only makes the queue's look at the ready set less
-//! urgent: the queue looks at once when the subscription (re)starts
-//! ([`ReadyNews::Listening`]), and every few seconds while it stands.
+//! The news is edge-triggered and pub/sub delivers nothing while the
+//! subscription is down, so it comes on top of the queue's look at the
+//! ready set every tick, never instead: that look finds a domain whose
+//! news was lost, and a domain whose line stayed busy while this node's
+//! throttle went idle. The queue also looks at once when the subscription
+//! (re)starts ([`ReadyNews::Listening`]).
 
 use std::time::Duration;
 
@@ -36,8 +38,11 @@ pub enum ReadyNews {
 /// behind, and the subscription then starts again).
 const NEWS_BUFFER: usize = 1024;
 
-/// Between two attempts to subscribe.
+/// Between two attempts to subscribe: doubled after each failure up to
+/// [`RESUBSCRIBE_MAX`] (a server that refuses the channel to this user
+/// refuses it every time).
 const RESUBSCRIBE: Duration = Duration::from_secs(1);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(60);
 
 /// The channel of the scripts' news: per database, like the keys.
 pub fn channel(db: i64) -> String {
@@ -57,7 +62,8 @@ pub fn heard<'a>(payload: &'a [u8], own: &str) -> Option<&'a str> {
 }
 
 /// Subscribes to `channel` and sends what is heard, until the receiver
-/// is dropped; subscribes again a second after the connection is lost.
+/// is dropped; subscribes again a second after the connection is lost,
+/// later after each failure to.
 pub fn listen(
     client: redis::Client,
     channel: String,
@@ -66,6 +72,7 @@ pub fn listen(
 ) -> mpsc::Receiver<ReadyNews> {
     let (tx, rx) = mpsc::channel(NEWS_BUFFER);
     tokio::spawn(async move {
+        let mut pause = RESUBSCRIBE;
         loop {
             let subscribed = tokio::time::timeout(timeout, async {
                 let mut pubsub = client.get_async_pubsub().await?;
@@ -73,8 +80,9 @@ pub fn listen(
                 Ok::<_, redis::RedisError>(pubsub)
             })
             .await;
-            match subscribed {
+            let failed = match subscribed {
                 Ok(Ok(pubsub)) => {
+                    pause = RESUBSCRIBE;
                     if tx.send(ReadyNews::Listening).await.is_err() {
                         return;
                     }
@@ -91,17 +99,26 @@ pub fn listen(
                     if tx.send(ReadyNews::Deaf).await.is_err() {
                         return;
                     }
+                    false
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(%channel, %error, "cannot subscribe to ready news yet")
+                    tracing::warn!(%channel, %error, retry_in = ?pause,
+                        "cannot subscribe to ready news; other nodes' work is found by the ticks alone");
+                    true
                 }
-                Err(_) => tracing::warn!(%channel, ?timeout,
-                    "cannot subscribe to ready news yet: no reply in time"),
-            }
+                Err(_) => {
+                    tracing::warn!(%channel, ?timeout, retry_in = ?pause,
+                        "cannot subscribe to ready news: no reply in time; other nodes' work is found by the ticks alone");
+                    true
+                }
+            };
             if tx.is_closed() {
                 return;
             }
-            tokio::time::sleep(RESUBSCRIBE).await;
+            tokio::time::sleep(pause).await;
+            if failed {
+                pause = (pause * 2).min(RESUBSCRIBE_MAX);
+            }
         }
     });
     rx

@@ -3267,6 +3267,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_user_refused_the_news_channel_still_files_and_takes_work() {
+        let server = RedisServer::start();
+        let mut conn = raw(&server).await;
+        redis::cmd("ACL")
+            .arg(&[
+                "SETUSER",
+                "limited",
+                "on",
+                ">secret",
+                "~*",
+                "resetchannels",
+                "+@all",
+            ])
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let url = format!("redis://limited:secret@127.0.0.1:{}/", server.port());
+        let (spool, s) = node_at(&url).await;
+        let lease = Duration::from_secs(60);
+        queue(&spool, &s, 0..1).await;
+        let jobs = s.take("example.org", 10, "node-a", lease).await.unwrap();
+        assert_eq!(jobs.len(), 1, "inserted although PUBLISH was refused");
+        s.release(&jobs[0].0.id, "example.org").await.unwrap();
+        let again = s.take("example.org", 10, "node-a", lease).await.unwrap();
+        assert_eq!(again.len(), 1, "released although PUBLISH was refused");
+        let refused: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(news::channel(0))
+            .arg("x")
+            .query_async(
+                &mut redis::Client::open(url)
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+        assert!(refused.is_err(), "the user may publish: {refused:?}");
+    }
+
+    #[tokio::test]
     async fn a_look_at_very_many_ready_domains_is_bounded_and_all_come_in_turn() {
         let server = RedisServer::start();
         let (spool, s) = node(&server).await;

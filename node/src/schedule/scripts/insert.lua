@@ -7,6 +7,8 @@
 -- Publishes `news` on `channel` (unless it is '') when ready was empty and
 -- now has work, and the domain is not suspended: the other nodes hear of
 -- the domain at once (see `news.rs`).
+-- A refusal (an ACL user without the channel) is ignored: news only
+-- hurries the other nodes, the work is filed all the same.
 -- Returns {suspended 1/0, timer}: timer is the domain's next timer ms (the
 -- earliest of its next deferred attempt and its next lease expiry) when
 -- an id was already deferred or leased (a rescan: the caller puts the
@@ -42,5 +44,5 @@ if queued then
   end
 end
 local suspended = redis.call('EXISTS', KEYS[4])
-if woke and suspended == 0 and ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+if woke and suspended == 0 and ARGV[1] ~= '' then redis.pcall('PUBLISH', ARGV[1], ARGV[2]) end
 return {suspended, timer}

@@ -4,6 +4,8 @@
 -- ARGV: now ms, limit, channel, news
 -- Publishes `news` on `channel` (unless it is '') when ready was empty and
 -- now has work, and the domain is not suspended.
+-- A refusal (an ACL user without the channel) is ignored: news only
+-- hurries the other nodes, the work is filed all the same.
 -- Returns {moved, suspended 1/0, the domain's next timer ms or -1}: the
 -- earliest of its next deferred attempt and its next lease expiry.
 -- Complexity: O((k + 1) log N) for k moved.
@@ -13,7 +15,7 @@ if #due > 0 then
   local score = 0
   if #last > 0 then score = tonumber(last[2]) + 1 end
   if #last == 0 and ARGV[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 0 then
-    redis.call('PUBLISH', ARGV[3], ARGV[4])
+    redis.pcall('PUBLISH', ARGV[3], ARGV[4])
   end
   for _, id in ipairs(due) do
     redis.call('ZREM', KEYS[1], id)

@@ -3,6 +3,8 @@
 -- KEYS: ready, leases, holders, deferred
 -- ARGV: limit, channel, news
 -- Publishes `news` on `channel` (unless it is '') when ready was empty.
+-- A refusal (an ACL user without the channel) is ignored: news only
+-- hurries the other nodes, the work is filed all the same.
 -- Returns {reclaimed, the domain's next timer ms or -1} (see promote.lua).
 -- Complexity: O((k + 1) log N) for k reclaimed.
 local t = redis.call('TIME')
@@ -12,7 +14,7 @@ if #expired > 0 then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   local score = 0
   if #first > 0 then score = tonumber(first[2]) - 1 end
-  if #first == 0 and ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+  if #first == 0 and ARGV[2] ~= '' then redis.pcall('PUBLISH', ARGV[2], ARGV[3]) end
   for i = #expired, 1, -1 do
     redis.call('ZREM', KEYS[2], expired[i])
     redis.call('HDEL', KEYS[3], expired[i])
