@@ -65,6 +65,11 @@ pub const SLOT_WAIT_SECONDS: &str = "smarthost_delivery_slot_wait_seconds";
 /// How long a node connection slot stood free before a connection
 /// carried mail on it.
 pub const SLOT_FREE_SECONDS: &str = "smarthost_delivery_slot_free_seconds";
+/// Whether the node hears the shared queue's ready news (1) or finds other
+/// nodes' work by its looks alone (0); absent where there is no news.
+pub const READY_NEWS_SUBSCRIBED: &str = "smarthost_ready_news_subscribed";
+/// Domains other nodes gave work that this node heard of at once.
+pub const READY_NEWS: &str = "smarthost_ready_news_total";
 /// One store call of the spool (a batch of messages, fsync or Redis
 /// acknowledgement included).
 pub const SPOOL_STORE_SECONDS: &str = "smarthost_spool_store_seconds";
@@ -155,6 +160,16 @@ pub fn slot_stood_free(took: Duration) {
     metrics::histogram!(SLOT_FREE_SECONDS).record(took);
 }
 
+/// The subscription to ready news stands (or not).
+pub fn ready_news_subscribed(subscribed: bool) {
+    metrics::gauge!(READY_NEWS_SUBSCRIBED).set(if subscribed { 1.0 } else { 0.0 });
+}
+
+/// A domain was heard of in the ready news.
+pub fn ready_news_heard() {
+    metrics::counter!(READY_NEWS).increment(1);
+}
+
 /// A delivery connection that carried `messages` has ended.
 pub fn connection_carried(messages: usize) {
     metrics::histogram!(MESSAGES_PER_CONNECTION).record(messages as f64);
@@ -229,6 +244,14 @@ fn describe() {
         SLOT_FREE_SECONDS,
         Unit::Seconds,
         "how long a node connection slot stood free before it carried mail"
+    );
+    describe_gauge!(
+        READY_NEWS_SUBSCRIBED,
+        "whether the node hears the shared queue's ready news (1) or not (0)"
+    );
+    describe_counter!(
+        READY_NEWS,
+        "domains other nodes gave work, heard of in the ready news"
     );
     describe_histogram!(SPOOL_STORE_SECONDS, Unit::Seconds, "one spool store call");
     describe_histogram!(REDIS_REQUEST_SECONDS, Unit::Seconds, "one Redis round trip");

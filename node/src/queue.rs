@@ -1740,6 +1740,7 @@ impl Handler<Attach> for Queue {
         self.dispatcher = Some(msg.0);
         if first {
             if let Some(news) = self.schedule.ready_news() {
+                crate::metrics::ready_news_subscribed(false);
                 let news = futures_util::stream::unfold(news, |mut news| async move {
                     news.recv().await.map(|heard| (heard, news))
                 });
@@ -1753,11 +1754,17 @@ impl Handler<Attach> for Queue {
 impl StreamHandler<ReadyNews> for Queue {
     fn handle(&mut self, news: ReadyNews, ctx: &mut Context<Self>) {
         match news {
-            ReadyNews::Ready(domain) => self.announce(vec![domain], ctx),
-            // What was published while nobody listened: look now.
-            ReadyNews::Listening => self.tick(ctx),
+            ReadyNews::Ready(domain) => {
+                crate::metrics::ready_news_heard();
+                self.announce(vec![domain], ctx)
+            }
+            ReadyNews::Listening => {
+                crate::metrics::ready_news_subscribed(true);
+                // What was published while nobody listened: look now.
+                self.tick(ctx)
+            }
             // The ticks look meanwhile.
-            ReadyNews::Deaf => {}
+            ReadyNews::Deaf => crate::metrics::ready_news_subscribed(false),
         }
     }
 

@@ -226,6 +226,7 @@ async fn sessions_board(config: &Config) -> Result<Option<Board>, Box<dyn Error>
 /// cluster-wide jobs, until SIGTERM. Its queue accepts no mail; it stores
 /// the reports of expired messages, which the nodes deliver.
 async fn coordinate(config: Config) -> Result<(), Box<dyn Error>> {
+    crate::metrics::install();
     if config.queue.backend != QueueBackend::Redis {
         return Err("the coordinator runs with queue.backend = \"redis\"; a node on the local backend needs none".into());
     }
@@ -287,6 +288,8 @@ fn check_file_limit(config: &Config) -> Result<(), Box<dyn Error>> {
 }
 
 async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
+    // Before anything counts: a metric recorded without a recorder is lost.
+    crate::metrics::install();
     check_file_limit(&config)?;
     let config = Arc::new(config);
     let badmail = open_badmail(&config).await?;

@@ -272,9 +272,18 @@ fn assert_metrics_add_up(nodes: &[Setup], coordinator: &Setup, sink: &Sink, acce
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(leader.get("smarthost_coordinator_leader"), Some(&1.0));
-    let (mut received, mut delivered) = (0.0, 0.0);
+    let (mut received, mut delivered, mut news) = (0.0, 0.0, 0.0);
     for node in nodes {
         let samples = scrape(node);
+        assert_eq!(
+            samples.get("smarthost_ready_news_subscribed"),
+            Some(&1.0),
+            "each node hears the others' ready news: {samples:?}"
+        );
+        news += samples
+            .get("smarthost_ready_news_total")
+            .copied()
+            .unwrap_or(0.0);
         assert_eq!(samples.get("smarthost_coordinator_leader"), Some(&0.0));
         assert!(
             !samples.keys().any(|k| k.starts_with("smarthost_queue_")),
@@ -287,6 +296,9 @@ fn assert_metrics_add_up(nodes: &[Setup], coordinator: &Setup, sink: &Sink, acce
             .unwrap_or(&0.0);
     }
     assert_eq!(received, accepted as f64);
+    // Each domain's first message, queued on one node, is news to the two
+    // others.
+    assert!(news > 0.0, "no node heard of another's work at once");
     // At least once: a duplicate may have been delivered and recorded.
     let arrived: usize = sink.messages().iter().map(|m| m.rcpt_tos.len()).sum();
     assert!(

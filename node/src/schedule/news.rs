@@ -82,6 +82,7 @@ pub fn listen(
             .await;
             let failed = match subscribed {
                 Ok(Ok(pubsub)) => {
+                    tracing::info!(%channel, "listening for ready news");
                     pause = RESUBSCRIBE;
                     if tx.send(ReadyNews::Listening).await.is_err() {
                         return;
