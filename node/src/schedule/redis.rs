@@ -2682,6 +2682,20 @@ mod tests {
         (spool, schedule)
     }
 
+    /// Stores `batch` and schedules it at `now`, a thousand at a time.
+    async fn store_and_insert(
+        spool: &RedisSpool,
+        schedule: &RedisSchedule,
+        batch: &[NewMessage],
+        now: u64,
+    ) {
+        for chunk in batch.chunks(1000) {
+            let records = chunk.iter().map(|m| m.record.clone()).collect();
+            spool.store(chunk.to_vec()).await.unwrap();
+            schedule.insert(records, now).await.unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn passes_the_schedule_suite() {
         let server = RedisServer::start();
@@ -3314,11 +3328,7 @@ mod tests {
         let batch: Vec<_> = (0..domains as u64)
             .map(|n| message_to(n, &format!("d{n}.example")))
             .collect();
-        for chunk in batch.chunks(1000) {
-            let records = chunk.iter().map(|m| m.record.clone()).collect();
-            spool.store(chunk.to_vec()).await.unwrap();
-            s.insert(records, u64::MAX / 2).await.unwrap();
-        }
+        store_and_insert(&spool, &s, &batch, u64::MAX / 2).await;
         let mut seen = HashSet::new();
         let mut looks = 0;
         while seen.len() < domains {
@@ -3648,11 +3658,7 @@ mod tests {
         let batch: Vec<_> = (0..5000)
             .map(|n| message_to(n, &format!("d{n}.example")))
             .collect();
-        for chunk in batch.chunks(1000) {
-            let records = chunk.iter().map(|m| m.record.clone()).collect();
-            spool.store(chunk.to_vec()).await.unwrap();
-            s.insert(records, u64::MAX / 2).await.unwrap();
-        }
+        store_and_insert(&spool, &s, &batch, u64::MAX / 2).await;
         let scard = |conn: &mut redis::aio::MultiplexedConnection, key: &'static str| {
             let mut conn = conn.clone();
             async move {
@@ -3758,11 +3764,7 @@ mod tests {
                 m
             })
             .collect();
-        for chunk in batch.chunks(1000) {
-            let records = chunk.iter().map(|m| m.record.clone()).collect();
-            spool.store(chunk.to_vec()).await.unwrap();
-            s.insert(records, now).await.unwrap();
-        }
+        store_and_insert(&spool, &s, &batch, now).await;
         let counts = s.counts().await.unwrap();
         assert_eq!((counts.ready, counts.deferred), (3000, 1500));
         // Scripts run since the last call (`INFO commandstats`).
