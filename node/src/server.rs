@@ -181,8 +181,8 @@ async fn redis_queue(
     .map_err(|e| format!("queue.redis_url: {e}"))?;
     let schedule = RedisSchedule::new(&spool)
         .await
-        .and_then(|schedule| schedule.with_ready_news(&config.queue.redis_url))
-        .map_err(|e| format!("queue.redis_url: {e}"))?;
+        .map_err(|e| format!("queue.redis_url: {e}"))?
+        .with_ready_news(&config.queue.redis_url);
     let spool: Arc<dyn Spool> = Arc::new(spool);
     let queue = Queue::new(spool.clone())
         .with_settings(delivery_settings(config, badmail, webhooks)?)

@@ -451,14 +451,22 @@ impl RedisSchedule {
     }
 
     /// Listens for ready news on the server of `url` (the spool's) when
-    /// the queue asks ([`Schedule::ready_news`]); a Cluster has none.
-    pub fn with_ready_news(mut self, url: &str) -> Result<Self, SpoolError> {
+    /// the queue asks ([`Schedule::ready_news`]); a Cluster has none. The
+    /// news only hurries the nodes, so a URL it cannot use is a warning:
+    /// the looks at the ready set find the work all the same.
+    pub fn with_ready_news(mut self, url: &str) -> Self {
         if let Some(news) = &mut self.news {
-            let client = redis::Client::open(url)
-                .map_err(|e| SpoolError::Unavailable(format!("redis ready news: {e}")))?;
-            news.client = Some(client);
+            let client = smarthost_coordinator::redis::seeds(url, false).and_then(|seeds| {
+                redis::Client::open(seeds[0].as_str()).map_err(|e| e.to_string())
+            });
+            match client {
+                Ok(client) => news.client = Some(client),
+                Err(error) => {
+                    tracing::warn!(%error, "no ready news: the looks at the ready set alone find other nodes' work")
+                }
+            }
         }
-        Ok(self)
+        self
     }
 
     /// Adds the two arguments the scripts publish ready news of `domain`
@@ -3218,8 +3226,7 @@ mod tests {
         let b = RedisSchedule::new(&spool_b)
             .await
             .unwrap()
-            .with_ready_news(&server.url())
-            .unwrap();
+            .with_ready_news(&server.url());
         let mut news = b.ready_news().expect("one server has news");
         let first = tokio::time::timeout(Duration::from_secs(10), news.recv()).await;
         assert_eq!(first.unwrap(), Some(ReadyNews::Listening));
