@@ -319,6 +319,23 @@ impl Sink {
         }
     }
 
+    /// Waits (at most `timeout`) for `count` messages, then a second more
+    /// for late duplicates; panics unless each subject arrived exactly once.
+    #[track_caller]
+    pub fn assert_each_subject_once(&self, count: usize, timeout: Duration) {
+        self.wait_for(count, timeout);
+        // A message sent twice would arrive soon after the last one.
+        std::thread::sleep(Duration::from_secs(1));
+        let subjects: Vec<String> = self
+            .messages()
+            .iter()
+            .filter_map(|m| m.header("Subject"))
+            .collect();
+        let unique: std::collections::BTreeSet<&String> = subjects.iter().collect();
+        assert_eq!(unique.len(), count, "every message arrives: {subjects:?}");
+        assert_eq!(subjects.len(), count, "and only once: {subjects:?}");
+    }
+
     /// Connection counts so far.
     pub fn stats(&self) -> SinkStats {
         let path = self.dir.path().join("messages").join("stats.json");

@@ -3,7 +3,7 @@
 //! A domain's messages are queued while it is suspended, then released at
 //! once, so that the queue holds them all when delivery starts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -42,19 +42,6 @@ fn queued_then_released(delivery: &str, routes: &str, count: usize) -> Setup {
     setup
 }
 
-/// Every subject arrived exactly once.
-#[track_caller]
-fn assert_each_once(sink: &Sink, count: usize) {
-    sink.wait_for(count, Duration::from_secs(60));
-    // A message sent twice would arrive soon after the last one.
-    std::thread::sleep(Duration::from_millis(500));
-    let got = sink.messages();
-    let subjects: Vec<String> = got.iter().filter_map(|m| m.header("Subject")).collect();
-    let unique: BTreeSet<&String> = subjects.iter().collect();
-    assert_eq!(unique.len(), count, "every message arrives: {subjects:?}");
-    assert_eq!(subjects.len(), count, "and only once: {subjects:?}");
-}
-
 #[test]
 fn a_slow_receivers_mail_spreads_over_every_connection_the_node_may_open() {
     const MESSAGES: usize = 12;
@@ -64,7 +51,7 @@ fn a_slow_receivers_mail_spreads_over_every_connection_the_node_may_open() {
         &route(DOMAIN, &sink),
         MESSAGES,
     );
-    assert_each_once(&sink, MESSAGES);
+    sink.assert_each_subject_once(MESSAGES, Duration::from_secs(60));
 
     // Twelve messages fit one connection's limit, but a take gives a
     // connection one at a time while the pace is unknown or slow: the
@@ -98,7 +85,7 @@ fn a_connection_takes_more_work_up_to_its_message_limit() {
         &route(DOMAIN, &sink),
         MESSAGES,
     );
-    assert_each_once(&sink, MESSAGES);
+    sink.assert_each_subject_once(MESSAGES, Duration::from_secs(60));
 
     // One connection at a time, each given its messages a few takes at a
     // time and closed after the third.
