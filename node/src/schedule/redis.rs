@@ -2195,18 +2195,19 @@ impl Schedule for RedisSchedule {
     /// doc).
     async fn ready_domains(&self) -> Result<Vec<String>, SpoolError> {
         let mut cursor = *self.ready_cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let sscan = |cursor: u64| {
+            let mut cmd = redis::cmd("SSCAN");
+            cmd.arg(READY_KEY).arg(cursor).arg("COUNT").arg(READY_PAGE);
+            cmd
+        };
+        // The suspended domains with the first page, in one round trip.
         let mut pipe = redis::pipe();
         pipe.cmd("SMEMBERS").arg(SUSPENDED_KEY);
-        pipe.cmd("SSCAN")
-            .arg(READY_KEY)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(READY_PAGE);
-        let reply = self.run("ready domains", &pipe).await?;
-        let mut reply = reply.into_iter();
+        pipe.add_command(sscan(cursor));
+        let mut reply = self.run("ready domains", &pipe).await?.into_iter();
         let suspended: Vec<String> = parse("SMEMBERS", reply.next().unwrap_or(Value::Nil))?;
-        let mut listed = BTreeSet::new();
         let mut page = reply.next().unwrap_or(Value::Nil);
+        let mut listed = BTreeSet::new();
         loop {
             let (next, domains): (u64, Vec<String>) = parse("SSCAN", page)?;
             listed.extend(domains);
@@ -2215,11 +2216,7 @@ impl Schedule for RedisSchedule {
                 break;
             }
             let mut pipe = redis::pipe();
-            pipe.cmd("SSCAN")
-                .arg(READY_KEY)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(READY_PAGE);
+            pipe.add_command(sscan(cursor));
             page = self
                 .run("ready domains", &pipe)
                 .await?
