@@ -11,7 +11,8 @@
 # (SIGKILL) and drains another (SIGTERM) mid-run, and checks that every
 # message answered 250 reaches the sink, and that the drained node answered
 # every transaction it had begun and exited 0 (helm/tests/kube_mail.py).
-# `podman kube down` and the network removal run on every exit.
+# `podman kube down` and the network removal run on every exit. With
+# KUBE_TEST_LOGS=DIR each pod's whole log is kept in DIR.
 #
 # Everything is reached on the test's own network (10.89.250.0/24); no port
 # is published. Needs root (podman networks). Run after
@@ -76,6 +77,12 @@ cleanup() {
       echo "--- $c (warnings and errors, then the last lines)"
       podman logs "$c" 2>&1 | grep -E '"level":"(WARN|ERROR)"| WARN | ERROR ' | tail -n 30 || true
       podman logs --tail 5 "$c" 2>&1 || true
+    done
+  fi
+  if [ -n "${KUBE_TEST_LOGS:-}" ]; then
+    mkdir -p "$KUBE_TEST_LOGS"
+    for c in $(podman ps -a --format '{{.Names}}' 2>/dev/null | grep -E '^(t-|redis-|sink-)'); do
+      podman logs "$c" >"$KUBE_TEST_LOGS/$c.log" 2>&1 || true
     done
   fi
   # The containers' anonymous volumes (their /var/lib/smarthost), which

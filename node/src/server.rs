@@ -445,7 +445,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         let open = listener.send(OpenSessions).await.unwrap_or(0);
         tracing::warn!(
             open_sessions = open,
-            "grace period over, closing open sessions"
+            "grace period over; the sessions still open end with the process"
         );
     }
     // Deliveries under way finish and their outcomes are written, within

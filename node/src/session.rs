@@ -124,7 +124,27 @@ impl Connection {
             Connection::Detached => Ok(()),
         };
     }
+
+    /// Closes, then waits for the client to close too, reading and
+    /// dropping what it still sends (at most `LINGER_READS` reads): a
+    /// client closes once it has the last reply. Until then the kernel
+    /// can send that reply again if it was lost, which it cannot once the
+    /// process (and, in a container, its network) is gone.
+    async fn linger(&mut self) {
+        self.close().await;
+        let mut sink = [0u8; 4096];
+        for _ in 0..LINGER_READS {
+            if !matches!(self.read(&mut sink).await, Ok(n) if n > 0) {
+                break;
+            }
+        }
+    }
 }
+
+/// How long a session that ends because the node stops waits for its
+/// client to close (`Connection::linger`), within `node.shutdown_grace`.
+const LINGER: Duration = Duration::from_secs(5);
+const LINGER_READS: usize = 64;
 
 /// Why a session loop ended early.
 enum End {
@@ -171,11 +191,16 @@ pub async fn run(
             server,
             live: env.live.open(peer, server),
         };
-        match drive(&mut conn, session, &answers, shutdown, &slot).await {
-            Ok(()) | Err(End::ClientGone) => {}
-            Err(End::Failed(error)) => tracing::debug!(%error, "session ended by an I/O error"),
+        let stopping = shutdown.clone();
+        let ended = drive(&mut conn, session, &answers, shutdown, &slot).await;
+        if let Err(End::Failed(error)) = &ended {
+            tracing::debug!(%error, "session ended by an I/O error");
         }
-        let _ = tokio::time::timeout(env.limits.idle, conn.close()).await;
+        if ended.is_ok() && *stopping.borrow() {
+            let _ = tokio::time::timeout(LINGER, conn.linger()).await;
+        } else {
+            let _ = tokio::time::timeout(env.limits.idle, conn.close()).await;
+        }
         tracing::debug!("session closed");
     }
     .instrument(span)

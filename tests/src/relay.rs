@@ -305,6 +305,12 @@ impl Relay {
         }
     }
 
+    /// The process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("relay started");
+        child.try_wait().unwrap().is_none()
+    }
+
     /// Waits (at most `limit`) for the process to exit; kills it and
     /// panics if it does not.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {

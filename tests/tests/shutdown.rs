@@ -1,6 +1,7 @@
 //! SIGTERM: the listener closes, idle sessions get 421 4.3.2 at once, a
-//! message in the middle of DATA is finished and spooled, deliveries under
-//! way are finished and recorded, and the process exits cleanly.
+//! message in the middle of DATA is finished and spooled, a session's last
+//! reply waits for its client to close, deliveries under way are finished
+//! and recorded, and the process exits cleanly.
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ fn sigterm_drains_sessions_without_cutting_a_message() {
         "{reply:?}"
     );
     assert!(idle.is_closed());
+    drop(idle);
 
     // The listener is closed: new clients are turned away by the kernel.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -46,6 +48,11 @@ fn sigterm_drains_sessions_without_cutting_a_message() {
     let bye = busy.read_reply();
     assert_eq!((bye.code, bye.status()), (421, Some("4.3.2")), "{bye:?}");
 
+    // The node waits for the client to close after its last reply, so
+    // that the kernel can still send it again if it was lost; then exits.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(relay.is_running(), "exited before the client closed");
+    drop(busy);
     let status = relay.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
     let records = relay.spool_records();
