@@ -267,6 +267,11 @@ pub struct DeliveryConfig {
     /// outlives a node that stopped renewing it (renewed every third).
     #[serde(with = "human::duration")]
     pub connection_lease: Duration,
+    /// Memory for copies of the bodies this node just stored, so that
+    /// their first delivery need not read them back from the spool; 0
+    /// keeps none.
+    #[serde(with = "human::size")]
+    pub body_cache: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -614,6 +619,7 @@ impl Default for DeliveryConfig {
             data_timeout: Duration::from_secs(600),
             log_file: PathBuf::from("./delivery.log"),
             connection_lease: Duration::from_secs(30),
+            body_cache: 32 * 1024 * 1024,
         }
     }
 }

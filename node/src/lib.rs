@@ -47,6 +47,7 @@ pub mod admission;
 pub mod auth;
 pub mod auth_guard;
 pub mod badmail;
+pub mod body_cache;
 pub mod body_memory;
 pub mod bounce;
 pub mod cli;

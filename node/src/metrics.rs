@@ -73,6 +73,8 @@ pub const READY_NEWS: &str = "smarthost_ready_news_total";
 /// One store call of the spool (a batch of messages, fsync or Redis
 /// acknowledgement included).
 pub const SPOOL_STORE_SECONDS: &str = "smarthost_spool_store_seconds";
+pub const BODY_CACHE_BYTES: &str = "smarthost_body_cache_bytes";
+pub const BODY_CACHE_READS: &str = "smarthost_body_cache_reads_total";
 /// One Redis request (a round trip) by `component`: `spool`, `schedule`.
 pub const REDIS_REQUEST_SECONDS: &str = "smarthost_redis_request_seconds";
 /// Redis requests that failed, by `component` and `kind` (`error`,
@@ -254,6 +256,15 @@ fn describe() {
         "domains other nodes gave work, heard of in the ready news"
     );
     describe_histogram!(SPOOL_STORE_SECONDS, Unit::Seconds, "one spool store call");
+    describe_gauge!(
+        BODY_CACHE_BYTES,
+        Unit::Bytes,
+        "copies of bodies just stored, kept for their first delivery"
+    );
+    describe_counter!(
+        BODY_CACHE_READS,
+        "bodies asked for at delivery, by whether a copy was kept (hit) or the spool was read (miss)"
+    );
     describe_histogram!(REDIS_REQUEST_SECONDS, Unit::Seconds, "one Redis round trip");
     describe_counter!(REDIS_ERRORS, "Redis requests that failed or timed out");
     describe_counter!(
@@ -367,6 +378,15 @@ pub fn webhook_outbox(events: u64) {
 /// Counts one store call of the spool.
 pub fn spool_store(took: Duration) {
     metrics::histogram!(SPOOL_STORE_SECONDS).record(took);
+}
+
+pub fn body_cache(bytes: u64) {
+    metrics::gauge!(BODY_CACHE_BYTES).set(bytes as f64);
+}
+
+pub fn body_cache_read(hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!(BODY_CACHE_READS, "result" => result).increment(1);
 }
 
 /// Counts the outcomes of one recorded completion: an attempt's

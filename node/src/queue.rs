@@ -39,6 +39,7 @@ use smarthost_coordinator::LeaderTick;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 use tokio::sync::oneshot;
 
+use crate::body_cache::BodyCache;
 use crate::bounce::{self, ReportSettings};
 use crate::delivery::{MessageOutcome, RcptResult};
 use crate::delivery_log::DeliveryLog;
@@ -480,6 +481,8 @@ pub struct Queue {
     /// Set by [`Drain`]: nothing more is handed out, and these hear when
     /// `in_flight` is down to zero.
     draining: Option<Vec<oneshot::Sender<()>>>,
+    /// Where copies of stored bodies wait for their first delivery.
+    bodies: Arc<BodyCache>,
 }
 
 /// Domains with due work that the dispatcher has not heard of yet. Each
@@ -543,7 +546,15 @@ impl Queue {
             unscheduled: Vec::new(),
             inserting: false,
             draining: None,
+            bodies: Arc::new(BodyCache::new(0)),
         }
+    }
+
+    /// Keeps copies of the bodies it stores in `bodies`, for the
+    /// deliveries that read them there.
+    pub fn with_body_cache(mut self, bodies: Arc<BodyCache>) -> Self {
+        self.bodies = bodies;
+        self
     }
 
     pub fn with_settings(mut self, settings: DeliverySettings) -> Self {
@@ -598,15 +609,23 @@ impl Queue {
         let (messages, waiters): (Vec<NewMessage>, Vec<Waiter>) = batch.into_iter().unzip();
         let spool = self.spool.clone();
         let schedule = self.schedule.clone();
+        let bodies = self.bodies.clone();
         self.store_calls += 1;
         // Scheduled before the senders hear: a message they were told is
         // queued is also counted and handed out.
         let store = async move {
             let count = messages.len();
+            let copies: Vec<_> = messages
+                .iter()
+                .filter_map(|m| Some((m.record.id.clone(), bodies.copy_of(&m.body)?)))
+                .collect();
             // Records shared by the spool and the schedule, not copied.
             let started = std::time::Instant::now();
             let records = spool.store_shared(messages).await?;
             crate::metrics::spool_store(started.elapsed());
+            // Kept only once stored, and before any delivery can be
+            // handed the message.
+            bodies.keep(copies);
             match schedule.insert_shared(records.clone(), now_ms()).await {
                 Ok(domains) => Ok((domains, Vec::new())),
                 Err(error) => {

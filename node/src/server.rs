@@ -22,6 +22,7 @@ use crate::auth_guard::{
     AuthGuard, GuardSettings, GuardStats, Ledger, LocalLedger, PasswordChecks, Policy, RedisLedger,
 };
 use crate::badmail::Badmail;
+use crate::body_cache::BodyCache;
 use crate::bounce::ReportSettings;
 use crate::config::{check_domain_name, Config, DomainKind, QueueBackend};
 use crate::delivery::connection::DeliveryEnv;
@@ -342,7 +343,8 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
             (queue, spool, limits, crate::spool::redis::redact(url))
         }
     };
-    let queue = queue.start();
+    let bodies = Arc::new(BodyCache::new(config.delivery.body_cache));
+    let queue = queue.with_body_cache(bodies.clone()).start();
     let admin_spool = spool.clone();
     let coordinator = match config.queue.backend {
         QueueBackend::Redis => {
@@ -365,6 +367,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         suppressions: shared.suppressions.clone(),
         stopping: stopping.clone(),
         workers: workers.clone(),
+        bodies,
     };
     let dispatcher = Dispatcher::new(Arc::new(env)).start();
     queue.send(Attach(dispatcher.recipient())).await?;

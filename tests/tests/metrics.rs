@@ -181,3 +181,36 @@ fn the_metrics_and_probes_can_listen_apart_from_the_api() {
     assert_eq!(http::get(admin, "/api/v1/queue", None).status, 200);
     assert!(!scrape(admin).is_empty());
 }
+
+/// A body just stored goes to its first delivery from the body cache; the
+/// message's other delivery reads the spool; both send the same bytes.
+/// With `delivery.body_cache = 0` every delivery reads the spool.
+#[test]
+fn the_first_delivery_of_a_body_comes_from_the_cache() {
+    const HIT: &str = "smarthost_body_cache_reads_total{result=\"hit\"}";
+    const MISS: &str = "smarthost_body_cache_reads_total{result=\"miss\"}";
+    for (cache, hits, misses) in [("", 1.0, 1.0), ("body_cache = 0", 0.0, 0.0)] {
+        let sink = Sink::start(SinkOptions::default());
+        let setup = start(
+            &format!("smart_host = \"{}\"\n{cache}", sink.smart_host()),
+            "",
+            None,
+        );
+        let to = ["first@dest.test", "second@other.test"];
+        let text = message(to[0], "cached", &"A line of the body.\r\n".repeat(200));
+        submit(&setup.relay, "app@sender.test", &to, &text);
+        let arrived = sink.wait_for(2, Duration::from_secs(30));
+        assert_eq!(arrived.len(), 2);
+        assert_eq!(arrived[0].body, arrived[1].body, "{cache:?}");
+        assert!(
+            arrived[0].text().contains("A line of the body."),
+            "{cache:?}"
+        );
+        let samples = scrape(setup.relay.admin_addr());
+        assert_eq!(
+            (value(&samples, HIT), value(&samples, MISS)),
+            (hits, misses),
+            "{cache:?}"
+        );
+    }
+}

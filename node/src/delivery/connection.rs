@@ -49,6 +49,8 @@ pub struct DeliveryEnv {
     pub stopping: Arc<AtomicBool>,
     /// The threads the connections run on.
     pub workers: crate::workers::Workers,
+    /// Copies of the bodies this node just stored, read before the spool.
+    pub bodies: Arc<crate::body_cache::BodyCache>,
 }
 
 pub struct Delivery {
@@ -246,6 +248,9 @@ async fn body_or_report(
     delivery: usize,
     started: Instant,
 ) -> Option<Body> {
+    if let Some(body) = env.bodies.take(&record.id) {
+        return Some(body);
+    }
     let error = match env.spool.read_body(&record.id).await {
         Ok(body) => return Some(body),
         Err(error) => error,
