@@ -173,6 +173,9 @@ pub struct LocalSpoolOptions {
     /// An old segment whose live data is less than this fraction of its
     /// size is compacted.
     pub compact_below: f64,
+    /// The longest a removal written without an fsync waits for one
+    /// when no other write syncs it.
+    pub removals_synced_within: std::time::Duration,
 }
 
 impl Default for LocalSpoolOptions {
@@ -180,6 +183,7 @@ impl Default for LocalSpoolOptions {
         LocalSpoolOptions {
             segment_size: 64 * 1024 * 1024,
             compact_below: 0.25,
+            removals_synced_within: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -590,6 +594,11 @@ struct State {
     key: Key,
     /// Durable writes to the journal since open (each one fsync).
     journal_writes: u64,
+    /// The active segment holds removals written without an fsync; the
+    /// next write that syncs, or a rotation, makes them durable.
+    unsynced: bool,
+    /// Fsyncs made for such removals alone (not by a write).
+    late_syncs: u64,
 }
 
 fn add_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
@@ -716,8 +725,16 @@ impl State {
                 *at += shift as usize;
             }
         }
+        // Removals alone are not worth an fsync: one lost to a power
+        // failure only means the message is delivered again (at least
+        // once), and the next write that syncs covers them.
+        let sync = !frames.messages.is_empty()
+            || frames
+                .changes
+                .iter()
+                .any(|(change, _, _)| !matches!(change, Change::Remove(_)));
         let rotated = self.rotate_if_full(total + shift)?;
-        let start = self.append_spliced(&buf, &spliced)? + shift;
+        let start = self.append_spliced(&buf, &spliced, sync)? + shift;
         let segment = self.active;
         let at = |offset: u64, len: u64| Loc {
             segment,
@@ -754,14 +771,19 @@ impl State {
     /// durable. Returns the offset it was written at. On failure the
     /// segment is cut back to where it ended.
     fn append(&mut self, buf: &[u8]) -> Result<u64, SpoolError> {
-        self.append_spliced(buf, &[])
+        self.append_spliced(buf, &[], true)
     }
 
     /// [`Self::append`] of `buf` with the bodies spliced in where
     /// [`Frames::spliced`] says: those in memory go to the kernel as they
     /// are, with the frames around them in one `pwritev`; those on disk
     /// are copied a chunk at a time.
-    fn append_spliced(&mut self, buf: &[u8], spliced: &[(usize, Part)]) -> Result<u64, SpoolError> {
+    fn append_spliced(
+        &mut self,
+        buf: &[u8],
+        spliced: &[(usize, Part)],
+        sync: bool,
+    ) -> Result<u64, SpoolError> {
         self.clean_tail()?;
         let path = self.path(self.active);
         let segment = self.active_segment();
@@ -791,14 +813,19 @@ impl State {
             }
             slices.push(IoSlice::new(&buf[done..]));
             at = write_all_vectored_at(&file, &mut slices, at)?;
-            file.sync_data()?;
+            if sync {
+                file.sync_data()?;
+            }
             Ok(at)
         })();
         let segment = self.active_segment();
         match written {
             Ok(end) => {
                 segment.len = end;
-                self.journal_writes += 1;
+                if sync {
+                    self.journal_writes += 1;
+                }
+                self.unsynced = !sync;
                 Ok(start)
             }
             Err(err) => {
@@ -810,6 +837,23 @@ impl State {
                 Err(io_error(format_args!("writing {}", path.display()), err))
             }
         }
+    }
+
+    /// Makes removals written without an fsync durable: before the
+    /// segment is left for the next (every older segment is complete
+    /// and on disk), and when the spool has been quiet a while.
+    fn sync_active(&mut self) -> Result<(), SpoolError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        let path = self.path(self.active);
+        self.active_segment()
+            .file
+            .sync_data()
+            .map_err(|e| io_error(format_args!("syncing {}", path.display()), e))?;
+        self.unsynced = false;
+        self.late_syncs += 1;
+        Ok(())
     }
 
     /// Cuts off what a failed write left behind, if anything.
@@ -838,6 +882,7 @@ impl State {
             return Ok(false);
         }
         self.clean_tail()?;
+        self.sync_active()?;
         let next = self.active + 1;
         // On failure nothing was written to it; the old segment stays active.
         let segment = create_segment(&self.dir, next, &self.key)?;
@@ -1454,6 +1499,20 @@ fn corrupt_body(loc: Loc) -> SpoolError {
     ))
 }
 
+/// Syncs removals that no later write synced, every `period`, until the
+/// spool is closed.
+fn sync_removals(inner: std::sync::Weak<Inner>, period: std::time::Duration) {
+    loop {
+        std::thread::sleep(period);
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if let Err(error) = inner.state().and_then(|mut state| state.sync_active()) {
+            tracing::warn!(%error, "cannot sync the journal; trying again");
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     state: Mutex<State>,
@@ -1464,6 +1523,16 @@ struct Inner {
     key: Key,
     /// Held (and locked) for as long as the spool is open.
     _lock: File,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(state) = self.state.get_mut() {
+            if let Err(error) = state.sync_active() {
+                tracing::warn!(%error, "cannot sync the journal at close");
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -1602,6 +1671,7 @@ impl LocalSpool {
     /// and takes the directory's lock. Blocking: call it at startup or
     /// from `spawn_blocking`.
     pub fn open(path: &Path, options: LocalSpoolOptions) -> Result<LocalSpool, SpoolError> {
+        let sync_period = options.removals_synced_within;
         fs::create_dir_all(path)
             .map_err(|e| io_error(format_args!("creating {}", path.display()), e))?;
         let lock_path = path.join(LOCK_FILE);
@@ -1679,6 +1749,8 @@ impl LocalSpool {
             order: BTreeSet::new(),
             key,
             journal_writes: 0,
+            unsynced: false,
+            late_syncs: 0,
         };
         for ((&n, file), header) in numbers.iter().zip(files).zip(headers) {
             let segment_path = state.path(n);
@@ -1730,14 +1802,18 @@ impl LocalSpool {
         state.maintain();
         tracing::info!(spool = %path.display(), messages = state.messages.len(),
             segments = state.segments.len(), "opened local spool");
-        Ok(LocalSpool {
-            inner: Arc::new(Inner {
-                state: Mutex::new(state),
-                commits: Mutex::new(Commits::default()),
-                key,
-                _lock: lock,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            state: Mutex::new(state),
+            commits: Mutex::new(Commits::default()),
+            key,
+            _lock: lock,
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("spool-sync".into())
+            .spawn(move || sync_removals(weak, sync_period))
+            .map_err(|e| io_error("starting the spool's sync thread", e))?;
+        Ok(LocalSpool { inner })
     }
 
     /// Runs `f` on the blocking pool.
@@ -2096,6 +2172,65 @@ mod tests {
         assert_eq!(ids(&spool.list().await.unwrap()), [id(2), id(3)]);
     }
 
+    /// A write of removals alone gets no fsync of its own: the next write
+    /// that syncs covers it, and so does the start of a new segment or,
+    /// when nothing else comes, the sync thread within about a second.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removals_alone_wait_for_the_next_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        // The thread syncs only when the test has made its checks.
+        let options = LocalSpoolOptions {
+            removals_synced_within: std::time::Duration::from_secs(3),
+            ..options(64 << 10)
+        };
+        let spool = open(dir.path(), &options);
+        let state = |spool: &LocalSpool| {
+            let state = spool.inner.state().unwrap();
+            (state.journal_writes, state.unsynced, state.late_syncs)
+        };
+        spool
+            .store(vec![message(1, 100), message(2, 100), message(3, 100)])
+            .await
+            .unwrap();
+        assert_eq!(state(&spool), (1, false, 0));
+        // A removal: written, not synced.
+        spool.remove(&id(1)).await.unwrap();
+        assert_eq!(state(&spool), (1, true, 0));
+        // A store syncs it along with itself.
+        spool.store(vec![message(4, 100)]).await.unwrap();
+        assert_eq!(state(&spool), (2, false, 0));
+        // An update is synced like a store.
+        spool.remove(&id(2)).await.unwrap();
+        let mut record = message(3, 100).record;
+        record.deliveries[0].attempts = 1;
+        spool.update(record).await.unwrap();
+        assert_eq!(state(&spool), (3, false, 0));
+        // A removal left alone is synced by the thread.
+        spool.remove(&id(3)).await.unwrap();
+        assert_eq!(state(&spool), (3, true, 0));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while state(&spool).1 {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(state(&spool), (3, false, 1));
+        // Before a new segment starts, the old one's removals are synced
+        // (the state stays locked, so the thread cannot do it).
+        spool.remove(&id(4)).await.unwrap();
+        {
+            let mut state = spool.inner.state().unwrap();
+            assert!(state.unsynced);
+            let active = state.active;
+            assert!(state.rotate_if_full(100 << 10).unwrap());
+            assert_ne!(state.active, active);
+            assert_eq!((state.unsynced, state.late_syncs), (false, 2));
+        }
+        spool.store(vec![message(5, 100)]).await.unwrap();
+        drop(spool);
+        let spool = open(dir.path(), &options);
+        assert_eq!(ids(&spool.list().await.unwrap()), [id(5)]);
+    }
+
     /// A torn write of a spilled body is cut off at the next open like
     /// any other, and the messages written before it stay.
     /// Bodies go to the journal from their own buffers: the frame buffer
@@ -2299,6 +2434,7 @@ mod tests {
         suite_on(LocalSpoolOptions {
             segment_size: 16 * 1024,
             compact_below: 0.5,
+            ..LocalSpoolOptions::default()
         })
         .await;
     }
@@ -2828,6 +2964,7 @@ mod tests {
         let opts = LocalSpoolOptions {
             segment_size: 4096,
             compact_below: 0.0,
+            ..LocalSpoolOptions::default()
         };
         let spool = open(dir.path(), &opts);
         spool
@@ -2857,6 +2994,7 @@ mod tests {
         let opts = LocalSpoolOptions {
             segment_size: 8 * 1024,
             compact_below: 0.5,
+            ..LocalSpoolOptions::default()
         };
         let spool = open(dir.path(), &opts);
         for n in 0..3 {
