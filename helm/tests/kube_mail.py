@@ -46,7 +46,8 @@ args = parser.parse_args()
 KILLED = len(args.nodes) - 1
 DRAINED = len(args.nodes) - 2
 accepted = set()
-failures = []  # (n, node index, phase, got a reply, error)
+failures = []  # (n, node index, phase, got a reply, error, seconds after the start)
+started = time.monotonic()
 lock = threading.Lock()
 stopping = {KILLED: threading.Event(), DRAINED: threading.Event()}
 
@@ -95,7 +96,7 @@ def sender(index, node):
             else:
                 failures.append((n, index, failed[0],
                                  isinstance(failed[1], smtplib.SMTPResponseException),
-                                 repr(failed[1])))
+                                 repr(failed[1]), round(time.monotonic() - started, 1)))
         if failed is not None:
             # A reply (4xx/5xx) leaves the session usable; a lost one not.
             if not isinstance(failed[1], smtplib.SMTPResponseException):
@@ -142,7 +143,8 @@ stopping[KILLED].set()
 subprocess.run(["podman", "kill", "--signal", "KILL", args.kill], check=True,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 reached_drain = wait_accepted(args.count * 2 // 3 - 20)
-print(f"SIGTERM to {args.drain} after {len(accepted)} accepted", flush=True)
+print(f"SIGTERM to {args.drain} after {len(accepted)} accepted, "
+      f"{time.monotonic() - started:.1f} s after the start", flush=True)
 stopping[DRAINED].set()
 drainer = threading.Thread(target=drain)
 drainer.start()
