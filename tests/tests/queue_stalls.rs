@@ -81,7 +81,13 @@ fn many_clients_many_domains_every_recipient_arrives_once() {
 #[test]
 fn an_unreadable_body_opens_no_connection_per_attempt() {
     let sink = Sink::start(SinkOptions::default());
-    let setup = start(&format!("smart_host = \"{}\"", sink.smart_host()), "", None);
+    // Without the body cache, which would deliver the copy it kept of
+    // the body instead of reading the spoiled one.
+    let setup = start(
+        &format!("smart_host = \"{}\"\nbody_cache = 0", sink.smart_host()),
+        "",
+        None,
+    );
     let relay = &setup.relay;
     let cli = |args: &[&str]| {
         let output = relay.cli(args, &[]);
