@@ -2180,7 +2180,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // The thread syncs only when the test has made its checks.
         let options = LocalSpoolOptions {
-            removals_synced_within: std::time::Duration::from_secs(3),
+            removals_synced_within: std::time::Duration::from_secs(5),
             ..options(64 << 10)
         };
         let spool = open(dir.path(), &options);
@@ -2208,7 +2208,7 @@ mod tests {
         // A removal left alone is synced by the thread.
         spool.remove(&id(3)).await.unwrap();
         assert_eq!(state(&spool), (3, true, 0));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while state(&spool).1 {
             assert!(std::time::Instant::now() < deadline, "never synced");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
