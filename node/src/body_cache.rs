@@ -89,6 +89,7 @@ impl BodyCache {
         crate::metrics::body_cache_read(body.is_some());
         let body = body?;
         state.bytes -= body.len() as u64;
+        crate::metrics::body_cache(state.bytes);
         Some(Body::from(body))
     }
 }

@@ -212,5 +212,7 @@ fn the_first_delivery_of_a_body_comes_from_the_cache() {
             (hits, misses),
             "{cache:?}"
         );
+        // The copy taken, nothing is kept.
+        assert_eq!(value(&samples, "smarthost_body_cache_bytes"), 0.0);
     }
 }
