@@ -621,19 +621,22 @@ impl Queue {
                 .collect();
             // Records shared by the spool and the schedule, not copied.
             let started = std::time::Instant::now();
-            let records = spool.store_shared(messages).await?;
+            let stored = spool
+                .store_scheduled(messages, schedule.as_ref(), now_ms())
+                .await?;
             crate::metrics::spool_store(started.elapsed());
-            // Kept only once stored, and before any delivery can be
-            // handed the message.
+            // Kept only once stored. A delivery handed the message before
+            // (taken at once by a dispatcher at work on its domain) reads
+            // the spool instead.
             bodies.keep(copies);
-            match schedule.insert_shared(records.clone(), now_ms()).await {
+            match stored.scheduled {
                 Ok(domains) => Ok((domains, Vec::new())),
                 Err(error) => {
                     // Durable all the same: inserted again on the next
                     // ticks (or found by a rescan).
                     tracing::error!(%error, messages = count,
                         "cannot schedule stored messages yet; trying again");
-                    Ok((Vec::new(), records))
+                    Ok((Vec::new(), stored.records))
                 }
             }
         };

@@ -103,6 +103,13 @@ pub trait Schedule: Send + Sync + 'static {
     /// [`Schedule::insert`] of records shared with the spool: a schedule
     /// that keeps records in memory keeps these, not copies of them. This
     /// default copies them for `insert`.
+    /// This schedule as a [`RedisSchedule`], so that a spool on its
+    /// server can insert in the transaction that stores
+    /// ([`crate::spool::Spool::store_scheduled`]).
+    fn redis(&self) -> Option<&RedisSchedule> {
+        None
+    }
+
     async fn insert_shared(
         &self,
         records: Vec<Arc<MessageRecord>>,

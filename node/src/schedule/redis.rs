@@ -384,9 +384,39 @@ enum RecordWrite {
     Changed(Vec<u8>),
 }
 
+/// One delivery an insert files: the message id, its next attempt and
+/// whether that is due now.
+type Filing = (String, u64, bool);
+
+/// The commands of one [`Schedule::insert`] and what reading their replies
+/// needs: on one server they can run inside the transaction that stores
+/// the messages ([`crate::spool::Spool::store_scheduled`]).
+pub(crate) struct InsertPlan {
+    /// Run in order: the domain sets and the senders' listings, one
+    /// script per domain, the domain sets again.
+    pub(crate) steps: Vec<Vec<Cmd>>,
+    /// How many commands the first two steps have.
+    sizes: (usize, usize),
+    /// Each script's domain, and whether any of its work is due now.
+    domains: Vec<(String, bool)>,
+}
+
+impl InsertPlan {
+    /// The replies of the scripts, out of the replies of every command
+    /// of the plan in order.
+    pub(crate) fn script_replies(&self, mut replies: Vec<Value>) -> Vec<Value> {
+        let (first, scripts) = self.sizes;
+        replies.truncate(first + scripts);
+        replies.split_off(first.min(replies.len()))
+    }
+}
+
 /// The Redis implementation of [`Schedule`].
 pub struct RedisSchedule {
     conn: Connection,
+    /// The spool it was made for ([`RedisSpool::instance`]): only that
+    /// spool runs its inserts in its own transactions.
+    spool: u64,
     timeout: Duration,
     scripts: Scripts,
     round_trips: AtomicU64,
@@ -424,6 +454,7 @@ impl RedisSchedule {
     pub async fn new(spool: &RedisSpool) -> Result<RedisSchedule, SpoolError> {
         let schedule = RedisSchedule {
             conn: spool.connection(),
+            spool: spool.instance(),
             timeout: spool.options().response_timeout,
             scripts: Scripts::new(),
             round_trips: AtomicU64::new(0),
@@ -476,6 +507,146 @@ impl RedisSchedule {
             Some(n) => cmd.arg(&n.channel).arg(news::news(&n.origin, domain)),
             None => cmd.arg("").arg(""),
         };
+    }
+
+    /// The commands that insert `records` (see [`Schedule::insert`]), in
+    /// three steps to be run in order; `None` when there is nothing to
+    /// insert. [`RedisSchedule::inserted`] reads the replies.
+    pub(crate) fn insert_plan<'r>(
+        &self,
+        records: impl Iterator<Item = &'r MessageRecord> + Clone,
+        now_ms: u64,
+    ) -> Option<InsertPlan> {
+        // Per domain, in order of first appearance: (id, next, due).
+        let mut by_domain: Vec<(String, Vec<Filing>)> = Vec::new();
+        for record in records.clone() {
+            for delivery in &record.deliveries {
+                let entry = (
+                    record.id.0.clone(),
+                    delivery.next_attempt_ms,
+                    delivery.next_attempt_ms <= now_ms,
+                );
+                match by_domain.iter_mut().find(|(d, _)| *d == delivery.domain) {
+                    Some((_, entries)) => entries.push(entry),
+                    None => by_domain.push((delivery.domain.clone(), vec![entry])),
+                }
+            }
+        }
+        if by_domain.is_empty() {
+            return None;
+        }
+        // The domain sets before and after the scripts (see "The domain
+        // sets" in the module doc): the domains, those with due work, and
+        // the earliest attempt of the work that goes to deferred. Work
+        // filed in ready needs no timer: a timer that is already due
+        // would only make the next `promote` look at the domain for
+        // nothing, and with new mail in many domains that is a script
+        // per domain per tick. An id that is already deferred or leased
+        // stays where it is (a rescan after a lost timer): the script
+        // answers the domain's timer and it is put back below.
+        let domains: Vec<&str> = by_domain.iter().map(|(d, _)| d.as_str()).collect();
+        let due: Vec<String> = by_domain
+            .iter()
+            .filter(|(_, entries)| entries.iter().any(|(_, _, due)| *due))
+            .map(|(d, _)| d.clone())
+            .collect();
+        let timers: Vec<(String, u64)> = by_domain
+            .iter()
+            .filter_map(|(d, entries)| {
+                let earliest = entries.iter().filter(|e| !e.2).map(|e| e.1).min()?;
+                Some((d.clone(), earliest))
+            })
+            .collect();
+        let sets = || {
+            let mut cmds = vec![{
+                let mut cmd = redis::cmd("SADD");
+                cmd.arg(ACTIVE_KEY).arg(&domains);
+                cmd
+            }];
+            cmds.extend(Self::mark_cmds(&due, &timers));
+            cmds
+        };
+        // The senders' listings, before the messages are filed: a message
+        // that can be taken is always listed.
+        let mut by_sender: Vec<(String, Vec<&str>)> = Vec::new();
+        for record in records.clone() {
+            let sender = record.envelope.sender_key();
+            match by_sender.iter_mut().find(|(s, _)| *s == sender) {
+                Some((_, ids)) => ids.push(record.id.as_str()),
+                None => by_sender.push((sender, vec![record.id.as_str()])),
+            }
+        }
+        let mut first = sets();
+        for (sender, ids) in &by_sender {
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(sender_messages_key(sender));
+            for id in ids {
+                zadd.arg(0).arg(*id);
+            }
+            first.push(zadd);
+        }
+        let mut scripts = Vec::with_capacity(by_domain.len());
+        for (domain, entries) in &by_domain {
+            let k = domain_keys(domain);
+            let mut cmd = evalsha(
+                &self.scripts.insert,
+                &[&k.ready, &k.deferred, &k.leases, &k.suspended, &k.messages],
+            );
+            self.news_args(&mut cmd, domain);
+            for (id, next, due) in entries {
+                cmd.arg(id).arg(*next).arg(if *due { "1" } else { "0" });
+            }
+            scripts.push(cmd);
+        }
+        let sizes = (first.len(), scripts.len());
+        let steps = vec![first, scripts, sets()];
+        let domains = by_domain
+            .into_iter()
+            .map(|(domain, entries)| {
+                let due = entries.iter().any(|(_, _, due)| *due);
+                (domain, due)
+            })
+            .collect();
+        Some(InsertPlan {
+            steps,
+            sizes,
+            domains,
+        })
+    }
+
+    /// Whether `spool` is the one this schedule was made for (whose
+    /// server and database it shares).
+    pub(crate) fn shares(&self, spool: &RedisSpool) -> bool {
+        self.spool == spool.instance()
+    }
+
+    /// The domains with due work after an [`InsertPlan`] ran, from the
+    /// replies of its scripts (its second step); puts back the timers of
+    /// work that was already deferred or leased.
+    pub(crate) async fn inserted(
+        &self,
+        plan: InsertPlan,
+        replies: Vec<Value>,
+    ) -> Result<Vec<String>, SpoolError> {
+        let mut ready = Vec::new();
+        let mut restored = Vec::new();
+        for ((domain, due), reply) in plan.domains.into_iter().zip(replies) {
+            let (suspended, timer): (i64, i64) = parse("insert", reply)?;
+            if timer >= 0 {
+                restored.push((domain.clone(), timer as u64));
+            }
+            if suspended == 0 && due {
+                ready.push(domain);
+            }
+        }
+        if !restored.is_empty() {
+            let mut pipe = redis::pipe();
+            for cmd in Self::mark_cmds(&[], &restored) {
+                pipe.add_command(cmd).ignore();
+            }
+            self.run("insert: timers", &pipe).await?;
+        }
+        Ok(dedup(ready))
     }
 
     /// Pending reports are queued by [`Schedule::send_pending_reports`]
@@ -554,7 +725,8 @@ impl RedisSchedule {
             .fetch_add(pipe.cmd_iter().count() as u64, Ordering::Relaxed);
     }
 
-    async fn load_scripts(&self) -> Result<(), SpoolError> {
+    /// Loads the scripts again (the server lost them: a restart).
+    pub(crate) async fn load_scripts(&self) -> Result<(), SpoolError> {
         let mut pipe = redis::pipe();
         for code in Scripts::CODE {
             pipe.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
@@ -1818,108 +1990,18 @@ impl Schedule for RedisSchedule {
         records: Vec<MessageRecord>,
         now_ms: u64,
     ) -> Result<Vec<String>, SpoolError> {
-        // Per domain, in order of first appearance: (id, next, due).
-        let mut by_domain: Vec<(String, Vec<(String, u64, bool)>)> = Vec::new();
-        for record in &records {
-            for delivery in &record.deliveries {
-                let entry = (
-                    record.id.0.clone(),
-                    delivery.next_attempt_ms,
-                    delivery.next_attempt_ms <= now_ms,
-                );
-                match by_domain.iter_mut().find(|(d, _)| *d == delivery.domain) {
-                    Some((_, entries)) => entries.push(entry),
-                    None => by_domain.push((delivery.domain.clone(), vec![entry])),
-                }
-            }
-        }
-        if by_domain.is_empty() {
+        let Some(mut plan) = self.insert_plan(records.iter(), now_ms) else {
             return Ok(Vec::new());
-        }
-        // The domain sets before and after the scripts (see "The domain
-        // sets" in the module doc): the domains, those with due work, and
-        // the earliest attempt of the work that goes to deferred. Work
-        // filed in ready needs no timer: a timer that is already due
-        // would only make the next `promote` look at the domain for
-        // nothing, and with new mail in many domains that is a script
-        // per domain per tick. An id that is already deferred or leased
-        // stays where it is (a rescan after a lost timer): the script
-        // answers the domain's timer and it is put back below.
-        let domains: Vec<&str> = by_domain.iter().map(|(d, _)| d.as_str()).collect();
-        let due: Vec<String> = by_domain
-            .iter()
-            .filter(|(_, entries)| entries.iter().any(|(_, _, due)| *due))
-            .map(|(d, _)| d.clone())
-            .collect();
-        let timers: Vec<(String, u64)> = by_domain
-            .iter()
-            .filter_map(|(d, entries)| {
-                let earliest = entries.iter().filter(|e| !e.2).map(|e| e.1).min()?;
-                Some((d.clone(), earliest))
-            })
-            .collect();
-        let sets = || {
-            let mut cmds = vec![{
-                let mut cmd = redis::cmd("SADD");
-                cmd.arg(ACTIVE_KEY).arg(&domains);
-                cmd
-            }];
-            cmds.extend(Self::mark_cmds(&due, &timers));
-            cmds
         };
-        // The senders' listings, before the messages are filed: a message
-        // that can be taken is always listed.
-        let mut by_sender: Vec<(String, Vec<&str>)> = Vec::new();
-        for record in &records {
-            let sender = record.envelope.sender_key();
-            match by_sender.iter_mut().find(|(s, _)| *s == sender) {
-                Some((_, ids)) => ids.push(record.id.as_str()),
-                None => by_sender.push((sender, vec![record.id.as_str()])),
-            }
-        }
-        let mut first = sets();
-        for (sender, ids) in &by_sender {
-            let mut zadd = redis::cmd("ZADD");
-            zadd.arg(sender_messages_key(sender));
-            for id in ids {
-                zadd.arg(0).arg(*id);
-            }
-            first.push(zadd);
-        }
-        let mut scripts = Vec::with_capacity(by_domain.len());
-        for (domain, entries) in &by_domain {
-            let k = domain_keys(domain);
-            let mut cmd = evalsha(
-                &self.scripts.insert,
-                &[&k.ready, &k.deferred, &k.leases, &k.suspended, &k.messages],
-            );
-            self.news_args(&mut cmd, domain);
-            for (id, next, due) in entries {
-                cmd.arg(id).arg(*next).arg(if *due { "1" } else { "0" });
-            }
-            scripts.push(cmd);
-        }
-        let replies = self.ordered("insert", vec![first, scripts, sets()]).await?;
+        let replies = self
+            .ordered("insert", std::mem::take(&mut plan.steps))
+            .await?;
         let replies = replies.into_iter().nth(1).unwrap_or_default();
-        let mut ready = Vec::new();
-        let mut restored = Vec::new();
-        for ((domain, entries), reply) in by_domain.into_iter().zip(replies) {
-            let (suspended, timer): (i64, i64) = parse("insert", reply)?;
-            if timer >= 0 {
-                restored.push((domain.clone(), timer as u64));
-            }
-            if suspended == 0 && entries.iter().any(|(_, _, due)| *due) {
-                ready.push(domain);
-            }
-        }
-        if !restored.is_empty() {
-            let mut pipe = redis::pipe();
-            for cmd in Self::mark_cmds(&[], &restored) {
-                pipe.add_command(cmd).ignore();
-            }
-            self.run("insert: timers", &pipe).await?;
-        }
-        Ok(dedup(ready))
+        self.inserted(plan, replies).await
+    }
+
+    fn redis(&self) -> Option<&RedisSchedule> {
+        Some(self)
     }
 
     /// Looks only at the domains whose timer is due (see "The domain
@@ -3414,6 +3496,113 @@ mod tests {
         // The body stays a while for a report, then Redis drops it.
         assert!(spool.read_body(&id).await.is_ok());
         assert!(spool.list().await.unwrap().is_empty());
+    }
+
+    /// The Redis spool stores a batch and files it in the schedule made
+    /// for it in one transaction: one round trip, no schedule call of its
+    /// own, and taken at once.
+    #[tokio::test]
+    async fn a_store_and_its_insert_are_one_round_trip() {
+        let server = RedisServer::start();
+        let (spool, s) = node(&server).await;
+        let mut spool_trips = smarthost_testkit::since_last(|| spool.round_trips());
+        let mut trips = smarthost_testkit::since_last(|| s.round_trips());
+        let batch: Vec<_> = (0..6).map(|n| message(n, 100)).collect();
+        let stored = spool
+            .store_scheduled(batch, &*s, u64::MAX / 2)
+            .await
+            .unwrap();
+        let mut domains = stored.scheduled.unwrap();
+        domains.sort();
+        assert_eq!(domains, ["example.com", "example.net", "example.org"]);
+        assert_eq!(stored.records.len(), 6);
+        assert_eq!(spool_trips(), 1, "the store and the insert together");
+        assert_eq!(trips(), 0, "nothing sent by the schedule itself");
+        let jobs = s
+            .take("example.org", 10, "node-a", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 4, "messages 0, 2, 3 and 5 go to example.org");
+        assert_eq!(spool.list().await.unwrap().len(), 6);
+    }
+
+    /// A server that lost the scripts (a restart) still stores and
+    /// schedules: the insert is sent again after the scripts are loaded.
+    #[tokio::test]
+    async fn a_store_with_its_insert_loads_lost_scripts() {
+        let server = RedisServer::start();
+        let (spool, s) = node(&server).await;
+        let mut raw = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async::<()>(&mut raw)
+            .await
+            .unwrap();
+        let stored = spool
+            .store_scheduled(vec![message(0, 100)], &*s, u64::MAX / 2)
+            .await
+            .unwrap();
+        assert_eq!(
+            stored.scheduled.unwrap(),
+            ["example.org", "example.net"],
+            "message 0's domains"
+        );
+        let jobs = s
+            .take("example.net", 10, "node-a", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 1);
+    }
+
+    /// A schedule made for another spool (another server or database) is
+    /// not written in this spool's transaction: store, then insert.
+    #[tokio::test]
+    async fn a_schedule_of_another_spool_inserts_on_its_own() {
+        let server = RedisServer::start();
+        let (spool, _) = node(&server).await;
+        let (_, other) = node(&server).await;
+        let mut trips = smarthost_testkit::since_last(|| other.round_trips());
+        let stored = spool
+            .store_scheduled(vec![message(0, 100)], &*other, u64::MAX / 2)
+            .await
+            .unwrap();
+        assert_eq!(stored.scheduled.unwrap().len(), 2);
+        assert_eq!(trips(), 1, "the insert, by the schedule");
+    }
+
+    /// A store the server refuses (out of memory) files nothing either:
+    /// no schedule entry without its message.
+    #[tokio::test]
+    async fn a_refused_store_inserts_nothing() {
+        let server = RedisServer::start();
+        let (spool, s) = node(&server).await;
+        let mut raw = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let config = |value: &'static str| {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("SET").arg("maxmemory").arg(value);
+            cmd
+        };
+        config("1").query_async::<()>(&mut raw).await.unwrap();
+        let refused = spool
+            .store_scheduled(vec![message(0, 100)], &*s, u64::MAX / 2)
+            .await;
+        config("0").query_async::<()>(&mut raw).await.unwrap();
+        let error = refused.expect_err("out of memory");
+        assert!(
+            error.to_string().contains("OOM") || error.to_string().contains("EXECABORT"),
+            "{error}"
+        );
+        assert!(spool.list().await.unwrap().is_empty());
+        assert!(s.ready_domains().await.unwrap().is_empty());
+        assert_eq!(s.counts().await.unwrap(), empty_counts());
     }
 
     #[tokio::test]

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 
+use crate::schedule::Schedule;
+
 pub mod local;
 pub mod redis;
 #[cfg(test)]
@@ -267,6 +269,16 @@ impl ListCursor {
     }
 }
 
+/// What [`Spool::store_scheduled`] did with a batch it stored.
+#[derive(Debug)]
+pub struct Stored {
+    /// The records, shared with the schedule.
+    pub records: Vec<Arc<MessageRecord>>,
+    /// The domains that got due work ([`Schedule::insert`]), or why the
+    /// messages are not scheduled yet.
+    pub scheduled: Result<Vec<String>, SpoolError>,
+}
+
 #[async_trait]
 pub trait Spool: Send + Sync + 'static {
     /// Stores a batch of new messages and returns once all of them are
@@ -285,6 +297,22 @@ pub trait Spool: Send + Sync + 'static {
         let records = batch.iter().map(|m| Arc::new(m.record.clone())).collect();
         self.store(batch).await?;
         Ok(records)
+    }
+
+    /// Stores `batch` like [`Spool::store_shared`], then files it in
+    /// `schedule`: a failed store is the error; a failed insert leaves the
+    /// messages stored (durable, to be inserted again) and is in
+    /// [`Stored::scheduled`]. This default does one after the other; the
+    /// Redis spool on one server runs both in one transaction.
+    async fn store_scheduled(
+        &self,
+        batch: Vec<NewMessage>,
+        schedule: &dyn Schedule,
+        now_ms: u64,
+    ) -> Result<Stored, SpoolError> {
+        let records = self.store_shared(batch).await?;
+        let scheduled = schedule.insert_shared(records.clone(), now_ms).await;
+        Ok(Stored { records, scheduled })
     }
 
     /// Replaces the record of a stored message (its deliveries changed).

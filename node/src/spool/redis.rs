@@ -38,6 +38,9 @@
 //! middle of one drops the unfinished transaction when it replays its AOF.
 //! A `store` there is the index `ZADD` and one `MSET` of every record and
 //! body of the batch: four commands however many messages it holds.
+//! [`Spool::store_scheduled`] adds the schedule's insert of the batch to
+//! the same transaction, so that both cost one round trip and one AOF
+//! fsync turn of the server.
 //!
 //! On Redis Cluster (`queue.redis_cluster`) the index lives in its own
 //! slot, so no transaction can span a message and its index entry. The
@@ -178,13 +181,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisWrite, ToRedisArgs, Value};
+use redis::{
+    Cmd, ErrorKind, FromRedisValue, Pipeline, RedisWrite, ServerErrorKind, ToRedisArgs, Value,
+};
 use serde::{Deserialize, Serialize};
 use smarthost_coordinator::redis::Connection;
 use smarthost_proto::envelope::{self, MessageId, MessageRecord};
 
-use super::{Body, ListCursor, NewMessage, Quarantined, Spool, SpoolError, READ_WHOLE_UP_TO};
+use super::{
+    Body, ListCursor, NewMessage, Quarantined, Spool, SpoolError, Stored, READ_WHOLE_UP_TO,
+};
 use crate::metrics::RedisFailure;
+use crate::schedule::Schedule;
 
 /// The sorted set of all stored messages by receive time.
 pub const INDEX_KEY: &str = "smarthost:{index}:messages";
@@ -520,23 +528,33 @@ pub(crate) fn redact(url: &str) -> String {
 
 /// A transaction's `EXEC` reply: the replies of its commands.
 fn exec_replies(what: &str, reply: Value) -> Result<Vec<Value>, SpoolError> {
-    let items = match reply {
-        Value::Array(items) => items,
-        Value::Nil => {
-            return Err(SpoolError::Unavailable(format!(
-                "redis {what}: transaction aborted"
-            )))
-        }
-        other => {
-            return Err(SpoolError::Unavailable(format!(
-                "redis {what}: unexpected EXEC reply {other:?}"
-            )))
-        }
-    };
-    if let Some(Value::ServerError(e)) = items.iter().find(|v| matches!(v, Value::ServerError(_))) {
+    let items = exec_replies_of(what, reply)?;
+    if let Some(e) = server_error(&items) {
         return Err(SpoolError::Unavailable(format!("redis {what}: {e:?}")));
     }
     Ok(items)
+}
+
+/// The replies of the commands of a transaction, from its `EXEC` reply;
+/// each may be an error.
+fn exec_replies_of(what: &str, reply: Value) -> Result<Vec<Value>, SpoolError> {
+    match reply {
+        Value::Array(items) => Ok(items),
+        Value::Nil => Err(SpoolError::Unavailable(format!(
+            "redis {what}: transaction aborted"
+        ))),
+        other => Err(SpoolError::Unavailable(format!(
+            "redis {what}: unexpected EXEC reply {other:?}"
+        ))),
+    }
+}
+
+/// The first error among `replies`.
+fn server_error(replies: &[Value]) -> Option<&redis::ServerError> {
+    replies.iter().find_map(|v| match v {
+        Value::ServerError(e) => Some(e),
+        _ => None,
+    })
 }
 
 /// The `WAITAOF` reply `[local, replicas]`: fine if the local AOF is synced.
@@ -586,6 +604,38 @@ fn message_write(m: &NewMessage) -> Cmd {
 
 /// The record and body keys of a message in memory, with their values, as
 /// arguments of an `MSET`.
+/// The index entries of `batch`, written first: see "Consistency" in the
+/// module doc.
+fn index_add(batch: &[NewMessage]) -> Cmd {
+    let mut zadd = redis::cmd("ZADD");
+    zadd.arg(INDEX_KEY);
+    for m in batch {
+        zadd.arg(m.record.received_ms).arg(m.record.id.as_str());
+    }
+    zadd
+}
+
+/// The commands that store `batch` on one server, for a transaction:
+/// every message in memory in one `MSET`, whatever its slot; a spilled
+/// body is placed by its own script.
+fn store_commands(batch: &[NewMessage]) -> Vec<Cmd> {
+    let mut commands = vec![index_add(batch)];
+    let mut set = redis::cmd("MSET");
+    let mut in_memory = 0;
+    for m in batch {
+        if m.body.rest().is_some() {
+            commands.push(message_write(m));
+        } else {
+            add_message_keys(&mut set, m);
+            in_memory += 1;
+        }
+    }
+    if in_memory > 0 {
+        commands.push(set);
+    }
+    commands
+}
+
 fn add_message_keys(set: &mut Cmd, m: &NewMessage) {
     let id = &m.record.id;
     set.arg(record_key(id))
@@ -655,6 +705,9 @@ pub struct RedisSpool {
     round_trips: AtomicU64,
     /// Re-reads the server's settings and says whether new mail may come.
     guard: Arc<Guard>,
+    /// Tells this spool from others, for the schedule made for it
+    /// ([`RedisSpool::instance`]).
+    instance: u64,
 }
 
 /// Keeps the spool's verdict on the server's settings current: checked by
@@ -911,6 +964,7 @@ impl RedisSpool {
             durability,
             round_trips: AtomicU64::new(2),
             guard,
+            instance: rand::random(),
         };
         if spool.options.min_replicas > 0 {
             spool.probe_replicas(&shown).await;
@@ -927,6 +981,13 @@ impl RedisSpool {
     /// its server (the connection multiplexes and reconnects).
     pub(crate) fn connection(&self) -> Connection {
         self.conn.clone()
+    }
+
+    /// Names this spool among others in the process: a schedule made for
+    /// it ([`crate::schedule::RedisSchedule::new`]) shares its server and
+    /// database.
+    pub(crate) fn instance(&self) -> u64 {
+        self.instance
     }
 
     pub(crate) fn options(&self) -> &RedisSpoolOptions {
@@ -1018,6 +1079,23 @@ impl RedisSpool {
     ) -> Result<T, SpoolError> {
         let mut conn = self.conn.clone();
         self.bounded(what, pipe.query_async(&mut conn)).await
+    }
+
+    /// [`RedisSpool::query_pipe`] of a pipeline that calls scripts:
+    /// `None` when the server does not have them (`NOSCRIPT`).
+    async fn query_pipe_scripted(
+        &self,
+        what: &str,
+        pipe: &Pipeline,
+    ) -> Result<Option<Vec<Value>>, SpoolError> {
+        let mut conn = self.conn.clone();
+        let request = async move {
+            match pipe.query_async(&mut conn).await {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => Ok(None),
+                reply => reply.map(Some),
+            }
+        };
+        self.bounded(what, request).await
     }
 
     /// Sends `pipes` all at once (on a cluster, each to its slot's
@@ -1340,33 +1418,73 @@ impl Spool for RedisSpool {
         // Bodies on disk first, side by side (each in order, chunk after
         // chunk).
         try_join_all(batch.iter().map(|m| self.stage_body(m))).await?;
-        // The index entries first: see "Consistency" in the module doc.
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(INDEX_KEY);
-        for m in &batch {
-            zadd.arg(m.record.received_ms).arg(m.record.id.as_str());
-        }
         if self.conn.is_cluster() {
-            return self.store_on_cluster(zadd, &batch).await;
+            return self.store_on_cluster(index_add(&batch), &batch).await;
         }
-        // One server: every message in memory in one MSET, whatever its
-        // slot; a spilled body is placed by its own script.
-        let mut commands = vec![zadd];
-        let mut set = redis::cmd("MSET");
-        let mut in_memory = 0;
-        for m in &batch {
-            if m.body.rest().is_some() {
-                commands.push(message_write(m));
-            } else {
-                add_message_keys(&mut set, m);
-                in_memory += 1;
-            }
-        }
-        if in_memory > 0 {
-            commands.push(set);
-        }
-        self.transaction("store", commands).await?;
+        self.transaction("store", store_commands(&batch)).await?;
         Ok(())
+    }
+
+    async fn store_scheduled(
+        &self,
+        batch: Vec<NewMessage>,
+        schedule: &dyn Schedule,
+        now_ms: u64,
+    ) -> Result<Stored, SpoolError> {
+        let records: Vec<Arc<MessageRecord>> =
+            batch.iter().map(|m| Arc::new(m.record.clone())).collect();
+        let on_this_server = schedule
+            .redis()
+            .filter(|s| !self.conn.is_cluster() && s.shares(self));
+        let plan = on_this_server
+            .and_then(|s| Some((s, s.insert_plan(records.iter().map(|r| &**r), now_ms)?)));
+        let Some((schedule, mut plan)) = plan else {
+            self.store(batch).await?;
+            let scheduled = match on_this_server {
+                Some(_) => Ok(Vec::new()),
+                None => schedule.insert_shared(records.clone(), now_ms).await,
+            };
+            return Ok(Stored { records, scheduled });
+        };
+        self.guard.admit().await?;
+        try_join_all(batch.iter().map(|m| self.stage_body(m))).await?;
+        // The store and the insert in one transaction: one round trip and,
+        // with `appendfsync always`, one fsync for both.
+        let mut commands = store_commands(&batch);
+        let stored = commands.len();
+        commands.extend(std::mem::take(&mut plan.steps).into_iter().flatten());
+        let pipe = self.transaction_pipe(commands);
+        let replies = match self.query_pipe_scripted("store", &pipe).await? {
+            Some(replies) => replies,
+            // The server lost the scripts (a restart) and refused the whole
+            // transaction: sent again once they are loaded.
+            None => {
+                schedule.load_scripts().await?;
+                self.query_pipe("store", &pipe).await?
+            }
+        };
+        self.check_wait("store", &replies)?;
+        let mut items = match replies.get(replies.len().saturating_sub(self.waits() + 1)) {
+            Some(exec) => exec_replies_of("store", exec.clone())?,
+            None => return Err(SpoolError::Unavailable("redis store: no EXEC reply".into())),
+        };
+        let insert_replies = items.split_off(stored.min(items.len()));
+        if let Some(e) = server_error(&items) {
+            return Err(SpoolError::Unavailable(format!("redis store: {e:?}")));
+        }
+        let scheduled = match server_error(&insert_replies) {
+            // The scripts went between the queueing and the EXEC: the
+            // insert is done again, which loads them.
+            Some(e) if e.kind() == Some(ServerErrorKind::NoScript) => {
+                schedule.insert_shared(records.clone(), now_ms).await
+            }
+            Some(e) => Err(SpoolError::Unavailable(format!("redis insert: {e:?}"))),
+            None => {
+                let scripts = plan.script_replies(insert_replies);
+                schedule.inserted(plan, scripts).await
+            }
+        };
+        Ok(Stored { records, scheduled })
     }
 
     async fn update(&self, record: MessageRecord) -> Result<(), SpoolError> {
