@@ -272,12 +272,16 @@ impl Default for BatchLimits {
     }
 }
 
+/// Store calls under way at once: a batch formed while one waits for its
+/// fsync or its Redis reply goes out at once instead of after it.
+const STORES_IN_FLIGHT: usize = 2;
+
 /// Messages waiting for a store call, each with whoever waits for it, and
-/// whether a call is in flight.
+/// how many calls are in flight.
 #[derive(Debug)]
 pub struct Batcher<W> {
     pending: VecDeque<(NewMessage, W)>,
-    in_flight: bool,
+    in_flight: usize,
     limits: BatchLimits,
 }
 
@@ -285,7 +289,7 @@ impl<W> Batcher<W> {
     pub fn new(limits: BatchLimits) -> Self {
         Batcher {
             pending: VecDeque::new(),
-            in_flight: false,
+            in_flight: 0,
             limits,
         }
     }
@@ -297,7 +301,7 @@ impl<W> Batcher<W> {
     /// The next batch to store, oldest first, if no call is in flight;
     /// the batch is then in flight until [`Batcher::finished`].
     pub fn next_batch(&mut self) -> Option<Vec<(NewMessage, W)>> {
-        if self.in_flight || self.pending.is_empty() {
+        if self.in_flight >= STORES_IN_FLIGHT || self.pending.is_empty() {
             return None;
         }
         let mut batch = Vec::new();
@@ -312,13 +316,13 @@ impl<W> Batcher<W> {
             bytes += size;
             batch.push(self.pending.pop_front().expect("front exists"));
         }
-        self.in_flight = true;
+        self.in_flight += 1;
         Some(batch)
     }
 
     /// The call in flight has answered.
     pub fn finished(&mut self) {
-        self.in_flight = false;
+        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     pub fn waiting(&self) -> usize {
@@ -2025,18 +2029,21 @@ mod tests {
     }
 
     #[test]
-    fn one_batch_in_flight_and_the_rest_wait_for_the_next() {
+    fn two_batches_in_flight_and_the_rest_wait_for_the_next() {
         let mut batcher = Batcher::new(BatchLimits::default());
         assert!(batcher.next_batch().is_none());
         batcher.push(message(0, 10), 0);
         assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![0]);
-        for n in 1..5 {
+        batcher.push(message(1, 10), 1);
+        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![1]);
+        for n in 2..6 {
             batcher.push(message(n, 10), n);
         }
-        assert!(batcher.next_batch().is_none(), "a call is in flight");
+        assert!(batcher.next_batch().is_none(), "two calls are in flight");
         assert_eq!(batcher.waiting(), 4);
         batcher.finished();
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![1, 2, 3, 4]);
+        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![2, 3, 4, 5]);
+        batcher.finished();
         batcher.finished();
         assert!(batcher.next_batch().is_none());
     }
