@@ -1,13 +1,16 @@
-//! Copies of the bodies this node just stored, for their first delivery
+//! The bodies this node just stored, for their first delivery
 //! (`delivery.body_cache`): a message is usually delivered moments after
 //! it was accepted, and its body is then still in memory here. Reading it
 //! back from the spool costs a thread hand-off and a read on the local
 //! spool, and a round trip that carries the whole body on Redis.
 //!
-//! Bounded in bytes, oldest out first. A delivery takes its copy; a
+//! The cache shares each body's bytes with the store that wrote them (a
+//! [`Body`] clone), so keeping it costs no copy.
+//!
+//! Bounded in bytes, oldest out first. A delivery takes its body; a
 //! message with several deliveries, one retried or one taken by another
 //! node reads the spool as before. Bodies are never changed once stored,
-//! so a copy is never stale; one whose message is gone is never asked for
+//! so a kept body is never stale; one whose message is gone is never asked for
 //! and leaves with the oldest.
 
 use std::collections::{HashMap, VecDeque};
@@ -24,9 +27,10 @@ pub struct BodyCache {
 
 #[derive(Default)]
 struct State {
-    bodies: HashMap<MessageId, Vec<u8>>,
+    bodies: HashMap<MessageId, Body>,
     /// Insertion order; an id whose body was taken stays until it comes up.
     order: VecDeque<MessageId>,
+    /// The memory of the kept bodies ([`Body::held`]).
     bytes: u64,
 }
 
@@ -43,23 +47,24 @@ impl BodyCache {
         self.capacity > 0
     }
 
-    /// A copy of `body` to keep, when it is whole in memory and small
+    /// `body`'s bytes to keep, shared, when it is whole in memory and small
     /// enough to be read whole (larger ones are delivered from disk a
     /// chunk at a time).
-    pub fn copy_of(&self, body: &Body) -> Option<Vec<u8>> {
-        let len = body.len();
-        let fits = body.rest().is_none() && len <= READ_WHOLE_UP_TO && len <= self.capacity;
-        (self.is_enabled() && fits).then(|| body.head().to_vec())
+    pub fn share(&self, body: &Body) -> Option<Body> {
+        let fits = body.rest().is_none()
+            && body.len() <= READ_WHOLE_UP_TO
+            && body.held() as u64 <= self.capacity;
+        (self.is_enabled() && fits).then(|| body.clone())
     }
 
-    /// Keeps the copies of stored bodies, dropping the oldest past the
+    /// Keeps the bodies of stored messages, dropping the oldest past the
     /// capacity.
-    pub fn keep(&self, copies: impl IntoIterator<Item = (MessageId, Vec<u8>)>) {
+    pub fn keep(&self, bodies: impl IntoIterator<Item = (MessageId, Body)>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        for (id, body) in copies {
-            state.bytes += body.len() as u64;
+        for (id, body) in bodies {
+            state.bytes += body.held() as u64;
             if let Some(old) = state.bodies.insert(id.clone(), body) {
-                state.bytes -= old.len() as u64;
+                state.bytes -= old.held() as u64;
             }
             state.order.push_back(id);
         }
@@ -68,7 +73,7 @@ impl BodyCache {
                 break;
             };
             if let Some(body) = state.bodies.remove(&oldest) {
-                state.bytes -= body.len() as u64;
+                state.bytes -= body.held() as u64;
             }
         }
         // Ids of taken bodies pile up only while nothing is evicted.
@@ -88,9 +93,9 @@ impl BodyCache {
         let body = state.bodies.remove(id);
         crate::metrics::body_cache_read(body.is_some());
         let body = body?;
-        state.bytes -= body.len() as u64;
+        state.bytes -= body.held() as u64;
         crate::metrics::body_cache(state.bytes);
-        Some(Body::from(body))
+        Some(body)
     }
 }
 
@@ -104,8 +109,8 @@ mod tests {
 
     fn keep(cache: &BodyCache, n: u64, len: usize) {
         let body = Body::from(vec![n as u8; len]);
-        let copy = cache.copy_of(&body).expect("kept");
-        cache.keep([(id(n), copy)]);
+        let shared = cache.share(&body).expect("kept");
+        cache.keep([(id(n), shared)]);
     }
 
     #[test]
@@ -115,6 +120,32 @@ mod tests {
         assert_eq!(cache.take(&id(1)).unwrap().head(), &[1u8; 10][..]);
         assert!(cache.take(&id(1)).is_none());
         assert!(cache.take(&id(2)).is_none());
+    }
+
+    /// The cache holds the stored body's own bytes: keeping and taking
+    /// them copies nothing.
+    #[test]
+    fn a_kept_body_is_the_stored_bytes_not_a_copy() {
+        let cache = BodyCache::new(1000);
+        let body = Body::from(vec![7u8; 100]);
+        cache.keep([(id(7), cache.share(&body).unwrap())]);
+        let taken = cache.take(&id(7)).unwrap();
+        assert_eq!(taken.head().as_ptr(), body.head().as_ptr());
+        assert_eq!(taken, body);
+    }
+
+    /// A body kept in its receive buffer costs the whole buffer.
+    #[test]
+    fn a_body_counts_the_buffer_it_holds() {
+        let cache = BodyCache::new(100);
+        for n in 1..=2 {
+            let mut buffer = Vec::with_capacity(64);
+            buffer.extend([n as u8; 10]);
+            let body = Body::from(buffer);
+            cache.keep([(id(n), cache.share(&body).unwrap())]);
+        }
+        assert!(cache.take(&id(1)).is_none(), "128 bytes held, 20 received");
+        assert!(cache.take(&id(2)).is_some());
     }
 
     #[test]
@@ -137,15 +168,13 @@ mod tests {
     fn what_is_not_whole_in_memory_or_too_large_is_not_kept() {
         let cache = BodyCache::new(1 << 30);
         let large = Body::from(vec![0u8; READ_WHOLE_UP_TO as usize + 1]);
-        assert!(cache.copy_of(&large).is_none());
+        assert!(cache.share(&large).is_none());
         let file = tempfile::tempfile().unwrap();
         let spilled = Body::spilled(vec![1, 2], file, 0);
-        assert!(cache.copy_of(&spilled).is_none());
-        assert!(BodyCache::new(5)
-            .copy_of(&Body::from(vec![0u8; 6]))
-            .is_none());
+        assert!(cache.share(&spilled).is_none());
+        assert!(BodyCache::new(5).share(&Body::from(vec![0u8; 6])).is_none());
         let off = BodyCache::new(0);
-        assert!(off.copy_of(&Body::from(vec![1u8])).is_none());
+        assert!(off.share(&Body::from(vec![1u8])).is_none());
         assert!(off.take(&id(1)).is_none());
     }
 

@@ -485,7 +485,7 @@ pub struct Queue {
     /// Set by [`Drain`]: nothing more is handed out, and these hear when
     /// `in_flight` is down to zero.
     draining: Option<Vec<oneshot::Sender<()>>>,
-    /// Where copies of stored bodies wait for their first delivery.
+    /// Where stored bodies wait for their first delivery.
     bodies: Arc<BodyCache>,
 }
 
@@ -554,7 +554,7 @@ impl Queue {
         }
     }
 
-    /// Keeps copies of the bodies it stores in `bodies`, for the
+    /// Keeps the bodies it stores in `bodies` (shared, not copied), for the
     /// deliveries that read them there.
     pub fn with_body_cache(mut self, bodies: Arc<BodyCache>) -> Self {
         self.bodies = bodies;
@@ -619,9 +619,9 @@ impl Queue {
         // queued is also counted and handed out.
         let store = async move {
             let count = messages.len();
-            let copies: Vec<_> = messages
+            let kept: Vec<_> = messages
                 .iter()
-                .filter_map(|m| Some((m.record.id.clone(), bodies.copy_of(&m.body)?)))
+                .filter_map(|m| Some((m.record.id.clone(), bodies.share(&m.body)?)))
                 .collect();
             // Records shared by the spool and the schedule, not copied.
             let started = std::time::Instant::now();
@@ -632,7 +632,7 @@ impl Queue {
             // Kept only once stored. A delivery handed the message before
             // (taken at once by a dispatcher at work on its domain) reads
             // the spool instead.
-            bodies.keep(copies);
+            bodies.keep(kept);
             match stored.scheduled {
                 Ok(domains) => Ok((domains, Vec::new())),
                 Err(error) => {

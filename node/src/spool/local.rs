@@ -288,7 +288,7 @@ enum MessageHead<'a> {
 /// A body in a journal write: the bytes in memory as received, or the
 /// part of them on disk.
 enum Part {
-    Memory(Vec<u8>),
+    Memory(bytes::Bytes),
     Disk(SpilledPart),
 }
 
@@ -346,7 +346,7 @@ impl Frames {
         envelope::encode_into(&head, &mut self.buf);
         let mut parts = Vec::with_capacity(2);
         let rest = body.rest().cloned();
-        let in_memory = body.into_head();
+        let in_memory = body.shared_head();
         if !in_memory.is_empty() {
             parts.push(Part::Memory(in_memory));
         }

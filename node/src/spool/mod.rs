@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use smarthost_proto::envelope::{MessageId, MessageRecord};
 
 use crate::schedule::Schedule;
@@ -41,9 +42,14 @@ pub const READ_WHOLE_UP_TO: u64 = 256 * 1024;
 
 /// A message body: its first bytes in memory and, for a large message,
 /// the rest on disk ([`SpilledPart`]), so that it is never held whole.
+/// Cloning it shares the bytes in memory (the body cache keeps the
+/// bodies it was handed this way), it does not copy them.
 #[derive(Clone, Debug, Default)]
 pub struct Body {
-    head: Vec<u8>,
+    head: Bytes,
+    /// The memory `head` takes: the capacity of the buffer it was
+    /// received into, which it keeps (see [`Body::held`]).
+    held: usize,
     rest: Option<SpilledPart>,
 }
 
@@ -113,7 +119,8 @@ impl Body {
     /// `head` followed by the `len` bytes of `file` from `offset` on.
     pub fn stored(head: Vec<u8>, file: Arc<std::fs::File>, offset: u64, len: u64) -> Body {
         Body {
-            head,
+            held: head.capacity(),
+            head: head.into(),
             rest: Some(SpilledPart { file, offset, len }),
         }
     }
@@ -132,8 +139,20 @@ impl Body {
     }
 
     /// [`Body::head`], taken: the whole body when nothing is on disk.
+    /// Copied only when the bytes are shared.
     pub fn into_head(self) -> Vec<u8> {
-        self.head
+        Vec::from(self.head)
+    }
+
+    /// The memory [`Body::head`] takes, spare capacity included: what
+    /// keeping the body costs.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// [`Body::head`], shared: no copy.
+    pub fn shared_head(&self) -> Bytes {
+        self.head.clone()
     }
 
     /// What follows [`Body::head`] on disk, if anything.
@@ -159,7 +178,7 @@ impl Body {
     /// The whole body in memory, read from disk if part of it is there.
     pub fn to_vec(&self) -> Result<Vec<u8>, SpoolError> {
         if self.rest.is_none() {
-            return Ok(self.head.clone());
+            return Ok(self.head.to_vec());
         }
         let mut out = Vec::with_capacity(self.len() as usize);
         self.for_each_chunk(|chunk| {
@@ -171,8 +190,25 @@ impl Body {
 }
 
 impl From<Vec<u8>> for Body {
+    /// Keeps the buffer as it is, spare capacity included: giving that
+    /// back (`shrink_to_fit`) remaps a large buffer and costs more page
+    /// faults than the memory is worth. [`Body::held`] counts it.
     fn from(head: Vec<u8>) -> Body {
-        Body { head, rest: None }
+        Body {
+            held: head.capacity(),
+            head: Bytes::from(head),
+            rest: None,
+        }
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(head: Bytes) -> Body {
+        Body {
+            held: head.len(),
+            head,
+            rest: None,
+        }
     }
 }
 
