@@ -7,12 +7,13 @@
 //! cluster-wide); the throttle opens a connection only under a lease and
 //! with one of the node's slots.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::TryAcquireError;
+use tokio::sync::{oneshot, TryAcquireError};
 
 use crate::delivery::connection::{Delivery, DeliveryEnv};
 use crate::delivery::slots::Slot;
@@ -93,9 +94,69 @@ impl Pace {
     }
 }
 
+/// Open connections of the domain that found no more work and wait a
+/// little for some before they close ([`IDLE_WAIT`]): mail that keeps
+/// coming a few messages at a time then goes over one connection instead
+/// of a new one for each few (a connection, its greeting, `EHLO` and
+/// `QUIT` on both sides).
+#[derive(Debug, Default)]
+pub struct IdleConnections {
+    waiting: Mutex<VecDeque<oneshot::Sender<()>>>,
+}
+
+impl IdleConnections {
+    /// Waits up to `wait` to be handed new work by [`Wake`]; answers
+    /// whether it was.
+    pub async fn wait(&self, wait: Duration) -> bool {
+        let (tx, mut rx) = oneshot::channel();
+        {
+            let mut waiting = self.lock();
+            waiting.retain(|tx| !tx.is_closed());
+            waiting.push_back(tx);
+        }
+        match tokio::time::timeout(wait, &mut rx).await {
+            Ok(woken) => woken.is_ok(),
+            // Closed first, so that a wake is either taken here or not
+            // given at all (the throttle then opens a connection).
+            Err(_) => {
+                rx.close();
+                rx.try_recv().is_ok()
+            }
+        }
+    }
+
+    /// Hands new work to the connection that has waited longest; answers
+    /// whether one took it.
+    fn wake_one(&self) -> bool {
+        let mut waiting = self.lock();
+        while let Some(tx) = waiting.pop_front() {
+            if tx.send(()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<oneshot::Sender<()>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How long a connection with nothing more to send waits for new work of
+/// its domain before it says `QUIT`. Only while the node has a free slot,
+/// so that no other domain waits for the one it holds.
+pub const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// What a domain's throttle shares with its connections.
+#[derive(Debug, Default)]
+pub struct DomainShared {
+    pub pace: Pace,
+    pub idle: IdleConnections,
+}
+
 pub struct DomainThrottle {
     policy: Arc<DomainPolicy>,
-    pace: Arc<Pace>,
+    shared: Arc<DomainShared>,
     env: Arc<DeliveryEnv>,
     dispatcher: Addr<Dispatcher>,
     /// Open connections of this domain on this node.
@@ -117,7 +178,7 @@ impl DomainThrottle {
     ) -> Self {
         DomainThrottle {
             policy,
-            pace: Arc::default(),
+            shared: Arc::default(),
             env,
             dispatcher,
             active: 0,
@@ -201,7 +262,10 @@ impl DomainThrottle {
     fn take(&mut self, lease: ConnectionLease, mut slot: Slot, ctx: &mut Context<Self>) {
         let take = self.env.queue.send(Take {
             domain: self.policy.domain.clone(),
-            max: self.pace.batch(self.policy.max_messages_per_connection),
+            max: self
+                .shared
+                .pace
+                .batch(self.policy.max_messages_per_connection),
         });
         ctx.spawn(take.into_actor(self).map(move |jobs, throttle, ctx| {
             throttle.taking = false;
@@ -223,11 +287,11 @@ impl DomainThrottle {
             throttle.last_busy = Instant::now();
             slot.carries_mail();
             let (policy, env, me) = (throttle.policy.clone(), throttle.env.clone(), ctx.address());
-            let pace = throttle.pace.clone();
+            let shared = throttle.shared.clone();
             throttle
                 .env
                 .workers
-                .start_actor(move |_| Delivery::new(policy, jobs, env, me, slot, lease, pace));
+                .start_actor(move |_| Delivery::new(policy, jobs, env, me, slot, lease, shared));
             throttle.fill(ctx);
         }));
     }
@@ -271,8 +335,13 @@ impl Actor for DomainThrottle {
 impl Handler<Wake> for DomainThrottle {
     type Result = ();
 
+    /// Hands the work to a connection that waits for some, else opens
+    /// connections for it.
     fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
         self.last_busy = Instant::now();
+        if self.shared.idle.wake_one() {
+            return;
+        }
         self.fill(ctx);
     }
 }
@@ -311,6 +380,29 @@ impl Handler<RatePermit> for DomainThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_waiting_connection_is_handed_the_wake() {
+        let idle = Arc::new(IdleConnections::default());
+        assert!(!idle.wake_one(), "nobody waits");
+        let waiter = {
+            let idle = idle.clone();
+            tokio::spawn(async move { idle.wait(Duration::from_secs(30)).await })
+        };
+        while idle.lock().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert!(idle.wake_one());
+        assert!(waiter.await.unwrap(), "woken, long before the wait ends");
+        assert!(!idle.wake_one(), "the wake went to the one waiter");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_wait_ended_takes_no_wake() {
+        let idle = IdleConnections::default();
+        assert!(!idle.wait(Duration::from_millis(1)).await);
+        assert!(!idle.wake_one(), "the throttle opens a connection instead");
+    }
 
     #[test]
     fn a_take_holds_what_the_receiver_sends_within_the_hold_time() {

@@ -29,7 +29,7 @@ use crate::limits::{first_renewal, ConnectionLease, DomainLimits, LeaseHealth, L
 use crate::queue::{Queue, Release, Report, Take};
 use crate::spool::{Body, Spool, SpoolError};
 use crate::suppression::{address_key, is_hard_bounce, Entry, Scope, Source, Suppressions};
-use crate::throttle::{ConnectionDone, DomainThrottle, Pace, RatePermit};
+use crate::throttle::{ConnectionDone, DomainShared, DomainThrottle, Pace, RatePermit, IDLE_WAIT};
 
 /// What every delivery of a node shares.
 pub struct DeliveryEnv {
@@ -93,7 +93,7 @@ struct Work {
     throttle: Addr<DomainThrottle>,
     slot: Slot,
     lease: Arc<HeldLease>,
-    pace: Arc<Pace>,
+    shared: Arc<DomainShared>,
 }
 
 impl Delivery {
@@ -104,7 +104,7 @@ impl Delivery {
         throttle: Addr<DomainThrottle>,
         slot: Slot,
         lease: ConnectionLease,
-        pace: Arc<Pace>,
+        shared: Arc<DomainShared>,
     ) -> Self {
         let lease = Arc::new(HeldLease::new(lease));
         Delivery {
@@ -115,7 +115,7 @@ impl Delivery {
                 throttle,
                 slot,
                 lease: lease.clone(),
-                pace,
+                shared,
             }),
             lease,
         }
@@ -185,11 +185,11 @@ async fn run(work: Work) {
         throttle,
         slot,
         lease,
-        pace,
+        shared,
     } = work;
     let carried = match &policy.route {
-        Route::Local(dir) => deliver_local(dir, jobs, &env, &lease, &pace).await,
-        _ => deliver_remote(&policy, jobs, &env, &throttle, &lease, &pace).await,
+        Route::Local(dir) => deliver_local(dir, jobs, &env, &lease, &shared.pace).await,
+        _ => deliver_remote(&policy, jobs, &env, &throttle, &lease, &shared).await,
     };
     crate::metrics::connection_carried(carried);
     lease.released.store(true, Ordering::SeqCst);
@@ -286,8 +286,9 @@ async fn deliver_remote(
     env: &DeliveryEnv,
     throttle: &Addr<DomainThrottle>,
     lease: &HeldLease,
-    pace: &Pace,
+    shared: &DomainShared,
 ) -> usize {
+    let pace = &shared.pace;
     let started = Instant::now();
     let mut carried = jobs.len();
     let (jobs, mut held) = screen(env, jobs).await;
@@ -335,6 +336,8 @@ async fn deliver_remote(
     };
     let (record, delivery, body) = first;
     let mut next = Some((record, delivery, Some(body)));
+    // Waited for work since the last take that found some.
+    let mut idled = false;
     loop {
         let usable =
             connection.is_usable() && lease.usable() && !env.stopping.load(Ordering::SeqCst);
@@ -349,8 +352,17 @@ async fn deliver_remote(
                     }
                     let more = take_more(env, policy, pace.batch(room)).await;
                     if more.is_empty() {
+                        // Waits a little for more, once per lull.
+                        if idled || !env.node_slots.has_free() {
+                            break;
+                        }
+                        idled = true;
+                        if shared.idle.wait(IDLE_WAIT).await {
+                            continue;
+                        }
                         break;
                     }
+                    idled = false;
                     carried += add_work(env, more, &mut jobs, &mut held).await;
                     continue;
                 }

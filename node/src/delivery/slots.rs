@@ -35,6 +35,11 @@ impl NodeSlots {
         })
     }
 
+    /// Whether a slot is free now: nobody waits in line for one.
+    pub fn has_free(&self) -> bool {
+        self.semaphore.available_permits() > 0
+    }
+
     /// A slot if one is free now.
     pub fn try_take(self: &Arc<Self>) -> Result<Slot, TryAcquireError> {
         let permit = self.semaphore.clone().try_acquire_owned()?;
