@@ -3532,14 +3532,10 @@ mod tests {
     async fn a_store_with_its_insert_loads_lost_scripts() {
         let server = RedisServer::start();
         let (spool, s) = node(&server).await;
-        let mut raw = redis::Client::open(server.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut admin = raw(&server).await;
         redis::cmd("SCRIPT")
             .arg("FLUSH")
-            .query_async::<()>(&mut raw)
+            .query_async::<()>(&mut admin)
             .await
             .unwrap();
         let stored = spool
@@ -3580,21 +3576,17 @@ mod tests {
     async fn a_refused_store_inserts_nothing() {
         let server = RedisServer::start();
         let (spool, s) = node(&server).await;
-        let mut raw = redis::Client::open(server.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut admin = raw(&server).await;
         let config = |value: &'static str| {
             let mut cmd = redis::cmd("CONFIG");
             cmd.arg("SET").arg("maxmemory").arg(value);
             cmd
         };
-        config("1").query_async::<()>(&mut raw).await.unwrap();
+        config("1").query_async::<()>(&mut admin).await.unwrap();
         let refused = spool
             .store_scheduled(vec![message(0, 100)], &*s, u64::MAX / 2)
             .await;
-        config("0").query_async::<()>(&mut raw).await.unwrap();
+        config("0").query_async::<()>(&mut admin).await.unwrap();
         let error = refused.expect_err("out of memory");
         assert!(
             error.to_string().contains("OOM") || error.to_string().contains("EXECABORT"),
