@@ -79,9 +79,12 @@ fn the_counters_agree_with_the_clients_and_the_sinks() {
                 assert!(new >= *old, "{key} went from {old} to {new}");
             }
         }
+        // Connections are counted when they close, which an idle one
+        // does up to 100 ms after its last message.
         let drained = value(&now, "smarthost_queue_messages") == 0.0
             && value(&now, DELIVERED) >= delivered_wanted
-            && value(&now, "smarthost_smtp_sessions") == 0.0;
+            && value(&now, "smarthost_smtp_sessions") == 0.0
+            && value(&now, "smarthost_delivery_messages_per_connection_sum") >= 24.0;
         if drained {
             break now;
         }
