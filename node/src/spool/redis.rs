@@ -526,15 +526,6 @@ pub(crate) fn redact(url: &str) -> String {
     smarthost_coordinator::redis::redact(url)
 }
 
-/// A transaction's `EXEC` reply: the replies of its commands.
-fn exec_replies(what: &str, reply: Value) -> Result<Vec<Value>, SpoolError> {
-    let items = exec_replies_of(what, reply)?;
-    if let Some(e) = server_error(&items) {
-        return Err(SpoolError::Unavailable(format!("redis {what}: {e:?}")));
-    }
-    Ok(items)
-}
-
 /// The replies of the commands of a transaction, from its `EXEC` reply;
 /// each may be an error.
 fn exec_replies_of(what: &str, reply: Value) -> Result<Vec<Value>, SpoolError> {
@@ -1181,12 +1172,21 @@ impl RedisSpool {
     fn transaction_replies(
         &self,
         what: &str,
-        mut replies: Vec<Value>,
+        replies: Vec<Value>,
     ) -> Result<Vec<Value>, SpoolError> {
+        let items = self.exec_items(what, replies)?;
+        match server_error(&items) {
+            Some(e) => Err(SpoolError::Unavailable(format!("redis {what}: {e:?}"))),
+            None => Ok(items),
+        }
+    }
+
+    /// The durability waits checked, the replies of the commands of a
+    /// [`RedisSpool::transaction_pipe`], each of which may be an error.
+    fn exec_items(&self, what: &str, mut replies: Vec<Value>) -> Result<Vec<Value>, SpoolError> {
         self.check_wait(what, &replies)?;
         replies.truncate(replies.len().saturating_sub(self.waits()));
-        let exec = replies.pop().unwrap_or(Value::Nil);
-        exec_replies(what, exec)
+        exec_replies_of(what, replies.pop().unwrap_or(Value::Nil))
     }
 
     /// A write of one command and the durability wait; its reply.
@@ -1463,11 +1463,7 @@ impl Spool for RedisSpool {
                 self.query_pipe("store", &pipe).await?
             }
         };
-        self.check_wait("store", &replies)?;
-        let mut items = match replies.get(replies.len().saturating_sub(self.waits() + 1)) {
-            Some(exec) => exec_replies_of("store", exec.clone())?,
-            None => return Err(SpoolError::Unavailable("redis store: no EXEC reply".into())),
-        };
+        let mut items = self.exec_items("store", replies)?;
         let insert_replies = items.split_off(stored.min(items.len()));
         if let Some(e) = server_error(&items) {
             return Err(SpoolError::Unavailable(format!("redis store: {e:?}")));
