@@ -1,10 +1,14 @@
-//! The Listener actor: accepts SMTP connections on every configured address,
+//! The Listener: accepts SMTP connections on every configured address,
 //! admits them under the node's connection policy ([`crate::admission`]) and
 //! runs one session per connection.
 //!
-//! Sessions are plain async tasks (see [`crate::session`]) on the node's
-//! worker threads ([`crate::workers`]); each holds a
-//! [`Slot`] that tells the listener when it ends, when it authenticates and
+//! Every connection thread ([`crate::workers`]) accepts on its own
+//! listening socket, one per address and thread in an `SO_REUSEPORT`
+//! group, so the kernel spreads new connections over the threads and each
+//! is admitted and served where it was accepted, never handed to another
+//! thread. The admission state is shared behind a lock ([`Gate`]).
+//! Sessions are plain async tasks (see [`crate::session`]); each holds a
+//! [`Slot`] that updates the gate when it ends, when it authenticates and
 //! when it is idle, so the counts stay right however a session finishes and
 //! the longest-idle anonymous session can be evicted to make room.
 //!
@@ -17,11 +21,11 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use smarthost_proto::reply::{EnhancedStatus, Reply};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -48,25 +52,6 @@ pub struct WaitDrained(pub oneshot::Sender<()>);
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct OpenSessions;
-
-/// Sent by a session's slot when the session ends.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct SessionEnded {
-    id: u64,
-}
-
-/// Sent by a session when its client logged in.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Authenticated {
-    id: u64,
-}
-
-/// Sent by a session that turned its client away (an early talker).
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Refused(Refusal);
 
 /// Accept failures: how long to pause before the next `accept()` and when
 /// to log. Failing again at once would spin a core and write a log line
@@ -172,16 +157,15 @@ impl Status {
 /// A session's place in the listener: it reports progress, login and
 /// refusals, hears about eviction, and frees the place when dropped.
 pub struct Slot {
-    listener: Addr<Listener>,
+    gate: Arc<Gate>,
     id: u64,
-    epoch: Instant,
     status: Arc<Status>,
 }
 
 impl Slot {
     /// A command was completed: the session is waiting for the next one.
     pub fn progressed(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
+        let ms = self.gate.epoch.elapsed().as_millis() as u64;
         self.status.progress_ms.store(ms, Ordering::Relaxed);
         self.status.busy.store(false, Ordering::Relaxed);
     }
@@ -192,11 +176,11 @@ impl Slot {
     }
 
     pub fn authenticated(&self) {
-        self.listener.do_send(Authenticated { id: self.id });
+        self.gate.lock().admission.authenticated(self.id);
     }
 
     pub fn refused(&self, refusal: Refusal) {
-        self.listener.do_send(Refused(refusal));
+        self.gate.lock().count_refusal(refusal);
     }
 
     /// Completes when the listener evicts this session to make room.
@@ -207,89 +191,37 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.listener.do_send(SessionEnded { id: self.id });
+        let mut state = self.gate.lock();
+        state.admission.release(self.id);
+        state.slots.remove(&self.id);
+        crate::metrics::sessions_open(state.admission.open());
+        state.wake_drain_waiters();
     }
 }
 
-pub struct Listener {
-    sockets: Vec<TcpListener>,
-    accepting: Vec<SpawnHandle>,
+/// What every accepting thread shares: the admission of connections and
+/// the open sessions. A lock, not an actor, so that a connection is
+/// admitted, served and let go on the thread that accepted it.
+struct Gate {
+    state: Mutex<GateState>,
+    epoch: Instant,
+    env: Arc<SessionEnv>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// The state behind the gate's lock.
+struct GateState {
     admission: Admission,
     slots: HashMap<u64, Arc<Status>>,
     refusals: RefusalCounts,
-    epoch: Instant,
-    env: Arc<SessionEnv>,
-    workers: Workers,
-    shutdown: watch::Sender<bool>,
     drain_waiters: Vec<oneshot::Sender<()>>,
 }
 
-/// Connections the kernel completes and holds for us while the listener
-/// is busy. The usual 128 is too few for a burst of clients at a relay
-/// that serves a thousand at once: past it the kernel drops the clients'
-/// handshakes, and a client that thinks it is connected then waits for a
-/// greeting that never comes. (The kernel caps it at `net.core.somaxconn`.)
-const LISTEN_BACKLOG: u32 = 1024;
-
-fn listen(address: SocketAddr) -> io::Result<TcpListener> {
-    let socket = match address {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(address)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
-impl Listener {
-    /// Binds every address first, so a busy port is an error at start-up.
-    pub async fn bind(
-        addresses: &[SocketAddr],
-        policy: Policy,
-        env: Arc<SessionEnv>,
-        workers: Workers,
-    ) -> io::Result<Listener> {
-        let mut sockets = Vec::with_capacity(addresses.len());
-        for address in addresses {
-            let socket = listen(*address).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
-            })?;
-            sockets.push(socket);
-        }
-        Ok(Listener {
-            sockets,
-            accepting: Vec::new(),
-            admission: Admission::new(policy),
-            slots: HashMap::new(),
-            refusals: RefusalCounts::default(),
-            epoch: Instant::now(),
-            env,
-            workers,
-            shutdown: watch::channel(false).0,
-            drain_waiters: Vec::new(),
-        })
-    }
-
+impl GateState {
     /// Counts a refusal for the aggregated log line and the metrics.
     fn count_refusal(&mut self, refusal: Refusal) {
         self.refusals.add(refusal);
         crate::metrics::connection_refused(refusal.label());
-    }
-
-    fn refuse(&self, mut socket: TcpStream, refusal: Refusal) {
-        let text = match refusal {
-            Refusal::AddressFull => "Too many connections from your address, try again later",
-            _ => "Too many connections, try again later",
-        };
-        let reply = Reply::new(
-            421,
-            EnhancedStatus(4, 7, 0),
-            format!("{} {}", self.env.hostname(), text),
-        );
-        actix::spawn(async move {
-            let _ = socket.write_all(&reply.to_wire()).await;
-            let _ = socket.shutdown().await;
-        });
     }
 
     fn wake_drain_waiters(&mut self) {
@@ -317,94 +249,199 @@ impl Listener {
     }
 }
 
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection: admit it under the policy (evicting an idle
+    /// anonymous session when it must) and run its session on this
+    /// thread, or answer 421 and close.
+    fn admit(self: &Arc<Self>, socket: TcpStream, peer: SocketAddr) {
+        let ip: IpAddr = peer.ip().to_canonical();
+        let trusted = self.env.relay_allowed(ip);
+        let (id, status) = {
+            let mut state = self.lock();
+            let GateState {
+                admission, slots, ..
+            } = &mut *state;
+            let Admitted { id, evict } = match admission.admit(ip, trusted, |id| {
+                slots.get(&id).and_then(|status| status.idle_since())
+            }) {
+                Ok(admitted) => admitted,
+                Err(refusal) => {
+                    state.count_refusal(refusal);
+                    drop(state);
+                    self.refuse(socket, refusal);
+                    return;
+                }
+            };
+            if let Some(victim) = evict.and_then(|victim| slots.get(&victim)) {
+                victim.evict.notify_one();
+                state.count_refusal(Refusal::Evicted);
+            }
+            let status = Arc::new(Status {
+                progress_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+                busy: AtomicBool::new(false),
+                evict: Notify::new(),
+            });
+            state.slots.insert(id, status.clone());
+            crate::metrics::connection_admitted(state.admission.open());
+            (id, status)
+        };
+        let slot = Slot {
+            gate: self.clone(),
+            id,
+            status,
+        };
+        let shutdown = self.shutdown.subscribe();
+        let env = self.env.clone();
+        // On this thread, whose reactor already polls the socket.
+        actix::spawn(session::run(socket, peer, env, shutdown, slot));
+    }
+
+    fn refuse(&self, mut socket: TcpStream, refusal: Refusal) {
+        let text = match refusal {
+            Refusal::AddressFull => "Too many connections from your address, try again later",
+            _ => "Too many connections, try again later",
+        };
+        let reply = Reply::new(
+            421,
+            EnhancedStatus(4, 7, 0),
+            format!("{} {}", self.env.hostname(), text),
+        );
+        actix::spawn(async move {
+            let _ = socket.write_all(&reply.to_wire()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
+
+/// Accepts from `socket` on the calling thread until the listener stops
+/// accepting, and serves each connection there.
+async fn accept_until_stopped(socket: TcpListener, gate: Arc<Gate>) {
+    let mut stopped = gate.shutdown.subscribe();
+    let connections = accept_stream(socket);
+    futures_util::pin_mut!(connections);
+    loop {
+        tokio::select! {
+            accepted = connections.next() => match accepted {
+                Some((socket, peer)) => gate.admit(socket, peer),
+                None => return,
+            },
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+        }
+    }
+}
+
+pub struct Listener {
+    /// The listening sockets of each connection thread: one per address,
+    /// all of an address in one `SO_REUSEPORT` group, so that the kernel
+    /// spreads the connections over the threads.
+    sockets: Vec<Vec<std::net::TcpListener>>,
+    gate: Arc<Gate>,
+    workers: Workers,
+}
+
+/// Connections the kernel completes and holds for us while the listener
+/// is busy. The usual 128 is too few for a burst of clients at a relay
+/// that serves a thousand at once: past it the kernel drops the clients'
+/// handshakes, and a client that thinks it is connected then waits for a
+/// greeting that never comes. (The kernel caps it at `net.core.somaxconn`.)
+const LISTEN_BACKLOG: u32 = 1024;
+
+fn listen(address: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
+}
+
+/// One listening socket per thread on `address`. A port another process
+/// listens on is an error here, as without `SO_REUSEPORT`: a plain socket
+/// is bound first, and the group takes its port (the one the system chose
+/// for port 0).
+fn listen_on_each(address: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let plain = listen(address, false)?;
+    if threads <= 1 {
+        return Ok(vec![plain]);
+    }
+    let address = plain.local_addr()?;
+    drop(plain);
+    (0..threads).map(|_| listen(address, true)).collect()
+}
+
+impl Listener {
+    /// Binds every address first, so a busy port is an error at start-up.
+    pub async fn bind(
+        addresses: &[SocketAddr],
+        policy: Policy,
+        env: Arc<SessionEnv>,
+        workers: Workers,
+    ) -> io::Result<Listener> {
+        let threads = workers.threads();
+        let mut sockets: Vec<Vec<std::net::TcpListener>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for address in addresses {
+            let group = listen_on_each(*address, threads).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
+            })?;
+            for (thread, socket) in group.into_iter().enumerate() {
+                sockets[thread].push(socket);
+            }
+        }
+        Ok(Listener {
+            sockets,
+            gate: Arc::new(Gate {
+                state: Mutex::new(GateState {
+                    admission: Admission::new(policy),
+                    slots: HashMap::new(),
+                    refusals: RefusalCounts::default(),
+                    drain_waiters: Vec::new(),
+                }),
+                epoch: Instant::now(),
+                env,
+                shutdown: watch::channel(false).0,
+            }),
+            workers,
+        })
+    }
+}
+
 impl Actor for Listener {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        for socket in std::mem::take(&mut self.sockets) {
-            if let Ok(address) = socket.local_addr() {
-                tracing::info!(%address, "listening for SMTP");
+        for (thread, sockets) in std::mem::take(&mut self.sockets).into_iter().enumerate() {
+            for socket in sockets {
+                if thread == 0 {
+                    if let Ok(address) = socket.local_addr() {
+                        tracing::info!(%address, "listening for SMTP");
+                    }
+                }
+                let gate = self.gate.clone();
+                self.workers.run_on(thread, move || async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(socket) => accept_until_stopped(socket, gate).await,
+                        Err(error) => tracing::error!(%error, "cannot accept on a thread"),
+                    }
+                });
             }
-            self.accepting.push(ctx.add_stream(accept_stream(socket)));
         }
-        ctx.run_interval(REPORT_INTERVAL, |listener, _| listener.report_refusals());
+        ctx.run_interval(REPORT_INTERVAL, |listener, _| {
+            listener.gate.lock().report_refusals()
+        });
     }
 
     fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
-        self.report_refusals();
+        self.gate.lock().report_refusals();
         Running::Stop
-    }
-}
-
-impl StreamHandler<(TcpStream, SocketAddr)> for Listener {
-    /// A new connection: admit it under the policy (evicting an idle
-    /// anonymous session when it must) or answer 421 and close.
-    fn handle(&mut self, (socket, peer): (TcpStream, SocketAddr), ctx: &mut Self::Context) {
-        let ip: IpAddr = peer.ip().to_canonical();
-        let trusted = self.env.relay_allowed(ip);
-        let slots = &self.slots;
-        let admitted = self.admission.admit(ip, trusted, |id| {
-            slots.get(&id).and_then(|status| status.idle_since())
-        });
-        let Admitted { id, evict } = match admitted {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                self.count_refusal(refusal);
-                self.refuse(socket, refusal);
-                return;
-            }
-        };
-        if let Some(victim) = evict.and_then(|victim| self.slots.get(&victim)) {
-            victim.evict.notify_one();
-            self.count_refusal(Refusal::Evicted);
-        }
-        let status = Arc::new(Status {
-            progress_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
-            busy: AtomicBool::new(false),
-            evict: Notify::new(),
-        });
-        self.slots.insert(id, status.clone());
-        crate::metrics::connection_admitted(self.admission.open());
-        let slot = Slot {
-            listener: ctx.address(),
-            id,
-            epoch: self.epoch,
-            status,
-        };
-        let env = self.env.clone();
-        let shutdown = self.shutdown.subscribe();
-        self.workers.spawn_connection(socket, peer, move |socket| {
-            session::run(socket, peer, env, shutdown, slot)
-        });
-    }
-
-    fn finished(&mut self, _ctx: &mut Self::Context) {}
-}
-
-impl Handler<SessionEnded> for Listener {
-    type Result = ();
-
-    fn handle(&mut self, msg: SessionEnded, _ctx: &mut Self::Context) {
-        self.admission.release(msg.id);
-        self.slots.remove(&msg.id);
-        crate::metrics::sessions_open(self.admission.open());
-        self.wake_drain_waiters();
-    }
-}
-
-impl Handler<Authenticated> for Listener {
-    type Result = ();
-
-    fn handle(&mut self, msg: Authenticated, _ctx: &mut Self::Context) {
-        self.admission.authenticated(msg.id);
-    }
-}
-
-impl Handler<Refused> for Listener {
-    type Result = ();
-
-    fn handle(&mut self, msg: Refused, _ctx: &mut Self::Context) {
-        self.count_refusal(msg.0);
     }
 }
 
@@ -412,12 +449,12 @@ impl Handler<StopAccepting> for Listener {
     type Result = ();
 
     /// Closes the listening sockets and tells the sessions to finish.
-    fn handle(&mut self, _msg: StopAccepting, ctx: &mut Self::Context) {
-        for handle in self.accepting.drain(..) {
-            ctx.cancel_future(handle);
-        }
-        let _ = self.shutdown.send(true);
-        tracing::info!(open_sessions = self.admission.open(), "stopped accepting");
+    fn handle(&mut self, _msg: StopAccepting, _ctx: &mut Self::Context) {
+        let _ = self.gate.shutdown.send(true);
+        tracing::info!(
+            open_sessions = self.gate.lock().admission.open(),
+            "stopped accepting"
+        );
     }
 }
 
@@ -425,8 +462,9 @@ impl Handler<WaitDrained> for Listener {
     type Result = ();
 
     fn handle(&mut self, msg: WaitDrained, _ctx: &mut Self::Context) {
-        self.drain_waiters.push(msg.0);
-        self.wake_drain_waiters();
+        let mut state = self.gate.lock();
+        state.drain_waiters.push(msg.0);
+        state.wake_drain_waiters();
     }
 }
 
@@ -434,7 +472,7 @@ impl Handler<OpenSessions> for Listener {
     type Result = usize;
 
     fn handle(&mut self, _msg: OpenSessions, _ctx: &mut Self::Context) -> usize {
-        self.admission.open()
+        self.gate.lock().admission.open()
     }
 }
 
@@ -469,6 +507,26 @@ mod tests {
         assert_eq!(b.failed(t0 + REPORT_INTERVAL + ms(3)), (ms(10), None));
         assert_eq!(b.succeeded(t0 + REPORT_INTERVAL * 3), Some(1));
         assert_eq!(b.succeeded(t0 + REPORT_INTERVAL * 4), None);
+    }
+
+    #[actix::test]
+    async fn the_threads_listen_on_one_port_and_a_port_in_use_is_refused() {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let group = listen_on_each(any, 3).unwrap();
+        assert_eq!(group.len(), 3);
+        let address = group[0].local_addr().unwrap();
+        assert_ne!(address.port(), 0);
+        assert!(group.iter().all(|s| s.local_addr().unwrap() == address));
+
+        // Another node on the same port, with threads or without, fails
+        // as it would without SO_REUSEPORT.
+        for threads in [1, 2] {
+            let error = listen_on_each(address, threads).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::AddrInUse, "{threads} threads");
+        }
+        let plain = std::net::TcpListener::bind(any).unwrap();
+        let error = listen_on_each(plain.local_addr().unwrap(), 2).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
     }
 
     #[test]

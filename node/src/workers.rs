@@ -5,19 +5,16 @@
 //! needs a lock.
 //!
 //! Each worker is an actix [`Arbiter`]: a thread with its own event loop.
-//! The system thread is one of the threads in turn: a connection it keeps
-//! costs no hand-over, and with one thread nothing is handed over at all.
-//! A connection stays on the thread it was given, so its socket is polled
-//! by one reactor; new ones go round the threads in turn, which spreads
-//! many short connections evenly.
+//! The system thread is one of the threads in turn: what it runs costs no
+//! hand-over, and with one thread nothing is handed over at all. Every
+//! thread accepts SMTP connections itself ([`crate::listener`]) and serves
+//! them there; outbound connections go round the threads in turn.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
 use actix::Arbiter;
-use tokio::net::TcpStream;
 
 /// The worker threads, shared by the listener and the throttles.
 #[derive(Clone)]
@@ -89,33 +86,22 @@ impl Workers {
         Some(arbiters[turn].clone())
     }
 
-    /// Runs `session` with `socket` on the next thread. A socket handed to
-    /// another thread leaves this thread's reactor and joins that one's,
-    /// so its readiness is polled where it is read.
-    pub fn spawn_connection<F, Fut>(&self, socket: TcpStream, peer: SocketAddr, session: F)
+    /// Runs the future that `make` builds on thread `thread` (0: the
+    /// thread that started the workers; below [`Workers::threads`]).
+    /// Called from that first thread.
+    pub fn run_on<F, Fut>(&self, thread: usize, make: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + 'static,
     {
-        let Some(worker) = self.next() else {
-            actix::spawn(session(socket));
+        let Some(arbiter) = self.inner.arbiters.get(thread) else {
+            actix::spawn(make());
             return;
         };
-        let socket = match socket.into_std() {
-            Ok(socket) => socket,
-            Err(error) => {
-                tracing::warn!(%peer, %error, "cannot hand a connection to a worker");
-                return;
-            }
-        };
-        let spawned = worker.spawn_fn(move || match TcpStream::from_std(socket) {
-            Ok(socket) => {
-                actix::spawn(session(socket));
-            }
-            Err(error) => tracing::warn!(%peer, %error, "cannot take a connection on a worker"),
-        });
-        if !spawned {
-            tracing::warn!(%peer, "a worker thread has stopped; connection dropped");
+        if !arbiter.spawn_fn(move || {
+            actix::spawn(make());
+        }) {
+            tracing::warn!(thread, "a worker thread has stopped");
         }
     }
 
@@ -148,28 +134,53 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The thread that runs what `run_on(thread, …)` is given.
+    async fn thread_running(workers: &Workers, thread: usize) -> std::thread::ThreadId {
+        let (tell, told) = tokio::sync::oneshot::channel();
+        workers.run_on(thread, move || async move {
+            let _ = tell.send(std::thread::current().id());
+        });
+        told.await.unwrap()
+    }
 
     #[test]
-    fn connections_go_round_the_threads_the_callers_first() {
+    fn each_thread_runs_what_it_is_given_the_callers_first() {
         actix::System::new().block_on(async {
             let workers = Workers::start(2);
             assert_eq!(workers.threads(), 2);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let address = listener.local_addr().unwrap();
+            let main = std::thread::current().id();
+            assert_eq!(thread_running(&workers, 0).await, main);
+            let other = thread_running(&workers, 1).await;
+            assert_ne!(other, main);
+            assert_eq!(thread_running(&workers, 1).await, other);
+            workers.stop();
+        });
+    }
+
+    #[test]
+    fn actors_go_round_the_threads_the_callers_first() {
+        struct Where;
+        impl Actor for Where {
+            type Context = Context<Self>;
+        }
+        #[derive(Message)]
+        #[rtype(result = "std::thread::ThreadId")]
+        struct Which;
+        impl Handler<Which> for Where {
+            type Result = MessageResult<Which>;
+            fn handle(&mut self, _: Which, _: &mut Context<Self>) -> Self::Result {
+                MessageResult(std::thread::current().id())
+            }
+        }
+        actix::System::new().block_on(async {
+            let workers = Workers::start(2);
             let mut threads = Vec::new();
             for _ in 0..4 {
-                let mut client = TcpStream::connect(address).await.unwrap();
-                let (socket, peer) = listener.accept().await.unwrap();
-                workers.spawn_connection(socket, peer, |mut socket| async move {
-                    let name = std::thread::current().id();
-                    let _ = socket.write_all(format!("{name:?}\n").as_bytes()).await;
-                });
-                let mut seen = String::new();
-                client.read_to_string(&mut seen).await.unwrap();
-                threads.push(seen);
+                let actor = workers.start_actor(|_| Where);
+                threads.push(actor.send(Which).await.unwrap());
             }
-            let main = format!("{:?}\n", std::thread::current().id());
+            let main = std::thread::current().id();
             assert_eq!(threads[0], main, "{threads:?}");
             assert_ne!(threads[1], main);
             assert_eq!(threads[2], threads[0]);
