@@ -19,7 +19,7 @@ use crate::delivery::connection::{Delivery, DeliveryEnv};
 use crate::delivery::slots::Slot;
 use crate::delivery::DomainPolicy;
 use crate::dispatcher::{Dispatcher, ThrottleIdle};
-use crate::limits::{ConnectionLease, LimitError};
+use crate::limits::ConnectionLease;
 use crate::queue::Take;
 
 /// There may be due work for this domain.
@@ -31,12 +31,6 @@ pub struct Wake;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ConnectionDone;
-
-/// Answers when the next message to this domain may be sent, or with the
-/// error that kept the rate from being read (then the message waits).
-#[derive(Message)]
-#[rtype(result = "Result<(), LimitError>")]
-pub struct RatePermit;
 
 /// A throttle with no connection for this long stops.
 const IDLE_STOP: Duration = Duration::from_secs(30);
@@ -354,26 +348,6 @@ impl Handler<ConnectionDone> for DomainThrottle {
         self.active -= 1;
         self.last_busy = Instant::now();
         self.fill(ctx);
-    }
-}
-
-impl Handler<RatePermit> for DomainThrottle {
-    type Result = ResponseFuture<Result<(), LimitError>>;
-
-    /// Reserves a slot under the domain's rate and answers when it comes.
-    fn handle(&mut self, _: RatePermit, _: &mut Context<Self>) -> Self::Result {
-        let Some((count, per)) = self.policy.rate else {
-            return Box::pin(async { Ok(()) });
-        };
-        let limits = self.env.limits.clone();
-        let domain = self.policy.domain.clone();
-        Box::pin(async move {
-            let wait = limits.reserve_rate(&domain, count, per).await?;
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-            Ok(())
-        })
     }
 }
 

@@ -29,7 +29,7 @@ use crate::limits::{first_renewal, ConnectionLease, DomainLimits, LeaseHealth, L
 use crate::queue::{Queue, Release, Report, Take};
 use crate::spool::{Body, Spool, SpoolError};
 use crate::suppression::{address_key, is_hard_bounce, Entry, Scope, Source, Suppressions};
-use crate::throttle::{ConnectionDone, DomainShared, DomainThrottle, Pace, RatePermit, IDLE_WAIT};
+use crate::throttle::{ConnectionDone, DomainShared, DomainThrottle, Pace, IDLE_WAIT};
 
 /// What every delivery of a node shares.
 pub struct DeliveryEnv {
@@ -189,7 +189,7 @@ async fn run(work: Work) {
     } = work;
     let carried = match &policy.route {
         Route::Local(dir) => deliver_local(dir, jobs, &env, &lease, &shared.pace).await,
-        _ => deliver_remote(&policy, jobs, &env, &throttle, &lease, &shared).await,
+        _ => deliver_remote(&policy, jobs, &env, &lease, &shared).await,
     };
     crate::metrics::connection_carried(carried);
     lease.released.store(true, Ordering::SeqCst);
@@ -284,7 +284,6 @@ async fn deliver_remote(
     policy: &DomainPolicy,
     jobs: Vec<(Arc<MessageRecord>, usize)>,
     env: &DeliveryEnv,
-    throttle: &Addr<DomainThrottle>,
     lease: &HeldLease,
     shared: &DomainShared,
 ) -> usize {
@@ -379,15 +378,10 @@ async fn deliver_remote(
                 None => continue,
             },
         };
-        match throttle.send(RatePermit).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(domain = %policy.domain, %error, "no rate slot");
-                release(env, &record, delivery);
-                continue;
-            }
-            // The throttle is gone (the node is stopping): as before.
-            Err(_) => {}
+        if let Err(error) = rate_permit(env, policy).await {
+            tracing::warn!(domain = %policy.domain, %error, "no rate slot");
+            release(env, &record, delivery);
+            continue;
         }
         let job = Job {
             record: record.clone(),
@@ -412,6 +406,22 @@ async fn deliver_remote(
     }
     connection.quit().await;
     carried
+}
+
+/// Waits for a slot under the domain's rate (`rate` of its
+/// `delivery.domains` entry), which the limits count across the cluster.
+/// Here, not in the throttle: it needs none of the throttle's state, and
+/// a message to the throttle and back for each message would wake its
+/// thread twice.
+async fn rate_permit(env: &DeliveryEnv, policy: &DomainPolicy) -> Result<(), LimitError> {
+    let Some((count, per)) = policy.rate else {
+        return Ok(());
+    };
+    let wait = env.limits.reserve_rate(&policy.domain, count, per).await?;
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    Ok(())
 }
 
 /// Up to `max` more due deliveries of the connection's domain; in flight
