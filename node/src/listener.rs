@@ -529,6 +529,33 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
     }
 
+    /// The kernel spreads new connections over the sockets of a group by
+    /// their addresses and ports: forty connections from forty ports
+    /// all reach one socket of two once in about 5 × 10¹¹ runs.
+    #[actix::test]
+    async fn connections_are_spread_over_the_threads_sockets() {
+        let group = listen_on_each(SocketAddr::from(([127, 0, 0, 1], 0)), 2).unwrap();
+        let address = group[0].local_addr().unwrap();
+        let clients: Vec<_> = (0..40)
+            .map(|_| std::net::TcpStream::connect(address).unwrap())
+            .collect();
+        let mut accepted = Vec::new();
+        for socket in &group {
+            socket.set_nonblocking(true).unwrap();
+            let mut count = 0;
+            while socket.accept().is_ok() {
+                count += 1;
+            }
+            accepted.push(count);
+        }
+        assert_eq!(
+            accepted.iter().sum::<usize>(),
+            clients.len(),
+            "{accepted:?}"
+        );
+        assert!(accepted.iter().all(|&n| n > 0), "{accepted:?}");
+    }
+
     #[test]
     fn a_listener_that_never_failed_reports_nothing() {
         let mut b = AcceptBackoff::default();
