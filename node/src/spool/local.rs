@@ -44,7 +44,14 @@
 //! every older segment its removals shadow is already gone. Old segments with
 //! little live data are compacted: their live messages are written again into
 //! the active segment, after which the old file is deleted. Both happen at
-//! `open` and when the active segment rotates.
+//! `open`, and then on the spool's housekeeping thread, off the write path:
+//! it compacts after the active segment rotates and deletes a segment once
+//! nothing in it is live. A dead segment leaves the journal by a rename to
+//! `….deleting`, made durable; its space is then given back a megabyte at a
+//! time, each step synced, with the index unlocked. Freeing a whole segment
+//! at once holds up every fsync on the file system for tens of
+//! milliseconds (more with the `discard` mount option), and every write
+//! would wait for it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -52,7 +59,9 @@ use std::io::{self, BufReader, IoSlice, IoSliceMut, Read, Seek, SeekFrom};
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -69,6 +78,14 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bytes in front of every payload: its length and its crc32.
 const FRAME_HEADER: u64 = 8;
 const SEGMENT_SUFFIX: &str = ".journal";
+/// A dead segment is renamed to this (after its own name) before its space
+/// is given back, so that it leaves the journal at once and durably.
+const DELETING_SUFFIX: &str = ".deleting";
+/// A dead segment is shrunk by this much at a time, each step synced, before
+/// it is unlinked: freeing a whole segment in one go (with the `discard`
+/// mount option, trimming it too) holds up every fsync on the file system
+/// for tens of milliseconds; a step of this size, about half a millisecond.
+const SHRINK_STEP: u64 = 1024 * 1024;
 const LOCK_FILE: &str = "LOCK";
 /// Where damaged journal bytes are kept, inside the spool directory, as
 /// `<segment file name>.<byte offset>.bad`. The admin API lists them.
@@ -176,6 +193,10 @@ pub struct LocalSpoolOptions {
     /// The longest a removal written without an fsync waits for one
     /// when no other write syncs it.
     pub removals_synced_within: std::time::Duration,
+    /// A segment is compacted only once it has been out of use this long:
+    /// what is live in it then waits for a retry, instead of being on its
+    /// way out (and dead in a moment) as when it has just rotated.
+    pub compact_after: std::time::Duration,
 }
 
 impl Default for LocalSpoolOptions {
@@ -184,6 +205,7 @@ impl Default for LocalSpoolOptions {
             segment_size: 64 * 1024 * 1024,
             compact_below: 0.25,
             removals_synced_within: std::time::Duration::from_secs(1),
+            compact_after: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -460,6 +482,9 @@ struct Segment {
     /// Older segments whose entries this segment's removals hide.
     shadows: BTreeSet<u64>,
     checksum: Checksum,
+    /// When it stopped being the active segment; `None` when that was
+    /// before the spool was opened.
+    retired: Option<Instant>,
 }
 
 impl Segment {
@@ -472,7 +497,13 @@ impl Segment {
             live: 0,
             shadows: BTreeSet::new(),
             checksum,
+            retired: None,
         }
+    }
+
+    /// Its file, if nothing else (a body being read) holds it open.
+    fn only_handle(self) -> Option<File> {
+        Arc::try_unwrap(self.file).ok()
     }
 }
 
@@ -511,6 +542,52 @@ fn parse_segment_name(name: &str) -> Option<u64> {
 
 fn io_error(what: impl std::fmt::Display, err: io::Error) -> SpoolError {
     SpoolError::Unavailable(format!("{what}: {err}"))
+}
+
+/// Takes segment files out of the journal, durably, by renaming them to
+/// `….deleting`; [`give_back`] frees their space.
+fn delete_segments(dir: &Path, numbers: &[u64]) -> Result<(), SpoolError> {
+    for &n in numbers {
+        let path = dir.join(segment_name(n));
+        match fs::rename(&path, deleting_path(&path)) {
+            Ok(()) => tracing::debug!(segment = %path.display(), "deleted dead journal segment"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(format_args!("deleting {}", path.display()), e)),
+        }
+    }
+    sync_dir(dir)
+}
+
+fn deleting_path(segment: &Path) -> PathBuf {
+    let mut name = segment.as_os_str().to_owned();
+    name.push(DELETING_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Frees the space of a segment taken out of the journal at `path`.
+/// With `file`, its only open handle, it is first shrunk [`SHRINK_STEP`] at
+/// a time; without (a reader such as a delivery still has it open) it is
+/// only unlinked, so that the reader keeps what it reads and the space
+/// goes when it closes. A crash part way leaves a `….deleting` file that
+/// the next open finishes.
+fn give_back(path: &Path, file: Option<File>) {
+    let shrunk = (|| -> io::Result<()> {
+        if let Some(file) = file {
+            let mut len = file.metadata()?.len();
+            while len > 0 {
+                len = len.saturating_sub(SHRINK_STEP);
+                file.set_len(len)?;
+                file.sync_data()?;
+            }
+        }
+        fs::remove_file(path)
+    })();
+    match shrunk {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => tracing::warn!(file = %path.display(), %error,
+            "cannot free a deleted journal segment; the next open tries again"),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
@@ -599,6 +676,9 @@ struct State {
     unsynced: bool,
     /// Fsyncs made for such removals alone (not by a write).
     late_syncs: u64,
+    /// A segment may hold nothing live any more, or the active one
+    /// rotated: work for the housekeeping thread.
+    chores_due: bool,
 }
 
 fn add_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
@@ -607,10 +687,12 @@ fn add_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
     }
 }
 
-fn drop_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
-    if let Some(s) = segments.get_mut(&loc.segment) {
+/// Whether the segment holds nothing live any more.
+fn drop_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) -> bool {
+    segments.get_mut(&loc.segment).is_some_and(|s| {
         s.live -= loc.len;
-    }
+        s.live == 0
+    })
 }
 
 impl State {
@@ -643,9 +725,9 @@ impl State {
     fn insert_message(&mut self, record: Arc<MessageRecord>, body: Loc, body_len: u64) {
         let mut segments = vec![body.segment];
         if let Some(old) = self.messages.remove(&record.id) {
-            drop_live(&mut self.segments, old.body);
+            self.chores_due |= drop_live(&mut self.segments, old.body);
             if let Some(latest) = old.latest {
-                drop_live(&mut self.segments, latest);
+                self.chores_due |= drop_live(&mut self.segments, latest);
             }
             self.order.remove(&ListCursor::of(&old.record));
             segments = old.segments;
@@ -677,7 +759,7 @@ impl State {
             self.order.insert(ListCursor::of(&record));
         }
         if let Some(old) = live.latest.replace(at) {
-            drop_live(&mut self.segments, old);
+            self.chores_due |= drop_live(&mut self.segments, old);
         }
         add_live(&mut self.segments, at);
         if !live.segments.contains(&at.segment) {
@@ -693,9 +775,9 @@ impl State {
             return false;
         };
         self.order.remove(&ListCursor::of(&live.record));
-        drop_live(&mut self.segments, live.body);
+        self.chores_due |= drop_live(&mut self.segments, live.body);
         if let Some(latest) = live.latest {
-            drop_live(&mut self.segments, latest);
+            self.chores_due |= drop_live(&mut self.segments, latest);
         }
         if let Some(s) = self.segments.get_mut(&segment) {
             s.shadows
@@ -746,7 +828,6 @@ impl State {
             stored.push(record.clone());
             self.insert_message(record, at(offset, len), body_len);
         }
-        let changed = !frames.changes.is_empty();
         for (change, offset, len) in frames.changes {
             match change {
                 Change::Update(record) => {
@@ -757,13 +838,7 @@ impl State {
                 }
             }
         }
-        if rotated {
-            self.maintain();
-        } else if changed {
-            if let Err(err) = self.collect_garbage() {
-                tracing::warn!(error = %err, "deleting dead journal segments failed");
-            }
-        }
+        self.chores_due |= rotated;
         Ok(stored)
     }
 
@@ -886,6 +961,7 @@ impl State {
         let next = self.active + 1;
         // On failure nothing was written to it; the old segment stays active.
         let segment = create_segment(&self.dir, next, &self.key)?;
+        self.active_segment().retired = Some(Instant::now());
         self.segments.insert(next, segment);
         self.active = next;
         tracing::debug!(segment = %self.path(next).display(), "started a new journal segment");
@@ -907,11 +983,18 @@ impl State {
     /// active one, oldest segment first.
     fn compact(&mut self) -> Result<(), SpoolError> {
         let ratio = self.options.compact_below;
+        let settled = |s: &Segment| {
+            s.retired
+                .is_none_or(|at| at.elapsed() >= self.options.compact_after)
+        };
         let candidates: Vec<u64> = self
             .segments
             .iter()
             .filter(|&(&n, s)| {
-                n != self.active && s.live > 0 && (s.live as f64) < s.len as f64 * ratio
+                n != self.active
+                    && s.live > 0
+                    && (s.live as f64) < s.len as f64 * ratio
+                    && settled(s)
             })
             .map(|(&n, _)| n)
             .collect();
@@ -960,31 +1043,37 @@ impl State {
     /// segments it unblocks are deleted.
     fn collect_garbage(&mut self) -> Result<(), SpoolError> {
         loop {
-            let dead: Vec<u64> = self
-                .segments
-                .iter()
-                .filter(|&(&n, s)| {
-                    n != self.active
-                        && s.live == 0
-                        && s.shadows.iter().all(|o| !self.segments.contains_key(o))
-                })
-                .map(|(&n, _)| n)
-                .collect();
+            let dead = self.dead_segments();
             if dead.is_empty() {
                 return Ok(());
             }
-            for n in dead {
-                let path = self.path(n);
-                match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_error(format_args!("deleting {}", path.display()), e)),
-                }
-                self.segments.remove(&n);
-                tracing::debug!(segment = %path.display(), "deleted dead journal segment");
+            delete_segments(&self.dir, &dead)?;
+            for (n, segment) in self.close_segments(&dead) {
+                give_back(&deleting_path(&self.path(n)), segment.only_handle());
             }
-            sync_dir(&self.dir)?;
         }
+    }
+
+    /// The old segments that hold nothing live and whose removals shadow
+    /// no segment that is still there.
+    fn dead_segments(&self) -> Vec<u64> {
+        self.segments
+            .iter()
+            .filter(|&(&n, s)| {
+                n != self.active
+                    && s.live == 0
+                    && s.shadows.iter().all(|o| !self.segments.contains_key(o))
+            })
+            .map(|(&n, _)| n)
+            .collect()
+    }
+
+    /// Takes deleted segments out of the index.
+    fn close_segments(&mut self, numbers: &[u64]) -> Vec<(u64, Segment)> {
+        numbers
+            .iter()
+            .filter_map(|&n| Some((n, self.segments.remove(&n)?)))
+            .collect()
     }
 
     /// Reads one segment into the index, from its first frame on. Damage
@@ -1499,16 +1588,95 @@ fn corrupt_body(loc: Loc) -> SpoolError {
     ))
 }
 
-/// Syncs removals that no later write synced, every `period`, until the
-/// spool is closed.
-fn sync_removals(inner: std::sync::Weak<Inner>, period: std::time::Duration) {
+/// Does the spool's chores when a write rings, and syncs removals that no
+/// later write synced every `period`, until the spool is closed. It holds
+/// the spool only while it works.
+fn keep_house(inner: Weak<Inner>, bell: Arc<Doorbell>, period: Duration) {
+    let mut synced = Instant::now();
     loop {
-        std::thread::sleep(period);
+        let Some(rung) = bell.wait(period.saturating_sub(synced.elapsed())) else {
+            return;
+        };
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        if let Err(error) = inner.state().and_then(|mut state| state.sync_active()) {
-            tracing::warn!(%error, "cannot sync the journal; trying again");
+        // Compaction waits for segments to settle; the tick finds them.
+        let due = synced.elapsed() >= period;
+        if rung || due {
+            if let Err(error) = inner.do_chores() {
+                tracing::warn!(%error, "journal housekeeping failed; trying again");
+            }
+        }
+        if due {
+            if let Err(error) = inner.state().and_then(|mut state| state.sync_active()) {
+                tracing::warn!(%error, "cannot sync the journal; trying again");
+            }
+            synced = Instant::now();
+        }
+    }
+}
+
+/// How writes wake the housekeeping thread, and how the last handle of
+/// the spool stops it.
+#[derive(Debug, Default)]
+struct Doorbell {
+    state: Mutex<Rung>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Rung {
+    chores: bool,
+    closing: bool,
+}
+
+impl Doorbell {
+    fn lock(&self) -> MutexGuard<'_, Rung> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for the chores; a bell already rung is not rung again.
+    fn ring(&self) {
+        let mut rung = self.lock();
+        if !rung.chores {
+            rung.chores = true;
+            self.wake.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closing = true;
+        self.wake.notify_one();
+    }
+
+    /// Waits at most `timeout` for a ring: whether there was one, or
+    /// `None` when the spool is closing.
+    fn wait(&self, timeout: Duration) -> Option<bool> {
+        let (mut rung, _) = self
+            .wake
+            .wait_timeout_while(self.lock(), timeout, |r| !r.chores && !r.closing)
+            .unwrap_or_else(|e| e.into_inner());
+        if rung.closing {
+            return None;
+        }
+        Some(std::mem::take(&mut rung.chores))
+    }
+}
+
+/// Stops the housekeeping thread when the last handle of the spool goes,
+/// before the spool itself closes: a spool dropped is a spool closed, its
+/// directory free to open again.
+#[derive(Debug)]
+struct Housekeeper {
+    bell: Arc<Doorbell>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Housekeeper {
+    fn drop(&mut self) {
+        self.bell.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -1521,6 +1689,8 @@ struct Inner {
     /// The active segment's key (it never changes while the spool is
     /// open), so frames can be built before the state is locked.
     key: Key,
+    /// Wakes the housekeeping thread.
+    bell: Arc<Doorbell>,
     /// Held (and locked) for as long as the spool is open.
     _lock: File,
 }
@@ -1540,6 +1710,36 @@ impl Inner {
         self.state
             .lock()
             .map_err(|_| SpoolError::Unavailable("spool state poisoned by an earlier panic".into()))
+    }
+
+    /// Compacts the segments due, then deletes the segments
+    /// that hold nothing live, with the state unlocked but for the moments
+    /// it is read and changed. A segment leaves the index only once its
+    /// deletion is durable, so that the segments whose removals shadow it
+    /// stay until then.
+    fn do_chores(&self) -> Result<(), SpoolError> {
+        {
+            let mut state = self.state()?;
+            state.chores_due = false;
+            if let Err(err) = state.compact() {
+                tracing::warn!(error = %err, "journal compaction failed");
+            }
+        }
+        loop {
+            let (dir, dead) = {
+                let state = self.state()?;
+                (state.dir.clone(), state.dead_segments())
+            };
+            if dead.is_empty() {
+                return Ok(());
+            }
+            delete_segments(&dir, &dead)?;
+            let closed = self.state()?.close_segments(&dead);
+            for (n, segment) in closed {
+                let path = deleting_path(&dir.join(segment_name(n)));
+                give_back(&path, segment.only_handle());
+            }
+        }
     }
 
     fn commits(&self) -> MutexGuard<'_, Commits> {
@@ -1617,7 +1817,11 @@ impl Inner {
                     frames.push_change(change, &self.key)?;
                 }
             }
-            state.write(frames)
+            let stored = state.write(frames)?;
+            if state.chores_due {
+                self.bell.ring();
+            }
+            Ok(stored)
         });
         match stored {
             Ok(stored) => {
@@ -1663,6 +1867,8 @@ struct PendingWrite {
 /// The embedded spool: see the module documentation.
 #[derive(Clone, Debug)]
 pub struct LocalSpool {
+    /// Dropped first: the thread is stopped before the spool closes.
+    _housekeeper: Arc<Housekeeper>,
     inner: Arc<Inner>,
 }
 
@@ -1710,8 +1916,17 @@ impl LocalSpool {
         for entry in entries {
             let entry =
                 entry.map_err(|e| io_error(format_args!("listing {}", path.display()), e))?;
-            if let Some(n) = entry.file_name().to_str().and_then(parse_segment_name) {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(n) = parse_segment_name(name) {
                 numbers.push(n);
+            } else if name
+                .strip_suffix(DELETING_SUFFIX)
+                .is_some_and(|segment| parse_segment_name(segment).is_some())
+            {
+                // Deleted before a crash, its space not yet freed.
+                let path = entry.path();
+                give_back(&path, OpenOptions::new().write(true).open(&path).ok());
             }
         }
         numbers.sort_unstable();
@@ -1751,6 +1966,7 @@ impl LocalSpool {
             journal_writes: 0,
             unsynced: false,
             late_syncs: 0,
+            chores_due: false,
         };
         for ((&n, file), header) in numbers.iter().zip(files).zip(headers) {
             let segment_path = state.path(n);
@@ -1800,20 +2016,32 @@ impl LocalSpool {
             }
         }
         state.maintain();
+        // What replay found is done: the thread starts with nothing to do.
+        state.chores_due = false;
         tracing::info!(spool = %path.display(), messages = state.messages.len(),
             segments = state.segments.len(), "opened local spool");
+        let bell = Arc::new(Doorbell::default());
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
             commits: Mutex::new(Commits::default()),
             key,
+            bell: bell.clone(),
             _lock: lock,
         });
         let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new()
-            .name("spool-sync".into())
-            .spawn(move || sync_removals(weak, sync_period))
-            .map_err(|e| io_error("starting the spool's sync thread", e))?;
-        Ok(LocalSpool { inner })
+        let rings = bell.clone();
+        let thread = std::thread::Builder::new()
+            .name("spool-housekeeping".into())
+            .spawn(move || keep_house(weak, rings, sync_period))
+            .map_err(|e| io_error("starting the spool's housekeeping thread", e))?;
+        let housekeeper = Arc::new(Housekeeper {
+            bell,
+            thread: Some(thread),
+        });
+        Ok(LocalSpool {
+            _housekeeper: housekeeper,
+            inner,
+        })
     }
 
     /// Runs `f` on the blocking pool.
@@ -2039,6 +2267,24 @@ mod tests {
 
     fn open(dir: &Path, options: &LocalSpoolOptions) -> LocalSpool {
         LocalSpool::open(dir, options.clone()).expect("open the spool")
+    }
+
+    /// Waits, at most 10 s, until the housekeeping thread has brought
+    /// `done` about.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "not done in 10 s: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn deleting_files(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_str().unwrap().ends_with(DELETING_SUFFIX))
+            .collect()
     }
 
     fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -2943,8 +3189,10 @@ mod tests {
         for n in 0..19 {
             spool.remove(&id(n)).await.unwrap();
         }
-        let left = segment_files(dir.path());
-        assert!(left.len() <= 2, "dead segments left behind: {left:?}");
+        eventually("dead segments deleted and their space given back", || {
+            segment_files(dir.path()).len() <= 2 && deleting_files(dir.path()).is_empty()
+        })
+        .await;
         assert_eq!(
             spool.read_body(&id(19)).await.unwrap(),
             message(19, 2000).body
@@ -2953,6 +3201,61 @@ mod tests {
 
         let spool = open(dir.path(), &opts);
         assert_eq!(ids(&spool.list().await.unwrap()), vec![id(19)]);
+    }
+
+    #[tokio::test]
+    async fn a_large_body_being_read_survives_the_deletion_of_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LocalSpoolOptions {
+            segment_size: 64 * 1024,
+            compact_below: 0.9,
+            compact_after: Duration::ZERO,
+            ..LocalSpoolOptions::default()
+        };
+        let spool = open(dir.path(), &opts);
+        let large = message(1, 3 * READ_WHOLE_UP_TO as usize);
+        spool
+            .store(vec![message(0, 200 * 1024), large.clone()])
+            .await
+            .unwrap();
+        let first = segment_files(dir.path())[0].clone();
+        let body = spool.read_body(&id(1)).await.unwrap();
+        assert!(body.rest().is_some(), "read a chunk at a time");
+        // Message 1 is compacted into a new segment and the first one,
+        // dead, is deleted while the delivery still reads from it.
+        spool.remove(&id(0)).await.unwrap();
+        spool.store(vec![message(2, 2000)]).await.unwrap();
+        eventually("the first segment deleted", || {
+            !first.exists() && deleting_files(dir.path()).is_empty()
+        })
+        .await;
+        assert_eq!(body.to_vec().unwrap(), large.body);
+        assert_eq!(
+            spool.read_body(&id(1)).await.unwrap().to_vec().unwrap(),
+            large.body
+        );
+    }
+
+    #[tokio::test]
+    async fn a_segment_deleted_before_a_crash_is_freed_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(8 * 1024);
+        let spool = open(dir.path(), &opts);
+        spool.store(vec![message(1, 2000)]).await.unwrap();
+        drop(spool);
+        // Renamed out of the journal, then a crash while it was shrunk.
+        let doomed = deleting_path(&dir.path().join(segment_name(7)));
+        fs::write(&doomed, vec![b'x'; 3 * SHRINK_STEP as usize + 100]).unwrap();
+        let stranger = dir.path().join("notes.deleting");
+        fs::write(&stranger, b"not ours").unwrap();
+
+        let spool = open(dir.path(), &opts);
+        assert!(!doomed.exists(), "{doomed:?} left behind");
+        assert!(
+            stranger.exists(),
+            "a file the spool did not name was deleted"
+        );
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(1)]);
     }
 
     #[tokio::test]
@@ -2994,6 +3297,7 @@ mod tests {
         let opts = LocalSpoolOptions {
             segment_size: 8 * 1024,
             compact_below: 0.5,
+            compact_after: Duration::ZERO,
             ..LocalSpoolOptions::default()
         };
         let spool = open(dir.path(), &opts);
@@ -3012,10 +3316,7 @@ mod tests {
         for n in 10..16 {
             spool.store(vec![message(n, 2500)]).await.unwrap();
         }
-        assert!(
-            !first.exists(),
-            "sparse segment {first:?} was not compacted"
-        );
+        eventually("the sparse first segment compacted", || !first.exists()).await;
         assert_eq!(
             spool.read_body(&id(2)).await.unwrap(),
             message(2, 2500).body
@@ -3039,6 +3340,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_segment_is_compacted_once_it_has_settled_not_as_it_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LocalSpoolOptions {
+            segment_size: 8 * 1024,
+            compact_below: 0.5,
+            compact_after: Duration::from_millis(500),
+            removals_synced_within: Duration::from_millis(20),
+        };
+        let spool = open(dir.path(), &opts);
+        for n in 0..3 {
+            spool.store(vec![message(n, 2500)]).await.unwrap();
+        }
+        let first = segment_files(dir.path())[0].clone();
+        spool.remove(&id(0)).await.unwrap();
+        spool.remove(&id(1)).await.unwrap();
+        let rotated = Instant::now();
+        spool.store(vec![message(3, 2500)]).await.unwrap();
+        // Sparse and out of use, but only just: message 2 may be on its
+        // way out, so it is left where it is for now.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if rotated.elapsed() < opts.compact_after {
+            assert!(first.exists(), "{first:?} compacted as it rotated");
+        }
+        eventually("the settled sparse segment compacted", || !first.exists()).await;
+        assert!(rotated.elapsed() >= opts.compact_after);
+        assert_eq!(
+            spool.read_body(&id(2)).await.unwrap(),
+            message(2, 2500).body
+        );
+        drop(spool);
+        let spool = open(dir.path(), &opts);
+        assert_eq!(ids(&spool.list().await.unwrap()), vec![id(2), id(3)]);
+    }
+
+    #[tokio::test]
     async fn a_second_open_of_the_same_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let opts = LocalSpoolOptions::default();
@@ -3049,6 +3385,41 @@ mod tests {
         }
         drop(spool);
         open(dir.path(), &opts);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_spool_opens_again_at_once_while_its_housekeeping_was_due() {
+        // Each round rotates through small segments and leaves sparse and
+        // dead ones behind, so the housekeeping thread has work when the
+        // spool is dropped; the next open must find the directory free and
+        // exactly the messages kept.
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LocalSpoolOptions {
+            segment_size: 4096,
+            compact_below: 0.9,
+            ..LocalSpoolOptions::default()
+        };
+        let mut kept = Vec::new();
+        for round in 0..20 {
+            let spool = open(dir.path(), &opts);
+            assert_eq!(ids(&spool.list().await.unwrap()), kept, "round {round}");
+            for n in 0..6 {
+                spool
+                    .store(vec![message(round * 10 + n, 3000)])
+                    .await
+                    .unwrap();
+            }
+            for n in 0..5 {
+                spool.remove(&id(round * 10 + n)).await.unwrap();
+            }
+            kept.push(id(round * 10 + 5));
+            drop(spool);
+        }
+        let spool = open(dir.path(), &opts);
+        for (round, id) in kept.iter().enumerate() {
+            let n = round as u64 * 10 + 5;
+            assert_eq!(spool.read_body(id).await.unwrap(), message(n, 3000).body);
+        }
     }
 
     /// A tmpfs mounted for one test, unmounted when dropped.
