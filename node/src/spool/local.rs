@@ -2420,7 +2420,7 @@ mod tests {
 
     /// A write of removals alone gets no fsync of its own: the next write
     /// that syncs covers it, and so does the start of a new segment or,
-    /// when nothing else comes, the sync thread within about a second.
+    /// when nothing else comes, the housekeeping thread within about a second.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn removals_alone_wait_for_the_next_fsync() {
         let dir = tempfile::tempdir().unwrap();
