@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use smarthost_testkit::redis::RedisServer;
 use smarthost_tests::http;
-use smarthost_tests::scenario::{message, route, start, submit};
+use smarthost_tests::scenario::{message, route, start, start_with_env, submit};
 use smarthost_tests::sink::{Sink, SinkOptions};
 
 fn scrape(admin: SocketAddr) -> BTreeMap<String, f64> {
@@ -217,5 +218,57 @@ fn the_first_delivery_of_a_body_comes_from_the_cache() {
         );
         // The copy taken, nothing is kept.
         assert_eq!(value(&samples, "smarthost_body_cache_bytes"), 0.0);
+    }
+}
+
+/// Under load a delivery at work on a domain takes each new message the
+/// moment it is scheduled, before the store has returned to the Queue:
+/// the body must already be in the cache then, or every such delivery
+/// reads it back from the spool (on Redis, a round trip with the body).
+#[test]
+fn bodies_stored_under_load_are_delivered_from_the_cache() {
+    const HIT: &str = "smarthost_body_cache_reads_total{result=\"hit\"}";
+    const MISS: &str = "smarthost_body_cache_reads_total{result=\"miss\"}";
+    const SESSIONS: usize = 8;
+    const EACH: usize = 15;
+    let redis = RedisServer::start();
+    let redis_url = redis.url();
+    let backends: [&[(&str, &str)]; 2] = [
+        &[],
+        &[
+            ("SMARTHOST__QUEUE__BACKEND", "redis"),
+            ("SMARTHOST__QUEUE__REDIS_URL", &redis_url),
+        ],
+    ];
+    for env in backends {
+        let sink = Sink::start(SinkOptions::default());
+        let setup = start_with_env(
+            tempfile::tempdir().unwrap(),
+            &format!("smart_host = \"{}\"", sink.smart_host()),
+            "",
+            env,
+        );
+        let text = message(
+            "user@dest.test",
+            "under load",
+            &"A line of a longer body.\r\n".repeat(2000),
+        );
+        std::thread::scope(|scope| {
+            for _ in 0..SESSIONS {
+                scope.spawn(|| {
+                    for _ in 0..EACH {
+                        submit(&setup.relay, "app@sender.test", &["user@dest.test"], &text);
+                    }
+                });
+            }
+        });
+        let total = SESSIONS * EACH;
+        assert_eq!(sink.wait_for(total, Duration::from_secs(60)).len(), total);
+        let samples = scrape(setup.relay.admin_addr());
+        assert_eq!(
+            (value(&samples, HIT), value(&samples, MISS)),
+            (total as f64, 0.0),
+            "{env:?}"
+        );
     }
 }
