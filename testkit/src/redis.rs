@@ -622,6 +622,46 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::port).collect()
     }
 
+    /// The writes each primary has run since it started, in node order:
+    /// `INFO commandstats` calls of the commands that change keys
+    /// (scripts included, as they run their own), which a test's traffic
+    /// leaves behind even when it deletes every key it wrote.
+    pub fn writes_per_node(&self) -> Vec<u64> {
+        const WRITES: &[&str] = &[
+            "set",
+            "mset",
+            "del",
+            "unlink",
+            "zadd",
+            "zrem",
+            "sadd",
+            "srem",
+            "hset",
+            "hdel",
+            "pexpire",
+            "pexpireat",
+            "psetex",
+            "zpopmin",
+            "zremrangebyscore",
+            "evalsha",
+            "eval",
+        ];
+        self.nodes
+            .iter()
+            .map(|n| {
+                let info = command_within(n.port(), &["INFO", "commandstats"], ONE_SHOT)
+                    .expect("INFO commandstats");
+                info.lines()
+                    .filter_map(|line| {
+                        let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                        let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+                        WRITES.contains(&name).then(|| calls.parse::<u64>().ok())?
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+
     /// The number of keys on each primary (`DBSIZE`), in node order.
     pub fn keys_per_node(&self) -> Vec<u64> {
         self.nodes

@@ -191,10 +191,6 @@ const PENDING_BATCHES: usize = 10;
 /// How many messages' reports are queued at once.
 const REPORTS_AT_ONCE: usize = 32;
 
-/// How long the body of a finished message stays, so that a report being
-/// built for it can still quote it.
-pub const BODY_GRACE: Duration = Duration::from_secs(60 * 60);
-
 /// How long `complete` keeps trying to record an outcome Redis does not
 /// take (a restart, a cut link) before it gives the delivery up to be
 /// attempted again; well within any lease (at least a second, 15 minutes by
@@ -1055,7 +1051,6 @@ impl RedisSchedule {
         let mut args = vec![
             Cow::Borrowed(expected),
             Cow::Borrowed(new.unwrap_or_default()),
-            Cow::Owned(BODY_GRACE.as_millis().to_string().into_bytes()),
         ];
         args.extend(reports.map(|r| Cow::Owned(r.encode())));
         (keys, args)
@@ -3493,8 +3488,11 @@ mod tests {
         assert!(done.message_done());
         assert!(complete(&*a, &id, "example.net", &net, t0).await.is_none());
         assert_eq!(b.counts().await.unwrap(), empty_counts());
-        // The body stays a while for a report, then Redis drops it.
-        assert!(spool.read_body(&id).await.is_ok());
+        // The body goes with the record: nothing of the message is left.
+        assert!(matches!(
+            spool.read_body(&id).await,
+            Err(SpoolError::NotFound(_))
+        ));
         assert!(spool.list().await.unwrap().is_empty());
     }
 
