@@ -95,7 +95,10 @@ fn two_nodes_on_a_redis_cluster_deliver_every_message_exactly_once() {
         assert!(!log.contains("hash slots"), "{log}");
     }
     let writes = cluster.writes_per_node();
-    assert!(writes.iter().all(|&n| n > 0), "writes per primary: {writes:?}");
+    assert!(
+        writes.iter().all(|&n| n > 0),
+        "writes per primary: {writes:?}"
+    );
     let delivered = delivered_per_node(&nodes);
     eprintln!("delivered per node: {delivered:?}, writes per primary: {writes:?}");
     assert_eq!(delivered.iter().sum::<usize>(), MESSAGES);
