@@ -45,8 +45,9 @@
 //! little live data are compacted: their live messages are written again into
 //! the active segment, after which the old file is deleted. Both happen at
 //! `open`, and then on the spool's housekeeping thread, off the write path:
-//! it compacts after the active segment rotates and deletes a segment once
-//! nothing in it is live. A dead segment leaves the journal by a rename to
+//! it compacts a sparse segment once it has been out of use for
+//! [`LocalSpoolOptions::compact_after`] and deletes a segment once nothing
+//! in it is live. A dead segment leaves the journal by a rename to
 //! `….deleting`, made durable; its space is then given back a megabyte at a
 //! time, each step synced, with the index unlocked. Freeing a whole segment
 //! at once holds up every fsync on the file system for tens of
@@ -676,7 +677,7 @@ struct State {
     unsynced: bool,
     /// Fsyncs made for such removals alone (not by a write).
     late_syncs: u64,
-    /// A segment may hold nothing live any more, or the active one
+    /// An old segment may hold nothing live any more, or the active one
     /// rotated: work for the housekeeping thread.
     chores_due: bool,
 }
@@ -687,11 +688,12 @@ fn add_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
     }
 }
 
-/// Whether the segment holds nothing live any more.
-fn drop_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) -> bool {
+/// Whether the segment, if an old one (not `active`), holds nothing live
+/// any more: work for the housekeeping thread.
+fn drop_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc, active: u64) -> bool {
     segments.get_mut(&loc.segment).is_some_and(|s| {
         s.live -= loc.len;
-        s.live == 0
+        s.live == 0 && loc.segment != active
     })
 }
 
@@ -725,9 +727,9 @@ impl State {
     fn insert_message(&mut self, record: Arc<MessageRecord>, body: Loc, body_len: u64) {
         let mut segments = vec![body.segment];
         if let Some(old) = self.messages.remove(&record.id) {
-            self.chores_due |= drop_live(&mut self.segments, old.body);
+            self.chores_due |= drop_live(&mut self.segments, old.body, self.active);
             if let Some(latest) = old.latest {
-                self.chores_due |= drop_live(&mut self.segments, latest);
+                self.chores_due |= drop_live(&mut self.segments, latest, self.active);
             }
             self.order.remove(&ListCursor::of(&old.record));
             segments = old.segments;
@@ -759,7 +761,7 @@ impl State {
             self.order.insert(ListCursor::of(&record));
         }
         if let Some(old) = live.latest.replace(at) {
-            self.chores_due |= drop_live(&mut self.segments, old);
+            self.chores_due |= drop_live(&mut self.segments, old, self.active);
         }
         add_live(&mut self.segments, at);
         if !live.segments.contains(&at.segment) {
@@ -775,9 +777,9 @@ impl State {
             return false;
         };
         self.order.remove(&ListCursor::of(&live.record));
-        self.chores_due |= drop_live(&mut self.segments, live.body);
+        self.chores_due |= drop_live(&mut self.segments, live.body, self.active);
         if let Some(latest) = live.latest {
-            self.chores_due |= drop_live(&mut self.segments, latest);
+            self.chores_due |= drop_live(&mut self.segments, latest, self.active);
         }
         if let Some(s) = self.segments.get_mut(&segment) {
             s.shadows
