@@ -362,6 +362,20 @@ pub fn command(port: u16, args: &[&str]) -> Option<String> {
     command_within(port, args, Duration::from_millis(500))
 }
 
+/// How often `name` ran, from the text of `INFO commandstats`
+/// (`cmdstat_<name>:calls=<n>,…`); 0 when it never did.
+pub fn command_calls(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("cmdstat_")?
+                .strip_prefix(name)?
+                .strip_prefix(":calls=")
+        })
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// [`command`] with a reply timeout of its own: for one-shot commands a
 /// test relies on (`FLUSHALL` with `appendfsync always` on a loaded
 /// machine can take well over the polling timeout).
@@ -649,15 +663,9 @@ impl RedisCluster {
         self.nodes
             .iter()
             .map(|n| {
-                let info = command_within(n.port(), &["INFO", "commandstats"], ONE_SHOT)
+                let stats = command_within(n.port(), &["INFO", "commandstats"], ONE_SHOT)
                     .expect("INFO commandstats");
-                info.lines()
-                    .filter_map(|line| {
-                        let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-                        let calls = stats.strip_prefix("calls=")?.split(',').next()?;
-                        WRITES.contains(&name).then(|| calls.parse::<u64>().ok())?
-                    })
-                    .sum()
+                WRITES.iter().map(|name| command_calls(&stats, name)).sum()
             })
             .collect()
     }

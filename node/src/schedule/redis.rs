@@ -3964,10 +3964,7 @@ mod tests {
                     .query_async::<()>(&mut conn)
                     .await
                     .unwrap();
-                info.lines()
-                    .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-                    .and_then(|v| v.split(',').next())
-                    .map_or(0, |n| n.parse::<u64>().unwrap())
+                smarthost_testkit::redis::command_calls(&info, "evalsha")
             }
         };
         scripts_run(&mut conn).await;

@@ -2051,13 +2051,7 @@ mod tests {
             .query_async(&mut raw(&server).await)
             .await
             .unwrap();
-        let calls = |name: &str| {
-            stats
-                .lines()
-                .find_map(|line| line.strip_prefix(&format!("cmdstat_{name}:calls=")))
-                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let calls = |name| smarthost_testkit::redis::command_calls(&stats, name);
         assert_eq!(
             (calls("zadd"), calls("mset"), calls("set")),
             (1, 1, 0),
