@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The queue at scale: fills a queue with N messages over DOMAINS domains
 # and times every queue operation at several queue sizes, then a node's
-# start-up against the full queue (node/examples/scale_bench.rs).
+# start-up against the full queue, and on the local spool the stores made
+# while a sparse segment is compacted (node/examples/scale_bench.rs).
 #
 #   scripts/scale.sh [N] [DOMAINS] [CHECKPOINTS]
 #
@@ -40,6 +41,9 @@ if [ "$backend" != redis ]; then
   du -sh "$work/spool" | awk '{ print "spool on disk: " $1 }'
   /usr/bin/time -f "start process: %e s, max RSS %M KiB" "$bin" start local "$work/spool"
   rm -rf "$work/spool"
+  # Stores timed while a sparse segment is compacted, next to N queued.
+  "$bin" compact "$work/compact" "$n" 2>&1 | grep -E '^(compact at|removed)|compacted journal'
+  rm -rf "$work/compact"
 fi
 if [ "$backend" != local ]; then
   echo "== redis"

@@ -9,6 +9,7 @@
 //! scale_bench fill redis URL N DOMAINS [CHECKPOINTS]
 //! scale_bench start local DIR
 //! scale_bench start redis URL
+//! scale_bench compact DIR N
 //! ```
 //!
 //! `fill` stores and schedules N messages, one recipient each, over DOMAINS
@@ -35,6 +36,12 @@
 //! scheduled in memory, or on Redis the spool and schedule opened and the
 //! due domains read; then, on Redis, the leader's first full rescan. It
 //! prints the time and the resident memory of the process.
+//!
+//! `compact` measures the local spool's compaction next to a large queue:
+//! it stores N messages, removes four of every five of the older half (so
+//! their segments become sparse), then stores one message per call for
+//! [`COMPACT_PROBE`] while the housekeeping thread compacts those segments,
+//! and prints how long the stores took, the slowest first.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -68,6 +75,9 @@ const DELETE_PAGES: u64 = 3;
 const HOLDER: &str = "bench";
 const LEASE: Duration = Duration::from_secs(15 * 60);
 const DAY_MS: u64 = 86_400_000;
+/// How long `compact` stores while the housekeeping thread works: past
+/// `compact_after` and a housekeeping tick, with room for the work.
+const COMPACT_PROBE: Duration = Duration::from_secs(12);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -651,10 +661,91 @@ async fn start(kind: &str, place: &str) -> Result<(), Error> {
     Ok(())
 }
 
+async fn compact(place: &str, args: &[String]) -> Result<(), Error> {
+    let total: u64 = args.first().ok_or("N missing")?.parse()?;
+    let backend = Backend::open("local", place).await?;
+    let now = now_ms();
+    let mut fill = Fill {
+        domains: 50_000,
+        base_ms: now - 3_600_000,
+        now_ms: now,
+        filled: 0,
+        next_probe: 1 << 40,
+        expired: 0,
+    };
+    fill.fill_to(&backend, total).await?;
+    let started = Instant::now();
+    // Newest first: the oldest segment turns sparse at the end, so its
+    // compaction starts as the timed stores do (within a housekeeping tick).
+    let removed: Vec<u64> = (0..total / 2).rev().filter(|n| n % 5 != 0).collect();
+    for page in removed.chunks(FILL_BATCH as usize) {
+        let changes = page
+            .iter()
+            .map(|&n| Change::Remove(fill.message(n).record.id))
+            .collect();
+        if let Some((id, error)) = backend.spool.apply(changes).await.into_iter().next() {
+            return Err(format!("removing {id}: {error}").into());
+        }
+    }
+    eprintln!(
+        "removed {} messages in {:.1} s",
+        removed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // This store's fsync makes the removals durable; it is not timed.
+    backend.spool.store(vec![fill.probe(fill.now_ms)]).await?;
+    let mut stores = Vec::new();
+    let mut slowest = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < COMPACT_PROBE {
+        let probe = fill.probe(fill.now_ms);
+        let at = Instant::now();
+        backend.spool.store(vec![probe]).await?;
+        stores.push(at.elapsed());
+        slowest.push((at.elapsed(), at - started));
+    }
+    slowest.sort_unstable_by(|a, b| b.cmp(a));
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(5)
+        .map(|(took, at)| {
+            format!(
+                "{:.1} ms at {:.2} s",
+                took.as_secs_f64() * 1e3,
+                at.as_secs_f64()
+            )
+        })
+        .collect();
+    let over = |ms: u64| {
+        stores
+            .iter()
+            .filter(|d| **d > Duration::from_millis(ms))
+            .count()
+    };
+    let (over_10, over_50) = (over(10), over(50));
+    let (mean, p99) = summary(&mut stores);
+    println!(
+        "compact at {total} queued: {} stores in {COMPACT_PROBE:?}, mean {mean:.0} µs, \
+         p99 {p99:.0} µs, over 10 ms {over_10}, over 50 ms {over_50}, slowest {}",
+        stores.len(),
+        slowest.join(", ")
+    );
+    Ok(())
+}
+
 #[actix::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: scale_bench fill local|redis DIR|URL N DOMAINS [CHECKPOINTS] | start local|redis DIR|URL";
+    let usage = "usage: scale_bench fill local|redis DIR|URL N DOMAINS [CHECKPOINTS] \
+                 | start local|redis DIR|URL | compact DIR N";
+    if let [mode, dir, rest @ ..] = args.as_slice() {
+        if mode == "compact" {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .init();
+            return compact(dir, rest).await;
+        }
+    }
     let (mode, kind, place) = match args.as_slice() {
         [mode, kind, place, ..] => (mode.as_str(), kind.as_str(), place.as_str()),
         _ => return Err(usage.into()),

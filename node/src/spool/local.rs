@@ -47,7 +47,10 @@
 //! `open`, and then on the spool's housekeeping thread, off the write path:
 //! it compacts a sparse segment once it has been out of use for
 //! [`LocalSpoolOptions::compact_after`] and deletes a segment once nothing
-//! in it is live. A dead segment leaves the journal by a rename to
+//! in it is live. Compaction holds the index only in short steps (finding
+//! members, placing a batch of copies); bodies are read, copies built and
+//! synced with it unlocked, and a copy is placed only if its message has
+//! not changed since it was read. A dead segment leaves the journal by a rename to
 //! `….deleting`, made durable; its space is then given back a megabyte at a
 //! time, each step synced, with the index unlocked. Freeing a whole segment
 //! at once holds up every fsync on the file system for tens of
@@ -680,6 +683,9 @@ struct State {
     /// An old segment may hold nothing live any more, or the active one
     /// rotated: work for the housekeeping thread.
     chores_due: bool,
+    /// Compacted copies could not be synced: the segments they were copied
+    /// from stay until the spool is opened again.
+    deletions_held: bool,
 }
 
 fn add_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
@@ -844,17 +850,12 @@ impl State {
         Ok(stored)
     }
 
-    /// Writes `buf` at the end of the active segment and waits until it is
-    /// durable. Returns the offset it was written at. On failure the
-    /// segment is cut back to where it ended.
-    fn append(&mut self, buf: &[u8]) -> Result<u64, SpoolError> {
-        self.append_spliced(buf, &[], true)
-    }
-
-    /// [`Self::append`] of `buf` with the bodies spliced in where
-    /// [`Frames::spliced`] says: those in memory go to the kernel as they
-    /// are, with the frames around them in one `pwritev`; those on disk
-    /// are copied a chunk at a time.
+    /// Writes `buf` at the end of the active segment, with the bodies
+    /// spliced in where [`Frames::spliced`] says: those in memory go to
+    /// the kernel as they are, with the frames around them in one
+    /// `pwritev`; those on disk are copied a chunk at a time. With `sync`
+    /// it waits until they are durable. Returns the offset it was written
+    /// at. On failure the segment is cut back to where it ended.
     fn append_spliced(
         &mut self,
         buf: &[u8],
@@ -970,27 +971,15 @@ impl State {
         Ok(true)
     }
 
-    /// Compacts sparse old segments and deletes dead ones. Failures are
-    /// logged: the journal stays correct, it only keeps more on disk.
-    fn maintain(&mut self) {
-        if let Err(err) = self.compact() {
-            tracing::warn!(error = %err, "journal compaction failed");
-        }
-        if let Err(err) = self.collect_garbage() {
-            tracing::warn!(error = %err, "deleting dead journal segments failed");
-        }
-    }
-
-    /// Writes the live messages of sparse old segments again into the
-    /// active one, oldest segment first.
-    fn compact(&mut self) -> Result<(), SpoolError> {
+    /// The sparse old segments that have settled: their live messages are
+    /// worth writing again so the files can go.
+    fn compaction_candidates(&self) -> BTreeSet<u64> {
         let ratio = self.options.compact_below;
         let settled = |s: &Segment| {
             s.retired
                 .is_none_or(|at| at.elapsed() >= self.options.compact_after)
         };
-        let candidates: Vec<u64> = self
-            .segments
+        self.segments
             .iter()
             .filter(|&(&n, s)| {
                 n != self.active
@@ -999,66 +988,90 @@ impl State {
                     && settled(s)
             })
             .map(|(&n, _)| n)
-            .collect();
-        for segment in candidates {
-            if self.active_segment().len >= self.options.segment_size {
-                break;
-            }
-            let ids: Vec<MessageId> = self
-                .messages
-                .iter()
-                .filter(|(_, l)| {
-                    l.body.segment == segment || l.latest.map(|x| x.segment) == Some(segment)
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            let mut buf = Vec::new();
-            let mut placed = Vec::with_capacity(ids.len());
-            for id in ids {
-                let live = &self.messages[&id];
-                let source = &self.segments[&live.body.segment];
-                let body = read_body_at(&source.file, source.checksum, live.body, live.body_len)?;
-                let record = (*live.record).clone();
-                let offset = buf.len() as u64;
-                let len = push_frame(&mut buf, &JournalEntry::Message { record, body }, &self.key)?;
-                placed.push((id, offset, len, live.body_len));
-            }
-            let start = self.append(&buf)?;
-            let count = placed.len();
-            for (id, offset, len, body_len) in placed {
-                let record = self.messages[&id].record.clone();
-                let at = Loc {
-                    segment: self.active,
-                    offset: start + offset,
-                    len,
-                };
-                self.insert_message(record, at, body_len);
-            }
-            tracing::info!(segment = %self.path(segment).display(), messages = count,
-                "compacted journal segment");
-        }
-        Ok(())
+            .collect()
     }
 
-    /// Deletes every old segment that holds nothing live and whose removals
-    /// no longer hide anything. A deletion is made durable before the
-    /// segments it unblocks are deleted.
-    fn collect_garbage(&mut self) -> Result<(), SpoolError> {
-        loop {
-            let dead = self.dead_segments();
-            if dead.is_empty() {
-                return Ok(());
-            }
-            delete_segments(&self.dir, &dead)?;
-            for (n, segment) in self.close_segments(&dead) {
-                give_back(&deleting_path(&self.path(n)), segment.only_handle());
+    /// The live messages with an entry in `segments`, among up to `max`
+    /// from `from` on in listing order, and where the next look starts
+    /// (`None` at the end, or once nothing in `segments` is live). In
+    /// steps, so the index is never held for a pass over every message;
+    /// old segments mostly hold old mail, found early in that order.
+    fn members(
+        &self,
+        segments: &BTreeSet<u64>,
+        from: Bound<ListCursor>,
+        max: usize,
+    ) -> (Vec<Member>, Option<ListCursor>) {
+        // What was found before has been moved out (or changed since).
+        if segments
+            .iter()
+            .all(|n| self.segments.get(n).is_none_or(|s| s.live == 0))
+        {
+            return (Vec::new(), None);
+        }
+        let mut found = Vec::new();
+        let (mut looked, mut last) = (0, None);
+        for key in self.order.range((from, Bound::Unbounded)).take(max) {
+            looked += 1;
+            last = Some(key);
+            let live = &self.messages[&key.id];
+            let inside = segments.contains(&live.body.segment)
+                || live.latest.is_some_and(|l| segments.contains(&l.segment));
+            if let (true, Some(source)) = (inside, self.segments.get(&live.body.segment)) {
+                found.push(Member {
+                    record: live.record.clone(),
+                    body: live.body,
+                    body_len: live.body_len,
+                    file: source.file.clone(),
+                    checksum: source.checksum,
+                });
             }
         }
+        let next = if looked == max { last.cloned() } else { None };
+        (found, next)
+    }
+
+    /// Appends the copies whose message the index still holds as it was
+    /// read, and points the index at them. A copy of a record changed or
+    /// removed since would bring the old one back at the next replay, so
+    /// those are left out (their segment stays sparse and is compacted
+    /// again). Not synced: the caller syncs before the old segments can be
+    /// deleted. Returns how many copies, and bytes, were placed.
+    fn place_copies(&mut self, copies: Copies) -> Result<(usize, usize), SpoolError> {
+        let mut buf = Vec::with_capacity(copies.buf.len());
+        let mut kept = Vec::with_capacity(copies.placed.len());
+        for (member, offset, len) in copies.placed {
+            let current = self.messages.get(&member.record.id).is_some_and(|live| {
+                Arc::ptr_eq(&live.record, &member.record) && live.body == member.body
+            });
+            if current {
+                kept.push((member.record, buf.len() as u64, len, member.body_len));
+                buf.extend_from_slice(&copies.buf[offset as usize..(offset + len) as usize]);
+            }
+        }
+        if kept.is_empty() {
+            return Ok((0, 0));
+        }
+        self.chores_due |= self.rotate_if_full(buf.len() as u64)?;
+        let start = self.append_spliced(&buf, &[], false)?;
+        let placed = (kept.len(), buf.len());
+        for (record, offset, len, body_len) in kept {
+            let at = Loc {
+                segment: self.active,
+                offset: start + offset,
+                len,
+            };
+            self.insert_message(record, at, body_len);
+        }
+        Ok(placed)
     }
 
     /// The old segments that hold nothing live and whose removals shadow
     /// no segment that is still there.
     fn dead_segments(&self) -> Vec<u64> {
+        if self.deletions_held {
+            return Vec::new();
+        }
         self.segments
             .iter()
             .filter(|&(&n, s)| {
@@ -1593,6 +1606,42 @@ fn corrupt_body(loc: Loc) -> SpoolError {
 /// Does the spool's chores when a write rings, and syncs removals that no
 /// later write synced every `period`, until the spool is closed. It holds
 /// the spool only while it works.
+/// A live message of a segment being compacted, as the index held it.
+struct Member {
+    record: Arc<MessageRecord>,
+    body: Loc,
+    body_len: u64,
+    /// The segment that holds the body; the handle outlives its deletion.
+    file: Arc<File>,
+    checksum: Checksum,
+}
+
+/// Members written out again as `Message` frames, each with its offset
+/// and length in `buf`; read and built with the index unlocked.
+#[derive(Default)]
+struct Copies {
+    buf: Vec<u8>,
+    placed: Vec<(Member, u64, u64)>,
+}
+
+impl Copies {
+    fn push(&mut self, member: Member, key: &Key) -> Result<(), SpoolError> {
+        let body = read_body_at(&member.file, member.checksum, member.body, member.body_len)?;
+        let record = (*member.record).clone();
+        let offset = self.buf.len() as u64;
+        let len = push_frame(&mut self.buf, &JournalEntry::Message { record, body }, key)?;
+        self.placed.push((member, offset, len));
+        Ok(())
+    }
+}
+
+/// Messages of the index a step of compaction looks through, and bytes of
+/// copies it writes at once, each with the index locked: at a million
+/// queued messages a whole pass would hold every write up for a third of
+/// a second.
+const COMPACT_SCAN_STEP: usize = 16_384;
+const COMPACT_WRITE_STEP: usize = 256 << 10;
+
 fn keep_house(inner: Weak<Inner>, bell: Arc<Doorbell>, period: Duration) {
     let mut synced = Instant::now();
     loop {
@@ -1720,13 +1769,8 @@ impl Inner {
     /// deletion is durable, so that the segments whose removals shadow it
     /// stay until then.
     fn do_chores(&self) -> Result<(), SpoolError> {
-        {
-            let mut state = self.state()?;
-            state.chores_due = false;
-            if let Err(err) = state.compact() {
-                tracing::warn!(error = %err, "journal compaction failed");
-            }
-        }
+        self.state()?.chores_due = false;
+        self.compact()?;
         loop {
             let (dir, dead) = {
                 let state = self.state()?;
@@ -1742,6 +1786,77 @@ impl Inner {
                 give_back(&path, segment.only_handle());
             }
         }
+    }
+
+    /// Writes the live messages of the settled sparse segments again into
+    /// the active one, a step at a time: the index is locked to find them
+    /// and to place each batch of copies, not while bodies are read, frames
+    /// built and the copies synced. A body that cannot be read stops the
+    /// compaction (logged; the journal stays correct, it only keeps more on
+    /// disk).
+    fn compact(&self) -> Result<(), SpoolError> {
+        let candidates = self.state()?.compaction_candidates();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut moved = (0, 0);
+        let mut from = Bound::Unbounded;
+        loop {
+            let (members, next) = self.state()?.members(&candidates, from, COMPACT_SCAN_STEP);
+            let mut copies = Copies::default();
+            for member in members {
+                if let Err(error) = copies.push(member, &self.key) {
+                    tracing::warn!(%error, "journal compaction failed");
+                    return self.place_synced(copies, &mut moved);
+                }
+                if copies.buf.len() >= COMPACT_WRITE_STEP {
+                    self.place_synced(std::mem::take(&mut copies), &mut moved)?;
+                }
+            }
+            self.place_synced(copies, &mut moved)?;
+            match next {
+                Some(cursor) => from = Bound::Excluded(cursor),
+                None => break,
+            }
+        }
+        let segments: Vec<String> = candidates.iter().map(|&n| segment_name(n)).collect();
+        tracing::info!(
+            ?segments,
+            messages = moved.0,
+            bytes = moved.1,
+            ms = started.elapsed().as_millis() as u64,
+            "compacted journal segments"
+        );
+        Ok(())
+    }
+
+    /// Places `copies` and syncs them at once, with the index unlocked:
+    /// left to the next write's fsync they would make that write wait. If
+    /// the sync fails, the copies may not be on disk while the index points
+    /// at them, so no segment is deleted until the spool is opened again
+    /// (and replays the originals).
+    fn place_synced(&self, copies: Copies, moved: &mut (usize, usize)) -> Result<(), SpoolError> {
+        if copies.placed.is_empty() {
+            return Ok(());
+        }
+        let (placed, file) = {
+            let mut state = self.state()?;
+            let placed = state.place_copies(copies)?;
+            (placed, state.active_segment().file.clone())
+        };
+        if placed.0 == 0 {
+            return Ok(());
+        }
+        if let Err(error) = file.sync_data() {
+            self.state()?.deletions_held = true;
+            tracing::error!(%error, "cannot sync compacted journal entries; \
+                no journal segment is deleted until the spool is opened again");
+            return Err(io_error("syncing compacted journal entries", error));
+        }
+        moved.0 += placed.0;
+        moved.1 += placed.1;
+        Ok(())
     }
 
     fn commits(&self) -> MutexGuard<'_, Commits> {
@@ -1969,6 +2084,7 @@ impl LocalSpool {
             unsynced: false,
             late_syncs: 0,
             chores_due: false,
+            deletions_held: false,
         };
         for ((&n, file), header) in numbers.iter().zip(files).zip(headers) {
             let segment_path = state.path(n);
@@ -2017,9 +2133,6 @@ impl LocalSpool {
                 state.active = next;
             }
         }
-        state.maintain();
-        // What replay found is done: the thread starts with nothing to do.
-        state.chores_due = false;
         tracing::info!(spool = %path.display(), messages = state.messages.len(),
             segments = state.segments.len(), "opened local spool");
         let bell = Arc::new(Doorbell::default());
@@ -2030,6 +2143,11 @@ impl LocalSpool {
             bell: bell.clone(),
             _lock: lock,
         });
+        // What replay left to do is done before the spool is used, and the
+        // thread starts with nothing to do.
+        if let Err(error) = inner.do_chores() {
+            tracing::warn!(%error, "journal housekeeping failed; trying again");
+        }
         let weak = Arc::downgrade(&inner);
         let rings = bell.clone();
         let thread = std::thread::Builder::new()
@@ -3458,6 +3576,112 @@ mod tests {
         drop(spool);
         let spool = open(dir.path(), &opts);
         assert_eq!(ids(&spool.list().await.unwrap()), vec![id(2), id(3)]);
+    }
+
+    /// Compaction reads and copies with the index unlocked, so a message
+    /// may change between its copy and the copy's placing: such a copy
+    /// must not be written, or the next replay would bring the old record
+    /// (or a removed message) back. Its members are found a step at a time.
+    #[tokio::test]
+    async fn a_copy_of_a_message_changed_while_it_was_compacted_is_not_placed() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LocalSpoolOptions {
+            segment_size: 8 * 1024,
+            compact_below: 0.5,
+            // The housekeeping thread leaves the segment alone.
+            compact_after: Duration::from_secs(3600),
+            ..LocalSpoolOptions::default()
+        };
+        let spool = open(dir.path(), &opts);
+        for n in 0..4 {
+            spool.store(vec![message(n, 1500)]).await.unwrap();
+        }
+        spool.remove(&id(0)).await.unwrap();
+        for n in 10..14 {
+            spool.store(vec![message(n, 1500)]).await.unwrap();
+        }
+        let first = BTreeSet::from([1]);
+        let inner = spool.inner.clone();
+        let copies = |found: Vec<Member>| {
+            let mut copies = Copies::default();
+            for member in found {
+                copies.push(member, &inner.key).unwrap();
+            }
+            copies
+        };
+        // One message per step: 1, 2, 3, then the messages of the later
+        // segments, which are not members.
+        let mut steps = Vec::new();
+        let mut from = Bound::Unbounded;
+        loop {
+            let (found, next) = inner.state().unwrap().members(&first, from, 1);
+            steps.push(ids(&found
+                .iter()
+                .map(|m| (*m.record).clone())
+                .collect::<Vec<_>>()));
+            match next {
+                Some(cursor) => from = Bound::Excluded(cursor),
+                None => break,
+            }
+        }
+        let members: Vec<MessageId> = steps.iter().flatten().cloned().collect();
+        assert_eq!(members, vec![id(1), id(2), id(3)], "steps {steps:?}");
+        assert!(
+            steps.len() >= 7,
+            "one message looked at per step: {steps:?}"
+        );
+
+        let (found, _) = inner
+            .state()
+            .unwrap()
+            .members(&first, Bound::Unbounded, 100);
+        let stale = copies(found);
+        let mut changed = message(1, 1500).record;
+        changed.deliveries[0].attempts = 3;
+        spool.update(changed.clone()).await.unwrap();
+        spool.remove(&id(2)).await.unwrap();
+        let placed = inner.state().unwrap().place_copies(stale).unwrap();
+        assert_eq!(placed.0, 1, "only message 3 is as it was copied");
+
+        // Message 1 is copied again as it is now.
+        let (found, _) = inner
+            .state()
+            .unwrap()
+            .members(&first, Bound::Unbounded, 100);
+        assert_eq!(
+            ids(&found
+                .iter()
+                .map(|m| (*m.record).clone())
+                .collect::<Vec<_>>()),
+            vec![id(1)]
+        );
+        assert_eq!(
+            inner
+                .state()
+                .unwrap()
+                .place_copies(copies(found))
+                .unwrap()
+                .0,
+            1
+        );
+        drop((inner, spool));
+
+        let spool = open(dir.path(), &opts);
+        let list = spool.list().await.unwrap();
+        assert_eq!(
+            ids(&list),
+            [1, 3, 10, 11, 12, 13]
+                .into_iter()
+                .map(id)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(list[0], changed);
+        for n in [1, 3] {
+            assert_eq!(
+                spool.read_body(&id(n)).await.unwrap(),
+                message(n, 1500).body
+            );
+        }
     }
 
     #[tokio::test]
