@@ -1038,20 +1038,35 @@ impl State {
     /// again). Not synced: the caller syncs before the old segments can be
     /// deleted. Returns how many copies, and bytes, were placed.
     fn place_copies(&mut self, copies: Copies) -> Result<(usize, usize), SpoolError> {
-        let mut buf = Vec::with_capacity(copies.buf.len());
-        let mut kept = Vec::with_capacity(copies.placed.len());
-        for (member, offset, len) in copies.placed {
-            let current = self.messages.get(&member.record.id).is_some_and(|live| {
-                Arc::ptr_eq(&live.record, &member.record) && live.body == member.body
-            });
-            if current {
-                kept.push((member.record, buf.len() as u64, len, member.body_len));
-                buf.extend_from_slice(&copies.buf[offset as usize..(offset + len) as usize]);
-            }
-        }
+        let all = copies.placed.len();
+        let kept: Vec<_> = copies
+            .placed
+            .into_iter()
+            .filter(|(member, _, _)| {
+                self.messages.get(&member.record.id).is_some_and(|live| {
+                    Arc::ptr_eq(&live.record, &member.record) && live.body == member.body
+                })
+            })
+            .collect();
         if kept.is_empty() {
             return Ok((0, 0));
         }
+        // Usually all of them: then the frames go as they were built.
+        let (buf, kept) = if kept.len() == all {
+            let kept = kept
+                .into_iter()
+                .map(|(m, offset, len)| (m.record, offset, len, m.body_len))
+                .collect::<Vec<_>>();
+            (copies.buf, kept)
+        } else {
+            let mut buf = Vec::with_capacity(copies.buf.len());
+            let mut moved = Vec::with_capacity(kept.len());
+            for (member, offset, len) in kept {
+                moved.push((member.record, buf.len() as u64, len, member.body_len));
+                buf.extend_from_slice(&copies.buf[offset as usize..(offset + len) as usize]);
+            }
+            (buf, moved)
+        };
         self.chores_due |= self.rotate_if_full(buf.len() as u64)?;
         let start = self.append_spliced(&buf, &[], false)?;
         let placed = (kept.len(), buf.len());
