@@ -1618,9 +1618,6 @@ fn corrupt_body(loc: Loc) -> SpoolError {
     ))
 }
 
-/// Does the spool's chores when a write rings, and syncs removals that no
-/// later write synced every `period`, until the spool is closed. It holds
-/// the spool only while it works.
 /// A live message of a segment being compacted, as the index held it.
 struct Member {
     record: Arc<MessageRecord>,
@@ -1657,6 +1654,9 @@ impl Copies {
 const COMPACT_SCAN_STEP: usize = 16_384;
 const COMPACT_WRITE_STEP: usize = 256 << 10;
 
+/// Does the spool's chores when a write rings, and syncs removals that no
+/// later write synced every `period`, until the spool is closed. It holds
+/// the spool only while it works.
 fn keep_house(inner: Weak<Inner>, bell: Arc<Doorbell>, period: Duration) {
     let mut synced = Instant::now();
     loop {
@@ -1835,14 +1835,16 @@ impl Inner {
                 None => break,
             }
         }
-        let segments: Vec<String> = candidates.iter().map(|&n| segment_name(n)).collect();
-        tracing::info!(
-            ?segments,
-            messages = moved.0,
-            bytes = moved.1,
-            ms = started.elapsed().as_millis() as u64,
-            "compacted journal segments"
-        );
+        if moved.0 > 0 {
+            let segments: Vec<String> = candidates.iter().map(|&n| segment_name(n)).collect();
+            tracing::info!(
+                ?segments,
+                messages = moved.0,
+                bytes = moved.1,
+                ms = started.elapsed().as_millis() as u64,
+                "compacted journal segments"
+            );
+        }
         Ok(())
     }
 
