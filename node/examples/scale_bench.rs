@@ -260,6 +260,21 @@ struct Fill {
 }
 
 impl Fill {
+    /// An empty fill over `domains` domains, from now.
+    fn new(domains: u64) -> Fill {
+        let now = now_ms();
+        Fill {
+            domains,
+            // Old enough to expire in the sweep probes, young enough for
+            // nothing else to: every message is an hour old.
+            base_ms: now - 3_600_000,
+            now_ms: now,
+            filled: 0,
+            next_probe: 1 << 40,
+            expired: 0,
+        }
+    }
+
     /// Message `n` of the fill: received `n` ms after the base; even ones
     /// due now, odd ones deferred by a day.
     fn message(&self, n: u64) -> NewMessage {
@@ -573,17 +588,7 @@ async fn fill(kind: &str, place: &str, args: &[String]) -> Result<(), Error> {
 
     let backend = Backend::open(kind, place).await?;
     let used_before = backend.redis_used_memory().await;
-    let now = now_ms();
-    let mut fill = Fill {
-        domains,
-        // Old enough to expire in the sweep probes, young enough for
-        // nothing else to: every message is an hour old.
-        base_ms: now - 3_600_000,
-        now_ms: now,
-        filled: 0,
-        next_probe: 1 << 40,
-        expired: 0,
-    };
+    let mut fill = Fill::new(domains);
     println!(
         "backend {kind}, {total} messages over {domains} domains, {SAMPLE} operations per row"
     );
@@ -664,15 +669,7 @@ async fn start(kind: &str, place: &str) -> Result<(), Error> {
 async fn compact(place: &str, args: &[String]) -> Result<(), Error> {
     let total: u64 = args.first().ok_or("N missing")?.parse()?;
     let backend = Backend::open("local", place).await?;
-    let now = now_ms();
-    let mut fill = Fill {
-        domains: 50_000,
-        base_ms: now - 3_600_000,
-        now_ms: now,
-        filled: 0,
-        next_probe: 1 << 40,
-        expired: 0,
-    };
+    let mut fill = Fill::new(50_000);
     fill.fill_to(&backend, total).await?;
     let started = Instant::now();
     // Newest first: the oldest segment turns sparse at the end, so its
