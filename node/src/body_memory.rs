@@ -54,16 +54,22 @@ impl BodyMemory {
 
     /// Takes `bytes` if they are free now; never waits.
     fn try_take(&self, bytes: u64) -> bool {
-        self.used
+        let taken = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(bytes).filter(|total| *total <= self.limit)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            crate::malloc::follow(self);
+        }
+        taken
     }
 
     fn give_back(&self, bytes: u64) {
         if bytes > 0 {
             self.used.fetch_sub(bytes, Ordering::AcqRel);
+            crate::malloc::follow(self);
             self.freed.notify_waiters();
         }
     }

@@ -647,7 +647,7 @@ fn print_result(result: Result<String, ClientError>) -> ExitCode {
 }
 
 fn run(path: Option<&Path>, role: Role) -> ExitCode {
-    tune_malloc();
+    crate::malloc::tune_at_start();
     let config = match Config::load_validated(path) {
         Ok(config) => config,
         Err(e) => return config_failed(path, &e),
@@ -845,37 +845,6 @@ fn bulk_target(domain: Option<String>, sender: Option<&str>) -> Option<(String, 
         (None, Some(sender)) => Some((sender.to_string(), None)),
         // Clap asks for an id, a domain or a sender.
         (None, None) => None,
-    }
-}
-
-/// Two settings of glibc's allocator that keep resident memory near the
-/// body budget (docs/security.md), each left to the environment when
-/// it sets it. Called before any thread starts.
-///
-/// - glibc gives threads that allocate at once arenas of their own, up to
-///   eight per core, and keeps what is freed in each: with a thousand
-///   large bodies going to disk through the blocking pool that was over
-///   200 MB beyond the budget. Two arenas (`MALLOC_ARENA_MAX`).
-/// - Blocks from 128 KiB up are mapped and given back when freed
-///   (`MALLOC_MMAP_THRESHOLD_`). glibc otherwise raises that size to the
-///   largest block freed, so after the first large message the bodies'
-///   256 KiB buffers come from the heap and what they leave there stays.
-fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let settings = [
-            ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2),
-            ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 128 * 1024),
-        ];
-        for (variable, parameter, value) in settings {
-            if std::env::var_os(variable).is_none() {
-                // SAFETY: mallopt only sets an allocator parameter; no
-                // thread has started yet.
-                unsafe {
-                    libc::mallopt(parameter, value);
-                }
-            }
-        }
     }
 }
 

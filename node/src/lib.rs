@@ -62,6 +62,7 @@ pub mod idempotency;
 pub mod journal;
 pub mod limits;
 pub mod listener;
+pub mod malloc;
 pub mod metrics;
 pub mod pickup;
 pub mod queue;

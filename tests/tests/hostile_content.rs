@@ -369,18 +369,32 @@ fn reset_peak_rss(pid: u32) {
 
 /// The peak resident memory of a process so far, in bytes (`VmHWM`).
 fn peak_rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// The resident memory of a process now, in bytes (`VmRSS`).
+fn rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status");
+        .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
     kb * 1024
 }
 
 /// 24 clients send 2 MB each at once, 100 KB at a time each, against a
 /// body budget of 8 MB; returns how many were stored, the relay's peak RSS
 /// growth in bytes from the first DATA on, and the relay, stopped.
+///
+/// Once every message is answered, the memory the bodies took must go
+/// back: the relay's RSS falls to within what delivery holds (up to two
+/// copies of one message, and 2 MB for the rest) of what it was with
+/// every client in DATA, within 10 s.
 fn many_concurrent_large_messages(spill_threshold: &str) -> (usize, u64, Relay) {
     // Each DATA first takes 256 KiB, so all 24 get their 354 at once.
     let mut relay = Relay::start(
@@ -404,6 +418,7 @@ fn many_concurrent_large_messages(spill_threshold: &str) -> (usize, u64, Relay) 
             c
         })
         .collect();
+    let in_data = rss(relay.pid());
     // Then all bodies grow together, 100 KB at a time each.
     let whole = body(SIZE);
     for piece in whole.chunks(100_000) {
@@ -422,12 +437,27 @@ fn many_concurrent_large_messages(spill_threshold: &str) -> (usize, u64, Relay) 
         }
     }
     let peak = peak_rss(relay.pid());
+    let kept_for_delivery = 2 * SIZE as u64 + 2_000_000;
+    let given_back = Instant::now() + Duration::from_secs(10);
+    let mut after = rss(relay.pid());
+    while after > in_data + kept_for_delivery && Instant::now() < given_back {
+        std::thread::sleep(Duration::from_millis(100));
+        after = rss(relay.pid());
+    }
+    assert!(
+        after <= in_data + kept_for_delivery,
+        "RSS {} MB with every message answered, {} MB with every client in DATA",
+        after >> 20,
+        in_data >> 20
+    );
     relay.terminate(Duration::from_secs(20));
     let grown = peak.saturating_sub(before);
     eprintln!(
-        "{stored}/{CLIENTS} stored; RSS peak {} MB, grown {} MB",
+        "{stored}/{CLIENTS} stored; RSS peak {} MB, grown {} MB; {} MB in DATA, {} MB after",
         peak >> 20,
-        grown >> 20
+        grown >> 20,
+        in_data >> 20,
+        after >> 20
     );
     (stored, grown, relay)
 }
