@@ -588,13 +588,9 @@ fn message_write(m: &NewMessage) -> Cmd {
             .arg(envelope::encode(&m.record));
         return place;
     }
-    let mut set = redis::cmd("MSET");
-    add_message_keys(&mut set, m);
-    set
+    message_set(&[m])
 }
 
-/// The record and body keys of a message in memory, with their values, as
-/// arguments of an `MSET`.
 /// The index entries of `batch`, written first: see "Consistency" in the
 /// module doc.
 fn index_add(batch: &[NewMessage]) -> Cmd {
@@ -611,28 +607,47 @@ fn index_add(batch: &[NewMessage]) -> Cmd {
 /// body is placed by its own script.
 fn store_commands(batch: &[NewMessage]) -> Vec<Cmd> {
     let mut commands = vec![index_add(batch)];
-    let mut set = redis::cmd("MSET");
-    let mut in_memory = 0;
-    for m in batch {
-        if m.body.rest().is_some() {
-            commands.push(message_write(m));
-        } else {
-            add_message_keys(&mut set, m);
-            in_memory += 1;
-        }
-    }
-    if in_memory > 0 {
-        commands.push(set);
+    let (spilled, in_memory): (Vec<&NewMessage>, Vec<&NewMessage>) =
+        batch.iter().partition(|m| m.body.rest().is_some());
+    commands.extend(spilled.into_iter().map(message_write));
+    if !in_memory.is_empty() {
+        commands.push(message_set(&in_memory));
     }
     commands
 }
 
-fn add_message_keys(set: &mut Cmd, m: &NewMessage) {
-    let id = &m.record.id;
-    set.arg(record_key(id))
-        .arg(envelope::encode(&m.record))
-        .arg(body_key(id))
-        .arg(StoredBody(m.body.head()));
+/// One `MSET` of the record and body keys of `messages`, all in memory.
+/// Its buffer is sized once: grown by doubling, a batch of 100 KB bodies
+/// was copied again at every step, each time into fresh pages.
+fn message_set(messages: &[&NewMessage]) -> Cmd {
+    let args: Vec<_> = messages
+        .iter()
+        .map(|m| {
+            let id = &m.record.id;
+            (record_key(id), envelope::encode(&m.record), body_key(id))
+        })
+        .collect();
+    let size: usize = messages
+        .iter()
+        .zip(&args)
+        .map(|(m, (record_key, record, body_key))| {
+            let body = m.body.head();
+            record_key.len()
+                + record.len()
+                + body_key.len()
+                + encode_body_head(body.len() as u64).len()
+                + body.len()
+        })
+        .sum();
+    let mut set = Cmd::with_capacity(1 + 4 * messages.len(), "MSET".len() + size);
+    set.arg("MSET");
+    for (m, (record_key, record, body_key)) in messages.iter().zip(args) {
+        set.arg(record_key)
+            .arg(record)
+            .arg(body_key)
+            .arg(StoredBody(m.body.head()));
+    }
+    set
 }
 
 fn parse_value<T: FromRedisValue>(value: Value) -> Result<T, String> {
