@@ -146,6 +146,16 @@ impl DataReader {
                     done: true,
                 };
             }
+            // Past the header section, whole lines with nothing to undo
+            // or refuse in them are taken in one go.
+            if self.state == State::LineStart && !self.in_headers {
+                let lines = plain_lines(&input[i..]);
+                if lines > 0 {
+                    self.store(&input[i..i + lines]);
+                    i += lines;
+                    continue;
+                }
+            }
             // Inside a line, everything up to the next CR, LF or NUL is
             // plain text: taken in one go rather than byte by byte.
             if self.state == State::InLine {
@@ -233,7 +243,7 @@ impl DataReader {
         if self.line_len > MAX_DATA_LINE {
             self.line_too_long = true;
         }
-        if self.line_len <= self.prefix.len() {
+        if self.in_headers && self.line_len <= self.prefix.len() {
             self.prefix[self.line_len - 1] = b;
         }
         self.state = match (self.state, b) {
@@ -299,7 +309,7 @@ impl DataReader {
     /// when none is CR, LF or NUL, for all of them at once.
     fn keep_text(&mut self, text: &[u8]) {
         let start = self.line_len;
-        if start < self.prefix.len() {
+        if self.in_headers && start < self.prefix.len() {
             let n = (self.prefix.len() - start).min(text.len());
             self.prefix[start..start + n].copy_from_slice(&text[..n]);
         }
@@ -307,6 +317,11 @@ impl DataReader {
         if self.line_len > MAX_DATA_LINE {
             self.line_too_long = true;
         }
+        self.store(text);
+    }
+
+    /// Counts `text` into the message and keeps what fits.
+    fn store(&mut self, text: &[u8]) {
         if !self.discarded {
             let room = self.max_size.saturating_sub(self.size);
             let kept = (text.len() as u64).min(room) as usize;
@@ -333,6 +348,27 @@ impl DataReader {
 /// the next power of two: a body the shell takes at 256 KiB then never
 /// grows a 512 KiB block, as `Vec`'s own doubling from an odd first size
 /// would.
+/// How many bytes at the start of `input` are whole lines that
+/// [`DataReader::step`] would keep as they are: none starting with a dot,
+/// none with a CR, LF or NUL before its CRLF, none too long.
+fn plain_lines(input: &[u8]) -> usize {
+    let mut taken = 0;
+    while let Some(&first) = input.get(taken) {
+        if first == b'.' {
+            break;
+        }
+        let line = &input[taken..];
+        let Some(end) = memchr::memchr3(b'\r', b'\n', 0, line) else {
+            break;
+        };
+        if line[end] != b'\r' || line.get(end + 1) != Some(&b'\n') || end + 2 > MAX_DATA_LINE {
+            break;
+        }
+        taken += end + 2;
+    }
+    taken
+}
+
 fn grow_to_hold(body: &mut Vec<u8>, more: usize) {
     let needed = body.len() + more;
     if needed > body.capacity() {
@@ -571,6 +607,33 @@ mod tests {
             1 << 20,
         );
         assert!(r.finish().is_ok());
+    }
+
+    #[test]
+    fn whole_body_lines_taken_at_once_are_checked_like_any_other() {
+        let head = b"Subject: x\r\n\r\nplain\r\n".to_vec();
+        let finish = |middle: &[u8]| {
+            let input = [&head[..], middle, b"plain\r\n..dot\r\nend\r\n.\r\n"].concat();
+            let mut r = DataReader::new(1 << 20);
+            let p = r.feed(&input);
+            assert_eq!(
+                p,
+                Progress {
+                    consumed: input.len(),
+                    done: true
+                }
+            );
+            r.finish()
+        };
+        let body = finish(b"").unwrap().body;
+        assert_eq!(body, b"Subject: x\r\n\r\nplain\r\nplain\r\n.dot\r\nend\r\n");
+        let longest = [&[b'y'; MAX_DATA_LINE - 2][..], b"\r\n"].concat();
+        assert!(finish(&longest).is_ok(), "998 octets and CRLF fit");
+        let too_long = [&[b'y'; MAX_DATA_LINE - 1][..], b"\r\n"].concat();
+        assert_eq!(finish(&too_long), Err(DataError::LineTooLong));
+        assert_eq!(finish(b"a\nb\r\n"), Err(DataError::BareLineEnding));
+        assert_eq!(finish(b"a\rb\r\n"), Err(DataError::BareLineEnding));
+        assert_eq!(finish(b"a\0b\r\n"), Err(DataError::Nul));
     }
 
     #[test]
