@@ -777,7 +777,7 @@ impl BodyEncoder {
         let mut rest = chunk;
         while !rest.is_empty() {
             if self.line_start {
-                let lines = crlf_lines(rest);
+                let lines = crate::data::plain_lines(rest);
                 if lines > 0 {
                     out.extend_from_slice(&rest[..lines]);
                     self.after_cr = false;
@@ -817,26 +817,6 @@ impl BodyEncoder {
         }
         out.extend_from_slice(b".\r\n");
     }
-}
-
-/// How many bytes at the start of `input` are whole CRLF lines that
-/// [`BodyEncoder`] writes as they are: none starting with a dot, none with
-/// a bare CR or LF. They are copied in one go.
-fn crlf_lines(input: &[u8]) -> usize {
-    let mut taken = 0;
-    while let Some(&first) = input.get(taken) {
-        if first == b'.' {
-            break;
-        }
-        let line = &input[taken..];
-        match memchr::memchr2(b'\r', b'\n', line) {
-            Some(end) if line[end] == b'\r' && line.get(end + 1) == Some(&b'\n') => {
-                taken += end + 2;
-            }
-            _ => break,
-        }
-    }
-    taken
 }
 
 /// The whole body as DATA lines, final dot included.

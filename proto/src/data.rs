@@ -350,8 +350,9 @@ impl DataReader {
 /// would.
 /// How many bytes at the start of `input` are whole lines that
 /// [`DataReader::step`] would keep as they are: none starting with a dot,
-/// none with a CR, LF or NUL before its CRLF, none too long.
-fn plain_lines(input: &[u8]) -> usize {
+/// none with a CR, LF or NUL before its CRLF, none too long. The body
+/// encoder of outgoing DATA writes such lines as they are, too.
+pub(crate) fn plain_lines(input: &[u8]) -> usize {
     let mut taken = 0;
     while let Some(&first) = input.get(taken) {
         if first == b'.' {
