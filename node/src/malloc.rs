@@ -85,7 +85,7 @@ pub fn tune_at_start() {
 
 /// Moves the placement of large blocks after `bodies` changed, if that
 /// crossed a mark. Called by the budget on every take and give back; costs
-/// two atomic loads when no mark is crossed.
+/// three atomic loads when no mark is crossed.
 pub(crate) fn follow(bodies: &BodyMemory) {
     if !FOLLOWING.load(Ordering::Acquire) {
         return;
