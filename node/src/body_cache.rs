@@ -7,11 +7,17 @@
 //! The cache shares each body's bytes with the store that wrote them (a
 //! [`Body`] clone), so keeping it costs no copy.
 //!
-//! Bounded in bytes, oldest out first. A delivery takes its body; a
-//! message with several deliveries, one retried or one taken by another
-//! node reads the spool as before. Bodies are never changed once stored,
-//! so a kept body is never stale; one whose message is gone is never asked for
-//! and leaves with the oldest.
+//! Bounded in bytes. Deliveries take bodies about in the order they were
+//! kept, so when the cache is full it makes room from the bodies older
+//! than one already taken (passed over: delivered by another node, or
+//! retried, or their message deleted), and otherwise keeps no more: the
+//! bodies it holds are the next to be delivered. Dropping the oldest
+//! instead, as it once did, meant that once more messages waited than
+//! the cache holds, every delivery found its body just dropped (2,356
+//! misses in 2,372 reads, 200 sessions of 100 KB messages on Redis). A
+//! delivery takes its body; a message with several deliveries, one
+//! retried or one taken by another node reads the spool as before.
+//! Bodies are never changed once stored, so a kept body is never stale.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -27,11 +33,41 @@ pub struct BodyCache {
 
 #[derive(Default)]
 struct State {
-    bodies: HashMap<MessageId, Body>,
-    /// Insertion order; an id whose body was taken stays until it comes up.
-    order: VecDeque<MessageId>,
+    /// Each body with its place in the order it was kept.
+    bodies: HashMap<MessageId, (u64, Body)>,
+    /// Places and ids in the order kept; an id whose body was taken stays
+    /// until it comes up.
+    order: VecDeque<(u64, MessageId)>,
+    /// The place the next body kept gets.
+    next: u64,
+    /// The latest place of a body taken: kept bodies before it were
+    /// passed over.
+    taken: u64,
     /// The memory of the kept bodies ([`Body::held`]).
     bytes: u64,
+}
+
+impl State {
+    /// Drops bodies passed over, oldest first, until `room` more bytes fit
+    /// in `capacity` or none is left to drop; whether they fit.
+    fn make_room(&mut self, room: u64, capacity: u64) -> bool {
+        while self.bytes + room > capacity {
+            let Some((place, id)) = self.order.front() else {
+                break;
+            };
+            // Not so when its body was taken, or kept again later.
+            let kept_here = self.bodies.get(id).is_some_and(|(kept, _)| kept == place);
+            if kept_here && *place >= self.taken {
+                break;
+            }
+            let (_, id) = self.order.pop_front().expect("a front");
+            if kept_here {
+                let (_, body) = self.bodies.remove(&id).expect("kept");
+                self.bytes -= body.held() as u64;
+            }
+        }
+        self.bytes + room <= capacity
+    }
 }
 
 impl BodyCache {
@@ -57,29 +93,28 @@ impl BodyCache {
         (self.is_enabled() && fits).then(|| body.clone())
     }
 
-    /// Keeps the bodies of stored messages, dropping the oldest past the
-    /// capacity.
+    /// Keeps the bodies of stored messages, as many as fit once the bodies
+    /// passed over are dropped.
     pub fn keep(&self, bodies: impl IntoIterator<Item = (MessageId, Body)>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         for (id, body) in bodies {
-            state.bytes += body.held() as u64;
-            if let Some(old) = state.bodies.insert(id.clone(), body) {
+            let held = body.held() as u64;
+            if let Some((_, old)) = state.bodies.remove(&id) {
                 state.bytes -= old.held() as u64;
             }
-            state.order.push_back(id);
-        }
-        while state.bytes > self.capacity {
-            let Some(oldest) = state.order.pop_front() else {
-                break;
-            };
-            if let Some(body) = state.bodies.remove(&oldest) {
-                state.bytes -= body.held() as u64;
+            if !state.make_room(held, self.capacity) {
+                continue;
             }
+            let place = state.next;
+            state.next += 1;
+            state.bytes += held;
+            state.bodies.insert(id.clone(), (place, body));
+            state.order.push_back((place, id));
         }
-        // Ids of taken bodies pile up only while nothing is evicted.
+        // Places of taken bodies pile up only while nothing is dropped.
         if state.order.len() > 2 * state.bodies.len() + 1024 {
             let State { bodies, order, .. } = &mut *state;
-            order.retain(|id| bodies.contains_key(id));
+            order.retain(|(place, id)| bodies.get(id).is_some_and(|(kept, _)| kept == place));
         }
         crate::metrics::body_cache(state.bytes);
     }
@@ -92,7 +127,8 @@ impl BodyCache {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let body = state.bodies.remove(id);
         crate::metrics::body_cache_read(body.is_some());
-        let body = body?;
+        let (place, body) = body?;
+        state.taken = state.taken.max(place);
         state.bytes -= body.held() as u64;
         crate::metrics::body_cache(state.bytes);
         Some(body)
@@ -144,24 +180,66 @@ mod tests {
             let body = Body::from(buffer);
             cache.keep([(id(n), cache.share(&body).unwrap())]);
         }
-        assert!(cache.take(&id(1)).is_none(), "128 bytes held, 20 received");
-        assert!(cache.take(&id(2)).is_some());
+        assert!(cache.take(&id(2)).is_none(), "128 bytes held, 20 received");
+        assert!(cache.take(&id(1)).is_some());
     }
 
     #[test]
-    fn the_oldest_go_first_past_the_capacity() {
+    fn past_the_capacity_the_newest_are_not_kept_and_the_passed_over_go_first() {
         let cache = BodyCache::new(100);
         for n in 1..=4 {
             keep(&cache, n, 30);
         }
-        // 120 bytes: the first went.
-        assert!(cache.take(&id(1)).is_none());
-        assert!(cache.take(&id(2)).is_some());
-        // A taken body frees its room: 5 and 6 fit beside 3 and 4.
+        // 120 bytes: the fourth did not fit; the first three are the next
+        // to be delivered.
+        assert!(cache.take(&id(4)).is_none());
+        assert!(cache.take(&id(1)).is_some());
+        // A taken body frees its room.
         keep(&cache, 5, 30);
+        // 3 is taken before 2: 2 was passed over, and makes room for 6.
         assert!(cache.take(&id(3)).is_some());
-        assert!(cache.take(&id(4)).is_some());
-        assert!(cache.take(&id(5)).is_some());
+        keep(&cache, 6, 30);
+        keep(&cache, 7, 30);
+        assert!(cache.take(&id(2)).is_none(), "passed over, dropped");
+        for n in [5, 6, 7] {
+            assert!(cache.take(&id(n)).is_some(), "{n}");
+        }
+        assert_eq!(cache.state.lock().unwrap().bytes, 0);
+    }
+
+    /// Once more messages wait than the cache holds, deliveries in the
+    /// order of storing still find most bodies kept.
+    #[test]
+    fn a_backlog_larger_than_the_cache_is_delivered_from_it_as_far_as_it_goes() {
+        let cache = BodyCache::new(100 * 10);
+        let mut hits = 0;
+        let mut delivered = 0;
+        // 5 stored for each 2 delivered, 500 in all, then the rest.
+        for n in 0..500u64 {
+            keep(&cache, n, 10);
+            if n % 5 < 2 {
+                hits += usize::from(cache.take(&id(delivered)).is_some());
+                delivered += 1;
+            }
+        }
+        while delivered < 500 {
+            hits += usize::from(cache.take(&id(delivered)).is_some());
+            delivered += 1;
+        }
+        // Every body kept is taken: the 100 it holds at first, then one
+        // for each taken while the backlog grows.
+        assert!(hits >= 250, "{hits} of 500");
+        assert_eq!(cache.state.lock().unwrap().bytes, 0);
+    }
+
+    #[test]
+    fn a_body_kept_again_replaces_the_first() {
+        let cache = BodyCache::new(100);
+        keep(&cache, 1, 30);
+        keep(&cache, 1, 50);
+        assert_eq!(cache.state.lock().unwrap().bytes, 50);
+        assert_eq!(cache.take(&id(1)).unwrap().len(), 50);
+        assert_eq!(cache.state.lock().unwrap().bytes, 0);
     }
 
     #[test]
