@@ -7,7 +7,7 @@
 //!   bodies going to disk through the blocking pool that was over 200 MB
 //!   beyond the budget. Two arenas (`MALLOC_ARENA_MAX`).
 //! - Where blocks of 128 KiB and more come from follows the budget
-//!   ([`Placement`]). Taken from the heap, a freed block is reused by the
+//!   (`Placement`). Taken from the heap, a freed block is reused by the
 //!   next message; mapped, each one is faulted in page by page and unmapped
 //!   when freed, which cost a sixth of a node's CPU relaying 100 KB
 //!   messages through Redis. But what a flood of large bodies leaves in the
