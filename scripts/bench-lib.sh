@@ -104,11 +104,13 @@ start_sink() { # PORT OUTPUT [OPTIONS]: Postfix's smtp-sink, counters (-c) to OU
   wait_port "$1"
 }
 
+# REDIS_ARGS in the environment adds options to every server, after EXTRA
+# ARGS.
 start_redis() { # PORT [EXTRA ARGS]: a redis-server with an fsync per write; sets redis_pid
   local dir="$work/redis-$1"
   mkdir -p "$dir"
   redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly yes \
-    --appendfsync always --dir "$dir" --daemonize no "${@:2}" >"$dir/log" 2>&1 &
+    --appendfsync always --dir "$dir" --daemonize no "${@:2}" ${REDIS_ARGS:-} >"$dir/log" 2>&1 &
   pids+=($!)
   # shellcheck disable=SC2034 # the caller's to measure and stop
   redis_pid=$!

@@ -45,7 +45,8 @@
 # REDIS_MONITOR=1 (Redis backends) also records every command with
 # MONITOR and says how many the nodes sent and how many their scripts ran
 # (INFO commandstats counts both alike). MONITOR slows Redis: count with
-# it, time without it.
+# it, time without it. REDIS_ARGS adds options to every redis-server
+# started here (say "--auto-aof-rewrite-percentage 0"), as compare.sh does.
 #
 # CPUS=0 (a taskset CPU list) pins the nodes to those cores, to measure
 # how the throughput grows with cores; the load tools are not pinned.

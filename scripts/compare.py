@@ -4,6 +4,9 @@ matplotlib for the plot).
     compare.py cpu [--children] PID...     CPU seconds (user + system) of the
         processes; --children adds the children they reaped and those
         still running (a Postfix master and its daemons)
+    compare.py load-cpu SINK_PID FILE...   CPU seconds of the load tools:
+        smtp-sink's (by PID) and the smtp-source runs' (each FILE the
+        output of a shell's `times`, whose second line is its children's)
     compare.py hwm PID...                  the largest peak RSS (VmHWM), KiB
     compare.py hist PORT...                the accept-latency histogram of
         the nodes with these admin ports, summed, as JSON
@@ -62,6 +65,30 @@ def cpu(args):
                 if int(c[1]) == pid:
                     ticks += int(c[11]) + int(c[12])
     print(f"{ticks / TICKS:.2f}")
+
+
+def cpu_seconds(pid):
+    """User + system seconds of one process, 0 when it is gone."""
+    try:
+        f = stat_fields(pid)
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / TICKS
+
+
+TIMES = re.compile(r"(\d+)m([\d.]+)s")
+
+
+def load_cpu(args):
+    total = cpu_seconds(int(args[0]))
+    for path in args[1:]:
+        try:
+            lines = open(path).read().splitlines()
+        except OSError:
+            continue
+        if len(lines) >= 2:
+            total += sum(int(m) * 60 + float(s) for m, s in TIMES.findall(lines[1]))
+    print(f"{total:.2f}")
 
 
 def hwm(args):
@@ -217,6 +244,13 @@ def derive(rows):
         for key, name in (("cpu_relay", "cpu_s_per_1000"), ("cpu_redis", "redis_cpu_s_per_1000")):
             v = num(r.get(key))
             d[name] = round(v / n * 1000, 3) if v is not None and r["status"] == "ok" else None
+        tools = num(r.get("cpu_tools"))
+        d["tools_cpu_s_per_1000"] = round(tools / n * 1000, 3) if tools is not None and r["status"] == "ok" else None
+        # The relay, Redis and the load tools over the run, in cores: near
+        # the machine's count, the run was bound by CPU.
+        spent = [num(r.get(k)) for k in ("cpu_relay", "cpu_redis", "cpu_tools")]
+        d["cores_busy"] = (round(sum(v for v in spent if v is not None) / d["seconds"], 2)
+                           if tools is not None and d["seconds"] and r["status"] == "ok" else None)
         rss = num(r.get("rss_kib"))
         d["peak_rss_mib"] = round(rss / 1024, 1) if rss else None
         calls = num(r.get("redis_calls"))
@@ -267,7 +301,8 @@ def size_label(size):
 
 def table(rows):
     head = ("| size | sessions | msgs/conn | system | msg/s | × Postfix | × direct "
-            "| accepted msg/s | CPU s/1k msgs | Redis CPU s/1k | peak RSS MiB "
+            "| accepted msg/s | CPU s/1k msgs | Redis CPU s/1k | load tools CPU s/1k "
+            "| cores busy | peak RSS MiB "
             "| Redis cmds/msg | accept p50 | accept p99 |")
     lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
     for d in rows:
@@ -280,6 +315,7 @@ def table(rows):
             f"| {fmt(d['vs_postfix'], '{:.2f}')} | {fmt(d['vs_direct'], '{:.2f}')} "
             f"| {fmt(d['accepted_per_s'], '{:,.0f}').replace(',', ' ')} "
             f"| {fmt(d['cpu_s_per_1000'], '{:.2f}')} | {fmt(d['redis_cpu_s_per_1000'], '{:.2f}')} "
+            f"| {fmt(d.get('tools_cpu_s_per_1000'), '{:.2f}')} | {fmt(d.get('cores_busy'), '{:.2f}')} "
             f"| {fmt(d['peak_rss_mib'], '{:.0f}')} | {fmt(d['redis_commands_per_message'], '{:.1f}')} "
             f"| {ms(d['accept_p50_s'])} | {ms(d['accept_p99_s'])} |"
         )
@@ -370,7 +406,9 @@ def report(args):
     print()
     print("msg/s: first message sent to the last one received by smtp-sink. "
           "CPU: user + system seconds of the relay's processes (all of Postfix's; "
-          "the smarthost nodes) and of redis-server, per 1 000 messages. Peak RSS: "
+          "the smarthost nodes), of redis-server (with its AOF rewrites) and of the load tools (smtp-source "
+          "and smtp-sink), per 1 000 messages. Cores busy: all of them together over "
+          "the run, in cores. Peak RSS: "
           "VmHWM of the largest smarthost node. Redis cmds/msg: every command "
           "redis-server ran (INFO commandstats), those its Lua scripts ran "
           "included; what the nodes sent is fewer (bench.sh REDIS_MONITOR=1). "
@@ -398,6 +436,8 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "cpu":
         cpu(args)
+    elif cmd == "load-cpu":
+        load_cpu(args)
     elif cmd == "hwm":
         hwm(args)
     elif cmd == "hist":

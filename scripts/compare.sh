@@ -26,9 +26,11 @@
 # by smtp-sink (its -c counters), as a ratio to Postfix and to direct in the
 # same cell; acceptance alone (until smtp-source is done); CPU seconds per
 # 1 000 messages of the relay (utime + stime from /proc; Postfix's master
-# and all its daemons) and of redis-server; the smarthost nodes' peak RSS
-# (VmHWM); Redis commands per message (INFO commandstats, the commands
-# its scripts run included); acceptance
+# and all its daemons), of redis-server (with the children that rewrite
+# its AOF) and of the load tools (smtp-source and smtp-sink, which share
+# the machine), and how many cores all of them kept busy on average; the
+# smarthost nodes' peak RSS (VmHWM); Redis commands per message (INFO
+# commandstats, the commands its scripts run included); acceptance
 # latency p50/p99 from the nodes' smarthost_message_accept_seconds
 # histogram (bucket upper bounds, so bucket resolution).
 #
@@ -39,8 +41,9 @@
 # Other knobs: SYSTEMS (say "postfix smarthost"), SIZES, SESSIONS,
 # PER_CONNECTION, MESSAGES_SMALL (default 5000, messages under 10 KB),
 # MESSAGES_LARGE (default 4000), CELL_TIMEOUT (seconds, default 300),
-# SMARTHOST_BIN (another build). Needs postfix, redis-server and redis-cli
-# (installed from Debian when missing, no service started).
+# SMARTHOST_BIN (another build), REDIS_ARGS (options for redis-server).
+# Needs postfix, redis-server and redis-cli (installed from Debian when
+# missing, no service started).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -151,6 +154,14 @@ postfix_stop() {
   pf_master=""
 }
 
+# In a sender's subshell, once its smtp-source runs are done: the CPU they
+# used (bash's `times`: the shell's line, then its children's), to
+# $work/load-cpu.N. Not through a pipe, which would run `times` in a
+# process of its own, without those children.
+load_cpu() { # N
+  times >"$work/load-cpu.$1"
+}
+
 # Sends MESSAGES messages of SIZE bytes over SESSIONS parallel sessions,
 # PER messages per connection, to the PORTS (sessions spread over them in
 # turn). One message per connection is smtp-source's own mode; for more,
@@ -170,8 +181,11 @@ drive_load() { # SIZE SESSIONS PER MESSAGES PORT...
       m=$(((before + s) * messages / sessions - before * messages / sessions))
       before=$((before + s))
       if [ "$s" -eq 0 ] || [ "$m" -eq 0 ]; then continue; fi
-      /usr/sbin/smtp-source -s "$s" -m "$m" -l "$size" -f app@example.com \
-        -t user@example.org "127.0.0.1:${ports[$i]}" 2>>"$work/source.err" &
+      (
+        /usr/sbin/smtp-source -s "$s" -m "$m" -l "$size" -f app@example.com \
+          -t user@example.org "127.0.0.1:${ports[$i]}" || exit 1
+        load_cpu "$i"
+      ) 2>>"$work/source.err" &
       pids+=($!)
       load_pids+=($!)
       load_messages=$((load_messages + m))
@@ -189,6 +203,7 @@ drive_load() { # SIZE SESSIONS PER MESSAGES PORT...
         /usr/sbin/smtp-source -d -s 1 -m "$per" -l "$size" -f app@example.com \
           -t user@example.org "127.0.0.1:${ports[$((i % n))]}" || exit 1
       done
+      load_cpu "$i"
     ) 2>>"$work/source.err" &
     pids+=($!)
     load_pids+=($!)
@@ -228,8 +243,8 @@ run_one() { # SYSTEM SIZE SESSIONS PER MESSAGES
   local system=$1 size=$2 sessions=$3 per=$4 messages=$5
   local sink_port targets=() relay=() queue redis_port="" nodes=0 status=ok
   local start accepted="" end="" cpu0="" cpu1="" rcpu0="" rcpu1="" calls0="" calls1=""
-  local rss="" delivered="" hist0="" hist1="" waiter pid
-  rm -rf "$work/spool" "$work"/redis-* "$work"/delivery-*.log "$work/sink.out"
+  local rss="" delivered="" hist0="" hist1="" waiter pid tools_cpu
+  rm -rf "$work/spool" "$work"/redis-* "$work"/delivery-*.log "$work/sink.out" "$work"/load-cpu.*
   redis_ports=()
   sink_port=$(free_port)
   start_sink "$sink_port" "$work/sink.out"
@@ -256,7 +271,7 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
       hist0="$work/hist0.json"
       "$py" scripts/compare.py hist "${node_admins[@]}" >"$hist0" ;;
   esac
-  [ -n "$redis_port" ] && calls0=$(redis_calls) && rcpu0=$("$py" scripts/compare.py cpu "$redis_pid")
+  [ -n "$redis_port" ] && calls0=$(redis_calls) && rcpu0=$("$py" scripts/compare.py cpu --children "$redis_pid")
   if [ "$system" = postfix ]; then
     cpu0=$("$py" scripts/compare.py cpu --children "$pf_master")
   elif ((${#relay[@]})); then
@@ -291,7 +306,8 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
     hist1="$work/hist1.json"
     "$py" scripts/compare.py hist "${node_admins[@]}" >"$hist1"
   fi
-  [ -n "$redis_port" ] && calls1=$(redis_calls) && rcpu1=$("$py" scripts/compare.py cpu "$redis_pid")
+  [ -n "$redis_port" ] && calls1=$(redis_calls) && rcpu1=$("$py" scripts/compare.py cpu --children "$redis_pid")
+  tools_cpu=$("$py" scripts/compare.py load-cpu "$sink_pid" "$work"/load-cpu.*)
 
   [ "$system" = postfix ] && postfix_stop
   for pid in "${relay[@]}"; do stop_pid "$pid"; done
@@ -310,7 +326,7 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
     accepted="$accepted" end="$end" \
     cpu_relay="$([ -n "$cpu1" ] && python3 -c "print($cpu1 - $cpu0)")" \
     cpu_redis="$([ -n "$rcpu1" ] && python3 -c "print($rcpu1 - $rcpu0)")" \
-    redis_calls="$([ -n "$calls1" ] && echo $((calls1 - calls0)))" \
+    redis_calls="$([ -n "$calls1" ] && echo $((calls1 - calls0)))" cpu_tools="$tools_cpu" \
     rss_kib="$rss" delivered_logged="$delivered" hist_before="$hist0" hist_after="$hist1"
   if [ -n "$end" ]; then
     printf '  %-9s %6d msgs: %s msg/s\n' "$system" "$load_messages" \
@@ -325,7 +341,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -r)" >&2
 echo "commit $commit; postfix $(postconf -dh mail_version 2>/dev/null); $(redis-server --version | awk '{ print $1, $3 }')" >&2
 command="scripts/compare.sh"
-for v in SYSTEMS SIZES SESSIONS PER_CONNECTION MESSAGES_LARGE MESSAGES_SMALL OUT QUICK; do
+for v in SYSTEMS SIZES SESSIONS PER_CONNECTION MESSAGES_LARGE MESSAGES_SMALL OUT QUICK REDIS_ARGS; do
   case "${!v:-}" in
     "") ;;
     *" "*) command="$v=\"${!v}\" $command" ;;
