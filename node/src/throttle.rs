@@ -42,6 +42,13 @@ const CAP_FULL_RETRY: Duration = Duration::from_millis(500);
 /// When the limits cannot be read, open nothing and look again after this.
 const LIMITS_RETRY: Duration = Duration::from_secs(2);
 
+/// The most connections of one domain being opened at once (a slot, a
+/// lease and a take each, in turn). Opening one at a time, a backlog on
+/// the `redis` backend got about six new connections a second: each
+/// opening waits for three round trips, and each round trip for Redis's
+/// fsync behind the bodies being stored.
+const PARALLEL_OPENINGS: usize = 8;
+
 /// The longest the messages a connection holds, beyond the one it is
 /// sending, should take to send. Work held longer waits on one connection
 /// while free slots (here or on other nodes) could send it.
@@ -155,8 +162,16 @@ pub struct DomainThrottle {
     dispatcher: Addr<Dispatcher>,
     /// Open connections of this domain on this node.
     active: usize,
-    /// A node slot, a lease or a `Take` is on its way.
-    taking: bool,
+    /// Connections being opened: a node slot, a lease or a `Take` is on
+    /// its way for each.
+    opening: usize,
+    /// How many may be opened at once: one, doubled by each take that
+    /// gives all it asked for (there is likely more work) up to
+    /// [`PARALLEL_OPENINGS`], one again after a take that gives less. A
+    /// few messages so cost at most two takes that find nothing.
+    at_once: usize,
+    /// One opening waits in line for a node slot.
+    waiting_for_slot: bool,
     /// A [`DomainThrottle::retry`] is pending.
     retrying: bool,
     /// An [`DomainThrottle::idle_check`] is pending.
@@ -176,7 +191,9 @@ impl DomainThrottle {
             env,
             dispatcher,
             active: 0,
-            taking: false,
+            opening: 0,
+            at_once: 1,
+            waiting_for_slot: false,
             retrying: false,
             idle_timer: false,
             last_busy: Instant::now(),
@@ -185,28 +202,36 @@ impl DomainThrottle {
 
     /// Opens connections while the limits allow and the queue has work:
     /// a node-wide slot, then a lease on one of the domain's slots, then
-    /// work from the queue. When the node's slots are all in use, the
-    /// throttle waits in line for one: a connection that ends hands its
-    /// slot to the domain that has waited longest, at once.
+    /// work from the queue; several at once while the takes come back
+    /// full ([`DomainThrottle::at_once`]). When the node's slots are all in
+    /// use, one opening waits in line for one: a connection that ends hands
+    /// its slot to the domain that has waited longest, at once.
     fn fill(&mut self, ctx: &mut Context<Self>) {
-        if self.taking || self.active >= self.policy.max_connections {
-            return;
-        }
-        self.taking = true;
-        let slots = self.env.node_slots.clone();
-        match slots.try_take() {
-            Ok(slot) => self.lease(slot, ctx),
-            Err(TryAcquireError::NoPermits) => {
-                let wait = slots.take();
-                ctx.spawn(wait.into_actor(self).map(|slot, throttle, ctx| {
-                    match slot {
-                        Ok(slot) => throttle.lease(slot, ctx),
-                        // Closed: the node is stopping.
-                        Err(_) => throttle.taking = false,
-                    }
-                }));
+        while self.opening < self.at_once
+            && self.active + self.opening < self.policy.max_connections
+            && !self.waiting_for_slot
+        {
+            let slots = self.env.node_slots.clone();
+            match slots.try_take() {
+                Ok(slot) => {
+                    self.opening += 1;
+                    self.lease(slot, ctx);
+                }
+                Err(TryAcquireError::NoPermits) => {
+                    self.opening += 1;
+                    self.waiting_for_slot = true;
+                    let wait = slots.take();
+                    ctx.spawn(wait.into_actor(self).map(|slot, throttle, ctx| {
+                        throttle.waiting_for_slot = false;
+                        match slot {
+                            Ok(slot) => throttle.lease(slot, ctx),
+                            // Closed: the node is stopping.
+                            Err(_) => throttle.opening -= 1,
+                        }
+                    }));
+                }
+                Err(TryAcquireError::Closed) => break,
             }
-            Err(TryAcquireError::Closed) => self.taking = false,
         }
     }
 
@@ -223,12 +248,12 @@ impl DomainThrottle {
                 .map(move |lease, throttle, ctx| match lease {
                     Ok(Some(lease)) => throttle.take(lease, slot, ctx),
                     Ok(None) => {
-                        throttle.taking = false;
+                        throttle.opening -= 1;
                         drop(slot);
                         throttle.retry(CAP_FULL_RETRY, ctx);
                     }
                     Err(error) => {
-                        throttle.taking = false;
+                        throttle.opening -= 1;
                         drop(slot);
                         tracing::warn!(domain = %throttle.policy.domain, %error,
                             "no connection lease, opening no connection");
@@ -254,16 +279,21 @@ impl DomainThrottle {
     /// Takes work for a connection under `lease`; starts the connection
     /// if there is some, else gives the lease back.
     fn take(&mut self, lease: ConnectionLease, mut slot: Slot, ctx: &mut Context<Self>) {
+        let max = self
+            .shared
+            .pace
+            .batch(self.policy.max_messages_per_connection);
         let take = self.env.queue.send(Take {
             domain: self.policy.domain.clone(),
-            max: self
-                .shared
-                .pace
-                .batch(self.policy.max_messages_per_connection),
+            max,
         });
         ctx.spawn(take.into_actor(self).map(move |jobs, throttle, ctx| {
-            throttle.taking = false;
+            throttle.opening -= 1;
             let jobs = jobs.unwrap_or_default();
+            throttle.at_once = match jobs.len() >= max {
+                true => (throttle.at_once * 2).min(PARALLEL_OPENINGS),
+                false => 1,
+            };
             crate::metrics::delivery_take(jobs.len());
             if jobs.is_empty() {
                 let limits = throttle.env.limits.clone();
@@ -301,7 +331,7 @@ impl DomainThrottle {
         let wait = IDLE_STOP.saturating_sub(self.last_busy.elapsed());
         ctx.run_later(wait, |throttle, ctx| {
             throttle.idle_timer = false;
-            if throttle.active > 0 || throttle.taking {
+            if throttle.active > 0 || throttle.opening > 0 {
                 return;
             }
             if throttle.last_busy.elapsed() < IDLE_STOP {

@@ -1,7 +1,8 @@
 //! A TCP proxy that a test can cut: the network between one node and Redis
 //! failing, while both ends keep running. [`RedisLink`]: one process's
 //! link to one Redis server or to every primary of a Redis Cluster, cut
-//! and restored as one.
+//! and restored as one. A proxy may also hold every byte for a while each
+//! way ([`Proxy::with_latency`]): a Redis whose round trips are slow.
 
 use std::io;
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -12,6 +13,8 @@ use std::time::Duration;
 
 struct Shared {
     target: SocketAddr,
+    /// How long each byte is held before it is passed on, each way.
+    latency: Duration,
     cut: AtomicBool,
     stopping: AtomicBool,
     /// Connections forwarded to the target so far.
@@ -36,11 +39,23 @@ impl Proxy {
 
     /// A proxy listening on `listen` (port 0: a free one).
     pub fn start_on(listen: SocketAddr, target: SocketAddr) -> Proxy {
+        Proxy::start_with(listen, target, Duration::ZERO)
+    }
+
+    /// A proxy on a free port of 127.0.0.1 that passes bytes on `latency`
+    /// after they came, each way: a round trip through it takes twice
+    /// that, however many requests share it.
+    pub fn with_latency(target: SocketAddr, latency: Duration) -> Proxy {
+        Proxy::start_with(([127, 0, 0, 1], 0).into(), target, latency)
+    }
+
+    fn start_with(listen: SocketAddr, target: SocketAddr, latency: Duration) -> Proxy {
         let listener =
             TcpListener::bind(listen).unwrap_or_else(|e| panic!("bind the proxy to {listen}: {e}"));
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             target,
+            latency,
             cut: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             forwarded: AtomicUsize::new(0),
@@ -180,16 +195,23 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Copies both ways on two threads; either side closing closes both.
+/// Copies both ways on two threads (four with a latency); either side
+/// closing closes both.
 fn pipe(client: TcpStream, server: TcpStream, shared: &Shared) -> io::Result<()> {
     {
         let mut open = shared.open.lock().unwrap();
         open.push(client.try_clone()?);
         open.push(server.try_clone()?);
     }
-    let copy = |mut from: TcpStream, mut to: TcpStream| {
+    let latency = shared.latency;
+    let copy = move |from: TcpStream, to: TcpStream| {
         thread::spawn(move || {
-            let _ = io::copy(&mut from, &mut to);
+            if latency.is_zero() {
+                let (mut from, mut to) = (&from, &to);
+                let _ = io::copy(&mut from, &mut to);
+            } else {
+                copy_late(&from, &to, latency);
+            }
             let _ = to.shutdown(Shutdown::Both);
             let _ = from.shutdown(Shutdown::Both);
         });
@@ -197,6 +219,37 @@ fn pipe(client: TcpStream, server: TcpStream, shared: &Shared) -> io::Result<()>
     copy(client.try_clone()?, server.try_clone()?);
     copy(server, client);
     Ok(())
+}
+
+/// Copies `from` to `to`, each read passed on `latency` after it came: a
+/// reader stamps what it reads, a writer waits for each stamp, so that
+/// reads that come close together also leave close together.
+fn copy_late(from: &TcpStream, to: &TcpStream, latency: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+    let Ok(mut writer) = to.try_clone() else {
+        return;
+    };
+    let writing = thread::spawn(move || {
+        for (due, bytes) in rx {
+            thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            if io::Write::write_all(&mut writer, &bytes).is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0; 64 * 1024];
+    let mut reader = from;
+    while let Ok(n) = io::Read::read(&mut reader, &mut buf) {
+        if n == 0
+            || tx
+                .send((std::time::Instant::now() + latency, buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writing.join();
 }
 
 #[cfg(test)]

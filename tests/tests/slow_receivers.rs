@@ -1,15 +1,21 @@
 //! Delivery to a receiver that takes its time over each message: the real
 //! relay and the aiosmtpd sink with a pause before each end-of-data reply.
 //! A domain's messages are queued while it is suspended, then released at
-//! once, so that the queue holds them all when delivery starts.
+//! once, so that the queue holds them all when delivery starts. One test
+//! runs the relay on a real Redis behind a link that slows every round
+//! trip.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use smarthost_testkit::redis::RedisServer;
 use smarthost_tests::http;
+use smarthost_tests::proxy::Proxy;
 use smarthost_tests::relay::Relay;
-use smarthost_tests::scenario::{message, route, start, submit, wait_for_log, Setup};
+use smarthost_tests::scenario::{
+    message, route, start, start_with_env, submit, wait_for_log, Setup,
+};
 use smarthost_tests::sink::{Sink, SinkOptions};
 
 const DOMAIN: &str = "slow.test";
@@ -140,5 +146,53 @@ fn a_receiver_that_cannot_be_reached_gets_whole_takes() {
     assert_eq!(
         metrics["smarthost_delivery_messages_per_connection_sum"], MESSAGES as f64,
         "{metrics:#?}"
+    );
+}
+
+#[test]
+fn a_backlog_opens_its_connections_several_at_once_over_a_slow_redis() {
+    // Every round trip to Redis takes 200 ms. Opening a connection costs
+    // three (a lease, then a take of two): one at a time, sixteen
+    // connections would take about ten seconds; several at once, a few.
+    const MESSAGES: usize = 16;
+    const HOLD: Duration = Duration::from_secs(8);
+    let redis = RedisServer::start();
+    let link = Proxy::with_latency(
+        ([127, 0, 0, 1], redis.port()).into(),
+        Duration::from_millis(100),
+    );
+    let url = format!("redis://{}/", link.addr());
+    // Each connection carries one message and holds it for HOLD, so every
+    // connection opened before the first one ends is open at once.
+    let sink = Sink::start(SinkOptions::default().data_delay(HOLD));
+    let setup = start_with_env(
+        tempfile::tempdir().unwrap(),
+        &format!("max_connections_per_domain = {MESSAGES}\nmax_messages_per_connection = 1"),
+        &route(DOMAIN, &sink),
+        &[
+            ("SMARTHOST__QUEUE__BACKEND", "redis"),
+            ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
+        ],
+    );
+    queue(&setup.relay, "suspend");
+    for n in 0..MESSAGES {
+        let to = format!("user{n}@{DOMAIN}");
+        submit(
+            &setup.relay,
+            "app@sender.test",
+            &[&to],
+            &message(&to, &format!("backlog {n}"), "All at once.\r\n"),
+        );
+    }
+    queue(&setup.relay, "resume");
+    sink.assert_each_subject_once(MESSAGES, Duration::from_secs(90));
+
+    let stats = sink.stats();
+    assert_eq!(stats.connections_total, MESSAGES as u64, "{stats:?}");
+    assert_eq!(
+        stats.peak_concurrent_by_domain.get(DOMAIN).copied(),
+        Some(MESSAGES as u64),
+        "every connection should have been open before the first one ended: {stats:?}\n{}",
+        setup.relay.log()
     );
 }
