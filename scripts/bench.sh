@@ -48,6 +48,9 @@
 # it, time without it. REDIS_ARGS adds options to every redis-server
 # started here (say "--auto-aof-rewrite-percentage 0"), as compare.sh does.
 #
+# SAMPLE=1 (relay mode) also prints each node's open outbound connections
+# over the run, as slow mode does: how fast a backlog gets its connections.
+#
 # CPUS=0 (a taskset CPU list) pins the nodes to those cores, to measure
 # how the throughput grows with cores; the load tools are not pinned.
 #
@@ -167,7 +170,7 @@ if [ -n "${REDIS_MONITOR:-}" ] && [ "$backend" != local ]; then
   done
 fi
 
-if [ "$mode" = slow ]; then
+if [ "$mode" = slow ] || [ -n "${SAMPLE:-}" ]; then
   python3 scripts/compare.py sample "$work/open.txt" "${node_admins[@]}" &
   pids+=($!)
   sampler=$!
@@ -279,6 +282,11 @@ print(f"  smarthost peak RSS: {hwm / 1024:.0f} MiB{' (the largest node)' if node
 if hooked:
     print(f"  webhook: all {2 * n} events (accepted, delivered) at the endpoint {hooked} s after the last delivery")
 PY
+if [ "$mode" = relay ] && [ -n "${SAMPLE:-}" ]; then
+  kill "$sampler" 2>/dev/null || true
+  # Against the one domain's connection cap (max_connections_per_domain).
+  python3 scripts/compare.py timeline "$work/open.txt" "$start" "$end" 100
+fi
 if [ "$mode" = slow ]; then
   kill "$sampler" 2>/dev/null || true
   # The ideal: every connection busy, a message per DELAY each, as far as

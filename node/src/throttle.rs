@@ -167,8 +167,9 @@ pub struct DomainThrottle {
     opening: usize,
     /// How many may be opened at once: one, doubled by each take that
     /// gives all it asked for (there is likely more work) up to
-    /// [`PARALLEL_OPENINGS`], one again after a take that gives less. A
-    /// few messages so cost at most two takes that find nothing.
+    /// [`PARALLEL_OPENINGS`], one again after a take that gives less. At
+    /// the end of a backlog as many takes find nothing as were under way;
+    /// one message alone costs two.
     at_once: usize,
     /// One opening waits in line for a node slot.
     waiting_for_slot: bool,
