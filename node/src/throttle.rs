@@ -166,11 +166,15 @@ pub struct DomainThrottle {
     /// its way for each.
     opening: usize,
     /// How many may be opened at once: one, doubled by each take that
-    /// gives all it asked for (there is likely more work) up to
-    /// [`PARALLEL_OPENINGS`], one again after a take that gives less. At
-    /// the end of a backlog as many takes find nothing as were under way;
-    /// one message alone costs two.
+    /// gives all it asked for from the second such take in a row (there is
+    /// likely more work) up to [`PARALLEL_OPENINGS`], one again after a
+    /// take that gives less. At the end of a backlog as many takes find
+    /// nothing as were under way; a message alone costs one, as it would
+    /// one at a time (a take of one is all it asks for while the pace is
+    /// unknown, so one full take is no sign of more).
     at_once: usize,
+    /// Takes in a row that gave all they asked for.
+    full_takes: u32,
     /// One opening waits in line for a node slot.
     waiting_for_slot: bool,
     /// A [`DomainThrottle::retry`] is pending.
@@ -194,6 +198,7 @@ impl DomainThrottle {
             active: 0,
             opening: 0,
             at_once: 1,
+            full_takes: 0,
             waiting_for_slot: false,
             retrying: false,
             idle_timer: false,
@@ -291,9 +296,13 @@ impl DomainThrottle {
         ctx.spawn(take.into_actor(self).map(move |jobs, throttle, ctx| {
             throttle.opening -= 1;
             let jobs = jobs.unwrap_or_default();
-            throttle.at_once = match jobs.len() >= max {
-                true => (throttle.at_once * 2).min(PARALLEL_OPENINGS),
-                false => 1,
+            throttle.full_takes = match jobs.len() >= max {
+                true => throttle.full_takes.saturating_add(1),
+                false => 0,
+            };
+            throttle.at_once = match throttle.full_takes {
+                0 | 1 => 1,
+                _ => (throttle.at_once * 2).min(PARALLEL_OPENINGS),
             };
             crate::metrics::delivery_take(jobs.len());
             if jobs.is_empty() {
