@@ -30,10 +30,16 @@ fn queue(relay: &Relay, verb: &str) {
 }
 
 /// A relay with `delivery` in its `[delivery]` section and `routes` after
-/// it; `count` messages to [`DOMAIN`] are queued while the domain is
-/// suspended, then it is resumed.
+/// it, given `count` messages by [`queue_then_release`].
 fn queued_then_released(delivery: &str, routes: &str, count: usize) -> Setup {
     let setup = start(delivery, routes, None);
+    queue_then_release(&setup, count);
+    setup
+}
+
+/// Queues `count` messages to [`DOMAIN`] while the domain is suspended,
+/// then resumes it.
+fn queue_then_release(setup: &Setup, count: usize) {
     queue(&setup.relay, "suspend");
     for n in 0..count {
         let to = format!("user{n}@{DOMAIN}");
@@ -45,7 +51,6 @@ fn queued_then_released(delivery: &str, routes: &str, count: usize) -> Setup {
         );
     }
     queue(&setup.relay, "resume");
-    setup
 }
 
 #[test]
@@ -174,17 +179,7 @@ fn a_backlog_opens_its_connections_several_at_once_over_a_slow_redis() {
             ("SMARTHOST__QUEUE__REDIS_URL", url.as_str()),
         ],
     );
-    queue(&setup.relay, "suspend");
-    for n in 0..MESSAGES {
-        let to = format!("user{n}@{DOMAIN}");
-        submit(
-            &setup.relay,
-            "app@sender.test",
-            &[&to],
-            &message(&to, &format!("backlog {n}"), "All at once.\r\n"),
-        );
-    }
-    queue(&setup.relay, "resume");
+    queue_then_release(&setup, MESSAGES);
     sink.assert_each_subject_once(MESSAGES, Duration::from_secs(90));
 
     let stats = sink.stats();
