@@ -95,6 +95,17 @@ impl Pace {
     }
 }
 
+/// [`DomainThrottle::at_once`] after `full_takes` full takes in a row.
+fn openings_at_once(full_takes: u32) -> usize {
+    match full_takes {
+        0 | 1 => 1,
+        n => 1usize
+            .checked_shl(n - 1)
+            .unwrap_or(usize::MAX)
+            .min(PARALLEL_OPENINGS),
+    }
+}
+
 /// Open connections of the domain that found no more work and wait a
 /// little for some before they close ([`IDLE_WAIT`]): mail that keeps
 /// coming a few messages at a time then goes over one connection instead
@@ -165,15 +176,8 @@ pub struct DomainThrottle {
     /// Connections being opened: a node slot, a lease or a `Take` is on
     /// its way for each.
     opening: usize,
-    /// How many may be opened at once: one, doubled by each take that
-    /// gives all it asked for from the second such take in a row (there is
-    /// likely more work) up to [`PARALLEL_OPENINGS`], one again after a
-    /// take that gives less. At the end of a backlog as many takes find
-    /// nothing as were under way; a message alone costs one, as it would
-    /// one at a time (a take of one is all it asks for while the pace is
-    /// unknown, so one full take is no sign of more).
-    at_once: usize,
-    /// Takes in a row that gave all they asked for.
+    /// Takes in a row that gave all they asked for
+    /// ([`DomainThrottle::at_once`]).
     full_takes: u32,
     /// One opening waits in line for a node slot.
     waiting_for_slot: bool,
@@ -197,13 +201,23 @@ impl DomainThrottle {
             dispatcher,
             active: 0,
             opening: 0,
-            at_once: 1,
             full_takes: 0,
             waiting_for_slot: false,
             retrying: false,
             idle_timer: false,
             last_busy: Instant::now(),
         }
+    }
+
+    /// How many connections may be opened at once: one, doubled by each
+    /// take that gives all it asked for from the second such take in a row
+    /// (there is likely more work) up to [`PARALLEL_OPENINGS`], one again
+    /// after a take that gives less. At the end of a backlog as many takes
+    /// find nothing as were under way; a message alone costs one, as it
+    /// would one at a time (a take of one is all a throttle asks for while
+    /// the pace is unknown, so one full take is no sign of more).
+    fn at_once(&self) -> usize {
+        openings_at_once(self.full_takes)
     }
 
     /// Opens connections while the limits allow and the queue has work:
@@ -213,7 +227,7 @@ impl DomainThrottle {
     /// use, one opening waits in line for one: a connection that ends hands
     /// its slot to the domain that has waited longest, at once.
     fn fill(&mut self, ctx: &mut Context<Self>) {
-        while self.opening < self.at_once
+        while self.opening < self.at_once()
             && self.active + self.opening < self.policy.max_connections
             && !self.waiting_for_slot
         {
@@ -299,10 +313,6 @@ impl DomainThrottle {
             throttle.full_takes = match jobs.len() >= max {
                 true => throttle.full_takes.saturating_add(1),
                 false => 0,
-            };
-            throttle.at_once = match throttle.full_takes {
-                0 | 1 => 1,
-                _ => (throttle.at_once * 2).min(PARALLEL_OPENINGS),
             };
             crate::metrics::delivery_take(jobs.len());
             if jobs.is_empty() {
@@ -438,6 +448,14 @@ mod tests {
                 pace.record(Duration::from_millis(ms));
             }
             assert_eq!(pace.batch(room), want, "{ms:?} ms a message, room {room}");
+        }
+    }
+
+    #[test]
+    fn openings_double_from_the_second_full_take_in_a_row_up_to_eight() {
+        let table = [(0, 1), (1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (70, 8)];
+        for (full_takes, at_once) in table {
+            assert_eq!(openings_at_once(full_takes), at_once, "{full_takes}");
         }
     }
 

@@ -343,11 +343,6 @@ impl DataReader {
     }
 }
 
-/// Makes room for `more` octets in steps of powers of two, so that the
-/// buffer never holds more than twice what it keeps and never more than
-/// the next power of two: a body the shell takes at 256 KiB then never
-/// grows a 512 KiB block, as `Vec`'s own doubling from an odd first size
-/// would.
 /// How many bytes at the start of `input` are whole lines that
 /// [`DataReader::step`] would keep as they are: none starting with a dot,
 /// none with a CR, LF or NUL before its CRLF, none too long. The body
@@ -370,6 +365,11 @@ pub(crate) fn plain_lines(input: &[u8]) -> usize {
     taken
 }
 
+/// Makes room for `more` octets in steps of powers of two, so that the
+/// buffer never holds more than twice what it keeps and never more than
+/// the next power of two: a body the shell takes at 256 KiB then never
+/// grows a 512 KiB block, as `Vec`'s own doubling from an odd first size
+/// would.
 fn grow_to_hold(body: &mut Vec<u8>, more: usize) {
     let needed = body.len() + more;
     if needed > body.capacity() {

@@ -463,6 +463,13 @@ impl Settings {
 /// command rather than into a buffer of its own first.
 struct StoredBody<'a>(&'a [u8]);
 
+impl StoredBody<'_> {
+    /// The length of the argument it writes.
+    fn encoded_len(&self) -> usize {
+        encode_body_head(self.0.len() as u64).len() + self.0.len()
+    }
+}
+
 impl ToRedisArgs for StoredBody<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
         let mut arg = out.writer_for_next_arg();
@@ -631,12 +638,10 @@ fn message_set(messages: &[&NewMessage]) -> Cmd {
         .iter()
         .zip(&args)
         .map(|(m, (record_key, record, body_key))| {
-            let body = m.body.head();
             record_key.len()
                 + record.len()
                 + body_key.len()
-                + encode_body_head(body.len() as u64).len()
-                + body.len()
+                + StoredBody(m.body.head()).encoded_len()
         })
         .sum();
     let mut set = Cmd::with_capacity(1 + 4 * messages.len(), "MSET".len() + size);
