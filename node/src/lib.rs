@@ -6,8 +6,10 @@
 //!   throttle of failed logins (per address and user, local or in Redis).
 //! - [`telemetry`]: logs to standard error, text or JSON.
 //! - [`spool`]: the `Spool` trait and the embedded local spool.
-//! - [`queue`]: the `Queue` actor, which batches enqueues into group commits,
-//!   hands due deliveries out and records their outcomes.
+//! - [`storer`]: the Storer actor, one per connection thread, which batches
+//!   enqueues into group commits.
+//! - [`queue`]: the `Queue` actor, which hears of stored messages, hands due
+//!   deliveries out and records their outcomes.
 //! - [`schedule`]: the `Schedule` trait: the queue's scheduling state, in
 //!   memory (one node) or in Redis (shared by the cluster).
 //! - [`scheduler`]: which deliveries are due; retries, expiry (pure).
@@ -78,6 +80,7 @@ pub mod session_log;
 pub mod sessions;
 pub mod spill;
 pub mod spool;
+pub mod storer;
 pub mod submit;
 pub mod suppression;
 pub mod telemetry;

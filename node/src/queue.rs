@@ -1,15 +1,12 @@
-//! The `Queue` actor: takes accepted messages into the spool, answers each
-//! sender once its message is durable, hands due deliveries to the throttles
-//! and records what became of them.
+//! The `Queue` actor: hears of the messages the storers take into the spool
+//! ([`crate::storer`]), hands due deliveries to the throttles and records
+//! what became of them.
 //!
-//! Group commit: at most one `Spool::store` call is in flight. Enqueues that
-//! arrive meanwhile wait in a [`Batcher`]; when the call returns they all go
-//! into the next single call, so many concurrent SMTP sessions share one
-//! fsync. Record changes after delivery attempts are written the same way:
-//! one write in flight, the next one takes every message changed meanwhile.
-//! The batching lives in a plain struct ([`Batcher`]) and the scheduling
-//! behind the [`Schedule`] trait (in memory, or shared in Redis); the actor
-//! only moves messages between them, the spool and its peers.
+//! Record changes after delivery attempts are written with one write in
+//! flight, the next one taking every message changed meanwhile (group
+//! commit, like the storers' stores). The scheduling lives behind the
+//! [`Schedule`] trait (in memory, or shared in Redis); the actor only moves
+//! messages between it, the spool and its peers.
 //!
 //! # Ordering
 //!
@@ -47,6 +44,8 @@ use crate::dispatcher::DomainReady;
 use crate::schedule::{MemorySchedule, ReadyNews, ReportHook, Reporter, Schedule};
 use crate::scheduler::{Completion, RetryPolicy};
 use crate::spool::{Change, ListCursor, NewMessage, Spool, SpoolError};
+pub use crate::storer::BatchLimits;
+use crate::storer::{StoreCounts, Stored, Storer, StorerEnv};
 use crate::webhooks::Webhooks;
 
 /// Stores a new message; answers once it is durable.
@@ -255,81 +254,6 @@ pub struct QueueStats {
     pub pending_reports: usize,
 }
 
-/// The most one store call takes.
-#[derive(Clone, Copy, Debug)]
-pub struct BatchLimits {
-    pub max_messages: usize,
-    /// Body bytes; a single larger message still goes alone.
-    pub max_bytes: usize,
-}
-
-impl Default for BatchLimits {
-    fn default() -> Self {
-        BatchLimits {
-            max_messages: 512,
-            max_bytes: 32 * 1024 * 1024,
-        }
-    }
-}
-
-/// Store calls under way at once: a batch formed while one waits for its
-/// fsync or its Redis reply goes out at once instead of after it.
-const STORES_IN_FLIGHT: usize = 2;
-
-/// Messages waiting for a store call, each with whoever waits for it, and
-/// how many calls are in flight.
-#[derive(Debug)]
-pub struct Batcher<W> {
-    pending: VecDeque<(NewMessage, W)>,
-    in_flight: usize,
-    limits: BatchLimits,
-}
-
-impl<W> Batcher<W> {
-    pub fn new(limits: BatchLimits) -> Self {
-        Batcher {
-            pending: VecDeque::new(),
-            in_flight: 0,
-            limits,
-        }
-    }
-
-    pub fn push(&mut self, message: NewMessage, waiter: W) {
-        self.pending.push_back((message, waiter));
-    }
-
-    /// The next batch to store, oldest first, if no call is in flight;
-    /// the batch is then in flight until [`Batcher::finished`].
-    pub fn next_batch(&mut self) -> Option<Vec<(NewMessage, W)>> {
-        if self.in_flight >= STORES_IN_FLIGHT || self.pending.is_empty() {
-            return None;
-        }
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while let Some((message, _)) = self.pending.front() {
-            let size = usize::try_from(message.body.len()).unwrap_or(usize::MAX);
-            if !batch.is_empty()
-                && (batch.len() == self.limits.max_messages || bytes + size > self.limits.max_bytes)
-            {
-                break;
-            }
-            bytes += size;
-            batch.push(self.pending.pop_front().expect("front exists"));
-        }
-        self.in_flight += 1;
-        Some(batch)
-    }
-
-    /// The call in flight has answered.
-    pub fn finished(&mut self) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-    }
-
-    pub fn waiting(&self) -> usize {
-        self.pending.len()
-    }
-}
-
 /// Messages whose record changed and must be written, one write in flight.
 #[derive(Debug, Default)]
 struct RecordWriter {
@@ -394,8 +318,6 @@ impl Pins {
     }
 }
 
-type Waiter = oneshot::Sender<Result<(), SpoolError>>;
-
 /// Senders block on a full mailbox (`send().await`) instead of piling up.
 const MAILBOX_CAPACITY: usize = 1024;
 
@@ -445,8 +367,12 @@ impl Default for DeliverySettings {
 
 pub struct Queue {
     spool: Arc<dyn Spool>,
-    batcher: Batcher<Waiter>,
-    store_calls: u64,
+    /// The most one store call takes, for the storers.
+    limits: BatchLimits,
+    /// Counted by every storer of the node.
+    store_counts: Arc<StoreCounts>,
+    /// Stores what is enqueued here (off the connection threads).
+    storer: Option<Addr<Storer>>,
     schedule: Arc<dyn Schedule>,
     /// Who holds the leases of what this queue takes.
     holder: String,
@@ -528,8 +454,9 @@ impl Queue {
     pub fn with_limits(spool: Arc<dyn Spool>, limits: BatchLimits) -> Self {
         Queue {
             spool,
-            batcher: Batcher::new(limits),
-            store_calls: 0,
+            limits,
+            store_counts: Arc::default(),
+            storer: None,
             schedule: Arc::new(MemorySchedule::default()),
             holder: "local".to_string(),
             lease: DEFAULT_LEASE,
@@ -552,6 +479,30 @@ impl Queue {
             draining: None,
             bodies: Arc::new(BodyCache::new(0)),
         }
+    }
+
+    /// What the storers of this queue share; they tell `queue` of what
+    /// they store.
+    fn storer_env(&self, queue: Recipient<Stored>) -> StorerEnv {
+        StorerEnv {
+            spool: self.spool.clone(),
+            schedule: self.schedule.clone(),
+            bodies: self.bodies.clone(),
+            limits: self.limits,
+            counts: self.store_counts.clone(),
+            queue,
+        }
+    }
+
+    /// Starts the queue, and answers what the storers of the connection
+    /// threads need ([`crate::storer::Stores::start`]).
+    pub fn start_with_storer_env(self) -> (Addr<Queue>, StorerEnv) {
+        let mut env = None;
+        let queue = Queue::create(|ctx| {
+            env = Some(self.storer_env(ctx.address().recipient()));
+            self
+        });
+        (queue, env.expect("set when the queue is created"))
     }
 
     /// Keeps the bodies it stores in `bodies` (shared, not copied), for the
@@ -602,67 +553,6 @@ impl Queue {
     pub fn led_by_coordinator(mut self) -> Self {
         self.led = true;
         self
-    }
-
-    /// Starts the next store call if none is in flight; when it returns,
-    /// answers its waiters, schedules the messages and starts the one after.
-    fn store_next(&mut self, ctx: &mut Context<Self>) {
-        let Some(batch) = self.batcher.next_batch() else {
-            return;
-        };
-        let (messages, waiters): (Vec<NewMessage>, Vec<Waiter>) = batch.into_iter().unzip();
-        let spool = self.spool.clone();
-        let schedule = self.schedule.clone();
-        let bodies = self.bodies.clone();
-        self.store_calls += 1;
-        // Scheduled before the senders hear: a message they were told is
-        // queued is also counted and handed out.
-        let store = async move {
-            let count = messages.len();
-            let kept: Vec<_> = messages
-                .iter()
-                .filter_map(|m| Some((m.record.id.clone(), bodies.share(&m.body)?)))
-                .collect();
-            // Records shared by the spool and the schedule, not copied.
-            let started = std::time::Instant::now();
-            let stored = spool
-                .store_scheduled(messages, schedule.as_ref(), now_ms())
-                .await?;
-            crate::metrics::spool_store(started.elapsed());
-            // Kept only once stored. A delivery handed the message before
-            // (taken at once by a dispatcher at work on its domain) reads
-            // the spool instead.
-            bodies.keep(kept);
-            match stored.scheduled {
-                Ok(domains) => Ok((domains, Vec::new())),
-                Err(error) => {
-                    // Durable all the same: inserted again on the next
-                    // ticks (or found by a rescan).
-                    tracing::error!(%error, messages = count,
-                        "cannot schedule stored messages yet; trying again");
-                    Ok((Vec::new(), stored.records))
-                }
-            }
-        };
-        ctx.spawn(store.into_actor(self).map(move |result, queue, ctx| {
-            queue.batcher.finished();
-            let result = match result {
-                Ok((domains, unscheduled)) => {
-                    queue.keep_unscheduled(unscheduled);
-                    queue.announce(domains, ctx);
-                    Ok(())
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "storing a batch failed");
-                    Err(err)
-                }
-            };
-            for waiter in waiters {
-                // A waiter that went away (client disconnected) is fine.
-                let _ = waiter.send(result.clone());
-            }
-            queue.store_next(ctx);
-        }));
     }
 
     /// Tells the dispatcher which domains have due work: queued (once per
@@ -1195,6 +1085,8 @@ impl Actor for Queue {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        let storer = Storer::new(self.storer_env(ctx.address().recipient()));
+        self.storer = Some(storer.start());
         ctx.run_interval(TICK, |queue, ctx| queue.tick(ctx));
         if self.led {
             // Sweeps and rescans run on `LeaderTick`s.
@@ -1323,22 +1215,33 @@ impl Reporter for QueueReporter {
     }
 }
 
-/// Adds the message to the next batch; the answer comes when that batch
-/// is durable (or failed).
+/// Passes the message to the Queue's own storer: enqueues from off the
+/// connection threads (the send API, the pickup directory).
 impl Handler<Enqueue> for Queue {
     type Result = ResponseFuture<Result<(), SpoolError>>;
 
-    fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = oneshot::channel();
-        self.batcher.push(msg.0, tx);
-        self.store_next(ctx);
+    fn handle(&mut self, msg: Enqueue, _: &mut Context<Self>) -> Self::Result {
+        let storer = self.storer.clone();
         Box::pin(async move {
-            rx.await.unwrap_or_else(|_| {
-                Err(SpoolError::Unavailable(
-                    "the queue stopped before the message was stored".into(),
-                ))
-            })
+            let stopped = || {
+                SpoolError::Unavailable("the queue stopped before the message was stored".into())
+            };
+            match storer {
+                Some(storer) => storer.send(msg).await.unwrap_or_else(|_| Err(stopped())),
+                None => Err(stopped()),
+            }
         })
+    }
+}
+
+/// Schedules again what a storer could not, and announces the domains
+/// with new work.
+impl Handler<Stored> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: Stored, ctx: &mut Context<Self>) {
+        self.keep_unscheduled(msg.unscheduled);
+        self.announce(msg.domains, ctx);
     }
 }
 
@@ -1732,8 +1635,8 @@ impl Handler<Stats> for Queue {
                             counts.in_flight,
                             &queue.holder,
                         ),
-                        waiting: queue.batcher.waiting(),
-                        store_calls: queue.store_calls,
+                        waiting: queue.store_counts.waiting(),
+                        store_calls: queue.store_counts.calls(),
                         suspended: counts.suspended,
                         pending_reports: counts.pending_reports,
                     }
@@ -2022,60 +1925,6 @@ mod tests {
         // A schedule of this process alone.
         assert_eq!(by_node(None, 7, "node-a@1"), holders(&[("node-a", 7)]));
         assert!(by_node(None, 0, "node-a@1").is_empty());
-    }
-
-    fn waiters(batch: &[(NewMessage, u64)]) -> Vec<u64> {
-        batch.iter().map(|(_, w)| *w).collect()
-    }
-
-    #[test]
-    fn two_batches_in_flight_and_the_rest_wait_for_the_next() {
-        let mut batcher = Batcher::new(BatchLimits::default());
-        assert!(batcher.next_batch().is_none());
-        batcher.push(message(0, 10), 0);
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![0]);
-        batcher.push(message(1, 10), 1);
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![1]);
-        for n in 2..6 {
-            batcher.push(message(n, 10), n);
-        }
-        assert!(batcher.next_batch().is_none(), "two calls are in flight");
-        assert_eq!(batcher.waiting(), 4);
-        batcher.finished();
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![2, 3, 4, 5]);
-        batcher.finished();
-        batcher.finished();
-        assert!(batcher.next_batch().is_none());
-    }
-
-    #[test]
-    fn batches_are_capped_by_count_and_bytes() {
-        let limits = BatchLimits {
-            max_messages: 3,
-            max_bytes: 2500,
-        };
-        let mut batcher = Batcher::new(limits);
-        for n in 0..5 {
-            batcher.push(message(n, 100), n);
-        }
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![0, 1, 2]);
-        batcher.finished();
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![3, 4]);
-        batcher.finished();
-
-        // By bytes; a message over the limit goes alone.
-        batcher.push(message(10, 1000), 10);
-        batcher.push(message(11, 1000), 11);
-        batcher.push(message(12, 1000), 12);
-        batcher.push(message(13, 9000), 13);
-        batcher.push(message(14, 10), 14);
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![10, 11]);
-        batcher.finished();
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![12]);
-        batcher.finished();
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![13]);
-        batcher.finished();
-        assert_eq!(waiters(&batcher.next_batch().unwrap()), vec![14]);
     }
 
     /// A local spool that counts store calls and can be made to fail.

@@ -54,6 +54,7 @@ use crate::session_log::SessionLog;
 use crate::sessions::{Board, Sessions};
 use crate::spill::SpillConfig;
 use crate::spool::{LocalSpool, LocalSpoolOptions, RedisSpool, RedisSpoolOptions, Spool};
+use crate::storer::Stores;
 use crate::suppression::{LocalSuppressions, RedisSuppressions, Suppressions};
 use crate::tls;
 use crate::workers::Workers;
@@ -344,7 +345,9 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         }
     };
     let bodies = Arc::new(BodyCache::new(config.delivery.body_cache));
-    let queue = queue.with_body_cache(bodies.clone()).start();
+    let (queue, storer_env) = queue
+        .with_body_cache(bodies.clone())
+        .start_with_storer_env();
     let admin_spool = spool.clone();
     let coordinator = match config.queue.backend {
         QueueBackend::Redis => {
@@ -355,6 +358,11 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     let stopping = Arc::new(AtomicBool::new(false));
     let workers = Workers::start(Workers::count_for(config.node.threads));
     tracing::info!(threads = workers.threads(), "connection threads started");
+    // See `crate::storer` for why Redis keeps one storer.
+    let stores = match config.queue.backend {
+        QueueBackend::Local => Stores::start(&workers, storer_env, queue.clone().recipient()),
+        QueueBackend::Redis => Stores::only(queue.clone().recipient()),
+    };
     let env_tls = TlsClients::new(&config.delivery)?;
     let env = DeliveryEnv {
         config: config.clone(),
@@ -383,11 +391,7 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     }
 
     let (ready, is_ready) = watch::channel(false);
-    let sessions = Arc::new(session_env(
-        &config,
-        queue.clone().recipient(),
-        shared.clone(),
-    )?);
+    let sessions = Arc::new(session_env(&config, stores, shared.clone())?);
     let board = sessions_board(&config).await?;
     if let Some(board) = &board {
         actix::spawn(board.clone().publish(sessions.live.clone()));
@@ -722,7 +726,7 @@ async fn shared_state(config: &Config) -> Result<Shared, Box<dyn Error>> {
 
 fn session_env(
     config: &Config,
-    queue: Recipient<crate::queue::Enqueue>,
+    stores: Stores,
     shared: Shared,
 ) -> Result<SessionEnv, Box<dyn Error>> {
     let smtp = &config.smtp;
@@ -788,7 +792,7 @@ fn session_env(
         },
         tls_handshake_timeout: smtp.tls_handshake_timeout,
         greeting_delay: smtp.greeting_delay,
-        queue,
+        stores,
         webhooks: shared.webhooks.clone(),
         quotas: shared.quotas,
         body_memory: BodyMemory::new(smtp.max_body_memory),

@@ -15,7 +15,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use actix::Recipient;
 use ipnet::IpNet;
 use smarthost_proto::envelope::{ClientInfo, MessageId};
 use smarthost_proto::reply::{EnhancedStatus, Reply};
@@ -35,12 +34,12 @@ use crate::auth_guard::{AuthGuard, PasswordChecks, Refusal};
 use crate::body_memory::{BodyMemory, Reservation};
 use crate::deadlines::{Deadlines, Expired, Limits};
 use crate::listener::Slot;
-use crate::queue::Enqueue;
 use crate::quota::Quotas;
 use crate::session_log::{Entry as SessionLogEntry, SessionLog};
 use crate::sessions::{Sessions, Tracked};
 use crate::spill::{Spill, SpillConfig};
 use crate::spool::Body;
+use crate::storer::Stores;
 
 /// What every session of a node shares.
 pub struct SessionEnv {
@@ -57,7 +56,8 @@ pub struct SessionEnv {
     pub tls_handshake_timeout: Duration,
     /// How long clients outside `relay_networks` wait for the greeting.
     pub greeting_delay: Duration,
-    pub queue: Recipient<Enqueue>,
+    /// Where each thread's sessions store their messages.
+    pub stores: Stores,
     /// Where the `accepted` events go.
     pub webhooks: crate::webhooks::Webhooks,
     /// Where the users' sending quotas are counted.
@@ -693,7 +693,7 @@ async fn store(
         tls,
     };
     crate::submit::enqueue(
-        &env.queue,
+        env.stores.here(),
         &env.webhooks,
         id,
         now_ms,

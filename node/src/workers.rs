@@ -26,6 +26,8 @@ struct Inner {
     /// The threads in turn, the caller's first; empty: everything runs
     /// on the arbiter that asks.
     arbiters: Vec<ArbiterHandle>,
+    /// The threads of `arbiters`, in the same order.
+    ids: Vec<std::thread::ThreadId>,
     /// The threads, to stop and join when the node stops.
     threads: std::sync::Mutex<Vec<Arbiter>>,
     /// The thread that started the workers, first in turn.
@@ -40,16 +42,28 @@ impl Workers {
     /// and one thread (`count` ≤ 1) runs everything there.
     pub fn start(count: usize) -> Workers {
         let threads: Vec<Arbiter> = (1..count).map(|_| Arbiter::new()).collect();
+        let home = std::thread::current().id();
         let mut arbiters = Vec::new();
+        let mut ids = Vec::new();
         if !threads.is_empty() {
             arbiters.push(Arbiter::current());
             arbiters.extend(threads.iter().map(Arbiter::handle));
+            ids.push(home);
+            ids.extend(threads.iter().map(|thread| {
+                let (tell, told) = std::sync::mpsc::channel();
+                thread.spawn_fn(move || {
+                    let _ = tell.send(std::thread::current().id());
+                });
+                // A thread that cannot answer runs nothing: matched by none.
+                told.recv().unwrap_or(home)
+            }));
         }
         Workers {
             inner: Arc::new(Inner {
                 arbiters,
+                ids,
                 threads: std::sync::Mutex::new(threads),
-                home: std::thread::current().id(),
+                home,
                 next: AtomicUsize::new(0),
             }),
         }
@@ -71,6 +85,35 @@ impl Workers {
     /// The number of threads that run connections.
     pub fn threads(&self) -> usize {
         self.inner.arbiters.len().max(1)
+    }
+
+    /// Which of the threads is the calling one, if any.
+    pub fn here(&self) -> Option<usize> {
+        let me = std::thread::current().id();
+        if self.inner.ids.is_empty() {
+            return (me == self.inner.home).then_some(0);
+        }
+        self.inner.ids.iter().position(|id| *id == me)
+    }
+
+    /// Starts an actor that `make` builds on each thread, in the order of
+    /// [`Workers::here`]. Called from the first thread.
+    pub fn start_on_each<A, F>(&self, make: F) -> Vec<Addr<A>>
+    where
+        A: Actor<Context = Context<A>>,
+        F: Fn() -> A + Send + Clone + 'static,
+    {
+        if self.inner.arbiters.is_empty() {
+            return vec![make().start()];
+        }
+        self.inner
+            .arbiters
+            .iter()
+            .map(|arbiter| {
+                let make = make.clone();
+                A::start_in_arbiter(arbiter, move |_| make())
+            })
+            .collect()
     }
 
     /// The next thread in turn: `None` for the calling thread itself.

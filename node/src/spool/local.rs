@@ -2199,7 +2199,7 @@ impl LocalSpool {
     /// and the failed changes.
     ///
     /// Writes that arrive while one is being made durable go together
-    /// into the next: the Queue's batch of new messages and its batch of
+    /// into the next: the storers' batches of new messages and the Queue's batch of
     /// record changes share one fsync when they meet.
     async fn write(&self, batch: Vec<NewMessage>, changes: Vec<Change>) -> WriteResult {
         if batch.is_empty() && changes.is_empty() {
