@@ -299,6 +299,10 @@ impl Deployment {
                 ("SMARTHOST__QUEUE__DELAY_NOTIFICATION", "1h"),
                 ("SMARTHOST__BOUNCE__DOUBLE_BOUNCE_TO", POSTMASTER),
                 ("SMARTHOST__NODE__ID", id),
+                // More connection threads than this machine may have cores:
+                // sessions, storers and deliveries on several threads, and
+                // every hand-over between them, whatever the machine.
+                ("SMARTHOST__NODE__THREADS", "3"),
             ];
             if let Some(spool) = &spool {
                 env.push(("SMARTHOST__QUEUE__PATH", spool));
