@@ -1215,8 +1215,8 @@ impl Reporter for QueueReporter {
     }
 }
 
-/// Passes the message to the Queue's own storer: enqueues from off the
-/// connection threads (the send API, the pickup directory).
+/// Passes the message to the Queue's own storer: the send API's, the
+/// pickup directory's, and on Redis every session's ([`crate::storer`]).
 impl Handler<Enqueue> for Queue {
     type Result = ResponseFuture<Result<(), SpoolError>>;
 

@@ -54,7 +54,8 @@ impl Workers {
                 thread.spawn_fn(move || {
                     let _ = tell.send(std::thread::current().id());
                 });
-                // A thread that cannot answer runs nothing: matched by none.
+                // A thread that cannot answer runs nothing. It stands in as
+                // the first thread, which `here` finds before it.
                 told.recv().unwrap_or(home)
             }));
         }
