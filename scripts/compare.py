@@ -15,7 +15,9 @@ matplotlib for the plot).
         and prints that moment (Unix time); exits 1 after SECONDS
     compare.py record FILE KEY=VALUE...    appends one run as a JSON line
     compare.py report FILE OUTDIR [--plot] the table (Markdown, to stdout),
-        OUTDIR/compare.json and compare.csv, and OUTDIR/compare.png
+        OUTDIR/compare.json and compare.csv, and OUTDIR/compare.png; with
+        several rounds, one row per cell and system (the median run) and
+        every run under "rounds" in compare.json
     compare.py plot JSON PNG               the plot again, from compare.json
     compare.py sample FILE PORT...         every 0.25 s until killed, appends
         each node's open outgoing connections (by admin port) to FILE
@@ -28,6 +30,7 @@ import csv
 import json
 import os
 import re
+import statistics
 import sys
 import time
 import urllib.request
@@ -234,6 +237,7 @@ def derive(rows):
             "sessions": int(r["sessions"]),
             "per_connection": int(r["per_connection"]),
             "system": r["system"],
+            "round": int(r.get("round") or 1),
             "messages": n,
             "connections": int(r["connections"]),
             "status": r["status"],
@@ -259,14 +263,42 @@ def derive(rows):
         for q, name in ((0.5, "accept_p50_s"), (0.99, "accept_p99_s")):
             d[name] = quantile(r.get("hist_before"), r.get("hist_after"), q)
         out.append(d)
+    # Each run against the anchors of its own round: the machine's pace
+    # moves between rounds, alike for every system in one round.
     by_cell = {}
     for d in out:
-        by_cell.setdefault((d["size"], d["sessions"], d["per_connection"]), {})[d["system"]] = d
+        by_cell.setdefault(cell_of(d) + (d["round"],), {})[d["system"]] = d
     for d in out:
-        cell = by_cell[(d["size"], d["sessions"], d["per_connection"])]
+        cell = by_cell[cell_of(d) + (d["round"],)]
         for ref in ("postfix", "direct"):
             base = cell.get(ref, {}).get("messages_per_s")
             d[f"vs_{ref}"] = round(d["messages_per_s"] / base, 2) if d["messages_per_s"] and base else None
+    return out
+
+
+def cell_of(d):
+    return (d["size"], d["sessions"], d["per_connection"])
+
+
+def combine(runs):
+    """One row per cell and system. With several rounds: the run with the
+    median messages/s, with its costs and latencies; its ratios are the
+    medians of each round's own ratios; min and max give the spread of
+    messages/s. A median of an even count is the lower of the middle two."""
+    groups = {}
+    for d in runs:
+        groups.setdefault(cell_of(d) + (d["system"],), []).append(d)
+    out = []
+    for group in groups.values():
+        done = sorted((d for d in group if d["messages_per_s"]), key=lambda d: d["messages_per_s"])
+        row = dict(done[(len(done) - 1) // 2] if done else group[0])
+        row["rounds"] = len(group)
+        row["messages_per_s_min"] = done[0]["messages_per_s"] if done else None
+        row["messages_per_s_max"] = done[-1]["messages_per_s"] if done else None
+        for ref in ("postfix", "direct"):
+            ratios = [d[f"vs_{ref}"] for d in done if d[f"vs_{ref}"] is not None]
+            row[f"vs_{ref}"] = round(statistics.median_low(ratios), 2) if ratios else None
+        out.append(row)
     return out
 
 
@@ -342,7 +374,12 @@ def summary(rows):
             elif d["status"] != "ok":
                 rates.append(d["status"])
             else:
-                rates.append(fmt(d["messages_per_s"], "{:,.0f}").replace(",", " "))
+                rate = fmt(d["messages_per_s"], "{:,.0f}").replace(",", " ")
+                if d.get("rounds", 1) > 1 and d["messages_per_s_min"] is not None:
+                    low = fmt(d["messages_per_s_min"], "{:,.0f}").replace(",", " ")
+                    high = fmt(d["messages_per_s_max"], "{:,.0f}").replace(",", " ")
+                    rate += f" ({low}–{high})"
+                rates.append(rate)
         lines.append(f"| {size_label(cell[0])} | {cell[1]} | {cell[2]} | " + " | ".join(rates) + " |")
     return "\n".join(lines)
 
@@ -356,6 +393,7 @@ def plot(rows, path):
 
     sizes = sorted({d["size"] for d in rows})
     pers = sorted({d["per_connection"] for d in rows})
+    rounds = max((d.get("rounds", 1) for d in rows), default=1)
     fig, axes = plt.subplots(len(sizes), len(pers), figsize=(5.5 * len(pers), 4 * len(sizes)),
                              squeeze=False)
     systems = [s for s in LABELS if any(d["system"] == s for d in rows)]
@@ -382,7 +420,8 @@ def plot(rows, path):
             ax.set_ylabel("messages/s, end to end")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize="small")
-    fig.suptitle("Loopback relay to smtp-sink, one run on one machine")
+    fig.suptitle("Loopback relay to smtp-sink, one run on one machine" if rounds <= 1 else
+                 f"Loopback relay to smtp-sink, median of {rounds} rounds on one machine")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -397,8 +436,14 @@ def report(args):
     meta = {}
     if os.path.exists(path + ".meta"):
         meta = json.load(open(path + ".meta"))
-    derived = derive(rows)
-    print("Messages/s end to end:")
+    runs = derive(rows)
+    derived = combine(runs)
+    rounds = max((d["rounds"] for d in derived), default=1)
+    if rounds > 1:
+        print(f"Medians of {rounds} rounds; messages/s end to end, with the lowest and "
+              "highest of the rounds:")
+    else:
+        print("Messages/s end to end:")
     print()
     print(summary(derived))
     print()
@@ -413,12 +458,15 @@ def report(args):
           "redis-server ran (INFO commandstats), those its Lua scripts ran "
           "included; what the nodes sent is fewer (bench.sh REDIS_MONITOR=1). "
           "accept p50/p99: smarthost's "
-          f"{HIST} histogram over the run, as the upper bound of its bucket.")
+          f"{HIST} histogram over the run, as the upper bound of its bucket."
+          + (" With rounds: each row is the run with the median msg/s; × Postfix and "
+             "× direct are the medians of the rounds' own ratios." if rounds > 1 else ""))
     os.makedirs(outdir, exist_ok=True)
     # A latency past the last bucket has no number: null in the files.
     finite = [{k: (None if v == float("inf") else v) for k, v in d.items()} for d in derived]
+    every = [{k: (None if v == float("inf") else v) for k, v in d.items()} for d in runs]
     with open(os.path.join(outdir, "compare.json"), "w") as f:
-        json.dump({"machine": meta, "runs": finite}, f, indent=1)
+        json.dump({"machine": meta, "runs": finite, "rounds": every}, f, indent=1)
         f.write("\n")
     with open(os.path.join(outdir, "compare.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(finite[0].keys()) if finite else [])

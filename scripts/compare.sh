@@ -38,6 +38,13 @@
 # (default ./compare-results). With OUT given, a plot of throughput against
 # sessions, OUT/compare.png (python3-matplotlib, installed if missing).
 #
+# ROUNDS=N runs the whole matrix N times over, each round after the one
+# before, so that a slow spell of the machine falls on every system of a
+# round alike. The report then gives, per cell and system, the run with
+# the median messages/s, the medians of the rounds' own ratios to Postfix
+# and to direct (each against the anchors of its round), and the lowest
+# and highest messages/s; compare.json keeps every run.
+#
 # Other knobs: SYSTEMS (say "postfix smarthost"), SIZES, SESSIONS,
 # PER_CONNECTION, MESSAGES_SMALL (default 5000, messages under 10 KB),
 # MESSAGES_LARGE (default 4000), CELL_TIMEOUT (seconds, default 300),
@@ -62,6 +69,11 @@ else
   large=${MESSAGES_LARGE:-4000}
 fi
 systems=${SYSTEMS:-"direct postfix smarthost redis redis3"}
+rounds=${ROUNDS:-1}
+case "$rounds" in
+  [1-9]|[1-9][0-9]) ;;
+  *) echo "ROUNDS is a count of rounds (1 to 99), not $rounds" >&2; exit 2 ;;
+esac
 cell_timeout=${CELL_TIMEOUT:-300}
 out=${OUT:-compare-results}
 for s in $systems; do
@@ -320,7 +332,7 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
     delivered=$(cat "$work"/delivery-*.log 2>/dev/null | grep -c '"outcome":"delivered"' || true)
   fi
 
-  "$py" scripts/compare.py record "$results" system="$system" size="$size" \
+  "$py" scripts/compare.py record "$results" round="$round" system="$system" size="$size" \
     sessions="$sessions" per_connection="$per" messages="$load_messages" \
     connections="$load_connections" status="$status" start="$start" \
     accepted="$accepted" end="$end" \
@@ -341,7 +353,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -r)" >&2
 echo "commit $commit; postfix $(postconf -dh mail_version 2>/dev/null); $(redis-server --version | awk '{ print $1, $3 }')" >&2
 command="scripts/compare.sh"
-for v in SYSTEMS SIZES SESSIONS PER_CONNECTION MESSAGES_LARGE MESSAGES_SMALL OUT QUICK REDIS_ARGS; do
+for v in SYSTEMS SIZES SESSIONS PER_CONNECTION MESSAGES_LARGE MESSAGES_SMALL OUT QUICK REDIS_ARGS ROUNDS; do
   case "${!v:-}" in
     "") ;;
     *" "*) command="$v=\"${!v}\" $command" ;;
@@ -357,17 +369,20 @@ json.dump({"nproc": int(nproc), "cpu": cpu, "commit": commit, "command": command
 PY
 
 began=$SECONDS
-for size in $sizes; do
-  messages=$small
-  [ "$size" -gt 10240 ] && messages=$large
-  for sessions in $sessions_list; do
-    for per in $per_list; do
-      echo "== $size bytes, $sessions sessions, $per per connection, $messages messages" >&2
-      if [ "$per" -gt 1 ] && [ "$messages" -lt $((sessions * per)) ]; then
-        echo "  (only $((messages / per)) connections: fewer than $sessions at once)" >&2
-      fi
-      for system in $systems; do
-        run_one "$system" "$size" "$sessions" "$per" "$messages"
+for round in $(seq "$rounds"); do
+  [ "$rounds" -gt 1 ] && echo "== round $round of $rounds" >&2
+  for size in $sizes; do
+    messages=$small
+    [ "$size" -gt 10240 ] && messages=$large
+    for sessions in $sessions_list; do
+      for per in $per_list; do
+        echo "== $size bytes, $sessions sessions, $per per connection, $messages messages" >&2
+        if [ "$per" -gt 1 ] && [ "$messages" -lt $((sessions * per)) ]; then
+          echo "  (only $((messages / per)) connections: fewer than $sessions at once)" >&2
+        fi
+        for system in $systems; do
+          run_one "$system" "$size" "$sessions" "$per" "$messages"
+        done
       done
     done
   done
