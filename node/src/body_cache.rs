@@ -119,6 +119,18 @@ impl BodyCache {
         crate::metrics::body_cache(state.bytes);
     }
 
+    /// Drops the kept bodies of `ids` without reading them: their store
+    /// failed, and no delivery will ask for them.
+    pub fn discard(&self, ids: &[MessageId]) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if let Some((_, body)) = state.bodies.remove(id) {
+                state.bytes -= body.held() as u64;
+            }
+        }
+        crate::metrics::body_cache(state.bytes);
+    }
+
     /// The kept body of `id`, no longer kept.
     pub fn take(&self, id: &MessageId) -> Option<Body> {
         if !self.is_enabled() {
@@ -230,6 +242,18 @@ mod tests {
         // for each taken while the backlog grows.
         assert!(hits >= 250, "{hits} of 500");
         assert_eq!(cache.state.lock().unwrap().bytes, 0);
+    }
+
+    #[test]
+    fn a_discarded_body_is_gone_and_its_room_free() {
+        let cache = BodyCache::new(100);
+        keep(&cache, 1, 60);
+        keep(&cache, 2, 60);
+        assert!(cache.take(&id(2)).is_none(), "no room for the second");
+        cache.discard(&[id(1), id(9)]);
+        assert!(cache.take(&id(1)).is_none());
+        keep(&cache, 3, 60);
+        assert_eq!(cache.take(&id(3)).unwrap().len(), 60);
     }
 
     #[test]

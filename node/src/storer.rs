@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use smarthost_proto::envelope::MessageRecord;
+use smarthost_proto::envelope::{MessageId, MessageRecord};
 use tokio::sync::oneshot;
 
 use crate::body_cache::BodyCache;
@@ -191,16 +191,25 @@ impl Storer {
                 .iter()
                 .filter_map(|m| Some((m.record.id.clone(), bodies.share(&m.body)?)))
                 .collect();
+            let ids: Vec<MessageId> = kept.iter().map(|(id, _)| id.clone()).collect();
+            // Kept before the store: a delivery at work on the domain, on
+            // another thread, takes a message the moment the store
+            // schedules it, and must find its body. Nothing takes it
+            // before; a failed store drops it again.
+            bodies.keep(kept);
             // Records shared by the spool and the schedule, not copied.
             let started = std::time::Instant::now();
-            let stored = spool
+            let stored = match spool
                 .store_scheduled(messages, schedule.as_ref(), now_ms())
-                .await?;
+                .await
+            {
+                Ok(stored) => stored,
+                Err(error) => {
+                    bodies.discard(&ids);
+                    return Err(error);
+                }
+            };
             crate::metrics::spool_store(started.elapsed());
-            // Kept only once stored. A delivery handed the message before
-            // (taken at once by a dispatcher at work on its domain) reads
-            // the spool instead.
-            bodies.keep(kept);
             Ok(match stored.scheduled {
                 Ok(domains) => Stored {
                     domains,
