@@ -202,21 +202,26 @@ mod tests {
         });
     }
 
+    /// An actor that answers the thread it runs on.
+    struct Where;
+
+    impl Actor for Where {
+        type Context = Context<Self>;
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "std::thread::ThreadId")]
+    struct Which;
+
+    impl Handler<Which> for Where {
+        type Result = MessageResult<Which>;
+        fn handle(&mut self, _: Which, _: &mut Context<Self>) -> Self::Result {
+            MessageResult(std::thread::current().id())
+        }
+    }
+
     #[test]
     fn actors_go_round_the_threads_the_callers_first() {
-        struct Where;
-        impl Actor for Where {
-            type Context = Context<Self>;
-        }
-        #[derive(Message)]
-        #[rtype(result = "std::thread::ThreadId")]
-        struct Which;
-        impl Handler<Which> for Where {
-            type Result = MessageResult<Which>;
-            fn handle(&mut self, _: Which, _: &mut Context<Self>) -> Self::Result {
-                MessageResult(std::thread::current().id())
-            }
-        }
         actix::System::new().block_on(async {
             let workers = Workers::start(2);
             let mut threads = Vec::new();
@@ -237,38 +242,20 @@ mod tests {
     /// `here` numbers the threads; a thread that is not a worker is none.
     #[test]
     fn each_thread_gets_its_own_actor_and_knows_its_number() {
-        struct Where;
-        impl Actor for Where {
-            type Context = Context<Self>;
-        }
-        #[derive(Message)]
-        #[rtype(result = "Option<usize>")]
-        struct Which;
-        impl Handler<Which> for Where {
-            type Result = Option<usize>;
-            fn handle(&mut self, _: Which, _: &mut Context<Self>) -> Self::Result {
-                HERE.with(|here| here.get())
-            }
-        }
-        thread_local! {
-            static HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-        }
         actix::System::new().block_on(async {
             for count in [1, 3] {
                 let workers = Workers::start(count);
-                for thread in 0..count {
-                    let (tell, told) = tokio::sync::oneshot::channel();
-                    let mine = workers.clone();
-                    workers.run_on(thread, move || async move {
-                        HERE.with(|here| here.set(mine.here()));
-                        let _ = tell.send(mine.here());
-                    });
-                    assert_eq!(told.await.unwrap(), Some(thread), "{count} threads");
-                }
                 let actors = workers.start_on_each(|| Where);
                 assert_eq!(actors.len(), count);
                 for (thread, actor) in actors.iter().enumerate() {
-                    assert_eq!(actor.send(Which).await.unwrap(), Some(thread));
+                    let (tell, told) = tokio::sync::oneshot::channel();
+                    let mine = workers.clone();
+                    workers.run_on(thread, move || async move {
+                        let _ = tell.send((mine.here(), std::thread::current().id()));
+                    });
+                    let (here, id) = told.await.unwrap();
+                    assert_eq!(here, Some(thread), "{count} threads");
+                    assert_eq!(actor.send(Which).await.unwrap(), id, "{count} threads");
                 }
                 let elsewhere = workers.clone();
                 let outside = std::thread::spawn(move || elsewhere.here()).join().unwrap();
