@@ -319,6 +319,11 @@ def fmt(v, spec="{:.0f}", none="–"):
     return spec.format(v)
 
 
+def count(v):
+    """A rate with a space between thousands, as the tables write it."""
+    return fmt(v, "{:,.0f}").replace(",", " ")
+
+
 def ms(v):
     if v is None:
         return "–"
@@ -338,14 +343,14 @@ def table(rows):
             "| Redis cmds/msg | accept p50 | accept p99 |")
     lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
     for d in rows:
-        rate = fmt(d["messages_per_s"], "{:,.0f}").replace(",", " ")
+        rate = count(d["messages_per_s"])
         if d["status"] != "ok":
             rate = f"{d['status']}"
         lines.append(
             f"| {size_label(d['size'])} | {d['sessions']} | {d['per_connection']} "
             f"| {LABELS.get(d['system'], d['system'])} | {rate} "
             f"| {fmt(d['vs_postfix'], '{:.2f}')} | {fmt(d['vs_direct'], '{:.2f}')} "
-            f"| {fmt(d['accepted_per_s'], '{:,.0f}').replace(',', ' ')} "
+            f"| {count(d['accepted_per_s'])} "
             f"| {fmt(d['cpu_s_per_1000'], '{:.2f}')} | {fmt(d['redis_cpu_s_per_1000'], '{:.2f}')} "
             f"| {fmt(d.get('tools_cpu_s_per_1000'), '{:.2f}')} | {fmt(d.get('cores_busy'), '{:.2f}')} "
             f"| {fmt(d['peak_rss_mib'], '{:.0f}')} | {fmt(d['redis_commands_per_message'], '{:.1f}')} "
@@ -374,11 +379,9 @@ def summary(rows):
             elif d["status"] != "ok":
                 rates.append(d["status"])
             else:
-                rate = fmt(d["messages_per_s"], "{:,.0f}").replace(",", " ")
+                rate = count(d["messages_per_s"])
                 if d.get("rounds", 1) > 1 and d["messages_per_s_min"] is not None:
-                    low = fmt(d["messages_per_s_min"], "{:,.0f}").replace(",", " ")
-                    high = fmt(d["messages_per_s_max"], "{:,.0f}").replace(",", " ")
-                    rate += f" ({low}–{high})"
+                    rate += f" ({count(d['messages_per_s_min'])}–{count(d['messages_per_s_max'])})"
                 rates.append(rate)
         lines.append(f"| {size_label(cell[0])} | {cell[1]} | {cell[2]} | " + " | ".join(rates) + " |")
     return "\n".join(lines)
@@ -463,8 +466,10 @@ def report(args):
              "× direct are the medians of the rounds' own ratios." if rounds > 1 else ""))
     os.makedirs(outdir, exist_ok=True)
     # A latency past the last bucket has no number: null in the files.
-    finite = [{k: (None if v == float("inf") else v) for k, v in d.items()} for d in derived]
-    every = [{k: (None if v == float("inf") else v) for k, v in d.items()} for d in runs]
+    def with_nulls(rows):
+        return [{k: (None if v == float("inf") else v) for k, v in d.items()} for d in rows]
+
+    finite, every = with_nulls(derived), with_nulls(runs)
     with open(os.path.join(outdir, "compare.json"), "w") as f:
         json.dump({"machine": meta, "runs": finite, "rounds": every}, f, indent=1)
         f.write("\n")
