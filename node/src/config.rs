@@ -47,6 +47,9 @@ pub struct NodeConfig {
     pub shutdown_grace: Duration,
     /// Threads for SMTP sessions and outbound deliveries; 0: one per core.
     pub threads: usize,
+    /// A thread busy this share of the time takes no new work while
+    /// another is not; 0: new work goes round all threads.
+    pub thread_busy_percent: u8,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -534,6 +537,7 @@ impl Default for NodeConfig {
             hostname: host_name(),
             shutdown_grace: Duration::from_secs(30),
             threads: 0,
+            thread_busy_percent: 80,
         }
     }
 }
@@ -1003,6 +1007,9 @@ impl Config {
                 "node.hostname",
                 format!("{hostname:?} contains spaces or control characters"),
             );
+        }
+        if self.node.thread_busy_percent > 100 {
+            errors.add("node.thread_busy_percent", "must be 0 to 100");
         }
     }
 

@@ -64,6 +64,7 @@ pub mod idempotency;
 pub mod journal;
 pub mod limits;
 pub mod listener;
+pub mod load;
 pub mod malloc;
 pub mod metrics;
 pub mod pickup;

@@ -4,9 +4,14 @@
 //!
 //! Every connection thread ([`crate::workers`]) accepts on its own
 //! listening socket, one per address and thread in an `SO_REUSEPORT`
-//! group, so the kernel spreads new connections over the threads and each
-//! is admitted and served where it was accepted, never handed to another
-//! thread. The admission state is shared behind a lock ([`Gate`]).
+//! group, and each connection is admitted and served where it was
+//! accepted, never handed to another thread. Which socket of the group a
+//! new connection reaches is chosen by a small BPF program that the
+//! listener attaches to the group whenever the thread to fill changes
+//! ([`crate::load`]): all go to that thread, or, when every thread is busy,
+//! each to one at random. A thread never stops accepting on its own
+//! socket, so a connection already queued there is never stranded.
+//! The admission state is shared behind a lock ([`Gate`]).
 //! Sessions are plain async tasks (see [`crate::session`]); each holds a
 //! [`Slot`] that updates the gate when it ends, when it authenticates and
 //! when it is idle, so the counts stay right however a session finishes and
@@ -32,6 +37,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::admission::{Admission, Admitted, Policy, Refusal, RefusalCounts};
+use crate::load::Target;
 use crate::session::{self, SessionEnv};
 use crate::workers::Workers;
 
@@ -334,11 +340,109 @@ async fn accept_until_stopped(socket: TcpListener, gate: Arc<Gate>) {
     }
 }
 
+/// Steers each group's new connections to the thread to fill, until the
+/// listener stops accepting; then lets the groups' handles go, so that the
+/// sockets close with the threads' own.
+async fn steer_until_stopped(
+    groups: Vec<std::net::TcpListener>,
+    threads: usize,
+    mut target: watch::Receiver<Target>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut steered = false;
+    loop {
+        let now = *target.borrow_and_update();
+        // Left alone, the kernel spreads connections by their addresses.
+        if steered || now != Target::All {
+            for group in &groups {
+                if let Err(error) = steer(group, now, threads) {
+                    tracing::warn!(
+                        %error,
+                        "cannot steer new connections to a thread; the kernel spreads them"
+                    );
+                    return;
+                }
+            }
+            steered = true;
+        }
+        tokio::select! {
+            changed = target.changed() => if changed.is_err() { return },
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+        }
+    }
+}
+
+/// The socket option that sets a group's program (`asm-generic/socket.h`,
+/// as on x86-64 and arm64; the libc crate does not name it for Linux).
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Sends the new connections of `socket`'s `SO_REUSEPORT` group of
+/// `threads` sockets to `target`'s: the program returns the index of the
+/// socket in the group, which is the order the threads listened in.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+fn steer(socket: &std::net::TcpListener, target: Target, threads: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let program = match target {
+        Target::Thread(thread) => vec![op(libc::BPF_RET | libc::BPF_K, thread as u32)],
+        Target::All => vec![
+            op(
+                libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+                (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+            ),
+            op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, threads as u32),
+            op(libc::BPF_RET | libc::BPF_A, 0),
+        ],
+    };
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: the descriptor is open for as long as `socket` lives, and the
+    // kernel copies the program before the call returns.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+fn steer(_socket: &std::net::TcpListener, _target: Target, _threads: usize) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 pub struct Listener {
     /// The listening sockets of each connection thread: one per address,
-    /// all of an address in one `SO_REUSEPORT` group, so that the kernel
-    /// spreads the connections over the threads.
+    /// all of an address in one `SO_REUSEPORT` group.
     sockets: Vec<Vec<std::net::TcpListener>>,
+    /// A handle on each group, to steer its connections (none with one
+    /// thread).
+    groups: Vec<std::net::TcpListener>,
     gate: Arc<Gate>,
     workers: Workers,
 }
@@ -388,16 +492,21 @@ impl Listener {
         let threads = workers.threads();
         let mut sockets: Vec<Vec<std::net::TcpListener>> =
             (0..threads).map(|_| Vec::new()).collect();
+        let mut groups = Vec::new();
         for address in addresses {
             let group = listen_on_each(*address, threads).map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
             })?;
+            if threads > 1 {
+                groups.push(group[0].try_clone()?);
+            }
             for (thread, socket) in group.into_iter().enumerate() {
                 sockets[thread].push(socket);
             }
         }
         Ok(Listener {
             sockets,
+            groups,
             gate: Arc::new(Gate {
                 state: Mutex::new(GateState {
                     admission: Admission::new(policy),
@@ -433,6 +542,15 @@ impl Actor for Listener {
                     }
                 });
             }
+        }
+        let groups = std::mem::take(&mut self.groups);
+        if !groups.is_empty() {
+            actix::spawn(steer_until_stopped(
+                groups,
+                self.workers.threads(),
+                self.workers.target(),
+                self.gate.shutdown.subscribe(),
+            ));
         }
         ctx.run_interval(REPORT_INTERVAL, |listener, _| {
             listener.gate.lock().report_refusals()
@@ -536,24 +654,50 @@ mod tests {
     async fn connections_are_spread_over_the_threads_sockets() {
         let group = listen_on_each(SocketAddr::from(([127, 0, 0, 1], 0)), 2).unwrap();
         let address = group[0].local_addr().unwrap();
-        let clients: Vec<_> = (0..40)
+        let accepted = accepted_by_each(&group, address, 40);
+        assert!(accepted.iter().all(|&n| n > 0), "{accepted:?}");
+    }
+
+    /// Connects `count` clients to `address` and counts what each socket
+    /// of `group` accepted.
+    fn accepted_by_each(
+        group: &[std::net::TcpListener],
+        address: SocketAddr,
+        count: usize,
+    ) -> Vec<usize> {
+        let clients: Vec<_> = (0..count)
             .map(|_| std::net::TcpStream::connect(address).unwrap())
             .collect();
-        let mut accepted = Vec::new();
-        for socket in &group {
-            socket.set_nonblocking(true).unwrap();
-            let mut count = 0;
-            while socket.accept().is_ok() {
-                count += 1;
-            }
-            accepted.push(count);
-        }
+        let accepted: Vec<usize> = group
+            .iter()
+            .map(|socket| {
+                socket.set_nonblocking(true).unwrap();
+                std::iter::from_fn(|| socket.accept().ok()).count()
+            })
+            .collect();
         assert_eq!(
             accepted.iter().sum::<usize>(),
             clients.len(),
             "{accepted:?}"
         );
-        assert!(accepted.iter().all(|&n| n > 0), "{accepted:?}");
+        accepted
+    }
+
+    #[actix::test]
+    async fn new_connections_go_to_the_thread_they_are_steered_to() {
+        let group = listen_on_each(SocketAddr::from(([127, 0, 0, 1], 0)), 3).unwrap();
+        let address = group[0].local_addr().unwrap();
+        let handle = group[0].try_clone().unwrap();
+        for thread in [2, 0, 1] {
+            steer(&handle, Target::Thread(thread), 3).unwrap();
+            let mut expected = vec![0; 3];
+            expected[thread] = 20;
+            assert_eq!(accepted_by_each(&group, address, 20), expected);
+        }
+        // At random: a socket gets none of 60 once in about 10¹⁰ runs.
+        steer(&handle, Target::All, 3).unwrap();
+        let spread = accepted_by_each(&group, address, 60);
+        assert!(spread.iter().all(|&n| n > 0), "{spread:?}");
     }
 
     #[test]

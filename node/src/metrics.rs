@@ -85,6 +85,11 @@ pub const REDIS_ERRORS: &str = "smarthost_redis_errors_total";
 pub const BADMAIL_KEPT: &str = "smarthost_badmail_total";
 /// Entries in this node's badmail directory now.
 pub const BADMAIL_ENTRIES: &str = "smarthost_badmail_entries";
+/// The share of time a connection thread's event loop works, by `thread`
+/// (0 is the system thread), smoothed over the last 50 ms or so; sampled
+/// when there is more than one thread and `node.thread_busy_percent` is
+/// not 0.
+pub const THREAD_BUSY: &str = "smarthost_thread_busy_ratio";
 /// Webhook events written to the outbox (one per endpoint that wants it).
 pub const WEBHOOK_EVENTS: &str = "smarthost_webhook_events_total";
 /// Webhook events that could not be written to the outbox.
@@ -170,6 +175,11 @@ pub fn ready_news_subscribed(subscribed: bool) {
 /// A domain was heard of in the ready news.
 pub fn ready_news_heard() {
     metrics::counter!(READY_NEWS).increment(1);
+}
+
+/// The gauge of connection thread `thread`'s busy share.
+pub fn thread_busy(thread: usize) -> metrics::Gauge {
+    metrics::gauge!(THREAD_BUSY, "thread" => thread.to_string())
 }
 
 /// A delivery connection that carried `messages` has ended.
@@ -272,6 +282,10 @@ fn describe() {
         "messages kept in badmail (neither deliverable nor reportable), by source"
     );
     describe_gauge!(BADMAIL_ENTRIES, "entries in the badmail directory");
+    describe_gauge!(
+        THREAD_BUSY,
+        "share of time a connection thread's event loop works"
+    );
     describe_counter!(WEBHOOK_EVENTS, "webhook events written to the outbox");
     describe_counter!(
         WEBHOOK_EVENTS_LOST,

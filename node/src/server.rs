@@ -45,6 +45,7 @@ use crate::fd_limit;
 use crate::idempotency::{Idempotency, LocalIdempotency, RedisIdempotency};
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{Listener, OpenSessions, StopAccepting, WaitDrained};
+use crate::load::ThreadLoad;
 use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover, ReopenLog};
 use crate::quota::{LocalQuotas, Quotas, RedisQuotas};
 use crate::schedule::RedisSchedule;
@@ -73,10 +74,14 @@ pub enum Role {
 }
 
 pub fn run(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
-    actix::System::new().block_on(async move {
+    // The system thread is the first connection thread: its busy time
+    // decides when new work goes to the next ([`crate::load`]).
+    let home = Arc::new(ThreadLoad::default());
+    let load = home.clone();
+    actix::System::with_tokio_rt(move || crate::load::runtime(load)).block_on(async move {
         match role {
             Role::Coordinator => coordinate(config).await,
-            Role::All | Role::Node => serve(config, role).await,
+            Role::All | Role::Node => serve(config, role, home).await,
         }
     })
 }
@@ -289,7 +294,7 @@ fn check_file_limit(config: &Config) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
+async fn serve(config: Config, role: Role, home: Arc<ThreadLoad>) -> Result<(), Box<dyn Error>> {
     // Before anything counts: a metric recorded without a recorder is lost.
     crate::metrics::install();
     check_file_limit(&config)?;
@@ -356,8 +361,16 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
         QueueBackend::Local => None,
     };
     let stopping = Arc::new(AtomicBool::new(false));
-    let workers = Workers::start(Workers::count_for(config.node.threads));
-    tracing::info!(threads = workers.threads(), "connection threads started");
+    let workers = Workers::start_filling(
+        Workers::count_for(config.node.threads),
+        home,
+        config.node.thread_busy_percent,
+    );
+    tracing::info!(
+        threads = workers.threads(),
+        busy_percent = config.node.thread_busy_percent,
+        "connection threads started"
+    );
     // See `crate::storer` for why Redis keeps one storer.
     let stores = match config.queue.backend {
         QueueBackend::Local => Stores::start(&workers, storer_env, queue.clone().recipient()),

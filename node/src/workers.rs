@@ -5,16 +5,22 @@
 //! needs a lock.
 //!
 //! Each worker is an actix [`Arbiter`]: a thread with its own event loop.
-//! The system thread is one of the threads in turn: what it runs costs no
-//! hand-over, and with one thread nothing is handed over at all. Every
+//! The system thread is one of the threads, the first: what it runs costs
+//! no hand-over, and with one thread nothing is handed over at all. Every
 //! thread accepts SMTP connections itself ([`crate::listener`]) and serves
-//! them there; outbound connections go round the threads in turn.
+//! them there. New connections and outbound deliveries go to the first
+//! thread that is not busy, and round all threads in turn when every one is
+//! ([`crate::load`]); or, with `node.thread_busy_percent = 0`, always round
+//! all of them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
 use actix::Arbiter;
+use tokio::sync::watch;
+
+use crate::load::{self, Fill, Target, ThreadLoad};
 
 /// The worker threads, shared by the listener and the throttles.
 #[derive(Clone)]
@@ -33,15 +39,41 @@ struct Inner {
     /// The thread that started the workers, first in turn.
     home: std::thread::ThreadId,
     next: AtomicUsize,
+    /// The thread that takes new work.
+    target: watch::Sender<Target>,
 }
 
 impl Workers {
     /// Connections on `count` threads: the arbiter that calls this (the
     /// system thread) is one of them, and `count - 1` more are started.
-    /// The calling thread's share skips the hand-over between threads,
-    /// and one thread (`count` ≤ 1) runs everything there.
+    /// New work goes round all of them in turn. The calling thread's share
+    /// skips the hand-over between threads, and one thread (`count` ≤ 1)
+    /// runs everything there.
     pub fn start(count: usize) -> Workers {
-        let threads: Vec<Arbiter> = (1..count).map(|_| Arbiter::new()).collect();
+        Workers::launch(count, None)
+    }
+
+    /// As [`Workers::start`], but new work goes to the first thread whose
+    /// event loop is busy less than `busy_percent` of the time, and round
+    /// all of them only when every one is busy. `home` counts the calling
+    /// thread's busy time: its runtime must come from [`load::runtime`].
+    /// A `busy_percent` of 0 goes round all threads always.
+    pub fn start_filling(count: usize, home: Arc<ThreadLoad>, busy_percent: u8) -> Workers {
+        Workers::launch(count, (busy_percent > 0).then_some((home, busy_percent)))
+    }
+
+    fn launch(count: usize, filling: Option<(Arc<ThreadLoad>, u8)>) -> Workers {
+        let mut loads = Vec::new();
+        let threads: Vec<Arbiter> = (1..count)
+            .map(|_| match &filling {
+                Some(_) => {
+                    let load = Arc::new(ThreadLoad::default());
+                    loads.push(load.clone());
+                    Arbiter::with_tokio_rt(move || load::runtime(load))
+                }
+                None => Arbiter::new(),
+            })
+            .collect();
         let home = std::thread::current().id();
         let mut arbiters = Vec::new();
         let mut ids = Vec::new();
@@ -59,15 +91,28 @@ impl Workers {
                 told.recv().unwrap_or(home)
             }));
         }
-        Workers {
+        let first = if filling.is_some() {
+            Target::Thread(0)
+        } else {
+            Target::All
+        };
+        let workers = Workers {
             inner: Arc::new(Inner {
                 arbiters,
                 ids,
                 threads: std::sync::Mutex::new(threads),
                 home,
                 next: AtomicUsize::new(0),
+                target: watch::Sender::new(first),
             }),
+        };
+        if let Some((home_load, busy_percent)) = filling {
+            if count > 1 {
+                loads.insert(0, home_load);
+                actix::spawn(fill(Arc::downgrade(&workers.inner), loads, busy_percent));
+            }
         }
+        workers
     }
 
     /// One thread: connections run where they are started.
@@ -117,13 +162,21 @@ impl Workers {
             .collect()
     }
 
-    /// The next thread in turn: `None` for the calling thread itself.
+    /// The thread that takes new work, and each change to it.
+    pub fn target(&self) -> watch::Receiver<Target> {
+        self.inner.target.subscribe()
+    }
+
+    /// The thread for new work: `None` for the calling thread itself.
     fn next(&self) -> Option<ArbiterHandle> {
         let arbiters = &self.inner.arbiters;
         if arbiters.is_empty() {
             return None;
         }
-        let turn = self.inner.next.fetch_add(1, Ordering::Relaxed) % arbiters.len();
+        let turn = match *self.inner.target.borrow() {
+            Target::Thread(thread) => thread.min(arbiters.len() - 1),
+            Target::All => self.inner.next.fetch_add(1, Ordering::Relaxed) % arbiters.len(),
+        };
         if turn == 0 && std::thread::current().id() == self.inner.home {
             return None;
         }
@@ -172,6 +225,32 @@ impl Workers {
         for thread in threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// Samples the threads' busy time and publishes the thread to fill, until
+/// the workers are gone. Runs on the system thread.
+async fn fill(workers: std::sync::Weak<Inner>, loads: Vec<Arc<ThreadLoad>>, busy_percent: u8) {
+    let mut fill = Fill::new(loads.len(), busy_percent);
+    let gauges: Vec<_> = (0..loads.len()).map(crate::metrics::thread_busy).collect();
+    let mut tick = tokio::time::interval(load::SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(workers) = workers.upgrade() else {
+            return;
+        };
+        let now = load::now_ns();
+        let busy: Vec<u64> = loads.iter().map(|load| load.busy_ns(now)).collect();
+        let target = fill.sample(now, &busy);
+        for (gauge, share) in gauges.iter().zip(fill.shares()) {
+            gauge.set(*share);
+        }
+        workers.target.send_if_modified(|current| {
+            let changed = *current != target;
+            *current = target;
+            changed
+        });
     }
 }
 
@@ -234,6 +313,47 @@ mod tests {
             assert_ne!(threads[1], main);
             assert_eq!(threads[2], threads[0]);
             assert_eq!(threads[3], threads[1]);
+            workers.stop();
+        });
+    }
+
+    /// Keeps the calling thread's event loop working for `spell`, handing
+    /// control back every few milliseconds without waiting.
+    async fn work_for(spell: std::time::Duration) {
+        let until = std::time::Instant::now() + spell;
+        while std::time::Instant::now() < until {
+            let step = std::time::Instant::now() + std::time::Duration::from_millis(2);
+            while std::time::Instant::now() < step {
+                std::hint::spin_loop();
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// With the system thread counted, new actors go there while it is
+    /// free, to the next thread while it works without a pause, and back
+    /// once it is free again; the thread to fill is published.
+    #[test]
+    fn new_work_fills_the_first_thread_that_is_not_busy() {
+        let home = Arc::new(ThreadLoad::default());
+        let counted = home.clone();
+        actix::System::with_tokio_rt(move || load::runtime(counted)).block_on(async move {
+            let workers = Workers::start_filling(2, home, 50);
+            let main = std::thread::current().id();
+            let mut target = workers.target();
+            assert_eq!(*target.borrow_and_update(), Target::Thread(0));
+            let actor = workers.start_actor(|_| Where);
+            assert_eq!(actor.send(Which).await.unwrap(), main);
+
+            work_for(std::time::Duration::from_millis(300)).await;
+            assert_eq!(*target.borrow_and_update(), Target::Thread(1));
+            let actor = workers.start_actor(|_| Where);
+            assert_ne!(actor.send(Which).await.unwrap(), main);
+
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert_eq!(*target.borrow_and_update(), Target::Thread(0));
+            let actor = workers.start_actor(|_| Where);
+            assert_eq!(actor.send(Which).await.unwrap(), main);
             workers.stop();
         });
     }

@@ -272,3 +272,41 @@ fn bodies_stored_under_load_are_delivered_from_the_cache() {
         );
     }
 }
+
+/// With two connection threads, each thread's busy share is on the page
+/// while the node fills the first free thread; a node that spreads its
+/// work evenly (`node.thread_busy_percent = 0`) samples nothing.
+#[test]
+fn each_connection_threads_busy_share_is_on_the_page() {
+    for (percent, sampled) in [("80", true), ("0", false)] {
+        let sink = Sink::start(SinkOptions::default());
+        let setup = start_with_env(
+            tempfile::tempdir().unwrap(),
+            &format!("smart_host = \"{}\"", sink.smart_host()),
+            "",
+            &[
+                ("SMARTHOST__NODE__THREADS", "2"),
+                ("SMARTHOST__NODE__THREAD_BUSY_PERCENT", percent),
+            ],
+        );
+        let text = message("user@dest.test", "threads", "Counted.\r\n");
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..5 {
+                        submit(&setup.relay, "app@sender.test", &["user@dest.test"], &text);
+                    }
+                });
+            }
+        });
+        assert_eq!(sink.wait_for(20, Duration::from_secs(30)).len(), 20);
+        let samples = scrape(setup.relay.admin_addr());
+        for thread in 0..2 {
+            let key = format!("smarthost_thread_busy_ratio{{thread=\"{thread}\"}}");
+            match samples.get(&key) {
+                Some(share) => assert!(sampled && (0.0..=1.0).contains(share), "{key} {share}"),
+                None => assert!(!sampled, "{key} missing at {percent} %"),
+            }
+        }
+    }
+}

@@ -301,8 +301,12 @@ impl Deployment {
                 ("SMARTHOST__NODE__ID", id),
                 // More connection threads than this machine may have cores:
                 // sessions, storers and deliveries on several threads, and
-                // every hand-over between them, whatever the machine.
+                // every hand-over between them, whatever the machine. A
+                // thread counts as busy at 1 % of the time, so the thread
+                // that takes new work changes all the time and the work
+                // lands on every thread, steered and at random.
                 ("SMARTHOST__NODE__THREADS", "3"),
+                ("SMARTHOST__NODE__THREAD_BUSY_PERCENT", "1"),
             ];
             if let Some(spool) = &spool {
                 env.push(("SMARTHOST__QUEUE__PATH", spool));
