@@ -8,75 +8,48 @@
 //! deliveries go to the first thread that is not busy, the system thread
 //! first, and over all threads only when every one of them is busy.
 //!
-//! A thread's event loop is busy from the moment it wakes until it waits
-//! again; [`runtime`] counts that time with the runtime's park hooks, and
-//! [`Fill`] turns the counts into the thread to fill ([`Target`]).
+//! A thread is as busy as the share of time it runs on a core: its CPU
+//! time, read from the thread's CPU clock ([`ThreadClock`]) by a sampler
+//! on the system thread, and turned by [`Fill`] into the thread to fill
+//! ([`Target`]). Time a thread waits for a core while other processes run
+//! does not count: on a machine that is full anyway, another thread would
+//! not run sooner.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::io;
 
-/// How often the threads' busy time is sampled.
-pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(25);
+/// How often the threads' CPU time is sampled.
+pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(25);
 
-/// The moment the counts of every thread are measured from.
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+/// A thread's CPU clock, readable from any thread.
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadClock(libc::clockid_t);
 
-/// Nanoseconds since [`EPOCH`].
-pub fn now_ns() -> u64 {
-    EPOCH.elapsed().as_nanos() as u64
-}
-
-/// One thread's busy time, written by its own event loop and read by the
-/// sampler on another thread.
-#[derive(Debug, Default)]
-pub struct ThreadLoad {
-    /// Busy nanoseconds up to the thread's last wait.
-    busy_ns: AtomicU64,
-    /// When the thread woke, in [`now_ns`] plus one; 0 while it waits.
-    awake_since: AtomicU64,
-}
-
-impl ThreadLoad {
-    fn woke(&self) {
-        self.awake_since.store(now_ns() + 1, Ordering::Relaxed);
-    }
-
-    fn waits(&self) {
-        let since = self.awake_since.swap(0, Ordering::Relaxed);
-        if since > 0 {
-            let busy = now_ns().saturating_sub(since - 1);
-            self.busy_ns.fetch_add(busy, Ordering::Relaxed);
+impl ThreadClock {
+    /// The calling thread's clock.
+    pub fn current() -> io::Result<ThreadClock> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `pthread_self` is the calling thread, alive for the call;
+        // the call writes only `clock`.
+        let result = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+        if result != 0 {
+            return Err(io::Error::from_raw_os_error(result));
         }
+        Ok(ThreadClock(clock))
     }
 
-    /// Busy nanoseconds until `now` (a [`now_ns`]), the current spell
-    /// included: a thread that never waits is busy all the time.
-    pub fn busy_ns(&self, now: u64) -> u64 {
-        let since = self.awake_since.load(Ordering::Relaxed);
-        let current = if since > 0 {
-            now.saturating_sub(since - 1)
-        } else {
-            0
+    /// The nanoseconds the thread has run; 0 once it has ended.
+    pub fn cpu_ns(&self) -> u64 {
+        let mut time = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
         };
-        self.busy_ns.load(Ordering::Relaxed) + current
+        // SAFETY: the call writes only `time`; the clock of a thread that
+        // has ended is an error, not a fault.
+        if unsafe { libc::clock_gettime(self.0, &mut time) } != 0 {
+            return 0;
+        }
+        time.tv_sec as u64 * 1_000_000_000 + time.tv_nsec as u64
     }
-}
-
-/// A single-threaded runtime, as actix builds one, that counts its busy
-/// time in `load`.
-pub fn runtime(load: Arc<ThreadLoad>) -> tokio::runtime::Runtime {
-    // Built on the thread it runs on, which works from now until it first
-    // waits.
-    load.woke();
-    let waking = load.clone();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .on_thread_unpark(move || waking.woke())
-        .on_thread_park(move || load.waits())
-        .build()
-        // As actix's own runtime: a node cannot run without one.
-        .expect("cannot build a tokio runtime")
 }
 
 /// Which thread takes new connections and deliveries.
@@ -244,27 +217,23 @@ mod tests {
     }
 
     #[test]
-    fn a_runtime_counts_the_time_its_thread_works() {
-        let load = Arc::new(ThreadLoad::default());
-        let rt = runtime(load.clone());
-        let start = now_ns();
-        rt.block_on(async {
-            // Wait 30 ms, work 40 ms, and wait 60 ms.
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            let until = Instant::now() + Duration::from_millis(40);
-            while Instant::now() < until {
-                std::hint::spin_loop();
-            }
-            tokio::time::sleep(Duration::from_millis(60)).await;
-        });
-        let elapsed = now_ns() - start;
-        let busy = load.busy_ns(now_ns());
-        assert!(elapsed >= 130 * MS, "{elapsed}");
-        assert!(
-            (40 * MS..70 * MS).contains(&busy),
-            "busy {} ms of {} ms",
-            busy / MS,
-            elapsed / MS
-        );
+    fn a_threads_clock_counts_its_work_not_its_waits() {
+        use std::time::{Duration, Instant};
+        let clock = ThreadClock::current().unwrap();
+        let started = Instant::now();
+        let before = clock.cpu_ns();
+        // Work until the clock says 40 ms (or 5 s have passed), then wait.
+        while clock.cpu_ns() - before < 40 * MS && started.elapsed() < Duration::from_secs(5) {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        let ran = clock.cpu_ns() - before;
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!((40 * MS..55 * MS).contains(&ran), "ran {} ms", ran / MS);
+        // The clock of a thread that has ended reads nothing.
+        let ended = std::thread::spawn(|| ThreadClock::current().unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(ended.cpu_ns(), 0);
     }
 }

@@ -85,7 +85,7 @@ pub const REDIS_ERRORS: &str = "smarthost_redis_errors_total";
 pub const BADMAIL_KEPT: &str = "smarthost_badmail_total";
 /// Entries in this node's badmail directory now.
 pub const BADMAIL_ENTRIES: &str = "smarthost_badmail_entries";
-/// The share of time a connection thread's event loop works, by `thread`
+/// The share of time a connection thread ran (its CPU time), by `thread`
 /// (0 is the system thread), smoothed over the last 50 ms or so; sampled
 /// when there is more than one thread and `node.thread_busy_percent` is
 /// not 0.
@@ -284,7 +284,7 @@ fn describe() {
     describe_gauge!(BADMAIL_ENTRIES, "entries in the badmail directory");
     describe_gauge!(
         THREAD_BUSY,
-        "share of time a connection thread's event loop works"
+        "share of time a connection thread ran (its CPU time)"
     );
     describe_counter!(WEBHOOK_EVENTS, "webhook events written to the outbox");
     describe_counter!(

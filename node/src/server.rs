@@ -45,7 +45,6 @@ use crate::fd_limit;
 use crate::idempotency::{Idempotency, LocalIdempotency, RedisIdempotency};
 use crate::limits::{DomainLimits, LocalLimits, RedisLimits, RedisLimitsOptions};
 use crate::listener::{Listener, OpenSessions, StopAccepting, WaitDrained};
-use crate::load::ThreadLoad;
 use crate::queue::{Attach, DeliverySettings, Drain, Queue, Recover, ReopenLog};
 use crate::quota::{LocalQuotas, Quotas, RedisQuotas};
 use crate::schedule::RedisSchedule;
@@ -74,14 +73,10 @@ pub enum Role {
 }
 
 pub fn run(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
-    // The system thread is the first connection thread: its busy time
-    // decides when new work goes to the next ([`crate::load`]).
-    let home = Arc::new(ThreadLoad::default());
-    let load = home.clone();
-    actix::System::with_tokio_rt(move || crate::load::runtime(load)).block_on(async move {
+    actix::System::new().block_on(async move {
         match role {
             Role::Coordinator => coordinate(config).await,
-            Role::All | Role::Node => serve(config, role, home).await,
+            Role::All | Role::Node => serve(config, role).await,
         }
     })
 }
@@ -294,7 +289,7 @@ fn check_file_limit(config: &Config) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-async fn serve(config: Config, role: Role, home: Arc<ThreadLoad>) -> Result<(), Box<dyn Error>> {
+async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     // Before anything counts: a metric recorded without a recorder is lost.
     crate::metrics::install();
     check_file_limit(&config)?;
@@ -363,7 +358,6 @@ async fn serve(config: Config, role: Role, home: Arc<ThreadLoad>) -> Result<(), 
     let stopping = Arc::new(AtomicBool::new(false));
     let workers = Workers::start_filling(
         Workers::count_for(config.node.threads),
-        home,
         config.node.thread_busy_percent,
     );
     tracing::info!(

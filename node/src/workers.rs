@@ -20,7 +20,7 @@ use actix::prelude::*;
 use actix::Arbiter;
 use tokio::sync::watch;
 
-use crate::load::{self, Fill, Target, ThreadLoad};
+use crate::load::{self, Fill, Target, ThreadClock};
 
 /// The worker threads, shared by the listener and the throttles.
 #[derive(Clone)]
@@ -50,33 +50,19 @@ impl Workers {
     /// skips the hand-over between threads, and one thread (`count` ≤ 1)
     /// runs everything there.
     pub fn start(count: usize) -> Workers {
-        Workers::launch(count, None)
+        Workers::start_filling(count, 0)
     }
 
-    /// As [`Workers::start`], but new work goes to the first thread whose
-    /// event loop is busy less than `busy_percent` of the time, and round
-    /// all of them only when every one is busy. `home` counts the calling
-    /// thread's busy time: its runtime must come from [`load::runtime`].
-    /// A `busy_percent` of 0 goes round all threads always.
-    pub fn start_filling(count: usize, home: Arc<ThreadLoad>, busy_percent: u8) -> Workers {
-        Workers::launch(count, (busy_percent > 0).then_some((home, busy_percent)))
-    }
-
-    fn launch(count: usize, filling: Option<(Arc<ThreadLoad>, u8)>) -> Workers {
-        let mut loads = Vec::new();
-        let threads: Vec<Arbiter> = (1..count)
-            .map(|_| match &filling {
-                Some(_) => {
-                    let load = Arc::new(ThreadLoad::default());
-                    loads.push(load.clone());
-                    Arbiter::with_tokio_rt(move || load::runtime(load))
-                }
-                None => Arbiter::new(),
-            })
-            .collect();
+    /// As [`Workers::start`], but new work goes to the first thread that
+    /// runs less than `busy_percent` of the time, and round all of them
+    /// only when every one is busy. A `busy_percent` of 0 goes round all
+    /// threads always.
+    pub fn start_filling(count: usize, busy_percent: u8) -> Workers {
+        let threads: Vec<Arbiter> = (1..count).map(|_| Arbiter::new()).collect();
         let home = std::thread::current().id();
         let mut arbiters = Vec::new();
         let mut ids = Vec::new();
+        let mut clocks = vec![ThreadClock::current()];
         if !threads.is_empty() {
             arbiters.push(Arbiter::current());
             arbiters.extend(threads.iter().map(Arbiter::handle));
@@ -84,14 +70,16 @@ impl Workers {
             ids.extend(threads.iter().map(|thread| {
                 let (tell, told) = std::sync::mpsc::channel();
                 thread.spawn_fn(move || {
-                    let _ = tell.send(std::thread::current().id());
+                    let _ = tell.send((std::thread::current().id(), ThreadClock::current()));
                 });
                 // A thread that cannot answer runs nothing. It stands in as
                 // the first thread, which `here` finds before it.
-                told.recv().unwrap_or(home)
+                let (id, clock) = told.recv().unwrap_or((home, ThreadClock::current()));
+                clocks.push(clock);
+                id
             }));
         }
-        let first = if filling.is_some() {
+        let first = if busy_percent > 0 {
             Target::Thread(0)
         } else {
             Target::All
@@ -106,10 +94,15 @@ impl Workers {
                 target: watch::Sender::new(first),
             }),
         };
-        if let Some((home_load, busy_percent)) = filling {
-            if count > 1 {
-                loads.insert(0, home_load);
-                actix::spawn(fill(Arc::downgrade(&workers.inner), loads, busy_percent));
+        if busy_percent > 0 && count > 1 {
+            match clocks.into_iter().collect::<std::io::Result<Vec<_>>>() {
+                Ok(clocks) => {
+                    actix::spawn(fill(Arc::downgrade(&workers.inner), clocks, busy_percent));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the threads' CPU time; new work goes round all threads");
+                    workers.inner.target.send_replace(Target::All);
+                }
             }
         }
         workers
@@ -228,11 +221,12 @@ impl Workers {
     }
 }
 
-/// Samples the threads' busy time and publishes the thread to fill, until
+/// Samples the threads' CPU time and publishes the thread to fill, until
 /// the workers are gone. Runs on the system thread.
-async fn fill(workers: std::sync::Weak<Inner>, loads: Vec<Arc<ThreadLoad>>, busy_percent: u8) {
-    let mut fill = Fill::new(loads.len(), busy_percent);
-    let gauges: Vec<_> = (0..loads.len()).map(crate::metrics::thread_busy).collect();
+async fn fill(workers: std::sync::Weak<Inner>, clocks: Vec<ThreadClock>, busy_percent: u8) {
+    let mut fill = Fill::new(clocks.len(), busy_percent);
+    let started = std::time::Instant::now();
+    let gauges: Vec<_> = (0..clocks.len()).map(crate::metrics::thread_busy).collect();
     let mut tick = tokio::time::interval(load::SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -240,8 +234,8 @@ async fn fill(workers: std::sync::Weak<Inner>, loads: Vec<Arc<ThreadLoad>>, busy
         let Some(workers) = workers.upgrade() else {
             return;
         };
-        let now = load::now_ns();
-        let busy: Vec<u64> = loads.iter().map(|load| load.busy_ns(now)).collect();
+        let now = started.elapsed().as_nanos() as u64;
+        let busy: Vec<u64> = clocks.iter().map(ThreadClock::cpu_ns).collect();
         let target = fill.sample(now, &busy);
         for (gauge, share) in gauges.iter().zip(fill.shares()) {
             gauge.set(*share);
@@ -335,10 +329,8 @@ mod tests {
     /// once it is free again; the thread to fill is published.
     #[test]
     fn new_work_fills_the_first_thread_that_is_not_busy() {
-        let home = Arc::new(ThreadLoad::default());
-        let counted = home.clone();
-        actix::System::with_tokio_rt(move || load::runtime(counted)).block_on(async move {
-            let workers = Workers::start_filling(2, home, 50);
+        actix::System::new().block_on(async move {
+            let workers = Workers::start_filling(2, 50);
             let main = std::thread::current().id();
             let mut target = workers.target();
             assert_eq!(*target.borrow_and_update(), Target::Thread(0));
