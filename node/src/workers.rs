@@ -330,7 +330,9 @@ mod tests {
     #[test]
     fn new_work_fills_the_first_thread_that_is_not_busy() {
         actix::System::new().block_on(async move {
-            let workers = Workers::start_filling(2, 50);
+            // A low mark: on a machine busy with other tests the working
+            // thread may run well under a whole core.
+            let workers = Workers::start_filling(2, 10);
             let main = std::thread::current().id();
             let mut target = workers.target();
             assert_eq!(*target.borrow_and_update(), Target::Thread(0));
