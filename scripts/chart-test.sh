@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Static checks of the Helm chart helm/smarthost:
-# - values.schema.json is what helm/tests/gen_schema.py makes;
+# - values.schema.json is what helm/tests/gen_schema.py makes, and takes
+#   every key of docs/configuration.md that the chart does not set itself;
 # - `helm lint` with the defaults and each values file of helm/tests;
 # - `helm template` of the defaults and of each values file, validated
 #   against the Kubernetes 1.33 schemas in strict mode (kubernetes-validate);
@@ -43,6 +44,8 @@ check() {
 
 check "values.schema.json is up to date (python3 helm/tests/gen_schema.py)" \
   sh -c "python3 helm/tests/gen_schema.py '$work/schema.json' && cmp '$work/schema.json' $chart/values.schema.json"
+check "values.schema.json takes every key of docs/configuration.md (helm/tests/schema_keys.py)" \
+  python3 helm/tests/schema_keys.py
 
 # A self-signed pair for the values file that carries certificate text.
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=relay.test \

@@ -35,7 +35,8 @@ def nullable(s):
 
 config = obj({
     "node": obj({"id": NESTR, "hostname": {"type": "string", "pattern": r"^\S+$"},
-                 "shutdown_grace": DUR, "threads": NONNEG}),
+                 "shutdown_grace": DUR, "threads": NONNEG,
+                 "thread_busy_percent": {"type": "integer", "minimum": 0, "maximum": 100}}),
     "smtp": obj({
         "max_connections": POS, "max_connections_per_ip": POS, "connection_timeout": DUR,
         "anonymous_connection_share": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -52,7 +53,9 @@ config = obj({
         "postmaster": NESTR, "max_body_memory": SIZE, "body_memory_wait": DUR,
         "body_spill_threshold": SIZE, "body_spill_dir": NESTR,
         "users": {"type": "array", "items": obj(
-            {"name": NESTR, "password_hash": {"type": "string", "pattern": r"^\$argon2"}},
+            {"name": NESTR, "password_hash": {"type": "string", "pattern": r"^\$argon2"},
+             "senders": {"type": "array", "items": NESTR},
+             "messages_per_minute": NONNEG, "messages_per_day": NONNEG},
             ["name", "password_hash"])},
     }),
     "queue": obj({
@@ -69,7 +72,7 @@ config = obj({
         "dns_servers": {"type": "array", "items": ADDR},
         "mx_port": {"type": "integer", "minimum": 1, "maximum": 65535},
         "connect_timeout": DUR, "greeting_timeout": DUR, "command_timeout": DUR,
-        "data_timeout": DUR, "connection_lease": DUR,
+        "data_timeout": DUR, "connection_lease": DUR, "body_cache": SIZE,
     }),
     "domains": {"type": "array", "items": obj({
         "name": NESTR, "kind": {"type": "string", "enum": ["remote", "local"]},
