@@ -48,6 +48,16 @@
 # it, time without it. REDIS_ARGS adds options to every redis-server
 # started here (say "--auto-aof-rewrite-percentage 0"), as compare.sh does.
 #
+# PER_CONNECTION=N (accept and relay modes) sends N messages on each
+# connection instead of one: each session runs `smtp-source -d -s 1 -m N`
+# once per connection, as scripts/compare.sh does (MESSAGES is rounded
+# down to whole connections).
+#
+# Both modes also print the acceptance latency from the nodes' metrics
+# (smarthost_message_accept_seconds: from the final dot to the message
+# being durable): the mean, p50 and p99 as bucket bounds, and how many
+# messages took over 10 ms.
+#
 # SAMPLE=1 (relay mode) also prints each node's open outbound connections
 # over the run, as slow mode does: how fast a backlog gets its connections.
 #
@@ -194,6 +204,23 @@ if [ "$mode" = slow ]; then
       sources+=($!)
     done
   done
+elif [ "${PER_CONNECTION:-1}" -gt 1 ]; then
+  # Each session its share of the connections, in turn over the nodes.
+  per=$PER_CONNECTION
+  connections=$((messages / per))
+  messages=$((connections * per))
+  for i in $(seq 0 $((sessions - 1))); do
+    count=$((connections / sessions + (i < connections % sessions ? 1 : 0)))
+    [ "$count" -gt 0 ] || continue
+    target=${ports[$((i % nodes))]}
+    (
+      for _ in $(seq "$count"); do
+        /usr/sbin/smtp-source -d -s 1 -m "$per" -l "$size" -f app@example.com \
+          -t user@example.org "127.0.0.1:$target"
+      done
+    ) &
+    sources+=($!)
+  done
 else
   for node_port in "${ports[@]}"; do
     /usr/sbin/smtp-source -s "$((sessions / nodes))" -m "$((messages / nodes))" -l "$size" \
@@ -271,7 +298,10 @@ cpu = float(sys.argv[12])
 hwm = int(sys.argv[13])
 mode, start, accepted, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 n, s, size, backend, calls = int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
-print(f"{mode} ({backend} backend, {nodes} node{'s' if nodes > 1 else ''}): {n} messages of {size} bytes, {s} parallel sessions")
+import os
+per = int(os.environ.get("PER_CONNECTION") or 1)
+print(f"{mode} ({backend} backend, {nodes} node{'s' if nodes > 1 else ''}): {n} messages of {size} bytes, {s} parallel sessions"
+      + (f", {per} per connection" if per > 1 and mode != "slow" else ""))
 if calls:
     print(f"  Redis commands: {int(calls)} in all, {int(calls) / n:.1f} per message")
 print(f"  accepted in {accepted - start:.2f} s: {n / (accepted - start):.0f} messages/s")
@@ -282,6 +312,7 @@ print(f"  smarthost peak RSS: {hwm / 1024:.0f} MiB{' (the largest node)' if node
 if hooked:
     print(f"  webhook: all {2 * n} events (accepted, delivered) at the endpoint {hooked} s after the last delivery")
 PY
+[ "$mode" = slow ] || python3 scripts/compare.py accept "${node_admins[@]}"
 if [ "$mode" = relay ] && [ -n "${SAMPLE:-}" ]; then
   kill "$sampler" 2>/dev/null || true
   # Against the one domain's connection cap (max_connections_per_domain).

@@ -10,6 +10,8 @@ matplotlib for the plot).
     compare.py hwm PID...                  the largest peak RSS (VmHWM), KiB
     compare.py hist PORT...                the accept-latency histogram of
         the nodes with these admin ports, summed, as JSON
+    compare.py accept PORT...              one line on that histogram: the
+        mean, p50 and p99 (bucket bounds), how many took over 10 ms
     compare.py wait-sink FILE COUNT SECONDS
         waits until smtp-sink's counters (-c, in FILE) show COUNT messages
         and prints that moment (Unix time); exits 1 after SECONDS
@@ -107,16 +109,38 @@ def hwm(args):
     print(peak)
 
 
-def hist(args):
-    """Cumulative bucket counts by upper bound, summed over the nodes."""
-    buckets = {}
+def accept_latency(ports):
+    """The accept-latency histogram of the nodes, summed: cumulative bucket
+    counts by upper bound, and the sum of the observed seconds."""
+    buckets, total = {}, 0.0
     pattern = re.compile(HIST + r'_bucket\{le="([^"]+)"\} (\S+)')
-    for port in args:
+    for port in ports:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             page = r.read().decode()
         for m in pattern.finditer(page):
             buckets[m.group(1)] = buckets.get(m.group(1), 0) + float(m.group(2))
-    print(json.dumps(buckets))
+        m = re.search(HIST + r"_sum (\S+)", page)
+        total += float(m.group(1)) if m else 0.0
+    return buckets, total
+
+
+def hist(args):
+    """Cumulative bucket counts by upper bound, summed over the nodes."""
+    print(json.dumps(accept_latency(args)[0]))
+
+
+def accept(args):
+    """One line on the accept latency since the nodes started."""
+    buckets, total = accept_latency(args)
+    n = buckets.get("+Inf", 0)
+    if n <= 0:
+        print("  acceptance latency: nothing observed")
+        return
+    over = n - buckets.get("0.01", 0)
+    print(f"  acceptance latency: mean {total / n * 1000:.2f} ms, "
+          f"p50 {ms(quantile(None, buckets, 0.5))}, "
+          f"p99 {ms(quantile(None, buckets, 0.99))}, "
+          f"{over:.0f} of {n:.0f} over 10 ms")
 
 
 def wait_sink(args):
@@ -495,6 +519,8 @@ def main():
         hwm(args)
     elif cmd == "hist":
         hist(args)
+    elif cmd == "accept":
+        accept(args)
     elif cmd == "wait-sink":
         return wait_sink(args)
     elif cmd == "record":
