@@ -171,7 +171,8 @@ if [ "$mode" = accept ]; then
 fi
 
 monitors=()
-[ "$backend" != local ] && calls_before=$(redis_calls) && redis_stats >"$work/stats-before"
+[ "$backend" != local ] && calls_before=$(redis_calls) && redis_stats >"$work/stats-before" &&
+  sent_before=$(python3 scripts/compare.py sent "${node_admins[@]}")
 if [ -n "${REDIS_MONITOR:-}" ] && [ "$backend" != local ]; then
   for p in "${redis_ports[@]}"; do
     redis-cli -p "$p" monitor >"$work/monitor-$p.txt" &
@@ -254,6 +255,8 @@ fi
 calls=""
 if [ "$backend" != local ]; then
   calls=$(( $(redis_calls) - calls_before ))
+  sent=$(python3 scripts/compare.py sent "${node_admins[@]}")
+  python3 -c "print(f'  Redis commands the nodes sent (smarthost_redis_commands_total): {($sent - $sent_before) / $messages:.2f} per message')" >&2
   redis_stats >"$work/stats-after"
   if [ -n "${REDIS_MONITOR:-}" ]; then
     kill "${monitors[@]}" 2>/dev/null || true

@@ -12,6 +12,8 @@ matplotlib for the plot).
         the nodes with these admin ports, summed, as JSON
     compare.py accept PORT...              one line on that histogram: the
         mean, p50 and p99 (bucket bounds), how many took over 10 ms
+    compare.py sent PORT...                the Redis commands those nodes
+        sent (smarthost_redis_commands_total), summed
     compare.py wait-sink FILE COUNT SECONDS
         waits until smtp-sink's counters (-c, in FILE) show COUNT messages
         and prints that moment (Unix time); exits 1 after SECONDS
@@ -122,6 +124,18 @@ def accept_latency(ports):
         m = re.search(HIST + r"_sum (\S+)", page)
         total += float(m.group(1)) if m else 0.0
     return buckets, total
+
+
+def sent(args):
+    """Redis commands the nodes with these admin ports sent, summed
+    (smarthost_redis_commands_total: a script call counts once)."""
+    total = 0.0
+    for port in args:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            page = r.read().decode()
+        total += sum(float(m.group(1)) for m in
+                     re.finditer(r"^smarthost_redis_commands_total\{[^}]*\} (\S+)$", page, re.M))
+    print(f"{total:.0f}")
 
 
 def hist(args):
@@ -283,6 +297,9 @@ def derive(rows):
         d["peak_rss_mib"] = round(rss / 1024, 1) if rss else None
         calls = num(r.get("redis_calls"))
         d["redis_commands_per_message"] = round(calls / n, 1) if calls is not None and r["status"] == "ok" else None
+        sent_calls = num(r.get("redis_sent"))
+        d["redis_sent_per_message"] = (round(sent_calls / n, 2)
+                                       if sent_calls is not None and r["status"] == "ok" else None)
         d["delivered_logged"] = int(r["delivered_logged"]) if r.get("delivered_logged") else None
         for q, name in ((0.5, "accept_p50_s"), (0.99, "accept_p99_s")):
             d[name] = quantile(r.get("hist_before"), r.get("hist_after"), q)
@@ -364,7 +381,7 @@ def table(rows):
     head = ("| size | sessions | msgs/conn | system | msg/s | × Postfix | × direct "
             "| accepted msg/s | CPU s/1k msgs | Redis CPU s/1k | load tools CPU s/1k "
             "| cores busy | peak RSS MiB "
-            "| Redis cmds/msg | accept p50 | accept p99 |")
+            "| Redis cmds/msg sent | Redis cmds/msg run | accept p50 | accept p99 |")
     lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
     for d in rows:
         rate = count(d["messages_per_s"])
@@ -377,7 +394,8 @@ def table(rows):
             f"| {count(d['accepted_per_s'])} "
             f"| {fmt(d['cpu_s_per_1000'], '{:.2f}')} | {fmt(d['redis_cpu_s_per_1000'], '{:.2f}')} "
             f"| {fmt(d.get('tools_cpu_s_per_1000'), '{:.2f}')} | {fmt(d.get('cores_busy'), '{:.2f}')} "
-            f"| {fmt(d['peak_rss_mib'], '{:.0f}')} | {fmt(d['redis_commands_per_message'], '{:.1f}')} "
+            f"| {fmt(d['peak_rss_mib'], '{:.0f}')} | {fmt(d.get('redis_sent_per_message'), '{:.2f}')} "
+            f"| {fmt(d['redis_commands_per_message'], '{:.1f}')} "
             f"| {ms(d['accept_p50_s'])} | {ms(d['accept_p99_s'])} |"
         )
     return "\n".join(lines)
@@ -481,9 +499,10 @@ def report(args):
           "the smarthost nodes), of redis-server (with its AOF rewrites) and of the load tools (smtp-source "
           "and smtp-sink), per 1 000 messages. Cores busy: all of them together over "
           "the run, in cores. Peak RSS: "
-          "VmHWM of the largest smarthost node. Redis cmds/msg: every command "
-          "redis-server ran (INFO commandstats), those its Lua scripts ran "
-          "included; what the nodes sent is fewer (bench.sh REDIS_MONITOR=1). "
+          "VmHWM of the largest smarthost node. Redis cmds/msg sent: the commands "
+          "the nodes sent (their smarthost_redis_commands_total; a script call "
+          "counts once). Redis cmds/msg run: every command redis-server ran "
+          "(INFO commandstats), those its Lua scripts ran included. "
           "accept p50/p99: smarthost's "
           f"{HIST} histogram over the run, as the upper bound of its bucket."
           + (" With rounds: each row is the run with the median msg/s; × Postfix and "
@@ -521,6 +540,8 @@ def main():
         hist(args)
     elif cmd == "accept":
         accept(args)
+    elif cmd == "sent":
+        sent(args)
     elif cmd == "wait-sink":
         return wait_sink(args)
     elif cmd == "record":

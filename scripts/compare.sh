@@ -29,8 +29,10 @@
 # and all its daemons), of redis-server (with the children that rewrite
 # its AOF) and of the load tools (smtp-source and smtp-sink, which share
 # the machine), and how many cores all of them kept busy on average; the
-# smarthost nodes' peak RSS (VmHWM); Redis commands per message (INFO
-# commandstats, the commands its scripts run included); acceptance
+# smarthost nodes' peak RSS (VmHWM); Redis commands per message, those the
+# nodes sent (their smarthost_redis_commands_total, a script call once) and
+# those redis-server ran (INFO commandstats, the commands its scripts run
+# included); acceptance
 # latency p50/p99 from the nodes' smarthost_message_accept_seconds
 # histogram (bucket upper bounds, so bucket resolution).
 #
@@ -255,6 +257,7 @@ run_one() { # SYSTEM SIZE SESSIONS PER MESSAGES
   local system=$1 size=$2 sessions=$3 per=$4 messages=$5
   local sink_port targets=() relay=() queue redis_port="" nodes=0 status=ok
   local start accepted="" end="" cpu0="" cpu1="" rcpu0="" rcpu1="" calls0="" calls1=""
+  local sent0="" sent1=""
   local rss="" delivered="" hist0="" hist1="" waiter pid tools_cpu
   rm -rf "$work/spool" "$work"/redis-* "$work"/delivery-*.log "$work/sink.out" "$work"/load-cpu.*
   redis_ports=()
@@ -283,7 +286,8 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
       hist0="$work/hist0.json"
       "$py" scripts/compare.py hist "${node_admins[@]}" >"$hist0" ;;
   esac
-  [ -n "$redis_port" ] && calls0=$(redis_calls) && rcpu0=$("$py" scripts/compare.py cpu --children "$redis_pid")
+  [ -n "$redis_port" ] && calls0=$(redis_calls) && rcpu0=$("$py" scripts/compare.py cpu --children "$redis_pid") &&
+    sent0=$("$py" scripts/compare.py sent "${node_admins[@]}")
   if [ "$system" = postfix ]; then
     cpu0=$("$py" scripts/compare.py cpu --children "$pf_master")
   elif ((${#relay[@]})); then
@@ -318,7 +322,8 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
     hist1="$work/hist1.json"
     "$py" scripts/compare.py hist "${node_admins[@]}" >"$hist1"
   fi
-  [ -n "$redis_port" ] && calls1=$(redis_calls) && rcpu1=$("$py" scripts/compare.py cpu --children "$redis_pid")
+  [ -n "$redis_port" ] && calls1=$(redis_calls) && rcpu1=$("$py" scripts/compare.py cpu --children "$redis_pid") &&
+    sent1=$("$py" scripts/compare.py sent "${node_admins[@]}")
   tools_cpu=$("$py" scripts/compare.py load-cpu "$sink_pid" "$work"/load-cpu.*)
 
   [ "$system" = postfix ] && postfix_stop
@@ -339,6 +344,7 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
     cpu_relay="$([ -n "$cpu1" ] && python3 -c "print($cpu1 - $cpu0)")" \
     cpu_redis="$([ -n "$rcpu1" ] && python3 -c "print($rcpu1 - $rcpu0)")" \
     redis_calls="$([ -n "$calls1" ] && echo $((calls1 - calls0)))" cpu_tools="$tools_cpu" \
+    redis_sent="$([ -n "$sent1" ] && echo $((sent1 - sent0)))" \
     rss_kib="$rss" delivered_logged="$delivered" hist_before="$hist0" hist_after="$hist1"
   if [ -n "$end" ]; then
     printf '  %-9s %6d msgs: %s msg/s\n' "$system" "$load_messages" \

@@ -80,6 +80,8 @@ pub const REDIS_REQUEST_SECONDS: &str = "smarthost_redis_request_seconds";
 /// Redis requests that failed, by `component` and `kind` (`error`,
 /// `timeout`).
 pub const REDIS_ERRORS: &str = "smarthost_redis_errors_total";
+/// Commands the queue sent to Redis, by `component`: a script call is one.
+pub const REDIS_COMMANDS: &str = "smarthost_redis_commands_total";
 
 /// Messages kept in badmail, by `source`: `pickup`, `report`.
 pub const BADMAIL_KEPT: &str = "smarthost_badmail_total";
@@ -278,6 +280,10 @@ fn describe() {
     describe_histogram!(REDIS_REQUEST_SECONDS, Unit::Seconds, "one Redis round trip");
     describe_counter!(REDIS_ERRORS, "Redis requests that failed or timed out");
     describe_counter!(
+        REDIS_COMMANDS,
+        "commands the queue sent to Redis (a script call counts once)"
+    );
+    describe_counter!(
         BADMAIL_KEPT,
         "messages kept in badmail (neither deliverable nor reportable), by source"
     );
@@ -434,6 +440,12 @@ pub fn redis_request(component: &'static str, took: Duration, failed: Option<Red
         };
         metrics::counter!(REDIS_ERRORS, "component" => component, "kind" => kind).increment(1);
     }
+}
+
+/// `commands` sent to Redis in one request of `component`, counted
+/// whatever the answer.
+pub fn redis_commands(component: &'static str, commands: usize) {
+    metrics::counter!(REDIS_COMMANDS, "component" => component).increment(commands as u64);
 }
 
 /// How a Redis request failed.

@@ -148,7 +148,7 @@ fn three_nodes_share_the_queue_and_the_domain_caps() {
     let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(view["leader"], "coord", "{view}");
     assert_eq!(view["live"].as_array().map(Vec::len), Some(4), "{view}");
-    assert_metrics_add_up(&nodes, &coordinator, &sink, subjects.len());
+    assert_metrics_add_up(&nodes, &coordinator, &sink, &redis, subjects.len());
     the_sessions_of_every_node_are_shown_by_any(&nodes, &coordinator);
 }
 
@@ -253,7 +253,13 @@ fn the_sessions_of_every_node_are_shown_by_any(nodes: &[Setup], coordinator: &Se
 /// The nodes' `/metrics` count what they took and delivered; only the
 /// leading coordinator shows the shared queue, so a sum over all counts it
 /// once.
-fn assert_metrics_add_up(nodes: &[Setup], coordinator: &Setup, sink: &Sink, accepted: usize) {
+fn assert_metrics_add_up(
+    nodes: &[Setup],
+    coordinator: &Setup,
+    sink: &Sink,
+    redis: &RedisServer,
+    accepted: usize,
+) {
     let scrape = |setup: &Setup| {
         let page = http::get(setup.relay.admin_addr(), "/metrics", None);
         assert_eq!(page.status, 200, "{page:?}");
@@ -273,8 +279,17 @@ fn assert_metrics_add_up(nodes: &[Setup], coordinator: &Setup, sink: &Sink, acce
     };
     assert_eq!(leader.get("smarthost_coordinator_leader"), Some(&1.0));
     let (mut received, mut delivered, mut news) = (0.0, 0.0, 0.0);
+    let sent = |samples: &std::collections::BTreeMap<String, f64>, component: &str| {
+        let key = format!("smarthost_redis_commands_total{{component=\"{component}\"}}");
+        samples.get(&key).copied().unwrap_or(0.0)
+    };
+    let mut schedule_commands = sent(&leader, "schedule");
+    let mut all_commands = schedule_commands + sent(&leader, "spool");
     for node in nodes {
         let samples = scrape(node);
+        assert!(sent(&samples, "spool") > 0.0, "{samples:#?}");
+        schedule_commands += sent(&samples, "schedule");
+        all_commands += sent(&samples, "spool") + sent(&samples, "schedule");
         assert_eq!(
             samples.get("smarthost_ready_news_subscribed"),
             Some(&1.0),
@@ -296,6 +311,27 @@ fn assert_metrics_add_up(nodes: &[Setup], coordinator: &Setup, sink: &Sink, acce
             .unwrap_or(&0.0);
     }
     assert_eq!(received, accepted as f64);
+    // Each message's delivery was completed by at least one script call,
+    // and the server ran every command the processes say they sent (and
+    // more: the scripts' own, this test's).
+    assert!(
+        schedule_commands >= accepted as f64,
+        "{schedule_commands} schedule commands for {accepted} messages"
+    );
+    let stats = smarthost_testkit::redis::command(redis.port(), &["INFO", "stats"]).unwrap();
+    let processed: f64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    eprintln!(
+        "Redis commands: {all_commands} sent ({schedule_commands} by the schedules), \
+         {processed} run by the server, for {accepted} messages"
+    );
+    assert!(
+        (1.0..=processed).contains(&all_commands),
+        "the processes sent {all_commands} commands, the server ran {processed}"
+    );
     // Each domain's first message, queued on one node, is news to the two
     // others.
     assert!(news > 0.0, "no node heard of another's work at once");

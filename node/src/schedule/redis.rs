@@ -716,9 +716,10 @@ impl RedisSchedule {
     }
 
     fn count(&self, pipe: &Pipeline) {
+        let commands = pipe.cmd_iter().count();
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.commands
-            .fetch_add(pipe.cmd_iter().count() as u64, Ordering::Relaxed);
+        self.commands.fetch_add(commands as u64, Ordering::Relaxed);
+        crate::metrics::redis_commands("schedule", commands);
     }
 
     /// Loads the scripts again (the server lost them: a restart).

@@ -1045,17 +1045,20 @@ impl RedisSpool {
     /// trip.
     async fn on_every_primary(&self, what: &str, cmd: &Cmd) -> Result<Vec<Value>, SpoolError> {
         let mut conn = self.conn.clone();
-        self.bounded(what, async move { conn.on_every_primary(cmd).await })
+        self.bounded(what, 1, async move { conn.on_every_primary(cmd).await })
             .await
     }
 
-    /// The deadline of one round trip, reconnecting included.
+    /// The deadline of one round trip of `commands`, reconnecting
+    /// included.
     async fn bounded<T>(
         &self,
         what: &str,
+        commands: usize,
         request: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, SpoolError> {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::redis_commands("spool", commands);
         let timeout = self.options.response_timeout;
         let started = std::time::Instant::now();
         let reply = tokio::time::timeout(timeout, request).await;
@@ -1080,7 +1083,7 @@ impl RedisSpool {
 
     async fn query_cmd<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, SpoolError> {
         let mut conn = self.conn.clone();
-        self.bounded(what, cmd.query_async(&mut conn)).await
+        self.bounded(what, 1, cmd.query_async(&mut conn)).await
     }
 
     async fn query_pipe<T: FromRedisValue>(
@@ -1089,7 +1092,8 @@ impl RedisSpool {
         pipe: &Pipeline,
     ) -> Result<T, SpoolError> {
         let mut conn = self.conn.clone();
-        self.bounded(what, pipe.query_async(&mut conn)).await
+        self.bounded(what, pipe.cmd_iter().count(), pipe.query_async(&mut conn))
+            .await
     }
 
     /// [`RedisSpool::query_pipe`] of a pipeline that calls scripts:
@@ -1106,7 +1110,7 @@ impl RedisSpool {
                 reply => reply.map(Some),
             }
         };
-        self.bounded(what, request).await
+        self.bounded(what, pipe.cmd_iter().count(), request).await
     }
 
     /// Sends `pipes` all at once (on a cluster, each to its slot's
@@ -1120,7 +1124,8 @@ impl RedisSpool {
             let mut conn = self.conn.clone();
             async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
         });
-        self.bounded(what, try_join_all(requests)).await
+        let commands = pipes.iter().map(|p| p.cmd_iter().count()).sum();
+        self.bounded(what, commands, try_join_all(requests)).await
     }
 
     /// How long the server may wait for a durability wait: half the
