@@ -393,11 +393,24 @@ pub(crate) struct InsertPlan {
     pub(crate) steps: Vec<Vec<Cmd>>,
     /// How many commands the first two steps have.
     sizes: (usize, usize),
+    /// How many of the first step's commands are the domain sets (they
+    /// come first in it).
+    sets: usize,
     /// Each script's domain, and whether any of its work is due now.
     domains: Vec<(String, bool)>,
 }
 
 impl InsertPlan {
+    /// The plan for one transaction: nothing runs between its commands,
+    /// so the domain sets need adding only once, after the scripts (see
+    /// "The domain sets" in the module doc); the copy before them goes.
+    pub(crate) fn in_one_transaction(mut self) -> Self {
+        self.steps[0].drain(..self.sets);
+        self.sizes.0 -= self.sets;
+        self.sets = 0;
+        self
+    }
+
     /// The replies of the scripts, out of the replies of every command
     /// of the plan in order.
     pub(crate) fn script_replies(&self, mut replies: Vec<Value>) -> Vec<Value> {
@@ -573,6 +586,7 @@ impl RedisSchedule {
             }
         }
         let mut first = sets();
+        let set_commands = first.len();
         for (sender, ids) in &by_sender {
             let mut zadd = redis::cmd("ZADD");
             zadd.arg(sender_messages_key(sender));
@@ -606,6 +620,7 @@ impl RedisSchedule {
         Some(InsertPlan {
             steps,
             sizes,
+            sets: set_commands,
             domains,
         })
     }
@@ -3517,12 +3532,84 @@ mod tests {
         assert_eq!(stored.records.len(), 6);
         assert_eq!(spool_trips(), 1, "the store and the insert together");
         assert_eq!(trips(), 0, "nothing sent by the schedule itself");
+        // The domain sets, added once in the transaction, after the scripts.
+        let mut conn = raw(&server).await;
+        for key in [ACTIVE_KEY, READY_KEY] {
+            let mut members: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            members.sort();
+            assert_eq!(
+                members,
+                ["example.com", "example.net", "example.org"],
+                "{key}"
+            );
+        }
         let jobs = s
             .take("example.org", 10, "node-a", Duration::from_secs(60))
             .await
             .unwrap();
         assert_eq!(jobs.len(), 4, "messages 0, 2, 3 and 5 go to example.org");
         assert_eq!(spool.list().await.unwrap().len(), 6);
+    }
+
+    /// Within one transaction an insert adds the domain sets once, after
+    /// its scripts, and the scripts' replies are still found among those
+    /// of the transaction.
+    #[tokio::test]
+    async fn in_one_transaction_the_domain_sets_are_added_once() {
+        let server = RedisServer::start();
+        let (_spool, s) = node(&server).await;
+        let records: Vec<MessageRecord> = (0..3).map(|n| message(n, 100).record).collect();
+        let names = |plan: &InsertPlan| -> Vec<Vec<String>> {
+            plan.steps
+                .iter()
+                .map(|step| {
+                    step.iter()
+                        .map(|cmd| match cmd.args_iter().next() {
+                            Some(redis::Arg::Simple(name)) => {
+                                String::from_utf8_lossy(name).into_owned()
+                            }
+                            _ => String::new(),
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let apart = s.insert_plan(records.iter(), u64::MAX / 2).unwrap();
+        let together = s
+            .insert_plan(records.iter(), u64::MAX / 2)
+            .unwrap()
+            .in_one_transaction();
+        let (apart_steps, together_steps) = (names(&apart), names(&together));
+        assert_eq!(apart_steps[0][..2], ["SADD", "SADD"], "{apart_steps:?}");
+        assert_eq!(apart_steps[2], ["SADD", "SADD"], "{apart_steps:?}");
+        assert!(
+            !together_steps[0].iter().any(|n| n == "SADD"),
+            "{together_steps:?}"
+        );
+        assert_eq!(together_steps[1], apart_steps[1], "the scripts");
+        assert_eq!(together_steps[2], apart_steps[2], "the sets after them");
+        // Every command's reply, numbered in order: the scripts' are
+        // those right after the first step.
+        let replies = |steps: &[Vec<String>]| -> Vec<Value> {
+            (0..steps.iter().map(Vec::len).sum::<usize>())
+                .map(|n| Value::Int(n as i64))
+                .collect()
+        };
+        let first = together_steps[0].len() as i64;
+        let scripts = together_steps[1].len() as i64;
+        assert_eq!(
+            together.script_replies(replies(&together_steps)),
+            (first..first + scripts).map(Value::Int).collect::<Vec<_>>()
+        );
+        let first = apart_steps[0].len() as i64;
+        assert_eq!(
+            apart.script_replies(replies(&apart_steps)),
+            (first..first + scripts).map(Value::Int).collect::<Vec<_>>()
+        );
     }
 
     /// A server that lost the scripts (a restart) still stores and

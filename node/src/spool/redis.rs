@@ -1461,8 +1461,10 @@ impl Spool for RedisSpool {
         let on_this_server = schedule
             .redis()
             .filter(|s| !self.conn.is_cluster() && s.shares(self));
-        let plan = on_this_server
-            .and_then(|s| Some((s, s.insert_plan(records.iter().map(|r| &**r), now_ms)?)));
+        let plan = on_this_server.and_then(|s| {
+            let plan = s.insert_plan(records.iter().map(|r| &**r), now_ms)?;
+            Some((s, plan.in_one_transaction()))
+        });
         let Some((schedule, mut plan)) = plan else {
             self.store(batch).await?;
             let scheduled = match on_this_server {
