@@ -70,7 +70,9 @@
 //! - A writer that gives a domain work (or an earlier timer) adds the domain
 //!   *after* its domain script (`SADD`, `ZADD LT`): `insert` also adds it
 //!   before, so that a node that dies in between leaves a domain that is
-//!   looked at for nothing rather than work nobody looks at.
+//!   looked at for nothing rather than work nobody looks at. Inside the
+//!   transaction of a store on one server nothing comes between them, so
+//!   there the sets go once, after ([`InsertPlan::in_one_transaction`]).
 //! - Whoever takes a domain out does so *before* it looks at the domain, and
 //!   adds it back if it finds work: `promote` and `reclaim_expired_leases`
 //!   pop the due timers, run the domain scripts and add back the timers
