@@ -130,6 +130,34 @@ redis_stats() { # NAME CALLS per line, summed over the servers started here
     awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { sub("cmdstat_", "", $1); print $1, $3 }'
 }
 
+# Starts SESSIONS senders in the background that together open CONNECTIONS
+# connections of PER messages of SIZE bytes each: each sender runs
+# `smtp-source -d -s 1 -m PER` once per connection (-d alone would keep one
+# connection per session for the whole run), sender i to PORTS[i % count].
+# AFTER (a command, or "") runs in each sender's shell once its connections
+# are done, given the sender's number; a failed smtp-source ends its sender
+# with 1. Sets sender_pids and sender_messages (what they send in all).
+start_senders_per_connection() { # SIZE PER CONNECTIONS SESSIONS AFTER PORT...
+  local size=$1 per=$2 connections=$3 sessions=$4 after=$5 i count
+  shift 5
+  local ports=("$@")
+  sender_pids=()
+  sender_messages=0
+  for i in $(seq 0 $((sessions - 1))); do
+    count=$((connections / sessions + (i < connections % sessions ? 1 : 0)))
+    [ "$count" -gt 0 ] || continue
+    (
+      for _ in $(seq "$count"); do
+        /usr/sbin/smtp-source -d -s 1 -m "$per" -l "$size" -f app@example.com \
+          -t user@example.org "127.0.0.1:${ports[$((i % ${#ports[@]}))]}" || exit 1
+      done
+      if [ -n "$after" ]; then "$after" "$i"; fi
+    ) &
+    sender_pids+=($!)
+    sender_messages=$((sender_messages + count * per))
+  done
+}
+
 # Starts COUNT nodes of BINARY, each with its own SMTP and admin port, on
 # the queue QUEUE (the body of [queue]); DELIVERY is added to [delivery]
 # (say, a smart_host) and EXTRA after it (whole tables). Node n writes its

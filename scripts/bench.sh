@@ -206,22 +206,10 @@ if [ "$mode" = slow ]; then
     done
   done
 elif [ "${PER_CONNECTION:-1}" -gt 1 ]; then
-  # Each session its share of the connections, in turn over the nodes.
-  per=$PER_CONNECTION
-  connections=$((messages / per))
-  messages=$((connections * per))
-  for i in $(seq 0 $((sessions - 1))); do
-    count=$((connections / sessions + (i < connections % sessions ? 1 : 0)))
-    [ "$count" -gt 0 ] || continue
-    target=${ports[$((i % nodes))]}
-    (
-      for _ in $(seq "$count"); do
-        /usr/sbin/smtp-source -d -s 1 -m "$per" -l "$size" -f app@example.com \
-          -t user@example.org "127.0.0.1:$target"
-      done
-    ) &
-    sources+=($!)
-  done
+  start_senders_per_connection "$size" "$PER_CONNECTION" "$((messages / PER_CONNECTION))" \
+    "$sessions" "" "${ports[@]}"
+  sources=("${sender_pids[@]}")
+  messages=$sender_messages
 else
   for node_port in "${ports[@]}"; do
     /usr/sbin/smtp-source -s "$((sessions / nodes))" -m "$((messages / nodes))" -l "$size" \
@@ -294,6 +282,7 @@ fi
 cpu=$(python3 -c "print($(python3 scripts/compare.py cpu "${node_pids[@]}") - $cpu_before)")
 hwm=$(python3 scripts/compare.py hwm "${node_pids[@]}")
 python3 - "$mode" "$start" "$accepted" "$end" "$messages" "$sessions" "$size" "$backend" "$calls" "$nodes" "$hooked" "$cpu" "$hwm" <<'PY'
+import os
 import sys
 nodes = int(sys.argv[10])
 hooked = sys.argv[11]
@@ -301,7 +290,6 @@ cpu = float(sys.argv[12])
 hwm = int(sys.argv[13])
 mode, start, accepted, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 n, s, size, backend, calls = int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
-import os
 per = int(os.environ.get("PER_CONNECTION") or 1)
 print(f"{mode} ({backend} backend, {nodes} node{'s' if nodes > 1 else ''}): {n} messages of {size} bytes, {s} parallel sessions"
       + (f", {per} per connection" if per > 1 and mode != "slow" else ""))

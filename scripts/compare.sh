@@ -183,7 +183,7 @@ load_cpu() { # N
 # -d alone would keep one connection per session for the whole run. Sets
 # load_pids, load_messages and load_connections.
 drive_load() { # SIZE SESSIONS PER MESSAGES PORT...
-  local size=$1 sessions=$2 per=$3 messages=$4 n i s m before=0 conns c
+  local size=$1 sessions=$2 per=$3 messages=$4 n i s m before=0
   shift 4
   local ports=("$@")
   n=${#ports[@]}
@@ -207,22 +207,12 @@ drive_load() { # SIZE SESSIONS PER MESSAGES PORT...
     load_connections=$load_messages
     return
   fi
-  conns=$((messages / per))
-  load_connections=$conns
-  for i in $(seq 0 $((sessions - 1))); do
-    c=$((conns / sessions + (i < conns % sessions ? 1 : 0)))
-    [ "$c" -gt 0 ] || continue
-    (
-      for _ in $(seq "$c"); do
-        /usr/sbin/smtp-source -d -s 1 -m "$per" -l "$size" -f app@example.com \
-          -t user@example.org "127.0.0.1:${ports[$((i % n))]}" || exit 1
-      done
-      load_cpu "$i"
-    ) 2>>"$work/source.err" &
-    pids+=($!)
-    load_pids+=($!)
-    load_messages=$((load_messages + c * per))
-  done
+  load_connections=$((messages / per))
+  start_senders_per_connection "$size" "$per" "$load_connections" "$sessions" load_cpu \
+    "${ports[@]}" 2>>"$work/source.err"
+  pids+=("${sender_pids[@]}")
+  load_pids=("${sender_pids[@]}")
+  load_messages=$sender_messages
 }
 
 # Waits for the load, at most SECONDS; a watchdog ends what is left after
