@@ -3919,6 +3919,86 @@ mod tests {
         );
     }
 
+    /// Every command Redis has run since the last `CONFIG RESETSTAT`, by
+    /// name (`INFO commandstats`, the commands scripts run included).
+    async fn commands_run(conn: &mut redis::aio::MultiplexedConnection) -> HashMap<String, u64> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter_map(|line| {
+                let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+                Some((name.to_string(), calls.parse().ok()?))
+            })
+            .collect()
+    }
+
+    async fn reset_stats(conn: &mut redis::aio::MultiplexedConnection) {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(conn)
+            .await
+            .unwrap();
+    }
+
+    /// An insert and a take run their commands a chunk of ids at a time,
+    /// not one per id: 2,500 deliveries of one domain go in and come out
+    /// with a few commands per chunk of 1,000, in the order they went in,
+    /// each leased once; inserted again, none is queued twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_ids_cost_a_few_commands_per_chunk() {
+        let server = RedisServer::start();
+        let (spool, s) = node(&server).await;
+        let mut conn = raw(&server).await;
+        let domain = "many.example";
+        let batch: Vec<_> = (0..2500).map(|n| message_to(n, domain)).collect();
+        for chunk in batch.chunks(1000) {
+            spool.store(chunk.to_vec()).await.unwrap();
+        }
+        let records: Vec<_> = batch.iter().map(|m| m.record.clone()).collect();
+        let run = |name: &str, calls: &HashMap<String, u64>| calls.get(name).copied().unwrap_or(0);
+
+        reset_stats(&mut conn).await;
+        s.insert(records.clone(), u64::MAX / 2).await.unwrap();
+        let calls = commands_run(&mut conn).await;
+        assert_eq!(run("zscore", &calls), 0, "{calls:?}");
+        assert_eq!(
+            run("zmscore", &calls),
+            9,
+            "three sets, three chunks: {calls:?}"
+        );
+        // The sender's listing, then the domain's messages and its line
+        // per chunk.
+        assert_eq!(run("zadd", &calls), 7, "{calls:?}");
+        assert_eq!(s.counts().await.unwrap().ready, 2500);
+
+        s.insert(records, u64::MAX / 2).await.unwrap();
+        assert_eq!(s.counts().await.unwrap().ready, 2500, "inserted again");
+
+        reset_stats(&mut conn).await;
+        let lease = Duration::from_secs(60);
+        let jobs = s.take(domain, 2500, "node-a", lease).await.unwrap();
+        let calls = commands_run(&mut conn).await;
+        assert_eq!(run("zmscore", &calls), 3, "{calls:?}");
+        assert_eq!(run("hset", &calls), 3, "{calls:?}");
+        // The domain's timer before and after the script, the leases per
+        // chunk.
+        assert_eq!(run("zadd", &calls), 5, "{calls:?}");
+        let taken: Vec<_> = jobs.iter().map(|(r, _)| r.id.clone()).collect();
+        let sent: Vec<_> = batch.iter().map(|m| m.record.id.clone()).collect();
+        assert_eq!(taken, sent, "in the order they went in");
+        let counts = s.counts().await.unwrap();
+        assert_eq!((counts.ready, counts.in_flight), (0, 2500));
+        assert!(s
+            .take(domain, 10, "node-b", lease)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
     /// Domains leave the active set when their last work goes, so that
     /// nothing keeps looking at domains that once had mail; one with a
     /// retry pending stays, and the per-tick calls cost the same with

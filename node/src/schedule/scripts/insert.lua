@@ -13,28 +13,49 @@
 -- earliest of its next deferred attempt and its next lease expiry) when
 -- an id was already deferred or leased (a rescan: the caller puts the
 -- timer back in case it was lost), else -1.
+-- Every command takes a chunk of ids at once (`ZMSCORE`, a `ZADD` of
+-- many), so the commands a call runs do not grow with the ids; a chunk
+-- stays well within what Lua's `unpack` can pass.
 -- Complexity: O(n log N) for n ids.
+local CHUNK = 1000
 local score = nil
 local queued = false
 local woke = false
-for i = 3, #ARGV, 3 do
-  local id = ARGV[i]
-  redis.call('ZADD', KEYS[5], 0, id)
-  if redis.call('ZSCORE', KEYS[3], id) or redis.call('ZSCORE', KEYS[2], id) then
-    queued = true
-  elseif not redis.call('ZSCORE', KEYS[1], id) then
-    if ARGV[i + 2] == '1' then
-      if score == nil then
-        local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-        score = 0
-        if #last > 0 then score = tonumber(last[2]) + 1 else woke = true end
+for first = 3, #ARGV, 3 * CHUNK do
+  local last = math.min(#ARGV, first + 3 * CHUNK - 1)
+  local ids, listed = {}, {}
+  for i = first, last, 3 do
+    ids[#ids + 1] = ARGV[i]
+    listed[#listed + 1] = 0
+    listed[#listed + 1] = ARGV[i]
+  end
+  redis.call('ZADD', KEYS[5], unpack(listed))
+  local leased = redis.call('ZMSCORE', KEYS[3], unpack(ids))
+  local deferred = redis.call('ZMSCORE', KEYS[2], unpack(ids))
+  local ready = redis.call('ZMSCORE', KEYS[1], unpack(ids))
+  local to_ready, to_deferred = {}, {}
+  for n, id in ipairs(ids) do
+    local i = first + 3 * (n - 1)
+    if leased[n] or deferred[n] then
+      queued = true
+    elseif not ready[n] then
+      if ARGV[i + 2] == '1' then
+        if score == nil then
+          local back = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+          score = 0
+          if #back > 0 then score = tonumber(back[2]) + 1 else woke = true end
+        end
+        to_ready[#to_ready + 1] = score
+        to_ready[#to_ready + 1] = id
+        score = score + 1
+      else
+        to_deferred[#to_deferred + 1] = ARGV[i + 1]
+        to_deferred[#to_deferred + 1] = id
       end
-      redis.call('ZADD', KEYS[1], score, id)
-      score = score + 1
-    else
-      redis.call('ZADD', KEYS[2], ARGV[i + 1], id)
     end
   end
+  if #to_ready > 0 then redis.call('ZADD', KEYS[1], unpack(to_ready)) end
+  if #to_deferred > 0 then redis.call('ZADD', KEYS[2], unpack(to_deferred)) end
 end
 local timer = -1
 if queued then
