@@ -102,8 +102,11 @@
 //! (at-least-once), never lost. The opposite order could drop a delivery
 //! from every domain key while its record still lists it, where nothing
 //! would find it again. On one server both steps are one script
-//! (`complete.lua`, which runs `write_record.lua` and then, unless the
-//! record changed, `file.lua`), so nothing lies between them.
+//! (`complete.lua`, which does what `write_record.lua` and then, unless
+//! the record changed, `file.lua` do), so nothing lies between them; the
+//! completions that finish while one such call is under way go together
+//! in the next ([`Completions`]), each domain's filed with one command
+//! per set.
 //!
 //! # A node that lost its lease
 //!
@@ -121,7 +124,7 @@
 //!
 //! `take` is two (the script, then every record in one pipeline with the
 //! domain's timer); `complete` is one on one server (the script, then the
-//! timer), two on a Cluster (the record, then the domain script with the
+//! timer), shared with the completions that go with it, two on a Cluster (the record, then the domain script with the
 //! index entry and the timer), plus two when it leaves the domain
 //! without work (the active set, then a look); `insert` is one, plus one
 //! when it finds ids already deferred or leased (a rescan: their domains'
@@ -339,13 +342,11 @@ impl Scripts {
         }
     }
 
-    /// `complete.lua` behind the two scripts it runs, each wrapped as a
-    /// local function of its own keys and arguments.
+    /// `complete.lua` behind `file.lua`, wrapped as a local function of
+    /// its own keys and arguments (for a delivery that comes twice).
     fn complete_code() -> String {
         format!(
-            "local function write_record(KEYS, ARGV)\n{}\nend\n\
-             local function file(KEYS, ARGV)\n{}\nend\n{}",
-            include_str!("scripts/write_record.lua"),
+            "local function file(KEYS, ARGV)\n{}\nend\n{}",
             include_str!("scripts/file.lua"),
             include_str!("scripts/complete.lua"),
         )
@@ -422,6 +423,38 @@ impl InsertPlan {
     }
 }
 
+/// The most attempts one `complete.lua` call carries.
+const COMPLETIONS_PER_CALL: usize = 100;
+
+/// One attempt's keys and arguments in a `complete.lua` call, the entry of
+/// its kept reports and its domain's retry timer.
+struct Attempt {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+    pending: Option<String>,
+    timer: Option<(String, u64)>,
+}
+
+/// Completions on one server that wait while a `complete.lua` call is
+/// under way: the next call takes them all (up to
+/// [`COMPLETIONS_PER_CALL`]), so that many deliveries finishing at once
+/// cost one call and one command per set, not a call each.
+#[derive(Default)]
+struct Completions {
+    waiting: Mutex<Vec<(Attempt, AttemptAnswer)>>,
+    /// Held by the completion whose call is under way.
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// Where an attempt's part of the reply goes.
+type AttemptAnswer = tokio::sync::oneshot::Sender<Result<Value, SpoolError>>;
+
+impl Completions {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<(Attempt, AttemptAnswer)>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The Redis implementation of [`Schedule`].
 pub struct RedisSchedule {
     conn: Connection,
@@ -434,6 +467,7 @@ pub struct RedisSchedule {
     /// Commands sent (a script call is one), for tests and benchmarks.
     commands: AtomicU64,
     held: Mutex<HashMap<(MessageId, String), Held>>,
+    completions: Completions,
     /// Holds the deliveries an expiry sweep of this instance has claimed.
     expiry_holder: String,
     expiry_claim: Duration,
@@ -471,6 +505,7 @@ impl RedisSchedule {
             round_trips: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
+            completions: Completions::default(),
             expiry_holder: format!("expiry/{:016x}", rand::random::<u64>()),
             expiry_claim: EXPIRY_CLAIM,
             report_grace: spool_redis::dangling_grace(spool.options().response_timeout),
@@ -1074,14 +1109,14 @@ impl RedisSchedule {
         (keys, args)
     }
 
+    /// One attempt's part of a `complete.lua` call: what
     /// [`Self::write_record_cmd`] and then, unless the record changed
-    /// meanwhile, [`Self::file_and_forget_cmd`], as one script
-    /// (`complete.lua`): only on one server, where the record and the
-    /// domain can change in one call. The message leaves `done` when the
+    /// meanwhile, [`Self::file_and_forget_cmd`] would do, in one script
+    /// with other attempts: only on one server, where the records and the
+    /// domains can change in one call. The message leaves `done` when the
     /// write finishes it, the index when its record is gone.
     #[allow(clippy::too_many_arguments)]
-    fn complete_cmd(
-        &self,
+    fn attempt(
         id: &MessageId,
         expected: &[u8],
         new: Option<&[u8]>,
@@ -1090,22 +1125,103 @@ impl RedisSchedule {
         holder: &str,
         next: Option<u64>,
         done: &[&str],
-    ) -> Cmd {
+    ) -> Attempt {
         let (write_keys, write_args) = Self::write_record_parts(id, expected, new, reports);
         let (file_keys, file_args) = Self::file_parts(id, domain, holder, next);
         let gone = [INDEX_KEY];
-        let mut keys: Vec<&str> = write_keys.iter().map(String::as_str).collect();
-        keys.extend(file_keys.iter().map(String::as_str));
-        keys.extend_from_slice(done);
-        keys.extend_from_slice(&gone);
-        let mut cmd = evalsha(&self.scripts.complete, &keys);
-        cmd.arg(write_keys.len())
-            .arg(write_args.len())
-            .arg(done.len())
-            .arg(gone.len())
-            .arg(write_args)
-            .arg(file_args);
-        cmd
+        let mut keys = write_keys.clone();
+        keys.extend(file_keys);
+        keys.extend(done.iter().chain(&gone).map(|k| k.to_string()));
+        let mut args = [write_keys.len(), write_args.len(), done.len(), gone.len()]
+            .map(|n| n.to_string().into_bytes())
+            .to_vec();
+        args.extend(write_args.into_iter().map(Cow::into_owned));
+        args.extend(file_args.into_iter().map(String::into_bytes));
+        Attempt {
+            keys,
+            args,
+            pending: reports.map(|r| r.entry.clone()),
+            timer: next.map(|n| (domain.to_string(), n)),
+        }
+    }
+
+    /// Sends `attempt` with the others that wait meanwhile, in one call of
+    /// `complete.lua` (see [`Completions`]), and answers its part of the
+    /// reply.
+    async fn complete_together(&self, attempt: Attempt) -> Result<Value, SpoolError> {
+        let (answer, mut reply) = tokio::sync::oneshot::channel();
+        self.completions.waiting().push((attempt, answer));
+        loop {
+            let _turn = self.completions.turn.lock().await;
+            match reply.try_recv() {
+                Ok(reply) => return reply,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Err(SpoolError::Unavailable(
+                        "redis complete: the call carrying it was dropped".into(),
+                    ))
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+            let batch: Vec<_> = {
+                let mut waiting = self.completions.waiting();
+                let n = waiting.len().min(COMPLETIONS_PER_CALL);
+                waiting.drain(..n).collect()
+            };
+            let (attempts, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            match self.complete_attempts(&attempts).await {
+                Ok(replies) => {
+                    for (answer, reply) in answers.into_iter().zip(replies) {
+                        let _ = answer.send(Ok(reply));
+                    }
+                }
+                Err(error) => {
+                    for answer in answers {
+                        let _ = answer.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round trip: the entries of the attempts' reports, one call of
+    /// `complete.lua`, the timers of their retries (after the script, as
+    /// a writer adds them: see "The domain sets"; one for a record that
+    /// changed meanwhile only makes a look for nothing). Answers each
+    /// attempt's reply, in order.
+    async fn complete_attempts(&self, attempts: &[Attempt]) -> Result<Vec<Value>, SpoolError> {
+        let mut pending = redis::cmd("ZADD");
+        pending.arg(PENDING_REPORTS_KEY);
+        let entries: Vec<&String> = attempts.iter().filter_map(|a| a.pending.as_ref()).collect();
+        for entry in &entries {
+            pending.arg(now_ms()).arg(*entry);
+        }
+        let keys: Vec<&str> = attempts
+            .iter()
+            .flat_map(|a| a.keys.iter().map(String::as_str))
+            .collect();
+        let mut script = evalsha(&self.scripts.complete, &keys);
+        script.arg(attempts.len());
+        for attempt in attempts {
+            script.arg(&attempt.args);
+        }
+        let timers: Vec<(String, u64)> = attempts.iter().filter_map(|a| a.timer.clone()).collect();
+        let first = if entries.is_empty() {
+            Vec::new()
+        } else {
+            vec![pending]
+        };
+        let steps = vec![first, vec![script], Self::mark_cmds(&[], &timers)];
+        let reply = self.ordered("complete", steps).await?;
+        let reply = reply.into_iter().nth(1).and_then(|r| r.into_iter().next());
+        let replies: Vec<Value> = parse("complete", reply.unwrap_or(Value::Nil))?;
+        if replies.len() != attempts.len() {
+            return Err(SpoolError::Unavailable(format!(
+                "redis complete: {} replies for {} attempts",
+                replies.len(),
+                attempts.len()
+            )));
+        }
+        Ok(replies)
     }
 
     /// The reply of `complete.lua`: the record write and, unless the
@@ -1456,26 +1572,17 @@ impl RedisSchedule {
                     true => vec![INDEX_KEY, &sender],
                     false => Vec::new(),
                 };
-                let next = completion.next_attempt_ms;
-                let script = self.complete_cmd(
+                let attempt = Self::attempt(
                     id,
                     &bytes,
                     new.as_deref(),
                     reports.as_ref(),
                     domain,
                     &holder,
-                    next,
+                    completion.next_attempt_ms,
                     &done,
                 );
-                // A timer after the script, as a writer adds it (see "The
-                // domain sets"); one for a record that changed meanwhile
-                // only makes a look for nothing.
-                let timer = next.map(|n| (domain.to_string(), n));
-                let after = Self::mark_cmds(&[], timer.as_slice());
-                let steps = vec![Self::pending_cmd(&reports), vec![script], after];
-                let reply = self.ordered("complete", steps).await?;
-                let reply = reply.into_iter().nth(1).and_then(|r| r.into_iter().next());
-                Self::parse_complete(reply.unwrap_or(Value::Nil))?
+                Self::parse_complete(self.complete_together(attempt).await?)?
             };
             if !matches!(write, RecordWrite::Written) {
                 unwritten.extend(reports.as_ref().map(|r| r.entry.clone()));
@@ -3997,6 +4104,136 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    /// Deliveries that finish at once are completed together: 120
+    /// deliveries of 60 messages (each in two domains, so both halves of a
+    /// message race in one call and the second is applied to the record
+    /// the first wrote) take a few calls of `complete.lua`, not 120, and
+    /// end as they would one by one: every fifth message keeps a retry,
+    /// the others are gone from the records, the index and the sender's
+    /// listing, and nothing is left in flight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn completions_at_once_share_a_call() {
+        let server = RedisServer::start();
+        let (spool, s) = node(&server).await;
+        let mut conn = raw(&server).await;
+        queue(&spool, &s, 0..60).await;
+        let lease = Duration::from_secs(60);
+        let mut taken = Vec::new();
+        for domain in ["example.org", "example.net", "example.com"] {
+            for (record, _) in s.take(domain, 100, "node-a", lease).await.unwrap() {
+                taken.push((record, domain));
+            }
+        }
+        assert_eq!(taken.len(), 120);
+        let t0 = taken[0].0.received_ms;
+        reset_stats(&mut conn).await;
+        let completions = taken.iter().map(|(record, domain)| {
+            let recipient = record
+                .envelope
+                .recipients
+                .iter()
+                .position(|r| r.address.domain == *domain)
+                .unwrap() as u32;
+            let result = match recipient == 1 && record.received_ms % 5 == 0 {
+                true => RcptResult::Deferred,
+                false => RcptResult::Delivered,
+            };
+            let s = s.clone();
+            let (id, domain) = (record.id.clone(), domain.to_string());
+            async move { complete(&*s, &id, &domain, &outcome(&[(recipient, result)]), t0).await }
+        });
+        let done = futures_util::future::join_all(completions).await;
+        let calls = commands_run(&mut conn).await;
+        let evalsha = calls.get("evalsha").copied().unwrap_or(0);
+        // The first call goes alone, the next takes all that waited
+        // meanwhile (up to 100), the rest, and a retry each for the
+        // halves that lost their record's race.
+        eprintln!("{evalsha} calls for 120 completions: {calls:?}");
+        assert!(
+            evalsha <= 6,
+            "{evalsha} calls for 120 completions: {calls:?}"
+        );
+        assert!(done.iter().all(Option::is_some), "every delivery recorded");
+
+        let counts = s.counts().await.unwrap();
+        assert_eq!((counts.in_flight, counts.ready), (0, 0));
+        let kept: Vec<_> = taken
+            .iter()
+            .filter(|(r, d)| {
+                r.received_ms % 5 == 0 && r.envelope.recipients[1].address.domain == **d
+            })
+            .map(|(r, _)| r.id.clone())
+            .collect();
+        assert_eq!(kept.len(), 12);
+        assert_eq!(counts.deferred, 12);
+        let ids: Vec<_> = taken.iter().map(|(r, _)| r.id.clone()).collect();
+        let records = s.records(&ids).await.unwrap();
+        for (id, record) in ids.iter().zip(records) {
+            match record {
+                Some(record) => {
+                    assert!(kept.contains(id), "{id} should be done");
+                    assert_eq!(record.deliveries.len(), 1, "{id}: the retry alone is left");
+                }
+                None => assert!(!kept.contains(id), "{id} kept its retry"),
+            }
+        }
+        let sender = taken[0].0.envelope.sender_key();
+        let listed = s.sender_messages(&sender, None, 1000).await.unwrap();
+        let mut expected = kept.clone();
+        expected.sort();
+        assert_eq!(
+            listed, expected,
+            "the sender's listing holds the retries only"
+        );
+        let indexed: Vec<String> = redis::cmd("ZRANGE")
+            .arg(INDEX_KEY)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut kept_names: Vec<String> = kept.iter().map(|id| id.0.clone()).collect();
+        kept_names.sort();
+        assert_eq!(indexed, kept_names, "the index holds the retries only");
+    }
+
+    /// A delivery that comes twice in one call is filed as it would be
+    /// one call after the other: the first files it, the second finds the
+    /// lease gone and files nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_twice_in_one_call_is_filed_once() {
+        let server = RedisServer::start();
+        let (spool, s) = node(&server).await;
+        queue(&spool, &s, 0..1).await;
+        let lease = Duration::from_secs(60);
+        let (record, _) = s
+            .take("example.org", 1, "node-a", lease)
+            .await
+            .unwrap()
+            .remove(0);
+        let bytes = envelope::encode(&*record);
+        let attempt = || {
+            RedisSchedule::attempt(
+                &record.id,
+                &bytes,
+                Some(&bytes),
+                None,
+                "example.org",
+                "node-a",
+                Some(record.received_ms + 60_000),
+                &[],
+            )
+        };
+        let replies = s.complete_attempts(&[attempt(), attempt()]).await.unwrap();
+        let replies: Vec<Vec<i64>> = replies
+            .into_iter()
+            .map(|r| parse("test", r).unwrap())
+            .collect();
+        assert_eq!(replies, [vec![2, 1, 0], vec![2, 0, 0]]);
+        let counts = s.counts().await.unwrap();
+        assert_eq!((counts.in_flight, counts.deferred), (0, 1));
     }
 
     /// Domains leave the active set when their last work goes, so that
