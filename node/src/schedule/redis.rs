@@ -72,7 +72,10 @@
 //!   before, so that a node that dies in between leaves a domain that is
 //!   looked at for nothing rather than work nobody looks at. Inside the
 //!   transaction of a store on one server nothing comes between them, so
-//!   there the sets go once, after ([`InsertPlan::in_one_transaction`]).
+//!   there the sets go once, after ([`InsertPlan::in_one_transaction`]);
+//!   on one server `take` sets the timer of its leases inside its script,
+//!   which may touch the timers there (they are in another slot only on a
+//!   Cluster).
 //! - Whoever takes a domain out does so *before* it looks at the domain, and
 //!   adds it back if it finds work: `promote` and `reclaim_expired_leases`
 //!   pop the due timers, run the domain scripts and add back the timers
@@ -122,8 +125,9 @@
 //!
 //! # Round trips
 //!
-//! `take` is two (the script, then every record in one pipeline with the
-//! domain's timer); `complete` is one on one server (the script, then the
+//! `take` is two (the script, which on one server also sets the domain's
+//! timer, then every record in one pipeline, with the timer on a
+//! Cluster); `complete` is one on one server (the script, then the
 //! timer), shared with the completions that go with it, two on a Cluster (the record, then the domain script with the
 //! index entry and the timer), plus two when it leaves the domain
 //! without work (the active set, then a look); `insert` is one, plus one
@@ -2158,19 +2162,28 @@ impl Schedule for RedisSchedule {
         }
         let k = domain_keys(domain);
         let mut pipe = redis::pipe();
-        // The lease's timer, before (for a node that dies after the take)
-        // and after the script (see "The domain sets" in the module doc).
-        pipe.cmd("ZADD")
-            .arg(TIMERS_KEY)
-            .arg("LT")
-            .arg(now_ms().saturating_add(lease.as_millis() as u64))
-            .arg(domain)
-            .ignore();
-        let mut cmd = evalsha(
-            &self.scripts.take,
-            &[&k.ready, &k.leases, &k.holders, &k.suspended],
-        );
+        // The lease's timer: on one server the script sets it with the
+        // leases; on a Cluster, where it is another slot, before (for a
+        // node that dies after the take) and after the script (see "The
+        // domain sets" in the module doc).
+        let one_server = !self.conn.is_cluster();
+        if !one_server {
+            pipe.cmd("ZADD")
+                .arg(TIMERS_KEY)
+                .arg("LT")
+                .arg(now_ms().saturating_add(lease.as_millis() as u64))
+                .arg(domain)
+                .ignore();
+        }
+        let mut keys = vec![&*k.ready, &k.leases, &k.holders, &k.suspended];
+        if one_server {
+            keys.push(TIMERS_KEY);
+        }
+        let mut cmd = evalsha(&self.scripts.take, &keys);
         cmd.arg(max).arg(holder).arg(lease.as_millis() as u64);
+        if one_server {
+            cmd.arg(domain);
+        }
         pipe.add_command(cmd);
         let mut reply = self.run("take", &pipe).await?;
         let reply: Vec<Value> = parse("take", reply.pop().unwrap_or(Value::Nil))?;
@@ -2187,12 +2200,14 @@ impl Schedule for RedisSchedule {
         // The records, all in one round trip with the timer.
         let mut pipe = redis::pipe();
         self.read_records(&mut pipe, &ids);
-        pipe.cmd("ZADD")
-            .arg(TIMERS_KEY)
-            .arg("LT")
-            .arg(expiry)
-            .arg(domain)
-            .ignore();
+        if !one_server {
+            pipe.cmd("ZADD")
+                .arg(TIMERS_KEY)
+                .arg("LT")
+                .arg(expiry)
+                .arg(domain)
+                .ignore();
+        }
         let records = self.records_read(self.run("take: records", &pipe).await?)?;
         let mut jobs = Vec::with_capacity(ids.len());
         let mut stale = Vec::new();
@@ -3816,8 +3831,8 @@ mod tests {
         assert_eq!(trips(), 2, "take of 20: the script, then the records");
         assert_eq!(
             sent(),
-            4,
-            "commands of a take of 20: the timer, the script, one MGET of the records, the timer again"
+            2,
+            "commands of a take of 20: the script (which sets the timer), one MGET of the records"
         );
         let t0 = jobs[0].0.received_ms;
         let deferred = outcome(&[(0, RcptResult::Deferred)]);
@@ -4085,25 +4100,39 @@ mod tests {
         s.insert(records, u64::MAX / 2).await.unwrap();
         assert_eq!(s.counts().await.unwrap().ready, 2500, "inserted again");
 
-        reset_stats(&mut conn).await;
+        // Suspended, a take hands out nothing and leaves the line as it
+        // was, a chunk at a time.
         let lease = Duration::from_secs(60);
+        s.suspend(domain).await.unwrap();
+        assert!(s
+            .take(domain, 2500, "node-a", lease)
+            .await
+            .unwrap()
+            .is_empty());
+        s.resume(domain).await.unwrap();
+        assert_eq!(s.counts().await.unwrap().ready, 2500, "put back");
+
+        reset_stats(&mut conn).await;
         let jobs = s.take(domain, 2500, "node-a", lease).await.unwrap();
         let calls = commands_run(&mut conn).await;
         assert_eq!(run("zmscore", &calls), 3, "{calls:?}");
         assert_eq!(run("hset", &calls), 3, "{calls:?}");
-        // The domain's timer before and after the script, the leases per
-        // chunk.
-        assert_eq!(run("zadd", &calls), 5, "{calls:?}");
+        // The leases per chunk, the domain's timer with them.
+        assert_eq!(run("zadd", &calls), 4, "{calls:?}");
         let taken: Vec<_> = jobs.iter().map(|(r, _)| r.id.clone()).collect();
         let sent: Vec<_> = batch.iter().map(|m| m.record.id.clone()).collect();
         assert_eq!(taken, sent, "in the order they went in");
         let counts = s.counts().await.unwrap();
         assert_eq!((counts.ready, counts.in_flight), (0, 2500));
-        assert!(s
-            .take(domain, 10, "node-b", lease)
-            .await
-            .unwrap()
-            .is_empty());
+        reset_stats(&mut conn).await;
+        let none = s.take(domain, 10, "node-b", lease).await.unwrap();
+        assert!(none.is_empty());
+        let calls = commands_run(&mut conn).await;
+        assert_eq!(
+            (run("evalsha", &calls), run("zpopmin", &calls), calls.len()),
+            (1, 1, 3),
+            "a take from an empty line is one command: {calls:?}"
+        );
     }
 
     /// Deliveries that finish at once are completed together: 120
