@@ -128,9 +128,10 @@
 //! `take` is two (the script, which on one server also sets the domain's
 //! timer, then every record in one pipeline, with the timer on a
 //! Cluster); `complete` is one on one server (the script, then the
-//! timer), shared with the completions that go with it, two on a Cluster (the record, then the domain script with the
-//! index entry and the timer), plus two when it leaves the domain
-//! without work (the active set, then a look); `insert` is one, plus one
+//! timer), shared with the completions that go with it, two on a
+//! Cluster (the record, then the domain script with the index entry and
+//! the timer), plus two when it leaves the domain without work (the
+//! active set, then a look); `insert` is one, plus one
 //! when it finds ids already deferred or leased (a rescan: their domains'
 //! timers are put back); `has_ready`, `release`, `suspend`, `resume` and
 //! `records` are one; `promote` and `reclaim_expired_leases` are one when
