@@ -392,6 +392,18 @@ enum RecordWrite {
 /// whether that is due now.
 type Filing = (String, u64, bool);
 
+/// Whether the messages of an insert may be queued already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fresh {
+    /// Stored by this node just now: an id its domain's messages do not
+    /// list yet is queued nowhere, so its place is not asked
+    /// (`insert.lua`).
+    JustStored,
+    /// Anything else, a rescan above all, which can meet ids an earlier
+    /// release queued without listing them: every place is asked.
+    MaybeQueued,
+}
+
 /// The commands of one [`Schedule::insert`] and what reading their replies
 /// needs: on one server they can run inside the transaction that stores
 /// the messages ([`crate::spool::Spool::store_scheduled`]).
@@ -567,6 +579,7 @@ impl RedisSchedule {
         &self,
         records: impl Iterator<Item = &'r MessageRecord> + Clone,
         now_ms: u64,
+        fresh: Fresh,
     ) -> Option<InsertPlan> {
         // Per domain, in order of first appearance: (id, next, due).
         let mut by_domain: Vec<(String, Vec<Filing>)> = Vec::new();
@@ -645,6 +658,10 @@ impl RedisSchedule {
                 &[&k.ready, &k.deferred, &k.leases, &k.suspended, &k.messages],
             );
             self.news_args(&mut cmd, domain);
+            cmd.arg(match fresh {
+                Fresh::JustStored => "1",
+                Fresh::MaybeQueued => "0",
+            });
             for (id, next, due) in entries {
                 cmd.arg(id).arg(*next).arg(if *due { "1" } else { "0" });
             }
@@ -2115,7 +2132,7 @@ impl Schedule for RedisSchedule {
         records: Vec<MessageRecord>,
         now_ms: u64,
     ) -> Result<Vec<String>, SpoolError> {
-        let Some(mut plan) = self.insert_plan(records.iter(), now_ms) else {
+        let Some(mut plan) = self.insert_plan(records.iter(), now_ms, Fresh::MaybeQueued) else {
             return Ok(Vec::new());
         };
         let replies = self
@@ -3647,10 +3664,18 @@ mod tests {
         let mut spool_trips = smarthost_testkit::since_last(|| spool.round_trips());
         let mut trips = smarthost_testkit::since_last(|| s.round_trips());
         let batch: Vec<_> = (0..6).map(|n| message(n, 100)).collect();
+        let mut conn = raw(&server).await;
+        reset_stats(&mut conn).await;
         let stored = spool
-            .store_scheduled(batch, &*s, u64::MAX / 2)
+            .store_scheduled(batch.clone(), &*s, u64::MAX / 2)
             .await
             .unwrap();
+        let calls = commands_run(&mut conn).await;
+        assert_eq!(
+            calls.get("zmscore"),
+            None,
+            "just stored, listed by none: no place asked: {calls:?}"
+        );
         let mut domains = stored.scheduled.unwrap();
         domains.sort();
         assert_eq!(domains, ["example.com", "example.net", "example.org"]);
@@ -3658,7 +3683,6 @@ mod tests {
         assert_eq!(spool_trips(), 1, "the store and the insert together");
         assert_eq!(trips(), 0, "nothing sent by the schedule itself");
         // The domain sets, added once in the transaction, after the scripts.
-        let mut conn = raw(&server).await;
         for key in [ACTIVE_KEY, READY_KEY] {
             let mut members: Vec<String> = redis::cmd("SMEMBERS")
                 .arg(key)
@@ -3678,6 +3702,28 @@ mod tests {
             .unwrap();
         assert_eq!(jobs.len(), 4, "messages 0, 2, 3 and 5 go to example.org");
         assert_eq!(spool.list().await.unwrap().len(), 6);
+
+        // Stored again (as after a reply lost to a timeout): the ids are
+        // listed already, so their places are asked and none is queued
+        // twice.
+        let before = s.counts().await.unwrap();
+        reset_stats(&mut conn).await;
+        spool
+            .store_scheduled(batch, &*s, u64::MAX / 2)
+            .await
+            .unwrap();
+        let calls = commands_run(&mut conn).await;
+        assert_eq!(calls.get("zmscore"), Some(&9), "three domains: {calls:?}");
+        let after = s.counts().await.unwrap();
+        assert_eq!(
+            (after.ready, after.in_flight),
+            (before.ready, before.in_flight)
+        );
+        assert!(s
+            .take("example.org", 10, "node-b", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     /// Within one transaction an insert adds the domain sets once, after
@@ -3703,9 +3749,11 @@ mod tests {
                 })
                 .collect()
         };
-        let apart = s.insert_plan(records.iter(), u64::MAX / 2).unwrap();
+        let apart = s
+            .insert_plan(records.iter(), u64::MAX / 2, Fresh::MaybeQueued)
+            .unwrap();
         let together = s
-            .insert_plan(records.iter(), u64::MAX / 2)
+            .insert_plan(records.iter(), u64::MAX / 2, Fresh::MaybeQueued)
             .unwrap()
             .in_one_transaction();
         let (apart_steps, together_steps) = (names(&apart), names(&together));

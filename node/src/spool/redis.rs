@@ -192,6 +192,7 @@ use super::{
     Body, ListCursor, NewMessage, Quarantined, Spool, SpoolError, Stored, READ_WHOLE_UP_TO,
 };
 use crate::metrics::RedisFailure;
+use crate::schedule::redis::Fresh;
 use crate::schedule::Schedule;
 
 /// The sorted set of all stored messages by receive time.
@@ -1462,7 +1463,7 @@ impl Spool for RedisSpool {
             .redis()
             .filter(|s| !self.conn.is_cluster() && s.shares(self));
         let plan = on_this_server.and_then(|s| {
-            let plan = s.insert_plan(records.iter().map(|r| &**r), now_ms)?;
+            let plan = s.insert_plan(records.iter().map(|r| &**r), now_ms, Fresh::JustStored)?;
             Some((s, plan.in_one_transaction()))
         });
         let Some((schedule, mut plan)) = plan else {

@@ -3,7 +3,12 @@
 -- is listed in the domain's messages, queued already or not (a rescan
 -- lists what an earlier release queued).
 -- KEYS: ready, deferred, leases, suspended, messages
--- ARGV: channel, news, (id, next attempt ms, due 1/0)...
+-- ARGV: channel, news, fresh 1/0, (id, next attempt ms, due 1/0)...
+-- Fresh: the messages were just stored by this release, so no earlier
+-- release queued them. Every id this release queues in a domain is
+-- listed in its messages; so when the listing adds every id of a chunk,
+-- none of them is queued, and their places are not asked. (A rescan is
+-- not fresh: it can meet ids an earlier release queued unlisted.)
 -- Publishes `news` on `channel` (unless it is '') when ready was empty and
 -- now has work, and the domain is not suspended: the other nodes hear of
 -- the domain at once (see `news.rs`).
@@ -21,7 +26,7 @@ local CHUNK = 1000
 local score = nil
 local queued = false
 local woke = false
-for first = 3, #ARGV, 3 * CHUNK do
+for first = 4, #ARGV, 3 * CHUNK do
   local last = math.min(#ARGV, first + 3 * CHUNK - 1)
   local ids, listed = {}, {}
   for i = first, last, 3 do
@@ -29,10 +34,13 @@ for first = 3, #ARGV, 3 * CHUNK do
     listed[#listed + 1] = 0
     listed[#listed + 1] = ARGV[i]
   end
-  redis.call('ZADD', KEYS[5], unpack(listed))
-  local leased = redis.call('ZMSCORE', KEYS[3], unpack(ids))
-  local deferred = redis.call('ZMSCORE', KEYS[2], unpack(ids))
-  local ready = redis.call('ZMSCORE', KEYS[1], unpack(ids))
+  local added = redis.call('ZADD', KEYS[5], unpack(listed))
+  local leased, deferred, ready = {}, {}, {}
+  if ARGV[3] ~= '1' or added < #ids then
+    leased = redis.call('ZMSCORE', KEYS[3], unpack(ids))
+    deferred = redis.call('ZMSCORE', KEYS[2], unpack(ids))
+    ready = redis.call('ZMSCORE', KEYS[1], unpack(ids))
+  end
   local to_ready, to_deferred = {}, {}
   for n, id in ipairs(ids) do
     local i = first + 3 * (n - 1)
