@@ -12,7 +12,10 @@
 -- Returns per attempt {1, current} when the record changed meanwhile
 --       (nothing filed), else {0 gone / 2 written, filed 1/0, 1 if the
 --       domain holds no work at all now}.
--- The same as running them one after another, with fewer commands: the
+-- The same records and keys as running them one after another (only which
+-- attempt says that its domain was left without work may differ: the
+-- last in the call to finish a delivery there says it, or a delivery
+-- that came twice, filed after the others), with fewer commands: the
 -- records are read with one MGET and written with one MSET and one DEL at
 -- the end (a table keeps what each record is after the attempts before),
 -- and each domain's deliveries are filed with one command per set. A
