@@ -48,6 +48,10 @@
 # it, time without it. REDIS_ARGS adds options to every redis-server
 # started here (say "--auto-aof-rewrite-percentage 0"), as compare.sh does.
 #
+# METRICS_OUT=PREFIX writes each node's /metrics, as the run left them,
+# to PREFIX.node1, PREFIX.node2, ... DELIVERY_EXTRA adds its lines to
+# every node's [delivery] table (say 'body_cache = "256MiB"').
+#
 # PER_CONNECTION=N (accept and relay modes) sends N messages on each
 # connection instead of one: each session runs `smtp-source -d -s 1 -m N`
 # once per connection, as scripts/compare.sh does (MESSAGES is rounded
@@ -164,6 +168,8 @@ if [ "$nodes" -gt 1 ] && [ "$backend" = local ]; then
   echo "NODES=$nodes needs BACKEND=redis (nodes share the queue in Redis)" >&2
   exit 2
 fi
+[ -n "${DELIVERY_EXTRA:-}" ] && delivery="$delivery
+$DELIVERY_EXTRA"
 start_nodes "$bin" "$nodes" "$queue" "$delivery" "$webhook"
 ports=("${node_ports[@]}")
 if [ "$mode" = accept ]; then
@@ -239,6 +245,11 @@ if [ -n "$webhook" ] && [ "$mode" = relay ]; then
     sleep 0.5
   done
   hooked=$(python3 -c "import time; print(f'{time.time() - $end:.2f}')")
+fi
+if [ -n "${METRICS_OUT:-}" ]; then
+  for i in "${!node_admins[@]}"; do
+    curl -s "http://127.0.0.1:${node_admins[$i]}/metrics" >"$METRICS_OUT.node$((i + 1))"
+  done
 fi
 calls=""
 if [ "$backend" != local ]; then
