@@ -1,7 +1,10 @@
 //! Stores N messages of 2 KB from 20 concurrent senders through the Queue
 //! actor into a local spool and prints the rate and the number of store
 //! calls (one fsync each). For comparison, it then stores as many messages
-//! straight into a second spool, one store call per message.
+//! straight into a second spool, one store call per message. Last, one
+//! writer stores 2,000 messages a call at a time in a segment made ahead of
+//! use (zeros, `LocalSpoolOptions::zero_ahead`) and in one that grows with
+//! each write, and prints how long the calls took.
 //!
 //! ```text
 //! cargo run --release -p smarthost-node --example spool_bench -- [N] [DIR]
@@ -9,9 +12,9 @@
 //!
 //! DIR defaults to a temporary directory (put it on the disk you care about).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::Actor;
 use smarthost_node::queue::{Enqueue, Queue, Stats};
@@ -134,5 +137,78 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64(),
         direct_total,
     );
+
+    for zero_ahead in [true, false, true, false] {
+        let mut calls = one_writer(&root, zero_ahead, 2000).await?;
+        calls.sort();
+        let at = |q: f64| calls[((calls.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+        println!(
+            "one writer, {}: {} store calls, median {:.0} µs, p90 {:.0} µs, p99 {:.0} µs",
+            if zero_ahead {
+                "segment made ahead"
+            } else {
+                "segment growing"
+            },
+            calls.len(),
+            at(0.5),
+            at(0.9),
+            at(0.99)
+        );
+    }
     Ok(())
+}
+
+/// How long each of `count` store calls of one message took, one after
+/// the other, in the second segment of a new spool (8 MiB segments): made
+/// ahead of use with `zero_ahead`, growing with each write without.
+async fn one_writer(
+    root: &Path,
+    zero_ahead: bool,
+    count: usize,
+) -> Result<Vec<Duration>, Box<dyn std::error::Error>> {
+    let dir = root.join(format!("one-writer-{zero_ahead}-{}", rand_suffix()));
+    let options = LocalSpoolOptions {
+        segment_size: 8 << 20,
+        zero_ahead,
+        ..LocalSpoolOptions::default()
+    };
+    let spool = LocalSpool::open(&dir, options)?;
+    let segments = || {
+        std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".journal"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // The first segment, in batches; past half of it the next one is made
+    // ahead (by the housekeeping thread, within a second).
+    let mut n = 0;
+    let mut waited = false;
+    while segments() < 2 {
+        let batch: Vec<NewMessage> = (n..n + 100).map(message).collect();
+        n += 100;
+        spool.store(batch).await?;
+        if !waited && n * BODY as u64 > 5 << 20 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            waited = true;
+        }
+    }
+    let mut calls = Vec::with_capacity(count);
+    for i in 0..count as u64 {
+        let started = Instant::now();
+        spool.store(vec![message(n + i)]).await?;
+        calls.push(started.elapsed());
+    }
+    drop(spool);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(calls)
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }

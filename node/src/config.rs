@@ -190,6 +190,9 @@ pub enum QueueBackend {
 pub struct QueueConfig {
     pub backend: QueueBackend,
     pub path: PathBuf,
+    /// Local spool: write each journal segment over zeros laid down ahead
+    /// of use, so that an append's fsync has no file size to write.
+    pub zero_fill_segments: bool,
     /// The Redis server, or with `redis_cluster` one or more
     /// comma-separated seed nodes of a Redis Cluster.
     pub redis_url: String,
@@ -588,6 +591,7 @@ impl Default for QueueConfig {
         QueueConfig {
             backend: QueueBackend::Local,
             path: PathBuf::from("./spool"),
+            zero_fill_segments: true,
             redis_url: "redis://127.0.0.1:6379".to_string(),
             redis_cluster: false,
             redis_response_timeout: Duration::from_secs(5),

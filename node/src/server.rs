@@ -299,10 +299,12 @@ async fn serve(config: Config, role: Role) -> Result<(), Box<dyn Error>> {
     let (queue, spool, limits, location) = match config.queue.backend {
         QueueBackend::Local => {
             let path = config.queue.path.clone();
-            let spool = tokio::task::spawn_blocking(move || {
-                LocalSpool::open(&path, LocalSpoolOptions::default())
-            })
-            .await??;
+            let options = LocalSpoolOptions {
+                zero_ahead: config.queue.zero_fill_segments,
+                ..LocalSpoolOptions::default()
+            };
+            let spool =
+                tokio::task::spawn_blocking(move || LocalSpool::open(&path, options)).await??;
             let spool: Arc<dyn Spool> = Arc::new(spool);
             let queue = Queue::new(spool.clone())
                 .with_settings(delivery_settings(

@@ -29,7 +29,8 @@
 //! messages (record and where its body is); bodies stay on disk. A bad
 //! frame (short, wrong checksum, zero-filled) with no valid frame after it
 //! in the last segment is a torn tail left by a crash or a power loss and
-//! is cut off: nothing after it was acknowledged. A bad region with valid
+//! is cut off: nothing after it was acknowledged (zeros to the end are
+//! kept as room for the next write). A bad region with valid
 //! frames after it, or in an older segment, is damage to acknowledged
 //! mail: its bytes are copied to `quarantine/<segment file>.<offset>.bad`
 //! in the spool directory, an error is logged, and replay goes on at the
@@ -37,6 +38,11 @@
 //! else. (In an unkeyed segment a frame found by searching could be part of
 //! a message body, so there `open` stops with [`SpoolError::Corrupt`] unless
 //! the damaged frame's own length leads to the next valid one.)
+//!
+//! Segments are written over zeros made ahead of use ([`SPARE_FILE`]), so
+//! that an append never makes its file longer and its `fdatasync` has no
+//! metadata to write; an all-zero rest of the last segment is where the
+//! next write goes, not a torn tail.
 //!
 //! Segments rotate at [`LocalSpoolOptions::segment_size`]. A removal only
 //! hides a message if the segments that hold its earlier entries are still
@@ -91,6 +97,27 @@ const DELETING_SUFFIX: &str = ".deleting";
 /// for tens of milliseconds; a step of this size, about half a millisecond.
 const SHRINK_STEP: u64 = 1024 * 1024;
 const LOCK_FILE: &str = "LOCK";
+/// The next segment, made ahead of use: a file of zeros as long as a
+/// segment, written and synced, which takes the next segment's name when
+/// the active one fills. A write into it changes no file size, so its
+/// `fdatasync` writes the data alone: no inode, and on a journaling file
+/// system no journal commit (half the time of an append's there). It is
+/// made by the housekeeping thread once the active segment is half full,
+/// so that a quiet spool writes no zeros, and left out when making it
+/// fails (a full disk): the next segment is then made as before. Replay
+/// takes an all-zero rest of the last segment as its end.
+const SPARE_FILE: &str = "next-segment.spare";
+/// The spare while its zeros are written; a leftover is removed at open.
+const SPARE_PARTIAL: &str = "next-segment.partial";
+/// Zeros written (and synced) at a time into a spare, so that the
+/// journal's own fsyncs never wait behind a whole segment's worth.
+const ZERO_STEP: usize = 256 * 1024;
+/// A segment whose writes have carried more than this per fsync gets no
+/// spare: there the zeros (each byte written twice) cost more than the
+/// inode writes they spare (one per fsync).
+const ZERO_AHEAD_UP_TO: u64 = 128 * 1024;
+/// After a spare could not be made, the wait before the next try.
+const SPARE_RETRY: Duration = Duration::from_secs(60);
 /// Where damaged journal bytes are kept, inside the spool directory, as
 /// `<segment file name>.<byte offset>.bad`. The admin API lists them.
 pub const QUARANTINE_DIR: &str = "quarantine";
@@ -201,6 +228,11 @@ pub struct LocalSpoolOptions {
     /// what is live in it then waits for a retry, instead of being on its
     /// way out (and dead in a moment) as when it has just rotated.
     pub compact_after: std::time::Duration,
+    /// Segments are written over zeros laid down ahead of use, so that an
+    /// append never makes the file longer and its fsync has no metadata
+    /// to write (see [`SPARE_FILE`]). Off where that buys nothing: on a
+    /// copy-on-write file system every write allocates anyway.
+    pub zero_ahead: bool,
 }
 
 impl Default for LocalSpoolOptions {
@@ -210,6 +242,7 @@ impl Default for LocalSpoolOptions {
             compact_below: 0.25,
             removals_synced_within: std::time::Duration::from_secs(1),
             compact_after: std::time::Duration::from_secs(2),
+            zero_ahead: true,
         }
     }
 }
@@ -532,6 +565,50 @@ fn create_segment(dir: &Path, number: u64, key: &Key) -> Result<Segment, SpoolEr
     Ok(Segment::new(file, Checksum::Keyed(*key)))
 }
 
+/// Writes [`SPARE_FILE`] in `dir`: `size` bytes of zeros, a step at a
+/// time, each synced, then renamed into place. Answers it open.
+fn make_spare(dir: &Path, size: u64) -> io::Result<File> {
+    let partial = dir.join(SPARE_PARTIAL);
+    let made = (|| {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)?;
+        let zeros = vec![0u8; ZERO_STEP];
+        let mut at = 0;
+        while at < size {
+            let n = (size - at).min(ZERO_STEP as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            file.sync_data()?;
+            at += n as u64;
+        }
+        fs::rename(&partial, dir.join(SPARE_FILE))?;
+        File::open(dir)?.sync_all()?;
+        Ok(file)
+    })();
+    if made.is_err() {
+        let _ = fs::remove_file(&partial);
+    }
+    made
+}
+
+/// Whether every byte of `file` from `from` to `end` is zero.
+fn zeros_from(file: &File, from: u64, end: u64) -> io::Result<bool> {
+    let mut window = vec![0u8; ZERO_STEP];
+    let mut at = from;
+    while at < end {
+        let n = (end - at).min(ZERO_STEP as u64) as usize;
+        file.read_exact_at(&mut window[..n], at)?;
+        if window[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
 fn segment_name(number: u64) -> String {
     format!("{number:020}{SEGMENT_SUFFIX}")
 }
@@ -675,6 +752,9 @@ struct State {
     key: Key,
     /// Durable writes to the journal since open (each one fsync).
     journal_writes: u64,
+    /// `journal_writes` and the active segment's length when it started
+    /// (or the spool was opened): what its writes carried per fsync.
+    active_since: (u64, u64),
     /// The active segment holds removals written without an fsync; the
     /// next write that syncs, or a rotation, makes them durable.
     unsynced: bool,
@@ -686,6 +766,10 @@ struct State {
     /// Compacted copies could not be synced: the segments they were copied
     /// from stay until the spool is opened again.
     deletions_held: bool,
+    /// The next segment, zeroed ahead ([`SPARE_FILE`]).
+    spare: Option<File>,
+    /// No spare is made again before this (the last try failed).
+    spare_retry: Option<Instant>,
 }
 
 fn add_live(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
@@ -824,7 +908,11 @@ impl State {
                 .iter()
                 .any(|(change, _, _)| !matches!(change, Change::Remove(_)));
         let rotated = self.rotate_if_full(total + shift)?;
+        let before = self.active_segment().len;
         let start = self.append_spliced(&buf, &spliced, sync)? + shift;
+        // Half full: time to make the next segment ahead.
+        let half = self.options.segment_size / 2;
+        let halfway = before < half && self.active_segment().len >= half;
         let segment = self.active;
         let at = |offset: u64, len: u64| Loc {
             segment,
@@ -846,7 +934,7 @@ impl State {
                 }
             }
         }
-        self.chores_due |= rotated;
+        self.chores_due |= rotated || (halfway && self.options.zero_ahead);
         Ok(stored)
     }
 
@@ -961,14 +1049,59 @@ impl State {
         }
         self.clean_tail()?;
         self.sync_active()?;
+        // An older segment ends at its last frame, as replay expects of it.
+        self.cut_to_length(self.active)?;
         let next = self.active + 1;
         // On failure nothing was written to it; the old segment stays active.
-        let segment = create_segment(&self.dir, next, &self.key)?;
+        let segment = match self.spare.take() {
+            Some(spare) => match self.use_spare(spare, next) {
+                Ok(segment) => segment,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot use the segment made ahead; making one");
+                    create_segment(&self.dir, next, &self.key)?
+                }
+            },
+            None => create_segment(&self.dir, next, &self.key)?,
+        };
         self.active_segment().retired = Some(Instant::now());
         self.segments.insert(next, segment);
         self.active = next;
+        self.active_since = (self.journal_writes, self.active_segment().len);
         tracing::debug!(segment = %self.path(next).display(), "started a new journal segment");
         Ok(true)
+    }
+
+    /// Cuts segment `number`'s file to the length of its frames, durably,
+    /// if it is longer (made ahead of use, see [`SPARE_FILE`]).
+    fn cut_to_length(&mut self, number: u64) -> Result<(), SpoolError> {
+        let path = self.path(number);
+        let segment = &self.segments[&number];
+        let (file, len) = (&segment.file, segment.len);
+        file.metadata()
+            .and_then(|m| match m.len() > len {
+                true => file.set_len(len).and_then(|()| file.sync_data()),
+                false => Ok(()),
+            })
+            .map_err(|e| io_error(format_args!("cutting {}", path.display()), e))
+    }
+
+    /// Makes `spare` segment `number`: its header, then its name.
+    fn use_spare(&self, spare: File, number: u64) -> Result<Segment, SpoolError> {
+        let path = self.path(number);
+        let spare_path = self.dir.join(SPARE_FILE);
+        let placed = spare
+            .write_all_at(&segment_header(&self.key), 0)
+            .and_then(|()| spare.sync_data())
+            .and_then(|()| fs::rename(&spare_path, &path))
+            .map_err(|e| io_error(format_args!("making {}", path.display()), e))
+            .and_then(|()| sync_dir(&self.dir));
+        if let Err(error) = placed {
+            let _ = fs::remove_file(&spare_path);
+            let _ = fs::remove_file(&path);
+            return Err(error);
+        }
+        tracing::debug!(segment = %path.display(), "started a journal segment made ahead");
+        Ok(Segment::new(spare, Checksum::Keyed(self.key)))
     }
 
     /// The sparse old segments that have settled: their live messages are
@@ -1133,6 +1266,13 @@ impl State {
                 Err(FrameError::Bad(reason)) => {
                     let recovery = match known.take() {
                         Some((at, recovery)) if at == pos => recovery,
+                        // The unused rest of a segment made ahead of use
+                        // (or a tail torn to zeros): nothing there was
+                        // ever acknowledged, and the next write goes there.
+                        _ if last && zeros_from(&file, pos, file_len).map_err(read_error)? => {
+                            len = pos;
+                            break;
+                        }
                         _ => self.recover(number, &file, pos, file_len, last, &reason)?,
                     };
                     match recovery {
@@ -1672,6 +1812,10 @@ fn keep_house(inner: Weak<Inner>, bell: Arc<Doorbell>, period: Duration) {
             if let Err(error) = inner.do_chores() {
                 tracing::warn!(%error, "journal housekeeping failed; trying again");
             }
+            if let Err(error) = inner.make_spare() {
+                tracing::warn!(%error, "cannot make the next journal segment ahead; \
+                    it is made when needed");
+            }
         }
         if due {
             if let Err(error) = inner.state().and_then(|mut state| state.sync_active()) {
@@ -1799,6 +1943,42 @@ impl Inner {
             for (n, segment) in closed {
                 let path = deleting_path(&dir.join(segment_name(n)));
                 give_back(&path, segment.only_handle());
+            }
+        }
+    }
+
+    /// Makes the next segment ahead of use ([`SPARE_FILE`]) once the
+    /// active one is half full, with the state unlocked while the zeros
+    /// are written.
+    fn make_spare(&self) -> Result<(), SpoolError> {
+        let (dir, size) = {
+            let mut state = self.state()?;
+            let size = state.options.segment_size;
+            let len = state.active_segment().len;
+            let (writes, from) = state.active_since;
+            let fsyncs = state.journal_writes - writes;
+            let due = state.options.zero_ahead
+                && state.spare.is_none()
+                && state.spare_retry.is_none_or(|at| Instant::now() >= at)
+                && len >= size / 2
+                && fsyncs > 0
+                && len.saturating_sub(from) / fsyncs <= ZERO_AHEAD_UP_TO;
+            if !due {
+                return Ok(());
+            }
+            (state.dir.clone(), size)
+        };
+        match make_spare(&dir, size) {
+            Ok(spare) => {
+                self.state()?.spare = Some(spare);
+                Ok(())
+            }
+            Err(e) => {
+                self.state()?.spare_retry = Some(Instant::now() + SPARE_RETRY);
+                Err(io_error(
+                    format_args!("zeroing {}", dir.join(SPARE_PARTIAL).display()),
+                    e,
+                ))
             }
         }
     }
@@ -2054,6 +2234,11 @@ impl LocalSpool {
             let Some(name) = name.to_str() else { continue };
             if let Some(n) = parse_segment_name(name) {
                 numbers.push(n);
+            } else if name == SPARE_FILE || name == SPARE_PARTIAL {
+                // Made ahead by the process before; made again when due.
+                let path = entry.path();
+                fs::remove_file(&path)
+                    .map_err(|e| io_error(format_args!("removing {}", path.display()), e))?;
             } else if name
                 .strip_suffix(DELETING_SUFFIX)
                 .is_some_and(|segment| parse_segment_name(segment).is_some())
@@ -2098,10 +2283,13 @@ impl LocalSpool {
             order: BTreeSet::new(),
             key,
             journal_writes: 0,
+            active_since: (0, 0),
             unsynced: false,
             late_syncs: 0,
             chores_due: false,
             deletions_held: false,
+            spare: None,
+            spare_retry: None,
         };
         for ((&n, file), header) in numbers.iter().zip(files).zip(headers) {
             let segment_path = state.path(n);
@@ -2144,12 +2332,16 @@ impl LocalSpool {
             last => {
                 // A new spool, or one written before keyed checksums: new
                 // frames go into a new keyed segment.
+                if let Some(&last) = last {
+                    state.cut_to_length(last)?;
+                }
                 let next = last.map_or(1, |n| n + 1);
                 let segment = create_segment(path, next, &key)?;
                 state.segments.insert(next, segment);
                 state.active = next;
             }
         }
+        state.active_since = (0, state.active_segment().len);
         tracing::info!(spool = %path.display(), messages = state.messages.len(),
             segments = state.segments.len(), "opened local spool");
         let bell = Arc::new(Doorbell::default());
@@ -2840,6 +3032,7 @@ mod tests {
             compact_below: 0.6,
             compact_after: Duration::ZERO,
             removals_synced_within: Duration::from_millis(5),
+            ..LocalSpoolOptions::default()
         };
         let spool = open(dir.path(), &opts);
         let mut writers = Vec::new();
@@ -3102,8 +3295,11 @@ mod tests {
         }
     }
 
+    /// A tail of zeros (a power loss after the file grew but before its
+    /// blocks were written, or a segment made ahead of use) is where the
+    /// next write goes: not damage, and not cut off.
     #[tokio::test]
-    async fn a_zero_filled_tail_is_cut_off_on_reopen() {
+    async fn a_zero_filled_tail_takes_the_next_write() {
         let dir = tempfile::tempdir().unwrap();
         let opts = options(1 << 20);
         let spool = open(dir.path(), &opts);
@@ -3111,21 +3307,168 @@ mod tests {
         let ends = store_one_by_one(&spool, &segment, 3).await;
         drop(spool);
 
-        // Power loss: the file grew, but its last blocks were never written.
         let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
         file.write_all(&[0u8; 4096]).unwrap();
         drop(file);
+        let size = ends[3] + 4096;
 
         let spool = open(dir.path(), &opts);
         assert_holds(&spool, &[0, 1, 2]).await;
-        assert_eq!(fs::metadata(&segment).unwrap().len(), ends[3]);
+        assert!(
+            !dir.path().join("quarantine").exists(),
+            "a zero tail is not damage"
+        );
+        spool.store(vec![message(3, 500)]).await.unwrap();
+        assert_eq!(fs::metadata(&segment).unwrap().len(), size);
+        drop(spool);
+        assert_holds(&open(dir.path(), &opts), &[0, 1, 2, 3]).await;
+    }
+
+    /// The length of the active segment's frames.
+    fn active_len(spool: &LocalSpool) -> u64 {
+        let state = spool.inner.state().unwrap();
+        state.segments[&state.active].len
+    }
+
+    fn ahead_options() -> LocalSpoolOptions {
+        LocalSpoolOptions {
+            segment_size: 16 * 1024,
+            removals_synced_within: Duration::from_millis(10),
+            compact_after: Duration::from_secs(3600),
+            ..LocalSpoolOptions::default()
+        }
+    }
+
+    /// Stores messages from `*n` on until `done`.
+    async fn store_until(spool: &LocalSpool, n: &mut u64, done: impl Fn() -> bool) {
+        while !done() {
+            spool.store(vec![message(*n, 500)]).await.unwrap();
+            *n += 1;
+        }
+    }
+
+    /// Fills the first segment past half, waits for the spare, and
+    /// stores into the segment made from it: answers that segment.
+    async fn into_a_segment_made_ahead(dir: &Path, spool: &LocalSpool, n: &mut u64) -> PathBuf {
+        let spare = dir.join(SPARE_FILE);
+        store_until(spool, n, || active_len(spool) >= 8 * 1024).await;
+        eventually("the spare is made", || spare.exists()).await;
+        assert_eq!(fs::metadata(&spare).unwrap().len(), 16 * 1024);
+        store_until(spool, n, || segment_files(dir).len() == 2).await;
+        assert!(!spare.exists(), "the spare became the segment");
+        segment_files(dir)[1].clone()
+    }
+
+    /// Once the active segment is half full, the next one is made ahead
+    /// (zeros, a segment long); writes into it never make the file
+    /// longer; the rotation after it cuts it to its frames; a reopen
+    /// reads every message back, removes the spare and writes on into the
+    /// zeros.
+    #[tokio::test]
+    async fn segments_made_ahead_take_writes_without_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ahead_options();
+        let spool = open(dir.path(), &opts);
+        let mut n = 0;
+        let second = into_a_segment_made_ahead(dir.path(), &spool, &mut n).await;
+        store_until(&spool, &mut n, || active_len(&spool) >= 4 * 1024).await;
+        assert_eq!(fs::metadata(&second).unwrap().len(), 16 * 1024);
+
+        // Past half again: the next spare, and the rotation to it.
+        store_until(&spool, &mut n, || active_len(&spool) >= 8 * 1024).await;
+        eventually("the spare is made", || dir.path().join(SPARE_FILE).exists()).await;
+        store_until(&spool, &mut n, || segment_files(dir.path()).len() == 3).await;
+        let second_len = spool.inner.state().unwrap().segments[&2].len;
+        assert!(second_len < 16 * 1024);
+        assert_eq!(fs::metadata(&second).unwrap().len(), second_len);
+        let third = segment_files(dir.path())[2].clone();
+        assert_eq!(fs::metadata(&third).unwrap().len(), 16 * 1024);
+        let third_len = active_len(&spool);
+        drop(spool);
+
+        let spool = open(dir.path(), &opts);
+        assert_holds(&spool, &(0..n).collect::<Vec<_>>()).await;
+        assert!(!dir.path().join("quarantine").exists());
+        assert!(!dir.path().join(SPARE_FILE).exists());
+        assert_eq!(active_len(&spool), third_len);
+        spool.store(vec![message(n, 500)]).await.unwrap();
+        assert_eq!(fs::metadata(&third).unwrap().len(), 16 * 1024);
+        drop(spool);
+        assert_holds(&open(dir.path(), &opts), &(0..=n).collect::<Vec<_>>()).await;
+    }
+
+    /// A write torn by a crash inside a segment made ahead (its bytes,
+    /// then the zeros after them) is a torn tail: cut off, the messages
+    /// before it kept.
+    #[tokio::test]
+    async fn a_torn_write_into_zeros_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ahead_options();
+        let spool = open(dir.path(), &opts);
+        let mut n = 0;
+        let segment = into_a_segment_made_ahead(dir.path(), &spool, &mut n).await;
+        let end = active_len(&spool);
+        drop(spool);
+
+        // A frame header that promises 300 bytes, and half of them.
+        let file = OpenOptions::new().write(true).open(&segment).unwrap();
+        let mut torn = 300u32.to_le_bytes().to_vec();
+        torn.extend([0xab; 154]);
+        file.write_all_at(&torn, end).unwrap();
+        drop(file);
+
+        let spool = open(dir.path(), &opts);
+        assert_holds(&spool, &(0..n).collect::<Vec<_>>()).await;
         assert!(
             !dir.path().join("quarantine").exists(),
             "a torn tail is not damage"
         );
-        spool.store(vec![message(3, 500)]).await.unwrap();
+        assert_eq!(active_len(&spool), end);
+        spool.store(vec![message(n, 500)]).await.unwrap();
         drop(spool);
-        assert_holds(&open(dir.path(), &opts), &[0, 1, 2, 3]).await;
+        assert_holds(&open(dir.path(), &opts), &(0..=n).collect::<Vec<_>>()).await;
+    }
+
+    /// Writes of large messages (more than [`ZERO_AHEAD_UP_TO`] per fsync)
+    /// get no spare: there the zeros cost more than they save.
+    #[tokio::test]
+    async fn large_writes_get_no_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LocalSpoolOptions {
+            segment_size: 1 << 20,
+            ..ahead_options()
+        };
+        let spool = open(dir.path(), &opts);
+        for n in 0..3 {
+            spool.store(vec![message(n, 200 * 1024)]).await.unwrap();
+        }
+        assert!(active_len(&spool) >= 512 * 1024);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!dir.path().join(SPARE_FILE).exists());
+        assert!(!dir.path().join(SPARE_PARTIAL).exists());
+    }
+
+    /// A spare that cannot be made (here its file cannot be created)
+    /// leaves the next segment to be made as before.
+    #[tokio::test]
+    async fn without_a_spare_the_next_segment_is_made_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ahead_options();
+        let spool = open(dir.path(), &opts);
+        let blocker = dir.path().join(SPARE_PARTIAL);
+        fs::create_dir(&blocker).unwrap();
+        let mut n = 0;
+        store_until(&spool, &mut n, || active_len(&spool) >= 8 * 1024).await;
+        eventually("a try failed", || {
+            spool.inner.state().unwrap().spare_retry.is_some()
+        })
+        .await;
+        store_until(&spool, &mut n, || segment_files(dir.path()).len() == 2).await;
+        let second = segment_files(dir.path())[1].clone();
+        assert_eq!(fs::metadata(&second).unwrap().len(), active_len(&spool));
+        drop(spool);
+        fs::remove_dir(&blocker).unwrap();
+        assert_holds(&open(dir.path(), &opts), &(0..n).collect::<Vec<_>>()).await;
     }
 
     /// Opens a spool of 40 messages after `damage` changed its segment,
@@ -3568,6 +3911,7 @@ mod tests {
             compact_below: 0.5,
             compact_after: Duration::from_millis(500),
             removals_synced_within: Duration::from_millis(20),
+            ..LocalSpoolOptions::default()
         };
         let spool = open(dir.path(), &opts);
         for n in 0..3 {
