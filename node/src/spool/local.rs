@@ -3429,6 +3429,24 @@ mod tests {
         assert_holds(&open(dir.path(), &opts), &(0..=n).collect::<Vec<_>>()).await;
     }
 
+    /// A spare left by the process before (whole, or cut short by a crash
+    /// while its zeros were written) is removed at open and never read.
+    #[tokio::test]
+    async fn a_leftover_spare_is_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ahead_options();
+        let spool = open(dir.path(), &opts);
+        spool.store(vec![message(0, 500)]).await.unwrap();
+        drop(spool);
+        fs::write(dir.path().join(SPARE_FILE), vec![0u8; 16 * 1024]).unwrap();
+        fs::write(dir.path().join(SPARE_PARTIAL), vec![0u8; 1000]).unwrap();
+        let spool = open(dir.path(), &opts);
+        assert!(!dir.path().join(SPARE_FILE).exists());
+        assert!(!dir.path().join(SPARE_PARTIAL).exists());
+        assert_holds(&spool, &[0]).await;
+        assert_eq!(segment_files(dir.path()).len(), 1);
+    }
+
     /// Writes of large messages (more than [`ZERO_AHEAD_UP_TO`] per fsync)
     /// get no spare: there the zeros cost more than they save.
     #[tokio::test]
