@@ -166,7 +166,11 @@ async fn one_writer(
     zero_ahead: bool,
     count: usize,
 ) -> Result<Vec<Duration>, Box<dyn std::error::Error>> {
-    let dir = root.join(format!("one-writer-{zero_ahead}-{}", rand_suffix()));
+    std::fs::create_dir_all(root)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("one-writer-")
+        .tempdir_in(root)?;
+    let dir = tmp.path().join("spool");
     let options = LocalSpoolOptions {
         segment_size: 8 << 20,
         zero_ahead,
@@ -183,13 +187,14 @@ async fn one_writer(
             })
             .unwrap_or(0)
     };
-    // The first segment, in batches; past half of it the next one is made
-    // ahead (by the housekeeping thread, within a second).
+    // The first segment, in batches small enough (about 40 KB an fsync)
+    // for a spare; past half of it the next one is made ahead (by the
+    // housekeeping thread, within a second).
     let mut n = 0;
     let mut waited = false;
     while segments() < 2 {
-        let batch: Vec<NewMessage> = (n..n + 100).map(message).collect();
-        n += 100;
+        let batch: Vec<NewMessage> = (n..n + 16).map(message).collect();
+        n += 16;
         spool.store(batch).await?;
         if !waited && n * BODY as u64 > 5 << 20 {
             tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -203,12 +208,5 @@ async fn one_writer(
         calls.push(started.elapsed());
     }
     drop(spool);
-    std::fs::remove_dir_all(&dir)?;
     Ok(calls)
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
