@@ -1,5 +1,7 @@
 //! 250 means durable: a relay killed with SIGKILL while 20 clients are
-//! sending keeps every message it acknowledged, and recovers them on restart.
+//! sending keeps every message it acknowledged, and recovers them on restart,
+//! whether the journal segment it was writing grew with each write or was
+//! made ahead of use (zeros, `queue.zero_fill_segments`).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,11 +12,56 @@ use smarthost_tests::relay::Relay;
 use smarthost_tests::smtp::{message_of_size, queued_id, Client};
 
 const CLIENTS: usize = 20;
-const MAX_PER_CLIENT: usize = 200;
+
+/// The size of a local spool's journal segment (`LocalSpoolOptions`).
+const SEGMENT: u64 = 64 << 20;
 
 #[test]
 fn every_acknowledged_message_survives_sigkill() {
-    let mut relay = Relay::start("", "");
+    let relay = Relay::start("", "");
+    crash_under_load(relay, 200, Duration::from_secs(30), |acknowledged| {
+        acknowledged >= 100
+    });
+}
+
+/// The same past the first segment: the relay is killed while it writes
+/// into a segment made ahead (a segment's length of zeros, written before
+/// use), after the one before it was cut to its frames.
+#[test]
+fn every_acknowledged_message_survives_sigkill_in_a_segment_made_ahead() {
+    let relay = Relay::start("", "");
+    let spool = relay.spool.clone();
+    let second = spool.join("00000000000000000002.journal");
+    let mut seen = None;
+    crash_under_load(relay, 3000, Duration::from_secs(240), move |acknowledged| {
+        if !second.exists() {
+            return false;
+        }
+        // Some way into the new segment.
+        let since = *seen.get_or_insert(acknowledged);
+        if acknowledged < since + 500 {
+            return false;
+        }
+        let len = |name: &str| std::fs::metadata(spool.join(name)).unwrap().len();
+        assert_eq!(len("00000000000000000002.journal"), SEGMENT, "made ahead");
+        assert!(
+            len("00000000000000000001.journal") < SEGMENT,
+            "cut to its frames"
+        );
+        true
+    });
+}
+
+/// Sends from `CLIENTS` clients, up to `per_client` messages each for up to
+/// `run`, kills the relay once `kill_now(acknowledged so far)` says
+/// so, and checks that every acknowledged message is in its spool, before
+/// and after a restart.
+fn crash_under_load(
+    mut relay: Relay,
+    per_client: usize,
+    run: Duration,
+    mut kill_now: impl FnMut(usize) -> bool,
+) {
     let addr = relay.smtp;
     let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -28,8 +75,8 @@ fn every_acknowledged_message_survives_sigkill() {
             std::thread::spawn(move || {
                 let (mut c, _) = Client::connect(addr);
                 c.expect(&format!("EHLO client{n}.example"), 250);
-                let deadline = Instant::now() + Duration::from_secs(30);
-                for _ in 0..MAX_PER_CLIENT {
+                let deadline = Instant::now() + run;
+                for _ in 0..per_client {
                     if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
                         break;
                     }
@@ -44,9 +91,12 @@ fn every_acknowledged_message_survives_sigkill() {
         .collect();
 
     // Let the clients get going, then crash the relay under load.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while acknowledged.lock().unwrap().len() < 100 && Instant::now() < deadline {
+    let deadline = Instant::now() + run;
+    let mut due = false;
+    while !due && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+        let count = acknowledged.lock().unwrap().len();
+        due = kill_now(count);
     }
     relay.kill();
     stop.store(true, Ordering::Relaxed);
@@ -55,8 +105,8 @@ fn every_acknowledged_message_survives_sigkill() {
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert!(
-        acknowledged.len() >= 100,
-        "only {} messages before the crash",
+        due,
+        "not crashed as planned: {} messages acknowledged in {run:?}",
         acknowledged.len()
     );
 
