@@ -8,13 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use smarthost_node::spool::LocalSpoolOptions;
 use smarthost_tests::relay::Relay;
 use smarthost_tests::smtp::{message_of_size, queued_id, Client};
 
 const CLIENTS: usize = 20;
-
-/// The size of a local spool's journal segment (`LocalSpoolOptions`).
-const SEGMENT: u64 = 64 << 20;
 
 #[test]
 fn every_acknowledged_message_survives_sigkill() {
@@ -43,9 +41,10 @@ fn every_acknowledged_message_survives_sigkill_in_a_segment_made_ahead() {
             return false;
         }
         let len = |name: &str| std::fs::metadata(spool.join(name)).unwrap().len();
-        assert_eq!(len("00000000000000000002.journal"), SEGMENT, "made ahead");
+        let segment = LocalSpoolOptions::default().segment_size;
+        assert_eq!(len("00000000000000000002.journal"), segment, "made ahead");
         assert!(
-            len("00000000000000000001.journal") < SEGMENT,
+            len("00000000000000000001.journal") < segment,
             "cut to its frames"
         );
         true

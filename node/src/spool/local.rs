@@ -910,9 +910,8 @@ impl State {
         let rotated = self.rotate_if_full(total + shift)?;
         let before = self.active_segment().len;
         let start = self.append_spliced(&buf, &spliced, sync)? + shift;
-        // Half full: time to make the next segment ahead.
-        let half = self.options.segment_size / 2;
-        let halfway = before < half && self.active_segment().len >= half;
+        let from = self.spare_from();
+        let halfway = before < from && self.active_segment().len >= from;
         let segment = self.active;
         let at = |offset: u64, len: u64| Loc {
             segment,
@@ -1052,15 +1051,16 @@ impl State {
         // An older segment ends at its last frame, as replay expects of it.
         self.cut_to_length(self.active)?;
         let next = self.active + 1;
+        let ahead = self.spare.take().and_then(|spare| {
+            self.use_spare(spare, next)
+                .inspect_err(
+                    |error| tracing::warn!(%error, "cannot use the segment made ahead; making one"),
+                )
+                .ok()
+        });
         // On failure nothing was written to it; the old segment stays active.
-        let segment = match self.spare.take() {
-            Some(spare) => match self.use_spare(spare, next) {
-                Ok(segment) => segment,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot use the segment made ahead; making one");
-                    create_segment(&self.dir, next, &self.key)?
-                }
-            },
+        let segment = match ahead {
+            Some(segment) => segment,
             None => create_segment(&self.dir, next, &self.key)?,
         };
         self.active_segment().retired = Some(Instant::now());
@@ -1073,7 +1073,7 @@ impl State {
 
     /// Cuts segment `number`'s file to the length of its frames, durably,
     /// if it is longer (made ahead of use, see [`SPARE_FILE`]).
-    fn cut_to_length(&mut self, number: u64) -> Result<(), SpoolError> {
+    fn cut_to_length(&self, number: u64) -> Result<(), SpoolError> {
         let path = self.path(number);
         let segment = &self.segments[&number];
         let (file, len) = (&segment.file, segment.len);
@@ -1083,6 +1083,12 @@ impl State {
                 false => Ok(()),
             })
             .map_err(|e| io_error(format_args!("cutting {}", path.display()), e))
+    }
+
+    /// How full the active segment is when the next is made ahead
+    /// ([`SPARE_FILE`]): half, so that a quiet spool writes no zeros.
+    fn spare_from(&self) -> u64 {
+        self.options.segment_size / 2
     }
 
     /// Makes `spare` segment `number`: its header, then its name.
@@ -1955,14 +1961,14 @@ impl Inner {
             let mut state = self.state()?;
             let size = state.options.segment_size;
             let len = state.active_segment().len;
-            let (writes, from) = state.active_since;
+            let (writes, since) = state.active_since;
             let fsyncs = state.journal_writes - writes;
             let due = state.options.zero_ahead
                 && state.spare.is_none()
                 && state.spare_retry.is_none_or(|at| Instant::now() >= at)
-                && len >= size / 2
+                && len >= state.spare_from()
                 && fsyncs > 0
-                && len.saturating_sub(from) / fsyncs <= ZERO_AHEAD_UP_TO;
+                && len.saturating_sub(since) / fsyncs <= ZERO_AHEAD_UP_TO;
             if !due {
                 return Ok(());
             }
