@@ -805,3 +805,83 @@ impl super::Reporter for Recorder {
         Ok(())
     }
 }
+
+/// Takes every delivery of messages `0..60` (queued, due), each under
+/// the domain it was taken from: 120, two a message.
+pub async fn take_all_of_sixty(s: &dyn Schedule) -> Vec<(Arc<MessageRecord>, &'static str)> {
+    let mut taken = Vec::new();
+    for domain in ["example.org", "example.net", "example.com"] {
+        for (record, _) in take(s, domain, 100).await {
+            taken.push((record, domain));
+        }
+    }
+    assert_eq!(taken.len(), 120);
+    taken
+}
+
+/// Completes every delivery of `taken` at once: each message's second
+/// recipient is deferred when the message's number is a multiple of five,
+/// every other delivery is delivered. Answers whether each was recorded.
+pub async fn complete_all_at_once(
+    s: &Arc<dyn Schedule>,
+    taken: &[(Arc<MessageRecord>, &'static str)],
+) -> Vec<bool> {
+    let t0 = taken[0].0.received_ms;
+    let completions = taken.iter().map(|(record, domain)| {
+        let recipient = record
+            .envelope
+            .recipients
+            .iter()
+            .position(|r| r.address.domain == *domain)
+            .expect("a recipient in the domain it was taken from") as u32;
+        let result = match recipient == 1 && record.received_ms % 5 == 0 {
+            true => RcptResult::Deferred,
+            false => RcptResult::Delivered,
+        };
+        let (s, id) = (s.clone(), record.id.clone());
+        async move {
+            complete(&*s, &id, domain, &outcome(&[(recipient, result)]), t0)
+                .await
+                .is_some()
+        }
+    });
+    futures_util::future::join_all(completions).await
+}
+
+/// After [`complete_all_at_once`]: the deferred deliveries are all that
+/// is left, each the only delivery of its record and in its sender's
+/// listing; the other messages are gone and nothing is in flight.
+/// Answers the ids kept, sorted.
+pub async fn only_the_retries_are_left(
+    s: &dyn Schedule,
+    taken: &[(Arc<MessageRecord>, &'static str)],
+) -> Vec<MessageId> {
+    let counts = s.counts().await.expect("counts");
+    assert_eq!((counts.in_flight, counts.ready), (0, 0));
+    let mut kept: Vec<MessageId> = taken
+        .iter()
+        .filter(|(r, d)| r.received_ms % 5 == 0 && r.envelope.recipients[1].address.domain == *d)
+        .map(|(r, _)| r.id.clone())
+        .collect();
+    kept.sort();
+    assert_eq!(kept.len(), 12);
+    assert_eq!(counts.deferred, 12);
+    let ids: Vec<_> = taken.iter().map(|(r, _)| r.id.clone()).collect();
+    let records = s.records(&ids).await.expect("records");
+    for (id, record) in ids.iter().zip(records) {
+        match record {
+            Some(record) => {
+                assert!(kept.contains(id), "{id} should be done");
+                assert_eq!(record.deliveries.len(), 1, "{id}: the retry alone is left");
+            }
+            None => assert!(!kept.contains(id), "{id} kept its retry"),
+        }
+    }
+    let sender = taken[0].0.envelope.sender_key();
+    let listed = s
+        .sender_messages(&sender, None, 1000)
+        .await
+        .expect("listing");
+    assert_eq!(listed, kept, "the sender's listing holds the retries only");
+    kept
+}

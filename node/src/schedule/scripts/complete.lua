@@ -1,8 +1,8 @@
 -- Completes attempts, several at once, on one server: for each, the
 -- record's compare-and-set (as write_record.lua) and, unless the record
 -- changed meanwhile, the filing of the delivery (as file.lua), all in one
--- atomic call. Loaded behind file.lua, wrapped as a local function of
--- (KEYS, ARGV): file.
+-- atomic call. Loaded behind file.lua and file_many.lua, each wrapped as
+-- a local function of (KEYS, ARGV): file, file_many.
 -- KEYS: per attempt, write_record's keys, then file's five domain keys,
 --       then the listings a finished message leaves, then those a message
 --       whose record is gone leaves
@@ -18,7 +18,7 @@
 -- that came twice, filed after the others), with fewer commands: the
 -- records are read with one MGET and written with one MSET and one DEL at
 -- the end (a table keeps what each record is after the attempts before),
--- and each domain's deliveries are filed with one command per set. A
+-- and each domain's deliveries are filed together (file_many). A
 -- delivery that comes twice is filed the second time on its own, after.
 -- Complexity: O(n log N) for n attempts.
 local n = tonumber(ARGV[1])
@@ -110,45 +110,16 @@ for i, t in ipairs(attempts) do
   end
 end
 for _, d in ipairs(domains) do
-  local ready, deferred, leases, holders, messages = unpack(d.keys)
-  local ids = {}
-  for j, i in ipairs(d.attempts) do ids[j] = attempts[i].id end
-  local held = redis.call('HMGET', holders, unpack(ids))
-  local filed, loose, retries, finished = {}, {}, {}, {}
-  local last_done = nil
-  for j, i in ipairs(d.attempts) do
+  local args = {}
+  for _, i in ipairs(d.attempts) do
     local t = attempts[i]
-    local ok
-    if t.holder == '' then ok = not held[j] else ok = held[j] == t.holder end
-    results[i] = {t.code, ok and 1 or 0, 0}
-    if ok then
-      filed[#filed + 1] = t.id
-      if t.holder == '' then loose[#loose + 1] = t.id end
-      if t.next ~= '' then
-        retries[#retries + 1] = t.next
-        retries[#retries + 1] = t.id
-      else
-        finished[#finished + 1] = t.id
-        last_done = i
-      end
-    end
+    args[#args + 1] = t.id
+    args[#args + 1] = t.holder
+    args[#args + 1] = t.next
   end
-  if #filed > 0 then
-    redis.call('ZREM', leases, unpack(filed))
-    redis.call('HDEL', holders, unpack(filed))
-  end
-  if #loose > 0 then
-    redis.call('ZREM', ready, unpack(loose))
-    redis.call('ZREM', deferred, unpack(loose))
-  end
-  if #retries > 0 then redis.call('ZADD', deferred, unpack(retries)) end
-  if #finished > 0 then
-    redis.call('ZREM', messages, unpack(finished))
-    local left = false
-    for _, key in ipairs({leases, ready, deferred}) do
-      if redis.call('ZCARD', key) > 0 then left = true break end
-    end
-    if not left then results[last_done][3] = 1 end
+  local filed = file_many(d.keys, args)
+  for j, i in ipairs(d.attempts) do
+    results[i] = {attempts[i].code, filed[j][1], filed[j][2]}
   end
 end
 for _, key in ipairs(forget) do redis.call('ZREM', key, unpack(forget[key])) end
