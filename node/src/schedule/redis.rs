@@ -109,8 +109,9 @@
 //! the record changed, `file.lua` do), so nothing lies between them; the
 //! completions that finish while one such call is under way go together
 //! in the next ([`Together`]), each domain's filed with one command
-//! per set. On a Cluster the records are written one by one (each is in a
-//! slot of its own) and the filings that follow go together the same way
+//! per set. On a Cluster each record is written by a call of its own
+//! (each is in a slot of its own), the calls that wait going together in
+//! one request, and the filings that follow go together the same way
 //! (`file_many.lua`, a call per domain).
 //!
 //! # A node that lost its lease
@@ -540,6 +541,14 @@ impl<T, R> Together<T, R> {
     }
 }
 
+/// One completion's record write on a Cluster: the entry of its kept
+/// reports, if any (in a request before, see [`RedisSchedule::pending_cmd`]),
+/// and its `write_record.lua` call.
+struct RecordWriteCall {
+    pending: Option<String>,
+    write: Cmd,
+}
+
 /// One delivery's filing on a Cluster, after its record is written: its
 /// domain, holder and next attempt, and the listings in other slots that
 /// it leaves (the index, the sender's).
@@ -564,6 +573,7 @@ pub struct RedisSchedule {
     commands: AtomicU64,
     held: Mutex<HashMap<(MessageId, String), Held>>,
     completions: Together<Attempt, Value>,
+    record_writes: Together<RecordWriteCall, Value>,
     filings: Together<DomainFiling, (bool, bool)>,
     /// Holds the deliveries an expiry sweep of this instance has claimed.
     expiry_holder: String,
@@ -603,6 +613,7 @@ impl RedisSchedule {
             commands: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
             completions: Together::default(),
+            record_writes: Together::default(),
             filings: Together::default(),
             expiry_holder: format!("expiry/{:016x}", rand::random::<u64>()),
             expiry_claim: EXPIRY_CLAIM,
@@ -1410,6 +1421,22 @@ impl RedisSchedule {
         cmd
     }
 
+    /// Writes the records of completions on a Cluster: the entries of
+    /// their kept reports, then every `write_record.lua` call in one
+    /// request (split by the connection over the primaries, sent at once).
+    /// Answers each call's reply, in order.
+    async fn write_records_together(
+        &self,
+        writes: Vec<RecordWriteCall>,
+    ) -> Result<Vec<Value>, SpoolError> {
+        let pending = Self::pending_cmd(writes.iter().filter_map(|w| w.pending.as_deref()));
+        let calls = writes.into_iter().map(|w| w.write).collect();
+        let replies = self
+            .ordered("complete: record", vec![pending, calls])
+            .await?;
+        Ok(replies.into_iter().last().unwrap_or_default())
+    }
+
     /// Files deliveries on a Cluster after their records are written: one
     /// `file_many.lua` call per domain (a delivery that comes twice goes
     /// in a later call of its own), one `ZREM` per listing they leave, then
@@ -1686,13 +1713,16 @@ impl RedisSchedule {
             };
             let new = (!completion.message_done()).then(|| envelope::encode(&*completion.record));
             let (write, filing) = if self.conn.is_cluster() {
-                let write = self.write_record_cmd(id, &bytes, new.as_deref(), reports.as_ref());
-                let steps = vec![
-                    Self::pending_cmd(reports.iter().map(|k| k.entry.as_str())),
-                    vec![write],
-                ];
-                let reply = self.ordered("complete: record", steps).await?;
-                let reply = reply.into_iter().flatten().last().unwrap_or(Value::Nil);
+                let write = RecordWriteCall {
+                    pending: reports.as_ref().map(|k| k.entry.clone()),
+                    write: self.write_record_cmd(id, &bytes, new.as_deref(), reports.as_ref()),
+                };
+                let reply = self
+                    .record_writes
+                    .send("complete: record", write, |writes| async move {
+                        self.write_records_together(writes).await
+                    })
+                    .await?;
                 (Self::parse_record_write(reply)?, None)
             } else {
                 // One server: the record and the domain in one script.
