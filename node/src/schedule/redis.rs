@@ -464,7 +464,8 @@ struct Attempt {
 /// Calls that wait while one of their kind is under way, to go together
 /// in the next (up to [`COMPLETIONS_PER_CALL`]): many deliveries finishing
 /// at once cost one call, not a call each. Completions on one server
-/// (`complete.lua`), filings on a Cluster (`file_many.lua`).
+/// (`complete.lua`); on a Cluster, record writes (a `write_record.lua`
+/// call each, in one request) and filings (`file_many.lua`).
 struct Together<T, R> {
     waiting: Mutex<Vec<(T, Answer<R>)>>,
     /// Held by the caller whose call is under way.
