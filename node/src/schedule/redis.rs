@@ -42,9 +42,10 @@
 //! each with its keys, arguments and complexity): `take` pops up to `max`
 //! ids from ready and leases them; `file` checks the lease holder, drops the
 //! lease and files the id in deferred (or nowhere when the delivery is
-//! done); `release` puts a held id back at the front of ready; `promote`
-//! moves due ids from deferred to ready; `reclaim` moves ids whose lease ran
-//! out back to the front of ready; `insert` files new ids unless they are
+//! done), `file_many` for many ids of a domain at once; `release` puts a
+//! held id back at the front of ready; `promote` moves due ids from
+//! deferred to ready; `reclaim` moves ids whose lease ran out back to the
+//! front of ready; `insert` files new ids unless they are
 //! already queued; `claim` leases ids for an expiry sweep. Lease times come
 //! from the server's `TIME` inside the scripts: they are written by one
 //! node and judged by another, so no node's clock is compared with
