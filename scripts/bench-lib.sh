@@ -118,6 +118,33 @@ start_redis() { # PORT [EXTRA ARGS]: a redis-server with an fsync per write; set
   wait_port "$1"
 }
 
+# A Redis Cluster of COUNT primaries and no replicas, each started as
+# start_redis does; sets redis_pids (every server) and cluster_url (the
+# seeds, as queue.redis_url takes them).
+start_redis_cluster() { # COUNT
+  local p ok seeds=()
+  redis_pids=()
+  for _ in $(seq "$1"); do
+    p=$(free_port)
+    start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf \
+      --cluster-port "$(free_port)"
+    redis_pids+=("$redis_pid")
+    seeds+=("127.0.0.1:$p")
+  done
+  redis-cli --cluster create "${seeds[@]}" --cluster-replicas 0 --cluster-yes >"$work/cluster-create.log"
+  for _ in $(seq 100); do
+    ok=0
+    for p in "${seeds[@]}"; do
+      redis-cli -p "${p#*:}" cluster info | grep -q 'cluster_state:ok' && ok=$((ok + 1))
+    done
+    [ "$ok" = "$1" ] && break
+    sleep 0.1
+  done
+  cluster_url=$(printf 'redis://%s,' "${seeds[@]}")
+  # shellcheck disable=SC2034 # the caller's, for its configuration
+  cluster_url=${cluster_url%,}
+}
+
 redis_calls() { # every command on every server started here, the INFO calls left out
   local p
   for p in "${redis_ports[@]}"; do redis-cli -p "$p" info commandstats; done |

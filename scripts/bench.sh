@@ -141,26 +141,10 @@ case "$backend" in
     queue="backend = \"redis\"
 redis_url = \"redis://127.0.0.1:$redis_port\"" ;;
   redis-cluster)
-    seeds=()
-    for _ in 1 2 3; do
-      p=$(free_port)
-      start_redis "$p" --cluster-enabled yes --cluster-config-file nodes.conf \
-        --cluster-port "$(free_port)"
-      seeds+=("127.0.0.1:$p")
-    done
-    redis-cli --cluster create "${seeds[@]}" --cluster-replicas 0 --cluster-yes >"$work/cluster-create.log"
-    for _ in $(seq 100); do
-      ok=0
-      for p in "${redis_ports[@]}"; do
-        redis-cli -p "$p" cluster info | grep -q 'cluster_state:ok' && ok=$((ok + 1))
-      done
-      [ "$ok" = 3 ] && break
-      sleep 0.1
-    done
-    urls=$(printf 'redis://%s,' "${seeds[@]}")
+    start_redis_cluster 3
     queue="backend = \"redis\"
 redis_cluster = true
-redis_url = \"${urls%,}\"" ;;
+redis_url = \"$cluster_url\"" ;;
   *) echo "BACKEND is local, redis or redis-cluster" >&2; exit 2 ;;
 esac
 nodes=${NODES:-1}

@@ -349,6 +349,7 @@ LABELS = {
     "smarthost": "smarthost, local spool",
     "redis": "smarthost, Redis, 1 node",
     "redis3": "smarthost, Redis, 3 nodes",
+    "cluster": "smarthost, Redis Cluster, 1 node",
 }
 
 
@@ -496,7 +497,7 @@ def report(args):
     print()
     print("msg/s: first message sent to the last one received by smtp-sink. "
           "CPU: user + system seconds of the relay's processes (all of Postfix's; "
-          "the smarthost nodes), of redis-server (with its AOF rewrites) and of the load tools (smtp-source "
+          "the smarthost nodes), of redis-server (every server of a Cluster; with its AOF rewrites) and of the load tools (smtp-source "
           "and smtp-sink), per 1 000 messages. Cores busy: all of them together over "
           "the run, in cores. Peak RSS: "
           "VmHWM of the largest smarthost node. Redis cmds/msg sent: the commands "

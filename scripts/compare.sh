@@ -11,7 +11,10 @@
 #   smarthost  one node on the local spool;
 #   redis      one node on one redis-server (appendonly yes, appendfsync
 #              always), as `BACKEND=redis scripts/bench.sh`;
-#   redis3     three nodes on that Redis, the sessions spread over them.
+#   redis3     three nodes on that Redis, the sessions spread over them;
+#   cluster    one node on a Redis Cluster of three primaries (no replicas,
+#              each as that Redis), as `BACKEND=redis-cluster
+#              scripts/bench.sh`; only when SYSTEMS names it.
 #
 #   scripts/compare.sh
 #
@@ -79,8 +82,8 @@ esac
 cell_timeout=${CELL_TIMEOUT:-300}
 out=${OUT:-compare-results}
 for s in $systems; do
-  case "$s" in direct|postfix|smarthost|redis|redis3) ;;
-    *) echo "SYSTEMS names direct, postfix, smarthost, redis or redis3, not $s" >&2; exit 2 ;;
+  case "$s" in direct|postfix|smarthost|redis|redis3|cluster) ;;
+    *) echo "SYSTEMS names direct, postfix, smarthost, redis, redis3 or cluster, not $s" >&2; exit 2 ;;
   esac
 done
 
@@ -258,16 +261,22 @@ run_one() { # SYSTEM SIZE SESSIONS PER MESSAGES
     postfix)
       postfix_start "$sink_port"
       targets=("$pf_port") ;;
-    smarthost | redis | redis3)
+    smarthost | redis | redis3 | cluster)
+      nodes=1
       if [ "$system" = smarthost ]; then
         queue="path = \"$work/spool\""
-        nodes=1
+      elif [ "$system" = cluster ]; then
+        start_redis_cluster 3
+        redis_port=${redis_ports[0]}
+        queue="backend = \"redis\"
+redis_cluster = true
+redis_url = \"$cluster_url\""
       else
         redis_port=$(free_port)
         start_redis "$redis_port"
+        redis_pids=("$redis_pid")
         queue="backend = \"redis\"
 redis_url = \"redis://127.0.0.1:$redis_port\""
-        nodes=1
         [ "$system" = redis3 ] && nodes=3
       fi
       start_nodes "$bin" "$nodes" "$queue" "smart_host = \"[127.0.0.1]:$sink_port\""
@@ -276,7 +285,7 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
       hist0="$work/hist0.json"
       "$py" scripts/compare.py hist "${node_admins[@]}" >"$hist0" ;;
   esac
-  [ -n "$redis_port" ] && calls0=$(redis_calls) && rcpu0=$("$py" scripts/compare.py cpu --children "$redis_pid") &&
+  [ -n "$redis_port" ] && calls0=$(redis_calls) && rcpu0=$("$py" scripts/compare.py cpu --children "${redis_pids[@]}") &&
     sent0=$("$py" scripts/compare.py sent "${node_admins[@]}")
   if [ "$system" = postfix ]; then
     cpu0=$("$py" scripts/compare.py cpu --children "$pf_master")
@@ -312,13 +321,13 @@ redis_url = \"redis://127.0.0.1:$redis_port\""
     hist1="$work/hist1.json"
     "$py" scripts/compare.py hist "${node_admins[@]}" >"$hist1"
   fi
-  [ -n "$redis_port" ] && calls1=$(redis_calls) && rcpu1=$("$py" scripts/compare.py cpu --children "$redis_pid") &&
+  [ -n "$redis_port" ] && calls1=$(redis_calls) && rcpu1=$("$py" scripts/compare.py cpu --children "${redis_pids[@]}") &&
     sent1=$("$py" scripts/compare.py sent "${node_admins[@]}")
   tools_cpu=$("$py" scripts/compare.py load-cpu "$sink_pid" "$work"/load-cpu.*)
 
   [ "$system" = postfix ] && postfix_stop
   for pid in "${relay[@]}"; do stop_pid "$pid"; done
-  [ -n "$redis_port" ] && stop_pid "$redis_pid"
+  if [ -n "$redis_port" ]; then for pid in "${redis_pids[@]}"; do stop_pid "$pid"; done; fi
   stop_pid "$sink_pid"
   # What the relay itself logged as delivered: a check on the sink's count.
   if [ "$system" = postfix ]; then
