@@ -44,7 +44,7 @@ fn ms_ago(ago: Duration) -> u64 {
 }
 
 /// A node: a spool and a schedule on the cluster.
-async fn node(cluster: &RedisCluster) -> (Arc<RedisSpool>, Arc<RedisSchedule>) {
+pub(crate) async fn node(cluster: &RedisCluster) -> (Arc<RedisSpool>, Arc<RedisSchedule>) {
     let spool = Arc::new(open(cluster).await);
     let schedule = Arc::new(RedisSchedule::new(&spool).await.expect("schedule"));
     (spool, schedule)

@@ -1791,7 +1791,6 @@ impl RedisSchedule {
         if let Some(done) = completion.as_ref().filter(|c| c.message_done()) {
             forget.push(sender_messages_key(&done.record.envelope.sender_key()));
         }
-        let timer = next.map(|n| (domain.to_string(), n));
         let domain_step = if self.conn.is_cluster() {
             let filing = DomainFiling {
                 id: id.clone(),
@@ -1808,6 +1807,7 @@ impl RedisSchedule {
         } else {
             let forget: Vec<&str> = forget.iter().map(String::as_str).collect();
             let step = vec![self.file_and_forget_cmd(id, domain, &holder, next, &forget)];
+            let timer = next.map(|n| (domain.to_string(), n));
             let after = Self::mark_cmds(&[], timer.as_slice());
             self.ordered("complete: domain", vec![step, after])
                 .await
@@ -4420,16 +4420,7 @@ mod tests {
     async fn a_delivery_twice_in_one_batch_of_filings_is_filed_once_on_a_cluster() {
         crate::spool::suite::receiving_now(async {
             let cluster = smarthost_testkit::redis::RedisCluster::start();
-            let options = crate::spool::RedisSpoolOptions {
-                response_timeout: Duration::from_secs(2),
-                cluster: true,
-                ..crate::spool::RedisSpoolOptions::default()
-            };
-            let spool = RedisSpool::open_with(&cluster.urls(), options)
-                .await
-                .unwrap();
-            let s = RedisSchedule::new(&spool).await.unwrap();
-            crate::spool::suite::receive_from_now();
+            let (spool, s) = crate::redis_cluster_tests::node(&cluster).await;
             queue(&spool, &s, 0..3).await;
             let lease = Duration::from_secs(60);
             let taken = s.take("example.org", 10, "node-a", lease).await.unwrap();
