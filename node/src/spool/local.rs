@@ -1626,10 +1626,11 @@ const MAX_SLICES: usize = 1024;
 /// 2 MiB of the file may be given a 2 MiB page-cache folio, and on a
 /// virtual machine that hands its free 2 MiB blocks back to the host such
 /// a folio is dear: 600 MB written 2 MiB a call at aligned offsets, each
-/// call followed by an `fdatasync`, took 0.6–1.4 CPU s in most runs here,
-/// at offsets 4 KiB off or a MiB a call 0.15–0.25 s. (At 200 sessions
-/// with 100 KB messages a commit carries 2–4 MB, and the node spent a
-/// quarter of its CPU copying them into the page cache.)
+/// call followed by an `fdatasync`, took 0.4–1.9 CPU s in 6 runs of 10
+/// here, a MiB a call (or 2 MiB 4 KiB off) never more than 0.37 s
+/// (`scripts/write_size_probe.py`). At 200 sessions with 100 KB messages
+/// a commit carries 2–4 MB, and the node spent a quarter of its CPU
+/// copying them into the page cache.
 const MAX_WRITE: usize = 1 << 20;
 
 /// Writes all of `slices` at `at`, in calls of at most [`MAX_WRITE`]
