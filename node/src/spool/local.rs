@@ -1628,7 +1628,7 @@ const MAX_SLICES: usize = 1024;
 /// a folio is dear: 600 MB written 2 MiB a call at aligned offsets, each
 /// call followed by an `fdatasync`, took 0.4–1.9 CPU s in 6 runs of 10
 /// here, a MiB a call (or 2 MiB 4 KiB off) never more than 0.37 s
-/// (`scripts/write_size_probe.py`). At 200 sessions with 100 KB messages
+/// (`scripts/fsync_probe.py sizes`). At 200 sessions with 100 KB messages
 /// a commit carries 2–4 MB, and the node spent a quarter of its CPU
 /// copying them into the page cache.
 const MAX_WRITE: usize = 1 << 20;
