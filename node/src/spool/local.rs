@@ -12,8 +12,8 @@
 //!
 //! where the payload is a versioned [`envelope::encode`] of a [`JournalEntry`]:
 //! a new message with its body, a new record for a message, or a removal.
-//! A batch of new messages is written with one `write` and made durable with
-//! one `fdatasync` (group commit), and every write that arrives while one
+//! A batch of new messages is written at once (in calls of at most a MiB)
+//! and made durable with one `fdatasync` (group commit), and every write that arrives while one
 //! is made durable goes into the next one together: the Queue's new
 //! messages and its record changes share an fsync when they meet. New messages written with changes to
 //! others (`store_and_apply`: delivery reports with the records they are
@@ -939,8 +939,8 @@ impl State {
 
     /// Writes `buf` at the end of the active segment, with the bodies
     /// spliced in where [`Frames::spliced`] says: those in memory go to
-    /// the kernel as they are, with the frames around them in one
-    /// `pwritev`; those on disk are copied a chunk at a time. With `sync`
+    /// the kernel as they are, with the frames around them, in `pwritev`
+    /// calls of at most [`MAX_WRITE`]; those on disk are copied a chunk at a time. With `sync`
     /// it waits until they are durable. Returns the offset it was written
     /// at. On failure the segment is cut back to where it ended.
     fn append_spliced(
