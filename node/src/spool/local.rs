@@ -940,9 +940,10 @@ impl State {
     /// Writes `buf` at the end of the active segment, with the bodies
     /// spliced in where [`Frames::spliced`] says: those in memory go to
     /// the kernel as they are, with the frames around them, in `pwritev`
-    /// calls of at most [`MAX_WRITE`]; those on disk are copied a chunk at a time. With `sync`
-    /// it waits until they are durable. Returns the offset it was written
-    /// at. On failure the segment is cut back to where it ended.
+    /// calls of at most [`MAX_WRITE`]; those on disk are copied a chunk at
+    /// a time. With `sync` it waits until they are durable. Returns the
+    /// offset it was written at. On failure the segment is cut back to
+    /// where it ended.
     fn append_spliced(
         &mut self,
         buf: &[u8],
