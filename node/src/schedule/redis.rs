@@ -355,13 +355,11 @@ impl Scripts {
         }
     }
 
-    /// `complete.lua` behind `file.lua` (for a delivery that comes twice)
-    /// and `file_many.lua`, each wrapped as a local function of its own
-    /// keys and arguments.
+    /// `complete.lua` behind `file_many.lua`, wrapped as a local function
+    /// of its own keys and arguments.
     fn complete_code() -> String {
         format!(
-            "local function file(KEYS, ARGV)\n{}\nend\nlocal function file_many(KEYS, ARGV)\n{}\nend\n{}",
-            include_str!("scripts/file.lua"),
+            "local function file_many(KEYS, ARGV)\n{}\nend\n{}",
             include_str!("scripts/file_many.lua"),
             include_str!("scripts/complete.lua"),
         )

@@ -1,8 +1,8 @@
 -- Completes attempts, several at once, on one server: for each, the
 -- record's compare-and-set (as write_record.lua) and, unless the record
 -- changed meanwhile, the filing of the delivery (as file.lua), all in one
--- atomic call. Loaded behind file.lua and file_many.lua, each wrapped as
--- a local function of (KEYS, ARGV): file, file_many.
+-- atomic call. Loaded behind file_many.lua, wrapped as a local function
+-- of (KEYS, ARGV): file_many.
 -- KEYS: per attempt, write_record's keys, then file's five domain keys,
 --       then the listings a finished message leaves, then those a message
 --       whose record is gone leaves
@@ -127,9 +127,8 @@ for _, key in ipairs(forget) do redis.call('ZREM', key, unpack(forget[key])) end
 -- A delivery that came twice: filed again, as it would be after the first.
 for _, i in ipairs(later) do
   local t = attempts[i]
-  local keys = {unpack(t.domain)}
-  for _, key in ipairs(t.code == 2 and t.done or t.gone) do keys[#keys + 1] = key end
-  local filed = file(keys, {t.id, t.holder, t.next})
+  for _, key in ipairs(t.code == 2 and t.done or t.gone) do redis.call('ZREM', key, t.id) end
+  local filed = file_many(t.domain, {t.id, t.holder, t.next})[1]
   results[i] = {t.code, filed[1], filed[2]}
 end
 return results
